@@ -1,0 +1,88 @@
+"""The one place edgellm imports TVM (pinned: apache-tvm==0.27.0.post1).
+
+TVM's Python API moves between releases (tir -> tirx, dlight -> s_tir.dlight, NDArray -> Tensor, _ffi -> tvm_ffi);
+every other module goes through the names here. Runtime-side helpers never touch the compiler library, so a device
+with only libtvm_runtime can use them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+PINNED_TVM = "0.27.0.post1"
+
+import tvm  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm import runtime  # noqa: E402
+
+ShapeTuple = runtime.ShapeTuple
+
+
+def tvm_version() -> str:
+    return tvm.__version__
+
+
+def compiler_available() -> bool:
+    """True when the full compiler (relax, tirx codegen) is importable, False for the runtime-only library."""
+    try:
+        import tvm.relax  # noqa: F401
+    except Exception:  # runtime-only TVM raises on import of compiler modules
+        return False
+    return True
+
+
+def get_global_func(name: str):
+    return tvm_ffi.get_global_func(name)
+
+
+def load_cuda_runtime() -> None:
+    """Register the CUDA device API (needed before loading a module with a CUDA fatbin)."""
+    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if lib.exists():
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+def device(kind: str, index: int = 0):
+    return runtime.device(kind, index)
+
+
+def load_module(path: str | os.PathLike):
+    return runtime.load_module(str(path))
+
+
+def vm(module, dev):
+    return runtime.vm.VirtualMachine(module, dev)
+
+
+def tensor(array, dev):
+    return runtime.tensor(array, dev)
+
+
+def empty(shape, dtype, dev):
+    return runtime.empty(shape, dtype, dev)
+
+
+# ---- compiler side: imported on first use only -------------------------------------------------------------
+
+
+def compiler():
+    """Namespace with the compiler modules (raises a clear error on a runtime-only TVM)."""
+    try:
+        from types import SimpleNamespace
+
+        from tvm import relax, s_tir, te, tirx
+        from tvm.relax.frontend import nn
+        from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+        from tvm.s_tir import dlight
+        from tvm.target import Target
+    except Exception as exc:  # pragma: no cover - exercised only on runtime-only installs
+        raise RuntimeError(
+            "this TVM install has no compiler library (libtvm_compiler.so); compiling needs the full "
+            f"`apache-tvm=={PINNED_TVM}` wheel: {exc}"
+        ) from exc
+    return SimpleNamespace(
+        tvm=tvm, relax=relax, s_tir=s_tir, te=te, tirx=tirx, nn=nn, dlight=dlight, Target=Target,
+        PagedKVCache=PagedKVCache, TIRPagedKVCache=TIRPagedKVCache, RopeMode=RopeMode,
+    )

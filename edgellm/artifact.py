@@ -1,0 +1,145 @@
+"""Artifact layout (DESIGN §3): manifest.json, lib/, params/ shards + index, tokenizer/.
+
+An artifact is written into a temporary sibling directory and renamed into place only when complete, so a failed
+compile never leaves a partial artifact. Loading verifies every file's sha256 against the manifest first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 64 << 20
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that is missing, incomplete or tampered with; the message names the file."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `final`; rename it to `final` on success, delete it on any failure."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise ArtifactError(f"output {final} already exists; choose another -o or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_params(root: Path, named: Iterable[tuple[str, np.ndarray]], shard_bytes: int = SHARD_BYTES) -> list[dict]:
+    """Raw little-endian tensors packed into params/shard_NNN.bin files of at most `shard_bytes` each."""
+    pdir = root / "params"
+    pdir.mkdir(parents=True, exist_ok=True)
+    index: list[dict] = []
+    shard, offset, f = -1, 0, None
+    try:
+        for name, arr in named:
+            data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+            if f is None or (offset and offset + data.nbytes > shard_bytes):
+                if f is not None:
+                    f.close()
+                shard, offset = shard + 1, 0
+                f = open(pdir / f"shard_{shard:03d}.bin", "wb")
+            f.write(data.tobytes())
+            index.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype), "shard": shard,
+                          "offset": offset, "nbytes": int(data.nbytes)})
+            offset += data.nbytes
+    finally:
+        if f is not None:
+            f.close()
+    (pdir / "index.json").write_text(json.dumps({"params": index}, indent=1))
+    return index
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+    return out
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | Path, verify: bool = True) -> Artifact:
+        root = Path(root)
+        mpath = root / MANIFEST
+        if not root.is_dir():
+            raise ArtifactError(f"artifact {str(root)!r} does not exist (compile one with `edgellm compile -o DIR`)")
+        if not mpath.exists():
+            raise ArtifactError(f"{root} has no {MANIFEST}: not an edgellm artifact, or an incomplete one")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{mpath}: format_version {manifest.get('format_version')!r}, this edgellm reads {FORMAT_VERSION}; "
+                "recompile the model"
+            )
+        art = cls(root, manifest)
+        if verify:
+            art.verify()
+        return art
+
+    def verify(self) -> None:
+        """Check every listed file's size and sha256; raise naming the first file that differs."""
+        for rel, meta in self.manifest["files"].items():
+            p = self.root / rel
+            if not p.exists():
+                raise ArtifactError(f"artifact file {rel} is missing from {self.root}")
+            if p.stat().st_size != meta["bytes"]:
+                raise ArtifactError(f"artifact file {rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}: truncated or replaced; recompile")
+            if sha256_of(p) != meta["sha256"]:
+                raise ArtifactError(f"artifact file {rel} fails its sha256 check (tampered or corrupted); refusing to run it")
+
+    @property
+    def lib_path(self) -> Path:
+        return self.root / self.manifest["lib"]
+
+    def param_index(self) -> list[dict]:
+        return json.loads((self.root / "params" / "index.json").read_text())["params"]
+
+    def iter_params(self) -> Iterator[tuple[dict, np.ndarray]]:
+        """(index entry, array) in parameter order, read with one memory map per shard."""
+        maps: dict[int, np.memmap] = {}
+        for e in self.param_index():
+            if e["shard"] not in maps:
+                maps[e["shard"]] = np.memmap(self.root / "params" / f"shard_{e['shard']:03d}.bin", dtype=np.uint8, mode="r")
+            raw = maps[e["shard"]][e["offset"] : e["offset"] + e["nbytes"]]
+            yield e, raw.view(np.dtype(e["dtype"]).newbyteorder("<")).reshape(e["shape"])
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(e["nbytes"] for e in self.param_index())

@@ -1,0 +1,185 @@
+"""compile_model: model source -> Relax -> INT4-packed params + built library -> artifact directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from .._tvm import compiler, tvm_version
+from ..artifact import FORMAT_VERSION, MANIFEST, Artifact, atomic_dir, file_table, write_params
+from ..config import RuntimeOptions
+from ..loaders import ModelSource, open_model
+from ..models import get_architecture
+from ..quant import get_scheme
+from ..quant.convert import convert
+from ..targets import ResolvedTarget, resolve
+
+log = logging.getLogger("edgellm")
+
+
+@dataclass
+class CompileArgs:
+    model: str | None  # checkpoint folder, .gguf file, or None for the embedded default
+    output: Path
+    target: str = "host"
+    quant: str = "q4f32_1"
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    dump_ir: Path | None = None
+    overwrite: bool = False
+
+    def display(self) -> str:
+        d = asdict(self)
+        d["model"] = self.model or "(embedded SmolLM2-135M-Instruct)"
+        return "\n".join(f"  {k:<10} {v}" for k, v in d.items())
+
+
+@dataclass
+class CompileResult:
+    artifact: Path
+    params: int
+    weight_bytes: int
+    bits_per_weight: float
+    build_seconds: float
+    total_seconds: float
+    artifact_bytes: int
+
+    def summary(self) -> str:
+        return (f"artifact {self.artifact}: {self.params / 1e6:.1f}M params, {self.weight_bytes / 2**20:.1f} MiB weights "
+                f"({self.bits_per_weight:.2f} bits/weight), build {self.build_seconds:.1f}s, total {self.total_seconds:.1f}s, "
+                f"{self.artifact_bytes / 2**20:.1f} MiB on disk")
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _float_shapes(model) -> dict[str, tuple[int, int]]:
+    """'X.weight' -> (out, in) for every weight-carrying layer (quantized params don't show it)."""
+    from ..quant.nn import Embedding, Linear
+
+    shapes = {}
+
+    def walk(mod, prefix):
+        if isinstance(mod, Linear):
+            shapes[f"{prefix}weight"] = (mod.out_features, mod.in_features)
+        elif isinstance(mod, Embedding):
+            shapes[f"{prefix}weight"] = (mod.vocab, mod.hidden)
+        items = enumerate(mod) if isinstance(mod, compiler().nn.ModuleList) else vars(mod).items()
+        for name, child in items:
+            if isinstance(child, compiler().nn.Module):
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return shapes
+
+
+def _check_compat(src: ModelSource, tgt: ResolvedTarget, scheme_name: str) -> None:
+    scheme = get_scheme(scheme_name)
+    if scheme.act_dtype == "float16" and not tgt.features.get("fp16", True) and tgt.device != "cpu":
+        raise ValueError(f"scheme {scheme_name} needs fp16 but target {tgt.preset} has it off; use q4f32_1")
+
+
+def _tokenizer_files(src: ModelSource, root: Path) -> dict:
+    tdir = root / "tokenizer"
+    tdir.mkdir()
+    (tdir / "tokenizer.json").write_text(src.tokenizer_json)
+    tcfg = {k: v for k, v in src.tokenizer_config.items() if isinstance(v, (str, int, float, bool, list, dict))}
+    (tdir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=1))
+    return {"files": ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"],
+            "chat_template": bool(src.chat_template), "add_bos_token": bool(tcfg.get("add_bos_token", False)),
+            "bos_token_id": src.config.bos_token_id, "eos_token_ids": src.config.eos_token_ids}
+
+
+def compile_model(args: CompileArgs, progress=None) -> CompileResult:
+    """Compile `args.model` for `args.target`; the artifact appears at `args.output` only when complete."""
+    t_start = time.perf_counter()
+    tgt = resolve(args.target)  # fail fast on a bad target or scheme, before touching weights
+    scheme = get_scheme(args.quant)
+    step = progress or (lambda name, **kw: None)
+    step("load", detail=str(args.model or "embedded SmolLM2"))
+    src = open_model(args.model)
+    _check_compat(src, tgt, args.quant)
+    cfg = src.config
+    if args.runtime.context_window > cfg.max_position_embeddings:
+        log.warning("context_window %d > model max_position_embeddings %d; clamping", args.runtime.context_window,
+                    cfg.max_position_embeddings)
+        args.runtime.context_window = cfg.max_position_embeddings
+        args.runtime.prefill_chunk = min(args.runtime.prefill_chunk, args.runtime.context_window)
+    model_cls, source_map = get_architecture(cfg)
+    target = tgt.tvm()
+    c = compiler()
+    with target:
+        model = model_cls(cfg, scheme)
+        mod, named_params = model.export_tvm(spec=model.export_spec())
+    params = {name: (tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in named_params}
+    smap, unused = source_map(cfg)
+    with atomic_dir(args.output, overwrite=args.overwrite) as tmp:
+        step("quantize", detail=f"{len(params)} tensors -> {scheme.name}")
+        index = write_params(tmp, convert(src.tensors, smap, unused, params, _float_shapes(model), scheme))
+        step("build", detail=f"{tgt.preset}: {json.dumps(tgt.target_json)}")
+        t_build = time.perf_counter()
+        from .pipeline import build
+
+        ex = build(mod, target, args.dump_ir)
+        (tmp / "lib").mkdir()
+        lib_name = "lib/model.so" if tgt.export == "so" else "lib/model.tar"
+        ex.export_library(str(tmp / lib_name))
+        build_seconds = time.perf_counter() - t_build
+        tok = _tokenizer_files(src, tmp)
+        n_params = _count_params(params, _float_shapes(model))
+        weight_bytes = sum(e["nbytes"] for e in index)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "edgellm_version": __version__,
+            "git_sha": _git_sha(),
+            "tvm_version": tvm_version(),
+            "built_on": {"machine": platform.machine(), "system": platform.system()},
+            "model": {"arch": cfg.arch, "source": str(src.path), "source_kind": src.kind, "source_sha256": src.sha256,
+                      "config": cfg.as_dict(), "params": n_params},
+            "quant": {**scheme.as_dict(), "padding": _padding(_float_shapes(model), scheme)},
+            "target": tgt.as_dict(),
+            "runtime": asdict(args.runtime),
+            "tokenizer": tok,
+            "lib": lib_name,
+            "functions": ["prefill", "prefill_logits", "decode", "create_tir_paged_kv_cache"],
+            "weight_bytes": weight_bytes,
+        }
+        manifest["files"] = file_table(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
+    return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
+                         build_seconds, time.perf_counter() - t_start, art_bytes)
+
+
+def _count_params(params: dict, float_shapes: dict) -> int:
+    """Logical parameter count: a packed weight counts its float [out, in], its scales count nothing."""
+    total = 0
+    for name, (shape, _) in params.items():
+        if name.endswith(".q_weight"):
+            out_f, in_f = float_shapes[name[: -len("q_weight")] + "weight"]
+            total += out_f * in_f
+        elif not name.endswith(".q_scale"):
+            total += int(np.prod(shape))
+    return total
+
+
+def _padding(float_shapes: dict[str, tuple[int, int]], scheme) -> dict[str, int]:
+    """Weights whose `in` was zero-padded to whole groups: name -> padded `in`."""
+    if not scheme.quantized:
+        return {}
+    return {n: scheme.padded_in(i) for n, (_, i) in float_shapes.items() if scheme.padded_in(i) != i}
+
+
+__all__ = ["CompileArgs", "CompileResult", "compile_model", "Artifact"]

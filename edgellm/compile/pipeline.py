@@ -1,0 +1,82 @@
+"""The Relax pass pipeline, one flat list per target kind, with a log line (and optional IR dump) per phase."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .._tvm import compiler
+from .schedules import schedule_kernel
+
+log = logging.getLogger("edgellm")
+
+
+def _schedule_own_kernels(target):
+    """Module pass: give every PrimFunc with an `edgellm.kernel` attribute its target schedule."""
+    c = compiler()
+
+    @c.tvm.transform.module_pass(opt_level=0, name="EdgellmScheduleKernels")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, c.tirx.PrimFunc) and func.attrs and "edgellm.kernel" in func.attrs:
+                if "tir.is_scheduled" in func.attrs:
+                    continue
+                scheduled = schedule_kernel(func, target)
+                if scheduled is not None:
+                    updates[gv] = scheduled
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
+def phases(target) -> list[tuple[str, list]]:
+    """(name, passes) in order. CPU only in this file's host path; GPU kinds add dlight GPU rules."""
+    c = compiler()
+    rt, backend = c.relax.transform, c.relax.backend
+    if target.kind.name == "llvm":
+        dlight_rules = [c.dlight.cpu.GEMV(), c.dlight.cpu.Reduction()]
+        lib = backend.cpu_generic
+    else:
+        dl = c.dlight.gpu
+        dlight_rules = [dl.GEMV(), dl.Reduction(), dl.GeneralReduction(), dl.Fallback()]
+        lib = backend.cuda if target.kind.name == "cuda" else backend.gpu_generic
+    return [
+        ("fuse-transpose-matmul", [rt.FuseTransposeMatmul()]),
+        ("dispatch", list(lib.library_dispatch_passes(target))),
+        ("legalize", [rt.LegalizeOps(), rt.AnnotateTIROpPattern(), rt.FoldConstant()]),
+        ("fuse", [rt.FuseOps(), rt.FuseTIR(), rt.DeadCodeElimination()]),
+        ("schedule", [_schedule_own_kernels(target), c.dlight.ApplyDefaultSchedule(*dlight_rules)]),
+        ("lower-dataflow", [rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(),
+                            rt.CallTIRRewrite()]),
+        ("finalize", list(lib.finalize_passes(target))),
+    ]
+
+
+def make_pipeline(target, dump_ir: Path | None = None):
+    c = compiler()
+    plan = phases(target)
+
+    @c.tvm.transform.module_pass(opt_level=0, name="EdgellmPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            for i, (name, passes) in enumerate(plan):
+                t0 = time.perf_counter()
+                mod = c.tvm.transform.Sequential(passes, name=name)(mod)
+                log.info("phase %d %-22s %.2fs", i, name, time.perf_counter() - t0)
+                if dump_ir is not None:
+                    dump_ir.mkdir(parents=True, exist_ok=True)
+                    (dump_ir / f"phase{i}_{name}.py").write_text(mod.script(show_meta=False))
+        return mod
+
+    return _pipeline
+
+
+def build(mod, target, dump_ir: Path | None = None):
+    """IRModule -> relax Executable for `target`."""
+    c = compiler()
+    with target:
+        return c.relax.build(mod, target=target, relax_pipeline=make_pipeline(target, dump_ir))

@@ -1,0 +1,200 @@
+"""Engine: load an artifact with the TVM runtime only, keep a paged KV cache, stream text.
+
+Nothing here imports the TVM compiler; the artifact's manifest says everything (function names, shapes, tokenizer),
+so a device that has only libtvm_runtime runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import Artifact
+from .sampling import Sampler, SamplingParams
+from .text import StopMatcher, StreamDecoder, TextCodec
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first generated token comes from prefill's logits; decode steps = generated - 1
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _set_threads(threads: int | None) -> None:
+    """TVM's CPU pool reads TVM_NUM_THREADS when it starts; without it, it may use one thread."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    elif "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
+def physical_cores() -> int:
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+class Engine:
+    def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True):
+        self.art = Artifact.open(artifact, verify=verify)
+        m = self.art.manifest
+        dev_kind = device or m["target"]["device"]
+        if dev_kind == "cpu":
+            _set_threads(threads)
+        from .. import _tvm  # after TVM_NUM_THREADS is set
+
+        self._tvm = _tvm
+        if dev_kind == "cuda":
+            _tvm.load_cuda_runtime()
+        self.dev = _tvm.device(dev_kind, 0)
+        self.vm = _tvm.vm(_tvm.load_module(self.art.lib_path), self.dev)
+        self.params = [_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in self.art.iter_params()]
+        self.runtime = m["runtime"]
+        self.context_window = int(self.runtime["context_window"])
+        self.chunk = int(self.runtime["prefill_chunk"])
+        tok = m["tokenizer"]
+        self.codec = TextCodec(self.art.root / "tokenizer", add_bos=tok.get("add_bos_token", False), bos_id=tok.get("bos_token_id"))
+        self.eos_ids = set(tok.get("eos_token_ids") or [])
+        g = _tvm.get_global_func
+        self._add_seq = g("vm.builtin.kv_state_add_sequence")
+        self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
+        self._begin = g("vm.builtin.kv_state_begin_forward")
+        self._end = g("vm.builtin.kv_state_end_forward")
+        S = _tvm.ShapeTuple
+        self.kv = self.vm["create_tir_paged_kv_cache"](
+            S([int(self.runtime["max_batch"])]), S([self.context_window * int(self.runtime["max_batch"])]),
+            S([self.chunk]), S([int(self.runtime["page_size"])]), S([0]))
+        self._next_seq = 0
+        self.last_stats = GenerationStats()
+
+    # ---- low level --------------------------------------------------------------------------------------------
+    def _forward(self, fn: str, seq: int, ids: list[int]) -> np.ndarray:
+        S = self._tvm.ShapeTuple
+        arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
+        self._begin(self.kv, S([seq]), S([len(ids)]))
+        out = self.vm[fn](arr, self.kv, self.params)
+        self._end(self.kv)
+        return out[0].numpy()
+
+    def _prefill(self, seq: int, ids: list[int], fn: str = "prefill") -> np.ndarray:
+        outs = [self._forward(fn, seq, ids[i : i + self.chunk]) for i in range(0, len(ids), self.chunk)]
+        return outs[-1] if fn == "prefill" else np.concatenate(outs, axis=1)
+
+    def _new_sequence(self) -> int:
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        self._add_seq(self.kv, seq)
+        return seq
+
+    def _check_length(self, n: int) -> None:
+        if n >= self.context_window:
+            raise PromptTooLongError(
+                f"prompt has {n} tokens but the artifact's context window is {self.context_window} "
+                "(and one more is needed to generate); shorten the prompt or recompile with --context-window"
+            )
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        """Logits [n, vocab] for every position of `ids` (teacher forcing), float32."""
+        self._check_length(len(ids) - 1)
+        seq = self._new_sequence()
+        try:
+            return self._prefill(seq, ids, "prefill_logits")[0]
+        finally:
+            self._remove_seq(self.kv, seq)
+
+    # ---- text API ---------------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        if isinstance(prompt, list):
+            return self.codec.encode(self.codec.apply_chat_template(prompt), add_bos=False)
+        if chat:
+            return self.codec.encode(self.codec.apply_chat_template([{"role": "user", "content": prompt}]), add_bos=False)
+        return self.codec.encode(prompt)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams | None = None) -> Iterator[int]:
+        """Yield generated token ids; stats land in `self.last_stats` when the iterator finishes or is closed."""
+        sampling = sampling or SamplingParams()
+        self._check_length(len(ids))
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        sampler, history = Sampler(sampling), list(ids)
+        seq = self._new_sequence()
+        try:
+            t0 = time.perf_counter()
+            logits = self._prefill(seq, ids)
+            stats.prefill_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            while True:
+                tok = sampler(logits.reshape(-1), history)
+                if tok in self.eos_ids:
+                    stats.finish_reason = "stop"
+                    return
+                history.append(tok)
+                stats.token_ids.append(tok)
+                stats.generated_tokens += 1
+                yield tok
+                if stats.generated_tokens >= max_new_tokens:
+                    stats.finish_reason = "length"
+                    return
+                if len(history) >= self.context_window:
+                    stats.finish_reason = "context"
+                    return
+                logits = self._forward("decode", seq, [tok])
+                stats.decode_seconds = time.perf_counter() - t1
+        finally:
+            self._remove_seq(self.kv, seq)
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
+                 chat: bool = True) -> Iterator[str]:
+        """Stream text pieces as tokens decode; stop on EOS, a stop string, max_new_tokens or the context end."""
+        sampling = sampling or SamplingParams()
+        ids = self.prompt_ids(prompt, chat)
+        detok, stops = StreamDecoder(self.codec), StopMatcher(sampling.stop)
+        gen = self.generate_ids(ids, max_new_tokens, sampling)
+        try:
+            for tok in gen:
+                piece = stops.feed(detok.push(tok))
+                if piece:
+                    yield piece
+                if stops.stopped:
+                    break
+            tail = stops.feed(detok.flush()) if not stops.stopped else ""
+            tail += stops.flush()
+            if tail:
+                yield tail
+        finally:
+            gen.close()
+            if stops.stopped:
+                self.last_stats.finish_reason = "stop"

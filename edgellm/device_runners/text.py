@@ -1,0 +1,108 @@
+"""Tokenizer + chat template, UTF-8-safe streaming detokenization, stop strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+class TextCodec:
+    """tokenizer.json + tokenizer_config.json (chat template, bos/eos) of an artifact."""
+
+    def __init__(self, tokenizer_dir: Path, add_bos: bool = False, bos_id: int | None = None):
+        self.tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        cfg_path = tokenizer_dir / "tokenizer_config.json"
+        self.cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.add_bos, self.bos_id = add_bos, bos_id
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        template = self.cfg.get("chat_template")
+        if not template:
+            raise ChatTemplateError("this model has no chat template; use --no-chat for raw completion")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise ChatTemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.cfg.get("bos_token", ""), eos_token=self.cfg.get("eos_token", ""), **extra,
+        )
+
+
+class StreamDecoder:
+    """Turns a growing token list into text pieces, never splitting a multi-byte UTF-8 character.
+
+    Keeps two offsets as HF's streamers do: text is decoded from `prefix` and only the part past `read` is new;
+    a piece ending in U+FFFD (an incomplete byte sequence) is held back until the next token completes it.
+    """
+
+    def __init__(self, codec: TextCodec):
+        self.codec, self.ids, self.prefix, self.read = codec, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.codec.decode(self.ids[self.prefix : self.read])
+        now = self.codec.decode(self.ids[self.prefix :])
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of generation."""
+        before = self.codec.decode(self.ids[self.prefix : self.read])
+        now = self.codec.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :]
+
+
+class StopMatcher:
+    """Streams text through, holding back any tail that could start a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += piece
+        cut = min((self.pending.find(s) for s in self.stops if s in self.pending), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

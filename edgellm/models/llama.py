@@ -1,0 +1,167 @@
+"""Llama family on tvm.relax.frontend.nn: Llama 2/3 (llama3 rope scaling), SmolLM2, TinyLlama; GQA; tied embeddings.
+
+Qwen2 is this file with q/k/v bias (models/qwen2.py sets it). Attention runs on TVM's paged KV cache, which applies
+RoPE inside `attention_with_fused_qkv`. Shapes in comments: b batch, s tokens, h/kv heads, d head_dim.
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from ..config import ModelConfig
+from ..quant.nn import Embedding, Linear
+from ..quant.schemes import QuantScheme
+
+c = compiler()
+nn, te, tirx, rx = c.nn, c.te, c.tirx, c.relax
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
+        self.h, self.kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kv) * self.d, scheme, dtype, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, scheme, dtype)
+
+    def forward(self, x, cache, layer_id: int):
+        b, s, _ = x.shape
+        qkv = self.qkv_proj(x).reshape(b, s, self.h + 2 * self.kv, self.d)  # [b, s, h+2kv, d]
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.h, sm_scale=self.d**-0.5)  # [b, s, h, d]
+        return self.o_proj(out.reshape(b, s, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, scheme, dtype)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, scheme, dtype)
+
+    def forward(self, x):
+        gate, up = nn.op.split(self.gate_up_proj(x), 2, axis=-1)  # [b, s, inter] each
+        return self.down_proj(nn.op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.self_attn = Attention(cfg, scheme, dtype)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.mlp = MLP(cfg, scheme, dtype)
+
+    def forward(self, x, cache, layer_id: int):
+        x = x + self.self_attn(self.input_layernorm(x), cache, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme, dtype)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+    def forward(self, ids, cache):
+        b, s = ids.shape
+        x = self.embed_tokens(ids.reshape(b * s)).reshape(b, s, -1)  # [b, s, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        return self.norm(x)
+
+
+def _last_token(x):
+    """[b, s, d] -> [b, 1, d]: the hidden state the next token is read from."""
+
+    def f(x_te):
+        b, s, d = x_te.shape
+        return te.compute((b, 1, d), lambda i, _, k: x_te[i, s - 1, k], name="last_token")
+
+    return nn.op.tensor_expr_op(f, "last_token", [x])
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme):
+        self.cfg, self.scheme, self.dtype = cfg, scheme, scheme.act_dtype
+        self.model = Backbone(cfg, scheme, self.dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, scheme, self.dtype)
+
+    def _logits(self, x):
+        logits = self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def prefill(self, ids, cache):
+        """ids [1, s] -> logits of the last token [1, 1, vocab]; appends s tokens to the cache."""
+        return self._logits(_last_token(self.model(ids, cache))), cache
+
+    def prefill_logits(self, ids, cache):
+        """ids [1, s] -> logits of every position [1, s, vocab] (scoring, teacher forcing)."""
+        return self._logits(self.model(ids, cache)), cache
+
+    def decode(self, ids, cache):
+        """ids [1, 1] -> [1, 1, vocab]: static shapes so the GEMV kernels apply."""
+        return self._logits(self.model(ids, cache)), cache
+
+    def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                  support_sliding_window):
+        cfg = self.cfg
+        return c.TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=c.RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling or {},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=c.Target.current(),
+        )
+
+    def export_spec(self) -> dict:
+        cache = nn.spec.Object(object_type=c.PagedKVCache)
+        fwd = {"param_mode": "packed", "effect_mode": "none"}
+        return {
+            "prefill": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
+            "prefill_logits": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
+            "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": fwd},
+            "create_tir_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
+                "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+
+
+def source_map(cfg: ModelConfig) -> tuple[dict[str, list[str]], list[str]]:
+    """edgellm float parameter -> the HF tensors concatenated (axis 0) to make it; plus HF names to ignore.
+
+    Quantized schemes store `X.weight` as `X.q_weight` + `X.q_scale`; the quantizer derives those names.
+    """
+    m: dict[str, list[str]] = {
+        "model.embed_tokens.weight": ["model.embed_tokens.weight"],
+        "model.norm.weight": ["model.norm.weight"],
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        m[f"{p}.input_layernorm.weight"] = [f"{p}.input_layernorm.weight"]
+        m[f"{p}.post_attention_layernorm.weight"] = [f"{p}.post_attention_layernorm.weight"]
+        m[f"{p}.self_attn.qkv_proj.weight"] = [f"{p}.self_attn.{x}_proj.weight" for x in "qkv"]
+        if cfg.attention_bias:
+            m[f"{p}.self_attn.qkv_proj.bias"] = [f"{p}.self_attn.{x}_proj.bias" for x in "qkv"]
+        m[f"{p}.self_attn.o_proj.weight"] = [f"{p}.self_attn.o_proj.weight"]
+        m[f"{p}.mlp.gate_up_proj.weight"] = [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]
+        m[f"{p}.mlp.down_proj.weight"] = [f"{p}.mlp.down_proj.weight"]
+    unused = [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(cfg.num_hidden_layers)]
+    if cfg.tie_word_embeddings:
+        unused.append("lm_head.weight")  # some tied checkpoints still store a copy
+    else:
+        m["lm_head.weight"] = ["lm_head.weight"]
+    return m, unused

@@ -1,0 +1,71 @@
+"""Weight-carrying layers for tvm.relax.frontend.nn that store weights in a scheme's format.
+
+Models build their projections from these two classes; quantizing a model is choosing the scheme, never editing the
+model file. Parameter names: `weight` (q0 schemes) or `q_weight` + `q_scale` (q4 schemes), plus `bias`.
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from . import kernels
+from .schemes import QuantScheme
+
+nn = compiler().nn
+
+
+def _weight_params(module, out_f: int, in_f: int, scheme: QuantScheme) -> None:
+    if scheme.quantized:
+        kp = scheme.padded_in(in_f)
+        module.q_weight = nn.Parameter((out_f, kp // scheme.elems_per_word), "uint32")
+        module.q_scale = nn.Parameter((out_f, kp // scheme.group_size), scheme.scale_dtype)
+    else:
+        module.weight = nn.Parameter((out_f, in_f), scheme.weight_dtype)
+
+
+def _weights(module, scheme: QuantScheme) -> list:
+    return [module.q_weight, module.q_scale] if scheme.quantized else [module.weight]
+
+
+def linear_call(x, weights: list, in_f: int, out_f: int, scheme: QuantScheme, bias=None):
+    """x [..., in] -> [..., out] through one edgellm linear kernel (decode-shaped input gets the GEMV)."""
+    lead = list(x.shape[:-1])
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    static_one = isinstance(rows, int) and rows == 1
+    x2 = x.reshape(rows, in_f)
+    func = kernels.linear(1 if static_one else None, in_f, out_f, scheme, x.dtype, bias is not None)
+    args = [x2, *weights] + ([bias] if bias is not None else [])
+    out = nn.op.tensor_ir_op(func, "linear_gemv" if static_one else "linear", args,
+                             nn.Tensor.placeholder((rows, out_f), x.dtype))
+    return out.reshape(*lead, out_f)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with W [out, in] stored in `scheme`'s format."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, dtype: str, bias: bool = False):
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        _weight_params(self, out_features, in_features, scheme)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x):
+        return linear_call(x, _weights(self, self.scheme), self.in_features, self.out_features, self.scheme, self.bias)
+
+
+class Embedding(nn.Module):
+    """Token embedding [vocab, hidden] in `scheme`'s format; `as_linear` reuses it as a tied lm_head."""
+
+    def __init__(self, vocab: int, hidden: int, scheme: QuantScheme, dtype: str):
+        self.vocab, self.hidden, self.scheme, self.dtype = vocab, hidden, scheme, dtype
+        _weight_params(self, vocab, hidden, scheme)
+
+    def forward(self, ids):
+        """ids int32 [n] -> [n, hidden]."""
+        func = kernels.embedding(self.vocab, self.hidden, self.scheme, self.dtype)
+        n = ids.shape[0]
+        return nn.op.tensor_ir_op(func, "embedding", [ids, *_weights(self, self.scheme)],
+                                  nn.Tensor.placeholder((n, self.hidden), self.dtype))
+
+    def as_linear(self, x):
+        return linear_call(x, _weights(self, self.scheme), self.hidden, self.vocab, self.scheme)
