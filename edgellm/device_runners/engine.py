@@ -6,6 +6,7 @@ so a device that has only libtvm_runtime runs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -69,6 +70,24 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+class Sequence:
+    def __init__(self, engine: Engine, seq_id: int):
+        self.engine, self.id, self.length = engine, seq_id, 0
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Append `ids` (chunked); logits of the last one, float32 [vocab]."""
+        self.engine._check_length(self.length + len(ids))
+        out = self.engine._prefill(self.id, ids)
+        self.length += len(ids)
+        return out.reshape(-1)
+
+    def decode(self, token: int) -> np.ndarray:
+        self.engine._check_length(self.length + 1)
+        out = self.engine._forward("decode", self.id, [token])
+        self.length += 1
+        return out.reshape(-1)
+
+
 class Engine:
     def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True):
         self.art = Artifact.open(artifact, verify=verify)
@@ -120,6 +139,15 @@ class Engine:
         self._add_seq(self.kv, seq)
         return seq
 
+    @contextlib.contextmanager
+    def sequence(self) -> Iterator[Sequence]:
+        """A KV-cache sequence for step-by-step use: `seq.prefill(ids)`, then `seq.decode(token)`."""
+        seq = self._new_sequence()
+        try:
+            yield Sequence(self, seq)
+        finally:
+            self._remove_seq(self.kv, seq)
+
     def _check_length(self, n: int) -> None:
         if n >= self.context_window:
             raise PromptTooLongError(
@@ -150,14 +178,13 @@ class Engine:
         self._check_length(len(ids))
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         sampler, history = Sampler(sampling), list(ids)
-        seq = self._new_sequence()
-        try:
+        with self.sequence() as seq:
             t0 = time.perf_counter()
-            logits = self._prefill(seq, ids)
+            logits = seq.prefill(ids)
             stats.prefill_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
+            decode_t = 0.0
             while True:
-                tok = sampler(logits.reshape(-1), history)
+                tok = sampler(logits, history)
                 if tok in self.eos_ids:
                     stats.finish_reason = "stop"
                     return
@@ -171,10 +198,10 @@ class Engine:
                 if len(history) >= self.context_window:
                     stats.finish_reason = "context"
                     return
-                logits = self._forward("decode", seq, [tok])
-                stats.decode_seconds = time.perf_counter() - t1
-        finally:
-            self._remove_seq(self.kv, seq)
+                t1 = time.perf_counter()
+                logits = seq.decode(tok)
+                decode_t += time.perf_counter() - t1
+                stats.decode_seconds = decode_t
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                  chat: bool = True) -> Iterator[str]:

@@ -1,0 +1,189 @@
+"""The `edgellm` command: each subcommand parses options and calls one API function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .quant.schemes import SCHEMES
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+class TargetType(click.ParamType):
+    name = "target"
+
+    def convert(self, value, param, ctx):
+        from .targets import TargetError, resolve
+
+        try:
+            resolve(value)
+        except TargetError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+def _known_errors():
+    from .artifact import ArtifactError
+    from .config import ConfigError
+    from .device_runners.engine import PromptTooLongError
+    from .device_runners.text import ChatTemplateError
+    from .loaders import SourceError
+    from .quant.convert import WeightMapError
+    from .targets import TargetError
+
+    return (ArtifactError, ConfigError, PromptTooLongError, ChatTemplateError, SourceError, WeightMapError,
+            TargetError, ValueError, OSError)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _known_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="-v: phase timings; -vv: debug logs.")
+@click.version_option(package_name="edgellm")
+def cli(verbose: int) -> None:
+    """Compile LLMs for edge devices with Apache TVM Relax, run and benchmark the artifacts.
+
+    \b
+    edgellm compile --target host --quant q4f32_1 -o dist/smollm2-host
+    edgellm run dist/smollm2-host "What is the capital of France?"
+    edgellm bench dist/smollm2-host -p 128 -n 128 --reps 5 --format md
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--target", "-t", default="host", show_default=True, type=TargetType(),
+              help="Preset name (see `edgellm targets`) or a TVM target JSON.")
+@click.option("--quant", "-q", default="q4f32_1", show_default=True, type=click.Choice(sorted(SCHEMES)),
+              help="Weight quantization scheme.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
+@click.option("--context-window", default=2048, show_default=True, help="Max tokens per sequence (KV cache size).")
+@click.option("--prefill-chunk", default=256, show_default=True, help="Max tokens per prefill call.")
+@click.option("--page-size", default=16, show_default=True, help="KV cache page size in tokens.")
+@click.option("--max-batch", default=1, show_default=True, help="Max concurrent sequences in the KV cache.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after each phase here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --output.")
+def compile(model, target, quant, output, context_window, prefill_chunk, page_size, max_batch, dump_ir, overwrite):
+    """Compile MODEL (HF checkpoint folder or .gguf; default: embedded SmolLM2-135M-Instruct) into an artifact.
+
+    \b
+    edgellm compile --target host -o dist/smollm2-host
+    edgellm compile ./Qwen2.5-0.5B-Instruct/ --quant q4f32_1 -o dist/qwen-host
+    """
+    from .compile import CompileArgs, compile_model
+    from .config import RuntimeOptions
+
+    args = _guard(lambda: CompileArgs(
+        model=str(model) if model else None, output=output, target=target, quant=quant,
+        runtime=RuntimeOptions(context_window, prefill_chunk, page_size, max_batch), dump_ir=dump_ir,
+        overwrite=overwrite))
+    console = _stderr()
+    console.print(f"[bold]edgellm compile[/bold]\n{args.display()}")
+    with console.status("starting") as status:
+        def progress(name, detail=""):
+            console.log(f"{name}: {detail}")
+            status.update(f"{name} ...")
+
+        result = _guard(compile_model, args, progress)
+    console.print(result.summary())
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt", required=False, default=DEFAULT_PROMPT)
+@click.option("--max-tokens", "-n", default=256, show_default=True, help="Max new tokens.")
+@click.option("--no-chat", is_flag=True, help="Raw completion: no chat template.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0 = off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads):
+    """Stream the model's answer to PROMPT; prefill and decode tok/s go to stderr.
+
+    \b
+    edgellm run dist/smollm2-host "What is the capital of France?"
+    edgellm run dist/smollm2-host "Once upon a time" --no-chat --temperature 0.8 --seed 1
+    """
+    from .device_runners.engine import Engine
+    from .device_runners.sampling import SamplingParams
+
+    sampling = _guard(SamplingParams, temperature, top_p, top_k, repetition_penalty, seed, list(stop))
+    engine = _guard(Engine, artifact, threads=threads)
+
+    def stream():
+        for piece in engine.generate(prompt, max_tokens, sampling, chat=not no_chat):
+            click.echo(piece, nl=False)
+        click.echo()
+
+    _guard(stream)
+    s = engine.last_stats
+    click.echo(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s | decode: {s.generated_tokens} tokens, "
+               f"{s.decode_tps:.1f} tok/s | finish: {s.finish_reason}", err=True)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (test ppN); 0 skips.")
+@click.option("-n", "--n-gen", default=128, show_default=True, help="Generated tokens (test tgN); 0 skips.")
+@click.option("--reps", default=5, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "json", "jsonl", "csv"]))
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads):
+    """Benchmark prefill (ppN) and decode (tgN) llama-bench style; records on stdout, logs on stderr."""
+    from .device_runners.bench import format_records, run_bench
+    from .device_runners.engine import Engine
+
+    if reps < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--reps")
+    engine = _guard(Engine, artifact, threads=threads)
+    records = _guard(run_bench, engine, n_prompt, n_gen, reps, warmup)
+    click.echo(format_records(records, fmt))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def targets(as_json):
+    """List the target presets."""
+    from .targets import table
+
+    rows = table()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("preset", "device", "TVM target", "export", "toolchain", "default quant", "description")
+    for r in rows:
+        t.add_row(r["name"], r["device"], r["target"], r["export"], r["toolchain"], r["default_quant"], r["description"])
+    Console(width=200).print(t)
+
+
+def main() -> None:
+    cli(prog_name="edgellm")
+
+
+if __name__ == "__main__":
+    main()

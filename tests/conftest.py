@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TVM_NUM_THREADS", str(min(os.cpu_count() or 1, 2)))
+
+from tiny_models import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(root / name, name) for name in ("llama", "llama3", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory, checkpoints):
+    """compiled(model_name, scheme) -> artifact path, built once per session."""
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+
+    root = tmp_path_factory.mktemp("art")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, scheme: str) -> Path:
+        if (name, scheme) not in cache:
+            out = root / f"{name}-{scheme}"
+            src = None if name == "smollm2" else str(checkpoints[name])
+            rt = RuntimeOptions(context_window=1024 if name == "smollm2" else 256, prefill_chunk=128)
+            compile_model(CompileArgs(model=src, output=out, quant=scheme, runtime=rt))
+            cache[(name, scheme)] = out
+        return cache[(name, scheme)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from edgellm.loaders import SourceError, default_model_path
+
+    try:
+        return default_model_path()
+    except SourceError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' fp32 model + tokenizer loaded from the same GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = str(smollm2_path.parent), smollm2_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.eval()
+    return model, tok
