@@ -16,6 +16,7 @@ PINNED_TVM = "0.27.0.post1"
 import tvm  # noqa: E402
 import tvm_ffi  # noqa: E402
 from tvm import runtime  # noqa: E402
+from tvm.runtime import vm as _relax_vm  # noqa: E402  (runtime-side module; import it explicitly)
 
 ShapeTuple = runtime.ShapeTuple
 
@@ -53,7 +54,7 @@ def load_module(path: str | os.PathLike):
 
 
 def vm(module, dev):
-    return runtime.vm.VirtualMachine(module, dev)
+    return _relax_vm.VirtualMachine(module, dev)
 
 
 def tensor(array, dev):

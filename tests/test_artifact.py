@@ -1,0 +1,54 @@
+"""Artifact layout: shard size limit, index offsets, atomic writes, manifest hashes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgellm.artifact import Artifact, ArtifactError, atomic_dir, write_params
+
+
+def test_shards_respect_limit_and_index_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    named = [(f"t{i}", rng.standard_normal((i + 1, 100)).astype(np.float32)) for i in range(20)]
+    index = write_params(tmp_path, named, shard_bytes=4000)
+    shards = sorted((tmp_path / "params").glob("shard_*.bin"))
+    assert len(shards) > 1 and all(p.stat().st_size <= 4000 for p in shards)
+    manifest = {"format_version": 1, "files": {}, "lib": "lib/model.so"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    art = Artifact.open(tmp_path)
+    for (name, arr), (entry, got) in zip(named, art.iter_params()):
+        assert entry["name"] == name
+        np.testing.assert_array_equal(got, arr)
+    assert art.weight_bytes == sum(a.nbytes for _, a in named) == sum(e["nbytes"] for e in index)
+
+
+def test_atomic_dir_removes_everything_on_failure(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "half.bin").write_bytes(b"x" * 10)
+            raise RuntimeError("boom")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_manifest_lists_every_file_with_sha256(compiled):
+    art = Artifact.open(compiled("llama", "q4f32_1"))
+    on_disk = {p.relative_to(art.root).as_posix() for p in art.root.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(art.manifest["files"]) == on_disk
+    assert all(len(v["sha256"]) == 64 for v in art.manifest["files"].values())
+    m = art.manifest
+    assert m["tvm_version"] == "0.27.0.post1" and m["model"]["arch"] == "llama"
+    assert m["model"]["source_sha256"] and m["runtime"]["page_size"] == 16
+
+
+def test_missing_file_named(compiled, tmp_path):
+    import shutil
+
+    art = tmp_path / "a"
+    shutil.copytree(compiled("llama", "q4f32_1"), art)
+    (art / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match="tokenizer/tokenizer.json is missing"):
+        Artifact.open(art)
