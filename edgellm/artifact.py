@@ -54,26 +54,45 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_params(root: Path, named: Iterable[tuple[str, np.ndarray]], shard_bytes: int = SHARD_BYTES) -> list[dict]:
-    """Raw little-endian tensors packed into params/shard_NNN.bin files of at most `shard_bytes` each."""
+    """Raw little-endian tensors packed into params/shard_NNN.bin files of at most `shard_bytes` each.
+
+    A tensor starts a new shard when it would not fit in the current one; a tensor larger than a whole shard is
+    split across consecutive shards and its index entry lists the `pieces` (shard, offset, nbytes) in order.
+    """
     pdir = root / "params"
     pdir.mkdir(parents=True, exist_ok=True)
     index: list[dict] = []
-    shard, offset, f = -1, 0, None
+    state = {"shard": -1, "offset": 0, "file": None}
+
+    def new_shard():
+        if state["file"] is not None:
+            state["file"].close()
+        state["shard"] += 1
+        state["offset"] = 0
+        state["file"] = open(pdir / f"shard_{state['shard']:03d}.bin", "wb")
+
     try:
         for name, arr in named:
             data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
-            if f is None or (offset and offset + data.nbytes > shard_bytes):
-                if f is not None:
-                    f.close()
-                shard, offset = shard + 1, 0
-                f = open(pdir / f"shard_{shard:03d}.bin", "wb")
-            f.write(data.tobytes())
-            index.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype), "shard": shard,
-                          "offset": offset, "nbytes": int(data.nbytes)})
-            offset += data.nbytes
+            raw = memoryview(data.reshape(-1).view(np.uint8))
+            if state["file"] is None or (state["offset"] and state["offset"] + len(raw) > shard_bytes):
+                new_shard()
+            pieces, pos = [], 0
+            while pos < len(raw) or not pieces:
+                if state["offset"] >= shard_bytes:
+                    new_shard()
+                n = min(len(raw) - pos, shard_bytes - state["offset"])
+                state["file"].write(raw[pos : pos + n])
+                pieces.append({"shard": state["shard"], "offset": state["offset"], "nbytes": n})
+                state["offset"] += n
+                pos += n
+            entry = {"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype), **pieces[0], "nbytes": len(raw)}
+            if len(pieces) > 1:
+                entry["pieces"] = pieces
+            index.append(entry)
     finally:
-        if f is not None:
-            f.close()
+        if state["file"] is not None:
+            state["file"].close()
     (pdir / "index.json").write_text(json.dumps({"params": index}, indent=1))
     return index
 
@@ -134,10 +153,14 @@ class Artifact:
     def iter_params(self) -> Iterator[tuple[dict, np.ndarray]]:
         """(index entry, array) in parameter order, read with one memory map per shard."""
         maps: dict[int, np.memmap] = {}
+
+        def piece(p):
+            if p["shard"] not in maps:
+                maps[p["shard"]] = np.memmap(self.root / "params" / f"shard_{p['shard']:03d}.bin", dtype=np.uint8, mode="r")
+            return maps[p["shard"]][p["offset"] : p["offset"] + p["nbytes"]]
+
         for e in self.param_index():
-            if e["shard"] not in maps:
-                maps[e["shard"]] = np.memmap(self.root / "params" / f"shard_{e['shard']:03d}.bin", dtype=np.uint8, mode="r")
-            raw = maps[e["shard"]][e["offset"] : e["offset"] + e["nbytes"]]
+            raw = np.concatenate([piece(p) for p in e["pieces"]]) if "pieces" in e else piece(e)
             yield e, raw.view(np.dtype(e["dtype"]).newbyteorder("<")).reshape(e["shape"])
 
     @property
