@@ -153,7 +153,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "runtime": asdict(args.runtime),
             "tokenizer": tok,
             "lib": lib_name,
-            "functions": ["prefill", "prefill_logits", "decode", "create_tir_paged_kv_cache"],
+            "functions": list(model.export_spec()),
             "weight_bytes": weight_bytes,
         }
         manifest["files"] = file_table(tmp)

@@ -97,6 +97,10 @@ class LlamaForCausalLM(nn.Module):
         """ids [1, 1] -> [1, 1, vocab]: static shapes so the GEMV kernels apply."""
         return self._logits(self.model(ids, cache)), cache
 
+    def batch_decode(self, ids, cache):
+        """ids [b, 1] (one new token for each of b sequences) -> [b, 1, vocab]; batched serving."""
+        return self._logits(self.model(ids, cache)), cache
+
     def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                   support_sliding_window):
         cfg = self.cfg
@@ -133,6 +137,7 @@ class LlamaForCausalLM(nn.Module):
             "prefill": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
             "prefill_logits": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
             "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": fwd},
+            "batch_decode": {"ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": fwd},
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},
