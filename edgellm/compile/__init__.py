@@ -85,10 +85,43 @@ def _float_shapes(model) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def _check_compat(src: ModelSource, tgt: ResolvedTarget, scheme_name: str) -> None:
+def _scheme_for(tgt: ResolvedTarget, scheme_name: str):
+    """The scheme to build: an fp16 scheme on a target with fp16 off falls back to its fp32 twin, logged."""
     scheme = get_scheme(scheme_name)
-    if scheme.act_dtype == "float16" and not tgt.features.get("fp16", True) and tgt.device != "cpu":
-        raise ValueError(f"scheme {scheme_name} needs fp16 but target {tgt.preset} has it off; use q4f32_1")
+    if scheme.act_dtype == "float16" and not tgt.features.get("fp16", True):
+        twin = get_scheme(scheme_name.replace("f16", "f32"))
+        log.warning("target %s has fp16 off: building %s instead of %s (same weight format, fp32 activations)",
+                    tgt.preset, twin.name, scheme.name)
+        return twin
+    return scheme
+
+
+def _check_toolchain(tgt: ResolvedTarget) -> None:
+    """Fail before any weight is read when the linker or CUDA compiler the target needs is missing."""
+    import shutil
+
+    if tgt.toolchain and shutil.which(tgt.toolchain) is None:
+        raise ValueError(
+            f"target {tgt.preset} links with {tgt.toolchain}, which is not on PATH; on Debian/Ubuntu: "
+            f"`apt-get install g++-{tgt.toolchain.rsplit('-g++', 1)[0]}`"
+        )
+    if tgt.kind == "cuda" and shutil.which("nvcc") is None:
+        raise ValueError(f"target {tgt.preset} builds its fatbin with nvcc, which is not on PATH; install the CUDA toolkit")
+
+
+def _export(ex, root: Path, tgt: ResolvedTarget) -> str:
+    """Write lib/model.so (linked by the target's toolchain) or lib/model.tar (objects for static linking)."""
+    (root / "lib").mkdir()
+    if tgt.export == "tar":
+        ex.export_library(str(root / "lib" / "model.tar"))
+        return "lib/model.tar"
+    fcompile = None
+    if tgt.toolchain:
+        from .._tvm import compiler
+
+        fcompile = compiler().tvm.support.cc.cross_compiler(tgt.toolchain)
+    ex.export_library(str(root / "lib" / "model.so"), fcompile=fcompile)
+    return "lib/model.so"
 
 
 def _tokenizer_files(src: ModelSource, root: Path) -> dict:
@@ -105,12 +138,12 @@ def _tokenizer_files(src: ModelSource, root: Path) -> dict:
 def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     """Compile `args.model` for `args.target`; the artifact appears at `args.output` only when complete."""
     t_start = time.perf_counter()
-    tgt = resolve(args.target)  # fail fast on a bad target or scheme, before touching weights
-    scheme = get_scheme(args.quant)
+    tgt = resolve(args.target)  # fail fast on a bad target, scheme or toolchain, before touching weights
+    scheme = _scheme_for(tgt, args.quant)
+    _check_toolchain(tgt)
     step = progress or (lambda name, **kw: None)
     step("load", detail=str(args.model or "embedded SmolLM2"))
     src = open_model(args.model)
-    _check_compat(src, tgt, args.quant)
     cfg = src.config
     if args.runtime.context_window > cfg.max_position_embeddings:
         log.warning("context_window %d > model max_position_embeddings %d; clamping", args.runtime.context_window,
@@ -119,7 +152,6 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         args.runtime.prefill_chunk = min(args.runtime.prefill_chunk, args.runtime.context_window)
     model_cls, source_map = get_architecture(cfg)
     target = tgt.tvm()
-    c = compiler()
     with target:
         model = model_cls(cfg, scheme)
         mod, named_params = model.export_tvm(spec=model.export_spec())
@@ -132,10 +164,12 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         t_build = time.perf_counter()
         from .pipeline import build
 
+        if tgt.kind == "cuda":
+            from .cuda import prepare_cuda_build
+
+            prepare_cuda_build()
         ex = build(mod, target, args.dump_ir)
-        (tmp / "lib").mkdir()
-        lib_name = "lib/model.so" if tgt.export == "so" else "lib/model.tar"
-        ex.export_library(str(tmp / lib_name))
+        lib_name = _export(ex, tmp, tgt)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)
         n_params = _count_params(params, _float_shapes(model))

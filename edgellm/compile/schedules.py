@@ -69,13 +69,60 @@ def schedule_cpu_embedding(func, target):
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
+def _max_threads(target) -> int:
+    return int(target.attrs.get("max_num_threads", target.attrs.get("max_threads_per_block", 256)))
+
+
+def schedule_gpu_linear(func, target, gemv: bool):
+    """GPU linear. GEMV: one thread block per output feature, the `in` reduction spread over the block's threads
+    (cross-thread allreduce). GEMM: a 2-D grid of row x feature tiles, one output per thread.
+    Correct on every GPU kind; the fast Hopper/Ampere paths belong to the [gpu] work."""
+    sch = compiler().s_tir.Schedule(func)
+    has_epilogue = _has_block(sch, "epilogue")
+    if _has_block(sch, "dequant"):
+        sch.compute_inline(sch.get_sblock("dequant"))
+    y = sch.get_sblock("matmul")
+    i, n, k = sch.get_loops(y)
+    if gemv:
+        tx = min(128, _max_threads(target))
+        sch.bind(n, "blockIdx.x")
+        _, ki = sch.split(k, [None, tx])
+        sch.bind(ki, "threadIdx.x")
+        if has_epilogue:
+            sch.reverse_compute_at(sch.get_sblock("epilogue"), n)
+            sch.set_scope(y, 0, "local")
+    else:
+        ty, tx = 4, min(64, _max_threads(target) // 4)
+        bi, ti = sch.split(i, [None, ty])
+        bn, tn = sch.split(n, [None, tx])
+        sch.reorder(bi, bn, ti, tn, k)
+        sch.bind(bi, "blockIdx.y")
+        sch.bind(bn, "blockIdx.x")
+        sch.bind(ti, "threadIdx.y")
+        sch.bind(tn, "threadIdx.x")
+        if has_epilogue:
+            sch.reverse_compute_at(sch.get_sblock("epilogue"), tn)
+            sch.set_scope(y, 0, "local")
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def schedule_gpu_embedding(func, target):
+    sch = compiler().s_tir.Schedule(func)
+    if _has_block(sch, "dequant"):
+        sch.compute_inline(sch.get_sblock("dequant"))
+    t, j = sch.get_loops(sch.get_sblock("embed"))
+    bx, tx = sch.split(sch.fuse(t, j), [None, min(256, _max_threads(target))])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
 def schedule_kernel(func, target):
-    """Dispatch on the kernel kind; None when edgellm has no rule for this function/target."""
+    """Dispatch on the kernel kind and target kind; None when edgellm has no rule for the function."""
     kind = str(func.attrs["edgellm.kernel"]) if func.attrs and "edgellm.kernel" in func.attrs else None
-    if kind is None or target.kind.name != "llvm":
-        return None
+    cpu = target.kind.name == "llvm"
     if kind in ("gemv", "gemm"):
-        return schedule_cpu_linear(func, target, gemv=kind == "gemv")
+        return (schedule_cpu_linear if cpu else schedule_gpu_linear)(func, target, gemv=kind == "gemv")
     if kind == "embedding":
-        return schedule_cpu_embedding(func, target)
+        return (schedule_cpu_embedding if cpu else schedule_gpu_embedding)(func, target)
     return None

@@ -1,19 +1,25 @@
-"""Target presets as data: preset name -> TVM target dict, host triple, export format, toolchain, features.
+"""Target presets as data: preset -> TVM target dict, host target, export format, toolchain, features.
 
-Resolution order: a preset name, else a raw TVM target JSON (`--target '{"kind": "llvm", ...}'`).
+Resolution order: `auto`/`cuda` (probe the local GPU), a preset name, else a raw TVM target JSON
+(`--target '{"kind": "llvm", ...}'`). Features a target lacks are switched off with a log line.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import platform
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger("edgellm")
+
 
 class TargetError(ValueError):
-    """An unknown or unusable target; the message lists the presets."""
+    """An unknown or unusable target; the message lists the presets and the fix."""
 
 
 @dataclass(frozen=True)
@@ -21,14 +27,16 @@ class TargetPreset:
     name: str
     description: str
     device: str  # TVM device kind the runner opens: cpu | cuda | metal | opencl | vulkan
-    target: dict[str, Any]  # TVM target JSON; "mcpu": "host" and "mtriple": "host" are filled at resolve time
-    export: str = "so"  # so | tar
-    toolchain: str | None = None  # None: the host's default C++ compiler
+    target: dict[str, Any]  # TVM target JSON; "host" values are filled in at resolve time
+    host: dict[str, Any] | None = None  # host-side (CPU) code for GPU targets
+    export: str = "so"  # so: shared library; tar: object files for static linking (iOS, Android, macOS)
+    toolchain: str | None = None  # C++ driver that links the .so; None: the host's default
     features: dict[str, Any] = field(default_factory=dict)
-    default_quant: str = "q4f32_1"
+    default_quant: str = "q4f16_1"
+    codegen: str | None = None  # the TVM global the build needs (checked before any weight is read)
 
-    def resolved(self) -> dict[str, Any]:
-        return _fill_host(self.target)
+    def resolved(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        return _fill_host(self.target), (_fill_host(self.host) if self.host else None)
 
 
 def host_triple() -> str:
@@ -53,14 +61,65 @@ def _fill_host(t: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
+X86_HOST = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"}
+AARCH64 = "aarch64-linux-gnu"
+
+
+def _cuda(arch: str, host: dict, name: str, desc: str, toolchain: str | None = None) -> TargetPreset:
+    return TargetPreset(
+        name, desc, "cuda",
+        {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+         "thread_warp_size": 32, "max_num_threads": 1024},
+        host=host, toolchain=toolchain, features={"fp16": True, "threads": "gpu", "shared_memory": 49152,
+                                                  "fatbin": arch},
+    )
+
+
+def _arm_cpu(name: str, mcpu: str, desc: str) -> TargetPreset:
+    return TargetPreset(
+        name, desc, "cpu", {"kind": "llvm", "mtriple": AARCH64, "mcpu": mcpu, "mattr": ["+neon"]},
+        toolchain=f"{AARCH64}-g++", features={"fp16": False, "threads": "4 cores", "qemu_cpu": mcpu},
+        default_quant="q4f32_1",
+    )
+
+
+GPU_LIMITS = {"max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 32}
+
 PRESETS: dict[str, TargetPreset] = {
     p.name: p
     for p in (
-        TargetPreset(
-            "host", "this machine's CPU (LLVM, native vector width)", "cpu",
-            {"kind": "llvm", "mtriple": "host", "mcpu": "host"},
-            features={"fp16": False, "threads": "physical cores"},
-        ),
+        TargetPreset("host", "this machine's CPU (LLVM, native vector width)", "cpu",
+                     {"kind": "llvm", "mtriple": "host", "mcpu": "host"},
+                     features={"fp16": True, "threads": "physical cores"}, default_quant="q4f32_1"),
+        _cuda("sm_80", X86_HOST, "cuda-sm80", "NVIDIA A100 (Ampere), x86-64 host"),
+        _cuda("sm_86", X86_HOST, "cuda-sm86", "NVIDIA RTX 30xx / A10 (Ampere), x86-64 host"),
+        _cuda("sm_89", X86_HOST, "cuda-sm89", "NVIDIA RTX 40xx / L4 (Ada), x86-64 host"),
+        _cuda("sm_90", X86_HOST, "cuda-sm90", "NVIDIA H100 / H200 (Hopper), x86-64 host"),
+        _cuda("sm_87", {"kind": "llvm", "mtriple": AARCH64, "mcpu": "cortex-a78"}, "jetson-orin",
+              "NVIDIA Jetson AGX/Orin (sm_87, Cortex-A78AE host)", f"{AARCH64}-g++"),
+        _cuda("sm_72", {"kind": "llvm", "mtriple": AARCH64, "mcpu": "carmel"}, "jetson-xavier",
+              "NVIDIA Jetson Xavier (sm_72, Carmel host)", f"{AARCH64}-g++"),
+        _arm_cpu("rpi4", "cortex-a72", "Raspberry Pi 4 (Cortex-A72, NEON)"),
+        _arm_cpu("rpi5", "cortex-a76", "Raspberry Pi 5 (Cortex-A76, NEON)"),
+        TargetPreset("metal", "Apple GPU on macOS (Metal; link the .tar with the macOS toolchain)", "metal",
+                     {"kind": "metal", **GPU_LIMITS, "max_function_args": 31},
+                     host={"kind": "llvm", "mtriple": "arm64-apple-macos", "mcpu": "apple-m1"}, export="tar",
+                     features={"fp16": True, "threads": "gpu", "shared_memory": 32768}),
+        TargetPreset("ios", "iPhone / iPad GPU (Metal; static objects for an Xcode app)", "metal",
+                     {"kind": "metal", **GPU_LIMITS, "max_function_args": 31},
+                     host={"kind": "llvm", "mtriple": "arm64-apple-ios", "mcpu": "apple-a14"}, export="tar",
+                     features={"fp16": True, "threads": "gpu", "shared_memory": 32768}),
+        TargetPreset("android", "Android arm64-v8a GPU (OpenCL; static objects for an app)", "opencl",
+                     {"kind": "opencl", "max_threads_per_block": 256, "max_shared_memory_per_block": 16384,
+                      "thread_warp_size": 1},
+                     host={"kind": "llvm", "mtriple": "aarch64-linux-android"}, export="tar",
+                     features={"fp16": True, "threads": "gpu", "shared_memory": 16384}),
+        TargetPreset("vulkan", "Vulkan GPU (SPIR-V; needs a TVM built with Vulkan)", "vulkan",
+                     {"kind": "vulkan", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
+                      "thread_warp_size": 1, "supports_float16": 1, "supports_int16": 1, "supports_int8": 1,
+                      "supports_8bit_buffer": 1, "supports_16bit_buffer": 1,
+                      "supports_storage_buffer_storage_class": 1},
+                     host=X86_HOST, features={"fp16": True, "threads": "gpu"}, codegen="target.build.vulkan"),
     )
 }
 
@@ -70,43 +129,100 @@ class ResolvedTarget:
     preset: str  # preset name, or "custom"
     device: str
     target_json: dict[str, Any]
+    host_json: dict[str, Any] | None
     export: str
     toolchain: str | None
     features: dict[str, Any]
+    default_quant: str = "q4f32_1"
 
     def tvm(self):
         from .._tvm import compiler
 
-        return compiler().Target(self.target_json)
+        Target = compiler().Target
+        return Target(self.target_json, Target(self.host_json)) if self.host_json else Target(self.target_json)
+
+    @property
+    def host_triple(self) -> str | None:
+        return (self.host_json or self.target_json).get("mtriple")
+
+    @property
+    def kind(self) -> str:
+        return self.target_json["kind"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, "device": self.device, "tvm_target": self.target_json, "export": self.export,
-                "toolchain": self.toolchain, "features": self.features,
-                "host_triple": self.target_json.get("mtriple") or (self.target_json.get("host") or {}).get("mtriple")}
+        return {"preset": self.preset, "device": self.device, "kind": self.kind, "tvm_target": self.target_json,
+                "tvm_host": self.host_json, "host_triple": self.host_triple, "export": self.export,
+                "toolchain": self.toolchain, "features": self.features}
+
+
+def _check_codegen(p: TargetPreset) -> None:
+    if p.codegen is None:
+        return
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(p.codegen, allow_missing=True) is None:
+        raise TargetError(
+            f"target {p.name!r} needs TVM's {p.codegen.rsplit('.', 1)[-1]} code generator ({p.codegen}), which the "
+            "PyPI apache-tvm wheel does not include. Build TVM from source with USE_VULKAN=ON (SPIR-V codegen and "
+            "the Vulkan runtime), or pick another GPU target: cuda-sm*, metal, android (OpenCL). See docs/targets.md."
+        )
+
+
+def local_cuda_arch() -> str | None:
+    """sm_XX of the first local NVIDIA GPU, probed out of process (nvidia-smi) with a timeout."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"sm_{out[0].replace('.', '')}" if out and out[0][:1].isdigit() else None
 
 
 def resolve(spec: str) -> ResolvedTarget:
     spec = spec.strip()
+    if spec in ("cuda", "auto"):
+        arch = local_cuda_arch()
+        if arch is None:
+            if spec == "auto":
+                return resolve("host")
+            raise TargetError("--target cuda means the local GPU, but no NVIDIA GPU answered nvidia-smi here; "
+                              f"cross-compile with one of {', '.join(n for n in PRESETS if n.startswith('cuda-'))}")
+        p = _cuda(arch, X86_HOST if platform.machine() == "x86_64" else {"kind": "llvm", "mtriple": AARCH64},
+                  "cuda", f"local GPU ({arch})")
+        return _from_preset(p)
     if spec in PRESETS:
-        p = PRESETS[spec]
-        return ResolvedTarget(p.name, p.device, p.resolved(), p.export, p.toolchain, dict(p.features))
+        return _from_preset(PRESETS[spec])
     if spec.startswith("{"):
         try:
             t = json.loads(spec)
         except json.JSONDecodeError as exc:
             raise TargetError(f"--target looks like JSON but does not parse: {exc}") from None
+        host = t.pop("host", None)
         kind = t.get("kind")
-        if kind != "llvm":
-            raise TargetError(f"raw target kind {kind!r} is not supported yet; use kind 'llvm' or a preset: {', '.join(PRESETS)}")
-        return ResolvedTarget("custom", "cpu", _fill_host(t), "so", None, {"fp16": False})
+        devices = {"llvm": "cpu", "cuda": "cuda", "metal": "metal", "opencl": "opencl"}
+        if kind not in devices:
+            raise TargetError(f"raw target kind {kind!r} is not supported; use one of {', '.join(devices)} or a preset")
+        export = "tar" if kind in ("metal", "opencl") else "so"
+        return ResolvedTarget("custom", devices[kind], _fill_host(t), _fill_host(host) if host else None, export, None,
+                              {"fp16": kind != "llvm"}, "q4f32_1" if kind == "llvm" else "q4f16_1")
     close = difflib.get_close_matches(spec, list(PRESETS), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise TargetError(f"unknown target {spec!r}; presets: {', '.join(PRESETS)}.{hint} Or pass a TVM target JSON.")
 
 
+def _from_preset(p: TargetPreset) -> ResolvedTarget:
+    _check_codegen(p)
+    t, h = p.resolved()
+    return ResolvedTarget(p.name, p.device, t, h, p.export, p.toolchain, dict(p.features), p.default_quant)
+
+
 def table() -> list[dict[str, Any]]:
     return [
-        {"name": p.name, "device": p.device, "target": json.dumps(p.target), "export": p.export,
-         "toolchain": p.toolchain or "host c++", "default_quant": p.default_quant, "description": p.description}
+        {"name": p.name, "device": p.device, "target": json.dumps(p.target),
+         "host": (p.host or p.target).get("mtriple", "-"), "export": p.export,
+         "toolchain": p.toolchain or "host c++", "default_quant": p.default_quant, "features": p.features,
+         "description": p.description}
         for p in PRESETS.values()
     ]
