@@ -181,6 +181,48 @@ def targets(as_json):
     Console(width=200).print(t)
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback should also set --api-key or --hmac-secret.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="EDGELLM_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (env EDGELLM_API_KEY).")
+@click.option("--hmac-secret", envvar="EDGELLM_HMAC_SECRET", default=None,
+              help="Require X-Timestamp + X-Signature = hex HMAC-SHA256(secret, timestamp + '.' + body) on /v1/* "
+                   "(env EDGELLM_HMAC_SECRET).")
+@click.option("--hmac-window", default=300.0, show_default=True,
+              help="Seconds a signed request stays valid; replays inside it are refused.")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Largest request body accepted (413 above).")
+@click.option("--max-active", type=int, default=None,
+              help="Max sequences decoding together (default: the artifact's --max-batch).")
+@click.option("--max-queue", default=64, show_default=True, help="Requests that may wait; beyond it: 503 + Retry-After.")
+@click.option("--queue-timeout", default=60.0, show_default=True, help="Seconds a request may wait before 503.")
+@click.option("--model-id", default=None, help="Model name reported by /v1/models (default: the artifact folder name).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
+def serve(artifact, host, port, api_key, hmac_secret, hmac_window, max_body_bytes, max_active, max_queue,
+          queue_timeout, model_id, threads, log_level):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, SSE streaming).
+
+    Compile with --max-batch N so N requests decode together on one paged KV cache.
+
+    \b
+    edgellm compile --target host --max-batch 8 -o dist/smollm2-serve
+    edgellm serve dist/smollm2-serve --port 8000
+    edgellm serve dist/smollm2-serve --host 0.0.0.0 --api-key "$KEY" --hmac-secret "$SECRET"
+    """
+    from .serve.app import ServeArgs
+    from .serve.app import serve as run_server
+
+    args = _guard(ServeArgs, artifact=artifact, host=host, port=port, api_key=api_key, hmac_secret=hmac_secret,
+                  hmac_window=hmac_window, max_body_bytes=max_body_bytes, max_active=max_active, max_queue=max_queue,
+                  queue_timeout=queue_timeout, threads=threads, model_id=model_id, log_level=log_level)
+    _stderr().print(f"[bold]edgellm serve[/bold]\n{args.display()}")
+    _guard(run_server, args)
+
+
 def main() -> None:
     cli(prog_name="edgellm")
 

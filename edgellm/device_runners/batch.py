@@ -1,0 +1,381 @@
+"""Continuous batching over one Engine: many sequences share its paged KV cache, decode runs batched.
+
+The TVM VM is not thread-safe, so every model call happens on ONE worker thread (`BatchScheduler`'s loop).
+Callers `submit()` a `GenRequest` from any thread and receive events through the request's `emit` callback (called
+on the worker thread; the server forwards them into asyncio with `call_soon_threadsafe`).
+
+Each loop iteration:
+  1. drop cancelled sequences (their KV pages are free before the next forward), expire requests queued too long;
+  2. admit queued requests while a sequence slot is free and the KV pages they may need are unreserved
+     (a request reserves ceil(min(prompt + max_tokens, context) / page_size) pages, so a running sequence never
+     finds the cache full mid-decode);
+  3. prefill ONE chunk of one admitted prompt (long prompts interleave with decode instead of stalling it);
+  4. one `batch_decode` step for every sequence that has a token to feed: ids [b, 1] -> logits [b, 1, vocab].
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import Engine, PromptTooLongError
+from .sampling import Sampler, SamplingParams
+from .text import StopMatcher, StreamDecoder
+
+log = logging.getLogger("edgellm.batch")
+
+
+class QueueFullError(RuntimeError):
+    """The wait queue is full (or a queued request waited too long): retry later (HTTP 503 + Retry-After)."""
+
+    def __init__(self, msg: str, retry_after: float = 1.0):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+class BatchDecodeMissingError(ValueError):
+    pass
+
+
+# ---- events (emitted on the worker thread) ---------------------------------------------------------------------
+@dataclass
+class Token:
+    text: str  # may be "" while a multi-byte character or a possible stop string is held back
+    token_id: int
+
+
+@dataclass
+class Finished:
+    reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    tail: str = ""  # text held back until the end (stop-string prefix, incomplete UTF-8)
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass
+class GenRequest:
+    ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    emit: Callable[[Event], None] = lambda ev: None
+    # set by the scheduler
+    cancelled: bool = False
+    submitted_at: float = 0.0
+
+
+class _Active:
+    """A running sequence: KV-cache id, sampler, detokenizer, stop matcher."""
+
+    def __init__(self, req: GenRequest, seq: int, engine: Engine, pages: int):
+        self.req, self.seq, self.pages = req, seq, pages
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.history = list(req.ids)
+        self.generated = 0
+        self.sampler = Sampler(req.sampling)
+        self.detok = StreamDecoder(engine.codec)
+        self.stops = StopMatcher(req.sampling.stop)
+        self.bias: np.ndarray | None = None
+
+    def biased(self, logits: np.ndarray) -> np.ndarray:
+        if not self.req.logit_bias:
+            return logits
+        if self.bias is None:
+            self.bias = np.zeros(logits.shape[-1], np.float32)
+            for tok, b in self.req.logit_bias.items():
+                if 0 <= tok < self.bias.shape[0]:
+                    self.bias[tok] = b
+        return logits + self.bias
+
+
+@dataclass
+class SchedulerStats:
+    """A consistent snapshot for /metrics and /health."""
+
+    queue_length: int = 0
+    active_sequences: int = 0
+    kv_pages_total: int = 0
+    kv_pages_in_use: int = 0
+    kv_pages_reserved: int = 0
+    prefill_tokens_total: int = 0
+    prefill_seconds_total: float = 0.0
+    decode_tokens_total: int = 0
+    decode_seconds_total: float = 0.0
+    decode_steps_total: int = 0
+    prefill_tps_recent: float = 0.0
+    decode_tps_recent: float = 0.0
+    finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
+    rejected_total: int = 0
+
+
+class BatchScheduler:
+    RECENT_SECONDS = 10.0
+
+    def __init__(self, engine: Engine, max_active: int | None = None, max_queue: int = 64,
+                 queue_timeout: float = 30.0):
+        functions = engine.art.manifest.get("functions") or []
+        if "batch_decode" not in functions:
+            raise BatchDecodeMissingError(
+                f"artifact {engine.art.root} has no batch_decode function (it lists {sorted(functions)}); "
+                "recompile it with this edgellm version to serve it")
+        self.engine = engine
+        cap = int(engine.runtime["max_batch"])
+        self.max_active = min(max_active or cap, cap)
+        if self.max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active}")
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
+        self.page_size = int(engine.runtime["page_size"])
+        tvm = engine._tvm
+        self._free_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self.total_pages = int(self._free_pages(engine.kv))
+        self._S = tvm.ShapeTuple
+        self._cond = threading.Condition()
+        self._pending: collections.deque[GenRequest] = collections.deque()
+        self._active: list[_Active] = []
+        self._reserved = 0
+        self._stop = False
+        self._stats = SchedulerStats(kv_pages_total=self.total_pages)
+        self._recent: collections.deque[tuple[float, str, int, float]] = collections.deque()
+        self._thread: threading.Thread | None = None
+
+    # ---- any thread ---------------------------------------------------------------------------------------------
+    def start(self) -> BatchScheduler:
+        self._thread = threading.Thread(target=self._run, name="edgellm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def pages_needed(self, n_prompt: int, max_tokens: int) -> int:
+        return math.ceil(min(n_prompt + max_tokens, self.engine.context_window) / self.page_size)
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue `req`; raises PromptTooLongError or QueueFullError at once instead of queueing the impossible."""
+        self.engine._check_length(len(req.ids))
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        with self._cond:
+            if self._stop:
+                raise QueueFullError("the server is shutting down", retry_after=5)
+            if len(self._pending) >= self.max_queue and not self._can_admit_now(req):
+                self._stats.rejected_total += 1
+                raise QueueFullError(
+                    f"{len(self._active)} sequences running and {len(self._pending)} requests queued "
+                    f"(--max-queue {self.max_queue}); retry later", retry_after=self._retry_after())
+            req.submitted_at = time.monotonic()
+            self._pending.append(req)
+            self._cond.notify_all()
+
+    def cancel(self, req: GenRequest) -> None:
+        """Stop `req` (client gone): its sequence and KV pages are freed before the next forward."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify_all()
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            s = self._stats
+            now = time.monotonic()
+            while self._recent and self._recent[0][0] < now - self.RECENT_SECONDS:
+                self._recent.popleft()
+            rate = {}
+            for kind in ("prefill", "decode"):
+                toks = sum(r[2] for r in self._recent if r[1] == kind)
+                secs = sum(r[3] for r in self._recent if r[1] == kind)
+                rate[kind] = toks / secs if secs else 0.0
+            return SchedulerStats(
+                queue_length=len(self._pending), active_sequences=len(self._active),
+                kv_pages_total=s.kv_pages_total, kv_pages_in_use=s.kv_pages_in_use, kv_pages_reserved=self._reserved,
+                prefill_tokens_total=s.prefill_tokens_total, prefill_seconds_total=s.prefill_seconds_total,
+                decode_tokens_total=s.decode_tokens_total, decode_seconds_total=s.decode_seconds_total,
+                decode_steps_total=s.decode_steps_total, prefill_tps_recent=rate["prefill"],
+                decode_tps_recent=rate["decode"], finished=collections.Counter(s.finished),
+                rejected_total=s.rejected_total)
+
+    def _retry_after(self) -> float:
+        return 1.0 + len(self._pending) / max(self.max_active, 1)
+
+    def _can_admit_now(self, req: GenRequest) -> bool:
+        return (not self._pending and len(self._active) < self.max_active
+                and self._reserved + self.pages_needed(len(req.ids), req.max_tokens) <= self.total_pages)
+
+    # ---- worker thread ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                with self._cond:
+                    if self._stop:
+                        break
+                    if not self._active and not self._pending:
+                        self._cond.wait(timeout=1.0)
+                        continue
+                    expired, new = self._admit_locked()
+                for req in expired:
+                    self._emit(req, Failed(QueueFullError(
+                        f"request waited over {self.queue_timeout:g} s for a free sequence; retry later",
+                        retry_after=self._retry_after())))
+                self._drop_cancelled()
+                if new:
+                    self._update_pages()
+                self._prefill_step()
+                self._decode_step()
+            except Exception:  # the loop must survive anything one request does
+                log.exception("engine loop iteration failed; failing the active sequences")
+                for act in list(self._active):
+                    self._finish(act, None, error=RuntimeError("internal engine error; see the server log"))
+        for act in list(self._active):
+            self._finish(act, "cancelled")
+
+    def _admit_locked(self) -> tuple[list[GenRequest], list[_Active]]:
+        expired, new, now = [], [], time.monotonic()
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        while self._pending and len(self._active) < self.max_active:
+            req = self._pending[0]
+            need = self.pages_needed(len(req.ids), req.max_tokens)
+            if self._reserved + need > self.total_pages:
+                break
+            self._pending.popleft()
+            if req.cancelled:
+                continue
+            self._reserved += need
+            act = _Active(req, self.engine._new_sequence(), self.engine, need)
+            self._active.append(act)
+            new.append(act)
+        keep = collections.deque()
+        for req in self._pending:
+            if req.cancelled:
+                continue
+            if now - req.submitted_at > self.queue_timeout:
+                expired.append(req)
+                self._stats.rejected_total += 1
+            else:
+                keep.append(req)
+        self._pending = keep
+        return expired, new
+
+    def _drop_cancelled(self) -> None:
+        for act in [a for a in self._active if a.req.cancelled]:
+            self._finish(act, "cancelled")
+
+    def _prefill_step(self) -> None:
+        act = next((a for a in self._active if a.prefilled < len(a.req.ids)), None)
+        if act is None:
+            return
+        chunk = act.req.ids[act.prefilled : act.prefilled + self.engine.chunk]
+        t0 = time.perf_counter()
+        try:
+            logits = self.engine._forward("prefill", act.seq, chunk).reshape(-1)
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._finish(act, None, error=RuntimeError(f"prefill failed: {exc}"))
+            return
+        dt = time.perf_counter() - t0
+        act.prefilled += len(chunk)
+        self._account("prefill", len(chunk), dt)
+        if act.prefilled == len(act.req.ids):
+            self._sample(act, logits)
+        self._update_pages()
+
+    def _decode_step(self) -> None:
+        batch = [a for a in self._active if a.next_token is not None]
+        if not batch:
+            return
+        e = self.engine
+        ids = np.array([a.next_token for a in batch], np.int32).reshape(-1, 1)
+        t0 = time.perf_counter()
+        e._begin(e.kv, self._S([a.seq for a in batch]), self._S([1] * len(batch)))
+        try:
+            logits = e.vm["batch_decode"](e._tvm.tensor(ids, e.dev), e.kv, e.params)[0].numpy()
+        finally:
+            e._end(e.kv)
+        dt = time.perf_counter() - t0
+        self._account("decode", len(batch), dt)
+        with self._cond:
+            self._stats.decode_steps_total += 1
+        for i, act in enumerate(batch):
+            act.history.append(act.next_token)
+            act.next_token = None
+            self._sample(act, logits[i].reshape(-1))
+        self._update_pages()
+
+    def _sample(self, act: _Active, logits: np.ndarray) -> None:
+        """Pick the next token from `logits`, emit its text, and finish the sequence if it is done."""
+        tok = act.sampler(act.biased(logits), act.history)
+        if tok in self.engine.eos_ids:
+            return self._finish(act, "stop")
+        act.generated += 1
+        text = act.stops.feed(act.detok.push(tok))
+        self._emit(act.req, Token(text, tok))
+        if act.stops.stopped:
+            return self._finish(act, "stop")
+        if act.generated >= act.req.max_tokens or len(act.history) + 1 >= self.engine.context_window:
+            return self._finish(act, "length")
+        act.next_token = tok
+
+    def _finish(self, act: _Active, reason: str | None, error: Exception | None = None) -> None:
+        if act in self._active:
+            self._active.remove(act)
+            try:
+                self.engine._remove_seq(self.engine.kv, act.seq)
+            except Exception:
+                log.exception("removing sequence %d failed", act.seq)
+            with self._cond:
+                self._reserved -= act.pages
+                self._stats.finished[reason or "error"] += 1
+            self._update_pages()
+        if error is not None:
+            self._emit(act.req, Failed(error))
+            return
+        tail = ""
+        if reason != "cancelled":
+            tail = (act.stops.feed(act.detok.flush()) if not act.stops.stopped else "") + act.stops.flush()
+        self._emit(act.req, Finished(reason, len(act.req.ids), act.generated, tail))
+
+    def _emit(self, req: GenRequest, ev: Event) -> None:
+        try:
+            req.emit(ev)
+        except Exception:  # a closed event loop or a bad callback must not stop the engine
+            log.debug("dropping event for a request whose consumer is gone", exc_info=True)
+
+    def _account(self, kind: str, tokens: int, seconds: float) -> None:
+        with self._cond:
+            if kind == "prefill":
+                self._stats.prefill_tokens_total += tokens
+                self._stats.prefill_seconds_total += seconds
+            else:
+                self._stats.decode_tokens_total += tokens
+                self._stats.decode_seconds_total += seconds
+            self._recent.append((time.monotonic(), kind, tokens, seconds))
+            if len(self._recent) > 100_000:
+                self._recent.popleft()
+
+    def _update_pages(self) -> None:
+        used = self.total_pages - int(self._free_pages(self.engine.kv))
+        with self._cond:
+            self._stats.kv_pages_in_use = used
+
+
+__all__ = ["BatchScheduler", "GenRequest", "Token", "Finished", "Failed", "QueueFullError", "PromptTooLongError",
+           "BatchDecodeMissingError"]

@@ -1,0 +1,402 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one BatchScheduler (one engine thread, one KV cache).
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with SSE streaming), GET /health,
+GET /metrics (Prometheus text). /v1/* routes pass the optional API-key and HMAC checks; /health and /metrics carry
+no user data and stay open for probes and scrapers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from ..device_runners.batch import BatchScheduler, Failed, Finished, GenRequest, QueueFullError, Token
+from ..device_runners.engine import Engine, PromptTooLongError
+from ..device_runners.text import ChatTemplateError
+from .protocol import ParsedRequest, RequestError, parse_chat, parse_completion
+from .reasoning import ReasoningParser, starts_in_reasoning
+from .security import AuthError, HmacVerifier, check_api_key
+
+log = logging.getLogger("edgellm.serve")
+
+
+@dataclass
+class ServeArgs:
+    artifact: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    hmac_secret: str | None = None
+    hmac_window: float = 300.0
+    max_body_bytes: int = 1 << 20
+    max_active: int | None = None  # default: the artifact's max_batch
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+    threads: int | None = None
+    model_id: str | None = None  # default: the artifact directory's name
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.artifact = Path(self.artifact)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port} is not a TCP port (0-65535)")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"--max-body-bytes {self.max_body_bytes} is too small; use at least 1024")
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.queue_timeout <= 0:
+            raise ValueError(f"--queue-timeout must be > 0 seconds, got {self.queue_timeout}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("--api-key is empty; pass a non-empty key or leave the option out")
+        self.model_id = self.model_id or self.artifact.resolve().name
+
+    def display(self) -> str:
+        d = asdict(self)
+        for k in ("api_key", "hmac_secret"):
+            d[k] = "(set)" if d[k] else None
+        return "\n".join(f"  {k:<15} {v}" for k, v in d.items())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+                code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Server:
+    """Holds the engine, the scheduler and the security checks; `app` is the ASGI application."""
+
+    def __init__(self, args: ServeArgs, engine: Engine | None = None):
+        self.args = args
+        self.engine = engine or Engine(args.artifact, threads=args.threads)
+        self.scheduler = BatchScheduler(self.engine, args.max_active, args.max_queue, args.queue_timeout)
+        self.hmac = HmacVerifier(args.hmac_secret, args.hmac_window) if args.hmac_secret else None
+        self.started = time.time()
+        self.app = self._build_app()
+
+    # ---- plumbing -----------------------------------------------------------------------------------------------
+    def _build_app(self):
+        from contextlib import asynccontextmanager
+
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, PlainTextResponse
+
+        @asynccontextmanager
+        async def lifespan(app):
+            self.scheduler.start()
+            yield
+            self.scheduler.stop()
+
+        app = FastAPI(title="edgellm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(RequestError)
+        async def _req_err(request, exc: RequestError):
+            return JSONResponse(_error_body(str(exc), param=exc.param, code=exc.code), status_code=exc.status)
+
+        @app.exception_handler(AuthError)
+        async def _auth_err(request, exc: AuthError):
+            return JSONResponse(_error_body(str(exc), "authentication_error", code="invalid_auth"), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+
+        @app.exception_handler(QueueFullError)
+        async def _busy(request, exc: QueueFullError):
+            return JSONResponse(_error_body(str(exc), "server_busy", code="overloaded"), status_code=503,
+                                headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+
+        @app.exception_handler(Exception)
+        async def _internal(request, exc: Exception):
+            log.exception("unhandled error on %s", request.url.path)
+            return JSONResponse(_error_body("internal server error; see the server log", "server_error"),
+                                status_code=500)
+
+        @app.get("/health")
+        async def health():
+            s = self.scheduler.stats()
+            return {"status": "ok", "model": self.args.model_id, "active": s.active_sequences,
+                    "queued": s.queue_length, "kv_pages_in_use": s.kv_pages_in_use}
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            await self._authorized_body(request)
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id}")
+        async def model(model_id: str, request: Request):
+            await self._authorized_body(request)
+            if model_id != self.args.model_id:
+                raise RequestError(f"model {model_id!r} is not served here; this server serves "
+                                   f"{self.args.model_id!r}", "model", "model_not_found", 404)
+            return self._model_card()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            req = parse_chat(await self._json(request))
+            prompt_text = self._render(req)
+            ids = self.engine.codec.encode(prompt_text, add_bos=False)
+            reasoning = ReasoningParser(starts_in_reasoning(prompt_text))
+            return await self._respond(request, req, ids, "chat", reasoning)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            req = parse_completion(await self._json(request))
+            ids = req.prompt if isinstance(req.prompt, list) else self.engine.codec.encode(req.prompt)
+            return await self._respond(request, req, ids, "text", None)
+
+        return app
+
+    def _model_card(self) -> dict:
+        m = self.engine.art.manifest
+        return {"id": self.args.model_id, "object": "model", "created": int(self.started), "owned_by": "edgellm",
+                "context_window": self.engine.context_window, "max_batch": int(self.engine.runtime["max_batch"]),
+                "quant": m.get("quant", {}).get("scheme"), "arch": m.get("model", {}).get("arch")}
+
+    async def _read_body(self, request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)",
+                               code="body_too_large", status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"request body exceeds {limit} bytes (--max-body-bytes)", code="body_too_large",
+                                   status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _authorized_body(self, request) -> bytes:
+        body = await self._read_body(request)
+        if self.args.api_key:
+            check_api_key(self.args.api_key, request.headers.get("authorization"))
+        if self.hmac:
+            self.hmac.verify(request.headers.get("x-timestamp"), request.headers.get("x-signature"), body)
+        return body
+
+    async def _json(self, request):
+        body = await self._authorized_body(request)
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+    def _render(self, req: ParsedRequest) -> str:
+        try:
+            return self.engine.codec.apply_chat_template(req.messages, add_generation_prompt=True,
+                                                         **req.template_kwargs)
+        except ChatTemplateError as exc:
+            raise RequestError(f"chat template: {exc}", "messages") from None
+        except Exception as exc:  # jinja errors from a user-supplied message shape
+            raise RequestError(f"the chat template failed on these messages: {exc}", "messages") from None
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+    async def _respond(self, request, req: ParsedRequest, ids: list[int], kind: str,
+                       reasoning: ReasoningParser | None):
+        from fastapi.responses import JSONResponse, StreamingResponse
+
+        ctx = self.engine.context_window
+        if len(ids) + 1 > ctx - 1 or not ids:
+            if not ids:
+                raise RequestError("the prompt is empty", "prompt" if kind == "text" else "messages")
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but this model's context window is {ctx} tokens (prompt plus "
+                f"completion); shorten the prompt or recompile with a larger --context-window",
+                "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+        vocab = int(self.engine.art.manifest["model"]["config"]["vocab_size"])
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        max_tokens = min(req.max_tokens or ctx, ctx - 1 - len(ids))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        gen = GenRequest(ids, max_tokens, req.sampling, req.logit_bias,
+                         emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        try:
+            self.scheduler.submit(gen)
+        except PromptTooLongError as exc:
+            raise RequestError(str(exc), code="context_length_exceeded") from None
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        meta = dict(id=rid, created=int(time.time()), model=self.args.model_id)
+        if req.stream:
+            first = await self._first_event(queue, gen, request)
+            if isinstance(first, Failed):
+                self.scheduler.cancel(gen)
+                raise first.error
+            return StreamingResponse(self._sse(request, req, gen, queue, first, kind, reasoning, meta),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            text, fin = [], None
+            async for ev in self._events(queue, gen, request, None):
+                if isinstance(ev, Token):
+                    text.append(ev.text)
+                elif isinstance(ev, Finished):
+                    text.append(ev.tail)
+                    fin = ev
+                elif isinstance(ev, Failed):
+                    raise ev.error
+        finally:
+            self.scheduler.cancel(gen)  # no-op when finished; frees the sequence when the client went away
+        if fin is None:  # client disconnected
+            return JSONResponse(_error_body("client disconnected", "cancelled"), status_code=499)
+        return self._full_response(req, "".join(text), fin, kind, reasoning, meta)
+
+    async def _first_event(self, queue, gen, request):
+        """Wait for the first event before sending 200, so a queue timeout still becomes a 503."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.scheduler.cancel(gen)
+                    return Failed(QueueFullError("client disconnected while queued"))
+
+    async def _events(self, queue, gen, request, first) -> AsyncIterator:
+        if first is not None:
+            yield first
+            if isinstance(first, (Finished, Failed)):
+                return
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            yield ev
+            if isinstance(ev, (Finished, Failed)):
+                return
+
+    def _full_response(self, req, text: str, fin: Finished, kind: str, reasoning, meta) -> dict:
+        usage = {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+                 "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+        if kind == "text":
+            return {**meta, "object": "text_completion", "usage": usage,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": fin.reason}]}
+        r1, c1 = reasoning.feed(text)
+        r2, c2 = reasoning.flush()
+        message = {"role": "assistant", "content": c1 + c2}
+        if req.return_reasoning and (r1 + r2):
+            message["reasoning_content"] = r1 + r2
+        return {**meta, "object": "chat.completion", "usage": usage,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": fin.reason}]}
+
+    async def _sse(self, request, req, gen, queue, first, kind, reasoning, meta):
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(delta: dict | str | None, finish=None, usage=None, choices=True) -> str:
+            body = {**meta, "object": obj}
+            if choices:
+                c = {"index": 0, "finish_reason": finish, "logprobs": None}
+                c.update({"delta": delta or {}} if kind == "chat" else {"text": delta or ""})
+                body["choices"] = [c]
+            else:
+                body["choices"] = []
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def deltas(text: str, final: bool = False):
+            if kind == "text":
+                return [text] if text else []
+            r, c = reasoning.feed(text)
+            if final:
+                r2, c2 = reasoning.flush()
+                r, c = r + r2, c + c2
+            out = []
+            if r and req.return_reasoning:
+                out.append({"reasoning_content": r})
+            if c:
+                out.append({"content": c})
+            return out
+
+        try:
+            if kind == "chat":
+                yield chunk({"role": "assistant", "content": ""})
+            async for ev in self._events(queue, gen, request, first):
+                if isinstance(ev, Token):
+                    for d in deltas(ev.text):
+                        yield chunk(d)
+                elif isinstance(ev, Finished):
+                    for d in deltas(ev.tail, final=True):
+                        yield chunk(d)
+                    yield chunk(None, finish=ev.reason)
+                    if req.include_usage:
+                        yield chunk(None, choices=False, usage={
+                            "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                            "total_tokens": ev.prompt_tokens + ev.completion_tokens})
+                    yield "data: [DONE]\n\n"
+                elif isinstance(ev, Failed):
+                    yield f"data: {json.dumps(_error_body(str(ev.error), 'server_error'))}\n\n"
+                    return
+        finally:
+            # runs on normal end, on client disconnect (generator closed / cancelled) and on errors
+            self.scheduler.cancel(gen)
+
+    # ---- metrics --------------------------------------------------------------------------------------------------
+    def metrics_text(self) -> str:
+        s = self.scheduler.stats()
+        rows = [
+            ("edgellm_prefill_tokens_per_second", "gauge", "prefill throughput over the last 10 s of prefill work",
+             s.prefill_tps_recent),
+            ("edgellm_decode_tokens_per_second", "gauge", "decode throughput (all sequences) over the last 10 s of "
+             "decode work", s.decode_tps_recent),
+            ("edgellm_prefill_tokens_total", "counter", "prompt tokens prefilled", s.prefill_tokens_total),
+            ("edgellm_prefill_seconds_total", "counter", "seconds spent in prefill", s.prefill_seconds_total),
+            ("edgellm_decode_tokens_total", "counter", "tokens produced by batched decode", s.decode_tokens_total),
+            ("edgellm_decode_seconds_total", "counter", "seconds spent in batched decode", s.decode_seconds_total),
+            ("edgellm_decode_steps_total", "counter", "batched decode calls", s.decode_steps_total),
+            ("edgellm_queue_length", "gauge", "requests waiting for a sequence slot or KV pages", s.queue_length),
+            ("edgellm_active_sequences", "gauge", "sequences in the KV cache", s.active_sequences),
+            ("edgellm_kv_pages_in_use", "gauge", "KV cache pages holding tokens", s.kv_pages_in_use),
+            ("edgellm_kv_pages_reserved", "gauge", "KV cache pages reserved by admitted requests",
+             s.kv_pages_reserved),
+            ("edgellm_kv_pages_total", "gauge", "KV cache pages", s.kv_pages_total),
+            ("edgellm_requests_rejected_total", "counter", "requests refused with 503 (queue full or timed out)",
+             s.rejected_total),
+        ]
+        out = []
+        for name, typ, help_, val in rows:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {val:g}" if isinstance(val, float)
+                    else f"{name} {val}"]
+        out += ["# HELP edgellm_requests_finished_total generations finished, by reason",
+                "# TYPE edgellm_requests_finished_total counter"]
+        for reason in sorted(set(s.finished) | {"stop", "length", "cancelled", "error"}):
+            out.append(f'edgellm_requests_finished_total{{reason="{reason}"}} {s.finished.get(reason, 0)}')
+        return "\n".join(out) + "\n"
+
+
+def create_app(args: ServeArgs, engine: Engine | None = None):
+    return Server(args, engine).app
+
+
+def serve(args: ServeArgs) -> None:
+    """Load the artifact, start the engine thread and run uvicorn until interrupted."""
+    import uvicorn
+
+    if not _is_loopback(args.host) and not (args.api_key or args.hmac_secret):
+        log.warning("serving on %s without --api-key or --hmac-secret: anyone who can reach this address can use "
+                    "the model", args.host)
+    server = Server(args)
+    log.info("serving %s (%s) on http://%s:%d", args.model_id, args.artifact, args.host, args.port)
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
