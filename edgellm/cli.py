@@ -118,7 +118,9 @@ def compile(model, target, quant, output, context_window, prefill_chunk, page_si
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
-def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads):
+@click.option("--emulate", is_flag=True, help="Run an aarch64 CPU artifact (rpi4/rpi5) here under qemu-aarch64-static.")
+def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads,
+        emulate):
     """Stream the model's answer to PROMPT; prefill and decode tok/s go to stderr.
 
     \b
@@ -129,6 +131,9 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     from .device_runners.sampling import SamplingParams
 
     sampling = _guard(SamplingParams, temperature, top_p, top_k, repetition_penalty, seed, list(stop))
+    if emulate:
+        _guard(_run_emulated, artifact, prompt, max_tokens, not no_chat, sampling, threads)
+        return
     engine = _guard(Engine, artifact, threads=threads)
 
     def stream():
@@ -140,6 +145,24 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     s = engine.last_stats
     click.echo(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s | decode: {s.generated_tokens} tokens, "
                f"{s.decode_tps:.1f} tok/s | finish: {s.finish_reason}", err=True)
+
+
+def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
+    from dataclasses import asdict
+
+    from .device_runners.emulate import stream_remote
+
+    req = {"op": "run", "prompt": prompt, "chat": chat, "max_new_tokens": max_tokens, "sampling": asdict(sampling),
+           "threads": threads}
+    for msg in stream_remote(artifact, req):
+        if "piece" in msg:
+            click.echo(msg["piece"], nl=False)
+        elif "stats" in msg:
+            s = msg["stats"]
+            click.echo()
+            click.echo(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tps']:.1f} tok/s | decode: "
+                       f"{s['generated_tokens']} tokens, {s['decode_tps']:.1f} tok/s | finish: {s['finish_reason']} "
+                       "(emulated: speeds are not the device's)", err=True)
 
 
 @cli.command()

@@ -105,8 +105,15 @@ def _check_toolchain(tgt: ResolvedTarget) -> None:
             f"target {tgt.preset} links with {tgt.toolchain}, which is not on PATH; on Debian/Ubuntu: "
             f"`apt-get install g++-{tgt.toolchain.rsplit('-g++', 1)[0]}`"
         )
-    if tgt.kind == "cuda" and shutil.which("nvcc") is None:
-        raise ValueError(f"target {tgt.preset} builds its fatbin with nvcc, which is not on PATH; install the CUDA toolkit")
+    if tgt.kind == "cuda":
+        if shutil.which("nvcc") is None:
+            raise ValueError(f"target {tgt.preset} builds its fatbin with nvcc, which is not on PATH; install the CUDA toolkit")
+        from .cuda import check_arch
+
+        try:
+            check_arch(tgt.target_json["arch"])
+        except RuntimeError as exc:
+            raise ValueError(f"target {tgt.preset}: {exc}") from None
 
 
 def _export(ex, root: Path, tgt: ResolvedTarget) -> str:

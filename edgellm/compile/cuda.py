@@ -50,6 +50,23 @@ def build_stub_driver(out_dir: Path, lib: Path | None = None) -> Path:
     return so
 
 
+def nvcc_archs() -> list[str]:
+    """The sm_XX values this nvcc can build (`nvcc --list-gpu-arch`)."""
+    out = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    return [f"sm_{x.split('_', 1)[1]}" for x in out.split() if x.startswith("compute_")]
+
+
+def check_arch(arch: str) -> None:
+    archs = nvcc_archs()
+    if arch not in archs:
+        version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        raise RuntimeError(
+            f"this nvcc ({version}) cannot build {arch}; it builds {', '.join(archs)}. "
+            + ("Jetson Xavier (sm_72, JetPack 5) needs a CUDA 11.4-12.x toolkit on PATH: CUDA 13 dropped sm_72."
+               if arch == "sm_72" else "Install a CUDA toolkit that supports it.")
+        )
+
+
 def prepare_cuda_build() -> None:
     """Make TVM able to emit fatbins in this process (idempotent)."""
     if _state.get("ready"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact
+from ..artifact import Artifact, ArtifactError
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
 
@@ -50,6 +50,22 @@ def _set_threads(threads: int | None) -> None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
     elif "TVM_NUM_THREADS" not in os.environ:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
+def _check_runnable_here(manifest: dict) -> None:
+    """Refuse, with the fix, an artifact whose host code is for another CPU or that ships objects, not a library."""
+    import platform
+
+    t = manifest["target"]
+    if manifest["lib"].endswith(".tar"):
+        raise ArtifactError(f"artifact for {t['preset']} holds object files for static linking into an app "
+                            "(see `edgellm package` and docs/targets.md); it cannot be loaded by this runner")
+    triple = (t.get("host_triple") or "").split("-")[0]
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    if triple and triple not in (here, "arm64" if here == "aarch64" else here):
+        hint = " or here with `--emulate` (qemu)" if triple == "aarch64" and t.get("device") == "cpu" else ""
+        raise ArtifactError(f"artifact was built for {triple} ({t['preset']}) and this machine is {here}; run it on "
+                            f"the device{hint}")
 
 
 def physical_cores() -> int:
@@ -92,6 +108,7 @@ class Engine:
     def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True):
         self.art = Artifact.open(artifact, verify=verify)
         m = self.art.manifest
+        _check_runnable_here(m)
         dev_kind = device or m["target"]["device"]
         if dev_kind == "cpu":
             _set_threads(threads)
