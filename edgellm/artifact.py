@@ -111,7 +111,7 @@ class Artifact:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = True) -> Artifact:
+    def open(cls, root: str | Path, verify: bool = True, skip_params: bool = False) -> Artifact:
         root = Path(root)
         mpath = root / MANIFEST
         if not root.is_dir():
@@ -129,12 +129,15 @@ class Artifact:
             )
         art = cls(root, manifest)
         if verify:
-            art.verify()
+            art.verify(skip_params=skip_params)
         return art
 
-    def verify(self) -> None:
-        """Check every listed file's size and sha256; raise naming the first file that differs."""
+    def verify(self, skip_params: bool = False) -> None:
+        """Check every listed file's size and sha256; raise naming the first file that differs.
+        skip_params leaves out the weight shards (random-weights benchmarking of models too big to ship)."""
         for rel, meta in self.manifest["files"].items():
+            if skip_params and rel.startswith("params/shard_"):
+                continue
             p = self.root / rel
             if not p.exists():
                 raise ArtifactError(f"artifact file {rel} is missing from {self.root}")
@@ -162,6 +165,22 @@ class Artifact:
         for e in self.param_index():
             raw = np.concatenate([piece(p) for p in e["pieces"]]) if "pieces" in e else piece(e)
             yield e, raw.view(np.dtype(e["dtype"]).newbyteorder("<")).reshape(e["shape"])
+
+    def random_params(self, seed: int = 0) -> Iterator[tuple[dict, np.ndarray]]:
+        """Parameters with the index's shapes and dtypes but random values (benchmarks only, never the default):
+        INT4 words hold random nibbles, scales are small, norms are one, so activations stay finite."""
+        rng = np.random.default_rng(seed)
+        for e in self.param_index():
+            shape, dt = tuple(e["shape"]), np.dtype(e["dtype"])
+            if dt == np.uint32:
+                a = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
+            elif e["name"].endswith("norm.weight"):
+                a = np.ones(shape, dt)
+            elif e["name"].endswith("q_scale"):
+                a = (rng.random(shape) * 0.004 + 0.001).astype(dt)
+            else:
+                a = (rng.standard_normal(shape) * 0.02).astype(dt)
+            yield e, a
 
     @property
     def weight_bytes(self) -> int:

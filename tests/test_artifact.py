@@ -52,3 +52,21 @@ def test_missing_file_named(compiled, tmp_path):
     (art / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(ArtifactError, match="tokenizer/tokenizer.json is missing"):
         Artifact.open(art)
+
+
+def test_random_weights_mode_runs_without_shards_and_is_explicit(compiled, tmp_path):
+    import shutil
+
+    from edgellm.device_runners.engine import Engine
+
+    art = tmp_path / "noweights"
+    shutil.copytree(compiled("llama", "q4f32_1"), art)
+    for shard in (art / "params").glob("shard_*.bin"):
+        shard.unlink()
+    with pytest.raises(ArtifactError, match="params/shard_000.bin is missing"):
+        Engine(art)  # the default never invents weights
+    eng = Engine(art, random_weights=3)
+    index = Artifact.open(art, skip_params=True).param_index()
+    assert [tuple(p.shape) for p in eng.params] == [tuple(e["shape"]) for e in index]
+    toks = list(eng.generate_ids([1, 2, 3], 4))
+    assert len(toks) == 4 and toks == list(Engine(art, random_weights=3).generate_ids([1, 2, 3], 4))

@@ -105,8 +105,11 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True):
-        self.art = Artifact.open(artifact, verify=verify)
+    def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True,
+                 random_weights: int | None = None):
+        """random_weights=SEED: generate parameters from the index's shapes instead of reading the shards (for
+        benchmarking models too big to ship to a device; outputs are meaningless). Never the default."""
+        self.art = Artifact.open(artifact, verify=verify, skip_params=random_weights is not None)
         m = self.art.manifest
         _check_runnable_here(m)
         dev_kind = device or m["target"]["device"]
@@ -119,7 +122,8 @@ class Engine:
             _tvm.load_cuda_runtime()
         self.dev = _tvm.device(dev_kind, 0)
         self.vm = _tvm.vm(_tvm.load_module(self.art.lib_path), self.dev)
-        self.params = [_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in self.art.iter_params()]
+        source = self.art.iter_params() if random_weights is None else self.art.random_params(random_weights)
+        self.params = [_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in source]
         self.runtime = m["runtime"]
         self.context_window = int(self.runtime["context_window"])
         self.chunk = int(self.runtime["prefill_chunk"])
