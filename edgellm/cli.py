@@ -221,12 +221,14 @@ def targets(as_json):
               help="Max sequences decoding together (default: the artifact's --max-batch).")
 @click.option("--max-queue", default=64, show_default=True, help="Requests that may wait; beyond it: 503 + Retry-After.")
 @click.option("--queue-timeout", default=60.0, show_default=True, help="Seconds a request may wait before 503.")
+@click.option("--batch-min", type=int, default=None,
+              help="Decode with batch_decode from this many active sequences (default: measured at start).")
 @click.option("--model-id", default=None, help="Model name reported by /v1/models (default: the artifact folder name).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn log level.")
 def serve(artifact, host, port, api_key, hmac_secret, hmac_window, max_body_bytes, max_active, max_queue,
-          queue_timeout, model_id, threads, log_level):
+          queue_timeout, batch_min, model_id, threads, log_level):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, SSE streaming).
 
     Compile with --max-batch N so N requests decode together on one paged KV cache.
@@ -241,7 +243,8 @@ def serve(artifact, host, port, api_key, hmac_secret, hmac_window, max_body_byte
 
     args = _guard(ServeArgs, artifact=artifact, host=host, port=port, api_key=api_key, hmac_secret=hmac_secret,
                   hmac_window=hmac_window, max_body_bytes=max_body_bytes, max_active=max_active, max_queue=max_queue,
-                  queue_timeout=queue_timeout, threads=threads, model_id=model_id, log_level=log_level)
+                  queue_timeout=queue_timeout, batch_min=batch_min, threads=threads, model_id=model_id,
+                  log_level=log_level)
     _stderr().print(f"[bold]edgellm serve[/bold]\n{args.display()}")
     _guard(run_server, args)
 

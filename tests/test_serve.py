@@ -220,9 +220,10 @@ def test_scheduler_queue_full_and_cancel_frees_pages(serve_artifact):
         got = threading.Event()
         events = []
 
-        def emit(ev):
+        def emit(ev):  # a slow consumer (2 ms a token), so the long request is surely still running below
             events.append(ev)
             got.set()
+            time.sleep(0.002)
 
         long = GenRequest([5, 6, 7], 4000, logit_bias={EOS: -100.0}, emit=emit)
         sched.submit(long)
@@ -241,6 +242,47 @@ def test_scheduler_queue_full_and_cancel_frees_pages(serve_artifact):
         assert s.rejected_total == 1
     finally:
         sched.stop()
+
+
+def _run_all(sched, reqs, timeout=30.0) -> list[list[int]]:
+    from edgellm.device_runners.batch import Failed, Finished, Token
+
+    outs = [[] for _ in reqs]
+    done = threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(ev):
+            if isinstance(ev, Token):
+                outs[i].append(ev.token_id)
+            elif isinstance(ev, (Finished, Failed)):
+                done.release()
+        return emit
+
+    for i, r in enumerate(reqs):
+        r.emit = emit_for(i)
+        sched.submit(r)
+    for _ in reqs:
+        assert done.acquire(timeout=timeout)
+    return outs
+
+
+def test_batch_decode_and_per_sequence_decode_agree(serve_artifact):
+    """The same 6 concurrent greedy requests, decoded always batched and never batched, give the same tokens."""
+    from edgellm.device_runners.batch import BatchScheduler, GenRequest
+    from edgellm.device_runners.engine import Engine
+
+    engine = Engine(serve_artifact, threads=2)
+    results = []
+    for batch_min in (1, 99):
+        sched = BatchScheduler(engine, batch_min=batch_min).start()
+        try:
+            reqs = [GenRequest([5 + i, 6, 7 + 2 * i] * (1 + i), 20, logit_bias={EOS: -100.0}) for i in range(6)]
+            results.append(_run_all(sched, reqs))
+            s = sched.stats()
+            assert (s.batch_decode_calls_total > 0) == (batch_min == 1) and s.kv_pages_in_use == 0
+        finally:
+            sched.stop()
+    assert results[0] == results[1] and all(len(o) == 20 for o in results[0])
 
 
 # ---- the open server ------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Each loop iteration:
      (a request reserves ceil(min(prompt + max_tokens, context) / page_size) pages, so a running sequence never
      finds the cache full mid-decode);
   3. prefill ONE chunk of one admitted prompt (long prompts interleave with decode instead of stalling it);
-  4. one `batch_decode` step for every sequence that has a token to feed: ids [b, 1] -> logits [b, 1, vocab].
+  4. one decode step for every sequence that has a token to feed: `batch_decode` (ids [b, 1] -> logits [b, 1, vocab])
+     once b reaches `batch_min`, below it the static-shape `decode` per sequence (its GEMV kernels beat the dynamic
+     batch GEMM at small b on CPU). `batch_min=None` measures both at start and picks the crossover.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class SchedulerStats:
     decode_tokens_total: int = 0
     decode_seconds_total: float = 0.0
     decode_steps_total: int = 0
+    batch_decode_calls_total: int = 0
+    batch_min: int = 0
     prefill_tps_recent: float = 0.0
     decode_tps_recent: float = 0.0
     finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
@@ -128,7 +132,7 @@ class BatchScheduler:
     RECENT_SECONDS = 10.0
 
     def __init__(self, engine: Engine, max_active: int | None = None, max_queue: int = 64,
-                 queue_timeout: float = 30.0):
+                 queue_timeout: float = 30.0, batch_min: int | None = None):
         functions = engine.art.manifest.get("functions") or []
         if "batch_decode" not in functions:
             raise BatchDecodeMissingError(
@@ -153,9 +157,14 @@ class BatchScheduler:
         self._stats = SchedulerStats(kv_pages_total=self.total_pages)
         self._recent: collections.deque[tuple[float, str, int, float]] = collections.deque()
         self._thread: threading.Thread | None = None
+        if batch_min is not None and batch_min < 1:
+            raise ValueError(f"batch_min must be >= 1 (or None to measure), got {batch_min}")
+        self.batch_min = batch_min
 
     # ---- any thread ---------------------------------------------------------------------------------------------
     def start(self) -> BatchScheduler:
+        if self.batch_min is None:
+            self.batch_min = self.calibrate()
         self._thread = threading.Thread(target=self._run, name="edgellm-engine", daemon=True)
         self._thread.start()
         return self
@@ -209,7 +218,8 @@ class BatchScheduler:
                 kv_pages_total=s.kv_pages_total, kv_pages_in_use=s.kv_pages_in_use, kv_pages_reserved=self._reserved,
                 prefill_tokens_total=s.prefill_tokens_total, prefill_seconds_total=s.prefill_seconds_total,
                 decode_tokens_total=s.decode_tokens_total, decode_seconds_total=s.decode_seconds_total,
-                decode_steps_total=s.decode_steps_total, prefill_tps_recent=rate["prefill"],
+                decode_steps_total=s.decode_steps_total, batch_decode_calls_total=s.batch_decode_calls_total,
+                batch_min=self.batch_min or 0, prefill_tps_recent=rate["prefill"],
                 decode_tps_recent=rate["decode"], finished=collections.Counter(s.finished),
                 rejected_total=s.rejected_total)
 
@@ -219,6 +229,51 @@ class BatchScheduler:
     def _can_admit_now(self, req: GenRequest) -> bool:
         return (not self._pending and len(self._active) < self.max_active
                 and self._reserved + self.pages_needed(len(req.ids), req.max_tokens) <= self.total_pages)
+
+    def calibrate(self, reps: int = 3) -> int:
+        """Smallest batch for which one `batch_decode` call beats per-sequence `decode` calls (measured now)."""
+        e, n = self.engine, self.max_active
+        if n == 1:
+            return 1
+        seqs = [e._new_sequence() for _ in range(n)]
+        try:
+            for s in seqs:
+                e._forward("prefill", s, [0])
+
+            def timed(fn, b):
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    if fn == "decode":
+                        e._forward("decode", seqs[0], [0])
+                    else:
+                        self._batch_forward(seqs[:b], [0] * b)
+                    best = min(best, time.perf_counter() - t0)
+                return best
+
+            single, b2, bn = timed("decode", 1), timed("batch", 2), timed("batch", n)
+        finally:
+            for s in seqs:
+                e._remove_seq(e.kv, s)
+        for b in range(1, n + 1):
+            predicted = b2 + (bn - b2) * (b - 2) / max(n - 2, 1) if b >= 2 else b2
+            if predicted < b * single:
+                chosen = b
+                break
+        else:
+            chosen = n + 1  # never batch: decode alone always won
+        log.info("decode %.1f ms, batch_decode(2) %.1f ms, batch_decode(%d) %.1f ms -> batch_decode from b=%d",
+                 single * 1e3, b2 * 1e3, n, bn * 1e3, chosen)
+        return max(chosen, 1)
+
+    def _batch_forward(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
+        e = self.engine
+        e._begin(e.kv, self._S(seqs), self._S([1] * len(seqs)))
+        try:
+            return e.vm["batch_decode"](e._tvm.tensor(np.asarray(tokens, np.int32).reshape(-1, 1), e.dev), e.kv,
+                                        e.params)[0].numpy()
+        finally:
+            e._end(e.kv)
 
     # ---- worker thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -294,31 +349,31 @@ class BatchScheduler:
         dt = time.perf_counter() - t0
         act.prefilled += len(chunk)
         self._account("prefill", len(chunk), dt)
+        self._update_pages()  # before any event goes out, so /metrics never lags what a client saw
         if act.prefilled == len(act.req.ids):
             self._sample(act, logits)
-        self._update_pages()
 
     def _decode_step(self) -> None:
         batch = [a for a in self._active if a.next_token is not None]
         if not batch:
             return
-        e = self.engine
-        ids = np.array([a.next_token for a in batch], np.int32).reshape(-1, 1)
         t0 = time.perf_counter()
-        e._begin(e.kv, self._S([a.seq for a in batch]), self._S([1] * len(batch)))
-        try:
-            logits = e.vm["batch_decode"](e._tvm.tensor(ids, e.dev), e.kv, e.params)[0].numpy()
-        finally:
-            e._end(e.kv)
+        tokens = [a.next_token for a in batch]
+        batched = len(batch) >= self.batch_min
+        if batched:
+            logits = self._batch_forward([a.seq for a in batch], tokens)
+        else:
+            logits = [self.engine._forward("decode", a.seq, [t]) for a, t in zip(batch, tokens)]
         dt = time.perf_counter() - t0
         self._account("decode", len(batch), dt)
         with self._cond:
             self._stats.decode_steps_total += 1
+            self._stats.batch_decode_calls_total += batched
+        self._update_pages()
         for i, act in enumerate(batch):
             act.history.append(act.next_token)
             act.next_token = None
             self._sample(act, logits[i].reshape(-1))
-        self._update_pages()
 
     def _sample(self, act: _Active, logits: np.ndarray) -> None:
         """Pick the next token from `logits`, emit its text, and finish the sequence if it is done."""

@@ -41,6 +41,7 @@ class ServeArgs:
     max_active: int | None = None  # default: the artifact's max_batch
     max_queue: int = 64
     queue_timeout: float = 60.0
+    batch_min: int | None = None  # smallest batch decoded with batch_decode; None: measured at start
     threads: int | None = None
     model_id: str | None = None  # default: the artifact directory's name
     log_level: str = "info"
@@ -55,6 +56,8 @@ class ServeArgs:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.queue_timeout <= 0:
             raise ValueError(f"--queue-timeout must be > 0 seconds, got {self.queue_timeout}")
+        if self.batch_min is not None and self.batch_min < 1:
+            raise ValueError(f"--batch-min must be >= 1, got {self.batch_min}; leave it out to measure at start")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key is empty; pass a non-empty key or leave the option out")
         self.model_id = self.model_id or self.artifact.resolve().name
@@ -86,7 +89,8 @@ class Server:
     def __init__(self, args: ServeArgs, engine: Engine | None = None):
         self.args = args
         self.engine = engine or Engine(args.artifact, threads=args.threads)
-        self.scheduler = BatchScheduler(self.engine, args.max_active, args.max_queue, args.queue_timeout)
+        self.scheduler = BatchScheduler(self.engine, args.max_active, args.max_queue, args.queue_timeout,
+                                        args.batch_min)
         self.hmac = HmacVerifier(args.hmac_secret, args.hmac_window) if args.hmac_secret else None
         self.started = time.time()
         self.app = self._build_app()
@@ -363,9 +367,14 @@ class Server:
              "decode work", s.decode_tps_recent),
             ("edgellm_prefill_tokens_total", "counter", "prompt tokens prefilled", s.prefill_tokens_total),
             ("edgellm_prefill_seconds_total", "counter", "seconds spent in prefill", s.prefill_seconds_total),
-            ("edgellm_decode_tokens_total", "counter", "tokens produced by batched decode", s.decode_tokens_total),
-            ("edgellm_decode_seconds_total", "counter", "seconds spent in batched decode", s.decode_seconds_total),
-            ("edgellm_decode_steps_total", "counter", "batched decode calls", s.decode_steps_total),
+            ("edgellm_decode_tokens_total", "counter", "tokens produced by decode steps", s.decode_tokens_total),
+            ("edgellm_decode_seconds_total", "counter", "seconds spent in decode steps", s.decode_seconds_total),
+            ("edgellm_decode_steps_total", "counter", "decode steps (one token for every active sequence)",
+             s.decode_steps_total),
+            ("edgellm_batch_decode_calls_total", "counter", "decode steps run as one batch_decode call",
+             s.batch_decode_calls_total),
+            ("edgellm_batch_decode_min", "gauge", "smallest batch run with batch_decode (smaller: per-sequence "
+             "decode)", s.batch_min),
             ("edgellm_queue_length", "gauge", "requests waiting for a sequence slot or KV pages", s.queue_length),
             ("edgellm_active_sequences", "gauge", "sequences in the KV cache", s.active_sequences),
             ("edgellm_kv_pages_in_use", "gauge", "KV cache pages holding tokens", s.kv_pages_in_use),
