@@ -116,11 +116,42 @@ def _check_toolchain(tgt: ResolvedTarget) -> None:
             raise ValueError(f"target {tgt.preset}: {exc}") from None
 
 
+def system_lib_prefix(tgt: ResolvedTarget, arch: str, scheme: str, source_sha256: str | None) -> str | None:
+    """Symbol prefix for a model linked statically into an Android/iOS app (None for every other target).
+
+    Derived from the model's identity, so a device and a simulator build of one model share it and two models in one
+    app do not collide: `edgellm_<arch>_<scheme>_<sha8>_`.
+    """
+    triple = tgt.host_triple or ""
+    if tgt.export != "tar" or not ("android" in triple or "apple-ios" in triple):
+        return None
+    ident = "_".join(x for x in (arch, scheme, (source_sha256 or "")[:8]) if x)
+    return "edgellm_" + "".join(ch if ch.isalnum() else "_" for ch in ident) + "_"
+
+
+def _tar_keep_names(output, files):
+    """TVM's tar packer, with the system-lib `<prefix>devc.o` stored as `devc.o` (one layout for every .tar)."""
+    import os
+    import shutil
+    import tempfile
+
+    from .._tvm import compiler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        renamed = []
+        for f in files:
+            base = os.path.basename(f)
+            dst = os.path.join(tmp, "devc.o" if base.endswith("devc.o") else base)
+            shutil.copy(f, dst)
+            renamed.append(dst)
+        compiler().tvm.support.tar.tar(output, renamed)
+
+
 def _export(ex, root: Path, tgt: ResolvedTarget) -> str:
     """Write lib/model.so (linked by the target's toolchain) or lib/model.tar (objects for static linking)."""
     (root / "lib").mkdir()
     if tgt.export == "tar":
-        ex.export_library(str(root / "lib" / "model.tar"))
+        ex.export_library(str(root / "lib" / "model.tar"), fcompile=_tar_keep_names)
         return "lib/model.tar"
     fcompile = None
     if tgt.toolchain:
@@ -175,7 +206,8 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             from .cuda import prepare_cuda_build
 
             prepare_cuda_build()
-        ex = build(mod, target, args.dump_ir)
+        prefix = system_lib_prefix(tgt, cfg.arch, scheme.name, src.sha256)
+        ex = build(mod, target, args.dump_ir, prefix)
         lib_name = _export(ex, tmp, tgt)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)
@@ -194,6 +226,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "runtime": asdict(args.runtime),
             "tokenizer": tok,
             "lib": lib_name,
+            "system_lib_prefix": prefix,
             "functions": list(model.export_spec()),
             "weight_bytes": weight_bytes,
         }

@@ -76,8 +76,17 @@ def make_pipeline(target, dump_ir: Path | None = None):
     return _pipeline
 
 
-def build(mod, target, dump_ir: Path | None = None):
-    """IRModule -> relax Executable for `target`."""
+def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | None = None):
+    """IRModule -> relax Executable for `target`.
+
+    With `system_lib_prefix` the host objects register themselves at static-init time (a constructor calling
+    TVMFFIEnvModRegisterSystemLibSymbol for `__tvm_ffi_<prefix><func>` and `<prefix>__tvm_ffi__library_bin`), so an
+    app that links them statically loads the model with `ffi.SystemLib(prefix)`. TVM 0.27 fails on prefixes of
+    7 bytes or fewer (small-string attribute), so callers pass longer ones.
+    """
     c = compiler()
+    if system_lib_prefix is not None:
+        mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
     with target:
-        return c.relax.build(mod, target=target, relax_pipeline=make_pipeline(target, dump_ir))
+        return c.relax.build(mod, target=target, relax_pipeline=make_pipeline(target, dump_ir),
+                             system_lib=system_lib_prefix is not None)
