@@ -198,10 +198,13 @@ def targets(as_json):
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("preset", "device", "TVM target", "export", "toolchain", "default quant", "description")
+    t = Table("preset", "device", "host", "export", "toolchain", "default quant", "features", "description",
+              caption="TVM target JSON per preset: edgellm targets --json")
     for r in rows:
-        t.add_row(r["name"], r["device"], r["target"], r["export"], r["toolchain"], r["default_quant"], r["description"])
-    Console(width=200).print(t)
+        feats = ", ".join(f"{k}={v}" for k, v in r["features"].items())
+        t.add_row(r["name"], r["device"], r["host"], r["export"], r["toolchain"], r["default_quant"], feats,
+                  r["description"])
+    Console(width=220).print(t)
 
 
 @cli.command()

@@ -221,7 +221,8 @@ def _from_preset(p: TargetPreset) -> ResolvedTarget:
 def table() -> list[dict[str, Any]]:
     return [
         {"name": p.name, "device": p.device, "target": json.dumps(p.target),
-         "host": (p.host or p.target).get("mtriple", "-"), "export": p.export,
+         "host": {"host": "this machine"}.get((p.host or p.target).get("mtriple", "-"), (p.host or p.target).get("mtriple", "-")),
+         "export": p.export,
          "toolchain": p.toolchain or "host c++", "default_quant": p.default_quant, "features": p.features,
          "description": p.description}
         for p in PRESETS.values()
