@@ -67,14 +67,19 @@ def test_compile_missing_path(runner, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_compile_unsupported_architecture(runner, checkpoints, tmp_path):
+def _with_config(src, dst, **changes):
+    """A copy of checkpoint `src` at `dst` whose config.json has `changes` applied."""
     import shutil
 
-    bad = tmp_path / "mamba"
-    shutil.copytree(checkpoints["llama"], bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "mamba"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_compile_unsupported_architecture(runner, checkpoints, tmp_path):
+    bad = _with_config(checkpoints["llama"], tmp_path / "mamba", model_type="mamba")
     r = runner.invoke(cli, ["compile", str(bad), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1
     assert "unsupported architecture" in r.stderr and "'mamba'" in r.stderr
@@ -90,13 +95,7 @@ def test_compile_unknown_target_and_scheme(runner, checkpoints, tmp_path):
 
 
 def test_compile_failure_leaves_no_partial_artifact(runner, checkpoints, tmp_path):
-    import shutil
-
-    bad = tmp_path / "misshaped"
-    shutil.copytree(checkpoints["llama"], bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["intermediate_size"] = 96  # weights say 160
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = _with_config(checkpoints["llama"], tmp_path / "misshaped", intermediate_size=96)  # weights say 160
     r = runner.invoke(cli, ["compile", str(bad), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1
     assert "shape mismatch" in r.stderr and "mlp.gate_proj.weight" in r.stderr

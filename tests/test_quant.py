@@ -81,6 +81,15 @@ def _build(func):
     return tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
 
 
+def _stored_and_effective(w, scheme):
+    """The arrays the kernel reads for weight w, and the float32 weight they stand for (numpy reference)."""
+    if scheme.quantized:
+        stored = list(ref.quantize(w, scheme))
+        return stored, ref.dequantize(*stored, w.shape[1], scheme)
+    stored = [w.astype(scheme.weight_dtype)]
+    return stored, stored[0].astype(np.float32)
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES.values()), ids=lambda s: s.name)
 @pytest.mark.parametrize("rows,in_f,out_f,bias", [(1, 13, 2, False), (1, 96, 40, True), (5, 13, 6, True),
                                                    (9, 200, 80, False), (1, 64, 320, False)])
@@ -95,12 +104,7 @@ def test_linear_kernel_matches_numpy(scheme, rows, in_f, out_f, bias):
     x = rng.standard_normal((rows, in_f)).astype(act)
     w = rng.standard_normal((out_f, in_f)).astype(np.float32)
     b = rng.standard_normal(out_f).astype(act)
-    if scheme.quantized:
-        stored = list(ref.quantize(w, scheme))
-        w_eff = ref.dequantize(*stored, in_f, scheme)
-    else:
-        stored = [w.astype(scheme.weight_dtype)]
-        w_eff = stored[0].astype(np.float32)
+    stored, w_eff = _stored_and_effective(w, scheme)
     expect = x.astype(np.float32) @ w_eff.T + (b.astype(np.float32) if bias else 0)
     dev = tvm.cpu()
     out = tvm.runtime.empty((rows, out_f), act, dev)
@@ -119,12 +123,7 @@ def test_embedding_kernel_matches_numpy(scheme, vocab, hidden):
     rng = np.random.default_rng(vocab)
     mod = _build(kernels.embedding(vocab, hidden, scheme, scheme.act_dtype))
     w = rng.standard_normal((vocab, hidden)).astype(np.float32)
-    if scheme.quantized:
-        stored = list(ref.quantize(w, scheme))
-        w_eff = ref.dequantize(*stored, hidden, scheme)
-    else:
-        stored = [w.astype(scheme.weight_dtype)]
-        w_eff = stored[0].astype(np.float32)
+    stored, w_eff = _stored_and_effective(w, scheme)
     ids = rng.integers(0, vocab, 11).astype(np.int32)
     dev = tvm.cpu()
     out = tvm.runtime.empty((11, hidden), scheme.act_dtype, dev)
