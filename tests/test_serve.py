@@ -417,6 +417,22 @@ def test_disconnect_mid_stream_frees_pages(server):
     assert gen < CONTEXT - 100  # stopped long before max_tokens
 
 
+def test_disconnect_while_waiting_for_a_full_answer_frees_the_sequence(server):
+    key = 'edgellm_requests_finished_total{reason="cancelled"}'
+    before = server.metrics()
+    body = {"model": "any", "messages": MSG, "max_tokens": CONTEXT, "temperature": 0, "logit_bias": {str(EOS): -100}}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection) after 0.5 s
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = server.metrics()
+        if after[key] > before[key] and after["edgellm_kv_pages_in_use"] == 0:
+            break
+        time.sleep(0.05)
+    assert after[key] == before[key] + 1 and after["edgellm_active_sequences"] == 0
+    assert after["edgellm_decode_tokens_total"] - before["edgellm_decode_tokens_total"] < CONTEXT - 100
+
+
 def _think_bias(codec) -> dict[str, float]:
     return {str(codec.tok.token_to_id("</think>")): 6.0, str(codec.tok.token_to_id("<think>")): -100.0,
             str(EOS): -100.0}

@@ -249,6 +249,7 @@ class Server:
             return StreamingResponse(self._sse(request, req, gen, queue, first, kind, reasoning, meta),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(self._cancel_on_disconnect(request, gen, queue))
         try:
             text, fin = [], None
             async for ev in self._events(queue, gen, request, None):
@@ -260,10 +261,20 @@ class Server:
                 elif isinstance(ev, Failed):
                     raise ev.error
         finally:
+            watcher.cancel()
             self.scheduler.cancel(gen)  # no-op when finished; frees the sequence when the client went away
         if fin is None:  # client disconnected
             return JSONResponse(_error_body("client disconnected", "cancelled"), status_code=499)
         return self._full_response(req, "".join(text), fin, kind, reasoning, meta)
+
+    async def _cancel_on_disconnect(self, request, gen, queue) -> None:
+        """Non-streaming requests: the body is read, so the next ASGI message is the client going away."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.scheduler.cancel(gen)
+                queue.put_nowait(None)  # wake the waiting handler
+                return
 
     async def _first_event(self, queue, gen, request):
         """Wait for the first event before sending 200, so a queue timeout still becomes a 503."""
@@ -287,6 +298,8 @@ class Server:
                 if await request.is_disconnected():
                     return
                 continue
+            if ev is None:  # the disconnect watcher woke us
+                return
             yield ev
             if isinstance(ev, (Finished, Failed)):
                 return
