@@ -33,11 +33,12 @@ def _known_errors():
     from .device_runners.engine import PromptTooLongError
     from .device_runners.text import ChatTemplateError
     from .loaders import SourceError
+    from .package import PackageError
     from .quant.convert import WeightMapError
     from .targets import TargetError
 
     return (ArtifactError, ConfigError, PromptTooLongError, ChatTemplateError, SourceError, WeightMapError,
-            TargetError, ValueError, OSError)
+            TargetError, PackageError, ValueError, OSError)
 
 
 def _guard(fn, *args, **kwargs):
@@ -250,6 +251,41 @@ def serve(artifact, host, port, api_key, hmac_secret, hmac_window, max_body_byte
                   log_level=log_level)
     _stderr().print(f"[bold]edgellm serve[/bold]\n{args.display()}")
     _guard(run_server, args)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--platform", "platform_", required=True, type=click.Choice(["android", "ios"]),
+              help="android: arm64-v8a Gradle/CMake module; ios: xcframework + .bundle.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Package folder to create.")
+@click.option("--name", default="edgellm_model", show_default=True,
+              help="C identifier naming lib<name>.a, <name>.h and the weights folder.")
+@click.option("--simulator-artifact", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="iOS: a second artifact compiled for arm64-apple-ios*-simulator, added as the simulator slice.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder at --output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def package(artifact, platform_, output, name, simulator_artifact, overwrite, as_json):
+    """Package a compiled Android or iOS ARTIFACT into what an app build links: static library, C header,
+    weights bundle and app config (see docs/packaging.md).
+
+    \b
+    edgellm compile ./Qwen2.5-0.5B-Instruct/ --target android -o dist/qwen-android
+    edgellm package dist/qwen-android --platform android -o dist/qwen-android-pkg
+    edgellm package dist/qwen-ios --platform ios -o dist/qwen-ios-pkg --name qwen
+    """
+    from .package import PackageArgs, package_artifact
+
+    args = _guard(PackageArgs, artifact=artifact, platform=platform_, output=output, name=name,
+                  simulator_artifact=simulator_artifact, overwrite=overwrite)
+    _stderr().print(f"[bold]edgellm package[/bold]\n{args.display()}")
+    result = _guard(package_artifact, args)
+    if as_json:
+        click.echo(json.dumps({"output": str(result.output), "platform": result.platform, "slices": result.slices,
+                               "library": str(result.library), "header": str(result.header),
+                               "bundle": str(result.bundle), "system_lib_prefix": result.prefix,
+                               "files": result.files, "bytes": result.bytes}))
+    else:
+        click.echo(result.summary())
 
 
 def main() -> None:
