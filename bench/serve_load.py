@@ -22,6 +22,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -60,31 +61,35 @@ async def _one(client, url: str, body: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     first = last = None
     gaps, usage, err = [], None, None
+
+    async def stream() -> str | None:
+        nonlocal first, last, usage
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return f"HTTP {r.status_code}"
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    return msg["error"].get("message", "stream error")
+                if msg.get("usage"):
+                    usage = msg["usage"]
+                for c in msg.get("choices") or []:
+                    d = c.get("delta") or {}
+                    if d.get("content") or d.get("reasoning_content"):
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append(now - last)
+                        last = now
+        return None
+
     try:
-        async with asyncio.timeout(timeout):
-            async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    return {"error": f"HTTP {r.status_code}"}
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    msg = json.loads(line[6:])
-                    if "error" in msg:
-                        err = msg["error"].get("message", "stream error")
-                        break
-                    if msg.get("usage"):
-                        usage = msg["usage"]
-                    for c in msg.get("choices") or []:
-                        d = c.get("delta") or {}
-                        if d.get("content") or d.get("reasoning_content"):
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                            else:
-                                gaps.append(now - last)
-                            last = now
-    except TimeoutError:
+        err = await asyncio.wait_for(stream(), timeout)
+    except asyncio.TimeoutError:
         return {"error": "timeout"}
     except Exception as exc:  # connection errors count as errors, the run goes on
         return {"error": type(exc).__name__}
@@ -206,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     try:
         if a.artifact:
-            proc, url = _start_server(a.artifact, a.threads, Path("serve_load_server.log"))
+            log_path = Path(tempfile.gettempdir()) / "serve_load_server.log"
+            print(f"server log: {log_path}", file=sys.stderr)
+            proc, url = _start_server(a.artifact, a.threads, log_path)
         else:
             url = a.url.rstrip("/")
         before = _server_metrics(url)

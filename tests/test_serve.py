@@ -273,16 +273,17 @@ def test_batch_decode_and_per_sequence_decode_agree(serve_artifact):
 
     engine = Engine(serve_artifact, threads=2)
     results = []
-    for batch_min in (1, 99):
-        sched = BatchScheduler(engine, batch_min=batch_min).start()
+    for batch_min, max_active in ((1, None), (99, None), (1, 2)):  # last: 2 slots, so 4 requests wait their turn
+        sched = BatchScheduler(engine, max_active=max_active, batch_min=batch_min).start()
         try:
             reqs = [GenRequest([5 + i, 6, 7 + 2 * i] * (1 + i), 20, logit_bias={EOS: -100.0}) for i in range(6)]
             results.append(_run_all(sched, reqs))
             s = sched.stats()
             assert (s.batch_decode_calls_total > 0) == (batch_min == 1) and s.kv_pages_in_use == 0
+            assert s.finished["length"] == 6
         finally:
             sched.stop()
-    assert results[0] == results[1] and all(len(o) == 20 for o in results[0])
+    assert results[0] == results[1] == results[2] and all(len(o) == 20 for o in results[0])
 
 
 # ---- the open server ------------------------------------------------------------------------------------------------
@@ -561,3 +562,17 @@ def test_full_server_answers_503_with_retry_after(secure_server):
         time.sleep(0.05)
     body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
     assert httpx.post(url, content=body, headers=_signed(body)).status_code == 200
+
+
+def test_cli_serve_refuses_bad_options(serve_artifact):
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(serve_artifact), "--port", "70000"])
+    assert r.exit_code == 1 and "--port 70000 is not a TCP port" in r.output
+    r = CliRunner().invoke(cli, ["serve", str(serve_artifact), "--batch-min", "0"])
+    assert r.exit_code == 1 and "--batch-min must be >= 1" in r.output
+    r = CliRunner().invoke(cli, ["serve", str(serve_artifact), "--api-key", ""])
+    assert r.exit_code == 1 and "--api-key is empty" in r.output
+

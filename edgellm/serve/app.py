@@ -156,15 +156,17 @@ class Server:
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             req = parse_chat(await self._json(request))
-            prompt_text = self._render(req)
-            ids = self.engine.codec.encode(prompt_text, add_bos=False)
+            # template + tokenizer off the event loop: a long prompt must not stall the other streams
+            prompt_text = await asyncio.to_thread(self._render, req)
+            ids = await asyncio.to_thread(self.engine.codec.encode, prompt_text, False)
             reasoning = ReasoningParser(starts_in_reasoning(prompt_text))
             return await self._respond(request, req, ids, "chat", reasoning)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
             req = parse_completion(await self._json(request))
-            ids = req.prompt if isinstance(req.prompt, list) else self.engine.codec.encode(req.prompt)
+            ids = req.prompt if isinstance(req.prompt, list) else await asyncio.to_thread(self.engine.codec.encode,
+                                                                                           req.prompt)
             return await self._respond(request, req, ids, "text", None)
 
         return app
