@@ -8,6 +8,7 @@ command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
 command -v llvm-ar >/dev/null || need+=(llvm)  # edgellm package: Darwin-format archives for iOS
+command -v cmake >/dev/null || need+=(cmake)  # edgellm package: the Android CMake module test
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

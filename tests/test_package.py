@@ -307,3 +307,30 @@ def test_header_loader_runs_on_host(tmp_path):
     r = subprocess.run([str(tmp_path / "main")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "main=1"
+
+
+def test_android_cmake_module_links_the_archive_whole(packaged, arts, tmp_path):
+    """The generated CMakeLists.txt, used as the docs say (add_subdirectory + edgellm::NAME), keeps both objects
+    with no reference from app code; a non-arm64 ABI stops at configure time with the fix."""
+    cc, cmake = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("cmake")
+    if cc is None or cmake is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc and cmake (scripts/test.sh installs both)")
+    cpp = packaged("android") / "src/main/cpp"
+    proj = tmp_path / "app"
+    proj.mkdir()
+    (proj / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(app C)\n"
+        f'add_subdirectory("{cpp}" edgellm_model)\n'
+        "add_library(app SHARED app.c)\ntarget_link_libraries(app PRIVATE edgellm::edgellm_model)\n")
+    (proj / "app.c").write_text('#include "edgellm_model.h"\n'
+                                "const char* app_prefix(void) { return EDGELLM_MODEL_SYSTEM_LIB_PREFIX; }\n")
+    common = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_C_COMPILER={cc}"]
+    subprocess.run([cmake, "-S", str(proj), "-B", str(tmp_path / "b"), "-DANDROID_ABI=arm64-v8a", *common],
+                   check=True, capture_output=True)
+    subprocess.run([cmake, "--build", str(tmp_path / "b")], check=True, capture_output=True)
+    data = (tmp_path / "b" / "libapp.so").read_bytes()
+    assert f"{_prefix(arts('android'))}__tvm_ffi__library_bin".encode() in data
+    assert ".init_array" in section_names(data)
+    r = subprocess.run([cmake, "-S", str(proj), "-B", str(tmp_path / "b32"), "-DANDROID_ABI=armeabi-v7a", *common],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "arm64-v8a only" in r.stderr
