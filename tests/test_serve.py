@@ -250,8 +250,9 @@ def _run_all(sched, reqs, timeout=30.0) -> list[list[int]]:
     outs = [[] for _ in reqs]
     done = threading.Semaphore(0)
 
-    def emit_for(i):
+    def emit_for(i, prev):
         def emit(ev):
+            prev(ev)
             if isinstance(ev, Token):
                 outs[i].append(ev.token_id)
             elif isinstance(ev, (Finished, Failed)):
@@ -259,7 +260,7 @@ def _run_all(sched, reqs, timeout=30.0) -> list[list[int]]:
         return emit
 
     for i, r in enumerate(reqs):
-        r.emit = emit_for(i)
+        r.emit = emit_for(i, r.emit)
         sched.submit(r)
     for _ in reqs:
         assert done.acquire(timeout=timeout)
@@ -284,6 +285,36 @@ def test_batch_decode_and_per_sequence_decode_agree(serve_artifact):
         finally:
             sched.stop()
     assert results[0] == results[1] == results[2] and all(len(o) == 20 for o in results[0])
+
+
+def test_requests_wait_for_kv_pages(serve_artifact):
+    """With pages for only two requests (of the 16 slots), the others wait, and every one finishes correctly."""
+    from edgellm.device_runners.batch import BatchScheduler, GenRequest
+
+    from edgellm.device_runners.engine import Engine
+
+    engine = Engine(serve_artifact, threads=2)
+    sched = BatchScheduler(engine, batch_min=1)
+    need = sched.pages_needed(3, 40)
+    sched.total_pages = 2 * need  # as if the cache were small: the reservation, not the slot count, limits
+    with pytest.raises(ValueError, match="KV pages"):
+        sched.submit(GenRequest([5, 6, 7], 16 * 3 * need))
+    sched.start()
+    peak = []
+    try:
+        reqs = [GenRequest([5 + i, 6, 7], 40, logit_bias={EOS: -100.0}) for i in range(5)]
+        for r in reqs:
+            r.emit = lambda ev, r=r: peak.append(sched.stats().active_sequences)
+        alone = BatchScheduler(engine, batch_min=1).start()
+        try:
+            want = _run_all(alone, [GenRequest(list(r.ids), 40, logit_bias={EOS: -100.0}) for r in reqs])
+        finally:
+            alone.stop()
+        got = _run_all(sched, reqs)
+    finally:
+        sched.stop()
+    assert got == want
+    assert max(peak) == 2 and sched.stats().kv_pages_reserved == 0
 
 
 # ---- the open server ------------------------------------------------------------------------------------------------

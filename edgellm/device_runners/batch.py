@@ -184,6 +184,10 @@ class BatchScheduler:
         self.engine._check_length(len(req.ids))
         if req.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        need = self.pages_needed(len(req.ids), req.max_tokens)
+        if need > self.total_pages:
+            raise ValueError(f"the prompt plus max_tokens needs {need} KV pages but the cache has {self.total_pages}; "
+                             "lower max_tokens")
         with self._cond:
             if self._stop:
                 raise QueueFullError("the server is shutting down", retry_after=5)

@@ -241,6 +241,8 @@ class Server:
             self.scheduler.submit(gen)
         except PromptTooLongError as exc:
             raise RequestError(str(exc), code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise RequestError(str(exc), "max_tokens") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         meta = dict(id=rid, created=int(time.time()), model=self.args.model_id)
         if req.stream:
