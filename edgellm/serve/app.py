@@ -222,9 +222,9 @@ class Server:
         from fastapi.responses import JSONResponse, StreamingResponse
 
         ctx = self.engine.context_window
-        if len(ids) + 1 > ctx - 1 or not ids:
-            if not ids:
-                raise RequestError("the prompt is empty", "prompt" if kind == "text" else "messages")
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt" if kind == "text" else "messages")
+        if len(ids) > ctx - 2:  # the sequence must stay below the window with at least one generated token
             raise RequestError(
                 f"the prompt has {len(ids)} tokens but this model's context window is {ctx} tokens (prompt plus "
                 f"completion); shorten the prompt or recompile with a larger --context-window",
