@@ -7,6 +7,7 @@ import json
 import plistlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -271,8 +272,8 @@ def test_header_loader_runs_on_host(tmp_path):
     """The header's C++ loader (ffi.SystemLib(prefix) -> vm_load_executable -> vm_initialization) on an x86-64
     system lib built the same way as the Android/iOS ones, linked from an archive through <name>_force_link()."""
     gxx = shutil.which("g++")
-    if gxx is None or shutil.which("ar") is None:
-        pytest.skip("needs g++ and ar")
+    if gxx is None or shutil.which("gcc") is None or shutil.which("ar") is None:
+        pytest.skip("needs gcc, g++ and ar")
     import tvm
     import tvm_ffi
     from tvm.script import relax as R
@@ -307,6 +308,19 @@ def test_header_loader_runs_on_host(tmp_path):
     r = subprocess.run([str(tmp_path / "main")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "main=1"
+    # the header's Python recipe, in a fresh process: link through force_link only, dlopen, system_lib(prefix), run
+    (tmp_path / "shim.c").write_text('#include "hosttest.h"\nuintptr_t shim(void) { return hosttest_force_link(); }\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", f"-I{tmp_path}", str(tmp_path / "shim.c"), str(tmp_path / "libhosttest.a"),
+                    "-o", str(tmp_path / "libshim.so")], check=True, capture_output=True)
+    script = (
+        "import ctypes, numpy as np, tvm, tvm_ffi\n"
+        f"ctypes.CDLL({str(tmp_path / 'libshim.so')!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        f"vm = tvm.runtime.vm.VirtualMachine(tvm_ffi.system_lib({prefix!r}), tvm.cpu())\n"
+        "a = tvm.runtime.tensor(np.arange(4, dtype='float32'))\n"
+        "print(vm['main'](a, a).numpy().tolist())\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[0.0, 2.0, 4.0, 6.0]"
 
 
 def test_android_cmake_module_links_the_archive_whole(packaged, arts, tmp_path):
