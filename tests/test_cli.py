@@ -149,3 +149,8 @@ def test_run_not_an_artifact(runner, tmp_path):
 def test_bad_sampling_value(runner, compiled):
     r = runner.invoke(cli, ["run", str(compiled("llama", "q0f32")), "hi", "--top-p", "1.5"])
     assert r.exit_code == 1 and "top_p" in r.stderr
+
+
+def test_run_empty_raw_prompt(runner, compiled):
+    r = runner.invoke(cli, ["run", str(compiled("llama", "q0f32")), "", "--no-chat"])
+    assert r.exit_code == 1 and "prompt is empty" in r.stderr

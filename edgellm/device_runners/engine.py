@@ -20,7 +20,11 @@ from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt the engine cannot run (empty, or longer than the context window)."""
+
+
+class PromptTooLongError(PromptError):
     pass
 
 
@@ -170,6 +174,8 @@ class Engine:
             self._remove_seq(self.kv, seq)
 
     def _check_length(self, n: int) -> None:
+        if n <= 0:
+            raise PromptError("the prompt is empty after tokenization; give at least one token of text")
         if n >= self.context_window:
             raise PromptTooLongError(
                 f"prompt has {n} tokens but the artifact's context window is {self.context_window} "
