@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import socket
 import subprocess
@@ -26,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+from edgellm.serve.security import is_loopback
 
 PROMPTS = [
     "What is the capital of France?",
@@ -40,13 +41,7 @@ PROMPTS = [
 
 
 def _loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlparse(url).hostname or "")
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -8,7 +8,6 @@ no user data and stay open for probes and scrapers.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -24,7 +23,7 @@ from ..device_runners.engine import Engine, PromptTooLongError
 from ..device_runners.text import ChatTemplateError
 from .protocol import ParsedRequest, RequestError, parse_chat, parse_completion
 from .reasoning import ReasoningParser, starts_in_reasoning
-from .security import AuthError, HmacVerifier, check_api_key
+from .security import AuthError, HmacVerifier, check_api_key, is_loopback
 
 log = logging.getLogger("edgellm.serve")
 
@@ -67,15 +66,6 @@ class ServeArgs:
         for k in ("api_key", "hmac_secret"):
             d[k] = "(set)" if d[k] else None
         return "\n".join(f"  {k:<15} {v}" for k, v in d.items())
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -420,7 +410,7 @@ def serve(args: ServeArgs) -> None:
     """Load the artifact, start the engine thread and run uvicorn until interrupted."""
     import uvicorn
 
-    if not _is_loopback(args.host) and not (args.api_key or args.hmac_secret):
+    if not is_loopback(args.host) and not (args.api_key or args.hmac_secret):
         log.warning("serving on %s without --api-key or --hmac-secret: anyone who can reach this address can use "
                     "the model", args.host)
     server = Server(args)

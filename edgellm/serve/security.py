@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import ipaddress
 import threading
 import time
 
@@ -85,3 +86,13 @@ class HmacVerifier:
             if ts >= now - self.window:
                 break
             self._seen.popitem(last=False)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
