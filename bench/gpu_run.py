@@ -27,7 +27,6 @@ def rel(a, b) -> float:
 
 
 def hf_model(dtype):
-    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(DEV / "ckpt" / "llama"), dtype=dtype).cuda().eval()
@@ -124,7 +123,6 @@ def bench_hf_fp16() -> None:
 
 
 def main() -> int:
-    import torch
 
     results["device"] = torch_device_name()
     for step in (check_tiny, lambda: bench_smollm2(results.setdefault("copy_bw", copy_bandwidth())), bench_hf_fp16):
