@@ -87,6 +87,9 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
     c = compiler()
     if system_lib_prefix is not None:
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
-    with target:
+    # CUDA: the backend's finalize passes hold RewriteCUDAGraph, which captures the static-shape decode into a
+    # CUDA graph when this option is on (one graph launch instead of hundreds of kernel launches per token).
+    config = {"relax.backend.use_cuda_graph": True} if target.kind.name == "cuda" else {}
+    with target, c.tvm.transform.PassContext(config=config):
         return c.relax.build(mod, target=target, relax_pipeline=make_pipeline(target, dump_ir),
                              system_lib=system_lib_prefix is not None)

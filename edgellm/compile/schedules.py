@@ -74,8 +74,8 @@ def _max_threads(target) -> int:
 
 
 def schedule_gpu_linear(func, target, gemv: bool):
-    """GPU linear. GEMV: one thread block per output feature, the `in` reduction spread over the block's threads
-    (cross-thread allreduce). GEMM: a 2-D grid of row x feature tiles, one output per thread.
+    """GPU linear. GEMV: a block holds a few output features, one warp-wide cross-lane reduction each, every lane
+    reading whole packed words. GEMM: a 2-D grid of row x feature tiles, one output per thread.
     Correct on every GPU kind; the fast Hopper/Ampere paths belong to the [gpu] work."""
     sch = compiler().s_tir.Schedule(func)
     has_epilogue = _has_block(sch, "epilogue")
@@ -84,12 +84,19 @@ def schedule_gpu_linear(func, target, gemv: bool):
     y = sch.get_sblock("matmul")
     i, n, k = sch.get_loops(y)
     if gemv:
-        tx = min(128, _max_threads(target))
-        sch.bind(n, "blockIdx.x")
-        _, ki = sch.split(k, [None, tx])
-        sch.bind(ki, "threadIdx.x")
+        # rows_per_block x lanes threads; lane l of a row reads `per` consecutive elements (one packed word),
+        # so a warp streams lanes*per contiguous weights per step; the row's sum is a cross-lane allreduce.
+        lanes = min(32, _max_threads(target))
+        rows = max(1, min(4, _max_threads(target) // lanes))
+        per = 8
+        no, ni = sch.split(n, [None, rows])
+        ko, kl, kin = sch.split(k, [None, lanes, per])
+        sch.reorder(no, ni, kl, ko, kin)
+        sch.bind(no, "blockIdx.x")
+        sch.bind(ni, "threadIdx.y")
+        sch.bind(kl, "threadIdx.x")
         if has_epilogue:
-            sch.reverse_compute_at(sch.get_sblock("epilogue"), n)
+            sch.reverse_compute_at(sch.get_sblock("epilogue"), ni)
             sch.set_scope(y, 0, "local")
     else:
         ty, tx = 4, min(64, _max_threads(target) // 4)
