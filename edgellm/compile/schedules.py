@@ -30,13 +30,23 @@ def _has_block(sch, name: str) -> bool:
     return True
 
 
+def _open(func, inline_dequant: bool):
+    """A schedule of `func`, with the INT4 decode block inlined into its consumer when asked (and present)."""
+    sch = compiler().s_tir.Schedule(func)
+    if inline_dequant and _has_block(sch, "dequant"):
+        sch.compute_inline(sch.get_sblock("dequant"))
+    return sch
+
+
+def _done(sch):
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
 def schedule_cpu_linear(func, target, gemv: bool):
     """Schedule a `linear` kernel (blocks: [dequant], matmul, [epilogue]) for an LLVM CPU target."""
-    sch = compiler().s_tir.Schedule(func)
+    sch = _open(func, inline_dequant=gemv)
     lanes = vector_lanes(target)
     has_dequant, has_epilogue = _has_block(sch, "dequant"), _has_block(sch, "epilogue")
-    if has_dequant and gemv:
-        sch.compute_inline(sch.get_sblock("dequant"))
     y = sch.get_sblock("matmul")
     i, n, k = sch.get_loops(y)
     in_f, out_f = int(sch.get(k).extent), int(sch.get(n).extent)
@@ -57,16 +67,14 @@ def schedule_cpu_linear(func, target, gemv: bool):
     sch.unroll(ni_)
     sch.parallel(no_)
     sch.decompose_reduction(rf, ko_)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return _done(sch)
 
 
 def schedule_cpu_embedding(func, target):
-    sch = compiler().s_tir.Schedule(func)
-    if _has_block(sch, "dequant"):
-        sch.compute_inline(sch.get_sblock("dequant"))
-    t, j = sch.get_loops(sch.get_sblock("embed"))
+    sch = _open(func, inline_dequant=True)
+    t, _ = sch.get_loops(sch.get_sblock("embed"))
     sch.parallel(t)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return _done(sch)
 
 
 def _max_threads(target) -> int:
@@ -77,10 +85,8 @@ def schedule_gpu_linear(func, target, gemv: bool):
     """GPU linear. GEMV: a block holds a few output features, one warp-wide cross-lane reduction each, every lane
     reading whole packed words. GEMM: a 2-D grid of row x feature tiles, one output per thread.
     Correct on every GPU kind; the fast Hopper/Ampere paths belong to the [gpu] work."""
-    sch = compiler().s_tir.Schedule(func)
+    sch = _open(func, inline_dequant=True)
     has_epilogue = _has_block(sch, "epilogue")
-    if _has_block(sch, "dequant"):
-        sch.compute_inline(sch.get_sblock("dequant"))
     y = sch.get_sblock("matmul")
     i, n, k = sch.get_loops(y)
     if gemv:
@@ -110,18 +116,16 @@ def schedule_gpu_linear(func, target, gemv: bool):
         if has_epilogue:
             sch.reverse_compute_at(sch.get_sblock("epilogue"), tn)
             sch.set_scope(y, 0, "local")
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return _done(sch)
 
 
 def schedule_gpu_embedding(func, target):
-    sch = compiler().s_tir.Schedule(func)
-    if _has_block(sch, "dequant"):
-        sch.compute_inline(sch.get_sblock("dequant"))
+    sch = _open(func, inline_dequant=True)
     t, j = sch.get_loops(sch.get_sblock("embed"))
     bx, tx = sch.split(sch.fuse(t, j), [None, min(256, _max_threads(target))])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return _done(sch)
 
 
 def schedule_kernel(func, target):
