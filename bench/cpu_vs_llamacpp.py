@@ -75,9 +75,14 @@ def ensure_artifact(quant: str) -> Path:
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
 
+    from edgellm.compile import _git_sha
+
     art = CACHE / f"smollm2-host-{quant}"
-    if not (art / "manifest.json").exists():
-        compile_model(CompileArgs(model=None, output=art, quant=quant, runtime=RuntimeOptions(1024, 256)))
+    manifest = art / "manifest.json"
+    stale = not manifest.exists() or json.loads(manifest.read_text()).get("git_sha") != _git_sha()
+    if stale:  # rebuilt whenever the code that built it changed
+        compile_model(CompileArgs(model=None, output=art, quant=quant, runtime=RuntimeOptions(1024, 256),
+                                  overwrite=True))
     return art
 
 
