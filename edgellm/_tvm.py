@@ -38,9 +38,14 @@ def get_global_func(name: str):
     return tvm_ffi.get_global_func(name)
 
 
+def cuda_runtime_lib() -> Path:
+    """TVM's CUDA runtime library (device API + CUDA module loader); it needs the driver, libcuda.so.1."""
+    return Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+
+
 def load_cuda_runtime() -> None:
     """Register the CUDA device API (needed before loading a module with a CUDA fatbin)."""
-    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    lib = cuda_runtime_lib()
     if lib.exists():
         ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
 
@@ -59,10 +64,6 @@ def vm(module, dev):
 
 def tensor(array, dev):
     return runtime.tensor(array, dev)
-
-
-def empty(shape, dtype, dev):
-    return runtime.empty(shape, dtype, dev)
 
 
 # ---- compiler side: imported on first use only -------------------------------------------------------------

@@ -97,12 +97,10 @@ def write_params(root: Path, named: Iterable[tuple[str, np.ndarray]], shard_byte
     return index
 
 
-def file_table(root: Path) -> dict[str, dict]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(root).as_posix()] = {"sha256": sha256_of(p), "bytes": p.stat().st_size}
-    return out
+def file_table(root: Path, skip: str = MANIFEST) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} for every file under root except `skip` (the manifest that lists them)."""
+    return {rel: {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and (rel := p.relative_to(root).as_posix()) != skip}
 
 
 @dataclass

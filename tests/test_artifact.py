@@ -70,3 +70,15 @@ def test_random_weights_mode_runs_without_shards_and_is_explicit(compiled, tmp_p
     assert [tuple(p.shape) for p in eng.params] == [tuple(e["shape"]) for e in index]
     toks = list(eng.generate_ids([1, 2, 3], 4))
     assert len(toks) == 4 and toks == list(Engine(art, random_weights=3).generate_ids([1, 2, 3], 4))
+
+
+def test_score_accepts_one_token_and_the_whole_window(compiled):
+    from edgellm.device_runners.engine import Engine, PromptError, PromptTooLongError
+
+    eng = Engine(compiled("llama", "q0f32"))  # context window 256
+    assert eng.score([1]).shape[0] == 1
+    assert eng.score(list(range(1, 257))).shape[0] == 256
+    with pytest.raises(PromptTooLongError):
+        eng.score(list(range(1, 258)))
+    with pytest.raises(PromptError, match="empty"):
+        eng.score([])

@@ -7,7 +7,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -183,21 +183,24 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     step("load", detail=str(args.model or "embedded SmolLM2"))
     src = open_model(args.model)
     cfg = src.config
-    if args.runtime.context_window > cfg.max_position_embeddings:
-        log.warning("context_window %d > model max_position_embeddings %d; clamping", args.runtime.context_window,
+    runtime = args.runtime
+    if runtime.context_window > cfg.max_position_embeddings:
+        log.warning("context_window %d > model max_position_embeddings %d; clamping", runtime.context_window,
                     cfg.max_position_embeddings)
-        args.runtime.context_window = cfg.max_position_embeddings
-        args.runtime.prefill_chunk = min(args.runtime.prefill_chunk, args.runtime.context_window)
+        window = cfg.max_position_embeddings
+        runtime = replace(runtime, context_window=window, prefill_chunk=min(runtime.prefill_chunk, window))
     model_cls, source_map = get_architecture(cfg)
     target = tgt.tvm()
     with target:
         model = model_cls(cfg, scheme)
-        mod, named_params = model.export_tvm(spec=model.export_spec())
+        spec = model.export_spec()
+        mod, named_params = model.export_tvm(spec=spec)
     params = {name: (tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in named_params}
+    float_shapes = _float_shapes(model)
     smap, unused = source_map(cfg)
     with atomic_dir(args.output, overwrite=args.overwrite) as tmp:
         step("quantize", detail=f"{len(params)} tensors -> {scheme.name}")
-        index = write_params(tmp, convert(src.tensors, smap, unused, params, _float_shapes(model), scheme))
+        index = write_params(tmp, convert(src.tensors, smap, unused, params, float_shapes, scheme))
         step("build", detail=f"{tgt.preset}: {json.dumps(tgt.target_json)}")
         t_build = time.perf_counter()
         from .pipeline import build
@@ -211,7 +214,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         lib_name = _export(ex, tmp, tgt)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)
-        n_params = _count_params(params, _float_shapes(model))
+        n_params = _count_params(params, float_shapes)
         weight_bytes = sum(e["nbytes"] for e in index)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -221,13 +224,13 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "built_on": {"machine": platform.machine(), "system": platform.system()},
             "model": {"arch": cfg.arch, "source": str(src.path), "source_kind": src.kind, "source_sha256": src.sha256,
                       "config": cfg.as_dict(), "params": n_params},
-            "quant": {**scheme.as_dict(), "padding": _padding(_float_shapes(model), scheme)},
+            "quant": {**scheme.as_dict(), "padding": _padding(float_shapes, scheme)},
             "target": tgt.as_dict(),
-            "runtime": asdict(args.runtime),
+            "runtime": asdict(runtime),
             "tokenizer": tok,
             "lib": lib_name,
             "system_lib_prefix": prefix,
-            "functions": list(model.export_spec()),
+            "functions": list(spec),
             "weight_bytes": weight_bytes,
         }
         manifest["files"] = file_table(tmp)

@@ -17,16 +17,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .._tvm import cuda_runtime_lib
+
 log = logging.getLogger("edgellm")
 
 CUDA_ERROR_NO_DEVICE = 100
 _state: dict[str, bool] = {}
-
-
-def _runtime_lib() -> Path:
-    import tvm
-
-    return Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
 
 
 def _driver_symbols(lib: Path) -> list[str]:
@@ -40,7 +36,7 @@ def build_stub_driver(out_dir: Path, lib: Path | None = None) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("building CUDA artifacts without a GPU needs a C compiler (cc/gcc) for the stub driver")
-    syms = _driver_symbols(lib or _runtime_lib())
+    syms = _driver_symbols(lib or cuda_runtime_lib())
     src = out_dir / "cuda_stub.c"
     src.write_text("/* edgellm: stand-in CUDA driver for ahead-of-time builds on machines without a GPU */\n"
                    + "".join(f"int {s}(void) {{ return {CUDA_ERROR_NO_DEVICE}; }}\n" for s in syms))
@@ -76,7 +72,7 @@ def prepare_cuda_build() -> None:
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     import tvm.support.nvcc  # noqa: F401  (registers tvm_callback_cuda_compile, TVM's nvcc hook)
 
-    lib = _runtime_lib()
+    lib = cuda_runtime_lib()
     try:
         ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:

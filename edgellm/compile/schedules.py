@@ -107,9 +107,7 @@ def schedule_gpu_linear(func, target, gemv: bool):
         sch.bind(no, "blockIdx.x")
         sch.bind(ni, "threadIdx.y")
         sch.bind(kl, "threadIdx.x")
-        if has_epilogue:
-            sch.reverse_compute_at(sch.get_sblock("epilogue"), ni)
-            sch.set_scope(y, 0, "local")
+        out_loop = ni  # one output feature per (warp) thread row
     else:
         ty, tx = 4, min(64, _max_threads(target) // 4)
         bi, ti = sch.split(i, [None, ty])
@@ -119,9 +117,10 @@ def schedule_gpu_linear(func, target, gemv: bool):
         sch.bind(bn, "blockIdx.x")
         sch.bind(ti, "threadIdx.y")
         sch.bind(tn, "threadIdx.x")
-        if has_epilogue:
-            sch.reverse_compute_at(sch.get_sblock("epilogue"), tn)
-            sch.set_scope(y, 0, "local")
+        out_loop = tn  # one output per thread
+    if has_epilogue:  # cast/bias per output where it is computed; the fp32 accumulator stays in registers
+        sch.reverse_compute_at(sch.get_sblock("epilogue"), out_loop)
+        sch.set_scope(y, 0, "local")
     return _done(sch)
 
 

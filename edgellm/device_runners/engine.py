@@ -173,23 +173,22 @@ class Engine:
         finally:
             self._remove_seq(self.kv, seq)
 
-    def _check_length(self, n: int) -> None:
+    def _check_length(self, n: int, room: int = 1) -> None:
+        """n tokens in the cache plus `room` more (1 to generate the next one) must fit the context window."""
         if n <= 0:
             raise PromptError("the prompt is empty after tokenization; give at least one token of text")
-        if n >= self.context_window:
+        if n + room > self.context_window:
             raise PromptTooLongError(
-                f"prompt has {n} tokens but the artifact's context window is {self.context_window} "
-                "(and one more is needed to generate); shorten the prompt or recompile with --context-window"
+                f"prompt has {n} tokens but the artifact's context window is {self.context_window}"
+                + (" (and one more is needed to generate)" if room else "")
+                + "; shorten the prompt or recompile with --context-window"
             )
 
     def score(self, ids: list[int]) -> np.ndarray:
         """Logits [n, vocab] for every position of `ids` (teacher forcing), float32."""
-        self._check_length(len(ids) - 1)
-        seq = self._new_sequence()
-        try:
-            return self._prefill(seq, ids, "prefill_logits")[0]
-        finally:
-            self._remove_seq(self.kv, seq)
+        self._check_length(len(ids), room=0)
+        with self.sequence() as seq:
+            return self._prefill(seq.id, ids, "prefill_logits")[0]
 
     # ---- text API ---------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:

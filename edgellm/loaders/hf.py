@@ -10,7 +10,8 @@ import numpy as np
 from safetensors import safe_open
 
 from ..config import ModelConfig
-from . import ModelSource, SourceError, TensorRef, sha256_file
+from ..artifact import sha256_of
+from . import ModelSource, SourceError, TensorRef
 
 
 def _safetensor_files(folder: Path) -> list[Path]:
@@ -83,7 +84,7 @@ def load_hf(folder: Path) -> ModelSource:
     files = _safetensor_files(folder)
     h = hashlib.sha256()
     for f in [cfg_path, *files]:
-        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+        h.update(f"{f.name}:{sha256_of(f)}\n".encode())
     return ModelSource(
         kind="hf",
         path=folder,

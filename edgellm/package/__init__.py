@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..artifact import MANIFEST, Artifact, atomic_dir, sha256_of
+from ..artifact import MANIFEST, Artifact, atomic_dir, file_table, sha256_of
 from ..targets.binfmt import object_format
 from .objects import has_static_init, read_archive, write_archive
 from .templates import android_files, header, ios_modulemap
@@ -140,11 +140,6 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def _files(root: Path, skip: str) -> dict[str, dict]:
-    return {p.relative_to(root).as_posix(): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != skip}
-
-
 def app_config(art: Artifact, spec: PlatformSpec, name: str) -> dict:
     """What the app reads at start: the model, how to find it in the binary, the runtime limits, the files."""
     m = art.manifest
@@ -168,13 +163,13 @@ def write_bundle(art: Artifact, spec: PlatformSpec, name: str, dest: Path) -> No
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(art.root / rel, dest / rel)
     _write_json(dest / APP_CONFIG, app_config(art, spec, name))
-    _write_json(dest / BUNDLE_MANIFEST, {"format": "edgellm-bundle", "version": 1, "files": _files(dest, BUNDLE_MANIFEST)})
+    _write_json(dest / BUNDLE_MANIFEST, {"format": "edgellm-bundle", "version": 1, "files": file_table(dest, BUNDLE_MANIFEST)})
 
 
 def verify_bundle(bundle: Path) -> None:
     """Raise PackageError naming the first file whose size or sha256 differs from bundle-manifest.json."""
     listed = json.loads((bundle / BUNDLE_MANIFEST).read_text())["files"]
-    actual = _files(bundle, BUNDLE_MANIFEST)
+    actual = file_table(bundle, BUNDLE_MANIFEST)
     for rel in sorted(set(listed) | set(actual)):
         if listed.get(rel) != actual.get(rel):
             state = "missing" if rel not in actual else "unlisted" if rel not in listed else "changed"
@@ -267,7 +262,7 @@ def package_artifact(args: PackageArgs) -> PackageResult:
             "bundle": bundle.relative_to(tmp).as_posix(),
             "artifact": {"manifest_sha256": sha256_of(art.root / MANIFEST), "target": m["target"]["preset"],
                          "model": m["model"]["arch"], "scheme": m["quant"]["scheme"]},
-            "files": _files(tmp, PACKAGE_MANIFEST),
+            "files": file_table(tmp, PACKAGE_MANIFEST),
         })
         rels = (lib.relative_to(tmp), bundle.relative_to(tmp), hdr.relative_to(tmp))
     out = args.output
@@ -280,7 +275,7 @@ def verify_package(root: Path) -> dict:
     """Check every file of a package against edgellm-package.json and its bundle; return the package manifest."""
     root = Path(root)
     pm = json.loads((root / PACKAGE_MANIFEST).read_text())
-    actual = _files(root, PACKAGE_MANIFEST)
+    actual = file_table(root, PACKAGE_MANIFEST)
     if actual != pm["files"]:
         bad = sorted(k for k in set(actual) | set(pm["files"]) if actual.get(k) != pm["files"].get(k))
         raise PackageError(f"package {root}: files differ from {PACKAGE_MANIFEST}: {bad[:5]}; repackage it")

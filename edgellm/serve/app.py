@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import Request
 
 from ..device_runners.batch import BatchScheduler, Failed, Finished, GenRequest, QueueFullError, Token
-from ..device_runners.engine import Engine, PromptTooLongError
+from ..device_runners.engine import Engine, PromptError, PromptTooLongError
 from ..device_runners.text import ChatTemplateError
 from .protocol import ParsedRequest, RequestError, parse_chat, parse_completion
 from .reasoning import ReasoningParser, starts_in_reasoning
@@ -231,6 +231,8 @@ class Server:
             self.scheduler.submit(gen)
         except PromptTooLongError as exc:
             raise RequestError(str(exc), code="context_length_exceeded") from None
+        except PromptError as exc:  # an empty prompt
+            raise RequestError(str(exc), "prompt") from None
         except ValueError as exc:
             raise RequestError(str(exc), "max_tokens") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
