@@ -176,6 +176,8 @@ class Artifact:
                 a = np.ones(shape, dt)
             elif e["name"].endswith("q_scale"):
                 a = (rng.random(shape) * 0.004 + 0.001).astype(dt)
+            elif e["name"].endswith("q_min"):  # asymmetric grid: about -7.5 scales, so weights centre on zero
+                a = (-(rng.random(shape) * 0.03 + 0.0075)).astype(dt)
             else:
                 a = (rng.standard_normal(shape) * 0.02).astype(dt)
             yield e, a

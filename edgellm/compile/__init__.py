@@ -34,6 +34,9 @@ class CompileArgs:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     dump_ir: Path | None = None
     overwrite: bool = False
+    # benchmark builds of models too big to ship: params/index.json lists shapes and dtypes, no shard is written,
+    # and the artifact runs only with Engine(random_weights=SEED). Never the default.
+    shapes_only: bool = False
 
     def display(self) -> str:
         d = asdict(self)
@@ -88,6 +91,10 @@ def _float_shapes(model) -> dict[str, tuple[int, int]]:
 def _scheme_for(tgt: ResolvedTarget, scheme_name: str):
     """The scheme to build: an fp16 scheme on a target with fp16 off falls back to its fp32 twin, logged."""
     scheme = get_scheme(scheme_name)
+    if scheme.cpu_only and tgt.target_json.get("kind") != "llvm":
+        raise ValueError(f"quantization scheme {scheme.name} has CPU kernels only (int8 activations with integer dot "
+                         f"products); target {tgt.preset} is {tgt.target_json.get('kind')}: use --quant "
+                         f"{tgt.default_quant} (or q4f16_1 / q4f32_1) for it")
     if scheme.act_dtype == "float16" and not tgt.features.get("fp16", True):
         twin = get_scheme(scheme_name.replace("f16", "f32"))
         log.warning("target %s has fp16 off: building %s instead of %s (same weight format, fp32 activations)",
@@ -200,7 +207,10 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     smap, unused = source_map(cfg)
     with atomic_dir(args.output, overwrite=args.overwrite) as tmp:
         step("quantize", detail=f"{len(params)} tensors -> {scheme.name}")
-        index = write_params(tmp, convert(src.tensors, smap, unused, params, float_shapes, scheme))
+        if args.shapes_only:
+            index = _shape_index(tmp, params)
+        else:
+            index = write_params(tmp, convert(src.tensors, smap, unused, params, float_shapes, scheme))
         step("build", detail=f"{tgt.preset}: {json.dumps(tgt.target_json)}")
         t_build = time.perf_counter()
         from .pipeline import build
@@ -232,12 +242,22 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "system_lib_prefix": prefix,
             "functions": list(spec),
             "weight_bytes": weight_bytes,
+            "shapes_only": args.shapes_only,
         }
         manifest["files"] = file_table(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
                          build_seconds, time.perf_counter() - t_start, art_bytes)
+
+
+def _shape_index(root: Path, params: dict) -> list[dict]:
+    """params/index.json with every parameter's name, shape, dtype and size, and no shard (shapes-only builds)."""
+    index = [{"name": name, "shape": list(shape), "dtype": dtype, "shard": None, "offset": 0,
+              "nbytes": int(np.prod(shape)) * np.dtype(dtype).itemsize} for name, (shape, dtype) in params.items()]
+    (root / "params").mkdir(parents=True, exist_ok=True)
+    (root / "params" / "index.json").write_text(json.dumps({"params": index}, indent=1))
+    return index
 
 
 def _count_params(params: dict, float_shapes: dict) -> int:
@@ -247,7 +267,7 @@ def _count_params(params: dict, float_shapes: dict) -> int:
         if name.endswith(".q_weight"):
             out_f, in_f = float_shapes[name[: -len("q_weight")] + "weight"]
             total += out_f * in_f
-        elif not name.endswith(".q_scale"):
+        elif not name.endswith((".q_scale", ".q_min")):
             total += int(np.prod(shape))
     return total
 

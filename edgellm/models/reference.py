@@ -41,8 +41,12 @@ def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + eps) * w).astype(np.float32)
 
 
-def forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
-    """Logits [s, vocab] for a whole sequence from position 0 (causal)."""
+def forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int], linear=None) -> np.ndarray:
+    """Logits [s, vocab] for a whole sequence from position 0 (causal).
+
+    `linear(x, name)` computes x @ W^T for the weight `name` (default: float matmul on w[name]); schemes whose
+    kernels quantize activations pass `int8_linear(artifact)`."""
+    mm = linear or (lambda x, name: x @ w[name].T)
     h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     x = w["model.embed_tokens.weight"][np.asarray(ids)].astype(np.float32)  # [s, hidden]
     s = x.shape[0]
@@ -51,7 +55,7 @@ def forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) -> np.nd
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         y = _rms(x, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps)
-        qkv = y @ w[f"{p}.self_attn.qkv_proj.weight"].T
+        qkv = mm(y, f"{p}.self_attn.qkv_proj.weight")
         if cfg.attention_bias:
             qkv = qkv + w[f"{p}.self_attn.qkv_proj.bias"]
         qkv = qkv.reshape(s, h + 2 * kv, d)
@@ -61,13 +65,13 @@ def forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int]) -> np.nd
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         o = np.einsum("hqk,khd->qhd", att, v).reshape(s, h * d)
-        x = x + o @ w[f"{p}.self_attn.o_proj.weight"].T
+        x = x + mm(o, f"{p}.self_attn.o_proj.weight")
         y = _rms(x, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        gate, up = np.split(y @ w[f"{p}.mlp.gate_up_proj.weight"].T, 2, axis=-1)
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+        gate, up = np.split(mm(y, f"{p}.mlp.gate_up_proj.weight"), 2, axis=-1)
+        x = x + mm(gate / (1 + np.exp(-gate)) * up, f"{p}.mlp.down_proj.weight")
     x = _rms(x, w["model.norm.weight"], cfg.rms_norm_eps)
-    head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-    return (x @ head.T).astype(np.float32)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    return mm(x, head).astype(np.float32)
 
 
 def float_weights(artifact) -> dict[str, np.ndarray]:
@@ -84,10 +88,26 @@ def float_weights(artifact) -> dict[str, np.ndarray]:
     for name, arr in raw.items():
         if name.endswith(".q_weight"):
             base = name[: -len(".q_weight")]
-            out[f"{base}.weight"] = dequantize(arr, raw[f"{base}.q_scale"], in_of(base), scheme)
-        elif not name.endswith(".q_scale"):
+            out[f"{base}.weight"] = dequantize(arr, raw[f"{base}.q_scale"], in_of(base), scheme, raw.get(f"{base}.q_min"))
+        elif not name.endswith((".q_scale", ".q_min")):
             out[name] = arr.astype(np.float32)
     return out
+
+
+def int8_linear(artifact):
+    """The `linear` hook of `forward` for a scheme with int8 activations: exactly what its CPU kernels compute
+    (bias excluded; forward adds it), on the artifact's packed weights (quant.reference.linear_int8)."""
+    from ..quant import get_scheme
+    from ..quant.reference import linear_int8
+
+    scheme = get_scheme(artifact.manifest["quant"]["scheme"])
+    raw = {e["name"]: np.asarray(a) for e, a in artifact.iter_params()}
+
+    def linear(x: np.ndarray, name: str) -> np.ndarray:
+        base = name[: -len(".weight")]
+        return linear_int8(x, raw[f"{base}.q_weight"], raw[f"{base}.q_scale"], raw.get(f"{base}.q_min"), scheme)
+
+    return linear
 
 
 def _in_features(cfg: ModelConfig):

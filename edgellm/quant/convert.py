@@ -2,7 +2,7 @@
 
 One generic routine for every architecture: the model file supplies `source_map` (edgellm float name -> HF names
 concatenated on axis 0); this module concatenates, checks shape, and quantizes `X.weight` into `X.q_weight` +
-`X.q_scale` where the model asks for them.
+`X.q_scale` (+ `X.q_min` for asymmetric schemes) where the model asks for them.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from . import reference
 from .schemes import QuantScheme
 
 
+QUANT_LEAVES = ("q_weight", "q_scale", "q_min")  # the order reference.quantize returns them in
+
+
 class WeightMapError(ValueError):
     """A source tensor that is unmapped, missing or mis-shaped; the message names it."""
 
 
 def _float_target(name: str, params: dict) -> tuple[str, str]:
-    """model parameter name -> (float source name, role) where role is dense | q_weight | q_scale."""
+    """model parameter name -> (float source name, role) where role is dense | q_weight | q_scale | q_min."""
     base, leaf = name.rsplit(".", 1)
-    if leaf in ("q_weight", "q_scale"):
+    if leaf in QUANT_LEAVES:
         return f"{base}.weight", leaf
     return name, "dense"
 
@@ -80,12 +83,10 @@ def convert(
             if role == "dense":
                 arr = w.astype(dtype)
             else:
-                q_weight, q_scale = reference.quantize(w.astype(np.float32), scheme)
+                parts = dict(zip(QUANT_LEAVES, reference.quantize(w.astype(np.float32), scheme)))
                 base = src_name[: -len(".weight")]
-                done[f"{base}.q_scale" if role == "q_weight" else f"{base}.q_weight"] = (
-                    q_scale if role == "q_weight" else q_weight
-                )
-                arr = q_weight if role == "q_weight" else q_scale
+                arr = parts.pop(role)
+                done.update({f"{base}.{leaf}": a for leaf, a in parts.items()})
         if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
             raise WeightMapError(f"{name}: produced {arr.dtype}{tuple(arr.shape)}, model expects {dtype}{tuple(shape)}")
         yield name, np.ascontiguousarray(arr)

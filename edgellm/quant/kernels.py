@@ -23,17 +23,27 @@ def _decode_weight(te, scheme: QuantScheme, out_f: int, in_f: int):
     kp, g, per = scheme.padded_in(in_f), scheme.group_size, scheme.elems_per_word
     qw = te.placeholder((out_f, kp // per), "uint32", "q_weight")
     qs = te.placeholder((out_f, kp // g), scheme.scale_dtype, "q_scale")
+    qm = te.placeholder((out_f, kp // g), scheme.scale_dtype, "q_min") if scheme.zero_point else None
 
     def deq(n, k):
         shift = ((k % per) * scheme.bits).astype("uint32")
         nib = (qw[n, k // per] >> shift) & ((1 << scheme.bits) - 1)
+        if qm is not None:
+            return nib.astype(ACC) * qs[n, k // g].astype(ACC) + qm[n, k // g].astype(ACC)
         return (nib.astype(ACC) - float(scheme.qmax)) * qs[n, k // g].astype(ACC)
 
-    return [qw, qs], te.compute((out_f, in_f), deq, name="dequant")
+    return [qw, qs] + ([qm] if qm is not None else []), te.compute((out_f, in_f), deq, name="dequant")
 
 
 def linear(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, out_dtype: str, bias: bool):
-    """y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]); rows=None gives a symbolic row count."""
+    """y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]); rows=None gives a symbolic row count.
+
+    Schemes with int8 activations get the integer dot-product kernel of cpu_kernels (already scheduled for the
+    current target); every other scheme gets this TE kernel, scheduled later by compile/schedules.py."""
+    if scheme.act_quant == "int8":
+        from .cpu_kernels import linear_int8
+
+        return linear_int8(rows, in_f, out_f, scheme, bias)
     c = compiler()
     te, tirx = c.te, c.tirx
     m = tirx.Var("m", "int64") if rows is None else rows

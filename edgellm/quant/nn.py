@@ -1,7 +1,8 @@
 """Weight-carrying layers for tvm.relax.frontend.nn that store weights in a scheme's format.
 
 Models build their projections from these two classes; quantizing a model is choosing the scheme, never editing the
-model file. Parameter names: `weight` (q0 schemes) or `q_weight` + `q_scale` (q4 schemes), plus `bias`.
+model file. Parameter names: `weight` (q0 schemes) or `q_weight` + `q_scale` (q4 schemes; asymmetric ones add
+`q_min`), plus `bias`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ def _weight_params(module, out_f: int, in_f: int, scheme: QuantScheme) -> None:
         kp = scheme.padded_in(in_f)
         module.q_weight = nn.Parameter((out_f, kp // scheme.elems_per_word), "uint32")
         module.q_scale = nn.Parameter((out_f, kp // scheme.group_size), scheme.scale_dtype)
+        if scheme.zero_point:
+            module.q_min = nn.Parameter((out_f, kp // scheme.group_size), scheme.scale_dtype)
     else:
         module.weight = nn.Parameter((out_f, in_f), scheme.weight_dtype)
 
 
 def _weights(module, scheme: QuantScheme) -> list:
-    return [module.q_weight, module.q_scale] if scheme.quantized else [module.weight]
+    if not scheme.quantized:
+        return [module.weight]
+    return [module.q_weight, module.q_scale] + ([module.q_min] if scheme.zero_point else [])
 
 
 def linear_call(x, weights: list, in_f: int, out_f: int, scheme: QuantScheme, bias=None):

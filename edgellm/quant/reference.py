@@ -7,8 +7,9 @@ import numpy as np
 from .schemes import QuantScheme
 
 
-def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
-    """w: float [out, in] -> (q_weight uint32 [out, in_pad/8], q_scale [out, in_pad/group])."""
+def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
+    """w: float [out, in] -> (q_weight uint32 [out, in_pad/8], q_scale [out, in_pad/group]) for symmetric rows,
+    plus q_min [out, in_pad/group] for asymmetric (zero_point) rows."""
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2-D [out, in] weight, got shape {w.shape}")
     out_f, in_f = w.shape
@@ -18,11 +19,25 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray
         w = np.pad(w, ((0, 0), (0, in_pad - in_f)))
     g = scheme.group_size
     groups = w.reshape(out_f, in_pad // g, g)
+    if scheme.zero_point:
+        return _quantize_asym(groups, scheme)
     scale = np.abs(groups).max(axis=2) / scheme.qmax  # [out, in_pad/g]
     scale = scale.astype(scheme.scale_dtype)
     safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, :, None]
     q = np.clip(np.round(groups / safe) + scheme.qmax, 0, 2 * scheme.qmax).astype(np.uint32)
     return pack_nibbles(q.reshape(out_f, in_pad)), scale
+
+
+def _quantize_asym(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min/max grid per group (GGUF Q4_1): scale = (max - min) / 15, q = round((w - min) / scale)."""
+    out_f = groups.shape[0]
+    lo, hi = groups.min(axis=2), groups.max(axis=2)
+    scale = ((hi - lo) / scheme.levels).astype(scheme.scale_dtype)
+    qmin = lo.astype(scheme.scale_dtype)
+    s32 = scale.astype(np.float32)[:, :, None]
+    safe = np.where(s32 == 0, 1, s32)
+    q = np.clip(np.rint((groups - qmin.astype(np.float32)[:, :, None]) / safe), 0, scheme.levels).astype(np.uint32)
+    return pack_nibbles(q.reshape(out_f, -1)), scale, qmin
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -40,8 +55,44 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return q.reshape(packed.shape[0], -1).astype(np.uint8)
 
 
-def dequantize(q_weight: np.ndarray, q_scale: np.ndarray, in_features: int, scheme: QuantScheme) -> np.ndarray:
+def dequantize(q_weight: np.ndarray, q_scale: np.ndarray, in_features: int, scheme: QuantScheme,
+               q_min: np.ndarray | None = None) -> np.ndarray:
     """Inverse of `quantize`: -> float32 [out, in_features] (padding dropped)."""
+    g = scheme.group_size
+    scale = np.repeat(q_scale.astype(np.float32), g, axis=1)
+    if scheme.zero_point:
+        if q_min is None:
+            raise ValueError(f"scheme {scheme.name} is asymmetric: dequantize needs q_min")
+        q = unpack_nibbles(q_weight).astype(np.float32)
+        return (q * scale + np.repeat(q_min.astype(np.float32), g, axis=1))[:, :in_features]
     q = unpack_nibbles(q_weight).astype(np.float32) - scheme.qmax
-    scale = np.repeat(q_scale.astype(np.float32), scheme.group_size, axis=1)
     return (q * scale)[:, :in_features]
+
+
+def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 [m, k] (k % group_size == 0) -> (int8 [m, k], scale float32 [m, k/group]) with
+    d = max|x_g| / 127 and xq = rint(x * (127 / max|x_g|)) (0 for an all-zero group): the int8 linear kernels'
+    first stage, bit for bit."""
+    m, k = x.shape
+    xg = x.astype(np.float32).reshape(m, k // group_size, group_size)
+    amax = np.abs(xg).max(axis=2)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    xq = np.rint(xg * inv.astype(np.float32)[:, :, None]).astype(np.int8)
+    return xq.reshape(m, k), (amax / np.float32(127)).astype(np.float32)
+
+
+def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min: np.ndarray | None,
+                scheme: QuantScheme) -> np.ndarray:
+    """What an `act_quant="int8"` linear kernel computes, x float32 [m, in] -> [m, out]:
+    sum_g scale_g * d_g * (nibbles . xq)_g + min_g * sum(x_g) (symmetric rows: min_g = -qmax * scale_g)."""
+    g = scheme.group_size
+    out_f = q_weight.shape[0]
+    kp = q_weight.shape[1] * 8
+    x = np.pad(x.astype(np.float32), ((0, 0), (0, kp - x.shape[1])))
+    xq, xd = quantize_activations(x, g)
+    q = unpack_nibbles(q_weight).astype(np.int32).reshape(out_f, kp // g, g)
+    idot = np.einsum("mgk,ngk->mng", xq.reshape(x.shape[0], kp // g, g).astype(np.int32), q).astype(np.float32)
+    scale = q_scale.astype(np.float32)
+    qmin = q_min.astype(np.float32) if scheme.zero_point else -float(scheme.qmax) * scale
+    xsum = x.reshape(x.shape[0], kp // g, g).sum(axis=2)
+    return (idot * scale[None] * xd[:, None, :]).sum(axis=2) + xsum @ qmin.T

@@ -1,0 +1,111 @@
+"""The int8-activation CPU linear kernels (quant/cpu_kernels.py): every dot-product path against numpy.
+
+Each x86 path runs here when this CPU has its instructions (the test names the path it expects, so a silent
+fallback to a slower path fails); the AArch64 paths are built and checked for their instructions (running them
+under qemu is tests/test_targets.py's job).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgellm.quant import get_scheme
+from edgellm.quant import reference as ref
+
+X86 = "x86_64-linux-gnu"
+A64 = "aarch64-linux-gnu"
+
+
+def _target(mcpu: str, triple: str = X86):
+    import tvm
+
+    t = {"kind": "llvm", "mcpu": mcpu, "mtriple": triple}
+    if triple == A64:
+        t["mattr"] = ["+neon"]
+    return tvm.target.Target(t)
+
+
+def _host_has(features: list[str]) -> bool:
+    from edgellm.targets import resolve
+
+    import tvm
+
+    host = resolve("host").tvm()
+    return all(bool(tvm.target.codegen.target_has_features(f, host)) for f in features)
+
+
+def _build(target, rows, in_f, out_f, scheme, bias):
+    import tvm
+
+    from edgellm.quant.cpu_kernels import linear_int8
+
+    func = linear_int8(rows, in_f, out_f, scheme, bias, target=target)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    return func, lib
+
+
+# (mcpu, in_features, expected path, host features needed to run it)
+PATHS = [
+    ("znver4", 1024, "vnnix16", ["avx512vnni", "avx512vl"]),
+    ("znver4", 576, "vnnix8", ["avx512vnni", "avx512vl"]),
+    ("znver4", 96, "vnnix4", ["avx512vnni", "avx512vl"]),
+    ("skylake-avx512", 1024, "pmaddx16", ["avx512bw"]),
+    ("haswell", 576, "pmaddx8", ["avx2"]),
+    ("x86-64-v2", 96, "pmaddx4", ["ssse3"]),
+    ("x86-64", 576, "genericx4", []),
+]
+
+
+@pytest.mark.parametrize("scheme_name", ["q4f32_2", "q4f32_1"])
+@pytest.mark.parametrize("mcpu,in_f,path,needs", PATHS, ids=[f"{p[0]}-{p[2]}" for p in PATHS])
+@pytest.mark.parametrize("rows,out_f,bias", [(1, 24, False), (None, 13, True)])
+def test_dot_path_matches_numpy(scheme_name, mcpu, in_f, path, needs, rows, out_f, bias):
+    import tvm
+
+    scheme = get_scheme(scheme_name)  # q4f32_1's symmetric grid through the same kernel: min = -7 * scale
+    func, lib = _build(_target(mcpu), rows, in_f, out_f, scheme, bias)
+    assert func.attrs["edgellm.dot"] == path
+    if not _host_has(needs):
+        pytest.skip(f"this CPU lacks {needs}: built only")
+    m = 1 if rows == 1 else 6  # 6 = one block of 4 rows of x + 2 tail rows in the GEMM
+    rng = np.random.default_rng(in_f + out_f)
+    x = (rng.standard_normal((m, in_f)) * rng.uniform(0.1, 3, (m, 1))).astype(np.float32)
+    x[0, : min(32, in_f)] = 0  # an all-zero activation group
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    b = rng.standard_normal(out_f).astype(np.float32)
+    parts = ref.quantize(w, scheme)
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((m, out_f), "float32", dev)
+    args = [x, *parts] + ([b] if bias else [])
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    qm = parts[2] if scheme.zero_point else None
+    expect = ref.linear_int8(x, parts[0], parts[1], qm, scheme) + (b if bias else 0)
+    np.testing.assert_allclose(out.numpy(), expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+
+
+def test_int8_kernel_is_close_to_the_float_product():
+    """Quantizing activations to int8 per group of 32 costs about 1% relative error on a random layer."""
+    s = get_scheme("q4f32_2")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 576)).astype(np.float32)
+    qw, qs, qm = ref.quantize(rng.standard_normal((64, 576)).astype(np.float32), s)
+    exact = x @ ref.dequantize(qw, qs, 576, s, qm).T
+    got = ref.linear_int8(x, qw, qs, qm, s)
+    assert np.abs(got - exact).max() / np.abs(exact).max() < 0.02
+
+
+@pytest.mark.parametrize("mcpu,path,instr", [("cortex-a76", "sdotx4", "sdot"), ("cortex-a72", "genericx4", "mul")])
+def test_aarch64_paths_build_with_their_instructions(mcpu, path, instr):
+    func, lib = _build(_target(mcpu, A64), 1, 576, 64, get_scheme("q4f32_2"), False)
+    assert func.attrs["edgellm.dot"] == path
+    asm = lib.mod.inspect_source("asm")
+    assert f"\t{instr}\t" in asm
+
+
+def test_int8_scheme_refuses_gpu_targets(tmp_path):
+    from edgellm.compile import CompileArgs, compile_model
+
+    with pytest.raises(ValueError, match="q4f32_2 has CPU kernels only.*--quant"):
+        compile_model(CompileArgs(model=None, output=tmp_path / "a", target="cuda-sm90", quant="q4f32_2"))
+    assert not (tmp_path / "a").exists()
