@@ -76,8 +76,11 @@ def compiler():
 
         from tvm import relax, s_tir, te, tirx
         from tvm.relax.frontend import nn
+        from tvm.relax.frontend.nn.llm import kv_cache as llm_kv_cache
+        from tvm.relax.frontend.nn.llm import position_embedding as llm_rope
         from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
         from tvm.s_tir import dlight
+        from tvm.script import tirx as T
         from tvm.target import Target
     except Exception as exc:  # pragma: no cover - exercised only on runtime-only installs
         raise RuntimeError(
@@ -87,4 +90,5 @@ def compiler():
     return SimpleNamespace(
         tvm=tvm, relax=relax, s_tir=s_tir, te=te, tirx=tirx, nn=nn, dlight=dlight, Target=Target,
         PagedKVCache=PagedKVCache, TIRPagedKVCache=TIRPagedKVCache, RopeMode=RopeMode,
+        T=T, llm_kv_cache=llm_kv_cache, llm_rope=llm_rope,  # TVMScript (our kernels); TVM's KV-cache/RoPE builders
     )

@@ -44,15 +44,20 @@ def phases(target) -> list[tuple[str, list]]:
         # do the O(hidden) work.
         dlight_rules = [c.dlight.cpu.GEMV()]
         lib = backend.cpu_generic
+        # Chains of reshapes (linear output -> [b, s, h, d] -> the cache's [b*s, h, d], and back) collapse to one
+        # before FuseOps would fuse each chain into a copy kernel (2 per layer, each with VM alloc/free
+        # instructions); a lone reshape becomes a view in lower-dataflow.
+        early_views = [rt.RemoveRedundantReshape()]
     else:
         dl = c.dlight.gpu
         # dl.gpu.Matmul is left out: its tensorize step segfaults on Metal, and on CUDA with fp16 (TVM_NOTES)
         dlight_rules = [dl.GEMV(), dl.LowBatchGEMV(), dl.Reduction(), dl.GeneralReduction(), dl.Fallback()]
         lib = backend.cuda if target.kind.name == "cuda" else backend.gpu_generic
+        early_views = []
     return [
         ("fuse-transpose-matmul", [rt.FuseTransposeMatmul()]),
         ("dispatch", list(lib.library_dispatch_passes(target))),
-        ("legalize", [rt.LegalizeOps(), rt.AnnotateTIROpPattern(), rt.FoldConstant()]),
+        ("legalize", [*early_views, rt.LegalizeOps(), rt.AnnotateTIROpPattern(), rt.FoldConstant()]),
         ("fuse", [rt.FuseOps(), rt.FuseTIR(), rt.DeadCodeElimination()]),
         ("schedule", [_schedule_own_kernels(target), c.dlight.ApplyDefaultSchedule(*dlight_rules)]),
         ("lower-dataflow", [rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(),

@@ -10,6 +10,8 @@ from .._tvm import compiler
 from ..config import ModelConfig
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
+from .cpu_math import silu
+from .kv_cache import paged_kv_cache
 
 c = compiler()
 nn, te, tirx, rx = c.nn, c.te, c.tirx, c.relax
@@ -35,8 +37,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, cfg.hidden_size, scheme, dtype)
 
     def forward(self, x):
-        gate, up = nn.op.split(self.gate_up_proj(x), 2, axis=-1)  # [b, s, inter] each
-        return self.down_proj(nn.op.silu(gate) * up)
+        return self.down_proj(_silu_mul(self.gate_up_proj(x), self.inter))
 
 
 class DecoderLayer(nn.Module):
@@ -63,6 +64,25 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i)
         return self.norm(x)
+
+
+def _silu_mul(gate_up, inter: int):
+    """[b, s, 2 inter] -> silu(gate) * up [b, s, inter].
+
+    On CPU one kernel with a vectorizable exp (cpu_math.silu); LLVM's exp is a libm call per element there.
+    """
+    target = c.Target.current()
+    if target is None or target.kind.name != "llvm":
+        gate, up = nn.op.split(gate_up, 2, axis=-1)  # [b, s, inter] each
+        return nn.op.silu(gate) * up
+
+    def f(x):
+        b, s, _ = x.shape
+        return te.compute((b, s, inter), lambda i, j, k: (silu(x[i, j, k].astype("float32"))
+                                                          * x[i, j, inter + k].astype("float32")).astype(x.dtype),
+                          name="silu_mul")
+
+    return nn.op.tensor_expr_op(f, "silu_mul", [gate_up])
 
 
 def _last_token(x):
@@ -104,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
     def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                   support_sliding_window):
         cfg = self.cfg
-        return c.TIRPagedKVCache(
+        return paged_kv_cache(  # TVM's TIRPagedKVCache, with our CPU decode attention and RoPE kernels
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
