@@ -2,9 +2,12 @@
 
   .device/site/tvm       the TVM runtime only (no libtvm_compiler.so, no 3rdparty/include/src)
   .device/site/tvm_ffi   apache-tvm-ffi unpacked from the wheel for the GPU machine's Python (3.12 by default)
-  .device/art/*          artifacts built here for the GPU's arch; big models travel without weight shards and
-                         run with the runner's explicit random-weights mode
-  .device/ckpt/*         tiny HF checkpoints for the transformers reference on the GPU
+  .device/art/*          artifacts built here for the GPU's arch: tiny models with weights (correctness), and the
+                         SmolLM2-135M, Llama-3.2-1B and Llama-3-8B shapes built with shapes only (no weights: the
+                         runner generates random ones on the GPU machine, an explicit benchmark-only mode)
+  .device/ckpt/*         tiny HF checkpoints for the transformers reference on the GPU; config.json of each shape
+  .device/kernels.so     standalone INT4 GEMV kernels at Llama-3-8B shapes (new and previous schedule), checked
+                         against numpy and timed one by one on the GPU
 
 Usage: python bench/gpu_prepare.py [--arch sm_90] [--python 3.12]; then run bench/gpu_run.py there with
 PYTHONPATH=.device/site:. (see docs/benchmarks/h100.md).
@@ -50,7 +53,43 @@ def fetch_tvm_ffi(dst: Path, python: str) -> None:
                     z.extract(name, dst)
 
 
-def build_artifacts(arch: str) -> None:
+# Hugging Face config.json of each benchmarked shape (the published models' configs; weights are never needed)
+_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, attention_bias=False, torch_dtype="bfloat16")
+SHAPES = {
+    "smollm2-135m": dict(_LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+    "llama-3.2-1b": dict(_LLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                         tie_word_embeddings=True, max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+                       max_position_embeddings=8192),
+}
+# decode GEMVs of Llama-3-8B (in, out): qkv, o, gate_up, down, lm_head
+GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+GEMV_VARIANTS = [(4, 1), (8, 1), (2, 2), (8, 2), (4, 4)]  # (warps per block, rows per warp) tried beside the default
+
+
+def shape_folder(name: str) -> Path:
+    """config.json + a small tokenizer + an empty safetensors: what the HF loader needs for a shapes-only build."""
+    import json
+
+    from safetensors.numpy import save_file
+    from tiny_models import _tokenizer
+
+    folder = OUT / "ckpt" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(SHAPES[name], indent=1))
+    save_file({}, str(folder / "model.safetensors"))
+    _tokenizer(folder, 320)
+    return folder
+
+
+def build_artifacts(arch: str, shapes: list[str]) -> None:
     from tiny_models import make_checkpoint
 
     from edgellm.compile import CompileArgs, compile_model
@@ -61,23 +100,52 @@ def build_artifacts(arch: str) -> None:
     for scheme in ("q0f16", "q4f16_1", "q0f32"):
         compile_model(CompileArgs(model=str(ckpt), output=OUT / "art" / f"tiny-{scheme}", target=preset, quant=scheme,
                                   runtime=RuntimeOptions(256, 128, 16, 4)))
-    smol = OUT / "art" / "smollm2-q4f16_1"
-    compile_model(CompileArgs(model=None, output=smol, target=preset, quant="q4f16_1",
-                              runtime=RuntimeOptions(1024, 512, 16, 4)))
-    for shard in (smol / "params").glob("shard_*.bin"):  # weights stay behind; random-weights mode there
-        shard.unlink()
+    for name in shapes:  # shapes only: the runner generates random weights there (explicit benchmark mode)
+        compile_model(CompileArgs(model=str(shape_folder(name)), output=OUT / "art" / f"{name}-q4f16_1", target=preset,
+                                  quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
+
+
+def build_gemv_kernels(arch: str) -> None:
+    """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights): `new_IN_OUT` (quant/gpu_kernels.py
+    and its schedule as the pipeline picks it), `wWrR_IN_OUT` (W warps per block, R rows per warp), `old_IN_OUT`
+    (kernels.linear with the generic GPU schedule) and `gemm_IN_OUT` (the tiled prefill GEMM, symbolic rows)."""
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.compile.gpu_schedules import schedule_gpu_int4_gemv, schedule_gpu_linear, schedule_gpu_tiled_gemm
+    from edgellm.quant import gpu_kernels, kernels
+    from edgellm.quant.schemes import get_scheme
+    from edgellm.targets import resolve
+
+    target = resolve(f"cuda-{arch.replace('_', '')}").tvm()
+    scheme = get_scheme("q4f16_1")
+    funcs = {}
+    for k, n in GEMV_SHAPES:
+        funcs[f"new_{k}_{n}"] = schedule_gpu_int4_gemv(gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False),
+                                                       target)
+        for warps, rows in GEMV_VARIANTS:
+            funcs[f"w{warps}r{rows}_{k}_{n}"] = schedule_gpu_int4_gemv(
+                gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target, warps, rows)
+        funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)
+        funcs[f"gemm_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False), target)
+    prepare_cuda_build()
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        tvm.compile(mod, target=target).export_library(str(OUT / "kernels.so"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--python", default="3.12")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="model shapes to build (comma-separated)")
     args = ap.parse_args()
     shutil.rmtree(OUT, ignore_errors=True)
     (OUT / "site").mkdir(parents=True)
     copy_runtime_tvm(OUT / "site")
     fetch_tvm_ffi(OUT / "site", args.python)
-    build_artifacts(args.arch)
+    build_artifacts(args.arch, [x for x in args.shapes.split(",") if x])
+    build_gemv_kernels(args.arch)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{OUT}: {total / 2**20:.1f} MiB")
     if total > 60 * 2**20:

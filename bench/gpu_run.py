@@ -1,12 +1,20 @@
 """Run on a CUDA GPU machine prepared by bench/gpu_prepare.py (PYTHONPATH=.device/site:.).
 
-Checks correctness against transformers on the same GPU and the numpy reference, then benchmarks the SmolLM2
-shape with random weights, measures the device copy bandwidth in the same run, and times HF transformers fp16
-decode on the same shape. Writes $OUT/gpu.json (or ./gpu.json) and prints a table.
+In one process, each step reporting and going on when another fails (device time is scarce):
+  1. correctness: tiny Llama q0f32/q0f16 logits and greedy tokens vs transformers on the same GPU; q4f16_1 vs the
+     numpy model on the dequantized weights; the standalone INT4 GEMV kernels vs numpy at Llama-3-8B shapes;
+  2. device copy bandwidth (the bandwidth fractions' denominator, measured in this run);
+  3. per model shape (SmolLM2-135M, Llama-3.2-1B, Llama-3-8B; q4f16_1 with random weights, an explicit
+     benchmark-only mode): a torch.profiler (CUPTI) trace of decode steps, kernel by kernel, and whether CUDA
+     graphs replay; pp128, pp512, tg128;
+  4. HF transformers fp16 (random init on the GPU) on the same shapes: pp128, pp512, tg128.
+Writes $OUT/gpu.json (or ./gpu.json) and prints a table.  Usage: bench/gpu_run.py [--models a,b] [--skip-hf]
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
 import sys
@@ -19,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / ".device"
 PROMPT = [1, 5, 7, 100, 42, 9, 33, 250, 17, 64, 3, 201, 88]
-results: dict = {"checks": {}, "bench": [], "errors": []}
+MODELS = {"smollm2-135m": "SmolLM2-135M shape", "llama-3.2-1b": "Llama-3.2-1B shape", "llama-3-8b": "Llama-3-8B shape"}
+results: dict = {"checks": {}, "kernels": [], "profiles": {}, "bench": [], "errors": []}
 
 
 def rel(a, b) -> float:
@@ -62,6 +71,56 @@ def check_tiny() -> None:
         "ok": rel(got, ref) < 2e-2 and rel(np.stack(steps), got[3:]) < 2e-2}
 
 
+def check_gemv_kernels() -> None:
+    """kernels.so (gpu_prepare): new and old INT4 GEMV at Llama-3-8B shapes vs numpy (float64 on dequantized
+    weights); fresh random inputs, output poisoned with NaN first; time_evaluator median of the bytes each reads."""
+    from edgellm import _tvm
+    from edgellm.quant import reference as qref
+    from edgellm.quant.schemes import get_scheme
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_prepare import GEMV_SHAPES, GEMV_VARIANTS
+
+    _tvm.load_cuda_runtime()
+    mod = _tvm.load_module(DEV / "kernels.so")
+    dev = _tvm.device("cuda", 0)
+    scheme = get_scheme("q4f16_1")
+    rng = np.random.default_rng(1)
+    for k, n in GEMV_SHAPES:
+        qw = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
+        qs = (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)
+        x = rng.standard_normal((1, k)).astype(np.float16)
+        w = qref.dequantize(qw, qs, k, scheme).astype(np.float64)
+        ref = x.astype(np.float64) @ w.T
+        args = [_tvm.tensor(a, dev) for a in (x, qw, qs)]
+        nbytes = qw.nbytes + qs.nbytes + x.nbytes + 2 * n
+        for variant in ["new", "old"] + [f"w{w}r{r}" for w, r in GEMV_VARIANTS]:
+            name = f"{variant}_{k}_{n}"
+            out = _tvm.tensor(np.full((1, n), np.nan, np.float16), dev)
+            mod[name](*args, out)
+            got = out.numpy().astype(np.float64)
+            err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            t = mod.time_evaluator(name, dev, number=20, repeat=5)(*args, out).median
+            results["kernels"].append({"kernel": name, "in": k, "out": n, "rel_err": err, "finite": bool(np.isfinite(got).all()),
+                                       "us": t * 1e6, "gbs": nbytes / t / 1e9, "l2_resident": nbytes < 40e6})
+        # prefill GEMM: checked on 64 rows against numpy, timed on 512 rows (TFLOP/s)
+        for m, check in ((64, True), (512, False)):
+            xm = rng.standard_normal((m, k)).astype(np.float16)
+            xa = _tvm.tensor(xm, dev)
+            out = _tvm.tensor(np.full((m, n), np.nan, np.float16), dev)
+            name = f"gemm_{k}_{n}"
+            mod[name](xa, args[1], args[2], out)
+            rec = {"kernel": f"{name} m={m}", "in": k, "out": n, "rows": m}
+            if check:
+                refm = xm.astype(np.float64) @ w.T
+                got = out.numpy().astype(np.float64)
+                rec.update(rel_err=float(np.linalg.norm(got - refm) / np.linalg.norm(refm)),
+                           finite=bool(np.isfinite(got).all()))
+            t = mod.time_evaluator(name, dev, number=3, repeat=3)(xa, args[1], args[2], out).median
+            rec.update(us=t * 1e6, tflops=2 * m * k * n / t / 1e12, gbs=nbytes / t / 1e9)
+            results["kernels"].append(rec)
+
+
 def copy_bandwidth() -> float:
     import torch
 
@@ -79,21 +138,8 @@ def copy_bandwidth() -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    del a, b
     return 2 * n / float(np.median(times))  # bytes read + written
-
-
-def bench_smollm2(bw: float) -> None:
-    from edgellm.device_runners.bench import run_bench
-    from edgellm.device_runners.engine import Engine
-
-    eng = Engine(DEV / "art" / "smollm2-q4f16_1", random_weights=0)
-    for n_prompt, n_gen in ((128, 128), (512, 0)):
-        for r in run_bench(eng, n_prompt, n_gen, reps=3, warmup=1, device_name=torch_device_name()):
-            rec = {"model": "SmolLM2-135M shape", "test": r.test, "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts,
-                   "weight_bytes": r.weight_bytes, "achieved_gbs": r.bandwidth_gbs,
-                   "bandwidth_fraction": (r.weight_bytes * r.avg_ts / bw) if r.test.startswith("tg") else None,
-                   "copy_bandwidth_gbs": bw / 1e9, "scheme": r.scheme, "engine": "edgellm"}
-            results["bench"].append(rec)
 
 
 def torch_device_name() -> str:
@@ -102,41 +148,165 @@ def torch_device_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def bench_hf_fp16() -> None:
-    """transformers fp16 decode on the SmolLM2 shape (random weights), same GPU, same run."""
+def profile_decode(eng, label: str, steps: int = 24) -> None:
+    """Kernel-by-kernel GPU time of `steps` decode steps (CUPTI through torch.profiler), host time per token,
+    and the CUDA runtime calls per token (cudaGraphLaunch present = the captured graph replays)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from torch.profiler import ProfilerActivity, profile
 
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
-    m = LlamaForCausalLM(cfg).to(torch.float16).cuda().eval()
-    ids = torch.randint(0, 49152, (1, 1)).cuda()
-    with torch.no_grad():
-        m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with eng.sequence() as seq:
+        logits = seq.prefill([5])
+        for _ in range(4):  # capture happens on the first decode calls
+            logits = seq.decode(int(np.argmax(logits)))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits = seq.decode(int(np.argmax(logits)))
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    kernels, runtime = {}, {}
+    for e in prof.events():
+        dev_type = str(getattr(e, "device_type", ""))
+        if "CUDA" in dev_type:
+            d = kernels.setdefault(e.name, [0, 0.0])
+            d[0] += 1
+            d[1] += e.time_range.elapsed_us()
+        elif e.name.startswith("cuda") or e.name.startswith("cu"):
+            d = runtime.setdefault(e.name, [0, 0.0])
+            d[0] += 1
+            d[1] += e.time_range.elapsed_us()
+    gpu_us = sum(v[1] for v in kernels.values()) / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
+    results["profiles"][label] = {
+        "steps": steps, "wall_ms_per_token_profiled": wall / steps * 1e3, "gpu_busy_us_per_token": gpu_us,
+        "kernels_per_token": sum(v[0] for v in kernels.values()) / steps,
+        "top_kernels": [{"name": k[:120], "per_token": v[0] / steps, "us_per_token": v[1] / steps} for k, v in top],
+        "runtime_calls_per_token": {k: {"n": v[0] / steps, "us": v[1] / steps} for k, v in sorted(runtime.items())},
+    }
+
+
+def bench_model(name: str, bw: float) -> None:
+    from edgellm.device_runners.bench import run_bench
+    from edgellm.device_runners.engine import Engine
+
+    label = MODELS[name]
+    t0 = time.perf_counter()
+    eng = Engine(DEV / "art" / f"{name}-q4f16_1", random_weights=0)
+    results.setdefault("load_seconds", {})[label] = time.perf_counter() - t0
+    try:
+        profile_decode(eng, label)
+    except Exception:
+        results["errors"].append(f"profile {label}: " + traceback.format_exc()[-2000:])
+    dev = torch_device_name()
+    for n_prompt, n_gen in ((128, 128), (512, 0)):
+        for r in run_bench(eng, n_prompt, n_gen, reps=3, warmup=1, device_name=dev):
+            tg = r.test.startswith("tg")
+            results["bench"].append({
+                "model": label, "test": r.test, "engine": "edgellm", "scheme": r.scheme, "avg_ts": r.avg_ts,
+                "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes,
+                "achieved_gbs": r.bandwidth_gbs if tg else None,
+                "bandwidth_fraction": (r.weight_bytes * r.avg_ts / bw) if tg else None,
+                "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
+    del eng
+    gc.collect()
+
+
+def bench_hf(name: str, bw: float) -> None:
+    """transformers fp16, random init on the GPU, same shapes: pp as one forward, tg as a greedy loop with the
+    KV cache (argmax on the GPU), 1 warmup + 3 reps each."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    label = MODELS[name]
+    cfg = LlamaConfig.from_pretrained(str(DEV / "ckpt" / name))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.float16)
+        try:
+            m = LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    wbytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    if cfg.tie_word_embeddings:  # the head reads the embedding matrix again each token
+        wbytes += m.get_input_embeddings().weight.numel() * 2
+    vocab = cfg.vocab_size
+
+    def pp(n):
+        ids = torch.randint(0, vocab, (1, n), device="cuda")
         torch.cuda.synchronize()
         t = time.perf_counter()
-        m.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+        m(ids, use_cache=False, logits_to_keep=1)
         torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-    results["bench"].append({"model": "SmolLM2-135M shape", "test": "tg128", "avg_ts": 128 / dt,
-                             "engine": "transformers fp16 (generate)"})
+        return n / (time.perf_counter() - t)
+
+    def tg(n):
+        cache = DynamicCache()
+        out = m(torch.randint(0, vocab, (1, 1), device="cuda"), past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            out = m(tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        return n / (time.perf_counter() - t)
+
+    with torch.no_grad():
+        for test, fn, n in (("pp128", pp, 128), ("pp512", pp, 512), ("tg128", tg, 128)):
+            fn(n)
+            ts = [fn(n) for _ in range(3)]
+            avg = float(np.mean(ts))
+            results["bench"].append({
+                "model": label, "test": test, "engine": "transformers fp16", "scheme": "fp16", "avg_ts": avg,
+                "stddev_ts": float(np.std(ts, ddof=1)), "weight_bytes": wbytes,
+                "achieved_gbs": wbytes * avg / 1e9 if test.startswith("tg") else None,
+                "bandwidth_fraction": wbytes * avg / bw if test.startswith("tg") else None,
+                "copy_bandwidth_gbs": bw / 1e9, "device": torch_device_name(), "samples_ts": ts})
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def main() -> int:
-
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    args = ap.parse_args()
     results["device"] = torch_device_name()
-    for step in (check_tiny, lambda: bench_smollm2(results.setdefault("copy_bw", copy_bandwidth())), bench_hf_fp16):
+    steps = [] if args.skip_checks else [("check_tiny", check_tiny), ("gemv kernels", check_gemv_kernels)]
+    steps.append(("copy bandwidth", lambda: results.setdefault("copy_bw", copy_bandwidth())))
+    models = [m for m in args.models.split(",") if m]
+    for name in models:
+        steps.append((f"edgellm {name}", lambda name=name: bench_model(name, results["copy_bw"])))
+    if not args.skip_hf:
+        for name in models:
+            steps.append((f"hf {name}", lambda name=name: bench_hf(name, results["copy_bw"])))
+    out = Path(os.environ.get("OUT", ".")) / "gpu.json"
+    for label, step in steps:
+        t0 = time.perf_counter()
         try:
             step()
         except Exception:  # report and continue with the next step: device time is scarce
-            results["errors"].append(traceback.format_exc()[-3000:])
-    out = Path(os.environ.get("OUT", ".")) / "gpu.json"
-    out.write_text(json.dumps(results, indent=1, default=str))
+            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
+        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
+        out.write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results["checks"], indent=1, default=str))
     print(f"device: {results['device']}, copy bandwidth {results.get('copy_bw', 0) / 1e9:.0f} GB/s")
+    for k in results["kernels"]:
+        print(f"{k['kernel']:<22} err {k.get('rel_err', float('nan')):.1e} {k['us']:9.1f} us {k['gbs']:7.0f} GB/s"
+              + (f" {k['tflops']:6.1f} TFLOP/s" if "tflops" in k else ""))
+    for label, p in results["profiles"].items():
+        print(f"{label}: {p['wall_ms_per_token_profiled']:.3f} ms/token wall (profiled), GPU busy "
+              f"{p['gpu_busy_us_per_token']:.0f} us, {p['kernels_per_token']:.0f} kernels/token; runtime calls: "
+              + ", ".join(f"{k} {v['n']:.0f}" for k, v in p["runtime_calls_per_token"].items()))
+        for k in p["top_kernels"][:8]:
+            print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")
     for r in results["bench"]:
         frac = r.get("bandwidth_fraction")
-        print(f"{r['engine']:<32} {r['test']:<7} {r['avg_ts']:10.1f} tok/s" + (f"  {frac:.1%} of copy bw" if frac else ""))
+        print(f"{r['model']:<20} {r['engine']:<18} {r['test']:<6} {r['avg_ts']:10.1f} tok/s"
+              + (f"  {r['achieved_gbs']:.0f} GB/s, {frac:.1%} of copy bw" if frac else ""))
     for e in results["errors"]:
         print("ERROR:", e)
     return 1 if results["errors"] else 0

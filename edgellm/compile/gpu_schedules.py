@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .._tvm import compiler
 from .schedules import _done, _has_block, _open
 
 
@@ -46,6 +47,142 @@ def schedule_gpu_linear(func, target, gemv: bool):
     return _done(sch)
 
 
+def schedule_gpu_tiled_gemm(func, target):
+    """Prefill GEMM (CUDA): a block computes a BM x BN output tile with TM x TN outputs per thread (fp32 registers);
+    per K step of BK it stages the activation tile (BM x BK) and the weight tile (BN x BK, INT4 decoded once
+    into float32 by the whole block: each thread decodes whole packed words) in shared memory, rows padded by one
+    word against bank conflicts. SIMT FMA, no tensor cores."""
+    bm_t, bn_t, tm, tn_, bk = 16, 16, 4, 4, 32  # threads (rows x features) and outputs per thread, K step
+    sch = _open(func, inline_dequant=False)
+    has_epilogue, has_dequant = _has_block(sch, "epilogue"), _has_block(sch, "dequant")
+    y = sch.get_sblock("matmul")
+    i, n, k = sch.get_loops(y)
+    if int(sch.get(k).extent) % bk or int(sch.get(n).extent) % (bn_t * tn_):
+        return None
+    # the row count is symbolic: pad the computation to whole tiles (padded rows read 0 and are never stored), so
+    # the shared/local tiles have constant sizes
+    sch.pad_einsum(y, [bm_t * tm, bn_t * tn_, bk])
+    x_pad, out_pad = sch.get_sblock("x_pad"), sch.get_consumers(y)[0]  # x padded to whole tiles; the copy back
+    i, n, k = sch.get_loops(y)
+    bi, ti, mi = sch.split(i, [None, bm_t, tm])
+    bn, tj, ni = sch.split(n, [None, bn_t, tn_])
+    ko, ki = sch.split(k, [None, bk])
+    sch.reorder(bi, bn, ti, tj, ko, ki, mi, ni)
+    sch.bind(bn, "blockIdx.x")
+    sch.bind(bi, "blockIdx.y")
+    sch.bind(ti, "threadIdx.y")
+    sch.bind(tj, "threadIdx.x")
+    sch.set_scope(y, 0, "local")  # the accumulators
+    if has_epilogue:  # cast/bias reads the accumulators directly; rows past the real count are never stored
+        sch.compute_inline(out_pad)
+        sch.reverse_compute_at(sch.get_sblock("epilogue"), tj)
+    else:
+        sch.reverse_compute_at(out_pad, tj)
+
+    def stage(block):  # a tile staged in shared memory by the whole block, one element per thread per step
+        sch.set_scope(block, 0, "shared")  # before compute_at, so the region covers the whole block's tile
+        sch.compute_at(block, ko)
+        sch.storage_align(block, 0, axis=0, factor=32, offset=1)
+        return sch.get_loops(block)[-2:]
+
+    r, c = stage(x_pad)
+    _, ty_, tx_ = sch.split(sch.fuse(r, c), [None, bm_t, bn_t])
+    sch.bind(ty_, "threadIdx.y")
+    sch.bind(tx_, "threadIdx.x")
+    if has_dequant:  # weight tile decoded into shared memory: a thread decodes one packed word (8 weights)
+        dn, dk = stage(sch.get_sblock("dequant"))
+        dko, dki = sch.split(dk, [None, 8])
+        _, ty_, tx_ = sch.split(sch.fuse(dn, dko), [None, bm_t, bn_t])
+        sch.unroll(dki)
+    else:
+        r, c = stage(sch.cache_read(y, 1, "shared"))
+        _, ty_, tx_ = sch.split(sch.fuse(r, c), [None, bm_t, bn_t])
+    sch.bind(ty_, "threadIdx.y")
+    sch.bind(tx_, "threadIdx.x")
+    sch.decompose_reduction(y, ko)
+    sch.unroll(ki)
+    sch.unroll(mi)
+    sch.unroll(ni)
+    return _done(sch)
+
+
+def _int4_gemv_variant(func, target):
+    """The CUDA INT4 GEMV (quant/gpu_kernels.py) for a `linear` gemv PrimFunc it covers, else None."""
+    from ..quant import gpu_kernels
+
+    if target.kind.name != "cuda":
+        return None
+    params = list(func.params)  # tirx PrimFunc params are the buffers themselves
+    if len(params) not in (4, 5) or str(params[1].dtype) != "uint32":
+        return None
+    x, qw, qs, out = params[0], params[1], params[2], params[-1]
+    shapes = [[d.value if hasattr(d, "value") else None for d in b.shape] for b in params]  # None: symbolic
+    if [len(s) for s in shapes[:3]] != [2, 2, 2] or None in sum(shapes, []) or not str(qs.dtype).startswith("float"):
+        return None
+    (rows, in_f), (out_f, words), (_, groups) = shapes[:3]
+    if len(params) == 5 and shapes[3] != [out_f]:  # a 5th argument other than a bias (a zero point, say)
+        return None
+    if rows != 1 or shapes[2][0] != out_f or groups * 32 != in_f or not gpu_kernels.supports(in_f, 32, 4, in_f // words):
+        return None
+    return gpu_kernels.int4_gemv(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype), len(params) == 5)
+
+
+def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None):
+    """Decode GEMV for packed INT4 weights (quant/gpu_kernels.py). Lane l of a warp owns whole groups: per step it
+    loads one group's 4 packed words (one 16-byte load), 32 activations (4 x 16 bytes, cast once to float32 and
+    shared by the warp's `rows` rows), and the group's scale; a warp streams 512 contiguous weight bytes per row
+    per step. The lane partials meet in a warp allreduce; `warps` warps per block."""
+    sch = compiler().s_tir.Schedule(func)
+    has_epilogue = _has_block(sch, "epilogue")
+    acc, dot, xf = sch.get_sblock("matmul"), sch.get_sblock("group_dot"), sch.get_sblock("x_f32")
+    i, n, g = sch.get_loops(acc)
+    out_f, groups = int(sch.get(n).extent), int(sch.get(g).extent)
+    lanes = 32
+    if warps is None and rows is None:
+        # two rows per warp share each activation load and cast; 8 warps a block where the grid still has >= 256
+        # blocks. H200, Llama-3-8B shapes (docs/benchmarks/h100.md): 8x2 was best or tied at every shape, and
+        # 14336 -> 4096 went 18.4 -> 15.4 us against 4x2; 4x1 and 8x1 were 10-25% slower than 4x2.
+        warps = 8 if out_f % 16 == 0 and out_f // 16 >= 256 else 4
+        rows = 2 if out_f % (warps * 2) == 0 and out_f // (warps * 2) >= 256 else 1
+    warps, rows = warps or 4, rows or 1
+    lanes = min(lanes, max(8, 1 << (groups - 1).bit_length()))  # small `in`: fewer idle lanes
+    bx, ty, r = sch.split(n, [None, warps, rows])
+    go, tx = sch.split(g, [None, lanes])
+    sch.reorder(bx, ty, tx, go, r)
+    rf = sch.rfactor(tx, factor_axis=0)
+    loops = sch.get_loops(rf)  # i, bx, ty, tx, go, r
+    sch.bind(loops[1], "blockIdx.x")
+    sch.bind(loops[2], "threadIdx.y")
+    sch.bind(loops[3], "threadIdx.x")
+    go_, r_ = loops[4], loops[5]
+    sch.compute_at(dot, r_)
+    sch.set_scope(dot, 0, "local")
+    sch.unroll(sch.get_loops(dot)[-1])
+    wl = sch.cache_read(dot, 1, "local")  # the group's 4 packed words: one 16-byte load
+    sch.compute_at(wl, r_)
+    sch.vectorize(sch.get_loops(wl)[-1])
+    sch.compute_at(xf, go_)  # 32 activations as float32, shared by the rows of this lane
+    sch.set_scope(xf, 0, "local")
+    xl = sch.cache_read(xf, 0, "local")
+    sch.compute_at(xl, go_)
+    _, xv = sch.split(sch.get_loops(xl)[-1], [None, 8])
+    sch.vectorize(xv)
+    sch.unroll(sch.get_loops(xf)[-1])
+    sch.set_scope(rf, 0, "local")
+    sch.decompose_reduction(rf, go_)
+    sch.unroll(go_)  # every step's 16-byte loads can be issued before the first group's arithmetic
+    # cross-lane sum: the write-back block reduces the lane partials with a warp allreduce
+    sch.reverse_compute_at(acc, loops[2])
+    inner = sch.get_loops(acc)[3:]  # lane partial (reduce), then the rows when there are several
+    if len(inner) == 2:
+        sch.reorder(inner[1], inner[0])
+    sch.bind(inner[0], "threadIdx.x")
+    if has_epilogue:
+        sch.reverse_compute_at(sch.get_sblock("epilogue"), loops[2])
+        sch.set_scope(acc, 0, "local")
+    return _done(sch)
+
+
 def schedule_gpu_embedding(func, target):
     sch = _open(func, inline_dequant=True)
     t, j = sch.get_loops(sch.get_sblock("embed"))
@@ -57,6 +194,14 @@ def schedule_gpu_embedding(func, target):
 
 def schedule_gpu_kernel(kind: str | None, func, target):
     """Dispatch on the kernel kind for a GPU target; None when edgellm has no rule for the function."""
+    if kind == "gemv":
+        variant = _int4_gemv_variant(func, target)
+        if variant is not None:
+            return schedule_gpu_int4_gemv(variant, target)
+    if kind == "gemm" and target.kind.name == "cuda":
+        tiled = schedule_gpu_tiled_gemm(func, target)
+        if tiled is not None:
+            return tiled
     if kind in ("gemv", "gemm"):
         return schedule_gpu_linear(func, target, gemv=kind == "gemv")
     if kind == "embedding":

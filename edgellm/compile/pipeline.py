@@ -98,7 +98,9 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
     # CUDA: the backend's finalize passes hold RewriteCUDAGraph, which captures the static-shape decode into a
     # CUDA graph when this option is on (one graph launch instead of hundreds of kernel launches per token).
-    config = {"relax.backend.use_cuda_graph": True} if target.kind.name == "cuda" else {}
+    # tirx.disable_cse_tir: TVM 0.27's TIR common-subexpression pass breaks TVM's own tree-attention KV-cache kernel
+    # for head_dim 64 on CUDA ("cse_v21 has been used before definition", Llama-3.2-1B); nvcc does its own CSE.
+    config = {"relax.backend.use_cuda_graph": True, "tirx.disable_cse_tir": True} if target.kind.name == "cuda" else {}
     with target, c.tvm.transform.PassContext(config=config):
         return c.relax.build(mod, target=target, relax_pipeline=make_pipeline(target, dump_ir),
                              system_lib=system_lib_prefix is not None)

@@ -115,6 +115,9 @@ class Engine:
         benchmarking models too big to ship to a device; outputs are meaningless). Never the default."""
         self.art = Artifact.open(artifact, verify=verify, skip_params=random_weights is not None)
         m = self.art.manifest
+        if m.get("shapes_only") and random_weights is None:
+            raise ArtifactError(f"{artifact} was compiled with shapes only (no weights, for benchmarks); run it with "
+                                "random weights (Engine(random_weights=SEED)) or compile it from a checkpoint")
         _check_runnable_here(m)
         dev_kind = device or m["target"]["device"]
         if dev_kind == "cpu":
