@@ -48,12 +48,16 @@ def phases(target) -> list[tuple[str, list]]:
         # before FuseOps would fuse each chain into a copy kernel (2 per layer, each with VM alloc/free
         # instructions); a lone reshape becomes a view in lower-dataflow.
         early_views = [rt.RemoveRedundantReshape()]
+        # KillAfterLastUse frees each tensor after its last use: 431 of decode's 1807 VM instructions. Every
+        # storage is allocated up front by StaticPlanBlockMemory and reused by plan, so freeing early saves nothing.
+        drop_finalize = {"KillAfterLastUse"}
     else:
         dl = c.dlight.gpu
         # dl.gpu.Matmul is left out: its tensorize step segfaults on Metal, and on CUDA with fp16 (TVM_NOTES)
         dlight_rules = [dl.GEMV(), dl.LowBatchGEMV(), dl.Reduction(), dl.GeneralReduction(), dl.Fallback()]
         lib = backend.cuda if target.kind.name == "cuda" else backend.gpu_generic
         early_views = []
+        drop_finalize = set()
     return [
         ("fuse-transpose-matmul", [rt.FuseTransposeMatmul()]),
         ("dispatch", list(lib.library_dispatch_passes(target))),
@@ -62,7 +66,7 @@ def phases(target) -> list[tuple[str, list]]:
         ("schedule", [_schedule_own_kernels(target), c.dlight.ApplyDefaultSchedule(*dlight_rules)]),
         ("lower-dataflow", [rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(),
                             rt.CallTIRRewrite()]),
-        ("finalize", list(lib.finalize_passes(target))),
+        ("finalize", [p for p in lib.finalize_passes(target) if p.info.name not in drop_finalize]),
     ]
 
 

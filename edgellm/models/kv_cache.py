@@ -25,7 +25,8 @@ from .cpu_math import LOG2E, fast_exp2
 c = compiler()
 T, tirx = c.T, c.tirx
 
-PARALLEL_MIN = 9 * 8  # decode attention runs serially below this many (page, q head) pairs
+PARALLEL_MIN = 9 * 8  # attention runs serially below this many (page or query, q head) pairs
+SPLITS = 4  # decode attention: page ranges per sequence on the parallel path
 ROPE_PARALLEL_MIN = 32  # split_rotary runs serially below this many tokens
 NEG = -5e4  # the running max starts here, as in TVM's kernels (their lse convention: log2 domain)
 
@@ -33,8 +34,11 @@ NEG = -5e4  # the running max starts here, as in TVM's kernels (their lse conven
 def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16):
     """Decode attention over the paged cache, same arguments as TVM's `_attention_decode_cpu` (no sliding window).
 
-    rotary_mode must be 0 (RoPE already applied to q and to the cached k: RopeMode.NORMAL without sliding window,
-    the only combination that reaches this kernel). lse is written in TVM's convention, log2 domain.
+    Short caches (below PARALLEL_MIN pages x heads) run serially. Longer ones split each sequence's pages into
+    SPLITS ranges processed in parallel, every range for all heads (each K/V byte comes from memory once, and the
+    work divides evenly: at context 128+ decode attention reads the cache from DRAM), then merge the partial
+    softmax states. rotary_mode must be 0 (RoPE already applied to q and to the cached k: RopeMode.NORMAL
+    without sliding window, the only combination that reaches this kernel). lse is TVM's: log2 domain.
     """
     H, KV, D, P = num_qo_heads, num_kv_heads, head_dim, page_size
     G = H // KV
@@ -43,31 +47,27 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
     DC = D // V
     f32 = "float32"
     exp2 = fast_exp2  # vectorizable; TVM's kernel calls libm exp2 per row
+    S = SPLITS
 
     @T.macro
-    def one_head(Q, pages, page_table_indptr, page_table_values, last_page_len, output, lse, sm_scale, bh):
+    def head_range(Q, pages, page_table_values, last_page_len, sm_scale, b, h, begin, npages, p0, p1, o, st):
+        """o[D] (unnormalized), st[0] running max, st[1] running sum over the pages [p0, p1) of sequence b."""
         with T.sblock("attn"):
             T.reads()  # the regions depend on lets bound inside; nothing schedules this block
             T.writes()
             q = T.sblock_alloc_buffer((D,), f32)
-            o = T.sblock_alloc_buffer((D,), f32)
             acc = T.sblock_alloc_buffer((V,), f32)
             s = T.sblock_alloc_buffer((P,), f32)
             red = T.sblock_alloc_buffer((P,), f32)
-            st = T.sblock_alloc_buffer((4,), f32)  # running max, running sum, new max, rescale factor
-            b: T.let[T.int32] = bh // H
-            h: T.let[T.int32] = bh % H
             kvh: T.let[T.int32] = h // G
-            begin: T.let[T.int32] = page_table_indptr[b]
-            npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
             for i in T.vectorized(D):
                 q[i] = T.Cast(f32, Q[b, h, i]) * (sm_scale * LOG2E)
                 o[i] = T.float32(0)
             st[0] = T.float32(NEG)
             st[1] = T.float32(1)
-            for p in T.serial(npages):
-                page: T.let[T.int32] = page_table_values[begin + p]
-                rows: T.let[T.int32] = T.if_then_else(p == npages - 1, last_page_len[b], P)
+            for pp in T.serial(p1 - p0):
+                page: T.let[T.int32] = page_table_values[begin + p0 + pp]
+                rows: T.let[T.int32] = T.if_then_else(p0 + pp == npages - 1, last_page_len[b], P)
                 # scores of this page's rows (log2 domain): s[r] = q . k_r
                 for r in T.serial(rows):
                     for i in T.vectorized(V):
@@ -118,9 +118,6 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
                 for r in T.serial(rows):
                     for i in T.vectorized(D):
                         o[i] = o[i] + s[r] * T.Cast(f32, pages[page, 1, kvh, r, i])
-            for i in T.vectorized(D):
-                output[b, h, i] = T.Cast(dtype, o[i] / st[1])
-            lse[b, h] = st[0] + T.log2(st[1])
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -159,13 +156,65 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
         last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
 
         assert rotary_mode == 0, "edgellm CPU decode attention expects RoPE applied before the cache (rotary_mode 0)"
-        # one (sequence, q head) pair per task; below PARALLEL_MIN pages x heads the pool's wake-up costs more
-        if nnz_pages * H < PARALLEL_MIN:
-            for bh in T.serial(B * H):
-                one_head(Q, pages, page_table_indptr, page_table_values, last_page_len, output, lse, sm_scale, bh)
-        else:
-            for bh in T.parallel(B * H):
-                one_head(Q, pages, page_table_indptr, page_table_values, last_page_len, output, lse, sm_scale, bh)
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            part_o = T.sblock_alloc_buffer((B * S, H, D), f32)  # split-KV partial states (parallel path)
+            part_st = T.sblock_alloc_buffer((B * S, H, 2), f32)
+            if nnz_pages * H < PARALLEL_MIN:
+                for bh in T.serial(B * H):
+                    with T.sblock("serial"):
+                        T.reads()
+                        T.writes()
+                        o = T.sblock_alloc_buffer((D,), f32)
+                        st = T.sblock_alloc_buffer((4,), f32)  # running max, running sum, new max, rescale
+                        b: T.let[T.int32] = bh // H
+                        begin: T.let[T.int32] = page_table_indptr[b]
+                        npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
+                        head_range(Q, pages, page_table_values, last_page_len, sm_scale, b, bh % H, begin, npages,
+                                   0, npages, o, st)
+                        for i in T.vectorized(D):
+                            output[b, bh % H, i] = T.Cast(dtype, o[i] / st[1])
+                        lse[b, bh % H] = st[0] + T.log2(st[1])
+            else:
+                for t in T.parallel(B * S):
+                    with T.sblock("split"):
+                        T.reads()
+                        T.writes()
+                        o = T.sblock_alloc_buffer((D,), f32)
+                        st = T.sblock_alloc_buffer((4,), f32)
+                        b: T.let[T.int32] = t // S
+                        begin: T.let[T.int32] = page_table_indptr[b]
+                        npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
+                        for h in T.serial(H):
+                            head_range(Q, pages, page_table_values, last_page_len, sm_scale, b, h, begin, npages,
+                                       npages * (t % S) // S, npages * (t % S + 1) // S, o, st)
+                            for i in T.vectorized(D):
+                                part_o[t, h, i] = o[i]
+                            part_st[t, h, 0] = st[0]
+                            part_st[t, h, 1] = st[1]
+                for bh in T.serial(B * H):
+                    with T.sblock("merge"):
+                        T.reads()
+                        T.writes()
+                        o = T.sblock_alloc_buffer((D,), f32)
+                        st = T.sblock_alloc_buffer((3,), f32)  # max, sum, factor
+                        b: T.let[T.int32] = bh // H
+                        h: T.let[T.int32] = bh % H
+                        st[0] = T.float32(NEG)
+                        for sp in T.serial(S):
+                            st[0] = T.max(st[0], part_st[b * S + sp, h, 0])
+                        st[1] = T.float32(0)
+                        for i in T.vectorized(D):
+                            o[i] = T.float32(0)
+                        for sp in T.serial(S):
+                            st[2] = exp2(part_st[b * S + sp, h, 0] - st[0])
+                            st[1] = st[1] + part_st[b * S + sp, h, 1] * st[2]
+                            for i in T.vectorized(D):
+                                o[i] = o[i] + part_o[b * S + sp, h, i] * st[2]
+                        for i in T.vectorized(D):
+                            output[b, h, i] = T.Cast(dtype, o[i] / st[1])
+                        lse[b, h] = st[0] + T.log2(st[1])
 
     return batch_decode_paged_kv
 
