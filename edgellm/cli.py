@@ -73,8 +73,8 @@ def cli(verbose: int) -> None:
 @click.argument("model", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--target", "-t", default="host", show_default=True, type=TargetType(),
               help="Preset name (see `edgellm targets`) or a TVM target JSON.")
-@click.option("--quant", "-q", default="q4f32_1", show_default=True, type=click.Choice(sorted(SCHEMES)),
-              help="Weight quantization scheme.")
+@click.option("--quant", "-q", default=None, type=click.Choice(sorted(SCHEMES)),
+              help="Weight quantization scheme [default: the target's, see `edgellm targets`: q4f32_2 on CPUs].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
 @click.option("--context-window", default=2048, show_default=True, help="Max tokens per sequence (KV cache size).")
 @click.option("--prefill-chunk", default=256, show_default=True, help="Max tokens per prefill call.")

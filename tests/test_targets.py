@@ -164,21 +164,26 @@ def arm64_root():
 
 
 @pytest.mark.parametrize("board", ["rpi4", "rpi5"])
-def test_pi_build_matches_host_under_qemu(board, arm64_root, checkpoints, compiled, tmp_path):
+@pytest.mark.parametrize("scheme", ["q4f32_1", "q4f32_2"])
+def test_pi_build_matches_host_under_qemu(board, scheme, arm64_root, checkpoints, compiled, tmp_path):
+    """q4f32_2 runs its NEON paths here: sdot on the Pi 5 (Cortex-A76), the portable integer path on the Pi 4."""
     from edgellm.device_runners.emulate import run_remote
     from edgellm.device_runners.engine import Engine
 
     art = tmp_path / board
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=art, target=board, quant="q4f32_1",
+    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=art, target=board, quant=scheme,
                               runtime=RuntimeOptions(256, 128)))
-    host = Engine(compiled("llama", "q4f32_1"))
+    host = Engine(compiled("llama", scheme))
     ids = [1, 5, 7, 100, 42, 9, 33]
     res = run_remote(art, {"op": "generate_ids", "ids": ids, "max_new_tokens": 8})
     assert res[-1]["tokens"] == list(host.generate_ids(ids, 8))
     out = tmp_path / "logits.npy"
     run_remote(art, {"op": "score", "ids": ids, "out": str(out)})
     got, ref = np.load(out), host.score(ids)
-    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    # int8 activations: the two ISAs sum floats in a different order, which can flip an int8 rounding (see
+    # docs/quantization.md); the integer paths themselves are exact
+    tol = 5e-2 if scheme == "q4f32_2" else 1e-4
+    assert np.abs(got - ref).max() < tol * np.abs(ref).max()
 
 
 def test_cli_run_emulate(arm64_root, matrix):

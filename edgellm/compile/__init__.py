@@ -30,7 +30,7 @@ class CompileArgs:
     model: str | None  # checkpoint folder, .gguf file, or None for the embedded default
     output: Path
     target: str = "host"
-    quant: str = "q4f32_1"
+    quant: str | None = None  # None: the target preset's default (q4f32_2 on CPUs, q4f16_1 on GPUs)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     dump_ir: Path | None = None
     overwrite: bool = False
@@ -184,7 +184,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     """Compile `args.model` for `args.target`; the artifact appears at `args.output` only when complete."""
     t_start = time.perf_counter()
     tgt = resolve(args.target)  # fail fast on a bad target, scheme or toolchain, before touching weights
-    scheme = _scheme_for(tgt, args.quant)
+    scheme = _scheme_for(tgt, args.quant or tgt.default_quant)
     _check_toolchain(tgt)
     step = progress or (lambda name, **kw: None)
     step("load", detail=str(args.model or "embedded SmolLM2"))

@@ -90,9 +90,13 @@ def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min:
     kp = q_weight.shape[1] * 8
     x = np.pad(x.astype(np.float32), ((0, 0), (0, kp - x.shape[1])))
     xq, xd = quantize_activations(x, g)
-    q = unpack_nibbles(q_weight).astype(np.int32).reshape(out_f, kp // g, g)
-    idot = np.einsum("mgk,ngk->mng", xq.reshape(x.shape[0], kp // g, g).astype(np.int32), q).astype(np.float32)
+    groups = kp // g
+    q = unpack_nibbles(q_weight).astype(np.float32).reshape(out_f, groups, g)
+    xqg = xq.astype(np.float32).reshape(x.shape[0], groups, g)
+    # integer dot products per group, in float32 through BLAS: every partial sum is an integer below
+    # 32 * 15 * 127 < 2**24, so the result is exact
+    idot = np.stack([xqg[:, j] @ q[:, j].T for j in range(groups)], axis=2)  # [m, out, groups]
     scale = q_scale.astype(np.float32)
     qmin = q_min.astype(np.float32) if scheme.zero_point else -float(scheme.qmax) * scale
-    xsum = x.reshape(x.shape[0], kp // g, g).sum(axis=2)
+    xsum = x.reshape(x.shape[0], groups, g).sum(axis=2)
     return (idot * scale[None] * xd[:, None, :]).sum(axis=2) + xsum @ qmin.T

@@ -79,7 +79,7 @@ def _arm_cpu(name: str, mcpu: str, desc: str) -> TargetPreset:
     return TargetPreset(
         name, desc, "cpu", {"kind": "llvm", "mtriple": AARCH64, "mcpu": mcpu, "mattr": ["+neon"]},
         toolchain=f"{AARCH64}-g++", features={"fp16": False, "threads": "4 cores", "qemu_cpu": mcpu},
-        default_quant="q4f32_1",
+        default_quant="q4f32_2",
     )
 
 
@@ -90,7 +90,7 @@ PRESETS: dict[str, TargetPreset] = {
     for p in (
         TargetPreset("host", "this machine's CPU (LLVM, native vector width)", "cpu",
                      {"kind": "llvm", "mtriple": "host", "mcpu": "host"},
-                     features={"fp16": True, "threads": "physical cores"}, default_quant="q4f32_1"),
+                     features={"fp16": True, "threads": "physical cores"}, default_quant="q4f32_2"),
         _cuda("sm_80", X86_HOST, "cuda-sm80", "NVIDIA A100 (Ampere), x86-64 host"),
         _cuda("sm_86", X86_HOST, "cuda-sm86", "NVIDIA RTX 30xx / A10 (Ampere), x86-64 host"),
         _cuda("sm_89", X86_HOST, "cuda-sm89", "NVIDIA RTX 40xx / L4 (Ada), x86-64 host"),
@@ -133,7 +133,7 @@ class ResolvedTarget:
     export: str
     toolchain: str | None
     features: dict[str, Any]
-    default_quant: str = "q4f32_1"
+    default_quant: str = "q4f32_2"
 
     def tvm(self):
         from .._tvm import compiler
@@ -206,7 +206,7 @@ def resolve(spec: str) -> ResolvedTarget:
             raise TargetError(f"raw target kind {kind!r} is not supported; use one of {', '.join(devices)} or a preset")
         export = "tar" if kind in ("metal", "opencl") else "so"
         return ResolvedTarget("custom", devices[kind], _fill_host(t), _fill_host(host) if host else None, export, None,
-                              {"fp16": kind != "llvm"}, "q4f32_1" if kind == "llvm" else "q4f16_1")
+                              {"fp16": kind != "llvm"}, "q4f32_2" if kind == "llvm" else "q4f16_1")
     close = difflib.get_close_matches(spec, list(PRESETS), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise TargetError(f"unknown target {spec!r}; presets: {', '.join(PRESETS)}.{hint} Or pass a TVM target JSON.")
