@@ -71,6 +71,7 @@ SHAPES = {
 }
 # decode GEMVs of Llama-3-8B (in, out): qkv, o, gate_up, down, lm_head
 GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+GEMM_VARIANTS = [(8, 8), (4, 8), (8, 4)]  # outputs per thread (rows, features) tried beside the default 4 x 4
 GEMV_VARIANTS = [(4, 1), (8, 1), (2, 2), (8, 2), (4, 4)]  # (warps per block, rows per warp) tried beside the default
 
 
@@ -128,6 +129,9 @@ def build_gemv_kernels(arch: str) -> None:
                 gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target, warps, rows)
         funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)
         funcs[f"gemm_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False), target)
+        for tm, tn in GEMM_VARIANTS:
+            funcs[f"g{tm}x{tn}_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False),
+                                                                  target, tm, tn)
     prepare_cuda_build()
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):

@@ -79,7 +79,7 @@ def check_gemv_kernels() -> None:
     from edgellm.quant.schemes import get_scheme
 
     sys.path.insert(0, str(REPO / "bench"))
-    from gpu_prepare import GEMV_SHAPES, GEMV_VARIANTS
+    from gpu_prepare import GEMM_VARIANTS, GEMV_SHAPES, GEMV_VARIANTS
 
     _tvm.load_cuda_runtime()
     mod = _tvm.load_module(DEV / "kernels.so")
@@ -104,11 +104,12 @@ def check_gemv_kernels() -> None:
             results["kernels"].append({"kernel": name, "in": k, "out": n, "rel_err": err, "finite": bool(np.isfinite(got).all()),
                                        "us": t * 1e6, "gbs": nbytes / t / 1e9, "l2_resident": nbytes < 40e6})
         # prefill GEMM: checked on 64 rows against numpy, timed on 512 rows (TFLOP/s)
-        for m, check in ((64, True), (512, False)):
+        for m, check, variant in [(64, True, "gemm"), (512, False, "gemm")] + [
+                (mm, mm == 64, f"g{a}x{b}") for a, b in GEMM_VARIANTS for mm in (64, 128, 512)]:
             xm = rng.standard_normal((m, k)).astype(np.float16)
             xa = _tvm.tensor(xm, dev)
             out = _tvm.tensor(np.full((m, n), np.nan, np.float16), dev)
-            name = f"gemm_{k}_{n}"
+            name = f"{variant}_{k}_{n}"
             mod[name](xa, args[1], args[2], out)
             rec = {"kernel": f"{name} m={m}", "in": k, "out": n, "rows": m}
             if check:
@@ -148,7 +149,7 @@ def torch_device_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def profile_decode(eng, label: str, steps: int = 24) -> None:
+def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) -> None:
     """Kernel-by-kernel GPU time of `steps` decode steps (CUPTI through torch.profiler), host time per token,
     and the CUDA runtime calls per token (cudaGraphLaunch present = the captured graph replays)."""
     import torch
@@ -165,6 +166,8 @@ def profile_decode(eng, label: str, steps: int = 24) -> None:
                 logits = seq.decode(int(np.argmax(logits)))
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+    if trace is not None:  # timeline: gaps between kernels, host launch cadence
+        prof.export_chrome_trace(str(trace))
     kernels, runtime = {}, {}
     for e in prof.events():
         dev_type = str(getattr(e, "device_type", ""))
@@ -177,13 +180,32 @@ def profile_decode(eng, label: str, steps: int = 24) -> None:
             d[0] += 1
             d[1] += e.time_range.elapsed_us()
     gpu_us = sum(v[1] for v in kernels.values()) / steps
+    # per decode step (each ends with the logits' device-to-host copy): first GPU activity to the copy's end
+    dev_events = sorted((e for e in prof.events() if "CUDA" in str(getattr(e, "device_type", ""))),
+                        key=lambda e: e.time_range.start)
+    step_spans, first = [], None
+    for e in dev_events:
+        first = e.time_range.start if first is None else first
+        if e.name.startswith("Memcpy DtoH"):
+            step_spans.append(e.time_range.end - first)
+            first = None
+    span_us = float(np.median(step_spans)) if step_spans else 0.0
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
     results["profiles"][label] = {
         "steps": steps, "wall_ms_per_token_profiled": wall / steps * 1e3, "gpu_busy_us_per_token": gpu_us,
+        # median over steps of first GPU activity -> end of the logits copy: busy + gaps between kernels
+        "gpu_span_us_per_token": span_us,
         "kernels_per_token": sum(v[0] for v in kernels.values()) / steps,
         "top_kernels": [{"name": k[:120], "per_token": v[0] / steps, "us_per_token": v[1] / steps} for k, v in top],
         "runtime_calls_per_token": {k: {"n": v[0] / steps, "us": v[1] / steps} for k, v in sorted(runtime.items())},
     }
+
+
+def read_bytes_per_token(eng) -> int:
+    """Weight bytes one decode step reads: every parameter, except an untied embedding table (one row is read)."""
+    tied = eng.art.manifest["model"]["config"].get("tie_word_embeddings", False)
+    return sum(e["nbytes"] for e in eng.art.param_index()
+               if tied or not e["name"].startswith("model.embed_tokens."))
 
 
 def bench_model(name: str, bw: float) -> None:
@@ -195,18 +217,20 @@ def bench_model(name: str, bw: float) -> None:
     eng = Engine(DEV / "art" / f"{name}-q4f16_1", random_weights=0)
     results.setdefault("load_seconds", {})[label] = time.perf_counter() - t0
     try:
-        profile_decode(eng, label)
+        trace = Path(os.environ["OUT"]) / f"trace-{name}.json" if name == "llama-3-8b" and "OUT" in os.environ else None
+        profile_decode(eng, label, trace=trace)
     except Exception:
         results["errors"].append(f"profile {label}: " + traceback.format_exc()[-2000:])
     dev = torch_device_name()
+    read = read_bytes_per_token(eng)
     for n_prompt, n_gen in ((128, 128), (512, 0)):
         for r in run_bench(eng, n_prompt, n_gen, reps=3, warmup=1, device_name=dev):
             tg = r.test.startswith("tg")
             results["bench"].append({
                 "model": label, "test": r.test, "engine": "edgellm", "scheme": r.scheme, "avg_ts": r.avg_ts,
-                "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes,
-                "achieved_gbs": r.bandwidth_gbs if tg else None,
-                "bandwidth_fraction": (r.weight_bytes * r.avg_ts / bw) if tg else None,
+                "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes, "read_bytes_per_token": read,
+                "achieved_gbs": read * r.avg_ts / 1e9 if tg else None,
+                "bandwidth_fraction": (read * r.avg_ts / bw) if tg else None,
                 "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
     del eng
     gc.collect()
@@ -227,9 +251,8 @@ def bench_hf(name: str, bw: float) -> None:
             m = LlamaForCausalLM(cfg).eval()
         finally:
             torch.set_default_dtype(torch.float32)
-    wbytes = sum(p.numel() * p.element_size() for p in m.parameters())
-    if cfg.tie_word_embeddings:  # the head reads the embedding matrix again each token
-        wbytes += m.get_input_embeddings().weight.numel() * 2
+    wbytes = sum(p.numel() * p.element_size() for p in m.parameters())  # a tied head is listed once
+    read = wbytes - (0 if cfg.tie_word_embeddings else m.get_input_embeddings().weight.numel() * 2)
     vocab = cfg.vocab_size
 
     def pp(n):
@@ -259,9 +282,9 @@ def bench_hf(name: str, bw: float) -> None:
             avg = float(np.mean(ts))
             results["bench"].append({
                 "model": label, "test": test, "engine": "transformers fp16", "scheme": "fp16", "avg_ts": avg,
-                "stddev_ts": float(np.std(ts, ddof=1)), "weight_bytes": wbytes,
-                "achieved_gbs": wbytes * avg / 1e9 if test.startswith("tg") else None,
-                "bandwidth_fraction": wbytes * avg / bw if test.startswith("tg") else None,
+                "stddev_ts": float(np.std(ts, ddof=1)), "weight_bytes": wbytes, "read_bytes_per_token": read,
+                "achieved_gbs": read * avg / 1e9 if test.startswith("tg") else None,
+                "bandwidth_fraction": read * avg / bw if test.startswith("tg") else None,
                 "copy_bandwidth_gbs": bw / 1e9, "device": torch_device_name(), "samples_ts": ts})
     del m
     gc.collect()
@@ -299,7 +322,8 @@ def main() -> int:
               + (f" {k['tflops']:6.1f} TFLOP/s" if "tflops" in k else ""))
     for label, p in results["profiles"].items():
         print(f"{label}: {p['wall_ms_per_token_profiled']:.3f} ms/token wall (profiled), GPU busy "
-              f"{p['gpu_busy_us_per_token']:.0f} us, {p['kernels_per_token']:.0f} kernels/token; runtime calls: "
+              f"{p['gpu_busy_us_per_token']:.0f} us of a {p['gpu_span_us_per_token']:.0f} us span, "
+              f"{p['kernels_per_token']:.0f} kernels/token; runtime calls: "
               + ", ".join(f"{k} {v['n']:.0f}" for k, v in p["runtime_calls_per_token"].items()))
         for k in p["top_kernels"][:8]:
             print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")

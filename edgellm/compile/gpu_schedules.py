@@ -47,12 +47,12 @@ def schedule_gpu_linear(func, target, gemv: bool):
     return _done(sch)
 
 
-def schedule_gpu_tiled_gemm(func, target):
+def schedule_gpu_tiled_gemm(func, target, tm: int = 4, tn_: int = 4):
     """Prefill GEMM (CUDA): a block computes a BM x BN output tile with TM x TN outputs per thread (fp32 registers);
     per K step of BK it stages the activation tile (BM x BK) and the weight tile (BN x BK, INT4 decoded once
     into float32 by the whole block: each thread decodes whole packed words) in shared memory, rows padded by one
     word against bank conflicts. SIMT FMA, no tensor cores."""
-    bm_t, bn_t, tm, tn_, bk = 16, 16, 4, 4, 32  # threads (rows x features) and outputs per thread, K step
+    bm_t, bn_t, bk = 16, 16, 32  # threads (rows x features), K step; tm x tn_ outputs per thread
     sch = _open(func, inline_dequant=False)
     has_epilogue, has_dequant = _has_block(sch, "epilogue"), _has_block(sch, "dequant")
     y = sch.get_sblock("matmul")
