@@ -1,4 +1,5 @@
-"""Our CPU paged-KV-cache kernels (edgellm/models/kv_cache.py) against numpy and against TVM's own kernels."""
+"""Our CPU kernels (models/kv_cache.py: paged-KV-cache attention and RoPE; models/cpu_math.py) against numpy and
+against TVM's own kernels."""
 
 from __future__ import annotations
 
@@ -173,3 +174,18 @@ def test_prefill_ragged_attention_equals_tvm_kernel(qlens, kvlens, causal):
     s = k[:n, 0] @ q[qlens[0] - 1, 0].astype(np.float64) * d**-0.5
     e = np.exp(s - s.max())
     np.testing.assert_allclose(o1[qlens[0] - 1, 0], e @ v[:n, 0] / e.sum(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,hidden", [(1, 576), (5, 64), (40, 80)])
+def test_add_rms_norm_matches_numpy(n, hidden):
+    from edgellm.models.cpu_math import add_rms_norm_cpu
+
+    rng = np.random.default_rng(n)
+    x, y = (rng.standard_normal((n, hidden)).astype("float32") * 3 for _ in range(2))
+    w = rng.standard_normal(hidden).astype("float32")
+    s, out = _t(np.zeros((n, hidden), "float32")), _t(np.zeros((n, hidden), "float32"))
+    _build(add_rms_norm_cpu(hidden, 1e-5, "float32"))(_t(x), _t(y), _t(w), s, out)
+    want = x.astype(np.float64) + y
+    np.testing.assert_array_equal(s.numpy(), x + y)
+    np.testing.assert_allclose(out.numpy(), want / np.sqrt((want**2).mean(-1, keepdims=True) + 1e-5) * w,
+                               rtol=0, atol=2e-6)

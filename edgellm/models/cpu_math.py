@@ -42,3 +42,56 @@ def silu(x):
     """x * sigmoid(x) in float32 with fast_exp (exp(-x) saturates at 2**127 for x < -88: the result is -0)."""
     one = tirx.const(1.0, "float32")
     return x / (one + fast_exp(-x))
+
+
+def add_rms_norm_cpu(hidden: int, eps: float, dtype: str):
+    """(x [n, hidden], y [n, hidden], w [hidden]) -> s = x + y, rms_norm(s) * w: the residual add and the next norm
+    in one kernel. The sum of squares runs in 16 float32 lanes (unscheduled TVM rms_norm is one serial add chain:
+    0.63 us for 576 values); tokens run in parallel from 32 on. hidden % 16 == 0.
+    """
+    T = compiler().T
+    f32, V = "float32", 16
+    assert hidden % V == 0
+
+    @T.macro
+    def one_token(x, y, w, s, out, t):
+        with T.sblock("tok"):
+            T.reads()
+            T.writes()
+            acc = T.sblock_alloc_buffer((V,), f32)
+            for i in T.vectorized(V):
+                acc[i] = T.float32(0)
+            for j in T.serial(hidden // V):
+                for i in T.vectorized(V):
+                    s[t, j * V + i] = T.Cast(dtype, T.Cast(f32, x[t, j * V + i]) + T.Cast(f32, y[t, j * V + i]))
+                    acc[i] = acc[i] + T.Cast(f32, s[t, j * V + i]) * T.Cast(f32, s[t, j * V + i])
+            for i in T.vectorized(8):
+                acc[i] = acc[i] + acc[i + 8]
+            for i in T.vectorized(4):
+                acc[i] = acc[i] + acc[i + 4]
+            for i in T.vectorized(2):
+                acc[i] = acc[i] + acc[i + 2]
+            for i in T.vectorized(1):
+                acc[i] = acc[i] + acc[i + 1]
+            acc[1] = T.rsqrt(acc[0] / T.float32(hidden) + T.float32(eps))
+            for j in T.serial(hidden // V):
+                for i in T.vectorized(V):
+                    out[t, j * V + i] = T.Cast(dtype, T.Cast(f32, s[t, j * V + i]) * acc[1] * T.Cast(f32, w[j * V + i]))
+
+    @T.prim_func(s_tir=True)
+    def add_rms_norm(var_x: T.handle, var_y: T.handle, w: T.Buffer((hidden,), dtype), var_s: T.handle,
+                     var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, hidden), dtype)
+        y = T.match_buffer(var_y, (n, hidden), dtype)
+        s = T.match_buffer(var_s, (n, hidden), dtype)
+        out = T.match_buffer(var_out, (n, hidden), dtype)
+        if n < 32:
+            for t in T.serial(n):
+                one_token(x, y, w, s, out, t)
+        else:
+            for t in T.parallel(n):
+                one_token(x, y, w, s, out, t)
+
+    return add_rms_norm

@@ -10,7 +10,7 @@ from .._tvm import compiler
 from ..config import ModelConfig
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
-from .cpu_math import silu
+from .cpu_math import add_rms_norm_cpu, silu
 from .kv_cache import paged_kv_cache
 
 c = compiler()
@@ -47,9 +47,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.mlp = MLP(cfg, scheme, dtype)
 
-    def forward(self, x, cache, layer_id: int):
-        x = x + self.self_attn(self.input_layernorm(x), cache, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, h, cache, layer_id: int):
+        """x: residual stream, h = input_layernorm(x) -> (x + attention, MLP output); the caller adds the MLP
+        output together with the next norm (one kernel on CPU)."""
+        x, h = _add_rms_norm(x, self.self_attn(h, cache, layer_id), self.post_attention_layernorm)
+        return x, self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -61,9 +63,25 @@ class Backbone(nn.Module):
     def forward(self, ids, cache):
         b, s = ids.shape
         x = self.embed_tokens(ids.reshape(b * s)).reshape(b, s, -1)  # [b, s, hidden]
+        h = self.layers[0].input_layernorm(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i)
-        return self.norm(x)
+            x, mlp_out = layer(x, h, cache, i)
+            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, h = _add_rms_norm(x, mlp_out, norm)
+        return h
+
+
+def _add_rms_norm(x, y, norm):
+    """(x + y, norm(x + y)) for [b, s, hidden]: on CPU one kernel (cpu_math.add_rms_norm_cpu), else two ops."""
+    target, (b, s, hidden) = c.Target.current(), x.shape
+    if target is None or target.kind.name != "llvm" or hidden % 16:
+        x = x + y
+        return x, norm(x)
+    func = add_rms_norm_cpu(hidden, norm.epsilon, x.dtype)
+    out = [nn.Tensor.placeholder((b * s, hidden), x.dtype) for _ in range(2)]
+    x, h = nn.op.tensor_ir_op(func, "add_rms_norm", [x.reshape(b * s, hidden), y.reshape(b * s, hidden), norm.weight],
+                              out)
+    return x.reshape(b, s, hidden), h.reshape(b, s, hidden)
 
 
 def _silu_mul(gate_up, inter: int):
