@@ -59,8 +59,10 @@ PATHS = [
 
 @pytest.mark.parametrize("scheme_name", ["q4f32_2", "q4f32_1"])
 @pytest.mark.parametrize("mcpu,in_f,path,needs", PATHS, ids=[f"{p[0]}-{p[2]}" for p in PATHS])
-@pytest.mark.parametrize("rows,out_f,bias", [(1, 24, False), (None, 13, True)])
-def test_dot_path_matches_numpy(scheme_name, mcpu, in_f, path, needs, rows, out_f, bias):
+# GEMM with 6 rows of x: one block of 4 on a decoded weight tile + 2 tail rows; with 2 rows: straight from the
+# packed weights (a decoded tile does not pay off below 4 rows)
+@pytest.mark.parametrize("rows,m,out_f,bias", [(1, 1, 24, False), (None, 6, 13, True), (None, 2, 16, False)])
+def test_dot_path_matches_numpy(scheme_name, mcpu, in_f, path, needs, rows, m, out_f, bias):
     import tvm
 
     scheme = get_scheme(scheme_name)  # q4f32_1's symmetric grid through the same kernel: min = -7 * scale
@@ -68,7 +70,6 @@ def test_dot_path_matches_numpy(scheme_name, mcpu, in_f, path, needs, rows, out_
     assert func.attrs["edgellm.dot"] == path
     if not _host_has(needs):
         pytest.skip(f"this CPU lacks {needs}: built only")
-    m = 1 if rows == 1 else 6  # 6 = one block of 4 rows of x + 2 tail rows in the GEMM
     rng = np.random.default_rng(in_f + out_f)
     x = (rng.standard_normal((m, in_f)) * rng.uniform(0.1, 3, (m, 1))).astype(np.float32)
     x[0, : min(32, in_f)] = 0  # an all-zero activation group

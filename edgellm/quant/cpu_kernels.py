@@ -266,11 +266,16 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
             for tt in range(TP):
                 if p * TP + tt < tiles:
                     if gemm:
-                        decode_tile(wu, su, qw, qs, qm, p, tt)
-                        for mb in range(M // MT):
-                            rows_block_decoded(acc, wu, su, xl, xh, xd, xs, out, bias_buf, p, tt, mb * MT, MT)
-                        for mr in range(M % MT):
-                            rows_block_decoded(acc, wu, su, xl, xh, xd, xs, out, bias_buf, p, tt, M // MT * MT + mr, 1)
+                        if M >= MT:  # decoding the tile pays off once a block of MT rows of x reuses it
+                            decode_tile(wu, su, qw, qs, qm, p, tt)
+                            for mb in range(M // MT):
+                                rows_block_decoded(acc, wu, su, xl, xh, xd, xs, out, bias_buf, p, tt, mb * MT, MT)
+                            for mr in range(M % MT):
+                                rows_block_decoded(acc, wu, su, xl, xh, xd, xs, out, bias_buf, p, tt,
+                                                   M // MT * MT + mr, 1)
+                        else:  # a few rows (batch decode of 1-3 sequences): straight from the packed weights
+                            for mr in range(M):
+                                rows_block(acc, qw, qs, qm, xl, xh, xd, xs, out, bias_buf, p, tt, mr, 1)
                     else:
                         rows_block(acc, qw, qs, qm, xl, xh, xd, xs, out, bias_buf, p, tt, 0, 1)
 
