@@ -130,6 +130,41 @@ def kernel_breakdown(quant: str, threads: int) -> list[dict]:
     return rows
 
 
+def read_bandwidth(threads: int, mbytes: int = 256) -> float:
+    """GB/s of a parallel streaming read (XOR of every uint32 word) over `mbytes`, far beyond the caches: the
+    ceiling for a decode step that must stream every weight once."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from edgellm.targets import resolve
+
+    rows, width = mbytes * 2**20 // 4 // 1024, 1024
+
+    @T.prim_func(private=True)
+    def stream(a: T.Buffer((rows, width), "uint32"), out: T.Buffer((rows,), "uint32")):
+        for r in T.parallel(rows):
+            acc = T.alloc_buffer((16,), "uint32", scope="local")
+            acc[T.ramp(0, 1, 16)] = T.Broadcast(T.uint32(0), 16)
+            for c in range(width // 16):
+                acc[T.ramp(0, 1, 16)] = acc[T.ramp(0, 1, 16)] ^ a[r, T.ramp(c * 16, 1, 16)]
+            out[r] = acc[0] ^ acc[7]
+
+    target = resolve("host").tvm()
+    fn = tvm.compile(tvm.IRModule({"main": stream.with_attr("global_symbol", "main")}), target=target)["main"]
+    dev = tvm.cpu()
+    a = tvm.runtime.tensor(np.ones((rows, width), np.uint32), dev)
+    o = tvm.runtime.empty((rows,), "uint32", dev)
+    fn(a, o)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        fn(a, o)
+        times.append(time.perf_counter() - t)
+    return rows * width * 4 / statistics.median(times) / 1e9
+
+
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -182,8 +217,16 @@ def main() -> int:
     print("|---|---:|---:|---:|")
     for r in summary:
         print(f"| {r['test']} | {r['llama.cpp']:.1f} | {r['edgellm']:.1f} | {r['ratio']:.2f}x |")
+    weight_bytes = sum(e["nbytes"] for e in json.loads((art / "params" / "index.json").read_text())["params"])
+    bw = read_bandwidth(a.threads)
+    tg = next(r for r in summary if r["test"].startswith("tg"))
+    achieved = weight_bytes * tg["edgellm"] / 1e9
+    print(f"\ndecode streams {weight_bytes / 1e6:.1f} MB of weights per token: {achieved:.1f} GB/s at "
+          f"{tg['edgellm']:.1f} tok/s; parallel read bandwidth of this machine ({a.threads} threads): {bw:.1f} GB/s "
+          f"({achieved / bw:.0%})")
     record = {"machine": _cpu_name(), "threads": a.threads, "gguf": gguf.name, "llama_cpp_python": LLAMA_CPP_PYTHON,
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "summary": summary}
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "summary": summary,
+              "weight_bytes": weight_bytes, "read_bandwidth_gbs": bw, "decode_weight_gbs": achieved}
     if a.kernels:
         record["kernels"] = kernel_breakdown(a.quant, a.threads)
         total = sum(k["ms_per_token"] for k in record["kernels"])
