@@ -71,7 +71,7 @@ SHAPES = {
 }
 # decode GEMVs of Llama-3-8B (in, out): qkv, o, gate_up, down, lm_head
 GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
-GEMM_VARIANTS = [(8, 8), (4, 8), (8, 4)]  # outputs per thread (rows, features) tried beside the default 4 x 4
+GEMM_VARIANTS: list[tuple[int, int]] = []  # FMA outputs per thread (rows, features) tried beside 4 x 4 (run 4: (8, 8), (4, 8), (8, 4) were no faster)
 GEMV_VARIANTS = [(4, 1), (8, 1), (2, 2), (8, 2), (4, 4)]  # (warps per block, rows per warp) tried beside the default
 
 
@@ -109,7 +109,8 @@ def build_artifacts(arch: str, shapes: list[str]) -> None:
 def build_gemv_kernels(arch: str) -> None:
     """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights): `new_IN_OUT` (quant/gpu_kernels.py
     and its schedule as the pipeline picks it), `wWrR_IN_OUT` (W warps per block, R rows per warp), `old_IN_OUT`
-    (kernels.linear with the generic GPU schedule) and `gemm_IN_OUT` (the tiled prefill GEMM, symbolic rows)."""
+    (kernels.linear with the generic GPU schedule), `gemm_IN_OUT` (the FMA tiled prefill GEMM, symbolic rows) and
+    `tc_IN_OUT` (the tensor-core prefill GEMM of quant/gpu_kernels.py)."""
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
@@ -129,6 +130,7 @@ def build_gemv_kernels(arch: str) -> None:
                 gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target, warps, rows)
         funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)
         funcs[f"gemm_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False), target)
+        funcs[f"tc_{k}_{n}"] = gpu_kernels.int4_gemm_tc(k, n, False)  # tensor-core prefill GEMM (mma.sync)
         for tm, tn in GEMM_VARIANTS:
             funcs[f"g{tm}x{tn}_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False),
                                                                   target, tm, tn)

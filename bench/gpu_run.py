@@ -103,8 +103,11 @@ def check_gemv_kernels() -> None:
             t = mod.time_evaluator(name, dev, number=20, repeat=5)(*args, out).median
             results["kernels"].append({"kernel": name, "in": k, "out": n, "rel_err": err, "finite": bool(np.isfinite(got).all()),
                                        "us": t * 1e6, "gbs": nbytes / t / 1e9, "l2_resident": nbytes < 40e6})
-        # prefill GEMM: checked on 64 rows against numpy, timed on 512 rows (TFLOP/s)
-        for m, check, variant in [(64, True, "gemm"), (512, False, "gemm")] + [
+        # prefill GEMM: FMA (gemm_) and tensor-core (tc_) kernels checked against numpy (float32 on the dequantized
+        # weights) and timed (TFLOP/s); 100 rows = a partial row tile
+        w32 = w.astype(np.float32)
+        for m, check, variant in [(64, True, "gemm"), (128, False, "gemm"), (512, False, "gemm")] + [
+                (mm, True, "tc") for mm in (100, 128, 512)] + [
                 (mm, mm == 64, f"g{a}x{b}") for a, b in GEMM_VARIANTS for mm in (64, 128, 512)]:
             xm = rng.standard_normal((m, k)).astype(np.float16)
             xa = _tvm.tensor(xm, dev)
@@ -113,7 +116,7 @@ def check_gemv_kernels() -> None:
             mod[name](xa, args[1], args[2], out)
             rec = {"kernel": f"{name} m={m}", "in": k, "out": n, "rows": m}
             if check:
-                refm = xm.astype(np.float64) @ w.T
+                refm = (xm.astype(np.float32) @ w32.T).astype(np.float64)
                 got = out.numpy().astype(np.float64)
                 rec.update(rel_err=float(np.linalg.norm(got - refm) / np.linalg.norm(refm)),
                            finite=bool(np.isfinite(got).all()))

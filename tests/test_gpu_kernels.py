@@ -76,8 +76,10 @@ def test_gemv_variant_only_where_it_is_the_same_function():
 
 @needs_nvcc
 @pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
-def test_cuda_schedules_build(preset):
+def test_cuda_schedules_build(preset, monkeypatch):
     import tvm
+
+    monkeypatch.delenv("EDGELLM_CUDA_GEMM", raising=False)  # the default GEMM choice
 
     from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.compile.gpu_schedules import schedule_gpu_kernel
@@ -88,6 +90,7 @@ def test_cuda_schedules_build(preset):
         "gemv_a": _linear(1, 4096, 6144, "q4f16_1"), "gemv_b": _linear(1, 576, 1536, "q4f16_1", bias=True),
         "gemv_c": _linear(1, 2048, 128, "q4f32_1"), "gemm_a": _linear(None, 4096, 1024, "q4f16_1"),
         "gemm_b": _linear(None, 256, 320, "q0f16", bias=True), "gemm_c": _linear(None, 64, 128, "q0f32"),
+        "gemm_d": _linear(None, 4096, 1024, "q4f32_1"),
     }
     scheduled = {}
     for name, f in funcs.items():
@@ -95,7 +98,8 @@ def test_cuda_schedules_build(preset):
         assert s is not None and s.attrs["tir.is_scheduled"]
         scheduled[name] = s.with_attr("global_symbol", name)
     assert "group_dot" in scheduled["gemv_a"].script()  # the INT4 GEMV variant was chosen
-    assert 'scope="shared"' in scheduled["gemm_a"].script()  # the tiled GEMM stages tiles in shared memory
+    assert str(scheduled["gemm_a"].attrs["edgellm.gemm"]) == "tc_mma_m16n8k16"  # fp16 INT4: tensor cores
+    assert 'scope="shared"' in scheduled["gemm_d"].script()  # fp32 INT4: the FMA tiled GEMM, tiles in shared memory
     prepare_cuda_build()
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
         tvm.compile(tvm.IRModule(scheduled), target=target)
@@ -123,3 +127,47 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
     layers = 2  # the tiny llama checkpoint
     assert decode.count("vm.builtin.cuda_graph.run_or_capture") == layers + 1
     assert decode.count("vm.builtin.attention_kv_cache_attention_with_fused_qkv") == layers  # outside the graphs
+
+
+def test_tc_gemm_only_where_it_is_the_same_function(monkeypatch):
+    """The tensor-core prefill GEMM replaces the FMA tiled GEMM for fp16 INT4 (group 32) linears on sm_80+ only;
+    EDGELLM_CUDA_GEMM=fma keeps the FMA kernel everywhere."""
+    from edgellm.compile import gpu_schedules
+    from edgellm.compile.gpu_schedules import _int4_gemm_tc_variant, schedule_gpu_kernel
+    from edgellm.targets import resolve
+
+    sm90, sm72 = resolve("cuda-sm90").tvm(), resolve("jetson-xavier").tvm()
+    assert _int4_gemm_tc_variant(_linear(None, 4096, 6144, "q4f16_1"), sm90) is not None
+    assert _int4_gemm_tc_variant(_linear(None, 576, 960, "q4f16_1", bias=True), sm90) is not None  # ragged `out`
+    assert _int4_gemm_tc_variant(_linear(None, 4096, 6144, "q4f16_1"), sm72) is None  # no m16n8k16 f16 before sm_80
+    assert _int4_gemm_tc_variant(_linear(None, 80, 64, "q4f16_1"), sm90) is None  # `in` padded to whole groups
+    assert _int4_gemm_tc_variant(_linear(None, 128, 64, "q4f32_1"), sm90) is None  # fp32 activations
+    assert _int4_gemm_tc_variant(_linear(None, 128, 64, "q0f16"), sm90) is None  # dense weight
+    assert _int4_gemm_tc_variant(_linear(1, 128, 64, "q4f16_1"), sm90) is None  # a GEMV
+    f = _linear(None, 4096, 1024, "q4f16_1")
+    monkeypatch.setenv("EDGELLM_CUDA_GEMM", "tc")
+    assert "tc_mma" in str(schedule_gpu_kernel("gemm", f, sm90).attrs.get("edgellm.gemm", ""))
+    monkeypatch.setenv("EDGELLM_CUDA_GEMM", "fma")
+    assert "edgellm.gemm" not in schedule_gpu_kernel("gemm", f, sm90).attrs
+    assert gpu_schedules.cuda_gemm_mode() == "fma"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
+def test_tc_gemm_builds(preset):
+    """The tensor-core GEMM (with and without bias, whole and ragged `out`) compiles to mma.sync for sm_80/sm_90.
+    Its numbers on a GPU come from bench/gpu_run.py (tc_* kernels vs numpy)."""
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.quant import gpu_kernels
+    from edgellm.targets import resolve
+
+    target = resolve(preset).tvm()
+    funcs = {"tc_a": gpu_kernels.int4_gemm_tc(4096, 1024, False), "tc_b": gpu_kernels.int4_gemm_tc(576, 960, True)}
+    prepare_cuda_build()
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        lib = tvm.compile(mod, target=target)
+    src = lib.mod.imports[0].inspect_source()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src

@@ -127,6 +127,48 @@ def _int4_gemv_variant(func, target):
     return gpu_kernels.int4_gemv(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype), len(params) == 5)
 
 
+# CUDA prefill GEMM: "tc" = the tensor-core kernel of quant/gpu_kernels.py (mma.sync, sm_80+) where it applies,
+# "fma" = schedule_gpu_tiled_gemm everywhere. EDGELLM_CUDA_GEMM overrides the default.
+CUDA_GEMM_DEFAULT = "tc"
+
+
+def cuda_gemm_mode() -> str:
+    import os
+
+    return os.environ.get("EDGELLM_CUDA_GEMM", CUDA_GEMM_DEFAULT)
+
+
+def _sm(target) -> int:
+    arch = str(target.attrs.get("arch", ""))
+    return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else 0
+
+
+def _int4_gemm_tc_variant(func, target):
+    """The tensor-core INT4 GEMM (quant/gpu_kernels.py) for a `linear` gemm PrimFunc it covers (q4f16_1-style: fp16
+    x/scales/output, 4-bit 8-per-word weights, group 32, symbolic rows, optional bias; CUDA sm_80+), else None."""
+    from ..quant import gpu_kernels
+
+    if target.kind.name != "cuda" or _sm(target) < 80:
+        return None
+    params = list(func.params)
+    if len(params) not in (4, 5) or str(params[1].dtype) != "uint32":
+        return None
+    x, qs, out = params[0], params[2], params[-1]
+    shapes = [[d.value if hasattr(d, "value") else None for d in b.shape] for b in params]
+    if [len(s) for s in shapes[:3]] != [2, 2, 2] or shapes[0][0] is not None or None in shapes[0][1:] + shapes[1] + shapes[2]:
+        return None
+    (_, in_f), (out_f, words), (out_f2, groups) = shapes[:3]
+    if len(params) == 5 and shapes[3] != [out_f]:
+        return None
+    if out_f2 != out_f or words * 8 != in_f or groups * 32 != in_f or shapes[-1][1:] != [out_f]:
+        return None
+    if not gpu_kernels.tc_supports(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
+        return None
+    if len(params) == 5 and str(params[3].dtype) != "float16":
+        return None
+    return gpu_kernels.int4_gemm_tc(in_f, out_f, len(params) == 5)
+
+
 def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None):
     """Decode GEMV for packed INT4 weights (quant/gpu_kernels.py). Lane l of a warp owns whole groups: per step it
     loads one group's 4 packed words (one 16-byte load), 32 activations (4 x 16 bytes, cast once to float32 and
@@ -198,6 +240,10 @@ def schedule_gpu_kernel(kind: str | None, func, target):
         variant = _int4_gemv_variant(func, target)
         if variant is not None:
             return schedule_gpu_int4_gemv(variant, target)
+    if kind == "gemm" and target.kind.name == "cuda" and cuda_gemm_mode() == "tc":
+        tc = _int4_gemm_tc_variant(func, target)
+        if tc is not None:
+            return tc  # already scheduled
     if kind == "gemm" and target.kind.name == "cuda":
         tiled = schedule_gpu_tiled_gemm(func, target)
         if tiled is not None:
