@@ -131,6 +131,7 @@ def build_gemv_kernels(arch: str) -> None:
         funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)
         funcs[f"gemm_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False), target)
         funcs[f"tc_{k}_{n}"] = gpu_kernels.int4_gemm_tc(k, n, False)  # tensor-core prefill GEMM (mma.sync)
+        funcs[f"tch_{k}_{n}"] = gpu_kernels.int4_gemm_tc(k, n, False, half2=True)  # weight tile decoded in fp16x2
         for tm, tn in GEMM_VARIANTS:
             funcs[f"g{tm}x{tn}_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False),
                                                                   target, tm, tn)

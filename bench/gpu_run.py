@@ -107,7 +107,7 @@ def check_gemv_kernels() -> None:
         # weights) and timed (TFLOP/s); 100 rows = a partial row tile
         w32 = w.astype(np.float32)
         for m, check, variant in [(64, True, "gemm"), (128, False, "gemm"), (512, False, "gemm")] + [
-                (mm, True, "tc") for mm in (100, 128, 512)] + [
+                (mm, True, v) for v in ("tc", "tch") for mm in (100, 128, 512)] + [
                 (mm, mm == 64, f"g{a}x{b}") for a, b in GEMM_VARIANTS for mm in (64, 128, 512)]:
             xm = rng.standard_normal((m, k)).astype(np.float16)
             xa = _tvm.tensor(xm, dev)

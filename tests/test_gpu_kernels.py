@@ -155,7 +155,8 @@ def test_tc_gemm_only_where_it_is_the_same_function(monkeypatch):
 @needs_nvcc
 @pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
 def test_tc_gemm_builds(preset):
-    """The tensor-core GEMM (with and without bias, whole and ragged `out`) compiles to mma.sync for sm_80/sm_90.
+    """The tensor-core GEMM (with and without bias, whole and ragged `out`, both weight decodes, with and without
+    the register prefetch) compiles to mma.sync for sm_80/sm_90.
     Its numbers on a GPU come from bench/gpu_run.py (tc_* kernels vs numpy)."""
     import tvm
 
@@ -164,7 +165,9 @@ def test_tc_gemm_builds(preset):
     from edgellm.targets import resolve
 
     target = resolve(preset).tvm()
-    funcs = {"tc_a": gpu_kernels.int4_gemm_tc(4096, 1024, False), "tc_b": gpu_kernels.int4_gemm_tc(576, 960, True)}
+    funcs = {"tc_a": gpu_kernels.int4_gemm_tc(4096, 1024, False), "tc_b": gpu_kernels.int4_gemm_tc(576, 960, True),
+             "tc_c": gpu_kernels.int4_gemm_tc(4096, 1024, False, half2=True),  # fp16x2 weight decode (the default)
+             "tc_d": gpu_kernels.int4_gemm_tc(576, 960, True, prefetch=False)}
     prepare_cuda_build()
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):

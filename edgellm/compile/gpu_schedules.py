@@ -166,7 +166,7 @@ def _int4_gemm_tc_variant(func, target):
         return None
     if len(params) == 5 and str(params[3].dtype) != "float16":
         return None
-    return gpu_kernels.int4_gemm_tc(in_f, out_f, len(params) == 5)
+    return gpu_kernels.int4_gemm_tc(in_f, out_f, len(params) == 5, half2=gpu_kernels.TC_HALF2)
 
 
 def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None):

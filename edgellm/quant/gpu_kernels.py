@@ -75,6 +75,7 @@ def int4_gemv(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: 
 # (+ bias), rows past the real count are not stored.
 # ---------------------------------------------------------------------------------------------------------------
 TC_BM, TC_BN, TC_BK, TC_PAD = 128, 128, 32, 40
+TC_HALF2 = True  # decode the weight tile with fp16x2 arithmetic (int4_gemm_tc's `half2`)
 
 
 def tc_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bool:
@@ -82,11 +83,13 @@ def tc_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
     return in_f % TC_BK == 0 and x_dtype == scale_dtype == out_dtype == "float16" and out_f > 0
 
 
-def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True):
+def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True, half2: bool = False):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]) for a symbolic row count m; x, y fp16, W packed INT4 (q4f16_1
     layout: nibble i of word j is element 8j+i, offset +7, one fp16 scale per 32). Arguments: x, q_weight, q_scale,
     [bias], out. Already scheduled for CUDA sm_80+ (mma.sync m16n8k16, fp32 accumulation). `prefetch`: the next
-    K step's global loads are issued before this step's mma work (held in registers), hiding their latency."""
+    K step's global loads are issued before this step's mma work (held in registers), hiding their latency.
+    `half2`: the weight tile decoded two weights per fp16x2 instruction, `(0x6400 | nib) - 1031` (exact) times the
+    scale: one rounding, the same fp16 values as the float32 path."""
     from tvm.script import tirx as T
 
     c = compiler()
@@ -124,10 +127,20 @@ def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True):
         for c2 in T.unroll(2):
             for v in T.vectorized(8):
                 xs[((tx + c2 * 256) // 4) * PAD + ((tx + c2 * 256) % 4) * 8 + v] = xr[c2 * 8 + v]
-        for c2 in T.unroll(2):
-            for e in T.unroll(8):
-                ws[(tx // 2) * PAD + ((tx % 2) * 2 + c2) * 8 + e] = T.Cast("float16", T.Cast("float32", T.Cast(
-                    "int32", T.bitwise_and(T.shift_right(wv[c2], T.uint32(e * 4)), T.uint32(15))) - 7) * sc[0])
+        if half2:  # two weights per instruction: 0x6400 | nib is the fp16 1024 + nib, exactly
+            for c2 in T.unroll(2):
+                for j in T.unroll(4):
+                    ws[T.ramp((tx // 2) * PAD + ((tx % 2) * 2 + c2) * 8 + j * 2, 1, 2)] = (T.reinterpret(
+                        "float16x2", T.bitwise_or(T.bitwise_or(
+                            T.bitwise_and(T.shift_right(wv[c2], T.uint32(8 * j)), T.uint32(15)),
+                            T.shift_left(T.bitwise_and(T.shift_right(wv[c2], T.uint32(8 * j + 4)), T.uint32(15)),
+                                         T.uint32(16))), T.uint32(0x64006400)))
+                        - T.Broadcast(T.float16(1024 + QMAX), 2)) * T.Broadcast(T.Cast("float16", sc[0]), 2)
+        else:
+            for c2 in T.unroll(2):
+                for e in T.unroll(8):
+                    ws[(tx // 2) * PAD + ((tx % 2) * 2 + c2) * 8 + e] = T.Cast("float16", T.Cast("float32", T.Cast(
+                        "int32", T.bitwise_and(T.shift_right(wv[c2], T.uint32(e * 4)), T.uint32(15))) - 7) * sc[0])
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
