@@ -27,9 +27,9 @@ def _target(mcpu: str, triple: str = X86):
 
 
 def _host_has(features: list[str]) -> bool:
-    from edgellm.targets import resolve
-
     import tvm
+
+    from edgellm.targets import resolve
 
     host = resolve("host").tvm()
     return all(bool(tvm.target.codegen.target_has_features(f, host)) for f in features)

@@ -11,6 +11,7 @@ import math
 from .._tvm import compiler
 
 tirx = compiler().tirx
+T = compiler().T
 
 LOG2E = math.log2(math.e)
 # Cephes exp2f: 2**f for |f| <= 0.5, relative error ~2e-7
@@ -44,6 +45,32 @@ def silu(x):
     return x / (one + fast_exp(-x))
 
 
+@T.macro
+def tree_sum16(buf):
+    """buf[0] = buf[0] + ... + buf[15], halving with vector adds (buf is changed)."""
+    for i in T.vectorized(8):
+        buf[i] = buf[i] + buf[i + 8]
+    for i in T.vectorized(4):
+        buf[i] = buf[i] + buf[i + 4]
+    for i in T.vectorized(2):
+        buf[i] = buf[i] + buf[i + 2]
+    for i in T.vectorized(1):
+        buf[i] = buf[i] + buf[i + 1]
+
+
+@T.macro
+def tree_max16(buf):
+    """buf[0] = max(buf[0:16]), halving with vector maxes (buf is changed)."""
+    for i in T.vectorized(8):
+        buf[i] = T.max(buf[i], buf[i + 8])
+    for i in T.vectorized(4):
+        buf[i] = T.max(buf[i], buf[i + 4])
+    for i in T.vectorized(2):
+        buf[i] = T.max(buf[i], buf[i + 2])
+    for i in T.vectorized(1):
+        buf[i] = T.max(buf[i], buf[i + 1])
+
+
 def add_rms_norm_cpu(hidden: int, eps: float, dtype: str):
     """(x [n, hidden], y [n, hidden], w [hidden]) -> s = x + y, rms_norm(s) * w: the residual add and the next norm
     in one kernel. The sum of squares runs in 16 float32 lanes (unscheduled TVM rms_norm is one serial add chain:
@@ -65,14 +92,7 @@ def add_rms_norm_cpu(hidden: int, eps: float, dtype: str):
                 for i in T.vectorized(V):
                     s[t, j * V + i] = T.Cast(dtype, T.Cast(f32, x[t, j * V + i]) + T.Cast(f32, y[t, j * V + i]))
                     acc[i] = acc[i] + T.Cast(f32, s[t, j * V + i]) * T.Cast(f32, s[t, j * V + i])
-            for i in T.vectorized(8):
-                acc[i] = acc[i] + acc[i + 8]
-            for i in T.vectorized(4):
-                acc[i] = acc[i] + acc[i + 4]
-            for i in T.vectorized(2):
-                acc[i] = acc[i] + acc[i + 2]
-            for i in T.vectorized(1):
-                acc[i] = acc[i] + acc[i + 1]
+            tree_sum16(acc)
             acc[1] = T.rsqrt(acc[0] / T.float32(hidden) + T.float32(eps))
             for j in T.serial(hidden // V):
                 for i in T.vectorized(V):

@@ -20,7 +20,7 @@ b sequences, h q heads, kv heads, d head_dim, P page_size; a cache page is [2 (k
 from __future__ import annotations
 
 from .._tvm import compiler
-from .cpu_math import LOG2E, fast_exp2
+from .cpu_math import LOG2E, fast_exp2, tree_max16, tree_sum16
 
 c = compiler()
 T, tirx = c.T, c.tirx
@@ -29,6 +29,26 @@ PARALLEL_MIN = 9 * 8  # attention runs serially below this many (page or query, 
 SPLITS = 4  # decode attention: page ranges per sequence on the parallel path
 ROPE_PARALLEL_MIN = 32  # split_rotary runs serially below this many tokens
 NEG = -5e4  # the running max starts here, as in TVM's kernels (their lse convention: log2 domain)
+
+
+@T.macro
+def softmax_block(s, red, st, o, D):
+    """Online softmax over one block of 16 scores s (log2 domain, padded rows at NEG): st = [running max, running
+    sum, new max, rescale]; rescales the output accumulator o[0:D] and leaves exp2(s - max) in s."""
+    for i in T.vectorized(16):
+        red[i] = s[i]
+    tree_max16(red)
+    st[2] = T.max(st[0], red[0])
+    st[3] = fast_exp2(st[0] - st[2])
+    st[1] = st[1] * st[3]
+    for i in T.vectorized(D):
+        o[i] = o[i] * st[3]
+    st[0] = st[2]
+    for i in T.vectorized(16):
+        s[i] = fast_exp2(s[i] - st[0])
+        red[i] = s[i]
+    tree_sum16(red)
+    st[1] = st[1] + red[0]
 
 
 def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16):
@@ -75,46 +95,12 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
                     for j in T.serial(DC - 1):
                         for i in T.vectorized(V):
                             acc[i] = acc[i] + q[(j + 1) * V + i] * T.Cast(f32, pages[page, 0, kvh, r, (j + 1) * V + i])
-                    for i in T.vectorized(8):
-                        acc[i] = acc[i] + acc[i + 8]
-                    for i in T.vectorized(4):
-                        acc[i] = acc[i] + acc[i + 4]
-                    for i in T.vectorized(2):
-                        acc[i] = acc[i] + acc[i + 2]
-                    for i in T.vectorized(1):
-                        acc[i] = acc[i] + acc[i + 1]
+                    tree_sum16(acc)
                     s[r] = acc[0]
                 for r in T.serial(P - rows):
                     s[rows + r] = T.float32(NEG * 4)
                 # online softmax, one page at a time
-                for i in T.vectorized(P):
-                    red[i] = s[i]
-                for i in T.vectorized(8):
-                    red[i] = T.max(red[i], red[i + 8])
-                for i in T.vectorized(4):
-                    red[i] = T.max(red[i], red[i + 4])
-                for i in T.vectorized(2):
-                    red[i] = T.max(red[i], red[i + 2])
-                for i in T.vectorized(1):
-                    red[i] = T.max(red[i], red[i + 1])
-                st[2] = T.max(st[0], red[0])
-                st[3] = exp2(st[0] - st[2])
-                st[1] = st[1] * st[3]
-                for i in T.vectorized(D):
-                    o[i] = o[i] * st[3]
-                st[0] = st[2]
-                for i in T.vectorized(P):
-                    s[i] = exp2(s[i] - st[0])
-                    red[i] = s[i]
-                for i in T.vectorized(8):
-                    red[i] = red[i] + red[i + 8]
-                for i in T.vectorized(4):
-                    red[i] = red[i] + red[i + 4]
-                for i in T.vectorized(2):
-                    red[i] = red[i] + red[i + 2]
-                for i in T.vectorized(1):
-                    red[i] = red[i] + red[i + 1]
-                st[1] = st[1] + red[0]
+                softmax_block(s, red, st, o, D)
                 for r in T.serial(rows):
                     for i in T.vectorized(D):
                         o[i] = o[i] + s[r] * T.Cast(f32, pages[page, 1, kvh, r, i])
@@ -229,7 +215,7 @@ def attention_prefill_ragged_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
     H, KV, D, C = num_qo_heads, num_kv_heads, head_dim, 16
     G = H // KV
     assert D % 16 == 0, "paged_kv_cache keeps TVM's kernel for other shapes"
-    V, DC, f32, exp2 = 16, head_dim // 16, "float32", fast_exp2
+    V, DC, f32 = 16, head_dim // 16, "float32"
 
     @T.macro
     def one_row(q, k, v, output, lse, q0, kv0, qo_len, kv_len, causal, sm_scale, t):
@@ -260,45 +246,11 @@ def attention_prefill_ragged_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
                     for j in T.serial(DC - 1):
                         for i in T.vectorized(V):
                             acc[i] = acc[i] + qv[(j + 1) * V + i] * T.Cast(f32, k[kv0 + ch * C + r, kvh, (j + 1) * V + i])
-                    for i in T.vectorized(8):
-                        acc[i] = acc[i] + acc[i + 8]
-                    for i in T.vectorized(4):
-                        acc[i] = acc[i] + acc[i + 4]
-                    for i in T.vectorized(2):
-                        acc[i] = acc[i] + acc[i + 2]
-                    for i in T.vectorized(1):
-                        acc[i] = acc[i] + acc[i + 1]
+                    tree_sum16(acc)
                     s[r] = acc[0]
                 for r in T.serial(C - rows):
                     s[rows + r] = T.float32(NEG * 4)
-                for i in T.vectorized(C):
-                    red[i] = s[i]
-                for i in T.vectorized(8):
-                    red[i] = T.max(red[i], red[i + 8])
-                for i in T.vectorized(4):
-                    red[i] = T.max(red[i], red[i + 4])
-                for i in T.vectorized(2):
-                    red[i] = T.max(red[i], red[i + 2])
-                for i in T.vectorized(1):
-                    red[i] = T.max(red[i], red[i + 1])
-                st[2] = T.max(st[0], red[0])
-                st[3] = exp2(st[0] - st[2])
-                st[1] = st[1] * st[3]
-                for i in T.vectorized(D):
-                    o[i] = o[i] * st[3]
-                st[0] = st[2]
-                for i in T.vectorized(C):
-                    s[i] = exp2(s[i] - st[0])
-                    red[i] = s[i]
-                for i in T.vectorized(8):
-                    red[i] = red[i] + red[i + 8]
-                for i in T.vectorized(4):
-                    red[i] = red[i] + red[i + 4]
-                for i in T.vectorized(2):
-                    red[i] = red[i] + red[i + 2]
-                for i in T.vectorized(1):
-                    red[i] = red[i] + red[i + 1]
-                st[1] = st[1] + red[0]
+                softmax_block(s, red, st, o, D)
                 for r in T.serial(rows):
                     for i in T.vectorized(D):
                         o[i] = o[i] + s[r] * T.Cast(f32, v[kv0 + ch * C + r, kvh, i])

@@ -129,7 +129,7 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
     tiles = out_f // nt
     P = min(tiles, MAX_TASKS)
     TP = (tiles + P - 1) // P
-    fv, uv = f"float32x{V}", f"uint32x{V}"
+    fv = f"float32x{V}"
     expand = [i // wpg for i in range(V)]  # word lane -> group lane within a chunk
     dot = _dot_fn(path)
     asym = scheme.zero_point
