@@ -110,12 +110,16 @@ def build_gemv_kernels(arch: str) -> None:
     """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights): `new_IN_OUT` (quant/gpu_kernels.py
     and its schedule as the pipeline picks it), `wWrR_IN_OUT` (W warps per block, R rows per warp), `old_IN_OUT`
     (kernels.linear with the generic GPU schedule), `gemm_IN_OUT` (the FMA tiled prefill GEMM, symbolic rows) and
-    `tc_IN_OUT` (the tensor-core prefill GEMM of quant/gpu_kernels.py)."""
+    `tc_IN_OUT` (the tensor-core prefill GEMM of quant/gpu_gemm.py)."""
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.compile.gpu_schedules import schedule_gpu_int4_gemv, schedule_gpu_linear, schedule_gpu_tiled_gemm
-    from edgellm.quant import gpu_kernels, kernels
+    from edgellm.compile.gpu_schedules import (
+        schedule_gpu_int4_gemv,
+        schedule_gpu_linear,
+        schedule_gpu_tiled_gemm,
+    )
+    from edgellm.quant import gpu_gemm, gpu_kernels, kernels
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
 
@@ -130,8 +134,8 @@ def build_gemv_kernels(arch: str) -> None:
                 gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target, warps, rows)
         funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)
         funcs[f"gemm_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False), target)
-        funcs[f"tc_{k}_{n}"] = gpu_kernels.int4_gemm_tc(k, n, False)  # tensor-core prefill GEMM (mma.sync)
-        funcs[f"tch_{k}_{n}"] = gpu_kernels.int4_gemm_tc(k, n, False, half2=True)  # weight tile decoded in fp16x2
+        funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False)  # tensor-core prefill GEMM (mma.sync)
+        funcs[f"tch_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False, half2=True)  # weight tile decoded in fp16x2
         for tm, tn in GEMM_VARIANTS:
             funcs[f"g{tm}x{tn}_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False),
                                                                   target, tm, tn)

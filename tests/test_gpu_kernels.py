@@ -161,13 +161,13 @@ def test_tc_gemm_builds(preset):
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.quant import gpu_kernels
+    from edgellm.quant import gpu_gemm
     from edgellm.targets import resolve
 
     target = resolve(preset).tvm()
-    funcs = {"tc_a": gpu_kernels.int4_gemm_tc(4096, 1024, False), "tc_b": gpu_kernels.int4_gemm_tc(576, 960, True),
-             "tc_c": gpu_kernels.int4_gemm_tc(4096, 1024, False, half2=True),  # fp16x2 weight decode (the default)
-             "tc_d": gpu_kernels.int4_gemm_tc(576, 960, True, prefetch=False)}
+    funcs = {"tc_a": gpu_gemm.int4_gemm_tc(4096, 1024, False), "tc_b": gpu_gemm.int4_gemm_tc(576, 960, True),
+             "tc_c": gpu_gemm.int4_gemm_tc(4096, 1024, False, half2=True),  # fp16x2 weight decode (the default)
+             "tc_d": gpu_gemm.int4_gemm_tc(576, 960, True, prefetch=False)}
     prepare_cuda_build()
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):

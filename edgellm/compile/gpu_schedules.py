@@ -127,7 +127,7 @@ def _int4_gemv_variant(func, target):
     return gpu_kernels.int4_gemv(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype), len(params) == 5)
 
 
-# CUDA prefill GEMM: "tc" = the tensor-core kernel of quant/gpu_kernels.py (mma.sync, sm_80+) where it applies,
+# CUDA prefill GEMM: "tc" = the tensor-core kernel of quant/gpu_gemm.py (mma.sync, sm_80+) where it applies,
 # "fma" = schedule_gpu_tiled_gemm everywhere. EDGELLM_CUDA_GEMM overrides the default.
 CUDA_GEMM_DEFAULT = "tc"
 
@@ -144,9 +144,9 @@ def _sm(target) -> int:
 
 
 def _int4_gemm_tc_variant(func, target):
-    """The tensor-core INT4 GEMM (quant/gpu_kernels.py) for a `linear` gemm PrimFunc it covers (q4f16_1-style: fp16
+    """The tensor-core INT4 GEMM (quant/gpu_gemm.py) for a `linear` gemm PrimFunc it covers (q4f16_1-style: fp16
     x/scales/output, 4-bit 8-per-word weights, group 32, symbolic rows, optional bias; CUDA sm_80+), else None."""
-    from ..quant import gpu_kernels
+    from ..quant import gpu_gemm
 
     if target.kind.name != "cuda" or _sm(target) < 80:
         return None
@@ -162,11 +162,11 @@ def _int4_gemm_tc_variant(func, target):
         return None
     if out_f2 != out_f or words * 8 != in_f or groups * 32 != in_f or shapes[-1][1:] != [out_f]:
         return None
-    if not gpu_kernels.tc_supports(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
+    if not gpu_gemm.tc_supports(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
         return None
     if len(params) == 5 and str(params[3].dtype) != "float16":
         return None
-    return gpu_kernels.int4_gemm_tc(in_f, out_f, len(params) == 5, half2=gpu_kernels.TC_HALF2)
+    return gpu_gemm.int4_gemm_tc(in_f, out_f, len(params) == 5, half2=gpu_gemm.TC_HALF2)
 
 
 def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None):
