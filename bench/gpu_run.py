@@ -60,6 +60,7 @@ def check_tiny() -> None:
         results["checks"][f"tiny {scheme} vs transformers {dtype} (cuda)"] = {
             "rel_err": rel(got, ref), "tol": tol, "ok": rel(got, ref) < tol,
             "greedy_equal": ours == hf_greedy, "ours": ours, "hf": hf_greedy}
+    check_argmax(eng)
     art = Artifact.open(DEV / "art" / "tiny-q4f16_1")
     ref = forward(ModelConfig.from_dict(art.manifest["model"]["config"]), float_weights(art), PROMPT)
     eng = Engine(art.root)
@@ -69,6 +70,34 @@ def check_tiny() -> None:
     results["checks"]["tiny q4f16_1 vs numpy on dequantized weights (cuda)"] = {
         "rel_err": rel(got, ref), "decode_vs_prefill": rel(np.stack(steps), got[3:]), "tol": 2e-2,
         "ok": rel(got, ref) < 2e-2 and rel(np.stack(steps), got[3:]) < 2e-2}
+
+
+def check_argmax(eng) -> None:
+    """The artifact's device argmax (models/gpu_math.argmax_gpu) vs numpy: random logits, ties (numpy keeps the
+    first index), the maximum at either end, all -inf but one."""
+    from edgellm import _tvm
+
+    rng = np.random.default_rng(3)
+    vocab = eng.art.manifest["model"]["config"]["vocab_size"]
+    cases = []
+    for _ in range(20):
+        x = rng.standard_normal((1, 1, vocab)).astype(np.float32)
+        cases.append(x)
+        t = x.copy()
+        i, j = sorted(rng.choice(vocab, 2, replace=False))
+        t[0, 0, [i, j]] = t.max() + 1
+        cases.append(t)
+    for pos in (0, vocab - 1):
+        x = rng.standard_normal((1, 1, vocab)).astype(np.float32)
+        x[0, 0, pos] = 100
+        cases.append(x)
+    x = np.full((1, 1, vocab), -np.inf, np.float32)
+    x[0, 0, vocab // 3] = -1e30
+    cases.append(x)
+    got = [int(eng._argmax(_tvm.tensor(c, eng.dev)).numpy()[0, 0]) for c in cases]
+    want = [int(np.argmax(c)) for c in cases]
+    results["checks"]["device argmax vs numpy (ties, ends, -inf)"] = {"cases": len(cases), "ok": got == want,
+                                                                      "mismatches": sum(a != b for a, b in zip(got, want))}
 
 
 def check_gemv_kernels() -> None:
@@ -159,14 +188,14 @@ def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) 
     from torch.profiler import ProfilerActivity, profile
 
     with eng.sequence() as seq:
-        logits = seq.prefill([5])
+        tok = int(np.argmax(seq.prefill([5])))
         for _ in range(4):  # capture happens on the first decode calls
-            logits = seq.decode(int(np.argmax(logits)))
+            tok = seq.decode_greedy(tok)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            for _ in range(steps):
-                logits = seq.decode(int(np.argmax(logits)))
+            for _ in range(steps):  # the greedy step bench's tg runs: argmax on the device, 4 bytes back
+                tok = seq.decode_greedy(tok)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
     if trace is not None:  # timeline: gaps between kernels, host launch cadence
@@ -183,7 +212,7 @@ def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) 
             d[0] += 1
             d[1] += e.time_range.elapsed_us()
     gpu_us = sum(v[1] for v in kernels.values()) / steps
-    # per decode step (each ends with the logits' device-to-host copy): first GPU activity to the copy's end
+    # per decode step (each ends with the token's device-to-host copy): first GPU activity to the copy's end
     dev_events = sorted((e for e in prof.events() if "CUDA" in str(getattr(e, "device_type", ""))),
                         key=lambda e: e.time_range.start)
     step_spans, first = [], None
@@ -224,6 +253,16 @@ def bench_model(name: str, bw: float) -> None:
         profile_decode(eng, label, trace=trace)
     except Exception:
         results["errors"].append(f"profile {label}: " + traceback.format_exc()[-2000:])
+    with eng.sequence() as a, eng.sequence() as b:  # the device-argmax greedy chain vs the host argmax of logits
+        ta = tb = int(np.argmax(a.prefill([7, 8, 9])))
+        b.prefill([7, 8, 9])
+        chain_a, chain_b = [], []
+        for _ in range(8):
+            ta, tb = a.decode_greedy(ta), int(np.argmax(b.decode(tb)))
+            chain_a.append(ta)
+            chain_b.append(tb)
+    results["checks"][f"{label}: greedy on the device == argmax of the logits on the host (8 steps)"] = {
+        "ok": chain_a == chain_b, "device": chain_a, "host": chain_b}
     dev = torch_device_name()
     read = read_bytes_per_token(eng)
     for n_prompt, n_gen in ((128, 128), (512, 0)):

@@ -127,3 +127,35 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
     layers = 2  # the tiny llama checkpoint
     assert decode.count("vm.builtin.cuda_graph.run_or_capture") == layers + 1
     assert decode.count("vm.builtin.attention_kv_cache_attention_with_fused_qkv") == layers  # outside the graphs
+    # the residual add and the next norm are one kernel (gpu_math.add_rms_norm_gpu): 2 per layer, nothing else
+    # adds or norms; the artifact exports the device argmax the Engine's greedy decode uses
+    decode_and_graphs = text["vm"].split("@decode:")[1].split("\n@prefill:")[0]
+    assert decode_and_graphs.count("call  add_rms_norm") == 2 * layers
+    assert decode_and_graphs.count("call  rms_norm") == 1  # layer 0's input norm has no residual to add
+    from edgellm.artifact import Artifact
+
+    assert "argmax" in Artifact.open(tmp_path / "a").manifest["functions"]
+
+
+@needs_nvcc
+def test_gpu_math_kernels_build():
+    """gpu_math's add_rms_norm (hidden not a multiple of the block: SmolLM2's 576) and argmax (a vocabulary not a
+    multiple of the block) compile for sm_90, with one block per row and shared-memory reductions."""
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_gpu
+    from edgellm.targets import resolve
+
+    target = resolve("cuda-sm90").tvm()
+    funcs = {"arn": add_rms_norm_gpu(576, 1e-5, "float16"), "arn32": add_rms_norm_gpu(4096, 1e-6, "float32"),
+             "am": argmax_gpu(49152 + 5)}
+    prepare_cuda_build()
+    with target:
+        lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
+    src = lib.mod.imports[0].inspect_source()
+    for name in funcs:
+        assert f"{name}_kernel(" in src
+    assert src.count("__syncthreads()") >= 2 * 10  # argmax: 10 tree levels of 1024 threads, two barriers each
+    with pytest.raises(ValueError, match="power of two"):
+        add_rms_norm_gpu(576, 1e-5, "float16", threads=100)

@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
 from .cpu_math import add_rms_norm_cpu, silu
+from .gpu_math import add_rms_norm_gpu, argmax_gpu
 from .kv_cache import paged_kv_cache
 
 c = compiler()
@@ -71,13 +72,22 @@ class Backbone(nn.Module):
         return h
 
 
+def _on(kind: str) -> bool:
+    target = c.Target.current()
+    return target is not None and target.kind.name == kind
+
+
 def _add_rms_norm(x, y, norm):
-    """(x + y, norm(x + y)) for [b, s, hidden]: on CPU one kernel (cpu_math.add_rms_norm_cpu), else two ops."""
-    target, (b, s, hidden) = c.Target.current(), x.shape
-    if target is None or target.kind.name != "llvm" or hidden % 16:
+    """(x + y, norm(x + y)) for [b, s, hidden]: one kernel on CPU (cpu_math.add_rms_norm_cpu) and CUDA
+    (gpu_math.add_rms_norm_gpu), else two ops."""
+    b, s, hidden = x.shape
+    if _on("llvm") and hidden % 16 == 0:
+        func = add_rms_norm_cpu(hidden, norm.epsilon, x.dtype)
+    elif _on("cuda"):
+        func = add_rms_norm_gpu(hidden, norm.epsilon, x.dtype)
+    else:
         x = x + y
         return x, norm(x)
-    func = add_rms_norm_cpu(hidden, norm.epsilon, x.dtype)
     out = [nn.Tensor.placeholder((b * s, hidden), x.dtype) for _ in range(2)]
     x, h = nn.op.tensor_ir_op(func, "add_rms_norm", [x.reshape(b * s, hidden), y.reshape(b * s, hidden), norm.weight],
                               out)
@@ -139,6 +149,13 @@ class LlamaForCausalLM(nn.Module):
         """ids [b, 1] (one new token for each of b sequences) -> [b, 1, vocab]; batched serving."""
         return self._logits(self.model(ids, cache)), cache
 
+    def argmax(self, logits):
+        """logits [b, 1, vocab] -> greedy token ids [b, 1] int32, on the device (CUDA builds export it: a greedy step
+        then copies 4 bytes back instead of the logits)."""
+        b = logits.shape[0]
+        return nn.op.tensor_ir_op(argmax_gpu(self.cfg.vocab_size), "argmax", [logits],
+                                  nn.Tensor.placeholder((b, 1), "int32"))
+
     def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                   support_sliding_window):
         cfg = self.cfg
@@ -176,6 +193,8 @@ class LlamaForCausalLM(nn.Module):
             "prefill_logits": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
             "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": fwd},
             "batch_decode": {"ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": fwd},
+            **({"argmax": {"logits": nn.spec.Tensor(["batch_size", 1, self.cfg.vocab_size], "float32"),
+                           "$": {"param_mode": "none", "effect_mode": "none"}}} if _on("cuda") else {}),
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},

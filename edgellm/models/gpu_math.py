@@ -1,0 +1,117 @@
+"""Small CUDA kernels of the model body, written pre-scheduled in TVMScript (`tirx.is_scheduled`: dlight skips them).
+
+* `add_rms_norm_gpu`: the residual add and the next RMSNorm in one kernel (decode ran them as two: 2 x 32 launches
+  per Llama-3-8B token, 1.3 + 2.0 us each on an H100).
+* `argmax_gpu`: greedy token ids on the device, so a greedy decode step copies 4 bytes back instead of the logits
+  (0.5 MB per token for a 128256-word vocabulary) and skips the host argmax.
+
+One thread block per row; block reductions go through shared memory (a tree of `threads` -> 1 with a barrier per
+level), which every GPU backend TVM has lowers the same way. Numbers on a GPU: bench/gpu_run.py (vs numpy).
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+
+
+def _log2(n: int) -> int:
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"thread count must be a power of two, got {n}")
+    return n.bit_length() - 1
+
+
+def add_rms_norm_gpu(hidden: int, eps: float, dtype: str, threads: int = 256):
+    """(x [n, hidden], y [n, hidden], w [hidden]) -> s = x + y (in `dtype`), rms_norm(s) * w. Same function as
+    `x + y` followed by TVM's rms_norm: the sum is rounded to `dtype` first and the norm computed in float32 from
+    the rounded values. One block of `threads` per token; each thread keeps its ceil(hidden / threads) sums in
+    registers between the two passes."""
+    T = compiler().T
+    f32, per, levels = "float32", (hidden + threads - 1) // threads, _log2(threads)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def add_rms_norm(var_x: T.handle, var_y: T.handle, w: T.Buffer((hidden,), dtype), var_s: T.handle,
+                     var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, hidden), dtype)
+        y = T.match_buffer(var_y, (n, hidden), dtype)
+        s = T.match_buffer(var_s, (n, hidden), dtype)
+        out = T.match_buffer(var_out, (n, hidden), dtype)
+        bx = T.launch_thread("blockIdx.x", n)
+        tx = T.launch_thread("threadIdx.x", threads)
+        v = T.alloc_buffer((per,), f32, scope="local")
+        acc = T.alloc_buffer((1,), f32, scope="local")
+        red = T.alloc_buffer((threads,), f32, scope="shared")
+        acc[0] = T.float32(0)
+        for j in T.unroll(per):
+            if j * threads + tx < hidden:
+                s[bx, j * threads + tx] = T.Cast(dtype, T.Cast(f32, x[bx, j * threads + tx])
+                                                 + T.Cast(f32, y[bx, j * threads + tx]))
+                v[j] = T.Cast(f32, T.Cast(dtype, T.Cast(f32, x[bx, j * threads + tx])
+                                          + T.Cast(f32, y[bx, j * threads + tx])))
+                acc[0] = acc[0] + v[j] * v[j]
+        red[tx] = acc[0]
+        T.tvm_storage_sync("shared")
+        for k in T.unroll(levels):  # no branch: TVM's sync planner cannot place barriers inside one
+            acc[0] = T.if_then_else(tx < T.shift_right(threads, k + 1),
+                                    red[T.min(tx + T.shift_right(threads, k + 1), threads - 1)], T.float32(0))
+            T.tvm_storage_sync("shared")
+            red[tx] = red[tx] + acc[0]
+            T.tvm_storage_sync("shared")
+        acc[0] = T.rsqrt(red[0] / T.float32(hidden) + T.float32(eps))
+        for j in T.unroll(per):
+            if j * threads + tx < hidden:
+                out[bx, j * threads + tx] = T.Cast(dtype, v[j] * acc[0] * T.Cast(f32, w[j * threads + tx]))
+
+    return add_rms_norm
+
+
+def argmax_gpu(vocab: int, threads: int = 1024):
+    """logits [b, 1, vocab] float32 -> [b, 1] int32, the first index of the largest value (numpy's argmax). One
+    block per row; each thread scans a strided slice, then a shared-memory tree keeps the larger value, and of two
+    equal ones the smaller index. -inf logits are fine; NaN compares false everywhere (numpy would return it)."""
+    T = compiler().T
+    per, levels = (vocab + threads - 1) // threads, _log2(threads)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def argmax(var_logits: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b = T.int64()
+        logits = T.match_buffer(var_logits, (b, 1, vocab), "float32")
+        out = T.match_buffer(var_out, (b, 1), "int32")
+        bx = T.launch_thread("blockIdx.x", b)
+        tx = T.launch_thread("threadIdx.x", threads)
+        best = T.alloc_buffer((1,), "float32", scope="local")
+        idx = T.alloc_buffer((1,), "int32", scope="local")
+        mine = T.alloc_buffer((1,), "float32", scope="local")
+        other = T.alloc_buffer((1,), "int32", scope="local")
+        sv = T.alloc_buffer((threads,), "float32", scope="shared")
+        si = T.alloc_buffer((threads,), "int32", scope="shared")
+        best[0] = T.float32(-3.4e38)
+        idx[0] = T.int32(vocab)
+        for j in T.serial(per):  # ascending indices per thread: a strict > keeps the first of equal values
+            if j * threads + tx < vocab:
+                if logits[bx, 0, j * threads + tx] > best[0] or idx[0] == vocab:
+                    best[0] = logits[bx, 0, j * threads + tx]
+                    idx[0] = j * threads + tx
+        sv[tx] = best[0]
+        si[tx] = idx[0]
+        T.tvm_storage_sync("shared")
+        for k in T.unroll(levels):  # no branch: TVM's sync planner cannot place barriers inside one
+            other[0] = T.if_then_else(tx < T.shift_right(threads, k + 1),
+                                      si[T.min(tx + T.shift_right(threads, k + 1), threads - 1)], T.int32(vocab))
+            best[0] = sv[T.min(tx + T.shift_right(threads, k + 1), threads - 1)]
+            mine[0] = sv[tx]
+            idx[0] = si[tx]
+            T.tvm_storage_sync("shared")
+            # take the other slot's candidate if it has one and this slot has none, a smaller value, or an equal
+            # value at a larger index (a slot with no candidate holds index `vocab`; threads past the half keep theirs)
+            take = T.meta_var(T.And(other[0] < vocab, T.Or(idx[0] == vocab, T.Or(best[0] > mine[0], T.And(
+                best[0] == mine[0], other[0] < idx[0])))))
+            sv[tx] = T.Select(take, best[0], mine[0])
+            si[tx] = T.Select(take, other[0], idx[0])
+            T.tvm_storage_sync("shared")
+        if tx == 0:
+            out[bx, 0] = si[0]
+
+    return argmax
