@@ -96,15 +96,19 @@ def test_q4_teacher_forced_top1_agreement(scheme, compiled, hf_smollm2, capsys):
     agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
     art = Artifact.open(path)
     int8 = art.manifest["quant"]["act_quant"] == "int8"
-    oracle = forward(ModelConfig.from_dict(art.manifest["model"]["config"]), float_weights(art), ids,
+    # the numpy int8 model costs ~1 s per token: it checks the first 64 positions (causal, so the same logits as in
+    # the full run); every int8 linear call is checked exactly on the tiny models (tests/test_models_tiny.py)
+    n_oracle = 64 if int8 else len(ids)
+    oracle = forward(ModelConfig.from_dict(art.manifest["model"]["config"]), float_weights(art), ids[:n_oracle],
                      linear=int8_linear(art) if int8 else None)
-    exact = float((got.argmax(-1) == oracle.argmax(-1)).mean())
+    got_o = got[:n_oracle]
+    exact = float((got_o.argmax(-1) == oracle.argmax(-1)).mean())
     with capsys.disabled():
         print(f"\nSmolLM2 {scheme} teacher-forced top-1 agreement over {len(ids)} tokens: {agree:.1%} vs transformers "
-              f"fp32, {exact:.1%} vs the numpy model on the same packed weights")
+              f"fp32, {exact:.1%} vs the numpy model on the same packed weights (first {n_oracle} positions)")
     # int8 rounding is discontinuous: float-order noise flips a few activations and 30 layers amplify it. Measured:
     # the numpy model against itself with 1e-7 relative noise on every linear input agrees on 93.9% of top-1s.
     # Each int8 linear call is checked exactly in tests/test_models_tiny.py.
     assert exact >= (0.85 if int8 else 0.98)
-    assert float(np.abs(got - oracle).max()) < (0.25 if int8 else 1e-2) * float(np.abs(oracle).max())
+    assert float(np.abs(got_o - oracle).max()) < (0.25 if int8 else 1e-2) * float(np.abs(oracle).max())
     assert agree >= Q4_AGREEMENT_FLOOR[scheme]
