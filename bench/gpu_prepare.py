@@ -150,13 +150,15 @@ def main() -> None:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--python", default="3.12")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="model shapes to build (comma-separated)")
+    ap.add_argument("--no-kernels", action="store_true", help="skip kernels.so (then run gpu_run.py --skip-checks)")
     args = ap.parse_args()
     shutil.rmtree(OUT, ignore_errors=True)
     (OUT / "site").mkdir(parents=True)
     copy_runtime_tvm(OUT / "site")
     fetch_tvm_ffi(OUT / "site", args.python)
     build_artifacts(args.arch, [x for x in args.shapes.split(",") if x])
-    build_gemv_kernels(args.arch)
+    if not args.no_kernels:
+        build_gemv_kernels(args.arch)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{OUT}: {total / 2**20:.1f} MiB")
     if total > 60 * 2**20:

@@ -337,10 +337,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true", help="skip the standalone kernel checks (kernels.so)")
     args = ap.parse_args()
     results["device"] = torch_device_name()
-    steps = [] if args.skip_checks else [("check_tiny", check_tiny), ("gemv kernels", check_gemv_kernels)]
+    steps = [("check_tiny", check_tiny)] + ([] if args.skip_checks else [("gemv kernels", check_gemv_kernels)])
     steps.append(("copy bandwidth", lambda: results.setdefault("copy_bw", copy_bandwidth())))
     models = [m for m in args.models.split(",") if m]
     for name in models:
