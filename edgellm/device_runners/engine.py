@@ -116,6 +116,15 @@ class Sequence:
         return self.engine._greedy(out)
 
 
+class _DeviceToken:
+    """The last token the device argmax produced, kept on the device: the next greedy step feeds it to `decode`
+    as is, with no host-to-device copy."""
+
+    def __init__(self):
+        self.value: int | None = None
+        self.tensor = None
+
+
 class Engine:
     def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True,
                  random_weights: int | None = None):
@@ -161,17 +170,19 @@ class Engine:
         self._decode_ids = _tvm.tensor(np.zeros((1, 1), np.int32), self.dev)
         self._argmax = self.vm["argmax"] if "argmax" in m.get("functions", []) else None
         self._fns: dict[str, object] = {}  # VM function handles, looked up once (a lookup per token is host time)
+        self._last_token = _DeviceToken()
 
     # ---- low level --------------------------------------------------------------------------------------------
     def _run(self, fn: str, seq: int, ids: list[int]):
         """One forward of `fn` over `ids` for sequence `seq`; the output tensor stays on the device."""
         S = self._tvm.ShapeTuple
-        host = np.asarray(ids, dtype=np.int32).reshape(1, -1)
-        if fn == "decode":
+        if fn == "decode" and ids[0] == self._last_token.value:  # the device argmax's output: already there
+            arr = self._last_token.tensor
+        elif fn == "decode":
             arr = self._decode_ids
-            arr.copyfrom(host)
+            arr.copyfrom(np.asarray(ids, dtype=np.int32).reshape(1, 1))
         else:
-            arr = self._tvm.tensor(host, self.dev)
+            arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
         self._begin(self.kv, S([seq]), S([len(ids)]))
         f = self._fns.get(fn)
         if f is None:
@@ -186,7 +197,9 @@ class Engine:
     def _greedy(self, logits) -> int:
         """argmax of a [1, 1, vocab] device tensor: on the device where the artifact has `argmax`."""
         if self._argmax is not None:
-            return int(self._argmax(logits).numpy()[0, 0])
+            tok = self._argmax(logits)
+            self._last_token.value, self._last_token.tensor = int(tok.numpy()[0, 0]), tok
+            return self._last_token.value
         return int(np.argmax(logits.numpy().reshape(-1)))
 
     def _prefill(self, seq: int, ids: list[int], fn: str = "prefill") -> np.ndarray:
