@@ -4,6 +4,8 @@
   CPU and must match the numpy reference on the dequantized weights;
 * the CUDA schedules (decode GEMV, tiled prefill GEMM) build to a fatbin for sm_80 and sm_90;
 * the pipeline picks the GEMV variant only where it computes the same function (4-bit, group 32, no zero point);
+* the fp16x2 GEMV (quant/gpu_kernels.int4_gemv_h2, CUDA only): its decode identities exactly, a numpy model of its
+  fp16 arithmetic against float64 (random and outlier activations), and its builds;
 * a CUDA build of `decode` replays captured CUDA graphs (vm.builtin.cuda_graph.run_or_capture in its VM code).
 The numbers on a real GPU (numpy checks of every kernel at Llama-3-8B shapes, timings) come from bench/gpu_run.py.
 """
@@ -97,7 +99,8 @@ def test_cuda_schedules_build(preset, monkeypatch):
         s = schedule_gpu_kernel(str(f.attrs["edgellm.kernel"]), f, target)
         assert s is not None and s.attrs["tir.is_scheduled"]
         scheduled[name] = s.with_attr("global_symbol", name)
-    assert "group_dot" in scheduled["gemv_a"].script()  # the INT4 GEMV variant was chosen
+    assert str(scheduled["gemv_a"].attrs["edgellm.gemv"]).startswith("h2_")  # fp16: the fp16x2 GEMV
+    assert "group_dot" in scheduled["gemv_c"].script()  # fp32 activations: the TE INT4 GEMV and its schedule
     assert str(scheduled["gemm_a"].attrs["edgellm.gemm"]) == "tc_mma_m16n8k16"  # fp16 INT4: tensor cores
     assert 'scope="shared"' in scheduled["gemm_d"].script()  # fp32 INT4: the FMA tiled GEMM, tiles in shared memory
     prepare_cuda_build()
@@ -159,3 +162,134 @@ def test_gpu_math_kernels_build():
     assert src.count("__syncthreads()") >= 2 * 10  # argmax: 10 tree levels of 1024 threads, two barriers each
     with pytest.raises(ValueError, match="power of two"):
         add_rms_norm_gpu(576, 1e-5, "float16", threads=100)
+
+
+# ---- the fp16x2 decode GEMV (int4_gemv_h2) -------------------------------------------------------------------
+
+
+def test_h2_decode_identities_are_exact():
+    """(0x5000 | nib) as fp16 minus (32 + 7/32) is (nib - 7) / 32 exactly; `(w >> 4s) & 0x000F000F` holds nibbles s
+    and s + 4 of w; the two permutes per pair build (x[s], x[s + 4]) from the 16 bytes x[0..7]."""
+    from edgellm.quant.gpu_kernels import H2_BASE_BITS, H2_SHIFT, QMAX
+
+    nib = np.arange(16, dtype=np.uint16)
+    base = np.uint16(H2_BASE_BITS & 0xFFFF)
+    got = (nib | base).view(np.float16) - np.float16(32 + QMAX / 32)
+    np.testing.assert_array_equal(got.astype(np.float64), (nib.astype(np.float64) - QMAX) / 2**H2_SHIFT)
+    assert np.float16(32 + QMAX / 32).view(np.uint16) == 0x5007  # the constant H2_FMA_SUB subtracts
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
+    for s in range(4):
+        pair = (w >> np.uint32(4 * s)) & np.uint32(0x000F000F)
+        np.testing.assert_array_equal(pair & 0xF, (w >> np.uint32(4 * s)) & 0xF)
+        np.testing.assert_array_equal(pair >> 16, (w >> np.uint32(4 * s + 16)) & 0xF)
+    x = rng.standard_normal(8).astype(np.float16)
+    xv = x.view(np.uint32)  # (x0, x1) (x2, x3) (x4, x5) (x6, x7), low half first
+    xp = [(xv[0] & 0xFFFF) | (xv[2] << 16), (xv[0] >> 16) | (xv[2] & 0xFFFF0000),
+          (xv[1] & 0xFFFF) | (xv[3] << 16), (xv[1] >> 16) | (xv[3] & 0xFFFF0000)]
+    for s in range(4):
+        np.testing.assert_array_equal(np.array([xp[s]], np.uint32).view(np.float16), [x[s], x[s + 4]])
+
+
+def _h2_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """int4_gemv_h2's arithmetic in numpy: per row and group, two fp16x2 accumulators (even and odd words) updated
+    by fp16 FMAs (one rounding each) in the kernel's order, then fp32 per group times the scale."""
+    out_f, words = qw.shape
+    groups = words // 4
+    xg = x.reshape(groups, 4, 8).astype(np.float64)  # [group, word, element]
+    w = qw.reshape(out_f, groups, 4)
+    acc = np.zeros((2, out_f, groups, 2), np.float16)  # [word parity, row, group, half]
+    for q in range(4):
+        for s in range(4):
+            nib = np.stack([(w[:, :, q] >> np.uint32(4 * s)) & 0xF, (w[:, :, q] >> np.uint32(4 * s + 16)) & 0xF], -1)
+            h = (nib.astype(np.float64) - 7) / 32  # exact in fp16 (test above)
+            xs = np.stack([xg[:, q, s], xg[:, q, s + 4]], -1)[None]
+            acc[q % 2] = (h * xs + acc[q % 2].astype(np.float64)).astype(np.float16)
+    a = acc.astype(np.float32)
+    dot = (a[0, ..., 0] + a[0, ..., 1]) + (a[1, ..., 0] + a[1, ..., 1])
+    return (dot * (qs.astype(np.float32) * np.float32(32))).astype(np.float64).sum(1)
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_h2_arithmetic_error_within_tolerance(outliers):
+    """The fp16x2 model against numpy float64 on the dequantized weights: relative error under 1e-3 (4.6-5.0e-4 on
+    the H100), also with activation outliers of +-2000 (no fp16 overflow: the weights are scaled by 1/32)."""
+    scheme = get_scheme("q4f16_1")
+    rng = np.random.default_rng(3)
+    in_f, out_f = 1024, 256
+    qw = rng.integers(0, 2**32, size=(out_f, in_f // 8), dtype=np.uint64).astype(np.uint32)
+    qs = (rng.random((out_f, in_f // 32)) * 0.02 + 0.001).astype(np.float16)
+    x = rng.standard_normal(in_f).astype(np.float16)
+    if outliers:
+        x[rng.choice(in_f, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
+    expect = ref.dequantize(qw, qs, in_f, scheme).astype(np.float64) @ x.astype(np.float64)
+    got = _h2_model(x, qw, qs)
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - expect) / np.linalg.norm(expect) < 1e-3
+    # worst case for the fp16 accumulator: every nibble 15 ((15 - 7) / 32 = 1/4), x at 16000 with one sign
+    qmax = np.full((1, in_f // 8), 0xFFFFFFFF, np.uint32)
+    got = _h2_model(np.full(in_f, 16000, np.float16), qmax, np.full((1, in_f // 32), 1, np.float16))
+    np.testing.assert_allclose(got, [16000 * 8 * in_f], rtol=1e-3)
+
+
+def test_h2_rejects_what_it_does_not_cover():
+    from edgellm.quant import gpu_kernels
+
+    assert not gpu_kernels.h2_supports(4096, "float32", "float32", "float32")
+    assert not gpu_kernels.h2_supports(80, "float16", "float16", "float16")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gpu_kernels.int4_gemv_h2(80, 16, False)
+    with pytest.raises(ValueError, match="multiple of ksplit"):
+        gpu_kernels.int4_gemv_h2(128, 16, False, warps=6, ksplit=4)
+    with pytest.raises(ValueError, match="unroll must be >= 1"):
+        gpu_kernels.int4_gemv_h2(128, 16, False, unroll=0)
+
+
+def test_pipeline_picks_h2_only_for_fp16(monkeypatch):
+    from edgellm.compile import gpu_schedules as gs
+    from edgellm.targets import resolve
+
+    cuda, metal = resolve("cuda-sm90").tvm(), resolve("metal").tvm()
+    monkeypatch.delenv("EDGELLM_CUDA_GEMV", raising=False)
+    h2 = gs.schedule_gpu_kernel("gemv", _linear(1, 4096, 6144, "q4f16_1", bias=True), cuda)
+    assert str(h2.attrs["edgellm.gemv"]) == "h2_w{}r{}u{}k{}".format(*gs.h2_gemv_config(4096, 6144))
+    assert len(h2.params) == 5  # x, q_weight, q_scale, bias, out: the signature of the function it replaces
+    assert gs._int4_gemv_h2_variant(_linear(1, 4096, 64, "q4f32_1"), cuda) is None  # fp32 activations
+    assert gs._int4_gemv_h2_variant(_linear(1, 128, 64, "q4f16_1"), metal) is None  # CUDA only
+    assert gs._int4_gemv_h2_variant(_linear(1, 80, 64, "q4f16_1"), cuda) is None  # `in` padded to whole groups
+    assert gs._int4_gemv_h2_variant(_linear(None, 128, 64, "q4f16_1"), cuda) is None  # not a GEMV
+    monkeypatch.setenv("EDGELLM_CUDA_GEMV", "te")
+    assert "group_dot" in gs.schedule_gpu_kernel("gemv", _linear(1, 4096, 6144, "q4f16_1"), cuda).script()
+    monkeypatch.setenv("EDGELLM_CUDA_GEMV", "fast")
+    with pytest.raises(ValueError, match="EDGELLM_CUDA_GEMV='fast'"):
+        gs.schedule_gpu_kernel("gemv", _linear(1, 4096, 6144, "q4f16_1"), cuda)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
+def test_h2_gemv_builds(preset):
+    """Every config the pipeline picks for the Llama-3-8B shapes, plus the awkward ones: a tail step (`in` not a
+    whole number of steps), an `out` no block tiles evenly, a bias, a short `in` (18 groups), a 4-warp K split."""
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.compile.gpu_schedules import h2_gemv_config
+    from edgellm.quant.gpu_kernels import int4_gemv_h2
+    from edgellm.targets import resolve
+
+    target = resolve(preset).tvm()
+    funcs = {f"pick_{k}_{n}": int4_gemv_h2(k, n, False, *h2_gemv_config(k, n))
+             for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]}
+    funcs.update(tail=int4_gemv_h2(14336, 4096, False, 4, 2, 4, 1), odd=int4_gemv_h2(4096, 1000, True, 8, 4, 2, 2),
+                 short=int4_gemv_h2(576, 77, True, 4, 2, 1, 1), ks4=int4_gemv_h2(2048, 64, False, 8, 1, 2, 4),
+                 nofence=int4_gemv_h2(4096, 512, False, fence=False))
+    prepare_cuda_build()
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
+    src = lib.mod.imports[0].inspect_source()
+    bodies = {part.split("_kernel(")[0].split()[-1]: part for part in src.split('extern "C" __global__')[1:]}
+    assert set(bodies) == set(funcs)
+    for body in bodies.values():
+        assert "fma.rn.f16x2" in body and "sub.rn.f16x2" in body  # the fp16x2 arithmetic, as PTX
+    assert "shr.b32" in bodies["tail"] and "shr.b32" not in bodies["nofence"]  # the load fence (whole steps only)
+    assert "__hfma2" not in src and "__hsub(" not in src  # no per-lane scalar fp16 fallback

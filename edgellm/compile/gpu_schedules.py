@@ -106,6 +106,57 @@ def schedule_gpu_tiled_gemm(func, target, tm: int = 4, tn_: int = 4):
     return _done(sch)
 
 
+# CUDA decode GEMV: "h2" = quant/gpu_kernels.int4_gemv_h2 (fp16x2 arithmetic, pre-scheduled) where it applies (fp16
+# x, scales and output), "te" = int4_gemv scheduled by schedule_gpu_int4_gemv everywhere. EDGELLM_CUDA_GEMV overrides.
+CUDA_GEMV_DEFAULT = "h2"
+
+
+def cuda_gemv_mode() -> str:
+    import os
+
+    mode = os.environ.get("EDGELLM_CUDA_GEMV", CUDA_GEMV_DEFAULT)
+    if mode not in ("h2", "te"):
+        raise ValueError(f"EDGELLM_CUDA_GEMV={mode!r}: use 'h2' (fp16x2 kernel) or 'te' (TE kernel + schedule)")
+    return mode
+
+
+def h2_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
+    """(warps, rows, unroll, ksplit) of int4_gemv_h2 for a shape. H100, Llama-3-8B shapes, weights from HBM, runs 3
+    and 4 of docs/benchmarks/h100-gemv.json (TE kernel -> this pick, us): a long `in` (down, 14336) with 4 rows a
+    team and `in` split over 2 warps (17.0 -> 14.7); many rows (gate_up, lm_head) with 4 rows a warp and no split
+    (28.9 -> 25.2, 113 -> 98: 89% and 100% of the copy bandwidth); the short ones (qkv, o) with a 2-warp split
+    (one guarded step, 2 groups a lane: 8.7 -> 7.6, 6.9 -> 5.8). A short `in` (< 128 groups) gets one group a lane
+    per step and no split. The load fence (int4_gemv_h2's `fence`) swung single configs by up to 25% either way
+    (ptxas's scheduling); these picks are measured with it."""
+    groups = in_f // 32
+    if in_f >= 8192 and out_f >= 4096:
+        return 8, 4, 2, 2
+    if in_f >= 8192:  # fewer rows (Llama-3.2-1B down, 8192 -> 2048: 7.05 us vs 7.65 above, TE 7.55)
+        return 4, 2, 2, 1
+    if out_f >= 16384:
+        return 4, 4, 2, 1
+    if groups >= 128:
+        return 8, 2, 4, 2
+    return 4, 2, 1, 1
+
+
+def _int4_gemv_h2_variant(func, target):
+    """int4_gemv_h2 for a `linear` gemv PrimFunc that _int4_gemv_variant covers with fp16 x, scales and output."""
+    from ..quant import gpu_kernels
+
+    te = _int4_gemv_variant(func, target)
+    if te is None:
+        return None
+    params = list(func.params)
+    x, qs, out = params[0], params[2], params[-1]
+    in_f, out_f = int(x.shape[1]), int(out.shape[1])
+    if not gpu_kernels.h2_supports(in_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
+        return None
+    if len(params) == 5 and str(params[3].dtype) != "float16":
+        return None
+    return gpu_kernels.int4_gemv_h2(in_f, out_f, len(params) == 5, *h2_gemv_config(in_f, out_f))
+
+
 def _int4_gemv_variant(func, target):
     """The CUDA INT4 GEMV (quant/gpu_kernels.py) for a `linear` gemv PrimFunc it covers, else None."""
     from ..quant import gpu_kernels
@@ -236,6 +287,10 @@ def schedule_gpu_embedding(func, target):
 
 def schedule_gpu_kernel(kind: str | None, func, target):
     """Dispatch on the kernel kind for a GPU target; None when edgellm has no rule for the function."""
+    if kind == "gemv" and cuda_gemv_mode() == "h2":
+        h2 = _int4_gemv_h2_variant(func, target)
+        if h2 is not None:
+            return h2  # already scheduled
     if kind == "gemv":
         variant = _int4_gemv_variant(func, target)
         if variant is not None:
