@@ -152,7 +152,7 @@ def test_gpu_math_kernels_build():
 
     target = resolve("cuda-sm90").tvm()
     funcs = {"arn": add_rms_norm_gpu(576, 1e-5, "float16"), "arn32": add_rms_norm_gpu(4096, 1e-6, "float32"),
-             "am": argmax_gpu(49152 + 5)}
+             "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am": argmax_gpu(49152 + 5)}
     prepare_cuda_build()
     with target:
         lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
@@ -160,8 +160,13 @@ def test_gpu_math_kernels_build():
     for name in funcs:
         assert f"{name}_kernel(" in src
     assert src.count("__syncthreads()") >= 2 * 10  # argmax: 10 tree levels of 1024 threads, two barriers each
+    arn = src.split("arn_kernel(")[-1].split("extern")[0]
+    assert "*(uint4*)(x_ptr" in arn and "__shfl_xor_sync" in arn  # 16-byte loads (8 fp16), warp-shuffle sums
+    assert "uint4" not in src.split("arn_odd_kernel(")[-1].split("extern")[0]  # 100 fp16: element by element
     with pytest.raises(ValueError, match="power of two"):
-        add_rms_norm_gpu(576, 1e-5, "float16", threads=100)
+        add_rms_norm_gpu(576, 1e-5, "float16", threads=96)
+    with pytest.raises(ValueError, match="warp size"):
+        add_rms_norm_gpu(576, 1e-5, "float16", threads=16)
 
 
 # ---- the fp16x2 decode GEMV (int4_gemv_h2) -------------------------------------------------------------------
