@@ -53,3 +53,52 @@ def test_tc_gemm_builds(preset):
         lib = tvm.compile(mod, target=target)
     src = lib.mod.imports[0].inspect_source()
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+
+
+def test_tc2_gemm_choice(monkeypatch):
+    """EDGELLM_CUDA_GEMM=tc2 picks int4_gemm_tc2 where `in` is a multiple of 64 (else the first tensor-core kernel),
+    tc1 always the first one; "tc" follows gpu_gemm.TC2_IS_DEFAULT."""
+    from edgellm.compile.gpu_schedules import schedule_gpu_kernel
+    from edgellm.quant import gpu_gemm
+    from edgellm.targets import resolve
+
+    sm90 = resolve("cuda-sm90").tvm()
+
+    def picked(in_f: int, out_f: int) -> str:
+        return str(schedule_gpu_kernel("gemm", _linear(None, in_f, out_f, "q4f16_1"), sm90).attrs.get("edgellm.gemm"))
+
+    monkeypatch.setenv("EDGELLM_CUDA_GEMM", "tc2")
+    assert picked(4096, 1024).startswith("tc2_cp_async")
+    assert picked(96, 64) == "tc_mma_m16n8k16"  # 3 groups: not whole 64-wide stages
+    monkeypatch.setenv("EDGELLM_CUDA_GEMM", "tc1")
+    assert picked(4096, 1024) == "tc_mma_m16n8k16"
+    monkeypatch.setenv("EDGELLM_CUDA_GEMM", "tc")
+    assert picked(4096, 1024).startswith("tc2_cp_async" if gpu_gemm.TC2_IS_DEFAULT else "tc_mma")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gpu_gemm.int4_gemm_tc2(96, 64, False)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
+def test_tc2_gemm_builds(preset):
+    """int4_gemm_tc2 (every tile config; with and without bias, whole and ragged `out`) compiles for sm_80/sm_90 to
+    a kernel with cp.async, mma.sync and the launch bounds it asks for. Its numbers on a GPU come from
+    bench/gpu_gemm_tune.py (numpy checks and timings at Llama-3-8B shapes)."""
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.quant import gpu_gemm
+    from edgellm.targets import resolve
+
+    target = resolve(preset).tvm()
+    funcs = {f"t_{c.replace('x', '_')}": gpu_gemm.int4_gemm_tc2(4096, 1024, False, c) for c in gpu_gemm.TC2_CONFIGS}
+    funcs["t_bias"] = gpu_gemm.int4_gemm_tc2(576, 960, True)
+    prepare_cuda_build()
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        lib = tvm.compile(mod, target=target)
+    src = lib.mod.imports[0].inspect_source()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    assert "cp.async.cg.shared.global" in src and "cp.async.wait_group" in src
+    assert src.count("#ifndef EDGELLM_Q4GEMM_TC2") == src.count("#define EDGELLM_Q4GEMM_TC2") >= 1
+    assert "__launch_bounds__(256, 2)" in src

@@ -178,8 +178,9 @@ def _int4_gemv_variant(func, target):
     return gpu_kernels.int4_gemv(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype), len(params) == 5)
 
 
-# CUDA prefill GEMM: "tc" = the tensor-core kernel of quant/gpu_gemm.py (mma.sync, sm_80+) where it applies,
-# "fma" = schedule_gpu_tiled_gemm everywhere. EDGELLM_CUDA_GEMM overrides the default.
+# CUDA prefill GEMM: "tc" = the tensor-core kernels of quant/gpu_gemm.py (mma.sync, sm_80+) where they apply
+# (int4_gemm_tc2, the cp.async pipeline, where `in` is a multiple of 64, else int4_gemm_tc), "tc1" / "tc2" = force
+# one of them (A/B runs), "fma" = schedule_gpu_tiled_gemm everywhere. EDGELLM_CUDA_GEMM overrides the default.
 CUDA_GEMM_DEFAULT = "tc"
 
 
@@ -217,6 +218,12 @@ def _int4_gemm_tc_variant(func, target):
         return None
     if len(params) == 5 and str(params[3].dtype) != "float16":
         return None
+    # "tc2" = int4_gemm_tc2 (cp.async pipeline, weights decoded into mma fragments) where it applies (`in` a multiple
+    # of 64), else the first tensor-core kernel; "tc1" = always the first one; "tc" = tc2 if gpu_gemm.TC2_IS_DEFAULT
+    mode = cuda_gemm_mode()
+    tc2 = mode == "tc2" or (mode == "tc" and gpu_gemm.TC2_IS_DEFAULT)
+    if tc2 and gpu_gemm.tc2_supports(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
+        return gpu_gemm.int4_gemm_tc2(in_f, out_f, len(params) == 5, *gpu_gemm.tc2_choice(in_f, out_f))
     return gpu_gemm.int4_gemm_tc(in_f, out_f, len(params) == 5, half2=gpu_gemm.TC_HALF2)
 
 
@@ -295,7 +302,7 @@ def schedule_gpu_kernel(kind: str | None, func, target):
         variant = _int4_gemv_variant(func, target)
         if variant is not None:
             return schedule_gpu_int4_gemv(variant, target)
-    if kind == "gemm" and target.kind.name == "cuda" and cuda_gemm_mode() == "tc":
+    if kind == "gemm" and target.kind.name == "cuda" and cuda_gemm_mode() in ("tc", "tc1", "tc2"):
         tc = _int4_gemm_tc_variant(func, target)
         if tc is not None:
             return tc  # already scheduled

@@ -156,3 +156,355 @@ def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True, half2
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": "tc_mma_m16n8k16"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill GEMM, second generation (`int4_gemm_tc2`): a multi-stage cp.async pipeline with the weights decoded
+# straight into mma B fragments. The PrimFunc is the launch (grid, block, dynamic shared memory) around one CUDA
+# device function (`T.cuda.func_call` with its source): TVMScript in this wheel has no spelling for cp.async groups
+# with a zero-fill size, nor for byte permutes, and the first kernel showed that the schedule we need is easier to
+# state (and to check against ptxas) as CUDA than as pre-scheduled TIR.
+#
+# Per stage BK = 64 (two quant groups): the raw x tile [BM x 64] fp16 (rows past m zero-filled by cp.async), the
+# packed weight words [BN x 8] and the scales [BN x 2] go to shared memory, ST stages deep, one barrier per stage.
+# MODE 1 (what the pipeline uses): natural k order. x fragments by ldmatrix.x4 (which returns the mma's A register
+# quad as is; 16-byte chunks of row r stored at chunk ^ (r % 8), so its 8 row addresses hit distinct banks). B: in
+# m16n8k16 a lane (g = lane / 4, q = lane % 4) needs k = 2q, 2q+1 (+8) of feature g, i.e. byte q of each of the 4
+# words of a group of its weight row: one 16-byte shared load (shared by the 4 lanes of a row), then per word one
+# prmt with a lane-dependent selector. The two weight chunks of rows 4..7 mod 8 are swapped: no bank conflicts.
+# MODE 0 (kept for A/B, slower): the k order inside a group permuted the same way for x and W (a sum over k allows
+# it) so that a lane needs exactly word q and x values 8q .. 8q+7: plain 16-byte x loads, but the mma's A quad then
+# has to be assembled from two loads with register moves (about 170 extra instructions per stage and warp).
+# MODE 2: as 1, B decoded per k16 step (meant to cut live registers; ptxas hoists it back: no change measured).
+# Decode of a nibble pair (2v, 2v+1) of word w: prmt puts byte v in both halves, one lop3 keeps (lo nibble, hi
+# nibble << 4) and sets the fp16 exponent of 1024: (1024 + lo, 1024 + 16 hi); subtracting (1031, 1136) is exact and
+# gives (lo - 7, 16 (hi - 7)); times (16 s, s) is 16x the weight, rounded once, i.e. 16x the fp16 value the first
+# kernel (and the float32 reference rounded to fp16) has. The fp32 accumulators are scaled by 1/16 (exact) at the end.
+# ---------------------------------------------------------------------------------------------------------------
+TC2_BK = 64
+TC2_IS_DEFAULT = False  # the pipeline's "tc" mode picks int4_gemm_tc2 (else int4_gemm_tc; "tc1"/"tc2" force one)
+
+
+def tc2_choice(in_f: int, out_f: int) -> tuple[str, str | None]:
+    """(config, small-rows config) the pipeline uses for an `in` -> `out` linear, from H100 timings at Llama-3-8B
+    shapes (bench/gpu_gemm_tune.py, docs/benchmarks/h100-gemm.json): from 6144 outputs on, two 128 x 128 blocks per
+    SM (128 registers a thread) win; below, one block per SM (no spills). Up to 256 rows, outputs up to 8192 take a
+    64-row tile (twice the blocks); wider outputs have blocks enough at 128 rows."""
+    return ("128x128b2" if out_f >= 6144 else "128x128"), ("64x128" if out_f <= 8192 else None)
+
+
+TC2_CONFIGS: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    # name: (warps along rows, warps along features, 16-row mma tiles per warp, 8-feature mma tiles per warp, stages,
+    #        blocks per SM asked of ptxas (2 caps a 256-thread block at 128 registers), MODE of the CUDA template)
+    "128x128": (2, 4, 4, 4, 4, 1, 1),
+    "128x128b2": (2, 4, 4, 4, 4, 2, 1),
+    "128x128p": (2, 4, 4, 4, 4, 1, 0),
+    "128x128k": (2, 4, 4, 4, 4, 1, 2),
+    "128x128kb2": (2, 4, 4, 4, 4, 2, 2),
+    "128x128w4": (2, 2, 4, 8, 4, 1, 1),  # 4 warps of 64 x 64
+    "128x128w4kb2": (2, 2, 4, 8, 4, 2, 2),
+    "64x128": (2, 4, 2, 4, 4, 2, 1),
+    "64x128k": (2, 4, 2, 4, 4, 2, 2),
+    "128x64": (4, 2, 2, 4, 4, 2, 1),
+}
+
+_TC2_SRC = r"""
+#ifndef EDGELLM_Q4GEMM_TC2
+#define EDGELLM_Q4GEMM_TC2
+__device__ __forceinline__ void eq4_cp16(unsigned dst, const void* src, int n) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void eq4_cp4(unsigned dst, const void* src, int n) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void eq4_ldm4(unsigned* a, unsigned addr) {  // volatile: stays behind the barrier
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
+}
+__device__ __forceinline__ unsigned eq4_nib2(unsigned w, unsigned sel, unsigned magic) {
+  // prmt: a byte into both halves; one lop3 (a & 0x00F0000F) | magic: (1024 + lo nibble, 1024 + 16 hi nibble)
+  unsigned p = __byte_perm(w, 0u, sel), t;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(t) : "r"(p), "n"(0x00F0000F), "r"(magic));
+  return t;
+}
+__device__ __forceinline__ void eq4_mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                        unsigned b0, unsigned b1) {
+  // not volatile: the compiler may interleave independent mma (two dependent ones back to back stall)
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// MODE 0: permuted k (16-byte x loads, no ldmatrix); 1: natural k, ldmatrix.x4 for x, a group's B decoded at once;
+// 2: as 1, B decoded per k16 step (fewer live registers: fits 128 for two blocks per SM)
+template <int WM, int WN, int MI, int NI, int ST, bool BIAS, int MODE>
+__device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const unsigned* __restrict__ qw,
+    const half* __restrict__ qs, const half* __restrict__ bias, half* __restrict__ out, long long m, int in_f,
+    int out_f, unsigned char* smem) {
+  constexpr int NT = 32 * WM * WN, BM = WM * 16 * MI, BN = WN * 8 * NI, BK = 64;
+  constexpr int XB = BM * BK * 2, WB = BN * BK / 2, SB = BN * 4, STAGE = XB + WB + SB;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+  const int wm = warp / WN, wn = warp % WN;
+  const long long row0 = (long long)blockIdx.x * BM;
+  const int col0 = blockIdx.y * BN, KT = in_f / BK, W = in_f / 8, G = in_f / 32;
+  const unsigned sbase = (unsigned)__cvta_generic_to_shared(smem);
+
+  auto load = [&](int kt, int s) {
+    const unsigned xs = sbase + s * STAGE, ws = xs + XB, ss = ws + WB;
+#pragma unroll
+    for (int i = 0; i < BM * 8 / NT; ++i) {  // x: 8 chunks of 16 bytes per row, chunk c of row r at c ^ swz(r)
+      const int c = tid + i * NT, r = c >> 3, ch = c & 7;
+      const long long gr = row0 + r;
+      const half* src = gr < m ? x + gr * in_f + kt * BK + ch * 8 : x;
+      eq4_cp16(xs + (r * 8 + (ch ^ (MODE ? (r & 7) : ((r & 1) << 2)))) * 16, src, gr < m ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < (BN * 2 + NT - 1) / NT; ++i) {  // weights: a 16-byte chunk per row and group
+      const int c = tid + i * NT;
+      if (c < BN * 2) {
+        const int r = c >> 1, kg = c & 1, gn = col0 + r;
+        const unsigned* src = gn < out_f ? qw + (long long)gn * W + kt * 8 + kg * 4 : qw;
+        eq4_cp16(ws + (r * 2 + (kg ^ ((r >> 2) & 1))) * 16, src, gn < out_f ? 16 : 0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < (BN + NT - 1) / NT; ++i) {  // scales: the two groups' fp16 of a row (G even: 4-byte aligned)
+      const int r = tid + i * NT, gn = col0 + r;
+      if (r < BN) eq4_cp4(ss + r * 4, gn < out_f ? qs + (long long)gn * G + kt * 2 : qs, gn < out_f ? 4 : 0);
+    }
+  };
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < KT) load(s, s);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  const unsigned offs = 0x64706407u;  // fp16x2 (1031, 1136)
+  const half2 hoffs = *reinterpret_cast<const half2*>(&offs);
+  const half2 sixteen_one = __halves2half2(__float2half(16.f), __float2half(1.f));
+  const unsigned selq = 0x4040u | q | (q << 8);  // prmt: byte q of a word into both halves
+  unsigned magic;  // 0x64006400 in a register (lop3 takes one immediate)
+  asm volatile("mov.b32 %0, 0x64006400;\n" : "=r"(magic));
+  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_ch = lane >> 4;  // ldmatrix.x4 row address of this lane
+  for (int kt = 0; kt < KT; ++kt) {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(ST - 2) : "memory");
+    __syncthreads();  // stage kt is in; every warp is done with stage kt - 1, whose slot is refilled next
+    if (kt + ST - 1 < KT) load(kt + ST - 1, (kt + ST - 1) % ST);
+    asm volatile("cp.async.commit_group;\n" ::);
+    const unsigned char* st = smem + (kt % ST) * STAGE;
+    const half* xs = reinterpret_cast<const half*>(st);
+    const unsigned* ws = reinterpret_cast<const unsigned*>(st + XB);
+    const half2* ss = reinterpret_cast<const half2*>(st + XB + WB);
+    const unsigned xs_addr = sbase + (kt % ST) * STAGE;
+    if (MODE == 2) {
+#pragma unroll
+      for (int kg = 0; kg < 2; ++kg) {
+        half2 sc[NI];
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const half2 s2 = ss[wn * 8 * NI + ni * 8 + g];
+          const half s = kg ? __high2half(s2) : __low2half(s2);
+          sc[ni] = __hmul2(__halves2half2(s, s), sixteen_one);
+        }
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          unsigned a[MI][4];
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) {
+            const int r = wm * 16 * MI + mi * 16 + a_row, ch = kg * 4 + kk * 2 + a_ch;
+            eq4_ldm4(a[mi], xs_addr + (r * 8 + (ch ^ (r & 7))) * 16);
+          }
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) {
+            const int r = wn * 8 * NI + ni * 8 + g;
+            const uint2 w2 = *reinterpret_cast<const uint2*>(ws + r * 8 + ((kg ^ ((r >> 2) & 1)) * 4) + 2 * kk);
+            const unsigned t0 = eq4_nib2(w2.x, selq, magic), t1 = eq4_nib2(w2.y, selq, magic);
+            const half2 d0 = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t0), hoffs), sc[ni]);
+            const half2 d1 = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t1), hoffs), sc[ni]);
+            const unsigned b0 = *reinterpret_cast<const unsigned*>(&d0), b1 = *reinterpret_cast<const unsigned*>(&d1);
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+              eq4_mma(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b0, b1);
+          }
+        }
+      }
+    } else if (MODE == 1) {  // natural k order: A by ldmatrix.x4 (the mma's register quad as is), B from a whole group's words
+#pragma unroll
+      for (int kg = 0; kg < 2; ++kg) {
+        unsigned b[NI][4];
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int r = wn * 8 * NI + ni * 8 + g;
+          // the row's 4 words of group kg; lane q needs byte q (k = 8j + 2q, +1) of word j for B register j
+          const uint4 w4 = *reinterpret_cast<const uint4*>(ws + r * 8 + ((kg ^ ((r >> 2) & 1)) * 4));
+          const half2 s2 = ss[r];
+          const half s = kg ? __high2half(s2) : __low2half(s2);
+          const half2 sc = __hmul2(__halves2half2(s, s), sixteen_one);
+          const unsigned wj[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const unsigned t = eq4_nib2(wj[j], selq, magic);
+            const half2 d = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t), hoffs), sc);
+            b[ni][j] = *reinterpret_cast<const unsigned*>(&d);
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          unsigned a[MI][4];
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) {
+            const int r = wm * 16 * MI + mi * 16 + a_row, ch = kg * 4 + kk * 2 + a_ch;
+            eq4_ldm4(a[mi], xs_addr + (r * 8 + (ch ^ (r & 7))) * 16);
+          }
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+              eq4_mma(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[ni][2 * kk], b[ni][2 * kk + 1]);
+        }
+      }
+    } else {
+#pragma unroll
+    for (int kg = 0; kg < 2; ++kg) {
+      unsigned b[NI][4];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int r = wn * 8 * NI + ni * 8 + g;
+        const unsigned w = ws[r * 8 + ((kg ^ ((r >> 2) & 1)) * 4) + q];
+        const half2 s2 = ss[r];
+        const half s = kg ? __high2half(s2) : __low2half(s2);
+        const half2 sc = __hmul2(__halves2half2(s, s), sixteen_one);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+                  const unsigned t = (__byte_perm(w, 0u, 0x4040u | v | (v << 8)) & 0x00F0000Fu) | 0x64006400u;
+          const half2 d = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t), hoffs), sc);
+          b[ni][v] = *reinterpret_cast<const unsigned*>(&d);
+        }
+      }
+      uint4 a0[MI], a1[MI];  // rows g and g + 8 of each 16-row tile: x values 8q .. 8q+7 of this group
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const int r = wm * 16 * MI + mi * 16 + g;
+        const int pos = ((kg * 4 + q) ^ ((r & 1) << 2)) * 8;
+        a0[mi] = *reinterpret_cast<const uint4*>(xs + r * BK + pos);
+        a1[mi] = *reinterpret_cast<const uint4*>(xs + (r + 8) * BK + pos);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+          eq4_mma(acc[mi][ni], a0[mi].x, a1[mi].x, a0[mi].y, a1[mi].y, b[ni][0], b[ni][1]);  // k16 step 0
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+          eq4_mma(acc[mi][ni], a0[mi].z, a1[mi].z, a0[mi].w, a1[mi].w, b[ni][2], b[ni][3]);  // k16 step 1
+    }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int c = col0 + wn * 8 * NI + ni * 8 + q * 2;
+      float b0 = 0.f, b1 = 0.f;
+      if (BIAS) {
+        if (c < out_f) b0 = __half2float(bias[c]);
+        if (c + 1 < out_f) b1 = __half2float(bias[c + 1]);
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const long long r = row0 + wm * 16 * MI + mi * 16 + g + hr * 8;
+        if (r < m) {
+          const float v0 = acc[mi][ni][hr * 2] * 0.0625f + b0, v1 = acc[mi][ni][hr * 2 + 1] * 0.0625f + b1;
+          half* o = out + r * out_f + c;
+          if (c + 1 < out_f && (out_f & 1) == 0) {
+            *reinterpret_cast<half2*>(o) = __floats2half2_rn(v0, v1);
+          } else {
+            if (c < out_f) o[0] = __float2half_rn(v0);
+            if (c + 1 < out_f) o[1] = __float2half_rn(v1);
+          }
+        }
+      }
+    }
+}
+#endif
+"""
+
+
+def tc2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bool:
+    """fp16 activations/scales/output and `in` a whole number of 64-wide stages (two groups, so the scale pair of a
+    row is 4-byte aligned for cp.async); any `out` (the last tile is zero-filled and guarded)."""
+    return in_f % TC2_BK == 0 and x_dtype == scale_dtype == out_dtype == "float16" and out_f > 0
+
+
+def tc2_smem_bytes(config: str) -> int:
+    wm, wn, mi, ni, st, _, _ = TC2_CONFIGS[config]
+    bm, bn = wm * 16 * mi, wn * 8 * ni
+    return st * (bm * TC2_BK * 2 + bn * TC2_BK // 2 + bn * 4)
+
+
+def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", small: str | None = None,
+                  small_rows: int = 256):
+    """Same function as `int4_gemm_tc` (x [m, in] fp16, q4f16_1 weights, optional bias, out [m, out] fp16, fp32
+    accumulation), as a cp.async multi-stage pipeline with the weights decoded into mma B fragments (see above).
+    `config` names a tile shape in TC2_CONFIGS; with `small`, calls with m <= small_rows launch that config instead
+    (a smaller tile: more blocks for the 132 SMs when few rows come). Needs sm_80+ (cp.async, mma.sync m16n8k16)."""
+    from tvm.script import tirx as T
+
+    c = compiler()
+    if not tc2_supports(in_f, out_f, "float16", "float16", "float16"):
+        raise ValueError(f"int4_gemm_tc2: unsupported shape {in_f} -> {out_f}: `in` must be a multiple of {TC2_BK}")
+    for name in (config, small or config):
+        if name not in TC2_CONFIGS:
+            raise ValueError(f"int4_gemm_tc2: unknown config {name!r}; pick one of {sorted(TC2_CONFIGS)}")
+    W, G = in_f // PER_WORD, in_f // GROUP
+    M = c.tirx.Var("m", "int64")
+
+    def launch(name: str):
+        wm, wn, mi, ni, st, min_blocks, mode = TC2_CONFIGS[name]
+        return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn, tc2_smem_bytes(name),
+                min_blocks, f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}>")
+
+    BM, NB, NT, SMEM, MINB, CALL = launch(config)
+    BMs, NBs, NTs, SMEMs, MINBs, CALLs = launch(small or config)
+    two = small is not None
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
+               b_h: T.handle, out_h: T.handle):
+        x = T.match_buffer(x_h, (M, in_f), "float16")
+        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
+        out = T.match_buffer(out_h, (M, out_f), "float16")
+        bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
+        if two and M <= small_rows:
+            T.launch_thread("blockIdx.x", (M + BMs - 1) // BMs)
+            T.launch_thread("blockIdx.y", NBs)
+            T.launch_thread("threadIdx.x", NTs)
+            sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
+            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
+                T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, bp, out.data, M, in_f, out_f,
+                                            sms.data, source_code=_TC2_SRC))
+        else:
+            # row tiles fastest: the row tiles sharing a weight tile run together, each weight byte leaves DRAM once
+            T.launch_thread("blockIdx.x", (M + BM - 1) // BM)
+            T.launch_thread("blockIdx.y", NB)
+            T.launch_thread("threadIdx.x", NT)
+            sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
+            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):  # __launch_bounds__(NT, MINB)
+                T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, bp, out.data, M, in_f, out_f,
+                                            sm.data, source_code=_TC2_SRC))
+
+    params = list(kernel.params)
+    keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
+    func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
+    label = config + (f"/{small}@{small_rows}" if small else "")
+    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tir.noalias": True,
+                            "edgellm.gemm": f"tc2_cp_async_{label}"})

@@ -1,0 +1,246 @@
+"""Tensor-core INT4 prefill GEMM variants on a CUDA GPU: build here, check and time there.
+
+  python bench/gpu_gemm_tune.py prepare [--arch sm_90] [--no-artifacts]
+      builds .device-gemm/: site/ (runtime-only TVM + tvm_ffi for the GPU's Python), gemm.so (the first tensor-core
+      kernel `tc_*` as baseline and every int4_gemm_tc2 config `tc2<config>_*` at Llama-3-8B shapes, plus a ragged
+      576 -> 960 with bias), and unless --no-artifacts the Llama-3-8B shape artifacts (shapes only) built with the
+      first kernel (EDGELLM_CUDA_GEMM=tc1) and the new one (tc2) for an end-to-end pp512 A/B and a prefill profile.
+  PYTHONUNBUFFERED=1 PYTHONPATH=.device-gemm/site:. python3 bench/gpu_gemm_tune.py run     (on the GPU machine)
+      checks every kernel against numpy (float32 matmul on the weights dequantized by quant/reference.py; outputs
+      poisoned with NaN first; fresh random inputs per shape; 100, 128 and 512 rows), times them (time_evaluator
+      median) at 128 and 512 rows, then pp512 of both artifacts and a CUPTI kernel table of one 512-token prefill.
+      Writes $OUT/gemm.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = REPO / ".device-gemm"
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
+
+# Llama-3-8B linears (in, out): qkv, o, gate_up, down, lm_head; and a ragged `out` with bias (SmolLM2-like)
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+RAGGED = (576, 960)
+CHECK_ROWS = (100, 128, 512)
+TIME_ROWS = (128, 512)
+# int4_gemm_tc2 variants: name -> (config, small-rows config or None); "auto" = what the pipeline picks
+CONFIGS = ["128x128", "128x128b2", "128x128k", "128x128kb2", "128x128w4kb2", "64x128", "64x128k"]
+
+
+def variants(k: int, n: int) -> dict[str, tuple[str, str | None]]:
+    from edgellm.quant import gpu_gemm
+
+    return {**{c: (c, None) for c in CONFIGS}, "auto": gpu_gemm.tc2_choice(k, n)}
+
+
+def kernel_names(k: int, n: int) -> list[str]:
+    return [f"tc_{k}_{n}"] + [f"tc2{v}_{k}_{n}" for v in variants(k, n)]
+
+
+def build_gemm(arch: str) -> None:
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.quant import gpu_gemm
+    from edgellm.targets import resolve
+
+    target = resolve(f"cuda-{arch.replace('_', '')}").tvm()
+    funcs = {}
+    for k, n in SHAPES:
+        funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False, half2=gpu_gemm.TC_HALF2)
+        for v, (c, small) in variants(k, n).items():
+            funcs[f"tc2{v}_{k}_{n}"] = gpu_gemm.int4_gemm_tc2(k, n, False, c, small)
+    k, n = RAGGED
+    funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, True, half2=gpu_gemm.TC_HALF2)
+    for v, (c, small) in variants(k, n).items():
+        funcs[f"tc2{v}_{k}_{n}"] = gpu_gemm.int4_gemm_tc2(k, n, True, c, small)
+    prepare_cuda_build()
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        tvm.compile(mod, target=target).export_library(str(DEV / "gemm.so"))
+
+
+def build_artifacts(arch: str) -> None:
+    import gpu_prepare
+
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+
+    gpu_prepare.OUT = DEV  # shape_folder writes under OUT/ckpt
+    folder = gpu_prepare.shape_folder("llama-3-8b")
+    for mode in ("tc1", "tc2"):
+        os.environ["EDGELLM_CUDA_GEMM"] = mode
+        compile_model(CompileArgs(model=str(folder), output=DEV / "art" / f"llama-3-8b-{mode}",
+                                  target=f"cuda-{arch.replace('_', '')}", quant="q4f16_1",
+                                  runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
+    os.environ.pop("EDGELLM_CUDA_GEMM")
+
+
+def prepare(args) -> None:
+    import gpu_prepare
+
+    shutil.rmtree(DEV, ignore_errors=True)
+    (DEV / "site").mkdir(parents=True)
+    gpu_prepare.copy_runtime_tvm(DEV / "site")
+    gpu_prepare.fetch_tvm_ffi(DEV / "site", args.python)
+    build_gemm(args.arch)
+    if not args.no_artifacts:
+        build_artifacts(args.arch)
+    total = sum(p.stat().st_size for p in DEV.rglob("*") if p.is_file())
+    print(f"{DEV}: {total / 2**20:.1f} MiB")
+    if total > 48 * 2**20:
+        raise SystemExit(f"{DEV} is {total / 2**20:.1f} MiB: too close to the 64 MiB a device call carries")
+
+
+# ------------------------------------------------------------------------------------------------ on the GPU
+results: dict = {"kernels": [], "bench": [], "profile": {}, "errors": []}
+
+
+def run_kernels() -> None:
+    from edgellm import _tvm
+    from edgellm.quant import reference as qref
+    from edgellm.quant.schemes import get_scheme
+
+    _tvm.load_cuda_runtime()
+    mod = _tvm.load_module(DEV / "gemm.so")
+    dev = _tvm.device("cuda", 0)
+    scheme = get_scheme("q4f16_1")
+    rng = np.random.default_rng(7)
+    for k, n in SHAPES + [RAGGED]:
+        bias = (k, n) == RAGGED
+        qw = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
+        qs = (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)
+        b = rng.standard_normal(n).astype(np.float16) if bias else None
+        w32 = qref.dequantize(qw, qs, k, scheme).astype(np.float32)
+        wargs = [_tvm.tensor(qw, dev), _tvm.tensor(qs, dev)] + ([_tvm.tensor(b, dev)] if bias else [])
+        for m in sorted(set(CHECK_ROWS) | set(TIME_ROWS)):
+            xm = rng.standard_normal((m, k)).astype(np.float16)
+            ref = None
+            if m in CHECK_ROWS:
+                ref = xm.astype(np.float32) @ w32.T + (b.astype(np.float32) if bias else 0)
+            xa = _tvm.tensor(xm, dev)
+            for name in kernel_names(k, n):
+                rec = {"kernel": name, "in": k, "out": n, "rows": m}
+                try:
+                    out = _tvm.tensor(np.full((m, n), np.nan, np.float16), dev)
+                    mod[name](xa, *wargs, out)
+                    if ref is not None:
+                        got = out.numpy().astype(np.float32)
+                        rec["finite"] = bool(np.isfinite(got).all())
+                        rec["rel_err"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                        rec["max_rel"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+                    if m in TIME_ROWS and not bias:
+                        t = mod.time_evaluator(name, dev, number=10, repeat=5)(xa, *wargs, out).median
+                        rec["us"] = t * 1e6
+                        rec["tflops"] = 2 * m * k * n / t / 1e12
+                except Exception:  # noqa: BLE001 (record it and go on: device time is scarce)
+                    rec["error"] = traceback.format_exc()[-800:]
+                results["kernels"].append(rec)
+                print(f"{name:<28} m={m:<4} err {rec.get('rel_err', float('nan')):.1e} "
+                      f"{rec.get('us', float('nan')):9.1f} us {rec.get('tflops', float('nan')):6.1f} TFLOP/s"
+                      + (" ERROR" if "error" in rec else ""), flush=True)
+        del w32
+
+
+def profile_prefill(eng, label: str, n: int = 512) -> None:
+    """CUPTI kernel table (torch.profiler) of one n-token prefill of a fresh sequence, after one warm-up."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(10, 1000, n)]
+    with eng.sequence() as seq:
+        seq.prefill(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        with eng.sequence() as seq:
+            seq.prefill(ids)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict = {}
+    for e in prof.events():
+        if "CUDA" in str(getattr(e, "device_type", "")):
+            d = kernels.setdefault(e.name, [0, 0.0])
+            d[0] += 1
+            d[1] += e.time_range.elapsed_us()
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    results["profile"][label] = {
+        "tokens": n, "wall_ms": wall * 1e3, "gpu_busy_ms": sum(v[1] for v in kernels.values()) / 1e3,
+        "kernels": [{"name": k[:160], "calls": v[0], "us": v[1]} for k, v in top[:40]]}
+
+
+def run_models() -> None:
+    import torch
+
+    from edgellm.device_runners.bench import run_bench
+    from edgellm.device_runners.engine import Engine
+
+    for mode in ("tc1", "tc2"):
+        path = DEV / "art" / f"llama-3-8b-{mode}"
+        if not path.exists():
+            continue
+        eng = Engine(path, random_weights=0)
+        for n_prompt in (128, 512):
+            for r in run_bench(eng, n_prompt, 0, reps=3, warmup=1, device_name=torch.cuda.get_device_name(0)):
+                results["bench"].append({"artifact": path.name, "test": r.test, "avg_ts": r.avg_ts,
+                                         "samples_ts": r.samples_ts})
+                print(f"{path.name}: {r.test} {r.avg_ts:.0f} tok/s", flush=True)
+        try:
+            profile_prefill(eng, path.name)
+        except Exception:  # noqa: BLE001 (record it and go on)
+            results["errors"].append(f"profile {path.name}: " + traceback.format_exc()[-2000:])
+        del eng
+        torch.cuda.empty_cache()
+
+
+def run(args) -> int:
+    import torch
+
+    results["device"] = torch.cuda.get_device_name(0)
+    out = Path(os.environ.get("OUT", ".")) / "gemm.json"
+    steps = [("kernels", run_kernels)] + ([] if args.no_models else [("models", run_models)])
+    for label, step in steps:
+        t0 = time.perf_counter()
+        try:
+            step()
+        except Exception:  # noqa: BLE001 (report it and go on with the next step)
+            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
+        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
+        out.write_text(json.dumps(results, indent=1, default=str))
+    for label, p in results["profile"].items():
+        print(f"{label}: prefill {p['tokens']} wall {p['wall_ms']:.1f} ms, GPU busy {p['gpu_busy_ms']:.1f} ms")
+        for k in p["kernels"][:20]:
+            print(f"   {k['us'] / 1e3:8.2f} ms {k['calls']:5d}x  {k['name'][:100]}")
+    for e in results["errors"]:
+        print("ERROR:", e)
+    return 1 if results["errors"] else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["prepare", "run"])
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--python", default="3.12")
+    ap.add_argument("--no-artifacts", action="store_true")
+    ap.add_argument("--no-models", action="store_true")
+    args = ap.parse_args()
+    if args.mode == "prepare":
+        prepare(args)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
