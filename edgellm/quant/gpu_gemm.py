@@ -182,7 +182,7 @@ def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True, half2
 # kernel (and the float32 reference rounded to fp16) has. The fp32 accumulators are scaled by 1/16 (exact) at the end.
 # ---------------------------------------------------------------------------------------------------------------
 TC2_BK = 64
-TC2_IS_DEFAULT = False  # the pipeline's "tc" mode picks int4_gemm_tc2 (else int4_gemm_tc; "tc1"/"tc2" force one)
+TC2_IS_DEFAULT = True  # the pipeline's "tc" mode picks int4_gemm_tc2 (else int4_gemm_tc; "tc1"/"tc2" force one)
 
 
 def tc2_choice(in_f: int, out_f: int) -> tuple[str, str | None]:
