@@ -66,6 +66,11 @@ def tensor(array, dev):
     return runtime.tensor(array, dev)
 
 
+def array(items: list):
+    """An FFI Array of `items`, made once: a Python list is converted on every call it is passed to."""
+    return tvm_ffi.convert(list(items))
+
+
 # ---- compiler side: imported on first use only -------------------------------------------------------------
 
 

@@ -147,7 +147,7 @@ class Engine:
         self.dev = _tvm.device(dev_kind, 0)
         self.vm = _tvm.vm(_tvm.load_module(self.art.lib_path), self.dev)
         source = self.art.iter_params() if random_weights is None else self.art.random_params(random_weights)
-        self.params = [_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in source]
+        self.params = _tvm.array([_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in source])
         self.runtime = m["runtime"]
         self.context_window = int(self.runtime["context_window"])
         self.chunk = int(self.runtime["prefill_chunk"])
@@ -159,6 +159,10 @@ class Engine:
         self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
         self._begin = g("vm.builtin.kv_state_begin_forward")
         self._end = g("vm.builtin.kv_state_end_forward")
+        # the cache copies a forward's page tables to the device at its first attention call; asking for the query
+        # positions right after begin_forward does it before the forward's first kernel (on an H100, layer 0 had
+        # waited ~25 us mid-step for that copy and the stream event behind it)
+        self._sync_aux = g("vm.builtin.attention_kv_cache_get_query_positions")
         S = _tvm.ShapeTuple
         self.kv = self.vm["create_tir_paged_kv_cache"](
             S([int(self.runtime["max_batch"])]), S([self.context_window * int(self.runtime["max_batch"])]),
@@ -184,6 +188,7 @@ class Engine:
         else:
             arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
         self._begin(self.kv, S([seq]), S([len(ids)]))
+        self._sync_aux(self.kv)
         f = self._fns.get(fn)
         if f is None:
             f = self._fns[fn] = self.vm[fn]
