@@ -6,8 +6,8 @@
                          SmolLM2-135M, Llama-3.2-1B and Llama-3-8B shapes built with shapes only (no weights: the
                          runner generates random ones on the GPU machine, an explicit benchmark-only mode)
   .device/ckpt/*         tiny HF checkpoints for the transformers reference on the GPU; config.json of each shape
-  .device/kernels.so     standalone INT4 GEMV kernels at Llama-3-8B shapes (new and previous schedule), checked
-                         against numpy and timed one by one on the GPU
+  .device/kernels.so     standalone INT4 GEMV and prefill GEMM kernels at Llama-3-8B shapes (the defaults and
+                         the previous ones), checked against numpy and timed one by one on the GPU
 
 Usage: python bench/gpu_prepare.py [--arch sm_90] [--python 3.12]; then run bench/gpu_run.py there with
 PYTHONPATH=.device/site:. (see docs/benchmarks/h100.md).
@@ -71,8 +71,6 @@ SHAPES = {
 }
 # decode GEMVs of Llama-3-8B (in, out): qkv, o, gate_up, down, lm_head
 GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
-GEMM_VARIANTS: list[tuple[int, int]] = []  # FMA outputs per thread (rows, features) tried beside 4 x 4 (run 4: (8, 8), (4, 8), (8, 4) were no faster)
-GEMV_VARIANTS = [(4, 1), (8, 1), (2, 2), (8, 2), (4, 4)]  # (warps per block, rows per warp) tried beside the default
 
 
 def shape_folder(name: str) -> Path:
@@ -107,15 +105,21 @@ def build_artifacts(arch: str, shapes: list[str]) -> None:
 
 
 def build_gemv_kernels(arch: str) -> None:
-    """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights): `new_IN_OUT` (quant/gpu_kernels.py
-    and its schedule as the pipeline picks it), `wWrR_IN_OUT` (W warps per block, R rows per warp), `old_IN_OUT`
-    (kernels.linear with the generic GPU schedule), `gemm_IN_OUT` (the FMA tiled prefill GEMM, symbolic rows) and
-    `tc_IN_OUT` (the tensor-core prefill GEMM of quant/gpu_gemm.py)."""
+    """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights), each callable as
+    (x, q_weight, q_scale, out):
+      new_IN_OUT   the decode GEMV the pipeline picks (quant/gpu_kernels.int4_gemv_h2, fp16x2 arithmetic)
+      te_IN_OUT    the previous default (quant/gpu_kernels.int4_gemv with its schedule)
+      old_IN_OUT   kernels.linear with the generic GPU schedule (the first one)
+      gemm_IN_OUT  the FMA tiled prefill GEMM (symbolic rows)
+      tc_IN_OUT    the first tensor-core prefill GEMM (quant/gpu_gemm.int4_gemm_tc, fp16x2 weight decode)
+      tc2_IN_OUT   the prefill GEMM the pipeline picks (int4_gemm_tc2, cp.async pipeline)
+    Per-shape HBM-resident timings of the GEMV and GEMM variants: bench/gpu_gemv_tune.py, bench/gpu_gemm_tune.py."""
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.compile.gpu_schedules import (
         schedule_gpu_int4_gemv,
+        schedule_gpu_kernel,
         schedule_gpu_linear,
         schedule_gpu_tiled_gemm,
     )
@@ -127,18 +131,18 @@ def build_gemv_kernels(arch: str) -> None:
     scheme = get_scheme("q4f16_1")
     funcs = {}
     for k, n in GEMV_SHAPES:
-        funcs[f"new_{k}_{n}"] = schedule_gpu_int4_gemv(gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False),
-                                                       target)
-        for warps, rows in GEMV_VARIANTS:
-            funcs[f"w{warps}r{rows}_{k}_{n}"] = schedule_gpu_int4_gemv(
-                gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target, warps, rows)
+        with target:
+            funcs[f"new_{k}_{n}"] = schedule_gpu_kernel("gemv", kernels.linear(1, k, n, scheme, "float16", False),
+                                                        target)
+            funcs[f"tc2_{k}_{n}"] = schedule_gpu_kernel("gemm", kernels.linear(None, k, n, scheme, "float16", False),
+                                                        target)
+        funcs[f"te_{k}_{n}"] = schedule_gpu_int4_gemv(gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False),
+                                                      target)
         funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)
         funcs[f"gemm_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False), target)
-        funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False)  # tensor-core prefill GEMM (mma.sync)
-        funcs[f"tch_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False, half2=True)  # weight tile decoded in fp16x2
-        for tm, tn in GEMM_VARIANTS:
-            funcs[f"g{tm}x{tn}_{k}_{n}"] = schedule_gpu_tiled_gemm(kernels.linear(None, k, n, scheme, "float16", False),
-                                                                  target, tm, tn)
+        funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False, half2=True)
+    assert all(str(f.attrs["edgellm.gemv"]).startswith("h2_") for n, f in funcs.items() if n.startswith("new_"))
+    assert all(str(f.attrs["edgellm.gemm"]).startswith("tc2") for n, f in funcs.items() if n.startswith("tc2_"))
     prepare_cuda_build()
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
