@@ -135,6 +135,7 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
     decode_and_graphs = text["vm"].split("@decode:")[1].split("\n@prefill:")[0]
     assert decode_and_graphs.count("call  add_rms_norm") == 2 * layers
     assert decode_and_graphs.count("call  rms_norm") == 1  # layer 0's input norm has no residual to add
+    assert decode_and_graphs.count("call  silu_mul") == layers  # gpu_math.silu_mul_gpu, not split/silu/multiply
     from edgellm.artifact import Artifact
 
     assert "argmax" in Artifact.open(tmp_path / "a").manifest["functions"]
@@ -142,17 +143,18 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
 
 @needs_nvcc
 def test_gpu_math_kernels_build():
-    """gpu_math's add_rms_norm (hidden not a multiple of the block: SmolLM2's 576) and argmax (a vocabulary not a
-    multiple of the block) compile for sm_90, with one block per row and shared-memory reductions."""
+    """gpu_math's add_rms_norm (hidden not a multiple of the block: SmolLM2's 576), silu_mul and argmax (a
+    vocabulary not a multiple of the block) compile for sm_90; 16-byte vectors where the width allows."""
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_gpu
+    from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_gpu, silu_mul_gpu
     from edgellm.targets import resolve
 
     target = resolve("cuda-sm90").tvm()
     funcs = {"arn": add_rms_norm_gpu(576, 1e-5, "float16"), "arn32": add_rms_norm_gpu(4096, 1e-6, "float32"),
-             "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am": argmax_gpu(49152 + 5)}
+             "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am": argmax_gpu(49152 + 5),
+             "sm": silu_mul_gpu(14336, "float16"), "sm_odd": silu_mul_gpu(100, "float16")}
     prepare_cuda_build()
     with target:
         lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
@@ -163,6 +165,7 @@ def test_gpu_math_kernels_build():
     arn = src.split("arn_kernel(")[-1].split("extern")[0]
     assert "*(uint4*)(x_ptr" in arn and "__shfl_xor_sync" in arn  # 16-byte loads (8 fp16), warp-shuffle sums
     assert "uint4" not in src.split("arn_odd_kernel(")[-1].split("extern")[0]  # 100 fp16: element by element
+    assert "*(uint4*)(x_ptr" in src.split("sm_kernel(")[-1].split("extern")[0]
     with pytest.raises(ValueError, match="power of two"):
         add_rms_norm_gpu(576, 1e-5, "float16", threads=96)
     with pytest.raises(ValueError, match="warp size"):

@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
 from .cpu_math import add_rms_norm_cpu, silu
-from .gpu_math import add_rms_norm_gpu, argmax_gpu
+from .gpu_math import add_rms_norm_gpu, argmax_gpu, silu_mul_gpu
 from .kv_cache import paged_kv_cache
 
 c = compiler()
@@ -97,10 +97,15 @@ def _add_rms_norm(x, y, norm):
 def _silu_mul(gate_up, inter: int):
     """[b, s, 2 inter] -> silu(gate) * up [b, s, inter].
 
-    On CPU one kernel with a vectorizable exp (cpu_math.silu); LLVM's exp is a libm call per element there.
+    On CPU one kernel with a vectorizable exp (cpu_math.silu); LLVM's exp is a libm call per element there. On
+    CUDA gpu_math.silu_mul_gpu (16-byte vectors).
     """
-    target = c.Target.current()
-    if target is None or target.kind.name != "llvm":
+    if _on("cuda"):
+        b, s, _ = gate_up.shape
+        out = nn.op.tensor_ir_op(silu_mul_gpu(inter, gate_up.dtype), "silu_mul", [gate_up.reshape(b * s, 2 * inter)],
+                                 nn.Tensor.placeholder((b * s, inter), gate_up.dtype))
+        return out.reshape(b, s, inter)
+    if not _on("llvm"):
         gate, up = nn.op.split(gate_up, 2, axis=-1)  # [b, s, inter] each
         return nn.op.silu(gate) * up
 
