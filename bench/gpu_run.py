@@ -233,6 +233,34 @@ def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) 
     }
 
 
+def profile_prefill(eng, label: str, n: int = 512) -> None:
+    """GPU time per kernel of one n-token prefill into an empty sequence (CUPTI through torch.profiler), after a
+    warm-up prefill."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = [(7 * i) % 1000 + 1 for i in range(n)]
+    with eng.sequence() as seq:
+        seq.prefill(ids)
+    torch.cuda.synchronize()
+    with eng.sequence() as seq:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            seq.prefill(ids)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if "CUDA" in str(getattr(e, "device_type", "")):
+            d = kernels.setdefault(e.name, [0, 0.0])
+            d[0] += 1
+            d[1] += e.time_range.elapsed_us()
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
+    results.setdefault("prefill_profiles", {})[label] = {
+        "tokens": n, "wall_ms": wall * 1e3, "gpu_busy_ms": sum(v[1] for v in kernels.values()) / 1e3,
+        "top_kernels": [{"name": k[:120], "calls": v[0], "ms": v[1] / 1e3} for k, v in top]}
+
+
 def read_bytes_per_token(eng) -> int:
     """Weight bytes one decode step reads: every parameter, except an untied embedding table (one row is read)."""
     tied = eng.art.manifest["model"]["config"].get("tie_word_embeddings", False)
@@ -251,6 +279,7 @@ def bench_model(name: str, bw: float) -> None:
     try:
         trace = Path(os.environ["OUT"]) / f"trace-{name}.json" if name == "llama-3-8b" and "OUT" in os.environ else None
         profile_decode(eng, label, trace=trace)
+        profile_prefill(eng, label)
     except Exception:
         results["errors"].append(f"profile {label}: " + traceback.format_exc()[-2000:])
     with eng.sequence() as a, eng.sequence() as b:  # the device-argmax greedy chain vs the host argmax of logits
@@ -369,6 +398,11 @@ def main() -> int:
               + ", ".join(f"{k} {v['n']:.0f}" for k, v in p["runtime_calls_per_token"].items()))
         for k in p["top_kernels"][:8]:
             print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")
+    for label, p in results.get("prefill_profiles", {}).items():
+        print(f"{label}: prefill {p['tokens']} tokens {p['wall_ms']:.2f} ms wall (profiled), GPU busy "
+              f"{p['gpu_busy_ms']:.2f} ms")
+        for k in p["top_kernels"][:8]:
+            print(f"    {k['ms']:8.2f} ms {k['calls']:4d}x  {k['name'][:90]}")
     for r in results["bench"]:
         frac = r.get("bandwidth_fraction")
         print(f"{r['model']:<20} {r['engine']:<18} {r['test']:<6} {r['avg_ts']:10.1f} tok/s"
