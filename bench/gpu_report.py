@@ -1,5 +1,5 @@
 """Turn a bench/gpu_run.py result (gpu.json) into docs/benchmarks/h100.json (one record per model shape, engine and
-test), h100-detail.json (checks, kernels, decode profiles) and h100.png.
+test), h100-detail.json (checks, kernels, decode and prefill profiles) and h100.png.
 
 Usage: python bench/gpu_report.py GPU_JSON [--out docs/benchmarks] [--name h100]
 """
@@ -78,7 +78,8 @@ def main() -> None:
     run = json.loads(args.gpu_json.read_text())
     recs = records(run)
     (args.out / f"{args.name}.json").write_text(json.dumps(recs, indent=1) + "\n")
-    detail = {k: run.get(k) for k in ("device", "copy_bw", "checks", "kernels", "profiles", "load_seconds", "errors")}
+    detail = {k: run.get(k) for k in ("device", "copy_bw", "checks", "kernels", "profiles", "prefill_profiles", "load_seconds",
+                                        "errors")}
     (args.out / f"{args.name}-detail.json").write_text(json.dumps(detail, indent=1) + "\n")
     bw = run.get("copy_bw", 0) / 1e9
     plot(recs, args.out / f"{args.name}.png", f"{run.get('device')}, copy bandwidth {bw:.0f} GB/s, same run")
