@@ -69,6 +69,8 @@ SHAPES = {
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
                        max_position_embeddings=8192),
 }
+TINY64 = {"model_type": "llama", "hidden_size": 384, "intermediate_size": 256, "num_hidden_layers": 2,
+          "num_attention_heads": 6, "num_key_value_heads": 2, "tie_word_embeddings": False}
 # decode GEMVs of Llama-3-8B (in, out): qkv, o, gate_up, down, lm_head
 GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
 
@@ -94,11 +96,20 @@ def build_artifacts(arch: str, shapes: list[str]) -> None:
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
 
+    import tiny_models
+
     preset = f"cuda-{arch.replace('_', '')}"
     ckpt = make_checkpoint(OUT / "ckpt" / "llama", "llama")
     for scheme in ("q0f16", "q4f16_1", "q0f32"):
         compile_model(CompileArgs(model=str(ckpt), output=OUT / "art" / f"tiny-{scheme}", target=preset, quant=scheme,
                                   runtime=RuntimeOptions(256, 128, 16, 4)))
+    # head_dim 64, 6 q heads over 2 kv heads, `in` a multiple of 64: every CUDA kernel of the big shapes applies
+    # (tensor-core prefill attention and GEMM, fp16x2 GEMV, gpu_math), which the head_dim-16 tiny model misses
+    tiny_models.SPECS["llama_d64"] = TINY64
+    ckpt64 = make_checkpoint(OUT / "ckpt" / "llama64", "llama_d64")
+    for scheme in ("q0f16", "q4f16_1"):
+        compile_model(CompileArgs(model=str(ckpt64), output=OUT / "art" / f"tiny64-{scheme}", target=preset,
+                                  quant=scheme, runtime=RuntimeOptions(256, 256, 16, 4)))
     for name in shapes:  # shapes only: the runner generates random weights there (explicit benchmark mode)
         compile_model(CompileArgs(model=str(shape_folder(name)), output=OUT / "art" / f"{name}-q4f16_1", target=preset,
                                   quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
