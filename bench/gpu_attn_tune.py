@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -90,15 +89,11 @@ def build_artifacts(arch: str) -> None:
 def prepare(args) -> None:
     import gpu_prepare
 
-    shutil.rmtree(DEV, ignore_errors=True)
-    (DEV / "site").mkdir(parents=True)
-    gpu_prepare.copy_runtime_tvm(DEV / "site")
-    gpu_prepare.fetch_tvm_ffi(DEV / "site", args.python)
+    gpu_prepare.new_bundle(DEV, args.python)
     build(args.arch)
     if not args.no_artifacts:
         build_artifacts(args.arch)
-    total = sum(p.stat().st_size for p in DEV.rglob("*") if p.is_file())
-    print(f"{DEV}: {total / 2**20:.1f} MiB")
+    gpu_prepare.check_bundle_size(DEV, 48)
 
 
 # ------------------------------------------------------------------------------------------------ on the GPU

@@ -55,11 +55,10 @@ def h2_name(w: int, r: int, u: int, k: int, fence: bool) -> str:
 
 
 def prepare() -> None:
-    import shutil
 
     sys.path.insert(0, str(REPO / "bench"))
     import tvm
-    from gpu_prepare import copy_runtime_tvm, fetch_tvm_ffi
+    from gpu_prepare import new_bundle
 
     from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.compile.gpu_schedules import (
@@ -71,10 +70,7 @@ def prepare() -> None:
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
 
-    shutil.rmtree(DEV, ignore_errors=True)
-    (DEV / "site").mkdir(parents=True)
-    copy_runtime_tvm(DEV / "site")
-    fetch_tvm_ffi(DEV / "site", "3.12")
+    new_bundle(DEV)
     target = resolve("cuda-sm90").tvm()
     scheme = get_scheme("q4f16_1")
     funcs = {}
@@ -102,27 +98,6 @@ def prepare() -> None:
         tvm.compile(mod, target=target).export_library(str(DEV / "gemv.so"))
     total = sum(p.stat().st_size for p in DEV.rglob("*") if p.is_file())
     print(f"{len(funcs)} kernels built in {time.time() - t0:.0f} s; {DEV}: {total / 2**20:.1f} MiB")
-
-
-def copy_bandwidth() -> float:
-    import torch
-
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        b.copy_(a)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    return 2 * n / float(np.median(times))
 
 
 def time_rotated(f, x, copies, out) -> tuple[float, str]:
@@ -173,6 +148,11 @@ def run() -> None:
     from edgellm.quant.schemes import get_scheme
 
     res: dict = {"device": torch.cuda.get_device_name(0), "kernels": [], "errors": []}
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_run import (
+        copy_bandwidth,  # 1 GiB device-to-device copy, read + written bytes / time
+    )
+
     res["copy_gbs"] = copy_bandwidth() / 1e9
     print(f"{res['device']}: D2D copy {res['copy_gbs']:.0f} GB/s (read + write)", flush=True)
     _tvm.load_cuda_runtime()

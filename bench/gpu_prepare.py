@@ -53,6 +53,25 @@ def fetch_tvm_ffi(dst: Path, python: str) -> None:
                     z.extract(name, dst)
 
 
+def new_bundle(dst: Path, python: str = "3.12") -> None:
+    """Start `dst` afresh with `site/`: the runtime-only TVM and tvm_ffi for the GPU machine's Python (what every
+    bench bundle carries: this one and the kernel sweeps' .device-*/)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "site").mkdir(parents=True)
+    copy_runtime_tvm(dst / "site")
+    fetch_tvm_ffi(dst / "site", python)
+
+
+def check_bundle_size(dst: Path, limit_mib: int = 60) -> float:
+    """Print the bundle's size; stop if it leaves too little of the 64 MiB a device call carries."""
+    total = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()) / 2**20
+    print(f"{dst}: {total:.1f} MiB")
+    if total > limit_mib:
+        raise SystemExit(f"{dst} is {total:.1f} MiB, over {limit_mib} MiB: too close to the 64 MiB a device call "
+                         "carries; drop an artifact or a kernel variant")
+    return total
+
+
 # Hugging Face config.json of each benchmarked shape (the published models' configs; weights are never needed)
 _LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
               bos_token_id=1, eos_token_id=2, attention_bias=False, torch_dtype="bfloat16")
@@ -91,12 +110,11 @@ def shape_folder(name: str) -> Path:
 
 
 def build_artifacts(arch: str, shapes: list[str]) -> None:
+    import tiny_models
     from tiny_models import make_checkpoint
 
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
-
-    import tiny_models
 
     preset = f"cuda-{arch.replace('_', '')}"
     ckpt = make_checkpoint(OUT / "ckpt" / "llama", "llama")
@@ -167,17 +185,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="model shapes to build (comma-separated)")
     ap.add_argument("--no-kernels", action="store_true", help="skip kernels.so (then run gpu_run.py --skip-checks)")
     args = ap.parse_args()
-    shutil.rmtree(OUT, ignore_errors=True)
-    (OUT / "site").mkdir(parents=True)
-    copy_runtime_tvm(OUT / "site")
-    fetch_tvm_ffi(OUT / "site", args.python)
+    new_bundle(OUT, args.python)
     build_artifacts(args.arch, [x for x in args.shapes.split(",") if x])
     if not args.no_kernels:
         build_gemv_kernels(args.arch)
-    total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
-    print(f"{OUT}: {total / 2**20:.1f} MiB")
-    if total > 60 * 2**20:
-        raise SystemExit("over the 64 MiB a device call can carry; drop an artifact")
+    check_bundle_size(OUT)
 
 
 if __name__ == "__main__":

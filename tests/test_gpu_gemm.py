@@ -5,7 +5,11 @@ bench/gpu_run.py."""
 from __future__ import annotations
 
 import pytest
-from test_gpu_kernels import _linear, needs_nvcc  # pytest puts tests/ on sys.path
+from test_gpu_kernels import (  # pytest puts tests/ on sys.path
+    _linear,
+    cuda_source,
+    needs_nvcc,
+)
 
 
 def test_tc_gemm_only_where_it_is_the_same_function(monkeypatch):
@@ -40,21 +44,13 @@ def test_tc_gemm_builds(preset):
     """The tensor-core GEMM (with and without bias, whole and ragged `out`, both weight decodes, with and without
     the register prefetch) compiles to mma.sync for sm_80/sm_90.
     Its numbers on a GPU come from bench/gpu_run.py (tc_* kernels vs numpy)."""
-    import tvm
 
-    from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.quant import gpu_gemm
-    from edgellm.targets import resolve
 
-    target = resolve(preset).tvm()
     funcs = {"tc_a": gpu_gemm.int4_gemm_tc(4096, 1024, False), "tc_b": gpu_gemm.int4_gemm_tc(576, 960, True),
              "tc_c": gpu_gemm.int4_gemm_tc(4096, 1024, False, half2=True),  # fp16x2 weight decode (the default)
              "tc_d": gpu_gemm.int4_gemm_tc(576, 960, True, prefetch=False)}
-    prepare_cuda_build()
-    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
-    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        lib = tvm.compile(mod, target=target)
-    src = lib.mod.imports[0].inspect_source()
+    src = cuda_source(funcs, preset)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
 
 
@@ -87,20 +83,12 @@ def test_tc2_gemm_builds(preset):
     """int4_gemm_tc2 (every tile config; with and without bias, whole and ragged `out`) compiles for sm_80/sm_90 to
     a kernel with cp.async, mma.sync and the launch bounds it asks for. Its numbers on a GPU come from
     bench/gpu_gemm_tune.py (numpy checks and timings at Llama-3-8B shapes)."""
-    import tvm
 
-    from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.quant import gpu_gemm
-    from edgellm.targets import resolve
 
-    target = resolve(preset).tvm()
     funcs = {f"t_{c.replace('x', '_')}": gpu_gemm.int4_gemm_tc2(4096, 1024, False, c) for c in gpu_gemm.TC2_CONFIGS}
     funcs["t_bias"] = gpu_gemm.int4_gemm_tc2(576, 960, True)
-    prepare_cuda_build()
-    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
-    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        lib = tvm.compile(mod, target=target)
-    src = lib.mod.imports[0].inspect_source()
+    src = cuda_source(funcs, preset)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
     assert "cp.async.cg.shared.global" in src and "cp.async.wait_group" in src
     assert src.count("#ifndef EDGELLM_Q4GEMM_TC2") == src.count("#define EDGELLM_Q4GEMM_TC2") >= 1

@@ -23,6 +23,20 @@ from edgellm.quant.schemes import get_scheme
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA builds need nvcc")
 
 
+def cuda_source(funcs: dict, preset: str = "cuda-sm90") -> str:
+    """Build PrimFuncs (name -> func) for a CUDA preset the way the pipeline does; the generated CUDA source."""
+    import tvm
+
+    from edgellm.compile.cuda import prepare_cuda_build
+    from edgellm.targets import resolve
+
+    target = resolve(preset).tvm()
+    prepare_cuda_build()
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
+    return lib.mod.imports[0].inspect_source()
+
+
 @pytest.mark.parametrize("act,in_f,out_f,bias", [("float16", 96, 40, True), ("float16", 64, 7, False),
                                                  ("float32", 320, 33, False), ("float32", 32, 5, True)])
 def test_int4_gemv_matches_numpy(act, in_f, out_f, bias):
@@ -111,8 +125,7 @@ def test_cuda_schedules_build(preset, monkeypatch):
 @needs_nvcc
 def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
     """The CUDA backend's RewriteCUDAGraph captures decode's static-shape kernel runs between attention calls."""
-    import edgellm.compile.pipeline as pipeline
-    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.compile import CompileArgs, compile_model, pipeline
     from edgellm.config import RuntimeOptions
 
     text = {}
@@ -145,20 +158,13 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
 def test_gpu_math_kernels_build():
     """gpu_math's add_rms_norm (hidden not a multiple of the block: SmolLM2's 576), silu_mul and argmax (a
     vocabulary not a multiple of the block) compile for sm_90; 16-byte vectors where the width allows."""
-    import tvm
 
-    from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_gpu, silu_mul_gpu
-    from edgellm.targets import resolve
 
-    target = resolve("cuda-sm90").tvm()
     funcs = {"arn": add_rms_norm_gpu(576, 1e-5, "float16"), "arn32": add_rms_norm_gpu(4096, 1e-6, "float32"),
              "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am": argmax_gpu(49152 + 5),
              "sm": silu_mul_gpu(14336, "float16"), "sm_odd": silu_mul_gpu(100, "float16")}
-    prepare_cuda_build()
-    with target:
-        lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
-    src = lib.mod.imports[0].inspect_source()
+    src = cuda_source(funcs)
     for name in funcs:
         assert f"{name}_kernel(" in src
     assert src.count("__syncthreads()") >= 2 * 10  # argmax: 10 tree levels of 1024 threads, two barriers each
@@ -278,23 +284,16 @@ def test_pipeline_picks_h2_only_for_fp16(monkeypatch):
 def test_h2_gemv_builds(preset):
     """Every config the pipeline picks for the Llama-3-8B shapes, plus the awkward ones: a tail step (`in` not a
     whole number of steps), an `out` no block tiles evenly, a bias, a short `in` (18 groups), a 4-warp K split."""
-    import tvm
 
-    from edgellm.compile.cuda import prepare_cuda_build
     from edgellm.compile.gpu_schedules import h2_gemv_config
     from edgellm.quant.gpu_kernels import int4_gemv_h2
-    from edgellm.targets import resolve
 
-    target = resolve(preset).tvm()
     funcs = {f"pick_{k}_{n}": int4_gemv_h2(k, n, False, *h2_gemv_config(k, n))
              for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]}
     funcs.update(tail=int4_gemv_h2(14336, 4096, False, 4, 2, 4, 1), odd=int4_gemv_h2(4096, 1000, True, 8, 4, 2, 2),
                  short=int4_gemv_h2(576, 77, True, 4, 2, 1, 1), ks4=int4_gemv_h2(2048, 64, False, 8, 1, 2, 4),
                  nofence=int4_gemv_h2(4096, 512, False, fence=False))
-    prepare_cuda_build()
-    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
-    src = lib.mod.imports[0].inspect_source()
+    src = cuda_source(funcs, preset)
     bodies = {part.split("_kernel(")[0].split()[-1]: part for part in src.split('extern "C" __global__')[1:]}
     assert set(bodies) == set(funcs)
     for body in bodies.values():
