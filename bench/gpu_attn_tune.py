@@ -77,13 +77,7 @@ def build_artifacts(arch: str) -> None:
     ckpt = tiny_models.make_checkpoint(DEV / "ckpt" / "tiny", "llama_d64")
     compile_model(CompileArgs(model=str(ckpt), output=DEV / "art" / "tiny-q0f16", target=preset, quant="q0f16",
                               runtime=RuntimeOptions(256, 256, 16, 4)))
-    gpu_prepare.OUT = DEV  # shape_folder writes under OUT/ckpt
-    folder = gpu_prepare.shape_folder("llama-3-8b")
-    for attn in ATTN:  # ours, and TVM's kernel (EDGELLM_CUDA_ATTN=tvm) for the A/B
-        os.environ["EDGELLM_CUDA_ATTN"] = attn
-        compile_model(CompileArgs(model=str(folder), output=DEV / "art" / f"llama-3-8b-{attn}", target=preset,
-                                  quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
-    os.environ.pop("EDGELLM_CUDA_ATTN")
+    gpu_prepare.build_ab_shapes(DEV, arch, "EDGELLM_CUDA_ATTN", ATTN)  # ours, and TVM's kernel for the A/B
 
 
 def prepare(args) -> None:

@@ -74,17 +74,7 @@ def build_gemm(arch: str) -> None:
 def build_artifacts(arch: str) -> None:
     import gpu_prepare
 
-    from edgellm.compile import CompileArgs, compile_model
-    from edgellm.config import RuntimeOptions
-
-    gpu_prepare.OUT = DEV  # shape_folder writes under OUT/ckpt
-    folder = gpu_prepare.shape_folder("llama-3-8b")
-    for mode in ("tc1", "tc2"):
-        os.environ["EDGELLM_CUDA_GEMM"] = mode
-        compile_model(CompileArgs(model=str(folder), output=DEV / "art" / f"llama-3-8b-{mode}",
-                                  target=f"cuda-{arch.replace('_', '')}", quant="q4f16_1",
-                                  runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
-    os.environ.pop("EDGELLM_CUDA_GEMM")
+    gpu_prepare.build_ab_shapes(DEV, arch, "EDGELLM_CUDA_GEMM", ("tc1", "tc2"))
 
 
 def prepare(args) -> None:

@@ -133,6 +133,30 @@ def build_artifacts(arch: str, shapes: list[str]) -> None:
                                   quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
 
 
+def build_ab_shapes(dst: Path, arch: str, env: str, modes: tuple[str, ...], shape: str = "llama-3-8b") -> None:
+    """`shape` built with shapes only once per value of the environment switch `env` (an A/B of two kernels in
+    whole-model runs): dst/art/{shape}-{mode}."""
+    import os
+
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+
+    global OUT
+    OUT, saved = dst, OUT  # shape_folder writes under OUT/ckpt
+    try:
+        folder = shape_folder(shape)
+    finally:
+        OUT = saved
+    for mode in modes:
+        os.environ[env] = mode
+        try:
+            compile_model(CompileArgs(model=str(folder), output=dst / "art" / f"{shape}-{mode}",
+                                      target=f"cuda-{arch.replace('_', '')}", quant="q4f16_1",
+                                      runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
+        finally:
+            os.environ.pop(env)
+
+
 def build_gemv_kernels(arch: str) -> None:
     """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights), each callable as
     (x, q_weight, q_scale, out):
