@@ -159,15 +159,18 @@ def test_gpu_math_kernels_build():
     """gpu_math's add_rms_norm (hidden not a multiple of the block: SmolLM2's 576), silu_mul and argmax (a
     vocabulary not a multiple of the block) compile for sm_90; 16-byte vectors where the width allows."""
 
-    from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_gpu, silu_mul_gpu
+    from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_final_gpu, argmax_partial_gpu, silu_mul_gpu
 
     funcs = {"arn": add_rms_norm_gpu(576, 1e-5, "float16"), "arn32": add_rms_norm_gpu(4096, 1e-6, "float32"),
-             "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am": argmax_gpu(49152 + 5),
+             "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am1": argmax_partial_gpu(49152 + 5),
+             "am2": argmax_final_gpu(49152 + 5),
              "sm": silu_mul_gpu(14336, "float16"), "sm_odd": silu_mul_gpu(100, "float16")}
     src = cuda_source(funcs)
     for name in funcs:
         assert f"{name}_kernel(" in src
-    assert src.count("__syncthreads()") >= 2 * 10  # argmax: 10 tree levels of 1024 threads, two barriers each
+    # argmax: a tree of 8 levels (256 threads) per slice, then 6 (64 slices), two barriers per level
+    assert src.split("am1_kernel(")[-1].split("extern")[0].count("__syncthreads()") == 1 + 2 * 8
+    assert src.split("am2_kernel(")[-1].split("extern")[0].count("__syncthreads()") == 1 + 2 * 6
     arn = src.split("arn_kernel(")[-1].split("extern")[0]
     assert "*(uint4*)(x_ptr" in arn and "__shfl_xor_sync" in arn  # 16-byte loads (8 fp16), warp-shuffle sums
     assert "uint4" not in src.split("arn_odd_kernel(")[-1].split("extern")[0]  # 100 fp16: element by element

@@ -4,8 +4,8 @@
   per Llama-3-8B token, 1.3 + 2.0 us each on an H100).
 * `silu_mul_gpu`: the MLP's silu(gate) * up in 16-byte vectors (TVM's fused split/silu/multiply ran at ~40 GB/s
   in an 8B prefill).
-* `argmax_gpu`: greedy token ids on the device, so a greedy decode step copies 4 bytes back instead of the logits
-  (0.5 MB per token for a 128256-word vocabulary) and skips the host argmax.
+* `argmax_partial_gpu` + `argmax_final_gpu`: greedy token ids on the device, so a greedy decode step copies 4
+  bytes back instead of the logits (0.5 MB per token for a 128256-word vocabulary) and skips the host argmax.
 
 One thread block per row. Numbers on a GPU: bench/gpu_run.py (the tiny models end to end vs numpy and
 transformers, argmax vs numpy).
@@ -141,52 +141,110 @@ def silu_mul_gpu(inter: int, dtype: str, threads: int = 128):
     return silu_mul
 
 
-def argmax_gpu(vocab: int, threads: int = 1024):
-    """logits [b, 1, vocab] float32 -> [b, 1] int32, the first index of the largest value (numpy's argmax). One
-    block per row; each thread scans a strided slice, then a shared-memory tree keeps the larger value, and of two
-    equal ones the smaller index. -inf logits are fine; NaN compares false everywhere (numpy would return it)."""
-    T = compiler().T
-    per, levels = (vocab + threads - 1) // threads, _log2(threads)
+ARGMAX_PARTS = 64  # first-stage blocks of the device argmax: a 128256-word row is 8 KB per block
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def argmax(var_logits: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        b = T.int64()
-        logits = T.match_buffer(var_logits, (b, 1, vocab), "float32")
-        out = T.match_buffer(var_out, (b, 1), "int32")
-        bx = T.launch_thread("blockIdx.x", b)
-        tx = T.launch_thread("threadIdx.x", threads)
-        best = T.alloc_buffer((1,), "float32", scope="local")
-        idx = T.alloc_buffer((1,), "int32", scope="local")
-        mine = T.alloc_buffer((1,), "float32", scope="local")
-        other = T.alloc_buffer((1,), "int32", scope="local")
-        sv = T.alloc_buffer((threads,), "float32", scope="shared")
-        si = T.alloc_buffer((threads,), "int32", scope="shared")
-        best[0] = T.float32(-3.4e38)
-        idx[0] = T.int32(vocab)
-        for j in T.serial(per):  # ascending indices per thread: a strict > keeps the first of equal values
-            if j * threads + tx < vocab:
-                if logits[bx, 0, j * threads + tx] > best[0] or idx[0] == vocab:
-                    best[0] = logits[bx, 0, j * threads + tx]
-                    idx[0] = j * threads + tx
+
+def _argmax_tree(threads: int, none: int):
+    """Macro: a block's (value, index) candidates in `best`/`idx` (one per thread) -> sv[0], si[0]: the larger
+    value, and of two equal ones the smaller index; index `none` marks a thread with no candidate."""
+    T = compiler().T
+    levels = _log2(threads)
+
+    @T.macro
+    def tree(sv, si, best, idx, mine, other, tx):
         sv[tx] = best[0]
         si[tx] = idx[0]
         T.tvm_storage_sync("shared")
         for k in T.unroll(levels):  # no branch: TVM's sync planner cannot place barriers inside one
             other[0] = T.if_then_else(tx < T.shift_right(threads, k + 1),
-                                      si[T.min(tx + T.shift_right(threads, k + 1), threads - 1)], T.int32(vocab))
+                                      si[T.min(tx + T.shift_right(threads, k + 1), threads - 1)], T.int32(none))
             best[0] = sv[T.min(tx + T.shift_right(threads, k + 1), threads - 1)]
             mine[0] = sv[tx]
             idx[0] = si[tx]
             T.tvm_storage_sync("shared")
             # take the other slot's candidate if it has one and this slot has none, a smaller value, or an equal
-            # value at a larger index (a slot with no candidate holds index `vocab`; threads past the half keep theirs)
-            take = T.meta_var(T.And(other[0] < vocab, T.Or(idx[0] == vocab, T.Or(best[0] > mine[0], T.And(
+            # value at a larger index (threads past the half keep theirs)
+            take = T.meta_var(T.And(other[0] < none, T.Or(idx[0] == none, T.Or(best[0] > mine[0], T.And(
                 best[0] == mine[0], other[0] < idx[0])))))
             sv[tx] = T.Select(take, best[0], mine[0])
             si[tx] = T.Select(take, other[0], idx[0])
             T.tvm_storage_sync("shared")
-        if tx == 0:
-            out[bx, 0] = si[0]
 
-    return argmax
+    return tree
+
+
+def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256):
+    """Stage 1 of the device argmax: logits [b, 1, vocab] float32 -> (value, index) of the first maximum of each
+    of `parts` contiguous slices per row ([b, parts] float32 and int32; index `vocab` for an empty slice). One
+    block per (slice, row): a single block per row (the first version) read 0.5 MB at one SM's pace, 29 us."""
+    T = compiler().T
+    chunk = (vocab + parts - 1) // parts
+    per = (chunk + threads - 1) // threads
+    tree = _argmax_tree(threads, vocab)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def argmax_partial(var_logits: T.handle, var_pv: T.handle, var_pi: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b = T.int64()
+        logits = T.match_buffer(var_logits, (b, 1, vocab), "float32")
+        pv = T.match_buffer(var_pv, (b, parts), "float32")
+        pi = T.match_buffer(var_pi, (b, parts), "int32")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            bx = T.launch_thread("blockIdx.x", parts)
+            by = T.launch_thread("blockIdx.y", b)
+            tx = T.launch_thread("threadIdx.x", threads)
+            best = T.alloc_buffer((1,), "float32", scope="local")
+            idx = T.alloc_buffer((1,), "int32", scope="local")
+            mine = T.alloc_buffer((1,), "float32", scope="local")
+            other = T.alloc_buffer((1,), "int32", scope="local")
+            sv = T.alloc_buffer((threads,), "float32", scope="shared")
+            si = T.alloc_buffer((threads,), "int32", scope="shared")
+            best[0] = T.float32(-3.4e38)
+            idx[0] = T.int32(vocab)
+            for j in T.unroll(per):  # ascending indices per thread: a strict > keeps the first of equal values
+                if j * threads + tx < chunk and bx * chunk + j * threads + tx < vocab:
+                    mine[0] = logits[by, 0, bx * chunk + j * threads + tx]
+                    if mine[0] > best[0] or idx[0] == vocab:
+                        best[0] = mine[0]
+                        idx[0] = bx * chunk + j * threads + tx
+            tree(sv, si, best, idx, mine, other, tx)
+            if tx == 0:
+                pv[by, bx] = sv[0]
+                pi[by, bx] = si[0]
+
+    return argmax_partial
+
+
+def argmax_final_gpu(vocab: int, parts: int = ARGMAX_PARTS):
+    """Stage 2: the slices' candidates [b, parts] -> token ids [b, 1] int32 (numpy's argmax: the first index of
+    the largest value; -inf logits are fine, NaN compares false everywhere where numpy would return it)."""
+    T = compiler().T
+    tree = _argmax_tree(parts, vocab)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def argmax_final(var_pv: T.handle, var_pi: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b = T.int64()
+        pv = T.match_buffer(var_pv, (b, parts), "float32")
+        pi = T.match_buffer(var_pi, (b, parts), "int32")
+        out = T.match_buffer(var_out, (b, 1), "int32")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            bx = T.launch_thread("blockIdx.x", b)
+            tx = T.launch_thread("threadIdx.x", parts)
+            best = T.alloc_buffer((1,), "float32", scope="local")
+            idx = T.alloc_buffer((1,), "int32", scope="local")
+            mine = T.alloc_buffer((1,), "float32", scope="local")
+            other = T.alloc_buffer((1,), "int32", scope="local")
+            sv = T.alloc_buffer((parts,), "float32", scope="shared")
+            si = T.alloc_buffer((parts,), "int32", scope="shared")
+            best[0] = pv[bx, tx]
+            idx[0] = pi[bx, tx]
+            tree(sv, si, best, idx, mine, other, tx)
+            if tx == 0:
+                out[bx, 0] = si[0]
+
+    return argmax_final

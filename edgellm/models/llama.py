@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
 from .cpu_math import add_rms_norm_cpu, silu
-from .gpu_math import add_rms_norm_gpu, argmax_gpu, silu_mul_gpu
+from .gpu_math import ARGMAX_PARTS, add_rms_norm_gpu, argmax_final_gpu, argmax_partial_gpu, silu_mul_gpu
 from .kv_cache import paged_kv_cache
 
 c = compiler()
@@ -157,8 +157,11 @@ class LlamaForCausalLM(nn.Module):
     def argmax(self, logits):
         """logits [b, 1, vocab] -> greedy token ids [b, 1] int32, on the device (CUDA builds export it: a greedy step
         then copies 4 bytes back instead of the logits)."""
-        b = logits.shape[0]
-        return nn.op.tensor_ir_op(argmax_gpu(self.cfg.vocab_size), "argmax", [logits],
+        b, vocab = logits.shape[0], self.cfg.vocab_size
+        pv, pi = nn.op.tensor_ir_op(argmax_partial_gpu(vocab), "argmax_partial", [logits],
+                                    [nn.Tensor.placeholder((b, ARGMAX_PARTS), "float32"),
+                                     nn.Tensor.placeholder((b, ARGMAX_PARTS), "int32")])
+        return nn.op.tensor_ir_op(argmax_final_gpu(vocab), "argmax_final", [pv, pi],
                                   nn.Tensor.placeholder((b, 1), "int32"))
 
     def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
