@@ -10,7 +10,7 @@ from .gpu_kernels import GROUP, PER_WORD, QMAX
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill GEMM on tensor cores (CUDA sm_80+): hand-written TVMScript with PTX mma.sync m16n8k16 (fp16 x fp16 ->
-# fp32). `sch.tensorize` crashes in this TVM wheel, so the kernel is written pre-scheduled (tir.is_scheduled).
+# fp32). `sch.tensorize` crashes in this TVM wheel, so the kernel is written pre-scheduled (tirx.is_scheduled).
 #
 # Block tile BM x BN = 128 x 128 of [rows x out features], 8 warps as 2 (rows) x 4 (features), a warp owns 64 x 32
 # (4 x 4 mma tiles, 64 fp32 accumulators per lane). Per K step of 32 (one quant group): the x tile (fp16, rows past
@@ -154,7 +154,7 @@ def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True, half2
     params = list(kernel.params)
     keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
-    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tir.noalias": True,
+    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": "tc_mma_m16n8k16"})
 
 
@@ -506,5 +506,5 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
     keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     label = config + (f"/{small}@{small_rows}" if small else "")
-    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tir.noalias": True,
+    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": f"tc2_cp_async_{label}"})

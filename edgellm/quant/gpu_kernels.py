@@ -68,7 +68,7 @@ def int4_gemv(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decode GEMV in fp16x2 arithmetic (CUDA sm_53+; built and measured for sm_80/sm_90), written pre-scheduled (tir.is_scheduled): the TE route above
+# Decode GEMV in fp16x2 arithmetic (CUDA sm_53+; built and measured for sm_80/sm_90), written pre-scheduled (tirx.is_scheduled): the TE route above
 # spends about 4 instructions per weight (shift, and, or-to-float, subtract, FMA; the int->float trick is one op
 # per weight), which caps the large shapes at ~2 TB/s. Here two weights share each instruction:
 #
@@ -237,5 +237,5 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     params = list(kernel.params)
     keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
-    return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tir.is_scheduled": True, "tir.noalias": True,
+    return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")})
