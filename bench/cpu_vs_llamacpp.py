@@ -112,7 +112,7 @@ def kernel_breakdown(quant: str, threads: int) -> list[dict]:
                                      ("lm_head", 576, 49152, 1)]:
         with target:  # int8-activation kernels pick their dot-product instructions from the current target
             f = kernels.linear(1, in_f, out_f, s, s.act_dtype, False)
-        f = f if "tir.is_scheduled" in f.attrs else schedule_kernel(f, target)
+        f = f if "tirx.is_scheduled" in f.attrs else schedule_kernel(f, target)
         fn = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)["main"]
         w = np.random.default_rng(0).standard_normal((out_f, in_f)).astype(np.float32)
         stored = list(ref.quantize(w, s)) if s.quantized else [w.astype(s.weight_dtype)]

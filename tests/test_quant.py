@@ -112,8 +112,8 @@ def _build(make_func):
     target = resolve("host").tvm()
     with target:
         func = make_func()
-    scheduled = func if "tir.is_scheduled" in func.attrs else schedule_kernel(func, target)
-    assert scheduled is not None and scheduled.attrs["tir.is_scheduled"]
+    scheduled = func if "tirx.is_scheduled" in func.attrs else schedule_kernel(func, target)
+    assert scheduled is not None and scheduled.attrs["tirx.is_scheduled"]
     return tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
 
 

@@ -21,7 +21,7 @@ def _schedule_own_kernels(target):
         updates = {}
         for gv, func in mod.functions_items():
             if isinstance(func, c.tirx.PrimFunc) and func.attrs and "edgellm.kernel" in func.attrs:
-                if "tir.is_scheduled" in func.attrs or "tirx.is_scheduled" in func.attrs:
+                if "tirx.is_scheduled" in func.attrs:
                     continue
                 scheduled = schedule_kernel(func, target)
                 if scheduled is not None:

@@ -39,7 +39,7 @@ def _open(func, inline_dequant: bool):
 
 
 def _done(sch):
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def schedule_cpu_linear(func, target, gemv: bool):

@@ -299,5 +299,5 @@ def attention_prefill_ragged_cuda(num_kv_heads: int, num_qo_heads: int, head_dim
             lse.data, batch_size, causal, sm_scale, H, KV, sm.data, source_code=_SRC))
 
     return batch_prefill_ragged_kv.with_attrs({
-        "global_symbol": "batch_prefill_ragged_kv", "tirx.is_scheduled": True, "tir.is_scheduled": True,
+        "global_symbol": "batch_prefill_ragged_kv", "tirx.is_scheduled": True,
         "tirx.noalias": True, "edgellm.kernel": "attention_prefill_ragged_mma"})

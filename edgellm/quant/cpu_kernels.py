@@ -1,6 +1,6 @@
 """CPU linear kernels with int8 activations and integer dot products (schemes with `act_quant="int8"`).
 
-One PrimFunc per linear, already scheduled (it carries `tir.is_scheduled`), in two stages:
+One PrimFunc per linear, already scheduled (it carries `tirx.is_scheduled`, the attribute dlight reads), in two stages:
 
 1. quantize x [m, k] per group of 32: `d = max|x| / 127`, `xq = rint(x * 127 / max|x|)`, packed so that int32 word j
    of `xl` holds the bytes xq[8j], xq[8j+2], xq[8j+4], xq[8j+6] and `xh` the odd ones. That is the order of the
@@ -285,7 +285,7 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
     keep = [params[0], params[1], params[2]] + ([params[3]] if asym else []) + ([params[4]] if bias else []) + [params[5]]
     func = _with_params(func, keep)
     kind = "gemm" if gemm else "gemv"
-    return func.with_attrs({"edgellm.kernel": kind, "op_pattern": OPAQUE, "tir.is_scheduled": True,
+    return func.with_attrs({"edgellm.kernel": kind, "op_pattern": OPAQUE, "tirx.is_scheduled": True,
                             "tir.noalias": True, "edgellm.dot": path.name})
 
 

@@ -154,7 +154,7 @@ def int4_gemm_tc(in_f: int, out_f: int, bias: bool, prefetch: bool = True, half2
     params = list(kernel.params)
     keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
-    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True,
+    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": "tc_mma_m16n8k16"})
 
 
@@ -506,5 +506,5 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
     keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     label = config + (f"/{small}@{small_rows}" if small else "")
-    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True,
+    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": f"tc2_cp_async_{label}"})

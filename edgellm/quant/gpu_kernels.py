@@ -237,5 +237,5 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     params = list(kernel.params)
     keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
-    return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True,
+    return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")})
