@@ -52,9 +52,6 @@ def _sink_param_unpacking():
             return func
         blocks = []
         for block in func.body.blocks:
-            if isinstance(block, rx.DataflowBlock):
-                blocks.append(block)
-                continue
             pending, out = {}, []
             for b in block.bindings:
                 if isinstance(b, rx.VarBinding) and isinstance(b.value, rx.TupleGetItem) \
@@ -66,7 +63,7 @@ def _sink_param_unpacking():
                         out.append(pending.pop(v))
                 out.append(b)
             out.extend(pending.values())
-            blocks.append(rx.BindingBlock(out))
+            blocks.append(type(block)(out))  # a BindingBlock, or a DataflowBlock (none are left by this phase)
         return rx.Function(func.params, rx.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
                            func.attrs, func.span)
 

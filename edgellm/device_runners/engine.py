@@ -262,8 +262,6 @@ class Engine:
         self._check_length(len(ids))
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         sampler, history = Sampler(sampling), list(ids)
-        # greedy with no penalty needs no logits on the host: decode_greedy (argmax on the device where it can)
-        greedy = sampling.temperature == 0 and sampling.repetition_penalty == 1.0
         with self.sequence() as seq:
             t0 = time.perf_counter()
             logits = seq.prefill(ids)
@@ -285,7 +283,7 @@ class Engine:
                     stats.finish_reason = "context"
                     return
                 t1 = time.perf_counter()
-                if greedy:
+                if sampling.greedy:  # no logits on the host: the argmax runs on the device where it can
                     tok = seq.decode_greedy(tok)
                     decode_t += time.perf_counter() - t1
                 else:

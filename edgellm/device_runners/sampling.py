@@ -26,6 +26,11 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
+    @property
+    def greedy(self) -> bool:
+        """The token is the argmax of the raw logits (no temperature, no penalty): it can be taken on the device."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
 
 class Sampler:
     def __init__(self, params: SamplingParams):
