@@ -50,9 +50,10 @@ def check_tiny() -> None:
         eng = Engine(DEV / "art" / f"tiny-{scheme}")
         got = eng.score(PROMPT)
         with torch.no_grad():
-            ref = hf_model(dtype)(torch.tensor([PROMPT]).cuda()).logits[0].float().cpu().numpy()
-            hf_greedy = hf_model(dtype).generate(torch.tensor([PROMPT]).cuda(), max_new_tokens=12, do_sample=False,
-                                                 eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+            hf = hf_model(dtype)
+            ref = hf(torch.tensor([PROMPT]).cuda()).logits[0].float().cpu().numpy()
+            hf_greedy = hf.generate(torch.tensor([PROMPT]).cuda(), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
         ours = list(eng.generate_ids(PROMPT, 12))
         results["checks"][f"tiny {scheme} vs transformers {dtype} (cuda)"] = {
             "rel_err": rel(got, ref), "tol": tol, "ok": rel(got, ref) < tol,
