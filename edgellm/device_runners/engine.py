@@ -72,6 +72,15 @@ def _check_runnable_here(manifest: dict) -> None:
                             f"the device{hint}")
 
 
+def _token_limit(manifest: dict, index: list[dict]) -> int:
+    """Token ids a client may send are [0, this): the smallest of the config's vocab_size and the rows of the
+    embedding and output-head tensors actually stored (the params index), so an edited manifest cannot widen it."""
+    rows = [int(e["shape"][0]) for e in index
+            if e.get("shape") and any(k in e["name"] for k in ("embed_tokens.", "lm_head."))]
+    vocab = int(manifest["model"]["config"]["vocab_size"])
+    return max(0, min([vocab, *rows]))
+
+
 def physical_cores() -> int:
     try:
         cores = set()
@@ -154,6 +163,7 @@ class Engine:
         tok = m["tokenizer"]
         self.codec = TextCodec(self.art.root / "tokenizer", add_bos=tok.get("add_bos_token", False), bos_id=tok.get("bos_token_id"))
         self.eos_ids = set(tok.get("eos_token_ids") or [])
+        self.vocab_size = _token_limit(m, self.art.param_index())
         g = _tvm.get_global_func
         self._add_seq = g("vm.builtin.kv_state_add_sequence")
         self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
@@ -221,6 +231,14 @@ class Engine:
         self._add_seq(self.kv, seq)
         return seq
 
+    def _release_sequence(self, seq: int) -> None:
+        """Free `seq`'s KV pages and forget its cached ShapeTuples (sequence ids are never reused)."""
+        try:
+            self._remove_seq(self.kv, seq)
+        finally:
+            for key in [k for k in self._shapes if k[0] == seq]:
+                del self._shapes[key]
+
     @contextlib.contextmanager
     def sequence(self) -> Iterator[Sequence]:
         """A KV-cache sequence for step-by-step use: `seq.prefill(ids)`, then `seq.decode(token)`."""
@@ -228,8 +246,7 @@ class Engine:
         try:
             yield Sequence(self, seq)
         finally:
-            self._remove_seq(self.kv, seq)
-            self._shapes = {k: v for k, v in self._shapes.items() if k[0] != seq}
+            self._release_sequence(seq)
 
     def _check_length(self, n: int, room: int = 1) -> None:
         """n tokens in the cache plus `room` more (1 to generate the next one) must fit the context window."""
