@@ -10,17 +10,23 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json.sha256 binds the manifest; every opened file is listed and confined
 SHARD_BYTES = 64 << 20
 MANIFEST = "manifest.json"
+DIGEST = "manifest.json.sha256"  # `sha256sum -c` format; its hash is the artifact's root digest
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PARAM_DTYPES = {"float32", "float16", "bfloat16", "uint32", "int32", "int8", "uint8"}
 
 
 class ArtifactError(RuntimeError):
@@ -35,22 +41,96 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir next to `final`; rename it to `final` on success, delete it on any failure."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise ArtifactError(f"output {final} already exists; choose another -o or pass --overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+def is_artifact(path: Path) -> bool:
+    """True when `path` is a folder holding a manifest.json written by edgellm (any format version)."""
     try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "edgellm_version" in m and "format_version" in m and "files" in m
+
+
+def check_output(final: Path, overwrite: bool, kind: str = "artifact", protect: Iterable[Path] = (),
+                 ours=is_artifact) -> None:
+    """Refuse, before any work, an output folder we must not write: an existing one without `overwrite`, and with
+    it anything that is not one of ours (`ours(path)`), the current directory or one of its parents, or a folder
+    holding (or inside) one of the `protect` paths (the model being read)."""
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if not overwrite:
+        raise ArtifactError(f"output {final} already exists; choose another output folder or pass --overwrite "
+                            "(overwrite=True from Python)")
+    real = final.resolve()
+    if final.is_symlink() or not final.is_dir():
+        raise ArtifactError(f"--overwrite refused: output {final} is {'a symlink' if final.is_symlink() else 'not a folder'}"
+                            f"; only an existing edgellm {kind} folder may be replaced")
+    cwd = Path.cwd().resolve()
+    if cwd == real or real in cwd.parents:
+        raise ArtifactError(f"--overwrite refused: output {final} is the current directory or one of its parents; "
+                            "choose a new output folder")
+    for p in protect:
+        p = Path(p).resolve()
+        if p == real or real in p.parents or p in real.parents:
+            raise ArtifactError(f"--overwrite refused: output {final} holds or is inside the model being read ({p}); "
+                                "choose another output folder")
+    if not ours(final):
+        raise ArtifactError(f"--overwrite refused: {final} is not an edgellm {kind} (no {kind} manifest of ours in it); "
+                            "it may hold your files, so remove it yourself or choose another output folder")
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises SystemExit inside the block (main thread only), so `finally` clean-ups run as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False, kind: str = "artifact", protect: Iterable[Path] = (),
+               ours=is_artifact) -> Iterator[Path]:
+    """Yield a temp dir next to `final`; rename it to `final` on success, delete it on any failure (exceptions,
+    Ctrl-C, SIGTERM). With `overwrite`, only a folder `ours()` accepts is replaced (see check_output)."""
+    final = Path(final)
+    check_output(final, overwrite, kind, protect, ours)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _cleanup_on_sigterm():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
+            yield tmp
+            old = None
+            if final.exists():
+                check_output(final, overwrite, kind, protect, ours)  # it may have changed while we worked
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.replace(final, old / "x")
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if old is not None:
+                    os.replace(old / "x", final)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def write_params(root: Path, named: Iterable[tuple[str, np.ndarray]], shard_bytes: int = SHARD_BYTES) -> list[dict]:
@@ -97,38 +177,113 @@ def write_params(root: Path, named: Iterable[tuple[str, np.ndarray]], shard_byte
     return index
 
 
-def file_table(root: Path, skip: str = MANIFEST) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} for every file under root except `skip` (the manifest that lists them)."""
+def file_table(root: Path, skip: str | Iterable[str] = (MANIFEST, DIGEST)) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} for every file under root except `skip` (the manifest and its digest)."""
+    skip = {skip} if isinstance(skip, str) else set(skip)
     return {rel: {"sha256": sha256_of(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and (rel := p.relative_to(root).as_posix()) != skip}
+            for p in sorted(root.rglob("*")) if p.is_file() and (rel := p.relative_to(root).as_posix()) not in skip}
+
+
+def write_manifest(root: Path, manifest: dict) -> str:
+    """manifest.json plus manifest.json.sha256 (`sha256sum -c` format); returns the root digest."""
+    data = json.dumps(manifest, indent=1).encode()
+    (root / MANIFEST).write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    (root / DIGEST).write_text(f"{digest}  {MANIFEST}\n")
+    return digest
+
+
+def confined(root: Path, rel: object, what: str = "path") -> Path:
+    """`root / rel` for a manifest path that is a relative, normalized POSIX path staying inside `root` once
+    symlinks are resolved; anything else (absolute, `..`, `./`, backslashes, empty) raises ArtifactError."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise ArtifactError(f"manifest {what} {rel!r} is not a relative path; the artifact is malformed or tampered")
+    pp = PurePosixPath(rel)
+    if pp.is_absolute() or pp.as_posix() != rel or any(part in ("..", ".", "") for part in pp.parts):
+        raise ArtifactError(f"manifest {what} {rel!r} is not a normalized path inside the artifact (absolute or "
+                            "with '..'); refusing a tampered artifact")
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if base not in path.parents:
+        raise ArtifactError(f"manifest {what} {rel!r} resolves outside the artifact ({path}), through a symlink; "
+                            "refusing a tampered artifact")
+    return path
+
+
+def _check_file_table(files: object) -> dict[str, dict]:
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError("manifest has no file table ('files'); the artifact is malformed: recompile")
+    for rel, meta in files.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"])
+                and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool) and meta["bytes"] >= 0):
+            raise ArtifactError(f"manifest entry for {rel!r} needs a sha256 (64 hex digits) and a byte count; the "
+                                "artifact is malformed or tampered: recompile")
+    return files
 
 
 @dataclass
 class Artifact:
+    """A compiled model folder. `open` checks, before anything is loaded: the manifest against its digest file,
+    every path it names (relative, inside the artifact), and every listed file's size and sha256. Files are then
+    opened only through `path()`, which accepts listed (so checked) files alone."""
+
     root: Path
     manifest: dict
+    digest: str = ""  # sha256 of manifest.json: the root digest, which covers every file through the file table
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = True, skip_params: bool = False) -> Artifact:
+    def open(cls, root: str | Path, verify: bool = True, skip_params: bool = False,
+             expect_digest: str | None = None) -> Artifact:
         root = Path(root)
         mpath = root / MANIFEST
         if not root.is_dir():
             raise ArtifactError(f"artifact {str(root)!r} does not exist (compile one with `edgellm compile -o DIR`)")
-        if not mpath.exists():
+        if not mpath.is_file():
             raise ArtifactError(f"{root} has no {MANIFEST}: not an edgellm artifact, or an incomplete one")
+        confined(root, MANIFEST, "file")
+        data = mpath.read_bytes()
         try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
+            manifest = json.loads(data)
+        except (ValueError, RecursionError) as exc:
             raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{mpath} is not a JSON object; not an edgellm artifact")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
                 f"{mpath}: format_version {manifest.get('format_version')!r}, this edgellm reads {FORMAT_VERSION}; "
                 "recompile the model"
             )
-        art = cls(root, manifest)
+        digest = hashlib.sha256(data).hexdigest()
+        dpath = root / DIGEST
+        try:
+            recorded = confined(root, DIGEST, "file").read_text().split()[0] if dpath.is_file() else None
+        except (OSError, IndexError, UnicodeDecodeError):
+            recorded = None
+        if recorded != digest:
+            raise ArtifactError(f"{MANIFEST} of {root} does not match {DIGEST} (edited or replaced after compile); "
+                                "refusing it: recompile the artifact")
+        if expect_digest is not None:
+            want = expect_digest.strip().lower().removeprefix("sha256:")
+            if len(want) < 12 or not re.fullmatch(r"[0-9a-f]+", want) or not digest.startswith(want):
+                raise ArtifactError(f"artifact {root} has root digest {digest}, not the expected {expect_digest}; "
+                                    "it is another build or was altered")
+        art = cls(root, manifest, digest)
+        art._check_layout()
         if verify:
             art.verify(skip_params=skip_params)
         return art
+
+    def _check_layout(self) -> None:
+        """Every path the manifest names is confined and listed, so nothing unchecked is ever opened."""
+        files = _check_file_table(self.manifest.get("files"))
+        for rel in files:
+            confined(self.root, rel, "file")
+        lib = self.manifest.get("lib")
+        confined(self.root, lib, "lib")
+        for rel in (lib, "params/index.json", "tokenizer/tokenizer.json"):
+            if rel not in files:
+                raise ArtifactError(f"{rel} is not in the manifest's file table, so it cannot be checked; refusing "
+                                    "a tampered artifact")
 
     def verify(self, skip_params: bool = False) -> None:
         """Check every listed file's size and sha256; raise naming the first file that differs.
@@ -136,20 +291,57 @@ class Artifact:
         for rel, meta in self.manifest["files"].items():
             if skip_params and rel.startswith("params/shard_"):
                 continue
-            p = self.root / rel
-            if not p.exists():
+            p = confined(self.root, rel, "file")
+            if not p.is_file():
                 raise ArtifactError(f"artifact file {rel} is missing from {self.root}")
             if p.stat().st_size != meta["bytes"]:
                 raise ArtifactError(f"artifact file {rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}: truncated or replaced; recompile")
             if sha256_of(p) != meta["sha256"]:
                 raise ArtifactError(f"artifact file {rel} fails its sha256 check (tampered or corrupted); refusing to run it")
 
+    def path(self, rel: str) -> Path:
+        """The confined path of a file the manifest lists (and `verify` checked); unlisted files are refused."""
+        if rel not in self.manifest["files"]:
+            raise ArtifactError(f"{rel} is not in the manifest's file table of {self.root}, so it was never checked; "
+                                "refusing to open it")
+        return confined(self.root, rel, "file")
+
+    def listed(self, rel: str) -> Path | None:
+        """path(rel) for an optional file: None when the manifest does not list it."""
+        return self.path(rel) if rel in self.manifest["files"] else None
+
     @property
     def lib_path(self) -> Path:
-        return self.root / self.manifest["lib"]
+        return self.path(self.manifest["lib"])
 
     def param_index(self) -> list[dict]:
-        return json.loads((self.root / "params" / "index.json").read_text())["params"]
+        try:
+            index = json.loads(self.path("params/index.json").read_text())["params"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"params/index.json of {self.root} is malformed ({exc}); recompile") from None
+        for e in index:
+            self._check_entry(e)
+        return index
+
+    def _check_entry(self, e: object) -> None:
+        """One index entry: known dtype, sizes that agree, pieces that lie inside listed shards."""
+        try:
+            dt, shape = e["dtype"], [int(x) for x in e["shape"]]
+            ok = dt in _PARAM_DTYPES and all(x >= 0 for x in shape) and \
+                int(e["nbytes"]) == int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+            if ok and e.get("shard") is not None:
+                pieces = e.get("pieces") or [e]
+                ok = sum(int(p["nbytes"]) for p in pieces) == int(e["nbytes"])
+                for p in pieces:
+                    meta = self.manifest["files"].get(f"params/shard_{int(p['shard']):03d}.bin")
+                    ok = ok and meta is not None and int(p["offset"]) >= 0 and int(p["nbytes"]) >= 0 \
+                        and int(p["offset"]) + int(p["nbytes"]) <= meta["bytes"]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            name = e.get("name") if isinstance(e, dict) else e
+            raise ArtifactError(f"params/index.json entry {name!r} does not fit the listed shards (size, dtype or "
+                                "a shard missing from the file table); refusing a tampered artifact")
 
     def iter_params(self) -> Iterator[tuple[dict, np.ndarray]]:
         """(index entry, array) in parameter order, read with one memory map per shard."""
@@ -157,7 +349,7 @@ class Artifact:
 
         def piece(p):
             if p["shard"] not in maps:
-                maps[p["shard"]] = np.memmap(self.root / "params" / f"shard_{p['shard']:03d}.bin", dtype=np.uint8, mode="r")
+                maps[p["shard"]] = np.memmap(self.path(f"params/shard_{p['shard']:03d}.bin"), dtype=np.uint8, mode="r")
             return maps[p["shard"]][p["offset"] : p["offset"] + p["nbytes"]]
 
         for e in self.param_index():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from edgellm.artifact import Artifact, ArtifactError, atomic_dir, write_params
+from edgellm.artifact import FORMAT_VERSION, Artifact, ArtifactError, atomic_dir, file_table, write_manifest, write_params
 
 
 def test_shards_respect_limit_and_index_round_trips(tmp_path):
@@ -16,8 +16,12 @@ def test_shards_respect_limit_and_index_round_trips(tmp_path):
     index = write_params(tmp_path, named, shard_bytes=4000)
     shards = sorted((tmp_path / "params").glob("shard_*.bin"))
     assert len(shards) > 1 and all(p.stat().st_size <= 4000 for p in shards)
-    manifest = {"format_version": 1, "files": {}, "lib": "lib/model.so"}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for rel in ("lib/model.so", "tokenizer/tokenizer.json"):  # stand-ins: this test reads only the params
+        (tmp_path / rel).parent.mkdir()
+        (tmp_path / rel).write_bytes(b"stand-in")
+    manifest = {"format_version": FORMAT_VERSION, "edgellm_version": "test", "lib": "lib/model.so",
+                "files": file_table(tmp_path)}
+    write_manifest(tmp_path, manifest)
     art = Artifact.open(tmp_path)
     for (name, arr), (entry, got) in zip(named, art.iter_params()):
         assert entry["name"] == name
@@ -36,7 +40,7 @@ def test_atomic_dir_removes_everything_on_failure(tmp_path):
 
 def test_manifest_lists_every_file_with_sha256(compiled):
     art = Artifact.open(compiled("llama", "q4f32_1"))
-    on_disk = {p.relative_to(art.root).as_posix() for p in art.root.rglob("*") if p.is_file()} - {"manifest.json"}
+    on_disk = {p.relative_to(art.root).as_posix() for p in art.root.rglob("*") if p.is_file()} - {"manifest.json", "manifest.json.sha256"}
     assert set(art.manifest["files"]) == on_disk
     assert all(len(v["sha256"]) == 64 for v in art.manifest["files"].values())
     m = art.manifest

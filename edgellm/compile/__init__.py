@@ -14,9 +14,9 @@ import numpy as np
 
 from .. import __version__
 from .._tvm import compiler, tvm_version
-from ..artifact import FORMAT_VERSION, MANIFEST, Artifact, atomic_dir, file_table, write_params
+from ..artifact import FORMAT_VERSION, Artifact, atomic_dir, check_output, file_table, write_manifest, write_params
 from ..config import RuntimeOptions
-from ..loaders import ModelSource, open_model
+from ..loaders import ModelSource, SourceError, default_model_path, open_model
 from ..models import get_architecture
 from ..quant import get_scheme
 from ..quant.convert import convert
@@ -169,6 +169,26 @@ def _export(ex, root: Path, tgt: ResolvedTarget) -> str:
     return "lib/model.so"
 
 
+def _check_tokenizer(src: ModelSource) -> None:
+    """Load the tokenizer and render the chat template once now, so a broken one fails the compile, not a run."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_str(src.tokenizer_json)
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"the tokenizer.json of {src.path} does not load ({first}); replace it with the model's "
+                          "own tokenizer.json") from None
+    if src.chat_template:
+        from ..device_runners.text import ChatTemplateError, render_chat_template
+
+        try:
+            render_chat_template(src.chat_template, [{"role": "user", "content": "hi"}], src.tokenizer_config)
+        except ChatTemplateError as exc:
+            raise SourceError(f"the chat template of {src.path} does not render: {exc}; fix tokenizer_config.json's "
+                              "chat_template (or chat_template.jinja)") from None
+
+
 def _tokenizer_files(src: ModelSource, root: Path) -> dict:
     tdir = root / "tokenizer"
     tdir.mkdir()
@@ -183,12 +203,15 @@ def _tokenizer_files(src: ModelSource, root: Path) -> dict:
 def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     """Compile `args.model` for `args.target`; the artifact appears at `args.output` only when complete."""
     t_start = time.perf_counter()
-    tgt = resolve(args.target)  # fail fast on a bad target, scheme or toolchain, before touching weights
+    tgt = resolve(args.target)  # fail fast on a bad target, scheme, toolchain or output, before touching weights
     scheme = _scheme_for(tgt, args.quant or tgt.default_quant)
     _check_toolchain(tgt)
+    model_path = Path(args.model) if args.model else default_model_path()
+    check_output(args.output, args.overwrite, protect=[model_path])
     step = progress or (lambda name, **kw: None)
     step("load", detail=str(args.model or "embedded SmolLM2"))
-    src = open_model(args.model)
+    src = open_model(model_path)
+    _check_tokenizer(src)
     cfg = src.config
     runtime = args.runtime
     if runtime.context_window > cfg.max_position_embeddings:
@@ -205,7 +228,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     params = {name: (tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in named_params}
     float_shapes = _float_shapes(model)
     smap, unused = source_map(cfg)
-    with atomic_dir(args.output, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.output, overwrite=args.overwrite, protect=[model_path]) as tmp:
         step("quantize", detail=f"{len(params)} tensors -> {scheme.name}")
         if args.shapes_only:
             index = _shape_index(tmp, params)
@@ -245,7 +268,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "shapes_only": args.shapes_only,
         }
         manifest["files"] = file_table(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_manifest(tmp, manifest)
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
                          build_seconds, time.perf_counter() - t_start, art_bytes)

@@ -136,10 +136,12 @@ class _DeviceToken:
 
 class Engine:
     def __init__(self, artifact: str | Path, device: str | None = None, threads: int | None = None, verify: bool = True,
-                 random_weights: int | None = None):
+                 random_weights: int | None = None, expect_digest: str | None = None):
         """random_weights=SEED: generate parameters from the index's shapes instead of reading the shards (for
-        benchmarking models too big to ship to a device; outputs are meaningless). Never the default."""
-        self.art = Artifact.open(artifact, verify=verify, skip_params=random_weights is not None)
+        benchmarking models too big to ship to a device; outputs are meaningless). Never the default.
+        expect_digest: refuse the artifact unless its root digest (printed by compile and run) starts with this."""
+        self.art = Artifact.open(artifact, verify=verify, skip_params=random_weights is not None,
+                                 expect_digest=expect_digest)
         m = self.art.manifest
         if m.get("shapes_only") and random_weights is None:
             raise ArtifactError(f"{artifact} was compiled with shapes only (no weights, for benchmarks); run it with "
@@ -161,7 +163,9 @@ class Engine:
         self.context_window = int(self.runtime["context_window"])
         self.chunk = int(self.runtime["prefill_chunk"])
         tok = m["tokenizer"]
-        self.codec = TextCodec(self.art.root / "tokenizer", add_bos=tok.get("add_bos_token", False), bos_id=tok.get("bos_token_id"))
+        self.codec = TextCodec(None, add_bos=tok.get("add_bos_token", False), bos_id=tok.get("bos_token_id"),
+                               files=(self.art.path("tokenizer/tokenizer.json"),
+                                      self.art.listed("tokenizer/tokenizer_config.json")))
         self.eos_ids = set(tok.get("eos_token_ids") or [])
         self.vocab_size = _token_limit(m, self.art.param_index())
         g = _tvm.get_global_func

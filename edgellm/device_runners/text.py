@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,13 +13,56 @@ class ChatTemplateError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """A chat template compiled once (sandboxed, with the helpers transformers gives templates)."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise ChatTemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"chat template does not parse: {exc}") from None
+
+
+def render_chat_template(template: str, messages: list[dict], cfg: dict, add_generation_prompt: bool = True,
+                         **extra) -> str:
+    import jinja2
+
+    try:
+        return _compiled_template(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=cfg.get("bos_token", ""), eos_token=cfg.get("eos_token", ""), **extra)
+    except ChatTemplateError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ChatTemplateError(f"chat template failed: {exc}") from None
+
+
 class TextCodec:
     """tokenizer.json + tokenizer_config.json (chat template, bos/eos) of an artifact."""
 
-    def __init__(self, tokenizer_dir: Path, add_bos: bool = False, bos_id: int | None = None):
-        self.tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        cfg_path = tokenizer_dir / "tokenizer_config.json"
-        self.cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    def __init__(self, tokenizer_dir: Path | None, add_bos: bool = False, bos_id: int | None = None, *,
+                 files: tuple[Path, Path | None] | None = None):
+        """files=(tokenizer.json, tokenizer_config.json or None) names the files exactly (an artifact passes its
+        checked paths); otherwise both are looked up in tokenizer_dir."""
+        tok_path, cfg_path = files or (tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json")
+        try:
+            self.tok = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
+            raise ChatTemplateError(f"{tok_path} does not load as a tokenizer ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                                    "recompile from a model with a valid tokenizer.json") from None
+        self.cfg = json.loads(cfg_path.read_text()) if cfg_path is not None and cfg_path.exists() else {}
         self.add_bos, self.bos_id = add_bos, bos_id
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -34,19 +78,7 @@ class TextCodec:
         template = self.cfg.get("chat_template")
         if not template:
             raise ChatTemplateError("this model has no chat template; use --no-chat for raw completion")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise ChatTemplateError(msg)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.cfg.get("bos_token", ""), eos_token=self.cfg.get("eos_token", ""), **extra,
-        )
+        return render_chat_template(template, messages, self.cfg, add_generation_prompt, **extra)
 
 
 class StreamDecoder:
