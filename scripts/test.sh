@@ -9,6 +9,7 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
 command -v llvm-ar >/dev/null || need+=(llvm)  # edgellm package: Darwin-format archives for iOS
 command -v cmake >/dev/null || need+=(cmake)  # edgellm package: the Android CMake module test
+compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need+=(mesa-vulkan-drivers libvulkan1)  # lavapipe: Vulkan tests
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -1,0 +1,450 @@
+// edgellm WebGPU runtime plugin: wgpu-native instance, adapters, devices, buffers and the command queue.
+#include "context.h"
+
+#include <tvm/ffi/error.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <sstream>
+
+namespace edgellm {
+namespace webgpu {
+
+namespace {
+
+#ifdef __APPLE__
+constexpr WGPUInstanceBackend kBackends = WGPUInstanceBackend_Metal;
+#else
+constexpr WGPUInstanceBackend kBackends = WGPUInstanceBackend_Vulkan;
+#endif
+
+constexpr WGPUBufferUsage kStorageUsage =
+    WGPUBufferUsage_Storage | WGPUBufferUsage_CopySrc | WGPUBufferUsage_CopyDst;
+constexpr size_t kUniformSlots = 1024;  // dispatches recorded before a forced submit
+
+std::string View(WGPUStringView v) {
+  if (v.data == nullptr) return "";
+  return v.length == WGPU_STRLEN ? std::string(v.data) : std::string(v.data, v.length);
+}
+
+WGPUStringView MakeView(const std::string& s) { return WGPUStringView{s.data(), s.size()}; }
+
+uint64_t RoundUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+const char* BackendName(WGPUBackendType t) {
+  switch (t) {
+    case WGPUBackendType_Vulkan: return "vulkan";
+    case WGPUBackendType_Metal: return "metal";
+    case WGPUBackendType_D3D12: return "d3d12";
+    case WGPUBackendType_OpenGL: return "opengl";
+    case WGPUBackendType_OpenGLES: return "opengles";
+    default: return "other";
+  }
+}
+
+const char* AdapterTypeName(WGPUAdapterType t) {
+  switch (t) {
+    case WGPUAdapterType_DiscreteGPU: return "discrete";
+    case WGPUAdapterType_IntegratedGPU: return "integrated";
+    case WGPUAdapterType_CPU: return "cpu";
+    default: return "unknown";
+  }
+}
+
+// One process-wide instance and its adapters, the most capable first.
+struct Registry {
+  WGPUInstance instance = nullptr;
+  std::vector<WGPUAdapter> adapters;
+  std::vector<AdapterFacts> facts;
+  std::vector<Context*> contexts;
+  std::mutex mu;
+
+  static Registry* Global() {
+    static Registry* r = new Registry();  // never destroyed: wgpu teardown at exit is not needed
+    return r;
+  }
+
+  Registry() {
+    WGPUInstanceExtras extras;
+    std::memset(&extras, 0, sizeof(extras));
+    extras.chain.sType = static_cast<WGPUSType>(WGPUSType_InstanceExtras);
+    extras.backends = kBackends;
+    extras.flags = WGPUInstanceFlag_Default;
+    WGPUInstanceDescriptor desc;
+    std::memset(&desc, 0, sizeof(desc));
+    desc.nextInChain = &extras.chain;
+    instance = wgpuCreateInstance(&desc);
+    if (instance == nullptr) return;
+    WGPUInstanceEnumerateAdapterOptions opts{nullptr, kBackends};
+    size_t n = wgpuInstanceEnumerateAdapters(instance, &opts, nullptr);
+    std::vector<WGPUAdapter> found(n);
+    if (n) wgpuInstanceEnumerateAdapters(instance, &opts, found.data());
+    std::vector<std::pair<AdapterFacts, WGPUAdapter>> all;
+    for (WGPUAdapter a : found) all.emplace_back(Describe(a), a);
+    // device 0 is the most capable adapter: discrete, integrated, unknown, then CPU (stable within a rank)
+    std::vector<std::pair<int, size_t>> order;
+    for (size_t i = 0; i < all.size(); ++i) order.emplace_back(RankOf(all[i].first), i);
+    std::stable_sort(order.begin(), order.end());
+    for (auto& o : order) {
+      facts.push_back(all[o.second].first);
+      adapters.push_back(all[o.second].second);
+    }
+    contexts.assign(adapters.size(), nullptr);
+  }
+
+  static int RankOf(const AdapterFacts& f) {
+    if (f.adapter_type == "discrete") return 0;
+    if (f.adapter_type == "integrated") return 1;
+    if (f.adapter_type == "unknown") return 2;
+    return 3;
+  }
+
+  static AdapterFacts Describe(WGPUAdapter a) {
+    AdapterFacts f;
+    WGPUAdapterInfo info;
+    std::memset(&info, 0, sizeof(info));
+    if (wgpuAdapterGetInfo(a, &info) == WGPUStatus_Success) {
+      f.name = View(info.device);
+      f.driver = View(info.description);
+      f.vendor = View(info.vendor);
+      f.backend = BackendName(info.backendType);
+      f.adapter_type = AdapterTypeName(info.adapterType);
+      wgpuAdapterInfoFreeMembers(info);
+    }
+    std::memset(&f.limits, 0, sizeof(f.limits));
+    wgpuAdapterGetLimits(a, &f.limits);
+    f.limits.nextInChain = nullptr;
+    f.shader_f16 = wgpuAdapterHasFeature(a, WGPUFeatureName_ShaderF16);
+    f.subgroups = wgpuAdapterHasFeature(a, WGPUFeatureName_Subgroups);
+    return f;
+  }
+};
+
+struct DeviceRequest {
+  WGPUDevice device = nullptr;
+  std::string message;
+  bool done = false;
+};
+
+void OnDevice(WGPURequestDeviceStatus status, WGPUDevice device, WGPUStringView message, void* ud, void*) {
+  auto* r = static_cast<DeviceRequest*>(ud);
+  r->device = status == WGPURequestDeviceStatus_Success ? device : nullptr;
+  r->message = View(message);
+  r->done = true;
+}
+
+struct MapRequest {
+  WGPUMapAsyncStatus status = WGPUMapAsyncStatus_Error;
+  std::string message;
+  bool done = false;
+};
+
+void OnMapped(WGPUMapAsyncStatus status, WGPUStringView message, void* ud, void*) {
+  auto* r = static_cast<MapRequest*>(ud);
+  r->status = status;
+  r->message = View(message);
+  r->done = true;
+}
+
+void OnDeviceLost(WGPUDevice const*, WGPUDeviceLostReason reason, WGPUStringView message, void*, void*) {
+  (void)reason;
+  (void)message;  // surfaced through the next validation error instead
+}
+
+}  // namespace
+
+int NumAdapters() { return static_cast<int>(Registry::Global()->adapters.size()); }
+
+AdapterFacts DescribeAdapter(int index) {
+  Registry* r = Registry::Global();
+  if (index < 0 || index >= static_cast<int>(r->facts.size())) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu device " << index << " does not exist: " << r->facts.size()
+                                << " Vulkan adapter(s) found";
+  }
+  return r->facts[index];
+}
+
+Context* Context::Get(int device_id) {
+  Registry* r = Registry::Global();
+  std::lock_guard<std::mutex> lock(r->mu);
+  if (device_id < 0 || device_id >= static_cast<int>(r->adapters.size())) {
+    if (r->adapters.empty()) {
+      TVM_FFI_THROW(RuntimeError) << "no Vulkan device found by wgpu-native: install a Vulkan driver "
+                                     "(e.g. Debian's mesa-vulkan-drivers and libvulkan1)";
+    }
+    TVM_FFI_THROW(RuntimeError) << "webgpu device " << device_id << " does not exist: " << r->adapters.size()
+                                << " Vulkan adapter(s) found";
+  }
+  if (r->contexts[device_id] == nullptr) r->contexts[device_id] = new Context(device_id);
+  return r->contexts[device_id];
+}
+
+Context::Context(int device_id) : device_id_(device_id) {
+  Registry* r = Registry::Global();
+  instance_ = r->instance;
+  adapter_ = r->adapters[device_id];
+  facts_ = r->facts[device_id];
+
+  std::vector<WGPUFeatureName> features;
+  if (facts_.shader_f16) features.push_back(WGPUFeatureName_ShaderF16);
+  if (facts_.subgroups) features.push_back(WGPUFeatureName_Subgroups);
+  WGPULimits required = facts_.limits;  // ask for everything the adapter offers
+  required.nextInChain = nullptr;
+
+  WGPUDeviceDescriptor desc;
+  std::memset(&desc, 0, sizeof(desc));
+  std::string label = "edgellm";
+  desc.label = MakeView(label);
+  desc.requiredFeatureCount = features.size();
+  desc.requiredFeatures = features.data();
+  desc.requiredLimits = &required;
+  desc.deviceLostCallbackInfo.mode = WGPUCallbackMode_AllowSpontaneous;
+  desc.deviceLostCallbackInfo.callback = OnDeviceLost;
+  desc.uncapturedErrorCallbackInfo.callback = &Context::OnError;
+  desc.uncapturedErrorCallbackInfo.userdata1 = this;
+
+  DeviceRequest req;
+  WGPURequestDeviceCallbackInfo cb;
+  std::memset(&cb, 0, sizeof(cb));
+  cb.mode = WGPUCallbackMode_AllowProcessEvents;
+  cb.callback = OnDevice;
+  cb.userdata1 = &req;
+  wgpuAdapterRequestDevice(adapter_, &desc, cb);
+  for (int i = 0; i < 1000 && !req.done; ++i) wgpuInstanceProcessEvents(instance_);
+  if (req.device == nullptr) {
+    TVM_FFI_THROW(RuntimeError) << "wgpu-native could not open " << facts_.name << ": " << req.message;
+  }
+  device_ = req.device;
+  queue_ = wgpuDeviceGetQueue(device_);
+  wgpuDeviceGetLimits(device_, &facts_.limits);
+  facts_.limits.nextInChain = nullptr;
+
+  uniform_slot_ = std::max<size_t>(256, facts_.limits.minUniformBufferOffsetAlignment);
+  uniform_host_.assign(uniform_slot_ * kUniformSlots, 0);
+  WGPUBufferDescriptor ud;
+  std::memset(&ud, 0, sizeof(ud));
+  ud.usage = WGPUBufferUsage_Uniform | WGPUBufferUsage_CopyDst;
+  ud.size = uniform_host_.size();
+  uniform_ = wgpuDeviceCreateBuffer(device_, &ud);
+}
+
+void Context::OnError(WGPUDevice const*, WGPUErrorType type, WGPUStringView message, void* self, void*) {
+  auto* ctx = static_cast<Context*>(self);
+  if (!ctx->errors_.empty()) ctx->errors_ += "; ";
+  ctx->errors_ += (type == WGPUErrorType_OutOfMemory ? "out of memory: " : "") + View(message);
+}
+
+void Context::RaiseErrors(const char* what) {
+  if (errors_.empty()) return;
+  std::string msg;
+  msg.swap(errors_);
+  // wgpu messages are multi-line; keep the error to one line
+  std::replace(msg.begin(), msg.end(), '\n', ' ');
+  TVM_FFI_THROW(RuntimeError) << "webgpu " << what << " failed on " << facts_.name << ": " << msg;
+}
+
+Buffer* Context::Alloc(size_t nbytes) {
+  uint64_t size = RoundUp(std::max<size_t>(nbytes, 4), 4);
+  if (size > facts_.limits.maxBufferSize) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu buffer of " << nbytes << " bytes exceeds maxBufferSize "
+                                << facts_.limits.maxBufferSize << " of " << facts_.name;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  WGPUBufferDescriptor desc;
+  std::memset(&desc, 0, sizeof(desc));
+  desc.usage = kStorageUsage;
+  desc.size = size;
+  WGPUBuffer b = wgpuDeviceCreateBuffer(device_, &desc);
+  RaiseErrors("buffer allocation");
+  if (b == nullptr) TVM_FFI_THROW(RuntimeError) << "webgpu could not allocate " << nbytes << " bytes";
+  return new Buffer{b, size};
+}
+
+void Context::Free(Buffer* buf) {
+  if (buf == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  // wgpu keeps the memory alive while recorded or submitted commands still use it
+  wgpuBufferRelease(buf->handle);
+  delete buf;
+}
+
+Buffer* Context::AllocWorkspace(size_t nbytes) {
+  uint64_t size = RoundUp(std::max<size_t>(nbytes, 4), 256);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = workspace_free_.lower_bound(size);
+    if (it != workspace_free_.end() && it->first <= size * 2) {
+      Buffer* b = it->second;
+      workspace_free_.erase(it);
+      return b;
+    }
+  }
+  return Alloc(size);
+}
+
+void Context::FreeWorkspace(Buffer* buf) {
+  if (buf == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  workspace_free_.emplace(buf->size, buf);
+}
+
+WGPUCommandEncoder Context::Encoder() {
+  if (pending_ == nullptr) pending_ = wgpuDeviceCreateCommandEncoder(device_, nullptr);
+  return pending_;
+}
+
+void Context::Flush() {
+  if (pending_ == nullptr) return;
+  if (uniform_used_ > 0) {
+    wgpuQueueWriteBuffer(queue_, uniform_, 0, uniform_host_.data(), uniform_used_);
+    uniform_used_ = 0;
+  }
+  WGPUCommandBuffer cmd = wgpuCommandEncoderFinish(pending_, nullptr);
+  wgpuCommandEncoderRelease(pending_);
+  pending_ = nullptr;
+  wgpuQueueSubmit(queue_, 1, &cmd);
+  wgpuCommandBufferRelease(cmd);
+  RaiseErrors("submit");
+}
+
+void Context::Sync() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Flush();
+  wgpuDevicePoll(device_, true, nullptr);
+  RaiseErrors("sync");
+}
+
+void Context::WriteAligned(Buffer* dst, size_t offset, const void* src, size_t nbytes) {
+  Flush();  // queue writes land before any later submit: earlier recorded work must go first
+  wgpuQueueWriteBuffer(queue_, dst->handle, offset, src, nbytes);
+  RaiseErrors("host-to-device copy");
+}
+
+void Context::Write(Buffer* dst, size_t offset, const void* src, size_t nbytes) {
+  if (nbytes == 0) return;
+  if (offset + nbytes > dst->size) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu write of " << nbytes << " bytes at " << offset
+                                << " overruns a buffer of " << dst->size;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (offset % 4 == 0 && nbytes % 4 == 0) return WriteAligned(dst, offset, src, nbytes);
+  // WebGPU writes whole 4-byte words: read the covering words, patch, write back
+  size_t begin = offset / 4 * 4, end = RoundUp(offset + nbytes, 4);
+  std::vector<uint8_t> tmp(end - begin);
+  ReadAligned(dst, begin, tmp.data(), tmp.size());
+  std::memcpy(tmp.data() + (offset - begin), src, nbytes);
+  WriteAligned(dst, begin, tmp.data(), tmp.size());
+}
+
+void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) {
+  if (staging_size_ < nbytes) {
+    if (staging_) wgpuBufferRelease(staging_);
+    staging_size_ = RoundUp(std::max<size_t>(nbytes, 1 << 16), 1 << 16);
+    WGPUBufferDescriptor desc;
+    std::memset(&desc, 0, sizeof(desc));
+    desc.usage = WGPUBufferUsage_MapRead | WGPUBufferUsage_CopyDst;
+    desc.size = staging_size_;
+    staging_ = wgpuDeviceCreateBuffer(device_, &desc);
+  }
+  wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, offset, staging_, 0, nbytes);
+  Flush();
+  MapRequest req;
+  WGPUBufferMapCallbackInfo cb;
+  std::memset(&cb, 0, sizeof(cb));
+  cb.mode = WGPUCallbackMode_AllowProcessEvents;
+  cb.callback = OnMapped;
+  cb.userdata1 = &req;
+  wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, RoundUp(nbytes, 4), cb);
+  while (!req.done) {
+    wgpuDevicePoll(device_, true, nullptr);
+    wgpuInstanceProcessEvents(instance_);
+    if (!errors_.empty()) break;
+  }
+  RaiseErrors("device-to-host copy");
+  if (req.status != WGPUMapAsyncStatus_Success) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu device-to-host copy failed on " << facts_.name << ": " << req.message;
+  }
+  const void* mapped = wgpuBufferGetConstMappedRange(staging_, 0, RoundUp(nbytes, 4));
+  std::memcpy(dst, mapped, nbytes);
+  wgpuBufferUnmap(staging_);
+}
+
+void Context::Read(Buffer* src, size_t offset, void* dst, size_t nbytes) {
+  if (nbytes == 0) return;
+  if (offset + nbytes > src->size) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu read of " << nbytes << " bytes at " << offset
+                                << " overruns a buffer of " << src->size;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (offset % 4 == 0 && nbytes % 4 == 0) return ReadAligned(src, offset, dst, nbytes);
+  size_t begin = offset / 4 * 4, end = RoundUp(offset + nbytes, 4);
+  std::vector<uint8_t> tmp(end - begin);
+  ReadAligned(src, begin, tmp.data(), tmp.size());
+  std::memcpy(dst, tmp.data() + (offset - begin), nbytes);
+}
+
+void Context::Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offset, size_t nbytes) {
+  if (nbytes == 0) return;
+  if (src_offset + nbytes > src->size || dst_offset + nbytes > dst->size) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu device copy of " << nbytes << " bytes overruns a buffer";
+  }
+  if (src_offset % 4 == 0 && dst_offset % 4 == 0 && nbytes % 4 == 0 && src != dst) {
+    std::lock_guard<std::mutex> lock(mu_);
+    wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, src_offset, dst->handle, dst_offset, nbytes);
+    return;
+  }
+  // unaligned or within one buffer (WebGPU forbids both): through the host
+  std::vector<uint8_t> tmp(nbytes);
+  Read(src, src_offset, tmp.data(), nbytes);
+  Write(dst, dst_offset, tmp.data(), nbytes);
+}
+
+void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
+                       const std::vector<Buffer*>& buffers, const std::vector<uint32_t>& pod_words, uint32_t gx,
+                       uint32_t gy, uint32_t gz) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t pod_bytes = RoundUp(pod_words.size() * 4, 16);
+  if (pod_bytes > uniform_slot_) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu kernel has " << pod_words.size() << " scalar arguments, more than "
+                                << uniform_slot_ / 4 << " supported";
+  }
+  if (uniform_used_ + uniform_slot_ > uniform_host_.size()) Flush();
+  size_t slot = uniform_used_;
+  std::memset(uniform_host_.data() + slot, 0, uniform_slot_);
+  std::memcpy(uniform_host_.data() + slot, pod_words.data(), pod_words.size() * 4);
+  uniform_used_ += uniform_slot_;
+
+  std::vector<WGPUBindGroupEntry> entries(buffers.size() + 1);
+  for (size_t i = 0; i <= buffers.size(); ++i) {
+    std::memset(&entries[i], 0, sizeof(WGPUBindGroupEntry));
+    entries[i].binding = static_cast<uint32_t>(i);
+    if (i < buffers.size()) {
+      entries[i].buffer = buffers[i]->handle;
+      entries[i].offset = 0;
+      entries[i].size = buffers[i]->size;
+    } else {
+      entries[i].buffer = uniform_;
+      entries[i].offset = slot;
+      entries[i].size = pod_bytes;
+    }
+  }
+  WGPUBindGroupDescriptor bd;
+  std::memset(&bd, 0, sizeof(bd));
+  bd.layout = layout;
+  bd.entryCount = entries.size();
+  bd.entries = entries.data();
+  WGPUBindGroup group = wgpuDeviceCreateBindGroup(device_, &bd);
+
+  WGPUComputePassEncoder pass = wgpuCommandEncoderBeginComputePass(Encoder(), nullptr);
+  wgpuComputePassEncoderSetPipeline(pass, pipeline);
+  wgpuComputePassEncoderSetBindGroup(pass, 0, group, 0, nullptr);
+  wgpuComputePassEncoderDispatchWorkgroups(pass, gx, gy, gz);
+  wgpuComputePassEncoderEnd(pass);
+  wgpuComputePassEncoderRelease(pass);
+  wgpuBindGroupRelease(group);
+  RaiseErrors("kernel launch");
+}
+
+}  // namespace webgpu
+}  // namespace edgellm

@@ -1,0 +1,106 @@
+// edgellm WebGPU runtime plugin: one wgpu-native device (Vulkan backend) per TVM device id.
+//
+// TVM sees a buffer as an opaque `void*` (DLTensor::data); here that pointer is a `Buffer*`. Kernels bind the
+// whole buffer; sub-tensor offsets reach the shader as `elem_offset` POD arguments, so no pointer arithmetic is
+// ever done on the host (DeviceAPI::SupportsDevicePointerArithmeticsOnHost stays false).
+//
+// Ordering: one queue per device. Dispatches and device-to-device copies are recorded into one pending command
+// encoder; anything that must observe or overwrite memory from the host (writes, reads, Sync) submits it first.
+#ifndef EDGELLM_RUNTIME_WEBGPU_CONTEXT_H_
+#define EDGELLM_RUNTIME_WEBGPU_CONTEXT_H_
+
+#include <webgpu.h>
+#include <wgpu.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace edgellm {
+namespace webgpu {
+
+struct Buffer {
+  WGPUBuffer handle;
+  uint64_t size;  // bytes, a multiple of 4 (WebGPU copy granularity)
+};
+
+// Adapter facts, for device attributes and for the Python side's report.
+struct AdapterFacts {
+  std::string name, driver, vendor, backend, adapter_type;
+  bool shader_f16 = false, subgroups = false;
+  WGPULimits limits{};
+};
+
+// The device id TVM last set on this thread (DeviceAPI::SetDevice, called by the host code before a launch).
+int& CurrentDevice();
+// Number of adapters on the enabled backends (0 when no driver); never throws.
+int NumAdapters();
+// Facts of adapter `index` without creating a device; throws when out of range.
+AdapterFacts DescribeAdapter(int index);
+
+class Context {
+ public:
+  // The context of device `device_id`, created on first use (throws a one-line error when there is none).
+  static Context* Get(int device_id);
+
+  const AdapterFacts& facts() const { return facts_; }
+  WGPUDevice device() const { return device_; }
+  uint32_t max_workgroups_per_dim() const { return facts_.limits.maxComputeWorkgroupsPerDimension; }
+
+  Buffer* Alloc(size_t nbytes);
+  void Free(Buffer* buf);
+  Buffer* AllocWorkspace(size_t nbytes);
+  void FreeWorkspace(Buffer* buf);
+
+  void Write(Buffer* dst, size_t offset, const void* src, size_t nbytes);
+  void Read(Buffer* src, size_t offset, void* dst, size_t nbytes);
+  void Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offset, size_t nbytes);
+  // Submits pending work and waits for the queue to drain.
+  void Sync();
+
+  // Records one dispatch: `buffers` at bindings 0..n-1, then a uniform of `pod_words` 32-bit words.
+  void Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout, const std::vector<Buffer*>& buffers,
+                const std::vector<uint32_t>& pod_words, uint32_t gx, uint32_t gy, uint32_t gz);
+
+  // Validation errors reported by wgpu since the last call (throws them as one RuntimeError).
+  void RaiseErrors(const char* what);
+  std::mutex& mutex() { return mu_; }
+
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+ private:
+  explicit Context(int device_id);
+  void Flush();  // submit the pending encoder (caller holds mu_)
+  WGPUCommandEncoder Encoder();
+  void ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes);
+  void WriteAligned(Buffer* dst, size_t offset, const void* src, size_t nbytes);
+  static void OnError(WGPUDevice const* device, WGPUErrorType type, WGPUStringView message, void* self,
+                      void*);
+
+  int device_id_;
+  AdapterFacts facts_;
+  WGPUInstance instance_ = nullptr;
+  WGPUAdapter adapter_ = nullptr;
+  WGPUDevice device_ = nullptr;
+  WGPUQueue queue_ = nullptr;
+  WGPUCommandEncoder pending_ = nullptr;
+  // POD uniforms of the pending dispatches: one slot each, written once just before the submit.
+  WGPUBuffer uniform_ = nullptr;
+  std::vector<uint8_t> uniform_host_;
+  size_t uniform_used_ = 0;
+  size_t uniform_slot_ = 256;
+  WGPUBuffer staging_ = nullptr;  // MapRead staging for device-to-host copies, grown on demand
+  uint64_t staging_size_ = 0;
+  std::multimap<uint64_t, Buffer*> workspace_free_;
+  std::string errors_;
+  std::mutex mu_;
+};
+
+}  // namespace webgpu
+}  // namespace edgellm
+
+#endif  // EDGELLM_RUNTIME_WEBGPU_CONTEXT_H_
