@@ -25,7 +25,8 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from edgellm.serve.reasoning import ReasoningParser, split_reasoning, starts_in_reasoning  # noqa: E402
-from edgellm.serve.security import AuthError, HmacVerifier, check_api_key, sign, signed_headers  # noqa: E402
+from edgellm.serve.security import (AuthError, HmacVerifier, check_api_key, httpx_signer, sign,  # noqa: E402
+                                    signed_headers)
 
 THINK_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -186,27 +187,37 @@ def test_hmac_verifier_window_replay_and_bad_signatures():
     v = HmacVerifier(SECRET, window_s=60)
     now = 1_700_000_000.0
     body = b'{"x": 1}'
-    h = signed_headers(SECRET, body, now=now)
-    v.verify(h["X-Timestamp"], h["X-Signature"], body, now=now + 5)
+    P, C = "/v1/completions", "/v1/chat/completions"
+    h = signed_headers(SECRET, "POST", P, body, now=now)
+    v.verify(h["X-Timestamp"], h["X-Signature"], "POST", P, body, now=now + 5)
     with pytest.raises(AuthError, match="replayed"):
-        v.verify(h["X-Timestamp"], h["X-Signature"], body, now=now + 6)
-    h2 = signed_headers(SECRET, body, now=now + 1)
+        v.verify(h["X-Timestamp"], h["X-Signature"], "POST", P, body, now=now + 6)
+    h2 = signed_headers(SECRET, "POST", P, body, now=now + 1)
     with pytest.raises(AuthError, match="invalid X-Signature"):
-        v.verify(h2["X-Timestamp"], h2["X-Signature"], body + b" ", now=now + 1)  # body changed
+        v.verify(h2["X-Timestamp"], h2["X-Signature"], "POST", P, body + b" ", now=now + 1)  # body changed
+    with pytest.raises(AuthError, match="invalid X-Signature"):  # the same body sent to another route
+        v.verify(h2["X-Timestamp"], h2["X-Signature"], "POST", C, body, now=now + 1)
+    with pytest.raises(AuthError, match="invalid X-Signature"):  # or with another method
+        v.verify(h2["X-Timestamp"], h2["X-Signature"], "PUT", P, body, now=now + 1)
+    with pytest.raises(AuthError, match="invalid X-Signature"):  # the separators cannot be shifted into the path
+        v.verify(h2["X-Timestamp"], sign(SECRET, h2["X-Timestamp"], "POST", P + "\n", body[1:]), "POST", P,
+                 body, now=now + 1)
     with pytest.raises(AuthError, match="invalid X-Signature"):
-        v.verify(h2["X-Timestamp"], sign("other", h2["X-Timestamp"], body), body, now=now + 1)
+        v.verify(h2["X-Timestamp"], sign("other", h2["X-Timestamp"], "POST", P, body), "POST", P, body, now=now + 1)
     with pytest.raises(AuthError, match="window"):
-        v.verify(h2["X-Timestamp"], h2["X-Signature"], body, now=now + 1000)
+        v.verify(h2["X-Timestamp"], h2["X-Signature"], "POST", P, body, now=now + 1000)
     with pytest.raises(AuthError, match="unix seconds"):
-        v.verify("yesterday", h2["X-Signature"], body, now=now)
+        v.verify("yesterday", h2["X-Signature"], "POST", P, body, now=now)
     with pytest.raises(AuthError, match="missing"):
-        v.verify(None, None, body, now=now)
-    v.verify(h2["X-Timestamp"], h2["X-Signature"].upper(), body, now=now + 2)  # hex is case-insensitive
+        v.verify(None, None, "POST", P, body, now=now)
+    v.verify(h2["X-Timestamp"], h2["X-Signature"].upper(), "POST", P, body, now=now + 2)  # hex is case-insensitive
     with pytest.raises(AuthError):
         check_api_key(KEY, "Bearer nope")
     with pytest.raises(AuthError):
         check_api_key(KEY, None)
     check_api_key(KEY, f"Bearer {KEY}")
+    with pytest.raises(ValueError, match="empty"):
+        HmacVerifier("")
 
 
 def test_scheduler_queue_full_and_cancel_frees_pages(serve_artifact):
@@ -532,44 +543,44 @@ def test_langchain_chatopenai_streaming(server, codec):
 
 
 # ---- the secured server (API key + HMAC, one slot, no queue) --------------------------------------------------------
-def _signed(body: bytes, **extra) -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **signed_headers(SECRET, body), **extra}
+def _signed(body: bytes, path: str = "/v1/chat/completions", method: str = "POST", **extra) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+            **signed_headers(SECRET, method, path, body), **extra}
 
 
 def test_api_key_and_signatures(secure_server):
     url = secure_server.url + "/v1/completions"
     body = json.dumps({"prompt": "hello", "max_tokens": 2, "temperature": 0}).encode()
     assert httpx.post(url, content=body, headers={"Content-Type": "application/json"}).status_code == 401
-    h = _signed(body)
+    h = _signed(body, "/v1/completions")
     r = httpx.post(url, content=body, headers={**h, "Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
     missing = {k: v for k, v in h.items() if k != "X-Signature"}
     assert httpx.post(url, content=body, headers=missing).status_code == 401
-    bad = httpx.post(url, content=body, headers={**h, "X-Signature": sign("wrong", h["X-Timestamp"], body)})
+    bad = httpx.post(url, content=body, headers={**h, "X-Signature": sign("wrong", h["X-Timestamp"], "POST",
+                                                                          "/v1/completions", body)})
     assert bad.status_code == 401 and "X-Signature" in bad.json()["error"]["message"]
     tampered = httpx.post(url, content=body.replace(b"2", b"3"), headers=h)
     assert tampered.status_code == 401
+    chat = httpx.post(secure_server.url + "/v1/chat/completions", content=body, headers=h)
+    assert chat.status_code == 401 and "path" in chat.json()["error"]["message"]  # signed for another route
     ok = httpx.post(url, content=body, headers=h)
     assert ok.status_code == 200, ok.text
     replay = httpx.post(url, content=body, headers=h)
     assert replay.status_code == 401 and "replayed" in replay.json()["error"]["message"]
-    stale = _signed(body)
-    stale.update(signed_headers(SECRET, body, now=time.time() - 3600))
+    stale = _signed(body, "/v1/completions")
+    stale.update(signed_headers(SECRET, "POST", "/v1/completions", body, now=time.time() - 3600))
     assert httpx.post(url, content=body, headers=stale).status_code == 401
-    get = httpx.get(secure_server.url + "/v1/models", headers=_signed(b""))
+    get = httpx.get(secure_server.url + "/v1/models", headers=_signed(b"", "/v1/models", "GET"))
     assert get.status_code == 200
     big = json.dumps({"prompt": "x" * 5000}).encode()
-    assert httpx.post(url, content=big, headers=_signed(big)).status_code == 413
+    assert httpx.post(url, content=big, headers=_signed(big, "/v1/completions")).status_code == 413
 
 
 def test_openai_client_signing_hook(secure_server):
-    """How a client signs: an httpx event hook over the exact bytes the openai client sends."""
-
-    def hook(request: httpx.Request) -> None:
-        request.headers.update(signed_headers(SECRET, request.read()))
-
+    """How a client signs: an httpx event hook over the exact method, path and bytes the openai client sends."""
     client = openai.OpenAI(base_url=secure_server.url + "/v1", api_key=KEY, max_retries=0,
-                           http_client=httpx.Client(event_hooks={"request": [hook]}))
+                           http_client=httpx.Client(event_hooks={"request": [httpx_signer(SECRET)]}))
     r = client.chat.completions.create(model="any", messages=MSG, max_tokens=3, temperature=0)
     assert r.usage.completion_tokens <= 3
     stream = client.chat.completions.create(model="any", messages=MSG, max_tokens=3, temperature=0, stream=True)
@@ -606,4 +617,16 @@ def test_cli_serve_refuses_bad_options(serve_artifact):
     assert r.exit_code == 1 and "--batch-min must be >= 1" in r.output
     r = CliRunner().invoke(cli, ["serve", str(serve_artifact), "--api-key", ""])
     assert r.exit_code == 1 and "--api-key is empty" in r.output
+    r = CliRunner().invoke(cli, ["serve", str(serve_artifact), "--hmac-secret", ""])
+    assert r.exit_code == 1 and "--hmac-secret is empty" in r.output
+    for flag, value, message in [("--max-active", "0", "--max-active must be >= 1"),
+                                 ("--max-queue", "-1", "--max-queue must be >= 0"),
+                                 ("--queue-timeout", "-5", "--queue-timeout must be"),
+                                 ("--queue-timeout", "nan", "--queue-timeout must be"),
+                                 ("--batch-min", "-2", "--batch-min must be >= 1"),
+                                 ("--max-body-bytes", "-1", "--max-body-bytes -1 is too small"),
+                                 ("--hmac-window", "-1", "--hmac-window must be"),
+                                 ("--threads", "0", "--threads must be >= 1")]:
+        r = CliRunner().invoke(cli, ["serve", str(serve_artifact), flag, value])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (flag, value, r.output)
 

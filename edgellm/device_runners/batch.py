@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,14 @@ class QueueFullError(RuntimeError):
 
 class BatchDecodeMissingError(ValueError):
     pass
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine must not run (token ids outside the vocabulary, ...): HTTP 400 naming `param`."""
+
+    def __init__(self, msg: str, param: str | None = None):
+        super().__init__(msg)
+        self.param = param
 
 
 # ---- events (emitted on the worker thread) ---------------------------------------------------------------------
@@ -84,8 +93,9 @@ class GenRequest:
 class _Active:
     """A running sequence: KV-cache id, sampler, detokenizer, stop matcher."""
 
-    def __init__(self, req: GenRequest, seq: int, engine: Engine, pages: int):
-        self.req, self.seq, self.pages = req, seq, pages
+    def __init__(self, req: GenRequest, engine: Engine, pages: int):
+        self.req, self.pages = req, pages
+        self.seq: int | None = None  # the KV-cache sequence, added last (nothing to free if the rest fails)
         self.prefilled = 0  # prompt tokens already in the cache
         self.next_token: int | None = None  # sampled, not yet fed to the model
         self.history = list(req.ids)
@@ -114,7 +124,8 @@ class SchedulerStats:
     active_sequences: int = 0
     kv_pages_total: int = 0
     kv_pages_in_use: int = 0
-    kv_pages_reserved: int = 0
+    kv_pages_reserved: int = 0  # the scheduler's reservation count
+    kv_pages_reserved_active: int = 0  # the pages the active sequences reserved: equal to the above, or a leak
     prefill_tokens_total: int = 0
     prefill_seconds_total: float = 0.0
     decode_tokens_total: int = 0
@@ -126,6 +137,16 @@ class SchedulerStats:
     decode_tps_recent: float = 0.0
     finished: dict[str, int] = field(default_factory=lambda: collections.Counter())
     rejected_total: int = 0
+
+    @property
+    def leak(self) -> str | None:
+        """Why the page accounting is wrong, or None. Both conditions hold in every consistent snapshot."""
+        if self.kv_pages_reserved != self.kv_pages_reserved_active:
+            return (f"{self.kv_pages_reserved} KV pages reserved but the {self.active_sequences} active sequences "
+                    f"hold {self.kv_pages_reserved_active}")
+        if self.active_sequences == 0 and self.kv_pages_in_use:
+            return f"{self.kv_pages_in_use} KV pages in use with no active sequence"
+        return None
 
 
 class BatchScheduler:
@@ -169,6 +190,11 @@ class BatchScheduler:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (False before start() and after stop())."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stop = True
@@ -179,11 +205,27 @@ class BatchScheduler:
     def pages_needed(self, n_prompt: int, max_tokens: int) -> int:
         return math.ceil(min(n_prompt + max_tokens, self.engine.context_window) / self.page_size)
 
-    def submit(self, req: GenRequest) -> None:
-        """Queue `req`; raises PromptTooLongError or QueueFullError at once instead of queueing the impossible."""
+    def check(self, req: GenRequest) -> None:
+        """Everything about `req` that could fail on the engine thread, checked on the caller's: raises
+        PromptTooLongError, InvalidRequestError or ValueError."""
         self.engine._check_length(len(req.ids))
         if req.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
+        vocab = self.engine.vocab_size
+        for what, ids in (("prompt", req.ids), ("logit_bias", req.logit_bias)):
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
+                    shown = t if isinstance(t, numbers.Integral) and abs(t) < 2**64 else f"{type(t).__name__} value"
+                    raise InvalidRequestError(f"{what} token id {shown} is outside this model's vocabulary "
+                                              f"[0, {vocab})", what)
+        if not isinstance(req.sampling, SamplingParams):
+            raise InvalidRequestError("sampling must be a SamplingParams", "sampling")
+        Sampler(req.sampling)  # the generator is made again at admission; this raises here if it cannot be
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue `req`; raises PromptTooLongError, InvalidRequestError or QueueFullError at once instead of queueing
+        the impossible."""
+        self.check(req)
         need = self.pages_needed(len(req.ids), req.max_tokens)
         if need > self.total_pages:
             raise ValueError(f"the prompt plus max_tokens needs {need} KV pages but the cache has {self.total_pages}; "
@@ -220,6 +262,7 @@ class BatchScheduler:
             return SchedulerStats(
                 queue_length=len(self._pending), active_sequences=len(self._active),
                 kv_pages_total=s.kv_pages_total, kv_pages_in_use=s.kv_pages_in_use, kv_pages_reserved=self._reserved,
+                kv_pages_reserved_active=sum(a.pages for a in self._active),
                 prefill_tokens_total=s.prefill_tokens_total, prefill_seconds_total=s.prefill_seconds_total,
                 decode_tokens_total=s.decode_tokens_total, decode_seconds_total=s.decode_seconds_total,
                 decode_steps_total=s.decode_steps_total, batch_decode_calls_total=s.batch_decode_calls_total,
@@ -258,7 +301,7 @@ class BatchScheduler:
             single, b2, bn = timed("decode", 1), timed("batch", 2), timed("batch", n)
         finally:
             for s in seqs:
-                e._remove_seq(e.kv, s)
+                e._release_sequence(s)
         for b in range(1, n + 1):
             predicted = b2 + (bn - b2) * (b - 2) / max(n - 2, 1) if b >= 2 else b2
             if predicted < b * single:
@@ -289,25 +332,28 @@ class BatchScheduler:
                     if not self._active and not self._pending:
                         self._cond.wait(timeout=1.0)
                         continue
-                    expired, new = self._admit_locked()
+                    expired, new, refused = self._admit_locked()
                 for req in expired:
                     self._emit(req, Failed(QueueFullError(
                         f"request waited over {self.queue_timeout:g} s for a free sequence; retry later",
                         retry_after=self._retry_after())))
+                for req, exc in refused:
+                    self._emit(req, Failed(RuntimeError(f"this request could not start: {exc}")))
                 self._drop_cancelled()
                 if new:
                     self._update_pages()
                 self._prefill_step()
                 self._decode_step()
-            except Exception:  # the loop must survive anything one request does
+            except Exception:  # last resort: every per-request step below contains its own failures
                 log.exception("engine loop iteration failed; failing the active sequences")
                 for act in list(self._active):
                     self._finish(act, None, error=RuntimeError("internal engine error; see the server log"))
         for act in list(self._active):
             self._finish(act, "cancelled")
 
-    def _admit_locked(self) -> tuple[list[GenRequest], list[_Active]]:
-        expired, new, now = [], [], time.monotonic()
+    def _admit_locked(self) -> tuple[list[GenRequest], list[_Active], list[tuple[GenRequest, Exception]]]:
+        """Admit what fits. A request whose setup fails is refused alone (nothing reserved, no sequence left)."""
+        expired, new, refused, now = [], [], [], time.monotonic()
         while self._pending and self._pending[0].cancelled:
             self._pending.popleft()
         while self._pending and len(self._active) < self.max_active:
@@ -318,8 +364,15 @@ class BatchScheduler:
             self._pending.popleft()
             if req.cancelled:
                 continue
+            try:
+                act = _Active(req, self.engine, need)
+                act.seq = self.engine._new_sequence()
+            except Exception as exc:
+                log.exception("could not start a request")
+                self._stats.finished["error"] += 1
+                refused.append((req, exc))
+                continue
             self._reserved += need
-            act = _Active(req, self.engine._new_sequence(), self.engine, need)
             self._active.append(act)
             new.append(act)
         keep = collections.deque()
@@ -332,7 +385,7 @@ class BatchScheduler:
             else:
                 keep.append(req)
         self._pending = keep
-        return expired, new
+        return expired, new, refused
 
     def _drop_cancelled(self) -> None:
         for act in [a for a in self._active if a.req.cancelled]:
@@ -365,9 +418,22 @@ class BatchScheduler:
         tokens = [a.next_token for a in batch]
         batched = len(batch) >= self.batch_min
         if batched:
-            logits = self._batch_forward([a.seq for a in batch], tokens)
+            try:
+                logits = self._batch_forward([a.seq for a in batch], tokens)
+            except Exception as exc:  # one call for all of them: they fail together, the queue goes on
+                log.exception("batch_decode failed")
+                for act in batch:
+                    self._finish(act, None, error=RuntimeError(f"decode failed: {exc}"))
+                return
         else:
-            logits = [self.engine._forward("decode", a.seq, [t]) for a, t in zip(batch, tokens)]
+            logits = []
+            for act, t in zip(list(batch), tokens):
+                try:
+                    logits.append(self.engine._forward("decode", act.seq, [t]))
+                except Exception as exc:
+                    log.exception("decode failed")
+                    self._finish(act, None, error=RuntimeError(f"decode failed: {exc}"))
+                    batch.remove(act)
         dt = time.perf_counter() - t0
         self._account("decode", len(batch), dt)
         with self._cond:
@@ -380,7 +446,15 @@ class BatchScheduler:
             self._sample(act, logits[i].reshape(-1))
 
     def _sample(self, act: _Active, logits: np.ndarray) -> None:
-        """Pick the next token from `logits`, emit its text, and finish the sequence if it is done."""
+        """Pick the next token from `logits`, emit its text, and finish the sequence if it is done; a failure here
+        ends this sequence alone."""
+        try:
+            self._sample_one(act, logits)
+        except Exception as exc:
+            log.exception("sampling failed")
+            self._finish(act, None, error=RuntimeError(f"sampling failed: {exc}"))
+
+    def _sample_one(self, act: _Active, logits: np.ndarray) -> None:
         tok = act.sampler(act.biased(logits), act.history)
         if tok in self.engine.eos_ids:
             return self._finish(act, "stop")
@@ -395,15 +469,16 @@ class BatchScheduler:
 
     def _finish(self, act: _Active, reason: str | None, error: Exception | None = None) -> None:
         if act in self._active:
-            self._active.remove(act)
             try:
-                self.engine._remove_seq(self.engine.kv, act.seq)
+                self.engine._release_sequence(act.seq)
             except Exception:
                 log.exception("removing sequence %d failed", act.seq)
-            with self._cond:
+            used = self.total_pages - int(self._free_pages(self.engine.kv))
+            with self._cond:  # one snapshot: the sequence, its reservation and its pages go together
+                self._active.remove(act)
                 self._reserved -= act.pages
+                self._stats.kv_pages_in_use = used
                 self._stats.finished[reason or "error"] += 1
-            self._update_pages()
         if error is not None:
             self._emit(act.req, Failed(error))
             return
@@ -437,4 +512,4 @@ class BatchScheduler:
 
 
 __all__ = ["BatchScheduler", "GenRequest", "Token", "Finished", "Failed", "QueueFullError", "PromptTooLongError",
-           "BatchDecodeMissingError"]
+           "BatchDecodeMissingError", "InvalidRequestError"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,11 +19,13 @@ from pathlib import Path
 
 from fastapi import Request
 
-from ..device_runners.batch import BatchScheduler, Failed, Finished, GenRequest, QueueFullError, Token
+from ..device_runners.batch import (BatchScheduler, Failed, Finished, GenRequest, InvalidRequestError,
+                                     QueueFullError, Token)
 from ..device_runners.engine import Engine, PromptError, PromptTooLongError
 from ..device_runners.text import ChatTemplateError
 from .protocol import ParsedRequest, RequestError, parse_chat, parse_completion
 from .reasoning import ReasoningParser, starts_in_reasoning
+from .connection import head_timeout_protocol
 from .security import AuthError, HmacVerifier, check_api_key, is_loopback
 
 log = logging.getLogger("edgellm.serve")
@@ -44,6 +47,9 @@ class ServeArgs:
     threads: int | None = None
     model_id: str | None = None  # default: the artifact directory's name
     log_level: str = "info"
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
+    head_timeout: float = 10.0  # a request line + headers must arrive within this (slow-loris clients)
+    body_timeout: float = 30.0  # the body must arrive within this once the head has (408 otherwise)
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)
@@ -51,14 +57,24 @@ class ServeArgs:
             raise ValueError(f"--port {self.port} is not a TCP port (0-65535)")
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max-body-bytes {self.max_body_bytes} is too small; use at least 1024")
+        if self.max_active is not None and self.max_active < 1:
+            raise ValueError(f"--max-active must be >= 1, got {self.max_active}; leave it out to use the artifact's "
+                             "max_batch")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
-        if self.queue_timeout <= 0:
-            raise ValueError(f"--queue-timeout must be > 0 seconds, got {self.queue_timeout}")
         if self.batch_min is not None and self.batch_min < 1:
             raise ValueError(f"--batch-min must be >= 1, got {self.batch_min}; leave it out to measure at start")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}; leave it out to use the physical cores")
+        for flag, v in (("--queue-timeout", self.queue_timeout), ("--hmac-window", self.hmac_window),
+                        ("keep_alive_timeout", self.keep_alive_timeout), ("head_timeout", self.head_timeout),
+                        ("body_timeout", self.body_timeout)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{flag} must be a number of seconds > 0, got {v}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key is empty; pass a non-empty key or leave the option out")
+        if self.hmac_secret is not None and not self.hmac_secret:
+            raise ValueError("--hmac-secret is empty; pass a non-empty secret or leave the option out")
         self.model_id = self.model_id or self.artifact.resolve().name
 
     def display(self) -> str:
@@ -71,6 +87,46 @@ class ServeArgs:
 def _error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                 code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 deep; chat_template_kwargs may add a few
+
+
+def _json_response(body: dict, status_code: int = 200, headers: dict | None = None):
+    """A JSON response whose rendering cannot fail: ASCII escapes, so a lone surrogate echoed from a request
+    cannot make the encoder raise mid-response."""
+    from fastapi.responses import Response
+
+    return Response(json.dumps(body, ensure_ascii=True), status_code=status_code, headers=headers,
+                    media_type="application/json")
+
+
+def _reject_constant(name: str):
+    raise RequestError(f"the request body holds {name}, which is not JSON; send finite numbers", code="invalid_json")
+
+
+def _check_json(value) -> None:
+    """Refuse what json.loads lets through but nothing downstream can use: nesting deeper than MAX_JSON_DEPTH and
+    strings with lone surrogates (from \\ud800-style escapes; they cannot be encoded as UTF-8)."""
+    stack = [(value, 1, "body")]
+    while stack:
+        v, depth, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                                   "send valid Unicode text", code="invalid_json") from None
+            continue
+        if not isinstance(v, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        for k, item in items:
+            if isinstance(k, str):
+                stack.append((k, depth, f"{where} (a key)"))
+            stack.append((item, depth + 1, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]"))
 
 
 class Server:
@@ -90,7 +146,7 @@ class Server:
         from contextlib import asynccontextmanager
 
         from fastapi import FastAPI
-        from fastapi.responses import JSONResponse, PlainTextResponse
+        from fastapi.responses import PlainTextResponse
 
         @asynccontextmanager
         async def lifespan(app):
@@ -102,29 +158,35 @@ class Server:
 
         @app.exception_handler(RequestError)
         async def _req_err(request, exc: RequestError):
-            return JSONResponse(_error_body(str(exc), param=exc.param, code=exc.code), status_code=exc.status)
+            # a request whose body was not read to the end (408) leaves the connection unusable: close it
+            headers = {"Connection": "close"} if exc.status == 408 else None
+            return _json_response(_error_body(str(exc), param=exc.param, code=exc.code), exc.status, headers)
 
         @app.exception_handler(AuthError)
         async def _auth_err(request, exc: AuthError):
-            return JSONResponse(_error_body(str(exc), "authentication_error", code="invalid_auth"), status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return _json_response(_error_body(str(exc), "authentication_error", code="invalid_auth"), 401,
+                                  {"WWW-Authenticate": "Bearer"})
 
         @app.exception_handler(QueueFullError)
         async def _busy(request, exc: QueueFullError):
-            return JSONResponse(_error_body(str(exc), "server_busy", code="overloaded"), status_code=503,
-                                headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+            return _json_response(_error_body(str(exc), "server_busy", code="overloaded"), 503,
+                                  {"Retry-After": str(max(1, round(exc.retry_after)))})
 
         @app.exception_handler(Exception)
         async def _internal(request, exc: Exception):
             log.exception("unhandled error on %s", request.url.path)
-            return JSONResponse(_error_body("internal server error; see the server log", "server_error"),
-                                status_code=500)
+            return _json_response(_error_body("internal server error; see the server log", "server_error"), 500)
 
         @app.get("/health")
         async def health():
+            """200 and status ok, or 503 naming the problem: the engine thread is gone, or KV pages leaked."""
             s = self.scheduler.stats()
-            return {"status": "ok", "model": self.args.model_id, "active": s.active_sequences,
-                    "queued": s.queue_length, "kv_pages_in_use": s.kv_pages_in_use}
+            problem = s.leak or (None if self.scheduler.alive else "the engine thread is not running")
+            return _json_response(
+                {"status": "error" if problem else "ok", "problem": problem, "model": self.args.model_id,
+                 "active": s.active_sequences, "queued": s.queue_length, "kv_pages_in_use": s.kv_pages_in_use,
+                 "kv_pages_reserved": s.kv_pages_reserved, "kv_pages_reserved_active": s.kv_pages_reserved_active,
+                 "kv_pages_total": s.kv_pages_total}, 503 if problem else 200)
 
         @app.get("/metrics")
         async def metrics():
@@ -170,16 +232,24 @@ class Server:
     async def _read_body(self, request) -> bytes:
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
             raise RequestError(f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)",
                                code="body_too_large", status=413)
+        if declared is not None and declared.isdigit() and len(declared) >= 20:
+            raise RequestError(f"request body is over {limit} bytes (--max-body-bytes)", code="body_too_large",
+                               status=413)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"request body exceeds {limit} bytes (--max-body-bytes)", code="body_too_large",
-                                   status=413)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.args.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(f"request body exceeds {limit} bytes (--max-body-bytes)",
+                                           code="body_too_large", status=413)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.args.body_timeout:g} s",
+                               code="request_timeout", status=408) from None
         return b"".join(chunks)
 
     async def _authorized_body(self, request) -> bytes:
@@ -187,15 +257,26 @@ class Server:
         if self.args.api_key:
             check_api_key(self.args.api_key, request.headers.get("authorization"))
         if self.hmac:
-            self.hmac.verify(request.headers.get("x-timestamp"), request.headers.get("x-signature"), body)
+            target = request.scope.get("raw_path") or request.url.path.encode()
+            if request.scope.get("query_string"):
+                target += b"?" + request.scope["query_string"]
+            self.hmac.verify(request.headers.get("x-timestamp"), request.headers.get("x-signature"), request.method,
+                             target, body)
         return body
 
     async def _json(self, request):
         body = await self._authorized_body(request)
         try:
-            return json.loads(body)
+            value = json.loads(body, parse_constant=_reject_constant)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                               code="invalid_json") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise RequestError(f"the request body is not usable JSON: {str(exc)[:200]}", code="invalid_json") from None
+        _check_json(value)
+        return value
 
     def _render(self, req: ParsedRequest) -> str:
         try:
@@ -209,7 +290,7 @@ class Server:
     # ---- generation -----------------------------------------------------------------------------------------------
     async def _respond(self, request, req: ParsedRequest, ids: list[int], kind: str,
                        reasoning: ReasoningParser | None):
-        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.responses import StreamingResponse
 
         ctx = self.engine.context_window
         if not ids:
@@ -219,9 +300,6 @@ class Server:
                 f"the prompt has {len(ids)} tokens but this model's context window is {ctx} tokens (prompt plus "
                 f"completion); shorten the prompt or recompile with a larger --context-window",
                 "messages" if kind == "chat" else "prompt", "context_length_exceeded")
-        vocab = int(self.engine.art.manifest["model"]["config"]["vocab_size"])
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         max_tokens = min(req.max_tokens or ctx, ctx - 1 - len(ids))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -233,6 +311,8 @@ class Server:
             raise RequestError(str(exc), code="context_length_exceeded") from None
         except PromptError as exc:  # an empty prompt
             raise RequestError(str(exc), "prompt") from None
+        except InvalidRequestError as exc:  # token ids outside the vocabulary, ...
+            raise RequestError(str(exc), exc.param) from None
         except ValueError as exc:
             raise RequestError(str(exc), "max_tokens") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -260,7 +340,7 @@ class Server:
             watcher.cancel()
             self.scheduler.cancel(gen)  # no-op when finished; frees the sequence when the client went away
         if fin is None:  # client disconnected
-            return JSONResponse(_error_body("client disconnected", "cancelled"), status_code=499)
+            return _json_response(_error_body("client disconnected", "cancelled"), 499)
         return self._full_response(req, "".join(text), fin, kind, reasoning, meta)
 
     async def _cancel_on_disconnect(self, request, gen, queue) -> None:
@@ -417,4 +497,5 @@ def serve(args: ServeArgs) -> None:
                     "the model", args.host)
     server = Server(args)
     log.info("serving %s (%s) on http://%s:%d", args.model_id, args.artifact, args.host, args.port)
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                http=head_timeout_protocol(args.head_timeout), timeout_keep_alive=args.keep_alive_timeout)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..device_runners.sampling import SamplingParams
+import re
+
+from ..device_runners.sampling import MAX_SEED, SamplingParams
 
 
 class RequestError(ValueError):
@@ -31,6 +33,14 @@ class ParsedRequest:
     prompt: str | list[int] | None = None
 
 
+def _show(v) -> str:
+    """A short repr for an error message (a request may hold a 4000-digit integer, whose repr raises)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"a {v.bit_length()}-bit integer"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _get(body: dict, name: str, types: type | tuple, default=None, check=None, hint: str = ""):
     v = body.get(name, default)
     if v is None:
@@ -41,8 +51,11 @@ def _get(body: dict, name: str, types: type | tuple, default=None, check=None, h
         want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
         raise RequestError(f"'{name}' must be {want}, got {type(v).__name__}", name)
     if check is not None and not check(v):
-        raise RequestError(f"'{name}' = {v!r} is out of range{': ' + hint if hint else ''}", name)
+        raise RequestError(f"'{name}' = {_show(v)} is out of range{': ' + hint if hint else ''}", name)
     return v
+
+
+_TOKEN_ID = re.compile(r"[0-9]{1,12}")
 
 
 def _common(body: Any) -> dict:
@@ -50,7 +63,7 @@ def _common(body: Any) -> dict:
         raise RequestError("the request body must be a JSON object")
     n = _get(body, "n", int, 1)
     if n != 1:
-        raise RequestError(f"'n' = {n} is not supported; this server returns one choice (n=1)", "n")
+        raise RequestError(f"'n' = {_show(n)} is not supported; this server returns one choice (n=1)", "n")
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -60,28 +73,31 @@ def _common(body: Any) -> dict:
         stops = stop
     else:
         raise RequestError("'stop' must be a string or a list of up to 16 strings", "stop")
+    stops = [s for s in stops if s]  # an empty stop string would end every answer before it starts
     max_tokens = _get(body, "max_completion_tokens", int, None) or _get(body, "max_tokens", int, None)
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
+    # temperatures below sampling.GREEDY_BELOW are greedy; NaN and infinities never get here (json refuses them)
     temperature = float(_get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "use 0..2"))
     top_p = float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "use (0, 1]"))
-    seed = _get(body, "seed", int, None)
+    seed = _get(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED, "use an integer in [0, 2**64)")
     bias_in = _get(body, "logit_bias", dict, {})
     logit_bias = {}
     for k, v in bias_in.items():
-        try:
-            tok = int(k)
-        except ValueError:
-            raise RequestError(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        if not _TOKEN_ID.fullmatch(k):
+            raise RequestError(f"'logit_bias' key {_show(k)} is not a token id (a decimal integer)", "logit_bias")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
             raise RequestError(f"'logit_bias' value for {k} must be a number in [-100, 100]", "logit_bias")
-        logit_bias[tok] = float(v)
+        logit_bias[int(k)] = float(v)
     stream = bool(_get(body, "stream", bool, False))
     opts = _get(body, "stream_options", dict, {})
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, stop=list(stops))
+    except ValueError as exc:  # the checks above should have caught it; never a 500
+        raise RequestError(str(exc)) from None
     return dict(
         stream=stream, include_usage=bool(opts.get("include_usage", False)), max_tokens=max_tokens,
-        sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, stop=list(stops)),
-        logit_bias=logit_bias,
+        sampling=sampling, logit_bias=logit_bias,
     )
 
 

@@ -2,7 +2,10 @@
 
 Signature contract (what a client computes):
     X-Timestamp: unix seconds (integer or decimal), within +-window of the server's clock
-    X-Signature: hex(HMAC-SHA256(secret, X-Timestamp + "." + raw request body))   # body is b"" for a GET
+    X-Signature: hex(HMAC-SHA256(secret, X-Timestamp + "\n" + METHOD + "\n" + PATH + "\n" + raw request body))
+        METHOD upper case ("POST"); PATH the request target as sent, query included ("/v1/chat/completions");
+        the body is b"" for a GET. Newlines cannot occur in the first three, so the message is unambiguous, and a
+        signature made for one route cannot be replayed on another.
 A signature is accepted once; a second request carrying it inside the window is a replay and is refused.
 All comparisons are constant-time (`hmac.compare_digest`).
 """
@@ -21,16 +24,32 @@ class AuthError(Exception):
     """HTTP 401; the message says which header is wrong and how to fix it."""
 
 
-def sign(secret: str | bytes, timestamp: str, body: bytes) -> str:
-    """The X-Signature a client sends for `body` at `timestamp` (the string it puts in X-Timestamp)."""
+def _message(timestamp: str, method: str, path: str | bytes, body: bytes) -> bytes:
+    path = path.encode("latin-1") if isinstance(path, str) else path
+    return b"\n".join([timestamp.encode("ascii", "replace"), method.upper().encode("ascii", "replace"), path, body])
+
+
+def sign(secret: str | bytes, timestamp: str, method: str, path: str | bytes, body: bytes) -> str:
+    """The X-Signature a client sends for `method path` with `body` at `timestamp` (the string in X-Timestamp)."""
     key = secret.encode() if isinstance(secret, str) else secret
-    return hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.new(key, _message(timestamp, method, path, body), hashlib.sha256).hexdigest()
 
 
-def signed_headers(secret: str | bytes, body: bytes, now: float | None = None) -> dict[str, str]:
+def signed_headers(secret: str | bytes, method: str, path: str | bytes, body: bytes,
+                   now: float | None = None) -> dict[str, str]:
     """X-Timestamp (milliseconds, so two identical bodies a moment apart sign differently) and X-Signature."""
     ts = f"{time.time() if now is None else now:.3f}"
-    return {"X-Timestamp": ts, "X-Signature": sign(secret, ts, body)}
+    return {"X-Timestamp": ts, "X-Signature": sign(secret, ts, method, path, body)}
+
+
+def httpx_signer(secret: str | bytes):
+    """An httpx request event hook that signs every request it sees (the exact bytes, method and path sent):
+    `httpx.Client(event_hooks={"request": [httpx_signer(SECRET)]})`, e.g. as the openai client's http_client."""
+
+    def hook(request) -> None:
+        request.headers.update(signed_headers(secret, request.method, request.url.raw_path, request.read()))
+
+    return hook
 
 
 def check_api_key(expected: str, authorization: str | None) -> None:
@@ -55,11 +74,12 @@ class HmacVerifier:
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def verify(self, timestamp: str | None, signature: str | None, body: bytes, now: float | None = None) -> None:
+    def verify(self, timestamp: str | None, signature: str | None, method: str, path: str | bytes, body: bytes,
+               now: float | None = None) -> None:
         now = time.time() if now is None else now
         if not timestamp or not signature:
-            raise AuthError("missing X-Timestamp or X-Signature header; sign each request with "
-                            "hex(HMAC-SHA256(secret, timestamp + '.' + body))")
+            raise AuthError("missing X-Timestamp or X-Signature header; sign each request with hex(HMAC-SHA256("
+                            "secret, timestamp + '\\n' + METHOD + '\\n' + path + '\\n' + body))")
         try:
             ts = float(timestamp)
         except ValueError:
@@ -67,9 +87,9 @@ class HmacVerifier:
         if not abs(now - ts) <= self.window:  # also refuses nan/inf
             raise AuthError(f"X-Timestamp is {now - ts:+.0f} s from the server clock; the window is "
                             f"+-{self.window:g} s (check the client clock)")
-        expected = hmac.new(self.key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        expected = hmac.new(self.key, _message(timestamp, method, path, body), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode("ascii", "replace")):
-            raise AuthError("invalid X-Signature for this timestamp and body")
+            raise AuthError("invalid X-Signature for this timestamp, method, path and body")
         with self._lock:
             self._expire(now)
             if expected in self._seen:
