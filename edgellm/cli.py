@@ -41,6 +41,23 @@ def _known_errors():
             TargetError, PackageError, ValueError, OSError)
 
 
+def _positive(**values) -> None:
+    """Refuse counts that make no sense (threads 0, -n -3, ...): one line naming the option and the fix."""
+    for opt, (value, least) in values.items():
+        if value is not None and value < least:
+            raise click.ClickException(f"--{opt.replace('_', '-')} {value} is out of range: it must be >= {least}")
+
+
+def _text_arg(value: str, what: str) -> str:
+    """A command-line string that must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.ClickException(f"the {what} is not valid UTF-8 text; pass it in a UTF-8 locale or re-encode it "
+                                   "(e.g. iconv -t UTF-8)") from None
+    return value
+
+
 def _guard(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -120,9 +137,13 @@ def compile(model, target, quant, output, context_window, prefill_chunk, page_si
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--emulate", is_flag=True, help="Run an aarch64 CPU artifact (rpi4/rpi5) here under qemu-aarch64-static.")
+@click.option("--expect-digest", default=None, metavar="HEX",
+              help="Refuse the artifact unless its root digest (printed by compile and run) starts with HEX.")
 def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads,
-        emulate):
+        emulate, expect_digest):
     """Stream the model's answer to PROMPT; prefill and decode tok/s go to stderr.
+
+    The speeds are this one request's, after one warm-up step; `edgellm bench` gives steady-state figures.
 
     \b
     edgellm run dist/smollm2-host "What is the capital of France?"
@@ -131,11 +152,16 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     from .device_runners.engine import Engine
     from .device_runners.sampling import SamplingParams
 
-    sampling = _guard(SamplingParams, temperature, top_p, top_k, repetition_penalty, seed, list(stop))
+    _positive(max_tokens=(max_tokens, 0), threads=(threads, 1))
+    prompt = _text_arg(prompt, "prompt")
+    stop = [_text_arg(x, "--stop string") for x in stop]
+    sampling = _guard(SamplingParams, temperature, top_p, top_k, repetition_penalty, seed, stop)
     if emulate:
         _guard(_run_emulated, artifact, prompt, max_tokens, not no_chat, sampling, threads)
         return
-    engine = _guard(Engine, artifact, threads=threads)
+    engine = _guard(Engine, artifact, threads=threads, expect_digest=expect_digest)
+    click.echo(f"artifact {artifact}: root digest {engine.art.digest}", err=True)
+    _guard(engine.warmup)
 
     def stream():
         for piece in engine.generate(prompt, max_tokens, sampling, chat=not no_chat):
@@ -145,7 +171,8 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     _guard(stream)
     s = engine.last_stats
     click.echo(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tok/s | decode: {s.generated_tokens} tokens, "
-               f"{s.decode_tps:.1f} tok/s | finish: {s.finish_reason}", err=True)
+               f"{s.decode_tps:.1f} tok/s | finish: {s.finish_reason} (this request; `edgellm bench` for steady state)",
+               err=True)
 
 
 def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
@@ -174,14 +201,17 @@ def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "json", "jsonl", "csv"]))
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
-def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads):
+@click.option("--expect-digest", default=None, metavar="HEX",
+              help="Refuse the artifact unless its root digest starts with HEX.")
+def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, expect_digest):
     """Benchmark prefill (ppN) and decode (tgN) llama-bench style; records on stdout, logs on stderr."""
     from .device_runners.bench import format_records, run_bench
     from .device_runners.engine import Engine
 
-    if reps < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--reps")
-    engine = _guard(Engine, artifact, threads=threads)
+    _positive(n_prompt=(n_prompt, 0), n_gen=(n_gen, 0), reps=(reps, 1), warmup=(warmup, 0), threads=(threads, 1))
+    if n_prompt == 0 and n_gen == 0:
+        raise click.ClickException("-p 0 and -n 0 leave nothing to measure; give -p N (prefill) and/or -n N (decode)")
+    engine = _guard(Engine, artifact, threads=threads, expect_digest=expect_digest)
     records = _guard(run_bench, engine, n_prompt, n_gen, reps, warmup)
     click.echo(format_records(records, fmt))
 

@@ -66,6 +66,12 @@ class ModelConfig:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; only 'silu' is implemented")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)
+                   or cfg.get(k) <= 0]
+        if missing:
+            raise ConfigError(f"config.json ({model_type}) lacks a positive integer {', '.join(missing)}; a "
+                              "Hugging Face config of this architecture has them: fix or replace config.json")
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -172,5 +178,8 @@ class RuntimeOptions:
         for name in ("context_window", "prefill_chunk", "page_size", "max_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.page_size != 16:  # kv_cache.py's CPU attention and the CUDA kernels index 16-token pages
+            raise ConfigError(f"page_size {self.page_size} is not supported: edgellm's attention kernels are built "
+                              "for 16-token KV-cache pages; use --page-size 16 (the default)")
         if self.prefill_chunk > self.context_window:
             self.prefill_chunk = self.context_window

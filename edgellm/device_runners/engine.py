@@ -263,6 +263,13 @@ class Engine:
                 + "; shorten the prompt or recompile with --context-window"
             )
 
+    def warmup(self) -> None:
+        """One prefill and one greedy decode step on a throwaway sequence: the first calls pay for the thread pool's
+        start and first touches of memory, which would otherwise land in the first request's figures."""
+        with self.sequence() as seq:
+            seq.prefill([0])
+            seq.decode_greedy(0)
+
     def score(self, ids: list[int]) -> np.ndarray:
         """Logits [n, vocab] for every position of `ids` (teacher forcing), float32."""
         self._check_length(len(ids), room=0)
@@ -282,6 +289,9 @@ class Engine:
         sampling = sampling or SamplingParams()
         self._check_length(len(ids))
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        if max_new_tokens <= 0:  # nothing asked for: not even the prefill runs
+            stats.finish_reason = "length"
+            return
         sampler, history = Sampler(sampling), list(ids)
         with self.sequence() as seq:
             t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..artifact import MANIFEST, Artifact, atomic_dir, file_table, sha256_of
+from ..artifact import Artifact, ArtifactError, atomic_dir, check_output, confined, file_table
 from ..targets.binfmt import object_format
 from .objects import has_static_init, read_archive, write_archive
 from .templates import android_files, header, ios_modulemap
@@ -150,7 +150,7 @@ def app_config(art: Artifact, spec: PlatformSpec, name: str) -> dict:
         "system_lib_prefix": m["system_lib_prefix"],
         "device": {"kind": spec.device, "dl_device_type": spec.dl_device_type},
         "tokenizer": m["tokenizer"], "params_index": "params/index.json", "weight_bytes": m["weight_bytes"],
-        "artifact": {"manifest_sha256": sha256_of(art.root / MANIFEST), "target": m["target"]["preset"],
+        "artifact": {"manifest_sha256": art.digest, "target": m["target"]["preset"],
                      "tvm_version": m["tvm_version"], "edgellm_version": m["edgellm_version"]},
     }
 
@@ -161,7 +161,7 @@ def write_bundle(art: Artifact, spec: PlatformSpec, name: str, dest: Path) -> No
     for rel in sorted(art.manifest["files"]):
         if rel.startswith(("params/", "tokenizer/")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(art.root / rel, dest / rel)
+            shutil.copyfile(art.path(rel), dest / rel)  # rel: relative, normalized, confined (Artifact.open)
     _write_json(dest / APP_CONFIG, app_config(art, spec, name))
     _write_json(dest / BUNDLE_MANIFEST, {"format": "edgellm-bundle", "version": 1, "files": file_table(dest, BUNDLE_MANIFEST)})
 
@@ -248,10 +248,12 @@ def _package_ios(art, spec, args, objs, tmp) -> tuple[Path, list[str], Path, Pat
 def package_artifact(args: PackageArgs) -> PackageResult:
     """Package `args.artifact` for `args.platform`; the output folder appears only when complete."""
     spec = PLATFORMS[args.platform]
+    protect = [p for p in (args.artifact, args.simulator_artifact) if p]
+    check_output(args.output, args.overwrite, "package", protect, _is_package)  # before any work
     art = Artifact.open(args.artifact)  # verifies every file's sha256 first
     objs = check_artifact(art, spec)
     build = _package_android if spec.name == "android" else _package_ios
-    with atomic_dir(args.output, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.output, args.overwrite, "package", protect, _is_package) as tmp:
         lib, slices, bundle, hdr = build(art, spec, args, objs, tmp)
         verify_bundle(bundle)
         m = art.manifest
@@ -260,7 +262,7 @@ def package_artifact(args: PackageArgs) -> PackageResult:
             "slices": slices, "system_lib_prefix": m["system_lib_prefix"],
             "library": lib.relative_to(tmp).as_posix(), "header": hdr.relative_to(tmp).as_posix(),
             "bundle": bundle.relative_to(tmp).as_posix(),
-            "artifact": {"manifest_sha256": sha256_of(art.root / MANIFEST), "target": m["target"]["preset"],
+            "artifact": {"manifest_sha256": art.digest, "target": m["target"]["preset"],
                          "model": m["model"]["arch"], "scheme": m["quant"]["scheme"]},
             "files": file_table(tmp, PACKAGE_MANIFEST),
         })
@@ -271,6 +273,14 @@ def package_artifact(args: PackageArgs) -> PackageResult:
                          art.manifest["system_lib_prefix"], len(files), sum(p.stat().st_size for p in files))
 
 
+def _is_package(path: Path) -> bool:
+    """True for a folder holding an edgellm-package.json of ours."""
+    try:
+        return json.loads((Path(path) / PACKAGE_MANIFEST).read_text()).get("format") == "edgellm-package"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def verify_package(root: Path) -> dict:
     """Check every file of a package against edgellm-package.json and its bundle; return the package manifest."""
     root = Path(root)
@@ -279,7 +289,11 @@ def verify_package(root: Path) -> dict:
     if actual != pm["files"]:
         bad = sorted(k for k in set(actual) | set(pm["files"]) if actual.get(k) != pm["files"].get(k))
         raise PackageError(f"package {root}: files differ from {PACKAGE_MANIFEST}: {bad[:5]}; repackage it")
-    verify_bundle(root / pm["bundle"])
+    try:
+        bundle = confined(root, pm["bundle"], "bundle")
+    except ArtifactError as exc:
+        raise PackageError(f"package {root}: {exc}") from None
+    verify_bundle(bundle)
     return pm
 
 

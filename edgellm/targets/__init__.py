@@ -180,6 +180,33 @@ def local_cuda_arch() -> str | None:
     return f"sm_{out[0].replace('.', '')}" if out and out[0][:1].isdigit() else None
 
 
+_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x86_64h": "x86_64", "i486": "i386", "i586": "i386",
+                 "i686": "i386", "arm64_32": "aarch64_32"}
+
+
+def _check_llvm(t: dict[str, Any]) -> None:
+    """An LLVM triple and CPU that this TVM's LLVM knows, checked here: an unknown triple crashes LLVM itself."""
+    from .._tvm import compiler
+
+    codegen = compiler().tvm.target.codegen
+    triple = t.get("mtriple", "host")
+    if not isinstance(triple, str):
+        raise TargetError(f"raw target mtriple {triple!r} is not a string; use e.g. \"aarch64-linux-gnu\"")
+    if triple != "host":
+        arch = triple.split("-")[0]
+        arch = _ARCH_ALIASES.get(arch, "arm" if arch.startswith("armv") else "thumb" if arch.startswith("thumbv") else arch)
+        known = set(codegen.llvm_get_targets())
+        if arch not in known or triple.count("-") < 1:
+            raise TargetError(f"raw target mtriple {triple!r} names no architecture this TVM's LLVM can generate "
+                              f"code for (arch {triple.split('-')[0]!r}); use a triple such as x86_64-unknown-linux-gnu "
+                              "or aarch64-linux-gnu, or a preset")
+    cpu = t.get("mcpu")
+    if cpu not in (None, "host") and (not isinstance(cpu, str) or not codegen.llvm_is_valid_cpu(
+            cpu, host_triple() if triple == "host" else triple)):
+        raise TargetError(f"raw target mcpu {cpu!r} is not a CPU LLVM knows for {triple}; use e.g. cortex-a76, "
+                          "skylake, or leave mcpu out")
+
+
 def resolve(spec: str) -> ResolvedTarget:
     spec = spec.strip()
     if spec in ("cuda", "auto"):
@@ -204,6 +231,9 @@ def resolve(spec: str) -> ResolvedTarget:
         devices = {"llvm": "cpu", "cuda": "cuda", "metal": "metal", "opencl": "opencl"}
         if kind not in devices:
             raise TargetError(f"raw target kind {kind!r} is not supported; use one of {', '.join(devices)} or a preset")
+        for part in (t, host):
+            if isinstance(part, dict) and part.get("kind") == "llvm":
+                _check_llvm(part)
         export = "tar" if kind in ("metal", "opencl") else "so"
         return ResolvedTarget("custom", devices[kind], _fill_host(t), _fill_host(host) if host else None, export, None,
                               {"fp16": kind != "llvm"}, "q4f32_2" if kind == "llvm" else "q4f16_1")
