@@ -242,3 +242,84 @@ def test_relax_vm_matmul_softmax(dev, c, tmp_path):
         y = xa @ wa
         e = np.exp(y - y.max(-1, keepdims=True))
         np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+# -- TVM's paged KV cache ---------------------------------------------------------------------------------------
+
+H, KV, D, LAYERS = 4, 2, 32, 2  # GQA: two query heads per KV head; page size 16 below
+
+
+def kv_cache_module(c):
+    """TVM's TIRPagedKVCache (its kernels built for webgpu, as web-llm does) and one attention layer over it."""
+    nn, relax = c.nn, c.relax
+
+    class Attention(nn.Module):
+        def forward(self, qkv, cache):  # qkv [b, s, H + 2 KV, D] -> [b, s, H, D]
+            return cache.attention_with_fused_qkv(1, qkv, H, sm_scale=D**-0.5), cache
+
+        def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                      support_sliding_window):
+            return c.TIRPagedKVCache(
+                attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+                prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+                support_sliding_window=support_sliding_window, layer_partition=relax.ShapeExpr([0, LAYERS]),
+                num_hidden_layers=LAYERS, num_attention_heads=H, num_key_value_heads=KV, qk_head_dim=D,
+                v_head_dim=D, mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=c.RopeMode.NONE,
+                rope_scale=1, rope_theta=10000, rope_scaling={}, rope_ext_factors=relax.prim_value(0),
+                rotary_dim=D, enable_disaggregation=False, dtype="float32", target=c.Target.current())
+
+    plain = {"param_mode": "none", "effect_mode": "none"}
+    spec = {"forward": {"qkv": nn.spec.Tensor(["b", "s", H + 2 * KV, D], "float32"),
+                        "cache": nn.spec.Object(object_type=c.PagedKVCache), "$": plain},
+            "create_tir_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                                          "page_size": int, "support_sliding_window": int, "$": plain}}
+    target = c.Target("webgpu", host="llvm")
+    with target:
+        mod, _ = Attention().export_tvm(spec=spec)
+    return c.tvm.compile(mod, target=target, relax_pipeline=c.relax.get_default_pipeline(target))
+
+
+def causal_attention_np(q, k, v, start):
+    """q [s, H, D] at positions start.., against k, v [n, KV, D] (the whole history) -> [s, H, D]."""
+    out = np.zeros(q.shape, np.float64)
+    for t in range(q.shape[0]):
+        n = start + t + 1
+        for h in range(H):
+            s = k[:n, h // (H // KV)].astype(np.float64) @ q[t, h] * D**-0.5
+            e = np.exp(s - s.max())
+            out[t, h] = e @ v[:n, h // (H // KV)] / e.sum()
+    return out
+
+
+def test_paged_kv_cache_two_sequences(dev, c, tmp_path):
+    from edgellm._tvm import get_global_func, runtime
+
+    vm = c.relax.VirtualMachine(export_and_load(kv_cache_module(c), tmp_path, "kv"), dev)
+    S = runtime.ShapeTuple
+    cache = vm["create_tir_paged_kv_cache"](S([4]), S([512]), S([64]), S([16]), S([0]))
+    add, begin, end = (get_global_func(f"vm.builtin.kv_state_{n}")
+                       for n in ("add_sequence", "begin_forward", "end_forward"))
+    rng = np.random.default_rng(6)
+    history = {0: [], 1: []}  # per sequence: the qkv rows appended so far
+
+    def forward(seqs, lens):
+        begin(cache, S(seqs), S(lens))
+        shape = (1, lens[0]) if len(seqs) == 1 else (len(seqs), 1)
+        qkv = rng.standard_normal((*shape, H + 2 * KV, D)).astype("float32")
+        got = vm["forward"](runtime.tensor(qkv, device=dev), cache)[0].numpy()
+        end(cache)
+        for i, seq in enumerate(seqs):
+            start = sum(len(x) for x in history[seq])
+            history[seq].append(qkv[i])
+            rows = np.concatenate(history[seq])
+            want = causal_attention_np(qkv[i, :, :H], rows[:, H:H + KV], rows[:, H + KV:], start)
+            np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-5, err_msg=f"sequence {seq}, lens {lens}")
+
+    add(cache, 0)
+    forward([0], [5])  # prefill within one page
+    add(cache, 1)
+    forward([1], [37])  # prefill over three pages
+    for _ in range(3):
+        forward([0, 1], [1, 1])  # batch decode of both sequences
+    forward([0], [20])  # a second prefill chunk: attends to the cached pages and itself
+    forward([1], [1])
