@@ -30,6 +30,7 @@ class TargetType(click.ParamType):
 def _known_errors():
     from .artifact import ArtifactError
     from .config import ConfigError
+    from .device_runners.emulate import EmulationError
     from .device_runners.engine import PromptTooLongError
     from .device_runners.text import ChatTemplateError
     from .loaders import SourceError
@@ -37,8 +38,8 @@ def _known_errors():
     from .quant.convert import WeightMapError
     from .targets import TargetError
 
-    return (ArtifactError, ConfigError, PromptTooLongError, ChatTemplateError, SourceError, WeightMapError,
-            TargetError, PackageError, ValueError, OSError)
+    return (ArtifactError, ConfigError, EmulationError, PromptTooLongError, ChatTemplateError, SourceError,
+            WeightMapError, TargetError, PackageError, ValueError, OSError)
 
 
 def _positive(**values) -> None:

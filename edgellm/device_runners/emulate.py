@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,33 +23,49 @@ ROOT_ENV = "EDGELLM_ARM64_ROOT"
 
 
 class EmulationError(RuntimeError):
-    pass
+    """A user-fixable reason the artifact cannot run under emulation; the message is one line with the fix."""
 
 
 def arm64_root() -> Path:
+    """The arm64 root filesystem, after checking that it is complete and that qemu-aarch64-static is installed."""
     root = Path(os.environ.get(ROOT_ENV, Path.home() / ".cache" / "edgellm" / "arm64-rootfs"))
+    if shutil.which("qemu-aarch64-static") is None:
+        raise EmulationError("--emulate needs qemu-aarch64-static, which is not on PATH: "
+                             "apt-get install qemu-user-static debootstrap, then run scripts/arm64-rootfs.sh")
     if not (root / ".edgellm-complete").exists():
         raise EmulationError(
-            f"no arm64 root filesystem at {root}; create it with `scripts/arm64-rootfs.sh {root}` "
-            f"(needs qemu-user-static and debootstrap) or point {ROOT_ENV} at one"
+            f"--emulate needs an arm64 root filesystem and there is none at {root}: create it with "
+            f"`scripts/arm64-rootfs.sh {root}` (a few minutes, once; needs qemu-user-static and debootstrap) "
+            f"or point {ROOT_ENV} at one"
         )
-    if shutil.which("qemu-aarch64-static") is None:
-        raise EmulationError("qemu-aarch64-static is not on PATH: apt-get install qemu-user-static")
     return root
 
 
 def qemu_cpu_for(manifest: dict) -> str:
-    t = manifest["target"]
+    """QEMU_CPU for an aarch64 CPU artifact (the board's core); any other artifact is refused, naming its
+    architecture."""
+    t = manifest.get("target") or {}
     triple = t.get("host_triple") or ""
-    if t.get("kind") != "llvm" or not triple.startswith("aarch64"):
-        raise EmulationError(f"artifact target {t['preset']} ({triple or t.get('kind')}) is not an aarch64 CPU target; "
-                             "emulation runs rpi4 / rpi5 / aarch64 llvm artifacts")
-    return t["features"].get("qemu_cpu") or t["tvm_target"].get("mcpu") or "cortex-a72"
+    arch = triple.split("-", 1)[0] or "unknown"
+    if t.get("kind") != "llvm" or arch not in ("aarch64", "arm64"):
+        what = f"{t.get('kind')} code" if t.get("kind") != "llvm" else f"{arch} code"
+        fix = ("run it without --emulate" if t.get("kind") == "llvm" and arch == platform.machine()
+               else "run it on its device")
+        raise EmulationError(f"--emulate runs aarch64 CPU artifacts (rpi4, rpi5, an aarch64 llvm target); this one "
+                             f"is target {t.get('preset')} with {what} ({triple or 'no CPU triple'}): {fix}")
+    return (t.get("features") or {}).get("qemu_cpu") or (t.get("tvm_target") or {}).get("mcpu") or "cortex-a72"
+
+
+def check_emulatable(artifact: str | Path) -> tuple[Artifact, str]:
+    """(artifact, QEMU_CPU) once the artifact is an aarch64 CPU build; raises EmulationError (or ArtifactError)
+    otherwise. Checked before the emulator set-up, so a wrong artifact is named as such whatever is installed."""
+    art = Artifact.open(artifact, verify=False)
+    return art, qemu_cpu_for(art.manifest)
 
 
 def _command(artifact: Path, request: dict, root: Path, src: Path) -> tuple[list[str], dict]:
-    art = Artifact.open(artifact, verify=False)
-    env = {**os.environ, "QEMU_CPU": qemu_cpu_for(art.manifest),
+    _art, cpu = check_emulatable(artifact)
+    env = {**os.environ, "QEMU_CPU": cpu,
            "PYTHONPATH": f"{root / 'opt' / 'edgellm-site'}:{src}", "TVM_NUM_THREADS": str(request.get("threads") or 2)}
     env.pop("PYTHONHOME", None)
     cmd = ["qemu-aarch64-static", "-L", str(root), str(root / "usr" / "bin" / "python3"), "-m",
@@ -58,6 +75,7 @@ def _command(artifact: Path, request: dict, root: Path, src: Path) -> tuple[list
 
 def stream_remote(artifact: str | Path, request: dict, timeout: float = 1800) -> Iterator[dict]:
     """Run one request on the emulated device; yield each `edgellm:` JSON line as it arrives."""
+    check_emulatable(artifact)  # the artifact's architecture first: an x86 build is refused as such
     root = arm64_root()
     with tempfile.TemporaryDirectory(prefix="edgellm-src-") as tmp:
         src = Path(tmp)
