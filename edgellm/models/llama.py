@@ -6,13 +6,21 @@ RoPE inside `attention_with_fused_qkv`. Shapes in comments: b batch, s tokens, h
 
 from __future__ import annotations
 
+import functools
+
 from .._tvm import compiler
 from ..config import ModelConfig
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
-from .cpu_math import add_rms_norm_cpu, silu
-from .gpu_math import ARGMAX_PARTS, add_rms_norm_gpu, argmax_final_gpu, argmax_partial_gpu, silu_mul_gpu
+from . import cpu_math, gpu_math
+from .cpu_math import silu
+from .gpu_math import ARGMAX_PARTS, argmax_final_gpu, argmax_partial_gpu
 from .kv_cache import paged_kv_cache
+
+# per-layer kernels are built once per shape: parsing a TVMScript kernel for each of 30 layers was most of a compile
+add_rms_norm_cpu = functools.lru_cache(maxsize=None)(cpu_math.add_rms_norm_cpu)
+add_rms_norm_gpu = functools.lru_cache(maxsize=None)(gpu_math.add_rms_norm_gpu)
+silu_mul_gpu = functools.lru_cache(maxsize=None)(gpu_math.silu_mul_gpu)
 
 c = compiler()
 nn, te, tirx, rx = c.nn, c.te, c.tirx, c.relax

@@ -8,6 +8,8 @@ construction. Accumulation is in float32 for every scheme.
 
 from __future__ import annotations
 
+import functools
+
 from .._tvm import compiler
 from .schemes import QuantScheme
 
@@ -41,9 +43,21 @@ def linear(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, out_dty
     Schemes with int8 activations get the integer dot-product kernel of cpu_kernels (already scheduled for the
     current target); every other scheme gets this TE kernel, scheduled later by compile/schedules.py."""
     if scheme.act_quant == "int8":
-        from .cpu_kernels import linear_int8
+        target = compiler().Target.current(allow_none=True)
+        key = (rows, in_f, out_f, scheme, bias, str(target))
+        if key not in _INT8_CACHE:  # parsing its TVMScript took ~0.4 s per Linear of every layer
+            from .cpu_kernels import linear_int8
 
-        return linear_int8(rows, in_f, out_f, scheme, bias)
+            _INT8_CACHE[key] = linear_int8(rows, in_f, out_f, scheme, bias, target)
+        return _INT8_CACHE[key]
+    return _linear_te(rows, in_f, out_f, scheme, out_dtype, bias)
+
+
+_INT8_CACHE: dict[tuple, object] = {}  # (shape, scheme, target string) -> PrimFunc: built once per process
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_te(rows, in_f, out_f, scheme, out_dtype, bias):
     c = compiler()
     te, tirx = c.te, c.tirx
     m = tirx.Var("m", "int64") if rows is None else rows
