@@ -328,6 +328,75 @@ def test_requests_wait_for_kv_pages(serve_artifact):
     assert max(peak) == 2 and sched.stats().kv_pages_reserved == 0
 
 
+def test_engine_side_failures_stay_with_their_request(serve_artifact):
+    """A request that fails on the engine thread, at admission or while sampling, is answered alone (Failed) and
+    its sequence and pages are freed; a request decoding beside it gives the tokens it gives alone; /health turns
+    503 when the page accounting is off. (Such requests can only be made by editing parameters after validation:
+    the server refuses them up front; tests/security/test_server_abuse.py.)"""
+    from fastapi.testclient import TestClient
+
+    from edgellm.device_runners.batch import BatchScheduler, Failed, Finished, GenRequest
+    from edgellm.device_runners.engine import Engine
+    from edgellm.device_runners.sampling import SamplingParams
+    from edgellm.serve.app import ServeArgs, Server
+
+    engine = Engine(serve_artifact, threads=2)
+    sched = BatchScheduler(engine, batch_min=1).start()
+    try:
+        want = _run_all(sched, [GenRequest([5, 6, 7], 60, logit_bias={EOS: -100.0})])[0]
+        bad_seed = SamplingParams(temperature=1.0)
+        bad_seed.seed = -1  # what `"seed": -1` used to reach the engine as
+        with pytest.raises(ValueError, match="seed"):  # now refused on the caller's thread
+            sched.submit(GenRequest([5, 6], 4, bad_seed))
+        at_sampling = SamplingParams(temperature=1.0)
+        got = threading.Event()
+        events: dict[str, list] = {"long": [], "admission": [], "sampling": []}
+
+        def emit_long(ev):
+            events["long"].append(ev)
+            got.set()
+
+        long = GenRequest([5, 6, 7], 60, logit_bias={EOS: -100.0}, emit=emit_long)
+        sched.submit(long)
+        assert got.wait(10)
+        new_sequence = engine._new_sequence
+
+        def fail_once():  # a fault at admission, after the request left the queue (where seed=-1 used to fail)
+            engine._new_sequence = new_sequence
+            raise RuntimeError("injected: no sequence")
+
+        engine._new_sequence = fail_once
+        sched.submit(GenRequest([8, 9], 8, emit=events["admission"].append))
+        with sched._cond:  # the worker cannot admit it before the field is set
+            sched.submit(GenRequest([8, 9, 10], 8, at_sampling, emit=events["sampling"].append))
+            at_sampling.top_k = "x"  # set after submit's checks: fails at its first sampled token, after prefill
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (events["long"] and isinstance(events["long"][-1], Finished)):
+            time.sleep(0.01)
+        assert [type(e) for e in events["admission"]] == [Failed] and "injected" in str(events["admission"][0].error)
+        assert [type(e) for e in events["sampling"]] == [Failed] and "sampling failed" in str(events["sampling"][0].error)
+        assert isinstance(events["long"][-1], Finished) and events["long"][-1].reason == "length"
+        assert [e.token_id for e in events["long"][:-1]] == want
+        s = sched.stats()
+        assert (s.active_sequences, s.kv_pages_reserved, s.kv_pages_in_use, s.leak) == (0, 0, 0, None)
+        assert s.finished["error"] == 2
+        assert not engine._shapes  # ShapeTuples cached per sequence go with it (they grew per served request)
+        assert _run_all(sched, [GenRequest([5, 6, 7], 60, logit_bias={EOS: -100.0})])[0] == want
+        sched._reserved += 3  # a leak as the seed=-1 bug left one
+        assert "3 KV pages reserved" in sched.stats().leak
+    finally:
+        sched.stop()
+
+    server = Server(ServeArgs(serve_artifact, batch_min=1), engine=engine)
+    with TestClient(server.app) as client:
+        h = client.get("/health")
+        assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["kv_pages_reserved"] == 0
+        server.scheduler._reserved += 3
+        h = client.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "error" and "reserved" in h.json()["problem"]
+        server.scheduler._reserved -= 3
+
+
 # ---- the open server ------------------------------------------------------------------------------------------------
 def test_models_health_metrics(server, serve_artifact):
     client = _client(server)

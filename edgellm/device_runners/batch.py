@@ -220,6 +220,7 @@ class BatchScheduler:
                                               f"[0, {vocab})", what)
         if not isinstance(req.sampling, SamplingParams):
             raise InvalidRequestError("sampling must be a SamplingParams", "sampling")
+        req.sampling.__post_init__()  # again: fields may have been set after construction
         Sampler(req.sampling)  # the generator is made again at admission; this raises here if it cannot be
 
     def submit(self, req: GenRequest) -> None:
