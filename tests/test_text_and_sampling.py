@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgellm.device_runners.sampling import Sampler, SamplingParams
+from edgellm.device_runners.sampling import GREEDY_BELOW, Sampler, SamplingParams
 from edgellm.device_runners.text import StopMatcher, StreamDecoder, TextCodec
 
 
@@ -48,10 +48,65 @@ def test_repetition_penalty_negative_logits_pushed_down():
     assert Sampler(SamplingParams(repetition_penalty=1.5))(logits, [0]) == 1
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(repetition_penalty=0)])
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(repetition_penalty=0),
+    dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=10**400),
+    dict(top_p=float("nan")), dict(top_p=1.5), dict(top_k=1.5), dict(top_k=True),
+    dict(repetition_penalty=float("nan")), dict(repetition_penalty=float("inf")), dict(repetition_penalty=-1),
+    dict(seed=-1), dict(seed=2**64), dict(seed=1.5), dict(seed=10**5000), dict(stop=[""]), dict(stop="x"),
+])
 def test_invalid_sampling_params(bad):
-    with pytest.raises(ValueError):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("t", [5e-324, 1e-320, 1e-300, 1e-8, GREEDY_BELOW / 2])
+def test_tiny_temperatures_are_greedy(t):
+    """logits / 1e-320 overflows to inf and the softmax to NaN ("Probabilities contain NaN"): greedy instead."""
+    rng = np.random.default_rng(0)
+    p = SamplingParams(temperature=t, seed=3)
+    assert p.greedy
+    for _ in range(10):
+        logits = rng.standard_normal(64).astype(np.float32) * 10
+        assert Sampler(p)(logits, []) == int(np.argmax(logits))
+
+
+def test_sampling_is_safe_for_every_accepted_value():
+    """Every combination of edge values samples a token in range with no floating-point error raised (np.errstate
+    'raise' turns any NaN-producing operation into an exception), and never a token masked to -inf."""
+    logits = np.array([1e30, -1e30, 3.0, -np.inf, 0.0, 2.5, np.nan, -5.0], np.float32)
+    finite = {i for i, v in enumerate(logits) if np.isfinite(v)}
+    for t in (GREEDY_BELOW, 1e-3, 1.0, 100.0, 1e300):
+        for top_p in (1e-300, 0.5, 1.0):
+            for top_k in (0, 1, 3, 100):
+                for rp in (1e-300, 0.5, 1.0, 1e300):
+                    p = SamplingParams(temperature=t, top_p=top_p, top_k=top_k, repetition_penalty=rp, seed=1)
+                    with np.errstate(invalid="raise"):
+                        tok = Sampler(p)(logits, [0, 2, 5, 99])
+                    assert tok in finite, (t, top_p, top_k, rp, tok)
+    assert Sampler(SamplingParams(temperature=1.0))(np.full(4, -np.inf, np.float32), []) in range(4)
+    huge = np.array([3e38, 3e38, 1.0], np.float32)  # near float32 max, at the smallest sampled temperature
+    assert Sampler(SamplingParams(temperature=GREEDY_BELOW, seed=0))(huge, []) in (0, 1)
+
+
+def test_cli_run_with_edge_temperatures(compiled):
+    """`edgellm run --temperature 1e-320` answers as greedy; `nan`, `inf` and `--seed -1` are one-line errors."""
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli
+
+    art = str(compiled("llama", "q4f32_1"))
+    runner = CliRunner()
+    greedy = runner.invoke(cli, ["run", art, "hello", "-n", "6", "--no-chat"])
+    tiny = runner.invoke(cli, ["run", art, "hello", "-n", "6", "--no-chat", "--temperature", "1e-320", "--seed", "1"])
+    assert greedy.exit_code == 0 and tiny.exit_code == 0, tiny.output
+    assert tiny.stdout == greedy.stdout
+    for args, words in ((["--temperature", "nan"], "temperature must be a finite number"),
+                        (["--temperature", "inf"], "temperature must be a finite number"),
+                        (["--top-p", "nan"], "top_p"), (["--seed", "-1"], "seed must be an integer")):
+        r = runner.invoke(cli, ["run", art, "hello", "-n", "2", *args])
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, (args, r.output)
 
 
 @pytest.fixture(scope="module")
