@@ -323,3 +323,19 @@ def test_paged_kv_cache_two_sequences(dev, c, tmp_path):
         forward([0, 1], [1, 1])  # batch decode of both sequences
     forward([0], [20])  # a second prefill chunk: attends to the cached pages and itself
     forward([1], [1])
+
+
+def test_binding_over_the_limit_is_one_error_and_the_device_recovers(dev, c, tmp_path):
+    from edgellm._tvm import runtime
+
+    limit = webgpu_plugin.adapters()[0]["max_storage_buffer_binding_size"]
+    if limit >= 1 << 30:
+        pytest.skip(f"binding limit {limit} bytes: a buffer over it is too big for a unit test")
+    lib = build_primfunc(c, scale_add_func(c), tmp_path=tmp_path)
+    big = runtime.empty((limit // 4 + 1024,), "float32", dev)  # allocates (maxBufferSize is larger), cannot bind
+    small = runtime.tensor(np.arange(8, dtype="float32"), device=dev)
+    with pytest.raises(Exception, match="over maxStorageBufferBindingSize"):
+        lib["main"](big._create_view((8,), "float32"), small, 8, 2.0)  # a view binds its whole buffer
+    out = runtime.empty((8,), "float32", dev)
+    lib["main"](small, out, 8, 2.0)  # the queue is still usable
+    np.testing.assert_array_equal(out.numpy(), np.arange(8, dtype="float32") * 2 + 1)

@@ -435,6 +435,11 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
   bd.entryCount = entries.size();
   bd.entries = entries.data();
   WGPUBindGroup group = wgpuDeviceCreateBindGroup(device_, &bd);
+  if (!errors_.empty()) {  // e.g. a binding over maxStorageBufferBindingSize: fail before touching the encoder
+    uniform_used_ -= uniform_slot_;
+    wgpuBindGroupRelease(group);
+    RaiseErrors("kernel launch");
+  }
 
   WGPUComputePassEncoder pass = wgpuCommandEncoderBeginComputePass(Encoder(), nullptr);
   wgpuComputePassEncoderSetPipeline(pass, pipeline);

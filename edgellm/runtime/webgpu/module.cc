@@ -134,7 +134,13 @@ class Kernel {
     for (size_t i : buffer_args_) {
       void* ptr = args[i].cast<void*>();
       if (ptr == nullptr) TVM_FFI_THROW(RuntimeError) << "webgpu kernel " << name_ << ": argument " << i << " is null";
-      buffers.push_back(static_cast<Buffer*>(ptr));
+      Buffer* buf = static_cast<Buffer*>(ptr);
+      if (buf->size > ctx->facts().limits.maxStorageBufferBindingSize) {
+        TVM_FFI_THROW(RuntimeError) << "webgpu kernel " << name_ << ": argument " << i << " is a buffer of "
+                                    << buf->size << " bytes, over maxStorageBufferBindingSize "
+                                    << ctx->facts().limits.maxStorageBufferBindingSize << " of " << ctx->facts().name;
+      }
+      buffers.push_back(buf);
     }
     std::vector<uint32_t> words;
     words.reserve(pod_args_.size() + 1);
