@@ -469,6 +469,8 @@ class Server:
             ("edgellm_kv_pages_in_use", "gauge", "KV cache pages holding tokens", s.kv_pages_in_use),
             ("edgellm_kv_pages_reserved", "gauge", "KV cache pages reserved by admitted requests",
              s.kv_pages_reserved),
+            ("edgellm_kv_pages_reserved_active", "gauge", "KV cache pages the active sequences reserved (differs "
+             "from edgellm_kv_pages_reserved only on a leak)", s.kv_pages_reserved_active),
             ("edgellm_kv_pages_total", "gauge", "KV cache pages", s.kv_pages_total),
             ("edgellm_requests_rejected_total", "counter", "requests refused with 503 (queue full or timed out)",
              s.rejected_total),
