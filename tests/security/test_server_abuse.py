@@ -314,6 +314,7 @@ def _fuzz_strategies():
 def test_fuzz_the_generation_routes(server):
     """Generated bodies (typed fields with edge values, wrong types, odd Unicode, raw bytes): never a 5xx, every
     error in OpenAI's shape, and afterwards a healthy server with no pages reserved."""
+    pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
