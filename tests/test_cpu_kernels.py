@@ -12,6 +12,7 @@ import pytest
 
 from edgellm.quant import get_scheme
 from edgellm.quant import reference as ref
+from pi_emulation import arm64_root, run_on_board  # noqa: F401  (arm64_root: a fixture)
 
 X86 = "x86_64-linux-gnu"
 A64 = "aarch64-linux-gnu"
@@ -110,3 +111,70 @@ def test_int8_scheme_refuses_gpu_targets(tmp_path):
     with pytest.raises(ValueError, match="q4f32_2 has CPU kernels only.*--quant"):
         compile_model(CompileArgs(model=None, output=tmp_path / "a", target="cuda-sm90", quant="q4f32_2"))
     assert not (tmp_path / "a").exists()
+
+
+# ---- the AArch64 paths, run under qemu-aarch64 -----------------------------------------------------------------
+
+# SmolLM2-135M's linear shapes (in, out): fused qkv 576 -> 960 (decode: one row), down_proj 1536 -> 576 (prefill: a
+# block of 4 rows on a decoded weight tile + 2 tail rows), fused gate_up 576 -> 3072 (batch decode of 2 sequences:
+# straight from the packed weights)
+PI_CASES = [(1, 1, 576, 960), (None, 6, 1536, 576), (None, 2, 576, 3072)]
+PI_BOARDS = [("cortex-a76", "sdotx4"), ("cortex-a72", "genericx4")]
+_BOARD_SCRIPT = """
+import sys, numpy as np, tvm
+d = sys.argv[1]
+for i in range(int(sys.argv[2])):
+    z = np.load(f"{d}/case{i}.npz")
+    lib = tvm.runtime.load_module(f"{d}/case{i}_{sys.argv[3]}.so")
+    out = tvm.runtime.empty(z["expect"].shape, "float32", tvm.cpu())
+    lib["main"](*[tvm.runtime.tensor(z[k], tvm.cpu()) for k in ("x", "qw", "qs", "qm")], out)
+    np.save(f"{d}/case{i}_{sys.argv[3]}.npy", out.numpy())
+"""
+
+
+def _adversarial(rng, m: int, in_f: int, out_f: int, scheme):
+    """x with groups of very different size (1e-6 .. 1e5), an all-zero group, a constant group (every byte 127),
+    a group of +-max (bytes +-127) and exact rounding ties (x * 127 / max = k + 0.5); weights with every nibble 15,
+    every nibble 0, random words and extreme fp16 scale / min."""
+    x = rng.standard_normal((m, in_f)).astype(np.float32)
+    g = x.reshape(m, -1, 32)
+    g *= rng.choice(np.float32([1e-6, 1e-3, 1, 1e3, 1e5]), size=(m, g.shape[1], 1))
+    g[0, 0] = 0
+    g[0, 1] = 3.5
+    g[-1, 2] = np.where(np.arange(32) % 2, 1e4, -1e4)
+    g[0, 3] = np.float32([127] + [k + 0.5 for k in range(-15, 16)])  # ties: rint goes to even (llama.cpp's too)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    qw, qs, qm = ref.quantize(w, scheme)
+    qw[0] = 0xFFFFFFFF
+    qw[1] = 0
+    qw[2] = rng.integers(0, 2**32, qw.shape[1], dtype=np.uint64).astype(np.uint32)
+    qs[3], qm[3] = np.float16(6e4), np.float16(-6e4)
+    return x, qw, qs, qm
+
+
+def test_aarch64_paths_match_numpy_under_qemu(arm64_root, tmp_path):
+    """The Pi 5's sdot path and the Pi 4's portable path, built for their cores and run under qemu on SmolLM2's
+    shapes with adversarial values: both equal the numpy definition to float rounding, and each other bit for bit
+    (their integer dot products are exact, and everything after them is the same float code)."""
+    import tvm
+
+    scheme = get_scheme("q4f32_2")
+    rng = np.random.default_rng(7)
+    expects = []
+    for i, (rows, m, in_f, out_f) in enumerate(PI_CASES):
+        x, qw, qs, qm = _adversarial(rng, m, in_f, out_f, scheme)
+        expects.append(ref.linear_int8(x, qw, qs, qm, scheme))
+        np.savez(tmp_path / f"case{i}.npz", x=x, qw=qw, qs=qs, qm=qm, expect=expects[-1])
+        for mcpu, path in PI_BOARDS:
+            func, lib = _build(_target(mcpu, A64), rows, in_f, out_f, scheme, False)
+            assert func.attrs["edgellm.dot"] == path
+            lib.export_library(str(tmp_path / f"case{i}_{mcpu}.so"),
+                               fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    for mcpu, _ in PI_BOARDS:
+        run_on_board(arm64_root, mcpu, _BOARD_SCRIPT, str(tmp_path), str(len(PI_CASES)), mcpu)
+    for i, expect in enumerate(expects):
+        got = {mcpu: np.load(tmp_path / f"case{i}_{mcpu}.npy") for mcpu, _ in PI_BOARDS}
+        for mcpu, out in got.items():
+            np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max(),
+                                       err_msg=f"{mcpu} case {PI_CASES[i]}")
+        np.testing.assert_array_equal(got["cortex-a76"], got["cortex-a72"], err_msg=f"sdot vs generic {PI_CASES[i]}")

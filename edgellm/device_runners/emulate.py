@@ -63,14 +63,20 @@ def check_emulatable(artifact: str | Path) -> tuple[Artifact, str]:
     return art, qemu_cpu_for(art.manifest)
 
 
+def python_command(root: Path, cpu: str, args: list[str], path: list[Path] = (), threads: int = 2
+                   ) -> tuple[list[str], dict]:
+    """(argv, env) running the arm64 root's python3 with `args` under qemu-aarch64-static as core `cpu`, the
+    aarch64 TVM runtime and `path` importable."""
+    env = {**os.environ, "QEMU_CPU": cpu, "TVM_NUM_THREADS": str(threads),
+           "PYTHONPATH": ":".join([str(root / "opt" / "edgellm-site"), *map(str, path)])}
+    env.pop("PYTHONHOME", None)
+    return ["qemu-aarch64-static", "-L", str(root), str(root / "usr" / "bin" / "python3"), *args], env
+
+
 def _command(artifact: Path, request: dict, root: Path, src: Path) -> tuple[list[str], dict]:
     _art, cpu = check_emulatable(artifact)
-    env = {**os.environ, "QEMU_CPU": cpu,
-           "PYTHONPATH": f"{root / 'opt' / 'edgellm-site'}:{src}", "TVM_NUM_THREADS": str(request.get("threads") or 2)}
-    env.pop("PYTHONHOME", None)
-    cmd = ["qemu-aarch64-static", "-L", str(root), str(root / "usr" / "bin" / "python3"), "-m",
-           "edgellm.device_runners.remote", str(Path(artifact).resolve()), json.dumps(request)]
-    return cmd, env
+    return python_command(root, cpu, ["-m", "edgellm.device_runners.remote", str(Path(artifact).resolve()),
+                                      json.dumps(request)], [src], request.get("threads") or 2)
 
 
 def stream_remote(artifact: str | Path, request: dict, timeout: float = 1800) -> Iterator[dict]:
