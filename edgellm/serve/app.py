@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from fastapi import Request
 
@@ -23,65 +20,14 @@ from ..device_runners.batch import (BatchScheduler, Failed, Finished, GenRequest
                                      QueueFullError, Token)
 from ..device_runners.engine import Engine, PromptError, PromptTooLongError
 from ..device_runners.text import ChatTemplateError
+from .args import ServeArgs
+from .connection import head_timeout_protocol
+from .metrics import Metrics
 from .protocol import ParsedRequest, RequestError, parse_chat, parse_completion
 from .reasoning import ReasoningParser, starts_in_reasoning
-from .connection import head_timeout_protocol
 from .security import AuthError, HmacVerifier, check_api_key, is_loopback
 
 log = logging.getLogger("edgellm.serve")
-
-
-@dataclass
-class ServeArgs:
-    artifact: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    hmac_secret: str | None = None
-    hmac_window: float = 300.0
-    max_body_bytes: int = 1 << 20
-    max_active: int | None = None  # default: the artifact's max_batch
-    max_queue: int = 64
-    queue_timeout: float = 60.0
-    batch_min: int | None = None  # smallest batch decoded with batch_decode; None: measured at start
-    threads: int | None = None
-    model_id: str | None = None  # default: the artifact directory's name
-    log_level: str = "info"
-    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
-    head_timeout: float = 10.0  # a request line + headers must arrive within this (slow-loris clients)
-    body_timeout: float = 30.0  # the body must arrive within this once the head has (408 otherwise)
-
-    def __post_init__(self) -> None:
-        self.artifact = Path(self.artifact)
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port {self.port} is not a TCP port (0-65535)")
-        if self.max_body_bytes < 1024:
-            raise ValueError(f"--max-body-bytes {self.max_body_bytes} is too small; use at least 1024")
-        if self.max_active is not None and self.max_active < 1:
-            raise ValueError(f"--max-active must be >= 1, got {self.max_active}; leave it out to use the artifact's "
-                             "max_batch")
-        if self.max_queue < 0:
-            raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
-        if self.batch_min is not None and self.batch_min < 1:
-            raise ValueError(f"--batch-min must be >= 1, got {self.batch_min}; leave it out to measure at start")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}; leave it out to use the physical cores")
-        for flag, v in (("--queue-timeout", self.queue_timeout), ("--hmac-window", self.hmac_window),
-                        ("keep_alive_timeout", self.keep_alive_timeout), ("head_timeout", self.head_timeout),
-                        ("body_timeout", self.body_timeout)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{flag} must be a number of seconds > 0, got {v}")
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("--api-key is empty; pass a non-empty key or leave the option out")
-        if self.hmac_secret is not None and not self.hmac_secret:
-            raise ValueError("--hmac-secret is empty; pass a non-empty secret or leave the option out")
-        self.model_id = self.model_id or self.artifact.resolve().name
-
-    def display(self) -> str:
-        d = asdict(self)
-        for k in ("api_key", "hmac_secret"):
-            d[k] = "(set)" if d[k] else None
-        return "\n".join(f"  {k:<15} {v}" for k, v in d.items())
 
 
 def _error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -138,6 +84,7 @@ class Server:
         self.scheduler = BatchScheduler(self.engine, args.max_active, args.max_queue, args.queue_timeout,
                                         args.batch_min)
         self.hmac = HmacVerifier(args.hmac_secret, args.hmac_window) if args.hmac_secret else None
+        self.metrics = Metrics(self.scheduler)
         self.started = time.time()
         self.app = self._build_app()
 
@@ -190,7 +137,7 @@ class Server:
 
         @app.get("/metrics")
         async def metrics():
-            return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4")
+            return PlainTextResponse(self.metrics.text(), media_type=self.metrics.content_type)
 
         @app.get("/v1/models")
         async def models(request: Request):
@@ -448,42 +395,7 @@ class Server:
 
     # ---- metrics --------------------------------------------------------------------------------------------------
     def metrics_text(self) -> str:
-        s = self.scheduler.stats()
-        rows = [
-            ("edgellm_prefill_tokens_per_second", "gauge", "prefill throughput over the last 10 s of prefill work",
-             s.prefill_tps_recent),
-            ("edgellm_decode_tokens_per_second", "gauge", "decode throughput (all sequences) over the last 10 s of "
-             "decode work", s.decode_tps_recent),
-            ("edgellm_prefill_tokens_total", "counter", "prompt tokens prefilled", s.prefill_tokens_total),
-            ("edgellm_prefill_seconds_total", "counter", "seconds spent in prefill", s.prefill_seconds_total),
-            ("edgellm_decode_tokens_total", "counter", "tokens produced by decode steps", s.decode_tokens_total),
-            ("edgellm_decode_seconds_total", "counter", "seconds spent in decode steps", s.decode_seconds_total),
-            ("edgellm_decode_steps_total", "counter", "decode steps (one token for every active sequence)",
-             s.decode_steps_total),
-            ("edgellm_batch_decode_calls_total", "counter", "decode steps run as one batch_decode call",
-             s.batch_decode_calls_total),
-            ("edgellm_batch_decode_min", "gauge", "smallest batch run with batch_decode (smaller: per-sequence "
-             "decode)", s.batch_min),
-            ("edgellm_queue_length", "gauge", "requests waiting for a sequence slot or KV pages", s.queue_length),
-            ("edgellm_active_sequences", "gauge", "sequences in the KV cache", s.active_sequences),
-            ("edgellm_kv_pages_in_use", "gauge", "KV cache pages holding tokens", s.kv_pages_in_use),
-            ("edgellm_kv_pages_reserved", "gauge", "KV cache pages reserved by admitted requests",
-             s.kv_pages_reserved),
-            ("edgellm_kv_pages_reserved_active", "gauge", "KV cache pages the active sequences reserved (differs "
-             "from edgellm_kv_pages_reserved only on a leak)", s.kv_pages_reserved_active),
-            ("edgellm_kv_pages_total", "gauge", "KV cache pages", s.kv_pages_total),
-            ("edgellm_requests_rejected_total", "counter", "requests refused with 503 (queue full or timed out)",
-             s.rejected_total),
-        ]
-        out = []
-        for name, typ, help_, val in rows:
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {val:g}" if isinstance(val, float)
-                    else f"{name} {val}"]
-        out += ["# HELP edgellm_requests_finished_total generations finished, by reason",
-                "# TYPE edgellm_requests_finished_total counter"]
-        for reason in sorted(set(s.finished) | {"stop", "length", "cancelled", "error"}):
-            out.append(f'edgellm_requests_finished_total{{reason="{reason}"}} {s.finished.get(reason, 0)}')
-        return "\n".join(out) + "\n"
+        return self.metrics.text()
 
 
 def create_app(args: ServeArgs, engine: Engine | None = None):
