@@ -185,16 +185,20 @@ class Server:
         if declared is not None and declared.isdigit() and len(declared) >= 20:
             raise RequestError(f"request body is over {limit} bytes (--max-body-bytes)", code="body_too_large",
                                status=413)
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(f"request body exceeds {limit} bytes (--max-body-bytes)",
+                                       code="body_too_large", status=413)
+                chunks.append(chunk)
+
         try:
-            async with asyncio.timeout(self.args.body_timeout):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestError(f"request body exceeds {limit} bytes (--max-body-bytes)",
-                                           code="body_too_large", status=413)
-                    chunks.append(chunk)
-        except TimeoutError:
+            await asyncio.wait_for(read(), self.args.body_timeout)
+        except asyncio.TimeoutError:
             raise RequestError(f"the request body did not arrive within {self.args.body_timeout:g} s",
                                code="request_timeout", status=408) from None
         return b"".join(chunks)
