@@ -4,9 +4,7 @@ Raspberry Pi artifacts run under qemu-aarch64-static and must agree with the hos
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from edgellm.compile import CompileArgs, compile_model
 from edgellm.config import RuntimeOptions
 from edgellm.targets import PRESETS, TargetError, resolve
 from edgellm.targets.binfmt import describe_library
+from pi_emulation import arm64_root  # noqa: F401  (fixture)
 
 REQUIRED = ["host", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90", "jetson-orin", "jetson-xavier", "rpi4", "rpi5",
             "metal", "ios", "android", "vulkan"]
@@ -33,7 +32,6 @@ EXPECT = {  # preset -> (library, object format, machine, fatbin arch)
     "metal": ("tar", "macho", "arm64", None), "ios": ("tar", "macho", "arm64", None),
     "android": ("tar", "elf", "aarch64", None),
 }
-IN_CI = os.environ.get("CI") == "true"
 NEEDS_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA presets build their fatbin with nvcc "
                                 "(CUDA toolkit), which is not on PATH here")
 
@@ -153,19 +151,6 @@ def test_cross_artifact_refused_on_host_with_fix(matrix):
 
 # ---- Raspberry Pi under emulation -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def arm64_root():
-    tools = [t for t in ("qemu-aarch64-static", "debootstrap") if shutil.which(t) is None]
-    if tools:
-        msg = f"needs {', '.join(tools)} (apt-get install qemu-user-static debootstrap; .ci/run does)"
-        pytest.fail(msg) if IN_CI else pytest.skip(msg)
-    root = Path(os.environ.get("EDGELLM_ARM64_ROOT", Path.home() / ".cache" / "edgellm" / "arm64-rootfs"))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "arm64-rootfs.sh"
-    subprocess.run(["bash", str(script), str(root)], check=True, capture_output=True, timeout=900)
-    os.environ["EDGELLM_ARM64_ROOT"] = str(root)
-    return root
-
-
 # q4f32_2 on both boards: its kernels differ by ISA (sdot on the Pi 5's Cortex-A76, the portable integer path on
 # the Pi 4). q4f32_1's kernels are the same code on both (only -mcpu differs), so one board covers them (CI time).
 @pytest.mark.parametrize("board,scheme", [("rpi4", "q4f32_1"), ("rpi4", "q4f32_2"), ("rpi5", "q4f32_2")])
@@ -196,17 +181,23 @@ def test_cli_run_emulate(arm64_root, matrix):
     assert "decode: 4 tokens" in r.stderr and "emulated" in r.stderr
 
 
-@pytest.mark.slow
-def test_smollm2_rpi5_first_tokens_under_qemu(arm64_root, compiled, tmp_path):
-    """The real model, q4f32_1 for the Pi 5, emulated: same first greedy tokens as the host build."""
-    from edgellm.device_runners.emulate import run_remote
-    from edgellm.device_runners.engine import Engine
+def test_cli_emulate_without_arm64_root_names_the_script(matrix, monkeypatch, tmp_path):
+    """No arm64 root (or no qemu): one line naming scripts/arm64-rootfs.sh, exit 1, no traceback."""
+    monkeypatch.setenv("EDGELLM_ARM64_ROOT", str(tmp_path / "no-root"))
+    r = CliRunner().invoke(cli, ["run", str(matrix("rpi5")), "hi", "--no-chat", "-n", "1", "--emulate"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "scripts/arm64-rootfs.sh" in r.stderr
+    assert str(tmp_path / "no-root") in r.stderr or "qemu-aarch64-static" in r.stderr
 
-    art = tmp_path / "smol-rpi5"
-    compile_model(CompileArgs(model=None, output=art, target="rpi5", quant="q4f32_1", runtime=RuntimeOptions(512, 128)))
-    host = Engine(compiled("smollm2", "q4f32_1"))
-    ids = host.prompt_ids("What is the capital of France?")
-    expect = list(host.generate_ids(ids, 4))
-    res = run_remote(art, {"op": "generate_ids", "ids": ids, "max_new_tokens": 4})
-    assert res[-1]["tokens"] == expect
-    assert host.codec.decode(expect).startswith("The capital of")
+
+def test_cli_emulate_refuses_an_x86_artifact_for_its_architecture(matrix, monkeypatch, tmp_path):
+    """--emulate on a host (x86-64) build names the architecture and the fix, before looking for the arm64 root."""
+    monkeypatch.setenv("EDGELLM_ARM64_ROOT", str(tmp_path / "no-root"))
+    r = CliRunner().invoke(cli, ["run", str(matrix("host")), "hi", "--no-chat", "-n", "1", "--emulate"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "x86_64" in r.stderr and "aarch64" in r.stderr and "without --emulate" in r.stderr
+    assert "root filesystem" not in r.stderr
+
+
+# The real SmolLM2 on the Pi 4 and Pi 5 cores under qemu: tests/test_pi_fidelity.py
