@@ -1,13 +1,24 @@
-"""OpenAI request bodies -> typed requests, with 400-style errors that name the field and the fix."""
+"""OpenAI request bodies -> typed requests (pydantic models), with 400-style errors that name the field and the fix.
+
+`parse_json_body` turns the raw bytes into JSON, refusing what Python's json module lets through but nothing
+downstream can use; `parse_chat` / `parse_completion` validate it with the models below (strict types: no "5" for 5,
+no true for 1; unknown fields are ignored, as OpenAI clients send many) and return a `ParsedRequest`.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import re
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..device_runners.sampling import MAX_SEED, SamplingParams
+
+MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 deep; chat_template_kwargs may add a few
+MAX_STOP_STRINGS = 16
+_TOKEN_ID = re.compile(r"[0-9]{1,12}")
 
 
 class RequestError(ValueError):
@@ -34,118 +45,209 @@ class ParsedRequest:
 
 
 def _show(v) -> str:
-    """A short repr for an error message (a request may hold a 4000-digit integer, whose repr raises)."""
+    """A short repr for an error message (a request may hold a 4000-digit integer)."""
     if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
         return f"a {v.bit_length()}-bit integer"
     r = repr(v)
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _get(body: dict, name: str, types: type | tuple, default=None, check=None, hint: str = ""):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) and types in (int, float, (int, float)):
-        raise RequestError(f"'{name}' must be a number, got {v!r}", name)
-    if not isinstance(v, types):
-        want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise RequestError(f"'{name}' must be {want}, got {type(v).__name__}", name)
-    if check is not None and not check(v):
-        raise RequestError(f"'{name}' = {_show(v)} is out of range{': ' + hint if hint else ''}", name)
-    return v
+# ---- the body --------------------------------------------------------------------------------------------------------
+def _reject_constant(name: str):
+    raise RequestError(f"the request body holds {name}, which is not JSON; send finite numbers", code="invalid_json")
 
 
-_TOKEN_ID = re.compile(r"[0-9]{1,12}")
+def _check_json(value) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings with lone surrogates (from \\ud800-style escapes; they
+    cannot be encoded as UTF-8, so no tokenizer or response encoder can take them)."""
+    stack = [(value, 1, "body")]
+    while stack:
+        v, depth, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                                   "send valid Unicode text", code="invalid_json") from None
+            continue
+        if not isinstance(v, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        for k, item in items:
+            if isinstance(k, str):
+                stack.append((k, depth, f"{where} (a key)"))
+            stack.append((item, depth + 1, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]"))
 
 
-def _common(body: Any) -> dict:
+def parse_json_body(body: bytes) -> Any:
+    """JSON from request bytes: not UTF-8, not JSON, NaN/Infinity, deeper than MAX_JSON_DEPTH, an integer over 4300
+    digits or a lone surrogate are a RequestError (400), never an exception of the json module."""
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise RequestError(f"the request body is not usable JSON: {str(exc)[:200]}", code="invalid_json") from None
+    _check_json(value)
+    return value
+
+
+# ---- the models ------------------------------------------------------------------------------------------------------
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, hide_input_in_errors=True)
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class _Common(_Model):
+    n: int | None = None
+    stop: Any = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # below sampling.GREEDY_BELOW: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    logit_bias: dict[str, Any] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n):
+        if n is not None and n != 1:
+            raise ValueError(f"n = {_show(n)} is not supported; this server returns one choice (n=1)")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop):
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not (isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop)):
+            raise ValueError(f"must be a string or a list of up to {MAX_STOP_STRINGS} strings")
+        return [s for s in stop if s]  # an empty stop string would end every answer before it starts
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1, got {_show(v)}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias):
+        out = {}
+        for k, v in (bias or {}).items():
+            if not _TOKEN_ID.fullmatch(k):
+                raise ValueError(f"key {_show(k)} is not a token id (a decimal integer)")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise ValueError(f"value for {k} must be a number in [-100, 100]")
+            out[int(k)] = float(v)
+        return out
+
+    def common(self) -> dict:
+        try:
+            sampling = SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
+                                      top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed,
+                                      stop=list(self.stop or []))
+        except ValueError as exc:  # the fields above should have caught it; never a 500
+            raise RequestError(str(exc)) from None
+        return dict(stream=bool(self.stream), include_usage=bool(self.stream_options and
+                                                                 self.stream_options.include_usage),
+                    max_tokens=self.max_completion_tokens or self.max_tokens, sampling=sampling,
+                    logit_bias=self.logit_bias or {})
+
+
+class Message(_Model):
+    model_config = ConfigDict(extra="allow")  # other keys (name, tool_calls, ...) go to the chat template
+    role: str
+    content: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content):
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                else:
+                    raise ValueError("only text parts ({'type': 'text', 'text': ...}) are supported")
+            return "".join(parts)
+        raise ValueError("must be a string or a list of text parts")
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    return_reasoning: bool | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: Any
+    echo: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt):
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        raise ValueError("must be a string, a list of one string, or a non-empty list of token ids")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo):
+        if echo:
+            raise ValueError("is not supported")
+        return echo
+
+
+def _validate(model: type[_Model], body: Any) -> _Model:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    n = _get(body, "n", int, 1)
-    if n != 1:
-        raise RequestError(f"'n' = {_show(n)} is not supported; this server returns one choice (n=1)", "n")
-    stop = body.get("stop")
-    if stop is None:
-        stops = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
-        stops = stop
-    else:
-        raise RequestError("'stop' must be a string or a list of up to 16 strings", "stop")
-    stops = [s for s in stops if s]  # an empty stop string would end every answer before it starts
-    max_tokens = _get(body, "max_completion_tokens", int, None) or _get(body, "max_tokens", int, None)
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
-    # temperatures below sampling.GREEDY_BELOW are greedy; NaN and infinities never get here (json refuses them)
-    temperature = float(_get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "use 0..2"))
-    top_p = float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "use (0, 1]"))
-    seed = _get(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED, "use an integer in [0, 2**64)")
-    bias_in = _get(body, "logit_bias", dict, {})
-    logit_bias = {}
-    for k, v in bias_in.items():
-        if not _TOKEN_ID.fullmatch(k):
-            raise RequestError(f"'logit_bias' key {_show(k)} is not a token id (a decimal integer)", "logit_bias")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise RequestError(f"'logit_bias' value for {k} must be a number in [-100, 100]", "logit_bias")
-        logit_bias[int(k)] = float(v)
-    stream = bool(_get(body, "stream", bool, False))
-    opts = _get(body, "stream_options", dict, {})
     try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, stop=list(stops))
-    except ValueError as exc:  # the checks above should have caught it; never a 500
-        raise RequestError(str(exc)) from None
-    return dict(
-        stream=stream, include_usage=bool(opts.get("include_usage", False)), max_tokens=max_tokens,
-        sampling=sampling, logit_bias=logit_bias,
-    )
-
-
-def _text_of(content: Any, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise RequestError(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-        return "".join(parts)
-    raise RequestError(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = [p for p in err["loc"] if isinstance(p, (str, int))]
+        param = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(loc)) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required"
+        raise RequestError(f"'{param}' {msg}" if param else msg, param) from None
 
 
 def parse_chat(body: Any) -> ParsedRequest:
-    common = _common(body)
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-        messages.append({**{k: v for k, v in m.items() if k not in ("content",)}, "content": _text_of(m.get("content"), i)})
-    kwargs = dict(_get(body, "chat_template_kwargs", dict, {}))
-    enable_thinking = _get(body, "enable_thinking", bool, None)
-    if enable_thinking is not None:
-        kwargs["enable_thinking"] = enable_thinking
-    return_reasoning = _get(body, "return_reasoning", bool, True)
-    return ParsedRequest(**common, messages=messages, template_kwargs=kwargs, return_reasoning=return_reasoning)
+    req = _validate(ChatRequest, body)
+    messages = [{**(m.model_extra or {}), "role": m.role, "content": m.content} for m in req.messages]
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.enable_thinking is not None:
+        kwargs["enable_thinking"] = req.enable_thinking
+    return ParsedRequest(**req.common(), messages=messages, template_kwargs=kwargs,
+                         return_reasoning=True if req.return_reasoning is None else req.return_reasoning)
 
 
 def parse_completion(body: Any) -> ParsedRequest:
-    common = _common(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        pass
-    elif not isinstance(prompt, str):
-        raise RequestError("'prompt' must be a string, a list of one string, or a list of token ids", "prompt")
-    if body.get("echo"):
-        raise RequestError("'echo' is not supported", "echo")
+    req = _validate(CompletionRequest, body)
+    common = req.common()
     if common["max_tokens"] is None:
         common["max_tokens"] = 16  # OpenAI's default for /v1/completions
-    return ParsedRequest(**common, prompt=prompt)
+    return ParsedRequest(**common, prompt=req.prompt)
