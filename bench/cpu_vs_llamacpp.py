@@ -100,8 +100,8 @@ def kernel_breakdown(quant: str, threads: int) -> list[dict]:
     import numpy as np
     import tvm
 
-    from edgellm.compile.schedules import schedule_kernel
-    from edgellm.quant import SCHEMES, kernels
+    from edgellm.kernels import KernelRegistry
+    from edgellm.quant import SCHEMES
     from edgellm.quant import reference as ref
     from edgellm.targets import resolve
 
@@ -110,9 +110,7 @@ def kernel_breakdown(quant: str, threads: int) -> list[dict]:
     for name, in_f, out_f, count in [("qkv_proj", 576, 960, 30), ("o_proj", 576, 576, 30),
                                      ("gate_up_proj", 576, 3072, 30), ("down_proj", 1536, 576, 30),
                                      ("lm_head", 576, 49152, 1)]:
-        with target:  # int8-activation kernels pick their dot-product instructions from the current target
-            f = kernels.linear(1, in_f, out_f, s, s.act_dtype, False)
-        f = f if "tirx.is_scheduled" in f.attrs else schedule_kernel(f, target)
+        f = KernelRegistry(target).linear(1, in_f, out_f, s, s.act_dtype, False)  # scheduled for the target
         fn = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)["main"]
         w = np.random.default_rng(0).standard_normal((out_f, in_f)).astype(np.float32)
         stored = list(ref.quantize(w, s)) if s.quantized else [w.astype(s.weight_dtype)]

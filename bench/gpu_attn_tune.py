@@ -1,4 +1,4 @@
-"""Ragged prefill attention on a CUDA GPU: ours (models/gpu_attention.py, mma.sync) against TVM's
+"""Ragged prefill attention on a CUDA GPU: ours (kernels/cuda_attention.py, mma.sync) against TVM's
 `_attention_prefill_ragged`, both checked against numpy and timed. Build here, check and time there.
 
   python bench/gpu_attn_tune.py prepare [--arch sm_90]
@@ -10,7 +10,7 @@
       Then end to end (artifacts built by `prepare`, our kernel swapped in): a tiny fp16 Llama with head_dim 64 and
       group size 3 against transformers on the GPU (one prefill; and a chunked prefill, whose second chunk merges
       this kernel's output with the paged-prefill kernel's through lse), and Llama-3-8B-shape pp512 / pp128 built
-      with ours and with TVM's kernel (EDGELLM_CUDA_ATTN=tvm).
+      with ours and with TVM's kernel (--opt cuda_attention=tvm).
       Writes $OUT/attn.json and prints a table.
 """
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 # tiny Llama for the end-to-end check: head_dim 64 (our kernel applies), 6 q heads over 2 kv heads
 TINY = {"model_type": "llama", "hidden_size": 384, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 6, "num_key_value_heads": 2, "tie_word_embeddings": False}
-ATTN = ("mma", "tvm")  # EDGELLM_CUDA_ATTN of the two Llama-3-8B-shape builds: ours, TVM's kernel
+ATTN = ("mma", "tvm")  # --opt cuda_attention= of the two Llama-3-8B-shape builds: ours, TVM's kernel
 PROMPT = [int(x) for x in np.random.default_rng(5).integers(3, 320, 150)]
 
 # name: (kv heads, q heads, head_dim)
@@ -50,7 +50,7 @@ def build(arch: str) -> None:
 
     from edgellm._tvm import compiler
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.models.gpu_attention import attention_prefill_ragged_cuda
+    from edgellm.kernels.cuda_attention import attention_prefill_ragged_cuda
     from edgellm.targets import resolve
 
     target = resolve(f"cuda-{arch.replace('_', '')}").tvm()
@@ -77,7 +77,7 @@ def build_artifacts(arch: str) -> None:
     ckpt = tiny_models.make_checkpoint(DEV / "ckpt" / "tiny", "llama_d64")
     compile_model(CompileArgs(model=str(ckpt), output=DEV / "art" / "tiny-q0f16", target=preset, quant="q0f16",
                               runtime=RuntimeOptions(256, 256, 16, 4)))
-    gpu_prepare.build_ab_shapes(DEV, arch, "EDGELLM_CUDA_ATTN", ATTN)  # ours, and TVM's kernel for the A/B
+    gpu_prepare.build_ab_shapes(DEV, arch, "cuda_attention", ATTN)  # ours, and TVM's kernel for the A/B
 
 
 def prepare(args) -> None:

@@ -4,7 +4,7 @@
       builds .device-gemm/: site/ (runtime-only TVM + tvm_ffi for the GPU's Python), gemm.so (the first tensor-core
       kernel `tc_*` as baseline and every int4_gemm_tc2 config `tc2<config>_*` at Llama-3-8B shapes, plus a ragged
       576 -> 960 with bias), and unless --no-artifacts the Llama-3-8B shape artifacts (shapes only) built with the
-      first kernel (EDGELLM_CUDA_GEMM=tc1) and the new one (tc2) for an end-to-end pp512 A/B and a prefill profile.
+      first kernel (--opt cuda_gemm=mma) and the new one (mma-pipelined) for an end-to-end pp512 A/B and a prefill profile.
   PYTHONUNBUFFERED=1 PYTHONPATH=.device-gemm/site:. python3 bench/gpu_gemm_tune.py run     (on the GPU machine)
       checks every kernel against numpy (float32 matmul on the weights dequantized by quant/reference.py; outputs
       poisoned with NaN first; fresh random inputs per shape; 100, 128 and 512 rows), times them (time_evaluator
@@ -39,7 +39,7 @@ CONFIGS = ["128x128", "128x128b2", "128x128k", "128x128kb2", "128x128w4kb2", "64
 
 
 def variants(k: int, n: int) -> dict[str, tuple[str, str | None]]:
-    from edgellm.quant import gpu_gemm
+    from edgellm.kernels import cuda_gemm as gpu_gemm
 
     return {**{c: (c, None) for c in CONFIGS}, "auto": gpu_gemm.tc2_choice(k, n)}
 
@@ -52,17 +52,17 @@ def build_gemm(arch: str) -> None:
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.quant import gpu_gemm
+    from edgellm.kernels import cuda_gemm as gpu_gemm
     from edgellm.targets import resolve
 
     target = resolve(f"cuda-{arch.replace('_', '')}").tvm()
     funcs = {}
     for k, n in SHAPES:
-        funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False, half2=gpu_gemm.TC_HALF2)
+        funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, False, half2=True)
         for v, (c, small) in variants(k, n).items():
             funcs[f"tc2{v}_{k}_{n}"] = gpu_gemm.int4_gemm_tc2(k, n, False, c, small)
     k, n = RAGGED
-    funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, True, half2=gpu_gemm.TC_HALF2)
+    funcs[f"tc_{k}_{n}"] = gpu_gemm.int4_gemm_tc(k, n, True, half2=True)
     for v, (c, small) in variants(k, n).items():
         funcs[f"tc2{v}_{k}_{n}"] = gpu_gemm.int4_gemm_tc2(k, n, True, c, small)
     prepare_cuda_build()
@@ -74,7 +74,7 @@ def build_gemm(arch: str) -> None:
 def build_artifacts(arch: str) -> None:
     import gpu_prepare
 
-    gpu_prepare.build_ab_shapes(DEV, arch, "EDGELLM_CUDA_GEMM", ("tc1", "tc2"))
+    gpu_prepare.build_ab_shapes(DEV, arch, "cuda_gemm", ("mma", "mma-pipelined"))
 
 
 def prepare(args) -> None:
@@ -170,7 +170,7 @@ def run_models() -> None:
     from edgellm.device_runners.bench import run_bench
     from edgellm.device_runners.engine import Engine
 
-    for mode in ("tc1", "tc2"):
+    for mode in ("mma", "mma-pipelined"):
         path = DEV / "art" / f"llama-3-8b-{mode}"
         if not path.exists():
             continue

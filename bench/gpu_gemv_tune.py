@@ -61,36 +61,32 @@ def prepare() -> None:
     from gpu_prepare import new_bundle
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.compile.gpu_schedules import (
-        _int4_gemv_variant,
-        schedule_gpu_int4_gemv,
-        schedule_gpu_kernel,
-    )
-    from edgellm.quant import gpu_kernels, kernels
+    from edgellm.kernels import KernelRegistry
+    from edgellm.kernels import cuda_gemv as gpu_kernels
+    from edgellm.kernels.schedule_gpu import schedule_gpu_int4_gemv
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
 
     new_bundle(DEV)
     target = resolve("cuda-sm90").tvm()
     scheme = get_scheme("q4f16_1")
+    registry = KernelRegistry(target)  # what a compile with the default KernelOptions picks
     funcs = {}
     for k, n in SHAPES.values():
         funcs[f"base_{k}_{n}"] = schedule_gpu_int4_gemv(  # the TE kernel and schedule the pipeline used before
             gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target)
         for w, r, u, ks, fence in H2_CONFIGS:
             funcs[f"{h2_name(w, r, u, ks, fence)}_{k}_{n}"] = gpu_kernels.int4_gemv_h2(k, n, False, w, r, u, ks, fence)
-        # what the pipeline picks for a q4f16_1 `linear` gemv of this shape (EDGELLM_CUDA_GEMV as set)
-        linear = kernels.linear(1, k, n, scheme, "float16", False)
-        assert _int4_gemv_variant(linear, target) is not None
-        funcs[f"pick_{k}_{n}"] = schedule_gpu_kernel("gemv", linear, target)
+        # what a compile picks for a q4f16_1 `linear` gemv of this shape (default KernelOptions)
+        funcs[f"pick_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", False)
     for k, n in EXTRA_SHAPES.values():
         funcs[f"base_{k}_{n}"] = schedule_gpu_int4_gemv(
             gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target)
-        funcs[f"pick_{k}_{n}"] = schedule_gpu_kernel("gemv", kernels.linear(1, k, n, scheme, "float16", False), target)
+        funcs[f"pick_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", False)
         for cfg in EXTRA_H2:
             funcs[f"{h2_name(*cfg)}_{k}_{n}"] = gpu_kernels.int4_gemv_h2(k, n, False, *cfg)
     for k, n, bias in CHECK_ONLY.values():
-        funcs[f"check_{k}_{n}"] = schedule_gpu_kernel("gemv", kernels.linear(1, k, n, scheme, "float16", bias), target)
+        funcs[f"check_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", bias)
     prepare_cuda_build()
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     t0 = time.time()

@@ -133,13 +133,12 @@ def build_artifacts(arch: str, shapes: list[str]) -> None:
                                   quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
 
 
-def build_ab_shapes(dst: Path, arch: str, env: str, modes: tuple[str, ...], shape: str = "llama-3-8b") -> None:
-    """`shape` built with shapes only once per value of the environment switch `env` (an A/B of two kernels in
+def build_ab_shapes(dst: Path, arch: str, option: str, modes: tuple[str, ...], shape: str = "llama-3-8b") -> None:
+    """`shape` built with shapes only once per value of the kernel option `option` (an A/B of two kernels in
     whole-model runs): dst/art/{shape}-{mode}."""
-    import os
-
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
+    from edgellm.kernels import KernelOptions
 
     global OUT
     OUT, saved = dst, OUT  # shape_folder writes under OUT/ckpt
@@ -148,47 +147,40 @@ def build_ab_shapes(dst: Path, arch: str, env: str, modes: tuple[str, ...], shap
     finally:
         OUT = saved
     for mode in modes:
-        os.environ[env] = mode
-        try:
-            compile_model(CompileArgs(model=str(folder), output=dst / "art" / f"{shape}-{mode}",
-                                      target=f"cuda-{arch.replace('_', '')}", quant="q4f16_1",
-                                      runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
-        finally:
-            os.environ.pop(env)
+        compile_model(CompileArgs(model=str(folder), output=dst / "art" / f"{shape}-{mode}",
+                                  target=f"cuda-{arch.replace('_', '')}", quant="q4f16_1",
+                                  runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
+                                  kernel_options=KernelOptions(**{option: mode})))
 
 
 def build_gemv_kernels(arch: str) -> None:
     """kernels.so, for every GEMV_SHAPES entry (fp16 x and output, q4f16_1 weights), each callable as
     (x, q_weight, q_scale, out):
-      new_IN_OUT   the decode GEMV the pipeline picks (quant/gpu_kernels.int4_gemv_h2, fp16x2 arithmetic)
-      te_IN_OUT    the previous default (quant/gpu_kernels.int4_gemv with its schedule)
+      new_IN_OUT   the decode GEMV the pipeline picks (kernels/cuda_gemv.int4_gemv_h2, fp16x2 arithmetic)
+      te_IN_OUT    the previous default (kernels/cuda_gemv.int4_gemv with its schedule)
       old_IN_OUT   kernels.linear with the generic GPU schedule (the first one)
       gemm_IN_OUT  the FMA tiled prefill GEMM (symbolic rows)
-      tc_IN_OUT    the first tensor-core prefill GEMM (quant/gpu_gemm.int4_gemm_tc, fp16x2 weight decode)
+      tc_IN_OUT    the first tensor-core prefill GEMM (kernels/cuda_gemm.int4_gemm_tc, fp16x2 weight decode)
       tc2_IN_OUT   the prefill GEMM the pipeline picks (int4_gemm_tc2, cp.async pipeline)
     Per-shape HBM-resident timings of the GEMV and GEMM variants: bench/gpu_gemv_tune.py, bench/gpu_gemm_tune.py."""
     import tvm
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.compile.gpu_schedules import (
-        schedule_gpu_int4_gemv,
-        schedule_gpu_kernel,
-        schedule_gpu_linear,
-        schedule_gpu_tiled_gemm,
-    )
-    from edgellm.quant import gpu_gemm, gpu_kernels, kernels
+    from edgellm.kernels import KernelRegistry, te_linear
+    from edgellm.kernels import cuda_gemm as gpu_gemm
+    from edgellm.kernels import cuda_gemv as gpu_kernels
+    from edgellm.kernels.schedule_gpu import schedule_gpu_int4_gemv, schedule_gpu_linear, schedule_gpu_tiled_gemm
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
 
     target = resolve(f"cuda-{arch.replace('_', '')}").tvm()
     scheme = get_scheme("q4f16_1")
+    registry = KernelRegistry(target)  # the defaults, as a compile picks them
+    kernels = te_linear
     funcs = {}
     for k, n in GEMV_SHAPES:
-        with target:
-            funcs[f"new_{k}_{n}"] = schedule_gpu_kernel("gemv", kernels.linear(1, k, n, scheme, "float16", False),
-                                                        target)
-            funcs[f"tc2_{k}_{n}"] = schedule_gpu_kernel("gemm", kernels.linear(None, k, n, scheme, "float16", False),
-                                                        target)
+        funcs[f"new_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", False)
+        funcs[f"tc2_{k}_{n}"] = registry.linear(None, k, n, scheme, "float16", False)
         funcs[f"te_{k}_{n}"] = schedule_gpu_int4_gemv(gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False),
                                                       target)
         funcs[f"old_{k}_{n}"] = schedule_gpu_linear(kernels.linear(1, k, n, scheme, "float16", False), target, gemv=True)

@@ -105,7 +105,7 @@ def check_q4_vs_numpy(label: str, artifact: str, prompt: list[int], split: int) 
 
 
 def check_argmax(eng) -> None:
-    """The artifact's device argmax (models/gpu_math: argmax_partial_gpu + argmax_final_gpu) vs numpy: random logits, ties (numpy keeps the
+    """The artifact's device argmax (kernels/cuda_math: argmax_partial_gpu + argmax_final_gpu) vs numpy: random logits, ties (numpy keeps the
     first index), the maximum at either end, all -inf but one."""
     from edgellm import _tvm
 

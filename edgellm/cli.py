@@ -66,6 +66,14 @@ def _guard(fn, *args, **kwargs):
         raise click.ClickException(str(exc)) from exc
 
 
+def _list_opts(ctx, _param, value):
+    if value:
+        from .kernels.options import describe
+
+        click.echo(describe())
+        ctx.exit(0)
+
+
 def _stderr():
     from rich.console import Console
 
@@ -100,7 +108,12 @@ def cli(verbose: int) -> None:
 @click.option("--max-batch", default=1, show_default=True, help="Max concurrent sequences in the KV cache.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after each phase here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact at --output.")
-def compile(model, target, quant, output, context_window, prefill_chunk, page_size, max_batch, dump_ir, overwrite):
+@click.option("--opt", "opts", multiple=True, metavar="NAME=VALUE",
+              help="Kernel option (repeatable), e.g. --opt cuda_gemm=simt; --list-opts lists them.")
+@click.option("--list-opts", is_flag=True, is_eager=True, expose_value=False, callback=_list_opts,
+              help="List the kernel options and their values, then exit.")
+def compile(model, target, quant, output, context_window, prefill_chunk, page_size, max_batch, dump_ir, overwrite,
+            opts):
     """Compile MODEL (HF checkpoint folder or .gguf; default: embedded SmolLM2-135M-Instruct) into an artifact.
 
     \b
@@ -109,11 +122,12 @@ def compile(model, target, quant, output, context_window, prefill_chunk, page_si
     """
     from .compile import CompileArgs, compile_model
     from .config import RuntimeOptions
+    from .kernels import KernelOptions
 
     args = _guard(lambda: CompileArgs(
         model=str(model) if model else None, output=output, target=target, quant=quant,
         runtime=RuntimeOptions(context_window, prefill_chunk, page_size, max_batch), dump_ir=dump_ir,
-        overwrite=overwrite))
+        overwrite=overwrite, kernel_options=KernelOptions.parse(opts)))
     console = _stderr()
     console.print(f"[bold]edgellm compile[/bold]\n{args.display()}")
     with console.status("starting") as status:

@@ -1,4 +1,4 @@
-"""The tensor-core ragged prefill attention for CUDA (models/gpu_attention.py): it builds for sm_80 and sm_90 with
+"""The tensor-core ragged prefill attention for CUDA (kernels/cuda_attention.py): it builds for sm_80 and sm_90 with
 mma in it, and paged_kv_cache swaps it in only where it applies. Its numbers (against numpy and TVM's kernel) come
 from an H100: bench/gpu_attn_tune.py, docs/benchmarks/h100-attn.json."""
 
@@ -24,7 +24,7 @@ def _cuda(arch: str):
 @pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
 def test_kernel_builds_with_mma(preset):
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.models.gpu_attention import _SRC, attention_prefill_ragged_cuda
+    from edgellm.kernels.cuda_attention import _SRC, attention_prefill_ragged_cuda
     from edgellm.targets import resolve
 
     target = resolve(preset).tvm()
@@ -42,7 +42,7 @@ def test_kernel_builds_with_mma(preset):
 
 
 def test_kernel_refuses_unsupported_shapes():
-    from edgellm.models.gpu_attention import attention_prefill_ragged_cuda
+    from edgellm.kernels.cuda_attention import attention_prefill_ragged_cuda
 
     for kv, h, d, dtype in ((2, 4, 96, "float16"), (2, 4, 64, "float32"), (3, 4, 64, "float16")):
         with pytest.raises(ValueError, match="keep TVM's kernel"):
@@ -50,7 +50,7 @@ def test_kernel_refuses_unsupported_shapes():
 
 
 def test_supports_only_where_it_applies():
-    from edgellm.models.gpu_attention import supports
+    from edgellm.kernels.cuda_attention import supports
 
     assert supports(_cuda("sm_90"), "float16", 128, 128, "mha", False)
     assert supports(_cuda("sm_80"), "float16", 64, 64, "mha", False)
@@ -65,15 +65,16 @@ def test_supports_only_where_it_applies():
     assert not supports(c.Target({"kind": "metal"}, host=HOST), "float16", 64, 64, "mha", False)
 
 
-def _export(target, scheme: str, heads: int, kv: int, hidden: int) -> dict:
+def _export(target, scheme: str, heads: int, kv: int, hidden: int, **options) -> dict:
     from edgellm.config import ModelConfig
+    from edgellm.kernels import KernelOptions, KernelRegistry
     from edgellm.models.llama import LlamaForCausalLM
     from edgellm.quant.schemes import SCHEMES
 
     cfg = ModelConfig.from_hf({"model_type": "llama", "hidden_size": hidden, "intermediate_size": 128,
                                    "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv,
                                    "vocab_size": 256, "rms_norm_eps": 1e-5, "max_position_embeddings": 256})
-    model = LlamaForCausalLM(cfg, SCHEMES[scheme])
+    model = LlamaForCausalLM(cfg, SCHEMES[scheme], KernelRegistry(target, KernelOptions(**options)))
     with target:
         mod, _ = model.export_tvm(spec=model.export_spec())
     return {gv.name_hint: f for gv, f in mod.functions_items()}  # named by global symbol after export
@@ -90,5 +91,8 @@ def test_cuda_cache_swaps_prefill_ragged_where_it_applies():
                                                (_cuda("sm_90"), "q4f16_1", 4, 2, 64)):
         fn = _export(target, scheme, heads, kv, hidden)
         assert "edgellm" not in fn["batch_prefill_ragged_kv"].script()
+    # --opt cuda_attention=tvm keeps TVM's kernel where ours would apply
+    fn = _export(_cuda("sm_90"), "q4f16_1", 6, 2, 384, cuda_attention="tvm")
+    assert "edgellm" not in fn["batch_prefill_ragged_kv"].script()
     # CPU keeps its own kernels
     assert "edgellm CPU prefill attention" in _export(HOST, "q4f32_1", 6, 2, 384)["batch_prefill_ragged_kv"].script()

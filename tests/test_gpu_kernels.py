@@ -1,10 +1,10 @@
 """The CUDA kernels' arithmetic and schedules, without a GPU.
 
-* quant/gpu_kernels.py's INT4 GEMV (float trick for `nib - 7`, scale once per group) runs unscheduled on the host
+* kernels/cuda_gemv.py's INT4 GEMV (float trick for `nib - 7`, scale once per group) runs unscheduled on the host
   CPU and must match the numpy reference on the dequantized weights;
 * the CUDA schedules (decode GEMV, tiled prefill GEMM) build to a fatbin for sm_80 and sm_90;
 * the pipeline picks the GEMV variant only where it computes the same function (4-bit, group 32, no zero point);
-* the fp16x2 GEMV (quant/gpu_kernels.int4_gemv_h2, CUDA only): its decode identities exactly, a numpy model of its
+* the fp16x2 GEMV (kernels/cuda_gemv.int4_gemv_h2, CUDA only): its decode identities exactly, a numpy model of its
   fp16 arithmetic against float64 (random and outlier activations), and its builds;
 * a CUDA build of `decode` replays captured CUDA graphs (vm.builtin.cuda_graph.run_or_capture in its VM code).
 The numbers on a real GPU (numpy checks of every kernel at Llama-3-8B shapes, timings) come from bench/gpu_run.py.
@@ -42,7 +42,7 @@ def cuda_source(funcs: dict, preset: str = "cuda-sm90") -> str:
 def test_int4_gemv_matches_numpy(act, in_f, out_f, bias):
     import tvm
 
-    from edgellm.quant import gpu_kernels
+    from edgellm.kernels import cuda_gemv as gpu_kernels
 
     scheme = get_scheme("q4f16_1" if act == "float16" else "q4f32_1")
     rng = np.random.default_rng(in_f * 7 + out_f)
@@ -63,54 +63,54 @@ def test_int4_gemv_matches_numpy(act, in_f, out_f, bias):
 
 def test_centered_nibble_trick_is_exact():
     """float(0x4B000000 | nib) - (2^23 + 7) == nib - 7 for every nibble (the identity the GEMV relies on)."""
-    from edgellm.quant.gpu_kernels import MAGIC, QMAX
+    from edgellm.kernels.cuda_gemv import MAGIC, QMAX
 
     nib = np.arange(16, dtype=np.uint32)
     got = (nib | np.uint32(MAGIC)).view(np.float32) - np.float32(2**23 + QMAX)
     np.testing.assert_array_equal(got, nib.astype(np.float32) - QMAX)
 
 
-def _linear(rows, in_f, out_f, scheme_name, bias=False):
-    from edgellm.quant import kernels
+def _pick(target, rows, in_f, out_f, scheme_name, bias=False, **options):
+    """(kernel name, scheduled PrimFunc) the registry gives a linear of this shape and scheme."""
+    from edgellm.kernels import KernelOptions, KernelRegistry
 
+    reg = KernelRegistry(target, KernelOptions(**options))
     s = get_scheme(scheme_name)
-    return kernels.linear(rows, in_f, out_f, s, s.act_dtype, bias)
+    func = reg.linear(rows, in_f, out_f, s, s.act_dtype, bias)
+    (name,) = reg.chosen["linear_gemv" if rows == 1 else "linear"]
+    return name, func
 
 
-def test_gemv_variant_only_where_it_is_the_same_function():
-    from edgellm.compile.gpu_schedules import _int4_gemv_variant
+def test_te_int4_gemv_only_where_it_is_the_same_function():
     from edgellm.targets import resolve
 
     cuda, metal = resolve("cuda-sm90").tvm(), resolve("metal").tvm()
-    assert _int4_gemv_variant(_linear(1, 128, 64, "q4f16_1"), cuda) is not None
-    assert _int4_gemv_variant(_linear(1, 128, 64, "q4f16_1", bias=True), cuda) is not None
-    assert _int4_gemv_variant(_linear(1, 128, 64, "q4f16_1"), metal) is None  # CUDA only
-    assert _int4_gemv_variant(_linear(1, 80, 64, "q4f16_1"), cuda) is None  # `in` padded to whole groups
-    assert _int4_gemv_variant(_linear(1, 128, 64, "q0f16"), cuda) is None  # dense weight
-    assert _int4_gemv_variant(_linear(None, 128, 64, "q4f16_1"), cuda) is None  # not a GEMV
+    assert _pick(cuda, 1, 128, 64, "q4f16_1", cuda_gemv="te")[0] == "int4_gemv_te"
+    assert _pick(cuda, 1, 128, 64, "q4f16_1", bias=True, cuda_gemv="te")[0] == "int4_gemv_te"
+    assert _pick(metal, 1, 128, 64, "q4f16_1")[0] == "gemv_te_gpu"  # CUDA only
+    assert _pick(cuda, 1, 80, 64, "q4f16_1")[0] == "gemv_te_gpu"  # `in` padded to whole groups
+    assert _pick(cuda, 1, 128, 64, "q0f16")[0] == "gemv_te_gpu"  # dense weight
+    assert _pick(cuda, None, 128, 64, "q4f16_1", cuda_gemm="simt")[0] == "gemm_simt"  # not a GEMV
 
 
 @needs_nvcc
 @pytest.mark.parametrize("preset", ["cuda-sm80", "cuda-sm90"])
-def test_cuda_schedules_build(preset, monkeypatch):
+def test_cuda_schedules_build(preset):
     import tvm
 
-    monkeypatch.delenv("EDGELLM_CUDA_GEMM", raising=False)  # the default GEMM choice
-
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.compile.gpu_schedules import schedule_gpu_kernel
     from edgellm.targets import resolve
 
     target = resolve(preset).tvm()
-    funcs = {  # decode GEMVs (one row, two rows per warp, bias, small `in`) and prefill GEMMs (INT4, dense)
-        "gemv_a": _linear(1, 4096, 6144, "q4f16_1"), "gemv_b": _linear(1, 576, 1536, "q4f16_1", bias=True),
-        "gemv_c": _linear(1, 2048, 128, "q4f32_1"), "gemm_a": _linear(None, 4096, 1024, "q4f16_1"),
-        "gemm_b": _linear(None, 256, 320, "q0f16", bias=True), "gemm_c": _linear(None, 64, 128, "q0f32"),
-        "gemm_d": _linear(None, 4096, 1024, "q4f32_1"),
+    shapes = {  # decode GEMVs (one row, two rows per warp, bias, small `in`) and prefill GEMMs (INT4, dense)
+        "gemv_a": (1, 4096, 6144, "q4f16_1"), "gemv_b": (1, 576, 1536, "q4f16_1", True),
+        "gemv_c": (1, 2048, 128, "q4f32_1"), "gemm_a": (None, 4096, 1024, "q4f16_1"),
+        "gemm_b": (None, 256, 320, "q0f16", True), "gemm_c": (None, 64, 128, "q0f32"),
+        "gemm_d": (None, 4096, 1024, "q4f32_1"),
     }
     scheduled = {}
-    for name, f in funcs.items():
-        s = schedule_gpu_kernel(str(f.attrs["edgellm.kernel"]), f, target)
+    for name, shape in shapes.items():
+        _, s = _pick(target, *shape)
         assert s is not None and s.attrs["tirx.is_scheduled"]
         scheduled[name] = s.with_attr("global_symbol", name)
     assert str(scheduled["gemv_a"].attrs["edgellm.gemv"]).startswith("h2_")  # fp16: the fp16x2 GEMV
@@ -159,7 +159,7 @@ def test_gpu_math_kernels_build():
     """gpu_math's add_rms_norm (hidden not a multiple of the block: SmolLM2's 576), silu_mul and argmax (a
     vocabulary not a multiple of the block) compile for sm_90; 16-byte vectors where the width allows."""
 
-    from edgellm.models.gpu_math import add_rms_norm_gpu, argmax_final_gpu, argmax_partial_gpu, silu_mul_gpu
+    from edgellm.kernels.cuda_math import add_rms_norm_gpu, argmax_final_gpu, argmax_partial_gpu, silu_mul_gpu
 
     funcs = {"arn": add_rms_norm_gpu(576, 1e-5, "float16"), "arn32": add_rms_norm_gpu(4096, 1e-6, "float32"),
              "arn_odd": add_rms_norm_gpu(100, 1e-5, "float16"), "am1": argmax_partial_gpu(49152 + 5),
@@ -187,7 +187,7 @@ def test_gpu_math_kernels_build():
 def test_h2_decode_identities_are_exact():
     """(0x5000 | nib) as fp16 minus (32 + 7/32) is (nib - 7) / 32 exactly; `(w >> 4s) & 0x000F000F` holds nibbles s
     and s + 4 of w; the two permutes per pair build (x[s], x[s + 4]) from the 16 bytes x[0..7]."""
-    from edgellm.quant.gpu_kernels import H2_BASE_BITS, H2_SHIFT, QMAX
+    from edgellm.kernels.cuda_gemv import H2_BASE_BITS, H2_SHIFT, QMAX
 
     nib = np.arange(16, dtype=np.uint16)
     base = np.uint16(H2_BASE_BITS & 0xFFFF)
@@ -250,7 +250,7 @@ def test_h2_arithmetic_error_within_tolerance(outliers):
 
 
 def test_h2_rejects_what_it_does_not_cover():
-    from edgellm.quant import gpu_kernels
+    from edgellm.kernels import cuda_gemv as gpu_kernels
 
     assert not gpu_kernels.h2_supports(4096, "float32", "float32", "float32")
     assert not gpu_kernels.h2_supports(80, "float16", "float16", "float16")
@@ -262,24 +262,23 @@ def test_h2_rejects_what_it_does_not_cover():
         gpu_kernels.int4_gemv_h2(128, 16, False, unroll=0)
 
 
-def test_pipeline_picks_h2_only_for_fp16(monkeypatch):
-    from edgellm.compile import gpu_schedules as gs
+def test_registry_picks_fp16x2_gemv_only_for_fp16():
+    from edgellm.kernels import KernelOptionError
+    from edgellm.kernels import schedule_gpu as gs
     from edgellm.targets import resolve
 
     cuda, metal = resolve("cuda-sm90").tvm(), resolve("metal").tvm()
-    monkeypatch.delenv("EDGELLM_CUDA_GEMV", raising=False)
-    h2 = gs.schedule_gpu_kernel("gemv", _linear(1, 4096, 6144, "q4f16_1", bias=True), cuda)
+    name, h2 = _pick(cuda, 1, 4096, 6144, "q4f16_1", bias=True)
+    assert name == "int4_gemv_fp16x2"
     assert str(h2.attrs["edgellm.gemv"]) == "h2_w{}r{}u{}k{}".format(*gs.h2_gemv_config(4096, 6144))
     assert len(h2.params) == 5  # x, q_weight, q_scale, bias, out: the signature of the function it replaces
-    assert gs._int4_gemv_h2_variant(_linear(1, 4096, 64, "q4f32_1"), cuda) is None  # fp32 activations
-    assert gs._int4_gemv_h2_variant(_linear(1, 128, 64, "q4f16_1"), metal) is None  # CUDA only
-    assert gs._int4_gemv_h2_variant(_linear(1, 80, 64, "q4f16_1"), cuda) is None  # `in` padded to whole groups
-    assert gs._int4_gemv_h2_variant(_linear(None, 128, 64, "q4f16_1"), cuda) is None  # not a GEMV
-    monkeypatch.setenv("EDGELLM_CUDA_GEMV", "te")
-    assert "group_dot" in gs.schedule_gpu_kernel("gemv", _linear(1, 4096, 6144, "q4f16_1"), cuda).script()
-    monkeypatch.setenv("EDGELLM_CUDA_GEMV", "fast")
-    with pytest.raises(ValueError, match="EDGELLM_CUDA_GEMV='fast'"):
-        gs.schedule_gpu_kernel("gemv", _linear(1, 4096, 6144, "q4f16_1"), cuda)
+    assert _pick(cuda, 1, 4096, 64, "q4f32_1")[0] == "int4_gemv_te"  # fp32 activations
+    assert _pick(metal, 1, 128, 64, "q4f16_1")[0] == "gemv_te_gpu"  # CUDA only
+    assert _pick(cuda, 1, 80, 64, "q4f16_1")[0] == "gemv_te_gpu"  # `in` padded to whole groups
+    name, te = _pick(cuda, 1, 4096, 6144, "q4f16_1", cuda_gemv="te")
+    assert name == "int4_gemv_te" and "group_dot" in te.script()
+    with pytest.raises(KernelOptionError, match="cuda_gemv=fast .*fp16x2"):
+        _pick(cuda, 1, 4096, 6144, "q4f16_1", cuda_gemv="fast")
 
 
 @needs_nvcc
@@ -288,8 +287,8 @@ def test_h2_gemv_builds(preset):
     """Every config the pipeline picks for the Llama-3-8B shapes, plus the awkward ones: a tail step (`in` not a
     whole number of steps), an `out` no block tiles evenly, a bias, a short `in` (18 groups), a 4-warp K split."""
 
-    from edgellm.compile.gpu_schedules import h2_gemv_config
-    from edgellm.quant.gpu_kernels import int4_gemv_h2
+    from edgellm.kernels.schedule_gpu import h2_gemv_config
+    from edgellm.kernels.cuda_gemv import int4_gemv_h2
 
     funcs = {f"pick_{k}_{n}": int4_gemv_h2(k, n, False, *h2_gemv_config(k, n))
              for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]}

@@ -114,6 +114,7 @@ def test_split_rotary_equals_tvm_kernel(rope_scaling, tokens, apply_rope):
 def test_cpu_cache_swaps_kernels_and_gpu_cache_does_not():
     """paged_kv_cache replaces TVM's decode/prefill attention and split_rotary only for llvm targets."""
     from edgellm.config import ModelConfig
+    from edgellm.kernels import KernelRegistry
     from edgellm.models.llama import LlamaForCausalLM
     from edgellm.quant.schemes import SCHEMES
 
@@ -121,7 +122,7 @@ def test_cpu_cache_swaps_kernels_and_gpu_cache_does_not():
                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                         vocab_size=256, rms_norm_eps=1e-5, max_position_embeddings=256))
     for target, ours in ((HOST, True), (c.Target({"kind": "cuda", "arch": "sm_80"}, host=HOST), False)):
-        model = LlamaForCausalLM(cfg, SCHEMES["q4f32_1"])
+        model = LlamaForCausalLM(cfg, SCHEMES["q4f32_1"], KernelRegistry(target))
         with target:
             mod, _ = model.export_tvm(spec=model.export_spec())
         fn = {gv.name_hint: f for gv, f in mod.functions_items()}  # named by global symbol after export

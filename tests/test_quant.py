@@ -103,16 +103,14 @@ def test_unknown_scheme_error_lists_choices():
 # ---- TIR kernels (compiled for the host CPU through the same schedules the pipeline uses) -----------------
 
 def _build(make_func):
-    """Make the kernel under the host target (kernels may pick instructions by target) and schedule it."""
+    """The kernel the registry gives for the host target (scheduled for it), compiled."""
     import tvm
 
-    from edgellm.compile.schedules import schedule_kernel
+    from edgellm.kernels import KernelRegistry
     from edgellm.targets import resolve
 
     target = resolve("host").tvm()
-    with target:
-        func = make_func()
-    scheduled = func if "tirx.is_scheduled" in func.attrs else schedule_kernel(func, target)
+    scheduled = make_func(KernelRegistry(target))
     assert scheduled is not None and scheduled.attrs["tirx.is_scheduled"]
     return tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
 
@@ -132,11 +130,9 @@ def _stored_and_effective(w, scheme):
 def test_linear_kernel_matches_numpy(scheme, rows, in_f, out_f, bias):
     import tvm
 
-    from edgellm.quant import kernels
-
     rng = np.random.default_rng(rows * 1000 + in_f)
     act = scheme.act_dtype
-    mod = _build(lambda: kernels.linear(1 if rows == 1 else None, in_f, out_f, scheme, act, bias))
+    mod = _build(lambda kernels: kernels.linear(1 if rows == 1 else None, in_f, out_f, scheme, act, bias))
     x = rng.standard_normal((rows, in_f)).astype(act)
     w = rng.standard_normal((out_f, in_f)).astype(np.float32)
     b = rng.standard_normal(out_f).astype(act)
@@ -158,10 +154,8 @@ def test_linear_kernel_matches_numpy(scheme, rows, in_f, out_f, bias):
 def test_embedding_kernel_matches_numpy(scheme, vocab, hidden):
     import tvm
 
-    from edgellm.quant import kernels
-
     rng = np.random.default_rng(vocab)
-    mod = _build(lambda: kernels.embedding(vocab, hidden, scheme, scheme.act_dtype))
+    mod = _build(lambda kernels: kernels.embedding(vocab, hidden, scheme, scheme.act_dtype))
     w = rng.standard_normal((vocab, hidden)).astype(np.float32)
     stored, w_eff = _stored_and_effective(w, scheme)
     ids = rng.integers(0, vocab, 11).astype(np.int32)

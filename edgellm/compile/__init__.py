@@ -16,6 +16,7 @@ from .. import __version__
 from .._tvm import compiler, tvm_version
 from ..artifact import FORMAT_VERSION, Artifact, atomic_dir, check_output, file_table, write_manifest, write_params
 from ..config import RuntimeOptions
+from ..kernels import KernelOptions, KernelRegistry
 from ..loaders import ModelSource, SourceError, default_model_path, open_model
 from ..models import get_architecture
 from ..quant import get_scheme
@@ -34,6 +35,7 @@ class CompileArgs:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     dump_ir: Path | None = None
     overwrite: bool = False
+    kernel_options: KernelOptions = field(default_factory=KernelOptions)  # `--opt NAME=VALUE`
     # benchmark builds of models too big to ship: params/index.json lists shapes and dtypes, no shard is written,
     # and the artifact runs only with Engine(random_weights=SEED). Never the default.
     shapes_only: bool = False
@@ -41,7 +43,8 @@ class CompileArgs:
     def display(self) -> str:
         d = asdict(self)
         d["model"] = self.model or "(embedded SmolLM2-135M-Instruct)"
-        return "\n".join(f"  {k:<10} {v}" for k, v in d.items())
+        d["kernel_options"] = ", ".join(f"{k}={v}" for k, v in self.kernel_options.changed().items()) or "defaults"
+        return "\n".join(f"  {k:<14} {v}" for k, v in d.items())
 
 
 @dataclass
@@ -53,11 +56,14 @@ class CompileResult:
     build_seconds: float
     total_seconds: float
     artifact_bytes: int
+    kernels: dict = field(default_factory=dict)  # the registry's manifest entry: options and kernels picked
+    digest: str = ""  # the artifact's root digest (sha256 of manifest.json)
 
     def summary(self) -> str:
+        picked = "; ".join(f"{op}: {', '.join(names)}" for op, names in self.kernels.get("chosen", {}).items())
         return (f"artifact {self.artifact}: {self.params / 1e6:.1f}M params, {self.weight_bytes / 2**20:.1f} MiB weights "
                 f"({self.bits_per_weight:.2f} bits/weight), build {self.build_seconds:.1f}s, total {self.total_seconds:.1f}s, "
-                f"{self.artifact_bytes / 2**20:.1f} MiB on disk")
+                f"{self.artifact_bytes / 2**20:.1f} MiB on disk\nkernels: {picked}\nroot digest {self.digest}")
 
 
 def _git_sha() -> str | None:
@@ -221,8 +227,9 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         runtime = replace(runtime, context_window=window, prefill_chunk=min(runtime.prefill_chunk, window))
     model_cls, source_map = get_architecture(cfg)
     target = tgt.tvm()
+    kernels = KernelRegistry(target, args.kernel_options)
     with target:
-        model = model_cls(cfg, scheme)
+        model = model_cls(cfg, scheme, kernels)
         spec = model.export_spec()
         mod, named_params = model.export_tvm(spec=spec)
     params = {name: (tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in named_params}
@@ -264,14 +271,15 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "lib": lib_name,
             "system_lib_prefix": prefix,
             "functions": list(spec),
+            "kernels": kernels.manifest_entry(),
             "weight_bytes": weight_bytes,
             "shapes_only": args.shapes_only,
         }
         manifest["files"] = file_table(tmp)
-        write_manifest(tmp, manifest)
+        digest = write_manifest(tmp, manifest)
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
-                         build_seconds, time.perf_counter() - t_start, art_bytes)
+                         build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest)
 
 
 def _shape_index(root: Path, params: dict) -> list[dict]:

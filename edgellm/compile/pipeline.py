@@ -7,30 +7,8 @@ import time
 from pathlib import Path
 
 from .._tvm import compiler
-from .schedules import schedule_kernel
 
 log = logging.getLogger("edgellm")
-
-
-def _schedule_own_kernels(target):
-    """Module pass: give every PrimFunc with an `edgellm.kernel` attribute its target schedule."""
-    c = compiler()
-
-    @c.tvm.transform.module_pass(opt_level=0, name="EdgellmScheduleKernels")
-    def _pass(mod, _ctx):
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, c.tirx.PrimFunc) and func.attrs and "edgellm.kernel" in func.attrs:
-                if "tirx.is_scheduled" in func.attrs:
-                    continue
-                scheduled = schedule_kernel(func, target)
-                if scheduled is not None:
-                    updates[gv] = scheduled
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
-
-    return _pass
 
 
 def _sink_param_unpacking():
@@ -102,7 +80,8 @@ def phases(target) -> list[tuple[str, list]]:
         ("dispatch", list(lib.library_dispatch_passes(target))),
         ("legalize", [*early_views, rt.LegalizeOps(), rt.AnnotateTIROpPattern(), rt.FoldConstant()]),
         ("fuse", [rt.FuseOps(), rt.FuseTIR(), rt.DeadCodeElimination()]),
-        ("schedule", [_schedule_own_kernels(target), c.dlight.ApplyDefaultSchedule(*dlight_rules)]),
+        # edgellm's own kernels arrive scheduled from the registry (tirx.is_scheduled); dlight does the rest
+        ("schedule", [c.dlight.ApplyDefaultSchedule(*dlight_rules)]),
         ("lower-dataflow", [rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(),
                             rt.CallTIRRewrite()]),
         ("finalize", [p for p in lib.finalize_passes(target) if p.info.name not in drop_finalize]

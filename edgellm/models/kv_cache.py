@@ -14,7 +14,7 @@ functions the cache runtime calls, keeping their signatures (the C++ runtime cal
   every rope scaling TVM supports keeps its meaning, and rotates the heads with vector arithmetic.
 
 On CUDA (sm_80+, fp16, head_dim 64/128, RoPE before the cache) it swaps `tir_attention_prefill_ragged` for the
-tensor-core kernel of models/gpu_attention.py (H100, Llama-3-8B shape: 614 -> 22 us per layer at 512 tokens).
+tensor-core kernel of kernels/cuda_attention.py (H100, Llama-3-8B shape: 614 -> 22 us per layer at 512 tokens).
 
 Other cache kernels (prefill against cached pages, sliding window, tree attention, copies) stay TVM's. Shapes:
 b sequences, h q heads, kv heads, d head_dim, P page_size; a cache page is [2 (k, v), kv, P, d].
@@ -23,7 +23,6 @@ b sequences, h q heads, kv heads, d head_dim, P page_size; a cache page is [2 (k
 from __future__ import annotations
 
 from .._tvm import compiler
-from . import gpu_attention
 from .cpu_math import LOG2E, fast_exp2, tree_max16, tree_sum16
 
 c = compiler()
@@ -384,46 +383,3 @@ def split_rotary_cpu(theta: float, scale: float, head_dim: int, num_q_heads: int
                 one_token(qkv, position_map, q, k, v, apply_rope, s)
 
     return fused_rope
-
-
-def paged_kv_cache(**kwargs):
-    """`TIRPagedKVCache(**kwargs)`; on CPU with our decode attention and split_rotary where they apply, on CUDA
-    (sm_80+, fp16, head_dim 64/128, RoPE before the cache) with our tensor-core ragged prefill attention.
-
-    Must run inside the BlockBuilder of `export_tvm` (as TIRPagedKVCache does): it replaces the functions that
-    TIRPagedKVCache added, by name, keeping their global symbols.
-    """
-    cache = c.TIRPagedKVCache(**kwargs)
-    h, kv, d, dtype = (kwargs[k] for k in ("num_attention_heads", "num_key_value_heads", "qk_head_dim", "dtype"))
-    if kwargs["target"].kind.name == "cuda":
-        # TVM's ragged prefill attention runs on CUDA cores (0.6 ms per Llama-3-8B layer at 512 tokens); ours is
-        # mma.sync FlashAttention-2 (models/gpu_attention.py, 28x on an H100) where it applies
-        if gpu_attention.supports(kwargs["target"], dtype, d, kwargs["v_head_dim"], kwargs["attn_kind"],
-                                  kwargs["rope_mode"] == c.RopeMode.INLINE):
-            _swap({"tir_attention_prefill_ragged": gpu_attention.attention_prefill_ragged_cuda(kv, h, d, dtype)})
-        return cache
-    if kwargs["target"].kind.name != "llvm":
-        return cache
-    rope_scaling = c.llm_kv_cache._prepare_yarn_rope_scaling(kwargs["rope_scaling"], kwargs["rope_theta"])
-    ours = {}
-    if d % 16 == 0 and kwargs["v_head_dim"] == d and kwargs["attn_kind"] == "mha":
-        ours["tir_attention_decode_cpu"] = attention_decode_cpu(kv, h, d, dtype)
-        ours["tir_attention_prefill_ragged_cpu"] = attention_prefill_ragged_cpu(kv, h, d, dtype)
-    if rope_supported(rope_scaling) and kwargs["rope_mode"] == c.RopeMode.NORMAL and kwargs["rotary_dim"] % 2 == 0:
-        ours["tir_split_rotary"] = split_rotary_cpu(kwargs["rope_theta"], kwargs["rope_scale"], d, h, kv, dtype,
-                                                    rope_scaling, kwargs["rotary_dim"])
-    _swap(ours)
-    return cache
-
-
-def _swap(ours: dict) -> None:
-    """Replace the functions TIRPagedKVCache added under these names, keeping their global symbols (the cache
-    runtime finds them by position, the module by symbol)."""
-    bb = c.relax.BlockBuilder.current()
-    for gv, func in bb.get().functions_items():
-        if gv.name_hint in ours:
-            new = ours.pop(gv.name_hint)
-            symbol = func.attrs.get("global_symbol") if func.attrs else None
-            bb.update_func(gv, new if symbol is None else new.with_attr("global_symbol", symbol))
-    if ours:
-        raise RuntimeError(f"TIRPagedKVCache no longer adds {sorted(ours)}; edgellm's cache kernels need updating")

@@ -6,31 +6,23 @@ RoPE inside `attention_with_fused_qkv`. Shapes in comments: b batch, s tokens, h
 
 from __future__ import annotations
 
-import functools
-
 from .._tvm import compiler
 from ..config import ModelConfig
+from ..kernels import KernelRegistry
+from ..kernels.kv_cache import paged_kv_cache
 from ..quant.nn import Embedding, Linear
 from ..quant.schemes import QuantScheme
-from . import cpu_math, gpu_math
-from .cpu_math import silu
-from .gpu_math import ARGMAX_PARTS, argmax_final_gpu, argmax_partial_gpu
-from .kv_cache import paged_kv_cache
-
-# per-layer kernels are built once per shape: parsing a TVMScript kernel for each of 30 layers was most of a compile
-add_rms_norm_cpu = functools.lru_cache(maxsize=None)(cpu_math.add_rms_norm_cpu)
-add_rms_norm_gpu = functools.lru_cache(maxsize=None)(gpu_math.add_rms_norm_gpu)
-silu_mul_gpu = functools.lru_cache(maxsize=None)(gpu_math.silu_mul_gpu)
 
 c = compiler()
 nn, te, tirx, rx = c.nn, c.te, c.tirx, c.relax
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
         self.h, self.kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kv) * self.d, scheme, dtype, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, scheme, dtype)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kv) * self.d, scheme, dtype, kernels,
+                               bias=cfg.attention_bias)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, scheme, dtype, kernels)
 
     def forward(self, x, cache, layer_id: int):
         b, s, _ = x.shape
@@ -40,33 +32,35 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, scheme, dtype)
-        self.down_proj = Linear(self.inter, cfg.hidden_size, scheme, dtype)
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
+        self.inter, self.kernels = cfg.intermediate_size, kernels
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, scheme, dtype, kernels)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, scheme, dtype, kernels)
 
     def forward(self, x):
-        return self.down_proj(_silu_mul(self.gate_up_proj(x), self.inter))
+        return self.down_proj(_silu_mul(self.gate_up_proj(x), self.inter, self.kernels))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
+        self.kernels = kernels
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.self_attn = Attention(cfg, scheme, dtype)
+        self.self_attn = Attention(cfg, scheme, dtype, kernels)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.mlp = MLP(cfg, scheme, dtype)
+        self.mlp = MLP(cfg, scheme, dtype, kernels)
 
     def forward(self, x, h, cache, layer_id: int):
         """x: residual stream, h = input_layernorm(x) -> (x + attention, MLP output); the caller adds the MLP
         output together with the next norm (one kernel on CPU)."""
-        x, h = _add_rms_norm(x, self.self_attn(h, cache, layer_id), self.post_attention_layernorm)
+        x, h = _add_rms_norm(x, self.self_attn(h, cache, layer_id), self.post_attention_layernorm, self.kernels)
         return x, self.mlp(h)
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme, dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, dtype) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
+        self.kernels = kernels
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme, dtype, kernels)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, dtype, kernels) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
     def forward(self, ids, cache):
@@ -76,24 +70,15 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             x, mlp_out = layer(x, h, cache, i)
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x, h = _add_rms_norm(x, mlp_out, norm)
+            x, h = _add_rms_norm(x, mlp_out, norm, self.kernels)
         return h
 
 
-def _on(kind: str) -> bool:
-    target = c.Target.current()
-    return target is not None and target.kind.name == kind
-
-
-def _add_rms_norm(x, y, norm):
-    """(x + y, norm(x + y)) for [b, s, hidden]: one kernel on CPU (cpu_math.add_rms_norm_cpu) and CUDA
-    (gpu_math.add_rms_norm_gpu), else two ops."""
+def _add_rms_norm(x, y, norm, kernels: KernelRegistry):
+    """(x + y, norm(x + y)) for [b, s, hidden]: one kernel where the registry has one (CPU, CUDA), else two ops."""
     b, s, hidden = x.shape
-    if _on("llvm") and hidden % 16 == 0:
-        func = add_rms_norm_cpu(hidden, norm.epsilon, x.dtype)
-    elif _on("cuda"):
-        func = add_rms_norm_gpu(hidden, norm.epsilon, x.dtype)
-    else:
+    func = kernels.add_rms_norm(hidden, norm.epsilon, x.dtype)
+    if func is None:
         x = x + y
         return x, norm(x)
     out = [nn.Tensor.placeholder((b * s, hidden), x.dtype) for _ in range(2)]
@@ -102,18 +87,20 @@ def _add_rms_norm(x, y, norm):
     return x.reshape(b, s, hidden), h.reshape(b, s, hidden)
 
 
-def _silu_mul(gate_up, inter: int):
+def _silu_mul(gate_up, inter: int, kernels: KernelRegistry):
     """[b, s, 2 inter] -> silu(gate) * up [b, s, inter].
 
-    On CPU one kernel with a vectorizable exp (cpu_math.silu); LLVM's exp is a libm call per element there. On
-    CUDA gpu_math.silu_mul_gpu (16-byte vectors).
+    On CUDA the registry's kernel (16-byte vectors); on CPU one tensor expression with a vectorizable exp (LLVM's
+    exp is a libm call per element there); elsewhere two Relax ops.
     """
-    if _on("cuda"):
+    func = kernels.silu_mul(inter, gate_up.dtype)
+    if func is not None:
         b, s, _ = gate_up.shape
-        out = nn.op.tensor_ir_op(silu_mul_gpu(inter, gate_up.dtype), "silu_mul", [gate_up.reshape(b * s, 2 * inter)],
+        out = nn.op.tensor_ir_op(func, "silu_mul", [gate_up.reshape(b * s, 2 * inter)],
                                  nn.Tensor.placeholder((b * s, inter), gate_up.dtype))
         return out.reshape(b, s, inter)
-    if not _on("llvm"):
+    silu = kernels.cpu_silu
+    if silu is None:
         gate, up = nn.op.split(gate_up, 2, axis=-1)  # [b, s, inter] each
         return nn.op.silu(gate) * up
 
@@ -137,10 +124,12 @@ def _last_token(x):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme):
-        self.cfg, self.scheme, self.dtype = cfg, scheme, scheme.act_dtype
-        self.model = Backbone(cfg, scheme, self.dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, scheme, self.dtype)
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, kernels: KernelRegistry):
+        """`kernels`: the registry for the build's target and options; the model asks it for every kernel."""
+        self.cfg, self.scheme, self.dtype, self.kernels = cfg, scheme, scheme.act_dtype, kernels
+        self.model = Backbone(cfg, scheme, self.dtype, kernels)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, scheme, self.dtype, kernels))
 
     def _logits(self, x):
         logits = self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)
@@ -166,16 +155,17 @@ class LlamaForCausalLM(nn.Module):
         """logits [b, 1, vocab] -> greedy token ids [b, 1] int32, on the device (CUDA builds export it: a greedy step
         then copies 4 bytes back instead of the logits)."""
         b, vocab = logits.shape[0], self.cfg.vocab_size
-        pv, pi = nn.op.tensor_ir_op(argmax_partial_gpu(vocab), "argmax_partial", [logits],
-                                    [nn.Tensor.placeholder((b, ARGMAX_PARTS), "float32"),
-                                     nn.Tensor.placeholder((b, ARGMAX_PARTS), "int32")])
-        return nn.op.tensor_ir_op(argmax_final_gpu(vocab), "argmax_final", [pv, pi],
-                                  nn.Tensor.placeholder((b, 1), "int32"))
+        partial, final, parts = self.kernels.argmax(vocab)
+        pv, pi = nn.op.tensor_ir_op(partial, "argmax_partial", [logits],
+                                    [nn.Tensor.placeholder((b, parts), "float32"),
+                                     nn.Tensor.placeholder((b, parts), "int32")])
+        return nn.op.tensor_ir_op(final, "argmax_final", [pv, pi], nn.Tensor.placeholder((b, 1), "int32"))
 
     def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                   support_sliding_window):
         cfg = self.cfg
-        return paged_kv_cache(  # TVM's TIRPagedKVCache, with our CPU decode attention and RoPE kernels
+        return paged_kv_cache(  # TVM's TIRPagedKVCache, with the registry's attention and RoPE kernels
+            self.kernels,
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -198,7 +188,6 @@ class LlamaForCausalLM(nn.Module):
             rotary_dim=cfg.head_dim,
             enable_disaggregation=False,
             dtype=self.dtype,
-            target=c.Target.current(),
         )
 
     def export_spec(self) -> dict:
@@ -210,7 +199,8 @@ class LlamaForCausalLM(nn.Module):
             "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": fwd},
             "batch_decode": {"ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": fwd},
             **({"argmax": {"logits": nn.spec.Tensor(["batch_size", 1, self.cfg.vocab_size], "float32"),
-                           "$": {"param_mode": "none", "effect_mode": "none"}}} if _on("cuda") else {}),
+                           "$": {"param_mode": "none", "effect_mode": "none"}}}
+               if self.kernels.argmax(self.cfg.vocab_size) is not None else {}),
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},

@@ -1,14 +1,14 @@
 """Weight-carrying layers for tvm.relax.frontend.nn that store weights in a scheme's format.
 
 Models build their projections from these two classes; quantizing a model is choosing the scheme, never editing the
-model file. Parameter names: `weight` (q0 schemes) or `q_weight` + `q_scale` (q4 schemes; asymmetric ones add
+model file. The kernels come from the registry the model was given (edgellm/kernels/registry.py). Parameter names: `weight` (q0 schemes) or `q_weight` + `q_scale` (q4 schemes; asymmetric ones add
 `q_min`), plus `bias`.
 """
 
 from __future__ import annotations
 
 from .._tvm import compiler
-from . import kernels
+from ..kernels import KernelRegistry
 from .schemes import QuantScheme
 
 nn = compiler().nn
@@ -31,7 +31,7 @@ def _weights(module, scheme: QuantScheme) -> list:
     return [module.q_weight, module.q_scale] + ([module.q_min] if scheme.zero_point else [])
 
 
-def linear_call(x, weights: list, in_f: int, out_f: int, scheme: QuantScheme, bias=None):
+def linear_call(x, weights: list, in_f: int, out_f: int, scheme: QuantScheme, kernels: KernelRegistry, bias=None):
     """x [..., in] -> [..., out] through one edgellm linear kernel (decode-shaped input gets the GEMV)."""
     lead = list(x.shape[:-1])
     rows = 1
@@ -49,28 +49,30 @@ def linear_call(x, weights: list, in_f: int, out_f: int, scheme: QuantScheme, bi
 class Linear(nn.Module):
     """y = x W^T (+ b) with W [out, in] stored in `scheme`'s format."""
 
-    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, dtype: str, bias: bool = False):
-        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, dtype: str, kernels: KernelRegistry,
+                 bias: bool = False):
+        self.in_features, self.out_features, self.scheme, self.kernels = in_features, out_features, scheme, kernels
         _weight_params(self, out_features, in_features, scheme)
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def forward(self, x):
-        return linear_call(x, _weights(self, self.scheme), self.in_features, self.out_features, self.scheme, self.bias)
+        return linear_call(x, _weights(self, self.scheme), self.in_features, self.out_features, self.scheme,
+                           self.kernels, self.bias)
 
 
 class Embedding(nn.Module):
     """Token embedding [vocab, hidden] in `scheme`'s format; `as_linear` reuses it as a tied lm_head."""
 
-    def __init__(self, vocab: int, hidden: int, scheme: QuantScheme, dtype: str):
-        self.vocab, self.hidden, self.scheme, self.dtype = vocab, hidden, scheme, dtype
+    def __init__(self, vocab: int, hidden: int, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
+        self.vocab, self.hidden, self.scheme, self.dtype, self.kernels = vocab, hidden, scheme, dtype, kernels
         _weight_params(self, vocab, hidden, scheme)
 
     def forward(self, ids):
         """ids int32 [n] -> [n, hidden]."""
-        func = kernels.embedding(self.vocab, self.hidden, self.scheme, self.dtype)
+        func = self.kernels.embedding(self.vocab, self.hidden, self.scheme, self.dtype)
         n = ids.shape[0]
         return nn.op.tensor_ir_op(func, "embedding", [ids, *_weights(self, self.scheme)],
                                   nn.Tensor.placeholder((n, self.hidden), self.dtype))
 
     def as_linear(self, x):
-        return linear_call(x, _weights(self, self.scheme), self.hidden, self.vocab, self.scheme)
+        return linear_call(x, _weights(self, self.scheme), self.hidden, self.vocab, self.scheme, self.kernels)

@@ -1,6 +1,6 @@
-"""GPU-specific variant of the INT4 linear kernel (decode GEMV), same signature as `kernels.linear(1, ...)`.
+"""GPU-specific variant of the INT4 linear kernel (decode GEMV), same signature as `te_linear.linear(1, ...)`.
 
-`kernels.linear` decodes each weight as `(nibble - 7) * scale` in float32: an integer-to-float conversion and a
+`te_linear.linear` decodes each weight as `(nibble - 7) * scale` in float32: an integer-to-float conversion and a
 multiply per weight. On a GPU at memory speed that arithmetic is the limit (an H100 converts int32 to float32 at
 a quarter of its FMA rate). This variant computes the same function with fewer and cheaper operations:
 
@@ -8,12 +8,12 @@ a quarter of its FMA rate). This variant computes the same function with fewer a
 * `nib - 7` without a conversion: the bit pattern `0x4B000000 | nib` is the float `2^23 + nib`, so
   `reinterpret_f32(0x4B000000 | nib) - (2^23 + 7)` is `nib - 7` exactly (float32 holds every integer below 2^24).
 
-The result equals `kernels.linear`'s up to float32 summation order. Blocks: `x_f32` (x in float32), `group_dot`
+The result equals `te_linear.linear`'s up to float32 summation order. Blocks: `x_f32` (x in float32), `group_dot`
 (per row and group), `matmul` (sum over groups with the scale), `epilogue` (cast, bias). The schedule is in
-compile/gpu_schedules.py.
+kernels/schedule_gpu.py.
 
 `int4_gemv_h2` (below) is the fp16 one the CUDA pipeline uses by default: two weights per fp16x2 instruction,
-written pre-scheduled; `int4_gemv` + its schedule stay for float32 activations (q4f32_*) and EDGELLM_CUDA_GEMV=te.
+written pre-scheduled; `int4_gemv` + its schedule stay for float32 activations (q4f32_*) and --opt cuda_gemv=te.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Target-specific schedules for edgellm's own kernels (PrimFuncs carrying the `edgellm.kernel` attribute).
+"""CPU schedules for the tensor-expression linear and embedding kernels (kernels/te_linear.py).
 
-CPU linear (GPU rules live in gpu_schedules.py): reduce along `in` in vector-wide chunks (rfactor), parallel over tiles of output features. In the
-GEMV (decode) the INT4 decode is inlined into the dot product; in the GEMM (prefill) the weight tile is decoded
-once into a local buffer and reused by every row. Kernels without a rule here go to TVM's dlight rules.
+Linear: reduce along `in` in vector-wide chunks (rfactor), parallel over tiles of output features. In the GEMV
+(decode) the INT4 decode is inlined into the dot product; in the GEMM (prefill) the weight tile is decoded once into a
+local buffer and reused by every row. GPU schedules live in schedule_gpu.py; the registry picks (kernels/registry.py).
 """
 
 from __future__ import annotations
@@ -81,17 +81,3 @@ def schedule_cpu_embedding(func, target):
     t, _ = sch.get_loops(sch.get_sblock("embed"))
     sch.parallel(t)
     return _done(sch)
-
-
-def schedule_kernel(func, target):
-    """Dispatch on the kernel kind and target kind; None when edgellm has no rule for the function."""
-    kind = str(func.attrs["edgellm.kernel"]) if func.attrs and "edgellm.kernel" in func.attrs else None
-    if target.kind.name != "llvm":
-        from .gpu_schedules import schedule_gpu_kernel
-
-        return schedule_gpu_kernel(kind, func, target)
-    if kind in ("gemv", "gemm"):
-        return schedule_cpu_linear(func, target, gemv=kind == "gemv")
-    if kind == "embedding":
-        return schedule_cpu_embedding(func, target)
-    return None

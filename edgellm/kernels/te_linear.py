@@ -1,17 +1,15 @@
-"""TIR kernels for the weight-side ops: linear (dense or INT4-packed weights) and embedding lookup.
+"""Tensor-expression kernels for the weight-side ops: linear (dense or INT4-packed weights) and embedding lookup.
 
-Each builder returns an unscheduled PrimFunc whose attribute `edgellm.kernel` names its kind; the compile
-pipeline gives it a target-specific schedule (edgellm/compile/schedules.py). The INT4 decode sits inside the
+Each builder returns an unscheduled PrimFunc whose attribute `edgellm.kernel` names its kind; the registry gives it
+a target-specific schedule (kernels/schedule_cpu.py, kernels/schedule_gpu.py). The INT4 decode sits inside the
 kernel (block "dequant", inlined or computed per weight tile), so dequantize and matmul are one kernel by
 construction. Accumulation is in float32 for every scheme.
 """
 
 from __future__ import annotations
 
-import functools
-
 from .._tvm import compiler
-from .schemes import QuantScheme
+from ..quant.schemes import QuantScheme
 
 ACC = "float32"
 OPAQUE = 8  # relax OpPatternKind.kOpaque: keeps FuseOps from merging (and unscheduling) our kernels
@@ -38,26 +36,8 @@ def _decode_weight(te, scheme: QuantScheme, out_f: int, in_f: int):
 
 
 def linear(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, out_dtype: str, bias: bool):
-    """y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]); rows=None gives a symbolic row count.
-
-    Schemes with int8 activations get the integer dot-product kernel of cpu_kernels (already scheduled for the
-    current target); every other scheme gets this TE kernel, scheduled later by compile/schedules.py."""
-    if scheme.act_quant == "int8":
-        target = compiler().Target.current(allow_none=True)
-        key = (rows, in_f, out_f, scheme, bias, str(target))
-        if key not in _INT8_CACHE:  # parsing its TVMScript took ~0.4 s per Linear of every layer
-            from .cpu_kernels import linear_int8
-
-            _INT8_CACHE[key] = linear_int8(rows, in_f, out_f, scheme, bias, target)
-        return _INT8_CACHE[key]
-    return _linear_te(rows, in_f, out_f, scheme, out_dtype, bias)
-
-
-_INT8_CACHE: dict[tuple, object] = {}  # (shape, scheme, target string) -> PrimFunc: built once per process
-
-
-@functools.lru_cache(maxsize=None)
-def _linear_te(rows, in_f, out_f, scheme, out_dtype, bias):
+    """y[m, n] = sum_k x[m, k] * W[n, k] (+ b[n]); rows=None gives a symbolic row count. Unscheduled: the registry
+    gives it the target's schedule (schedule_cpu / schedule_gpu) or a hand-written kernel of the same signature."""
     c = compiler()
     te, tirx = c.te, c.tirx
     m = tirx.Var("m", "int64") if rows is None else rows

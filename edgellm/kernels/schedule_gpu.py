@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._tvm import compiler
-from .schedules import _done, _has_block, _open
+from .schedule_cpu import _done, _has_block, _open
 
 
 def _max_threads(target) -> int:
@@ -106,20 +106,6 @@ def schedule_gpu_tiled_gemm(func, target, tm: int = 4, tn_: int = 4):
     return _done(sch)
 
 
-# CUDA decode GEMV: "h2" = quant/gpu_kernels.int4_gemv_h2 (fp16x2 arithmetic, pre-scheduled) where it applies (fp16
-# x, scales and output), "te" = int4_gemv scheduled by schedule_gpu_int4_gemv everywhere. EDGELLM_CUDA_GEMV overrides.
-CUDA_GEMV_DEFAULT = "h2"
-
-
-def cuda_gemv_mode() -> str:
-    import os
-
-    mode = os.environ.get("EDGELLM_CUDA_GEMV", CUDA_GEMV_DEFAULT)
-    if mode not in ("h2", "te"):
-        raise ValueError(f"EDGELLM_CUDA_GEMV={mode!r}: use 'h2' (fp16x2 kernel) or 'te' (TE kernel + schedule)")
-    return mode
-
-
 def h2_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     """(warps, rows, unroll, ksplit) of int4_gemv_h2 for a shape. H100, Llama-3-8B shapes, weights from HBM, runs 3
     and 4 of docs/benchmarks/h100-gemv.json (TE kernel -> this pick, us): a long `in` (down, 14336) with 4 rows a
@@ -140,95 +126,13 @@ def h2_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     return 4, 2, 1, 1
 
 
-def _int4_gemv_h2_variant(func, target):
-    """int4_gemv_h2 for a `linear` gemv PrimFunc that _int4_gemv_variant covers with fp16 x, scales and output."""
-    from ..quant import gpu_kernels
-
-    te = _int4_gemv_variant(func, target)
-    if te is None:
-        return None
-    params = list(func.params)
-    x, qs, out = params[0], params[2], params[-1]
-    in_f, out_f = int(x.shape[1]), int(out.shape[1])
-    if not gpu_kernels.h2_supports(in_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
-        return None
-    if len(params) == 5 and str(params[3].dtype) != "float16":
-        return None
-    return gpu_kernels.int4_gemv_h2(in_f, out_f, len(params) == 5, *h2_gemv_config(in_f, out_f))
-
-
-def _int4_gemv_variant(func, target):
-    """The CUDA INT4 GEMV (quant/gpu_kernels.py) for a `linear` gemv PrimFunc it covers, else None."""
-    from ..quant import gpu_kernels
-
-    if target.kind.name != "cuda":
-        return None
-    params = list(func.params)  # tirx PrimFunc params are the buffers themselves
-    if len(params) not in (4, 5) or str(params[1].dtype) != "uint32":
-        return None
-    x, qw, qs, out = params[0], params[1], params[2], params[-1]
-    shapes = [[d.value if hasattr(d, "value") else None for d in b.shape] for b in params]  # None: symbolic
-    if [len(s) for s in shapes[:3]] != [2, 2, 2] or None in sum(shapes, []) or not str(qs.dtype).startswith("float"):
-        return None
-    (rows, in_f), (out_f, words), (_, groups) = shapes[:3]
-    if len(params) == 5 and shapes[3] != [out_f]:  # a 5th argument other than a bias (a zero point, say)
-        return None
-    if rows != 1 or shapes[2][0] != out_f or groups * 32 != in_f or not gpu_kernels.supports(in_f, 32, 4, in_f // words):
-        return None
-    return gpu_kernels.int4_gemv(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype), len(params) == 5)
-
-
-# CUDA prefill GEMM: "tc" = the tensor-core kernels of quant/gpu_gemm.py (mma.sync, sm_80+) where they apply
-# (int4_gemm_tc2, the cp.async pipeline, where `in` is a multiple of 64, else int4_gemm_tc), "tc1" / "tc2" = force
-# one of them (A/B runs), "fma" = schedule_gpu_tiled_gemm everywhere. EDGELLM_CUDA_GEMM overrides the default.
-CUDA_GEMM_DEFAULT = "tc"
-
-
-def cuda_gemm_mode() -> str:
-    import os
-
-    return os.environ.get("EDGELLM_CUDA_GEMM", CUDA_GEMM_DEFAULT)
-
-
 def _sm(target) -> int:
     arch = str(target.attrs.get("arch", ""))
     return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else 0
 
 
-def _int4_gemm_tc_variant(func, target):
-    """The tensor-core INT4 GEMM (quant/gpu_gemm.py) for a `linear` gemm PrimFunc it covers (q4f16_1-style: fp16
-    x/scales/output, 4-bit 8-per-word weights, group 32, symbolic rows, optional bias; CUDA sm_80+), else None."""
-    from ..quant import gpu_gemm
-
-    if target.kind.name != "cuda" or _sm(target) < 80:
-        return None
-    params = list(func.params)
-    if len(params) not in (4, 5) or str(params[1].dtype) != "uint32":
-        return None
-    x, qs, out = params[0], params[2], params[-1]
-    shapes = [[d.value if hasattr(d, "value") else None for d in b.shape] for b in params]
-    if [len(s) for s in shapes[:3]] != [2, 2, 2] or shapes[0][0] is not None or None in shapes[0][1:] + shapes[1] + shapes[2]:
-        return None
-    (_, in_f), (out_f, words), (out_f2, groups) = shapes[:3]
-    if len(params) == 5 and shapes[3] != [out_f]:
-        return None
-    if out_f2 != out_f or words * 8 != in_f or groups * 32 != in_f or shapes[-1][1:] != [out_f]:
-        return None
-    if not gpu_gemm.tc_supports(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
-        return None
-    if len(params) == 5 and str(params[3].dtype) != "float16":
-        return None
-    # "tc2" = int4_gemm_tc2 (cp.async pipeline, weights decoded into mma fragments) where it applies (`in` a multiple
-    # of 64), else the first tensor-core kernel; "tc1" = always the first one; "tc" = tc2 if gpu_gemm.TC2_IS_DEFAULT
-    mode = cuda_gemm_mode()
-    tc2 = mode == "tc2" or (mode == "tc" and gpu_gemm.TC2_IS_DEFAULT)
-    if tc2 and gpu_gemm.tc2_supports(in_f, out_f, str(x.dtype), str(qs.dtype), str(out.dtype)):
-        return gpu_gemm.int4_gemm_tc2(in_f, out_f, len(params) == 5, *gpu_gemm.tc2_choice(in_f, out_f))
-    return gpu_gemm.int4_gemm_tc(in_f, out_f, len(params) == 5, half2=gpu_gemm.TC_HALF2)
-
-
 def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None):
-    """Decode GEMV for packed INT4 weights (quant/gpu_kernels.py). Lane l of a warp owns whole groups: per step it
+    """Decode GEMV for packed INT4 weights (kernels/cuda_gemv.py). Lane l of a warp owns whole groups: per step it
     loads one group's 4 packed words (one 16-byte load), 32 activations (4 x 16 bytes, cast once to float32 and
     shared by the warp's `rows` rows), and the group's scale; a warp streams 512 contiguous weight bytes per row
     per step. The lane partials meet in a warp allreduce; `warps` warps per block."""
@@ -290,28 +194,3 @@ def schedule_gpu_embedding(func, target):
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     return _done(sch)
-
-
-def schedule_gpu_kernel(kind: str | None, func, target):
-    """Dispatch on the kernel kind for a GPU target; None when edgellm has no rule for the function."""
-    if kind == "gemv" and cuda_gemv_mode() == "h2":
-        h2 = _int4_gemv_h2_variant(func, target)
-        if h2 is not None:
-            return h2  # already scheduled
-    if kind == "gemv":
-        variant = _int4_gemv_variant(func, target)
-        if variant is not None:
-            return schedule_gpu_int4_gemv(variant, target)
-    if kind == "gemm" and target.kind.name == "cuda" and cuda_gemm_mode() in ("tc", "tc1", "tc2"):
-        tc = _int4_gemm_tc_variant(func, target)
-        if tc is not None:
-            return tc  # already scheduled
-    if kind == "gemm" and target.kind.name == "cuda":
-        tiled = schedule_gpu_tiled_gemm(func, target)
-        if tiled is not None:
-            return tiled
-    if kind in ("gemv", "gemm"):
-        return schedule_gpu_linear(func, target, gemv=kind == "gemv")
-    if kind == "embedding":
-        return schedule_gpu_embedding(func, target)
-    return None

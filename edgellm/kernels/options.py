@@ -1,0 +1,85 @@
+"""KernelOptions: the typed choices between kernels of one operation, set with `edgellm compile --opt NAME=VALUE`.
+
+Every field is a closed set of named values. `auto` means the registry's rule for the target (the measured default);
+any other value forces that kernel where it applies. The options are part of the artifact's identity: the compile
+summary shows them and the manifest records them, together with the kernels the registry actually picked.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+
+# name -> (values, help). The first value is the default.
+CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "cpu_dot": (("auto", "vnni", "pmadd", "sdot", "portable"),
+                "CPU int8 linear (q4f32_2): the integer dot-product instructions; auto = the widest the target has "
+                "(AVX-512 VNNI, then AVX-512BW/AVX2/SSSE3 pmadd, then NEON sdot, then portable shifts and multiplies)"),
+    "cuda_gemv": (("auto", "fp16x2", "te"),
+                  "CUDA INT4 decode GEMV: fp16x2 = the hand-written kernel in fp16x2 arithmetic (fp16 activations); "
+                  "te = the tensor-expression kernel with edgellm's warp schedule; auto = fp16x2 where it applies"),
+    "cuda_gemm": (("auto", "mma-pipelined", "mma", "simt"),
+                  "CUDA INT4 prefill GEMM: mma-pipelined = tensor cores with a cp.async multi-stage pipeline "
+                  "(`in` a multiple of 64); mma = the single-stage tensor-core kernel; simt = FMA tiles; auto = "
+                  "mma-pipelined, else mma, on sm_80+, simt below"),
+    "cuda_gemm_decode": (("half2", "float"),
+                         "how the tensor-core GEMM decodes a weight tile: half2 = two weights per fp16x2 op, float = "
+                         "one fp32 op each (same fp16 values)"),
+    "cuda_attention": (("auto", "mma", "tvm"),
+                       "CUDA ragged prefill attention: mma = edgellm's FlashAttention-2 on mma.sync (sm_80+, fp16, "
+                       "head_dim 64/128); tvm = TVM's kernel; auto = mma where it applies"),
+}
+
+
+class KernelOptionError(ValueError):
+    """An --opt that names no option or no value; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    cpu_dot: str = "auto"
+    cuda_gemv: str = "auto"
+    cuda_gemm: str = "auto"
+    cuda_gemm_decode: str = "half2"
+    cuda_attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), CHOICES[f.name][0]
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise KernelOptionError(f"--opt {f.name}={value} is not a value of {f.name}{hint}; use one of "
+                                        f"{', '.join(allowed)}")
+
+    @classmethod
+    def parse(cls, items: list[str] | tuple[str, ...] | None) -> KernelOptions:
+        """['cuda_gemm=simt', ...] -> KernelOptions; unknown names and values fail with the closest valid one."""
+        values: dict[str, str] = {}
+        for item in items or ():
+            name, sep, value = item.partition("=")
+            name, value = name.strip().replace("-", "_"), value.strip()
+            if not sep or not name or not value:
+                raise KernelOptionError(f"--opt {item!r} is not NAME=VALUE; e.g. --opt cuda_gemm=simt "
+                                        f"(options: {', '.join(CHOICES)})")
+            if name not in CHOICES:
+                close = difflib.get_close_matches(name, list(CHOICES), n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise KernelOptionError(f"--opt {name} is not a kernel option{hint}; options: {', '.join(CHOICES)}")
+            if name in values and values[name] != value:
+                raise KernelOptionError(f"--opt {name} is given twice ({values[name]} and {value}); give it once")
+            values[name] = value
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    def changed(self) -> dict[str, str]:
+        """The options that differ from their defaults (what the compile summary shows)."""
+        default = KernelOptions()
+        return {k: v for k, v in asdict(self).items() if getattr(default, k) != v}
+
+
+def describe() -> str:
+    """One paragraph per option, for `edgellm compile --help-opts`."""
+    return "\n".join(f"{name}: {' | '.join(values)}\n    {text}" for name, (values, text) in CHOICES.items())

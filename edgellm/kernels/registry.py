@@ -1,0 +1,204 @@
+"""One registry maps (operation, scheme, target, KernelOptions) to a kernel, builds each kernel once, and records
+what it picked.
+
+Models ask the registry for every hand-written or scheduled kernel (`KernelRegistry.linear`, `.embedding`,
+`.add_rms_norm`, `.silu_mul`, `.argmax`, and the KV cache's attention and RoPE through `.kv_cache_kernels`); they
+never look at the ambient target. Every returned PrimFunc is already scheduled for the registry's target (it
+carries `tirx.is_scheduled`), so the compile pipeline only schedules what TVM itself emits (dlight).
+
+The rules below are the measured defaults (docs/benchmarks/); KernelOptions force another kernel where it applies.
+`chosen` lists, per operation, the kernels picked, and goes into the manifest so two artifacts built alike cannot
+differ invisibly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+from ..quant.schemes import QuantScheme
+from .options import KernelOptions
+
+
+class KernelRegistry:
+    def __init__(self, target, options: KernelOptions | None = None):
+        self.target = target
+        self.options = options or KernelOptions()
+        self.kind: str = target.kind.name  # llvm | cuda | metal | opencl | webgpu ...
+        self.chosen: dict[str, set[str]] = defaultdict(set)
+        self._built: dict[tuple, object] = {}
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------------
+    def _once(self, key: tuple, op: str, name: str, build: Callable[[], object]):
+        """Build (or reuse) the kernel `name` for `key`; record that `op` uses it."""
+        self.chosen[op].add(name)
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]
+
+    @property
+    def sm(self) -> int:
+        """CUDA compute capability as an integer (90 for sm_90), 0 elsewhere."""
+        arch = str(self.target.attrs.get("arch", "")) if self.kind == "cuda" else ""
+        digits = "".join(ch for ch in arch[3:] if ch.isdigit()) if arch.startswith("sm_") else ""
+        return int(digits or 0)
+
+    def manifest_entry(self) -> dict:
+        return {"options": self.options.as_dict(), "chosen": {op: sorted(v) for op, v in sorted(self.chosen.items())}}
+
+    # ---- linear and embedding ----------------------------------------------------------------------------------
+    def linear(self, rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, out_dtype: str, bias: bool):
+        """y = x W^T (+ b) for `scheme`'s stored weight; rows=1 is the decode GEMV, None a symbolic row count."""
+        op = "linear_gemv" if rows == 1 else "linear"
+        name, build = self._pick_linear(rows, in_f, out_f, scheme, out_dtype, bias)
+        return self._once(("linear", name, rows, in_f, out_f, scheme, out_dtype, bias), op, name, build)
+
+    def _pick_linear(self, rows, in_f, out_f, scheme, out_dtype, bias) -> tuple[str, Callable[[], object]]:
+        from . import te_linear
+
+        gemv, t, o = rows == 1, self.target, self.options
+        if scheme.act_quant == "int8":
+            from ..quant import cpu_kernels
+
+            if self.kind != "llvm":
+                raise ValueError(f"scheme {scheme.name} has CPU kernels only; target {self.kind} needs another scheme")
+            path = cpu_kernels.plan(t, scheme.padded_in(in_f) // scheme.elems_per_word)
+            return f"int8_dot_{path.name}", lambda: cpu_kernels.linear_int8(rows, in_f, out_f, scheme, bias, t)
+
+        def te():
+            return te_linear.linear(rows, in_f, out_f, scheme, out_dtype, bias)
+
+        if self.kind == "llvm":
+            from .schedule_cpu import schedule_cpu_linear
+
+            return "te_cpu", lambda: schedule_cpu_linear(te(), t, gemv)
+        from . import schedule_gpu as sg
+
+        # the hand-written CUDA kernels cover symmetric 4-bit, 8 per word, group-32 weights with no padding
+        int4 = (scheme.quantized and not scheme.zero_point and scheme.bits == 4 and scheme.elems_per_word == 8
+                and scheme.group_size == 32 and scheme.padded_in(in_f) == in_f and scheme.scale_dtype.startswith("float"))
+        fp16 = out_dtype == scheme.scale_dtype == "float16"
+        if gemv and self.kind == "cuda" and int4:
+            from . import cuda_gemv
+
+            if o.cuda_gemv in ("auto", "fp16x2") and fp16 and cuda_gemv.h2_supports(in_f, out_dtype, scheme.scale_dtype,
+                                                                                   out_dtype):
+                cfg = sg.h2_gemv_config(in_f, out_f)
+                return "int4_gemv_fp16x2", lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg)
+            if cuda_gemv.supports(in_f, 32, 4, 8):
+                return "int4_gemv_te", lambda: sg.schedule_gpu_int4_gemv(
+                    cuda_gemv.int4_gemv(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias), t)
+        if not gemv and self.kind == "cuda":
+            from . import cuda_gemm
+
+            if int4 and fp16 and self.sm >= 80 and o.cuda_gemm != "simt" and rows is None \
+                    and cuda_gemm.tc_supports(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype):
+                if o.cuda_gemm in ("auto", "mma-pipelined") and cuda_gemm.tc2_supports(
+                        in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype):
+                    cfg = cuda_gemm.tc2_choice(in_f, out_f)
+                    return "int4_gemm_mma_pipelined", lambda: cuda_gemm.int4_gemm_tc2(in_f, out_f, bias, *cfg)
+                half2 = o.cuda_gemm_decode == "half2"
+                return f"int4_gemm_mma_{o.cuda_gemm_decode}", lambda: cuda_gemm.int4_gemm_tc(in_f, out_f, bias,
+                                                                                            half2=half2)
+
+            def tiled():
+                return sg.schedule_gpu_tiled_gemm(te(), t) or sg.schedule_gpu_linear(te(), t, gemv=False)
+
+            return "gemm_simt", tiled
+        return ("gemv_te_gpu" if gemv else "gemm_te_gpu"), lambda: sg.schedule_gpu_linear(te(), t, gemv)
+
+    def embedding(self, vocab: int, hidden: int, scheme: QuantScheme, out_dtype: str):
+        from . import te_linear
+
+        if self.kind == "llvm":
+            from .schedule_cpu import schedule_cpu_embedding as schedule
+        else:
+            from .schedule_gpu import schedule_gpu_embedding as schedule
+        t = self.target
+        return self._once(("embedding", vocab, hidden, scheme, out_dtype), "embedding", f"embedding_{self.kind}",
+                          lambda: schedule(te_linear.embedding(vocab, hidden, scheme, out_dtype), t))
+
+    # ---- elementwise and norms ---------------------------------------------------------------------------------
+    def add_rms_norm(self, hidden: int, eps: float, dtype: str):
+        """(x + y, rms_norm(x + y) * w) in one kernel, or None where there is none (the model uses two ops)."""
+        if self.kind == "llvm" and hidden % 16 == 0:
+            from ..models import cpu_math
+
+            return self._once(("add_rms_norm", "cpu", hidden, eps, dtype), "add_rms_norm", "add_rms_norm_cpu16",
+                              lambda: cpu_math.add_rms_norm_cpu(hidden, eps, dtype))
+        if self.kind == "cuda":
+            from . import cuda_math
+
+            return self._once(("add_rms_norm", "cuda", hidden, eps, dtype), "add_rms_norm", "add_rms_norm_cuda_vec16",
+                              lambda: cuda_math.add_rms_norm_gpu(hidden, eps, dtype))
+        return None
+
+    def silu_mul(self, inter: int, dtype: str):
+        """silu(gate) * up over [rows, 2 inter] -> [rows, inter] as a PrimFunc (CUDA), or None: on CPU the model
+        writes it as a tensor expression with the vectorizable exp (`cpu_silu`), elsewhere as two Relax ops."""
+        if self.kind == "cuda":
+            from . import cuda_math
+
+            return self._once(("silu_mul", inter, dtype), "silu_mul", "silu_mul_cuda_vec16",
+                              lambda: cuda_math.silu_mul_gpu(inter, dtype))
+        return None
+
+    @property
+    def cpu_silu(self):
+        """The scalar silu with a vectorizable exp for CPU tensor expressions, or None off the CPU."""
+        if self.kind != "llvm":
+            return None
+        from ..models.cpu_math import silu
+
+        self.chosen["silu_mul"].add("silu_mul_cpu_te")
+        return silu
+
+    def argmax(self, vocab: int):
+        """(partial, final, parts) of the two-stage device argmax, or None where the target has none (CPU: the
+        logits come back to the host anyway)."""
+        if self.kind != "cuda":
+            return None
+        from . import cuda_math
+
+        parts = cuda_math.ARGMAX_PARTS
+        partial = self._once(("argmax_partial", vocab), "argmax", "argmax_two_stage",
+                             lambda: cuda_math.argmax_partial_gpu(vocab))
+        final = self._once(("argmax_final", vocab), "argmax", "argmax_two_stage",
+                           lambda: cuda_math.argmax_final_gpu(vocab))
+        return partial, final, parts
+
+    # ---- KV cache ----------------------------------------------------------------------------------------------
+    def kv_cache_kernels(self, *, heads: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype: str,
+                         attn_kind: str, rope_inline: bool, rope: dict | None) -> dict[str, object]:
+        """Kernels to put in place of TVM's PagedKVCache functions of the same name (see kernels/kv_cache.py).
+        `rope`: {theta, scale, scaling (prepared), rotary_dim} when edgellm's RoPE may replace TVM's."""
+        ours: dict[str, object] = {}
+        if self.kind == "cuda":
+            from . import cuda_attention
+
+            if self.options.cuda_attention != "tvm" and cuda_attention.supports(
+                    self.target, dtype, head_dim, v_head_dim, attn_kind, rope_inline):
+                ours["tir_attention_prefill_ragged"] = self._once(
+                    ("attn_prefill", kv_heads, heads, head_dim, dtype), "attention_prefill", "attention_prefill_mma",
+                    lambda: cuda_attention.attention_prefill_ragged_cuda(kv_heads, heads, head_dim, dtype))
+            else:
+                self.chosen["attention_prefill"].add("attention_prefill_tvm")
+            return ours
+        if self.kind != "llvm":
+            return ours
+        from ..models import kv_cache as cpu_attn
+
+        if head_dim % 16 == 0 and v_head_dim == head_dim and attn_kind == "mha":
+            ours["tir_attention_decode_cpu"] = self._once(
+                ("attn_decode_cpu", kv_heads, heads, head_dim, dtype), "attention_decode", "attention_decode_cpu_splitkv",
+                lambda: cpu_attn.attention_decode_cpu(kv_heads, heads, head_dim, dtype))
+            ours["tir_attention_prefill_ragged_cpu"] = self._once(
+                ("attn_prefill_cpu", kv_heads, heads, head_dim, dtype), "attention_prefill", "attention_prefill_cpu",
+                lambda: cpu_attn.attention_prefill_ragged_cpu(kv_heads, heads, head_dim, dtype))
+        if rope is not None and cpu_attn.rope_supported(rope["scaling"]) and rope["rotary_dim"] % 2 == 0:
+            ours["tir_split_rotary"] = self._once(
+                ("rope_cpu", rope["theta"], rope["scale"], head_dim, heads, kv_heads, dtype, repr(rope["scaling"]),
+                 rope["rotary_dim"]), "rope", "rope_cpu_per_token",
+                lambda: cpu_attn.split_rotary_cpu(rope["theta"], rope["scale"], head_dim, heads, kv_heads, dtype,
+                                                  rope["scaling"], rope["rotary_dim"]))
+        return ours
