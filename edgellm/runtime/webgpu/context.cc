@@ -22,6 +22,7 @@ constexpr WGPUInstanceBackend kBackends = WGPUInstanceBackend_Vulkan;
 constexpr WGPUBufferUsage kStorageUsage =
     WGPUBufferUsage_Storage | WGPUBufferUsage_CopySrc | WGPUBufferUsage_CopyDst;
 constexpr size_t kUniformSlots = 1024;  // dispatches recorded before a forced submit
+constexpr size_t kMaxBindGroups = 8192;  // cached bind groups before the cache is cleared
 
 std::string View(WGPUStringView v) {
   if (v.data == nullptr) return "";
@@ -264,6 +265,7 @@ Buffer* Context::Alloc(size_t nbytes) {
 void Context::Free(Buffer* buf) {
   if (buf == nullptr) return;
   std::lock_guard<std::mutex> lock(mu_);
+  DropBindGroups(buf->handle);
   // wgpu keeps the memory alive while recorded or submitted commands still use it
   wgpuBufferRelease(buf->handle);
   delete buf;
@@ -290,12 +292,26 @@ void Context::FreeWorkspace(Buffer* buf) {
 }
 
 WGPUCommandEncoder Context::Encoder() {
+  EndPass();  // copies are recorded outside compute passes
   if (pending_ == nullptr) pending_ = wgpuDeviceCreateCommandEncoder(device_, nullptr);
   return pending_;
 }
 
+WGPUComputePassEncoder Context::Pass() {
+  if (pass_ == nullptr) pass_ = wgpuCommandEncoderBeginComputePass(Encoder(), nullptr);
+  return pass_;
+}
+
+void Context::EndPass() {
+  if (pass_ == nullptr) return;
+  wgpuComputePassEncoderEnd(pass_);
+  wgpuComputePassEncoderRelease(pass_);
+  pass_ = nullptr;
+}
+
 void Context::Flush() {
   if (pending_ == nullptr) return;
+  EndPass();
   if (uniform_used_ > 0) {
     wgpuQueueWriteBuffer(queue_, uniform_, 0, uniform_host_.data(), uniform_used_);
     uniform_used_ = 0;
@@ -415,40 +431,69 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
   std::memcpy(uniform_host_.data() + slot, pod_words.data(), pod_words.size() * 4);
   uniform_used_ += uniform_slot_;
 
-  std::vector<WGPUBindGroupEntry> entries(buffers.size() + 1);
-  for (size_t i = 0; i <= buffers.size(); ++i) {
-    std::memset(&entries[i], 0, sizeof(WGPUBindGroupEntry));
-    entries[i].binding = static_cast<uint32_t>(i);
-    if (i < buffers.size()) {
-      entries[i].buffer = buffers[i]->handle;
-      entries[i].offset = 0;
-      entries[i].size = buffers[i]->size;
-    } else {
-      entries[i].buffer = uniform_;
-      entries[i].offset = slot;
-      entries[i].size = pod_bytes;
+  // one bind group per (kernel layout, buffers), reused: the scalars' slot is the uniform's dynamic offset
+  std::vector<uintptr_t> key;
+  key.reserve(buffers.size() + 1);
+  key.push_back(reinterpret_cast<uintptr_t>(layout));
+  for (Buffer* b : buffers) key.push_back(reinterpret_cast<uintptr_t>(b->handle));
+  auto it = bind_groups_.find(key);
+  WGPUBindGroup group;
+  if (it != bind_groups_.end()) {
+    group = it->second;
+  } else {
+    if (bind_groups_.size() >= kMaxBindGroups) ClearBindGroups();
+    std::vector<WGPUBindGroupEntry> entries(buffers.size() + 1);
+    for (size_t i = 0; i <= buffers.size(); ++i) {
+      std::memset(&entries[i], 0, sizeof(WGPUBindGroupEntry));
+      entries[i].binding = static_cast<uint32_t>(i);
+      if (i < buffers.size()) {
+        entries[i].buffer = buffers[i]->handle;
+        entries[i].size = buffers[i]->size;
+      } else {
+        entries[i].buffer = uniform_;
+        entries[i].size = pod_bytes;
+      }
     }
-  }
-  WGPUBindGroupDescriptor bd;
-  std::memset(&bd, 0, sizeof(bd));
-  bd.layout = layout;
-  bd.entryCount = entries.size();
-  bd.entries = entries.data();
-  WGPUBindGroup group = wgpuDeviceCreateBindGroup(device_, &bd);
-  if (!errors_.empty()) {  // e.g. a binding over maxStorageBufferBindingSize: fail before touching the encoder
-    uniform_used_ -= uniform_slot_;
-    wgpuBindGroupRelease(group);
-    RaiseErrors("kernel launch");
+    WGPUBindGroupDescriptor bd;
+    std::memset(&bd, 0, sizeof(bd));
+    bd.layout = layout;
+    bd.entryCount = entries.size();
+    bd.entries = entries.data();
+    group = wgpuDeviceCreateBindGroup(device_, &bd);
+    if (!errors_.empty()) {  // e.g. a binding over maxStorageBufferBindingSize: fail before recording anything
+      uniform_used_ -= uniform_slot_;
+      wgpuBindGroupRelease(group);
+      RaiseErrors("kernel launch");
+    }
+    bind_groups_.emplace(key, group);
+    for (Buffer* b : buffers) groups_of_buffer_[b->handle].push_back(key);
   }
 
-  WGPUComputePassEncoder pass = wgpuCommandEncoderBeginComputePass(Encoder(), nullptr);
+  // consecutive dispatches share one compute pass (wgpu orders them: storage writes are visible to later ones)
+  WGPUComputePassEncoder pass = Pass();
+  uint32_t dynamic_offset = static_cast<uint32_t>(slot);
   wgpuComputePassEncoderSetPipeline(pass, pipeline);
-  wgpuComputePassEncoderSetBindGroup(pass, 0, group, 0, nullptr);
+  wgpuComputePassEncoderSetBindGroup(pass, 0, group, 1, &dynamic_offset);
   wgpuComputePassEncoderDispatchWorkgroups(pass, gx, gy, gz);
-  wgpuComputePassEncoderEnd(pass);
-  wgpuComputePassEncoderRelease(pass);
-  wgpuBindGroupRelease(group);
   RaiseErrors("kernel launch");
+}
+
+void Context::DropBindGroups(WGPUBuffer buffer) {
+  auto it = groups_of_buffer_.find(buffer);
+  if (it == groups_of_buffer_.end()) return;
+  for (const auto& key : it->second) {
+    auto g = bind_groups_.find(key);
+    if (g == bind_groups_.end()) continue;  // already dropped through another of its buffers
+    wgpuBindGroupRelease(g->second);
+    bind_groups_.erase(g);
+  }
+  groups_of_buffer_.erase(it);
+}
+
+void Context::ClearBindGroups() {
+  for (auto& kv : bind_groups_) wgpuBindGroupRelease(kv.second);
+  bind_groups_.clear();
+  groups_of_buffer_.clear();
 }
 
 }  // namespace webgpu

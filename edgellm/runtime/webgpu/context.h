@@ -5,7 +5,9 @@
 // ever done on the host (DeviceAPI::SupportsDevicePointerArithmeticsOnHost stays false).
 //
 // Ordering: one queue per device. Dispatches and device-to-device copies are recorded into one pending command
-// encoder; anything that must observe or overwrite memory from the host (writes, reads, Sync) submits it first.
+// encoder (consecutive dispatches into one compute pass); anything that must observe or overwrite memory from the
+// host (writes, reads, Sync) submits it first. Bind groups are cached per (kernel layout, buffers) and dropped
+// when one of their buffers is freed; each dispatch's scalars sit at a dynamic offset of one uniform buffer.
 #ifndef EDGELLM_RUNTIME_WEBGPU_CONTEXT_H_
 #define EDGELLM_RUNTIME_WEBGPU_CONTEXT_H_
 
@@ -16,6 +18,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -75,7 +78,11 @@ class Context {
  private:
   explicit Context(int device_id);
   void Flush();  // submit the pending encoder (caller holds mu_)
-  WGPUCommandEncoder Encoder();
+  WGPUCommandEncoder Encoder();  // the pending encoder, with no compute pass open
+  WGPUComputePassEncoder Pass();  // the open compute pass of the pending encoder
+  void EndPass();
+  void DropBindGroups(WGPUBuffer buffer);
+  void ClearBindGroups();
   void ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes);
   void WriteAligned(Buffer* dst, size_t offset, const void* src, size_t nbytes);
   static void OnError(WGPUDevice const* device, WGPUErrorType type, WGPUStringView message, void* self,
@@ -88,6 +95,9 @@ class Context {
   WGPUDevice device_ = nullptr;
   WGPUQueue queue_ = nullptr;
   WGPUCommandEncoder pending_ = nullptr;
+  WGPUComputePassEncoder pass_ = nullptr;
+  std::map<std::vector<uintptr_t>, WGPUBindGroup> bind_groups_;  // (layout, buffers...) -> group
+  std::unordered_map<WGPUBuffer, std::vector<std::vector<uintptr_t>>> groups_of_buffer_;
   // POD uniforms of the pending dispatches: one slot each, written once just before the submit.
   WGPUBuffer uniform_ = nullptr;
   std::vector<uint8_t> uniform_host_;

@@ -211,6 +211,7 @@ class Kernel {
       std::memset(&entries[i], 0, sizeof(WGPUBindGroupLayoutEntry));
       entries[i].binding = static_cast<uint32_t>(i);
       entries[i].visibility = WGPUShaderStage_Compute;
+      entries[i].buffer.hasDynamicOffset = i == buffer_args_.size();  // the scalars' slot, set per dispatch
       entries[i].buffer.type = i == buffer_args_.size() ? WGPUBufferBindingType_Uniform
                                : writable_[i]           ? WGPUBufferBindingType_Storage
                                                         : WGPUBufferBindingType_ReadOnlyStorage;
