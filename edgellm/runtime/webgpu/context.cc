@@ -111,13 +111,17 @@ struct Registry {
       f.vendor = View(info.vendor);
       f.backend = BackendName(info.backendType);
       f.adapter_type = AdapterTypeName(info.adapterType);
+      f.subgroup_min_size = info.subgroupMinSize;
+      f.subgroup_max_size = info.subgroupMaxSize;
       wgpuAdapterInfoFreeMembers(info);
     }
     std::memset(&f.limits, 0, sizeof(f.limits));
     wgpuAdapterGetLimits(a, &f.limits);
     f.limits.nextInChain = nullptr;
     f.shader_f16 = wgpuAdapterHasFeature(a, WGPUFeatureName_ShaderF16);
+    // the standard feature, or wgpu-native's own (what NVIDIA's Vulkan driver shows through wgpu 0.32)
     f.subgroups = wgpuAdapterHasFeature(a, WGPUFeatureName_Subgroups);
+    f.native_subgroups = wgpuAdapterHasFeature(a, static_cast<WGPUFeatureName>(WGPUNativeFeature_Subgroup));
     return f;
   }
 };
@@ -190,6 +194,7 @@ Context::Context(int device_id) : device_id_(device_id) {
   std::vector<WGPUFeatureName> features;
   if (facts_.shader_f16) features.push_back(WGPUFeatureName_ShaderF16);
   if (facts_.subgroups) features.push_back(WGPUFeatureName_Subgroups);
+  if (facts_.native_subgroups) features.push_back(static_cast<WGPUFeatureName>(WGPUNativeFeature_Subgroup));
   WGPULimits required = facts_.limits;  // ask for everything the adapter offers
   required.nextInChain = nullptr;
 

@@ -33,7 +33,8 @@ struct Buffer {
 // Adapter facts, for device attributes and for the Python side's report.
 struct AdapterFacts {
   std::string name, driver, vendor, backend, adapter_type;
-  bool shader_f16 = false, subgroups = false;
+  bool shader_f16 = false, subgroups = false, native_subgroups = false;
+  uint32_t subgroup_min_size = 0, subgroup_max_size = 0;
   WGPULimits limits{};
 };
 

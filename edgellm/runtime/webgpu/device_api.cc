@@ -36,7 +36,8 @@ std::string AdapterJSON(int index, const AdapterFacts& f) {
   os << "{\"index\": " << index << ", \"name\": " << quote(f.name) << ", \"driver\": " << quote(f.driver)
      << ", \"vendor\": " << quote(f.vendor) << ", \"backend\": " << quote(f.backend)
      << ", \"adapter_type\": " << quote(f.adapter_type) << ", \"shader_f16\": " << (f.shader_f16 ? "true" : "false")
-     << ", \"subgroups\": " << (f.subgroups ? "true" : "false")
+     << ", \"subgroups\": " << (f.subgroups || f.native_subgroups ? "true" : "false")
+     << ", \"subgroup_size\": [" << f.subgroup_min_size << ", " << f.subgroup_max_size << "]"
      << ", \"max_buffer_size\": " << l.maxBufferSize
      << ", \"max_storage_buffer_binding_size\": " << l.maxStorageBufferBindingSize
      << ", \"max_storage_buffers_per_shader_stage\": " << l.maxStorageBuffersPerShaderStage
