@@ -66,6 +66,17 @@ def tensor(array, dev):
     return runtime.tensor(array, dev)
 
 
+def set_cpu_threads(n: int) -> int:
+    """Size TVM's CPU thread pool to `n` threads sharing every core (no pinning), through the runtime's own
+    configuration call; returns the pool's size. Any time, any import order (TVM_NUM_THREADS is read only once,
+    when the pool first starts)."""
+    import os
+
+    cpus = [str(i) for i in range(os.cpu_count() or 1)]
+    get_global_func("runtime.config_threadpool")(-3, int(n), cpus)  # -3: kSpecifyThreadShareAllCore
+    return int(get_global_func("runtime.NumThreads")())
+
+
 def array(items: list):
     """An FFI Array of `items`, made once: a Python list is converted on every call it is passed to."""
     return tvm_ffi.convert(list(items))

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .engine import Engine
+from .host import host_info
 
 
 @dataclass
@@ -96,23 +97,14 @@ def run_bench(engine: Engine, n_prompt: int = 128, n_gen: int = 128, reps: int =
             model=os.path.basename(str(m["model"]["source"])), arch=m["model"]["arch"], scheme=m["quant"]["scheme"],
             params=m["model"]["params"], target=m["target"]["preset"],
             device=device_name or _device_name(m["target"]["device"]),
-            threads=int(os.environ.get("TVM_NUM_THREADS", "0") or 0), tvm_version=m["tvm_version"],
+            threads=engine.threads, tvm_version=m["tvm_version"],
             git_sha=m.get("git_sha"), peak_rss_mib=_peak_rss_mib(),
         ))
     return records
 
 
 def _device_name(kind: str) -> str:
-    if kind == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine()
-    return kind
+    return host_info().cpu_model if kind == "cpu" else kind
 
 
 MD_COLUMNS = ["model", "scheme", "params", "weight_bytes", "target", "threads", "test", "t/s", "GB/s"]

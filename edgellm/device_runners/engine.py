@@ -7,7 +7,6 @@ so a device that has only libtvm_runtime runs it.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError
+from .host import host_info
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
 
@@ -48,14 +48,6 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def _set_threads(threads: int | None) -> None:
-    """TVM's CPU pool reads TVM_NUM_THREADS when it starts; without it, it may use one thread."""
-    if threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
-    elif "TVM_NUM_THREADS" not in os.environ:
-        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
-
-
 def _check_runnable_here(manifest: dict) -> None:
     """Refuse, with the fix, an artifact whose host code is for another CPU or that ships objects, not a library."""
     import platform
@@ -79,24 +71,6 @@ def _token_limit(manifest: dict, index: list[dict]) -> int:
             if e.get("shape") and any(k in e["name"] for k in ("embed_tokens.", "lm_head."))]
     vocab = int(manifest["model"]["config"]["vocab_size"])
     return max(0, min([vocab, *rows]))
-
-
-def physical_cores() -> int:
-    try:
-        cores = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((phys, core))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 class Sequence:
@@ -148,11 +122,12 @@ class Engine:
                                 "random weights (Engine(random_weights=SEED)) or compile it from a checkpoint")
         _check_runnable_here(m)
         dev_kind = device or m["target"]["device"]
-        if dev_kind == "cpu":
-            _set_threads(threads)
-        from .. import _tvm  # after TVM_NUM_THREADS is set
+        from .. import _tvm
 
         self._tvm = _tvm
+        self.threads = 0  # CPU threads of TVM's pool (0: not a CPU artifact)
+        if dev_kind == "cpu":
+            self.threads = _tvm.set_cpu_threads(threads or host_info().physical_cores)
         if dev_kind == "cuda":
             _tvm.load_cuda_runtime()
         self.dev = _tvm.device(dev_kind, 0)
