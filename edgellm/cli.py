@@ -261,7 +261,7 @@ def targets(as_json):
 @click.option("--api-key", envvar="EDGELLM_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (env EDGELLM_API_KEY).")
 @click.option("--hmac-secret", envvar="EDGELLM_HMAC_SECRET", default=None,
-              help="Require X-Timestamp + X-Signature = hex HMAC-SHA256(secret, timestamp + '.' + body) on /v1/* "
+              help="Require X-Timestamp + X-Signature = hex HMAC-SHA256(secret, timestamp \\n METHOD \\n path \\n body) on /v1/* "
                    "(env EDGELLM_HMAC_SECRET).")
 @click.option("--hmac-window", default=300.0, show_default=True,
               help="Seconds a signed request stays valid; replays inside it are refused.")
