@@ -8,6 +8,9 @@ device skip only when wgpu-native finds no Vulkan adapter.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,6 +75,16 @@ def test_missing_wgpu_is_one_line(monkeypatch):
     with pytest.raises(PluginError) as e:
         webgpu_plugin.plugin_path()
     assert e.value.reason == "wgpu" and "\n" not in str(e.value) and "edgellm[vulkan]" in str(e.value)
+
+
+def test_no_vulkan_driver_is_one_line(dev):
+    """With the driver hidden (VK_ICD_FILENAMES to nowhere), a fresh process gets the `vulkan` reason."""
+    code = ("from edgellm.runtime.webgpu_plugin import load_plugin, PluginError\n"
+            "try:\n    load_plugin()\nexcept PluginError as e:\n    print('REASON', e.reason, e)\n")
+    env = {**os.environ, "VK_ICD_FILENAMES": "/nonexistent/icd.json", "VK_DRIVER_FILES": "/nonexistent/icd.json"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    line = out.stdout.strip()
+    assert line.startswith("REASON vulkan ") and "\n" not in line and "Vulkan" in line, out.stdout + out.stderr
 
 
 def test_cache_key_follows_the_sources(monkeypatch, tmp_path):
