@@ -128,12 +128,23 @@ def compile(model, target, quant, output, context_window, prefill_chunk, page_si
         model=str(model) if model else None, output=output, target=target, quant=quant,
         runtime=RuntimeOptions(context_window, prefill_chunk, page_size, max_batch), dump_ir=dump_ir,
         overwrite=overwrite, kernel_options=KernelOptions.parse(opts)))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = _stderr()
     console.print(f"[bold]edgellm compile[/bold]\n{args.display()}")
-    with console.status("starting") as status:
-        def progress(name, detail=""):
-            console.log(f"{name}: {detail}")
-            status.update(f"{name} ...")
+    columns = (TextColumn("{task.fields[phase]:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("", total=None, phase="start")
+        state = {"phase": None}
+
+        def progress(name, detail="", done=None, total=None):
+            if name != state["phase"]:  # a new phase: log the last one's line, restart the bar
+                state["phase"] = name
+                console.log(f"{name}: {detail}")
+                bar.reset(task, total=total, completed=0, phase=name, description=detail)
+            bar.update(task, completed=done if done is not None else 0, total=total,
+                       description=detail or bar.tasks[0].description)
 
         result = _guard(compile_model, args, progress)
     console.print(result.summary())

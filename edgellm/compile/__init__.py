@@ -207,14 +207,17 @@ def _tokenizer_files(src: ModelSource, root: Path) -> dict:
 
 
 def compile_model(args: CompileArgs, progress=None) -> CompileResult:
-    """Compile `args.model` for `args.target`; the artifact appears at `args.output` only when complete."""
+    """Compile `args.model` for `args.target`; the artifact appears at `args.output` only when complete.
+
+    progress(name, detail="", done=None, total=None) is called as the compile goes: once per phase (load, export,
+    quantize, build), then with done/total counts inside it (kernels built, tensors packed, pipeline passes)."""
     t_start = time.perf_counter()
     tgt = resolve(args.target)  # fail fast on a bad target, scheme, toolchain or output, before touching weights
     scheme = _scheme_for(tgt, args.quant or tgt.default_quant)
     _check_toolchain(tgt)
     model_path = Path(args.model) if args.model else default_model_path()
     check_output(args.output, args.overwrite, protect=[model_path])
-    step = progress or (lambda name, **kw: None)
+    step = progress or (lambda name, detail="", done=None, total=None: None)
     step("load", detail=str(args.model or "embedded SmolLM2"))
     src = open_model(model_path)
     _check_tokenizer(src)
@@ -227,7 +230,9 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         runtime = replace(runtime, context_window=window, prefill_chunk=min(runtime.prefill_chunk, window))
     model_cls, source_map = get_architecture(cfg)
     target = tgt.tvm()
-    kernels = KernelRegistry(target, args.kernel_options)
+    kernels = KernelRegistry(target, args.kernel_options,
+                             on_build=lambda name, n: step("export", detail=f"kernel {name}", done=n))
+    step("export", detail=f"{cfg.num_hidden_layers} layers for {tgt.preset}")
     with target:
         model = model_cls(cfg, scheme, kernels)
         spec = model.export_spec()
@@ -240,7 +245,8 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         if args.shapes_only:
             index = _shape_index(tmp, params)
         else:
-            index = write_params(tmp, convert(src.tensors, smap, unused, params, float_shapes, scheme))
+            packed = convert(src.tensors, smap, unused, params, float_shapes, scheme)
+            index = write_params(tmp, _counted(packed, lambda i: step("quantize", done=i, total=len(params))))
         step("build", detail=f"{tgt.preset}: {json.dumps(tgt.target_json)}")
         t_build = time.perf_counter()
         from .pipeline import build
@@ -250,7 +256,8 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
 
             prepare_cuda_build()
         prefix = system_lib_prefix(tgt, cfg.arch, scheme.name, src.sha256)
-        ex = build(mod, target, args.dump_ir, prefix)
+        ex = build(mod, target, args.dump_ir, prefix,
+                   on_phase=lambda i, n, name: step("build", detail=name, done=i, total=n))
         lib_name = _export(ex, tmp, tgt)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)
@@ -280,6 +287,13 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
                          build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest)
+
+
+def _counted(items, tick):
+    """`items`, calling tick(i) after the i-th one."""
+    for i, item in enumerate(items, 1):
+        yield item
+        tick(i)
 
 
 def _shape_index(root: Path, params: dict) -> list[dict]:

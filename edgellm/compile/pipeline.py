@@ -89,7 +89,8 @@ def phases(target) -> list[tuple[str, list]]:
     ]
 
 
-def make_pipeline(target, dump_ir: Path | None = None):
+def make_pipeline(target, dump_ir: Path | None = None, on_phase=None):
+    """on_phase(i, count, name) before phase i of count (compile progress)."""
     c = compiler()
     plan = phases(target)
 
@@ -97,6 +98,8 @@ def make_pipeline(target, dump_ir: Path | None = None):
     def _pipeline(mod, _ctx):
         with target:
             for i, (name, passes) in enumerate(plan):
+                if on_phase is not None:
+                    on_phase(i, len(plan) + 1, name)
                 t0 = time.perf_counter()
                 mod = c.tvm.transform.Sequential(passes, name=name)(mod)
                 log.info("phase %d %-22s %.2fs", i, name, time.perf_counter() - t0)
@@ -108,7 +111,7 @@ def make_pipeline(target, dump_ir: Path | None = None):
     return _pipeline
 
 
-def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | None = None):
+def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | None = None, on_phase=None):
     """IRModule -> relax Executable for `target`.
 
     With `system_lib_prefix` the host objects register themselves at static-init time (a constructor calling
@@ -125,5 +128,13 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
     # for head_dim 64 on CUDA ("cse_v21 has been used before definition", Llama-3.2-1B); nvcc does its own CSE.
     config = {"relax.backend.use_cuda_graph": True, "tirx.disable_cse_tir": True} if target.kind.name == "cuda" else {}
     with target, c.tvm.transform.PassContext(config=config):
-        return c.relax.build(mod, target=target, relax_pipeline=make_pipeline(target, dump_ir),
-                             system_lib=system_lib_prefix is not None)
+        plan = make_pipeline(target, dump_ir, on_phase)
+
+        def codegen_progress(mod, _ctx=None):  # the last step: TIR lowering and codegen inside relax.build
+            if on_phase is not None:
+                on_phase(len(phases(target)), len(phases(target)) + 1, "codegen")
+            return mod
+
+        return c.relax.build(mod, target=target, relax_pipeline=c.tvm.transform.Sequential(
+            [plan, c.tvm.transform.module_pass(codegen_progress, opt_level=0, name="EdgellmCodegenProgress")]),
+            system_lib=system_lib_prefix is not None)

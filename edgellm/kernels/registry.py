@@ -21,8 +21,10 @@ from .options import KernelOptions
 
 
 class KernelRegistry:
-    def __init__(self, target, options: KernelOptions | None = None):
-        self.target = target
+    def __init__(self, target, options: KernelOptions | None = None,
+                 on_build: Callable[[str, int], None] | None = None):
+        """on_build(kernel name, kernels built so far) is called after each new build (compile progress)."""
+        self.target, self._on_build = target, on_build
         self.options = options or KernelOptions()
         self.kind: str = target.kind.name  # llvm | cuda | metal | opencl | webgpu ...
         self.chosen: dict[str, set[str]] = defaultdict(set)
@@ -34,6 +36,8 @@ class KernelRegistry:
         self.chosen[op].add(name)
         if key not in self._built:
             self._built[key] = build()
+            if self._on_build is not None:
+                self._on_build(name, len(self._built))
         return self._built[key]
 
     @property
