@@ -1,0 +1,88 @@
+"""Which device an artifact runs on: `--device KIND[:N]` checked against the artifact, and what the device needs
+before its module loads (the WebGPU plugin for `--target vulkan` artifacts).
+
+User-facing kinds are the artifact's own (`cpu`, `cuda`, ...) plus `vulkan`, which is TVM's device `webgpu`
+(kDLWebGPU): a `--target vulkan` artifact holds WGSL kernels that edgellm's plugin runs on wgpu-native's Vulkan
+backend (docs/vulkan.md). Nothing here imports the TVM compiler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALIASES = {"vulkan": "webgpu", "gpu": None}  # user word -> TVM device kind (None: the artifact's own GPU kind)
+
+
+class DeviceError(ValueError):
+    """A device the artifact cannot run on here (wrong kind, no such adapter, a missing feature); one line."""
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # TVM device kind: cpu | cuda | webgpu ...
+    index: int
+    name: str  # what bench records and `edgellm run` show: the adapter / GPU name, or the kind
+    driver: str = ""
+    backend: str = ""
+    details: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        extra = ", ".join(x for x in (self.backend and f"{self.backend} backend",
+                                      self.driver and f"driver {self.driver}") if x)
+        user = "vulkan" if self.kind == "webgpu" else self.kind
+        return f"{user}:{self.index} {self.name}" + (f" ({extra})" if extra else "")
+
+
+def parse_device(spec: str | None, artifact_device: str) -> tuple[str, int]:
+    """'vulkan:1' -> ('webgpu', 1) for an artifact whose device is `artifact_device`; None -> (artifact's, 0)."""
+    if not spec:
+        return artifact_device, 0
+    word, _, idx = spec.strip().lower().partition(":")
+    if idx and not idx.isdigit():
+        raise DeviceError(f"--device {spec!r}: the index after ':' must be a number, e.g. vulkan:0")
+    kind = ALIASES.get(word, word) or artifact_device
+    if kind != artifact_device:
+        have = "vulkan" if artifact_device == "webgpu" else artifact_device
+        fix = " (compile it with --target vulkan)" if kind == "webgpu" else ""
+        raise DeviceError(f"--device {spec}: this artifact was compiled for {have}, not {word}{fix}; run it with "
+                          f"--device {have}:N or leave --device out")
+    return kind, int(idx or 0)
+
+
+def open_device(spec: str | None, manifest: dict, param_index: list[dict] | None = None) -> DeviceInfo:
+    """Resolve `spec` for the artifact and prepare the device: load the WebGPU plugin and check the adapter (fp16,
+    binding sizes) for webgpu, the CUDA runtime for cuda. Raises DeviceError with one line."""
+    kind, index = parse_device(spec, manifest["target"]["device"])
+    if kind == "webgpu":
+        return _open_webgpu(index, manifest, param_index or [])
+    if kind == "cuda":
+        from .. import _tvm
+
+        _tvm.load_cuda_runtime()
+    return DeviceInfo(kind, index, kind)
+
+
+def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceInfo:
+    from .webgpu_plugin import PluginError, adapters, load_plugin
+
+    try:
+        load_plugin()
+        found = adapters()
+    except PluginError as exc:
+        raise DeviceError(f"--device vulkan:{index}: {exc}") from None
+    if index >= len(found):
+        names = "; ".join(f"vulkan:{i} {a['name']}" for i, a in enumerate(found))
+        raise DeviceError(f"--device vulkan:{index}: there is no such Vulkan adapter here ({len(found)} found: {names})")
+    a = found[index]
+    scheme = manifest.get("quant", {})
+    if scheme.get("act_dtype") == "float16" and not a.get("shader_f16"):
+        raise DeviceError(f"artifact uses fp16 activations ({scheme.get('scheme')}) and Vulkan adapter {a['name']!r} "
+                          "has no shader-f16; recompile with --quant q4f32_1 (the fp32 twin)")
+    limit = int(a.get("max_storage_buffer_binding_size") or 0)
+    big = max(param_index, key=lambda e: int(e.get("nbytes", 0)), default=None)
+    if limit and big is not None and int(big["nbytes"]) > limit:
+        raise DeviceError(f"weight {big['name']} is {int(big['nbytes']) / 2**20:.0f} MiB, over Vulkan adapter "
+                          f"{a['name']!r}'s storage-buffer binding limit of {limit / 2**20:.0f} MiB; use a GPU with a "
+                          "larger limit or a smaller model")
+    return DeviceInfo("webgpu", index, a["name"], driver=a.get("driver", ""), backend=a.get("backend", ""),
+                      details={k: a[k] for k in ("adapter_type", "shader_f16", "subgroups") if k in a})
