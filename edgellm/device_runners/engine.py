@@ -121,16 +121,18 @@ class Engine:
             raise ArtifactError(f"{artifact} was compiled with shapes only (no weights, for benchmarks); run it with "
                                 "random weights (Engine(random_weights=SEED)) or compile it from a checkpoint")
         _check_runnable_here(m)
-        dev_kind = device or m["target"]["device"]
+        from ..runtime.devices import open_device  # --device KIND[:N] (vulkan:N is TVM's webgpu:N)
+
+        # loads what the device needs before the module: the CUDA runtime, or the WebGPU plugin (checks the adapter)
+        self.device_info = open_device(device, m, self.art.param_index())
+        dev_kind = self.device_info.kind
         from .. import _tvm
 
         self._tvm = _tvm
         self.threads = 0  # CPU threads of TVM's pool (0: not a CPU artifact)
         if dev_kind == "cpu":
             self.threads = _tvm.set_cpu_threads(threads or host_info().physical_cores)
-        if dev_kind == "cuda":
-            _tvm.load_cuda_runtime()
-        self.dev = _tvm.device(dev_kind, 0)
+        self.dev = _tvm.device(dev_kind, self.device_info.index)
         self.vm = _tvm.vm(_tvm.load_module(self.art.lib_path), self.dev)
         source = self.art.iter_params() if random_weights is None else self.art.random_params(random_weights)
         self.params = _tvm.array([_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in source])
