@@ -126,7 +126,11 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
     # CUDA graph when this option is on (one graph launch instead of hundreds of kernel launches per token).
     # tirx.disable_cse_tir: TVM 0.27's TIR common-subexpression pass breaks TVM's own tree-attention KV-cache kernel
     # for head_dim 64 on CUDA ("cse_v21 has been used before definition", Llama-3.2-1B); nvcc does its own CSE.
+    # webgpu (--target vulkan) needs the same CSE switch: the bug is in TIR, before codegen (Llama-3.2-1B's shape
+    # builds with it and not without, docs/vulkan.md).
     config = {"relax.backend.use_cuda_graph": True, "tirx.disable_cse_tir": True} if target.kind.name == "cuda" else {}
+    if target.kind.name == "webgpu":
+        config = {"tirx.disable_cse_tir": True}
     with target, c.tvm.transform.PassContext(config=config):
         plan = make_pipeline(target, dump_ir, on_phase)
 
