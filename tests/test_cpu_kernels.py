@@ -1,4 +1,4 @@
-"""The int8-activation CPU linear kernels (quant/cpu_kernels.py): every dot-product path against numpy.
+"""The int8-activation CPU linear kernels (kernels/cpu_linear_int8.py): every dot-product path against numpy.
 
 Each x86 path runs here when this CPU has its instructions (the test names the path it expects, so a silent
 fallback to a slower path fails); the AArch64 paths are built and checked for their instructions (running them
@@ -39,7 +39,7 @@ def _host_has(features: list[str]) -> bool:
 def _build(target, rows, in_f, out_f, scheme, bias):
     import tvm
 
-    from edgellm.quant.cpu_kernels import linear_int8
+    from edgellm.kernels.cpu_linear_int8 import linear_int8
 
     func = linear_int8(rows, in_f, out_f, scheme, bias, target=target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)

@@ -1,4 +1,4 @@
-"""Our CPU kernels (models/kv_cache.py: paged-KV-cache attention and RoPE; models/cpu_math.py) against numpy and
+"""Our CPU kernels (kernels/cpu_attention.py: paged-KV-cache attention and RoPE; kernels/cpu_math.py) against numpy and
 against TVM's own kernels."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _attention_np(q, pool, indptr, values, last, sm_scale):
 @pytest.mark.parametrize("heads,kv,d", [(9, 3, 64), (4, 1, 16), (2, 2, 128)])
 @pytest.mark.parametrize("lens", [[1], [16], [17], [300], [5, 1, 48, 33]])
 def test_decode_attention_matches_numpy(heads, kv, d, lens):
-    from edgellm.models.kv_cache import attention_decode_cpu
+    from edgellm.kernels.cpu_attention import attention_decode_cpu
 
     rng = np.random.default_rng(len(lens) * 1000 + sum(lens) + d)
     pool, indptr, values, last = _paged(rng, lens, kv, d)
@@ -71,7 +71,7 @@ def test_decode_attention_matches_numpy(heads, kv, d, lens):
 
 
 def test_fast_exp2_relative_error():
-    from edgellm.models.cpu_math import fast_exp2
+    from edgellm.kernels.cpu_math import fast_exp2
 
     x = np.concatenate([np.linspace(-126, 20, 20011), [-0.5, 0.0, 0.5, -1e4, -5e4]]).astype("float32")
     te = c.te
@@ -95,7 +95,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 @pytest.mark.parametrize("apply_rope", [1, 0])
 def test_split_rotary_equals_tvm_kernel(rope_scaling, tokens, apply_rope):
-    from edgellm.models.kv_cache import split_rotary_cpu
+    from edgellm.kernels.cpu_attention import split_rotary_cpu
 
     h, kv, d = 9, 3, 64
     rng = np.random.default_rng(tokens)
@@ -138,7 +138,7 @@ def test_cpu_cache_swaps_kernels_and_gpu_cache_does_not():
 
 
 def test_cpu_silu_matches_numpy():
-    from edgellm.models.cpu_math import silu
+    from edgellm.kernels.cpu_math import silu
 
     x = np.concatenate([np.linspace(-100, 100, 40001), [-1e4, 1e4, 0.0]]).astype("float32")
     te = c.te
@@ -153,7 +153,7 @@ def test_cpu_silu_matches_numpy():
 @pytest.mark.parametrize("qlens,kvlens,causal", [([1], [1], 1), ([40], [40], 1), ([7, 20, 1], [7, 20, 1], 1),
                                                   ([3], [30], 1), ([17], [17], 0), ([130], [130], 1)])
 def test_prefill_ragged_attention_equals_tvm_kernel(qlens, kvlens, causal):
-    from edgellm.models.kv_cache import attention_prefill_ragged_cpu
+    from edgellm.kernels.cpu_attention import attention_prefill_ragged_cpu
 
     h, kv, d = 9, 3, 64
     rng = np.random.default_rng(sum(qlens) + causal)
@@ -179,7 +179,7 @@ def test_prefill_ragged_attention_equals_tvm_kernel(qlens, kvlens, causal):
 
 @pytest.mark.parametrize("n,hidden", [(1, 576), (5, 64), (40, 80)])
 def test_add_rms_norm_matches_numpy(n, hidden):
-    from edgellm.models.cpu_math import add_rms_norm_cpu
+    from edgellm.kernels.cpu_math import add_rms_norm_cpu
 
     rng = np.random.default_rng(n)
     x, y = (rng.standard_normal((n, hidden)).astype("float32") * 3 for _ in range(2))

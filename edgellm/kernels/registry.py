@@ -62,12 +62,13 @@ class KernelRegistry:
 
         gemv, t, o = rows == 1, self.target, self.options
         if scheme.act_quant == "int8":
-            from ..quant import cpu_kernels
+            from . import cpu_linear_int8 as cpu
 
             if self.kind != "llvm":
                 raise ValueError(f"scheme {scheme.name} has CPU kernels only; target {self.kind} needs another scheme")
-            path = cpu_kernels.plan(t, scheme.padded_in(in_f) // scheme.elems_per_word)
-            return f"int8_dot_{path.name}", lambda: cpu_kernels.linear_int8(rows, in_f, out_f, scheme, bias, t)
+            family = {"auto": None, "portable": "generic"}.get(o.cpu_dot, o.cpu_dot)
+            path = cpu.plan(t, scheme.padded_in(in_f) // scheme.elems_per_word, family)
+            return f"int8_dot_{path.name}", lambda: cpu.linear_int8(rows, in_f, out_f, scheme, bias, t, family)
 
         def te():
             return te_linear.linear(rows, in_f, out_f, scheme, out_dtype, bias)
@@ -126,7 +127,7 @@ class KernelRegistry:
     def add_rms_norm(self, hidden: int, eps: float, dtype: str):
         """(x + y, rms_norm(x + y) * w) in one kernel, or None where there is none (the model uses two ops)."""
         if self.kind == "llvm" and hidden % 16 == 0:
-            from ..models import cpu_math
+            from . import cpu_math
 
             return self._once(("add_rms_norm", "cpu", hidden, eps, dtype), "add_rms_norm", "add_rms_norm_cpu16",
                               lambda: cpu_math.add_rms_norm_cpu(hidden, eps, dtype))
@@ -152,7 +153,7 @@ class KernelRegistry:
         """The scalar silu with a vectorizable exp for CPU tensor expressions, or None off the CPU."""
         if self.kind != "llvm":
             return None
-        from ..models.cpu_math import silu
+        from .cpu_math import silu
 
         self.chosen["silu_mul"].add("silu_mul_cpu_te")
         return silu
@@ -190,7 +191,7 @@ class KernelRegistry:
             return ours
         if self.kind != "llvm":
             return ours
-        from ..models import kv_cache as cpu_attn
+        from . import cpu_attention as cpu_attn
 
         if head_dim % 16 == 0 and v_head_dim == head_dim and attn_kind == "mha":
             ours["tir_attention_decode_cpu"] = self._once(

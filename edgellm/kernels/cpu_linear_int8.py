@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._tvm import compiler
-from .schemes import QuantScheme
+from ..quant.schemes import QuantScheme
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel alone
 # Local buffers stay stack allocas (registers after LLVM's SROA): inside a parallel loop TVM would otherwise give
@@ -44,8 +44,10 @@ class DotPath:
         return f"{self.family}x{self.lanes}"
 
 
-def plan(target, words: int) -> DotPath:
-    """The widest integer dot-product path the target has whose vector divides a row's `words` packed words."""
+def plan(target, words: int, family: str | None = None) -> DotPath:
+    """The widest integer dot-product path the target has whose vector divides a row's `words` packed words;
+    `family` (vnni | pmadd | sdot | generic) keeps only that family (KernelOptions.cpu_dot), refused with the
+    reason when the target lacks it."""
     has = compiler().tvm.target.codegen.target_has_features
     options: list[tuple[str, int]] = []
     if target is not None and target.kind.name == "llvm":
@@ -62,7 +64,12 @@ def plan(target, words: int) -> DotPath:
         if has("avx", target):
             options.append(("generic", 8))
     options.append(("generic", 4))
-    family, lanes = next((f, v) for f, v in options if words % v == 0)
+    if family is not None:
+        options = [(f, v) for f, v in options if f == family]
+        if not options:
+            raise ValueError(f"--opt cpu_dot: target {target} has no {family} dot product instructions; use "
+                             "cpu_dot=auto (or a family its features allow)")
+    family, lanes = next(((f, v) for f, v in options if words % v == 0), ("generic", 4))
     return DotPath(family, lanes)
 
 
@@ -112,16 +119,17 @@ def _dot_fn(path: DotPath):
     return dot
 
 
-def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bias: bool, target=None):
+def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bias: bool, target=None,
+                family: str | None = None):
     """y[m, n] = sum_k x[m, k] W[n, k] (+ b[n]) for an INT4 weight (q_weight, q_scale[, q_min]) with int8
-    activations; rows=None gives a symbolic row count (prefill, batch decode)."""
+    activations; rows=None gives a symbolic row count (prefill, batch decode). `family` restricts `plan`."""
     c = compiler()
     T = c.tvm.script.tirx
     target = target if target is not None else c.Target.current(allow_none=True)
     kp = scheme.padded_in(in_f)
     W, G, gs = kp // 8, kp // scheme.group_size, scheme.group_size
     wpg = gs // 8  # words per group
-    path = plan(target, W)
+    path = plan(target, W, family)
     V = path.lanes
     GV = V // wpg if V >= wpg else 1
     C = W // V

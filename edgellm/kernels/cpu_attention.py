@@ -1,7 +1,7 @@
-"""TVM's paged KV cache with our CPU kernels for attention (decode, prefill) and RoPE.
+"""CPU kernels for TVM's paged KV cache: attention (decode, prefill) and RoPE.
 
-`paged_kv_cache(...)` builds `TIRPagedKVCache` for every target. On CPU (llvm) it then swaps three of the TIR
-functions the cache runtime calls, keeping their signatures (the C++ runtime calls them positionally):
+kernels/kv_cache.py builds `TIRPagedKVCache` for every target; on CPU (llvm) the registry swaps in these three TIR
+functions in place of TVM's, keeping their signatures (the C++ runtime calls them positionally):
 
 - `tir_attention_decode_cpu`: TVM's kernel is serial over heads and scalar over head_dim (SmolLM2 decode at
   context 512: 324 us per layer). Ours runs the (sequence, q head) pairs in parallel, walks the cache a page at a
@@ -13,8 +13,7 @@ functions the cache runtime calls, keeping their signatures (the C++ runtime cal
   computes cos/sin once per token and frequency (rotary_dim / 2 of them) with the same frequency functions, so
   every rope scaling TVM supports keeps its meaning, and rotates the heads with vector arithmetic.
 
-On CUDA (sm_80+, fp16, head_dim 64/128, RoPE before the cache) it swaps `tir_attention_prefill_ragged` for the
-tensor-core kernel of kernels/cuda_attention.py (H100, Llama-3-8B shape: 614 -> 22 us per layer at 512 tokens).
+On CUDA the registry swaps the ragged prefill attention for kernels/cuda_attention.py instead.
 
 Other cache kernels (prefill against cached pages, sliding window, tree attention, copies) stay TVM's. Shapes:
 b sequences, h q heads, kv heads, d head_dim, P page_size; a cache page is [2 (k, v), kv, P, d].
@@ -65,7 +64,7 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
     """
     H, KV, D, P = num_qo_heads, num_kv_heads, head_dim, page_size
     G = H // KV
-    assert D % 16 == 0 and P == 16, "paged_kv_cache keeps TVM's kernel for other shapes"
+    assert D % 16 == 0 and P == 16, "the registry keeps TVM's kernel for other shapes"
     V = 16  # vector lanes for the dot products (LLVM splits 16 into the target's width: 1 zmm, 4 NEON q)
     DC = D // V
     f32 = "float32"
@@ -217,7 +216,7 @@ def attention_prefill_ragged_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
     """
     H, KV, D, C = num_qo_heads, num_kv_heads, head_dim, 16
     G = H // KV
-    assert D % 16 == 0, "paged_kv_cache keeps TVM's kernel for other shapes"
+    assert D % 16 == 0, "the registry keeps TVM's kernel for other shapes"
     V, DC, f32 = 16, head_dim // 16, "float32"
 
     @T.macro
