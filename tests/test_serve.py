@@ -359,13 +359,13 @@ def test_engine_side_failures_stay_with_their_request(serve_artifact):
         long = GenRequest([5, 6, 7], 60, logit_bias={EOS: -100.0}, emit=emit_long)
         sched.submit(long)
         assert got.wait(10)
-        new_sequence = engine._new_sequence
+        add_sequence = engine.add_sequence
 
         def fail_once():  # a fault at admission, after the request left the queue (where seed=-1 used to fail)
-            engine._new_sequence = new_sequence
+            engine.add_sequence = add_sequence
             raise RuntimeError("injected: no sequence")
 
-        engine._new_sequence = fail_once
+        engine.add_sequence = fail_once
         sched.submit(GenRequest([8, 9], 8, emit=events["admission"].append))
         with sched._cond:  # the worker cannot admit it before the field is set
             sched.submit(GenRequest([8, 9, 10], 8, at_sampling, emit=events["sampling"].append))

@@ -12,7 +12,12 @@ Each loop iteration:
   3. prefill ONE chunk of one admitted prompt (long prompts interleave with decode instead of stalling it);
   4. one decode step for every sequence that has a token to feed: `batch_decode` (ids [b, 1] -> logits [b, 1, vocab])
      once b reaches `batch_min`, below it the static-shape `decode` per sequence (its GEMV kernels beat the dynamic
-     batch GEMM at small b on CPU). `batch_min=None` measures both at start and picks the crossover.
+     batch GEMM at small b on CPU). `batch_min=None` measures both at start and picks the crossover. Where every
+     sequence of the step is greedy (no logit_bias) and the artifact has `argmax` (CUDA), the argmax runs on the
+     device and only the token ids come back.
+
+The model is driven through the Engine's public step API only (add_sequence, prefill, decode, decode_greedy,
+remove_sequence, pages_in_use); the context-window rule is `Engine.fits`, finish reasons are `FinishReason`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine, PromptTooLongError
+from .engine import Engine, FinishReason, PromptTooLongError
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder
 
@@ -64,7 +69,7 @@ class Token:
 
 @dataclass
 class Finished:
-    reason: str  # stop | length | cancelled
+    reason: FinishReason  # stop | length | context | cancelled
     prompt_tokens: int
     completion_tokens: int
     tail: str = ""  # text held back until the end (stop-string prefix, incomplete UTF-8)
@@ -104,6 +109,8 @@ class _Active:
         self.detok = StreamDecoder(engine.codec)
         self.stops = StopMatcher(req.sampling.stop)
         self.bias: np.ndarray | None = None
+        # the next token is the argmax of the raw logits, which the device can take where the artifact has `argmax`
+        self.device_greedy = engine.has_device_argmax and req.sampling.greedy and not req.logit_bias
 
     def biased(self, logits: np.ndarray) -> np.ndarray:
         if not self.req.logit_bias:
@@ -154,8 +161,8 @@ class BatchScheduler:
 
     def __init__(self, engine: Engine, max_active: int | None = None, max_queue: int = 64,
                  queue_timeout: float = 30.0, batch_min: int | None = None):
-        functions = engine.art.manifest.get("functions") or []
-        if "batch_decode" not in functions:
+        if not engine.has_batch_decode:
+            functions = engine.art.manifest.get("functions") or []
             raise BatchDecodeMissingError(
                 f"artifact {engine.art.root} has no batch_decode function (it lists {sorted(functions)}); "
                 "recompile it with this edgellm version to serve it")
@@ -166,10 +173,7 @@ class BatchScheduler:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.page_size = int(engine.runtime["page_size"])
-        tvm = engine._tvm
-        self._free_pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
-        self.total_pages = int(self._free_pages(engine.kv))
-        self._S = tvm.ShapeTuple
+        self.total_pages = engine.total_pages  # what admission reserves from (a test may lower it)
         self._cond = threading.Condition()
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._active: list[_Active] = []
@@ -203,12 +207,15 @@ class BatchScheduler:
             self._thread.join(timeout)
 
     def pages_needed(self, n_prompt: int, max_tokens: int) -> int:
-        return math.ceil(min(n_prompt + max_tokens, self.engine.context_window) / self.page_size)
+        """KV pages a request may fill: its prompt plus the tokens it may generate (max_tokens, or fewer where the
+        context window ends first: `Engine.max_new_tokens`)."""
+        tokens = n_prompt + min(max_tokens, self.engine.max_new_tokens(n_prompt))
+        return math.ceil(tokens / self.page_size)
 
     def check(self, req: GenRequest) -> None:
         """Everything about `req` that could fail on the engine thread, checked on the caller's: raises
         PromptTooLongError, InvalidRequestError or ValueError."""
-        self.engine._check_length(len(req.ids))
+        self.engine.check_prompt(len(req.ids))
         if req.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
         vocab = self.engine.vocab_size
@@ -280,48 +287,7 @@ class BatchScheduler:
 
     def calibrate(self, reps: int = 3) -> int:
         """Smallest batch for which one `batch_decode` call beats per-sequence `decode` calls (measured now)."""
-        e, n = self.engine, self.max_active
-        if n == 1:
-            return 1
-        seqs = [e._new_sequence() for _ in range(n)]
-        try:
-            for s in seqs:
-                e._forward("prefill", s, [0])
-
-            def timed(fn, b):
-                best = float("inf")
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    if fn == "decode":
-                        e._forward("decode", seqs[0], [0])
-                    else:
-                        self._batch_forward(seqs[:b], [0] * b)
-                    best = min(best, time.perf_counter() - t0)
-                return best
-
-            single, b2, bn = timed("decode", 1), timed("batch", 2), timed("batch", n)
-        finally:
-            for s in seqs:
-                e._release_sequence(s)
-        for b in range(1, n + 1):
-            predicted = b2 + (bn - b2) * (b - 2) / max(n - 2, 1) if b >= 2 else b2
-            if predicted < b * single:
-                chosen = b
-                break
-        else:
-            chosen = n + 1  # never batch: decode alone always won
-        log.info("decode %.1f ms, batch_decode(2) %.1f ms, batch_decode(%d) %.1f ms -> batch_decode from b=%d",
-                 single * 1e3, b2 * 1e3, n, bn * 1e3, chosen)
-        return max(chosen, 1)
-
-    def _batch_forward(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
-        e = self.engine
-        e._begin(e.kv, self._S(seqs), self._S([1] * len(seqs)))
-        try:
-            return e.vm["batch_decode"](e._tvm.tensor(np.asarray(tokens, np.int32).reshape(-1, 1), e.dev), e.kv,
-                                        e.params)[0].numpy()
-        finally:
-            e._end(e.kv)
+        return self.engine.calibrate_batch_min(self.max_active, reps)
 
     # ---- worker thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -350,7 +316,7 @@ class BatchScheduler:
                 for act in list(self._active):
                     self._finish(act, None, error=RuntimeError("internal engine error; see the server log"))
         for act in list(self._active):
-            self._finish(act, "cancelled")
+            self._finish(act, FinishReason.CANCELLED)
 
     def _admit_locked(self) -> tuple[list[GenRequest], list[_Active], list[tuple[GenRequest, Exception]]]:
         """Admit what fits. A request whose setup fails is refused alone (nothing reserved, no sequence left)."""
@@ -367,10 +333,10 @@ class BatchScheduler:
                 continue
             try:
                 act = _Active(req, self.engine, need)
-                act.seq = self.engine._new_sequence()
+                act.seq = self.engine.add_sequence()
             except Exception as exc:
                 log.exception("could not start a request")
-                self._stats.finished["error"] += 1
+                self._stats.finished[FinishReason.ERROR] += 1
                 refused.append((req, exc))
                 continue
             self._reserved += need
@@ -390,7 +356,7 @@ class BatchScheduler:
 
     def _drop_cancelled(self) -> None:
         for act in [a for a in self._active if a.req.cancelled]:
-            self._finish(act, "cancelled")
+            self._finish(act, FinishReason.CANCELLED)
 
     def _prefill_step(self) -> None:
         act = next((a for a in self._active if a.prefilled < len(a.req.ids)), None)
@@ -399,7 +365,7 @@ class BatchScheduler:
         chunk = act.req.ids[act.prefilled : act.prefilled + self.engine.chunk]
         t0 = time.perf_counter()
         try:
-            logits = self.engine._forward("prefill", act.seq, chunk).reshape(-1)
+            logits = self.engine.prefill(act.seq, chunk)
         except Exception as exc:
             log.exception("prefill failed")
             self._finish(act, None, error=RuntimeError(f"prefill failed: {exc}"))
@@ -418,19 +384,23 @@ class BatchScheduler:
         t0 = time.perf_counter()
         tokens = [a.next_token for a in batch]
         batched = len(batch) >= self.batch_min
+        e = self.engine
         if batched:
-            try:
-                logits = self._batch_forward([a.seq for a in batch], tokens)
+            seqs = [a.seq for a in batch]
+            try:  # the device argmax where every sequence is greedy; otherwise logits for the host's samplers
+                outs = (e.decode_greedy(seqs, tokens, batched=True) if all(a.device_greedy for a in batch)
+                        else list(e.decode(seqs, tokens, batched=True)))
             except Exception as exc:  # one call for all of them: they fail together, the queue goes on
                 log.exception("batch_decode failed")
                 for act in batch:
                     self._finish(act, None, error=RuntimeError(f"decode failed: {exc}"))
                 return
         else:
-            logits = []
+            outs = []
             for act, t in zip(list(batch), tokens):
                 try:
-                    logits.append(self.engine._forward("decode", act.seq, [t]))
+                    outs.append(e.decode_greedy([act.seq], [t], batched=False)[0] if act.device_greedy
+                                else e.decode([act.seq], [t], batched=False)[0])
                 except Exception as exc:
                     log.exception("decode failed")
                     self._finish(act, None, error=RuntimeError(f"decode failed: {exc}"))
@@ -441,50 +411,52 @@ class BatchScheduler:
             self._stats.decode_steps_total += 1
             self._stats.batch_decode_calls_total += batched
         self._update_pages()
-        for i, act in enumerate(batch):
+        for act, out in zip(batch, outs):
             act.history.append(act.next_token)
             act.next_token = None
-            self._sample(act, logits[i].reshape(-1))
+            self._sample(act, out)
 
-    def _sample(self, act: _Active, logits: np.ndarray) -> None:
-        """Pick the next token from `logits`, emit its text, and finish the sequence if it is done; a failure here
-        ends this sequence alone."""
+    def _sample(self, act: _Active, out: np.ndarray | int) -> None:
+        """Pick the next token (from logits, or the device argmax's token id), emit its text, and finish the
+        sequence if it is done; a failure here ends this sequence alone."""
         try:
-            self._sample_one(act, logits)
+            tok = out if isinstance(out, int) else act.sampler(act.biased(out), act.history)
+            self._take(act, tok)
         except Exception as exc:
             log.exception("sampling failed")
             self._finish(act, None, error=RuntimeError(f"sampling failed: {exc}"))
 
-    def _sample_one(self, act: _Active, logits: np.ndarray) -> None:
-        tok = act.sampler(act.biased(logits), act.history)
+    def _take(self, act: _Active, tok: int) -> None:
         if tok in self.engine.eos_ids:
-            return self._finish(act, "stop")
+            return self._finish(act, FinishReason.STOP)
         act.generated += 1
         text = act.stops.feed(act.detok.push(tok))
         self._emit(act.req, Token(text, tok))
         if act.stops.stopped:
-            return self._finish(act, "stop")
-        if act.generated >= act.req.max_tokens or len(act.history) + 1 >= self.engine.context_window:
-            return self._finish(act, "length")
+            return self._finish(act, FinishReason.STOP)
+        if act.generated >= act.req.max_tokens:
+            return self._finish(act, FinishReason.LENGTH)
+        if not self.engine.fits(len(act.history) + 1):  # prompt + generated, `tok` included
+            return self._finish(act, FinishReason.CONTEXT)
         act.next_token = tok
 
-    def _finish(self, act: _Active, reason: str | None, error: Exception | None = None) -> None:
+    def _finish(self, act: _Active, reason: FinishReason | None, error: Exception | None = None) -> None:
         if act in self._active:
             try:
-                self.engine._release_sequence(act.seq)
+                self.engine.remove_sequence(act.seq)
             except Exception:
                 log.exception("removing sequence %d failed", act.seq)
-            used = self.total_pages - int(self._free_pages(self.engine.kv))
+            used = self.engine.pages_in_use()
             with self._cond:  # one snapshot: the sequence, its reservation and its pages go together
                 self._active.remove(act)
                 self._reserved -= act.pages
                 self._stats.kv_pages_in_use = used
-                self._stats.finished[reason or "error"] += 1
+                self._stats.finished[reason or FinishReason.ERROR] += 1
         if error is not None:
             self._emit(act.req, Failed(error))
             return
         tail = ""
-        if reason != "cancelled":
+        if reason != FinishReason.CANCELLED:
             tail = (act.stops.feed(act.detok.flush()) if not act.stops.stopped else "") + act.stops.flush()
         self._emit(act.req, Finished(reason, len(act.req.ids), act.generated, tail))
 
@@ -507,10 +479,10 @@ class BatchScheduler:
                 self._recent.popleft()
 
     def _update_pages(self) -> None:
-        used = self.total_pages - int(self._free_pages(self.engine.kv))
+        used = self.engine.pages_in_use()
         with self._cond:
             self._stats.kv_pages_in_use = used
 
 
-__all__ = ["BatchScheduler", "GenRequest", "Token", "Finished", "Failed", "QueueFullError", "PromptTooLongError",
-           "BatchDecodeMissingError", "InvalidRequestError"]
+__all__ = ["BatchScheduler", "GenRequest", "Token", "Finished", "Failed", "FinishReason", "QueueFullError",
+           "PromptTooLongError", "BatchDecodeMissingError", "InvalidRequestError"]

@@ -75,7 +75,7 @@ def _time_tg(engine: Engine, n: int, rng) -> int:
 def run_bench(engine: Engine, n_prompt: int = 128, n_gen: int = 128, reps: int = 5, warmup: int = 1,
               device_name: str | None = None) -> list[BenchRecord]:
     m = engine.art.manifest
-    if n_prompt + 1 >= engine.context_window or n_gen + 2 >= engine.context_window:
+    if not engine.fits(max(n_prompt, 1)) or not engine.fits(1 + n_gen):  # pp: the prompt; tg: 1 token + n fed
         raise ValueError(f"-p {n_prompt} / -n {n_gen} do not fit the artifact's context window {engine.context_window}")
     rng = np.random.default_rng(0)
     wb = engine.art.weight_bytes

@@ -7,9 +7,11 @@ so a device that has only libtvm_runtime runs it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,9 @@ from ..artifact import Artifact, ArtifactError
 from .host import host_info
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
+
+log = logging.getLogger("edgellm.engine")
+_NEVER = 1 << 30  # a batch_min no batch reaches
 
 
 class PromptError(ValueError):
@@ -34,7 +39,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    finish_reason: str = ""
+    finish_reason: FinishReason | str = ""  # "" until the generation ends
     token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -73,38 +78,64 @@ def _token_limit(manifest: dict, index: list[dict]) -> int:
     return max(0, min([vocab, *rows]))
 
 
+class FinishReason(str, Enum):
+    """Why a generation ended: one vocabulary for `Engine.generate_ids`, the batch scheduler, `edgellm run` and the
+    server's metrics (the OpenAI formatting maps it onto OpenAI's names). Members are strings ("stop" == STOP)."""
+
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_new_tokens / max_tokens reached
+    CONTEXT = "context"  # the context window is full: no further token can be fed
+    CANCELLED = "cancelled"  # the caller went away (or the server stopped)
+    ERROR = "error"  # the request failed on the engine
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
+FINISH_REASONS: tuple[FinishReason, ...] = tuple(FinishReason)
+
+
+def host_argmax(logits: np.ndarray) -> int:
+    """The greedy token of host logits: numpy's argmax (the first of equal maxima), a NaN never chosen (as the
+    Sampler and the device argmax treat it)."""
+    flat = logits.reshape(-1)
+    i = int(np.argmax(flat))
+    if np.isnan(flat[i]):  # argmax returns the first NaN when there is one
+        i = int(np.argmax(np.where(np.isnan(flat), -np.inf, flat)))
+    return i
+
+
 class Sequence:
+    """One KV-cache sequence of an Engine, for step-by-step use (a thin view over the Engine's step API)."""
+
     def __init__(self, engine: Engine, seq_id: int):
-        self.engine, self.id, self.length = engine, seq_id, 0
+        self.engine, self.id = engine, seq_id
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+        return self.engine.sequence_length(self.id)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Append `ids` (chunked); logits of the last one, float32 [vocab]."""
-        self.engine._check_length(self.length + len(ids))
-        out = self.engine._prefill(self.id, ids)
-        self.length += len(ids)
-        return out.reshape(-1)
+        return self.engine.prefill(self.id, ids)
 
     def decode(self, token: int) -> np.ndarray:
-        self.engine._check_length(self.length + 1)
-        out = self.engine._forward("decode", self.id, [token])
-        self.length += 1
-        return out.reshape(-1)
+        """Append `token`; logits of the next one, float32 [vocab]."""
+        return self.engine.decode([self.id], [token])[0]
 
     def decode_greedy(self, token: int) -> int:
-        """Append `token`; return the most likely next one. Where the artifact has `argmax` (CUDA builds) it runs
-        on the device and 4 bytes come back instead of the logits."""
-        self.engine._check_length(self.length + 1)
-        out = self.engine._run("decode", self.id, [token])
-        self.length += 1
-        return self.engine._greedy(out)
+        """Append `token`; return the most likely next one (on the device where the artifact has `argmax`)."""
+        return self.engine.decode_greedy([self.id], [token])[0]
 
 
-class _DeviceToken:
-    """The last token the device argmax produced, kept on the device: the next greedy step feeds it to `decode`
-    as is, with no host-to-device copy."""
+class _DeviceTokens:
+    """The last tokens the device argmax produced, kept on the device ([b, 1] int32): the next greedy step feeds
+    them to `decode`/`batch_decode` as they are, with no host-to-device copy."""
 
     def __init__(self):
-        self.value: int | None = None
+        self.values: tuple[int, ...] = ()
         self.tensor = None
 
 
@@ -159,87 +190,211 @@ class Engine:
             S([int(self.runtime["max_batch"])]), S([self.context_window * int(self.runtime["max_batch"])]),
             S([self.chunk]), S([int(self.runtime["page_size"])]), S([0]))
         self._next_seq = 0
+        self._lengths: dict[int, int] = {}  # live sequence -> tokens in its cache
         self.last_stats = GenerationStats()
-        # decode's one input token goes through one device buffer: a fresh tensor per step cost a cudaMalloc, a
+        functions = m.get("functions") or []
+        self.has_batch_decode = "batch_decode" in functions
+        self.has_device_argmax = "argmax" in functions
+        # the rule `decode` follows when not told: one `batch_decode` call for this many sequences or more, below it
+        # the static-shape `decode` per sequence (its GEMV kernels beat the dynamic batch GEMM at small b on CPU);
+        # `calibrate_batch_min` measures the crossover
+        self.batch_min = 2 if self.has_batch_decode else _NEVER
+        # input ids go through device buffers kept per batch size: a fresh tensor per step cost a cudaMalloc, a
         # cudaMemGetInfo and a cudaFree per token (40-130 us of host time on an H100 machine)
-        self._decode_ids = _tvm.tensor(np.zeros((1, 1), np.int32), self.dev)
-        self._argmax = self.vm["argmax"] if "argmax" in m.get("functions", []) else None
+        self._ids_bufs: dict[int, object] = {}
+        self._argmax = self.vm["argmax"] if self.has_device_argmax else None
         self._fns: dict[str, object] = {}  # VM function handles, looked up once (a lookup per token is host time)
-        self._last_token = _DeviceToken()
-        self._shapes: dict[tuple[int, int], tuple] = {}
+        self._last_tokens = _DeviceTokens()
+        self._shapes: dict[tuple[tuple[int, ...], int], tuple] = {}  # ShapeTuples per (sequences, tokens each)
+        self._free_pages_fn = g("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self.total_pages = self.free_pages()  # nothing is cached yet
 
-    # ---- low level --------------------------------------------------------------------------------------------
-    def _run(self, fn: str, seq: int, ids: list[int]):
-        """One forward of `fn` over `ids` for sequence `seq`; the output tensor stays on the device."""
-        S = self._tvm.ShapeTuple
-        if fn == "decode" and ids[0] == self._last_token.value:  # the device argmax's output: already there
-            arr = self._last_token.tensor
-        elif fn == "decode":
-            arr = self._decode_ids
-            arr.copyfrom(np.asarray(ids, dtype=np.int32).reshape(1, 1))
-        else:
-            arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
-        key = (seq, len(ids))  # ShapeTuples made once (about 2 us each per call on a CPU of this machine's class)
-        shapes = self._shapes.get(key)
-        if shapes is None:
-            shapes = self._shapes[key] = (S([seq]), S([len(ids)]))
-        self._begin(self.kv, *shapes)
-        self._sync_aux(self.kv)
-        f = self._fns.get(fn)
-        if f is None:
-            f = self._fns[fn] = self.vm[fn]
-        out = f(arr, self.kv, self.params)
-        self._end(self.kv)
-        return out[0]
+    # ---- the context-window rule ------------------------------------------------------------------------------
+    def fits(self, n_tokens: int, room: int = 1) -> bool:
+        """The context-window rule, the one place it is written: a sequence whose cache holds `n_tokens` tokens
+        (at least one) leaves `room` more places free (1: the next token can still be fed). A prompt of n tokens
+        can run iff fits(n); generation goes on while fits(len(prompt + generated)); scoring uses room=0."""
+        return n_tokens > 0 and n_tokens + room <= self.context_window
 
-    def _forward(self, fn: str, seq: int, ids: list[int]) -> np.ndarray:
-        return self._run(fn, seq, ids).numpy()
-
-    def _greedy(self, logits) -> int:
-        """argmax of a [1, 1, vocab] device tensor: on the device where the artifact has `argmax`."""
-        if self._argmax is not None:
-            tok = self._argmax(logits)
-            self._last_token.value, self._last_token.tensor = int(tok.numpy()[0, 0]), tok
-            return self._last_token.value
-        return int(np.argmax(logits.numpy().reshape(-1)))
-
-    def _prefill(self, seq: int, ids: list[int], fn: str = "prefill") -> np.ndarray:
-        outs = [self._forward(fn, seq, ids[i : i + self.chunk]) for i in range(0, len(ids), self.chunk)]
-        return outs[-1] if fn == "prefill" else np.concatenate(outs, axis=1)
-
-    def _new_sequence(self) -> int:
-        seq, self._next_seq = self._next_seq, self._next_seq + 1
-        self._add_seq(self.kv, seq)
-        return seq
-
-    def _release_sequence(self, seq: int) -> None:
-        """Free `seq`'s KV pages and forget its cached ShapeTuples (sequence ids are never reused)."""
-        try:
-            self._remove_seq(self.kv, seq)
-        finally:
-            for key in [k for k in self._shapes if k[0] == seq]:
-                del self._shapes[key]
-
-    @contextlib.contextmanager
-    def sequence(self) -> Iterator[Sequence]:
-        """A KV-cache sequence for step-by-step use: `seq.prefill(ids)`, then `seq.decode(token)`."""
-        seq = self._new_sequence()
-        try:
-            yield Sequence(self, seq)
-        finally:
-            self._release_sequence(seq)
-
-    def _check_length(self, n: int, room: int = 1) -> None:
-        """n tokens in the cache plus `room` more (1 to generate the next one) must fit the context window."""
-        if n <= 0:
+    def check_prompt(self, n_tokens: int, room: int = 1) -> None:
+        """Raise PromptError (empty) or PromptTooLongError (the numbers and the fix) unless fits(n_tokens, room)."""
+        if n_tokens <= 0:
             raise PromptError("the prompt is empty after tokenization; give at least one token of text")
-        if n + room > self.context_window:
+        if not self.fits(n_tokens, room):
             raise PromptTooLongError(
-                f"prompt has {n} tokens but the artifact's context window is {self.context_window}"
+                f"prompt has {n_tokens} tokens but the artifact's context window is {self.context_window}"
                 + (" (and one more is needed to generate)" if room else "")
                 + "; shorten the prompt or recompile with --context-window"
             )
 
+    def max_new_tokens(self, n_prompt: int) -> int:
+        """The most tokens a prompt of `n_prompt` tokens can generate before the context window is full (the last
+        one generated is never fed, so it needs no place in the cache)."""
+        return max(self.context_window - n_prompt, 0)
+
+    # ---- step API: sequences in the paged KV cache, forwarded by one chunk or one token ------------------------
+    def add_sequence(self) -> int:
+        """A new, empty sequence in the KV cache; returns its id (ids are never reused). Free it with
+        `remove_sequence` (or use `with engine.sequence()`)."""
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        self._add_seq(self.kv, seq)
+        self._lengths[seq] = 0
+        return seq
+
+    def remove_sequence(self, seq: int) -> None:
+        """Free `seq`'s KV pages and forget its cached ShapeTuples."""
+        try:
+            self._remove_seq(self.kv, seq)
+        finally:
+            self._lengths.pop(seq, None)
+            for key in [k for k in self._shapes if seq in k[0]]:
+                del self._shapes[key]
+
+    def sequence_length(self, seq: int) -> int:
+        """Tokens in `seq`'s cache."""
+        try:
+            return self._lengths[seq]
+        except KeyError:
+            raise ValueError(f"sequence {seq} is not in the KV cache (add_sequence() makes one; removed ones are "
+                             "gone)") from None
+
+    def free_pages(self) -> int:
+        """KV-cache pages no sequence holds."""
+        return int(self._free_pages_fn(self.kv))
+
+    def pages_in_use(self) -> int:
+        return self.total_pages - self.free_pages()
+
+    def prefill(self, seq: int, ids: list[int]) -> np.ndarray:
+        """Append `ids` to `seq` in chunks of the artifact's prefill_chunk (a caller interleaving prefill with
+        decode passes one chunk at a time); logits after the last one, float32 [vocab]."""
+        n = self.sequence_length(seq) + len(ids)
+        self.check_prompt(n)
+        out = None
+        for i in range(0, len(ids), self.chunk):
+            out = self._forward("prefill", [seq], ids[i : i + self.chunk])
+            self._lengths[seq] += len(ids[i : i + self.chunk])
+        return out.numpy().reshape(-1)
+
+    def decode(self, seqs: list[int], tokens: list[int], batched: bool | None = None) -> np.ndarray:
+        """Append tokens[i] to seqs[i], one token each; logits of every sequence's next token, float32 [b, vocab].
+        batched: True runs one `batch_decode` call, False the static-shape `decode` per sequence, None follows
+        `self.batch_min` (batched once b >= batch_min)."""
+        return np.concatenate([out.numpy().reshape(len(s), -1) for s, out in self._decode(seqs, tokens, batched)])
+
+    def decode_greedy(self, seqs: list[int], tokens: list[int], batched: bool | None = None) -> list[int]:
+        """As `decode`, but return each sequence's most likely next token. Where the artifact has `argmax` (CUDA
+        builds) it runs on the device: 4 bytes a sequence come back instead of the logits, and the next step feeds
+        the ids from the device as they are."""
+        out = []
+        for s, logits in self._decode(seqs, tokens, batched):
+            if self._argmax is None:
+                out.extend(host_argmax(row) for row in logits.numpy().reshape(len(s), -1))
+                continue
+            ids = self._argmax(logits)
+            values = [int(v) for v in ids.numpy().reshape(-1)]
+            self._last_tokens.values, self._last_tokens.tensor = tuple(values), ids
+            out.extend(values)
+        return out
+
+    def calibrate_batch_min(self, n: int, reps: int = 3) -> int:
+        """Smallest batch for which one `batch_decode` call beats per-sequence `decode` calls, measured now on n
+        throwaway sequences (n + 1 means never batch). Returns it; set `self.batch_min` to make it the rule."""
+        if n <= 1 or not self.has_batch_decode:
+            return 1 if n <= 1 else _NEVER
+        seqs = [self.add_sequence() for _ in range(n)]
+        try:
+            for s in seqs:
+                self.prefill(s, [0])
+
+            def timed(b: int, batched: bool) -> float:
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    self.decode(seqs[:b], [0] * b, batched=batched)
+                    best = min(best, time.perf_counter() - t0)
+                return best
+
+            single, b2, bn = timed(1, False), timed(2, True), timed(n, True)
+        finally:
+            for s in seqs:
+                self.remove_sequence(s)
+        for b in range(1, n + 1):
+            predicted = b2 + (bn - b2) * (b - 2) / max(n - 2, 1) if b >= 2 else b2
+            if predicted < b * single:
+                chosen = b
+                break
+        else:
+            chosen = n + 1  # never batch: decode alone always won
+        log.info("decode %.1f ms, batch_decode(2) %.1f ms, batch_decode(%d) %.1f ms -> batch_decode from b=%d",
+                 single * 1e3, b2 * 1e3, n, bn * 1e3, chosen)
+        return max(chosen, 1)
+
+    @contextlib.contextmanager
+    def sequence(self) -> Iterator[Sequence]:
+        """A KV-cache sequence for step-by-step use: `seq.prefill(ids)`, then `seq.decode(token)`; removed on exit."""
+        seq = self.add_sequence()
+        try:
+            yield Sequence(self, seq)
+        finally:
+            self.remove_sequence(seq)
+
+    # ---- forwards -----------------------------------------------------------------------------------------------
+    def _decode(self, seqs: list[int], tokens: list[int], batched: bool | None):
+        """Check and run one decode step; yields (the sequences, their logits on the device) per forward."""
+        if len(seqs) != len(tokens) or not seqs:
+            raise ValueError(f"decode needs one token per sequence, got {len(seqs)} sequences and {len(tokens)} "
+                             "tokens")
+        for s in seqs:
+            n = self.sequence_length(s) + 1
+            if not self.fits(n):
+                raise PromptTooLongError(f"sequence {s} would hold {n} tokens and the artifact's context window is "
+                                         f"{self.context_window} (one more is needed to generate)")
+        if batched is None:
+            batched = len(seqs) >= self.batch_min
+        if batched and not self.has_batch_decode:
+            raise ValueError(f"artifact {self.art.root} has no batch_decode function; decode with batched=False "
+                             "or recompile it with this edgellm version")
+        groups = [(seqs, tokens)] if batched else [([s], [t]) for s, t in zip(seqs, tokens)]
+        for s, t in groups:
+            out = self._forward("batch_decode" if batched else "decode", s, t)
+            for q in s:
+                self._lengths[q] += 1
+            yield s, out
+
+    def _ids_tensor(self, fn: str, seqs: list[int], ids: list[int]):
+        if fn == "prefill" or fn == "prefill_logits":  # prompt chunks vary in length: a tensor each
+            return self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
+        if tuple(ids) == self._last_tokens.values:  # the device argmax's output: already there
+            return self._last_tokens.tensor
+        buf = self._ids_bufs.get(len(ids))
+        if buf is None:
+            buf = self._ids_bufs[len(ids)] = self._tvm.tensor(np.zeros((len(ids), 1), np.int32), self.dev)
+        buf.copyfrom(np.asarray(ids, dtype=np.int32).reshape(-1, 1))
+        return buf
+
+    def _forward(self, fn: str, seqs: list[int], ids: list[int]):
+        """One forward of `fn` (prefill: ids are one chunk of seqs[0]; decode/batch_decode: one id per sequence);
+        the output tensor stays on the device."""
+        arr = self._ids_tensor(fn, seqs, ids)
+        per = len(ids) if fn.startswith("prefill") else 1
+        key = (tuple(seqs), per)  # ShapeTuples made once (about 2 us each per call on a CPU of this machine's class)
+        shapes = self._shapes.get(key)
+        if shapes is None:
+            S = self._tvm.ShapeTuple
+            shapes = self._shapes[key] = (S(list(seqs)), S([per] * len(seqs)))
+        self._begin(self.kv, *shapes)
+        try:
+            self._sync_aux(self.kv)
+            f = self._fns.get(fn)
+            if f is None:
+                f = self._fns[fn] = self.vm[fn]
+            out = f(arr, self.kv, self.params)
+        finally:
+            self._end(self.kv)
+        return out[0]
+
+    # ---- whole jobs ---------------------------------------------------------------------------------------------
     def warmup(self) -> None:
         """One prefill and one greedy decode step on a throwaway sequence: the first calls pay for the thread pool's
         start and first touches of memory, which would otherwise land in the first request's figures."""
@@ -249,9 +404,11 @@ class Engine:
 
     def score(self, ids: list[int]) -> np.ndarray:
         """Logits [n, vocab] for every position of `ids` (teacher forcing), float32."""
-        self._check_length(len(ids), room=0)
+        self.check_prompt(len(ids), room=0)
         with self.sequence() as seq:
-            return self._prefill(seq.id, ids, "prefill_logits")[0]
+            outs = [self._forward("prefill_logits", [seq.id], ids[i : i + self.chunk]).numpy()
+                    for i in range(0, len(ids), self.chunk)]
+            return np.concatenate(outs, axis=1)[0]
 
     # ---- text API ---------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
@@ -264,10 +421,10 @@ class Engine:
     def generate_ids(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams | None = None) -> Iterator[int]:
         """Yield generated token ids; stats land in `self.last_stats` when the iterator finishes or is closed."""
         sampling = sampling or SamplingParams()
-        self._check_length(len(ids))
+        self.check_prompt(len(ids))
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         if max_new_tokens <= 0:  # nothing asked for: not even the prefill runs
-            stats.finish_reason = "length"
+            stats.finish_reason = FinishReason.LENGTH
             return
         sampler, history = Sampler(sampling), list(ids)
         with self.sequence() as seq:
@@ -278,17 +435,17 @@ class Engine:
             tok = sampler(logits, history)
             while True:
                 if tok in self.eos_ids:
-                    stats.finish_reason = "stop"
+                    stats.finish_reason = FinishReason.STOP
                     return
                 history.append(tok)
                 stats.token_ids.append(tok)
                 stats.generated_tokens += 1
                 yield tok
                 if stats.generated_tokens >= max_new_tokens:
-                    stats.finish_reason = "length"
+                    stats.finish_reason = FinishReason.LENGTH
                     return
-                if len(history) >= self.context_window:
-                    stats.finish_reason = "context"
+                if not self.fits(len(history)):
+                    stats.finish_reason = FinishReason.CONTEXT
                     return
                 t1 = time.perf_counter()
                 if sampling.greedy:  # no logits on the host: the argmax runs on the device where it can
@@ -321,4 +478,4 @@ class Engine:
         finally:
             gen.close()
             if stops.stopped:
-                self.last_stats.finish_reason = "stop"
+                self.last_stats.finish_reason = FinishReason.STOP

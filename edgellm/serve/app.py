@@ -106,15 +106,15 @@ class Server:
     # ---- generation -----------------------------------------------------------------------------------------------
     async def respond(self, request, req: ParsedRequest, ids: list[int], kind: str,
                        reasoning: ReasoningParser | None):
-        ctx = self.engine.context_window
-        if not ids:
-            raise RequestError("the prompt is empty", "prompt" if kind == "text" else "messages")
-        if len(ids) > ctx - 2:  # the sequence must stay below the window with at least one generated token
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens but this model's context window is {ctx} tokens (prompt plus "
-                f"completion); shorten the prompt or recompile with a larger --context-window",
-                "messages" if kind == "chat" else "prompt", "context_length_exceeded")
-        max_tokens = min(req.max_tokens or ctx, ctx - 1 - len(ids))
+        param = "messages" if kind == "chat" else "prompt"
+        try:  # the context-window rule is the engine's (Engine.fits); max_tokens is capped at what it leaves
+            self.engine.check_prompt(len(ids))
+        except PromptTooLongError as exc:
+            raise RequestError(str(exc), param, "context_length_exceeded") from None
+        except PromptError:
+            raise RequestError("the prompt is empty", param) from None
+        room = self.engine.max_new_tokens(len(ids))
+        max_tokens = min(req.max_tokens or room, room)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         gen = GenRequest(ids, max_tokens, req.sampling, req.logit_bias,

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..device_runners.batch import BatchScheduler
+from ..device_runners.engine import FINISH_REASONS
 
 # (name, kind, help, SchedulerStats field); counters are exposed with the _total suffix
 ROWS = [
@@ -34,7 +35,6 @@ ROWS = [
     ("edgellm_kv_pages_total", "gauge", "KV cache pages", "kv_pages_total"),
     ("edgellm_requests_rejected", "counter", "requests refused with 503 (queue full or timed out)", "rejected_total"),
 ]
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class SchedulerCollector:
@@ -51,7 +51,7 @@ class SchedulerCollector:
         finished = CounterMetricFamily("edgellm_requests_finished", "generations finished, by reason",
                                        labels=["reason"])
         for reason in sorted(set(s.finished) | set(FINISH_REASONS)):
-            finished.add_metric([reason], s.finished.get(reason, 0))
+            finished.add_metric([str(reason)], s.finished.get(reason, 0))
         yield finished
 
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 
 from ..device_runners.batch import Finished
+from ..device_runners.engine import FinishReason
 from .reasoning import ReasoningParser
+
+# OpenAI's finish_reason for ours: a full context window is "length" there; the others keep their names
+OPENAI_FINISH_REASON = {FinishReason.CONTEXT: "length"}
+
+
+def openai_finish_reason(reason: FinishReason | str) -> str:
+    return OPENAI_FINISH_REASON.get(reason, str(reason))
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -33,14 +41,16 @@ def full_response(kind: str, text: str, fin: Finished, reasoning: ReasoningParse
     """A whole `text_completion` (kind "text") or `chat.completion` (kind "chat", reasoning split out)."""
     if kind == "text":
         return {**meta, "object": "text_completion", "usage": usage(fin),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": fin.reason}]}
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": openai_finish_reason(fin.reason)}]}
     r1, c1 = reasoning.feed(text)
     r2, c2 = reasoning.flush()
     message = {"role": "assistant", "content": c1 + c2}
     if return_reasoning and (r1 + r2):
         message["reasoning_content"] = r1 + r2
     return {**meta, "object": "chat.completion", "usage": usage(fin),
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": fin.reason}]}
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": openai_finish_reason(fin.reason)}]}
 
 
 class StreamChunks:
@@ -87,7 +97,7 @@ class StreamChunks:
 
     def finish(self, fin: Finished) -> list[dict]:
         out = [self._chunk(d) for d in self._deltas(fin.tail, final=True)]
-        out.append(self._chunk(None, finish=fin.reason))
+        out.append(self._chunk(None, finish=openai_finish_reason(fin.reason)))
         if self.include_usage:
             out.append(self._chunk(None, choices=False, usage_=usage(fin)))
         return out
