@@ -163,10 +163,12 @@ def compile(model, target, quant, output, context_window, prefill_chunk, page_si
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--emulate", is_flag=True, help="Run an aarch64 CPU artifact (rpi4/rpi5) here under qemu-aarch64-static.")
+@click.option("--device", default=None, metavar="KIND[:N]",
+              help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, index 0.")
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the artifact unless its root digest (printed by compile and run) starts with HEX.")
 def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads,
-        emulate, expect_digest):
+        emulate, device, expect_digest):
     """Stream the model's answer to PROMPT; prefill and decode tok/s go to stderr.
 
     The speeds are this one request's, after one warm-up step; `edgellm bench` gives steady-state figures.
@@ -185,8 +187,10 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     if emulate:
         _guard(_run_emulated, artifact, prompt, max_tokens, not no_chat, sampling, threads)
         return
-    engine = _guard(Engine, artifact, threads=threads, expect_digest=expect_digest)
+    engine = _guard(Engine, artifact, device=device, threads=threads, expect_digest=expect_digest)
     click.echo(f"artifact {artifact}: root digest {engine.art.digest}", err=True)
+    if engine.device_info.kind not in ("cpu", "cuda"):
+        click.echo(f"device {engine.device_info.describe()}", err=True)
     _guard(engine.warmup)
 
     def stream():
@@ -227,9 +231,11 @@ def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "json", "jsonl", "csv"]))
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--device", default=None, metavar="KIND[:N]",
+              help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, index 0.")
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the artifact unless its root digest starts with HEX.")
-def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, expect_digest):
+def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, device, expect_digest):
     """Benchmark prefill (ppN) and decode (tgN) llama-bench style; records on stdout, logs on stderr."""
     from .device_runners.bench import format_records, run_bench
     from .device_runners.engine import Engine
@@ -237,8 +243,10 @@ def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, expect_digest):
     _positive(n_prompt=(n_prompt, 0), n_gen=(n_gen, 0), reps=(reps, 1), warmup=(warmup, 0), threads=(threads, 1))
     if n_prompt == 0 and n_gen == 0:
         raise click.ClickException("-p 0 and -n 0 leave nothing to measure; give -p N (prefill) and/or -n N (decode)")
-    engine = _guard(Engine, artifact, threads=threads, expect_digest=expect_digest)
-    records = _guard(run_bench, engine, n_prompt, n_gen, reps, warmup)
+    engine = _guard(Engine, artifact, device=device, threads=threads, expect_digest=expect_digest)
+    info = engine.device_info  # a Vulkan adapter's name and driver go into the records
+    records = _guard(run_bench, engine, n_prompt, n_gen, reps, warmup,
+                     device_name=info.describe() if info.kind not in ("cpu", "cuda") else None)
     click.echo(format_records(records, fmt))
 
 

@@ -1,0 +1,221 @@
+"""`--target vulkan` end to end on lavapipe (Mesa's software Vulkan device; scripts/test.sh installs it): the
+compile pipeline builds host code plus WGSL, `Engine` / `edgellm run` load it through the WebGPU plugin
+(docs/vulkan.md), and the results equal the host build, the numpy model and the known answer.
+
+Artifacts are built once per module (tiny models: ~6 s each; the real SmolLM2: ~20 s) and shared by the tests.
+Tests that need a device skip only when wgpu-native finds no Vulkan adapter.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgellm.artifact import Artifact
+from edgellm.cli import cli
+from edgellm.compile import CompileArgs, compile_model
+from edgellm.config import ModelConfig, RuntimeOptions
+from edgellm.device_runners.engine import Engine
+from edgellm.models.reference import float_weights, forward
+from edgellm.runtime import webgpu_plugin
+from edgellm.runtime.devices import DeviceError
+
+pytestmark = pytest.mark.vulkan
+
+PROMPT = [1, 5, 7, 100, 42, 9, 33, 250, 17, 64, 3, 201, 88]
+STEPS = 16
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    try:
+        webgpu_plugin.load_plugin()
+    except webgpu_plugin.PluginError as e:
+        if e.reason == "vulkan":
+            pytest.skip(f"no Vulkan adapter: {e}")
+        raise
+    return webgpu_plugin.adapters()[0]
+
+
+@pytest.fixture(scope="module")
+def vk(checkpoints, tmp_path_factory):
+    """vk(model, scheme) -> a --target vulkan artifact (max_batch 2), built once per module."""
+    root = tmp_path_factory.mktemp("vulkan")
+    cache = {}
+
+    def build(name: str, scheme: str):
+        if (name, scheme) not in cache:
+            out = root / f"{name}-{scheme}"
+            src = None if name == "smollm2" else str(checkpoints[name])
+            rt = RuntimeOptions(context_window=1024 if name == "smollm2" else 256, prefill_chunk=128, max_batch=2)
+            compile_model(CompileArgs(model=src, output=out, target="vulkan", quant=scheme, runtime=rt))
+            cache[(name, scheme)] = out
+        return cache[(name, scheme)]
+
+    return build
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _steps(eng: Engine, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """Logits of a prefill of `prompt`, then of one decode step per token of `tokens`."""
+    with eng.sequence() as seq:
+        return np.stack([seq.prefill(prompt)] + [seq.decode(t) for t in tokens])
+
+
+# ---- the preset ------------------------------------------------------------------------------------------------
+
+
+def test_preset_is_listed_with_its_backend():
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["targets", "--json"]).stdout)}
+    v = rows["vulkan"]
+    assert v["device"] == "webgpu" and json.loads(v["target"])["kind"] == "webgpu"
+    assert v["features"]["backend"] == "wgpu-native on Vulkan" and v["default_quant"] == "q4f32_1"
+    assert v["export"] == "so" and v["toolchain"] == "host c++"
+
+
+def test_manifest_records_target_and_activation_dtype(vk):
+    m = Artifact.open(vk("llama", "q0f32")).manifest
+    assert m["target"]["preset"] == "vulkan" and m["target"]["device"] == "webgpu" and m["lib"] == "lib/model.so"
+    assert m["target"]["tvm_target"]["kind"] == "webgpu" and m["target"]["tvm_host"]["kind"] == "llvm"
+    assert m["quant"]["act_dtype"] == "float32"
+    assert m["kernels"]["chosen"]["linear_gemv"]  # the registry picked (and recorded) webgpu kernels
+
+
+# ---- numerics on lavapipe ----------------------------------------------------------------------------------------
+
+
+def test_q0f32_matches_host_build_over_prefill_and_16_decode_steps(adapter, vk, compiled):
+    host = Engine(compiled("llama", "q0f32"))
+    tokens = list(host.generate_ids(PROMPT, STEPS))
+    ref = _steps(host, PROMPT, tokens[:-1])
+    eng = Engine(vk("llama", "q0f32"))
+    assert eng.device_info.kind == "webgpu" and eng.device_info.name == adapter["name"]
+    got = _steps(eng, PROMPT, tokens[:-1])
+    assert got.shape == (STEPS, ref.shape[1])
+    assert np.abs(got - ref).max() < 1e-4
+    assert list(eng.generate_ids(PROMPT, STEPS)) == tokens
+
+
+# llama3: rope scaling (the build needs tirx.disable_cse_tir) and a tied head; qwen2: q/k/v bias and `in` padded
+# to whole groups. q4f16_1 runs fp16 activations (lavapipe has shader-f16).
+@pytest.mark.parametrize("name,scheme,tol", [("llama3", "q4f32_1", 1e-4), ("qwen2", "q4f16_1", 2e-2)])
+def test_q4_matches_numpy_model(adapter, vk, name, scheme, tol):
+    if scheme == "q4f16_1" and not adapter["shader_f16"]:
+        pytest.skip(f"adapter {adapter['name']} has no shader-f16")
+    art = Artifact.open(vk(name, scheme))
+    cfg = ModelConfig.from_dict(art.manifest["model"]["config"])
+    ref = forward(cfg, float_weights(art), PROMPT)
+    eng = Engine(art.root)
+    got = eng.score(PROMPT)
+    assert _rel(got, ref) < tol
+    # the decode path (GEMV kernels) agrees with the prefill path (GEMM kernels) position by position
+    steps = _steps(eng, PROMPT[:4], PROMPT[4:])
+    assert _rel(steps, got[3:]) < tol
+
+
+def test_paged_kv_cache_two_sequences(adapter, vk):
+    """Two sequences in one paged cache: prefills of different lengths (one over several 16-token pages), batched
+    decode steps of both, and a second prefill chunk on cached pages; each equals the sequence run alone."""
+    eng = Engine(vk("llama", "q0f32"))
+    a_ids, b_ids = PROMPT * 3, PROMPT[:5]  # 39 tokens: three pages
+    a_tok, b_tok = [11, 12, 13, 14], [21, 22, 23, 24]
+    alone_a = _steps(eng, a_ids, a_tok)
+    alone_b = _steps(eng, b_ids + b_tok[:1], b_tok[1:])  # b's last step is a 1-token prefill chunk, below
+    a, b = eng.add_sequence(), eng.add_sequence()
+    try:
+        got_a, got_b = [eng.prefill(a, a_ids)], [eng.prefill(b, b_ids)]
+        for i in range(3):
+            la, lb = eng.decode([a, b], [a_tok[i], b_tok[i]], batched=True)
+            got_a.append(la)
+            got_b.append(lb)
+        got_a.append(eng.decode([a], [a_tok[3]], batched=False)[0])
+        got_b.append(eng.prefill(b, b_tok[3:]))  # prefill on top of cached pages
+        assert eng.sequence_length(a) == len(a_ids) + 4 and eng.sequence_length(b) == len(b_ids) + 4
+    finally:
+        eng.remove_sequence(a)
+        eng.remove_sequence(b)
+    np.testing.assert_allclose(np.stack(got_a), alone_a, atol=1e-5, rtol=0)
+    # b alone: prefill(b_ids + first token) then 3 decodes; together: prefill, 3 decodes, a 1-token chunk
+    np.testing.assert_allclose(np.stack(got_b)[1:], alone_b, atol=1e-5, rtol=0)
+    assert eng.pages_in_use() == 0
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+
+
+def test_smollm2_default_answers_through_edgellm_run(adapter, tmp_path):
+    """What `edgellm compile --target vulkan` picks (SmolLM2-135M, q4f32_1) answers the question on Vulkan."""
+    out = tmp_path / "smollm2-vulkan"
+    r = CliRunner().invoke(cli, ["compile", "--target", "vulkan", "-o", str(out), "--context-window", "512",
+                                 "--prefill-chunk", "64"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert Artifact.open(out).manifest["quant"]["scheme"] == "q4f32_1"
+    r = CliRunner().invoke(cli, ["run", str(out), QUESTION, "-n", "12", "--device", "vulkan:0"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert r.stdout.strip() == "The capital of France is Paris."
+    assert f"device vulkan:0 {adapter['name']}" in r.stderr and adapter["driver"] in r.stderr
+
+
+def test_bench_records_name_the_adapter(adapter, vk):
+    r = CliRunner().invoke(cli, ["bench", str(vk("llama", "q0f32")), "-p", "8", "-n", "4", "--reps", "1",
+                                 "--warmup", "0", "--format", "json", "--device", "vulkan:0"])
+    assert r.exit_code == 0, r.output + r.stderr
+    recs = json.loads(r.stdout)
+    assert [x["test"] for x in recs] == ["pp8", "tg4"]
+    assert all(adapter["name"] in x["device"] and adapter["driver"] in x["device"] for x in recs)
+
+
+def _one_line_error(args) -> str:
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and r.stdout == "" and "Traceback" not in r.stderr, r.output + r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+def test_device_errors_are_one_line(adapter, vk, compiled):
+    art = str(vk("llama", "q0f32"))
+    err = _one_line_error(["run", art, "hi", "-n", "1", "--device", "vulkan:7"])
+    assert "vulkan:7" in err and "no such Vulkan adapter" in err and adapter["name"] in err
+    err = _one_line_error(["run", str(compiled("llama", "q0f32")), "hi", "-n", "1", "--device", "vulkan:0"])
+    assert "compiled for cpu" in err and "--target vulkan" in err
+    err = _one_line_error(["run", art, "hi", "-n", "1", "--device", "vulkan:x"])
+    assert "must be a number" in err
+
+
+def test_fp16_artifact_refused_without_shader_f16(adapter, vk, monkeypatch):
+    art = vk("qwen2", "q4f16_1")
+    real = webgpu_plugin.adapters
+    monkeypatch.setattr(webgpu_plugin, "adapters", lambda: [{**a, "shader_f16": False} for a in real()])
+    with pytest.raises(DeviceError, match=r"fp16 activations \(q4f16_1\).*no shader-f16.*--quant q4f32_1"):
+        Engine(art)
+    err = _one_line_error(["run", str(art), "hi", "-n", "1"])
+    assert "shader-f16" in err
+
+
+def test_weight_over_the_binding_limit_is_refused(adapter, vk, monkeypatch):
+    real = webgpu_plugin.adapters
+    monkeypatch.setattr(webgpu_plugin, "adapters",
+                        lambda: [{**a, "max_storage_buffer_binding_size": 1024} for a in real()])
+    with pytest.raises(DeviceError, match=r"weight \S+ is .* over Vulkan adapter .*binding limit"):
+        Engine(vk("llama", "q0f32"))
+
+
+def test_missing_compiler_or_driver_is_one_line(adapter, vk, monkeypatch):
+    """With the plugin not yet loaded in the process: no C++ compiler, then no Vulkan adapter."""
+    art = str(vk("llama", "q0f32"))
+    monkeypatch.setattr(webgpu_plugin, "_loaded", None)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    err = _one_line_error(["run", art, "hi", "-n", "1"])
+    assert "/nonexistent/c++" in err and "install g++" in err
+    monkeypatch.delenv("CXX")  # the cached library loads again (dlopen of a loaded library is a no-op)
+    monkeypatch.setattr(webgpu_plugin, "adapters", lambda: [])
+    err = _one_line_error(["run", art, "hi", "-n", "1"])
+    assert "Vulkan" in err and ("driver" in err or "loader" in err)
+
