@@ -221,6 +221,91 @@ def _check_file_table(files: object) -> dict[str, dict]:
     return files
 
 
+def _field(d: object, key: str, kind: type | tuple, where: str, optional: bool = False):
+    """d[key] of type `kind` (bool never passes for int), or ArtifactError naming the manifest field."""
+    value = d.get(key) if isinstance(d, dict) else None
+    if value is None and optional:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ArtifactError(f"manifest field {where}{key} is {value!r}, not a {'/'.join(k.__name__ for k in kinds)}; "
+                            "the artifact is malformed: recompile")
+    return value
+
+
+@dataclass(frozen=True)
+class RuntimeShape:
+    """The shapes fixed at compile time (manifest `runtime`)."""
+
+    context_window: int
+    prefill_chunk: int
+    page_size: int
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The typed view of manifest.json, read and checked in one place (`Manifest.read`); `raw` keeps the dict for
+    fields only a few places need (model config, quant details, target features)."""
+
+    raw: dict
+    format_version: int
+    edgellm_version: str
+    tvm_version: str
+    lib: str
+    files: dict
+    arch: str
+    config: dict
+    source: str
+    source_sha256: str
+    scheme: str
+    preset: str
+    target_kind: str  # TVM kind: llvm | cuda | metal | opencl | webgpu
+    device: str  # runtime device: cpu | cuda | metal | opencl | webgpu
+    host_triple: str | None
+    export: str  # so | tar
+    runtime: RuntimeShape
+    add_bos_token: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    chat_template: bool
+    functions: tuple[str, ...]
+    weight_bytes: int
+    shapes_only: bool
+    system_lib_prefix: str | None
+
+    @classmethod
+    def read(cls, m: dict) -> Manifest:
+        model, target = _field(m, "model", dict, ""), _field(m, "target", dict, "")
+        rt, tok = _field(m, "runtime", dict, ""), _field(m, "tokenizer", dict, "")
+        shape = RuntimeShape(*(_field(rt, k, int, "runtime.") for k in ("context_window", "prefill_chunk",
+                                                                          "page_size", "max_batch")))
+        if min(shape.context_window, shape.prefill_chunk, shape.page_size, shape.max_batch) < 1:
+            raise ArtifactError(f"manifest runtime {shape} has a non-positive size; the artifact is malformed: recompile")
+        eos = _field(tok, "eos_token_ids", list, "tokenizer.")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
+            raise ArtifactError(f"manifest field tokenizer.eos_token_ids is {eos!r}, not token ids; recompile")
+        functions = _field(m, "functions", list, "")
+        return cls(
+            raw=m, format_version=_field(m, "format_version", int, ""),
+            edgellm_version=_field(m, "edgellm_version", str, ""), tvm_version=_field(m, "tvm_version", str, ""),
+            lib=_field(m, "lib", str, ""), files=_check_file_table(m.get("files")),
+            arch=_field(model, "arch", str, "model."), config=_field(model, "config", dict, "model."),
+            source=str(model.get("source", "")), source_sha256=str(model.get("source_sha256") or ""),
+            scheme=_field(_field(m, "quant", dict, ""), "scheme", str, "quant."),
+            preset=_field(target, "preset", str, "target."), target_kind=_field(target, "kind", str, "target."),
+            device=_field(target, "device", str, "target."),
+            host_triple=_field(target, "host_triple", str, "target.", optional=True),
+            export=_field(target, "export", str, "target."), runtime=shape,
+            add_bos_token=bool(tok.get("add_bos_token", False)),
+            bos_token_id=_field(tok, "bos_token_id", int, "tokenizer.", optional=True),
+            eos_token_ids=tuple(eos), chat_template=bool(tok.get("chat_template", False)),
+            functions=tuple(str(f) for f in functions), weight_bytes=_field(m, "weight_bytes", int, ""),
+            shapes_only=bool(m.get("shapes_only", False)),
+            system_lib_prefix=_field(m, "system_lib_prefix", str, "", optional=True),
+        )
+
+
 @dataclass
 class Artifact:
     """A compiled model folder. `open` checks, before anything is loaded: the manifest against its digest file,
@@ -230,6 +315,7 @@ class Artifact:
     root: Path
     manifest: dict
     digest: str = ""  # sha256 of manifest.json: the root digest, which covers every file through the file table
+    info: Manifest | None = None  # the typed view, set by open()
 
     @classmethod
     def open(cls, root: str | Path, verify: bool = True, skip_params: bool = False,
@@ -267,7 +353,7 @@ class Artifact:
             if len(want) < 12 or not re.fullmatch(r"[0-9a-f]+", want) or not digest.startswith(want):
                 raise ArtifactError(f"artifact {root} has root digest {digest}, not the expected {expect_digest}; "
                                     "it is another build or was altered")
-        art = cls(root, manifest, digest)
+        art = cls(root, manifest, digest, Manifest.read(manifest))
         art._check_layout()
         if verify:
             art.verify(skip_params=skip_params)

@@ -19,8 +19,12 @@ def test_shards_respect_limit_and_index_round_trips(tmp_path):
     for rel in ("lib/model.so", "tokenizer/tokenizer.json"):  # stand-ins: this test reads only the params
         (tmp_path / rel).parent.mkdir()
         (tmp_path / rel).write_bytes(b"stand-in")
-    manifest = {"format_version": FORMAT_VERSION, "edgellm_version": "test", "lib": "lib/model.so",
-                "files": file_table(tmp_path)}
+    manifest = {"format_version": FORMAT_VERSION, "edgellm_version": "test", "tvm_version": "0.27.0.post1",
+                "lib": "lib/model.so", "files": file_table(tmp_path), "functions": ["prefill"], "weight_bytes": 0,
+                "model": {"arch": "llama", "config": {}}, "quant": {"scheme": "q0f32"},
+                "target": {"preset": "host", "kind": "llvm", "device": "cpu", "export": "so"},
+                "runtime": {"context_window": 64, "prefill_chunk": 64, "page_size": 16, "max_batch": 1},
+                "tokenizer": {"eos_token_ids": [2]}}
     write_manifest(tmp_path, manifest)
     art = Artifact.open(tmp_path)
     for (name, arr), (entry, got) in zip(named, art.iter_params()):

@@ -161,3 +161,19 @@ def test_package_never_writes_outside_its_output(compiled, tmp_path):
     with pytest.raises(ArtifactError, match="not a normalized path"):
         package_artifact(PackageArgs(artifact=art, platform="android", output=tmp_path / "pkg"))
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "pkg").exists()
+
+
+@pytest.mark.parametrize("path, value", [
+    (("runtime", "context_window"), 0), (("runtime", "max_batch"), "8"), (("tokenizer", "eos_token_ids"), ["x"]),
+    (("lib",), 5), (("target", "kind"), None), (("model", "config"), []),
+])
+def test_resigned_nonsense_values_refused_naming_the_field(art, path, value):
+    """Even consistently re-signed, a manifest value of the wrong type or range is refused, naming the field."""
+    m = _manifest(art)
+    d = m
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+    _resign(art, m)
+    with pytest.raises(ArtifactError, match=path[-1]):
+        Artifact.open(art)
