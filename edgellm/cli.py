@@ -352,6 +352,45 @@ def package(artifact, platform_, output, name, simulator_artifact, overwrite, as
         click.echo(result.summary())
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--reference", "-r", type=click.Path(path_type=Path), default=None, metavar="MODEL_OR_ARTIFACT",
+              help="Model (HF folder or .gguf) or artifact to compare with; default: the artifact's recorded source.")
+@click.option("--reference-kind", default="auto", show_default=True, type=click.Choice(["auto", "transformers", "q0f32"]),
+              help="How a model reference runs: transformers fp32, or an edgellm q0f32 build made for this run "
+                   "(auto: transformers when installed).")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text file to score; default: the built-in public-domain prose (~2,000 tokens).")
+@click.option("--chunk-tokens", default=256, show_default=True, help="Tokens per teacher-forced chunk (capped at the context window).")
+@click.option("--max-chunks", type=int, default=None, help="Score only the first N chunks.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
+@click.option("--min-agreement", type=float, default=None, metavar="PCT",
+              help="Exit 1 when top-1 agreement is below PCT percent (e.g. 95).")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+              help="Exit 1 when perplexity exceeds the reference's by more than PCT percent (e.g. 0.5).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+def verify(artifact, reference, reference_kind, text, chunk_tokens, max_chunks, fmt, min_agreement, max_ppl_increase,
+           threads):
+    """Teacher-forced top-1 agreement, mean KL(reference || artifact) and perplexity of ARTIFACT against a
+    reference, per chunk of a text and in total (docs/fidelity.md).
+
+    \b
+    edgellm verify dist/smollm2-host
+    edgellm verify dist/smollm2-host --reference dist/smollm2-q0f32 --format json
+    edgellm verify dist/smollm2-host --text book.txt --min-agreement 95 --max-ppl-increase 1
+    """
+    from .verify import VerifyArgs, verify as run_verify
+
+    _positive(threads=(threads, 1))
+    args = _guard(VerifyArgs, artifact=artifact, reference=reference, reference_kind=reference_kind, text=text,
+                  chunk_tokens=chunk_tokens, max_chunks=max_chunks, threads=threads, min_agreement=min_agreement,
+                  max_ppl_increase=max_ppl_increase)
+    result = _guard(run_verify, args)
+    click.echo(json.dumps(result.to_json(), indent=2) if fmt == "json" else result.table())
+    if result.failures:
+        raise click.ClickException("; ".join(result.failures))
+
+
 def main() -> None:
     cli(prog_name="edgellm")
 
