@@ -84,28 +84,35 @@ class TextCodec:
 class StreamDecoder:
     """Turns a growing token list into text pieces, never splitting a multi-byte UTF-8 character.
 
-    Keeps two offsets as HF's streamers do: text is decoded from `prefix` and only the part past `read` is new;
-    a piece ending in U+FFFD (an incomplete byte sequence) is held back until the next token completes it.
+    The tokenizers library's `DecodeStream` does the work (HF's two-offset method in Rust: text decoded from a prefix
+    window, only the part past it is new, a piece ending in U+FFFD is held back until a later token completes it);
+    this class adds `flush()` for what is still held back when generation ends.
     """
 
     def __init__(self, codec: TextCodec):
-        self.codec, self.ids, self.prefix, self.read = codec, [], 0, 0
+        from tokenizers.decoders import DecodeStream
+
+        self.codec, self.ids = codec, []
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._held_from = 0  # ids[_held_from:] produced no text yet
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.codec.decode(self.ids[self.prefix : self.read])
-        now = self.codec.decode(self.ids[self.prefix :])
-        if now.endswith("\ufffd") or len(now) <= len(before):
+        piece = self._stream.step(self.codec.tok, token)
+        if not piece:
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return now[len(before) :]
+        self._held_from = len(self.ids)
+        return piece
 
     def flush(self) -> str:
-        """Whatever is still held back at the end of generation."""
-        before = self.codec.decode(self.ids[self.prefix : self.read])
-        now = self.codec.decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before) :]
+        """Whatever is still held back at the end of generation (U+FFFD for an incomplete character)."""
+        context = self.ids[max(self._held_from - 1, 0) : self._held_from]  # the token before, for decoders that
+        held = self.ids[self._held_from :]  # treat a sequence's first token specially (a leading space)
+        self._held_from = len(self.ids)
+        self._stream = type(self._stream)(skip_special_tokens=True)  # as after a piece: no window carried over
+        if not held:
+            return ""
+        return self.codec.decode(context + held)[len(self.codec.decode(context)) :]
 
 
 class StopMatcher:
