@@ -30,6 +30,18 @@ def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
 
+def _set(manifest, path, value=None, delete=False):
+    """manifest[path[0]][path[1]]... = value (or deleted); returns the manifest."""
+    d = manifest
+    for k in path[:-1]:
+        d = d[k]
+    if delete:
+        del d[path[-1]]
+    else:
+        d[path[-1]] = value
+    return manifest
+
+
 def _resign(path, manifest, refresh_files=False):
     """What an attacker who can write the folder does: rewrite the manifest and its digest consistently."""
     if refresh_files:
@@ -43,11 +55,11 @@ def _resign(path, manifest, refresh_files=False):
 ])
 def test_any_manifest_edit_breaks_the_digest(art, edit):
     m = _manifest(art)
-    d = m
-    for k in edit[:-1]:
-        d = d[k]
-    d[edit[-1]] = [7] if edit[-1] == "eos_token_ids" else ("lib/x.so" if edit[-1] == "lib" else d[edit[-1]] * 2)
-    (art / "manifest.json").write_text(json.dumps(m, indent=1))  # the digest file is left as it was
+    old = m
+    for k in edit:
+        old = old[k]
+    new = [7] if edit[-1] == "eos_token_ids" else ("lib/x.so" if edit[-1] == "lib" else old * 2)
+    (art / "manifest.json").write_text(json.dumps(_set(m, edit, new), indent=1))  # the digest file is left as it was
     with pytest.raises(ArtifactError, match="does not match manifest.json.sha256"):
         Artifact.open(art)
 
@@ -88,9 +100,7 @@ def test_file_table_traversal_refused(art, rel):
 
 
 def test_delisted_shard_refused(art):
-    m = _manifest(art)
-    del m["files"]["params/shard_000.bin"]
-    _resign(art, m)
+    _resign(art, _set(_manifest(art), ("files", "params/shard_000.bin"), delete=True))
     with pytest.raises(ArtifactError, match="does not fit the listed shards"):
         Artifact.open(art).param_index()
 
@@ -123,9 +133,7 @@ def test_symlinked_params_folder_refused(art, tmp_path):
 
 def test_unlisted_file_is_never_opened(art):
     """tokenizer_config.json holds the chat template: one dropped from the table must not be read."""
-    m = _manifest(art)
-    del m["files"]["tokenizer/tokenizer_config.json"]
-    _resign(art, m)
+    _resign(art, _set(_manifest(art), ("files", "tokenizer/tokenizer_config.json"), delete=True))
     a = Artifact.open(art)
     assert a.listed("tokenizer/tokenizer_config.json") is None
     with pytest.raises(ArtifactError, match="never checked"):
@@ -169,11 +177,6 @@ def test_package_never_writes_outside_its_output(compiled, tmp_path):
 ])
 def test_resigned_nonsense_values_refused_naming_the_field(art, path, value):
     """Even consistently re-signed, a manifest value of the wrong type or range is refused, naming the field."""
-    m = _manifest(art)
-    d = m
-    for k in path[:-1]:
-        d = d[k]
-    d[path[-1]] = value
-    _resign(art, m)
+    _resign(art, _set(_manifest(art), path, value))
     with pytest.raises(ArtifactError, match=path[-1]):
         Artifact.open(art)
