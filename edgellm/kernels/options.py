@@ -28,6 +28,10 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "cuda_attention": (("auto", "mma", "tvm"),
                        "CUDA ragged prefill attention: mma = edgellm's FlashAttention-2 on mma.sync (sm_80+, fp16, "
                        "head_dim 64/128); tvm = TVM's kernel; auto = mma where it applies"),
+    "webgpu_gemm": (("auto", "tiled", "simple"),
+                    "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
+                    "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
+                    "buffers (dlight-like); auto = tiled where it applies"),
 }
 
 
@@ -42,6 +46,7 @@ class KernelOptions:
     cuda_gemm: str = "auto"
     cuda_gemm_decode: str = "half2"
     cuda_attention: str = "auto"
+    webgpu_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):

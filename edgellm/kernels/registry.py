@@ -68,6 +68,11 @@ class KernelRegistry:
                 raise ValueError(f"scheme {scheme.name} has CPU kernels only; target {self.kind} needs another scheme")
             family = {"auto": None, "portable": "generic"}.get(o.cpu_dot, o.cpu_dot)
             path = cpu.plan(t, scheme.padded_in(in_f) // scheme.elems_per_word, family)
+            if scheme.bits == 8:  # the Q8_0 grid (8-bit embedding / head): int8 x int8
+                from . import cpu_linear_int8_q8 as cpu8
+
+                return f"int8x8_dot_{path.name}", lambda: cpu8.linear_int8_q8(rows, in_f, out_f, scheme, bias, t,
+                                                                            family)
             return f"int8_dot_{path.name}", lambda: cpu.linear_int8(rows, in_f, out_f, scheme, bias, t, family)
 
         def te():
@@ -110,6 +115,11 @@ class KernelRegistry:
                 return sg.schedule_gpu_tiled_gemm(te(), t) or sg.schedule_gpu_linear(te(), t, gemv=False)
 
             return "gemm_simt", tiled
+        if not gemv and self.kind == "webgpu" and o.webgpu_gemm != "simple":
+            from . import webgpu_linear
+
+            if webgpu_linear.tiled_supports(scheme.padded_in(in_f), out_f):
+                return "gemm_tiled_webgpu", lambda: webgpu_linear.gemm(te(), t)
         return ("gemv_te_gpu" if gemv else "gemm_te_gpu"), lambda: sg.schedule_gpu_linear(te(), t, gemv)
 
     def embedding(self, vocab: int, hidden: int, scheme: QuantScheme, out_dtype: str):
