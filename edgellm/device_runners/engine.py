@@ -292,7 +292,7 @@ class Engine:
                 out.extend(host_argmax(row) for row in logits.numpy().reshape(len(s), -1))
                 continue
             ids = self._argmax(logits)
-            values = [int(v) for v in ids.numpy().reshape(-1)]
+            values = ids.numpy().reshape(-1).tolist()
             self._last_tokens.values, self._last_tokens.tensor = tuple(values), ids
             out.extend(values)
         return out
@@ -340,8 +340,8 @@ class Engine:
             self.remove_sequence(seq)
 
     # ---- forwards -----------------------------------------------------------------------------------------------
-    def _decode(self, seqs: list[int], tokens: list[int], batched: bool | None):
-        """Check and run one decode step; yields (the sequences, their logits on the device) per forward."""
+    def _decode(self, seqs: list[int], tokens: list[int], batched: bool | None) -> list[tuple[list[int], object]]:
+        """Check and run one decode step: (the sequences, their logits on the device) per forward."""
         if len(seqs) != len(tokens) or not seqs:
             raise ValueError(f"decode needs one token per sequence, got {len(seqs)} sequences and {len(tokens)} "
                              "tokens")
@@ -352,15 +352,19 @@ class Engine:
                                          f"{self.context_window} (one more is needed to generate)")
         if batched is None:
             batched = len(seqs) >= self.batch_min
-        if batched and not self.has_batch_decode:
+        if not batched:
+            outs = []
+            for s, t in zip(seqs, tokens):
+                outs.append(([s], self._forward("decode", [s], [t])))
+                self._lengths[s] += 1
+            return outs
+        if not self.has_batch_decode:
             raise ValueError(f"artifact {self.art.root} has no batch_decode function; decode with batched=False "
                              "or recompile it with this edgellm version")
-        groups = [(seqs, tokens)] if batched else [([s], [t]) for s, t in zip(seqs, tokens)]
-        for s, t in groups:
-            out = self._forward("batch_decode" if batched else "decode", s, t)
-            for q in s:
-                self._lengths[q] += 1
-            yield s, out
+        out = self._forward("batch_decode", seqs, tokens)
+        for s in seqs:
+            self._lengths[s] += 1
+        return [(seqs, out)]
 
     def _ids_tensor(self, fn: str, seqs: list[int], ids: list[int]):
         if fn == "prefill" or fn == "prefill_logits":  # prompt chunks vary in length: a tensor each
