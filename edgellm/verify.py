@@ -11,7 +11,7 @@ otherwise a q0f32 build of that source compiled here into a temporary folder, or
 or another artifact). The source is checked against the manifest's sha256 before it is used.
 
 The artifact is driven only through the Engine's public API (`Engine(...)`, `prompt_ids`, `score`,
-`context_window`, `vocab_size`, `art.manifest`), all in `_EngineScorer`.
+`context_window`, `vocab_size`, `art.manifest`), all in `EngineScorer`.
 """
 
 from __future__ import annotations
@@ -134,8 +134,21 @@ def make_chunks(ids: list[int], chunk_tokens: int, bos: int | None = None) -> li
     return out
 
 
+def score_chunks(ref_logits: Callable[[list[int]], np.ndarray], art_logits: Callable[[list[int]], np.ndarray],
+                 chunks: list[list[int]], body: int) -> tuple[list[ChunkResult], Metrics]:
+    """Both logits functions over every chunk (ids -> [n, vocab]); per-chunk results and the totals over all
+    positions. `body`: text tokens per chunk (for the chunks' start offsets)."""
+    results, total = [], Sums()
+    for i, piece in enumerate(chunks):
+        s = compare_logits(ref_logits(piece)[:-1], art_logits(piece)[:-1], np.asarray(piece[1:]))
+        total = total + s
+        results.append(ChunkResult(index=i, start=i * body, tokens=len(piece), metrics=s.metrics()))
+        log.info("chunk %d: top-1 %.1f%%", i, 100 * results[-1].metrics.agreement)
+    return results, total.metrics()
+
+
 # ---- scorers: ids -> logits [n, vocab] --------------------------------------------------------------------------
-class _EngineScorer:
+class EngineScorer:
     """An edgellm artifact. Every call into the Engine is here."""
 
     def __init__(self, path: Path, threads: int | None):
@@ -157,21 +170,34 @@ class _EngineScorer:
         return self.engine.score(ids)[:, : self.vocab_size]
 
 
-class _TransformersScorer:
+class TransformersScorer:
     """transformers in fp32 reading an HF folder or a GGUF file (the same way tests/conftest.py's hf_smollm2 does)."""
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None = None, model=None):
+        """model: an fp32 transformers model already loaded from `path` (tests share one); else it is loaded here."""
         import torch
         from transformers import AutoModelForCausalLM
 
         self._torch = torch
+        self.path = Path(path)
         if threads:
             torch.set_num_threads(threads)
-        if path.is_dir():
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        if model is not None:
+            self.model = model
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32)
+            from transformers.utils import logging as hf_logging
+
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # stderr keeps the one-line verdict
+            try:
+                if path.is_dir():
+                    self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+                else:
+                    self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=torch.float32)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
         self.model.eval()
         self.vocab_size = int(self.model.config.vocab_size)
 
@@ -300,11 +326,19 @@ def _q0f32_build(source: Path, context_window: int, chunk: int, into: Path) -> P
     return out
 
 
-def _reference(args: VerifyArgs, art: _EngineScorer, tmp: Path) -> tuple[Callable, str, str, str, object]:
+def _reference(args: VerifyArgs, art: EngineScorer, tmp: Path,
+               loaded: TransformersScorer | None) -> tuple[Callable, str, str, str, object]:
     """(logits function, description, kind, source check, scorer) of the reference asked for."""
     threads = args.threads
+    if loaded is not None:  # a transformers model the caller loaded from the artifact's source
+        source, sha = check_source(art.manifest)
+        if loaded.path.resolve() != source.resolve():
+            raise VerifyError(f"the loaded reference reads {loaded.path}, not the artifact's source {source}; load "
+                              "the source or pass the model with --reference")
+        note = f"{source} matches the manifest (sha256 {sha[:16]}...)"
+        return loaded.logits, f"transformers fp32 reading {source}", "transformers", note, loaded
     if args.reference is not None and (args.reference / "manifest.json").exists():  # another artifact
-        ref = _EngineScorer(args.reference, threads)
+        ref = EngineScorer(args.reference, threads)
         same = ref.manifest.get("model", {}).get("source_sha256") == art.manifest.get("model", {}).get("source_sha256")
         desc = f"artifact {args.reference} ({ref.manifest['quant']['scheme']}, {ref.manifest['target']['preset']})"
         note = "same source sha256 as the artifact" if same else "compiled from a different source than the artifact"
@@ -328,7 +362,7 @@ def _reference(args: VerifyArgs, art: _EngineScorer, tmp: Path) -> tuple[Callabl
             raise VerifyError("the transformers reference needs torch and transformers (pip install torch "
                               "transformers); or use the q0f32 reference")
         try:
-            ref = _TransformersScorer(source, threads)
+            ref = TransformersScorer(source, threads)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for a model it cannot read
             if args.reference_kind == "transformers":
                 raise VerifyError(f"transformers cannot read {source} ({type(exc).__name__}: {exc}); use the q0f32 "
@@ -338,7 +372,7 @@ def _reference(args: VerifyArgs, art: _EngineScorer, tmp: Path) -> tuple[Callabl
         else:
             return ref.logits, f"transformers fp32 reading {source}", "transformers", note, ref
     built = _q0f32_build(source, art.context_window, args.chunk_tokens, tmp)
-    ref = _EngineScorer(built, threads)
+    ref = EngineScorer(built, threads)
     return ref.logits, f"edgellm q0f32 of {source}, compiled for this run", "q0f32", note, ref
 
 
@@ -352,17 +386,21 @@ def _bounds(args: VerifyArgs, total: Metrics) -> list[str]:
     return out
 
 
-def verify(args: VerifyArgs) -> VerifyResult:
-    """Score the artifact and the reference on the text, chunk by chunk; the result carries every bound not met."""
+def verify(args: VerifyArgs, loaded_reference: TransformersScorer | None = None) -> VerifyResult:
+    """Score the artifact and the reference on the text, chunk by chunk; the result carries every bound not met.
+    loaded_reference: the source already loaded in transformers (used instead of loading it again; the source is
+    still checked against the manifest)."""
     text_name, text = read_text(args.text)
-    art = _EngineScorer(args.artifact, args.threads)
+    if loaded_reference is not None and args.reference is not None:
+        raise VerifyError("give either a reference path or a loaded reference model, not both")
+    art = EngineScorer(args.artifact, args.threads)
     with tempfile.TemporaryDirectory(prefix="edgellm-verify-") as tmp:
-        ref_logits, desc, kind, note, ref = _reference(args, art, Path(tmp))
+        ref_logits, desc, kind, note, ref = _reference(args, art, Path(tmp), loaded_reference)
         if ref.vocab_size != art.vocab_size:
             raise VerifyError(f"the reference has {ref.vocab_size} vocabulary entries and the artifact "
                               f"{art.vocab_size}; compare models that share a tokenizer")
         ids = art.encode(text)
-        if isinstance(ref, _EngineScorer) and ref.encode(text) != ids:
+        if isinstance(ref, EngineScorer) and ref.encode(text) != ids:
             raise VerifyError(f"the reference artifact {args.reference} tokenizes the text differently from the "
                               "artifact; compare artifacts of the same model")
         window = min(art.context_window, getattr(ref, "context_window", art.context_window))
@@ -370,15 +408,8 @@ def verify(args: VerifyArgs) -> VerifyResult:
         chunks = make_chunks(ids, chunk, art.bos)[: args.max_chunks]
         if not chunks:
             raise VerifyError(f"the text {text_name} has {len(ids)} token(s); give at least 2 tokens of text")
-        results, total = [], Sums()
-        body = chunk - (art.bos is not None)
-        for i, piece in enumerate(chunks):
-            s = compare_logits(ref_logits(piece)[:-1], art.logits(piece)[:-1], np.asarray(piece[1:]))
-            total = total + s
-            results.append(ChunkResult(index=i, start=i * body, tokens=len(piece), metrics=s.metrics()))
-            log.info("chunk %d: top-1 %.1f%%", i, 100 * results[-1].metrics.agreement)
+        results, totals = score_chunks(ref_logits, art.logits, chunks, chunk - (art.bos is not None))
     m = art.manifest
-    totals = total.metrics()
     return VerifyResult(artifact=str(args.artifact), scheme=m["quant"]["scheme"], target=m["target"]["preset"],
                         reference=desc, reference_kind=kind, source_check=note, text=text_name, text_tokens=len(ids),
                         chunk_tokens=chunk, chunks=results, total=totals,
