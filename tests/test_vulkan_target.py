@@ -110,6 +110,9 @@ def test_q4_matches_numpy_model(adapter, vk, name, scheme, tol):
     if scheme == "q4f16_1" and not adapter["shader_f16"]:
         pytest.skip(f"adapter {adapter['name']} has no shader-f16")
     art = Artifact.open(vk(name, scheme))
+    if name == "llama3":  # the webgpu kernels of the registry are among the ones checked here
+        chosen = art.manifest["kernels"]["chosen"]
+        assert "gemm_tiled_webgpu" in chosen["linear"] and "int4_gemv_group_webgpu" in chosen["linear_gemv"]
     cfg = ModelConfig.from_dict(art.manifest["model"]["config"])
     ref = forward(cfg, float_weights(art), PROMPT)
     eng = Engine(art.root)
@@ -145,6 +148,21 @@ def test_paged_kv_cache_two_sequences(adapter, vk):
     # b alone: prefill(b_ids + first token) then 3 decodes; together: prefill, 3 decodes, a 1-token chunk
     np.testing.assert_allclose(np.stack(got_b)[1:], alone_b, atol=1e-5, rtol=0)
     assert eng.pages_in_use() == 0
+
+
+def test_kernel_options_pick_the_generic_webgpu_kernels():
+    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.quant import get_scheme
+    from edgellm.targets import resolve
+
+    scheme, target = get_scheme("q4f16_1"), resolve("vulkan").tvm()
+    for opts, gemv, gemm in ((KernelOptions(), "int4_gemv_group_webgpu", "gemm_tiled_webgpu"),
+                             (KernelOptions(webgpu_gemv="simple", webgpu_gemm="simple"), "gemv_te_gpu",
+                              "gemm_te_gpu")):
+        reg = KernelRegistry(target, opts)
+        reg.linear(1, 128, 256, scheme, "float16", False)
+        reg.linear(None, 128, 256, scheme, "float16", False)
+        assert reg.chosen["linear_gemv"] == {gemv} and reg.chosen["linear"] == {gemm}
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------

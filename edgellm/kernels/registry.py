@@ -115,6 +115,12 @@ class KernelRegistry:
                 return sg.schedule_gpu_tiled_gemm(te(), t) or sg.schedule_gpu_linear(te(), t, gemv=False)
 
             return "gemm_simt", tiled
+        if gemv and self.kind == "webgpu" and int4 and o.webgpu_gemv != "simple":
+            from . import cuda_gemv, webgpu_linear
+
+            if cuda_gemv.supports(in_f, 32, 4, 8):
+                return "int4_gemv_group_webgpu", lambda: webgpu_linear.int4_gemv(
+                    in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias, t)
         if not gemv and self.kind == "webgpu" and o.webgpu_gemm != "simple":
             from . import webgpu_linear
 

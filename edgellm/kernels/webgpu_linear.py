@@ -37,3 +37,65 @@ def gemm(func, target):
     """The tiled prefill GEMM for `func` (kernels/te_linear.linear with symbolic rows), or the generic schedule
     where the shape does not tile."""
     return schedule_gpu_tiled_gemm(func, target, tm=tile_rows(target)) or schedule_gpu_linear(func, target, gemv=False)
+
+
+def int4_gemv(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, bias: bool, target,
+              warps: int | None = None, rows: int | None = None):
+    """Decode GEMV for packed INT4 weights (the tensor expression of kernels/cuda_gemv.int4_gemv: one float32 dot
+    per group of 32, the scale once per group, nibbles to floats by the exponent trick), scheduled for WGSL: lane l
+    of a row team owns whole groups; per step it loads the group's 4 packed words as one `vec4<u32>` (16 bytes) and
+    its 32 activations as 8 `vec4`s (WGSL vectors stop at 4 lanes), shared by the lane's `rows` rows; the lanes'
+    partial sums meet in a workgroup-memory tree (no subgroup operations: TVM's webgpu target has none)."""
+    from . import cuda_gemv
+
+    func = cuda_gemv.int4_gemv(in_f, out_f, x_dtype, scale_dtype, out_dtype, bias)
+    return _schedule_int4_gemv(func, target, warps, rows)
+
+
+def _schedule_int4_gemv(func, target, warps, rows):
+    from .._tvm import compiler
+    from .schedule_cpu import _done, _has_block
+
+    sch = compiler().s_tir.Schedule(func)
+    has_epilogue = _has_block(sch, "epilogue")
+    acc, dot, xf = sch.get_sblock("matmul"), sch.get_sblock("group_dot"), sch.get_sblock("x_f32")
+    _, n, g = sch.get_loops(acc)
+    out_f, groups = int(sch.get(n).extent), int(sch.get(g).extent)
+    lanes = min(32, max(8, 1 << (groups - 1).bit_length()))  # small `in`: fewer idle lanes
+    if warps is None:
+        warps = 4 if out_f % 4 == 0 else 1
+    if rows is None:
+        rows = 2 if out_f % (warps * 2) == 0 and out_f // (warps * 2) >= 256 else 1
+    bx, ty, r = sch.split(n, [None, warps, rows])
+    go, tx = sch.split(g, [None, lanes])
+    sch.reorder(bx, ty, tx, go, r)
+    rf = sch.rfactor(tx, factor_axis=0)
+    loops = sch.get_loops(rf)  # i, bx, ty, tx, go, r
+    sch.bind(loops[1], "blockIdx.x")
+    sch.bind(loops[2], "threadIdx.y")
+    sch.bind(loops[3], "threadIdx.x")
+    go_, r_ = loops[4], loops[5]
+    sch.compute_at(dot, r_)
+    sch.set_scope(dot, 0, "local")
+    sch.unroll(sch.get_loops(dot)[-1])
+    wl = sch.cache_read(dot, 1, "local")  # the group's 4 packed words: one vec4<u32> load
+    sch.compute_at(wl, r_)
+    sch.vectorize(sch.get_loops(wl)[-1])
+    sch.compute_at(xf, go_)  # 32 activations as float32, shared by the rows of this lane
+    sch.set_scope(xf, 0, "local")
+    xl = sch.cache_read(xf, 0, "local")
+    sch.compute_at(xl, go_)
+    _, xv = sch.split(sch.get_loops(xl)[-1], [None, 4])
+    sch.vectorize(xv)
+    sch.unroll(sch.get_loops(xf)[-1])
+    sch.set_scope(rf, 0, "local")
+    sch.decompose_reduction(rf, go_)
+    sch.reverse_compute_at(acc, loops[2])
+    inner = sch.get_loops(acc)[3:]
+    if len(inner) == 2:
+        sch.reorder(inner[1], inner[0])
+    sch.bind(inner[0], "threadIdx.x")
+    if has_epilogue:
+        sch.reverse_compute_at(sch.get_sblock("epilogue"), loops[2])
+        sch.set_scope(acc, 0, "local")
+    return _done(sch)
