@@ -162,17 +162,17 @@ class BatchScheduler:
     def __init__(self, engine: Engine, max_active: int | None = None, max_queue: int = 64,
                  queue_timeout: float = 30.0, batch_min: int | None = None):
         if not engine.has_batch_decode:
-            functions = engine.art.manifest.get("functions") or []
+            functions = engine.info.functions
             raise BatchDecodeMissingError(
                 f"artifact {engine.art.root} has no batch_decode function (it lists {sorted(functions)}); "
                 "recompile it with this edgellm version to serve it")
         self.engine = engine
-        cap = int(engine.runtime["max_batch"])
+        cap = engine.runtime.max_batch
         self.max_active = min(max_active or cap, cap)
         if self.max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
-        self.page_size = int(engine.runtime["page_size"])
+        self.page_size = engine.runtime.page_size
         self.total_pages = engine.total_pages  # what admission reserves from (a test may lower it)
         self._cond = threading.Condition()
         self._pending: collections.deque[GenRequest] = collections.deque()

@@ -55,7 +55,7 @@ def _peak_rss_mib() -> float:
 
 
 def _time_pp(engine: Engine, n: int, rng) -> int:
-    ids = rng.integers(0, engine.art.manifest["model"]["config"]["vocab_size"], n).tolist()
+    ids = rng.integers(0, engine.vocab_size, n).tolist()
     with engine.sequence() as seq:
         t0 = time.perf_counter_ns()
         seq.prefill(ids)
@@ -63,7 +63,7 @@ def _time_pp(engine: Engine, n: int, rng) -> int:
 
 
 def _time_tg(engine: Engine, n: int, rng) -> int:
-    vocab = engine.art.manifest["model"]["config"]["vocab_size"]
+    vocab = engine.vocab_size
     with engine.sequence() as seq:
         tok = int(np.argmax(seq.prefill([int(rng.integers(0, vocab))])))
         t0 = time.perf_counter_ns()
@@ -74,7 +74,7 @@ def _time_tg(engine: Engine, n: int, rng) -> int:
 
 def run_bench(engine: Engine, n_prompt: int = 128, n_gen: int = 128, reps: int = 5, warmup: int = 1,
               device_name: str | None = None) -> list[BenchRecord]:
-    m = engine.art.manifest
+    m = engine.info
     if not engine.fits(max(n_prompt, 1)) or not engine.fits(1 + n_gen):  # pp: the prompt; tg: 1 token + n fed
         raise ValueError(f"-p {n_prompt} / -n {n_gen} do not fit the artifact's context window {engine.context_window}")
     rng = np.random.default_rng(0)
@@ -94,11 +94,11 @@ def run_bench(engine: Engine, n_prompt: int = 128, n_gen: int = 128, reps: int =
             avg_ns=int(statistics.fmean(ns)), stddev_ns=int(statistics.stdev(ns)) if reps > 1 else 0,
             samples_ts=ts, samples_ns=ns, weight_bytes=wb,
             bandwidth_gbs=wb * avg_ts / 1e9 if test == "tg" else 0.0,
-            model=os.path.basename(str(m["model"]["source"])), arch=m["model"]["arch"], scheme=m["quant"]["scheme"],
-            params=m["model"]["params"], target=m["target"]["preset"],
-            device=device_name or _device_name(m["target"]["device"]),
-            threads=engine.threads, tvm_version=m["tvm_version"],
-            git_sha=m.get("git_sha"), peak_rss_mib=_peak_rss_mib(),
+            model=os.path.basename(m.source), arch=m.arch, scheme=m.scheme,
+            params=int(m.raw["model"].get("params", 0)), target=m.preset,
+            device=device_name or _device_name(m.device),
+            threads=engine.threads, tvm_version=m.tvm_version,
+            git_sha=m.raw.get("git_sha"), peak_rss_mib=_peak_rss_mib(),
         ))
     return records
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact, ArtifactError
+from ..artifact import Artifact, ArtifactError, Manifest
 from .host import host_info
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
@@ -53,28 +53,27 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def _check_runnable_here(manifest: dict) -> None:
+def _check_runnable_here(m: Manifest) -> None:
     """Refuse, with the fix, an artifact whose host code is for another CPU or that ships objects, not a library."""
     import platform
 
-    t = manifest["target"]
-    if manifest["lib"].endswith(".tar"):
-        raise ArtifactError(f"artifact for {t['preset']} holds object files for static linking into an app "
+    if m.lib.endswith(".tar"):
+        raise ArtifactError(f"artifact for {m.preset} holds object files for static linking into an app "
                             "(see `edgellm package` and docs/targets.md); it cannot be loaded by this runner")
-    triple = (t.get("host_triple") or "").split("-")[0]
+    triple = (m.host_triple or "").split("-")[0]
     here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
     if triple and triple not in (here, "arm64" if here == "aarch64" else here):
-        hint = " or here with `--emulate` (qemu)" if triple == "aarch64" and t.get("device") == "cpu" else ""
-        raise ArtifactError(f"artifact was built for {triple} ({t['preset']}) and this machine is {here}; run it on "
+        hint = " or here with `--emulate` (qemu)" if triple == "aarch64" and m.device == "cpu" else ""
+        raise ArtifactError(f"artifact was built for {triple} ({m.preset}) and this machine is {here}; run it on "
                             f"the device{hint}")
 
 
-def _token_limit(manifest: dict, index: list[dict]) -> int:
+def _token_limit(m: Manifest, index: list[dict]) -> int:
     """Token ids a client may send are [0, this): the smallest of the config's vocab_size and the rows of the
     embedding and output-head tensors actually stored (the params index), so an edited manifest cannot widen it."""
     rows = [int(e["shape"][0]) for e in index
             if e.get("shape") and any(k in e["name"] for k in ("embed_tokens.", "lm_head."))]
-    vocab = int(manifest["model"]["config"]["vocab_size"])
+    vocab = int(m.config.get("vocab_size", 0))
     return max(0, min([vocab, *rows]))
 
 
@@ -147,15 +146,15 @@ class Engine:
         expect_digest: refuse the artifact unless its root digest (printed by compile and run) starts with this."""
         self.art = Artifact.open(artifact, verify=verify, skip_params=random_weights is not None,
                                  expect_digest=expect_digest)
-        m = self.art.manifest
-        if m.get("shapes_only") and random_weights is None:
+        m = self.info = self.art.info  # the typed manifest
+        if m.shapes_only and random_weights is None:
             raise ArtifactError(f"{artifact} was compiled with shapes only (no weights, for benchmarks); run it with "
                                 "random weights (Engine(random_weights=SEED)) or compile it from a checkpoint")
         _check_runnable_here(m)
         from ..runtime.devices import open_device  # --device KIND[:N] (vulkan:N is TVM's webgpu:N)
 
         # loads what the device needs before the module: the CUDA runtime, or the WebGPU plugin (checks the adapter)
-        self.device_info = open_device(device, m, self.art.param_index())
+        self.device_info = open_device(device, self.art.manifest, self.art.param_index())
         dev_kind = self.device_info.kind
         from .. import _tvm
 
@@ -167,14 +166,13 @@ class Engine:
         self.vm = _tvm.vm(_tvm.load_module(self.art.lib_path), self.dev)
         source = self.art.iter_params() if random_weights is None else self.art.random_params(random_weights)
         self.params = _tvm.array([_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in source])
-        self.runtime = m["runtime"]
-        self.context_window = int(self.runtime["context_window"])
-        self.chunk = int(self.runtime["prefill_chunk"])
-        tok = m["tokenizer"]
-        self.codec = TextCodec(None, add_bos=tok.get("add_bos_token", False), bos_id=tok.get("bos_token_id"),
+        self.runtime = m.runtime  # RuntimeShape: context_window, prefill_chunk, page_size, max_batch
+        self.context_window = m.runtime.context_window
+        self.chunk = m.runtime.prefill_chunk
+        self.codec = TextCodec(None, add_bos=m.add_bos_token, bos_id=m.bos_token_id,
                                files=(self.art.path("tokenizer/tokenizer.json"),
                                       self.art.listed("tokenizer/tokenizer_config.json")))
-        self.eos_ids = set(tok.get("eos_token_ids") or [])
+        self.eos_ids = set(m.eos_token_ids)
         self.vocab_size = _token_limit(m, self.art.param_index())
         g = _tvm.get_global_func
         self._add_seq = g("vm.builtin.kv_state_add_sequence")
@@ -187,12 +185,12 @@ class Engine:
         self._sync_aux = g("vm.builtin.attention_kv_cache_get_query_positions")
         S = _tvm.ShapeTuple
         self.kv = self.vm["create_tir_paged_kv_cache"](
-            S([int(self.runtime["max_batch"])]), S([self.context_window * int(self.runtime["max_batch"])]),
-            S([self.chunk]), S([int(self.runtime["page_size"])]), S([0]))
+            S([m.runtime.max_batch]), S([self.context_window * m.runtime.max_batch]),
+            S([self.chunk]), S([m.runtime.page_size]), S([0]))
         self._next_seq = 0
         self._lengths: dict[int, int] = {}  # live sequence -> tokens in its cache
         self.last_stats = GenerationStats()
-        functions = m.get("functions") or []
+        functions = m.functions
         self.has_batch_decode = "batch_decode" in functions
         self.has_device_argmax = "argmax" in functions
         # the rule `decode` follows when not told: one `batch_decode` call for this many sequences or more, below it

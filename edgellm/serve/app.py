@@ -49,7 +49,7 @@ class Server:
     def model_card(self) -> dict:
         m = self.engine.art.manifest
         return {"id": self.args.model_id, "object": "model", "created": int(self.started), "owned_by": "edgellm",
-                "context_window": self.engine.context_window, "max_batch": int(self.engine.runtime["max_batch"]),
+                "context_window": self.engine.context_window, "max_batch": self.engine.runtime.max_batch,
                 "quant": m.get("quant", {}).get("scheme"), "arch": m.get("model", {}).get("arch")}
 
     async def _read_body(self, request) -> bytes:
