@@ -108,8 +108,11 @@ def main() -> None:
     for q, art in arts.items():
         eng = EngineScorer(art, a.threads)
         _, m = score_chunks(ref_fn, eng.logits, chunks, a.chunk_tokens)
-        built = json.loads((art / "manifest.json").read_text()).get("git_sha") or "?"
-        rows.append({"engine": f"edgellm {q}", "scheme": q, "built_at": built, **m.__dict__})
+        man = json.loads((art / "manifest.json").read_text())
+        prec = man["quant"].get("precision") or {}  # per tensor class (layers / embedding / head), when recorded
+        label = f"edgellm {q}" + (f" (embedding/head {prec['head']})" if prec.get("head") not in (None, q) else "")
+        rows.append({"engine": label, "scheme": q, "built_at": man.get("git_sha") or "?", "precision": prec,
+                     "weight_bytes": man.get("weight_bytes"), **m.__dict__})
         print(rows[-1], file=sys.stderr)
         del eng
     llama_note = None

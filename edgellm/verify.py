@@ -16,7 +16,9 @@ The artifact is driven only through the Engine's public API (`Engine(...)`, `pro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+import io
 import importlib.util
 import logging
 import math
@@ -188,14 +190,17 @@ class TransformersScorer:
             from transformers.utils import logging as hf_logging
 
             bar = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # stderr keeps the one-line verdict
+            hf_logging.disable_progress_bar()  # stderr keeps the one-line verdict; the GGUF reader's own tqdm bar
+            noise = io.StringIO()  # ignores that switch, so stderr is held while loading (logged at debug level)
             try:
-                if path.is_dir():
-                    self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-                else:
-                    self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                      dtype=torch.float32)
+                with contextlib.redirect_stderr(noise):
+                    if path.is_dir():
+                        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+                    else:
+                        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                          dtype=torch.float32)
             finally:
+                log.debug("transformers loading %s: %s", path, noise.getvalue())
                 if bar:
                     hf_logging.enable_progress_bar()
         self.model.eval()
