@@ -87,14 +87,14 @@ def _free_port() -> int:
 
 
 class ServerProc:
+    """`edgellm serve` in a subprocess on a free port, up once /health answers 200 (subclasses change `command`)."""
+
     def __init__(self, artifact: Path, log_path: Path, *extra: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm.cli", "serve", str(artifact), "--port", str(self.port), "--threads", "2",
-             "--log-level", "warning", *extra], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(artifact, extra), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -107,6 +107,10 @@ class ServerProc:
             time.sleep(0.2)
         self.close()
         raise RuntimeError(f"server did not come up in 90 s:\n{log_path.read_text()}")
+
+    def command(self, artifact: Path, extra: tuple[str, ...]) -> list[str]:
+        return [sys.executable, "-m", "edgellm.cli", "serve", str(artifact), "--port", str(self.port), "--threads", "2",
+                "--log-level", "warning", *extra]
 
     def metrics(self) -> dict[str, float]:
         out = {}

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_serve import ServerProc  # pytest puts tests/ on sys.path
 
 httpx = pytest.importorskip("httpx")
 
@@ -23,37 +23,15 @@ VOCAB = 320  # tests/tiny_models.py
 TIMEOUT_S = 1.0  # the server's head, body and keep-alive timeouts in this module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProc):
     """`serve()` in a subprocess with ServeArgs the CLI does not expose (the short timeouts)."""
 
     CODE = ("import sys; from edgellm.serve import ServeArgs, serve; serve(ServeArgs(sys.argv[1], port=int(sys.argv[2]), "
             "threads=1, batch_min=1, max_queue=8, log_level='warning', head_timeout={t}, body_timeout={t}, "
             "keep_alive_timeout={t}))")
 
-    def __init__(self, artifact: Path, log_path: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path, self.log = log_path, open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE.format(t=TIMEOUT_S), str(artifact),
-                                      str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.close()
-        raise RuntimeError(f"server did not come up in 90 s:\n{log_path.read_text()}")
+    def command(self, artifact: Path, extra: tuple[str, ...]) -> list[str]:
+        return [sys.executable, "-c", self.CODE.format(t=TIMEOUT_S), str(artifact), str(self.port)]
 
     def health(self, settle: bool = True) -> dict:
         """/health once no sequence is active (a finished request's pages are freed a moment after its answer)."""
@@ -73,15 +51,6 @@ class Server:
         r = httpx.post(self.url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 3,
                                                             "temperature": 0}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -244,17 +213,17 @@ def test_slow_clients_are_timed_out(server):
 def test_token_limit_comes_from_the_stored_tensors(artifact):
     """A manifest claiming a larger vocabulary does not widen what clients may send: the stored embedding and
     output-head rows bound it."""
-    from edgellm.artifact import Artifact
+    from edgellm.artifact import Artifact, Manifest
     from edgellm.device_runners.engine import _token_limit
 
     art = Artifact.open(artifact, verify=False)
     index = art.param_index()
     m = json.loads((artifact / "manifest.json").read_text())
-    assert _token_limit(m, index) == VOCAB
+    assert _token_limit(Manifest.read(m), index) == VOCAB
     m["model"]["config"]["vocab_size"] = 10 * VOCAB
-    assert _token_limit(m, index) == VOCAB
+    assert _token_limit(Manifest.read(m), index) == VOCAB
     m["model"]["config"]["vocab_size"] = VOCAB - 20
-    assert _token_limit(m, index) == VOCAB - 20
+    assert _token_limit(Manifest.read(m), index) == VOCAB - 20
 
 
 # ---- bounded fuzz: generated bodies against both generation routes ------------------------------------------------
