@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .quant.schemes import SCHEMES
+from .quant.schemes import HEAD_CHOICES, SCHEMES
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -101,6 +101,9 @@ def cli(verbose: int) -> None:
               help="Preset name (see `edgellm targets`) or a TVM target JSON.")
 @click.option("--quant", "-q", default=None, type=click.Choice(sorted(SCHEMES)),
               help="Weight quantization scheme [default: the target's, see `edgellm targets`: q4f32_2 on CPUs].")
+@click.option("--head", default=None, type=click.Choice(HEAD_CHOICES),
+              help="Precision of the embedding and LM head [default: source-faithful: 8-bit (Q8_0 grid) from a "
+                   "Q8_0/F16/BF16/F32 source, the layers' 4-bit from a 4-bit one].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
 @click.option("--context-window", default=2048, show_default=True, help="Max tokens per sequence (KV cache size).")
 @click.option("--prefill-chunk", default=256, show_default=True, help="Max tokens per prefill call.")
@@ -112,8 +115,8 @@ def cli(verbose: int) -> None:
               help="Kernel option (repeatable), e.g. --opt cuda_gemm=simt; --list-opts lists them.")
 @click.option("--list-opts", is_flag=True, is_eager=True, expose_value=False, callback=_list_opts,
               help="List the kernel options and their values, then exit.")
-def compile(model, target, quant, output, context_window, prefill_chunk, page_size, max_batch, dump_ir, overwrite,
-            opts):
+def compile(model, target, quant, head, output, context_window, prefill_chunk, page_size, max_batch, dump_ir,
+            overwrite, opts):
     """Compile MODEL (HF checkpoint folder or .gguf; default: embedded SmolLM2-135M-Instruct) into an artifact.
 
     \b
@@ -127,7 +130,7 @@ def compile(model, target, quant, output, context_window, prefill_chunk, page_si
     args = _guard(lambda: CompileArgs(
         model=str(model) if model else None, output=output, target=target, quant=quant,
         runtime=RuntimeOptions(context_window, prefill_chunk, page_size, max_batch), dump_ir=dump_ir,
-        overwrite=overwrite, kernel_options=KernelOptions.parse(opts)))
+        overwrite=overwrite, kernel_options=KernelOptions.parse(opts), head=head))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = _stderr()

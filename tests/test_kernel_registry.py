@@ -66,7 +66,8 @@ def test_compile_records_options_and_kernels(checkpoints, tmp_path):
     assert "cpu_dot=portable" in r.stderr and "int8_dot_generic" in r.stderr
     kernels = json.loads((tmp_path / "a" / "manifest.json").read_text())["kernels"]
     assert kernels["options"]["cpu_dot"] == "portable"
-    assert all(name.startswith("int8_dot_generic") for name in kernels["chosen"]["linear"])
+    # the layers' 4-bit kernel and the 8-bit (source-faithful) head's, both on the forced family
+    assert {name.rsplit("_generic", 1)[0] for name in kernels["chosen"]["linear"]} == {"int8_dot", "int8x8_dot"}
     assert kernels["chosen"]["attention_decode"] == ["attention_decode_cpu_splitkv"]
     r = CliRunner().invoke(cli, ["compile", str(checkpoints["llama"]), "--opt", "cuda_gemv=fp16", "-o",
                                  str(tmp_path / "b")])

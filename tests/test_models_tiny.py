@@ -74,7 +74,7 @@ def test_int8_linear_calls_are_exact_inside_the_model(name, compiled):
     from edgellm.quant.reference import linear_int8
 
     path = compiled(name, "q4f32_2")
-    scheme = get_scheme("q4f32_2")
+    q4, q8 = get_scheme("q4f32_2"), get_scheme("q8f32_2")  # layers; the F32 source's 8-bit embedding / head
     eng = Engine(path)
     calls = []
 
@@ -88,7 +88,9 @@ def test_int8_linear_calls_are_exact_inside_the_model(name, compiled):
         seq.prefill(PROMPT[:6])
         seq.decode(PROMPT[6])
     assert len(calls) >= 2 * (4 * ModelConfig.from_dict(Artifact.open(path).manifest["model"]["config"]).num_hidden_layers + 1)
-    for x, qw, qs, qm, *rest in calls:
+    for x, qw, qs, *rest in calls:
+        scheme = q8 if qw.shape[1] == q8.padded_in(x.shape[1]) // 4 else q4  # 4 bytes or 8 nibbles per word
+        qm = rest.pop(0) if scheme.zero_point else None
         bias, out = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
         expect = linear_int8(x, qw, qs, qm, scheme) + (bias if bias is not None else 0)
         np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
@@ -101,9 +103,12 @@ def test_q4_artifact_records_padding_and_packing(compiled):
     assert m["quant"]["padding"]["model.layers.0.mlp.down_proj.weight"] == 224
     assert m["quant"]["padding"]["model.layers.0.self_attn.qkv_proj.weight"] == 96
     names = {e["name"]: e for e in Artifact.open(compiled("qwen2", "q4f32_1")).param_index()}
-    # embedding and (tied) lm_head are quantized; one packed tensor serves both
+    # embedding and (tied) lm_head are quantized; one packed tensor serves both: 8-bit from this F32 source
+    # (source-faithful, docs/quantization.md), 4 bytes per word
+    assert m["quant"]["per_tensor"] == {"model.embed_tokens.weight": "q8f32_1"}
+    assert m["quant"]["classes"]["head"] == {"scheme": "q8f32_1", "tied_to": "embedding"}
     assert names["model.embed_tokens.q_weight"]["dtype"] == "uint32"
-    assert names["model.embed_tokens.q_weight"]["shape"] == [320, 96 // 8]
+    assert names["model.embed_tokens.q_weight"]["shape"] == [320, 96 // 4]
     assert not any(n.startswith("lm_head") for n in names)
     assert names["model.layers.0.self_attn.qkv_proj.bias"]["shape"] == [(5 + 2) * 16]
 

@@ -1,4 +1,4 @@
-"""Packing contract and every weight kernel against the numpy reference, over awkward shapes."""
+"""Packing contract, per-tensor precision and every weight kernel against the numpy reference, over awkward shapes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 
 from edgellm.quant import SCHEMES, get_scheme
 from edgellm.quant import reference as ref
+from edgellm.quant.schemes import precision_plan
 
-Q4 = [s for s in SCHEMES.values() if s.quantized]
+QUANTIZED = [s for s in SCHEMES.values() if s.quantized]
 
 
 def test_nibble_layout_is_the_contract():
@@ -18,6 +19,20 @@ def test_nibble_layout_is_the_contract():
     assert packed.dtype == np.uint32 and packed.shape == (1, 1)
     assert int(packed[0, 0]) == 0x76543210
     np.testing.assert_array_equal(ref.unpack_nibbles(packed), q)
+
+
+def test_byte_layout_is_the_contract():
+    # 8-bit rows: byte i of four at bits [8i, 8i+8), offset binary (q + 128)
+    q = np.array([[0x00, 0x7F, 0x80, 0xFF, 1, 2, 3, 4]], np.uint32)
+    packed = ref.pack_bytes(q)
+    assert packed.dtype == np.uint32 and packed.shape == (1, 2)
+    assert int(packed[0, 0]) == 0xFF807F00 and int(packed[0, 1]) == 0x04030201
+    np.testing.assert_array_equal(ref.unpack_bytes(packed), q)
+    s = get_scheme("q8f32_2")
+    group = ref.pack_bytes(np.pad(q, ((0, 0), (0, 24)), constant_values=128))  # one group of 32
+    back = ref.dequantize(group, np.full((1, 1), 0.5, np.float16), 32, s)
+    np.testing.assert_array_equal(back[0, :8], np.float32([-64, -0.5, 0, 63.5, -63.5, -63, -62.5, -62]))
+    assert (back[0, 8:] == 0).all()
 
 
 def test_quantize_values_follow_design_formula():
@@ -31,7 +46,7 @@ def test_quantize_values_follow_design_formula():
     assert (q[4:] == 7).all()
 
 
-@pytest.mark.parametrize("scheme", Q4, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", QUANTIZED, ids=lambda s: s.name)
 @pytest.mark.parametrize("shape", [(2, 13), (16, 128), (3, 40), (5, 32), (1, 7)])
 def test_round_trip_error_bounded_by_half_step(scheme, shape):
     rng = np.random.default_rng(1)
@@ -40,7 +55,7 @@ def test_round_trip_error_bounded_by_half_step(scheme, shape):
     assert len(parts) == (3 if scheme.zero_point else 2)
     qw, qs, qm = parts[0], parts[1], (parts[2] if scheme.zero_point else None)
     kp = scheme.padded_in(shape[1])
-    assert qw.shape == (shape[0], kp // 8) and qw.dtype == np.uint32
+    assert qw.shape == (shape[0], kp // (32 // scheme.bits)) and qw.dtype == np.uint32
     for a in parts[1:]:
         assert a.shape == (shape[0], kp // 32) and a.dtype == np.dtype(scheme.scale_dtype)
     back = ref.dequantize(qw, qs, shape[1], scheme, qm)
@@ -50,10 +65,10 @@ def test_round_trip_error_bounded_by_half_step(scheme, shape):
     if scheme.zero_point:  # fp16 scale and min: their rounding moves the 15-step grid slightly
         slack = slack + 1e-2 * step + np.repeat(np.abs(qm.astype(np.float32)), 32, axis=1)[:, : shape[1]] * 2**-10
     assert (np.abs(back - w) <= step / 2 + slack).all()
-    assert ref.unpack_nibbles(qw).max() <= scheme.levels
-    # re-quantizing the dequantized weight is exact (a fixed point), nibbles included
+    assert ref.unpack(qw, scheme).max() <= scheme.levels
+    # re-quantizing the dequantized weight is exact (a fixed point), nibbles / bytes included
     qw2 = ref.quantize(back, scheme)[0]
-    np.testing.assert_array_equal(ref.unpack_nibbles(qw2), ref.unpack_nibbles(qw))
+    np.testing.assert_array_equal(ref.unpack(qw2, scheme), ref.unpack(qw, scheme))
 
 
 def test_asymmetric_grid_reproduces_a_q4_1_block_exactly():
@@ -68,6 +83,81 @@ def test_asymmetric_grid_reproduces_a_q4_1_block_exactly():
     np.testing.assert_array_equal(ref.unpack_nibbles(qw), q.astype(np.uint8))
     assert (qs == d).all() and (qm == m).all()
     np.testing.assert_array_equal(ref.dequantize(qw, qs, 64, s, qm), w)
+
+
+def _q8_0_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's own Q8_0 of w (gguf-py's quantizer, the reference implementation): (d fp16 [out, in/32],
+    qs int8 [out, in]) read from the raw blocks (2 bytes d, 32 int8)."""
+    import gguf
+
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    d = raw[:, :2].copy().view(np.float16).reshape(w.shape[0], -1)
+    qs = raw[:, 2:].copy().view(np.int8).reshape(w.shape)
+    return d, qs
+
+
+def test_q8_0_source_repacks_bit_for_bit():
+    """A GGUF Q8_0 tensor (what llama.cpp writes: d = max|w| / 127 in fp16, q = round(w / d)) comes back as the same
+    int8 values and the same fp16 scales in every 8-bit row, and dequantizes to the GGUF's own values."""
+    import gguf
+
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((48, 96)) * rng.uniform(1e-3, 10, (48, 1))).astype(np.float32)
+    w[3, :32] = 0  # an all-zero block
+    w[4, 40] = -7.0  # a block whose extreme is negative
+    d, qs = _q8_0_blocks(w)
+    source = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                                    gguf.GGMLQuantizationType.Q8_0).reshape(w.shape)  # what the loader yields
+    for name in ("q8f32_1", "q8f16_1", "q8f32_2"):
+        s = get_scheme(name)
+        qw, sc = ref.quantize(source, s)
+        np.testing.assert_array_equal(sc, d)
+        np.testing.assert_array_equal(ref.unpack_bytes(qw).astype(np.int16) - 128, qs)
+        np.testing.assert_array_equal(ref.dequantize(qw, sc, 96, s), source)
+
+
+def test_precision_plan_is_source_faithful():
+    q4c, q4g, q4s = get_scheme("q4f32_2"), get_scheme("q4f16_1"), get_scheme("q4f32_1")
+    for src in ("Q8_0", "F16", "BF16", "F32", "float32", "bfloat16"):  # 8-bit and wider sources stay 8-bit
+        assert precision_plan(q4c, src, None).embedding.name == "q8f32_2"
+        assert precision_plan(q4g, src, None).head.name == "q8f16_1"
+        assert precision_plan(q4s, src, None).head.name == "q8f32_1"
+    for src in ("Q4_0", "Q4_1"):  # a 4-bit source keeps the layers' 4-bit row
+        assert precision_plan(q4c, src, None).embedding == q4c
+    plan = precision_plan(q4c, "Q4_1", "Q8_0")  # untied: each tensor from its own source
+    assert (plan.embedding.name, plan.head.name, plan.layers) == ("q4f32_2", "q8f32_2", q4c)
+    for wide in ("q0f32", "q0f16", "q8f32_1"):  # the layer row is already wide enough
+        assert precision_plan(get_scheme(wide), "F32", None).head.name == wide
+    # the user's --head wins, in both directions, for embedding and head alike
+    assert precision_plan(q4c, "Q8_0", None, "q4").head == q4c
+    assert precision_plan(q4c, "Q4_1", "Q4_1", "q8").embedding.name == "q8f32_2"
+    assert precision_plan(q4c, "Q8_0", None, "f16").head.name == "q0f16"
+    assert precision_plan(q4c, "Q8_0", None).as_dict()["head_choice"] == "auto"
+    with pytest.raises(ValueError, match="q4, q8, f16"):
+        precision_plan(q4c, "Q8_0", None, "q2")
+    # every row's partners keep its activations (the head kernel takes the layers' dtype)
+    for s in SCHEMES.values():
+        for choice in ("q4", "q8"):
+            assert s.partner(choice).act_dtype == s.act_dtype and s.partner(choice).act_quant in (s.act_quant, "none")
+
+
+@pytest.mark.parametrize("scheme_name", ["q4f32_2", "q4f32_1", "q8f32_2"])
+def test_int8_linear_is_the_dequantized_product(scheme_name):
+    """The int8-activation linear is exactly dequantized weights times dequantized activations (xq * d): for the
+    4-bit rows because the minimum meets d * sum(xq) (llama.cpp's Q4_1 x Q8_1), not the float sum of x."""
+    s = get_scheme(scheme_name)
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3, 96)) * 4).astype(np.float32)
+    parts = ref.quantize(rng.standard_normal((20, 96)).astype(np.float32), s)
+    qm = parts[2] if s.zero_point else None
+    w = ref.dequantize(parts[0], parts[1], 96, s, qm).astype(np.float64)
+    xq, d = ref.quantize_activations(x, 32)
+    x_deq = xq.astype(np.float64) * np.repeat(d, 32, axis=1)
+    got = ref.linear_int8(x, parts[0], parts[1], qm, s)
+    np.testing.assert_allclose(got, x_deq @ w.T, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+    if s.zero_point:  # the old term (min * exact float sum) is measurably different: the test can tell them apart
+        old = got + (x.reshape(3, 3, 32).sum(2) - x_deq.reshape(3, 3, 32).sum(2)) @ qm.astype(np.float64).T
+        assert np.abs(old - got).max() > 1e-4 * np.abs(got).max()
 
 
 def test_int8_activation_quantization_is_symmetric_per_group():
@@ -89,7 +179,7 @@ def test_padding_nibbles_decode_to_zero():
 
 
 def test_zero_group_has_zero_scale_and_decodes_to_zero():
-    for s in Q4:
+    for s in QUANTIZED:
         parts = ref.quantize(np.zeros((2, 64), np.float32), s)
         assert (parts[1] == 0).all()
         assert (ref.dequantize(parts[0], parts[1], 64, s, parts[2] if s.zero_point else None) == 0).all()

@@ -39,6 +39,8 @@ class CompileArgs:
     # benchmark builds of models too big to ship: params/index.json lists shapes and dtypes, no shard is written,
     # and the artifact runs only with Engine(random_weights=SEED). Never the default.
     shapes_only: bool = False
+    # embedding / head precision: q4 | q8 | f16, or None = source-faithful (8-bit from a Q8_0/F16/BF16/F32 source)
+    head: str | None = None
 
     def display(self) -> str:
         d = asdict(self)
@@ -58,12 +60,25 @@ class CompileResult:
     artifact_bytes: int
     kernels: dict = field(default_factory=dict)  # the registry's manifest entry: options and kernels picked
     digest: str = ""  # the artifact's root digest (sha256 of manifest.json)
+    tensor_classes: dict = field(default_factory=dict)  # manifest quant.classes: scheme, params, bytes per class
 
     def summary(self) -> str:
         picked = "; ".join(f"{op}: {', '.join(names)}" for op, names in self.kernels.get("chosen", {}).items())
         return (f"artifact {self.artifact}: {self.params / 1e6:.1f}M params, {self.weight_bytes / 2**20:.1f} MiB weights "
                 f"({self.bits_per_weight:.2f} bits/weight), build {self.build_seconds:.1f}s, total {self.total_seconds:.1f}s, "
-                f"{self.artifact_bytes / 2**20:.1f} MiB on disk\nkernels: {picked}\nroot digest {self.digest}")
+                f"{self.artifact_bytes / 2**20:.1f} MiB on disk\nprecision: {describe_classes(self.tensor_classes)}"
+                f"\nkernels: {picked}\nroot digest {self.digest}")
+
+
+def describe_classes(classes: dict) -> str:
+    """'embedding q8f32_2 8.50 b/w 27.0 MiB; head tied to embedding; layers q4f32_2 5.00 b/w 54.0 MiB'."""
+    parts = []
+    for name, c in classes.items():
+        if c.get("tied_to"):
+            parts.append(f"{name} {c['scheme']} tied to {c['tied_to']}")
+        else:
+            parts.append(f"{name} {c['scheme']} {c['bits_per_weight']:.2f} bits/weight {c['bytes'] / 2**20:.1f} MiB")
+    return "; ".join(parts)
 
 
 def _git_sha() -> str | None:
@@ -74,17 +89,21 @@ def _git_sha() -> str | None:
         return None
 
 
-def _float_shapes(model) -> dict[str, tuple[int, int]]:
-    """'X.weight' -> (out, in) for every weight-carrying layer (quantized params don't show it)."""
+def _float_shapes(model, schemes: dict | None = None) -> dict[str, tuple[int, int]]:
+    """'X.weight' -> (out, in) for every weight-carrying layer (quantized params don't show it); fills `schemes`
+    with 'X.weight' -> the layer's row."""
     from ..quant.nn import Embedding, Linear
 
     shapes = {}
+    schemes = {} if schemes is None else schemes
 
     def walk(mod, prefix):
         if isinstance(mod, Linear):
             shapes[f"{prefix}weight"] = (mod.out_features, mod.in_features)
+            schemes[f"{prefix}weight"] = mod.scheme
         elif isinstance(mod, Embedding):
             shapes[f"{prefix}weight"] = (mod.vocab, mod.hidden)
+            schemes[f"{prefix}weight"] = mod.scheme
         items = enumerate(mod) if isinstance(mod, compiler().nn.ModuleList) else vars(mod).items()
         for name, child in items:
             if isinstance(child, compiler().nn.Module):
@@ -229,23 +248,26 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         window = cfg.max_position_embeddings
         runtime = replace(runtime, context_window=window, prefill_chunk=min(runtime.prefill_chunk, window))
     model_cls, source_map = get_architecture(cfg)
+    smap, unused = source_map(cfg)
+    plan = _plan(scheme, src, smap, model_cls, args.head)
     target = tgt.tvm()
     kernels = KernelRegistry(target, args.kernel_options,
                              on_build=lambda name, n: step("export", detail=f"kernel {name}", done=n))
     step("export", detail=f"{cfg.num_hidden_layers} layers for {tgt.preset}")
     with target:
-        model = model_cls(cfg, scheme, kernels)
+        model = model_cls(cfg, scheme, kernels, plan)
         spec = model.export_spec()
         mod, named_params = model.export_tvm(spec=spec)
     params = {name: (tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in named_params}
-    float_shapes = _float_shapes(model)
-    smap, unused = source_map(cfg)
+    tensor_schemes: dict = {}
+    float_shapes = _float_shapes(model, tensor_schemes)
+    per_tensor = {n: s for n, s in tensor_schemes.items() if s != scheme}
     with atomic_dir(args.output, overwrite=args.overwrite, protect=[model_path]) as tmp:
         step("quantize", detail=f"{len(params)} tensors -> {scheme.name}")
         if args.shapes_only:
             index = _shape_index(tmp, params)
         else:
-            packed = convert(src.tensors, smap, unused, params, float_shapes, scheme)
+            packed = convert(src.tensors, smap, unused, params, float_shapes, scheme, per_tensor)
             index = write_params(tmp, _counted(packed, lambda i: step("quantize", done=i, total=len(params))))
         step("build", detail=f"{tgt.preset}: {json.dumps(tgt.target_json)}")
         t_build = time.perf_counter()
@@ -263,6 +285,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         tok = _tokenizer_files(src, tmp)
         n_params = _count_params(params, float_shapes)
         weight_bytes = sum(e["nbytes"] for e in index)
+        classes = _tensor_classes(index, params, float_shapes, tensor_schemes, model_cls, cfg.tie_word_embeddings)
         manifest = {
             "format_version": FORMAT_VERSION,
             "edgellm_version": __version__,
@@ -271,7 +294,9 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "built_on": {"machine": platform.machine(), "system": platform.system()},
             "model": {"arch": cfg.arch, "source": str(src.path), "source_kind": src.kind, "source_sha256": src.sha256,
                       "config": cfg.as_dict(), "params": n_params},
-            "quant": {**scheme.as_dict(), "padding": _padding(float_shapes, scheme)},
+            "quant": {**scheme.as_dict(), "padding": _padding(float_shapes, tensor_schemes),
+                      "precision": plan.as_dict(), "per_tensor": {n: s.name for n, s in per_tensor.items()},
+                      "classes": classes},
             "target": tgt.as_dict(),
             "runtime": asdict(runtime),
             "tokenizer": tok,
@@ -286,7 +311,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         digest = write_manifest(tmp, manifest)
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
-                         build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest)
+                         build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest, classes)
 
 
 def _counted(items, tick):
@@ -317,11 +342,51 @@ def _count_params(params: dict, float_shapes: dict) -> int:
     return total
 
 
-def _padding(float_shapes: dict[str, tuple[int, int]], scheme) -> dict[str, int]:
-    """Weights whose `in` was zero-padded to whole groups: name -> padded `in`."""
-    if not scheme.quantized:
-        return {}
-    return {n: scheme.padded_in(i) for n, (_, i) in float_shapes.items() if scheme.padded_in(i) != i}
+def _padding(float_shapes: dict[str, tuple[int, int]], schemes: dict) -> dict[str, int]:
+    """Weights whose `in` was zero-padded to whole groups: name -> padded `in` (schemes: name -> its row)."""
+    return {n: schemes[n].padded_in(i) for n, (_, i) in float_shapes.items() if schemes[n].padded_in(i) != i}
+
+
+def _plan(scheme, src: ModelSource, smap: dict, model_cls, head: str | None):
+    """The rows of the embedding and head beside `scheme` (quant.schemes.precision_plan) from the source tensors'
+    types; head=None: source-faithful."""
+    from ..quant.schemes import precision_plan
+
+    def source_type(name: str) -> str | None:
+        srcs = smap.get(name)
+        return src.tensors[srcs[0]].dtype if srcs and srcs[0] in src.tensors else None
+
+    head_type = source_type(model_cls.HEAD) if model_cls.HEAD in smap else None
+    return precision_plan(scheme, source_type(model_cls.EMBEDDING), head_type, head)
+
+
+def _tensor_classes(index: list[dict], params: dict, float_shapes: dict, schemes: dict, model_cls,
+                    tied: bool) -> dict:
+    """embedding / head / layers -> {scheme, params, bytes, bits_per_weight} (norms and biases count in layers);
+    a tied head is {scheme, tied_to: embedding}."""
+    def cls(name: str) -> str:
+        base = name.rsplit(".", 1)[0] + ".weight"
+        return {model_cls.EMBEDDING: "embedding", model_cls.HEAD: "head"}.get(base, "layers")
+
+    out = {c: {"scheme": None, "params": 0, "bytes": 0} for c in ("embedding", "head", "layers")}
+    for e in index:
+        out[cls(e["name"])]["bytes"] += e["nbytes"]
+    for name, (shape, _) in params.items():
+        c, base = cls(name), name.rsplit(".", 1)[0] + ".weight"
+        if name.endswith(".q_weight"):
+            out[c]["params"] += int(np.prod(float_shapes[base]))
+        elif not name.endswith((".q_scale", ".q_min")):
+            out[c]["params"] += int(np.prod(shape))
+    for base, s in schemes.items():
+        c = cls(base)
+        if c != "layers" or out[c]["scheme"] is None:
+            out[c]["scheme"] = s.name
+    if tied:
+        out["head"] = {"scheme": out["embedding"]["scheme"], "tied_to": "embedding"}
+    for c in out.values():
+        if "bytes" in c:
+            c["bits_per_weight"] = round(c["bytes"] * 8 / max(c["params"], 1), 3)
+    return out
 
 
 __all__ = ["CompileArgs", "CompileResult", "compile_model", "Artifact"]

@@ -5,8 +5,8 @@ One PrimFunc per linear, already scheduled (it carries `tirx.is_scheduled`, the 
 1. quantize x [m, k] per group of 32: `d = max|x| / 127`, `xq = rint(x * 127 / max|x|)`, packed so that int32 word j
    of `xl` holds the bytes xq[8j], xq[8j+2], xq[8j+4], xq[8j+6] and `xh` the odd ones. That is the order of the
    nibbles in weight word j after `w & 0x0F0F0F0F` (even elements) and `(w >> 4) & 0x0F0F0F0F` (odd elements), so
-   the stored weight layout needs no repacking. Per word the stage also writes `d` and a quarter of the group's
-   float sum (four words per group add the whole sum back).
+   the stored weight layout needs no repacking. Per word the stage also writes `d` and `d * sum(xq)` of the
+   word's 8 values (the minimum term meets the quantized activations, as in llama.cpp's Q4_1 x Q8_1).
 2. parallel over tiles of `nt` output rows: per chunk of V words (V int32 lanes, 8V weights) two integer
    dot-product instructions, one int->float convert and two FMAs per row; each weight byte is read once per x row.
 
@@ -15,7 +15,8 @@ The dot product per kernel (`plan`: the widest path the target's features allow 
   pmadd    vpmaddubsw + vpmaddwd: AVX-512BW 16 lanes, AVX2 8, SSSE3 4
   sdot     NEON sdot (AArch64 dotprod, e.g. Raspberry Pi 5's Cortex-A76), 4 lanes
   generic  shifts and 32-bit multiplies on 4 or 8 lanes (Raspberry Pi 4's Cortex-A72, plain x86-64)
-Every path computes the same integers; `quant.reference.linear_int8` is the numpy definition.
+Every path computes the same integers; `quant.reference.linear_int8` is the numpy definition. 8-bit weights (the
+Q8_0 grid) have their own kernel beside this one: kernels/cpu_linear_int8_q8.py.
 """
 
 from __future__ import annotations
@@ -245,28 +246,29 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
         xd = T.alloc_buffer((M, W), "float32")
         xs = T.alloc_buffer((M, W), "float32")
         for m in (T.parallel(M) if gemm else T.serial(M)):
-            fs = T.alloc_buffer((2,), "float32", scope="local", annotations=STACK)  # max|x|, sum x of a group
-            iw = T.alloc_buffer((2,), "int32", scope="local", annotations=STACK)  # the two packed words
+            fs = T.alloc_buffer((1,), "float32", scope="local", annotations=STACK)  # max|x| of a group
+            iw = T.alloc_buffer((3,), "int32", scope="local", annotations=STACK)  # the two packed words, sum of xq
             for g in range(G):
                 fs[0] = T.float32(0)
-                fs[1] = T.float32(0)
                 for k in range(gs):
                     fs[0] = T.max(fs[0], T.fabs(xval(x, m, g * gs + k)))
-                    fs[1] = fs[1] + xval(x, m, g * gs + k)
                 inv = T.meta_var(T.if_then_else(fs[0] > T.float32(0), T.float32(127) / fs[0], T.float32(0)))
                 for j in range(wpg):
                     xd[m, g * wpg + j] = fs[0] / T.float32(127)
-                    xs[m, g * wpg + j] = fs[1] / T.float32(wpg)
                     iw[0] = 0
                     iw[1] = 0
+                    iw[2] = 0
                     for b in range(4):
                         k0 = T.meta_var(g * gs + j * 8 + 2 * b)
                         qa = T.meta_var(T.Cast("int32", T.round(xval(x, m, k0) * inv)))
                         qb = T.meta_var(T.Cast("int32", T.round(xval(x, m, k0 + 1) * inv)))
                         iw[0] = iw[0] | T.shift_left(T.bitwise_and(qa, 255), b * 8)
                         iw[1] = iw[1] | T.shift_left(T.bitwise_and(qb, 255), b * 8)
+                        iw[2] = iw[2] + qa + qb
                     xl[m, g * wpg + j] = iw[0]
                     xh[m, g * wpg + j] = iw[1]
+                    # the min term meets d * sum(xq) of the word's 8 values (llama.cpp's Q8_1 `s`), not sum(x)
+                    xs[m, g * wpg + j] = T.Cast("float32", iw[2]) * (fs[0] / T.float32(127))
         wu = T.alloc_buffer((P if gemm else 1, nt, C, 2, V), "uint32")
         su = T.alloc_buffer((P if gemm else 1, nt, C, 2, V), "float32")
         for p in T.parallel(P):

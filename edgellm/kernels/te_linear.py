@@ -30,7 +30,7 @@ def _decode_weight(te, scheme: QuantScheme, out_f: int, in_f: int):
         nib = (qw[n, k // per] >> shift) & ((1 << scheme.bits) - 1)
         if qm is not None:
             return nib.astype(ACC) * qs[n, k // g].astype(ACC) + qm[n, k // g].astype(ACC)
-        return (nib.astype(ACC) - float(scheme.qmax)) * qs[n, k // g].astype(ACC)
+        return (nib.astype(ACC) - float(scheme.offset)) * qs[n, k // g].astype(ACC)
 
     return [qw, qs] + ([qm] if qm is not None else []), te.compute((out_f, in_f), deq, name="dequant")
 

@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..kernels import KernelRegistry
 from ..kernels.kv_cache import paged_kv_cache
 from ..quant.nn import Embedding, Linear
-from ..quant.schemes import QuantScheme
+from ..quant.schemes import PrecisionPlan, QuantScheme
 
 c = compiler()
 nn, te, tirx, rx = c.nn, c.te, c.tirx, c.relax
@@ -57,9 +57,10 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
+    def __init__(self, cfg: ModelConfig, plan: PrecisionPlan, dtype: str, kernels: KernelRegistry):
         self.kernels = kernels
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, scheme, dtype, kernels)
+        scheme = plan.layers
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, plan.embedding, dtype, kernels)
         self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, dtype, kernels) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
@@ -124,12 +125,18 @@ def _last_token(x):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, kernels: KernelRegistry):
-        """`kernels`: the registry for the build's target and options; the model asks it for every kernel."""
+    # edgellm float names of the tensor classes with a precision of their own (PrecisionPlan)
+    EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, kernels: KernelRegistry,
+                 plan: PrecisionPlan | None = None):
+        """`kernels`: the registry for the build's target and options; the model asks it for every kernel.
+        `plan`: the embedding's and head's rows beside the layers' `scheme` (default: `scheme` everywhere)."""
+        plan = plan or PrecisionPlan.uniform(scheme)
         self.cfg, self.scheme, self.dtype, self.kernels = cfg, scheme, scheme.act_dtype, kernels
-        self.model = Backbone(cfg, scheme, self.dtype, kernels)
+        self.model = Backbone(cfg, plan, self.dtype, kernels)
         self.lm_head = (None if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, scheme, self.dtype, kernels))
+                        else Linear(cfg.hidden_size, cfg.vocab_size, plan.head, self.dtype, kernels))
 
     def _logits(self, x):
         logits = self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)

@@ -75,12 +75,10 @@ def forward(cfg: ModelConfig, w: dict[str, np.ndarray], ids: list[int], linear=N
 
 
 def float_weights(artifact) -> dict[str, np.ndarray]:
-    """An artifact's parameters as float32 in edgellm naming, INT4 weights dequantized by the numpy reference."""
-    from ..quant import get_scheme
+    """An artifact's parameters as float32 in edgellm naming, packed weights dequantized by the numpy reference."""
     from ..quant.reference import dequantize
 
     m = artifact.manifest
-    scheme = get_scheme(m["quant"]["scheme"])
     cfg = ModelConfig.from_dict(m["model"]["config"])
     raw = {e["name"]: np.asarray(a) for e, a in artifact.iter_params()}
     in_of = _in_features(cfg)
@@ -88,6 +86,7 @@ def float_weights(artifact) -> dict[str, np.ndarray]:
     for name, arr in raw.items():
         if name.endswith(".q_weight"):
             base = name[: -len(".q_weight")]
+            scheme = tensor_scheme(m["quant"], f"{base}.weight")
             out[f"{base}.weight"] = dequantize(arr, raw[f"{base}.q_scale"], in_of(base), scheme, raw.get(f"{base}.q_min"))
         elif not name.endswith((".q_scale", ".q_min")):
             out[name] = arr.astype(np.float32)
@@ -100,14 +99,27 @@ def int8_linear(artifact):
     from ..quant import get_scheme
     from ..quant.reference import linear_int8
 
-    scheme = get_scheme(artifact.manifest["quant"]["scheme"])
+    quant = artifact.manifest["quant"]
     raw = {e["name"]: np.asarray(a) for e, a in artifact.iter_params()}
+    dense = float_weights(artifact) if any(get_scheme(s).act_quant != "int8"
+                                           for s in quant.get("per_tensor", {}).values()) else {}
 
     def linear(x: np.ndarray, name: str) -> np.ndarray:
+        scheme = tensor_scheme(quant, name)
+        if scheme.act_quant != "int8":  # e.g. an f16 head beside int8 layers: a float kernel
+            return x @ dense[name].T
         base = name[: -len(".weight")]
         return linear_int8(x, raw[f"{base}.q_weight"], raw[f"{base}.q_scale"], raw.get(f"{base}.q_min"), scheme)
 
     return linear
+
+
+def tensor_scheme(quant: dict, name: str):
+    """The row a float weight `name` is stored in, from the manifest's quant entry (per-tensor precision: the
+    embedding / head may differ from the layers' scheme)."""
+    from ..quant import get_scheme
+
+    return get_scheme(quant.get("per_tensor", {}).get(name, quant["scheme"]))
 
 
 def _in_features(cfg: ModelConfig):

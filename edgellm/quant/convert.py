@@ -56,9 +56,12 @@ def convert(
     params: dict[str, tuple[tuple[int, ...], str]],
     float_shapes: dict[str, tuple[int, int]],
     scheme: QuantScheme,
+    schemes: dict[str, QuantScheme] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (param name, array) in `params` order. params: name -> (shape, dtype) the compiled model expects;
-    float_shapes: float name -> [out, in] for quantized weights."""
+    float_shapes: float name -> [out, in] for quantized weights; schemes: float name -> its row where it is not
+    `scheme` (per-tensor precision: the embedding / head)."""
+    schemes = schemes or {}
     check_coverage(tensors, smap, unused, params)
     done: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in params.items():
@@ -83,7 +86,8 @@ def convert(
             if role == "dense":
                 arr = w.astype(dtype)
             else:
-                parts = dict(zip(QUANT_LEAVES, reference.quantize(w.astype(np.float32), scheme)))
+                parts = dict(zip(QUANT_LEAVES, reference.quantize(w.astype(np.float32),
+                                                                  schemes.get(src_name, scheme))))
                 base = src_name[: -len(".weight")]
                 arr = parts.pop(role)
                 done.update({f"{base}.{leaf}": a for leaf, a in parts.items()})

@@ -1,4 +1,5 @@
-"""Numpy reference of the INT4 packing (the definition every TIR kernel is tested against)."""
+"""Numpy reference of the INT4 / INT8 packing and of the int8-activation linear (the definition every TIR kernel is
+tested against)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from .schemes import QuantScheme
 
 
 def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
-    """w: float [out, in] -> (q_weight uint32 [out, in_pad/8], q_scale [out, in_pad/group]) for symmetric rows,
-    plus q_min [out, in_pad/group] for asymmetric (zero_point) rows."""
+    """w: float [out, in] -> (q_weight uint32 [out, in_pad/per_word], q_scale [out, in_pad/group]) for symmetric
+    rows, plus q_min [out, in_pad/group] for asymmetric (zero_point) rows."""
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2-D [out, in] weight, got shape {w.shape}")
     out_f, in_f = w.shape
@@ -24,8 +25,8 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
     scale = np.abs(groups).max(axis=2) / scheme.qmax  # [out, in_pad/g]
     scale = scale.astype(scheme.scale_dtype)
     safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, :, None]
-    q = np.clip(np.round(groups / safe) + scheme.qmax, 0, 2 * scheme.qmax).astype(np.uint32)
-    return pack_nibbles(q.reshape(out_f, in_pad)), scale
+    q = np.clip(np.round(groups / safe) + scheme.offset, 0, scheme.levels).astype(np.uint32)
+    return pack(q.reshape(out_f, in_pad), scheme), scale
 
 
 def _quantize_asym(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,6 +39,27 @@ def _quantize_asym(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray,
     safe = np.where(s32 == 0, 1, s32)
     q = np.clip(np.rint((groups - qmin.astype(np.float32)[:, :, None]) / safe), 0, scheme.levels).astype(np.uint32)
     return pack_nibbles(q.reshape(out_f, -1)), scale, qmin
+
+
+def pack(q: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """Stored values [out, in] -> uint32 words in `scheme`'s width (nibbles or bytes)."""
+    return pack_bytes(q) if scheme.bits == 8 else pack_nibbles(q)
+
+
+def unpack(packed: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """uint32 words -> stored values uint8 [out, in_pad] in `scheme`'s width."""
+    return unpack_bytes(packed) if scheme.bits == 8 else unpack_nibbles(packed)
+
+
+def pack_bytes(q: np.ndarray) -> np.ndarray:
+    """uint [out, in] (in % 4 == 0, values < 256) -> uint32 [out, in/4]; byte i of 4 at bits 8i (little endian)."""
+    out_f, in_f = q.shape
+    return np.ascontiguousarray(q.astype(np.uint8)).view("<u4").reshape(out_f, in_f // 4).astype(np.uint32)
+
+
+def unpack_bytes(packed: np.ndarray) -> np.ndarray:
+    """uint32 [out, in/4] -> uint8 [out, in]."""
+    return np.ascontiguousarray(packed.astype("<u4")).view(np.uint8).reshape(packed.shape[0], -1)
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -65,7 +87,7 @@ def dequantize(q_weight: np.ndarray, q_scale: np.ndarray, in_features: int, sche
             raise ValueError(f"scheme {scheme.name} is asymmetric: dequantize needs q_min")
         q = unpack_nibbles(q_weight).astype(np.float32)
         return (q * scale + np.repeat(q_min.astype(np.float32), g, axis=1))[:, :in_features]
-    q = unpack_nibbles(q_weight).astype(np.float32) - scheme.qmax
+    q = unpack(q_weight, scheme).astype(np.float32) - scheme.offset
     return (q * scale)[:, :in_features]
 
 
@@ -83,20 +105,33 @@ def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np
 
 def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min: np.ndarray | None,
                 scheme: QuantScheme) -> np.ndarray:
-    """What an `act_quant="int8"` linear kernel computes, x float32 [m, in] -> [m, out]:
-    sum_g scale_g * d_g * (nibbles . xq)_g + min_g * sum(x_g) (symmetric rows: min_g = -qmax * scale_g)."""
+    """What an `act_quant="int8"` linear kernel computes, x float32 [m, in] -> [m, out], with xq, d from
+    `quantize_activations` per group g:
+
+    4-bit rows: sum_g scale_g * d_g * (nibbles . xq)_g + min_g * d_g * sum(xq_g)  (symmetric: min_g = -7 * scale_g)
+    8-bit rows: sum_g scale_g * d_g * (q . xq)_g  with q = byte - 128 (int8 x int8)
+
+    The minimum meets the sum of the quantized activations, as llama.cpp's Q4_1 x Q8_1 does (min * s with
+    s = d * sum(xq)): the result is then exactly the dot product of the dequantized weights with the dequantized
+    activations, and the rounding errors of x cancel instead of being multiplied by the all-positive (w - min)."""
     g = scheme.group_size
     out_f = q_weight.shape[0]
-    kp = q_weight.shape[1] * 8
+    kp = q_weight.shape[1] * scheme.elems_per_word
     x = np.pad(x.astype(np.float32), ((0, 0), (0, kp - x.shape[1])))
     xq, xd = quantize_activations(x, g)
     groups = kp // g
-    q = unpack_nibbles(q_weight).astype(np.float32).reshape(out_f, groups, g)
+    q = unpack(q_weight, scheme).astype(np.float32)
+    if scheme.bits == 8:
+        q = q - scheme.offset
+    q = q.reshape(out_f, groups, g)
     xqg = xq.astype(np.float32).reshape(x.shape[0], groups, g)
     # integer dot products per group, in float32 through BLAS: every partial sum is an integer below
-    # 32 * 15 * 127 < 2**24, so the result is exact
+    # 32 * 128 * 127 < 2**24, so the result is exact
     idot = np.stack([xqg[:, j] @ q[:, j].T for j in range(groups)], axis=2)  # [m, out, groups]
     scale = q_scale.astype(np.float32)
+    out = (idot * scale[None] * xd[:, None, :]).sum(axis=2)
+    if scheme.bits == 8:
+        return out
     qmin = q_min.astype(np.float32) if scheme.zero_point else -float(scheme.qmax) * scale
-    xsum = x.reshape(x.shape[0], groups, g).sum(axis=2)
-    return (idot * scale[None] * xd[:, None, :]).sum(axis=2) + xsum @ qmin.T
+    xsum = xqg.sum(axis=2) * xd  # d * sum(xq) per group: the dequantized activations' sum
+    return out + xsum @ qmin.T

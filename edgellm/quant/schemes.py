@@ -10,7 +10,16 @@ Asymmetric rows (`zero_point=True`, the GGUF Q4_1 grid) store a per-group minimu
 15`, `q = clamp(round((w - min) / scale), 0, 15)`, decoded as `q * scale + min` (`q_min` beside `q_scale`, same
 shape and dtype). Rows with `act_quant="int8"` quantize the activations entering each linear kernel to int8 per
 group of `group_size` (`d = max|x| / 127`, `xq = rint(x / d)`) and take integer dot products against the nibbles
-(AVX-512 VNNI / AVX2 / NEON sdot); the minimum multiplies the exact float sum of x. Those rows are CPU-only.
+(AVX-512 VNNI / AVX2 / NEON sdot); the minimum multiplies `d * sum(xq)`, the sum of the quantized activations, as
+llama.cpp's Q4_1 x Q8_1 dot product does. Those rows are CPU-only.
+
+8-bit rows (`bits=8`, the GGUF Q8_0 grid): `scale = max|w| / 127` per group of 32 (fp16), `q = round(w / scale)`,
+stored offset-binary as the byte `q + 128` (the int8 value with its sign bit flipped, so every int8, -128 included,
+fits), four bytes per uint32 along `in`, byte i at bits [8i, 8i+8); decoded `(byte - 128) * scale`.
+
+Per-tensor precision (DESIGN §4, source-faithful rule): the embedding and the head are tensor classes of their own.
+`precision_plan` picks their rows from the layer scheme's `partners` and the source tensors' types: an 8-bit or wider
+source (Q8_0, F16, BF16, F32) stays 8-bit unless the user asks (`--head q4|q8|f16`).
 """
 
 from __future__ import annotations
@@ -31,10 +40,14 @@ class QuantScheme:
     description: str
     zero_point: bool = False  # asymmetric grid: q_min stored beside q_scale (GGUF Q4_1)
     act_quant: str = "none"  # "int8": linear kernels quantize x to int8 per group (integer dot products; CPU)
+    # --head choice -> the row the embedding / head use beside this one (same activations); see precision_plan
+    partners: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.bits not in (0, 4):
-            raise ValueError(f"scheme {self.name}: bits must be 0 or 4, got {self.bits}")
+        if self.bits not in (0, 4, 8):
+            raise ValueError(f"scheme {self.name}: bits must be 0, 4 or 8, got {self.bits}")
+        if self.bits == 8 and self.zero_point:
+            raise ValueError(f"scheme {self.name}: 8-bit rows are symmetric (the Q8_0 grid)")
         if self.bits:
             if self.group_size % self.elems_per_word:
                 raise ValueError(
@@ -45,9 +58,12 @@ class QuantScheme:
                 raise ValueError(f"scheme {self.name}: scale_dtype {self.scale_dtype!r} unsupported")
         if self.act_quant not in ("none", "int8"):
             raise ValueError(f"scheme {self.name}: act_quant must be 'none' or 'int8', got {self.act_quant!r}")
-        if self.act_quant == "int8" and (self.bits != 4 or self.act_dtype != "float32" or self.group_size % 32):
-            raise ValueError(f"scheme {self.name}: int8 activations need 4-bit weights, float32 activations and "
+        if self.act_quant == "int8" and (not self.bits or self.act_dtype != "float32" or self.group_size % 32):
+            raise ValueError(f"scheme {self.name}: int8 activations need 4- or 8-bit weights, float32 activations and "
                              f"groups of a multiple of 32")
+        bad = [c for c, _ in self.partners if c not in HEAD_CHOICES]
+        if bad:
+            raise ValueError(f"scheme {self.name}: partner choice {bad[0]!r} is not one of {', '.join(HEAD_CHOICES)}")
 
     @property
     def cpu_only(self) -> bool:
@@ -64,13 +80,28 @@ class QuantScheme:
 
     @property
     def qmax(self) -> int:
-        """Symmetric rows: offset added before storing, q in [0, 2*qmax]. Asymmetric rows: unused (q in [0, 15])."""
+        """Symmetric rows: scale = max|w| / qmax (7 for 4 bits, 127 for 8). Asymmetric rows: unused."""
         return (1 << (self.bits - 1)) - 1 if self.bits else 0
 
     @property
+    def offset(self) -> int:
+        """Symmetric rows: the stored value of a zero weight, decoded (q - offset) * scale: qmax for 4 bits (q in
+        [0, 14]), 128 for 8 bits (offset binary: q in [0, 255] holds every int8, -128 included)."""
+        return 1 << (self.bits - 1) if self.bits == 8 else self.qmax
+
+    @property
     def levels(self) -> int:
-        """Largest stored value: 2*qmax (symmetric) or 2**bits - 1 (asymmetric)."""
-        return (1 << self.bits) - 1 if self.zero_point else 2 * self.qmax
+        """Largest stored value: 2*qmax (4-bit symmetric), 255 (8-bit) or 2**bits - 1 (asymmetric)."""
+        return (1 << self.bits) - 1 if self.zero_point or self.bits == 8 else 2 * self.qmax
+
+    @property
+    def source_bits(self) -> int:
+        """Bits a weight is stored in (0 -> the float dtype's width): what the source-faithful rule compares."""
+        return self.bits or {"float32": 32, "float16": 16}[self.weight_dtype]
+
+    def partner(self, choice: str) -> QuantScheme:
+        """The row for `choice` (q4 | q8 | f16) beside this one; this row itself where it has none."""
+        return SCHEMES[dict(self.partners).get(choice, self.name)]
 
     def padded_in(self, in_features: int) -> int:
         """`in` rounded up to a whole number of groups."""
@@ -93,26 +124,96 @@ class QuantScheme:
             "weight_dtype": self.weight_dtype,
             "scale_dtype": self.scale_dtype,
             "act_dtype": self.act_dtype,
-            "layout": ("dense" if not self.bits else "NK, 8 nibbles per uint32, nibble i at bits 4i, "
+            "layout": ("dense" if not self.bits else
+                       "NK, 4 bytes per uint32, byte i at bits 8i, (q - 128) * scale" if self.bits == 8 else
+                       "NK, 8 nibbles per uint32, nibble i at bits 4i, "
                        + ("q * scale + min (q_min)" if self.zero_point else "(q - qmax) * scale")),
             "zero_point": self.zero_point,
             "act_quant": self.act_quant,
         }
 
 
+HEAD_CHOICES = ("q4", "q8", "f16")  # `edgellm compile --head`
+
+
+def _partners(q4: str, q8: str, f16: str) -> tuple[tuple[str, str], ...]:
+    return (("q4", q4), ("q8", q8), ("f16", f16))
+
+
 SCHEMES: dict[str, QuantScheme] = {
     s.name: s
     for s in (
-        QuantScheme("q0f32", 0, 0, "float32", "float32", "float32", "no quantization, fp32"),
-        QuantScheme("q0f16", 0, 0, "float16", "float16", "float16", "no quantization, fp16"),
-        QuantScheme("q4f32_1", 4, 32, "uint32", "float32", "float32", "INT4 groups of 32, fp32 scales + activations"),
-        QuantScheme("q4f16_1", 4, 32, "uint32", "float16", "float16", "INT4 groups of 32, fp16 scales + activations"),
+        QuantScheme("q0f32", 0, 0, "float32", "float32", "float32", "no quantization, fp32",
+                    partners=_partners("q4f32_1", "q8f32_1", "q0f16")),
+        QuantScheme("q0f16", 0, 0, "float16", "float16", "float16", "no quantization, fp16",
+                    partners=_partners("q4f16_1", "q8f16_1", "q0f16")),
+        QuantScheme("q4f32_1", 4, 32, "uint32", "float32", "float32", "INT4 groups of 32, fp32 scales + activations",
+                    partners=_partners("q4f32_1", "q8f32_1", "q0f16")),
+        QuantScheme("q4f16_1", 4, 32, "uint32", "float16", "float16", "INT4 groups of 32, fp16 scales + activations",
+                    partners=_partners("q4f16_1", "q8f16_1", "q0f16")),
         QuantScheme("q4f32_2", 4, 32, "uint32", "float16", "float32",
                     "CPU: INT4 asymmetric groups of 32 (fp16 scale + min, the GGUF Q4_1 grid), fp32 activations "
                     "quantized to int8 per group inside the linear kernels (VNNI / AVX2 / NEON sdot)",
-                    zero_point=True, act_quant="int8"),
+                    zero_point=True, act_quant="int8", partners=_partners("q4f32_2", "q8f32_2", "q0f16")),
+        QuantScheme("q8f32_1", 8, 32, "uint32", "float16", "float32",
+                    "INT8 groups of 32 (fp16 scale, the GGUF Q8_0 grid), fp32 activations",
+                    partners=_partners("q4f32_1", "q8f32_1", "q0f16")),
+        QuantScheme("q8f16_1", 8, 32, "uint32", "float16", "float16",
+                    "INT8 groups of 32 (fp16 scale, the GGUF Q8_0 grid), fp16 activations",
+                    partners=_partners("q4f16_1", "q8f16_1", "q0f16")),
+        QuantScheme("q8f32_2", 8, 32, "uint32", "float16", "float32",
+                    "CPU: INT8 groups of 32 (fp16 scale, the GGUF Q8_0 grid), fp32 activations quantized to int8 per "
+                    "group inside the linear kernels (int8 x int8 dot products)",
+                    act_quant="int8", partners=_partners("q4f32_2", "q8f32_2", "q0f16")),
     )
 }
+
+# bits a source tensor type carries (GGUF types and safetensors / torch dtypes)
+SOURCE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "F16": 16, "BF16": 16, "F32": 32,
+               "float16": 16, "bfloat16": 16, "float32": 32, "F64": 64, "float64": 64}
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The row of each tensor class: `layers` (every projection of the transformer blocks), `embedding` and `head`
+    (the same tensor when the embeddings are tied). `head_choice` is what decided the embedding / head rows: the
+    user's --head, or `auto` (source-faithful)."""
+
+    layers: QuantScheme
+    embedding: QuantScheme
+    head: QuantScheme
+    head_choice: str = "auto"
+
+    @classmethod
+    def uniform(cls, scheme: QuantScheme) -> PrecisionPlan:
+        return cls(scheme, scheme, scheme, "uniform")
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers.name, "embedding": self.embedding.name, "head": self.head.name,
+                "head_choice": self.head_choice}
+
+
+def faithful_row(layers: QuantScheme, source_type: str | None) -> QuantScheme:
+    """The source-faithful row for an embedding / head tensor of `source_type` beside `layers`: the layer row when it
+    stores at least min(source bits, 8) bits per weight, else its 8-bit partner (a 4-bit source stays 4-bit; an
+    8-bit or wider one is kept at 8 bits, the Q8_0 grid)."""
+    src = SOURCE_BITS.get(source_type or "", 32)
+    if layers.source_bits >= min(src, 8):
+        return layers
+    return layers.partner("q8")
+
+
+def precision_plan(layers: QuantScheme, embed_type: str | None, head_type: str | None,
+                   head: str | None = None) -> PrecisionPlan:
+    """Rows for the three tensor classes. head=None: source-faithful (`faithful_row`); q4 | q8 | f16: the user's
+    choice for both the embedding and the head. head_type: the untied head's source type (None when tied)."""
+    if head is not None:
+        if head not in HEAD_CHOICES:
+            raise ValueError(f"--head {head!r} is not one of {', '.join(HEAD_CHOICES)}")
+        row = layers.partner(head)
+        return PrecisionPlan(layers, row, row, head)
+    emb = faithful_row(layers, embed_type)
+    return PrecisionPlan(layers, emb, emb if head_type is None else faithful_row(layers, head_type), "auto")
 
 
 def get_scheme(name: str) -> QuantScheme:
