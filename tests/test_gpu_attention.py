@@ -65,16 +65,16 @@ def test_supports_only_where_it_applies():
     assert not supports(c.Target({"kind": "metal"}, host=HOST), "float16", 64, 64, "mha", False)
 
 
-def _export(target, scheme: str, heads: int, kv: int, hidden: int, **options) -> dict:
+def _export(target, scheme: str, heads: int, kv: int, hidden: int) -> dict:
     from edgellm.config import ModelConfig
-    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.kernels import KernelRegistry
     from edgellm.models.llama import LlamaForCausalLM
     from edgellm.quant.schemes import SCHEMES
 
     cfg = ModelConfig.from_hf({"model_type": "llama", "hidden_size": hidden, "intermediate_size": 128,
                                    "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv,
                                    "vocab_size": 256, "rms_norm_eps": 1e-5, "max_position_embeddings": 256})
-    model = LlamaForCausalLM(cfg, SCHEMES[scheme], KernelRegistry(target, KernelOptions(**options)))
+    model = LlamaForCausalLM(cfg, SCHEMES[scheme], KernelRegistry(target))
     with target:
         mod, _ = model.export_tvm(spec=model.export_spec())
     return {gv.name_hint: f for gv, f in mod.functions_items()}  # named by global symbol after export
@@ -91,8 +91,13 @@ def test_cuda_cache_swaps_prefill_ragged_where_it_applies():
                                                (_cuda("sm_90"), "q4f16_1", 4, 2, 64)):
         fn = _export(target, scheme, heads, kv, hidden)
         assert "edgellm" not in fn["batch_prefill_ragged_kv"].script()
-    # --opt cuda_attention=tvm keeps TVM's kernel where ours would apply
-    fn = _export(_cuda("sm_90"), "q4f16_1", 6, 2, 384, cuda_attention="tvm")
-    assert "edgellm" not in fn["batch_prefill_ragged_kv"].script()
+    # --opt cuda_attention=tvm keeps TVM's kernel where ours would apply (asked of the registry: an export costs ~30 s)
+    from edgellm.kernels import KernelOptions, KernelRegistry
+
+    shape = dict(heads=6, kv_heads=2, head_dim=64, v_head_dim=64, dtype="float16", attn_kind="mha", rope_inline=False,
+                 rope=None)
+    assert set(KernelRegistry(_cuda("sm_90")).kv_cache_kernels(**shape)) == {"tir_attention_prefill_ragged"}
+    tvm_only = KernelRegistry(_cuda("sm_90"), KernelOptions(cuda_attention="tvm"))
+    assert tvm_only.kv_cache_kernels(**shape) == {} and tvm_only.chosen["attention_prefill"] == {"attention_prefill_tvm"}
     # CPU keeps its own kernels
     assert "edgellm CPU prefill attention" in _export(HOST, "q4f32_1", 6, 2, 384)["batch_prefill_ragged_kv"].script()
