@@ -131,11 +131,13 @@ def _sm(target) -> int:
     return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else 0
 
 
-def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None):
+def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None, x_vector: int = 8,
+                           unroll_steps: bool = True):
     """Decode GEMV for packed INT4 weights (kernels/cuda_gemv.py). Lane l of a warp owns whole groups: per step it
-    loads one group's 4 packed words (one 16-byte load), 32 activations (4 x 16 bytes, cast once to float32 and
-    shared by the warp's `rows` rows), and the group's scale; a warp streams 512 contiguous weight bytes per row
-    per step. The lane partials meet in a warp allreduce; `warps` warps per block."""
+    loads one group's 4 packed words (one 16-byte load), 32 activations (`x_vector`-wide loads, cast once to float32
+    and shared by the warp's `rows` rows), and the group's scale; a warp streams 512 contiguous weight bytes per row
+    per step. The lane partials meet in a warp allreduce; `warps` warps per block. WebGPU calls it with 4-wide x
+    loads (WGSL vectors stop at 4) and the steps left rolled (kernels/webgpu_linear.py)."""
     sch = compiler().s_tir.Schedule(func)
     has_epilogue = _has_block(sch, "epilogue")
     acc, dot, xf = sch.get_sblock("matmul"), sch.get_sblock("group_dot"), sch.get_sblock("x_f32")
@@ -169,12 +171,13 @@ def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | N
     sch.set_scope(xf, 0, "local")
     xl = sch.cache_read(xf, 0, "local")
     sch.compute_at(xl, go_)
-    _, xv = sch.split(sch.get_loops(xl)[-1], [None, 8])
+    _, xv = sch.split(sch.get_loops(xl)[-1], [None, x_vector])
     sch.vectorize(xv)
     sch.unroll(sch.get_loops(xf)[-1])
     sch.set_scope(rf, 0, "local")
     sch.decompose_reduction(rf, go_)
-    sch.unroll(go_)  # every step's 16-byte loads can be issued before the first group's arithmetic
+    if unroll_steps:
+        sch.unroll(go_)  # every step's 16-byte loads can be issued before the first group's arithmetic
     # cross-lane sum: the write-back block reduces the lane partials with a warp allreduce
     sch.reverse_compute_at(acc, loops[2])
     inner = sch.get_loops(acc)[3:]  # lane partial (reduce), then the rows when there are several

@@ -53,49 +53,12 @@ def int4_gemv(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: 
 
 
 def _schedule_int4_gemv(func, target, warps, rows):
-    from .._tvm import compiler
-    from .schedule_cpu import _done, _has_block
+    """schedule_gpu_int4_gemv with WebGPU's choices: 4 warps of rows where they divide `out`, 4-wide x loads."""
+    from .schedule_gpu import schedule_gpu_int4_gemv
 
-    sch = compiler().s_tir.Schedule(func)
-    has_epilogue = _has_block(sch, "epilogue")
-    acc, dot, xf = sch.get_sblock("matmul"), sch.get_sblock("group_dot"), sch.get_sblock("x_f32")
-    _, n, g = sch.get_loops(acc)
-    out_f, groups = int(sch.get(n).extent), int(sch.get(g).extent)
-    lanes = min(32, max(8, 1 << (groups - 1).bit_length()))  # small `in`: fewer idle lanes
+    out_f = int(func.params[-1].shape[1])
     if warps is None:
         warps = 4 if out_f % 4 == 0 else 1
     if rows is None:
         rows = 2 if out_f % (warps * 2) == 0 and out_f // (warps * 2) >= 256 else 1
-    bx, ty, r = sch.split(n, [None, warps, rows])
-    go, tx = sch.split(g, [None, lanes])
-    sch.reorder(bx, ty, tx, go, r)
-    rf = sch.rfactor(tx, factor_axis=0)
-    loops = sch.get_loops(rf)  # i, bx, ty, tx, go, r
-    sch.bind(loops[1], "blockIdx.x")
-    sch.bind(loops[2], "threadIdx.y")
-    sch.bind(loops[3], "threadIdx.x")
-    go_, r_ = loops[4], loops[5]
-    sch.compute_at(dot, r_)
-    sch.set_scope(dot, 0, "local")
-    sch.unroll(sch.get_loops(dot)[-1])
-    wl = sch.cache_read(dot, 1, "local")  # the group's 4 packed words: one vec4<u32> load
-    sch.compute_at(wl, r_)
-    sch.vectorize(sch.get_loops(wl)[-1])
-    sch.compute_at(xf, go_)  # 32 activations as float32, shared by the rows of this lane
-    sch.set_scope(xf, 0, "local")
-    xl = sch.cache_read(xf, 0, "local")
-    sch.compute_at(xl, go_)
-    _, xv = sch.split(sch.get_loops(xl)[-1], [None, 4])
-    sch.vectorize(xv)
-    sch.unroll(sch.get_loops(xf)[-1])
-    sch.set_scope(rf, 0, "local")
-    sch.decompose_reduction(rf, go_)
-    sch.reverse_compute_at(acc, loops[2])
-    inner = sch.get_loops(acc)[3:]
-    if len(inner) == 2:
-        sch.reorder(inner[1], inner[0])
-    sch.bind(inner[0], "threadIdx.x")
-    if has_epilogue:
-        sch.reverse_compute_at(sch.get_sblock("epilogue"), loops[2])
-        sch.set_scope(acc, 0, "local")
-    return _done(sch)
+    return schedule_gpu_int4_gemv(func, target, warps, rows, x_vector=4, unroll_steps=False)
