@@ -342,12 +342,17 @@ void Context::WriteAligned(Buffer* dst, size_t offset, const void* src, size_t n
   RaiseErrors("host-to-device copy");
 }
 
+// A host copy of `nbytes` at `offset` must lie inside `buf` (`what`: "read" or "write", for the message).
+static void CheckRange(const char* what, const Buffer* buf, size_t offset, size_t nbytes) {
+  if (offset + nbytes > buf->size) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu " << what << " of " << nbytes << " bytes at " << offset
+                                << " overruns a buffer of " << buf->size;
+  }
+}
+
 void Context::Write(Buffer* dst, size_t offset, const void* src, size_t nbytes) {
   if (nbytes == 0) return;
-  if (offset + nbytes > dst->size) {
-    TVM_FFI_THROW(RuntimeError) << "webgpu write of " << nbytes << " bytes at " << offset
-                                << " overruns a buffer of " << dst->size;
-  }
+  CheckRange("write", dst, offset, nbytes);
   std::lock_guard<std::mutex> lock(mu_);
   if (offset % 4 == 0 && nbytes % 4 == 0) return WriteAligned(dst, offset, src, nbytes);
   // WebGPU writes whole 4-byte words: read the covering words, patch, write back
@@ -393,10 +398,7 @@ void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) 
 
 void Context::Read(Buffer* src, size_t offset, void* dst, size_t nbytes) {
   if (nbytes == 0) return;
-  if (offset + nbytes > src->size) {
-    TVM_FFI_THROW(RuntimeError) << "webgpu read of " << nbytes << " bytes at " << offset
-                                << " overruns a buffer of " << src->size;
-  }
+  CheckRange("read", src, offset, nbytes);
   std::lock_guard<std::mutex> lock(mu_);
   if (offset % 4 == 0 && nbytes % 4 == 0) return ReadAligned(src, offset, dst, nbytes);
   size_t begin = offset / 4 * 4, end = RoundUp(offset + nbytes, 4);

@@ -66,24 +66,12 @@ class WebGPUDeviceAPI final : public tvm::runtime::DeviceAPI {
     AdapterFacts f = DescribeAdapter(dev.device_id);
     const WGPULimits& l = f.limits;
     switch (kind) {
-      case tvm::runtime::kMaxThreadsPerBlock:
-        *rv = static_cast<int64_t>(l.maxComputeInvocationsPerWorkgroup);
-        break;
-      case tvm::runtime::kWarpSize:
-        *rv = static_cast<int64_t>(1);
-        break;
-      case tvm::runtime::kMaxSharedMemoryPerBlock:
-        *rv = static_cast<int64_t>(l.maxComputeWorkgroupStorageSize);
-        break;
-      case tvm::runtime::kDeviceName:
-        *rv = tvm::ffi::String(f.name);
-        break;
-      case tvm::runtime::kDriverVersion:
-        *rv = tvm::ffi::String(f.driver);
-        break;
-      case tvm::runtime::kApiVersion:
-        *rv = tvm::ffi::String(f.backend);
-        break;
+      case tvm::runtime::kMaxThreadsPerBlock: *rv = int64_t{l.maxComputeInvocationsPerWorkgroup}; break;
+      case tvm::runtime::kWarpSize: *rv = int64_t{1}; break;
+      case tvm::runtime::kMaxSharedMemoryPerBlock: *rv = int64_t{l.maxComputeWorkgroupStorageSize}; break;
+      case tvm::runtime::kDeviceName: *rv = tvm::ffi::String(f.name); break;
+      case tvm::runtime::kDriverVersion: *rv = tvm::ffi::String(f.driver); break;
+      case tvm::runtime::kApiVersion: *rv = tvm::ffi::String(f.backend); break;
       case tvm::runtime::kMaxThreadDimensions: {
         std::ostringstream os;
         os << "[" << l.maxComputeWorkgroupSizeX << ", " << l.maxComputeWorkgroupSizeY << ", "
