@@ -47,6 +47,7 @@ class BenchRecord:
     git_sha: str | None
     peak_rss_mib: float
     timestamp: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    identity: dict | None = None  # where it was measured: fleet.identity.device_identity (host, GPU, versions, digest)
 
 
 def _peak_rss_mib() -> float:
@@ -73,12 +74,15 @@ def _time_tg(engine: Engine, n: int, rng) -> int:
 
 
 def run_bench(engine: Engine, n_prompt: int = 128, n_gen: int = 128, reps: int = 5, warmup: int = 1,
-              device_name: str | None = None) -> list[BenchRecord]:
+              device_name: str | None = None, identity_name: str | None = None) -> list[BenchRecord]:
+    from ..fleet.identity import device_identity
+
     m = engine.info
     if not engine.fits(max(n_prompt, 1)) or not engine.fits(1 + n_gen):  # pp: the prompt; tg: 1 token + n fed
         raise ValueError(f"-p {n_prompt} / -n {n_gen} do not fit the artifact's context window {engine.context_window}")
     rng = np.random.default_rng(0)
     wb = engine.art.weight_bytes
+    ident = device_identity(identity_name, engine.art.digest, device_name or _device_name(m.device))
     records = []
     for test, n, fn in (("pp", n_prompt, _time_pp), ("tg", n_gen, _time_tg)):
         if n <= 0:
@@ -98,7 +102,7 @@ def run_bench(engine: Engine, n_prompt: int = 128, n_gen: int = 128, reps: int =
             params=int(m.raw["model"].get("params", 0)), target=m.preset,
             device=device_name or _device_name(m.device),
             threads=engine.threads, tvm_version=m.tvm_version,
-            git_sha=m.raw.get("git_sha"), peak_rss_mib=_peak_rss_mib(),
+            git_sha=m.raw.get("git_sha"), peak_rss_mib=_peak_rss_mib(), identity=ident,
         ))
     return records
 
@@ -118,7 +122,7 @@ def format_records(records: list[BenchRecord], fmt: str) -> str:
         return "\n".join(json.dumps(r) for r in rows)
     if fmt == "csv":
         buf = io.StringIO()
-        flat = [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
+        flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in rows]
         w = csv.DictWriter(buf, fieldnames=list(flat[0]) if flat else [])
         w.writeheader()
         w.writerows(flat)
