@@ -33,6 +33,17 @@ WGPUStringView MakeView(const std::string& s) { return WGPUStringView{s.data(), 
 
 uint64_t RoundUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
+// A wgpu callback-info struct that is processed by wgpuInstanceProcessEvents, calling `fn(..., user)`.
+template <typename Info, typename Fn>
+Info ProcessEventsCallback(Fn fn, void* user) {
+  Info info;
+  std::memset(&info, 0, sizeof(info));
+  info.mode = WGPUCallbackMode_AllowProcessEvents;
+  info.callback = fn;
+  info.userdata1 = user;
+  return info;
+}
+
 const char* BackendName(WGPUBackendType t) {
   switch (t) {
     case WGPUBackendType_Vulkan: return "vulkan";
@@ -211,12 +222,8 @@ Context::Context(int device_id) : device_id_(device_id) {
   desc.uncapturedErrorCallbackInfo.userdata1 = this;
 
   DeviceRequest req;
-  WGPURequestDeviceCallbackInfo cb;
-  std::memset(&cb, 0, sizeof(cb));
-  cb.mode = WGPUCallbackMode_AllowProcessEvents;
-  cb.callback = OnDevice;
-  cb.userdata1 = &req;
-  wgpuAdapterRequestDevice(adapter_, &desc, cb);
+  wgpuAdapterRequestDevice(adapter_, &desc,
+                           ProcessEventsCallback<WGPURequestDeviceCallbackInfo>(OnDevice, &req));
   for (int i = 0; i < 1000 && !req.done; ++i) wgpuInstanceProcessEvents(instance_);
   if (req.device == nullptr) {
     TVM_FFI_THROW(RuntimeError) << "wgpu-native could not open " << facts_.name << ": " << req.message;
@@ -342,25 +349,31 @@ void Context::WriteAligned(Buffer* dst, size_t offset, const void* src, size_t n
   RaiseErrors("host-to-device copy");
 }
 
-// A host copy of `nbytes` at `offset` must lie inside `buf` (`what`: "read" or "write", for the message).
-static void CheckRange(const char* what, const Buffer* buf, size_t offset, size_t nbytes) {
+// Whether a host copy of `nbytes` at `offset` has anything to do; throws when it would leave `buf` (`what`:
+// "read" or "write", for the message).
+static bool CopyNeeded(const char* what, const Buffer* buf, size_t offset, size_t nbytes) {
   if (offset + nbytes > buf->size) {
     TVM_FFI_THROW(RuntimeError) << "webgpu " << what << " of " << nbytes << " bytes at " << offset
                                 << " overruns a buffer of " << buf->size;
   }
+  return nbytes > 0;
 }
 
 void Context::Write(Buffer* dst, size_t offset, const void* src, size_t nbytes) {
-  if (nbytes == 0) return;
-  CheckRange("write", dst, offset, nbytes);
+  if (!CopyNeeded("write", dst, offset, nbytes)) return;
   std::lock_guard<std::mutex> lock(mu_);
   if (offset % 4 == 0 && nbytes % 4 == 0) return WriteAligned(dst, offset, src, nbytes);
   // WebGPU writes whole 4-byte words: read the covering words, patch, write back
-  size_t begin = offset / 4 * 4, end = RoundUp(offset + nbytes, 4);
-  std::vector<uint8_t> tmp(end - begin);
-  ReadAligned(dst, begin, tmp.data(), tmp.size());
-  std::memcpy(tmp.data() + (offset - begin), src, nbytes);
-  WriteAligned(dst, begin, tmp.data(), tmp.size());
+  Words w = ReadWords(dst, offset, nbytes);
+  std::memcpy(w.bytes.data() + (offset - w.begin), src, nbytes);
+  WriteAligned(dst, w.begin, w.bytes.data(), w.bytes.size());
+}
+
+Context::Words Context::ReadWords(Buffer* buf, size_t offset, size_t nbytes) {
+  Words w{offset / 4 * 4, {}};
+  w.bytes.resize(RoundUp(offset + nbytes, 4) - w.begin);
+  ReadAligned(buf, w.begin, w.bytes.data(), w.bytes.size());
+  return w;
 }
 
 void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) {
@@ -376,12 +389,8 @@ void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) 
   wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, offset, staging_, 0, nbytes);
   Flush();
   MapRequest req;
-  WGPUBufferMapCallbackInfo cb;
-  std::memset(&cb, 0, sizeof(cb));
-  cb.mode = WGPUCallbackMode_AllowProcessEvents;
-  cb.callback = OnMapped;
-  cb.userdata1 = &req;
-  wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, RoundUp(nbytes, 4), cb);
+  wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, RoundUp(nbytes, 4),
+                     ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &req));
   while (!req.done) {
     wgpuDevicePoll(device_, true, nullptr);
     wgpuInstanceProcessEvents(instance_);
@@ -397,14 +406,11 @@ void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) 
 }
 
 void Context::Read(Buffer* src, size_t offset, void* dst, size_t nbytes) {
-  if (nbytes == 0) return;
-  CheckRange("read", src, offset, nbytes);
+  if (!CopyNeeded("read", src, offset, nbytes)) return;
   std::lock_guard<std::mutex> lock(mu_);
   if (offset % 4 == 0 && nbytes % 4 == 0) return ReadAligned(src, offset, dst, nbytes);
-  size_t begin = offset / 4 * 4, end = RoundUp(offset + nbytes, 4);
-  std::vector<uint8_t> tmp(end - begin);
-  ReadAligned(src, begin, tmp.data(), tmp.size());
-  std::memcpy(dst, tmp.data() + (offset - begin), nbytes);
+  Words w = ReadWords(src, offset, nbytes);
+  std::memcpy(dst, w.bytes.data() + (offset - w.begin), nbytes);
 }
 
 void Context::Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offset, size_t nbytes) {

@@ -85,6 +85,12 @@ class Context {
   void DropBindGroups(WGPUBuffer buffer);
   void ClearBindGroups();
   void ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes);
+  // The whole 4-byte words covering [offset, offset + nbytes) of `buf` (WebGPU copies words), from `begin`.
+  struct Words {
+    size_t begin;
+    std::vector<uint8_t> bytes;
+  };
+  Words ReadWords(Buffer* buf, size_t offset, size_t nbytes);
   void WriteAligned(Buffer* dst, size_t offset, const void* src, size_t nbytes);
   static void OnError(WGPUDevice const* device, WGPUErrorType type, WGPUStringView message, void* self,
                       void*);
