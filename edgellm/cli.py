@@ -33,13 +33,14 @@ def _known_errors():
     from .device_runners.emulate import EmulationError
     from .device_runners.engine import PromptTooLongError
     from .device_runners.text import ChatTemplateError
+    from .fleet import FleetError
     from .loaders import SourceError
     from .package import PackageError
     from .quant.convert import WeightMapError
     from .targets import TargetError
 
     return (ArtifactError, ConfigError, EmulationError, PromptTooLongError, ChatTemplateError, SourceError,
-            WeightMapError, TargetError, PackageError, ValueError, OSError)
+            WeightMapError, TargetError, PackageError, FleetError, ValueError, OSError)
 
 
 def _positive(**values) -> None:
@@ -170,8 +171,10 @@ def compile(model, target, quant, head, output, context_window, prefill_chunk, p
               help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, index 0.")
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the artifact unless its root digest (printed by compile and run) starts with HEX.")
+@click.option("--tracker", default=None, metavar="HOST:PORT", help="Run on a fleet device: the TVM RPC tracker.")
+@click.option("--key", default=None, help="With --tracker: the device key (e.g. rpi5); waits in the tracker's queue.")
 def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads,
-        emulate, device, expect_digest):
+        emulate, device, expect_digest, tracker, key):
     """Stream the model's answer to PROMPT; prefill and decode tok/s go to stderr.
 
     The speeds are this one request's, after one warm-up step; `edgellm bench` gives steady-state figures.
@@ -189,6 +192,9 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     sampling = _guard(SamplingParams, temperature, top_p, top_k, repetition_penalty, seed, stop)
     if emulate:
         _guard(_run_emulated, artifact, prompt, max_tokens, not no_chat, sampling, threads)
+        return
+    if tracker or key:
+        _guard(_run_fleet, tracker, key, artifact, prompt, max_tokens, not no_chat, sampling, threads)
         return
     engine = _guard(Engine, artifact, device=device, threads=threads, expect_digest=expect_digest)
     click.echo(f"artifact {artifact}: root digest {engine.art.digest}", err=True)
@@ -226,6 +232,12 @@ def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
                        "(emulated: speeds are not the device's)", err=True)
 
 
+def _run_fleet(tracker, key, artifact, prompt, max_tokens, chat, sampling, threads):
+    from .fleet.cli import run_on_device
+
+    run_on_device(tracker, key, artifact, prompt, max_tokens, chat, sampling, threads)
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (test ppN); 0 skips.")
@@ -238,7 +250,9 @@ def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
               help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, index 0.")
 @click.option("--expect-digest", default=None, metavar="HEX",
               help="Refuse the artifact unless its root digest starts with HEX.")
-def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, device, expect_digest):
+@click.option("--tracker", default=None, metavar="HOST:PORT", help="Benchmark on a fleet device: the TVM RPC tracker.")
+@click.option("--key", default=None, help="With --tracker: the device key (e.g. rpi5); waits in the tracker's queue.")
+def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, device, expect_digest, tracker, key):
     """Benchmark prefill (ppN) and decode (tgN) llama-bench style; records on stdout, logs on stderr."""
     from .device_runners.bench import format_records, run_bench
     from .device_runners.engine import Engine
@@ -246,6 +260,12 @@ def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, device, expect_
     _positive(n_prompt=(n_prompt, 0), n_gen=(n_gen, 0), reps=(reps, 1), warmup=(warmup, 0), threads=(threads, 1))
     if n_prompt == 0 and n_gen == 0:
         raise click.ClickException("-p 0 and -n 0 leave nothing to measure; give -p N (prefill) and/or -n N (decode)")
+    if tracker or key:
+        from .fleet.cli import bench_on_device
+
+        click.echo(_guard(bench_on_device, tracker, key, artifact, n_prompt, n_gen, reps, warmup, threads, fmt,
+                          expect_digest))
+        return
     engine = _guard(Engine, artifact, device=device, threads=threads, expect_digest=expect_digest)
     info = engine.device_info  # a Vulkan adapter's name and driver go into the records
     records = _guard(run_bench, engine, n_prompt, n_gen, reps, warmup,
@@ -392,6 +412,13 @@ def verify(artifact, reference, reference_kind, text, chunk_tokens, max_chunks, 
     click.echo(json.dumps(result.to_json(), indent=2) if fmt == "json" else result.table())
     if result.failures:
         raise click.ClickException("; ".join(result.failures))
+
+
+from .fleet.cli import device, devices, report  # noqa: E402  (fleet commands: fleet/cli.py)
+
+cli.add_command(device)
+cli.add_command(devices)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -59,7 +59,10 @@ def device_identity(name: str | None = None, digest: str | None = None, device: 
     from .._tvm import tvm_version
 
     h = host_info().as_dict()
+    emulated = os.environ.get(EMULATED_ENV) or None
+    if emulated:  # qemu-user shows the host's /proc/cpuinfo: name the emulated core, and where it ran
+        h["cpu_model"] = f"{emulated} (qemu on {h['cpu_model']})"
     return {**h, "name": name or os.environ.get("EDGELLM_DEVICE_NAME") or h["name"], "board": board_model(),
             "gpus": list(gpus()), "device": device, "tvm_version": tvm_version(), "edgellm_version": __version__,
-            "emulated": os.environ.get(EMULATED_ENV) or None, "tvm_compiler_loaded": compiler_loaded(),
+            "emulated": emulated, "tvm_compiler_loaded": compiler_loaded(),
             "artifact_digest": digest}
