@@ -46,8 +46,8 @@ def wait_for(cond, timeout: float, what: str):
 
 def start_server(tracker: str, key: str, cache: Path, name: str | None = None, extra: tuple[str, ...] = ()
                  ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edgellm.cli", "device", "serve", *extra, "--tracker", tracker, "--key", key, "--host", "127.0.0.1",
-           "--port", "9300", "--port-end", "9400", "--cache", str(cache)] + (["--name", name] if name else [])
+    cmd = [sys.executable, "-m", "edgellm.cli", "device", "serve", *extra, "--tracker", tracker, "--key", key,
+           "--host", "127.0.0.1", "--port", "9300", "--port-end", "9400", "--cache", str(cache)] + (["--name", name] if name else [])
     log = open(cache.parent / f"server-{key}.log", "wb")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=os.environ.copy())

@@ -74,7 +74,7 @@ def device():
 @click.option("--name", default=None, help="This device's name in records (default: the host name).")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the RPC server binds to.")
 @click.option("--port", default=9090, show_default=True, help="First port to try (up to --port-end).")
-@click.option("--port-end", default=9199, show_default=True)
+@click.option("--port-end", type=int, default=None, help="End of the port range (default: --port + 100).")
 @click.option("--advertise", default=None, metavar="ADDR",
               help="Address the tracker gives hosts (default: the one it sees this device connect from).")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,

@@ -27,7 +27,14 @@ def _rpc():
 
 def tracker_summary(tracker: str, timeout: float = 10) -> dict:
     """The tracker's summary: {"queue_info": {key: {free, pending}}, "server_info": [{key, addr}]}."""
+    import socket
+
     host, port = parse_tracker(tracker)
+    try:  # a quick probe: TVM's own connect retries for a minute, logging each try
+        socket.create_connection((host, port), timeout=min(timeout, 5)).close()
+    except OSError as exc:
+        raise FleetError(f"cannot reach the tracker at {tracker} ({exc.strerror or exc}); start it with `python -m "
+                         f"tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}`") from None
     result: queue.Queue = queue.Queue()
 
     def ask():

@@ -182,13 +182,16 @@ def register(state: DeviceState) -> None:
 
 
 def serve(tracker: str, key: str, name: str | None = None, host: str = "0.0.0.0", port: int = 9090,
-          port_end: int = 9199, advertise: str | None = None, cache: Path | None = None,
+          port_end: int | None = None, advertise: str | None = None, cache: Path | None = None,
           threads: int | None = None, silent: bool = False) -> None:
     """Run the device server until killed: TVM's RPC server on host:[port, port_end), registered with `tracker`
     under `key`; `advertise` is the address the tracker hands to hosts (default: what the tracker sees)."""
     import multiprocessing
 
     addr = parse_tracker(tracker)
+    port_end = port_end or port + 100
+    if port_end <= port:
+        raise FleetError(f"--port-end {port_end} must be above --port {port}")
     if not key or any(c in key for c in ": \t"):
         raise FleetError(f"--key {key!r} must be a non-empty word without ':' or spaces (e.g. rpi5, orin, host)")
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # a device runs the runtime library, never the compiler
@@ -207,8 +210,8 @@ def serve(tracker: str, key: str, name: str | None = None, host: str = "0.0.0.0"
 
 
 def serve_emulated(core: str, tracker: str, key: str, name: str | None = None, host: str = "0.0.0.0",
-                   port: int = 9090, port_end: int = 9199, advertise: str | None = None, cache: Path | None = None,
-                   threads: int | None = None) -> int:
+                   port: int = 9090, port_end: int | None = None, advertise: str | None = None,
+                   cache: Path | None = None, threads: int | None = None) -> int:
     """Run the device server as an emulated aarch64 board: the arm64 root's python3 under qemu-aarch64-static as
     `core` (QEMU_CPU), with a copy of this edgellm package; returns its exit status."""
     import signal
@@ -220,7 +223,8 @@ def serve_emulated(core: str, tracker: str, key: str, name: str | None = None, h
     parse_tracker(tracker)
     root = arm64_root()
     argv = ["-m", "edgellm.fleet.device", "--tracker", tracker, "--key", key, "--host", host, "--port", str(port),
-            "--port-end", str(port_end), "--cache", str(Path(cache or DEFAULT_CACHE).resolve() / "emulated")]
+            "--port-end", str(port_end or port + 100),
+            "--cache", str(Path(cache or DEFAULT_CACHE).resolve() / "emulated")]
     argv += [f"--{k}={v}" for k, v in (("name", name), ("advertise", advertise), ("threads", threads)) if v]
     with tempfile.TemporaryDirectory(prefix="edgellm-src-") as tmp:
         shutil.copytree(Path(__file__).resolve().parents[1], Path(tmp) / "edgellm",
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=9090)
-    p.add_argument("--port-end", type=int, default=9199)
+    p.add_argument("--port-end", type=int)
     p.add_argument("--advertise")
     p.add_argument("--cache", type=Path)
     p.add_argument("--threads", type=int)
