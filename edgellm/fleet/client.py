@@ -93,15 +93,16 @@ def format_devices(rows: list[DeviceRow]) -> str:
 
 
 def _device_error(key: str, what: str, exc: Exception) -> FleetError:
-    """One line for an RPC failure: the device's own error message when it raised, else 'the device went away'."""
+    """One line for an RPC failure: the device's own message when its function raised (TVM sends it back as
+    "Error caught from RPC call:\nMESSAGE"), else 'the device went away'."""
     text = str(exc)
-    for marker in ("ArtifactError: ", "FleetError: ", "ValueError: ", "PromptTooLongError: ", "EmulationError: "):
-        if marker in text:
-            msg = text.split(marker, 1)[1].strip().splitlines()[0]
-            return FleetError(f"device '{key}' refused {what}: {msg}")
-    return FleetError(f"device '{key}' failed during {what} (it crashed, was stopped or the network dropped): "
-                      f"{text.strip().splitlines()[-1] if text.strip() else type(exc).__name__}; the tracker drops a "
-                      "dead server, so retry once it is back (`edgellm devices` shows it)")
+    marker = "Error caught from RPC call:"
+    if marker in text:
+        msg = " ".join(text.split(marker, 1)[1].split()) or type(exc).__name__
+        return FleetError(f"device '{key}' refused {what}: {msg}")
+    last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    return FleetError(f"device '{key}' failed during {what} (it crashed, was stopped or the network dropped: "
+                      f"{last}); the tracker drops a dead server, so retry once it is back (`edgellm devices`)")
 
 
 class Device:

@@ -206,7 +206,9 @@ def serve(tracker: str, key: str, name: str | None = None, host: str = "0.0.0.0"
     state = rpc_server.PopenRPCServerState(host, port, port_end, tracker_addr=addr, key=key,
                                            custom_addr=advertise, silent=silent)
     print(f"edgellm device server: key {key} on {host}:{state.port}, tracker {addr[0]}:{addr[1]}", flush=True)
-    state.thread.join()
+    state.thread.join()  # returns only when TVM's listen loop gave up (its tracker reconnects stop after 60 s)
+    raise FleetError(f"the device server stopped: tracker {tracker} was unreachable for over a minute; start it "
+                     "again once the tracker is back (systemd's Restart=always does, see docs/fleet.md)")
 
 
 def serve_emulated(core: str, tracker: str, key: str, name: str | None = None, host: str = "0.0.0.0",
