@@ -62,10 +62,15 @@ def start_server(tracker: str, key: str, cache: Path, name: str | None = None, e
     return proc
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Kill the server we started and its session processes (its own process group, by id)."""
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop the server we started and its session processes (its own process group, by id); SIGKILL if SIGTERM
+    is not enough within 10 s."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
 
 
@@ -194,7 +199,7 @@ def test_server_killed_mid_run_gives_a_clear_error(fleet, art, tmp_path):
         t.start()
         time.sleep(1.0)
         assert t.is_alive()
-        stop(proc)
+        stop(proc, signal.SIGKILL)  # as a power cut would: no clean-up on the device
         t.join(30)
         assert not t.is_alive()
     finally:

@@ -66,6 +66,8 @@ class DeviceState:
         final = self.artifact_dir(digest)
         if self.has(digest):
             return "present"
+        if not prefix or not all(c.isalnum() or c in "._-" for c in prefix) or prefix.startswith("."):
+            raise FleetError(f"upload prefix {prefix!r} is not a plain file-name prefix")
         data = (workdir / f"{prefix}{MANIFEST}").read_bytes()
         got = hashlib.sha256(data).hexdigest()
         if got != digest:
