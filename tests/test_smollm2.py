@@ -68,13 +68,13 @@ def test_q0f32_greedy_answer_equals_transformers(compiled, hf_smollm2):
     assert text == "The capital of France is Paris."
 
 
-# Measured on this GGUF (see docs/quantization.md): re-quantizing its Q4_1 layers and Q8_0 embedding into the
-# symmetric q4f32_1 grid costs top-1 agreement; the lm_head alone at 4 bits caps it near 84%. The bound below is
-# what the format reaches with margin (a kernel or packing bug drops it to a few percent); exactness of the
-# compiled q4 model is checked against the numpy model on the same packed weights.
-# q4f32_2's asymmetric grid keeps the Q4_1 layers as they are; what it loses is the Q8_0 embedding / tied head at
-# 4 bits and int8 activations.
-Q4_AGREEMENT_FLOOR = {"q4f32_1": 0.55, "q4f32_2": 0.70}
+# Measured on this GGUF (see docs/quantization.md), both builds with the source-faithful 8-bit embedding / tied
+# head (the GGUF's Q8_0, repacked bit for bit): q4f32_1 re-quantizes the Q4_1 layers onto the symmetric grid and
+# reaches 63.8%; q4f32_2 keeps the Q4_1 layers as they are and loses only to int8 activations: 95.5% (it was
+# 84.1-84.6% with a 4-bit head and the min * sum(x) term). The floors leave room for the int8 rounding noise
+# (float-order differences flip a few activations: see test_pi_fidelity.py) and sit far above what a kernel or
+# packing bug gives (a few percent); the exactness of the compiled model is checked against the numpy model.
+Q4_AGREEMENT_FLOOR = {"q4f32_1": 0.58, "q4f32_2": 0.92}
 
 
 @pytest.mark.parametrize("scheme", ["q4f32_1", "q4f32_2"])
@@ -99,7 +99,12 @@ def test_q4_teacher_forced_top1_agreement(scheme, compiled, hf_smollm2, capsys):
     # the numpy int8 model costs ~1 s per token: it checks the first 64 positions (causal, so the same logits as in
     # the full run); every int8 linear call is checked exactly on the tiny models (tests/test_models_tiny.py)
     n_oracle = 64 if int8 else len(ids)
-    oracle = forward(ModelConfig.from_dict(art.manifest["model"]["config"]), float_weights(art), ids[:n_oracle],
+    weights = float_weights(art)
+    # the GGUF's Q8_0 tied embedding / head is stored 8-bit (source-faithful) and repacks bit for bit
+    assert art.manifest["quant"]["classes"]["embedding"]["scheme"].startswith("q8")
+    np.testing.assert_array_equal(weights["model.embed_tokens.weight"],
+                                  open_model(None).tensors["model.embed_tokens.weight"].load())
+    oracle = forward(ModelConfig.from_dict(art.manifest["model"]["config"]), weights, ids[:n_oracle],
                      linear=int8_linear(art) if int8 else None)
     got_o = got[:n_oracle]
     exact = float((got_o.argmax(-1) == oracle.argmax(-1)).mean())
