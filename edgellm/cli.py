@@ -190,6 +190,9 @@ def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repeti
     prompt = _text_arg(prompt, "prompt")
     stop = [_text_arg(x, "--stop string") for x in stop]
     sampling = _guard(SamplingParams, temperature, top_p, top_k, repetition_penalty, seed, stop)
+    if (tracker or key) and (device or emulate):
+        raise click.ClickException("--device / --emulate pick a local device; with --tracker the device is the one "
+                                   "serving --key")
     if emulate:
         _guard(_run_emulated, artifact, prompt, max_tokens, not no_chat, sampling, threads)
         return
@@ -260,6 +263,8 @@ def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, device, expect_
     _positive(n_prompt=(n_prompt, 0), n_gen=(n_gen, 0), reps=(reps, 1), warmup=(warmup, 0), threads=(threads, 1))
     if n_prompt == 0 and n_gen == 0:
         raise click.ClickException("-p 0 and -n 0 leave nothing to measure; give -p N (prefill) and/or -n N (decode)")
+    if (tracker or key) and device:
+        raise click.ClickException("--device picks a local device; with --tracker the device is the one serving --key")
     if tracker or key:
         from .fleet.cli import bench_on_device
 

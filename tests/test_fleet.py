@@ -118,6 +118,8 @@ def test_bench_through_tracker_carries_device_identity(fleet, art):
     assert (fleet["cache"] / digest / ".edgellm-installed").is_file()
     again = CliRunner().invoke(cli, ["bench", str(art), "--tracker", fleet["tracker"], "--key", "host", *BENCH])
     assert again.exit_code == 0 and "already present" in again.stderr and "tg4" in again.stdout
+    mixed = CliRunner().invoke(cli, ["bench", str(art), "--tracker", fleet["tracker"], "--key", "host", "--device", "cpu"])
+    assert mixed.exit_code != 0 and "--device" in mixed.output
 
 
 def test_run_streams_the_device_tokens(fleet, art):
