@@ -205,6 +205,13 @@ def serve(tracker: str, key: str, name: str | None = None, host: str = "0.0.0.0"
     register(DeviceState(cache or DEFAULT_CACHE, name, threads))
     if silent:
         rpc_server.logger.setLevel("ERROR")
+    import sys
+    import threading
+
+    def one_line(args):  # TVM's listen loop ends by raising (a lost tracker): one line, not a traceback
+        print(f"edgellm device server: {type(args.exc_value).__name__}: {args.exc_value}", file=sys.stderr)
+
+    threading.excepthook = one_line
     state = rpc_server.PopenRPCServerState(host, port, port_end, tracker_addr=addr, key=key,
                                            custom_addr=advertise, silent=silent)
     print(f"edgellm device server: key {key} on {host}:{state.port}, tracker {addr[0]}:{addr[1]}", flush=True)
