@@ -75,6 +75,29 @@ def _list_opts(ctx, _param, value):
         ctx.exit(0)
 
 
+def _runner_options(verb: str):
+    """The options run and bench share: threads, device, pinned digest, and the fleet's tracker and key."""
+    options = [
+        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+        click.option("--device", default=None, metavar="KIND[:N]",
+                     help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, "
+                          "index 0."),
+        click.option("--expect-digest", default=None, metavar="HEX",
+                     help="Refuse the artifact unless its root digest (printed by compile and run) starts with HEX."),
+        click.option("--tracker", default=None, metavar="HOST:PORT",
+                     help=f"{verb} on a fleet device: the TVM RPC tracker."),
+        click.option("--key", default=None,
+                     help="With --tracker: the device key (e.g. rpi5); waits in the tracker's queue."),
+    ]
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 def _stderr():
     from rich.console import Console
 
@@ -165,14 +188,8 @@ def compile(model, target, quant, head, output, context_window, prefill_chunk, p
 @click.option("--repetition-penalty", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--emulate", is_flag=True, help="Run an aarch64 CPU artifact (rpi4/rpi5) here under qemu-aarch64-static.")
-@click.option("--device", default=None, metavar="KIND[:N]",
-              help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, index 0.")
-@click.option("--expect-digest", default=None, metavar="HEX",
-              help="Refuse the artifact unless its root digest (printed by compile and run) starts with HEX.")
-@click.option("--tracker", default=None, metavar="HOST:PORT", help="Run on a fleet device: the TVM RPC tracker.")
-@click.option("--key", default=None, help="With --tracker: the device key (e.g. rpi5); waits in the tracker's queue.")
+@_runner_options("Run")
 def run(artifact, prompt, max_tokens, no_chat, temperature, top_p, top_k, repetition_penalty, seed, stop, threads,
         emulate, device, expect_digest, tracker, key):
     """Stream the model's answer to PROMPT; prefill and decode tok/s go to stderr.
@@ -224,15 +241,21 @@ def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
 
     req = {"op": "run", "prompt": prompt, "chat": chat, "max_new_tokens": max_tokens, "sampling": asdict(sampling),
            "threads": threads}
-    for msg in stream_remote(artifact, req):
+    echo_stream(stream_remote(artifact, req), emulated=True)
+
+
+def echo_stream(messages, device: str | None = None, emulated: bool = False) -> None:
+    """Print a remote generation's `piece` messages as they come, then its `stats` line on stderr."""
+    for msg in messages:
         if "piece" in msg:
             click.echo(msg["piece"], nl=False)
         elif "stats" in msg:
             s = msg["stats"]
             click.echo()
-            click.echo(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tps']:.1f} tok/s | decode: "
-                       f"{s['generated_tokens']} tokens, {s['decode_tps']:.1f} tok/s | finish: {s['finish_reason']} "
-                       "(emulated: speeds are not the device's)", err=True)
+            click.echo((f"device '{device}': " if device else "")
+                       + f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tps']:.1f} tok/s | decode: "
+                       f"{s['generated_tokens']} tokens, {s['decode_tps']:.1f} tok/s | finish: {s['finish_reason']}"
+                       + (" (emulated: speeds are not the device's)" if emulated else ""), err=True)
 
 
 def _run_fleet(tracker, key, artifact, prompt, max_tokens, chat, sampling, threads):
@@ -248,13 +271,7 @@ def _run_fleet(tracker, key, artifact, prompt, max_tokens, chat, sampling, threa
 @click.option("--reps", default=5, show_default=True)
 @click.option("--warmup", default=1, show_default=True)
 @click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "json", "jsonl", "csv"]))
-@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
-@click.option("--device", default=None, metavar="KIND[:N]",
-              help="Device to run on, e.g. vulkan:1 (the second Vulkan adapter); default: the artifact's, index 0.")
-@click.option("--expect-digest", default=None, metavar="HEX",
-              help="Refuse the artifact unless its root digest starts with HEX.")
-@click.option("--tracker", default=None, metavar="HOST:PORT", help="Benchmark on a fleet device: the TVM RPC tracker.")
-@click.option("--key", default=None, help="With --tracker: the device key (e.g. rpi5); waits in the tracker's queue.")
+@_runner_options("Benchmark")
 def bench(artifact, n_prompt, n_gen, reps, warmup, fmt, threads, device, expect_digest, tracker, key):
     """Benchmark prefill (ppN) and decode (tgN) llama-bench style; records on stdout, logs on stderr."""
     from .device_runners.bench import format_records, run_bench

@@ -50,17 +50,9 @@ def run_on_device(tracker, key, artifact, prompt, max_tokens, chat, sampling, th
     with Device(tracker, key) as dev:
         dev.check_arch(art)
         dev.push(art)
-        emulated = dev.identity.get("emulated")
-        for msg in dev.run(art, req):
-            if "piece" in msg:
-                click.echo(msg["piece"], nl=False)
-            elif "stats" in msg:
-                s = msg["stats"]
-                click.echo()
-                click.echo(f"device '{key}': prefill: {s['prompt_tokens']} tokens, {s['prefill_tps']:.1f} tok/s | "
-                           f"decode: {s['generated_tokens']} tokens, {s['decode_tps']:.1f} tok/s | finish: "
-                           f"{s['finish_reason']}" + (" (emulated: speeds are not the device's)" if emulated else ""),
-                           err=True)
+        from ..cli import echo_stream
+
+        echo_stream(dev.run(art, req), device=key, emulated=bool(dev.identity.get("emulated")))
 
 
 @click.group()

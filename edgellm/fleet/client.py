@@ -25,6 +25,24 @@ def _rpc():
     return rpc
 
 
+def _bounded(fn, timeout: float, late: str):
+    """fn() in a daemon thread, waited for at most `timeout` s (TVM's RPC calls block with no timeout of their own);
+    its exception is returned, not raised; FleetError(`late`) when it does not answer in time."""
+    result: queue.Queue = queue.Queue()
+
+    def call():
+        try:
+            result.put(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, which names it
+            result.put(exc)
+
+    threading.Thread(target=call, daemon=True).start()
+    try:
+        return result.get(timeout=timeout)
+    except queue.Empty:
+        raise FleetError(late) from None
+
+
 def tracker_summary(tracker: str, timeout: float = 10) -> dict:
     """The tracker's summary: {"queue_info": {key: {free, pending}}, "server_info": [{key, addr}]}."""
     import socket
@@ -35,24 +53,16 @@ def tracker_summary(tracker: str, timeout: float = 10) -> dict:
     except OSError as exc:
         raise FleetError(f"cannot reach the tracker at {tracker} ({exc.strerror or exc}); start it with `python -m "
                          f"tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}`") from None
-    result: queue.Queue = queue.Queue()
 
     def ask():
+        t = _rpc().connect_tracker(host, port)
         try:
-            t = _rpc().connect_tracker(host, port)
-            try:
-                result.put(t.summary())
-            finally:
-                t.close()
-        except Exception as exc:  # noqa: BLE001
-            result.put(exc)
+            return t.summary()
+        finally:
+            t.close()
 
-    threading.Thread(target=ask, daemon=True).start()
-    try:
-        got = result.get(timeout=timeout)
-    except queue.Empty:
-        raise FleetError(f"tracker {tracker} did not answer within {timeout:.0f} s; is `python -m "
-                         "tvm.exec.rpc_tracker` running there?") from None
+    got = _bounded(ask, timeout, f"tracker {tracker} did not answer within {timeout:.0f} s; is `python -m "
+                                 "tvm.exec.rpc_tracker` running there?")
     if isinstance(got, Exception):
         raise FleetError(f"cannot reach the tracker at {tracker} ({got}); start it with `python -m "
                          f"tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}`") from None
@@ -116,21 +126,10 @@ class Device:
             raise FleetError(f"no device with key {key!r} is registered at tracker {tracker} (keys: "
                              f"{', '.join(sorted(keys)) or 'none'}); start one with `edgellm device serve "
                              f"--tracker {tracker} --key {key}`")
-        result: queue.Queue = queue.Queue()
-
-        def ask():
-            try:
-                result.put(_rpc().connect_tracker(host, port).request(key, session_timeout=session_timeout,
-                                                                      max_retry=2))
-            except Exception as exc:  # noqa: BLE001
-                result.put(exc)
-
-        threading.Thread(target=ask, daemon=True).start()
-        try:
-            got = result.get(timeout=queue_timeout)
-        except queue.Empty:
-            raise FleetError(f"no '{key}' device became free within {queue_timeout:.0f} s (the tracker's queue; "
-                             "`edgellm devices` shows who holds them)") from None
+        got = _bounded(lambda: _rpc().connect_tracker(host, port).request(key, session_timeout=session_timeout,
+                                                                          max_retry=2), queue_timeout,
+                       f"no '{key}' device became free within {queue_timeout:.0f} s (the tracker's queue; "
+                       "`edgellm devices` shows who holds them)")
         if isinstance(got, Exception):
             raise FleetError(f"the tracker could not connect a '{key}' device: {got}") from None
         self.sess = got
