@@ -71,18 +71,18 @@ def ensure_llamacpp() -> Path:
     return py
 
 
-def ensure_artifact(quant: str) -> Path:
+def ensure_artifact(quant: str, head: str | None = None) -> Path:
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
 
     from edgellm.compile import _git_sha
 
-    art = CACHE / f"smollm2-host-{quant}"
+    art = CACHE / (f"smollm2-host-{quant}" + (f"-head-{head}" if head else ""))
     manifest = art / "manifest.json"
     stale = not manifest.exists() or json.loads(manifest.read_text()).get("git_sha") != _git_sha()
     if stale:  # rebuilt whenever the code that built it changed
         compile_model(CompileArgs(model=None, output=art, quant=quant, runtime=RuntimeOptions(1024, 256),
-                                  overwrite=True))
+                                  overwrite=True, head=head))
     return art
 
 
@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quant", default="q4f32_2", help="edgellm scheme (q4f32_2: the host preset's default)")
+    ap.add_argument("--head", default=None, choices=["q4", "q8", "f16"],
+                    help="embedding/head precision (default: source-faithful, 8-bit for this GGUF)")
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--kernels", action="store_true", help="also time each linear kernel alone")
@@ -196,7 +198,7 @@ def main() -> int:
 
     gguf = default_model_path()
     py = ensure_llamacpp()
-    art = ensure_artifact(a.quant)
+    art = ensure_artifact(a.quant, a.head)
     samples: dict[str, dict[str, list[float]]] = {"llama.cpp": {"pp": [], "tg": []}, "edgellm": {"pp": [], "tg": []}}
     for rep in range(a.reps):  # alternate, so drift in machine load hits both
         r = run_worker([str(py), "-c", LLAMA_WORKER, str(gguf), str(a.threads), str(a.p), str(a.n)])
@@ -210,7 +212,7 @@ def main() -> int:
     for k, n in (("pp", a.p), ("tg", a.n)):
         lc, ed = statistics.median(samples["llama.cpp"][k]), statistics.median(samples["edgellm"][k])
         summary.append({"test": f"{k}{n}", "llama.cpp": lc, "edgellm": ed, "ratio": ed / lc, "threads": a.threads,
-                        "reps": a.reps, "quant": a.quant, "samples": {x: samples[x][k] for x in samples}})
+                        "reps": a.reps, "quant": a.quant, "head": a.head or "source", "samples": {x: samples[x][k] for x in samples}})
     print(f"| test | llama.cpp tok/s | edgellm {a.quant} tok/s | edgellm / llama.cpp |")
     print("|---|---:|---:|---:|")
     for r in summary:
