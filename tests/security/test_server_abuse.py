@@ -48,6 +48,9 @@ class Server(ServerProc):
         assert h["http_status"] == 200 and h["status"] == "ok", h
         assert (h["active"], h["kv_pages_reserved"], h["kv_pages_reserved_active"], h["kv_pages_in_use"]) == \
             (0, 0, 0, 0), h
+        m = self.metrics()  # what an operator's Prometheus sees says the same
+        assert (m["edgellm_active_sequences"], m["edgellm_kv_pages_reserved"], m["edgellm_kv_pages_reserved_active"],
+                m["edgellm_kv_pages_in_use"]) == (0, 0, 0, 0), m
         r = httpx.post(self.url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 3,
                                                             "temperature": 0}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
