@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .cli_support import echo_stream
+from .cli_support import guard as _guard
 from .quant.schemes import HEAD_CHOICES, SCHEMES
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -27,22 +29,6 @@ class TargetType(click.ParamType):
         return value
 
 
-def _known_errors():
-    from .artifact import ArtifactError
-    from .config import ConfigError
-    from .device_runners.emulate import EmulationError
-    from .device_runners.engine import PromptTooLongError
-    from .device_runners.text import ChatTemplateError
-    from .fleet import FleetError
-    from .loaders import SourceError
-    from .package import PackageError
-    from .quant.convert import WeightMapError
-    from .targets import TargetError
-
-    return (ArtifactError, ConfigError, EmulationError, PromptTooLongError, ChatTemplateError, SourceError,
-            WeightMapError, TargetError, PackageError, FleetError, ValueError, OSError)
-
-
 def _positive(**values) -> None:
     """Refuse counts that make no sense (threads 0, -n -3, ...): one line naming the option and the fix."""
     for opt, (value, least) in values.items():
@@ -58,13 +44,6 @@ def _text_arg(value: str, what: str) -> str:
         raise click.ClickException(f"the {what} is not valid UTF-8 text; pass it in a UTF-8 locale or re-encode it "
                                    "(e.g. iconv -t UTF-8)") from None
     return value
-
-
-def _guard(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except _known_errors() as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _list_opts(ctx, _param, value):
@@ -242,20 +221,6 @@ def _run_emulated(artifact, prompt, max_tokens, chat, sampling, threads):
     req = {"op": "run", "prompt": prompt, "chat": chat, "max_new_tokens": max_tokens, "sampling": asdict(sampling),
            "threads": threads}
     echo_stream(stream_remote(artifact, req), emulated=True)
-
-
-def echo_stream(messages, device: str | None = None, emulated: bool = False) -> None:
-    """Print a remote generation's `piece` messages as they come, then its `stats` line on stderr."""
-    for msg in messages:
-        if "piece" in msg:
-            click.echo(msg["piece"], nl=False)
-        elif "stats" in msg:
-            s = msg["stats"]
-            click.echo()
-            click.echo((f"device '{device}': " if device else "")
-                       + f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tps']:.1f} tok/s | decode: "
-                       f"{s['generated_tokens']} tokens, {s['decode_tps']:.1f} tok/s | finish: {s['finish_reason']}"
-                       + (" (emulated: speeds are not the device's)" if emulated else ""), err=True)
 
 
 def _run_fleet(tracker, key, artifact, prompt, max_tokens, chat, sampling, threads):

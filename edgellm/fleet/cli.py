@@ -8,11 +8,8 @@ from pathlib import Path
 
 import click
 
-
-def _guard(fn, *args, **kwargs):
-    from ..cli import _guard as guard
-
-    return guard(fn, *args, **kwargs)
+from ..cli_support import echo_stream
+from ..cli_support import guard as _guard
 
 
 def _need(tracker, key):
@@ -50,8 +47,6 @@ def run_on_device(tracker, key, artifact, prompt, max_tokens, chat, sampling, th
     with Device(tracker, key) as dev:
         dev.check_arch(art)
         dev.push(art)
-        from ..cli import echo_stream
-
         echo_stream(dev.run(art, req), device=key, emulated=bool(dev.identity.get("emulated")))
 
 
