@@ -120,6 +120,25 @@ def _dot_fn(path: DotPath):
     return dot
 
 
+def tile_plan(scheme: QuantScheme, in_f: int, out_f: int, target, family: str | None):
+    """The shapes an int8-activation linear kernel is tiled by (4-bit and 8-bit weights alike): padded `in` kp,
+    packed words W per row, groups G of gs elements, words per group wpg, the dot path and its lanes V, groups per
+    chunk GV, chunks C, output rows per tile nt, tiles, parallel tasks P of TP tiles, the float vector type fv, and
+    `expand` (word lane -> group lane within a chunk)."""
+    per = scheme.elems_per_word
+    kp = scheme.padded_in(in_f)
+    W, G, gs = kp // per, kp // scheme.group_size, scheme.group_size
+    wpg = gs // per  # words per group
+    path = plan(target, W, family)
+    V = path.lanes
+    GV = V // wpg if V >= wpg else 1
+    nt = next(t for t in (4, 2, 1) if out_f % t == 0)
+    tiles = out_f // nt
+    P = min(tiles, MAX_TASKS)
+    return (kp, W, G, gs, wpg, path, V, GV, W // V, nt, tiles, P, (tiles + P - 1) // P, f"float32x{V}",
+            [i // wpg for i in range(V)])
+
+
 def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bias: bool, target=None,
                 family: str | None = None):
     """y[m, n] = sum_k x[m, k] W[n, k] (+ b[n]) for an INT4 weight (q_weight, q_scale[, q_min]) with int8
@@ -127,19 +146,7 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
     c = compiler()
     T = c.tvm.script.tirx
     target = target if target is not None else c.Target.current(allow_none=True)
-    kp = scheme.padded_in(in_f)
-    W, G, gs = kp // 8, kp // scheme.group_size, scheme.group_size
-    wpg = gs // 8  # words per group
-    path = plan(target, W, family)
-    V = path.lanes
-    GV = V // wpg if V >= wpg else 1
-    C = W // V
-    nt = next(t for t in (4, 2, 1) if out_f % t == 0)
-    tiles = out_f // nt
-    P = min(tiles, MAX_TASKS)
-    TP = (tiles + P - 1) // P
-    fv = f"float32x{V}"
-    expand = [i // wpg for i in range(V)]  # word lane -> group lane within a chunk
+    kp, W, G, gs, wpg, path, V, GV, C, nt, tiles, P, TP, fv, expand = tile_plan(scheme, in_f, out_f, target, family)
     dot = _dot_fn(path)
     asym = scheme.zero_point
     neg_qmax = -float(scheme.qmax)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..quant.schemes import QuantScheme
-from .cpu_linear_int8 import _PMADD, MAX_TASKS, OPAQUE, STACK, DotPath, _with_params, plan
+from .cpu_linear_int8 import _PMADD, OPAQUE, STACK, DotPath, _with_params, tile_plan
 
 CORRECTED = ("vnni", "pmadd")  # families that multiply the unsigned byte u and subtract 128 * sum(xq)
 
@@ -80,19 +80,7 @@ def linear_int8_q8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme,
     if scheme.bits != 8 or scheme.zero_point:
         raise ValueError(f"linear_int8_q8 takes symmetric 8-bit rows, not {scheme.name}")
     per = scheme.elems_per_word  # 4
-    kp = scheme.padded_in(in_f)
-    W, G, gs = kp // per, kp // scheme.group_size, scheme.group_size
-    wpg = gs // per  # words per group
-    path = plan(target, W, family)
-    V = path.lanes
-    GV = V // wpg if V >= wpg else 1
-    C = W // V
-    nt = next(t for t in (4, 2, 1) if out_f % t == 0)
-    tiles = out_f // nt
-    P = min(tiles, MAX_TASKS)
-    TP = (tiles + P - 1) // P
-    fv = f"float32x{V}"
-    expand = [i // wpg for i in range(V)]  # word lane -> group lane within a chunk
+    kp, W, G, gs, wpg, path, V, GV, C, nt, tiles, P, TP, fv, expand = tile_plan(scheme, in_f, out_f, target, family)
     dot = _dot8_fn(path)
     corrected = path.family in CORRECTED
     sdt = scheme.scale_dtype
