@@ -200,7 +200,11 @@ def main() -> None:
     ap.add_argument("--python", default="3.12")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="model shapes to build (comma-separated)")
     ap.add_argument("--no-kernels", action="store_true", help="skip kernels.so (then run gpu_run.py --skip-checks)")
+    ap.add_argument("--out", default=str(REPO / ".device"), help="bundle folder (default .device/; ignored names: .device-*/); "
+                    "on the GPU machine pass the same name to gpu_run.py --dev")
     args = ap.parse_args()
+    global OUT
+    OUT = Path(args.out).resolve()
     new_bundle(OUT, args.python)
     build_artifacts(args.arch, [x for x in args.shapes.split(",") if x])
     if not args.no_kernels:

@@ -399,7 +399,10 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-checks", action="store_true", help="skip the standalone kernel checks (kernels.so)")
+    ap.add_argument("--dev", default=str(REPO / ".device"), help="the bundle folder gpu_prepare.py --out wrote (default .device/)")
     args = ap.parse_args()
+    global DEV
+    DEV = Path(args.dev).resolve()
     results["device"] = torch_device_name()
     steps = [("check_tiny", check_tiny)] + ([] if args.skip_checks else [("gemv kernels", check_gemv_kernels)])
     steps.append(("copy bandwidth", lambda: results.setdefault("copy_bw", copy_bandwidth())))
