@@ -1,7 +1,12 @@
 """Turn a bench/gpu_run.py result (gpu.json) into docs/benchmarks/h100.json (one record per model shape, engine and
 test), h100-detail.json (checks, kernels, decode and prefill profiles) and h100.png.
 
-Usage: python bench/gpu_report.py GPU_JSON [--out docs/benchmarks] [--name h100]
+Usage: python bench/gpu_report.py GPU_JSON [--out docs/benchmarks] [--name h100] [--llamacpp DIR]
+
+--llamacpp DIR folds in llama.cpp's llama-bench JSON (llamacpp-<shape>.json, written by the kit of
+../shared/gpu-anchor/run.sh in the same device call): one record per shape and test, engine "llama.cpp", scheme
+Q4_0, with bandwidth_fraction computed like edgellm's (weight bytes read per decode token x tok/s / the copy
+bandwidth measured in the same run).
 """
 
 from __future__ import annotations
@@ -14,10 +19,52 @@ KEEP = ("model", "test", "engine", "scheme", "avg_ts", "stddev_ts", "samples_ts"
         "achieved_gbs",
         "bandwidth_fraction", "copy_bandwidth_gbs", "device")
 TESTS = ("pp128", "pp512", "tg128")
+HATCH = {"edgellm": None, "llama.cpp": ".."}  # every other engine (transformers): "//"
+
+
+def _style(engine: str) -> dict:
+    return {"alpha": 1.0 if engine == "edgellm" else 0.45, "hatch": HATCH.get(engine, "//")}
 
 
 def records(run: dict) -> list[dict]:
     return [{k: r.get(k) for k in KEEP} for r in run["bench"]]
+
+
+# llama-bench model files of the kit: every 2-D weight Q4_0 (18 bytes per 32 weights), norms F32
+ANCHOR_SHAPES = {  # shape: (hidden, ffn, layers, heads, kv_heads, vocab, tied, label)
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True, "SmolLM2-135M shape"),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True, "Llama-3.2-1B shape"),
+    "llama-3-8b": (4096, 14336, 32, 32, 8, 128256, False, "Llama-3-8B shape"),
+}
+
+
+def q4_0_read_bytes_per_token(shape: str) -> int:
+    """Weight bytes one decode token reads from a pure-Q4_0 file: every layer matrix and the head (the tied
+    embedding is the head; an untied embedding is read one row per token, counted as nothing)."""
+    h, f, n, heads, kv, vocab, _tied, _ = ANCHOR_SHAPES[shape]
+    hd = h // heads
+    per_layer = h * (heads * hd) + 2 * h * (kv * hd) + (heads * hd) * h + 3 * h * f
+    return (n * per_layer + vocab * h) * 18 // 32
+
+
+def llamacpp_records(folder: Path, copy_bw: float, device: str | None) -> list[dict]:
+    out = []
+    for shape, spec in ANCHOR_SHAPES.items():
+        path = folder / f"llamacpp-{shape}.json"
+        if not path.exists():
+            continue
+        for r in json.loads(path.read_text()):
+            test = f"pp{r['n_prompt']}" if r.get("n_prompt") else f"tg{r['n_gen']}"
+            rec = {k: None for k in KEEP}
+            rec.update(model=spec[7], test=test, engine="llama.cpp", scheme="Q4_0 (pure)", avg_ts=r["avg_ts"],
+                       stddev_ts=r["stddev_ts"], samples_ts=r.get("samples_ts"), weight_bytes=r.get("model_size"),
+                       device=device, copy_bandwidth_gbs=copy_bw / 1e9 if copy_bw else None)
+            if test.startswith("tg") and copy_bw:
+                rb = q4_0_read_bytes_per_token(shape)
+                rec.update(read_bytes_per_token=rb, achieved_gbs=rb * r["avg_ts"] / 1e9,
+                           bandwidth_fraction=rb * r["avg_ts"] / copy_bw)
+            out.append(rec)
+    return out
 
 
 def plot(recs: list[dict], path: Path, title: str) -> None:
@@ -38,8 +85,7 @@ def plot(recs: list[dict], path: Path, title: str) -> None:
                 if r is None:
                     continue
                 x = m_i + (t_i * len(engines) + e_i) * width - 0.4 + width / 2
-                ax.bar(x, r["avg_ts"], width, color=f"C{t_i}", alpha=1.0 if eng == "edgellm" else 0.35,
-                       hatch=None if eng == "edgellm" else "//", edgecolor="black", linewidth=0.4)
+                ax.bar(x, r["avg_ts"], width, color=f"C{t_i}", **_style(eng), edgecolor="black", linewidth=0.4)
                 ax.text(x, r["avg_ts"] * 1.08, f"{r['avg_ts']:.0f}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_yscale("log")
     ax.set_ylim(top=max(r["avg_ts"] for r in recs) * 8)
@@ -48,17 +94,16 @@ def plot(recs: list[dict], path: Path, title: str) -> None:
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=f"C{i}", label=t) for i, t in enumerate(TESTS)]
-              + [Patch(facecolor="white", edgecolor="black", label="edgellm q4f16_1"),
-                 Patch(facecolor="white", edgecolor="black", hatch="//", label="transformers fp16")],
+              + [Patch(facecolor="white", edgecolor="black", hatch=_style(e)["hatch"],
+                       label=e + " " + next(r["scheme"] or "" for r in recs if r["engine"] == e)) for e in engines],
               fontsize=7, ncol=5, loc="upper center")
     ax.set_title(title, fontsize=9)
     ax = axes[1]
     for e_i, eng in enumerate(engines):
         vals = [next((r["bandwidth_fraction"] or 0 for r in recs if r["model"] == m and r["test"] == "tg128"
                       and r["engine"] == eng), 0) * 100 for m in models]
-        xs = [i + (e_i - (len(engines) - 1) / 2) * 0.35 for i in range(len(models))]
-        ax.bar(xs, vals, 0.35, color="C3", alpha=1.0 if eng == "edgellm" else 0.35, hatch=None if eng == "edgellm" else "//",
-               edgecolor="black", linewidth=0.4)
+        xs = [i + (e_i - (len(engines) - 1) / 2) * 0.8 / len(engines) for i in range(len(models))]
+        ax.bar(xs, vals, 0.8 / len(engines), color="C3", **_style(eng), edgecolor="black", linewidth=0.4)
         for x, v in zip(xs, vals):
             ax.text(x, v + 1, f"{v:.0f}%", ha="center", fontsize=7)
     ax.axhline(75, color="gray", ls="--", lw=0.8)
@@ -74,9 +119,12 @@ def main() -> None:
     ap.add_argument("gpu_json", type=Path)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     ap.add_argument("--name", default="h100")
+    ap.add_argument("--llamacpp", type=Path, help="folder of llama-bench JSON (llamacpp-<shape>.json) from the same run")
     args = ap.parse_args()
     run = json.loads(args.gpu_json.read_text())
     recs = records(run)
+    if args.llamacpp:
+        recs += llamacpp_records(args.llamacpp, run.get("copy_bw", 0), run.get("device"))
     (args.out / f"{args.name}.json").write_text(json.dumps(recs, indent=1) + "\n")
     detail = {k: run.get(k) for k in ("device", "copy_bw", "checks", "kernels", "profiles", "prefill_profiles", "load_seconds",
                                         "errors")}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: edgellm (bench/gpu_run.py: checks, pp128/pp512/tg128, transformers fp16) and llama.cpp's
+# llama-bench on random-weight Q4_0 GGUFs of the same shapes (the kit copied from ../shared/gpu-anchor into
+# BUNDLE/gpu-anchor), one after the other so neither times the other's CPU load (llama.cpp's build runs last).
+#
+# Here:   python bench/gpu_prepare.py --out .device && cp -r ../shared/gpu-anchor .device/gpu-anchor
+# There:  bash bench/gpu_side_by_side.sh .device          (results under $OUT: gpu.json, llamacpp/*.json)
+# Here:   python bench/gpu_report.py OUT/gpu.json --name h200 --llamacpp OUT/llamacpp
+set -u
+BUNDLE=${1:-.device}
+shift || true
+OUT=${OUT:-./out}
+mkdir -p "$OUT/llamacpp"
+PYTHONPATH="$BUNDLE/site:." python3 bench/gpu_run.py --dev "$BUNDLE" "$@" 2>&1 | tail -60
+if [ -d "$BUNDLE/gpu-anchor" ]; then
+  (cd "$BUNDLE/gpu-anchor" && OUT="$OUT/llamacpp" BUDGET_S=${ANCHOR_BUDGET_S:-330} bash run.sh 2>&1 | tail -25)
+fi
