@@ -11,6 +11,7 @@ BUNDLE=${1:-.device}
 shift || true
 OUT=${OUT:-./out}
 mkdir -p "$OUT/llamacpp"
+OUT=$(cd "$OUT" && pwd)
 PYTHONPATH="$BUNDLE/site:." python3 bench/gpu_run.py --dev "$BUNDLE" "$@" 2>&1 | tail -60
 if [ -d "$BUNDLE/gpu-anchor" ]; then
   (cd "$BUNDLE/gpu-anchor" && OUT="$OUT/llamacpp" BUDGET_S=${ANCHOR_BUDGET_S:-330} bash run.sh 2>&1 | tail -25)
