@@ -40,6 +40,10 @@ class QuantScheme:
     description: str
     zero_point: bool = False  # asymmetric grid: q_min stored beside q_scale (GGUF Q4_1)
     act_quant: str = "none"  # "int8": linear kernels quantize x to int8 per group (integer dot products; CPU)
+    # symmetric 4-bit rows: the stored value of a zero weight, decoded (q - q_offset) * scale. 0 = the default grid
+    # (q_offset = qmax = 7, q in [0, 14], scale = max|w| / 7); 8 = the GGUF Q4_0 grid (q in [0, 15], 16 levels,
+    # scale = the group's signed extreme / -8, as llama.cpp quantizes). Kernels read it through `offset` / `levels`.
+    q_offset: int = 0
     # --head choice -> the row the embedding / head use beside this one (same activations); see precision_plan
     partners: tuple[tuple[str, str], ...] = ()
 
@@ -61,6 +65,8 @@ class QuantScheme:
         if self.act_quant == "int8" and (not self.bits or self.act_dtype != "float32" or self.group_size % 32):
             raise ValueError(f"scheme {self.name}: int8 activations need 4- or 8-bit weights, float32 activations and "
                              f"groups of a multiple of 32")
+        if self.q_offset and (self.bits != 4 or self.zero_point or not 0 < self.q_offset < 16):
+            raise ValueError(f"scheme {self.name}: q_offset is for symmetric 4-bit rows, in 1..15, got {self.q_offset}")
         bad = [c for c, _ in self.partners if c not in HEAD_CHOICES]
         if bad:
             raise ValueError(f"scheme {self.name}: partner choice {bad[0]!r} is not one of {', '.join(HEAD_CHOICES)}")
@@ -87,12 +93,14 @@ class QuantScheme:
     def offset(self) -> int:
         """Symmetric rows: the stored value of a zero weight, decoded (q - offset) * scale: qmax for 4 bits (q in
         [0, 14]), 128 for 8 bits (offset binary: q in [0, 255] holds every int8, -128 included)."""
+        if self.q_offset:
+            return self.q_offset
         return 1 << (self.bits - 1) if self.bits == 8 else self.qmax
 
     @property
     def levels(self) -> int:
         """Largest stored value: 2*qmax (4-bit symmetric), 255 (8-bit) or 2**bits - 1 (asymmetric)."""
-        return (1 << self.bits) - 1 if self.zero_point or self.bits == 8 else 2 * self.qmax
+        return (1 << self.bits) - 1 if self.zero_point or self.bits == 8 or self.q_offset else 2 * self.qmax
 
     @property
     def source_bits(self) -> int:
@@ -127,7 +135,8 @@ class QuantScheme:
             "layout": ("dense" if not self.bits else
                        "NK, 4 bytes per uint32, byte i at bits 8i, (q - 128) * scale" if self.bits == 8 else
                        "NK, 8 nibbles per uint32, nibble i at bits 4i, "
-                       + ("q * scale + min (q_min)" if self.zero_point else "(q - qmax) * scale")),
+                       + ("q * scale + min (q_min)" if self.zero_point else
+                          f"(q - {self.q_offset}) * scale" if self.q_offset else "(q - qmax) * scale")),
             "zero_point": self.zero_point,
             "act_quant": self.act_quant,
         }
@@ -155,6 +164,18 @@ SCHEMES: dict[str, QuantScheme] = {
                     "CPU: INT4 asymmetric groups of 32 (fp16 scale + min, the GGUF Q4_1 grid), fp32 activations "
                     "quantized to int8 per group inside the linear kernels (VNNI / AVX2 / NEON sdot)",
                     zero_point=True, act_quant="int8", partners=_partners("q4f32_2", "q8f32_2", "q0f16")),
+        QuantScheme("q4f16_2", 4, 32, "uint32", "float16", "float16",
+                    "GPU: INT4 asymmetric groups of 32 (fp16 scale + min, the GGUF Q4_1 grid), fp16 activations",
+                    zero_point=True, partners=_partners("q4f16_2", "q8f16_1", "q0f16")),
+        QuantScheme("q4f32_3", 4, 32, "uint32", "float16", "float32",
+                    "GPU: INT4 asymmetric groups of 32 (fp16 scale + min, the GGUF Q4_1 grid), fp32 activations",
+                    zero_point=True, partners=_partners("q4f32_3", "q8f32_1", "q0f16")),
+        QuantScheme("q4f16_0", 4, 32, "uint32", "float16", "float16",
+                    "GPU: INT4 groups of 32 on the GGUF Q4_0 grid ((q - 8) * fp16 d, 16 levels), fp16 activations",
+                    q_offset=8, partners=_partners("q4f16_0", "q8f16_1", "q0f16")),
+        QuantScheme("q4f32_0", 4, 32, "uint32", "float16", "float32",
+                    "GPU: INT4 groups of 32 on the GGUF Q4_0 grid ((q - 8) * fp16 d, 16 levels), fp32 activations",
+                    q_offset=8, partners=_partners("q4f32_0", "q8f32_1", "q0f16")),
         QuantScheme("q8f32_1", 8, 32, "uint32", "float16", "float32",
                     "INT8 groups of 32 (fp16 scale, the GGUF Q8_0 grid), fp32 activations",
                     partners=_partners("q4f32_1", "q8f32_1", "q0f16")),
