@@ -21,11 +21,25 @@ class SourceError(ValueError):
 
 
 @dataclass
+class QuantBlocks:
+    """A block-quantized source tensor as stored (GGUF Q4_0 / Q4_1 / Q8_0, groups of 32 along `in`): `q` the stored
+    integers [out, in] (Q4_0/Q4_1: 0..15, Q8_0: int8), `d` the fp16 scales [out, in/32], `m` the Q4_1 fp16 minimums
+    (None otherwise). GGUF decodes Q4_0 (q - 8) * d, Q4_1 q * d + m, Q8_0 q * d. Lets a scheme on the same grid take
+    the values as they are (quant/convert.py), with no float round trip."""
+
+    kind: str
+    q: np.ndarray
+    d: np.ndarray
+    m: np.ndarray | None = None
+
+
+@dataclass
 class TensorRef:
     name: str
     shape: tuple[int, ...]
     dtype: str
     load: Callable[[], np.ndarray]
+    blocks: Callable[[], QuantBlocks] | None = None  # block-quantized sources only (see QuantBlocks)
 
 
 @dataclass

@@ -94,6 +94,37 @@ def _loader(reader_tensor, hf_name: str, config: ModelConfig):
     return load
 
 
+def _block_reader(reader_tensor, hf_name: str, config: ModelConfig):
+    """The stored blocks of a Q4_0 / Q4_1 / Q8_0 tensor as QuantBlocks (rows un-permuted as `_loader` does), or None
+    for other types. Block layouts (ggml-common.h): Q4_0 = d, 16 bytes of nibbles (byte j: element j low, j + 16
+    high); Q4_1 = d, m, the same 16 bytes; Q8_0 = d, 32 int8."""
+    from . import QuantBlocks
+
+    kind = reader_tensor.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1", "Q8_0"):
+        return None
+
+    def blocks() -> QuantBlocks:
+        t = reader_tensor
+        rows, cols = (int(x) for x in reversed(t.shape.tolist()))
+        head = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[kind]
+        raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, cols // 32, -1)
+        d = np.ascontiguousarray(raw[:, :, 0:2]).view(np.float16)[:, :, 0]
+        m = np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16)[:, :, 0] if kind == "Q4_1" else None
+        body = raw[:, :, head:]
+        if kind == "Q8_0":
+            q = np.ascontiguousarray(body).view(np.int8).reshape(rows, cols)
+        else:
+            q = np.concatenate([body & 15, body >> 4], axis=2).reshape(rows, cols)
+        parts = [q, d] + ([m] if m is not None else [])
+        if config.arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if hf_name.endswith("q_proj.weight") else config.num_key_value_heads
+            parts = [_unpermute(a, heads) for a in parts]
+        return QuantBlocks(kind, parts[0], parts[1], parts[2] if m is not None else None)
+
+    return blocks
+
+
 def build_tokenizer_json(meta: dict) -> str:
     """A tokenizers.Tokenizer (serialized tokenizer.json) from tokenizer.ggml.* metadata (byte-level BPE)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -152,7 +183,7 @@ def load_gguf(path: Path) -> ModelSource:
                 f"{', '.join(SUPPORTED_TYPES)}: re-quantize the GGUF to one of those (e.g. Q8_0 or Q4_1)"
             )
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        tensors[hf] = TensorRef(hf, shape, t.tensor_type.name, _loader(t, hf, config))
+        tensors[hf] = TensorRef(hf, shape, t.tensor_type.name, _loader(t, hf, config), _block_reader(t, hf, config))
     tok_cfg = {
         "chat_template": meta.get("tokenizer.chat_template"),
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),

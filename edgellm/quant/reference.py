@@ -22,6 +22,8 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
     groups = w.reshape(out_f, in_pad // g, g)
     if scheme.zero_point:
         return _quantize_asym(groups, scheme)
+    if scheme.q_offset:
+        return _quantize_q4_0(groups, scheme)
     scale = np.abs(groups).max(axis=2) / scheme.qmax  # [out, in_pad/g]
     scale = scale.astype(scheme.scale_dtype)
     safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, :, None]
@@ -39,6 +41,18 @@ def _quantize_asym(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray,
     safe = np.where(s32 == 0, 1, s32)
     q = np.clip(np.rint((groups - qmin.astype(np.float32)[:, :, None]) / safe), 0, scheme.levels).astype(np.uint32)
     return pack_nibbles(q.reshape(out_f, -1)), scale, qmin
+
+
+def _quantize_q4_0(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    """The GGUF Q4_0 grid as llama.cpp quantizes it (quantize_row_q4_0_ref): d = the group's signed extreme / -8
+    (so that element lands on q = 0), q = min(15, trunc(w / d + 8.5)); decoded (q - 8) * d."""
+    out_f = groups.shape[0]
+    idx = np.abs(groups).argmax(axis=2)[:, :, None]
+    extreme = np.take_along_axis(groups, idx, axis=2)[:, :, 0]
+    d = (extreme / -float(scheme.offset)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.trunc(groups * inv[:, :, None] + np.float32(scheme.offset + 0.5)), 0, scheme.levels)
+    return pack_nibbles(q.astype(np.uint32).reshape(out_f, -1)), d.astype(scheme.scale_dtype)
 
 
 def pack(q: np.ndarray, scheme: QuantScheme) -> np.ndarray:
