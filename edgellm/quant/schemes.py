@@ -44,6 +44,9 @@ class QuantScheme:
     # (q_offset = qmax = 7, q in [0, 14], scale = max|w| / 7); 8 = the GGUF Q4_0 grid (q in [0, 15], 16 levels,
     # scale = the group's signed extreme / -8, as llama.cpp quantizes). Kernels read it through `offset` / `levels`.
     q_offset: int = 0
+    # GPTQ act-order (quant/gptq_awq.py): the weight's `in` columns are stored in group order and the linear gathers
+    # its input by the `q_perm` parameter (int32 [in]) first, x[..., q_perm]; embeddings never use such a row
+    act_order: bool = False
     # --head choice -> the row the embedding / head use beside this one (same activations); see precision_plan
     partners: tuple[tuple[str, str], ...] = ()
 
@@ -139,6 +142,8 @@ class QuantScheme:
                           f"(q - {self.q_offset}) * scale" if self.q_offset else "(q - qmax) * scale")),
             "zero_point": self.zero_point,
             "act_quant": self.act_quant,
+            **({"act_order": True, "layout": "NK in group order (input x[..., q_perm]), 8 nibbles per uint32, "
+                "nibble i at bits 4i, q * scale + min (q_min)"} if self.act_order else {}),
         }
 
 
@@ -188,6 +193,22 @@ SCHEMES: dict[str, QuantScheme] = {
                     act_quant="int8", partners=_partners("q4f32_2", "q8f32_2", "q0f16")),
     )
 }
+# GPTQ / AWQ import (quant/gptq_awq.py): asymmetric INT4 with fp32 scale and fp32 min = -zero * scale, which holds
+# (q - zero) * fp16 scale exactly (an fp16 min would not); CPU rows take int8 activations, GPU rows fp16. `_ao`:
+# GPTQ act-order (columns in group order, x gathered by q_perm). Picked from the checkpoint when --quant is not given.
+for _g in (128, 32):
+    for _ao in ("", "_ao"):
+        SCHEMES[f"q4f32_g{_g}{_ao}"] = QuantScheme(
+            f"q4f32_g{_g}{_ao}", 4, _g, "uint32", "float32", "float32",
+            f"CPU: GPTQ/AWQ INT4 asymmetric groups of {_g} (fp32 scale + min = -zero * scale), fp32 activations "
+            f"quantized to int8 per group inside the linear kernels" + (", act-order (x gathered by q_perm)" if _ao else ""),
+            zero_point=True, act_quant="int8", act_order=bool(_ao),
+            partners=_partners(f"q4f32_g{_g}", "q8f32_2", "q0f16"))
+        SCHEMES[f"q4f16_g{_g}{_ao}"] = QuantScheme(
+            f"q4f16_g{_g}{_ao}", 4, _g, "uint32", "float32", "float16",
+            f"GPU: GPTQ/AWQ INT4 asymmetric groups of {_g} (fp32 scale + min = -zero * scale), fp16 activations"
+            + (", act-order (x gathered by q_perm)" if _ao else ""),
+            zero_point=True, act_order=bool(_ao), partners=_partners(f"q4f16_g{_g}", "q8f16_1", "q0f16"))
 
 # bits a source tensor type carries (GGUF types and safetensors / torch dtypes)
 SOURCE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "F16": 16, "BF16": 16, "F32": 32,
