@@ -36,7 +36,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(ckpt: Path, out: Path, qtype_name: str = "F32") -> Path:
+def write_gguf(ckpt: Path, out: Path, qtype_name: str = "F32", encode=None) -> Path:
+    """encode(hf_name, float32 array in GGUF row order) -> (raw data, GGMLQuantizationType) or None: per-tensor
+    types or hand-made blocks (tests/test_lossless_repack.py); None or no encode: `qtype_name` for 2-D tensors."""
     import gguf
 
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -72,8 +74,12 @@ def write_gguf(ckpt: Path, out: Path, qtype_name: str = "F32") -> Path:
             arr = _permute(arr, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             arr = _permute(arr, cfg["num_key_value_heads"])
-        t = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
-        data = gguf.quants.quantize(arr, t)
+        custom = encode(name, arr) if encode is not None else None
+        if custom is not None:
+            data, t = custom
+        else:
+            t = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
+            data = gguf.quants.quantize(arr, t)
         w.add_tensor(_gguf_name(name), data, raw_dtype=t)  # shape derived from the byte shape
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -20,7 +20,7 @@ from ..kernels import KernelOptions, KernelRegistry
 from ..loaders import ModelSource, SourceError, default_model_path, open_model
 from ..models import get_architecture
 from ..quant import get_scheme
-from ..quant.convert import convert
+from ..quant.convert import convert, source_row
 from ..targets import ResolvedTarget, resolve
 
 log = logging.getLogger("edgellm")
@@ -61,12 +61,15 @@ class CompileResult:
     kernels: dict = field(default_factory=dict)  # the registry's manifest entry: options and kernels picked
     digest: str = ""  # the artifact's root digest (sha256 of manifest.json)
     tensor_classes: dict = field(default_factory=dict)  # manifest quant.classes: scheme, params, bytes per class
+    scheme_choice: dict = field(default_factory=dict)  # manifest quant.choice: the layers' row and why
 
     def summary(self) -> str:
         picked = "; ".join(f"{op}: {', '.join(names)}" for op, names in self.kernels.get("chosen", {}).items())
+        choice = self.scheme_choice
+        why = f"\nscheme: {choice['scheme']} ({choice['why']})" if choice else ""
         return (f"artifact {self.artifact}: {self.params / 1e6:.1f}M params, {self.weight_bytes / 2**20:.1f} MiB weights "
                 f"({self.bits_per_weight:.2f} bits/weight), build {self.build_seconds:.1f}s, total {self.total_seconds:.1f}s, "
-                f"{self.artifact_bytes / 2**20:.1f} MiB on disk\nprecision: {describe_classes(self.tensor_classes)}"
+                f"{self.artifact_bytes / 2**20:.1f} MiB on disk{why}\nprecision: {describe_classes(self.tensor_classes)}"
                 f"\nkernels: {picked}\nroot digest {self.digest}")
 
 
@@ -121,11 +124,51 @@ def _scheme_for(tgt: ResolvedTarget, scheme_name: str):
                          f"products); target {tgt.preset} is {tgt.target_json.get('kind')}: use --quant "
                          f"{tgt.default_quant} (or q4f16_1 / q4f32_1) for it")
     if scheme.act_dtype == "float16" and not tgt.features.get("fp16", True):
-        twin = get_scheme(scheme_name.replace("f16", "f32"))
+        twin = _fp32_twin(scheme)
         log.warning("target %s has fp16 off: building %s instead of %s (same weight format, fp32 activations)",
                     tgt.preset, twin.name, scheme.name)
         return twin
     return scheme
+
+
+def _fp32_twin(scheme):
+    """The row with `scheme`'s weight grid (bits, group, zero point, offset) and fp32 activations (no int8)."""
+    from ..quant.schemes import SCHEMES
+
+    def grid(s):
+        return s.bits, s.group_size, s.zero_point, s.offset if s.bits else 0
+
+    return next(s for s in SCHEMES.values() if s.act_dtype == "float32" and s.act_quant == "none"
+                and grid(s) == grid(scheme))
+
+
+def _layer_source_types(src: ModelSource, smap: dict, model_cls) -> dict[str, int]:
+    """Source type -> how many 2-D layer weights (every mapped weight but the embedding and the head) have it."""
+    counts: dict[str, int] = {}
+    for name, srcs in smap.items():
+        if name in (model_cls.EMBEDDING, model_cls.HEAD) or not name.endswith(".weight"):
+            continue
+        for s in srcs:
+            t = src.tensors.get(s)
+            if t is not None and len(t.shape) == 2:
+                counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return counts
+
+
+def _pick_scheme(tgt: ResolvedTarget, args: CompileArgs, src: ModelSource, smap: dict, model_cls):
+    """(row, manifest quant.choice): the user's --quant, else `source_row` from the target's default."""
+    from ..quant.schemes import SCHEMES
+
+    types = _layer_source_types(src, smap, model_cls)
+    if args.quant:
+        scheme = _scheme_for(tgt, args.quant)
+        why = "--quant"
+    else:
+        default = _scheme_for(tgt, tgt.default_quant)
+        row, why = source_row(default, types, SCHEMES)
+        scheme = _scheme_for(tgt, row.name)
+    return scheme, {"scheme": scheme.name, "requested": args.quant, "target_default": tgt.default_quant,
+                    "source_layer_types": types, "why": why}
 
 
 def _check_toolchain(tgt: ResolvedTarget) -> None:
@@ -249,6 +292,9 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         runtime = replace(runtime, context_window=window, prefill_chunk=min(runtime.prefill_chunk, window))
     model_cls, source_map = get_architecture(cfg)
     smap, unused = source_map(cfg)
+    scheme, choice = _pick_scheme(tgt, args, src, smap, model_cls)
+    if not args.quant and scheme.name != tgt.default_quant:
+        log.info("scheme %s: %s", scheme.name, choice["why"])
     plan = _plan(scheme, src, smap, model_cls, args.head)
     target = tgt.tvm()
     kernels = KernelRegistry(target, args.kernel_options,
@@ -296,7 +342,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
                       "config": cfg.as_dict(), "params": n_params},
             "quant": {**scheme.as_dict(), "padding": _padding(float_shapes, tensor_schemes),
                       "precision": plan.as_dict(), "per_tensor": {n: s.name for n, s in per_tensor.items()},
-                      "classes": classes},
+                      "classes": classes, "choice": choice},
             "target": tgt.as_dict(),
             "runtime": asdict(runtime),
             "tokenizer": tok,
@@ -311,7 +357,8 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         digest = write_manifest(tmp, manifest)
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
-                         build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest, classes)
+                         build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest, classes,
+                         choice)
 
 
 def _counted(items, tick):

@@ -49,6 +49,57 @@ def check_coverage(tensors: dict[str, TensorRef], smap: dict[str, list[str]], un
         raise WeightMapError(f"model parameter(s) with no source mapping: {', '.join(unmapped)}")
 
 
+def grid_holds(source_type: str, scheme: QuantScheme) -> bool:
+    """Whether `scheme`'s grid holds every value of a GGUF block type exactly (group 32, fp16-or-wider scales):
+    Q4_1 -> asymmetric 4-bit rows; Q4_0 -> asymmetric 4-bit rows (min = -8 d) and the Q4_0 grid (q_offset 8);
+    Q4_0 and Q8_0 -> 8-bit rows ((q - 8) and q are int8)."""
+    if not scheme.quantized or scheme.group_size != 32:
+        return False
+    if source_type == "Q4_1":
+        return scheme.bits == 4 and scheme.zero_point
+    if source_type == "Q4_0":
+        return scheme.zero_point or scheme.bits == 8 or (scheme.bits == 4 and scheme.offset == 8 and scheme.levels == 15)
+    if source_type == "Q8_0":
+        return scheme.bits == 8
+    return False
+
+
+def repack_blocks(refs: list[TensorRef], scheme: QuantScheme) -> tuple[np.ndarray, ...] | None:
+    """The sources' stored blocks (concatenated on axis 0) in `scheme`'s format, exactly: what
+    `reference.dequantize` gives back equals the GGUF's own dequantization bit for bit. None when a source has no
+    blocks or the scheme's grid does not hold its type (the caller quantizes the float values instead)."""
+    if not refs or any(r.blocks is None or not grid_holds(r.dtype, scheme) for r in refs):
+        return None
+    qs, ds, ms = [], [], []
+    for r in refs:
+        b = r.blocks()
+        d = b.d.astype(np.float32)
+        if b.kind == "Q8_0":
+            q, m = b.q.astype(np.int16), None
+        elif b.kind == "Q4_0":
+            q, m = b.q.astype(np.int16) - 8, -8 * d  # decoded (q - 8) * d: a signed integer times d
+        else:
+            q, m = b.q.astype(np.int16), b.m.astype(np.float32)
+        if scheme.zero_point:  # q * d + m; Q4_0: q in 0..15 again, min = -8 d (exact in fp16: a power of 2 times d)
+            q = q + 8 if b.kind == "Q4_0" else q
+        else:  # (stored - offset) * d
+            q = q + scheme.offset
+        qs.append(q)
+        ds.append(d)
+        ms.append(m)
+    q = np.concatenate(qs, axis=0)
+    if q.min() < 0 or q.max() > scheme.levels:
+        return None
+    scale = np.concatenate(ds, axis=0).astype(scheme.scale_dtype)
+    packed = reference.pack(q.astype(np.uint32), scheme)
+    if not scheme.zero_point:
+        return packed, scale
+    qmin = np.concatenate(ms, axis=0).astype(scheme.scale_dtype)
+    if not np.isfinite(qmin).all():  # -8 d beyond fp16's range
+        return None
+    return packed, scale, qmin
+
+
 def convert(
     tensors: dict[str, TensorRef],
     smap: dict[str, list[str]],
@@ -86,11 +137,33 @@ def convert(
             if role == "dense":
                 arr = w.astype(dtype)
             else:
-                parts = dict(zip(QUANT_LEAVES, reference.quantize(w.astype(np.float32),
-                                                                  schemes.get(src_name, scheme))))
+                row = schemes.get(src_name, scheme)
+                exact = repack_blocks([tensors[s] for s in srcs], row)
+                parts = dict(zip(QUANT_LEAVES, exact if exact is not None else
+                                 reference.quantize(w.astype(np.float32), row)))
                 base = src_name[: -len(".weight")]
                 arr = parts.pop(role)
                 done.update({f"{base}.{leaf}": a for leaf, a in parts.items()})
         if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
             raise WeightMapError(f"{name}: produced {arr.dtype}{tuple(arr.shape)}, model expects {dtype}{tuple(shape)}")
         yield name, np.ascontiguousarray(arr)
+
+
+def source_row(default: QuantScheme, layer_types: dict[str, int], rows: dict[str, QuantScheme]) -> tuple[QuantScheme, str]:
+    """The layers' row when the user gave no --quant: the target's `default` row, or, when every layer weight of the
+    source is block-quantized (GGUF Q4_0 / Q4_1 / Q8_0), the row of the same activation kind (act_dtype, act_quant)
+    whose grid holds all of them exactly (`grid_holds`), fewest bits first. layer_types: source type -> how many
+    layer weights have it. Returns (row, why) for the manifest and the compile summary."""
+    types = sorted(layer_types)
+    counts = ", ".join(f"{t} x {layer_types[t]}" for t in types)
+    if not types or any(t not in ("Q4_0", "Q4_1", "Q8_0") for t in types):
+        return default, f"the target's default (source layers {counts or 'none'})"
+    if all(grid_holds(t, default) for t in types):
+        return default, f"the target's default, whose grid holds the source layers ({counts}) exactly"
+    fits = [r for r in rows.values() if r.act_dtype == default.act_dtype and r.act_quant == default.act_quant
+            and all(grid_holds(t, r) for t in types)]
+    if not fits:
+        return default, (f"the target's default: no {default.act_dtype} row holds the source layers ({counts}) "
+                         "exactly, so they are re-quantized")
+    row = min(fits, key=lambda r: (r.bits_per_weight(), r.name))
+    return row, f"source layers {counts}: the row of the target's activations ({default.name}) on their grid, lossless"
