@@ -167,6 +167,13 @@ def _pick_scheme(tgt: ResolvedTarget, args: CompileArgs, src: ModelSource, smap:
         default = _scheme_for(tgt, tgt.default_quant)
         row, why = source_row(default, types, SCHEMES)
         scheme = _scheme_for(tgt, row.name)
+    from ..quant.gptq_awq import source_scheme  # GPTQ / AWQ: the exact import row, or a refusal of a lossy --quant
+
+    picked = source_scheme(src.tensors, tgt.target_json.get("kind"), tgt.features.get("fp16", True), args.quant,
+                           scheme, str(src.path))
+    if picked is not scheme:
+        counts = ", ".join(f"{t} x {n}" for t, n in sorted(types.items()))
+        scheme, why = picked, why if args.quant else f"source layers {counts}: the exact GPTQ/AWQ import row"
     return scheme, {"scheme": scheme.name, "requested": args.quant, "target_default": tgt.default_quant,
                     "source_layer_types": types, "why": why}
 
@@ -384,7 +391,7 @@ def _count_params(params: dict, float_shapes: dict) -> int:
         if name.endswith(".q_weight"):
             out_f, in_f = float_shapes[name[: -len("q_weight")] + "weight"]
             total += out_f * in_f
-        elif not name.endswith((".q_scale", ".q_min")):
+        elif not name.endswith((".q_scale", ".q_min", ".q_perm")):
             total += int(np.prod(shape))
     return total
 
@@ -422,7 +429,7 @@ def _tensor_classes(index: list[dict], params: dict, float_shapes: dict, schemes
         c, base = cls(name), name.rsplit(".", 1)[0] + ".weight"
         if name.endswith(".q_weight"):
             out[c]["params"] += int(np.prod(float_shapes[base]))
-        elif not name.endswith((".q_scale", ".q_min")):
+        elif not name.endswith((".q_scale", ".q_min", ".q_perm")):
             out[c]["params"] += int(np.prod(shape))
     for base, s in schemes.items():
         c = cls(base)

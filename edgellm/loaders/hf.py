@@ -108,6 +108,12 @@ def load_hf(folder: Path) -> ModelSource:
     if not tok.exists():
         raise SourceError(f"{folder} has no tokenizer.json (the fast-tokenizer file); export it with transformers")
     files = _safetensor_files(folder)
+    tensors = _read_tensors(files)
+    from ..quant.gptq_awq import read_format, wrap_tensors
+
+    fmt = read_format(raw, folder)  # GPTQ / AWQ: packed linears exposed as X.weight with their exact values
+    if fmt is not None:
+        tensors = wrap_tensors(tensors, fmt)
     h = hashlib.sha256()
     for f in [cfg_path, *files]:
         h.update(f"{f.name}:{sha256_of(f)}\n".encode())
@@ -115,7 +121,7 @@ def load_hf(folder: Path) -> ModelSource:
         kind="hf",
         path=folder,
         config=config,
-        tensors=_read_tensors(files),
+        tensors=tensors,
         tokenizer_json=_read_text(tok),
         tokenizer_config=_tokenizer_config(folder),
         sha256=h.hexdigest(),

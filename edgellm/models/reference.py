@@ -87,8 +87,11 @@ def float_weights(artifact) -> dict[str, np.ndarray]:
         if name.endswith(".q_weight"):
             base = name[: -len(".q_weight")]
             scheme = tensor_scheme(m["quant"], f"{base}.weight")
-            out[f"{base}.weight"] = dequantize(arr, raw[f"{base}.q_scale"], in_of(base), scheme, raw.get(f"{base}.q_min"))
-        elif not name.endswith((".q_scale", ".q_min")):
+            w = dequantize(arr, raw[f"{base}.q_scale"], in_of(base), scheme, raw.get(f"{base}.q_min"))
+            if f"{base}.q_perm" in raw:  # act-order: column j of the stored weight is input column q_perm[j]
+                w[:, raw[f"{base}.q_perm"]] = w.copy()
+            out[f"{base}.weight"] = w
+        elif not name.endswith((".q_scale", ".q_min", ".q_perm")):
             out[name] = arr.astype(np.float32)
     return out
 
@@ -109,6 +112,8 @@ def int8_linear(artifact):
         if scheme.act_quant != "int8":  # e.g. an f16 head beside int8 layers: a float kernel
             return x @ dense[name].T
         base = name[: -len(".weight")]
+        if f"{base}.q_perm" in raw:  # act-order: the kernel sees x[..., q_perm]
+            x = x[..., raw[f"{base}.q_perm"]]
         return linear_int8(x, raw[f"{base}.q_weight"], raw[f"{base}.q_scale"], raw.get(f"{base}.q_min"), scheme)
 
     return linear

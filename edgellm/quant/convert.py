@@ -17,7 +17,8 @@ from . import reference
 from .schemes import QuantScheme
 
 
-QUANT_LEAVES = ("q_weight", "q_scale", "q_min")  # the order reference.quantize returns them in
+QUANT_LEAVES = ("q_weight", "q_scale", "q_min", "q_perm")  # the order reference.quantize returns them in (q_perm:
+# act-order rows only, quant/gptq_awq.py)
 
 
 class WeightMapError(ValueError):
@@ -100,6 +101,25 @@ def repack_blocks(refs: list[TensorRef], scheme: QuantScheme) -> tuple[np.ndarra
     return packed, scale, qmin
 
 
+def _import_leaves(name: str, params: dict, smap: dict, tensors: dict[str, TensorRef], float_shapes: dict,
+                   row) -> dict[str, np.ndarray] | None:
+    """Every leaf of `name`'s weight from GPTQ / AWQ sources (or for an act-order row), repacked exactly by
+    quant/gptq_awq.py; None for every other weight."""
+    from . import gptq_awq
+
+    src_name, role = _float_target(name, params)
+    refs = [tensors[s] for s in smap[src_name]] if role != "dense" else []
+    if not refs or not gptq_awq.handles(refs, row(src_name)):
+        return None
+    got, want = (sum(r.shape[0] for r in refs), refs[0].shape[1]), tuple(float_shapes[src_name])
+    if got != want or any(r.shape[1] != want[1] for r in refs):
+        shapes = ", ".join(f"{r.name}{tuple(r.shape)}" for r in refs)
+        raise WeightMapError(f"shape mismatch for {src_name}: source {shapes}, model expects {want} (check "
+                             "config.json against the weights)")
+    base = src_name[: -len(".weight")]
+    return {f"{base}.{leaf}": a for leaf, a in gptq_awq.repack(refs, row(src_name), src_name, want[1]).items()}
+
+
 def convert(
     tensors: dict[str, TensorRef],
     smap: dict[str, list[str]],
@@ -118,6 +138,10 @@ def convert(
     for name, (shape, dtype) in params.items():
         if name in done:
             arr = done.pop(name)
+        elif (leaves := _import_leaves(name, params, smap, tensors, float_shapes,
+                                       lambda n: schemes.get(n, scheme))) is not None:
+            arr = leaves.pop(name)
+            done.update(leaves)
         else:
             src_name, role = _float_target(name, params)
             srcs = smap[src_name]

@@ -21,6 +21,8 @@ def _weight_params(module, out_f: int, in_f: int, scheme: QuantScheme) -> None:
         module.q_scale = nn.Parameter((out_f, kp // scheme.group_size), scheme.scale_dtype)
         if scheme.zero_point:
             module.q_min = nn.Parameter((out_f, kp // scheme.group_size), scheme.scale_dtype)
+        if scheme.act_order:  # GPTQ act-order: `in` stored in group order, the input gathered alike
+            module.q_perm = nn.Parameter((in_f,), "int32")
     else:
         module.weight = nn.Parameter((out_f, in_f), scheme.weight_dtype)
 
@@ -56,6 +58,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def forward(self, x):
+        if self.scheme.act_order:  # W x = W[:, perm] x[perm] (quant/gptq_awq.py)
+            x = nn.op.take(x, self.q_perm, axis=-1)
         return linear_call(x, _weights(self, self.scheme), self.in_features, self.out_features, self.scheme,
                            self.kernels, self.bias)
 
@@ -64,6 +68,8 @@ class Embedding(nn.Module):
     """Token embedding [vocab, hidden] in `scheme`'s format; `as_linear` reuses it as a tied lm_head."""
 
     def __init__(self, vocab: int, hidden: int, scheme: QuantScheme, dtype: str, kernels: KernelRegistry):
+        if scheme.act_order:
+            raise ValueError(f"scheme {scheme.name} permutes a linear's input; an embedding cannot use it")
         self.vocab, self.hidden, self.scheme, self.dtype, self.kernels = vocab, hidden, scheme, dtype, kernels
         _weight_params(self, vocab, hidden, scheme)
 
