@@ -57,13 +57,13 @@ def test_round_trip_error_bounded_by_half_step(scheme, shape):
     kp = scheme.padded_in(shape[1])
     assert qw.shape == (shape[0], kp // (32 // scheme.bits)) and qw.dtype == np.uint32
     for a in parts[1:]:
-        assert a.shape == (shape[0], kp // 32) and a.dtype == np.dtype(scheme.scale_dtype)
+        assert a.shape == (shape[0], kp // scheme.group_size) and a.dtype == np.dtype(scheme.scale_dtype)
     back = ref.dequantize(qw, qs, shape[1], scheme, qm)
     assert back.shape == shape
-    step = np.repeat(qs.astype(np.float32), 32, axis=1)[:, : shape[1]]
+    step = np.repeat(qs.astype(np.float32), scheme.group_size, axis=1)[:, : shape[1]]
     slack = 1e-3 * step + 1e-6
     if scheme.zero_point:  # fp16 scale and min: their rounding moves the 15-step grid slightly
-        slack = slack + 1e-2 * step + np.repeat(np.abs(qm.astype(np.float32)), 32, axis=1)[:, : shape[1]] * 2**-10
+        slack = slack + 1e-2 * step + np.repeat(np.abs(qm.astype(np.float32)), scheme.group_size, axis=1)[:, : shape[1]] * 2**-10
     assert (np.abs(back - w) <= step / 2 + slack).all()
     assert ref.unpack(qw, scheme).max() <= scheme.levels
     # re-quantizing the dequantized weight is exact (a fixed point), nibbles / bytes included

@@ -35,8 +35,10 @@ def _quantize_asym(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray,
     """Min/max grid per group (GGUF Q4_1): scale = (max - min) / 15, q = round((w - min) / scale)."""
     out_f = groups.shape[0]
     lo, hi = groups.min(axis=2), groups.max(axis=2)
-    scale = ((hi - lo) / scheme.levels).astype(scheme.scale_dtype)
-    qmin = lo.astype(scheme.scale_dtype)
+    # fp16 values even where stored in fp32 (the GPTQ/AWQ rows): q * scale is then exact in fp32, so a kernel's FMA
+    # and numpy's multiply-then-add decode alike
+    scale = ((hi - lo) / scheme.levels).astype(np.float16).astype(scheme.scale_dtype)
+    qmin = lo.astype(np.float16).astype(scheme.scale_dtype)
     s32 = scale.astype(np.float32)[:, :, None]
     safe = np.where(s32 == 0, 1, s32)
     q = np.clip(np.rint((groups - qmin.astype(np.float32)[:, :, None]) / safe), 0, scheme.levels).astype(np.uint32)
