@@ -60,10 +60,12 @@ def test_round_trip_error_bounded_by_half_step(scheme, shape):
         assert a.shape == (shape[0], kp // scheme.group_size) and a.dtype == np.dtype(scheme.scale_dtype)
     back = ref.dequantize(qw, qs, shape[1], scheme, qm)
     assert back.shape == shape
-    step = np.repeat(qs.astype(np.float32), scheme.group_size, axis=1)[:, : shape[1]]
+    step = np.repeat(np.abs(qs.astype(np.float32)), scheme.group_size, axis=1)[:, : shape[1]]  # Q4_0 grid: d < 0 too
     slack = 1e-3 * step + 1e-6
     if scheme.zero_point:  # fp16 scale and min: their rounding moves the 15-step grid slightly
         slack = slack + 1e-2 * step + np.repeat(np.abs(qm.astype(np.float32)), scheme.group_size, axis=1)[:, : shape[1]] * 2**-10
+    if scheme.q_offset:  # the Q4_0 grid (llama.cpp's rounding): the side opposite the extreme clips at 7/8 of it
+        slack = slack + step / 2
     assert (np.abs(back - w) <= step / 2 + slack).all()
     assert ref.unpack(qw, scheme).max() <= scheme.levels
     # re-quantizing the dequantized weight is exact (a fixed point), nibbles / bytes included
@@ -151,8 +153,9 @@ def test_int8_linear_is_the_dequantized_product(scheme_name):
     parts = ref.quantize(rng.standard_normal((20, 96)).astype(np.float32), s)
     qm = parts[2] if s.zero_point else None
     w = ref.dequantize(parts[0], parts[1], 96, s, qm).astype(np.float64)
-    xq, d = ref.quantize_activations(x, 32)
-    x_deq = xq.astype(np.float64) * np.repeat(d, 32, axis=1)
+    ag = s.act_group_size  # x values per activation scale (one packed word on the int8 rows)
+    xq, d = ref.quantize_activations(x, ag)
+    x_deq = xq.astype(np.float64) * np.repeat(d, ag, axis=1)
     got = ref.linear_int8(x, parts[0], parts[1], qm, s)
     np.testing.assert_allclose(got, x_deq @ w.T, rtol=1e-5, atol=1e-5 * np.abs(got).max())
     if s.zero_point:  # the old term (min * exact float sum) is measurably different: the test can tell them apart

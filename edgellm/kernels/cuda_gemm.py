@@ -216,18 +216,21 @@ def tc2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtyp
     return in_f % TC2_BK == 0 and x_dtype == scale_dtype == out_dtype == "float16" and out_f > 0
 
 
-def tc2_smem_bytes(config: str) -> int:
+def tc2_smem_bytes(config: str, zero_point: bool = False) -> int:
     wm, wn, mi, ni, st, _, _ = TC2_CONFIGS[config]
     bm, bn = wm * 16 * mi, wn * 8 * ni
-    return st * (bm * TC2_BK * 2 + bn * TC2_BK // 2 + bn * 4)
+    return st * (bm * TC2_BK * 2 + bn * TC2_BK // 2 + bn * 4 * (2 if zero_point else 1))
 
 
 def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", small: str | None = None,
-                  small_rows: int = 256):
+                  small_rows: int = 256, offset: int = QMAX, zero_point: bool = False):
     """Same function as `int4_gemm_tc` (x [m, in] fp16, q4f16_1 weights, optional bias, out [m, out] fp16, fp32
     accumulation), as a cp.async multi-stage pipeline with the weights decoded into mma B fragments (see above).
     `config` names a tile shape in TC2_CONFIGS; with `small`, calls with m <= small_rows launch that config instead
-    (a smaller tile: more blocks for the 132 SMs when few rows come). Needs sm_80+ (cp.async, mma.sync m16n8k16)."""
+    (a smaller tile: more blocks for the 132 SMs when few rows come). Needs sm_80+ (cp.async, mma.sync m16n8k16).
+    The row's grid: `offset` (the stored value of a zero weight: 7 for q4f16_1, 8 for the Q4_0 grid of q4f16_0)
+    or `zero_point` (q * scale + min, the Q4_1 grid of q4f16_2: one more argument q_min after q_scale, staged
+    beside the scales; the decode's multiply becomes an fma with 16 min)."""
     from tvm.script import tirx as T
 
     c = compiler()
@@ -236,13 +239,18 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
     for name in (config, small or config):
         if name not in TC2_CONFIGS:
             raise ValueError(f"int4_gemm_tc2: unknown config {name!r}; pick one of {sorted(TC2_CONFIGS)}")
+    if not 0 <= offset < 16:
+        raise ValueError(f"int4_gemm_tc2: offset must be in 0..15, got {offset}")
     W, G = in_f // PER_WORD, in_f // GROUP
     M = c.tirx.Var("m", "int64")
+    off = 0 if zero_point else offset
+    grid = "" if (off, zero_point) == (QMAX, False) else f", {off}, {'true' if zero_point else 'false'}"
 
     def launch(name: str):
         wm, wn, mi, ni, st, min_blocks, mode = TC2_CONFIGS[name]
-        return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn, tc2_smem_bytes(name),
-                min_blocks, f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}>")
+        return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn,
+                tc2_smem_bytes(name, zero_point), min_blocks,
+                f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}{grid}>")
 
     BM, NB, NT, SMEM, MINB, CALL = launch(config)
     BMs, NBs, NTs, SMEMs, MINBs, CALLs = launch(small or config)
@@ -250,18 +258,20 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
-               b_h: T.handle, out_h: T.handle):
+               m_h: T.handle, b_h: T.handle, out_h: T.handle):
         x = T.match_buffer(x_h, (M, in_f), "float16")
+        qm = T.match_buffer(m_h, (out_f, G), "float16")
         bias_buf = T.match_buffer(b_h, (out_f,), "float16")
         out = T.match_buffer(out_h, (M, out_f), "float16")
         bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
+        mp = T.meta_var(qm.data if zero_point else qs.data)  # without a zero point the pointer is never read
         if two and M <= small_rows:
             T.launch_thread("blockIdx.x", (M + BMs - 1) // BMs)
             T.launch_thread("blockIdx.y", NBs)
             T.launch_thread("threadIdx.x", NTs)
             sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
             with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
-                T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, bp, out.data, M, in_f, out_f,
+                T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
                                             sms.data, source_code=_TC2_SRC))
         else:
             # row tiles fastest: the row tiles sharing a weight tile run together, each weight byte leaves DRAM once
@@ -270,12 +280,12 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
             T.launch_thread("threadIdx.x", NT)
             sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
             with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):  # __launch_bounds__(NT, MINB)
-                T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, bp, out.data, M, in_f, out_f,
+                T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
                                             sm.data, source_code=_TC2_SRC))
 
     params = list(kernel.params)
-    keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
+    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
-    label = config + (f"/{small}@{small_rows}" if small else "")
+    label = config + (f"/{small}@{small_rows}" if small else "") + grid.replace(", ", "_")
     return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": f"tc2_cp_async_{label}"})

@@ -91,13 +91,26 @@ def int4_gemv(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: 
 # ---------------------------------------------------------------------------------------------------------------
 H2_BASE_BITS = 0x50005000  # fp16 32.0 in both halves: or a nibble into the low mantissa bits -> 32 + nib/32
 H2_SHIFT = 5  # the 1/32 above, undone in fp32 on the group's scale
-# fp16x2 `(w - (32 + 7/32)) * x + acc` on uint32 registers. TVM's CUDA codegen splits every fp16x2 operation and
-# every vector-typed extern call into per-lane scalar fp16 ops (inline asm each, so ptxas cannot pair them again),
-# and has no way to declare a helper function; an extern call prints its name verbatim before the arguments, so
-# the name is an immediately-invoked device lambda holding the two PTX instructions (HADD2 + HFMA2 in SASS).
-H2_FMA_SUB = ("[](uint w, uint x, uint acc) { uint t, r; asm(\"sub.rn.f16x2 %0, %1, %2;\" : \"=r\"(t) : \"r\"(w), "
-              "\"r\"(0x50075007u)); asm(\"fma.rn.f16x2 %0, %1, %2, %3;\" : \"=r\"(r) : \"r\"(t), \"r\"(x), "
-              "\"r\"(acc)); return r; }")
+H2_BASE_BITS8, H2_SHIFT8 = 0x40004000, 9  # 8-bit rows: fp16 2.0, whose ulp is 1/512: or a byte in -> 2 + byte/512
+
+
+def h2_fma_sub(const_bits: int) -> str:
+    """fp16x2 `(w - c) * x + acc` on uint32 registers, c = the fp16 pair `const_bits`. TVM's CUDA codegen splits
+    every fp16x2 operation and every vector-typed extern call into per-lane scalar fp16 ops (inline asm each, so
+    ptxas cannot pair them again), and has no way to declare a helper function; an extern call prints its name
+    verbatim before the arguments, so the name is an immediately-invoked device lambda holding the two PTX
+    instructions (HADD2 + HFMA2 in SASS). The subtracted pair is 32 + offset/32 (4-bit: the row's offset, 0 for
+    the asymmetric rows) or 2 + 128/512 (8-bit)."""
+    return ("[](uint w, uint x, uint acc) { uint t, r; asm(\"sub.rn.f16x2 %0, %1, %2;\" : \"=r\"(t) : \"r\"(w), "
+            f"\"r\"(0x{const_bits:08X}u)); asm(\"fma.rn.f16x2 %0, %1, %2, %3;\" : \"=r\"(r) : \"r\"(t), \"r\"(x), "
+            "\"r\"(acc)); return r; }")
+
+
+H2_FMA_SUB = h2_fma_sub(0x50075007)  # the q4f16_1 grid: (nib - 7) / 32
+# fp16x2 `x * (1/32, 1/32) + acc`: the group's sum of x for the asymmetric rows' min term (scaled like the products)
+H2_XSUM = ("[](uint x, uint acc) { uint r; asm(\"fma.rn.f16x2 %0, %1, %2, %3;\" : \"=r\"(r) : \"r\"(x), "
+           "\"r\"(0x28002800u), \"r\"(acc)); return r; }")
+
 
 
 # The step's loads all issued before its arithmetic: ptxas otherwise sinks most of the 16-byte loads of a step down
@@ -114,12 +127,34 @@ def h2_supports(in_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bo
 
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 4,
-                 ksplit: int = 1, fence: bool = True):
+                 ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False):
     """Same function and arguments as `int4_gemv(in_f, out_f, "float16", "float16", "float16", bias)` (x, q_weight,
     q_scale, [bias], out), already scheduled for CUDA (fp16x2 arithmetic, see the comment above). `ksplit` > 1:
     the block's warps form `warps / ksplit` row teams of `ksplit` warps that share `rows` rows, each warp taking
     every ksplit-th 32-group slice of `in`; the partial sums meet in shared memory (more loads in flight for
-    shapes with few rows). `fence`: issue every load of a step before its arithmetic (H2_ZERO_AFTER)."""
+    shapes with few rows). `fence`: issue every load of a step before its arithmetic (H2_ZERO_AFTER).
+    `offset`: the row's stored value of a zero weight (7: q4f16_1, 8: the Q4_0 grid of q4f16_0), decoded
+    (nib - offset) * scale. `zero_point` (the Q4_1 grid of q4f16_2): nib * scale + min, one more argument q_min
+    after q_scale, computed as (nib - 8) * scale + (min + 8 scale): the fp16x2 products stay centred (as small as
+    the symmetric grids'), and per group the lane sums its 32 x (fp16x2, scaled by 1/32) for the second term in
+    fp32. The plain `nib * scale + min * sum(x)` loses ~1.4e-3 relative (numpy model, tests/test_gpu_schemes.py):
+    its two terms are each several times their sum."""
+    return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
+                    zero_point)
+
+
+def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 2,
+                 ksplit: int = 1, fence: bool = True):
+    """The 8-bit rows (q8f16_1, the Q8_0 grid: byte i of a word is element i, decoded (byte - 128) * scale), same
+    arguments as the INT4 GEMV (x, q_weight [out, in/4], q_scale, [bias], out), fp16x2 arithmetic as
+    `int4_gemv_h2`: `(w & 0x00FF00FF) | 0x40004000` is (2 + b0/512, 2 + b2/512), minus 2 + 128/512 gives
+    ((b - 128) / 512) exactly, times (x0, x2); the shifted word gives (b1, b3). A lane takes a whole group per
+    step (two 16-byte loads per row); per byte of weights half the instructions of the INT4 GEMV."""
+    return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 8, 128, False)
+
+
+def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: int, ksplit: int, fence: bool,
+             bits: int, offset: int, zero_point: bool):
     from tvm.script import tirx as T
 
     c = compiler()
@@ -130,7 +165,15 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
             raise ValueError(f"int4_gemv_h2: {name} must be >= 1, got {v}")
     if warps % ksplit:
         raise ValueError(f"int4_gemv_h2: warps ({warps}) must be a multiple of ksplit ({ksplit})")
+    if bits == 4 and not 0 <= offset < 16:
+        raise ValueError(f"int4_gemv_h2: offset must be in 0..15, got {offset}")
     G, W, R, U, KS = in_f // GROUP, warps, rows, unroll, ksplit
+    WPG = GROUP * bits // 32  # uint32 words per group and row: 4 (4-bit), 8 (8-bit)
+    if bits == 4:
+        fma_sub, base, shift = (H2_FMA_SUB if offset == QMAX else h2_fma_sub(0x50005000 + offset * 0x10001),
+                                H2_BASE_BITS, H2_SHIFT)
+    else:
+        fma_sub, base, shift = h2_fma_sub(0x40804080), H2_BASE_BITS8, H2_SHIFT8
     TEAMS = W // KS
     VL = 32 * KS  # "virtual lanes" of a row team: lane l of warp k takes groups k*32 + l, + VL, ...
     full, tail = G // (VL * U), G % (VL * U) > 0  # steps where every lane has all `unroll` groups, then a guarded one
@@ -143,46 +186,85 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     def half_hi(u):
         return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(u, T.uint32(16)))))
 
+    def fence_regs(wv, xv, sc, mn):  # one register of every load of a step
+        regs = [*[wv[i * 4] for i in range(U * R * WPG // 4)], *[xv[i * 4] for i in range(U * 4)],
+                *[T.Cast("uint32", sc[i]) for i in range(U * R)]]
+        return regs + ([T.Cast("uint32", mn[i]) for i in range(U * R)] if zero_point else [])
+
     @T.macro
-    def step(x32, qw, qs, acc, wv, xv, sc, xp, hs, dep, row0, vl, it, guard):
+    def step(x32, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard):
         for u in T.unroll(U):  # every 16-byte load of the step first, then the arithmetic
             if not guard or (it * U + u) * VL + vl < G:
                 for r in T.unroll(R):
-                    for v in T.vectorized(4):
-                        wv[(u * R + r) * 4 + v] = qw[T.min(row0 + r, out_f - 1), ((it * U + u) * VL + vl) * 4 + v]
+                    if WPG == 4:
+                        for v in T.vectorized(4):
+                            wv[(u * R + r) * 4 + v] = qw[T.min(row0 + r, out_f - 1), ((it * U + u) * VL + vl) * 4 + v]
+                    else:
+                        for h in T.unroll(WPG // 4):
+                            for v in T.vectorized(4):
+                                wv[(u * R + r) * WPG + h * 4 + v] = qw[T.min(row0 + r, out_f - 1),
+                                                                       ((it * U + u) * VL + vl) * WPG + h * 4 + v]
                 for q in T.unroll(4):
                     for v in T.vectorized(4):
                         xv[u * 16 + q * 4 + v] = x32[((it * U + u) * VL + vl) * 16 + q * 4 + v]
                 for r in T.unroll(R):  # the scales too: a load issued at its use would stall a latency per group
                     sc[u * R + r] = T.reinterpret("uint16", qs[T.min(row0 + r, out_f - 1), (it * U + u) * VL + vl])
+                if zero_point:
+                    for r in T.unroll(R):
+                        mn[u * R + r] = T.reinterpret("uint16", qm[T.min(row0 + r, out_f - 1), (it * U + u) * VL + vl])
         if fence and not guard:
-            dep[0] = T.call_pure_extern("uint32", H2_ZERO_AFTER, functools.reduce(T.bitwise_xor, [
-                *[wv[i * 4] for i in range(U * R)], *[xv[i * 4] for i in range(U * 4)],
-                *[T.Cast("uint32", sc[i]) for i in range(U * R)]]), T.bitwise_or(T.Cast("uint32", vl), T.uint32(32)))
+            dep[0] = T.call_pure_extern("uint32", H2_ZERO_AFTER, functools.reduce(T.bitwise_xor, fence_regs(
+                wv, xv, sc, mn)), T.bitwise_or(T.Cast("uint32", vl), T.uint32(32)))
         else:
             dep[0] = T.uint32(0)
         for u in T.unroll(U):
             if not guard or (it * U + u) * VL + vl < G:
                 for i in T.unroll(2 * R):
                     hs[i] = dep[0]  # 0, after every load of the step (H2_ZERO_AFTER)
-                for q in T.unroll(4):  # word q of the group: x[8q .. 8q+7] as 4 uint32 = (x0,x1) (x2,x3) ...
-                    xp[0] = T.bitwise_or(T.bitwise_and(xv[u * 16 + q * 4], T.uint32(0xFFFF)),
-                                         T.shift_left(xv[u * 16 + q * 4 + 2], T.uint32(16)))  # (x0, x4)
-                    xp[1] = T.bitwise_or(T.shift_right(xv[u * 16 + q * 4], T.uint32(16)),
-                                         T.bitwise_and(xv[u * 16 + q * 4 + 2], T.uint32(0xFFFF0000)))  # (x1, x5)
-                    xp[2] = T.bitwise_or(T.bitwise_and(xv[u * 16 + q * 4 + 1], T.uint32(0xFFFF)),
-                                         T.shift_left(xv[u * 16 + q * 4 + 3], T.uint32(16)))  # (x2, x6)
-                    xp[3] = T.bitwise_or(T.shift_right(xv[u * 16 + q * 4 + 1], T.uint32(16)),
-                                         T.bitwise_and(xv[u * 16 + q * 4 + 3], T.uint32(0xFFFF0000)))  # (x3, x7)
+                if bits == 4:
+                    for q in T.unroll(4):  # word q of the group: x[8q .. 8q+7] as 4 uint32 = (x0,x1) (x2,x3) ...
+                        xp[0] = T.bitwise_or(T.bitwise_and(xv[u * 16 + q * 4], T.uint32(0xFFFF)),
+                                             T.shift_left(xv[u * 16 + q * 4 + 2], T.uint32(16)))  # (x0, x4)
+                        xp[1] = T.bitwise_or(T.shift_right(xv[u * 16 + q * 4], T.uint32(16)),
+                                             T.bitwise_and(xv[u * 16 + q * 4 + 2], T.uint32(0xFFFF0000)))  # (x1, x5)
+                        xp[2] = T.bitwise_or(T.bitwise_and(xv[u * 16 + q * 4 + 1], T.uint32(0xFFFF)),
+                                             T.shift_left(xv[u * 16 + q * 4 + 3], T.uint32(16)))  # (x2, x6)
+                        xp[3] = T.bitwise_or(T.shift_right(xv[u * 16 + q * 4 + 1], T.uint32(16)),
+                                             T.bitwise_and(xv[u * 16 + q * 4 + 3], T.uint32(0xFFFF0000)))  # (x3, x7)
+                        for r in T.unroll(R):
+                            for sh in T.unroll(4):
+                                hs[r * 2 + q % 2] = T.call_pure_extern("uint32", fma_sub, T.bitwise_or(T.bitwise_and(
+                                    T.shift_right(wv[(u * R + r) * 4 + q], T.uint32(4 * sh)), T.uint32(0x000F000F)),
+                                    T.uint32(base)), xp[sh], hs[r * 2 + q % 2])
+                else:
+                    for q in T.unroll(8):  # word q of the group: x[4q .. 4q+3] as 2 uint32 = (x0,x1) (x2,x3)
+                        xp[0] = T.bitwise_or(T.bitwise_and(xv[u * 16 + q * 2], T.uint32(0xFFFF)),
+                                             T.shift_left(xv[u * 16 + q * 2 + 1], T.uint32(16)))  # (x0, x2)
+                        xp[1] = T.bitwise_or(T.shift_right(xv[u * 16 + q * 2], T.uint32(16)),
+                                             T.bitwise_and(xv[u * 16 + q * 2 + 1], T.uint32(0xFFFF0000)))  # (x1, x3)
+                        for r in T.unroll(R):
+                            for sh in T.unroll(2):
+                                hs[r * 2 + q % 2] = T.call_pure_extern("uint32", fma_sub, T.bitwise_or(T.bitwise_and(
+                                    T.shift_right(wv[(u * R + r) * WPG + q], T.uint32(8 * sh)), T.uint32(0x00FF00FF)),
+                                    T.uint32(base)), xp[sh], hs[r * 2 + q % 2])
+                if zero_point:  # the group's sum of x / 32 in two fp16x2 chains, shared by the R rows
+                    xs[0] = dep[0]
+                    xs[1] = dep[0]
+                    for i in T.unroll(16):
+                        xs[i % 2] = T.call_pure_extern("uint32", H2_XSUM, xv[u * 16 + i], xs[i % 2])
                     for r in T.unroll(R):
-                        for sh in T.unroll(4):
-                            hs[r * 2 + q % 2] = T.call_pure_extern("uint32", H2_FMA_SUB, T.bitwise_or(T.bitwise_and(
-                                T.shift_right(wv[(u * R + r) * 4 + q], T.uint32(4 * sh)), T.uint32(0x000F000F)),
-                                T.uint32(H2_BASE_BITS)), xp[sh], hs[r * 2 + q % 2])
-                for r in T.unroll(R):
-                    acc[r] = acc[r] + ((half_lo(hs[r * 2]) + half_hi(hs[r * 2]))
-                                       + (half_lo(hs[r * 2 + 1]) + half_hi(hs[r * 2 + 1]))) * (
-                        T.Cast("float32", T.reinterpret("float16", sc[u * R + r])) * T.float32(1 << H2_SHIFT))
+                        acc[r] = acc[r] + ((half_lo(hs[r * 2]) + half_hi(hs[r * 2]))
+                                           + (half_lo(hs[r * 2 + 1]) + half_hi(hs[r * 2 + 1]))) * (
+                            T.Cast("float32", T.reinterpret("float16", sc[u * R + r])) * T.float32(1 << shift)) + (
+                            (half_lo(xs[0]) + half_hi(xs[0])) + (half_lo(xs[1]) + half_hi(xs[1]))) * (
+                            (T.Cast("float32", T.reinterpret("float16", mn[u * R + r]))
+                             + T.Cast("float32", T.reinterpret("float16", sc[u * R + r])) * T.float32(offset))
+                            * T.float32(32))
+                else:
+                    for r in T.unroll(R):
+                        acc[r] = acc[r] + ((half_lo(hs[r * 2]) + half_hi(hs[r * 2]))
+                                           + (half_lo(hs[r * 2 + 1]) + half_hi(hs[r * 2 + 1]))) * (
+                            T.Cast("float32", T.reinterpret("float16", sc[u * R + r])) * T.float32(1 << shift))
 
     @T.macro
     def store(out, bias_buf, row, value):
@@ -193,17 +275,21 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
                 out[0, row] = T.Cast("float16", value)
 
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((1, in_f), "float16"), qw: T.Buffer((out_f, in_f // PER_WORD), "uint32"),
-               qs: T.Buffer((out_f, G), "float16"), b_h: T.handle, out: T.Buffer((1, out_f), "float16")):
+    def kernel(x: T.Buffer((1, in_f), "float16"), qw: T.Buffer((out_f, G * WPG), "uint32"),
+               qs: T.Buffer((out_f, G), "float16"), m_h: T.handle, b_h: T.handle,
+               out: T.Buffer((1, out_f), "float16")):
+        qm = T.match_buffer(m_h, (out_f, G), "float16")
         bias_buf = T.match_buffer(b_h, (out_f,), "float16")
         x32 = T.decl_buffer((in_f // 2,), "uint32", data=x.data)  # x as pairs of halves: 16-byte loads, permutes
         bx = T.launch_thread("blockIdx.x", nb)
         ty = T.launch_thread("threadIdx.y", W)
         tx = T.launch_thread("threadIdx.x", 32)
         acc = T.alloc_buffer((R,), "float32", scope="local")
-        wv = T.alloc_buffer((U * R * 4,), "uint32", scope="local")
+        wv = T.alloc_buffer((U * R * WPG,), "uint32", scope="local")
         xv = T.alloc_buffer((U * 16,), "uint32", scope="local")
         sc = T.alloc_buffer((U * R,), "uint16", scope="local")  # fp16 scale bits
+        mn = T.alloc_buffer((U * R,), "uint16", scope="local")  # fp16 min bits (zero_point)
+        xs = T.alloc_buffer((2,), "uint32", scope="local")  # fp16x2 sums of x / 32 (zero_point)
         xp = T.alloc_buffer((4,), "uint32", scope="local")
         hs = T.alloc_buffer((2 * R,), "uint32", scope="local")  # fp16x2 group accumulators (even, odd words)
         red = T.alloc_buffer((1,), "float32", scope="local")
@@ -214,9 +300,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
         for r in T.unroll(R):
             acc[r] = T.float32(0)
         for it in range(full):
-            step(x32, qw, qs, acc, wv, xv, sc, xp, hs, dep, row0, vl, it, False)
+            step(x32, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
         if tail:
-            step(x32, qw, qs, acc, wv, xv, sc, xp, hs, dep, row0, vl, full, True)
+            step(x32, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
         for r in T.unroll(R):
             red[0] = acc[r]
             for o in T.unroll(5):
@@ -235,7 +321,18 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
                 store(out, bias_buf, row0 + tx, red[0])
 
     params = list(kernel.params)
-    keep = params[:3] + ([params[3]] if bias else []) + [params[4]]
+    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
+    grid = "" if (bits, offset, zero_point) == (4, QMAX, False) else f"_q{bits}o{offset}" + ("z" if zero_point else "")
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
-                            "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")})
+                            "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence") + grid})
+
+
+def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
+    """(warps, rows, unroll, ksplit) of int8_gemv_h2: the INT4 pick for the shape (schedule_gpu.h2_gemv_config)
+    with half the groups per step, i.e. the same weight bytes in flight per lane (a group is 32 bytes a row here,
+    16 there)."""
+    from .schedule_gpu import h2_gemv_config
+
+    w, r, u, k = h2_gemv_config(in_f, out_f)
+    return w, r, max(1, u // 2), k

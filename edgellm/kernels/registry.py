@@ -84,18 +84,28 @@ class KernelRegistry:
             return "te_cpu", lambda: schedule_cpu_linear(te(), t, gemv)
         from . import schedule_gpu as sg
 
-        # the hand-written CUDA kernels cover symmetric 4-bit, 8 per word, group-32 weights with no padding
-        int4 = (scheme.quantized and not scheme.zero_point and scheme.bits == 4 and scheme.elems_per_word == 8
-                and scheme.group_size == 32 and scheme.padded_in(in_f) == in_f and scheme.scale_dtype.startswith("float"))
+        # the hand-written CUDA kernels cover 4-bit, 8 per word, group-32 weights with no padding: the grid from the
+        # row (q_offset 7 or 8: (q - offset) * scale; zero_point: q * scale + min); `grid7` is the q4*_1 grid, the
+        # only one the older kernels (fp32 TE GEMV, first tensor-core GEMM, WebGPU GEMV) decode
+        plain = (scheme.quantized and scheme.group_size == 32 and scheme.padded_in(in_f) == in_f
+                 and scheme.scale_dtype.startswith("float"))
+        int4 = plain and scheme.bits == 4 and scheme.elems_per_word == 8
+        grid7 = int4 and not scheme.zero_point and scheme.offset == 7
         fp16 = out_dtype == scheme.scale_dtype == "float16"
-        if gemv and self.kind == "cuda" and int4:
+        if gemv and self.kind == "cuda" and plain:
             from . import cuda_gemv
 
-            if o.cuda_gemv in ("auto", "fp16x2") and fp16 and cuda_gemv.h2_supports(in_f, out_dtype, scheme.scale_dtype,
-                                                                                   out_dtype):
+            h2 = o.cuda_gemv in ("auto", "fp16x2") and fp16 and cuda_gemv.h2_supports(in_f, out_dtype,
+                                                                                      scheme.scale_dtype, out_dtype)
+            if h2 and scheme.bits == 8:  # the 8-bit embedding / head rows (q8f16_1, the Q8_0 grid)
+                cfg = cuda_gemv.int8_gemv_config(in_f, out_f)
+                return "int8_gemv_fp16x2", lambda: cuda_gemv.int8_gemv_h2(in_f, out_f, bias, *cfg)
+            if h2 and int4:
                 cfg = sg.h2_gemv_config(in_f, out_f)
-                return "int4_gemv_fp16x2", lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg)
-            if cuda_gemv.supports(in_f, 32, 4, 8):
+                zp, off = scheme.zero_point, scheme.offset
+                name = "int4_gemv_fp16x2" + ("_min" if zp else "" if off == 7 else f"_o{off}")
+                return name, lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp)
+            if grid7 and cuda_gemv.supports(in_f, 32, 4, 8):
                 return "int4_gemv_te", lambda: sg.schedule_gpu_int4_gemv(
                     cuda_gemv.int4_gemv(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias), t)
         if not gemv and self.kind == "cuda":
@@ -106,18 +116,25 @@ class KernelRegistry:
                 if o.cuda_gemm in ("auto", "mma-pipelined") and cuda_gemm.tc2_supports(
                         in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype):
                     cfg = cuda_gemm.tc2_choice(in_f, out_f)
-                    return "int4_gemm_mma_pipelined", lambda: cuda_gemm.int4_gemm_tc2(in_f, out_f, bias, *cfg)
-                half2 = o.cuda_gemm_decode == "half2"
-                return f"int4_gemm_mma_{o.cuda_gemm_decode}", lambda: cuda_gemm.int4_gemm_tc(in_f, out_f, bias,
-                                                                                            half2=half2)
+                    zp, off = scheme.zero_point, scheme.offset
+                    name = "int4_gemm_mma_pipelined" + ("_min" if zp else "" if off == 7 else f"_o{off}")
+                    return name, lambda: cuda_gemm.int4_gemm_tc2(in_f, out_f, bias, *cfg, offset=off,
+                                                                 zero_point=zp)
+                if grid7:
+                    half2 = o.cuda_gemm_decode == "half2"
+                    return f"int4_gemm_mma_{o.cuda_gemm_decode}", lambda: cuda_gemm.int4_gemm_tc(
+                        in_f, out_f, bias, half2=half2)
 
             def tiled():
                 return sg.schedule_gpu_tiled_gemm(te(), t) or sg.schedule_gpu_linear(te(), t, gemv=False)
 
             return "gemm_simt", tiled
-        if gemv and self.kind == "webgpu" and int4 and o.webgpu_gemv != "simple":
+        if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 
+            if o.webgpu_gemv in ("auto", "coalesced"):  # H200: 0.4 -> see docs/benchmarks/vulkan-h200.md
+                return "int4_gemv_coalesced_webgpu", lambda: webgpu_linear.int4_gemv_coalesced(
+                    in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias)
             if cuda_gemv.supports(in_f, 32, 4, 8):
                 return "int4_gemv_group_webgpu", lambda: webgpu_linear.int4_gemv(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias, t)

@@ -23,14 +23,24 @@ __device__ __forceinline__ void eq4_mma(float* d, unsigned a0, unsigned a1, unsi
                "{%0,%1,%2,%3};\n" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+// the decode of a nibble pair (t = (1024 + lo, 1024 + 16 hi)) to 16x the weights: (t - offs) * sc with
+// sc = (16 s, s); ZP (the Q4_1 grid): fma with mn16 = (16 m, 16 m), one rounding of 16 (q s + m)
+template <bool ZP>
+__device__ __forceinline__ unsigned eq4_dec(unsigned t, half2 offs, half2 sc, half2 mn16) {
+  const half2 v = __hsub2(*reinterpret_cast<const half2*>(&t), offs);
+  const half2 d = ZP ? __hfma2(v, sc, mn16) : __hmul2(v, sc);
+  return *reinterpret_cast<const unsigned*>(&d);
+}
 // MODE 0: permuted k (16-byte x loads, no ldmatrix); 1: natural k, ldmatrix.x4 for x, a group's B decoded at once;
 // 2: as 1, B decoded per k16 step (fewer live registers: fits 128 for two blocks per SM)
-template <int WM, int WN, int MI, int NI, int ST, bool BIAS, int MODE>
+// OFF: the stored value of a zero weight ((q - OFF) * s: 7 for q4f16_1, 8 for the Q4_0 grid); ZP: q * s + m with
+// the fp16 minimums qm beside the scales (the Q4_1 grid; OFF is then 0)
+template <int WM, int WN, int MI, int NI, int ST, bool BIAS, int MODE, int OFF = 7, bool ZP = false>
 __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const unsigned* __restrict__ qw,
-    const half* __restrict__ qs, const half* __restrict__ bias, half* __restrict__ out, long long m, int in_f,
-    int out_f, unsigned char* smem) {
+    const half* __restrict__ qs, const half* __restrict__ qm, const half* __restrict__ bias, half* __restrict__ out,
+    long long m, int in_f, int out_f, unsigned char* smem) {
   constexpr int NT = 32 * WM * WN, BM = WM * 16 * MI, BN = WN * 8 * NI, BK = 64;
-  constexpr int XB = BM * BK * 2, WB = BN * BK / 2, SB = BN * 4, STAGE = XB + WB + SB;
+  constexpr int XB = BM * BK * 2, WB = BN * BK / 2, SB = BN * 4, MB = ZP ? BN * 4 : 0, STAGE = XB + WB + SB + MB;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const int wm = warp / WN, wn = warp % WN;
   const long long row0 = (long long)blockIdx.x * BM;
@@ -38,7 +48,7 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
   const unsigned sbase = (unsigned)__cvta_generic_to_shared(smem);
 
   auto load = [&](int kt, int s) {
-    const unsigned xs = sbase + s * STAGE, ws = xs + XB, ss = ws + WB;
+    const unsigned xs = sbase + s * STAGE, ws = xs + XB, ss = ws + WB, ms = ss + SB;
 #pragma unroll
     for (int i = 0; i < BM * 8 / NT; ++i) {  // x: 8 chunks of 16 bytes per row, chunk c of row r at c ^ swz(r)
       const int c = tid + i * NT, r = c >> 3, ch = c & 7;
@@ -59,6 +69,7 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
     for (int i = 0; i < (BN + NT - 1) / NT; ++i) {  // scales: the two groups' fp16 of a row (G even: 4-byte aligned)
       const int r = tid + i * NT, gn = col0 + r;
       if (r < BN) eq4_cp4(ss + r * 4, gn < out_f ? qs + (long long)gn * G + kt * 2 : qs, gn < out_f ? 4 : 0);
+      if (ZP && r < BN) eq4_cp4(ms + r * 4, gn < out_f ? qm + (long long)gn * G + kt * 2 : qm, gn < out_f ? 4 : 0);
     }
   };
 
@@ -74,9 +85,10 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
     if (s < KT) load(s, s);
     asm volatile("cp.async.commit_group;\n" ::);
   }
-  const unsigned offs = 0x64706407u;  // fp16x2 (1031, 1136)
+  const unsigned offs = (0x6400u + OFF) | ((0x6400u + 16 * OFF) << 16);  // fp16x2 (1024 + OFF, 1024 + 16 OFF)
   const half2 hoffs = *reinterpret_cast<const half2*>(&offs);
   const half2 sixteen_one = __halves2half2(__float2half(16.f), __float2half(1.f));
+  const half2 sixteen = __float2half2_rn(16.f);
   const unsigned selq = 0x4040u | q | (q << 8);  // prmt: byte q of a word into both halves
   unsigned magic;  // 0x64006400 in a register (lop3 takes one immediate)
   asm volatile("mov.b32 %0, 0x64006400;\n" : "=r"(magic));
@@ -90,16 +102,24 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
     const half* xs = reinterpret_cast<const half*>(st);
     const unsigned* ws = reinterpret_cast<const unsigned*>(st + XB);
     const half2* ss = reinterpret_cast<const half2*>(st + XB + WB);
+    const half2* msm = reinterpret_cast<const half2*>(st + XB + WB + SB);  // ZP only
     const unsigned xs_addr = sbase + (kt % ST) * STAGE;
     if (MODE == 2) {
 #pragma unroll
       for (int kg = 0; kg < 2; ++kg) {
-        half2 sc[NI];
+        half2 sc[NI], mn[NI];
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni) {
           const half2 s2 = ss[wn * 8 * NI + ni * 8 + g];
           const half s = kg ? __high2half(s2) : __low2half(s2);
           sc[ni] = __hmul2(__halves2half2(s, s), sixteen_one);
+          if (ZP) {
+            const half2 m2 = msm[wn * 8 * NI + ni * 8 + g];
+            const half mm = kg ? __high2half(m2) : __low2half(m2);
+            mn[ni] = __hmul2(__halves2half2(mm, mm), sixteen);
+          } else {
+            mn[ni] = sixteen;
+          }
         }
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
@@ -114,9 +134,7 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
             const int r = wn * 8 * NI + ni * 8 + g;
             const uint2 w2 = *reinterpret_cast<const uint2*>(ws + r * 8 + ((kg ^ ((r >> 2) & 1)) * 4) + 2 * kk);
             const unsigned t0 = eq4_nib2(w2.x, selq, magic), t1 = eq4_nib2(w2.y, selq, magic);
-            const half2 d0 = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t0), hoffs), sc[ni]);
-            const half2 d1 = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t1), hoffs), sc[ni]);
-            const unsigned b0 = *reinterpret_cast<const unsigned*>(&d0), b1 = *reinterpret_cast<const unsigned*>(&d1);
+            const unsigned b0 = eq4_dec<ZP>(t0, hoffs, sc[ni], mn[ni]), b1 = eq4_dec<ZP>(t1, hoffs, sc[ni], mn[ni]);
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
               eq4_mma(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b0, b1);
@@ -135,13 +153,15 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
           const half2 s2 = ss[r];
           const half s = kg ? __high2half(s2) : __low2half(s2);
           const half2 sc = __hmul2(__halves2half2(s, s), sixteen_one);
+          half2 mn = sixteen;
+          if (ZP) {
+            const half2 m2 = msm[r];
+            const half mm = kg ? __high2half(m2) : __low2half(m2);
+            mn = __hmul2(__halves2half2(mm, mm), sixteen);
+          }
           const unsigned wj[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const unsigned t = eq4_nib2(wj[j], selq, magic);
-            const half2 d = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t), hoffs), sc);
-            b[ni][j] = *reinterpret_cast<const unsigned*>(&d);
-          }
+          for (int j = 0; j < 4; ++j) b[ni][j] = eq4_dec<ZP>(eq4_nib2(wj[j], selq, magic), hoffs, sc, mn);
         }
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
@@ -169,11 +189,16 @@ __device__ __forceinline__ void edgellm_q4gemm(const half* __restrict__ x, const
         const half2 s2 = ss[r];
         const half s = kg ? __high2half(s2) : __low2half(s2);
         const half2 sc = __hmul2(__halves2half2(s, s), sixteen_one);
+        half2 mn = sixteen;
+        if (ZP) {
+          const half2 m2 = msm[r];
+          const half mm = kg ? __high2half(m2) : __low2half(m2);
+          mn = __hmul2(__halves2half2(mm, mm), sixteen);
+        }
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
-                  const unsigned t = (__byte_perm(w, 0u, 0x4040u | v | (v << 8)) & 0x00F0000Fu) | 0x64006400u;
-          const half2 d = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&t), hoffs), sc);
-          b[ni][v] = *reinterpret_cast<const unsigned*>(&d);
+          const unsigned t = (__byte_perm(w, 0u, 0x4040u | v | (v << 8)) & 0x00F0000Fu) | 0x64006400u;
+          b[ni][v] = eq4_dec<ZP>(t, hoffs, sc, mn);
         }
       }
       uint4 a0[MI], a1[MI];  // rows g and g + 8 of each 16-row tile: x values 8q .. 8q+7 of this group
