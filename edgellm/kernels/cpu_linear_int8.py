@@ -2,7 +2,8 @@
 
 One PrimFunc per linear, already scheduled (it carries `tirx.is_scheduled`, the attribute dlight reads), in two stages:
 
-1. quantize x [m, k] per group of 32: `d = max|x| / 127`, `xq = rint(x * 127 / max|x|)`, packed so that int32 word j
+1. quantize x [m, k] per group of the row's `act_group` values (one word, 8: `scheme.act_group_size`):
+   `d = max|x| / 127`, `xq = rint(x * 127 / max|x|)`, packed so that int32 word j
    of `xl` holds the bytes xq[8j], xq[8j+2], xq[8j+4], xq[8j+6] and `xh` the odd ones. That is the order of the
    nibbles in weight word j after `w & 0x0F0F0F0F` (even elements) and `(w >> 4) & 0x0F0F0F0F` (odd elements), so
    the stored weight layout needs no repacking. Per word the stage also writes `d` and `d * sum(xq)` of the
@@ -147,6 +148,8 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
     T = c.tvm.script.tirx
     target = target if target is not None else c.Target.current(allow_none=True)
     kp, W, G, gs, wpg, path, V, GV, C, nt, tiles, P, TP, fv, expand = tile_plan(scheme, in_f, out_f, target, family)
+    AG, ags = kp // scheme.act_group_size, scheme.act_group_size  # activation groups (stage 1): d per `ags` values
+    wpa = ags // scheme.elems_per_word  # words per activation group
     dot = _dot_fn(path)
     asym = scheme.zero_point
     neg_qmax = -float(scheme.qmax)
@@ -255,27 +258,27 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
         for m in (T.parallel(M) if gemm else T.serial(M)):
             fs = T.alloc_buffer((1,), "float32", scope="local", annotations=STACK)  # max|x| of a group
             iw = T.alloc_buffer((3,), "int32", scope="local", annotations=STACK)  # the two packed words, sum of xq
-            for g in range(G):
+            for g in range(AG):
                 fs[0] = T.float32(0)
-                for k in range(gs):
-                    fs[0] = T.max(fs[0], T.fabs(xval(x, m, g * gs + k)))
+                for k in range(ags):
+                    fs[0] = T.max(fs[0], T.fabs(xval(x, m, g * ags + k)))
                 inv = T.meta_var(T.if_then_else(fs[0] > T.float32(0), T.float32(127) / fs[0], T.float32(0)))
-                for j in range(wpg):
-                    xd[m, g * wpg + j] = fs[0] / T.float32(127)
+                for j in range(wpa):
+                    xd[m, g * wpa + j] = fs[0] / T.float32(127)
                     iw[0] = 0
                     iw[1] = 0
                     iw[2] = 0
                     for b in range(4):
-                        k0 = T.meta_var(g * gs + j * 8 + 2 * b)
+                        k0 = T.meta_var(g * ags + j * 8 + 2 * b)
                         qa = T.meta_var(T.Cast("int32", T.round(xval(x, m, k0) * inv)))
                         qb = T.meta_var(T.Cast("int32", T.round(xval(x, m, k0 + 1) * inv)))
                         iw[0] = iw[0] | T.shift_left(T.bitwise_and(qa, 255), b * 8)
                         iw[1] = iw[1] | T.shift_left(T.bitwise_and(qb, 255), b * 8)
                         iw[2] = iw[2] + qa + qb
-                    xl[m, g * wpg + j] = iw[0]
-                    xh[m, g * wpg + j] = iw[1]
+                    xl[m, g * wpa + j] = iw[0]
+                    xh[m, g * wpa + j] = iw[1]
                     # the min term meets d * sum(xq) of the word's 8 values (llama.cpp's Q8_1 `s`), not sum(x)
-                    xs[m, g * wpg + j] = T.Cast("float32", iw[2]) * (fs[0] / T.float32(127))
+                    xs[m, g * wpa + j] = T.Cast("float32", iw[2]) * (fs[0] / T.float32(127))
         wu = T.alloc_buffer((P if gemm else 1, nt, C, 2, V), "uint32")
         su = T.alloc_buffer((P if gemm else 1, nt, C, 2, V), "float32")
         for p in T.parallel(P):

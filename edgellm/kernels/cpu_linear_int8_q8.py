@@ -3,9 +3,9 @@
 Used by `act_quant="int8"` rows with `bits=8` (q8f32_2: the 8-bit embedding / tied head beside q4f32_2; the head is
 the largest GEMV of a small model, 49152 x 576 for SmolLM2). Same two stages as kernels/cpu_linear_int8.py:
 
-1. quantize x [m, k] per group of 32 (`d = max|x| / 127`, `xq = rint(x * 127 / max|x|)`), four bytes per int32
-   word in element order, i.e. the order of the weight bytes in weight word j; per word also `d` and
-   `128 * sum(xq)` of its 4 bytes (the offset-binary correction, an integer).
+1. quantize x [m, k] per group of the row's `act_group` values (one word, 4; `d = max|x| / 127`,
+   `xq = rint(x * 127 / max|x|)`), four bytes per int32 word in element order, i.e. the order of the weight bytes in
+   weight word j; per word also `d` and `128 * sum(xq)` of its 4 bytes (the offset-binary correction, an integer).
 2. parallel over tiles of `nt` output rows: per chunk of V words (4V weights) one integer dot product per row, one
    int->float convert and one FMA with `scale * d` (per-lane group scales).
 
@@ -81,6 +81,8 @@ def linear_int8_q8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme,
         raise ValueError(f"linear_int8_q8 takes symmetric 8-bit rows, not {scheme.name}")
     per = scheme.elems_per_word  # 4
     kp, W, G, gs, wpg, path, V, GV, C, nt, tiles, P, TP, fv, expand = tile_plan(scheme, in_f, out_f, target, family)
+    AG, ags = kp // scheme.act_group_size, scheme.act_group_size  # activation groups (stage 1): d per `ags` values
+    wpa = ags // per  # words per activation group
     dot = _dot8_fn(path)
     corrected = path.family in CORRECTED
     sdt = scheme.scale_dtype
@@ -148,21 +150,21 @@ def linear_int8_q8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme,
         for m in (T.parallel(M) if gemm else T.serial(M)):
             fs = T.alloc_buffer((1,), "float32", scope="local", annotations=STACK)  # max|x| of a group
             iw = T.alloc_buffer((2,), "int32", scope="local", annotations=STACK)  # packed word, sum of its bytes
-            for g in range(G):
+            for g in range(AG):
                 fs[0] = T.float32(0)
-                for k in range(gs):
-                    fs[0] = T.max(fs[0], T.fabs(xval(x, m, g * gs + k)))
+                for k in range(ags):
+                    fs[0] = T.max(fs[0], T.fabs(xval(x, m, g * ags + k)))
                 inv = T.meta_var(T.if_then_else(fs[0] > T.float32(0), T.float32(127) / fs[0], T.float32(0)))
-                for j in range(wpg):
-                    xd[m, g * wpg + j] = fs[0] / T.float32(127)
+                for j in range(wpa):
+                    xd[m, g * wpa + j] = fs[0] / T.float32(127)
                     iw[0] = 0
                     iw[1] = 0
                     for b in range(per):
-                        qa = T.meta_var(T.Cast("int32", T.round(xval(x, m, g * gs + j * per + b) * inv)))
+                        qa = T.meta_var(T.Cast("int32", T.round(xval(x, m, g * ags + j * per + b) * inv)))
                         iw[0] = iw[0] | T.shift_left(T.bitwise_and(qa, 255), b * 8)
                         iw[1] = iw[1] + qa
-                    xw[m, g * wpg + j] = iw[0]
-                    xc[m, g * wpg + j] = iw[1] * 128
+                    xw[m, g * wpa + j] = iw[0]
+                    xc[m, g * wpa + j] = iw[1] * 128
         for p in T.parallel(P):
             acc = T.alloc_buffer((nt, MT, V), "float32", scope="local")
             for tt in range(TP):

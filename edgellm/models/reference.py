@@ -122,9 +122,14 @@ def int8_linear(artifact):
 def tensor_scheme(quant: dict, name: str):
     """The row a float weight `name` is stored in, from the manifest's quant entry (per-tensor precision: the
     embedding / head may differ from the layers' scheme)."""
+    from dataclasses import replace
+
     from ..quant import get_scheme
 
-    return get_scheme(quant.get("per_tensor", {}).get(name, quant["scheme"]))
+    scheme = get_scheme(quant.get("per_tensor", {}).get(name, quant["scheme"]))
+    if scheme.act_quant == "int8" and "act_group" not in quant:  # built before act_group: x per weight group
+        scheme = replace(scheme, act_group=0)
+    return scheme
 
 
 def _in_features(cfg: ModelConfig):

@@ -122,32 +122,37 @@ def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np
 def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min: np.ndarray | None,
                 scheme: QuantScheme) -> np.ndarray:
     """What an `act_quant="int8"` linear kernel computes, x float32 [m, in] -> [m, out], with xq, d from
-    `quantize_activations` per group g:
+    `quantize_activations` per activation group a of `scheme.act_group_size` values (inside weight group g(a)):
 
-    4-bit rows: sum_g scale_g * d_g * (nibbles . xq)_g + min_g * d_g * sum(xq_g)  (symmetric: min_g = -7 * scale_g)
-    8-bit rows: sum_g scale_g * d_g * (q . xq)_g  with q = byte - 128 (int8 x int8)
+    4-bit rows: sum_a scale_g(a) * d_a * (nibbles . xq)_a + min_g(a) * d_a * sum(xq_a)  (symmetric: min = -offset * scale)
+    8-bit rows: sum_a scale_g(a) * d_a * (q . xq)_a  with q = byte - 128 (int8 x int8)
 
     The minimum meets the sum of the quantized activations, as llama.cpp's Q4_1 x Q8_1 does (min * s with
     s = d * sum(xq)): the result is then exactly the dot product of the dequantized weights with the dequantized
     activations, and the rounding errors of x cancel instead of being multiplied by the all-positive (w - min)."""
-    g = scheme.group_size
+    g, ag = scheme.group_size, scheme.act_group_size
     out_f = q_weight.shape[0]
     kp = q_weight.shape[1] * scheme.elems_per_word
     x = np.pad(x.astype(np.float32), ((0, 0), (0, kp - x.shape[1])))
-    xq, xd = quantize_activations(x, g)
-    groups = kp // g
+    xq, xd = quantize_activations(x, ag)
+    groups = kp // ag
     q = unpack(q_weight, scheme).astype(np.float32)
     if scheme.bits == 8:
         q = q - scheme.offset
-    q = q.reshape(out_f, groups, g)
-    xqg = xq.astype(np.float32).reshape(x.shape[0], groups, g)
-    # integer dot products per group, in float32 through BLAS: every partial sum is an integer below
-    # 32 * 128 * 127 < 2**24, so the result is exact
-    idot = np.stack([xqg[:, j] @ q[:, j].T for j in range(groups)], axis=2)  # [m, out, groups]
-    scale = q_scale.astype(np.float32)
-    out = (idot * scale[None] * xd[:, None, :]).sum(axis=2)
-    if scheme.bits == 8:
-        return out
-    qmin = q_min.astype(np.float32) if scheme.zero_point else -float(scheme.qmax) * scale
-    xsum = xqg.sum(axis=2) * xd  # d * sum(xq) per group: the dequantized activations' sum
-    return out + xsum @ qmin.T
+    q = q.reshape(out_f, groups, ag).transpose(1, 2, 0)  # [groups, ag, out]
+    xqg = xq.astype(np.float32).reshape(x.shape[0], groups, ag).transpose(1, 0, 2)  # [groups, m, ag]
+    scale = np.repeat(q_scale.astype(np.float32), g // ag, axis=1)  # per activation group
+    qmin = None
+    if scheme.bits == 4:
+        qmin = q_min.astype(np.float32) if scheme.zero_point else -float(scheme.offset) * q_scale.astype(np.float32)
+        qmin = np.repeat(qmin, g // ag, axis=1)
+    xsum = xqg.sum(axis=2).T * xd  # [m, groups]: d * sum(xq), the dequantized activations' sum
+    out = np.empty((x.shape[0], out_f), np.float32)
+    for o in range(0, out_f, 4096):  # blocks of output rows bound the [groups, m, rows] integer dot products
+        sl = slice(o, o + 4096)
+        # integer dot products per activation group, in float32 through BLAS: every partial sum is an integer below
+        # 32 * 128 * 127 < 2**24, so the result is exact
+        idot = np.matmul(xqg, q[:, :, sl]).transpose(1, 2, 0)  # [m, rows, groups]
+        res = (idot * scale[None, sl] * xd[:, None, :]).sum(axis=2)
+        out[:, sl] = res if qmin is None else res + xsum @ qmin[sl].T
+    return out
