@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEV = REPO / ".device-vk"
+DEV = (REPO / os.environ["VK_DEV"]) if os.environ.get("VK_DEV") else REPO / ".device-vk"  # the bundle folder
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 SHAPES = ("smollm2-135m", "llama-3.2-1b", "llama-3-8b")
@@ -47,7 +47,10 @@ def prepare(shapes=SHAPES) -> None:
     art = DEV / "art"
     art.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(DEV / "ckpt" / "llama", "llama")
+    only = os.environ.get("PREP_TARGETS")  # e.g. "vulkan": rebuild one side only
     for label, preset in TARGETS.items():
+        if only and label not in only.split(","):
+            continue
         for scheme in ("q0f32", "q4f16_1"):
             out = art / f"tiny-{scheme}-{label}"
             if not out.exists():
@@ -227,9 +230,10 @@ def plot(path: str, png: str) -> None:
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else "run"
+    shapes = tuple(os.environ["SHAPES"].split(",")) if os.environ.get("SHAPES") else SHAPES
     if cmd == "prepare":
-        prepare()
+        prepare(shapes)
     elif cmd == "run":
-        run(reps=int(os.environ.get("REPS", "3")))
+        run(shapes, reps=int(os.environ.get("REPS", "3")))
     elif cmd == "plot":
         plot(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else str(REPO / "docs/benchmarks/vulkan-h200.png"))

@@ -112,7 +112,8 @@ def test_q4_matches_numpy_model(adapter, vk, name, scheme, tol):
     art = Artifact.open(vk(name, scheme))
     if name == "llama3":  # the webgpu kernels of the registry are among the ones checked here
         chosen = art.manifest["kernels"]["chosen"]
-        assert "gemm_tiled_webgpu" in chosen["linear"] and "int4_gemv_group_webgpu" in chosen["linear_gemv"]
+        assert "gemm_tiled_webgpu" in chosen["linear"] and "int4_gemv_coalesced_webgpu" in chosen["linear_gemv"]
+        assert chosen["add_rms_norm"] == ["add_rms_norm_webgpu"] and chosen["argmax"] == ["argmax_two_stage"]
     cfg = ModelConfig.from_dict(art.manifest["model"]["config"])
     ref = forward(cfg, float_weights(art), PROMPT)
     eng = Engine(art.root)
@@ -156,7 +157,8 @@ def test_kernel_options_pick_the_generic_webgpu_kernels():
     from edgellm.targets import resolve
 
     scheme, target = get_scheme("q4f16_1"), resolve("vulkan").tvm()
-    for opts, gemv, gemm in ((KernelOptions(), "int4_gemv_group_webgpu", "gemm_tiled_webgpu"),
+    for opts, gemv, gemm in ((KernelOptions(), "int4_gemv_coalesced_webgpu", "gemm_tiled_webgpu"),
+                             (KernelOptions(webgpu_gemv="group"), "int4_gemv_group_webgpu", "gemm_tiled_webgpu"),
                              (KernelOptions(webgpu_gemv="simple", webgpu_gemm="simple"), "gemv_te_gpu",
                               "gemm_te_gpu")):
         reg = KernelRegistry(target, opts)

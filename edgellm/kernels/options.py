@@ -32,10 +32,12 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
                     "buffers (dlight-like); auto = tiled where it applies"),
-    "webgpu_gemv": (("auto", "group", "simple"),
-                    "WebGPU/Vulkan INT4 decode GEMV: group = a lane owns whole groups of 32 (4 packed words and 32 "
-                    "activations per step, one float32 dot per group); simple = the generic GPU schedule (a lane "
-                    "reads one packed word per step); auto = group where it applies (4-bit, group 32, no padding)"),
+    "webgpu_gemv": (("auto", "coalesced", "group", "simple"),
+                    "WebGPU/Vulkan INT4 decode GEMV: coalesced = lane l takes packed word l of each 32-word step "
+                    "(a warp reads 128 contiguous weight bytes and 512 of activations per load); group = a lane owns "
+                    "whole groups of 32 (4 packed words and 32 activations per step, one float32 dot per group); "
+                    "simple = the generic GPU schedule; auto = coalesced where it applies (4-bit, group 32, no "
+                    "padding)"),
 }
 
 

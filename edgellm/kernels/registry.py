@@ -169,6 +169,11 @@ class KernelRegistry:
 
             return self._once(("add_rms_norm", "cuda", hidden, eps, dtype), "add_rms_norm", "add_rms_norm_cuda_vec16",
                               lambda: cuda_math.add_rms_norm_gpu(hidden, eps, dtype))
+        if self.kind == "webgpu":
+            from . import webgpu_math
+
+            return self._once(("add_rms_norm", "webgpu", hidden, eps, dtype), "add_rms_norm", "add_rms_norm_webgpu",
+                              lambda: webgpu_math.add_rms_norm_webgpu(hidden, eps, dtype))
         return None
 
     def silu_mul(self, inter: int, dtype: str):
@@ -193,8 +198,8 @@ class KernelRegistry:
 
     def argmax(self, vocab: int):
         """(partial, final, parts) of the two-stage device argmax, or None where the target has none (CPU: the
-        logits come back to the host anyway)."""
-        if self.kind != "cuda":
+        logits come back to the host anyway). The kernels are plain TIR (workgroup-memory trees): webgpu too."""
+        if self.kind not in ("cuda", "webgpu"):
             return None
         from . import cuda_math
 

@@ -132,7 +132,7 @@ def _sm(target) -> int:
 
 
 def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | None = None, x_vector: int = 8,
-                           unroll_steps: bool = True):
+                           unroll_steps: bool = True, lanes: int = 32):
     """Decode GEMV for packed INT4 weights (kernels/cuda_gemv.py). Lane l of a warp owns whole groups: per step it
     loads one group's 4 packed words (one 16-byte load), 32 activations (`x_vector`-wide loads, cast once to float32
     and shared by the warp's `rows` rows), and the group's scale; a warp streams 512 contiguous weight bytes per row
@@ -143,7 +143,6 @@ def schedule_gpu_int4_gemv(func, target, warps: int | None = None, rows: int | N
     acc, dot, xf = sch.get_sblock("matmul"), sch.get_sblock("group_dot"), sch.get_sblock("x_f32")
     i, n, g = sch.get_loops(acc)
     out_f, groups = int(sch.get(n).extent), int(sch.get(g).extent)
-    lanes = 32
     if warps is None and rows is None:
         # two rows per warp share each activation load and cast; 8 warps a block where the grid still has >= 256
         # blocks. H200, Llama-3-8B shapes (docs/benchmarks/h100.md): 8x2 was best or tied at every shape, and

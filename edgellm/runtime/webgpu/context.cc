@@ -4,6 +4,8 @@
 #include <tvm/ffi/error.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <sstream>
@@ -23,6 +25,30 @@ constexpr WGPUBufferUsage kStorageUsage =
     WGPUBufferUsage_Storage | WGPUBufferUsage_CopySrc | WGPUBufferUsage_CopyDst;
 constexpr size_t kUniformSlots = 1024;  // dispatches recorded before a forced submit
 constexpr size_t kMaxBindGroups = 8192;  // cached bind groups before the cache is cleared
+// Dispatches recorded before a submit, so the GPU runs while the host records the rest of a step (the VM issues a
+// decode step's few hundred dispatches and then reads): EDGELLM_WEBGPU_FLUSH overrides, 0 = only when needed.
+constexpr size_t kFlushEvery = 64;
+
+uint64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Adds the time from construction to destruction to a counter.
+struct Timer {
+  explicit Timer(uint64_t* sink) : sink(sink), t0(NowNs()) {}
+  ~Timer() { *sink += NowNs() - t0; }
+  uint64_t* sink;
+  uint64_t t0;
+};
+
+size_t EnvSize(const char* name, size_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return fallback;
+  char* end = nullptr;
+  unsigned long long x = std::strtoull(v, &end, 10);
+  return end && *end == 0 ? static_cast<size_t>(x) : fallback;
+}
 
 std::string View(WGPUStringView v) {
   if (v.data == nullptr) return "";
@@ -130,6 +156,7 @@ struct Registry {
     wgpuAdapterGetLimits(a, &f.limits);
     f.limits.nextInChain = nullptr;
     f.shader_f16 = wgpuAdapterHasFeature(a, WGPUFeatureName_ShaderF16);
+    f.timestamps = wgpuAdapterHasFeature(a, WGPUFeatureName_TimestampQuery);
     // the standard feature, or wgpu-native's own (what NVIDIA's Vulkan driver shows through wgpu 0.32)
     f.subgroups = wgpuAdapterHasFeature(a, WGPUFeatureName_Subgroups);
     f.native_subgroups = wgpuAdapterHasFeature(a, static_cast<WGPUFeatureName>(WGPUNativeFeature_Subgroup));
@@ -206,6 +233,7 @@ Context::Context(int device_id) : device_id_(device_id) {
   if (facts_.shader_f16) features.push_back(WGPUFeatureName_ShaderF16);
   if (facts_.subgroups) features.push_back(WGPUFeatureName_Subgroups);
   if (facts_.native_subgroups) features.push_back(static_cast<WGPUFeatureName>(WGPUNativeFeature_Subgroup));
+  if (facts_.timestamps) features.push_back(WGPUFeatureName_TimestampQuery);  // profile mode
   WGPULimits required = facts_.limits;  // ask for everything the adapter offers
   required.nextInChain = nullptr;
 
@@ -240,6 +268,57 @@ Context::Context(int device_id) : device_id_(device_id) {
   ud.usage = WGPUBufferUsage_Uniform | WGPUBufferUsage_CopyDst;
   ud.size = uniform_host_.size();
   uniform_ = wgpuDeviceCreateBuffer(device_, &ud);
+  flush_every_ = std::min(EnvSize("EDGELLM_WEBGPU_FLUSH", kFlushEvery), kUniformSlots);
+  if (EnvSize("EDGELLM_WEBGPU_PROFILE", 0)) SetProfile(true);
+}
+
+void Context::SetProfile(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Flush();
+  if (on && !facts_.timestamps) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu profiling needs timestamp queries, which " << facts_.name << " lacks";
+  }
+  if (on && queries_ == nullptr) {
+    WGPUQuerySetDescriptor qd;
+    std::memset(&qd, 0, sizeof(qd));
+    qd.type = WGPUQueryType_Timestamp;
+    qd.count = 2 * kUniformSlots;
+    queries_ = wgpuDeviceCreateQuerySet(device_, &qd);
+    WGPUBufferDescriptor bd;
+    std::memset(&bd, 0, sizeof(bd));
+    bd.size = 2 * kUniformSlots * 8;
+    bd.usage = WGPUBufferUsage_QueryResolve | WGPUBufferUsage_CopySrc;
+    query_resolve_ = wgpuDeviceCreateBuffer(device_, &bd);
+    bd.usage = WGPUBufferUsage_MapRead | WGPUBufferUsage_CopyDst;
+    query_read_ = wgpuDeviceCreateBuffer(device_, &bd);
+    RaiseErrors("profile set-up");
+  }
+  profile_ = on;
+}
+
+void Context::SetFlushEvery(size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  flush_every_ = std::min(n, kUniformSlots);
+}
+
+std::string Context::StatsJSON(bool reset) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Stats& s = stats_;
+  std::ostringstream os;
+  os << "{\"dispatches\": " << s.dispatches << ", \"submits\": " << s.submits << ", \"encoders\": " << s.encoders
+     << ", \"passes\": " << s.passes << ", \"bind_groups_created\": " << s.bind_groups_created
+     << ", \"bind_group_hits\": " << s.bind_group_hits << ", \"reads\": " << s.reads << ", \"writes\": " << s.writes
+     << ", \"device_copies\": " << s.device_copies << ", \"syncs\": " << s.syncs << ", \"record_ns\": " << s.record_ns
+     << ", \"submit_ns\": " << s.submit_ns << ", \"wait_ns\": " << s.wait_ns << ", \"flush_every\": " << flush_every_
+     << ", \"profile\": " << (profile_ ? "true" : "false") << ", \"kernels\": {";
+  bool first = true;
+  for (const auto& kv : s.kernels) {
+    os << (first ? "" : ", ") << "\"" << kv.first << "\": [" << kv.second.count << ", " << kv.second.gpu_ns << "]";
+    first = false;
+  }
+  os << "}}";
+  if (reset) stats_ = Stats();
+  return os.str();
 }
 
 void Context::OnError(WGPUDevice const*, WGPUErrorType type, WGPUStringView message, void* self, void*) {
@@ -305,12 +384,28 @@ void Context::FreeWorkspace(Buffer* buf) {
 
 WGPUCommandEncoder Context::Encoder() {
   EndPass();  // copies are recorded outside compute passes
-  if (pending_ == nullptr) pending_ = wgpuDeviceCreateCommandEncoder(device_, nullptr);
+  if (pending_ == nullptr) {
+    pending_ = wgpuDeviceCreateCommandEncoder(device_, nullptr);
+    ++stats_.encoders;
+  }
   return pending_;
 }
 
 WGPUComputePassEncoder Context::Pass() {
-  if (pass_ == nullptr) pass_ = wgpuCommandEncoderBeginComputePass(Encoder(), nullptr);
+  if (pass_ == nullptr) {
+    WGPUComputePassDescriptor pd;
+    std::memset(&pd, 0, sizeof(pd));
+    WGPUPassTimestampWrites tw;
+    std::memset(&tw, 0, sizeof(tw));
+    if (profile_) {  // one pass per dispatch, timed
+      tw.querySet = queries_;
+      tw.beginningOfPassWriteIndex = static_cast<uint32_t>(2 * profiled_.size());
+      tw.endOfPassWriteIndex = tw.beginningOfPassWriteIndex + 1;
+      pd.timestampWrites = &tw;
+    }
+    pass_ = wgpuCommandEncoderBeginComputePass(Encoder(), &pd);
+    ++stats_.passes;
+  }
   return pass_;
 }
 
@@ -323,7 +418,13 @@ void Context::EndPass() {
 
 void Context::Flush() {
   if (pending_ == nullptr) return;
+  Timer timer(&stats_.submit_ns);
   EndPass();
+  size_t timed = profiled_.size();
+  if (timed) {
+    wgpuCommandEncoderResolveQuerySet(pending_, queries_, 0, static_cast<uint32_t>(2 * timed), query_resolve_, 0);
+    wgpuCommandEncoderCopyBufferToBuffer(pending_, query_resolve_, 0, query_read_, 0, 16 * timed);
+  }
   if (uniform_used_ > 0) {
     wgpuQueueWriteBuffer(queue_, uniform_, 0, uniform_host_.data(), uniform_used_);
     uniform_used_ = 0;
@@ -331,20 +432,44 @@ void Context::Flush() {
   WGPUCommandBuffer cmd = wgpuCommandEncoderFinish(pending_, nullptr);
   wgpuCommandEncoderRelease(pending_);
   pending_ = nullptr;
+  recorded_ = 0;
   wgpuQueueSubmit(queue_, 1, &cmd);
   wgpuCommandBufferRelease(cmd);
+  ++stats_.submits;
   RaiseErrors("submit");
+  if (timed) {  // profile mode: wait for this submit and add each dispatch's GPU time to its kernel
+    MapRequest req;
+    wgpuBufferMapAsync(query_read_, WGPUMapMode_Read, 0, 16 * timed,
+                       ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &req));
+    while (!req.done && errors_.empty()) {
+      wgpuDevicePoll(device_, true, nullptr);
+      wgpuInstanceProcessEvents(instance_);
+    }
+    RaiseErrors("profile read");
+    const uint64_t* t = static_cast<const uint64_t*>(wgpuBufferGetConstMappedRange(query_read_, 0, 16 * timed));
+    double period = wgpuQueueGetTimestampPeriod(queue_);
+    for (size_t i = 0; i < timed; ++i) {
+      Stats::Kernel& k = stats_.kernels[profiled_[i] ? *profiled_[i] : std::string("?")];
+      ++k.count;
+      if (t[2 * i + 1] > t[2 * i]) k.gpu_ns += static_cast<uint64_t>((t[2 * i + 1] - t[2 * i]) * period);
+    }
+    wgpuBufferUnmap(query_read_);
+    profiled_.clear();
+  }
 }
 
 void Context::Sync() {
   std::lock_guard<std::mutex> lock(mu_);
   Flush();
+  ++stats_.syncs;
+  Timer timer(&stats_.wait_ns);
   wgpuDevicePoll(device_, true, nullptr);
   RaiseErrors("sync");
 }
 
 void Context::WriteAligned(Buffer* dst, size_t offset, const void* src, size_t nbytes) {
   Flush();  // queue writes land before any later submit: earlier recorded work must go first
+  ++stats_.writes;
   wgpuQueueWriteBuffer(queue_, dst->handle, offset, src, nbytes);
   RaiseErrors("host-to-device copy");
 }
@@ -388,6 +513,8 @@ void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) 
   }
   wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, offset, staging_, 0, nbytes);
   Flush();
+  ++stats_.reads;
+  Timer timer(&stats_.wait_ns);
   MapRequest req;
   wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, RoundUp(nbytes, 4),
                      ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &req));
@@ -420,6 +547,7 @@ void Context::Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offse
   }
   if (src_offset % 4 == 0 && dst_offset % 4 == 0 && nbytes % 4 == 0 && src != dst) {
     std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.device_copies;
     wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, src_offset, dst->handle, dst_offset, nbytes);
     return;
   }
@@ -429,37 +557,37 @@ void Context::Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offse
   Write(dst, dst_offset, tmp.data(), nbytes);
 }
 
-void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
-                       const std::vector<Buffer*>& buffers, const std::vector<uint32_t>& pod_words, uint32_t gx,
-                       uint32_t gy, uint32_t gz) {
+void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout, Buffer* const* buffers,
+                       size_t n_buffers, const uint32_t* pod_words, size_t n_words, uint32_t gx, uint32_t gy,
+                       uint32_t gz, const std::string* label) {
   std::lock_guard<std::mutex> lock(mu_);
-  size_t pod_bytes = RoundUp(pod_words.size() * 4, 16);
+  Timer timer(&stats_.record_ns);
+  size_t pod_bytes = RoundUp(n_words * 4, 16);
   if (pod_bytes > uniform_slot_) {
-    TVM_FFI_THROW(RuntimeError) << "webgpu kernel has " << pod_words.size() << " scalar arguments, more than "
+    TVM_FFI_THROW(RuntimeError) << "webgpu kernel has " << n_words << " scalar arguments, more than "
                                 << uniform_slot_ / 4 << " supported";
   }
   if (uniform_used_ + uniform_slot_ > uniform_host_.size()) Flush();
   size_t slot = uniform_used_;
-  std::memset(uniform_host_.data() + slot, 0, uniform_slot_);
-  std::memcpy(uniform_host_.data() + slot, pod_words.data(), pod_words.size() * 4);
+  std::memcpy(uniform_host_.data() + slot, pod_words, n_words * 4);  // the rest of the slot is never read
   uniform_used_ += uniform_slot_;
 
   // one bind group per (kernel layout, buffers), reused: the scalars' slot is the uniform's dynamic offset
-  std::vector<uintptr_t> key;
-  key.reserve(buffers.size() + 1);
-  key.push_back(reinterpret_cast<uintptr_t>(layout));
-  for (Buffer* b : buffers) key.push_back(reinterpret_cast<uintptr_t>(b->handle));
-  auto it = bind_groups_.find(key);
+  key_.clear();
+  key_.push_back(reinterpret_cast<uintptr_t>(layout));
+  for (size_t i = 0; i < n_buffers; ++i) key_.push_back(reinterpret_cast<uintptr_t>(buffers[i]->handle));
+  auto it = bind_groups_.find(key_);
   WGPUBindGroup group;
   if (it != bind_groups_.end()) {
     group = it->second;
+    ++stats_.bind_group_hits;
   } else {
     if (bind_groups_.size() >= kMaxBindGroups) ClearBindGroups();
-    std::vector<WGPUBindGroupEntry> entries(buffers.size() + 1);
-    for (size_t i = 0; i <= buffers.size(); ++i) {
+    std::vector<WGPUBindGroupEntry> entries(n_buffers + 1);
+    for (size_t i = 0; i <= n_buffers; ++i) {
       std::memset(&entries[i], 0, sizeof(WGPUBindGroupEntry));
       entries[i].binding = static_cast<uint32_t>(i);
-      if (i < buffers.size()) {
+      if (i < n_buffers) {
         entries[i].buffer = buffers[i]->handle;
         entries[i].size = buffers[i]->size;
       } else {
@@ -473,13 +601,14 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
     bd.entryCount = entries.size();
     bd.entries = entries.data();
     group = wgpuDeviceCreateBindGroup(device_, &bd);
+    ++stats_.bind_groups_created;
     if (!errors_.empty()) {  // e.g. a binding over maxStorageBufferBindingSize: fail before recording anything
       uniform_used_ -= uniform_slot_;
       wgpuBindGroupRelease(group);
       RaiseErrors("kernel launch");
     }
-    bind_groups_.emplace(key, group);
-    for (Buffer* b : buffers) groups_of_buffer_[b->handle].push_back(key);
+    bind_groups_.emplace(key_, group);
+    for (size_t i = 0; i < n_buffers; ++i) groups_of_buffer_[buffers[i]->handle].push_back(key_);
   }
 
   // consecutive dispatches share one compute pass (wgpu orders them: storage writes are visible to later ones)
@@ -488,7 +617,14 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
   wgpuComputePassEncoderSetPipeline(pass, pipeline);
   wgpuComputePassEncoderSetBindGroup(pass, 0, group, 1, &dynamic_offset);
   wgpuComputePassEncoderDispatchWorkgroups(pass, gx, gy, gz);
+  ++stats_.dispatches;
+  ++recorded_;
+  if (profile_) {
+    profiled_.push_back(label);
+    EndPass();
+  }
   RaiseErrors("kernel launch");
+  if (flush_every_ && recorded_ >= flush_every_) Flush();
 }
 
 void Context::DropBindGroups(WGPUBuffer buffer) {

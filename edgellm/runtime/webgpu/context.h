@@ -30,10 +30,23 @@ struct Buffer {
   uint64_t size;  // bytes, a multiple of 4 (WebGPU copy granularity)
 };
 
+// Host-side counters of one device (always on) and, in profile mode, GPU time per kernel; see Context::StatsJSON.
+struct Stats {
+  uint64_t dispatches = 0, submits = 0, encoders = 0, passes = 0, bind_groups_created = 0, bind_group_hits = 0;
+  uint64_t reads = 0, writes = 0, device_copies = 0, syncs = 0;
+  uint64_t record_ns = 0;  // time inside Dispatch (bind group lookup, uniform slot, recording)
+  uint64_t submit_ns = 0;  // time inside Flush (finish, uniform upload, submit)
+  uint64_t wait_ns = 0;    // time waiting for the queue (device-to-host reads, Sync)
+  struct Kernel {
+    uint64_t count = 0, gpu_ns = 0;
+  };
+  std::map<std::string, Kernel> kernels;  // profile mode only: GPU time by kernel name
+};
+
 // Adapter facts, for device attributes and for the Python side's report.
 struct AdapterFacts {
   std::string name, driver, vendor, backend, adapter_type;
-  bool shader_f16 = false, subgroups = false, native_subgroups = false;
+  bool shader_f16 = false, subgroups = false, native_subgroups = false, timestamps = false;
   uint32_t subgroup_min_size = 0, subgroup_max_size = 0;
   WGPULimits limits{};
 };
@@ -65,9 +78,19 @@ class Context {
   // Submits pending work and waits for the queue to drain.
   void Sync();
 
-  // Records one dispatch: `buffers` at bindings 0..n-1, then a uniform of `pod_words` 32-bit words.
-  void Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout, const std::vector<Buffer*>& buffers,
-                const std::vector<uint32_t>& pod_words, uint32_t gx, uint32_t gy, uint32_t gz);
+  // Records one dispatch: `buffers` at bindings 0..n-1, then a uniform of `pod_words` 32-bit words. `label`
+  // (the kernel's name, alive as long as the module) names it in profiles.
+  void Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout, Buffer* const* buffers, size_t n_buffers,
+                const uint32_t* pod_words, size_t n_words, uint32_t gx, uint32_t gy, uint32_t gz,
+                const std::string* label);
+
+  // Counters (and the profile) as JSON; `reset` zeroes them afterwards.
+  std::string StatsJSON(bool reset);
+  // Profile mode: every dispatch in its own compute pass with GPU timestamps, read back at each submit (slow;
+  // for finding where the time goes). Needs the adapter's timestamp-query feature.
+  void SetProfile(bool on);
+  // Dispatches recorded before a submit (0: submit only when the host needs the queue).
+  void SetFlushEvery(size_t n);
 
   // Validation errors reported by wgpu since the last call (throws them as one RuntimeError).
   void RaiseErrors(const char* what);
@@ -104,6 +127,14 @@ class Context {
   WGPUCommandEncoder pending_ = nullptr;
   WGPUComputePassEncoder pass_ = nullptr;
   std::map<std::vector<uintptr_t>, WGPUBindGroup> bind_groups_;  // (layout, buffers...) -> group
+  std::vector<uintptr_t> key_;  // scratch key of the dispatch being recorded (no allocation per dispatch)
+  size_t recorded_ = 0;  // dispatches in the pending encoder
+  size_t flush_every_ = 0;  // submit after this many dispatches so the GPU starts while the host records (0: never)
+  Stats stats_;
+  bool profile_ = false;
+  WGPUQuerySet queries_ = nullptr;
+  WGPUBuffer query_resolve_ = nullptr, query_read_ = nullptr;
+  std::vector<const std::string*> profiled_;  // label of each timed dispatch of the pending encoder
   std::unordered_map<WGPUBuffer, std::vector<std::vector<uintptr_t>>> groups_of_buffer_;
   // POD uniforms of the pending dispatches: one slot each, written once just before the submit.
   WGPUBuffer uniform_ = nullptr;

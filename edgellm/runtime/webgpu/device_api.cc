@@ -37,6 +37,7 @@ std::string AdapterJSON(int index, const AdapterFacts& f) {
      << ", \"vendor\": " << quote(f.vendor) << ", \"backend\": " << quote(f.backend)
      << ", \"adapter_type\": " << quote(f.adapter_type) << ", \"shader_f16\": " << (f.shader_f16 ? "true" : "false")
      << ", \"subgroups\": " << (f.subgroups || f.native_subgroups ? "true" : "false")
+     << ", \"timestamp_query\": " << (f.timestamps ? "true" : "false")
      << ", \"subgroup_size\": [" << f.subgroup_min_size << ", " << f.subgroup_max_size << "]"
      << ", \"max_buffer_size\": " << l.maxBufferSize
      << ", \"max_storage_buffer_binding_size\": " << l.maxStorageBufferBindingSize
@@ -154,7 +155,15 @@ TVM_FFI_STATIC_INIT_BLOCK() {
         std::string out = "[";
         for (int i = 0; i < NumAdapters(); ++i) out += (i ? ", " : "") + AdapterJSON(i, DescribeAdapter(i));
         return out + "]";
-      });
+      })
+      // counters of an opened device as JSON (dispatches, submits, bind groups, reads, host time, and per-kernel
+      // GPU time in profile mode); reset != 0 zeroes them
+      .def("edgellm.webgpu.stats", [](int device_id, int reset) -> tvm::ffi::String {
+        return Context::Get(device_id)->StatsJSON(reset != 0);
+      })
+      .def("edgellm.webgpu.set_profile", [](int device_id, int on) { Context::Get(device_id)->SetProfile(on != 0); })
+      .def("edgellm.webgpu.set_flush_every",
+           [](int device_id, int n) { Context::Get(device_id)->SetFlushEvery(n < 0 ? 0 : static_cast<size_t>(n)); });
 }
 
 }  // namespace webgpu

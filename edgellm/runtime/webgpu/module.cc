@@ -15,6 +15,7 @@
 #include <tvm/ffi/reflection/registry.h>
 #include <tvm/ffi/string.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -72,6 +73,14 @@ class Reader {
   size_t pos_ = 0;
 };
 
+bool ShaderChecks() {
+  static const bool on = [] {
+    const char* v = std::getenv("EDGELLM_WEBGPU_CHECKS");
+    return v != nullptr && *v != 0 && std::string(v) != "0";
+  }();
+  return on;
+}
+
 struct Pipeline {
   WGPUComputePipeline pipeline = nullptr;
   WGPUBindGroupLayout layout = nullptr;
@@ -115,6 +124,11 @@ class Kernel {
                                   << buffer_args_.size() << " buffers (module not built by TVM's webgpu codegen?)";
     }
     writable_ = write_access;
+    // TVM emits `enable subgroups;` for a target with supports_subgroups; wgpu 0.32's naga rejects that directive
+    // but compiles the subgroup built-ins when the device has the feature (requested when the adapter offers it)
+    const std::string enable_sg = "enable subgroups;";
+    size_t at = source_.find(enable_sg);
+    if (at != std::string::npos) source_.erase(at, enable_sg.size());
     // TVM 0.27 emits `> packGridDimX`: the last valid linear block index is what the uniform must hold
     pack_inclusive_ = source_.find(">= podArgs.packGridDimX") != std::string::npos;
   }
@@ -129,8 +143,12 @@ class Kernel {
     Context* ctx = Context::Get(device_id);
     const Pipeline& p = PipelineFor(ctx, device_id);
 
-    std::vector<Buffer*> buffers;
-    buffers.reserve(buffer_args_.size());
+    // per-call scratch without allocation (launches are single-threaded per kernel in practice; thread_local keeps
+    // concurrent callers apart)
+    thread_local std::vector<Buffer*> buffers;
+    thread_local std::vector<uint32_t> words;
+    buffers.clear();
+    words.clear();
     for (size_t i : buffer_args_) {
       void* ptr = args[i].cast<void*>();
       if (ptr == nullptr) TVM_FFI_THROW(RuntimeError) << "webgpu kernel " << name_ << ": argument " << i << " is null";
@@ -142,8 +160,6 @@ class Kernel {
       }
       buffers.push_back(buf);
     }
-    std::vector<uint32_t> words;
-    words.reserve(pod_args_.size() + 1);
     for (size_t i : pod_args_) {
       const DLDataType& t = arg_types_[i];
       uint32_t w;
@@ -176,8 +192,8 @@ class Kernel {
                                   << ") exceeds the adapter's " << limit << " workgroups per dimension";
     }
     words.push_back(static_cast<uint32_t>(pack_inclusive_ ? packed_x : packed_x - 1));
-    ctx->Dispatch(p.pipeline, p.layout, buffers, words, static_cast<uint32_t>(gx), static_cast<uint32_t>(work[1]),
-                  static_cast<uint32_t>(gz));
+    ctx->Dispatch(p.pipeline, p.layout, buffers.data(), buffers.size(), words.data(), words.size(),
+                  static_cast<uint32_t>(gx), static_cast<uint32_t>(work[1]), static_cast<uint32_t>(gz), &name_);
   }
 
   const std::string& source() const { return source_; }
@@ -203,7 +219,11 @@ class Kernel {
     std::memset(&smd, 0, sizeof(smd));
     smd.nextInChain = &wgsl.chain;
     smd.label = WGPUStringView{name_.data(), name_.size()};
-    WGPUShaderModule shader = wgpuDeviceCreateShaderModule(dev, &smd);
+    // TVM's kernels index within their buffers as CUDA's do (no bounds checks there either): without wgpu's
+    // runtime checks naga emits plain loads (no clamp per access, no loop counters), which the driver can merge
+    // into wide loads. EDGELLM_WEBGPU_CHECKS=1 keeps the checks (for debugging a kernel that faults).
+    WGPUShaderModule shader = ShaderChecks() ? wgpuDeviceCreateShaderModule(dev, &smd)
+                                             : wgpuDeviceCreateShaderModuleTrusted(dev, &smd, WGPUShaderRuntimeChecks_None);
     ctx->RaiseErrors(("WGSL compile of " + name_).c_str());
 
     std::vector<WGPUBindGroupLayoutEntry> entries(buffer_args_.size() + 1);

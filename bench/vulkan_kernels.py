@@ -1,0 +1,193 @@
+"""Decode GEMV variants for the webgpu target at Llama-3-8B shapes, timed one by one on a GPU through the plugin.
+
+  python bench/vulkan_kernels.py prepare DIR   # here: DIR/gemv_webgpu.so (+ gemv_webgpu_sg.so with subgroups) and
+                                               # DIR/gemv_webgpu.json (each kernel's shape, variant, parameters)
+  python bench/vulkan_kernels.py run DIR       # there: per kernel, GPU time from timestamp queries (profile mode)
+                                               # and wall time per launch over back-to-back launches; $OUT/gemv.json
+
+Every variant of one shape gets the same random inputs; its output is compared with the first variant's (the
+registry's default, which tests/test_vulkan_target.py checks against numpy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Llama-3-8B decode linears (in, out): qkv, o, gate_up, down
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+HEAD = (4096, 128256)
+# name -> int4_gemv keyword arguments (kernels/webgpu_linear.int4_gemv)
+VARIANTS = {
+    "default": {},
+    "unrolled": {"unroll": True},
+    "w4r1": {"warps": 4, "rows": 1, "unroll": True},
+    "l16w8r2": {"lanes": 16, "warps": 8, "rows": 2, "unroll": True},
+    "l8w16r1": {"lanes": 8, "warps": 16, "rows": 1, "unroll": True},
+    "l8w8r2": {"lanes": 8, "warps": 8, "rows": 2, "unroll": True},
+}
+# the coalesced kernel (webgpu_linear.int4_gemv_coalesced): warps, rows, unroll
+COALESCED = {"c_w4r2u4": (4, 2, 4), "c_w4r1u4": (4, 1, 4), "c_w8r2u4": (8, 2, 4), "c_w4r4u4": (4, 4, 4),
+             "c_w4r2u8": (4, 2, 8), "c_w2r4u4": (2, 4, 4), "c_w4r2u2": (4, 2, 2), "c_w8r1u8": (8, 1, 8)}
+SG_VARIANTS = {"sg_default": {}, "sg_unrolled": {"unroll": True}, "sg_w8r2": {"warps": 8, "rows": 2, "unroll": True}}
+
+
+def _target(subgroups: bool):
+    from edgellm._tvm import compiler
+    from edgellm.targets import resolve
+
+    c, r = compiler(), resolve("vulkan")
+    tj = dict(r.target_json)
+    if subgroups:
+        tj.update({"supports_subgroups": True, "thread_warp_size": 32})
+    return c.Target(tj, c.Target(r.host_json))
+
+
+def _params(func) -> list:
+    """[name, shape, dtype] of each buffer parameter, from the TVMScript signature (the Python object does not
+    expose the buffer map in TVM 0.27)."""
+    import re
+
+    head = func.script().split("def main(", 1)[1].split("):\n", 1)[0]
+    return [[n, [int(x) for x in shape.split(",") if x.strip()], dt]
+            for n, shape, dt in re.findall(r'(\w+): T\.Buffer\(\(([^)]*)\), "(\w+)"\)', head)]
+
+
+def prepare(out: Path) -> None:
+    from edgellm._tvm import compiler
+    from edgellm.kernels import webgpu_linear
+    from edgellm.kernels.registry import KernelRegistry
+    from edgellm.quant.schemes import get_scheme
+
+    c = compiler()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = []
+    for lib, variants, sg in (("gemv_webgpu", VARIANTS, False), ("gemv_webgpu_sg", SG_VARIANTS, True)):
+        t = _target(sg)
+        funcs = {}
+        for in_f, out_f in SHAPES:
+            for v, kw in variants.items():
+                name = f"gemv_{in_f}_{out_f}_{v}"
+                try:
+                    f = webgpu_linear.int4_gemv(in_f, out_f, "float16", "float16", "float16", False, t, **kw)
+                except Exception as e:  # a variant that does not schedule at this shape
+                    print("skip", name, type(e).__name__, str(e)[:100])
+                    continue
+                funcs[name] = f
+                meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
+        if not sg:
+            for in_f, out_f in SHAPES:
+                for v, (w, r, u) in COALESCED.items():
+                    name = f"gemv_{in_f}_{out_f}_{v}"
+                    funcs[name] = webgpu_linear.int4_gemv_coalesced(in_f, out_f, "float16", "float16", "float16",
+                                                                   False, warps=w, rows=r, unroll=u)
+                    meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
+        if not sg:  # the 8-bit head through the registry's choice
+            reg = KernelRegistry(t)
+            f = reg.linear(1, HEAD[0], HEAD[1], get_scheme("q8f16_1"), "float16", False)
+            funcs["head_q8_registry"] = f
+            meta.append({"lib": lib, "name": "head_q8_registry", "in": HEAD[0], "out": HEAD[1],
+                         "variant": sorted(reg.chosen["linear_gemv"])[0], "bits": 8})
+        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+        ex = c.tvm.compile(mod, target=t)
+        ex.export_library(str(out / f"{lib}.so"))
+        for m in meta:
+            if m["lib"] == lib:
+                m["params"] = _params(funcs[m["name"]])
+    (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
+    print(f"{len(meta)} kernels in {out}")
+
+
+def run(src: Path) -> None:
+    from edgellm import _tvm
+    from edgellm.runtime.webgpu_plugin import load_plugin
+
+    load_plugin()
+    import tvm
+
+    dev = tvm.runtime.device("webgpu", 0)
+    meta = json.loads((src / "gemv_webgpu.json").read_text())
+    only = os.environ.get("ONLY")  # e.g. "4096_4096": a quick look on a slow device
+    meta = [m for m in meta if not only or only in m["name"]]
+    reps = int(os.environ.get("REPS", "100"))
+    libs = {}
+    stats = _tvm.get_global_func("edgellm.webgpu.stats")
+    set_profile = _tvm.get_global_func("edgellm.webgpu.set_profile")
+    rng = np.random.default_rng(0)
+    inputs: dict = {}
+    ref: dict = {}
+    results = []
+    out_path = Path(os.environ.get("OUT", ".")) / "gemv.json"
+    for m in meta:
+        try:
+            if m["lib"] not in libs:
+                libs[m["lib"]] = tvm.runtime.load_module(str(src / f"{m['lib']}.so"))
+            f = libs[m["lib"]][m["name"]]
+            args, nbytes = [], 0
+            for i, (pname, shape, dtype) in enumerate(m["params"]):
+                key = (m["in"], m["out"], m["bits"], i, tuple(shape), dtype)
+                if i == len(m["params"]) - 1:
+                    arr = np.zeros(shape, dtype)
+                elif key in inputs:
+                    arr = inputs[key]
+                elif dtype == "uint32":
+                    arr = inputs[key] = rng.integers(0, 2**32, size=shape, dtype=np.uint32)
+                elif "scale" in pname:
+                    arr = inputs[key] = (rng.random(shape) * 0.02).astype(dtype)
+                else:
+                    arr = inputs[key] = rng.standard_normal(shape).astype(dtype)
+                if 0 < i < len(m["params"]) - 1:
+                    nbytes += arr.nbytes
+                args.append(tvm.runtime.tensor(arr, dev))
+            for _ in range(3):
+                f(*args)
+            dev.sync()
+            if not results:  # ramp the GPU's clocks up first (~0.5 s of back-to-back launches)
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < 0.5:
+                    for _ in range(20):
+                        f(*args)
+                    dev.sync()
+            n = reps
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f(*args)
+            dev.sync()
+            wall_us = (time.perf_counter() - t0) / n * 1e6
+            set_profile(0, 1)
+            stats(0, 1)
+            for _ in range(max(2, reps // 5)):
+                f(*args)
+            dev.sync()
+            s = json.loads(str(stats(0, 1)))
+            set_profile(0, 0)
+            gpu_us = sum(v[1] for v in s["kernels"].values()) / max(1, sum(v[0] for v in s["kernels"].values())) / 1e3
+            y = args[-1].numpy().astype(np.float32)
+            shape_key = (m["in"], m["out"], m["bits"])
+            err = None
+            if shape_key in ref:
+                err = float(np.abs(y - ref[shape_key]).max() / max(np.abs(ref[shape_key]).max(), 1e-30))
+            else:
+                ref[shape_key] = y
+            r = {**{k: m[k] for k in ("name", "in", "out", "variant", "bits", "lib")}, "gpu_us": gpu_us,
+                 "wall_us": wall_us, "gb_per_s": nbytes / gpu_us / 1e3, "rel_err_vs_first": err,
+                 "finite": bool(np.isfinite(y).all())}
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        except Exception as e:
+            results.append({"name": m["name"], "error": f"{type(e).__name__}: {str(e)[:600]}"})
+            print(results[-1], flush=True)
+        out_path.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    cmd, where = sys.argv[1], Path(sys.argv[2])
+    prepare(where) if cmd == "prepare" else run(where)
