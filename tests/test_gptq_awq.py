@@ -211,6 +211,9 @@ def test_import_is_bit_exact_and_matches_numpy(builds, name):
     got = Engine(art_path).score(PROMPT)
     ref = forward(cfg, float_weights(art), PROMPT, linear=int8_linear(art))
     assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 5e-2
+    with Engine(art_path).sequence() as seq:  # decode (GEMV kernels, the gather per token) agrees with prefill
+        steps = np.stack([seq.prefill(PROMPT[:4])] + [seq.decode(t) for t in PROMPT[4:]])
+    assert float(np.abs(steps - got[3:]).max() / np.abs(got).max()) < 5e-2
     fw = float_weights(art)
     for wname, w in _fused(deq).items():
         assert np.array_equal(fw[wname], w), wname  # float_weights un-permutes act-order columns
