@@ -103,6 +103,43 @@ def test_q0f32_matches_host_build_over_prefill_and_16_decode_steps(adapter, vk, 
     assert list(eng.generate_ids(PROMPT, STEPS)) == tokens
 
 
+def test_plugin_counters_flush_and_profile(adapter, vk):
+    """The plugin's counters per greedy decode step: a submit every N dispatches (the GPU starts while the host
+    records), one 4-byte read (the device argmax), a bind group per dispatch found or made; profile mode times every kernel on the GPU.
+    The tokens do not depend on any of it."""
+    from edgellm import _tvm
+
+    g = _tvm.get_global_func
+    stats, flush, profile = g("edgellm.webgpu.stats"), g("edgellm.webgpu.set_flush_every"), g("edgellm.webgpu.set_profile")
+    eng = Engine(vk("llama", "q0f32"))
+    assert eng.has_device_argmax
+
+    def step(every: int, prof: bool = False) -> tuple[int, dict]:
+        with eng.sequence() as seq:
+            tok = seq.decode_greedy(int(seq.prefill(PROMPT).argmax()))  # warm: pipelines and bind groups
+            flush(0, every)
+            profile(0, int(prof))
+            stats(0, 1)
+            try:
+                tok = seq.decode_greedy(tok)
+                return tok, json.loads(str(stats(0, 1)))
+            finally:
+                profile(0, 0)
+                flush(0, 64)
+
+    tok0, s0 = step(0)
+    tok2, s2 = step(2)
+    tok_p, sp = step(0, prof=True)
+    assert tok0 == tok2 == tok_p
+    n = s0["dispatches"]
+    assert n > 10 and s2["dispatches"] == n and sp["dispatches"] == n
+    assert s0["submits"] <= 2 and s2["submits"] >= n // 2  # flush 0: at the read only; flush 2: every 2 dispatches
+    assert s0["reads"] == 1 and s0["bind_groups_created"] + s0["bind_group_hits"] == n
+    assert s0["record_ns"] > 0 and not s0["kernels"]
+    assert sum(c for c, _ in sp["kernels"].values()) == n and sp["passes"] == n
+    assert "argmax_partial_kernel" in sp["kernels"] and "add_rms_norm_kernel" in sp["kernels"]
+
+
 # llama3: rope scaling (the build needs tirx.disable_cse_tir) and a tied head; qwen2: q/k/v bias and `in` padded
 # to whole groups. q4f16_1 runs fp16 activations (lavapipe has shader-f16).
 @pytest.mark.parametrize("name,scheme,tol", [("llama3", "q4f32_1", 1e-4), ("qwen2", "q4f16_1", 2e-2)])
