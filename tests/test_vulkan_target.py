@@ -208,18 +208,18 @@ def test_kernel_options_pick_the_generic_webgpu_kernels():
 
 
 def test_smollm2_default_answers_through_edgellm_run(adapter, tmp_path, compiled):
-    """What `edgellm compile --target vulkan` picks (SmolLM2-135M, q4f32_1) answers the question on Vulkan, word for
-    word as the host build of the same scheme does."""
+    """What `edgellm compile --target vulkan` picks (SmolLM2-135M GGUF: q4f32_3, the file's Q4_1 grid with fp32
+    activations) answers the question on Vulkan, word for word as the host build of the same scheme does."""
     out = tmp_path / "smollm2-vulkan"
     r = CliRunner().invoke(cli, ["compile", "--target", "vulkan", "-o", str(out), "--context-window", "512",
                                  "--prefill-chunk", "64"])
     assert r.exit_code == 0, r.output + r.stderr
-    assert Artifact.open(out).manifest["quant"]["scheme"] == "q4f32_1"
+    assert Artifact.open(out).manifest["quant"]["scheme"] == "q4f32_3"
     r = CliRunner().invoke(cli, ["run", str(out), QUESTION, "-n", "12", "--device", "vulkan:0"])
     assert r.exit_code == 0, r.output + r.stderr
     answer = r.stdout.strip()
     assert answer.startswith("The capital of France is Paris")
-    assert answer == "".join(Engine(compiled("smollm2", "q4f32_1")).generate(QUESTION, 12)).strip()
+    assert answer == "".join(Engine(compiled("smollm2", "q4f32_3")).generate(QUESTION, 12)).strip()
     assert f"device vulkan:0 {adapter['name']}" in r.stderr and adapter["driver"] in r.stderr
 
 
