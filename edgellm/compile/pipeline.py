@@ -114,6 +114,28 @@ def _collapse_reshapes():
     return _pass
 
 
+def static_decode_inputs(mod):
+    """With the owned KV cache (kernels/owned_kv.py) decode and batch_decode take the cache's tensors, the ids and
+    the page table as inputs. Marking every input static (`num_input` 0: RewriteCUDAGraph treats parameters from
+    num_input on, normally the weights, as fixed) lets the rewrite capture the whole step as one CUDA graph; the
+    Engine then passes the same buffers at every call (a graph replays on the addresses it was captured with) and
+    copies the step's ids, positions and page table into them. batch_decode's batch size gets an upper bound
+    (`tir_var_upper_bound`), so StaticPlanBlockMemory plans its storage at a fixed size and the rewrite captures
+    it too, one graph per batch size met at run time (RunOrCapture keys on the symbolic values); the Engine never
+    passes more rows than the bound. Functions with TVM's cache are left as they are."""
+    from ..device_runners.kv_pages import GRAPH_BATCH_BOUND
+
+    rx = compiler().relax
+    for gv, func in list(mod.functions_items()):
+        if gv.name_hint in ("decode", "batch_decode") and isinstance(func, rx.Function) \
+                and any(p.name == "page_table" for p in func.params):
+            func = func.with_attr("num_input", 0)
+            if gv.name_hint == "batch_decode":
+                func = func.with_attr("tir_var_upper_bound", {"batch_size": GRAPH_BATCH_BOUND})
+            mod[gv] = func
+    return mod
+
+
 def phases(target) -> list[tuple[str, list]]:
     """(name, passes) in order. CPU only in this file's host path; GPU kinds add dlight GPU rules."""
     c = compiler()
@@ -188,6 +210,8 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
     c = compiler()
     if system_lib_prefix is not None:
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
+    if target.kind.name == "cuda":
+        mod = static_decode_inputs(mod)
     # CUDA: the backend's finalize passes hold RewriteCUDAGraph, which captures the static-shape decode into a
     # CUDA graph when this option is on (one graph launch instead of hundreds of kernel launches per token).
     # tirx.disable_cse_tir: TVM 0.27's TIR common-subexpression pass breaks TVM's own tree-attention KV-cache kernel

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..artifact import Artifact, ArtifactError, Manifest
 from .host import host_info
+from .kv_pages import GRAPH_BATCH_BOUND
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
 
@@ -175,22 +176,28 @@ class Engine:
         self.eos_ids = set(m.eos_token_ids)
         self.vocab_size = _token_limit(m, self.art.param_index())
         g = _tvm.get_global_func
-        self._add_seq = g("vm.builtin.kv_state_add_sequence")
-        self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
-        self._begin = g("vm.builtin.kv_state_begin_forward")
-        self._end = g("vm.builtin.kv_state_end_forward")
-        # the cache copies a forward's page tables to the device at its first attention call; asking for the query
-        # positions right after begin_forward does it before the forward's first kernel (on an H100, layer 0 had
-        # waited ~25 us mid-step for that copy and the stream event behind it)
-        self._sync_aux = g("vm.builtin.attention_kv_cache_get_query_positions")
-        S = _tvm.ShapeTuple
-        self.kv = self.vm["create_tir_paged_kv_cache"](
-            S([m.runtime.max_batch]), S([self.context_window * m.runtime.max_batch]),
-            S([self.chunk]), S([m.runtime.page_size]), S([0]))
+        functions = m.functions
+        # edgellm's own paged KV cache (CUDA, --opt cuda_kv=owned): the cache is tensors the functions take, and
+        # decode is one CUDA graph (kernels/owned_kv.py); otherwise TVM's PagedKVCache object
+        self.owned_kv = "create_tir_paged_kv_cache" not in functions
+        if self.owned_kv:
+            self._init_owned_kv(m)
+        else:
+            self._add_seq = g("vm.builtin.kv_state_add_sequence")
+            self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
+            self._begin = g("vm.builtin.kv_state_begin_forward")
+            self._end = g("vm.builtin.kv_state_end_forward")
+            # the cache copies a forward's page tables to the device at its first attention call; asking for the
+            # query positions right after begin_forward does it before the forward's first kernel (on an H100,
+            # layer 0 had waited ~25 us mid-step for that copy and the stream event behind it)
+            self._sync_aux = g("vm.builtin.attention_kv_cache_get_query_positions")
+            S = _tvm.ShapeTuple
+            self.kv = self.vm["create_tir_paged_kv_cache"](
+                S([m.runtime.max_batch]), S([self.context_window * m.runtime.max_batch]),
+                S([self.chunk]), S([m.runtime.page_size]), S([0]))
         self._next_seq = 0
         self._lengths: dict[int, int] = {}  # live sequence -> tokens in its cache
         self.last_stats = GenerationStats()
-        functions = m.functions
         self.has_batch_decode = "batch_decode" in functions
         self.has_device_argmax = "argmax" in functions
         # the rule `decode` follows when not told: one `batch_decode` call for this many sequences or more, below it
@@ -204,8 +211,41 @@ class Engine:
         self._fns: dict[str, object] = {}  # VM function handles, looked up once (a lookup per token is host time)
         self._last_tokens = _DeviceTokens()
         self._shapes: dict[tuple[tuple[int, ...], int], tuple] = {}  # ShapeTuples per (sequences, tokens each)
-        self._free_pages_fn = g("vm.builtin.attention_kv_cache_get_num_available_pages")
+        if not self.owned_kv:
+            self._free_pages_fn = g("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.total_pages = self.free_pages()  # nothing is cached yet
+
+    def _init_owned_kv(self, m: Manifest) -> None:
+        """The owned cache's page tensor [L, pages + 1 scratch, 2, KV, 16, D] on the device and its host bookkeeping
+        (device_runners/kv_pages.py): max_batch sequences of a full context window, as TVM's cache is sized."""
+        from .kv_pages import PagePool
+
+        cfg = m.config
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        self._max_pages = -(-self.context_window // 16)
+        self._pool = PagePool(self._max_pages * m.runtime.max_batch, self._max_pages)
+        shape = (int(cfg["num_hidden_layers"]), self._pool.total + 1, 2, int(cfg["num_key_value_heads"]), 16, head_dim)
+        self.kv = self._tvm.runtime.empty(shape, "float16", self.dev)
+        # per batch size: device buffers for the ids [b, 1], positions [b] and page table [b, max_pages]. A captured
+        # decode graph replays on the addresses it saw, so these same buffers go to every call. (Three buffers,
+        # not views of one: TVM hands a view to kernels with a byte_offset, which they refuse.)
+        self._aux: dict[int, list] = {}
+        self._graph_state: dict[tuple[str, int], object] = {}
+        self._graphs = None
+        try:  # the owned cache is CUDA-only
+            from .cuda_graph import DriverGraphs
+
+            self._graphs = DriverGraphs(self.dev)
+        except Exception as exc:  # no driver library: the compiled graph still runs, through the VM
+            log.warning("CUDA driver graphs unavailable (%s): decode runs through the VM", exc)
+
+    def _aux_for(self, b: int) -> list:
+        aux = self._aux.get(b)
+        if aux is None:
+            host = [np.zeros((b, 1), np.int32), np.zeros(b, np.int32), np.zeros((b, self._max_pages), np.int32)]
+            aux = self._aux[b] = [host, [self._tvm.tensor(h, self.dev) for h in host], None]
+        return aux
 
     # ---- the context-window rule ------------------------------------------------------------------------------
     def fits(self, n_tokens: int, room: int = 1) -> bool:
@@ -235,14 +275,20 @@ class Engine:
         """A new, empty sequence in the KV cache; returns its id (ids are never reused). Free it with
         `remove_sequence` (or use `with engine.sequence()`)."""
         seq, self._next_seq = self._next_seq, self._next_seq + 1
-        self._add_seq(self.kv, seq)
+        if self.owned_kv:
+            self._pool.add(seq)
+        else:
+            self._add_seq(self.kv, seq)
         self._lengths[seq] = 0
         return seq
 
     def remove_sequence(self, seq: int) -> None:
         """Free `seq`'s KV pages and forget its cached ShapeTuples."""
         try:
-            self._remove_seq(self.kv, seq)
+            if self.owned_kv:
+                self._pool.remove(seq)
+            else:
+                self._remove_seq(self.kv, seq)
         finally:
             self._lengths.pop(seq, None)
             for key in [k for k in self._shapes if seq in k[0]]:
@@ -258,6 +304,8 @@ class Engine:
 
     def free_pages(self) -> int:
         """KV-cache pages no sequence holds."""
+        if self.owned_kv:
+            return self._pool.free
         return int(self._free_pages_fn(self.kv))
 
     def pages_in_use(self) -> int:
@@ -338,8 +386,9 @@ class Engine:
             self.remove_sequence(seq)
 
     # ---- forwards -----------------------------------------------------------------------------------------------
-    def _decode(self, seqs: list[int], tokens: list[int], batched: bool | None) -> list[tuple[list[int], object]]:
-        """Check and run one decode step: (the sequences, their logits on the device) per forward."""
+    def _decode(self, seqs: list[int], tokens: list[int], batched: bool | None):
+        """Check, then run one decode step: an iterable of (the sequences, their logits on the device) per forward.
+        Forwards run as it is consumed; read each output before taking the next."""
         if len(seqs) != len(tokens) or not seqs:
             raise ValueError(f"decode needs one token per sequence, got {len(seqs)} sequences and {len(tokens)} "
                              "tokens")
@@ -350,19 +399,26 @@ class Engine:
                                          f"{self.context_window} (one more is needed to generate)")
         if batched is None:
             batched = len(seqs) >= self.batch_min
-        if not batched:
-            outs = []
-            for s, t in zip(seqs, tokens):
-                outs.append(([s], self._forward("decode", [s], [t])))
-                self._lengths[s] += 1
-            return outs
-        if not self.has_batch_decode:
+        if batched and not self.has_batch_decode:
             raise ValueError(f"artifact {self.art.root} has no batch_decode function; decode with batched=False "
                              "or recompile it with this edgellm version")
+        if not batched:
+            # one forward at a time, each consumed by the caller before the next runs (a replayed graph writes the
+            # same output tensor every step)
+            return self._decode_each(seqs, tokens)
+        if self.owned_kv and len(seqs) > GRAPH_BATCH_BOUND:  # the bound batch_decode's storage is planned for
+            return (part for i in range(0, len(seqs), GRAPH_BATCH_BOUND)
+                    for part in self._decode(seqs[i:i + GRAPH_BATCH_BOUND], tokens[i:i + GRAPH_BATCH_BOUND], True))
         out = self._forward("batch_decode", seqs, tokens)
         for s in seqs:
             self._lengths[s] += 1
         return [(seqs, out)]
+
+    def _decode_each(self, seqs: list[int], tokens: list[int]) -> Iterator[tuple[list[int], object]]:
+        for s, t in zip(seqs, tokens):
+            out = self._forward("decode", [s], [t])
+            self._lengths[s] += 1
+            yield [s], out
 
     def _ids_tensor(self, fn: str, seqs: list[int], ids: list[int]):
         if fn == "prefill" or fn == "prefill_logits":  # prompt chunks vary in length: a tensor each
@@ -378,6 +434,8 @@ class Engine:
     def _forward(self, fn: str, seqs: list[int], ids: list[int]):
         """One forward of `fn` (prefill: ids are one chunk of seqs[0]; decode/batch_decode: one id per sequence);
         the output tensor stays on the device."""
+        if self.owned_kv:
+            return self._forward_owned(fn, seqs, ids)
         arr = self._ids_tensor(fn, seqs, ids)
         per = len(ids) if fn.startswith("prefill") else 1
         key = (tuple(seqs), per)  # ShapeTuples made once (about 2 us each per call on a CPU of this machine's class)
@@ -395,6 +453,56 @@ class Engine:
         finally:
             self._end(self.kv)
         return out[0]
+
+    def _forward_owned(self, fn: str, seqs: list[int], ids: list[int]):
+        """The owned cache's forward: pages for the new tokens, then one copy of ids (decode), positions and page
+        rows into the batch size's fixed buffer, then the call (decode replays its CUDA graph)."""
+        b = len(seqs)
+        decode = not fn.startswith("prefill")
+        per = 1 if decode else len(ids)
+        aux = self._aux_for(b)
+        (h_ids, h_pos, h_pt), (d_ids, d_pos, d_pt), last_pt = aux
+        for r, s in enumerate(seqs):
+            h_pos[r] = self._pool.length(s)
+        for s in seqs:
+            self._pool.append(s, per)
+        for r, s in enumerate(seqs):
+            self._pool.row(s, h_pt[r])
+        d_pos.copyfrom(h_pos)
+        if last_pt is None or not np.array_equal(last_pt, h_pt):  # page rows change once per 16 tokens
+            d_pt.copyfrom(h_pt)
+            aux[2] = h_pt.copy()
+        if decode:
+            h_ids[:, 0] = ids
+            d_ids.copyfrom(h_ids)
+            arr = d_ids
+        else:
+            arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
+        f = self._fns.get(fn)
+        if f is None:
+            f = self._fns[fn] = self.vm[fn]
+        if not decode or self._graphs is None:
+            return f(arr, self.kv, d_pt, d_pos, self.params)
+        # decode: the first call per (function, b) lets TVM capture its graph of the step; the second captures the
+        # whole VM call into a graph of ours (cuda_graph.py); from then on one cuGraphLaunch replays it
+        key = (fn, b)
+        state = self._graph_state.get(key)
+        if state is None:
+            self._graph_state[key] = "tvm"
+            return f(arr, self.kv, d_pt, d_pos, self.params)
+        if state == "tvm":
+            try:
+                state = self._graphs.capture(lambda: f(arr, self.kv, d_pt, d_pos, self.params))
+            except Exception as exc:  # keep going without: the VM call is correct, only slower
+                log.warning("whole-call CUDA graph capture of %s (b=%d) failed (%s); decoding without it", fn, b, exc)
+                self._graph_state[key] = "off"
+                return f(arr, self.kv, d_pt, d_pos, self.params)
+            self._graph_state[key] = state
+        elif state == "off":
+            return f(arr, self.kv, d_pt, d_pos, self.params)
+        exe, out = state
+        self._graphs.launch(exe)
+        return out  # the same tensor at every replay: callers read it before the next step
 
     # ---- whole jobs ---------------------------------------------------------------------------------------------
     def warmup(self) -> None:

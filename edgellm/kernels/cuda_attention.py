@@ -99,3 +99,42 @@ def attention_prefill_ragged_cuda(num_kv_heads: int, num_qo_heads: int, head_dim
     return batch_prefill_ragged_kv.with_attrs({
         "global_symbol": "batch_prefill_ragged_kv", "tirx.is_scheduled": True,
         "tirx.noalias": True, "edgellm.kernel": "attention_prefill_ragged_mma"})
+
+
+def attention_chunk_cuda(num_kv_heads: int, num_qo_heads: int, head_dim: int):
+    """The same device function for the owned KV cache (kernels/owned_kv.py): one sequence's chunk among itself,
+    causal, q [n, h, d], k/v [n, h_kv, d], indptr [0, n] -> output [n, h, d] fp16, lse [n, h] (log2 domain);
+    sm_scale = head_dim^-0.5 baked in."""
+    from tvm.script import tirx as T
+
+    H, KV, D = num_qo_heads, num_kv_heads, head_dim
+    if D not in HEAD_DIMS or H % KV != 0:
+        raise ValueError(f"attention_chunk_cuda: unsupported (head_dim {D}, heads {H}/{KV})")
+    G = H // KV
+    SMEM = smem_bytes(D)
+    CALL = f"edgellm_attn_prefill_ragged<{D}, {G}>"
+    scale = float(D ** -0.5)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def attn_chunk(var_q: T.handle, var_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_output: T.handle,
+                   var_lse: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        q = T.match_buffer(var_q, (n, H, D), "float16")
+        indptr = T.match_buffer(var_indptr, (2,), "int32")
+        k = T.match_buffer(var_k, (n, KV, D), "float16")
+        v = T.match_buffer(var_v, (n, KV, D), "float16")
+        output = T.match_buffer(var_output, (n, H, D), "float16")
+        lse = T.match_buffer(var_lse, (n, H), "float32")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", (n * G + BM - 1) // BM + 1)
+            T.launch_thread("blockIdx.y", KV)
+            T.launch_thread("threadIdx.x", THREADS)
+            sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
+            T.evaluate(T.cuda.func_call(
+                CALL, q.data, indptr.data, k.data, v.data, indptr.data, output.data, lse.data, 1, 1,
+                T.float32(scale), H, KV, sm.data, source_code=_SRC))
+
+    return attn_chunk.with_attr("edgellm.kernel", "attention_chunk_mma")

@@ -28,6 +28,10 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "cuda_attention": (("auto", "mma", "tvm"),
                        "CUDA ragged prefill attention: mma = edgellm's FlashAttention-2 on mma.sync (sm_80+, fp16, "
                        "head_dim 64/128); tvm = TVM's kernel; auto = mma where it applies"),
+    "cuda_kv": (("auto", "owned", "tvm"),
+                "CUDA KV cache: owned = edgellm's paged cache (kernels/owned_kv.py; page table and positions are "
+                "inputs, so a decode step is one CUDA graph); tvm = TVM's PagedKVCache (its attention is a call "
+                "into the cache object that splits the graph per layer); auto = tvm for now"),
     "webgpu_gemm": (("auto", "tiled", "simple"),
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
@@ -52,6 +56,7 @@ class KernelOptions:
     cuda_gemm: str = "auto"
     cuda_gemm_decode: str = "half2"
     cuda_attention: str = "auto"
+    cuda_kv: str = "auto"
     webgpu_gemm: str = "auto"
     webgpu_gemv: str = "auto"
 

@@ -137,26 +137,50 @@ class LlamaForCausalLM(nn.Module):
         self.model = Backbone(cfg, plan, self.dtype, kernels)
         self.lm_head = (None if cfg.tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, plan.head, self.dtype, kernels))
+        from ..kernels import owned_kv
+
+        opt = kernels.options.cuda_kv
+        self.owned = opt == "owned" and owned_kv.supports(kernels, cfg, self.dtype)
+        if opt == "owned" and not self.owned:
+            raise ValueError(f"--opt cuda_kv=owned needs CUDA sm_80+, fp16, head_dim 64 or 128 and no rope scaling but "
+                             f"llama3/linear (target {kernels.kind}, dtype {self.dtype}, head_dim {cfg.head_dim}); "
+                             "leave cuda_kv at auto")
 
     def _logits(self, x):
         logits = self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
-    def prefill(self, ids, cache):
+    # The entry points take either TVM's PagedKVCache (`cache`) or, with the owned cache (`self.owned`), its
+    # tensors: pages, page_table, pos0 (kernels/owned_kv.py). The owned functions return the logits alone.
+    def _cache(self, cache, page_table, pos0, decode: bool):
+        if not self.owned:
+            return cache
+        from ..kernels.owned_kv import OwnedKVCache
+
+        return OwnedKVCache(self.kernels, self.cfg, self.dtype, cache, page_table, pos0, decode)
+
+    def _out(self, logits, cache):
+        return logits if self.owned else (logits, cache)
+
+    def prefill(self, ids, cache, page_table=None, pos0=None):
         """ids [1, s] -> logits of the last token [1, 1, vocab]; appends s tokens to the cache."""
-        return self._logits(_last_token(self.model(ids, cache))), cache
+        kv = self._cache(cache, page_table, pos0, False)
+        return self._out(self._logits(_last_token(self.model(ids, kv))), cache)
 
-    def prefill_logits(self, ids, cache):
+    def prefill_logits(self, ids, cache, page_table=None, pos0=None):
         """ids [1, s] -> logits of every position [1, s, vocab] (scoring, teacher forcing)."""
-        return self._logits(self.model(ids, cache)), cache
+        kv = self._cache(cache, page_table, pos0, False)
+        return self._out(self._logits(self.model(ids, kv)), cache)
 
-    def decode(self, ids, cache):
+    def decode(self, ids, cache, page_table=None, pos0=None):
         """ids [1, 1] -> [1, 1, vocab]: static shapes so the GEMV kernels apply."""
-        return self._logits(self.model(ids, cache)), cache
+        kv = self._cache(cache, page_table, pos0, True)
+        return self._out(self._logits(self.model(ids, kv)), cache)
 
-    def batch_decode(self, ids, cache):
+    def batch_decode(self, ids, cache, page_table=None, pos0=None):
         """ids [b, 1] (one new token for each of b sequences) -> [b, 1, vocab]; batched serving."""
-        return self._logits(self.model(ids, cache)), cache
+        kv = self._cache(cache, page_table, pos0, True)
+        return self._out(self._logits(self.model(ids, kv)), cache)
 
     def argmax(self, logits):
         """logits [b, 1, vocab] -> greedy token ids [b, 1] int32, on the device (CUDA builds export it: a greedy step
@@ -198,16 +222,33 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def export_spec(self) -> dict:
-        cache = nn.spec.Object(object_type=c.PagedKVCache)
         fwd = {"param_mode": "packed", "effect_mode": "none"}
+        argmax = ({"argmax": {"logits": nn.spec.Tensor(["batch_size", 1, self.cfg.vocab_size], "float32"),
+                              "$": {"param_mode": "none", "effect_mode": "none"}}}
+                  if self.kernels.argmax(self.cfg.vocab_size) is not None else {})
+        if self.owned:  # the cache's tensors are inputs (kernels/owned_kv.py)
+            cfg = self.cfg
+            pages = nn.spec.Tensor([cfg.num_hidden_layers, "num_pages", 2, cfg.num_key_value_heads, 16, cfg.head_dim],
+                                   self.dtype)
+
+            def state(b):
+                return {"cache": pages, "page_table": nn.spec.Tensor([b, "max_pages"], "int32"),
+                        "pos0": nn.spec.Tensor([b], "int32")}
+
+            return {
+                "prefill": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), **state(1), "$": fwd},
+                "prefill_logits": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), **state(1), "$": fwd},
+                "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), **state(1), "$": fwd},
+                "batch_decode": {"ids": nn.spec.Tensor(["batch_size", 1], "int32"), **state("batch_size"), "$": fwd},
+                **argmax,
+            }
+        cache = nn.spec.Object(object_type=c.PagedKVCache)
         return {
             "prefill": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
             "prefill_logits": {"ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": fwd},
             "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": fwd},
             "batch_decode": {"ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": fwd},
-            **({"argmax": {"logits": nn.spec.Tensor(["batch_size", 1, self.cfg.vocab_size], "float32"),
-                           "$": {"param_mode": "none", "effect_mode": "none"}}}
-               if self.kernels.argmax(self.cfg.vocab_size) is not None else {}),
+            **argmax,
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},

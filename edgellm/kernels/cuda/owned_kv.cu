@@ -1,0 +1,225 @@
+#ifndef EDGELLM_OWNED_KV
+#define EDGELLM_OWNED_KV
+// edgellm's own paged KV cache for CUDA (kernels/owned_kv.py). Layout of `pages`: [L, P, 2, KV, 16, D] fp16
+// (layer, page, K|V, kv head, slot, dim). A row's page table is page_table[row * maxp + pos / 16]; the token at
+// position pos lives in slot pos % 16 of that page.
+
+// RoPE (rotate-half, float32 angles pos * inv_freq[j]) on the q and k heads of each new token, K and V written
+// into the token's page slot, and rotated q / k and v copied out for the attention of the chunk among itself.
+// One block per (token, head of q | k | v), D / 2 threads; token i belongs to row i / per_row at position
+// pos0[row] + i % per_row.
+template <int D>
+__device__ __forceinline__ void edgellm_kv_append(
+    const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, half* __restrict__ pages, half* __restrict__ q_out, half* __restrict__ k_out,
+    half* __restrict__ v_out, int per_row, int maxp, long long P, int layer, int H, int KV) {
+  constexpr int HALF = D / 2;
+  const int i = blockIdx.x, h = blockIdx.y, j = threadIdx.x, row = i / per_row, pos = pos0[row] + i % per_row;
+  const int page = page_table[row * maxp + pos / 16], slot = pos % 16;
+  const half* x = qkv + ((long long)i * (H + 2 * KV) + h) * D;
+  half* base = pages + ((long long)layer * P + page) * 2 * KV * 16 * D;
+  if (h >= H + KV) {  // v: copied as it is
+    const int kh = h - H - KV;
+    half* v = v_out + ((long long)i * KV + kh) * D;
+    half* dst = base + ((KV + kh) * 16 + slot) * D;
+    const half a = x[j], b = x[j + HALF];
+    v[j] = a;
+    v[j + HALF] = b;
+    dst[j] = a;
+    dst[j + HALF] = b;
+    return;
+  }
+  float s, c;
+  sincosf((float)pos * inv_freq[j], &s, &c);
+  const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
+  const half r0 = __float2half(x0 * c - x1 * s), r1 = __float2half(x1 * c + x0 * s);
+  if (h < H) {
+    half* q = q_out + ((long long)i * H + h) * D;
+    q[j] = r0;
+    q[j + HALF] = r1;
+  } else {
+    const int kh = h - H;
+    half* k = k_out + ((long long)i * KV + kh) * D;
+    k[j] = r0;
+    k[j + HALF] = r1;
+    half* dst = base + (kh * 16 + slot) * D;
+    dst[j] = r0;
+    dst[j + HALF] = r1;
+  }
+}
+
+// Attention of query token i (heads of kv head blockIdx.x % KV) over keys [split * chunk, min(kv_len, ...)) of its
+// row's pages, kv_len = pos0[row] + (causal ? i % per_row + 1 : 0): unnormalized output o_part [n, H, splits, D]
+// and (max, sum) ml [n, H, splits, 2], scores in the log2 domain. 128 threads; tiles of 32 keys (two pages);
+// `chunk` is a multiple of 32. smem: G * D + G * 32 + 3 * G floats.
+template <int D, int G>
+__device__ __forceinline__ void edgellm_paged_attn_partial(
+    const half* __restrict__ q, const half* __restrict__ pages, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, float* __restrict__ o_part, float* __restrict__ ml, int per_row, int causal,
+    int maxp, long long P, int layer, int KV, int chunk, int splits, float scale_log2, float* smem) {
+  constexpr int ITEMS = (G * D / 2 + 127) / 128;  // (head, dim pair) items per thread in the output
+  const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
+  const int H = G * KV, row = i / per_row;
+  const int kv_len = pos0[row] + (causal ? i % per_row + 1 : 0);
+  const int begin = split * chunk, end = min(kv_len, begin + chunk);
+  const long long e0 = ((long long)i * H + kvh * G) * splits + split;  // (i, head kvh*G + g, split) = e0 + g*splits
+  if (begin >= end) {
+    if (tid < G) {
+      ml[2 * (e0 + tid * splits)] = -INFINITY;
+      ml[2 * (e0 + tid * splits) + 1] = 0.f;
+    }
+    return;
+  }
+  float* sq = smem;            // [G][D] q * scale * log2(e)
+  float* ss = sq + G * D;      // [G][32] scores, then probabilities
+  float* sm = ss + G * 32;     // [G] running max
+  float* sl = sm + G;          // [G] running sum
+  float* sa = sl + G;          // [G] rescale of this tile
+  for (int w = tid; w < G * D; w += 128) sq[w] = __half2float(q[((long long)i * H + kvh * G) * D + w]) * scale_log2;
+  if (tid < G) {
+    sm[tid] = -INFINITY;
+    sl[tid] = 0.f;
+  }
+  float2 acc[ITEMS];
+#pragma unroll
+  for (int t = 0; t < ITEMS; ++t) acc[t] = make_float2(0.f, 0.f);
+  const half* lbase = pages + (long long)layer * P * 2 * KV * 16 * D;
+  const int* pt = page_table + row * maxp;
+  const int warp = tid >> 5, lane = tid & 31;
+  __syncthreads();
+  for (int t0 = begin; t0 < end; t0 += 32) {
+    {  // scores: 4 threads per key, D / 4 dims each
+      const int kk = tid >> 2, qq = tid & 3, j = t0 + kk;
+      float dot[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) dot[g] = 0.f;
+      if (j < end) {
+        const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
+#pragma unroll
+        for (int c = 0; c < D / 32; ++c) {
+          const uint4 raw = reinterpret_cast<const uint4*>(kp)[c];
+          const half2* h2 = reinterpret_cast<const half2*>(&raw);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(h2[e]);
+            const int d = qq * (D / 4) + c * 8 + e * 2;
+#pragma unroll
+            for (int g = 0; g < G; ++g) dot[g] += f.x * sq[g * D + d] + f.y * sq[g * D + d + 1];
+          }
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 1);
+        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 2);
+      }
+      if (qq == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) ss[g * 32 + kk] = j < end ? dot[g] : -INFINITY;
+      }
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += 4) {  // online softmax, one warp per head
+      const float s = ss[g * 32 + lane];
+      float mx = s;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = sm[g], m_new = fmaxf(m_old, mx);
+      const float p = exp2f(s - m_new);
+      float sum = p;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      ss[g * 32 + lane] = p;
+      __syncwarp();
+      if (lane == 0) {
+        const float a = exp2f(m_old - m_new);
+        sa[g] = a;
+        sl[g] = sl[g] * a + sum;
+        sm[g] = m_new;
+      }
+    }
+    __syncthreads();
+    const int nk = min(32, end - t0);
+    const half* v0 = lbase + (((long long)pt[t0 >> 4] * 2 + 1) * KV + kvh) * 16 * D;
+    const half* v1 = nk > 16 ? lbase + (((long long)pt[(t0 >> 4) + 1] * 2 + 1) * KV + kvh) * 16 * D : v0;
+#pragma unroll
+    for (int t = 0; t < ITEMS; ++t) {
+      const int w = tid + t * 128;
+      if (w < G * D / 2) {
+        const int g = w / (D / 2), d = 2 * (w % (D / 2));
+        const float a = sa[g];
+        float2 o = make_float2(acc[t].x * a, acc[t].y * a);
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {  // independent loads: unrolled, each guarded (unwritten slots may hold NaN)
+          if (k < nk) {
+            const float2 vv = __half22float2(*reinterpret_cast<const half2*>((k < 16 ? v0 : v1) + (k & 15) * D + d));
+            const float p = ss[g * 32 + k];
+            o.x += p * vv.x;
+            o.y += p * vv.y;
+          }
+        }
+        acc[t] = o;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int t = 0; t < ITEMS; ++t) {
+    const int w = tid + t * 128;
+    if (w < G * D / 2) {
+      float* o = o_part + (e0 + (w / (D / 2)) * splits) * D + 2 * (w % (D / 2));
+      o[0] = acc[t].x;
+      o[1] = acc[t].y;
+    }
+  }
+  if (tid < G) {
+    ml[2 * (e0 + tid * splits)] = sm[tid];
+    ml[2 * (e0 + tid * splits) + 1] = sl[tid];
+  }
+}
+
+// Merge the S splits of (token, head) blockIdx.x (D threads): out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M);
+// with `extra` (o1, lse1: the chunk's attention among itself, log2 domain) merged in by its lse. A (token, head)
+// with no key at all and no extra writes zeros.
+template <int D, int S>
+__device__ __forceinline__ void edgellm_paged_attn_merge(
+    const float* __restrict__ o_part, const float* __restrict__ ml, const half* __restrict__ o1,
+    const float* __restrict__ lse1, half* __restrict__ out, int extra) {
+  const long long e = blockIdx.x, d = threadIdx.x;
+  const float2* mls = reinterpret_cast<const float2*>(ml) + e * S;
+  float m[S], l[S];
+  float M = -INFINITY;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const float2 x = mls[s];
+    m[s] = x.x;
+    l[s] = x.y;
+  }
+#pragma unroll
+  for (int s = 0; s < S; ++s) M = l[s] > 0.f ? fmaxf(M, m[s]) : M;
+  float L = 0.f, acc = 0.f;
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    if (l[s] > 0.f) {
+      const float w = exp2f(m[s] - M);
+      L += l[s] * w;
+      acc += o_part[(e * S + s) * D + d] * w;
+    }
+  }
+  float r;
+  if (extra) {
+    const float l1 = lse1[e];
+    const float M2 = L > 0.f ? fmaxf(M, l1) : l1;
+    const float w1 = exp2f(l1 - M2), wp = L > 0.f ? exp2f(M - M2) : 0.f;
+    r = (acc * wp + __half2float(o1[e * D + d]) * w1) / (L * wp + w1);
+  } else {
+    r = L > 0.f ? acc / L : 0.f;
+  }
+  out[e * D + d] = __float2half(r);
+}
+template <int D, int S>
+__device__ __forceinline__ void edgellm_paged_attn_merge_alone(
+    const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out) {
+  edgellm_paged_attn_merge<D, S>(o_part, ml, nullptr, nullptr, out, 0);
+}
+#endif

@@ -1,0 +1,240 @@
+"""edgellm's own paged KV cache for CUDA (`--opt cuda_kv=owned`): the cache is ordinary tensors that the model
+functions take as inputs, so a decode step has no packed call into TVM's C++ cache object and RewriteCUDAGraph
+captures all of it (embedding, every layer's RoPE, KV append, attention, norms, GEMVs, the head) as one CUDA graph.
+
+Tensors (the Engine owns them; device_runners/kv_pages.py keeps the page bookkeeping on the host):
+  pages       [L, P, 2, KV, 16, D] fp16: layer, page, K|V, kv head, slot, dim
+  page_table  [b, max_pages] int32: row r's i-th page; the token at position p is in slot p % 16 of page
+              page_table[r, p // 16]
+  pos0        [b] int32: the position of row r's first new token (= tokens already cached)
+A forward of b rows with s new tokens each (decode: s = 1; prefill: b = 1) runs per layer:
+  kv_append      RoPE on q and k (rotate-half, float32 angles from a constant inv_freq table), K and V into the
+                 rows' pages in place (call_tir_inplace on `pages`), rotated q / k and v out for the chunk;
+  decode:        paged attention over [0, pos + 1) split over SPLITS_DECODE blocks per (token, kv head), merged;
+  prefill:       the chunk among itself on tensor cores (cuda/attention_prefill_ragged.cu, causal) and the chunk
+                 over the cached history [0, pos0) (paged, split over SPLITS_PREFILL), merged by lse (log2 domain).
+Page table, positions and ids are the only inputs that change between decode steps; the Engine keeps one buffer
+of each per batch size and copies into it before the replay (RewriteCUDAGraph's graphs replay on the addresses
+they were captured with: compile/pipeline.py marks every input of decode/batch_decode static).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._tvm import compiler
+from .cuda import cuda_source
+
+PAGE = 16
+SPLITS_DECODE = 32  # blocks along the keys per (token, kv head) in decode: split-K over pages
+SPLITS_PREFILL = 4  # the same for a prefill chunk's attention over the cached history
+THREADS = 128
+HEAD_DIMS = (64, 128)
+_SRC = cuda_source("owned_kv.cu")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray | None:
+    """inv_freq[j] = theta^(-2j/d) (float64 math, float32 out), with llama3 or linear scaling; None for a rope
+    scaling this cache does not implement (then the TVM cache is used)."""
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if not scaling or kind == "default":
+        return inv.astype(np.float32)
+    if kind == "linear":
+        return (inv / float(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        out = np.where(wavelen < old / high, inv,
+                       np.where(wavelen > old / low, inv / factor, (1 - smooth) * inv / factor + smooth * inv))
+        return out.astype(np.float32)
+    return None
+
+
+def supports(kernels, cfg, dtype: str) -> bool:
+    """Where the owned cache applies: CUDA sm_80+ (the tensor-core chunk attention), fp16, head_dim 64/128, q heads a
+    multiple of kv heads, and a rope scaling rope_inv_freq implements."""
+    if kernels.kind != "cuda" or kernels.sm < 80 or dtype != "float16":
+        return False
+    if cfg.head_dim not in HEAD_DIMS or cfg.num_attention_heads % cfg.num_key_value_heads:
+        return False
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) is not None
+
+
+def kv_append_func(heads: int, kv_heads: int, head_dim: int, layers: int):
+    T = compiler().T
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kv_append(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle, var_pages: T.handle,
+                  layer: T.int32, var_q: T.handle, var_k: T.handle, var_v: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
+        qkv = T.match_buffer(var_qkv, (n, H + 2 * KV, D), "float16")
+        freq = T.match_buffer(var_freq, (D // 2,), "float32")
+        pt = T.match_buffer(var_pt, (b, maxp), "int32")
+        pos0 = T.match_buffer(var_pos0, (b,), "int32")
+        pages = T.match_buffer(var_pages, (L, P, 2, KV, PAGE, D), "float16")
+        q = T.match_buffer(var_q, (n, H, D), "float16")
+        k = T.match_buffer(var_k, (n, KV, D), "float16")
+        v = T.match_buffer(var_v, (n, KV, D), "float16")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", n)
+            T.launch_thread("blockIdx.y", H + 2 * KV)
+            T.launch_thread("threadIdx.x", D // 2)
+            T.evaluate(T.cuda.func_call(
+                f"edgellm_kv_append<{D}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, q.data, k.data,
+                v.data, T.Cast("int32", n // b), T.Cast("int32", maxp), P, layer, H, KV, source_code=_SRC))
+
+    return kv_append.with_attr("edgellm.kernel", "owned_kv_append")
+
+
+def paged_attn_partial_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int, causal: bool):
+    """Split-K attention of n query tokens over their rows' pages -> (o_part [n, H, splits, D], ml [n, H, splits,
+    2]) float32. causal: a token sees positions <= its own (decode); else the history before pos0 (prefill)."""
+    T = compiler().T
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+    G = H // KV
+    smem = G * D + G * 32 + 3 * G
+    scale_log2 = float(D ** -0.5 * 1.4426950408889634)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def paged_attn_partial(var_q: T.handle, var_pages: T.handle, var_pt: T.handle, var_pos0: T.handle,
+                           layer: T.int32, var_o: T.handle, var_ml: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(var_q, (n, H, D), "float16")
+        pages = T.match_buffer(var_pages, (L, P, 2, KV, PAGE, D), "float16")
+        pt = T.match_buffer(var_pt, (b, maxp), "int32")
+        pos0 = T.match_buffer(var_pos0, (b,), "int32")
+        o = T.match_buffer(var_o, (n, H, splits, D), "float32")
+        ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", n * KV)
+            T.launch_thread("blockIdx.y", splits)
+            T.launch_thread("threadIdx.x", THREADS)
+            sm = T.alloc_buffer((smem,), "float32", scope="shared")
+            # keys per split: the context split in `splits` parts, rounded up to whole 32-key tiles
+            chunk = T.meta_var(T.Cast("int32", (maxp * PAGE + splits * 32 - 1) // (splits * 32) * 32))
+            T.evaluate(T.cuda.func_call(
+                f"edgellm_paged_attn_partial<{D}, {G}>", q.data, pages.data, pt.data, pos0.data, o.data, ml.data,
+                T.Cast("int32", n // b), 1 if causal else 0, T.Cast("int32", maxp), P, layer, KV, chunk, splits,
+                T.float32(scale_log2), sm.data, source_code=_SRC))
+
+    return paged_attn_partial.with_attr("edgellm.kernel", f"owned_paged_attn_{'decode' if causal else 'history'}")
+
+
+def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
+    """Merge the splits (and, with `extra`, the chunk's own attention (o1, lse1)) -> out [n, H, D] fp16."""
+    T = compiler().T
+    H, D = heads, head_dim
+
+    if extra:
+        @T.prim_func(private=True, check_well_formed=False)
+        def paged_attn_merge(var_o: T.handle, var_ml: T.handle, var_o1: T.handle, var_lse1: T.handle,
+                             var_out: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            n = T.int64()
+            o = T.match_buffer(var_o, (n, H, splits, D), "float32")
+            ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
+            o1 = T.match_buffer(var_o1, (n, H, D), "float16")
+            lse1 = T.match_buffer(var_lse1, (n, H), "float32")
+            out = T.match_buffer(var_out, (n, H, D), "float16")
+            with T.sblock("root"):
+                T.reads()
+                T.writes()
+                T.launch_thread("blockIdx.x", n * H)
+                T.launch_thread("threadIdx.x", D)
+                T.evaluate(T.cuda.func_call(f"edgellm_paged_attn_merge<{D}, {splits}>", o.data, ml.data, o1.data,
+                                            lse1.data, out.data, 1, source_code=_SRC))
+
+        return paged_attn_merge.with_attr("edgellm.kernel", "owned_paged_attn_merge_lse")
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def paged_attn_merge_alone(var_o: T.handle, var_ml: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        o = T.match_buffer(var_o, (n, H, splits, D), "float32")
+        ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
+        out = T.match_buffer(var_out, (n, H, D), "float16")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", n * H)
+            T.launch_thread("threadIdx.x", D)
+            T.evaluate(T.cuda.func_call(f"edgellm_paged_attn_merge_alone<{D}, {splits}>", o.data, ml.data,
+                                        out.data, source_code=_SRC))
+
+    return paged_attn_merge_alone.with_attr("edgellm.kernel", "owned_paged_attn_merge")
+
+
+def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, object]:
+    """The cache's kernels for one shape, built once per registry (recorded in `kernels.chosen`)."""
+    from .cuda_attention import attention_chunk_cuda
+
+    key = ("owned_kv", H, KV, D, L)
+    build = {
+        "append": ("kv_append", lambda: kv_append_func(H, KV, D, L)),
+        "decode": ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True)),
+        "history": ("attention_prefill", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_PREFILL, False)),
+        "merge": ("attention_decode", lambda: paged_attn_merge_func(H, D, SPLITS_DECODE, False)),
+        "merge_lse": ("attention_prefill", lambda: paged_attn_merge_func(H, D, SPLITS_PREFILL, True)),
+        "ragged": ("attention_prefill", lambda: attention_chunk_cuda(KV, H, D)),
+    }
+    return {name: kernels._once(key + (name,), op, f"owned_{name}", f) for name, (op, f) in build.items()}
+
+
+class OwnedKVCache:
+    """The model-side view of the owned cache for one forward: `attention_with_fused_qkv` has the signature of
+    TVM's PagedKVCache method (models/llama.py calls it the same way); `pages` is threaded from layer to layer
+    through the in-place appends."""
+
+    def __init__(self, kernels, cfg, dtype: str, pages, page_table, pos0, decode: bool):
+        c = compiler()
+        self.nn, self.tirx = c.nn, c.tirx
+        self.cfg, self.dtype, self.decode = cfg, dtype, decode
+        self.pages, self.page_table, self.pos0 = pages, page_table, pos0
+        self.H, self.KV, self.D, self.L = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                           cfg.num_hidden_layers)
+        self.freq = c.nn.Tensor.from_const(rope_inv_freq(self.D, cfg.rope_theta, cfg.rope_scaling))
+        self.k = owned_kv_kernels(kernels, self.H, self.KV, self.D, self.L)
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv, num_qo_heads: int, sm_scale: float):
+        nn, H, KV, D = self.nn, self.H, self.KV, self.D
+        if num_qo_heads != H or abs(sm_scale - D ** -0.5) > 1e-12:
+            raise ValueError(f"owned KV cache: heads {num_qo_heads} / sm_scale {sm_scale} differ from the config's")
+        b, s, _, _ = qkv.shape
+        n = b * s
+        layer = self.tirx.IntImm("int32", layer_id)
+        ph = nn.Tensor.placeholder
+        pages, q, k, v = nn.op.tensor_ir_inplace_op(
+            self.k["append"], "kv_append",
+            [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer], [4, -1, -1, -1],
+            [ph(self.pages.shape, self.dtype), ph((n, H, D), self.dtype), ph((n, KV, D), self.dtype),
+             ph((n, KV, D), self.dtype)])
+        self.pages = pages
+        splits = SPLITS_DECODE if self.decode else SPLITS_PREFILL
+        o_part, ml = nn.op.tensor_ir_op(
+            self.k["decode" if self.decode else "history"], "paged_attn",
+            [q, pages, self.page_table, self.pos0, layer],
+            [ph((n, H, splits, D), "float32"), ph((n, H, splits, 2), "float32")])
+        if self.decode:
+            out = nn.op.tensor_ir_op(self.k["merge"], "paged_attn_merge", [o_part, ml], ph((n, H, D), self.dtype))
+        else:
+            def indptr(x):
+                return compiler().te.compute((2,), lambda i: (i * x.shape[0]).astype("int32"), name="indptr")
+
+            ptr = nn.op.tensor_expr_op(indptr, "chunk_indptr", [q])
+            o1, lse1 = nn.op.tensor_ir_op(self.k["ragged"], "attn_chunk", [q, ptr, k, v],
+                                          [ph((n, H, D), self.dtype), ph((n, H), "float32")])
+            out = nn.op.tensor_ir_op(self.k["merge_lse"], "paged_attn_merge", [o_part, ml, o1, lse1],
+                                     ph((n, H, D), self.dtype))
+        return out.reshape(b, s, H, D)
