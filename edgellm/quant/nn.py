@@ -48,6 +48,17 @@ def linear_call(x, weights: list, in_f: int, out_f: int, scheme: QuantScheme, ke
     return out.reshape(*lead, out_f)
 
 
+def _gather_last(x, perm):
+    """x[..., perm] as one tensor expression (relax's take would print TVM's out-of-bounds warning for its fast
+    mode; perm is a permutation, checked when the weights are packed)."""
+    te = compiler().te
+
+    def f(x_te, p_te):
+        return te.compute(x_te.shape, lambda *i: x_te[(*i[:-1], p_te[i[-1]])], name="act_order_gather")
+
+    return nn.op.tensor_expr_op(f, "act_order_gather", [x, perm])
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b) with W [out, in] stored in `scheme`'s format."""
 
@@ -59,7 +70,7 @@ class Linear(nn.Module):
 
     def forward(self, x):
         if self.scheme.act_order:  # W x = W[:, perm] x[perm] (quant/gptq_awq.py)
-            x = nn.op.take(x, self.q_perm, axis=-1)
+            x = _gather_last(x, self.q_perm)
         return linear_call(x, _weights(self, self.scheme), self.in_features, self.out_features, self.scheme,
                            self.kernels, self.bias)
 
