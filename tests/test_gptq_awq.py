@@ -273,6 +273,27 @@ def test_awq_gemv_and_v1_zero_wrap_are_refused(tmp_path):
         src.tensors["model.layers.1.mlp.down_proj.weight"].packed()
 
 
+def test_scales_and_words_that_no_row_holds_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    deq = write_checkpoint(tmp_path / "m", method="gptq", group=128)
+    f = tmp_path / "m" / "model.safetensors"
+    t = load_file(str(f))
+    name = "model.layers.0.mlp.up_proj"
+    t[f"{name}.scales"] = t[f"{name}.scales"].astype(np.float32)  # fp32 holding fp16 values: still exact
+    save_file(t, str(f))
+    assert np.array_equal(open_model(tmp_path / "m").tensors[f"{name}.weight"].load(), deq[f"{name}.weight"])
+    t[f"{name}.scales"][0, 0] *= np.float32(1 + 2**-20)  # a value fp16 cannot hold
+    save_file(t, str(f))
+    with pytest.raises(SourceError, match="up_proj.scales are float32"):
+        open_model(tmp_path / "m").tensors[f"{name}.weight"].packed()
+    t[f"{name}.scales"] = t[f"{name}.scales"].astype(np.float16)
+    t[f"{name}.qweight"] = t[f"{name}.qweight"].astype(np.int64)  # another pack_dtype: another layout
+    save_file(t, str(f))
+    with pytest.raises(SourceError, match="up_proj.qweight is I64"):
+        open_model(tmp_path / "m")
+
+
 def test_other_quant_is_refused_or_dequantized(tmp_path):
     ckpt = tmp_path / "gptq_g128"
     write_checkpoint(ckpt, method="gptq", group=128)

@@ -162,15 +162,23 @@ def _unpack(prefix: str, t: dict[str, np.ndarray], fmt: ImportFormat, out_f: int
         stored = unpack_along_out(t["qzeros"], AWQ_ORDER)[:, :out_f]
         g_idx = np.arange(in_f) // fmt.group_size
     zero = stored.T.astype(np.int16) + fmt.zero_offset
+    scales = t["scales"]
+    if scales.dtype != np.float16 and not np.array_equal(scales.astype(np.float16).astype(scales.dtype), scales):
+        raise SourceError(f"{prefix}.scales are {scales.dtype} values that fp16 does not hold: the import rows are "
+                          "exact for fp16 scales (the GPTQ / AWQ default) only")
     if g_idx.shape != (in_f,) or g_idx.min() < 0 or g_idx.max() >= groups:
         raise SourceError(f"{prefix}.g_idx does not map {in_f} input columns into {groups} groups; the checkpoint "
                           "is damaged")
     return Packed4(np.ascontiguousarray(q[:out_f, :in_f]), np.ascontiguousarray(zero),
-                   np.ascontiguousarray(t["scales"].astype(np.float16).T), g_idx.astype(np.int32))
+                   np.ascontiguousarray(scales.astype(np.float16).T), g_idx.astype(np.int32))
 
 
 def _shapes(prefix: str, refs: dict[str, TensorRef], fmt: ImportFormat) -> tuple[int, int]:
     """(out, in) of a packed linear from its tensors' shapes, checked against each other."""
+    for n in ("qweight", "qzeros"):
+        if refs[f"{prefix}.{n}"].dtype not in ("I32", "U32"):
+            raise SourceError(f"{prefix}.{n} is {refs[f'{prefix}.{n}'].dtype}: edgellm reads 32-bit packed words "
+                              "(GPTQModel's pack_dtype int32, the default); re-save it with that")
     qw, qz, sc = (refs[f"{prefix}.{n}"].shape for n in ("qweight", "qzeros", "scales"))
     out_f = sc[1] if len(sc) == 2 else -1
     in_f = qw[0] * 8 if fmt.method == "gptq" else qw[0]
