@@ -139,7 +139,7 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
                         "samples_ts": r.samples_ts, "scheme": r.scheme, "weight_bytes": r.weight_bytes, "device": dev,
                         "load_seconds": load, "git_sha": r.git_sha, "timestamp": r.timestamp})
                     print(f"{name:14s} {label:6s} {r.test:6s} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
-            if label == "vulkan":  # the plugin's counters per decode token, then one profiled pass (GPU time per kernel)
+            if label == "vulkan":  # the plugin's counters per decode token, one profiled pass (GPU time per kernel)
                 from vulkan_host_cost import measure
 
                 results.setdefault("decode_profile", {})[name] = {"counters": measure(eng, 32, False),

@@ -352,3 +352,34 @@ def test_binding_over_the_limit_is_one_error_and_the_device_recovers(dev, c, tmp
     out = runtime.empty((8,), "float32", dev)
     lib["main"](small, out, 8, 2.0)  # the queue is still usable
     np.testing.assert_array_equal(out.numpy(), np.arange(8, dtype="float32") * 2 + 1)
+
+
+# -- edgellm's own webgpu kernels --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_f,out_f,bias,dtype", [
+    (576, 100, True, "float32"),    # 72 words: the last unrolled step is partial (guard on k); 1 row a warp
+    (1024, 6144, False, "float16"),  # 4 rows a warp; fp16 activations, scales and output
+    (4096, 4096, False, "float16"),  # 2 rows a warp, 16 steps
+])
+def test_coalesced_int4_gemv_matches_numpy(dev, c, tmp_path, in_f, out_f, bias, dtype):
+    from edgellm.kernels.webgpu_linear import int4_gemv_coalesced
+    from edgellm.quant import get_scheme
+    from edgellm.quant.reference import dequantize, quantize
+
+    scheme = get_scheme("q4f32_1" if dtype == "float32" else "q4f16_1")
+    rng = np.random.default_rng(in_f + out_f)
+    qw, qs = quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), scheme)
+    x = rng.standard_normal((1, in_f)).astype(dtype)
+    b = rng.standard_normal(out_f).astype(dtype)
+    ref = x.astype(np.float32) @ dequantize(qw, qs, in_f, scheme).T + (b.astype(np.float32) if bias else 0)
+    func = int4_gemv_coalesced(in_f, out_f, dtype, scheme.scale_dtype, dtype, bias)
+    mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                        target=c.Target("webgpu", host="llvm")), tmp_path)
+    from edgellm._tvm import runtime
+
+    args = [x, qw, qs.astype(scheme.scale_dtype)] + ([b] if bias else []) + [np.zeros((1, out_f), dtype)]
+    tensors = [runtime.tensor(a, dev) for a in args]
+    mod["main"](*tensors)
+    got = tensors[-1].numpy().astype(np.float32)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < (1e-5 if dtype == "float32" else 2e-3)

@@ -105,12 +105,13 @@ def test_q0f32_matches_host_build_over_prefill_and_16_decode_steps(adapter, vk, 
 
 def test_plugin_counters_flush_and_profile(adapter, vk):
     """The plugin's counters per greedy decode step: a submit every N dispatches (the GPU starts while the host
-    records), one 4-byte read (the device argmax), a bind group per dispatch found or made; profile mode times every kernel on the GPU.
-    The tokens do not depend on any of it."""
+    records), one 4-byte read (the device argmax), a bind group per dispatch found or made; profile mode times every
+    kernel on the GPU. The tokens do not depend on any of it."""
     from edgellm import _tvm
 
     g = _tvm.get_global_func
-    stats, flush, profile = g("edgellm.webgpu.stats"), g("edgellm.webgpu.set_flush_every"), g("edgellm.webgpu.set_profile")
+    stats, flush = g("edgellm.webgpu.stats"), g("edgellm.webgpu.set_flush_every")
+    profile = g("edgellm.webgpu.set_profile")
     eng = Engine(vk("llama", "q0f32"))
     assert eng.has_device_argmax
 

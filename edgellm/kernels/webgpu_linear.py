@@ -90,8 +90,10 @@ def int4_gemv_coalesced(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, o
     lanes = 32
     if warps is None:
         warps = 4
-    if rows is None:
-        rows = 2 if out_f % (warps * 2) == 0 and out_f // (warps * 2) >= 512 else 1
+    if rows is None:  # H200, Llama-3-8B shapes alone (bench/vulkan_kernels.py): 4 rows from 6144 outputs (gate_up
+        # 46.3 -> 42.4 us, qkv 15.8 -> 14.8), 2 below (o 12.9 vs 13.6, down 29.1 vs 30.4); 1 row was 25-60% slower
+        least = {4: 384, 2: 512}  # blocks the grid keeps at least
+        rows = next((r for r in (4, 2) if out_f % (warps * r) == 0 and out_f // (warps * r) >= least[r]), 1)
     per_block = warps * rows
     blocks = (out_f + per_block - 1) // per_block
     steps = (words + lanes - 1) // lanes
