@@ -14,8 +14,9 @@ def add_rms_norm_webgpu(hidden: int, eps: float, dtype: str, threads: int | None
     """(x [n, hidden], y [n, hidden], w [hidden]) -> s = x + y (rounded to `dtype`), rms_norm(s) * w: the function
     of cuda_math.add_rms_norm_gpu (and of `x + y` then TVM's rms_norm), one dispatch instead of two. One workgroup
     per token; a thread owns chunks of 4 elements (WGSL vectors stop at 4 lanes) kept in registers between the two
-    passes; the sum of squares meets in a workgroup-memory tree (ping-pong halves: one barrier per level; H200,
-    hidden 4096: 8.9 us a call with two barriers per level, in the 8B-shape decode profile)."""
+    passes; the sum of squares meets in a workgroup-memory tree (ping-pong halves: one barrier per level). H200,
+    hidden 4096, in the profiled 8B-shape decode: 8.8 us a call (8.9 with two barriers per level), of which ~5.5 us
+    is what any dispatch costs there (one timed pass each): one workgroup per token is latency, not bandwidth."""
     T = compiler().T
     f32 = "float32"
     vec = 4 if hidden % 4 == 0 else 1
