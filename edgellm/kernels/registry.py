@@ -132,7 +132,7 @@ class KernelRegistry:
         if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 
-            if o.webgpu_gemv in ("auto", "coalesced"):  # H200: 0.4 -> see docs/benchmarks/vulkan-h200.md
+            if o.webgpu_gemv in ("auto", "coalesced"):  # H200, 8B shapes: 0.4 -> 1.0-1.6 TB/s (vulkan-h200.md)
                 return "int4_gemv_coalesced_webgpu", lambda: webgpu_linear.int4_gemv_coalesced(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias)
             if cuda_gemv.supports(in_f, 32, 4, 8):
