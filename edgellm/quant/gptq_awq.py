@@ -262,6 +262,9 @@ def source_scheme(tensors: dict[str, TensorRef], target_kind: str, fp16: bool, r
     if scheme.zero_point and scheme.group_size == fmt.group_size and (scheme.act_order or not act) \
             and scheme.scale_dtype == "float32":
         return scheme
+    if scheme.zero_point and scheme.group_size == fmt.group_size and scheme.scale_dtype == "float32":
+        raise SourceError(f"--quant {requested}: {source} is a {fmt.describe()} act-order checkpoint, whose columns "
+                          f"need an act-order row: leave --quant out (this target's is {row.name})")
     raise SourceError(f"--quant {requested}: {source} is a {fmt.describe()}{' act-order' if act else ''} checkpoint "
                       f"and re-quantizing its 4-bit weights onto another grid would lose them; leave --quant out "
                       f"(this target's exact row is {row.name}) or pick q0f32 / q0f16 / q8*")
