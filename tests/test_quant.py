@@ -9,7 +9,10 @@ from edgellm.quant import SCHEMES, get_scheme
 from edgellm.quant import reference as ref
 from edgellm.quant.schemes import precision_plan
 
-QUANTIZED = [s for s in SCHEMES.values() if s.quantized]
+# act-order twins (GPTQ import, `*_ao`) share their row's packing and kernels (the gather is outside the kernel:
+# tests/test_gptq_awq.py), so the per-row kernel tests skip them
+ROWS = [s for s in SCHEMES.values() if not s.act_order]
+QUANTIZED = [s for s in ROWS if s.quantized]
 
 
 def test_nibble_layout_is_the_contract():
@@ -249,7 +252,7 @@ def _stored_and_effective(w, scheme):
     return stored, stored[0].astype(np.float32)
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES.values()), ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", ROWS, ids=lambda s: s.name)
 @pytest.mark.parametrize("rows,in_f,out_f,bias", [(1, 13, 2, False), (1, 96, 40, True), (5, 13, 6, True),
                                                    (9, 200, 80, False), (1, 64, 320, False)])
 def test_linear_kernel_matches_numpy(scheme, rows, in_f, out_f, bias):
@@ -274,7 +277,7 @@ def test_linear_kernel_matches_numpy(scheme, rows, in_f, out_f, bias):
     np.testing.assert_allclose(out.numpy().astype(np.float32), expect, rtol=tol, atol=tol * np.abs(expect).max())
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES.values()), ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", ROWS, ids=lambda s: s.name)
 @pytest.mark.parametrize("vocab,hidden", [(50, 13), (300, 64), (7, 80)])
 def test_embedding_kernel_matches_numpy(scheme, vocab, hidden):
     import tvm
