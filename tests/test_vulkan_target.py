@@ -258,6 +258,12 @@ def test_fp16_artifact_refused_without_shader_f16(adapter, vk, monkeypatch):
         Engine(art)
     err = _one_line_error(["run", str(art), "hi", "-n", "1"])
     assert "shader-f16" in err
+    # fp32 activations, but the 8-bit embedding keeps fp16 scales: WGSL reads them only with the f16 extension
+    # (seen on Mesa's arm64 lavapipe, which has no shader-f16: the first kernel's WGSL compile failed)
+    art32 = Artifact.open(vk("llama3", "q4f32_1"))
+    assert any(e["dtype"] == "float16" for e in art32.param_index())
+    with pytest.raises(DeviceError, match=r"weight \S+ is stored in float16.*no shader-f16.*--head q4"):
+        Engine(art32.root)
 
 
 def test_weight_over_the_binding_limit_is_refused(adapter, vk, monkeypatch):

@@ -115,6 +115,26 @@ def plugin_path() -> tuple[Path, list[str]]:
     return out, cmd
 
 
+def cross_build(out: Path, cxx: str, wgpu_resources: Path, lib_dirs: list[Path], rpaths: list[str]) -> Path:
+    """Build the plugin for another machine (e.g. aarch64-linux-gnu-g++ for a Pi 5): the wheel's headers (the same
+    for every architecture), that machine's wgpu-native (`wgpu_resources`: the `wgpu` wheel's resources folder for
+    it) and TVM runtime libraries (`lib_dirs`: its libtvm_runtime.so and libtvm_ffi.so), `rpaths` where they will
+    live there. Load it there with EDGELLM_WEBGPU_PLUGIN=PATH. Raises PluginError (one line)."""
+    if shutil.which(cxx) is None:
+        raise PluginError("compiler", f"cross compiler {cxx!r} not found "
+                                      "(Debian: apt-get install g++-aarch64-linux-gnu)")
+    libs = sorted(Path(wgpu_resources).glob("libwgpu_native-release.*"))
+    if not libs or not (Path(wgpu_resources) / "webgpu.h").exists():
+        raise PluginError("wgpu", f"{wgpu_resources} holds no wgpu-native library and headers: unpack the `wgpu` "
+                                  "wheel for the target machine there")
+    includes, _, _ = _tvm_dirs()
+    cmd = [cxx, *CXX_FLAGS, "-o", "{out}", *[str(p) for p in _sources() if p.suffix == ".cc"],
+           *[f"-I{d}" for d in (*includes, wgpu_resources)], *[f"-L{d}" for d in (*lib_dirs, wgpu_resources)],
+           "-ltvm_runtime", "-ltvm_ffi", f"-l:{libs[0].name}", *[f"-Wl,-rpath,{r}" for r in rpaths]]
+    _build(Path(out), cmd)
+    return Path(out)
+
+
 def _build(out: Path, cmd: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
@@ -140,10 +160,17 @@ def load_plugin() -> Path:
     with _lock:
         if _loaded is not None:
             return _loaded
-        out, cmd = plugin_path()
-        if not out.exists():
-            log.info("building the WebGPU runtime plugin into %s", out.parent)
-            _build(out, cmd)
+        prebuilt = os.environ.get("EDGELLM_WEBGPU_PLUGIN")  # a library built elsewhere (a board with no compiler)
+        if prebuilt:
+            out = Path(prebuilt)
+            if not out.is_file():
+                raise PluginError("build", f"EDGELLM_WEBGPU_PLUGIN={prebuilt} is not a file: build the plugin "
+                                           "(bench/vulkan_aarch64.py cross-builds one) or unset the variable")
+        else:
+            out, cmd = plugin_path()
+            if not out.exists():
+                log.info("building the WebGPU runtime plugin into %s", out.parent)
+                _build(out, cmd)
         ctypes.CDLL(str(out), mode=ctypes.RTLD_GLOBAL)
         _loaded = out
     if not adapters():
