@@ -127,6 +127,41 @@ def test_q8_dot_path_matches_numpy(mcpu, in_f, path, needs, rows, m, out_f, bias
     np.testing.assert_allclose(out.numpy(), expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
 
 
+@pytest.mark.parametrize("scheme_name", ["q4f32_2", "q8f32_2"])
+@pytest.mark.parametrize("rows,m", [(1, 1), (None, 5)])
+def test_activation_group_is_the_rows_act_group(scheme_name, rows, m):
+    """The kernels quantize x with one d per `act_group` values (a packed word: 8 for 4-bit rows, 4 for 8-bit), as
+    quant.reference does; the same row with act_group=0 (d per weight group of 32) gives measurably other numbers, so
+    a kernel that ignored the field would fail here."""
+    import tvm
+
+    from dataclasses import replace
+
+    row = get_scheme(scheme_name)
+    assert row.act_group_size == row.elems_per_word
+    rng = np.random.default_rng(3)
+    in_f, out_f = 576, 40
+    x = rng.standard_normal((m, in_f)).astype(np.float32)
+    x[:, ::32] *= 30  # one outlier per group of 32: d per word keeps the other words' resolution
+    parts = ref.quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), row)
+    qm = parts[2] if row.zero_point else None
+    got = {}
+    for s in (row, replace(row, act_group=0)):
+        _, lib = _build(_target("znver4") if _host_has(["avx512vnni", "avx512vl"]) else _target("x86-64"), rows,
+                        in_f, out_f, s, False)
+        dev = tvm.cpu()
+        out = tvm.runtime.empty((m, out_f), "float32", dev)
+        lib["main"](*[tvm.runtime.tensor(a, dev) for a in [x, *parts]], out)
+        expect = ref.linear_int8(x, parts[0], parts[1], qm, s)
+        np.testing.assert_allclose(out.numpy(), expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+        got[s.act_group_size] = out.numpy()
+    exact = x @ ref.dequantize(parts[0], parts[1], in_f, row, qm).T
+    fine, coarse = got[row.act_group_size], got[32]
+    assert np.abs(fine - coarse).max() > 1e-3 * np.abs(exact).max()  # far beyond the 1e-5 match above
+    err = {ag: np.sqrt(((y - exact) ** 2).mean()) for ag, y in got.items()}  # rms error against fp32 x
+    assert err[row.act_group_size] < 0.85 * err[32], err
+
+
 def test_int8_kernel_is_close_to_the_float_product():
     """Quantizing activations to int8 per group of 32 costs about 1% relative error on a random layer."""
     s = get_scheme("q4f32_2")
