@@ -188,9 +188,6 @@ def profile_and_bench(dev: Path, name: str, tag: str, bw: float) -> None:
             finally:
                 for s in list(eng._lengths):
                     eng.remove_sequence(s)
-    if getattr(eng, "_graph_state", None):  # whole-call graphs: "captured" per (function, batch size)
-        results.setdefault("graph_state", {})[label] = {f"{k[0]} b={k[1]}": v if isinstance(v, str) else "captured"
-                                                        for k, v in eng._graph_state.items()}
     del eng
     gc.collect()
 
@@ -228,7 +225,6 @@ def run(dev: Path, shapes: list[str], tvm_shapes: bool) -> int:
     for r in results["batched"]:
         print(f"{r['model']:<14} {r['kv']:<6} b={r['sequences']:<3} {r['aggregate_ts']:9.1f} tok/s aggregate "
               f"({r['step_ms']:.2f} ms/step)")
-    print("whole-call graphs:", json.dumps(results.get("graph_state", {})))
     for e in results["errors"]:
         print("ERROR:", e)
     return 1 if results["errors"] or not all(c["ok"] for c in results["checks"].values()) else 0

@@ -231,14 +231,6 @@ class Engine:
         # decode graph replays on the addresses it saw, so these same buffers go to every call. (Three buffers,
         # not views of one: TVM hands a view to kernels with a byte_offset, which they refuse.)
         self._aux: dict[int, list] = {}
-        self._graph_state: dict[tuple[str, int], object] = {}
-        self._graphs = None
-        try:  # the owned cache is CUDA-only
-            from .cuda_graph import DriverGraphs
-
-            self._graphs = DriverGraphs(self.dev)
-        except Exception as exc:  # no driver library: the compiled graph still runs, through the VM
-            log.warning("CUDA driver graphs unavailable (%s): decode runs through the VM", exc)
 
     def _aux_for(self, b: int) -> list:
         aux = self._aux.get(b)
@@ -481,28 +473,7 @@ class Engine:
         f = self._fns.get(fn)
         if f is None:
             f = self._fns[fn] = self.vm[fn]
-        if not decode or self._graphs is None:
-            return f(arr, self.kv, d_pt, d_pos, self.params)
-        # decode: the first call per (function, b) lets TVM capture its graph of the step; the second captures the
-        # whole VM call into a graph of ours (cuda_graph.py); from then on one cuGraphLaunch replays it
-        key = (fn, b)
-        state = self._graph_state.get(key)
-        if state is None:
-            self._graph_state[key] = "tvm"
-            return f(arr, self.kv, d_pt, d_pos, self.params)
-        if state == "tvm":
-            try:
-                state = self._graphs.capture(lambda: f(arr, self.kv, d_pt, d_pos, self.params))
-            except Exception as exc:  # keep going without: the VM call is correct, only slower
-                log.warning("whole-call CUDA graph capture of %s (b=%d) failed (%s); decoding without it", fn, b, exc)
-                self._graph_state[key] = "off"
-                return f(arr, self.kv, d_pt, d_pos, self.params)
-            self._graph_state[key] = state
-        elif state == "off":
-            return f(arr, self.kv, d_pt, d_pos, self.params)
-        exe, out = state
-        self._graphs.launch(exe)
-        return out  # the same tensor at every replay: callers read it before the next step
+        return f(arr, self.kv, d_pt, d_pos, self.params)
 
     # ---- whole jobs ---------------------------------------------------------------------------------------------
     def warmup(self) -> None:

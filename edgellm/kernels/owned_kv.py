@@ -29,7 +29,7 @@ from .cuda import cuda_source
 
 PAGE = 16
 SPLITS_DECODE = 32  # blocks along the keys per (token, kv head) in decode: split-K over pages
-SPLITS_PREFILL = 4  # the same for a prefill chunk's attention over the cached history
+SPLITS_PREFILL = 1  # a prefill chunk over the cached history: its n x KV blocks are parallel enough
 THREADS = 128
 HEAD_DIMS = (64, 128)
 _SRC = cuda_source("owned_kv.cu")

@@ -150,13 +150,14 @@ __device__ __forceinline__ void edgellm_paged_attn_partial(
         const float a = sa[g];
         float2 o = make_float2(acc[t].x * a, acc[t].y * a);
 #pragma unroll
-        for (int k = 0; k < 32; ++k) {  // independent loads: unrolled, each guarded (unwritten slots may hold NaN)
-          if (k < nk) {
-            const float2 vv = __half22float2(*reinterpret_cast<const half2*>((k < 16 ? v0 : v1) + (k & 15) * D + d));
-            const float p = ss[g * 32 + k];
-            o.x += p * vv.x;
-            o.y += p * vv.y;
-          }
+        for (int k = 0; k < 32; ++k) {
+          // no branch, so the 32 loads are all in flight at once (a guard per key serialized them: 11 us per 8B
+          // layer); past the tile's last key read that key again (written, finite) with p = 0
+          const int kc = min(k, nk - 1);
+          const float2 vv = __half22float2(*reinterpret_cast<const half2*>((kc < 16 ? v0 : v1) + (kc & 15) * D + d));
+          const float p = ss[g * 32 + k];
+          o.x += p * vv.x;
+          o.y += p * vv.y;
         }
         acc[t] = o;
       }
@@ -197,13 +198,18 @@ __device__ __forceinline__ void edgellm_paged_attn_merge(
   }
 #pragma unroll
   for (int s = 0; s < S; ++s) M = l[s] > 0.f ? fmaxf(M, m[s]) : M;
-  float L = 0.f, acc = 0.f;
+  // the splits with keys are a prefix (split s covers keys from s * chunk on); their loads are issued together,
+  // without a branch per split (that serialized them), re-reading the last one where s >= cnt with weight 0
+  int cnt = 0;
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    if (l[s] > 0.f) {
-      const float w = exp2f(m[s] - M);
+  for (int s = 0; s < S; ++s) cnt += l[s] > 0.f;
+  float L = 0.f, acc = 0.f;
+  if (cnt > 0) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const float w = s < cnt ? exp2f(m[s] - M) : 0.f;
       L += l[s] * w;
-      acc += o_part[(e * S + s) * D + d] * w;
+      acc += o_part[(e * S + min(s, cnt - 1)) * D + d] * w;
     }
   }
   float r;
