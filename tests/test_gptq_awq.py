@@ -106,8 +106,9 @@ def _float_model(seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def write_checkpoint(out: Path, method: str, group: int, act_order: bool = False, v1: bool = True,
-                     sym: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
-    """A tiny Llama in `method` (gptq | awq); returns {X.weight: float32 (q - z) * s} of every packed linear."""
+                     sym: bool = True, seed: int = 0, head: bool = False) -> dict[str, np.ndarray]:
+    """A tiny Llama in `method` (gptq | awq), the untied lm_head packed too when `head` (GPTQModel's lm_head=True);
+    returns {X.weight: float32 (q - z) * s} of every packed linear."""
     from safetensors.numpy import save_file
     from tiny_models import _tokenizer
 
@@ -116,11 +117,11 @@ def write_checkpoint(out: Path, method: str, group: int, act_order: bool = False
     tensors, deq, perms = {}, {}, {}
     for name, w in sd.items():
         part = name.split(".")
-        if len(part) == 6 and part[3] in LINEARS and part[4] in LINEARS[part[3]]:
+        if (len(part) == 6 and part[3] in LINEARS and part[4] in LINEARS[part[3]]) or (head and name == "lm_head.weight"):
             prefix, in_f = name[: -len(".weight")], w.shape[1]
             groups = -(-in_f // group)
             if act_order:
-                key = (part[2], SHARED_INPUT[part[4]])
+                key = (part[2], SHARED_INPUT[part[4]]) if len(part) == 6 else "lm_head"
                 perm = perms.setdefault(key, rng.permutation(in_f))
                 g_idx = np.empty(in_f, np.int64)
                 g_idx[perm] = np.arange(in_f) // group
@@ -144,7 +145,8 @@ def write_checkpoint(out: Path, method: str, group: int, act_order: bool = False
 
 VARIANTS = {  # name -> (write_checkpoint kwargs, the CPU row it must pick)
     "gptq_g128": (dict(method="gptq", group=128), "q4f32_g128"),
-    "gptq_g32_act_v2": (dict(method="gptq", group=32, act_order=True, v1=False, sym=False), "q4f32_g32_ao"),
+    "gptq_g32_act_v2": (dict(method="gptq", group=32, act_order=True, v1=False, sym=False, head=True),
+                        "q4f32_g32_ao"),
     "awq_g128": (dict(method="awq", group=128, sym=False, v1=False), "q4f32_g128"),
     "gptq_g128_act": (dict(method="gptq", group=128, act_order=True, sym=False), "q4f32_g128_ao"),
     "gptq_g32_v2_asym": (dict(method="gptq", group=32, v1=False, sym=False), "q4f32_g32"),
@@ -181,6 +183,8 @@ def _fused(deq: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out[f"{a}.o_proj.weight"] = deq[f"{a}.o_proj.weight"]
         out[f"{m}.gate_up_proj.weight"] = np.concatenate([deq[f"{m}.{n}.weight"] for n in ("gate_proj", "up_proj")])
         out[f"{m}.down_proj.weight"] = deq[f"{m}.down_proj.weight"]
+    if "lm_head.weight" in deq:  # a packed head keeps the layers' row (4-bit source), act-order included
+        out["lm_head.weight"] = deq["lm_head.weight"]
     return out
 
 
@@ -210,6 +214,7 @@ def test_import_is_bit_exact_and_matches_numpy(builds, name):
     _assert_bit_exact(art, deq, row)
     layers = quant["classes"]["layers"]
     assert layers["scheme"] == row.name and row.bits_per_weight() == 4 + 64 / row.group_size
+    assert quant["classes"]["head"]["scheme"] == (row.name if VARIANTS[name][0].get("head") else "q8f32_2")
     # the compiled model against the numpy model: int8 activations exactly as the kernels take them (5e-2: int8
     # rounding noise, as test_precision), and against fp32 activations on the source's own dequantized weights
     cfg = ModelConfig.from_dict(art.manifest["model"]["config"])

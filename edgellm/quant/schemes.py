@@ -228,7 +228,8 @@ for _g in (128, 32):
 
 # bits a source tensor type carries (GGUF types and safetensors / torch dtypes)
 SOURCE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "F16": 16, "BF16": 16, "F32": 32,
-               "float16": 16, "bfloat16": 16, "float32": 32, "F64": 64, "float64": 64}
+               "float16": 16, "bfloat16": 16, "float32": 32, "F64": 64, "float64": 64,
+               "GPTQ_Q4": 4, "AWQ_Q4": 4}  # GPTQ / AWQ packed linears (quant/gptq_awq.py), e.g. a quantized lm_head
 
 
 @dataclass(frozen=True)
