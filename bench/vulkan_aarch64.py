@@ -25,7 +25,6 @@ plugin is compiled there at first use (docs/vulkan.md).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -40,17 +39,6 @@ sys.path.insert(0, str(REPO / "tests"))
 PROMPT = [1, 5, 7, 100, 42, 9, 33, 250, 17, 64, 3, 201, 88]
 STEPS = 8
 SCHEMES = ("q0f32", "q4f32_1")
-
-
-def _arm_preset():
-    """The vulkan preset with aarch64 host code and the cross toolchain (registered for this process only)."""
-    from edgellm import targets
-
-    p = targets.PRESETS["vulkan"]
-    arm = dataclasses.replace(p, name="vulkan-arm64", host={"kind": "llvm", "mtriple": targets.AARCH64},
-                              toolchain=f"{targets.AARCH64}-g++")
-    targets.PRESETS["vulkan-arm64"] = arm
-    return arm.name
 
 
 def _fetch_wgpu_arm(out: Path) -> Path:
@@ -86,7 +74,7 @@ def prepare_all(out: Path) -> None:
                 [site / "tvm" / "lib", site / "tvm_ffi" / "lib"],
                 ["/opt/edgellm-site/tvm/lib", "/opt/edgellm-site/tvm_ffi/lib", str(res.resolve())])
     ckpt = make_checkpoint(out / "ckpt" / "llama", "llama")
-    arm = _arm_preset()
+    arm = "vulkan-arm64"  # the preset: vulkan with aarch64 host code and the cross toolchain
     for scheme in SCHEMES:
         for label, preset in (("arm64", arm), ("x86", "vulkan")):
             dst = out / f"art-{label}-{scheme}"

@@ -22,7 +22,7 @@ from pi_emulation import arm64_root  # noqa: F401  (fixture)
 REQUIRED = ["host", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90", "jetson-orin", "jetson-xavier", "rpi4", "rpi5",
             "metal", "ios", "android", "vulkan"]
 # jetson-xavier (sm_72) needs CUDA <= 12; this machine's nvcc 13.0 dropped sm_72 (see test_xavier_...)
-BUILDABLE = [p for p in REQUIRED if p not in ("vulkan", "jetson-xavier")]
+BUILDABLE = [p for p in REQUIRED if p not in ("vulkan", "jetson-xavier")] + ["vulkan-arm64"]
 EXPECT = {  # preset -> (library, object format, machine, fatbin arch)
     "host": ("so", "elf", "x86_64", None),
     "cuda-sm80": ("so", "elf", "x86_64", "sm_80"), "cuda-sm86": ("so", "elf", "x86_64", "sm_86"),
@@ -30,7 +30,7 @@ EXPECT = {  # preset -> (library, object format, machine, fatbin arch)
     "jetson-orin": ("so", "elf", "aarch64", "sm_87"), "jetson-xavier": ("so", "elf", "aarch64", "sm_72"),
     "rpi4": ("so", "elf", "aarch64", None), "rpi5": ("so", "elf", "aarch64", None),
     "metal": ("tar", "macho", "arm64", None), "ios": ("tar", "macho", "arm64", None),
-    "android": ("tar", "elf", "aarch64", None),
+    "android": ("tar", "elf", "aarch64", None), "vulkan-arm64": ("so", "elf", "aarch64", None),
 }
 NEEDS_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA presets build their fatbin with nvcc "
                                 "(CUDA toolkit), which is not on PATH here")

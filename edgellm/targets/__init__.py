@@ -127,6 +127,18 @@ PRESETS: dict[str, TargetPreset] = {
                                "backend": "wgpu-native on Vulkan", "shared_memory": 32768, "index_bits": 32,
                                "runtime": "edgellm WebGPU plugin (C++, built at first run)"},
                      codegen="target.build.webgpu"),
+        # The same WGSL with aarch64 host code (Raspberry Pi 5's VideoCore VII through Mesa's v3dv, Mali / Adreno
+        # boards): linked by the cross g++; the runner needs the plugin built for aarch64 on the board or
+        # EDGELLM_WEBGPU_PLUGIN pointing at one (bench/vulkan_aarch64.py builds one and runs it under qemu).
+        TargetPreset("vulkan-arm64", "Vulkan GPU of an aarch64 Linux board through WebGPU (Pi 5 v3dv, Mali, Adreno)",
+                     "webgpu",
+                     {"kind": "webgpu", "max_num_threads": 256, "max_shared_memory_per_block": 32768,
+                      "thread_warp_size": 1},
+                     host={"kind": "llvm", "mtriple": AARCH64}, toolchain=f"{AARCH64}-g++", default_quant="q4f32_1",
+                     features={"fp16": "q4f16_1 on request (adapter needs shader-f16)", "threads": "gpu",
+                               "backend": "wgpu-native on Vulkan", "shared_memory": 32768, "index_bits": 32,
+                               "runtime": "edgellm WebGPU plugin built for aarch64 (EDGELLM_WEBGPU_PLUGIN)"},
+                     codegen="target.build.webgpu"),
     )
 }
 
