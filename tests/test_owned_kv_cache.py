@@ -1,8 +1,9 @@
 """edgellm's own paged KV cache for CUDA (`--opt cuda_kv=owned`, kernels/owned_kv.py, device_runners/kv_pages.py).
 
 Here, without a GPU: the host page bookkeeping against TVM's PagedKVCache on the same operations (pages per sequence
-while prefilling and decoding, remove, re-add, the pool running out), fork, the RoPE table against transformers',
-and the CUDA build: decode is ONE captured CUDA graph (every kernel of the step inside it), the functions take the
+while prefilling and decoding, remove, re-add, the pool running out), fork, what the Engine's owned-cache forward
+feeds each call (positions, page rows, ids; all-or-nothing when the pool is full; a fake VM records it), the RoPE
+table against transformers', and the CUDA build: decode is ONE captured CUDA graph (every kernel of the step inside it), the functions take the
 cache's tensors, and the option is refused where it cannot apply. The kernels' numbers (against transformers fp16
 and the TVM-cache build, on an H200) come from bench/gpu_graph.py: docs/benchmarks/h200-graph.md."""
 
@@ -182,3 +183,89 @@ def test_cuda_decode_is_one_graph(tmp_path):
     assert any("embedding" in k for k in inside) and len(inside) >= 2 * 9 + 3
     for name in ("batch_decode", "prefill", "prefill_logits"):
         assert re.search(rf"def {name}\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: ", text), name
+
+
+class _FakeTensor:
+    """Stands in for a device tensor: keeps the host copy and counts the copies into it."""
+
+    def __init__(self, array):
+        self.data, self.copies = np.array(array), 0
+
+    def copyfrom(self, array):
+        self.data[...] = array
+        self.copies += 1
+
+
+class _FakeTvm:
+    @staticmethod
+    def tensor(array, dev):
+        return _FakeTensor(array)
+
+
+def _owned_engine(calls: list, total: int = 6, max_pages: int = 4):
+    """An Engine on the owned-cache path with a fake VM that records what each call would see on the device."""
+    from edgellm.device_runners.engine import Engine
+
+    eng = object.__new__(Engine)
+    eng.owned_kv, eng._tvm, eng.dev, eng.kv, eng.params = True, _FakeTvm, None, "pages", "params"
+    eng._pool, eng._max_pages, eng._aux, eng._fns = PagePool(total, max_pages), max_pages, {}, {}
+    eng.context_window, eng.chunk, eng.batch_min, eng.has_batch_decode = max_pages * PAGE, 16, 2, True
+    eng._lengths, eng._next_seq, eng._shapes = {}, 0, {}
+    eng.total_pages = total
+
+    class Out:
+        def __init__(self, b):
+            self.b = b
+
+        def numpy(self):
+            return np.zeros((self.b, 1, 5), np.float32)
+
+    def fn(name):
+        def call(ids, pages, pt, pos, params):
+            assert pages == "pages" and params == "params"
+            calls.append((name, ids.data.copy(), pt.data.copy(), pos.data.copy(), pt))
+            return Out(pos.data.shape[0])
+        return call
+
+    eng.vm = {name: fn(name) for name in ("prefill", "prefill_logits", "decode", "batch_decode")}
+    return eng
+
+
+def test_engine_owned_path_feeds_positions_and_page_rows():
+    """The Engine's owned-cache forward (device_runners/engine._forward_owned): each call gets the tokens already
+    cached as pos0, the row's pages (scratch past them), the ids in the fixed per-batch-size buffer, and the page
+    table is copied only when a row changed (once per 16 tokens)."""
+    calls: list = []
+    eng = _owned_engine(calls)
+    sc = eng._pool.scratch
+    a = eng.add_sequence()
+    eng.prefill(a, list(range(3, 23)))  # 20 tokens: chunks of 16 and 4
+    (n1, ids1, pt1, pos1, _), (n2, ids2, pt2, pos2, _) = calls
+    assert (n1, n2) == ("prefill", "prefill") and ids1.tolist() == [list(range(3, 19))] and pos1.tolist() == [0]
+    pa = eng._pool.pages(a)
+    assert pt1.tolist() == [[pa[0], sc, sc, sc]] and pos2.tolist() == [16] and pt2.tolist() == [[pa[0], pa[1], sc, sc]]
+    calls.clear()
+    for t in (7, 8):
+        eng.decode([a], [t])
+    assert [c[0] for c in calls] == ["decode", "decode"] and [c[1].tolist() for c in calls] == [[[7]], [[8]]]
+    assert [c[3].tolist() for c in calls] == [[20], [21]] and calls[1][4].copies == 2  # rows unchanged: 1 copy
+    b = eng.add_sequence()
+    eng.prefill(b, [1] * 16)
+    calls.clear()
+    eng.decode([a, b], [4, 5])  # batch_decode: both rows; b crosses into its second page
+    name, ids, pt, pos, _ = calls[0]
+    assert name == "batch_decode" and ids.tolist() == [[4], [5]] and pos.tolist() == [22, 16]
+    assert pt.tolist() == [eng._pool.pages(a) + [sc] * 2, eng._pool.pages(b) + [sc] * 2]
+    assert eng.sequence_length(a) == 23 and eng.sequence_length(b) == 17 and eng.pages_in_use() == 4
+    eng.remove_sequence(b)
+    assert eng.pages_in_use() == 2
+    c, d = eng.add_sequence(), eng.add_sequence()
+    eng.prefill(c, [1] * 48)  # 3 of the 4 free pages
+    eng.prefill(d, [1] * 16)  # the last one
+    n = len(calls)
+    with pytest.raises(CacheFullError, match="needs 1 more KV pages and 0 are free"):
+        eng.prefill(d, [1])  # nothing runs, nothing changes
+    with pytest.raises(CacheFullError, match="needs 2 more KV pages and 0 are free"):
+        eng.decode([a, c, d], [1, 1, 1])  # a fits its pages, c and d would each take one: none advances
+    assert len(calls) == n and [eng._pool.length(s) for s in (a, c, d)] == [23, 48, 16]
+    assert [eng.sequence_length(s) for s in (a, c, d)] == [23, 48, 16]

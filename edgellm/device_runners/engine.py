@@ -456,8 +456,7 @@ class Engine:
         (h_ids, h_pos, h_pt), (d_ids, d_pos, d_pt), last_pt = aux
         for r, s in enumerate(seqs):
             h_pos[r] = self._pool.length(s)
-        for s in seqs:
-            self._pool.append(s, per)
+        self._pool.append_many(seqs, per)  # all or none: a full cache changes nothing
         for r, s in enumerate(seqs):
             self._pool.row(s, h_pt[r])
         d_pos.copyfrom(h_pos)

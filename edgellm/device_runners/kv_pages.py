@@ -95,6 +95,21 @@ class PagePool:
             s.pages.append(self._take())
         s.length += n
 
+    def append_many(self, seqs: list[int], n: int) -> None:
+        """`append(seq, n)` for every sequence of a batch, or (CacheFullError) for none of them."""
+        need = 0
+        for seq in seqs:
+            s = self._get(seq)
+            pages = -(-(s.length + n) // PAGE)
+            if pages > self.max_pages:
+                raise CacheFullError(f"sequence {seq} would hold {s.length + n} tokens, over the "
+                                     f"{self.max_pages * PAGE} of a sequence's page table")
+            need += pages - len(s.pages)
+        if need > len(self._free):
+            raise CacheFullError(f"the batch needs {need} more KV pages and {len(self._free)} are free")
+        for seq in seqs:
+            self.append(seq, n)
+
     def row(self, seq: int, out: np.ndarray) -> None:
         """Write `seq`'s page table into `out` (int32 [max_pages]); unused entries point at the scratch page."""
         pages = self._get(seq).pages
