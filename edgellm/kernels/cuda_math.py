@@ -26,25 +26,32 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def add_rms_norm_gpu(hidden: int, eps: float, dtype: str, threads: int | None = None):
+def add_rms_norm_gpu(hidden: int, eps: float, dtype: str, threads: int | None = None, *, lanes: int | None = None,
+                     max_threads: int = 1024, reduce: str = "warp"):
     """(x [n, hidden], y [n, hidden], w [hidden]) -> s = x + y (in `dtype`), rms_norm(s) * w. Same function as
     `x + y` followed by TVM's rms_norm: the sum is rounded to `dtype` first and the norm computed in float32 from
     the rounded values.
 
-    One block per token. A thread owns chunks of 16 bytes (8 fp16 / 4 fp32; single elements if `hidden` is not a
-    multiple of that), read and written as vectors and kept in registers between the two passes; by default there
-    are as many threads as chunks (32..1024). The sum of squares is reduced by warp shuffles, then across warps
-    through shared memory: one barrier."""
+    One block per token. A thread owns chunks of `lanes` elements (default 16 bytes: 8 fp16 / 4 fp32; single
+    elements if `hidden` is not a multiple of that), read and written as vectors and kept in registers between the
+    two passes; by default there are as many threads as chunks (32..max_threads). The sum of squares meets by
+    `reduce`: "warp" (CUDA) = warp shuffles, then across warps through shared memory, one barrier; "tree" (WebGPU,
+    whose WGSL codegen has no subgroup operations) = a shared-memory tree in ping-pong halves, one barrier per
+    level."""
     T = compiler().T
     f32 = "float32"
-    width = 16 // (2 if dtype == "float16" else 4)
+    if reduce not in ("warp", "tree"):
+        raise ValueError(f"reduce must be 'warp' or 'tree', got {reduce!r}")
+    width = lanes or 16 // (2 if dtype == "float16" else 4)
     vec = width if hidden % width == 0 else 1
     chunks = hidden // vec
-    threads = threads or min(1024, max(32, _pow2_at_least(chunks)))
-    _log2(threads)
-    if threads % 32:
+    threads = threads or min(max_threads, max(32, _pow2_at_least(chunks)))
+    levels = _log2(threads)
+    if reduce == "warp" and threads % 32:
         raise ValueError(f"thread count must be a multiple of the warp size 32, got {threads}")
     per, warps = (chunks + threads - 1) // threads, threads // 32
+    warp = reduce == "warp"
+    red_len = warps if warp else 2 * threads
 
     @T.prim_func(private=True, check_well_formed=False)
     def add_rms_norm(var_x: T.handle, var_y: T.handle, w: T.Buffer((hidden,), dtype), var_s: T.handle,
@@ -62,7 +69,7 @@ def add_rms_norm_gpu(hidden: int, eps: float, dtype: str, threads: int | None = 
         sv = T.alloc_buffer((vec,), dtype, scope="local")
         v = T.alloc_buffer((per * vec,), f32, scope="local")
         acc = T.alloc_buffer((1,), f32, scope="local")
-        red = T.alloc_buffer((warps,), f32, scope="shared")
+        red = T.alloc_buffer((red_len,), f32, scope="shared")
         acc[0] = T.float32(0)
         for j in T.unroll(per):
             if j * threads + tx < chunks:
@@ -76,15 +83,26 @@ def add_rms_norm_gpu(hidden: int, eps: float, dtype: str, threads: int | None = 
                     acc[0] = acc[0] + v[j * vec + e] * v[j * vec + e]
                 for e in T.vectorized(vec):
                     s[bx, (j * threads + tx) * vec + e] = sv[e]
-        for k in T.unroll(5):  # butterfly: every lane ends with its warp's sum
-            acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), acc[0], T.shift_left(1, k), 32, 32)
-        if tx % 32 == 0:
-            red[tx // 32] = acc[0]
-        T.tvm_storage_sync("shared")
-        acc[0] = T.float32(0)
-        for k in T.unroll(warps):
-            acc[0] = acc[0] + red[k]
-        acc[0] = T.rsqrt(acc[0] / T.float32(hidden) + T.float32(eps))
+        if warp:
+            for k in T.unroll(5):  # butterfly: every lane ends with its warp's sum
+                acc[0] = acc[0] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), acc[0], T.shift_left(1, k), 32, 32)
+            if tx % 32 == 0:
+                red[tx // 32] = acc[0]
+            T.tvm_storage_sync("shared")
+            acc[0] = T.float32(0)
+            for k in T.unroll(warps):
+                acc[0] = acc[0] + red[k]
+            acc[0] = T.rsqrt(acc[0] / T.float32(hidden) + T.float32(eps))
+        else:
+            red[tx] = acc[0]
+            T.tvm_storage_sync("shared")
+            for k in T.unroll(levels):  # level k reads half k % 2 and writes the other (no branch around the
+                # barrier: TVM's sync planner cannot place one inside)
+                red[(k + 1) % 2 * threads + tx] = red[k % 2 * threads + tx] + T.if_then_else(
+                    tx < T.shift_right(threads, k + 1),
+                    red[k % 2 * threads + T.min(tx + T.shift_right(threads, k + 1), threads - 1)], T.float32(0))
+                T.tvm_storage_sync("shared")
+            acc[0] = T.rsqrt(red[levels % 2 * threads] / T.float32(hidden) + T.float32(eps))
         for j in T.unroll(per):
             if j * threads + tx < chunks:
                 for e in T.vectorized(vec):
