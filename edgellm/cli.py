@@ -103,7 +103,10 @@ def cli(verbose: int) -> None:
 @click.option("--target", "-t", default="host", show_default=True, type=TargetType(),
               help="Preset name (see `edgellm targets`) or a TVM target JSON.")
 @click.option("--quant", "-q", default=None, type=click.Choice(sorted(SCHEMES)),
-              help="Weight quantization scheme [default: the target's, see `edgellm targets`: q4f32_2 on CPUs].")
+              help="Weight quantization scheme [default: the source's own grid where one holds it exactly (a GGUF's "
+                   "Q4_1 / Q4_0 layers: q4f32_2 on CPUs, q4f16_2 / q4f16_0 on CUDA, Metal, Android; GPTQ / AWQ: "
+                   "their import rows), else the target's (`edgellm targets`); the summary's scheme: line says "
+                   "which and why].")
 @click.option("--head", default=None, type=click.Choice(HEAD_CHOICES),
               help="Precision of the embedding and LM head [default: source-faithful: 8-bit (Q8_0 grid) from a "
                    "Q8_0/F16/BF16/F32 source, the layers' 4-bit from a 4-bit one].")
