@@ -64,7 +64,7 @@ def test_tc2_gemm_choice():
         return name, str(func.attrs.get("edgellm.gemm"))
 
     for opt in ("auto", "mma-pipelined"):
-        assert picked(4096, 1024, cuda_gemm=opt) == ("int4_gemm_mma_pipelined",
+        assert picked(4096, 1024, cuda_gemm=opt, cuda_gemm_small="gemm") == ("int4_gemm_mma_pipelined",
                                                      str(gpu_gemm.int4_gemm_tc2(4096, 1024, False, *gpu_gemm.tc2_choice(
                                                          4096, 1024)).attrs["edgellm.gemm"]))
         assert picked(96, 64, cuda_gemm=opt) == ("int4_gemm_mma_half2", "tc_mma_m16n8k16")  # 3 groups

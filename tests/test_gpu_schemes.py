@@ -108,7 +108,7 @@ def test_registry_gives_each_grid_its_kernel():
     for row, suffix, nparams in (("q4f16_1", "", 4), ("q4f16_0", "_o8", 4), ("q4f16_2", "_min", 5)):
         name, f = _pick(cuda, 1, 4096, 6144, row)
         assert name == "int4_gemv_fp16x2" + suffix and len(f.params) == nparams
-        name, f = _pick(cuda, None, 4096, 6144, row)
+        name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
         assert name == "int4_gemm_mma_pipelined" + suffix and len(f.params) == nparams
     assert str(_pick(cuda, 1, 4096, 6144, "q4f16_0")[1].attrs["edgellm.gemv"]).endswith("_q4o8")
     assert str(_pick(cuda, 1, 4096, 6144, "q4f16_2")[1].attrs["edgellm.gemv"]).endswith("_q4o8z")

@@ -1,0 +1,144 @@
+"""Batched INT4 decode GEMV for CUDA: the symbolic-rows linear for a few rows (serve's batch_decode), each weight
+word loaded from HBM once and applied to every row.
+
+`batch_decode` with b sequences calls the linear with a symbolic row count, which the prefill tensor-core GEMM
+serves: its 64- or 128-row tiles over 128 features leave a small-b call far from memory speed (H200, Llama-3-8B
+shape: 8 sequences 16 ms a step, one sequence 2.5 ms). Decode at small b is memory-bound, so the kernel here is the
+decode GEMV's arithmetic (kernels/cuda_gemv.int4_gemv_h2: fp16x2 products of the centred weights, fp16 per group,
+fp32 across groups) with the decoded weights reused for up to R rows of x (see kernels/cuda/int4_gemv_batch.cu).
+
+`int4_linear_small_rows` is one PrimFunc with the GEMM's signature (x [m, in], q_weight, q_scale, [q_min], [bias],
+out [m, out]) whose host part branches on m: m <= 2, 4, 8, 16 launch the batched GEMV compiled for that many rows
+(at most `rows_max`), more rows launch the prefill GEMM (kernels/cuda_gemm.int4_gemm_tc2, its tile choice
+unchanged). TVM's host/device split makes each branch its own kernel; the host code picks one per call.
+Grids: q4f16_1 (offset 7), q4f16_0 (offset 8), q4f16_2 (zero_point: computed as (q - 8) s + (min + 8 s)).
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from .cuda import cuda_source
+from .cuda_gemv import GROUP, PER_WORD, QMAX
+
+BUCKETS = (2, 4, 8, 16)  # the row counts a batched GEMV is compiled for; m goes to the smallest that holds it
+ROWS_MAX = 16
+FEATURES_PER_WARP = 4
+WARPS = 4
+CHUNK = 1024  # elements of `in` staged in shared memory per step (a group of 32 per lane)
+
+_SRC = cuda_source("int4_gemv_batch.cu")
+
+
+def supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bool:
+    """fp16 activations, scales and output; `in` a whole number of groups (16-byte weight and x loads)."""
+    return in_f % GROUP == 0 and in_f > 0 and out_f > 0 and x_dtype == scale_dtype == out_dtype == "float16"
+
+
+def smem_bytes(rows: int) -> int:
+    return rows * 4 * 32 * 16  # [rows][4 words][32 groups] of 4 fp16 pairs
+
+
+def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, str | None] | None = None,
+                           rows_max: int = ROWS_MAX, offset: int = QMAX, zero_point: bool = False):
+    """y[m, n] = sum_k x[m, k] W[n, k] (+ b[n]) for a symbolic m (arguments as `cuda_gemm.int4_gemm_tc2`): m <=
+    `rows_max` runs the batched GEMV (the smallest of BUCKETS that holds m), more rows the tensor-core GEMM with
+    tile configs `gemm` = (config, small config) (`cuda_gemm.tc2_choice`). gemm=None: the batched GEMV only (m past
+    rows_max is then the caller's error: nothing is computed; for standalone benchmarks)."""
+    from tvm.script import tirx as T
+
+    from . import cuda_gemm
+
+    c = compiler()
+    if not supports(in_f, out_f, "float16", "float16", "float16"):
+        raise ValueError(f"int4_linear_small_rows: unsupported shape {in_f} -> {out_f}: `in` must be a multiple of "
+                         f"{GROUP}")
+    if rows_max not in BUCKETS:
+        raise ValueError(f"int4_linear_small_rows: rows_max must be one of {BUCKETS}, got {rows_max}")
+    if not 0 <= offset < 16:
+        raise ValueError(f"int4_linear_small_rows: offset must be in 0..15, got {offset}")
+    if gemm is not None and not cuda_gemm.tc2_supports(in_f, out_f, "float16", "float16", "float16"):
+        raise ValueError(f"int4_linear_small_rows: the GEMM above rows_max needs `in` a multiple of "
+                         f"{cuda_gemm.TC2_BK}, got {in_f}")
+    W, G = in_f // PER_WORD, in_f // GROUP
+    M = c.tirx.Var("m", "int64")
+    off = 8 if zero_point else offset  # the Q4_1 grid: (q - 8) s + (min + 8 s)
+    use = [b <= rows_max for b in BUCKETS]
+    nb = (out_f + WARPS * FEATURES_PER_WARP - 1) // (WARPS * FEATURES_PER_WARP)
+    tail = "true" if zero_point else "false", "true" if bias else "false"
+    calls = [f"edgellm_q4gemv_batch<{b}, {FEATURES_PER_WARP}, {WARPS}, {off}, {tail[0]}, {tail[1]}>"
+             for b in BUCKETS]
+    smem = [smem_bytes(b) for b in BUCKETS]
+    has_gemm = gemm is not None
+    if has_gemm:
+        config, small = gemm
+        goff = 0 if zero_point else offset
+        ggrid = "" if (goff, zero_point) == (QMAX, False) else f", {goff}, {'true' if zero_point else 'false'}"
+
+        def launch(name: str):
+            wm, wn, mi, ni, st, min_blocks, mode = cuda_gemm.TC2_CONFIGS[name]
+            return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn,
+                    cuda_gemm.tc2_smem_bytes(name, zero_point), min_blocks,
+                    f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}{ggrid}>")
+
+        BM, NB, NT, SMEM, MINB, CALL = launch(config)
+        BMs, NBs, NTs, SMEMs, MINBs, CALLs = launch(small or config)
+        two = small is not None
+        gsrc = cuda_gemm._TC2_SRC
+    else:  # placeholders (the branch is not generated)
+        BM = NB = NT = SMEM = MINB = BMs = NBs = NTs = SMEMs = MINBs = 1
+        CALL = CALLs = gsrc = ""
+        two = False
+
+    @T.macro
+    def gemv(x, qw, qs, mp, bp, out, i: T.int32):
+        T.launch_thread("blockIdx.x", nb)
+        T.launch_thread("threadIdx.x", WARPS * 32)
+        sm = T.alloc_buffer((smem[i],), "uint8", scope="shared.dyn")
+        T.evaluate(T.cuda.func_call(calls[i], x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f, sm.data,
+                                    source_code=_SRC))
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
+               m_h: T.handle, b_h: T.handle, out_h: T.handle):
+        x = T.match_buffer(x_h, (M, in_f), "float16")
+        qm = T.match_buffer(m_h, (out_f, G), "float16")
+        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
+        out = T.match_buffer(out_h, (M, out_f), "float16")
+        bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
+        mp = T.meta_var(qm.data if zero_point else qs.data)  # without a zero point the pointer is never read
+        if M <= BUCKETS[0]:
+            gemv(x, qw, qs, mp, bp, out, 0)
+        elif use[1] and M <= BUCKETS[1]:
+            gemv(x, qw, qs, mp, bp, out, 1)
+        elif use[2] and M <= BUCKETS[2]:
+            gemv(x, qw, qs, mp, bp, out, 2)
+        elif use[3] and M <= BUCKETS[3]:
+            gemv(x, qw, qs, mp, bp, out, 3)
+        elif has_gemm:
+            if two and M <= 256:  # cuda_gemm.int4_gemm_tc2's small-rows tile (small_rows=256)
+                T.launch_thread("blockIdx.x", (M + BMs - 1) // BMs)
+                T.launch_thread("blockIdx.y", NBs)
+                T.launch_thread("threadIdx.x", NTs)
+                sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
+                    T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
+                                                sms.data, source_code=gsrc))
+            else:
+                T.launch_thread("blockIdx.x", (M + BM - 1) // BM)
+                T.launch_thread("blockIdx.y", NB)
+                T.launch_thread("threadIdx.x", NT)
+                sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):
+                    T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
+                                                sm.data, source_code=gsrc))
+
+    params = list(kernel.params)
+    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
+    func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
+    grid = "" if (offset, zero_point) == (QMAX, False) else ("_z" if zero_point else f"_o{offset}")
+    label = f"gemv_batch_r{rows_max}{grid}"
+    if gemm is not None:  # named as the GEMM it contains (int4_gemm_tc2's label), then the small-rows kernel
+        label = f"tc2_cp_async_{gemm[0]}" + (f"/{gemm[1]}@256" if gemm[1] else "") + ggrid.replace(", ", "_") + (
+            f"+{label}")
+    return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
+                            "edgellm.gemm": label})
