@@ -1,0 +1,52 @@
+#pragma once
+// Host (g++ -std=c++20) emulation of what kernels/cuda/int4_gemv_batch.cu uses of CUDA, for a test without a GPU
+// (tests/test_gpu_gemv_batch.py): one std::thread per CUDA thread of a block, __syncthreads as a block barrier,
+// warp shuffles through a shared array between two warp barriers, fp16 as _Float16 with one rounding per
+// fp16x2 operation (the test replaces the kernel's two PTX helpers by emu_h2).
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#include <algorithm>
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+using std::min;
+struct half { uint16_t b; };
+struct half2 { half x, y; };
+struct uint4 { unsigned x, y, z, w; };
+struct float2 { float x, y; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline float h2f(uint16_t b) { _Float16 h; memcpy(&h, &b, 2); return (float)h; }
+inline uint16_t d2h(double v) { _Float16 h = (_Float16)v; uint16_t b; memcpy(&b, &h, 2); return b; }
+inline float __half2float(half h) { return h2f(h.b); }
+inline half __ushort_as_half(unsigned short s) { return half{s}; }
+inline half __float2half_rn(float f) { return half{d2h(f)}; }
+inline float2 __half22float2(half2 h) { return {h2f(h.x.b), h2f(h.y.b)}; }
+inline unsigned __byte_perm(unsigned a, unsigned b, unsigned s) {
+  uint8_t by[8]; memcpy(by, &a, 4); memcpy(by + 4, &b, 4); unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)by[(s >> (4 * i)) & 7] << (8 * i);
+  return r;
+}
+inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a - b; 1: a * b + c (one rounding)
+  unsigned r = 0;
+  for (int i = 0; i < 2; ++i) {
+    double x = h2f((a >> (16 * i)) & 0xFFFF), y = h2f((b >> (16 * i)) & 0xFFFF), z = h2f((c >> (16 * i)) & 0xFFFF);
+    r |= (unsigned)d2h(op ? x * y + z : x - y) << (16 * i);
+  }
+  return r;
+}
+struct Dim { unsigned x = 0; };
+thread_local Dim threadIdx, blockIdx;
+inline std::barrier<>* g_bar;
+inline std::barrier<>* g_warp_bar[32];
+inline float g_shfl[1024];
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  const int t = threadIdx.x, w = t / 32;
+  g_shfl[t] = v; g_warp_bar[w]->arrive_and_wait();
+  float r = g_shfl[w * 32 + ((t % 32) ^ o)]; g_warp_bar[w]->arrive_and_wait();
+  return r;
+}
