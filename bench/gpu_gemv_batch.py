@@ -94,17 +94,23 @@ def _weights(rng, scheme, k: int, n: int):
     return qw, qs, qm
 
 
-def _check(f, dev, rng, scheme, k: int, n: int, m: int, w, bias=None, feats=None) -> dict:
-    """Run f on fresh random x [m, k] (+ outlier channels at +-2000 in one row) into a NaN-poisoned out; relative
-    error (norm) per row against float64 on the dequantized weights (features `feats`, all by default)."""
-    from edgellm import _tvm
+def _dequantized(scheme, k: int, w, feats) -> np.ndarray:
     from edgellm.quant import reference as qref
+
+    qw, qs, qm = w
+    return qref.dequantize(qw[feats], qs[feats], k, scheme, None if qm is None else qm[feats]).astype(np.float64)
+
+
+def _check(f, dev, rng, scheme, k: int, n: int, m: int, w, bias=None, feats=None, wd=None) -> dict:
+    """Run f on fresh random x [m, k] (+ outlier channels at +-2000 in one row) into a NaN-poisoned out; relative
+    error (norm) per row against float64 on the dequantized weights `wd` of features `feats` (all by default)."""
+    from edgellm import _tvm
 
     qw, qs, qm = w
     feats = np.arange(n) if feats is None else feats
     x = rng.standard_normal((m, k)).astype(np.float16)
     x[m - 1, rng.choice(k, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
-    wd = qref.dequantize(qw[feats], qs[feats], k, scheme, None if qm is None else qm[feats]).astype(np.float64)
+    wd = _dequantized(scheme, k, w, feats) if wd is None else wd
     ref = x.astype(np.float64) @ wd.T + (0 if bias is None else bias[feats].astype(np.float64))
     args = [_tvm.tensor(a, dev) for a in (x, qw, qs) + (() if qm is None else (qm,)) + (() if bias is None
                                                                                           else (bias,))]
@@ -158,10 +164,11 @@ def run(dev_dir: Path) -> None:
         w = _weights(rng, scheme, k, n)
         b = (rng.standard_normal(n) * 0.5).astype(np.float16) if bias else None
         name = chk_name(row, k, n, bias)
+        wd = _dequantized(scheme, k, w, np.arange(n))
         for m in CHECK_ROWS:
             rec = {"kernel": name, "row": row, "in": k, "out": n, "bias": bias, "m": m}
             try:
-                rec.update(_check(mod[name], dev, rng, scheme, k, n, m, w, b))
+                rec.update(_check(mod[name], dev, rng, scheme, k, n, m, w, b, wd=wd))
             except Exception as exc:  # noqa: BLE001 (report and go on: device time is scarce)
                 rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")
                 res["errors"].append(f"{name} m={m}: {rec['error']}")
@@ -173,6 +180,7 @@ def run(dev_dir: Path) -> None:
     for shape, (k, n) in SHAPES.items():
         w = _weights(rng, q4, k, n)
         feats = np.sort(rng.choice(n, min(n, 1024), replace=False))
+        wd = _dequantized(q4, k, w, feats)
         wbytes = w[0].nbytes + w[1].nbytes
         copies = [(_tvm.tensor(w[0], dev), _tvm.tensor(w[1], dev))
                   for _ in range(max(2, int(np.ceil(ROTATE_BYTES / wbytes))))]
@@ -185,7 +193,7 @@ def run(dev_dir: Path) -> None:
                 rec = {"kernel": variant, "shape": shape, "in": k, "out": n, "m": m, "copies": len(copies)}
                 try:
                     f = mod[name]
-                    rec.update(_check(f, dev, rng, q4, k, n, m, w, feats=feats))
+                    rec.update(_check(f, dev, rng, q4, k, n, m, w, feats=feats, wd=wd))
                     x = _tvm.tensor(rng.standard_normal((m, k)).astype(np.float16), dev)
                     out = _tvm.tensor(np.zeros((m, n), np.float16), dev)
                     t = _time(f, x, copies, out)
