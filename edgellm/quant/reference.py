@@ -31,8 +31,7 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
     return pack(q.reshape(out_f, in_pad), scheme), scale
 
 
-# 4-bit float sources: besides the plain rule (min/max, or the extreme over qmax / -8) the quantizer tries these
-# stretches of the grid, refits the scale (and min) to the levels each gives by least squares, and keeps, per group,
+# 4-bit float sources: besides the plain rule (min/max, or max|w| / 7) the quantizer tries these stretches of the grid, refits the scale (and min) to the levels each gives by least squares, and keeps, per group,
 # whichever has the smallest squared error after the storage rounding (llama.cpp's make_qx_quants / make_qkx idea,
 # no importance weights). The plain rule is candidate zero and is only replaced by a strictly smaller error, so a
 # weight already on the grid (a GGUF source dequantized) packs back to the same values; refitted scales and mins are
@@ -66,7 +65,8 @@ def _sym_round(v: np.ndarray, scheme: QuantScheme) -> np.ndarray:
 def _quantize_sym4(groups: np.ndarray, scheme: QuantScheme, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric 4-bit rows, decoded (q - offset) * d. Plain rule: d = max|w| / 7 (default grid), or the Q4_0 grid as
     llama.cpp quantizes it (quantize_row_q4_0_ref: d = the group's signed extreme / -8, so that element lands on
-    q = 0, q = min(15, trunc(w / d + 8.5)) with the fp32 d, stored as fp16); then the search above."""
+    q = 0, q = min(15, trunc(w / d + 8.5)) with the fp32 d, stored as fp16); then the search above (the default
+    grid only)."""
     out_f, ng, g = groups.shape
     flat = groups.reshape(-1, g)
     lo, hi = _sym_levels(scheme)
@@ -87,7 +87,9 @@ def _quantize_sym4(groups: np.ndarray, scheme: QuantScheme, valid: np.ndarray) -
             lv0 = _sym_round(x / np.where(store(d0) != 0, store(d0), 1), scheme)
         best_d, best_lv = d0, lv0
         best_e = (v * (x - store(d0) * lv0) ** 2).sum(axis=1, keepdims=True)
-        for st in SEARCH_STEPS:
+        # the Q4_0 grid keeps llama.cpp's rule alone: its 16 levels already hold the extreme exactly, and on SmolLM2
+        # (docs/fidelity.md) the squared-error search clipped extremes that matter more than the error it saved
+        for st in () if scheme.q_offset else SEARCH_STEPS:
             if st == 0:
                 continue
             dc = ext / (-(scheme.offset + st) if scheme.q_offset else (scheme.qmax + st))
