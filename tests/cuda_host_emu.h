@@ -25,16 +25,17 @@ inline float __half2float(half h) { return h2f(h.b); }
 inline half __ushort_as_half(unsigned short s) { return half{s}; }
 inline half __float2half_rn(float f) { return half{d2h(f)}; }
 inline float2 __half22float2(half2 h) { return {h2f(h.x.b), h2f(h.y.b)}; }
+inline half2 __floats2half2_rn(float a, float b) { return {half{d2h(a)}, half{d2h(b)}}; }
 inline unsigned __byte_perm(unsigned a, unsigned b, unsigned s) {
   uint8_t by[8]; memcpy(by, &a, 4); memcpy(by + 4, &b, 4); unsigned r = 0;
   for (int i = 0; i < 4; ++i) r |= (unsigned)by[(s >> (4 * i)) & 7] << (8 * i);
   return r;
 }
-inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a - b; 1: a * b + c (one rounding)
+inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a - b; 1: a * b + c; 2: a * b
   unsigned r = 0;
   for (int i = 0; i < 2; ++i) {
     double x = h2f((a >> (16 * i)) & 0xFFFF), y = h2f((b >> (16 * i)) & 0xFFFF), z = h2f((c >> (16 * i)) & 0xFFFF);
-    r |= (unsigned)d2h(op ? x * y + z : x - y) << (16 * i);
+    r |= (unsigned)d2h(op == 1 ? x * y + z : op == 2 ? x * y : x - y) << (16 * i);
   }
   return r;
 }
@@ -49,4 +50,31 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   g_shfl[t] = v; g_warp_bar[w]->arrive_and_wait();
   float r = g_shfl[w * 32 + ((t % 32) ^ o)]; g_warp_bar[w]->arrive_and_wait();
   return r;
+}
+// mma.sync.m16n8k16 row.col f32.f16.f16.f32, warp-collective: the lanes' fragments through shared arrays (PTX ISA
+// layout: lane = 4 g + q; A regs (row g, k 2q..2q+1), (g + 8, 2q..), (g, 2q + 8..), (g + 8, 2q + 8..); B regs (k 2q..,
+// col g), (k 2q + 8.., col g); C (g, 2q), (g, 2q + 1), (g + 8, 2q), (g + 8, 2q + 1)); exact products, sum in double
+inline unsigned g_mma_a[1024][4], g_mma_b[1024][2];
+inline void emu_mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  const int t = threadIdx.x, w = t / 32, l = t % 32, g = l / 4, q = l % 4;
+  g_mma_a[t][0] = a0; g_mma_a[t][1] = a1; g_mma_a[t][2] = a2; g_mma_a[t][3] = a3;
+  g_mma_b[t][0] = b0; g_mma_b[t][1] = b1;
+  g_warp_bar[w]->arrive_and_wait();
+  auto A = [&](int row, int k) {  // element (row, k) of A from the lane that holds it
+    const int lane = 4 * (row % 8) + (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
+    return h2f((g_mma_a[w * 32 + lane][reg] >> (16 * (k % 2))) & 0xFFFF);
+  };
+  auto B = [&](int k, int col) {
+    const int lane = 4 * col + (k % 8) / 2, reg = k >= 8;
+    return h2f((g_mma_b[w * 32 + lane][reg] >> (16 * (k % 2))) & 0xFFFF);
+  };
+  float r[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * q + (i & 1);
+    double sum = 0;
+    for (int k = 0; k < 16; ++k) sum += (double)A(row, k) * B(k, col);
+    r[i] = (float)((double)d[i] + sum);
+  }
+  g_warp_bar[w]->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = r[i];
 }

@@ -96,7 +96,9 @@ def test_registry_dispatches_few_rows_to_the_batched_gemv():
     for row, grid, label in (("q4f16_1", "", ""), ("q4f16_0", "_o8", "_o8"), ("q4f16_2", "_min", "_z")):
         name, f = _pick(cuda, None, 4096, 6144, row)
         assert name == f"int4_gemm_mma_pipelined{grid}+gemv_batch16"
-        assert str(f.attrs["edgellm.gemm"]).endswith(f"+gemv_batch_r16{label}")
+        assert str(f.attrs["edgellm.gemm"]).endswith(f"+gemv_batch_r16{label}_mma_k2")  # mma_ksplit(6144)
+        assert _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemv-simt")[0] == (
+            f"int4_gemm_mma_pipelined{grid}+gemv_batch16_simt")
         name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
         assert name == f"int4_gemm_mma_pipelined{grid}" and "gemv_batch" not in str(f.attrs["edgellm.gemm"])
         assert "gemv_batch" not in _pick(cuda, 1, 4096, 6144, row)[0]  # the decode GEMV: its own kernel
@@ -130,7 +132,8 @@ def test_dispatch_builds(preset):
 
     funcs = {"d": gb.int4_linear_small_rows(4096, 1024, False, cuda_gemm.tc2_choice(4096, 1024)),
              "dz": gb.int4_linear_small_rows(576, 960, True, cuda_gemm.tc2_choice(576, 960), zero_point=True),
-             "r8": gb.int4_linear_small_rows(160, 77, True, None, rows_max=8, offset=8)}
+             "r8": gb.int4_linear_small_rows(160, 77, True, None, rows_max=8, offset=8),
+             "simt": gb.int4_linear_small_rows(160, 77, True, None, rows_max=8, offset=8, mma=False)}
     target = resolve(preset).tvm()
     prepare_cuda_build()
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
@@ -138,11 +141,16 @@ def test_dispatch_builds(preset):
     src = lib.mod.imports[0].inspect_source()
     kernels = {n: sorted(set(re.findall(rf"__global__ void __launch_bounds__\([^)]*\) ({n}_kernel(?:_\d+)?)\(", src)))
                for n in funcs}
-    assert [len(kernels[n]) for n in funcs] == [6, 6, 3]  # 4 buckets + the GEMM's two tiles; rows_max 8: 3 buckets
-    for r in gb.BUCKETS:
+    assert [len(kernels[n]) for n in funcs] == [6, 6, 3, 3]  # 4 buckets + the GEMM's two tiles; rows_max 8: 3
+    for r in (2, 4):  # fp16x2 SIMT
         assert f"edgellm_q4gemv_batch<{r}, 4, 4, 7, false, false>" in src
         assert f"edgellm_q4gemv_batch<{r}, 4, 4, 8, true, true>" in src  # the Q4_1 grid centred at 8, bias
-    assert "edgellm_q4gemv_batch<16, 4, 4, 8, false, true>" not in src  # rows_max 8
+    for r in (8, 16):  # tensor cores, `in` split over mma_ksplit(out) warps
+        assert f"edgellm_q4gemv_batch_mma<{r}, 4, {gb.mma_ksplit(1024)}, 7, false, false>" in src
+        assert f"edgellm_q4gemv_batch_mma<{r}, 4, {gb.mma_ksplit(960)}, 8, true, true>" in src
+    assert "edgellm_q4gemv_batch_mma<8, 4, 4, 8, false, true>" in src  # rows_max 8 (offset 8, bias)
+    assert "edgellm_q4gemv_batch_mma<16, 4, 4, 8, false, true>" not in src
+    assert "edgellm_q4gemv_batch<8, " not in src.replace("edgellm_q4gemv_batch<8, 4, 4, 8, false, true>", "")
     assert "edgellm_q4gemm<" in src
     host = lib.mod.inspect_source("ll")  # the host code: it launches every kernel by name, picked by m
     assert all(f'"{k}"' in host or f"{k}\\00" in host for ks in kernels.values() for k in ks)
@@ -173,10 +181,10 @@ _EMU_MAIN = r"""
 #include "kernel_emu.h"
 #include <cstdio>
 #include <cstdlib>
-template <int R, int OFF, bool ZP, bool BIAS>
+template <int R, int OFF, bool ZP, bool BIAS, int MMA>  // MMA: 0 the SIMT kernel, else KS of the tensor-core one
 void launch(const half* x, const unsigned* qw, const half* qs, const half* qm, const half* b, half* o, long long m,
             int in_f, int out_f) {
-  constexpr int NW = 4, FB = 4, NT = NW * 32;
+  constexpr int NW = 4, FB = MMA ? 16 / MMA : 4, NT = NW * 32;
   std::vector<unsigned char> smem(R * 4 * 32 * 16);
   for (int bx = 0; bx < (out_f + NW * FB - 1) / (NW * FB); ++bx) {
     std::barrier<> bar(NT);
@@ -185,13 +193,14 @@ void launch(const half* x, const unsigned* qw, const half* qs, const half* qm, c
     std::vector<std::thread> th;
     for (int t = 0; t < NT; ++t)
       th.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx;
-        edgellm_q4gemv_batch<R, FB, NW, OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data()); });
+        if constexpr (MMA > 0) edgellm_q4gemv_batch_mma<R, NW, (MMA > 0 ? MMA : 1), OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data());
+        else edgellm_q4gemv_batch<R, FB, NW, OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data()); });
     for (auto& t : th) t.join();
     for (int w = 0; w < NW; ++w) delete g_warp_bar[w];
   }
 }
-int main(int argc, char** argv) {  // R OFF ZP BIAS m in out in.bin out.bin
-  int R = atoi(argv[1]), OFF = atoi(argv[2]), ZP = atoi(argv[3]), BIAS = atoi(argv[4]);
+int main(int argc, char** argv) {  // R OFF ZP BIAS m in out in.bin out.bin MMA
+  int R = atoi(argv[1]), OFF = atoi(argv[2]), ZP = atoi(argv[3]), BIAS = atoi(argv[4]), MMA = atoi(argv[10]);
   long long m = atoll(argv[5]);
   int in_f = atoi(argv[6]), out_f = atoi(argv[7]);
   FILE* f = fopen(argv[8], "rb");
@@ -201,9 +210,10 @@ int main(int argc, char** argv) {  // R OFF ZP BIAS m in out in.bin out.bin
       + fread(qm.data(), 2, qm.size(), f) + fread(b.data(), 2, b.size(), f);
   fclose(f);
   if (got != x.size() + qw.size() + 2 * qs.size() + b.size()) return 2;
-#define L(r, off, zp, bi) if (R == r && OFF == off && ZP == zp && BIAS == bi) { \
-    launch<r, off, zp, bi>(x.data(), qw.data(), qs.data(), qm.data(), b.data(), o.data(), m, in_f, out_f); }
-  L(2, 7, 0, 0) L(4, 7, 0, 1) L(8, 8, 0, 1) L(16, 7, 0, 0) L(8, 8, 1, 1) L(16, 8, 1, 0)
+#define L(r, off, zp, bi, mma) if (R == r && OFF == off && ZP == zp && BIAS == bi && MMA == mma) { \
+    launch<r, off, zp, bi, mma>(x.data(), qw.data(), qs.data(), qm.data(), b.data(), o.data(), m, in_f, out_f); }
+  L(2, 7, 0, 0, 0) L(4, 7, 0, 1, 0) L(8, 8, 0, 1, 0) L(16, 7, 0, 0, 0) L(8, 8, 1, 1, 0) L(16, 8, 1, 0, 0)
+  L(8, 7, 0, 1, 1) L(16, 7, 0, 0, 2) L(8, 8, 0, 1, 4) L(8, 8, 1, 1, 2) L(16, 8, 1, 0, 1) L(16, 7, 0, 0, 4)
   f = fopen(argv[9], "wb");
   fwrite(o.data(), 2, o.size(), f);
   fclose(f);
@@ -227,6 +237,9 @@ def test_kernel_source_on_the_host(tmp_path):
                  flags=re.S)
     src = re.sub(r"(unsigned eqb_hfma2\(unsigned a, unsigned b, unsigned c\) \{).*?\n\}",
                  r"\1 return emu_h2(a, b, c, 1); }", src, flags=re.S)
+    src = re.sub(r"(unsigned eqb_hmul2\(unsigned a, unsigned b\) \{).*?\n\}", r"\1 return emu_h2(a, b, 0, 2); }", src,
+                 flags=re.S)
+    src = re.sub(r"(void eqb_mma\([^)]*\) \{).*?\n\}", r"\1 emu_mma(d, a0, a1, a2, a3, b0, b1); }", src, flags=re.S)
     assert "asm" not in src
     (tmp_path / "kernel_emu.h").write_text(src)
     shutil.copy(Path(__file__).parent / "cuda_host_emu.h", tmp_path)
@@ -236,7 +249,13 @@ def test_kernel_source_on_the_host(tmp_path):
     cases = [(2, "q4f16_1", False, 1, 1088, 77), (4, "q4f16_1", True, 3, 1088, 77), (8, "q4f16_0", True, 5, 1088, 33),
              (16, "q4f16_1", False, 16, 1088, 20), (16, "q4f16_1", False, 9, 64, 17), (8, "q4f16_2", True, 8, 1088, 77),
              (16, "q4f16_2", False, 13, 2048, 18)]
-    for bucket, row, bias, m, k, n in cases:
+    # the tensor-core kernel (buckets 8 and 16; last field: its K split over 1, 2 or 4 warps): 16 features a warp,
+    # so `out` 77 leaves a partial warp and block
+    cases = [(*c, 0) for c in cases] + [(8, "q4f16_1", True, 5, 1088, 77, 1), (16, "q4f16_1", False, 16, 1088, 40, 2),
+                                        (16, "q4f16_1", False, 11, 64, 17, 4), (8, "q4f16_0", True, 8, 1088, 33, 4),
+                                        (8, "q4f16_2", True, 8, 1088, 77, 2), (16, "q4f16_2", False, 13, 2048, 18, 1),
+                                        (16, "q4f16_1", False, 16, 3072, 77, 4)]
+    for bucket, row, bias, m, k, n, mma in cases:
         s = get_scheme(row)
         parts = ref.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05 + (0.02 if s.zero_point else 0), s)
         qm = parts[2] if s.zero_point else None
@@ -249,7 +268,7 @@ def test_kernel_source_on_the_host(tmp_path):
                                           + b.tobytes())
         off = 8 if s.zero_point else s.offset
         subprocess.run(["./emu", str(bucket), str(off), str(int(s.zero_point)), str(int(bias)), str(m), str(k), str(n),
-                        "in.bin", "out.bin"], cwd=tmp_path, check=True)
+                        "in.bin", "out.bin", str(int(mma))], cwd=tmp_path, check=True)
         got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float16).reshape(m, n).astype(np.float64)
         add = b.astype(np.float64) if bias else 0
         expect = x.astype(np.float64) @ ref.dequantize(parts[0], parts[1], k, s, qm).astype(np.float64).T + add
@@ -257,4 +276,5 @@ def test_kernel_source_on_the_host(tmp_path):
         assert np.isfinite(got).all(), (bucket, row, m)
         err = np.linalg.norm(got - expect, axis=1) / np.linalg.norm(expect, axis=1)
         assert err.max() < 1e-3, (bucket, row, m, err)
-        assert np.abs(got - model).max() / np.abs(model).max() < 2e-3, (bucket, row, m)  # ~1 fp16 ulp of the output
+        if not mma:  # the model is the SIMT kernel's arithmetic; the tensor-core one rounds the scaled weight instead
+            assert np.abs(got - model).max() / np.abs(model).max() < 2e-3, (bucket, row, m)  # ~1 fp16 ulp

@@ -24,10 +24,11 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                   "CUDA INT4 prefill GEMM: mma-pipelined = tensor cores with a cp.async multi-stage pipeline "
                   "(`in` a multiple of 64); mma = the single-stage tensor-core kernel; simt = FMA tiles; auto = "
                   "mma-pipelined, else mma, on sm_80+, simt below"),
-    "cuda_gemm_small": (("gemv", "gemm"),
+    "cuda_gemm_small": (("gemv", "gemv-simt", "gemm"),
                         "CUDA INT4 linear with a symbolic row count (batch_decode, prefill) when it gets few rows: "
                         "gemv = up to 16 rows go to the batched decode GEMV (kernels/cuda_gemv_batch.py; the host "
-                        "code picks per call), more to the GEMM; gemm = the GEMM for every row count"),
+                        "code picks per call; 8 and 16 rows on tensor cores), more to the GEMM; gemv-simt = the same "
+                        "with every row count in fp16x2 SIMT; gemm = the GEMM for every row count"),
     "cuda_gemm_decode": (("half2", "float"),
                          "how the tensor-core GEMM decodes a weight tile: half2 = two weights per fp16x2 op, float = "
                          "one fp32 op each (same fp16 values)"),

@@ -118,11 +118,13 @@ class KernelRegistry:
                     cfg = cuda_gemm.tc2_choice(in_f, out_f)
                     zp, off = scheme.zero_point, scheme.offset
                     name = "int4_gemm_mma_pipelined" + ("_min" if zp else "" if off == 7 else f"_o{off}")
-                    if o.cuda_gemm_small == "gemv":  # m <= 16 (batch_decode, short chunks): the batched GEMV
+                    if o.cuda_gemm_small != "gemm":  # m <= 16 (batch_decode, short chunks): the batched GEMV
                         from . import cuda_gemv_batch as gb
 
-                        return f"{name}+gemv_batch{gb.ROWS_MAX}", lambda: gb.int4_linear_small_rows(
-                            in_f, out_f, bias, cfg, offset=off, zero_point=zp)
+                        mma = o.cuda_gemm_small == "gemv"
+                        return f"{name}+gemv_batch{gb.ROWS_MAX}" + ("" if mma else "_simt"), \
+                            lambda: gb.int4_linear_small_rows(in_f, out_f, bias, cfg, offset=off, zero_point=zp,
+                                                              mma=mma)
                     return name, lambda: cuda_gemm.int4_gemm_tc2(in_f, out_f, bias, *cfg, offset=off,
                                                                  zero_point=zp)
                 if grid7:
