@@ -9,7 +9,8 @@ against the tensor-core GEMM the symbolic-rows linear used before, at Llama-3-8B
 Kernels in the .so (q4f16_1 unless named, fp16 x / out; each callable as (x [m, in], q_weight, q_scale,
 [q_min], [bias], out [m, out]) for any m):
   small_IN_OUT   what a compile now picks for the symbolic-rows linear (--opt cuda_gemm_small=gemv, the default):
-                 m <= 16 the batched GEMV (buckets 2/4/8/16), more rows the tc2 GEMM
+                 m <= 16 the batched GEMV (buckets 2/4 fp16x2 SIMT, 8/16 tensor cores), more rows the tc2 GEMM
+  simt_IN_OUT    --opt cuda_gemm_small=gemv-simt: every bucket in fp16x2 SIMT (timed at 8 and 16 rows)
   gemm_IN_OUT    the same with cuda_gemm_small=gemm: the tc2 GEMM for every m (what batch_decode ran before)
   gemv_IN_OUT    the decode GEMV (rows = 1, static): the one-row reference speed
   chk_ROW_IN_OUT_b  correctness only: each 4-bit grid (q4f16_1 / q4f16_0 / q4f16_2) at shapes with a partial
@@ -43,7 +44,7 @@ TOL = 2e-3  # relative error (norm) vs float64; the fp16 output rounding alone i
 
 
 def _names(k: int, n: int) -> dict[str, str]:
-    return {v: f"{v}_{k}_{n}" for v in ("small", "gemm", "gemv")}
+    return {v: f"{v}_{k}_{n}" for v in ("small", "simt", "gemm", "gemv")}
 
 
 def chk_name(row: str, k: int, n: int, bias: bool) -> str:
@@ -60,12 +61,14 @@ def prepare(out: Path, arch: str) -> None:
 
     target = resolve(f"cuda-{arch.replace('_', '')}").tvm()
     small, gemm = KernelRegistry(target), KernelRegistry(target, KernelOptions(cuda_gemm_small="gemm"))
+    simt = KernelRegistry(target, KernelOptions(cuda_gemm_small="gemv-simt"))
     q4 = get_scheme("q4f16_1")
     funcs = {}
     for k, n in SHAPES.values():
         names = _names(k, n)
         funcs[names["small"]] = small.linear(None, k, n, q4, "float16", False)
         funcs[names["gemm"]] = gemm.linear(None, k, n, q4, "float16", False)
+        funcs[names["simt"]] = simt.linear(None, k, n, q4, "float16", False)
         try:  # the one-row decode GEMV as a reference speed; the batched kernel's check does not need it
             funcs[names["gemv"]] = small.linear(1, k, n, q4, "float16", False)
         except Exception as exc:  # noqa: BLE001 (say so and build the rest)
@@ -186,7 +189,8 @@ def run(dev_dir: Path) -> None:
                   for _ in range(max(2, int(np.ceil(ROTATE_BYTES / wbytes))))]
         names = _names(k, n)
         for m in ROWS:
-            for variant in ("gemv", "small", "gemm") if m == 1 else ("small", "gemm"):
+            for variant in ("gemv", "small", "gemm") if m == 1 else ("small", "simt", "gemm") if m >= 8 else (
+                    "small", "gemm"):
                 name = names[variant]
                 if variant == "gemv" and not mod.implements_function(name):
                     continue
@@ -217,15 +221,16 @@ def summarize(res: dict) -> None:
     """Per m: the four linears of one Llama-3-8B layer x 32 (the step's linears without the head), small vs gemm."""
     by = {(r["shape"], r["m"], r["kernel"]): r.get("us") for r in res["kernels"]}
     print("\nLlama-3-8B linears per decode step (32 layers x qkv + o + gate_up + down), ms; aggregate tok/s bound")
-    print("  m   batched GEMV   tc2 GEMM   speedup")
+    print("  m   batched GEMV (default)   all-SIMT   tc2 GEMM   speedup over the GEMM")
     res["step_ms"] = {}
     for m in ROWS:
         tot = {v: (32 * sum(by[(s, m, v)] for s in SHAPES) / 1e3 if all(by.get((s, m, v)) for s in SHAPES) else None)
-               for v in ("small", "gemm")}
+               for v in ("small", "simt", "gemm")}
         res["step_ms"][m] = tot
         if tot["small"] and tot["gemm"]:
-            print(f"{m:3d}   {tot['small']:8.2f}    {tot['gemm']:8.2f}   {tot['gemm'] / tot['small']:5.2f}x"
-                  f"   ({m / tot['small'] * 1e3:,.0f} tok/s from the linears alone)")
+            simt = f"{tot['simt']:8.2f}" if tot["simt"] else "       -"
+            print(f"{m:3d}   {tot['small']:8.2f}                {simt}   {tot['gemm']:8.2f}   "
+                  f"{tot['gemm'] / tot['small']:5.2f}x   ({m / tot['small'] * 1e3:,.0f} tok/s from the linears alone)")
     if all(by.get((s, 1, "gemv")) for s in SHAPES):
         print(f"  decode GEMV (m=1): {32 * sum(by[(s, 1, 'gemv')] for s in SHAPES) / 1e3:.2f} ms")
     print("all checks ok" if all(c["ok"] for c in res["checks"] + res["kernels"]) else
