@@ -5,7 +5,8 @@ What decides the bounds (measured; docs/tvm-notes.md "Pi builds under qemu" has 
 - q4f32_1 (fp32 activations): every kernel is continuous in its inputs, so the Pi and host builds differ only by
   fp32 summation order (NEON 4 lanes vs AVX-512 16): 1.9e-6 of the largest logit over the prompt.
 - q4f32_2 (int8 activations, the CPU default, with the source-faithful 8-bit tied head q8f32_2): each linear kernel
-  rounds its input to int8 per group of 32, which is discontinuous. An fp32-order difference of 1e-7 flips a few
+  rounds its input to int8 (per group of 32 when the envelope below was measured; per packed word, the row's
+  act_group, since), which is discontinuous. An fp32-order difference of 1e-7 flips a few
   roundings, and 30 layers amplify them. The numpy model of the scheme (models/reference.py) against itself with
   1e-7 relative noise on every linear input, 12 seeds, on this prompt: max logit difference 0.044-0.072 of the
   largest logit, top-1 agreement 91.9-97.3% (34-36 of 37). The Pi 5 build against the host build: 0.041 and 91.9%
