@@ -1,8 +1,15 @@
 """Compare INT4 decode-GEMV variants at Llama-3-8B shapes on a CUDA GPU, weights coming from HBM (not L2).
 
-  python bench/gpu_gemv_tune.py prepare        here (nvcc, full TVM): builds .device-gemv/ = site/ (runtime-only TVM
-                                               + tvm_ffi for the GPU's Python) and gemv.so with every variant
-  python bench/gpu_gemv_tune.py run            there, with PYTHONPATH=.device-gemv/site:. ; JSON to $OUT/gemv.json
+  python bench/gpu_gemv_tune.py prepare [--out .device-NAME]   here (nvcc, full TVM): builds the folder (default
+                                               .device-gemv/) = site/ (runtime-only TVM + tvm_ffi for the GPU's
+                                               Python) and gemv.so with every variant
+  python bench/gpu_gemv_tune.py run [--dev .device-NAME]        there, with PYTHONPATH=.device-NAME/site:. ;
+                                               JSON to $OUT/gemv.json
+
+Variants: `before` = the registry's pick with --opt cuda_gemv=fp16x2 (x read from L2 by every warp team), `pick` =
+the default pick (fp16x2-smem: x staged in shared memory), `xs_*` = the shared-memory kernel in other configurations,
+`base` = the TE kernel. The Q4_0 / Q4_1 grid rows (q4f16_0 / q4f16_2) are checked and timed before / after at the
+`GRID_SHAPES`.
 
 `run` measures the device copy bandwidth (1 GiB D2D copy, read + write bytes / time), then per shape and variant:
   * correctness: output poisoned with NaN, fresh random inputs, compared with numpy float64 on the dequantized
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,73 +38,82 @@ DEV = REPO / ".device-gemv"
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "lm_head": (4096, 128256)}
 PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "lm_head": 1}
-# other models' decode GEMVs (SmolLM2-135M, Llama-3.2-1B): the pipeline's pick against the TE kernel only
-EXTRA_SHAPES = {"smol_qkv": (576, 960), "smol_gate_up": (576, 3072), "smol_down": (1536, 576),
-                "smol_lm_head": (576, 49152), "1b_qkv": (2048, 3072), "1b_o": (2048, 2048),
-                "1b_gate_up": (2048, 16384), "1b_down": (8192, 2048), "1b_lm_head": (2048, 128256)}
-EXTRA_H2 = [(4, 2, 2, 1, True), (4, 2, 2, 1, False), (4, 2, 1, 1, False)]  # tried beside the pick there
+# Llama-3.2-1B's layer GEMVs: the same variants
+EXTRA_SHAPES = {"1b_qkv": (2048, 3072), "1b_o": (2048, 2048), "1b_gate_up": (2048, 16384), "1b_down": (8192, 2048)}
 # correctness only, through the pipeline's pick: a bias (Qwen-style qkv) and an `out` no block tiles evenly
 CHECK_ONLY = {"qkv_bias": (4096, 6144, True), "odd_out": (4096, 1000, False), "odd_small": (576, 77, True)}
-# fp16x2 kernel configurations (warps per block, rows per warp, groups per lane per step, K split over warps,
-# loads fenced ahead of the arithmetic); runs 1-3 tried 22 (docs/benchmarks/h100-gemv-runs.json), these were the
-# best; each with and without the load fence
-H2_CONFIGS = [(8, 2, 4, 2, True), (8, 2, 2, 2, True), (8, 2, 2, 2, False), (4, 4, 2, 1, True), (4, 4, 2, 1, False),
-              (8, 4, 2, 2, True), (8, 4, 2, 2, False), (4, 2, 2, 1, True), (4, 2, 2, 1, False), (4, 2, 2, 2, True),
-              (4, 2, 2, 2, False)]
+# the shared-memory kernel's configurations (warps per block, rows per warp, groups per lane per step, K split over
+# warps, loads fenced ahead of the arithmetic)
+XS_CONFIGS = [(8, 2, 4, 2, True), (8, 2, 4, 2, True, "fs"), (8, 2, 2, 2, True), (8, 2, 2, 2, True, "fs"),
+              (4, 2, 4, 1, True), (4, 2, 4, 1, True, "fs"), (8, 4, 2, 2, True, "fs"), (8, 2, 1, 4, True, "fs"),
+              (8, 2, 7, 2, True, "fs"), (2, 2, 4, 1, True, "fs"), (4, 1, 4, 1, True, "fs")]
+XS_LM_HEAD = [(4, 4, 2, 1, True), (4, 2, 4, 1, True, "fs"), (4, 4, 2, 1, True, "fs")]  # the head: fewer tried
+# the GGUF-grid rows through the registry, before (fp16x2) and after (default), checked and timed at these shapes
+GRID_ROWS, GRID_SHAPES = ("q4f16_0", "q4f16_2"), ("o", "down")
 ROTATE_BYTES = 320e6
 
 
-def variants() -> list[str]:
-    return ["base"] + [h2_name(*c) for c in H2_CONFIGS] + ["pick"]
+def variants(shape: str) -> list[str]:
+    cfgs = XS_LM_HEAD if shape == "lm_head" else XS_CONFIGS
+    return ["base", "before", "pick"] + [xs_name(*c) for c in cfgs] + ["pick_again"]  # pick twice: the spread
 
 
-def h2_name(w: int, r: int, u: int, k: int, fence: bool) -> str:
-    return f"h2w{w}r{r}u{u}k{k}" + ("" if fence else "nf")
+def xs_name(w: int, r: int, u: int, k: int, fence: bool, fs: str = "") -> str:
+    return f"xs_w{w}r{r}u{u}k{k}" + ("" if fence else "nf") + fs
 
 
-def prepare() -> None:
+def prepare(dev: Path = DEV) -> None:
 
     sys.path.insert(0, str(REPO / "bench"))
     import tvm
     from gpu_prepare import new_bundle
 
     from edgellm.compile.cuda import prepare_cuda_build
-    from edgellm.kernels import KernelRegistry
+    from edgellm.kernels import KernelOptions, KernelRegistry
     from edgellm.kernels import cuda_gemv as gpu_kernels
     from edgellm.kernels.schedule_gpu import schedule_gpu_int4_gemv
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
 
-    new_bundle(DEV)
+    new_bundle(dev)
     target = resolve("cuda-sm90").tvm()
-    scheme = get_scheme("q4f16_1")
     registry = KernelRegistry(target)  # what a compile with the default KernelOptions picks
+    before = KernelRegistry(target, KernelOptions(cuda_gemv="fp16x2"))  # the previous default
+    scheme = get_scheme("q4f16_1")
     funcs = {}
-    for k, n in SHAPES.values():
+    for shape, (k, n) in {**SHAPES, **EXTRA_SHAPES}.items():
         funcs[f"base_{k}_{n}"] = schedule_gpu_int4_gemv(  # the TE kernel and schedule the pipeline used before
             gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target)
-        for w, r, u, ks, fence in H2_CONFIGS:
-            funcs[f"{h2_name(w, r, u, ks, fence)}_{k}_{n}"] = gpu_kernels.int4_gemv_h2(k, n, False, w, r, u, ks, fence)
-        # what a compile picks for a q4f16_1 `linear` gemv of this shape (default KernelOptions)
+        funcs[f"before_{k}_{n}"] = before.linear(1, k, n, scheme, "float16", False)
         funcs[f"pick_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", False)
-    for k, n in EXTRA_SHAPES.values():
-        funcs[f"base_{k}_{n}"] = schedule_gpu_int4_gemv(
-            gpu_kernels.int4_gemv(k, n, "float16", "float16", "float16", False), target)
-        funcs[f"pick_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", False)
-        for cfg in EXTRA_H2:
-            funcs[f"{h2_name(*cfg)}_{k}_{n}"] = gpu_kernels.int4_gemv_h2(k, n, False, *cfg)
+        for cfg in (XS_LM_HEAD if shape == "lm_head" else XS_CONFIGS):
+            funcs[f"{xs_name(*cfg)}_{k}_{n}"] = gpu_kernels.int4_gemv_h2(k, n, False, *cfg[:5], xsmem=True,
+                                                                       fold_shift=len(cfg) > 5)
+    for row in GRID_ROWS:
+        s = get_scheme(row)
+        for shape in GRID_SHAPES:
+            k, n = SHAPES[shape]
+            funcs[f"{row}_before_{k}_{n}"] = before.linear(1, k, n, s, "float16", False)
+            funcs[f"{row}_pick_{k}_{n}"] = registry.linear(1, k, n, s, "float16", False)
     for k, n, bias in CHECK_ONLY.values():
         funcs[f"check_{k}_{n}"] = registry.linear(1, k, n, scheme, "float16", bias)
+        funcs[f"check_q4f16_2_{k}_{n}"] = registry.linear(1, k, n, get_scheme("q4f16_2"), "float16", bias)
+    print("picks:", {op: sorted(v) for op, v in registry.chosen.items()}, flush=True)
     prepare_cuda_build()
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     t0 = time.time()
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        tvm.compile(mod, target=target).export_library(str(DEV / "gemv.so"))
-    total = sum(p.stat().st_size for p in DEV.rglob("*") if p.is_file())
-    print(f"{len(funcs)} kernels built in {time.time() - t0:.0f} s; {DEV}: {total / 2**20:.1f} MiB")
+        lib = tvm.compile(mod, target=target)
+    lib.export_library(str(dev / "gemv.so"))
+    src = Path(tempfile.gettempdir()) / f"{dev.name}-gemv.cu"  # for nvcc -Xptxas -v here; not carried
+    src.write_text(lib.mod.imports[0].inspect_source())
+    print(f"CUDA source: {src}")
+    total = sum(p.stat().st_size for p in dev.rglob("*") if p.is_file())
+    print(f"{len(funcs)} kernels built in {time.time() - t0:.0f} s; {dev}: {total / 2**20:.1f} MiB")
 
 
 def time_rotated(f, x, copies, out) -> tuple[float, str]:
+    """copies: tuples of the weight arguments after x (q_weight, q_scale[, q_min])."""
     """Seconds per call with the weights of each call distinct (copies cycled), from CUDA-graph replays."""
     import torch
     import tvm_ffi
@@ -108,8 +125,8 @@ def time_rotated(f, x, copies, out) -> tuple[float, str]:
         g = torch.cuda.CUDAGraph()
         with tvm_ffi.use_torch_stream(torch.cuda.graph(g)):
             for _ in range(reps):
-                for qw, qs in copies:
-                    f(x, qw, qs, out)
+                for ws in copies:
+                    f(x, *ws, out)
         torch.cuda.synchronize()
         g.replay()
         torch.cuda.synchronize()
@@ -124,25 +141,70 @@ def time_rotated(f, x, copies, out) -> tuple[float, str]:
     except Exception as exc:  # noqa: BLE001 (fall back to a plain launch loop, and say so in the record)
         print(f"  graph capture failed ({type(exc).__name__}: {exc}); timing a launch loop", flush=True)
         with tvm_ffi.use_torch_stream():
-            for qw, qs in copies:
-                f(x, qw, qs, out)
+            for ws in copies:
+                f(x, *ws, out)
             torch.cuda.synchronize()
             start.record()
             for _ in range(reps):
-                for qw, qs in copies:
-                    f(x, qw, qs, out)
+                for ws in copies:
+                    f(x, *ws, out)
             end.record()
             torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3 / (reps * len(copies)), "launch_loop"
 
 
-def run() -> None:
+def _weights(rng, scheme, k: int, n: int) -> list[np.ndarray]:
+    """Random packed weights of `scheme` (q_weight, q_scale[, q_min]); mins as real Q4_1 groups have them."""
+    qw = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
+    qs = (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)
+    if scheme.zero_point:
+        return [qw, qs, (-qs.astype(np.float32) * (6 + 4 * rng.random((n, k // 32)))).astype(np.float16)]
+    return [qw, qs]
+
+
+def _shape_data(dev, ws: list, scheme, k: int, n: int, rng) -> dict:
+    """One shape's weights on the device (enough copies that the rotation streams >= ROTATE_BYTES from HBM) and the
+    float64 dequantized weights of a random subset of rows for the numpy reference."""
+    from edgellm import _tvm
+    from edgellm.quant import reference as qref
+
+    rows = np.sort(rng.choice(n, min(n, 2048), replace=False))
+    w = qref.dequantize(ws[0][rows], ws[1][rows], k, scheme, ws[2][rows] if scheme.zero_point else None)
+    nbytes = sum(a.nbytes for a in ws) + 2 * k + 2 * n
+    count = max(2, int(np.ceil(ROTATE_BYTES / nbytes)))
+    return {"rows": rows, "w": w.astype(np.float64), "bytes": nbytes, "count": count,
+            "copies": [tuple(_tvm.tensor(a, dev) for a in ws) for _ in range(count)]}
+
+
+def _measure(mod, dev, name: str, d: dict, k: int, n: int, rng, copy_gbs: float) -> dict:
+    """Check `name` against numpy float64 on fresh x (NaN-poisoned output, plain and outlier x), time it from HBM."""
+    from edgellm import _tvm
+
+    rec: dict = {}
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    xo = x.copy()  # outliers: a few channels at +-2000, as in real down-projection inputs
+    xo[0, rng.choice(k, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
+    f, rows, copies = mod[name], d["rows"], d["copies"]
+    for which, xin in (("x", x), ("x_outliers", xo)):
+        ref = xin.astype(np.float64) @ d["w"].T
+        out = _tvm.tensor(np.full((1, n), np.nan, np.float16), dev)
+        f(_tvm.tensor(xin, dev), *copies[-1], out)
+        got = out.numpy().astype(np.float64)
+        rec[f"finite_{which}"] = bool(np.isfinite(got).all())  # every row written (NaN-poisoned before)
+        rec[f"rel_err_{which}"] = float(np.linalg.norm(got[:, rows] - ref) / np.linalg.norm(ref))
+    t, mode = time_rotated(f, _tvm.tensor(x, dev), copies, out)
+    rec.update(bytes=d["bytes"], copies=d["count"], us=t * 1e6, gbs=d["bytes"] / t / 1e9, timing=mode)
+    rec["copy_frac"] = rec["gbs"] / copy_gbs
+    return rec
+
+
+def run(dev_dir: Path = DEV) -> None:
     import torch
 
     from edgellm import _tvm
-    from edgellm.quant import reference as qref
     from edgellm.quant.schemes import get_scheme
 
+    t_start = time.time()
     res: dict = {"device": torch.cuda.get_device_name(0), "kernels": [], "errors": []}
     sys.path.insert(0, str(REPO / "bench"))
     from gpu_run import (
@@ -152,98 +214,114 @@ def run() -> None:
     res["copy_gbs"] = copy_bandwidth() / 1e9
     print(f"{res['device']}: D2D copy {res['copy_gbs']:.0f} GB/s (read + write)", flush=True)
     _tvm.load_cuda_runtime()
-    mod = _tvm.load_module(DEV / "gemv.so")
+    mod = _tvm.load_module(dev_dir / "gemv.so")
     dev = _tvm.device("cuda", 0)
-    scheme = get_scheme("q4f16_1")
     rng = np.random.default_rng(int(time.time()))
-    check_only(mod, dev, scheme, rng, res)
-    for shape, (k, n) in {**SHAPES, **EXTRA_SHAPES}.items():
-        qw = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
-        qs = (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)
-        x = rng.standard_normal((1, k)).astype(np.float16)
-        xo = x.copy()  # outliers: a few channels at +-2000, as in real down-projection inputs
-        xo[0, rng.choice(k, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
-        rows = np.sort(rng.choice(n, min(n, 4096), replace=False))
-        w = qref.dequantize(qw[rows], qs[rows], k, scheme).astype(np.float64)
-        refs = {"x": x.astype(np.float64) @ w.T, "x_outliers": xo.astype(np.float64) @ w.T}
-        nbytes = qw.nbytes + qs.nbytes + x.nbytes + 2 * n
-        count = max(2, int(np.ceil(ROTATE_BYTES / nbytes)))
-        copies = [(_tvm.tensor(qw, dev), _tvm.tensor(qs, dev)) for _ in range(count)]
-        xt = {"x": _tvm.tensor(x, dev), "x_outliers": _tvm.tensor(xo, dev)}
-        for variant in variants() if shape in SHAPES else ["base", "pick"] + [h2_name(*c) for c in EXTRA_H2]:
-            name = f"{variant}_{k}_{n}"
-            rec: dict = {"kernel": variant, "shape": shape, "in": k, "out": n, "bytes": nbytes, "copies": count}
-            try:
-                f = mod[name]
-                for which, xin in xt.items():
-                    out = _tvm.tensor(np.full((1, n), np.nan, np.float16), dev)
-                    f(xin, copies[0][0], copies[0][1], out)
-                    got = out.numpy().astype(np.float64)
-                    rec[f"finite_{which}"] = bool(np.isfinite(got).all())
-                    rec[f"rel_err_{which}"] = float(np.linalg.norm(got[:, rows] - refs[which])
-                                                    / np.linalg.norm(refs[which]))
-                t, mode = time_rotated(f, xt["x"], copies, out)
-                rec.update(us=t * 1e6, gbs=nbytes / t / 1e9, timing=mode)
-                rec["copy_frac"] = rec["gbs"] / res["copy_gbs"]
-                print(f"{shape:8s} {variant:12s} {rec['us']:8.2f} us {rec['gbs']:7.0f} GB/s "
-                      f"({100 * rec['copy_frac']:4.1f}% of copy)  rel_err {rec['rel_err_x']:.2e} "
-                      f"outliers {rec['rel_err_x_outliers']:.2e}  finite {rec['finite_x'] and rec['finite_x_outliers']}"
-                      f"  [{mode}]", flush=True)
-            except Exception as exc:  # noqa: BLE001 (report and go on: device time is scarce)
-                rec["error"] = f"{type(exc).__name__}: {exc}"
-                res["errors"].append(f"{name}: {rec['error']}")
-                print(f"{shape:8s} {variant:12s} FAILED {rec['error']}", flush=True)
-            res["kernels"].append(rec)
-        del copies
+    check_only(mod, dev, rng, res)
+    jobs = [("q4f16_1", shape, v, f"{v.removesuffix('_again')}_{k}_{n}")
+            for shape, (k, n) in {**SHAPES, **EXTRA_SHAPES}.items() for v in variants(shape)]
+    jobs += [(row, shape, v, f"{row}_{v}_{SHAPES[shape][0]}_{SHAPES[shape][1]}") for row in GRID_ROWS
+             for shape in GRID_SHAPES for v in ("before", "pick")]
+    weights: dict = {}
+    for row, shape, variant, name in jobs:
+        k, n = {**SHAPES, **EXTRA_SHAPES}[shape]
+        scheme = get_scheme(row)
+        rec: dict = {"kernel": variant, "row": row, "shape": shape, "in": k, "out": n}
+        try:
+            if (row, shape) not in weights:
+                weights.clear()  # one shape's weights alive at a time
+                weights[(row, shape)] = _shape_data(dev, _weights(rng, scheme, k, n), scheme, k, n, rng)
+            rec.update(_measure(mod, dev, name, weights[(row, shape)], k, n, rng, res["copy_gbs"]))
+            print(f"{row} {shape:10s} {variant:14s} {rec['us']:8.2f} us {rec['gbs']:6.0f} GB/s "
+                  f"{100 * rec['copy_frac']:5.1f}%  err {rec['rel_err_x']:.1e}/{rec['rel_err_x_outliers']:.1e}"
+                  + ("" if rec["finite_x"] and rec["finite_x_outliers"] else "  NOT FINITE"), flush=True)
+        except Exception as exc:  # noqa: BLE001 (report and go on: device time is scarce)
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            res["errors"].append(f"{name}: {rec['error']}")
+            print(f"{row} {shape:10s} {variant:14s} FAILED {rec['error']}", flush=True)
+        res["kernels"].append(rec)
+    res["wall_s"] = time.time() - t_start
     summarize(res)
     out_dir = Path(os.environ.get("OUT", "."))
     (out_dir / "gemv.json").write_text(json.dumps(res, indent=1))
 
 
-def check_only(mod, dev, scheme, rng, res: dict) -> None:
-    """The pipeline's pick with a bias and with an `out` that no block tiles evenly, against numpy float64."""
+def check_only(mod, dev, rng, res: dict) -> None:
+    """The pipeline's pick (q4f16_1 and q4f16_2) with a bias and with an `out` that no block tiles evenly, against
+    numpy float64; output NaN-poisoned first."""
     from edgellm import _tvm
     from edgellm.quant import reference as qref
+    from edgellm.quant.schemes import get_scheme
 
     res["checks"] = {}
     for label, (k, n, bias) in CHECK_ONLY.items():
-        qw = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint64).astype(np.uint32)
-        qs = (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)
-        x = rng.standard_normal((1, k)).astype(np.float16)
-        b = rng.standard_normal(n).astype(np.float16)
-        ref = x.astype(np.float64) @ qref.dequantize(qw, qs, k, scheme).astype(np.float64).T
-        ref = ref + (b.astype(np.float64) if bias else 0)
-        out = _tvm.tensor(np.full((1, n), np.nan, np.float16), dev)
-        try:
-            mod[f"check_{k}_{n}"](*[_tvm.tensor(a, dev) for a in [x, qw, qs] + ([b] if bias else [])], out)
-            got = out.numpy().astype(np.float64)
-            rec = {"in": k, "out": n, "bias": bias, "finite": bool(np.isfinite(got).all()),
-                   "rel_err": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
-        except Exception as exc:  # noqa: BLE001
-            rec = {"error": f"{type(exc).__name__}: {exc}"}
-        res["checks"][label] = rec
-        print(f"check {label:10s} {rec}", flush=True)
+        for row, prefix in (("q4f16_1", "check"), ("q4f16_2", "check_q4f16_2")):
+            scheme = get_scheme(row)
+            ws = _weights(rng, scheme, k, n)
+            x = rng.standard_normal((1, k)).astype(np.float16)
+            b = rng.standard_normal(n).astype(np.float16)
+            w = qref.dequantize(ws[0], ws[1], k, scheme, ws[2] if scheme.zero_point else None).astype(np.float64)
+            ref = x.astype(np.float64) @ w.T + (b.astype(np.float64) if bias else 0)
+            out = _tvm.tensor(np.full((1, n), np.nan, np.float16), dev)
+            try:
+                mod[f"{prefix}_{k}_{n}"](*[_tvm.tensor(a, dev) for a in [x, *ws] + ([b] if bias else [])], out)
+                got = out.numpy().astype(np.float64)
+                rec = {"row": row, "in": k, "out": n, "bias": bias, "finite": bool(np.isfinite(got).all()),
+                       "rel_err": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
+            except Exception as exc:  # noqa: BLE001
+                rec = {"row": row, "error": f"{type(exc).__name__}: {exc}"}
+                res["errors"].append(f"{prefix}_{k}_{n}: {rec['error']}")
+            res["checks"][f"{label}_{row}"] = rec
+            print(f"check {label:10s} {row} {rec}", flush=True)
+
+
+def _ok(r: dict) -> bool:
+    return "us" in r and r["finite_x"] and r["finite_x_outliers"] and r["rel_err_x"] < 1e-3 \
+        and r["rel_err_x_outliers"] < 2e-3
 
 
 def summarize(res: dict) -> None:
-    """8B decode step GEMV total per variant, and per-shape best (correct kernels only)."""
-    ok = {(r["kernel"], r["shape"]): r for r in res["kernels"] if "us" in r and r["finite_x"] and r["rel_err_x"] < 1e-3}
-    weights = sum(PER_STEP[s] * (k * n // 2 + k // 32 * n * 2) for s, (k, n) in SHAPES.items())
-    res["step"] = {}
-    for variant in variants():
-        if all((variant, s) in ok for s in SHAPES):
-            us = sum(PER_STEP[s] * ok[(variant, s)]["us"] for s in SHAPES)
-            res["step"][variant] = {"us": us, "weight_gbs": weights / us / 1e3}
-    best = {s: min((r for (v, sh), r in ok.items() if sh == s and v.startswith("h2")), key=lambda r: r["us"],
-                   default=None) for s in SHAPES}
-    if all(best.values()):
-        us = sum(PER_STEP[s] * best[s]["us"] for s in SHAPES)
-        res["step"]["h2_best_per_shape"] = {"us": us, "weight_gbs": weights / us / 1e3,
-                                            "configs": {s: best[s]["kernel"] for s in SHAPES}}
-    print("\n8B decode step, GEMVs only (32 x (qkv + o + gate_up + down) + lm_head):")
-    for v, s in sorted(res["step"].items(), key=lambda kv: kv[1]["us"]):
-        print(f"  {v:18s} {s['us'] / 1e3:7.3f} ms  {s['weight_gbs']:6.0f} GB/s of weights  {s.get('configs', '')}")
+    """Per shape: before, pick and the best shared-memory config; the 8B step's five GEMVs before / after."""
+    ok = {(r["kernel"], r["shape"]): r for r in res["kernels"] if r.get("row") == "q4f16_1" and _ok(r)}
+    bad = [f"{r['row']} {r['shape']} {r['kernel']}" for r in res["kernels"] if "us" in r and not _ok(r)]
+    res["bad"] = bad
+    res["table"] = {}
+    print(f"\n{'shape':10s} {'MB':>6s} | {'before us':>9s} {'%copy':>5s} | {'pick us':>7s} {'%copy':>5s} | "
+          f"best xs config")
+    for shape, (k, n) in {**SHAPES, **EXTRA_SHAPES}.items():
+        b, p = ok.get(("before", shape)), ok.get(("pick", shape))
+        xs = [r for (v, sh), r in ok.items() if sh == shape and v.startswith("xs_")]
+        best = min(xs, key=lambda r: r["us"], default=None)
+        res["table"][shape] = {"bytes": (b or p or {}).get("bytes"), "before_us": b and b["us"],
+                               "pick_us": p and p["us"], "best_xs": best and best["kernel"],
+                               "best_xs_us": best and best["us"]}
+        fmt = (lambda r: f"{r['us']:9.2f} {100 * r['copy_frac']:5.1f}" if r else f"{'-':>9s} {'-':>5s}")
+        print(f"{shape:10s} {((b or p or {}).get('bytes') or 0) / 1e6:6.1f} | {fmt(b)} | {fmt(p)} | "
+              + (f"{best['kernel']} {best['us']:.2f} us {100 * best['copy_frac']:.1f}%" if best else "-"))
+    for row in GRID_ROWS:
+        for shape in GRID_SHAPES:
+            rs = {r["kernel"]: r for r in res["kernels"] if r.get("row") == row and r["shape"] == shape and "us" in r}
+            print(f"{row} {shape:8s} " + "  ".join(f"{v} {r['us']:.2f} us err {r['rel_err_x']:.1e}/"
+                                                 f"{r['rel_err_x_outliers']:.1e} ok {_ok(r)}" for v, r in rs.items()))
+    step = {}
+    for v in ("before", "pick", "best"):
+        rs = {s: (min((r for (vv, sh), r in ok.items() if sh == s and (vv.startswith("xs_") or vv == "pick")),
+                      key=lambda r: r["us"], default=None) if v == "best" else ok.get((v, s))) for s in SHAPES}
+        if all(rs.values()):
+            us = sum(PER_STEP[s] * rs[s]["us"] for s in SHAPES)
+            byt = sum(PER_STEP[s] * rs[s]["bytes"] for s in SHAPES)
+            step[v] = {"us": us, "gbs": byt / us / 1e3, "copy_frac": byt / us / 1e3 / res["copy_gbs"]}
+            print(f"8B step GEMVs ({v}): {us:.0f} us, {byt / us / 1e3:.0f} GB/s = "
+                  f"{100 * step[v]['copy_frac']:.1f}% of copy")
+    res["step"] = step
+    print(f"errors: {len(res['errors'])}, failing checks: {bad}; wall {res.get('wall_s', 0):.0f} s")
 
 
 if __name__ == "__main__":
-    {"prepare": prepare, "run": run}[sys.argv[1]]()
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["prepare", "run"])
+    ap.add_argument("--out", "--dev", dest="dev", type=Path, default=DEV, help="the bundle folder (.device-NAME)")
+    a = ap.parse_args()
+    prepare(a.dev) if a.cmd == "prepare" else run(a.dev)

@@ -227,6 +227,70 @@ def _h2_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray) -> np.ndarray:
     return (dot * (qs.astype(np.float32) * np.float32(32))).astype(np.float64).sum(1)
 
 
+def _xs_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, offset: int = 7) -> np.ndarray:
+    """int4_gemv_h2(xsmem=True, fold_shift=True) in numpy: x staged as the kernel stages it (word j = 4g + q of x
+    -> slot q * G + g, its pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7)), read back per (group, word); nibble pairs
+    (2h, 2h+4) decoded as `((w >> 8h) & 0x000F000F | 0x5000) - c` and (2h+1, 2h+5) as
+    `fma((w >> 8h) & 0x00F000F0 | 0x5000, 1/16, c16)`, with the constants taken from the kernel's own PTX strings,
+    each fp16 op rounded once."""
+    import re
+
+    from edgellm.kernels.cuda_gemv import H2_BASE_BITS, h2_fma_sub, h2_fma_sub16
+
+    def consts(src):
+        return [np.array([int(c, 16) & 0xFFFF], np.uint16).view(np.float16)[0] for c in re.findall(r"0x([0-9A-F]{8})u",
+                                                                                                   src)]
+
+    (c,) = consts(h2_fma_sub(0x50005000 + offset * 0x10001))
+    mul16, c16 = consts(h2_fma_sub16(offset))
+    out_f, words = qw.shape
+    groups = words // 4
+    x32 = x.astype(np.float16).view(np.uint32)  # (x0, x1) pairs
+    xsh = np.zeros((4 * groups, 4), np.uint32)
+    for j in range(4 * groups):  # the staging loop
+        a = x32[4 * j: 4 * j + 4]
+        xsh[(j % 4) * groups + j // 4] = [(a[0] & 0xFFFF) | (a[2] << 16), (a[0] >> 16) | (a[2] & 0xFFFF0000),
+                                          (a[1] & 0xFFFF) | (a[3] << 16), (a[1] >> 16) | (a[3] & 0xFFFF0000)]
+    base = np.uint32(H2_BASE_BITS)
+    w = qw.reshape(out_f, groups, 4)
+    acc = np.zeros((2, out_f, groups, 2), np.float16)
+    f64 = np.float64
+    for q in range(4):
+        xp = xsh[q * groups: (q + 1) * groups].view(np.float16).reshape(groups, 4, 2).astype(f64)  # [g, pair, half]
+        for h in range(2):
+            wh = w[:, :, q] >> np.uint32(8 * h)
+            lo = (((wh & np.uint32(0x000F000F)) | base)[..., None].view(np.float16)).astype(f64)
+            hi = (((wh & np.uint32(0x00F000F0)) | base)[..., None].view(np.float16)).astype(f64)
+            d_lo = (lo - f64(c)).astype(np.float16).astype(f64)
+            d_hi = (hi * f64(mul16) + f64(c16)).astype(np.float16).astype(f64)
+            acc[q % 2] = (d_lo * xp[None, :, 2 * h] + acc[q % 2].astype(f64)).astype(np.float16)
+            acc[q % 2] = (d_hi * xp[None, :, 2 * h + 1] + acc[q % 2].astype(f64)).astype(np.float16)
+    a = acc.astype(np.float32)
+    dot = (a[0, ..., 0] + a[0, ..., 1]) + (a[1, ..., 0] + a[1, ..., 1])
+    return (dot * (qs.astype(np.float32) * np.float32(32))).astype(np.float64).sum(1)
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_xs_fold_model_equals_h2_and_numpy(outliers):
+    """The shared-memory kernel's staging and folded-shift decode compute the fp16x2 kernel's values exactly (same
+    roundings in the same order: the model outputs are equal bit for bit), and stay within 1e-3 of float64; the Q4_0
+    grid's constant (offset 8) too."""
+    rng = np.random.default_rng(11)
+    in_f, out_f = 512, 64
+    qw = rng.integers(0, 2**32, size=(out_f, in_f // 8), dtype=np.uint64).astype(np.uint32)
+    qs = (rng.random((out_f, in_f // 32)) * 0.02 + 0.001).astype(np.float16)
+    x = rng.standard_normal(in_f).astype(np.float16)
+    if outliers:
+        x[rng.choice(in_f, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
+    got = _xs_model(x, qw, qs)
+    np.testing.assert_array_equal(got, _h2_model(x, qw, qs))
+    expect = ref.dequantize(qw, qs, in_f, get_scheme("q4f16_1")).astype(np.float64) @ x.astype(np.float64)
+    assert np.linalg.norm(got - expect) / np.linalg.norm(expect) < 1e-3
+    expect8 = ref.dequantize(qw, qs, in_f, get_scheme("q4f16_0")).astype(np.float64) @ x.astype(np.float64)
+    got8 = _xs_model(x, qw, qs, offset=8)
+    assert np.linalg.norm(got8 - expect8) / np.linalg.norm(expect8) < 1e-3
+
+
 @pytest.mark.parametrize("outliers", [False, True])
 def test_h2_arithmetic_error_within_tolerance(outliers):
     """The fp16x2 model against numpy float64 on the dequantized weights: relative error under 1e-3 (4.6-5.0e-4 on
@@ -267,11 +331,19 @@ def test_registry_picks_fp16x2_gemv_only_for_fp16():
     from edgellm.kernels import schedule_gpu as gs
     from edgellm.targets import resolve
 
+    from edgellm.kernels.cuda_gemv import xs_gemv_config
+
     cuda, metal = resolve("cuda-sm90").tvm(), resolve("metal").tvm()
-    name, h2 = _pick(cuda, 1, 4096, 6144, "q4f16_1", bias=True)
+    for in_f, out_f in ((4096, 6144), (4096, 28672), (14336, 4096), (4096, 128256), (576, 960)):
+        name, h2 = _pick(cuda, 1, in_f, out_f, "q4f16_1", bias=True)  # the default: x staged in shared memory
+        w, r, u, k, fold = xs_gemv_config(in_f, out_f)
+        assert name == "int4_gemv_fp16x2_smem"
+        assert str(h2.attrs["edgellm.gemv"]) == f"h2_w{w}r{r}u{u}k{k}_xs" + ("_fs" if fold else "")
+        assert len(h2.params) == 5  # x, q_weight, q_scale, bias, out: the signature of the function it replaces
+    name, h2 = _pick(cuda, 1, 4096, 6144, "q4f16_1", bias=True, cuda_gemv="fp16x2")  # the previous default
     assert name == "int4_gemv_fp16x2"
     assert str(h2.attrs["edgellm.gemv"]) == "h2_w{}r{}u{}k{}".format(*gs.h2_gemv_config(4096, 6144))
-    assert len(h2.params) == 5  # x, q_weight, q_scale, bias, out: the signature of the function it replaces
+    assert len(h2.params) == 5
     assert _pick(cuda, 1, 4096, 64, "q4f32_1")[0] == "int4_gemv_te"  # fp32 activations
     assert _pick(metal, 1, 128, 64, "q4f16_1")[0] == "gemv_te_gpu"  # CUDA only
     assert _pick(cuda, 1, 80, 64, "q4f16_1")[0] == "gemv_te_gpu"  # `in` padded to whole groups
@@ -295,6 +367,15 @@ def test_h2_gemv_builds(preset):
     funcs.update(tail=int4_gemv_h2(14336, 4096, False, 4, 2, 4, 1), odd=int4_gemv_h2(4096, 1000, True, 8, 4, 2, 2),
                  short=int4_gemv_h2(576, 77, True, 4, 2, 1, 1), ks4=int4_gemv_h2(2048, 64, False, 8, 1, 2, 4),
                  nofence=int4_gemv_h2(4096, 512, False, fence=False))
+    from edgellm.kernels.cuda_gemv import xs_gemv_config
+
+    xs = {f"xs_{k}_{n}": int4_gemv_h2(k, n, False, *xs_gemv_config(k, n)[:4], xsmem=True,
+                                      fold_shift=xs_gemv_config(k, n)[4])
+          for k, n in [(4096, 6144), (4096, 28672), (14336, 4096), (2048, 3072), (8192, 2048)]}
+    xs.update(xs_tail=int4_gemv_h2(14336, 4096, False, 4, 2, 4, 1, xsmem=True, fold_shift=True),
+              xs_odd=int4_gemv_h2(4096, 1000, True, 8, 4, 2, 2, xsmem=True),
+              xs_short=int4_gemv_h2(576, 77, True, 4, 2, 1, 1, xsmem=True, fold_shift=True))
+    funcs.update(xs)
     src = cuda_source(funcs, preset)
     bodies = {part.split("_kernel(")[0].split()[-1]: part for part in src.split('extern "C" __global__')[1:]}
     assert set(bodies) == set(funcs)
@@ -302,3 +383,13 @@ def test_h2_gemv_builds(preset):
         assert "fma.rn.f16x2" in body and "sub.rn.f16x2" in body  # the fp16x2 arithmetic, as PTX
     assert "shr.b32" in bodies["tail"] and "shr.b32" not in bodies["nofence"]  # the load fence (whole steps only)
     assert "__hfma2" not in src and "__hsub(" not in src  # no per-lane scalar fp16 fallback
+    for name in xs:  # x staged once per block: [4 words][groups] of 16-byte pairs, in_f * 2 bytes of shared memory
+        k = int(name.split("_")[1]) if name.count("_") == 2 else {"xs_tail": 14336, "xs_odd": 4096,
+                                                                    "xs_short": 576}[name]
+        body = bodies[name]
+        assert f"__shared__ alignas(64) uint4 xsh_ptr[{k // 8}];" in body
+        staged, rest = body.split("__syncthreads();", 1)
+        assert "x32_ptr" in staged and "x32_ptr" not in rest  # no warp reads x from global memory after staging
+    folded = [n for n in xs if "_fs" in str(funcs[n].attrs["edgellm.gemv"])]
+    assert folded and all("0x2C002C00u" in bodies[n] and "0xC070C070u" in bodies[n] for n in folded)
+    assert "0x2C002C00u" not in bodies["xs_odd"]

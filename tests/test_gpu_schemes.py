@@ -107,6 +107,8 @@ def test_registry_gives_each_grid_its_kernel():
     cuda, metal, android = resolve("cuda-sm90").tvm(), resolve("metal").tvm(), resolve("android").tvm()
     for row, suffix, nparams in (("q4f16_1", "", 4), ("q4f16_0", "_o8", 4), ("q4f16_2", "_min", 5)):
         name, f = _pick(cuda, 1, 4096, 6144, row)
+        assert name == "int4_gemv_fp16x2_smem" + suffix and len(f.params) == nparams
+        name, f = _pick(cuda, 1, 4096, 6144, row, cuda_gemv="fp16x2")
         assert name == "int4_gemv_fp16x2" + suffix and len(f.params) == nparams
         name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
         assert name == "int4_gemm_mma_pipelined" + suffix and len(f.params) == nparams
@@ -164,6 +166,8 @@ def test_grid_kernels_build(preset):
         funcs[f"v_{tag}"] = cuda_gemv.int4_gemv_h2(4096, 6144, False, *h2_gemv_config(4096, 6144), offset=off,
                                                    zero_point=zp)
         funcs[f"vt_{tag}"] = cuda_gemv.int4_gemv_h2(576, 77, True, 4, 2, 1, 1, offset=off, zero_point=zp)
+        funcs[f"xs_{tag}"] = cuda_gemv.int4_gemv_h2(14336, 4096, True, 8, 2, 2, 2, offset=off, zero_point=zp,
+                                                    xsmem=True, fold_shift=True)
         funcs[f"g_{tag}"] = cuda_gemm.int4_gemm_tc2(4096, 1024, False, *cuda_gemm.tc2_choice(4096, 1024),
                                                     offset=off, zero_point=zp)
         funcs[f"gb_{tag}"] = cuda_gemm.int4_gemm_tc2(576, 960, True, offset=off, zero_point=zp)
@@ -172,6 +176,7 @@ def test_grid_kernels_build(preset):
     src = cuda_source(funcs, preset)
     assert "0x50085008u" in src and "0x40804080u" in src  # each grid's constant (the Q4_1 grid centred at 8)
     assert "0x28002800u" in src  # the sum of x / 32 for the min term
+    assert "0xC080C080u" in src  # the folded-shift decode's -(2 + 8/32) (both grids centre at 8 there)
     assert "1, 8, false>" in src and "1, 0, true>" in src  # the GEMM's template arguments
     assert all(f" {name}_kernel(" in src for name in funcs)
 
@@ -196,8 +201,8 @@ def grid_ggufs(tmp_path_factory, checkpoints):
 
 @needs_nvcc
 @pytest.mark.parametrize("layer,preset,row,gemv", [
-    ("Q4_1", "cuda-sm90", "q4f16_2", "int4_gemv_fp16x2_min"),
-    ("Q4_0", "cuda-sm80", "q4f16_0", "int4_gemv_fp16x2_o8"),
+    ("Q4_1", "cuda-sm90", "q4f16_2", "int4_gemv_fp16x2_smem_min"),
+    ("Q4_0", "cuda-sm80", "q4f16_0", "int4_gemv_fp16x2_smem_o8"),
     ("Q4_0", "metal", "q4f16_0", "gemv_te_gpu"),
     ("Q4_1", "vulkan", "q4f32_3", "gemv_te_gpu"),
 ])

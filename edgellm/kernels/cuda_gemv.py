@@ -106,6 +106,18 @@ def h2_fma_sub(const_bits: int) -> str:
             "\"r\"(acc)); return r; }")
 
 
+def h2_fma_sub16(offset: int) -> str:
+    """fp16x2 `(w / 16 - (2 + offset/32)) * x + acc`, w = `(word & 0x00F000F0) | 0x50005000` = 32 + nib/2 in each
+    half (the nibble sits on mantissa bits 4..7, worth 1/2 each at 32): w / 16 = 2 + nib/32, so the first FMA gives
+    (nib - offset) / 32 exactly (the exact product and difference are representable: no rounding), as the other
+    decode does with a shift and a subtraction. Nibbles 1 and 5 of a word need no shift, and 2, 3, 6, 7 come from
+    one `word >> 8`: one shift per word instead of three (int4_gemv_h2's `fold_shift`)."""
+    c = 0xC000 + offset * 16  # -(2 + offset/32) in fp16: exponent of 2, mantissa offset/64 * 1024
+    return ("[](uint w, uint x, uint acc) { uint t, r; asm(\"fma.rn.f16x2 %0, %1, %2, %3;\" : \"=r\"(t) : \"r\"(w), "
+            f"\"r\"(0x2C002C00u), \"r\"(0x{c:04X}{c:04X}u)); asm(\"fma.rn.f16x2 %0, %1, %2, %3;\" : \"=r\"(r) : "
+            "\"r\"(t), \"r\"(x), \"r\"(acc)); return r; }")
+
+
 H2_FMA_SUB = h2_fma_sub(0x50075007)  # the q4f16_1 grid: (nib - 7) / 32
 # fp16x2 `x * (1/32, 1/32) + acc`: the group's sum of x for the asymmetric rows' min term (scaled like the products)
 H2_XSUM = ("[](uint x, uint acc) { uint r; asm(\"fma.rn.f16x2 %0, %1, %2, %3;\" : \"=r\"(r) : \"r\"(x), "
@@ -127,7 +139,8 @@ def h2_supports(in_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bo
 
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 4,
-                 ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False):
+                 ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False,
+                 xsmem: bool = False, fold_shift: bool = False):
     """Same function and arguments as `int4_gemv(in_f, out_f, "float16", "float16", "float16", bias)` (x, q_weight,
     q_scale, [bias], out), already scheduled for CUDA (fp16x2 arithmetic, see the comment above). `ksplit` > 1:
     the block's warps form `warps / ksplit` row teams of `ksplit` warps that share `rows` rows, each warp taking
@@ -138,9 +151,17 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     after q_scale, computed as (nib - 8) * scale + (min + 8 scale): the fp16x2 products stay centred (as small as
     the symmetric grids'), and per group the lane sums its 32 x (fp16x2, scaled by 1/32) for the second term in
     fp32. The plain `nib * scale + min * sum(x)` loses ~1.4e-3 relative (numpy model, tests/test_gpu_schemes.py):
-    its two terms are each several times their sum."""
+    its two terms are each several times their sum.
+    `xsmem`: the block stages x once in shared memory, already in the (x[8j+s], x[8j+s+4]) pairs the arithmetic
+    takes, laid out [word q of the group][group][4 pairs] so a warp's 16-byte reads are conflict-free; the warps
+    then read x from there (4 LDS.128 per group, shared by the `rows` rows) instead of each team re-reading it
+    from L2 and permuting it (8 KB of x per 2-4 rows at `in` 4096: as many L2 bytes as the weights). Where there
+    is a whole step, its weight loads are issued before the staging, so the block's first HBM round trip overlaps
+    it (a lone guarded step loads after it: the other order measured 2-6% slower, docs/benchmarks/h200-gemv.md).
+    `fold_shift` (with xsmem): nibbles (1, 5) and (3, 7) decoded in place (h2_fma_sub16), one shift per word: 13
+    instructions per packed word instead of 15, the same values."""
     return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
-                    zero_point)
+                    zero_point, xsmem, fold_shift)
 
 
 def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 2,
@@ -154,7 +175,7 @@ def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
 
 
 def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: int, ksplit: int, fence: bool,
-             bits: int, offset: int, zero_point: bool):
+             bits: int, offset: int, zero_point: bool, xsmem: bool = False, fold_shift: bool = False):
     from tvm.script import tirx as T
 
     c = compiler()
@@ -165,6 +186,10 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             raise ValueError(f"int4_gemv_h2: {name} must be >= 1, got {v}")
     if warps % ksplit:
         raise ValueError(f"int4_gemv_h2: warps ({warps}) must be a multiple of ksplit ({ksplit})")
+    if xsmem and bits != 4:
+        raise ValueError("int4_gemv_h2: xsmem covers the 4-bit rows only")
+    if fold_shift and not xsmem:
+        raise ValueError("int4_gemv_h2: fold_shift needs xsmem")
     if bits == 4 and not 0 <= offset < 16:
         raise ValueError(f"int4_gemv_h2: offset must be in 0..15, got {offset}")
     G, W, R, U, KS = in_f // GROUP, warps, rows, unroll, ksplit
@@ -174,10 +199,12 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                                 H2_BASE_BITS, H2_SHIFT)
     else:
         fma_sub, base, shift = h2_fma_sub(0x40804080), H2_BASE_BITS8, H2_SHIFT8
+    fma_sub16 = h2_fma_sub16(offset) if bits == 4 else ""
     TEAMS = W // KS
     VL = 32 * KS  # "virtual lanes" of a row team: lane l of warp k takes groups k*32 + l, + VL, ...
     full, tail = G // (VL * U), G % (VL * U) > 0  # steps where every lane has all `unroll` groups, then a guarded one
     nb = (out_f + TEAMS * R - 1) // (TEAMS * R)
+    XFILL = (G * 4 + W * 32 - 1) // (W * 32)  # xsmem: staging rounds, one 16-byte word of x per thread each
     full_mask = T.uint32(0xFFFFFFFF)
 
     def half_lo(u):  # the low fp16 of a uint32 register, as float32
@@ -187,12 +214,12 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(u, T.uint32(16)))))
 
     def fence_regs(wv, xv, sc, mn):  # one register of every load of a step
-        regs = [*[wv[i * 4] for i in range(U * R * WPG // 4)], *[xv[i * 4] for i in range(U * 4)],
+        regs = [*[wv[i * 4] for i in range(U * R * WPG // 4)], *([] if xsmem else [xv[i * 4] for i in range(U * 4)]),
                 *[T.Cast("uint32", sc[i]) for i in range(U * R)]]
         return regs + ([T.Cast("uint32", mn[i]) for i in range(U * R)] if zero_point else [])
 
     @T.macro
-    def step(x32, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard):
+    def load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, it, guard):
         for u in T.unroll(U):  # every 16-byte load of the step first, then the arithmetic
             if not guard or (it * U + u) * VL + vl < G:
                 for r in T.unroll(R):
@@ -204,14 +231,18 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                             for v in T.vectorized(4):
                                 wv[(u * R + r) * WPG + h * 4 + v] = qw[T.min(row0 + r, out_f - 1),
                                                                        ((it * U + u) * VL + vl) * WPG + h * 4 + v]
-                for q in T.unroll(4):
-                    for v in T.vectorized(4):
-                        xv[u * 16 + q * 4 + v] = x32[((it * U + u) * VL + vl) * 16 + q * 4 + v]
+                if not xsmem:
+                    for q in T.unroll(4):
+                        for v in T.vectorized(4):
+                            xv[u * 16 + q * 4 + v] = x32[((it * U + u) * VL + vl) * 16 + q * 4 + v]
                 for r in T.unroll(R):  # the scales too: a load issued at its use would stall a latency per group
                     sc[u * R + r] = T.reinterpret("uint16", qs[T.min(row0 + r, out_f - 1), (it * U + u) * VL + vl])
                 if zero_point:
                     for r in T.unroll(R):
                         mn[u * R + r] = T.reinterpret("uint16", qm[T.min(row0 + r, out_f - 1), (it * U + u) * VL + vl])
+
+    @T.macro
+    def compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard):
         if fence and not guard:
             dep[0] = T.call_pure_extern("uint32", H2_ZERO_AFTER, functools.reduce(T.bitwise_xor, fence_regs(
                 wv, xv, sc, mn)), T.bitwise_or(T.Cast("uint32", vl), T.uint32(32)))
@@ -221,7 +252,28 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             if not guard or (it * U + u) * VL + vl < G:
                 for i in T.unroll(2 * R):
                     hs[i] = dep[0]  # 0, after every load of the step (H2_ZERO_AFTER)
-                if bits == 4:
+                if bits == 4 and xsmem:
+                    for q in T.unroll(4):  # word q of the group: its 4 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7) staged
+                        for v in T.vectorized(4):
+                            xv[u * 16 + q * 4 + v] = xsh[(q * G + (it * U + u) * VL + vl) * 4 + v]
+                        for r in T.unroll(R):
+                            if fold_shift:  # nibbles (2h, 2h+4) at bits 0, (2h+1, 2h+5) at bits 4 of w >> 8h
+                                for h in T.unroll(2):
+                                    hs[r * 2 + q % 2] = T.call_pure_extern("uint32", fma_sub, T.bitwise_or(
+                                        T.bitwise_and(T.shift_right(wv[(u * R + r) * 4 + q], T.uint32(8 * h)),
+                                                      T.uint32(0x000F000F)), T.uint32(base)),
+                                        xv[u * 16 + q * 4 + 2 * h], hs[r * 2 + q % 2])
+                                    hs[r * 2 + q % 2] = T.call_pure_extern("uint32", fma_sub16, T.bitwise_or(
+                                        T.bitwise_and(T.shift_right(wv[(u * R + r) * 4 + q], T.uint32(8 * h)),
+                                                      T.uint32(0x00F000F0)), T.uint32(base)),
+                                        xv[u * 16 + q * 4 + 2 * h + 1], hs[r * 2 + q % 2])
+                            else:
+                                for sh in T.unroll(4):
+                                    hs[r * 2 + q % 2] = T.call_pure_extern("uint32", fma_sub, T.bitwise_or(
+                                        T.bitwise_and(T.shift_right(wv[(u * R + r) * 4 + q], T.uint32(4 * sh)),
+                                                      T.uint32(0x000F000F)), T.uint32(base)),
+                                        xv[u * 16 + q * 4 + sh], hs[r * 2 + q % 2])
+                elif bits == 4:
                     for q in T.unroll(4):  # word q of the group: x[8q .. 8q+7] as 4 uint32 = (x0,x1) (x2,x3) ...
                         xp[0] = T.bitwise_or(T.bitwise_and(xv[u * 16 + q * 4], T.uint32(0xFFFF)),
                                              T.shift_left(xv[u * 16 + q * 4 + 2], T.uint32(16)))  # (x0, x4)
@@ -267,6 +319,11 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                             T.Cast("float32", T.reinterpret("float16", sc[u * R + r])) * T.float32(1 << shift))
 
     @T.macro
+    def step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard):
+        load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, it, guard)
+        compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard)
+
+    @T.macro
     def store(out, bias_buf, row, value):
         if row < out_f:
             if bias:
@@ -295,14 +352,36 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         red = T.alloc_buffer((1,), "float32", scope="local")
         dep = T.alloc_buffer((1,), "uint32", scope="local")
         part = T.alloc_buffer((W * R,), "float32", scope="shared")  # ksplit > 1: the warps' partial sums
+        xsh = T.alloc_buffer((G * 16 if xsmem else 4,), "uint32", scope="shared")  # xsmem: x as [q][g][pairs]
+        xf = T.alloc_buffer((4,), "uint32", scope="local")
+        xt = T.alloc_buffer((4,), "uint32", scope="local")
         row0 = T.meta_var((bx * TEAMS + ty // KS) * R)  # first row of this warp's team
         vl = T.meta_var((ty % KS) * 32 + tx)
         for r in T.unroll(R):
             acc[r] = T.float32(0)
-        for it in range(full):
-            step(x32, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
-        if tail:
-            step(x32, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
+        if xsmem:
+            if full > 0:  # the first step's weights in flight while x is staged
+                load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
+            for i in T.unroll(XFILL):  # word j = 4g + q of x (x[8j .. 8j+7]) -> its 4 pairs at [q][g]
+                if i * W * 32 + ty * 32 + tx < G * 4:
+                    for v in T.vectorized(4):
+                        xf[v] = x32[(i * W * 32 + ty * 32 + tx) * 4 + v]
+                    xt[0] = T.bitwise_or(T.bitwise_and(xf[0], T.uint32(0xFFFF)), T.shift_left(xf[2], T.uint32(16)))
+                    xt[1] = T.bitwise_or(T.shift_right(xf[0], T.uint32(16)), T.bitwise_and(xf[2], T.uint32(0xFFFF0000)))
+                    xt[2] = T.bitwise_or(T.bitwise_and(xf[1], T.uint32(0xFFFF)), T.shift_left(xf[3], T.uint32(16)))
+                    xt[3] = T.bitwise_or(T.shift_right(xf[1], T.uint32(16)), T.bitwise_and(xf[3], T.uint32(0xFFFF0000)))
+                    for v in T.vectorized(4):
+                        xsh[(((i * W * 32 + ty * 32 + tx) % 4) * G + (i * W * 32 + ty * 32 + tx) // 4) * 4 + v] = xt[v]
+            T.tvm_storage_sync("shared")
+            if full > 0:
+                compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, 0, False)
+            for it in range(1, full):
+                step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
+        else:
+            for it in range(full):
+                step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
+        if tail:  # (xsmem, no whole step: loading it before the staging measured 2-6% slower on 8B qkv / o)
+            step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
         for r in T.unroll(R):
             red[0] = acc[r]
             for o in T.unroll(5):
@@ -325,7 +404,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     grid = "" if (bits, offset, zero_point) == (4, QMAX, False) else f"_q{bits}o{offset}" + ("z" if zero_point else "")
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
-                            "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence") + grid})
+                            "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
+                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid})
 
 
 def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
@@ -336,3 +416,23 @@ def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
 
     w, r, u, k = h2_gemv_config(in_f, out_f)
     return w, r, max(1, u // 2), k
+
+
+def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
+    """(warps, rows, unroll, ksplit, fold_shift) of int4_gemv_h2(..., xsmem=True) for a shape: the registry's
+    default 4-bit decode GEMV. H200, weights from HBM, docs/benchmarks/h200-gemv.md (us, before -> this pick): a long
+    `in` (down: 8B 13.7 -> 11.5, 1B 6.8 -> 5.1) with 2 rows a team, `in` split over 2 warps, 2 groups a step and the
+    folded shifts; many rows (gate_up: 8B 20.9 -> 18.2, 1B 8.0 -> 7.1) 2 rows a warp, a whole `in` of 4096 in one
+    4-group step; the head (128,256 rows) the previous 4 rows x 2 groups with the folded shifts (its timings swing
+    by 10% between identical runs); the short ones (qkv, o) 2 rows a
+    team of 2 warps with everything in one step. Fewer than 64 groups (SmolLM2): the previous rule's 4x2x1x1."""
+    groups = in_f // GROUP
+    if groups < 64:
+        return 4, 2, 1, 1, False
+    if in_f >= 8192:
+        return 8, 2, 2, 2, True
+    if out_f >= 65536:
+        return 4, 4, 2, 1, True
+    if out_f >= 16384:
+        return 4, 2, 4, 1, True
+    return 8, 2, 4, 2, False

@@ -95,16 +95,21 @@ class KernelRegistry:
         if gemv and self.kind == "cuda" and plain:
             from . import cuda_gemv
 
-            h2 = o.cuda_gemv in ("auto", "fp16x2") and fp16 and cuda_gemv.h2_supports(in_f, out_dtype,
-                                                                                      scheme.scale_dtype, out_dtype)
+            h2 = o.cuda_gemv in ("auto", "fp16x2", "fp16x2-smem") and fp16 and cuda_gemv.h2_supports(
+                in_f, out_dtype, scheme.scale_dtype, out_dtype)
             if h2 and scheme.bits == 8:  # the 8-bit embedding / head rows (q8f16_1, the Q8_0 grid)
                 cfg = cuda_gemv.int8_gemv_config(in_f, out_f)
                 return "int8_gemv_fp16x2", lambda: cuda_gemv.int8_gemv_h2(in_f, out_f, bias, *cfg)
             if h2 and int4:
-                cfg = sg.h2_gemv_config(in_f, out_f)
                 zp, off = scheme.zero_point, scheme.offset
-                name = "int4_gemv_fp16x2" + ("_min" if zp else "" if off == 7 else f"_o{off}")
-                return name, lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp)
+                grid = "_min" if zp else "" if off == 7 else f"_o{off}"
+                if o.cuda_gemv in ("auto", "fp16x2-smem"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
+                    *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
+                    return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
+                        in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold)
+                cfg = sg.h2_gemv_config(in_f, out_f)
+                return f"int4_gemv_fp16x2{grid}", lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg,
+                                                                                   offset=off, zero_point=zp)
             if grid7 and cuda_gemv.supports(in_f, 32, 4, 8):
                 return "int4_gemv_te", lambda: sg.schedule_gpu_int4_gemv(
                     cuda_gemv.int4_gemv(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias), t)
