@@ -301,3 +301,24 @@ def test_embedding_kernel_matches_numpy(scheme, vocab, hidden):
     out = tvm.runtime.empty((11, hidden), scheme.act_dtype, dev)
     mod["main"](*[tvm.runtime.tensor(a, dev) for a in [ids, *stored]], out)
     np.testing.assert_allclose(out.numpy().astype(np.float32), w_eff[ids].astype(scheme.act_dtype).astype(np.float32))
+
+
+def test_act_group_is_a_row_field_recorded_in_the_manifest_entry():
+    """int8 rows quantize x per packed word (8 values for 4-bit, 4 for 8-bit), written into the manifest's quant entry;
+    an artifact built before the field (no act_group in its entry) is read with d per weight group; a group that is
+    not whole words or does not divide the weight group is refused."""
+    from dataclasses import replace
+
+    from edgellm.models.reference import tensor_scheme
+
+    for name, ag in (("q4f32_2", 8), ("q8f32_2", 4), ("q4f32_g128", 8)):
+        s = get_scheme(name)
+        assert s.act_group_size == ag and s.as_dict()["act_group"] == ag
+    assert "act_group" not in get_scheme("q4f16_1").as_dict()
+    entry = get_scheme("q4f32_2").as_dict()
+    assert tensor_scheme(entry, "model.layers.0.mlp.down_proj.weight").act_group_size == 8
+    legacy = {k: v for k, v in entry.items() if k != "act_group"}
+    assert tensor_scheme(legacy, "model.layers.0.mlp.down_proj.weight").act_group_size == 32
+    for bad in (12, 64, 4):
+        with pytest.raises(ValueError, match="act_group"):
+            replace(get_scheme("q4f32_2"), act_group=bad)
