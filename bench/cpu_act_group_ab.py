@@ -77,7 +77,8 @@ def main() -> None:
         tot[0] += count * new
         tot[1] += count * old
         print(f"| {name} (d per {ag}) | {count} | {1e6 * new:.1f} | {1e6 * old:.1f} | {new / old:.3f} |")
-    print(f"| total per token (weighted by calls) | | {1e3 * tot[0]:.3f} ms | {1e3 * tot[1]:.3f} ms | {tot[0] / tot[1]:.3f} |")
+    print(f"| total per token (weighted by calls) | | {1e3 * tot[0]:.3f} ms | {1e3 * tot[1]:.3f} ms "
+          f"| {tot[0] / tot[1]:.3f} |")
 
 
 if __name__ == "__main__":

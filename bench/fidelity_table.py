@@ -153,7 +153,8 @@ def main() -> None:
     if llama_note:
         print(f"\n{llama_note}")
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({"git_sha": _git_sha(), "model": gguf.name, "source": str(gguf), "text": text_name, "tokens": len(ids),
+    a.json.write_text(json.dumps({"git_sha": _git_sha(), "model": gguf.name, "source": str(gguf), "text": text_name,
+                                  "tokens": len(ids),
                                   "chunk_tokens": a.chunk_tokens, "chunks": len(chunks), "threads": a.threads,
                                   "rows": rows, "llamacpp_note": llama_note}, indent=2) + "\n")
 

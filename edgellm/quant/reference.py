@@ -31,9 +31,10 @@ def quantize(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, ...]:
     return pack(q.reshape(out_f, in_pad), scheme), scale
 
 
-# 4-bit float sources: besides the plain rule (min/max, or max|w| / 7) the quantizer tries these stretches of the grid, refits the scale (and min) to the levels each gives by least squares, and keeps, per group,
-# whichever has the smallest squared error after the storage rounding (llama.cpp's make_qx_quants / make_qkx idea,
-# no importance weights). The plain rule is candidate zero and is only replaced by a strictly smaller error, so a
+# 4-bit float sources: besides the plain rule (min/max, or max|w| / 7) the quantizer tries these stretches of the
+# grid, refits the scale (and min) to the levels each gives by least squares, and keeps, per group, whichever has the
+# smallest squared error after the storage rounding (llama.cpp's make_qx_quants / make_qkx idea, no importance
+# weights; the Q4_0 grid keeps llama.cpp's rule alone, see _quantize_sym4). The plain rule is candidate zero and is only replaced by a strictly smaller error, so a
 # weight already on the grid (a GGUF source dequantized) packs back to the same values; refitted scales and mins are
 # fp16 values (also in fp32 rows) and the stretch -1 is tried, so dequantizing a packed weight and quantizing it again
 # gives the same values (q * scale is exact in fp32, and the least-squares refit of exact levels lands on them).
