@@ -22,6 +22,11 @@ TESTS = ("pp128", "pp512", "tg128")
 HATCH = {"edgellm": None, "llama.cpp": ".."}  # every other engine (transformers): "//"
 
 
+def _legend(engine: str, recs: list[dict]) -> str:
+    scheme = next(r["scheme"] or "" for r in recs if r["engine"] == engine)
+    return engine if scheme in engine else f"{engine} {scheme}"
+
+
 def _style(engine: str) -> dict:
     return {"alpha": 1.0 if engine == "edgellm" else 0.45, "hatch": HATCH.get(engine, "//")}
 
@@ -95,7 +100,7 @@ def plot(recs: list[dict], path: Path, title: str) -> None:
 
     ax.legend(handles=[Patch(color=f"C{i}", label=t) for i, t in enumerate(TESTS)]
               + [Patch(facecolor="white", edgecolor="black", hatch=_style(e)["hatch"],
-                       label=e + " " + next(r["scheme"] or "" for r in recs if r["engine"] == e)) for e in engines],
+                       label=_legend(e, recs)) for e in engines],
               fontsize=7, ncol=5, loc="upper center")
     ax.set_title(title, fontsize=9)
     ax = axes[1]
