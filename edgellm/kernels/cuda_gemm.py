@@ -222,6 +222,49 @@ def tc2_smem_bytes(config: str, zero_point: bool = False) -> int:
     return st * (bm * TC2_BK * 2 + bn * TC2_BK // 2 + bn * 4 * (2 if zero_point else 1))
 
 
+def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | None, small_rows: int, offset: int,
+                 zero_point: bool, M):
+    """(TVMScript macro launching the tc2 GEMM for `M` rows: the `small` config's tile when M <= small_rows, else
+    `config`'s; the grid's suffix of the kernel label). Shared by int4_gemm_tc2 and the GEMM branch of
+    cuda_gemv_batch.int4_linear_small_rows; the macro takes (x, qw, qs, min pointer, bias pointer, out)."""
+    from tvm.script import tirx as T
+
+    off = 0 if zero_point else offset
+    grid = "" if (off, zero_point) == (QMAX, False) else f", {off}, {'true' if zero_point else 'false'}"
+
+    def tile(name: str):
+        wm, wn, mi, ni, st, min_blocks, mode = TC2_CONFIGS[name]
+        return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn,
+                tc2_smem_bytes(name, zero_point), min_blocks,
+                f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}{grid}>")
+
+    BM, NB, NT, SMEM, MINB, CALL = tile(config)
+    BMs, NBs, NTs, SMEMs, MINBs, CALLs = tile(small or config)
+    two = small is not None
+
+    @T.macro
+    def launch(x, qw, qs, mp, bp, out):
+        if two and M <= small_rows:
+            T.launch_thread("blockIdx.x", (M + BMs - 1) // BMs)
+            T.launch_thread("blockIdx.y", NBs)
+            T.launch_thread("threadIdx.x", NTs)
+            sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
+            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
+                T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
+                                            sms.data, source_code=_TC2_SRC))
+        else:
+            # row tiles fastest: the row tiles sharing a weight tile run together, each weight byte leaves DRAM once
+            T.launch_thread("blockIdx.x", (M + BM - 1) // BM)
+            T.launch_thread("blockIdx.y", NB)
+            T.launch_thread("threadIdx.x", NT)
+            sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
+            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):  # __launch_bounds__(NT, MINB)
+                T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
+                                            sm.data, source_code=_TC2_SRC))
+
+    return launch, grid
+
+
 def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", small: str | None = None,
                   small_rows: int = 256, offset: int = QMAX, zero_point: bool = False):
     """Same function as `int4_gemm_tc` (x [m, in] fp16, q4f16_1 weights, optional bias, out [m, out] fp16, fp32
@@ -243,18 +286,7 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
         raise ValueError(f"int4_gemm_tc2: offset must be in 0..15, got {offset}")
     W, G = in_f // PER_WORD, in_f // GROUP
     M = c.tirx.Var("m", "int64")
-    off = 0 if zero_point else offset
-    grid = "" if (off, zero_point) == (QMAX, False) else f", {off}, {'true' if zero_point else 'false'}"
-
-    def launch(name: str):
-        wm, wn, mi, ni, st, min_blocks, mode = TC2_CONFIGS[name]
-        return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn,
-                tc2_smem_bytes(name, zero_point), min_blocks,
-                f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}{grid}>")
-
-    BM, NB, NT, SMEM, MINB, CALL = launch(config)
-    BMs, NBs, NTs, SMEMs, MINBs, CALLs = launch(small or config)
-    two = small is not None
+    launch, grid = tc2_launcher(in_f, out_f, bias, config, small, small_rows, offset, zero_point, M)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
@@ -265,23 +297,7 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
         out = T.match_buffer(out_h, (M, out_f), "float16")
         bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
         mp = T.meta_var(qm.data if zero_point else qs.data)  # without a zero point the pointer is never read
-        if two and M <= small_rows:
-            T.launch_thread("blockIdx.x", (M + BMs - 1) // BMs)
-            T.launch_thread("blockIdx.y", NBs)
-            T.launch_thread("threadIdx.x", NTs)
-            sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
-            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
-                T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
-                                            sms.data, source_code=_TC2_SRC))
-        else:
-            # row tiles fastest: the row tiles sharing a weight tile run together, each weight byte leaves DRAM once
-            T.launch_thread("blockIdx.x", (M + BM - 1) // BM)
-            T.launch_thread("blockIdx.y", NB)
-            T.launch_thread("threadIdx.x", NT)
-            sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
-            with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):  # __launch_bounds__(NT, MINB)
-                T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
-                                            sm.data, source_code=_TC2_SRC))
+        launch(x, qw, qs, mp, bp, out)
 
     params = list(kernel.params)
     keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]

@@ -88,25 +88,14 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
              for b, t in zip(BUCKETS, tc)]
     smem = [smem_bytes(b) for b in BUCKETS]
     has_gemm = gemm is not None
-    if has_gemm:
-        config, small = gemm
-        goff = 0 if zero_point else offset
-        ggrid = "" if (goff, zero_point) == (QMAX, False) else f", {goff}, {'true' if zero_point else 'false'}"
+    if has_gemm:  # the tensor-core GEMM above the buckets, launched as cuda_gemm.int4_gemm_tc2 launches it
+        tc2, ggrid = cuda_gemm.tc2_launcher(in_f, out_f, bias, gemm[0], gemm[1], 256, offset, zero_point, M)
+    else:  # a placeholder (the branch is not generated)
+        ggrid = ""
 
-        def launch(name: str):
-            wm, wn, mi, ni, st, min_blocks, mode = cuda_gemm.TC2_CONFIGS[name]
-            return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn,
-                    cuda_gemm.tc2_smem_bytes(name, zero_point), min_blocks,
-                    f"edgellm_q4gemm<{wm}, {wn}, {mi}, {ni}, {st}, {'true' if bias else 'false'}, {mode}{ggrid}>")
-
-        BM, NB, NT, SMEM, MINB, CALL = launch(config)
-        BMs, NBs, NTs, SMEMs, MINBs, CALLs = launch(small or config)
-        two = small is not None
-        gsrc = cuda_gemm._TC2_SRC
-    else:  # placeholders (the branch is not generated)
-        BM = NB = NT = SMEM = MINB = BMs = NBs = NTs = SMEMs = MINBs = 1
-        CALL = CALLs = gsrc = ""
-        two = False
+        @T.macro
+        def tc2(x, qw, qs, mp, bp, out):
+            T.evaluate(0)
 
     @T.macro
     def gemv(x, qw, qs, mp, bp, out, i: T.int32):
@@ -134,22 +123,7 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
         elif use[3] and M <= BUCKETS[3]:
             gemv(x, qw, qs, mp, bp, out, 3)
         elif has_gemm:
-            if two and M <= 256:  # cuda_gemm.int4_gemm_tc2's small-rows tile (small_rows=256)
-                T.launch_thread("blockIdx.x", (M + BMs - 1) // BMs)
-                T.launch_thread("blockIdx.y", NBs)
-                T.launch_thread("threadIdx.x", NTs)
-                sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
-                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
-                    T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
-                                                sms.data, source_code=gsrc))
-            else:
-                T.launch_thread("blockIdx.x", (M + BM - 1) // BM)
-                T.launch_thread("blockIdx.y", NB)
-                T.launch_thread("threadIdx.x", NT)
-                sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
-                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):
-                    T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
-                                                sm.data, source_code=gsrc))
+            tc2(x, qw, qs, mp, bp, out)
 
     params = list(kernel.params)
     keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
