@@ -264,6 +264,11 @@ def test_fp16_artifact_refused_without_shader_f16(adapter, vk, monkeypatch):
     assert any(e["dtype"] == "float16" for e in art32.param_index())
     with pytest.raises(DeviceError, match=r"weight \S+ is stored in float16.*no shader-f16.*--head q4"):
         Engine(art32.root)
+    # the GGUF Q4_1 grid's Vulkan row keeps fp16 scale + min in every layer: --head q4 alone would not do
+    art_grid = Artifact.open(vk("llama3", "q4f32_3"))
+    with pytest.raises(DeviceError, match=r"weight model\.layers\.\S+ is stored in float16 \(q4f32_3 .*no shader-f16"
+                                          r".*--quant q4f32_1 --head q4"):
+        Engine(art_grid.root)
 
 
 def test_weight_over_the_binding_limit_is_refused(adapter, vk, monkeypatch):

@@ -78,9 +78,15 @@ def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceI
     if scheme.get("act_dtype") == "float16" and not a.get("shader_f16"):
         raise DeviceError(f"artifact uses fp16 activations ({scheme.get('scheme')}) and Vulkan adapter {a['name']!r} "
                           "has no shader-f16; recompile with --quant q4f32_1 (the fp32 twin)")
-    half = next((e for e in param_index if e.get("dtype") == "float16"), None)
-    if half is not None and not a.get("shader_f16"):  # WGSL reads an f16 buffer only with the f16 extension
-        raise DeviceError(f"weight {half['name']} is stored in float16 (the 8-bit embedding/head rows keep fp16 "
+    halves = [e for e in param_index if e.get("dtype") == "float16"]
+    if halves and not a.get("shader_f16"):  # WGSL reads an f16 buffer only with the f16 extension
+        body = [e for e in halves if not any(k in e["name"] for k in ("embed_tokens", "lm_head"))]
+        if body:  # the layers' own scales (the GGUF grids' rows keep the file's fp16 scale / min): --head is not enough
+            raise DeviceError(f"weight {body[0]['name']} is stored in float16 ({scheme.get('scheme')} keeps the "
+                              f"source's fp16 scales) and Vulkan adapter {a['name']!r} has no shader-f16; recompile "
+                              "with --quant q4f32_1 --head q4 (fp32 scales throughout; from a GGUF that re-quantizes, "
+                              "so check it with `edgellm verify`)")
+        raise DeviceError(f"weight {halves[0]['name']} is stored in float16 (the 8-bit embedding/head rows keep fp16 "
                           f"scales) and Vulkan adapter {a['name']!r} has no shader-f16; recompile with "
                           "--head q4 (fp32 scales with q4f32_*)")
     limit = int(a.get("max_storage_buffer_binding_size") or 0)
