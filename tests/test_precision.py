@@ -26,6 +26,9 @@ def test_f32_source_keeps_an_8bit_embedding_and_untied_head(compiled):
     # 8 bits + an fp16 scale per 32 (the tiny model's hidden 64 needs no padding); layers 5 bits + norms
     assert c["embedding"]["bits_per_weight"] == c["head"]["bits_per_weight"] == 8.5
     assert 5.0 < c["layers"]["bits_per_weight"] < 6.0
+    # activations rounded to int8 per packed word in every class's kernels: 4 bytes of the 8-bit rows, 8 nibbles
+    assert (c["embedding"]["act_group"], c["head"]["act_group"], c["layers"]["act_group"]) == (4, 4, 8)
+    assert {x["act_quant"] for x in c.values()} == {"int8"}
     assert sum(x["bytes"] for x in c.values()) == Artifact.open(compiled("llama", "q4f32_2")).weight_bytes
 
 

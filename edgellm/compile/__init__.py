@@ -416,8 +416,9 @@ def _plan(scheme, src: ModelSource, smap: dict, model_cls, head: str | None):
 
 def _tensor_classes(index: list[dict], params: dict, float_shapes: dict, schemes: dict, model_cls,
                     tied: bool) -> dict:
-    """embedding / head / layers -> {scheme, params, bytes, bits_per_weight} (norms and biases count in layers);
-    a tied head is {scheme, tied_to: embedding}."""
+    """embedding / head / layers -> {scheme, params, bytes, bits_per_weight[, act_quant, act_group]} (norms and
+    biases count in layers; act_* where the class's row rounds activations to int8); a tied head is {scheme,
+    tied_to: embedding}."""
     def cls(name: str) -> str:
         base = name.rsplit(".", 1)[0] + ".weight"
         return {model_cls.EMBEDDING: "embedding", model_cls.HEAD: "head"}.get(base, "layers")
@@ -437,9 +438,13 @@ def _tensor_classes(index: list[dict], params: dict, float_shapes: dict, schemes
             out[c]["scheme"] = s.name
     if tied:
         out["head"] = {"scheme": out["embedding"]["scheme"], "tied_to": "embedding"}
+    rows = {s.name: s for s in schemes.values()}
     for c in out.values():
         if "bytes" in c:
             c["bits_per_weight"] = round(c["bytes"] * 8 / max(c["params"], 1), 3)
+        row = rows.get(c["scheme"])
+        if row is not None and row.act_quant != "none":  # x values per activation scale in this class's kernels
+            c.update(act_quant=row.act_quant, act_group=row.act_group_size)
     return out
 
 
