@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_gemv_tune import time_rotated  # noqa: E402  (the one timing loop of the GPU kernel benches)
+
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 ROWS = (1, 2, 4, 8, 16)
 # correctness only: (row, in, out, bias), m in CHECK_ROWS (17 and 40: past the buckets, the GEMM inside `small_`)
@@ -125,45 +128,6 @@ def _check(f, dev, rng, scheme, k: int, n: int, m: int, w, bias=None, feats=None
             "ok": bool(np.isfinite(got).all() and errs.max() < TOL)}
 
 
-def _time(f, x, copies, out) -> float:
-    """Seconds per call, weights cycling over `copies` (from HBM), from CUDA-graph replays (CUDA events)."""
-    import torch
-    import tvm_ffi
-
-    reps = max(1, (200 + len(copies) - 1) // len(copies))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        g = torch.cuda.CUDAGraph()
-        with tvm_ffi.use_torch_stream(torch.cuda.graph(g)):
-            for _ in range(reps):
-                for qw, qs in copies:
-                    f(x, qw, qs, out)
-        torch.cuda.synchronize()
-        g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(7):
-            start.record()
-            g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return float(np.median(times)) / (reps * len(copies))
-    except Exception as exc:  # noqa: BLE001 (fall back to a plain launch loop, and say so)
-        print(f"  graph capture failed ({type(exc).__name__}: {exc}); timing a launch loop", flush=True)
-        with tvm_ffi.use_torch_stream():
-            for qw, qs in copies:
-                f(x, qw, qs, out)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(reps):
-                for qw, qs in copies:
-                    f(x, qw, qs, out)
-            end.record()
-            torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / (reps * len(copies))
-
-
 def run(dev_dir: Path) -> None:
     import torch
 
@@ -214,7 +178,7 @@ def run(dev_dir: Path) -> None:
                     rec.update(_check(f, dev, rng, q4, k, n, m, w, feats=feats, wd=wd))
                     x = _tvm.tensor(rng.standard_normal((m, k)).astype(np.float16), dev)
                     out = _tvm.tensor(np.zeros((m, n), np.float16), dev)
-                    t = _time(f, x, copies, out)
+                    t = time_rotated(f, x, copies, out)[0]
                     rec.update(us=t * 1e6, gbs=(wbytes + 2 * m * (k + n)) / t / 1e9)
                 except Exception as exc:  # noqa: BLE001
                     rec.update(ok=False, error=f"{type(exc).__name__}: {exc}")

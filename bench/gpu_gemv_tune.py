@@ -113,8 +113,10 @@ def prepare(dev: Path = DEV) -> None:
 
 
 def time_rotated(f, x, copies, out) -> tuple[float, str]:
-    """copies: tuples of the weight arguments after x (q_weight, q_scale[, q_min])."""
-    """Seconds per call with the weights of each call distinct (copies cycled), from CUDA-graph replays."""
+    """(seconds per call, "cuda_graph" | "launch_loop"): f(x, *weights, out) with the weights of each call distinct
+    (`copies`: tuples of the weight arguments after x, e.g. (q_weight, q_scale[, q_min]), cycled; enough of them to
+    stay out of L2), from CUDA-graph replays timed with CUDA events (median of 15), or a plain launch loop where
+    capture fails. The one timing loop of the GPU kernel benches (gpu_schemes.py and gpu_gemv_batch.py import it)."""
     import torch
     import tvm_ffi
 

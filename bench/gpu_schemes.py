@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+from gpu_gemv_tune import time_rotated  # noqa: E402  (bench/ is on the path: the one timing loop)
+
 ROWS = ("q4f16_1", "q4f16_0", "q4f16_2")
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "lm_head": (4096, 128256)}
@@ -214,33 +216,6 @@ def random_weights(rng, scheme, k, n):
     return [qw, qs]
 
 
-def time_rotated(f, x, copies, out, extra=()) -> float:
-    """Seconds per call with each call's weights distinct (copies cycled, >= 320 MB: out of the 60 MB L2), from
-    CUDA-graph replays timed with CUDA events (bench/gpu_gemv_tune.time_rotated, any number of weight args)."""
-    import torch
-    import tvm_ffi
-
-    launches = max(200, len(copies))
-    reps = (launches + len(copies) - 1) // len(copies)
-    g = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(g)):
-        for _ in range(reps):
-            for c in copies:
-                f(x, *c, *extra, out)
-    torch.cuda.synchronize()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(15):
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times)) / (reps * len(copies))
-
-
 def run_kernels(dev_dir: Path) -> None:
     from edgellm import _tvm
     from edgellm.quant import reference as qref
@@ -274,7 +249,7 @@ def run_kernels(dev_dir: Path) -> None:
                 nbytes = sum(a.nbytes for a in w) + x.nbytes + 2 * rows * n
                 count = max(2, int(np.ceil(ROTATE_BYTES / nbytes)))
                 copies = [wt] + [[_tvm.tensor(a, dev) for a in w] for _ in range(count - 1)]
-                t = time_rotated(f, _tvm.tensor(x, dev), copies, out)
+                t = time_rotated(f, _tvm.tensor(x, dev), copies, out)[0]
                 rec.update(us=t * 1e6, gbs=nbytes / t / 1e9, copy_frac=nbytes / t / bw, bytes=nbytes)
                 if rows > 1:
                     rec["tflops"] = 2 * rows * k * n / t / 1e12
