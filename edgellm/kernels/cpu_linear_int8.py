@@ -140,6 +140,34 @@ def tile_plan(scheme: QuantScheme, in_f: int, out_f: int, target, family: str | 
             [i // wpg for i in range(V)])
 
 
+def vector_helpers(T, in_f: int, pad: bool, V: int, GV: int, wpg: int, expand, bias: bool):
+    """The TVMScript pieces both int8-activation kernels (4-bit here, 8-bit in cpu_linear_int8_q8) build from a
+    tile_plan: xval (x[m, k], zero past `in_f` when `in` is padded), group_vec (the V/wpg per-group values of chunk
+    `ch` of row n, each repeated for its wpg words, float32xV), epilogue (+ bias) and hsum (the lanes of a vector
+    summed by halving shuffles)."""
+
+    def xval(x, m, k):
+        return T.if_then_else(k < in_f, x[m, k], T.float32(0)) if pad else x[m, k]
+
+    def group_vec(buf, n, ch):
+        g = T.Cast(f"float32x{GV}", buf[n, T.ramp(ch * GV, 1, GV)]) if GV > 1 else \
+            T.Broadcast(T.Cast("float32", buf[n, ch * V // wpg]), V)
+        return T.Shuffle([g] * wpg, expand) if GV > 1 else g
+
+    def epilogue(total, bias_buf, n):
+        return total + bias_buf[n] if bias else total
+
+    def hsum(vec):
+        lanes = V
+        while lanes > 1:
+            half = lanes // 2
+            vec = T.Shuffle([vec], list(range(half))) + T.Shuffle([vec], list(range(half, lanes)))
+            lanes = half
+        return vec
+
+    return xval, group_vec, epilogue, hsum
+
+
 def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bias: bool, target=None,
                 family: str | None = None):
     """y[m, n] = sum_k x[m, k] W[n, k] (+ b[n]) for an INT4 weight (q_weight, q_scale[, q_min]) with int8
@@ -160,28 +188,10 @@ def linear_int8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, bi
     mask = T.Broadcast(T.uint32(0x0F0F0F0F), V)
     four = T.Broadcast(T.uint32(4), V)
 
-    def xval(x, m, k):
-        return T.if_then_else(k < in_f, x[m, k], T.float32(0)) if pad else x[m, k]
-
-    def group_vec(buf, n, ch):
-        """The V/wpg per-group values of chunk `ch` of row n, each repeated for its wpg words (float32xV)."""
-        g = T.Cast(f"float32x{GV}", buf[n, T.ramp(ch * GV, 1, GV)]) if GV > 1 else \
-            T.Broadcast(T.Cast("float32", buf[n, ch * V // wpg]), V)
-        return T.Shuffle([g] * wpg, expand) if GV > 1 else g
+    xval, group_vec, epilogue, hsum = vector_helpers(T, in_f, pad, V, GV, wpg, expand, bias)
 
     def minimum(buf, n, ch, sc):
         return group_vec(buf, n, ch) if asym else sc * T.Broadcast(T.float32(neg_qmax), V)
-
-    def epilogue(total, bias_buf, n):
-        return total + bias_buf[n] if bias else total
-
-    def hsum(vec):
-        lanes = V
-        while lanes > 1:
-            half = lanes // 2
-            vec = T.Shuffle([vec], list(range(half))) + T.Shuffle([vec], list(range(half, lanes)))
-            lanes = half
-        return vec
 
     @T.macro
     def rows_block(acc, qw, qs, qm, xl, xh, xd, xs, out, bias_buf, p, tt, m0, mt):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..quant.schemes import QuantScheme
-from .cpu_linear_int8 import _PMADD, OPAQUE, STACK, DotPath, _with_params, tile_plan
+from .cpu_linear_int8 import _PMADD, OPAQUE, STACK, DotPath, _with_params, tile_plan, vector_helpers
 
 CORRECTED = ("vnni", "pmadd")  # families that multiply the unsigned byte u and subtract 128 * sum(xq)
 
@@ -90,25 +90,7 @@ def linear_int8_q8(rows: int | None, in_f: int, out_f: int, scheme: QuantScheme,
     MT = 4 if gemm else 1  # rows of x per pass over a weight tile (prefill / batch decode)
     pad = kp != in_f
 
-    def xval(x, m, k):
-        return T.if_then_else(k < in_f, x[m, k], T.float32(0)) if pad else x[m, k]
-
-    def group_vec(buf, n, ch):
-        """The per-group values of chunk `ch` of row n, each repeated for its wpg words (float32xV)."""
-        g = T.Cast(f"float32x{GV}", buf[n, T.ramp(ch * GV, 1, GV)]) if GV > 1 else \
-            T.Broadcast(T.Cast("float32", buf[n, ch * V // wpg]), V)
-        return T.Shuffle([g] * wpg, expand) if GV > 1 else g
-
-    def epilogue(total, bias_buf, n):
-        return total + bias_buf[n] if bias else total
-
-    def hsum(vec):
-        lanes = V
-        while lanes > 1:
-            half = lanes // 2
-            vec = T.Shuffle([vec], list(range(half))) + T.Shuffle([vec], list(range(half, lanes)))
-            lanes = half
-        return vec
+    xval, group_vec, epilogue, hsum = vector_helpers(T, in_f, pad, V, GV, wpg, expand, bias)
 
     def idot(T, w, xw, xc, m, ch):
         d = dot(T, w, xw[m, T.ramp(ch * V, 1, V)])
