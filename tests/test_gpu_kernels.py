@@ -270,6 +270,17 @@ def _xs_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, offset: int = 7) ->
     return (dot * (qs.astype(np.float32) * np.float32(32))).astype(np.float64).sum(1)
 
 
+def _gemv_inputs(rng, in_f: int, out_f: int, outliers: bool):
+    """Random packed q4f16_1 weights (any nibbles), scales in [0.001, 0.021) and fp16 x, with 8 activation outliers
+    of +-2000 when asked: the inputs of the GEMV arithmetic models' tests."""
+    qw = rng.integers(0, 2**32, size=(out_f, in_f // 8), dtype=np.uint64).astype(np.uint32)
+    qs = (rng.random((out_f, in_f // 32)) * 0.02 + 0.001).astype(np.float16)
+    x = rng.standard_normal(in_f).astype(np.float16)
+    if outliers:
+        x[rng.choice(in_f, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
+    return qw, qs, x
+
+
 @pytest.mark.parametrize("outliers", [False, True])
 def test_xs_fold_model_equals_h2_and_numpy(outliers):
     """The shared-memory kernel's staging and folded-shift decode compute the fp16x2 kernel's values exactly (same
@@ -277,11 +288,7 @@ def test_xs_fold_model_equals_h2_and_numpy(outliers):
     grid's constant (offset 8) too."""
     rng = np.random.default_rng(11)
     in_f, out_f = 512, 64
-    qw = rng.integers(0, 2**32, size=(out_f, in_f // 8), dtype=np.uint64).astype(np.uint32)
-    qs = (rng.random((out_f, in_f // 32)) * 0.02 + 0.001).astype(np.float16)
-    x = rng.standard_normal(in_f).astype(np.float16)
-    if outliers:
-        x[rng.choice(in_f, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
+    qw, qs, x = _gemv_inputs(rng, in_f, out_f, outliers)
     got = _xs_model(x, qw, qs)
     np.testing.assert_array_equal(got, _h2_model(x, qw, qs))
     expect = ref.dequantize(qw, qs, in_f, get_scheme("q4f16_1")).astype(np.float64) @ x.astype(np.float64)
@@ -298,11 +305,7 @@ def test_h2_arithmetic_error_within_tolerance(outliers):
     scheme = get_scheme("q4f16_1")
     rng = np.random.default_rng(3)
     in_f, out_f = 1024, 256
-    qw = rng.integers(0, 2**32, size=(out_f, in_f // 8), dtype=np.uint64).astype(np.uint32)
-    qs = (rng.random((out_f, in_f // 32)) * 0.02 + 0.001).astype(np.float16)
-    x = rng.standard_normal(in_f).astype(np.float16)
-    if outliers:
-        x[rng.choice(in_f, 8, replace=False)] = rng.choice([-2000.0, 2000.0], 8)
+    qw, qs, x = _gemv_inputs(rng, in_f, out_f, outliers)
     expect = ref.dequantize(qw, qs, in_f, scheme).astype(np.float64) @ x.astype(np.float64)
     got = _h2_model(x, qw, qs)
     assert np.isfinite(got).all()
