@@ -168,26 +168,11 @@ def profile_and_bench(dev: Path, name: str, tag: str, bw: float) -> None:
                 "read_bytes_per_token": read, "bandwidth_fraction": read * r.avg_ts / bw if tg else None,
                 "samples_ts": r.samples_ts})
     if name != "smollm2-135m":
-        for b in (1, 8, 32):
-            try:
-                seqs = [eng.add_sequence() for _ in range(b)]
-                toks = []
-                for s in seqs:
-                    toks.append(int(np.argmax(eng.prefill(s, [5, 6, 7]))))
-                for _ in range(3):
-                    toks = eng.decode_greedy(seqs, toks, batched=b > 1)
-                n = 32
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    toks = eng.decode_greedy(seqs, toks, batched=b > 1)
-                dt = time.perf_counter() - t0
-                results["batched"].append({"model": name, "kv": tag, "sequences": b, "aggregate_ts": b * n / dt,
-                                           "step_ms": dt / n * 1e3})
-            except Exception:
-                results["errors"].append(f"batched {label} b={b}: " + traceback.format_exc()[-1500:])
-            finally:
-                for s in list(eng._lengths):
-                    eng.remove_sequence(s)
+        try:
+            for r in gpu_run.bench_batched(eng, label):
+                results["batched"].append({**r, "model": name, "kv": tag})
+        except Exception:
+            results["errors"].append(f"batched {label}: " + traceback.format_exc()[-1500:])
     del eng
     gc.collect()
 

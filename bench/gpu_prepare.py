@@ -128,9 +128,11 @@ def build_artifacts(arch: str, shapes: list[str]) -> None:
     for scheme in ("q0f16", "q4f16_1"):
         compile_model(CompileArgs(model=str(ckpt64), output=OUT / "art" / f"tiny64-{scheme}", target=preset,
                                   quant=scheme, runtime=RuntimeOptions(256, 256, 16, 4)))
-    for name in shapes:  # shapes only: the runner generates random weights there (explicit benchmark mode)
+    # shapes only: the runner generates random weights there (explicit benchmark mode); max_batch 32 for
+    # gpu_run.bench_batched (1, 8 and 32 sequences in flight)
+    for name in shapes:
         compile_model(CompileArgs(model=str(shape_folder(name)), output=OUT / "art" / f"{name}-q4f16_1", target=preset,
-                                  quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
+                                  quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 32), shapes_only=True))
 
 
 def build_ab_shapes(dst: Path, arch: str, option: str, modes: tuple[str, ...], shape: str = "llama-3-8b") -> None:

@@ -132,7 +132,7 @@ def main() -> None:
         recs += llamacpp_records(args.llamacpp, run.get("copy_bw", 0), run.get("device"))
     (args.out / f"{args.name}.json").write_text(json.dumps(recs, indent=1) + "\n")
     detail = {k: run.get(k) for k in ("device", "copy_bw", "checks", "kernels", "profiles", "prefill_profiles", "load_seconds",
-                                        "errors")}
+                                        "batched", "errors")}
     (args.out / f"{args.name}-detail.json").write_text(json.dumps(detail, indent=1) + "\n")
     bw = run.get("copy_bw", 0) / 1e9
     plot(recs, args.out / f"{args.name}.png", f"{run.get('device')}, copy bandwidth {bw:.0f} GB/s, same run")
@@ -140,6 +140,9 @@ def main() -> None:
         frac = r.get("bandwidth_fraction")
         print(f"| {r['model']} | {r['engine']} | {r['test']} | {r['avg_ts']:.1f} ± {r['stddev_ts']:.1f} | "
               + (f"{r['achieved_gbs']:.0f} | {frac:.1%} |" if frac else "- | - |"))
+    for r in run.get("batched", []):  # gpu_run.bench_batched: aggregate tok/s with b sequences in flight
+        print(f"| {r['model']} | batched x{r['sequences']} | {r['aggregate_ts']:.0f} tok/s aggregate | "
+              f"{r['step_ms']:.2f} ms/step |")
 
 
 if __name__ == "__main__":

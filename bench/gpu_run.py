@@ -335,8 +335,40 @@ def bench_model(name: str, bw: float) -> None:
                 "achieved_gbs": read * r.avg_ts / 1e9 if tg else None,
                 "bandwidth_fraction": (read * r.avg_ts / bw) if tg else None,
                 "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
+    if eng.runtime.max_batch > 1:
+        try:
+            results.setdefault("batched", []).extend(bench_batched(eng, label))
+        except Exception:
+            results["errors"].append(f"batched {label}: " + traceback.format_exc()[-2000:])
     del eng
     gc.collect()
+
+
+def bench_batched(eng, label: str, sizes=(1, 8, 32), steps: int = 32, prompt: int = 32) -> list[dict]:
+    """Aggregate greedy decode tok/s with `b` sequences in flight (serve's case; issue 16 item 4): each sequence
+    prefills its own `prompt` tokens, then every step decodes one token for all of them (`batch_decode` for b > 1,
+    the device argmax), `steps` timed steps after 3 warm-up ones. Sizes over the artifact's max_batch are skipped."""
+    recs = []
+    for b in sizes:
+        if b > eng.runtime.max_batch:
+            continue
+        seqs = []
+        try:
+            rng = np.random.default_rng(b)
+            seqs = [eng.add_sequence() for _ in range(b)]
+            toks = [int(np.argmax(eng.prefill(s, rng.integers(3, 300, prompt).tolist()))) for s in seqs]
+            for _ in range(3):
+                toks = eng.decode_greedy(seqs, toks, batched=b > 1)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                toks = eng.decode_greedy(seqs, toks, batched=b > 1)
+            dt = time.perf_counter() - t0
+            recs.append({"model": label, "sequences": b, "aggregate_ts": b * steps / dt, "step_ms": dt / steps * 1e3,
+                         "per_sequence_ts": steps / dt, "context": prompt + 3 + steps})
+        finally:
+            for s in seqs:
+                eng.remove_sequence(s)
+    return recs
 
 
 def bench_hf(name: str, bw: float) -> None:
@@ -442,6 +474,9 @@ def main() -> int:
         frac = r.get("bandwidth_fraction")
         print(f"{r['model']:<20} {r['engine']:<18} {r['test']:<6} {r['avg_ts']:10.1f} tok/s"
               + (f"  {r['achieved_gbs']:.0f} GB/s, {frac:.1%} of copy bw" if frac else ""))
+    for r in results.get("batched", []):
+        print(f"{r['model']:<20} batched x{r['sequences']:<3} {r['aggregate_ts']:10.1f} tok/s aggregate, "
+              f"{r['step_ms']:.2f} ms/step")
     for e in results["errors"]:
         print("ERROR:", e)
     return 1 if results["errors"] else 0
