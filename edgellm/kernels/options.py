@@ -39,6 +39,12 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                 "CUDA KV cache: owned = edgellm's paged cache (kernels/owned_kv.py; page table and positions are "
                 "inputs, so a decode step is one CUDA graph); tvm = TVM's PagedKVCache (its attention is a call "
                 "into the cache object that splits the graph per layer); auto = tvm for now"),
+    "cuda_fuse": (("auto", "all", "silu", "off"),
+                  "CUDA decode fusions into the INT4 decode GEMV (x staged in shared memory; one-token decode only): "
+                  "all = the residual add + RMSNorm before qkv and gate_up staged by the GEMV itself, and "
+                  "silu(gate) * up computed in gate_up's epilogue (no add_rms_norm / silu_mul kernels between "
+                  "them; the same values); silu = the epilogue only; off = separate kernels; auto = the measured "
+                  "default (docs/benchmarks/h200-fusion.md)"),
     "webgpu_gemm": (("auto", "tiled", "simple"),
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
@@ -65,6 +71,7 @@ class KernelOptions:
     cuda_gemm_decode: str = "half2"
     cuda_attention: str = "auto"
     cuda_kv: str = "auto"
+    cuda_fuse: str = "auto"
     webgpu_gemm: str = "auto"
     webgpu_gemv: str = "auto"
 
