@@ -49,12 +49,14 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
                     "buffers (dlight-like); auto = tiled where it applies"),
-    "webgpu_gemv": (("auto", "coalesced", "group", "simple"),
-                    "WebGPU/Vulkan INT4 decode GEMV: coalesced = lane l takes packed word l of each 32-word step "
+    "webgpu_gemv": (("auto", "h2", "coalesced", "group", "simple"),
+                    "WebGPU/Vulkan INT4 decode GEMV: h2 = fp16 activations in vec2<f16> arithmetic, x staged in "
+                    "workgroup memory, 16-byte weight loads (q4f16_1 grid; `in` x 2 bytes within workgroup memory); "
+                    "coalesced = lane l takes packed word l of each 32-word step "
                     "(a warp reads 128 contiguous weight bytes and 512 of activations per load); group = a lane owns "
                     "whole groups of 32 (4 packed words and 32 activations per step, one float32 dot per group); "
-                    "simple = the generic GPU schedule; auto = coalesced where it applies (4-bit, group 32, no "
-                    "padding)"),
+                    "simple = the generic GPU schedule; auto = h2 where it applies, else coalesced (4-bit, group 32, "
+                    "no padding)"),
 }
 
 

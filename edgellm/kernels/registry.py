@@ -144,7 +144,10 @@ class KernelRegistry:
         if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 
-            if o.webgpu_gemv in ("auto", "coalesced"):  # H200, 8B shapes: 0.4 -> 1.0-1.6 TB/s (vulkan-h200.md)
+            if o.webgpu_gemv in ("auto", "h2") and webgpu_linear.h2_supports(
+                    in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # docs/benchmarks/vulkan-h200.md
+                return "int4_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias)
+            if o.webgpu_gemv in ("auto", "coalesced", "h2"):  # H200, 8B shapes: 0.4 -> 1.0-1.6 TB/s
                 return "int4_gemv_coalesced_webgpu", lambda: webgpu_linear.int4_gemv_coalesced(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias)
             if cuda_gemv.supports(in_f, 32, 4, 8):

@@ -165,3 +165,171 @@ def int4_gemv_coalesced(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, o
             T.func_attr(attrs)
             body(x, q_weight, q_scale, None, out)
     return gemv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode GEMV in fp16x2 arithmetic for WGSL (`shader-f16`), the WGSL counterpart of cuda_gemv.int4_gemv_h2:
+#
+# * `((w >> 4s) & 0x000F000F) | 0x50005000` as `vec2<f16>` is `32 + nib/32` for nibbles s and s+4 of the word
+#   (fp16's ulp at 32 is 1/32); minus the pair `32 + 7/32` it is `(nib - 7) / 32` exactly, and one vec2<f16> FMA
+#   meets the activation pair (x[8q+s], x[8q+s+4]): two weights an instruction, about 2 instructions a weight
+#   against ~5 in the float32 decode of int4_gemv_coalesced (shift, and, or-to-float, subtract, FMA).
+# * Lane l owns group g = 32 i + l (4 packed words, loaded as one vec4<u32>: a warp's load reads 512 contiguous
+#   bytes of a row); per group two vec2<f16> accumulators (even and odd words: 8 products a half, each |.| <=
+#   |x| / 4, no overflow while |x| < 16384) go to float32 and meet the scale (times 32) in one FMA.
+# * x is staged once per workgroup in workgroup memory as fp16 pairs pre-permuted for the nibble order, laid out
+#   [word q of the group][group][4 pairs] so a lane reads its group's 4 vec4<u32> and the warp's reads are
+#   contiguous (no bank conflicts): in_f * 2 bytes (8 KiB at 4096, 28 KiB at 14336).
+# * the lanes' partial sums meet after one barrier: lane r of a warp adds row r's 32 values from workgroup memory
+#   (the tree of int4_gemv_coalesced took 11 barriers).
+# * u32 -> vec2<f16> is `vec2<f16>(unpack2x16float(w))`, not `bitcast<vec2<f16>>(w)`: wgpu 0.32's naga has no
+#   size-changing bitcast (gfx-rs/wgpu#8896; it types `bitcast<vec2<f16>>(u32)` as f32). The f16 -> f32 -> f16
+#   round trip is exact; a driver may fold it to nothing (H200: measured in docs/benchmarks/vulkan-h200.md).
+# The weight buffer's name ends in `_vec4`: every access to it is a 16-byte-aligned vec4<u32> load, which the
+# plugin turns into a load of an `array<vec4<u32>>` binding (runtime/webgpu/module.cc, docs/tvm-notes.md: TVM
+# declares every buffer as an array of its scalar type, so a vector load is four 4-byte loads).
+# `h2=False` is the same schedule with float32 arithmetic (the exponent trick of int4_gemv_coalesced); the
+# registry does not pick it, the tests run it to check the layout on adapters without shader-f16.
+# ---------------------------------------------------------------------------------------------------------------
+H2_BASE = 0x50005000  # fp16 32.0 in both halves
+VEC4_SUFFIX = "_vec4"  # the plugin's marker for a u32 buffer read only as aligned vec4<u32> (module.cc)
+
+
+def h2_config(in_f: int, out_f: int) -> tuple[int, int, int]:
+    """(warps, rows, unroll) of int4_gemv_h2 for a shape. Untuned default: 4 warps of 2 rows, 2 groups a step
+    (4 16-byte loads in flight a lane); rows 1 where the grid would be under ~264 workgroups."""
+    warps, rows = 4, 2
+    if out_f // (warps * rows) < 264:
+        rows = 1
+    return warps, rows, 2
+
+
+def h2_shared_bytes(in_f: int, out_f: int) -> int:
+    warps, rows, _ = h2_config(in_f, out_f)
+    return in_f * 2 + warps * rows * 32 * 4  # staged x + the lanes' partial sums
+
+
+def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None) -> bool:
+    """fp16 activations, scales and output, whole groups, and x within the target's workgroup memory."""
+    limit = int(target.attrs.get("max_shared_memory_per_block", 16384)) if target is not None else 16384
+    return in_f % 32 == 0 and x_dtype == scale_dtype == out_dtype == "float16" \
+        and h2_shared_bytes(in_f, out_f) <= limit
+
+
+def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
+                 unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16"):
+    """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
+    pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
+    cuda_gemv.int4_gemv."""
+    from .._tvm import compiler
+
+    T = compiler().T
+    f32, u32 = "float32", "uint32"
+    if in_f % 32:
+        raise ValueError(f"int4_gemv_h2 needs `in` a multiple of 32, got {in_f}")
+    dw, dr, du = h2_config(in_f, out_f)
+    W, R, U = warps or dw, rows or dr, unroll or du
+    G = in_f // 32
+    words = in_f // 8
+    blocks = (out_f + W * R - 1) // (W * R)
+    steps = (G + 32 * U - 1) // (32 * U)
+    stage = (G * 16 + W * 32 - 1) // (W * 32)  # staging rounds: G * 16 pairs over the workgroup's threads
+    # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
+    # the high half (lavapipe: the high lane was not subtracted)
+    base, sub = T.uint32(H2_BASE), T.Broadcast(T.float16(32 + 7 / 32), 2)
+    offset = float(2**23 + 7)
+
+    def as_h2(v):  # u32 -> vec2<f16> (see H2_UNPACK)
+        return T.Cast("float16x2", T.call_pure_extern("float32x2", "unpack2x16float", v))
+
+    @T.macro
+    def body(x, qw, qs, b, out):
+        bx = T.launch_thread("blockIdx.x", blocks)
+        ty = T.launch_thread("threadIdx.y", W)
+        tx = T.launch_thread("threadIdx.x", 32)
+        xs = T.alloc_buffer((G * 16,), u32, scope="shared")
+        red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
+        acc = T.alloc_buffer((R,), f32, scope="local")
+        wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
+        sc = T.alloc_buffer((U * R,), f32, scope="local")
+        xv = T.alloc_buffer((4,), "uint32x4", scope="local")
+        hh = T.alloc_buffer((2,), "float16x2", scope="local")
+        tt = T.alloc_buffer((1,), f32, scope="local")
+        for i in T.serial(stage):  # pair (q, g, s) = (x[32g + 8q + s], x[32g + 8q + s + 4]) at (q G + g) 4 + s
+            e = T.meta_var((i * W + ty) * 32 + tx)
+            if e < G * 16:
+                src = T.meta_var((e // 4) % G * 32 + e // (4 * G) * 8 + e % 4)
+                # pack2x16float, not bitcast<u32>(vec2<f16>): wgpu 0.32's naga mistypes the latter (docs/tvm-notes.md);
+                # exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
+                xs[e] = T.call_pure_extern(u32, "pack2x16float", T.Cast("float32x2", x[0, T.Ramp(src, 4, 2)]))
+        T.tvm_storage_sync("shared")
+        for r in T.unroll(R):
+            acc[r] = T.float32(0)
+        for it in T.serial(steps):
+            for u in T.unroll(U):
+                g = T.meta_var((it * U + u) * 32 + tx)
+                if g < G:
+                    for r in T.unroll(R):
+                        n = T.meta_var(T.min(bx * (W * R) + ty * R + r, out_f - 1))
+                        wv[u * R + r] = qw[n, T.Ramp(g * 4, 1, 4)]
+                        sc[u * R + r] = T.Cast(f32, qs[n, g])
+            for u in T.unroll(U):
+                g = T.meta_var((it * U + u) * 32 + tx)
+                if g < G:
+                    for q in T.unroll(4):
+                        xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
+                    for r in T.unroll(R):
+                        if h2:
+                            hh[0] = T.Broadcast(T.float16(0), 2)
+                            hh[1] = T.Broadcast(T.float16(0), 2)
+                            for q in T.unroll(4):
+                                for s in T.unroll(4):
+                                    hh[q % 2] = T.call_pure_extern("float16x2", "fma", as_h2(T.bitwise_or(
+                                        T.bitwise_and(T.shift_right(T.Shuffle([wv[u * R + r]], [q]),
+                                                                    T.uint32(4 * s)), T.uint32(0x000F000F)), base))
+                                        - sub, as_h2(T.Shuffle([xv[q]], [s])), hh[q % 2])
+                            tt[0] = (T.Cast(f32, T.Shuffle([hh[0]], [0])) + T.Cast(f32, T.Shuffle([hh[0]], [1]))) + (
+                                T.Cast(f32, T.Shuffle([hh[1]], [0])) + T.Cast(f32, T.Shuffle([hh[1]], [1])))
+                            acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(32))
+                        else:
+                            tt[0] = T.float32(0)
+                            for q in T.unroll(4):
+                                for s in T.unroll(4):
+                                    for hi in T.unroll(2):
+                                        tt[0] = tt[0] + T.Shuffle([T.call_pure_extern(
+                                            "float32x2", "unpack2x16float", T.Shuffle([xv[q]], [s]))], [hi]) * (
+                                            T.reinterpret(
+                                                f32, T.bitwise_and(T.shift_right(T.Shuffle([wv[u * R + r]], [q]),
+                                                                                 T.uint32(4 * s + 16 * hi)),
+                                                                   T.uint32(15)) | T.uint32(0x4B000000))
+                                            - T.float32(offset))
+                            acc[r] = acc[r] + tt[0] * sc[u * R + r]
+        for r in T.unroll(R):
+            red[(ty * R + r) * 32 + tx] = acc[r]
+        T.tvm_storage_sync("shared")
+        if tx < R:
+            n = T.meta_var(bx * (W * R) + ty * R + tx)
+            if n < out_f:
+                tt[0] = T.float32(0)
+                for k in T.unroll(32):
+                    tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
+                if bias:
+                    out[0, n] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[n]))
+                else:
+                    out[0, n] = T.Cast(out_dtype, tt[0])
+
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
+    if bias:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), "float16"), b: T.Buffer((out_f,), out_dtype),
+                 out: T.Buffer((1, out_f), out_dtype)):
+            T.func_attr(attrs)
+            body(x, q_weight_vec4, q_scale, b, out)
+    else:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), "float16"), out: T.Buffer((1, out_f), out_dtype)):
+            T.func_attr(attrs)
+            body(x, q_weight_vec4, q_scale, None, out)
+    return gemv
