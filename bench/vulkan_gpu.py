@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "bench"))
 SHAPES = ("smollm2-135m", "llama-3.2-1b", "llama-3-8b")
 TARGETS = {"vulkan": "vulkan", "cuda": "cuda-sm90"}
 PROMPT = [1, 5, 7, 100, 42, 9, 33, 250, 17, 64, 3, 201, 88]
-AB = os.environ.get("AB", "webgpu_gemv").split(",")  # which generic-kernel A/Bs to build and run
+# which A/Bs of the 8B shape to build and run: OPT (= OPT=simple, the generic schedule) or OPT=VALUE
+AB = [a if "=" in a else f"{a}=simple" for a in os.environ.get("AB", "webgpu_gemv=coalesced").split(",") if a]
 
 
 def prepare(shapes=SHAPES) -> None:
@@ -65,9 +66,9 @@ def prepare(shapes=SHAPES) -> None:
                 print(f"{name} {label}: {time.time() - t:.0f}s", flush=True)
     from edgellm.kernels import KernelOptions  # the A/Bs: the 8B shape with the generic GEMM / GEMV
 
-    for opt, value in (("webgpu_gemm", "simple"), ("webgpu_gemv", "simple")):
+    for opt, value in (a.split("=") for a in AB):
         out = art / f"llama-3-8b-vulkan-{opt}-{value}"
-        if "llama-3-8b" in shapes and opt in AB and not out.exists():
+        if "llama-3-8b" in shapes and not out.exists():
             compile_model(CompileArgs(model=str(gpu_prepare.shape_folder("llama-3-8b")), output=out, target="vulkan",
                                       quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
                                       kernel_options=KernelOptions(**{opt: value})))
@@ -164,19 +165,19 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
         print(key, results["checks"][key], flush=True)
 
 
-def ab_simple(opt: str, tests, reps: int) -> None:
-    """The 8B shape built with `--opt OPT=simple` (the generic GPU schedule): the A/B of the webgpu kernel."""
+def ab_simple(opt: str, tests, reps: int, value: str = "simple") -> None:
+    """The 8B shape built with `--opt OPT=VALUE` (simple: the generic GPU schedule): the A/B of a webgpu kernel."""
     from edgellm.device_runners.bench import run_bench
     from edgellm.device_runners.engine import Engine
 
     try:
-        eng = Engine(DEV / "art" / f"llama-3-8b-vulkan-{opt}-simple", verify=False, random_weights=0)
+        eng = Engine(DEV / "art" / f"llama-3-8b-vulkan-{opt}-{value}", verify=False, random_weights=0)
         for n_prompt, n_gen in tests:
             for r in run_bench(eng, n_prompt, n_gen, reps=reps, warmup=1, device_name=eng.device_info.describe()):
-                results["bench"].append({"model": "llama-3-8b", "path": f"vulkan {opt}=simple", "test": r.test,
+                results["bench"].append({"model": "llama-3-8b", "path": f"vulkan {opt}={value}", "test": r.test,
                                          "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
                                          "scheme": r.scheme, "device": r.device})
-                print(f"llama-3-8b     {opt}=simple {r.test:6s} {r.avg_ts:9.1f} tok/s", flush=True)
+                print(f"llama-3-8b     {opt}={value} {r.test:6s} {r.avg_ts:9.1f} tok/s", flush=True)
     except Exception:
         results["errors"].append(f"ab {opt}: " + traceback.format_exc()[-2000:])
 
@@ -204,9 +205,10 @@ def run(shapes=SHAPES, reps: int = 3) -> None:
     for name in shapes:
         bench(name, reps)
         out.write_text(json.dumps(results, indent=1))
-    for opt, tests in (("webgpu_gemv", ((0, 128),)), ("webgpu_gemm", ((128, 0), (512, 0)))):
-        if opt in AB and (DEV / "art" / f"llama-3-8b-vulkan-{opt}-simple").exists():
-            ab_simple(opt, tests, reps)
+    for opt, value in (a.split("=") for a in AB):
+        tests = ((128, 0), (512, 0)) if opt == "webgpu_gemm" else ((0, 128),)
+        if (DEV / "art" / f"llama-3-8b-vulkan-{opt}-{value}").exists():
+            ab_simple(opt, tests, reps, value)
             out.write_text(json.dumps(results, indent=1))
     results["seconds"] = time.time() - t0
     out.write_text(json.dumps(results, indent=1))

@@ -38,6 +38,13 @@ VARIANTS = {
 COALESCED = {"c_w4r2u4": (4, 2, 4), "c_w4r1u4": (4, 1, 4), "c_w8r2u4": (8, 2, 4), "c_w4r4u4": (4, 4, 4),
              "c_w4r2u8": (4, 2, 8), "c_w2r4u4": (2, 4, 4), "c_w4r2u2": (4, 2, 2), "c_w8r1u8": (8, 1, 8)}
 SG_VARIANTS = {"sg_default": {}, "sg_unrolled": {"unroll": True}, "sg_w8r2": {"warps": 8, "rows": 2, "unroll": True}}
+# the fp16x2 kernel (webgpu_linear.int4_gemv_h2): name -> keyword arguments; "h2_auto" is the registry's config.
+# The library is loaded twice: as built (the plugin's vec4 rewrite on) and as a copy with EDGELLM_WEBGPU_VEC4=0
+# (names suffixed "_novec4"), so the 16-byte loads are A/B'd in one process.
+H2 = {"h2_auto": {}, "h2_w4r1u2": {"warps": 4, "rows": 1, "unroll": 2}, "h2_w4r2u1": {"warps": 4, "rows": 2, "unroll": 1},
+      "h2_w4r4u1": {"warps": 4, "rows": 4, "unroll": 1}, "h2_w4r2u4": {"warps": 4, "rows": 2, "unroll": 4},
+      "h2_w8r1u2": {"warps": 8, "rows": 1, "unroll": 2}, "h2_w2r2u2": {"warps": 2, "rows": 2, "unroll": 2},
+      "h2_w8r2u1": {"warps": 8, "rows": 2, "unroll": 1}, "f32_auto": {"h2": False}}
 
 
 def _target(subgroups: bool):
@@ -70,6 +77,26 @@ def prepare(out: Path) -> None:
     c = compiler()
     out.mkdir(parents=True, exist_ok=True)
     meta = []
+    if os.environ.get("H2_ONLY"):  # this session's question: the fp16x2 kernel against the coalesced one
+        lib, t, funcs = "gemv_webgpu_h2", _target(False), {}
+        for in_f, out_f in SHAPES:
+            for v, kw in {"c_default": None, **H2}.items():
+                name = f"gemv_{in_f}_{out_f}_{v}"
+                if kw is None:
+                    funcs[name] = webgpu_linear.int4_gemv_coalesced(in_f, out_f, "float16", "float16", "float16",
+                                                                   False)
+                else:
+                    funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, **kw)
+                meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
+        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+        c.tvm.compile(mod, target=t).export_library(str(out / f"{lib}.so"))
+        for m in list(meta):
+            m["params"] = _params(funcs[m["name"]])
+            if m["variant"].startswith(("h2", "f32")) and m["variant"].endswith("_auto"):
+                meta.append({**m, "lib": lib + "_novec4", "variant": m["variant"] + "_novec4"})
+        (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
+        print(f"{len(meta)} kernels in {out}")
+        return
     for lib, variants, sg in (("gemv_webgpu", VARIANTS, False), ("gemv_webgpu_sg", SG_VARIANTS, True)):
         t = _target(sg)
         funcs = {}
@@ -129,7 +156,16 @@ def run(src: Path) -> None:
     for m in meta:
         try:
             if m["lib"] not in libs:
-                libs[m["lib"]] = tvm.runtime.load_module(str(src / f"{m['lib']}.so"))
+                path = src / f"{m['lib']}.so"
+                if m["lib"].endswith("_novec4"):  # a copy of the library, loaded with the plugin's rewrite off
+                    import shutil
+                    import tempfile
+
+                    path = Path(tempfile.mkdtemp()) / path.name
+                    shutil.copy(src / f"{m['lib'][:-len('_novec4')]}.so", path)
+                    os.environ["EDGELLM_WEBGPU_VEC4"] = "0"
+                libs[m["lib"]] = tvm.runtime.load_module(str(path))
+                os.environ.pop("EDGELLM_WEBGPU_VEC4", None)
             f = libs[m["lib"]][m["name"]]
             args, nbytes = [], 0
             for i, (pname, shape, dtype) in enumerate(m["params"]):
