@@ -20,10 +20,11 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                   "activations) with x staged once per block in shared memory; fp16x2 = the same arithmetic with "
                   "every warp team reading x from L2 (the previous default); te = the tensor-expression kernel with "
                   "edgellm's warp schedule; auto = fp16x2-smem for 4-bit rows, fp16x2 for 8-bit ones"),
-    "cuda_gemm": (("auto", "mma-pipelined", "mma", "simt"),
-                  "CUDA INT4 prefill GEMM: mma-pipelined = tensor cores with a cp.async multi-stage pipeline "
-                  "(`in` a multiple of 64); mma = the single-stage tensor-core kernel; simt = FMA tiles; auto = "
-                  "mma-pipelined, else mma, on sm_80+, simt below"),
+    "cuda_gemm": (("auto", "wgmma", "mma-pipelined", "mma", "simt"),
+                  "CUDA INT4 prefill GEMM: wgmma = Hopper's warpgroup tensor-core instruction (sm_90 only, built "
+                  "for sm_90a; `in` a multiple of 64); mma-pipelined = mma.sync tensor cores with a cp.async "
+                  "multi-stage pipeline (`in` a multiple of 64); mma = the single-stage tensor-core kernel; simt = "
+                  "FMA tiles; auto = wgmma on sm_90, mma-pipelined on other sm_80+, else mma, simt below sm_80"),
     "cuda_gemm_small": (("gemv", "gemv-simt", "gemm"),
                         "CUDA INT4 linear with a symbolic row count (batch_decode, prefill) when it gets few rows: "
                         "gemv = up to 16 rows go to the batched decode GEMV (kernels/cuda_gemv_batch.py; the host "
