@@ -115,7 +115,8 @@ def test_cuda_schedules_build(preset):
         scheduled[name] = s.with_attr("global_symbol", name)
     assert str(scheduled["gemv_a"].attrs["edgellm.gemv"]).startswith("h2_")  # fp16: the fp16x2 GEMV
     assert "group_dot" in scheduled["gemv_c"].script()  # fp32 activations: the TE INT4 GEMV and its schedule
-    assert str(scheduled["gemm_a"].attrs["edgellm.gemm"]).startswith("tc2_cp_async")  # fp16 INT4: tensor cores
+    assert str(scheduled["gemm_a"].attrs["edgellm.gemm"]).startswith(  # fp16 INT4: tensor cores (wgmma on sm_90)
+        "wgmma" if preset == "cuda-sm90" else "tc2_cp_async")
     assert 'scope="shared"' in scheduled["gemm_d"].script()  # fp32 INT4: the FMA tiled GEMM, tiles in shared memory
     prepare_cuda_build()
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
@@ -143,15 +144,23 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
     layers = 2  # the tiny llama checkpoint
     assert decode.count("vm.builtin.cuda_graph.run_or_capture") == layers + 1
     assert decode.count("vm.builtin.attention_kv_cache_attention_with_fused_qkv") == layers  # outside the graphs
-    # the residual add and the next norm are one kernel (gpu_math.add_rms_norm_gpu): 2 per layer, nothing else
-    # adds or norms; the artifact exports the device argmax the Engine's greedy decode uses
+    # the residual add and the next norm go into the next GEMV (--opt cuda_fuse=auto at this hidden size: gate_up of
+    # each layer, qkv of layer 1), silu(gate) * up into gate_up's epilogue; the final norm before the 8-bit head is
+    # gpu_math.add_rms_norm_gpu, nothing else adds or norms; prefill keeps the separate kernels; the artifact
+    # exports the device argmax the Engine's greedy decode uses
     decode_and_graphs = text["vm"].split("@decode:")[1].split("\n@prefill:")[0]
-    assert decode_and_graphs.count("call  add_rms_norm") == 2 * layers
+    assert decode_and_graphs.count("call  linear_gemv_norm") == 2 * layers - 1
+    assert decode_and_graphs.count("call  add_rms_norm") == 1
     assert decode_and_graphs.count("call  rms_norm") == 1  # layer 0's input norm has no residual to add
-    assert decode_and_graphs.count("call  silu_mul") == layers  # gpu_math.silu_mul_gpu, not split/silu/multiply
+    assert decode_and_graphs.count("call  silu_mul") == 0
+    prefill = text["vm"].split("@prefill:")[1].split("\n@")[0]
+    assert "linear_gemv_norm" not in prefill
     from edgellm.artifact import Artifact
 
-    assert "argmax" in Artifact.open(tmp_path / "a").manifest["functions"]
+    m = Artifact.open(tmp_path / "a").manifest
+    assert "argmax" in m["functions"]
+    fused = {"int4_gemv_fp16x2_smem_norm_silu", "int4_gemv_fp16x2_smem_norm"}
+    assert fused <= set(m["kernels"]["chosen"]["linear_gemv"]) and m["kernels"]["options"]["cuda_fuse"] == "auto"
 
 
 @needs_nvcc

@@ -140,7 +140,8 @@ def h2_supports(in_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bo
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 4,
                  ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False,
-                 xsmem: bool = False, fold_shift: bool = False):
+                 xsmem: bool = False, fold_shift: bool = False, norm_eps: float | None = None,
+                 residual: bool = True, silu: bool = False):
     """Same function and arguments as `int4_gemv(in_f, out_f, "float16", "float16", "float16", bias)` (x, q_weight,
     q_scale, [bias], out), already scheduled for CUDA (fp16x2 arithmetic, see the comment above). `ksplit` > 1:
     the block's warps form `warps / ksplit` row teams of `ksplit` warps that share `rows` rows, each warp taking
@@ -159,9 +160,29 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     is a whole step, its weight loads are issued before the staging, so the block's first HBM round trip overlaps
     it (a lone guarded step loads after it: the other order measured 2-6% slower, docs/benchmarks/h200-gemv.md).
     `fold_shift` (with xsmem): nibbles (1, 5) and (3, 7) decoded in place (h2_fma_sub16), one shift per word: 13
-    instructions per packed word instead of 15, the same values."""
+    instructions per packed word instead of 15, the same values.
+
+    Decode fusions (xsmem only; docs/benchmarks/h200-fusion.md), each the same values as the unfused kernels:
+    `norm_eps` (the residual add and RMSNorm before the GEMV, cuda_math.add_rms_norm_gpu's function): the arguments
+    become (x, delta, norm_weight, q_weight, ...), and every block stages rms_norm(x + delta) * w instead of x, in
+    add_rms_norm_gpu's arithmetic and summation order (see `fused_norm_supports`); with `residual`, block 0 also
+    writes x + delta as a second output (the residual stream the later layers read).
+    `silu` (gate_up, no bias): the team's `rows` rows are gate rows i.. and their up rows inter + i..; the output is
+    silu(gate) * up [1, out_f / 2], rounded as the GEMV's fp16 output and then cuda_math.silu_mul_gpu round it (no
+    silu_mul kernel, and half the output bytes)."""
     return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
-                    zero_point, xsmem, fold_shift)
+                    zero_point, xsmem, fold_shift, norm_eps, residual, silu)
+
+
+NORM_VEC = 8  # fp16 values per 16-byte chunk of add_rms_norm_gpu (its default `lanes`), one staged word of x here
+
+
+def fused_norm_supports(hidden: int) -> bool:
+    """The norm prologue reproduces add_rms_norm_gpu's sum of squares exactly when that kernel gives each thread
+    one 16-byte chunk (hidden / 8 <= 1024 threads): per chunk 8 squares in order, a warp-butterfly tree over 32
+    consecutive chunks, then the warps' sums in order; the GEMV block's staging rounds see the same chunks in the
+    same warps-of-32 (round i, warp w: chunks (i W + w) 32 ..)."""
+    return hidden % (GROUP) == 0 and hidden // NORM_VEC <= 1024
 
 
 def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 2,
@@ -175,7 +196,8 @@ def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
 
 
 def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: int, ksplit: int, fence: bool,
-             bits: int, offset: int, zero_point: bool, xsmem: bool = False, fold_shift: bool = False):
+             bits: int, offset: int, zero_point: bool, xsmem: bool = False, fold_shift: bool = False,
+             norm_eps: float | None = None, residual: bool = True, silu: bool = False):
     from tvm.script import tirx as T
 
     c = compiler()
@@ -192,6 +214,13 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         raise ValueError("int4_gemv_h2: fold_shift needs xsmem")
     if bits == 4 and not 0 <= offset < 16:
         raise ValueError(f"int4_gemv_h2: offset must be in 0..15, got {offset}")
+    norm = norm_eps is not None
+    if (norm or silu) and not xsmem:
+        raise ValueError("int4_gemv_h2: the norm / silu fusions need xsmem")
+    if norm and not fused_norm_supports(in_f):
+        raise ValueError(f"int4_gemv_h2: the norm prologue covers `in` up to {1024 * NORM_VEC}, got {in_f}")
+    if silu and (bias or rows % 2 or out_f % 2):
+        raise ValueError(f"int4_gemv_h2: silu needs no bias, an even `rows` and `out` (got {rows}, {out_f})")
     G, W, R, U, KS = in_f // GROUP, warps, rows, unroll, ksplit
     WPG = GROUP * bits // 32  # uint32 words per group and row: 4 (4-bit), 8 (8-bit)
     if bits == 4:
@@ -203,7 +232,10 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     TEAMS = W // KS
     VL = 32 * KS  # "virtual lanes" of a row team: lane l of warp k takes groups k*32 + l, + VL, ...
     full, tail = G // (VL * U), G % (VL * U) > 0  # steps where every lane has all `unroll` groups, then a guarded one
-    nb = (out_f + TEAMS * R - 1) // (TEAMS * R)
+    H = R // 2 if silu else R  # output values per team: silu pairs rows (i, inter + i)
+    OUT = out_f // 2 if silu else out_f
+    nb = (OUT + TEAMS * H - 1) // (TEAMS * H)
+    NVW = (in_f // NORM_VEC + 31) // 32  # norm: warps of 32 chunks whose sums of squares meet in order
     XFILL = (G * 4 + W * 32 - 1) // (W * 32)  # xsmem: staging rounds, one 16-byte word of x per thread each
     full_mask = T.uint32(0xFFFFFFFF)
 
@@ -212,6 +244,11 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
 
     def half_hi(u):
         return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(u, T.uint32(16)))))
+
+    def rowc(p0, r):  # weight row of slot r of the team whose first output is p0 (clamped: loads stay in bounds)
+        if silu:
+            return T.min(p0 + r % H, OUT - 1) + r // H * OUT
+        return T.min(p0 + r, out_f - 1)
 
     def fence_regs(wv, xv, sc, mn):  # one register of every load of a step
         regs = [*[wv[i * 4] for i in range(U * R * WPG // 4)], *([] if xsmem else [xv[i * 4] for i in range(U * 4)]),
@@ -225,21 +262,21 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                 for r in T.unroll(R):
                     if WPG == 4:
                         for v in T.vectorized(4):
-                            wv[(u * R + r) * 4 + v] = qw[T.min(row0 + r, out_f - 1), ((it * U + u) * VL + vl) * 4 + v]
+                            wv[(u * R + r) * 4 + v] = qw[rowc(row0, r), ((it * U + u) * VL + vl) * 4 + v]
                     else:
                         for h in T.unroll(WPG // 4):
                             for v in T.vectorized(4):
-                                wv[(u * R + r) * WPG + h * 4 + v] = qw[T.min(row0 + r, out_f - 1),
-                                                                       ((it * U + u) * VL + vl) * WPG + h * 4 + v]
+                                wv[(u * R + r) * WPG + h * 4 + v] = qw[rowc(row0, r), ((it * U + u) * VL + vl)
+                                                                       * WPG + h * 4 + v]
                 if not xsmem:
                     for q in T.unroll(4):
                         for v in T.vectorized(4):
                             xv[u * 16 + q * 4 + v] = x32[((it * U + u) * VL + vl) * 16 + q * 4 + v]
                 for r in T.unroll(R):  # the scales too: a load issued at its use would stall a latency per group
-                    sc[u * R + r] = T.reinterpret("uint16", qs[T.min(row0 + r, out_f - 1), (it * U + u) * VL + vl])
+                    sc[u * R + r] = T.reinterpret("uint16", qs[rowc(row0, r), (it * U + u) * VL + vl])
                 if zero_point:
                     for r in T.unroll(R):
-                        mn[u * R + r] = T.reinterpret("uint16", qm[T.min(row0 + r, out_f - 1), (it * U + u) * VL + vl])
+                        mn[u * R + r] = T.reinterpret("uint16", qm[rowc(row0, r), (it * U + u) * VL + vl])
 
     @T.macro
     def compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard):
@@ -331,12 +368,77 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             else:
                 out[0, row] = T.Cast("float16", value)
 
+    @T.macro
+    def store_silu(out, gq, p, gate, up):  # silu_mul_gpu's arithmetic on the two rows rounded to fp16
+        if p < OUT:
+            gq[0] = T.Cast("float16", gate)
+            gq[1] = T.Cast("float16", up)
+            out[0, p] = T.Cast("float16", T.Cast("float32", gq[0]) / (T.float32(1) + T.exp(-T.Cast("float32", gq[0])))
+                               * T.Cast("float32", gq[1]))
+
+    @T.macro
+    def stage_x(x32, xsh, xf, xt, ty, tx):  # word j = 4g + q of x (x[8j .. 8j+7]) -> its 4 pairs at [q][g]
+        for i in T.unroll(XFILL):
+            if i * W * 32 + ty * 32 + tx < G * 4:
+                for v in T.vectorized(4):
+                    xf[v] = x32[(i * W * 32 + ty * 32 + tx) * 4 + v]
+                xt[0] = T.bitwise_or(T.bitwise_and(xf[0], T.uint32(0xFFFF)), T.shift_left(xf[2], T.uint32(16)))
+                xt[1] = T.bitwise_or(T.shift_right(xf[0], T.uint32(16)), T.bitwise_and(xf[2], T.uint32(0xFFFF0000)))
+                xt[2] = T.bitwise_or(T.bitwise_and(xf[1], T.uint32(0xFFFF)), T.shift_left(xf[3], T.uint32(16)))
+                xt[3] = T.bitwise_or(T.shift_right(xf[1], T.uint32(16)), T.bitwise_and(xf[3], T.uint32(0xFFFF0000)))
+                for v in T.vectorized(4):
+                    xsh[(((i * W * 32 + ty * 32 + tx) % 4) * G + (i * W * 32 + ty * 32 + tx) // 4) * 4 + v] = xt[v]
+
+    @T.macro
+    def stage_norm(x, dl, nw, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx):
+        xsh16 = T.decl_buffer((G * 32,), "float16", data=xsh.data, scope="shared")  # the pairs as 8 halves
+        # pass 1: s = x + delta rounded to fp16, per 16-byte chunk its 8 squares in order, the warp's butterfly
+        # (add_rms_norm_gpu's order: chunk t = i W 32 + 32 w + lane is that kernel's thread t)
+        for i in T.unroll(XFILL):
+            nacc[0] = T.float32(0)
+            if i * W * 32 + ty * 32 + tx < G * 4:
+                for e in T.vectorized(NORM_VEC):
+                    xa[e] = x[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
+                for e in T.vectorized(NORM_VEC):
+                    ya[e] = dl[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
+                for e in T.unroll(NORM_VEC):
+                    sv[i * NORM_VEC + e] = T.Cast("float16", T.Cast("float32", xa[e]) + T.Cast("float32", ya[e]))
+                    nacc[0] = nacc[0] + T.Cast("float32", sv[i * NORM_VEC + e]) * T.Cast("float32",
+                                                                                        sv[i * NORM_VEC + e])
+            for k in T.unroll(5):
+                nacc[0] = nacc[0] + T.tvm_warp_shuffle_xor(full_mask, nacc[0], T.shift_left(1, k), 32, 32)
+            if tx == 0:
+                nred[i * W + ty] = nacc[0]
+        T.tvm_storage_sync("shared")
+        nacc[0] = T.float32(0)
+        for k in T.unroll(NVW):
+            nacc[0] = nacc[0] + nred[k]
+        nacc[0] = T.rsqrt(nacc[0] / T.float32(in_f) + T.float32(norm_eps))
+        # pass 2: the normalized row, staged as the (x[s], x[s+4]) pairs; block 0 writes the residual x + delta
+        for i in T.unroll(XFILL):
+            if i * W * 32 + ty * 32 + tx < G * 4:
+                for e in T.vectorized(NORM_VEC):
+                    xa[e] = nw[(i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
+                for e in T.unroll(NORM_VEC):
+                    hv[(e % 4) * 2 + e // 4] = T.Cast("float16", T.Cast("float32", sv[i * NORM_VEC + e]) * nacc[0]
+                                                      * T.Cast("float32", xa[e]))
+                for e in T.vectorized(NORM_VEC):
+                    xsh16[(((i * W * 32 + ty * 32 + tx) % 4) * G + (i * W * 32 + ty * 32 + tx) // 4) * NORM_VEC
+                          + e] = hv[e]
+                if residual:
+                    if bx == 0:
+                        for e in T.vectorized(NORM_VEC):
+                            s_out[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e] = sv[i * NORM_VEC + e]
+
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((1, in_f), "float16"), qw: T.Buffer((out_f, G * WPG), "uint32"),
-               qs: T.Buffer((out_f, G), "float16"), m_h: T.handle, b_h: T.handle,
-               out: T.Buffer((1, out_f), "float16")):
+    def kernel(x: T.Buffer((1, in_f), "float16"), d_h: T.handle, nw_h: T.handle,
+               qw: T.Buffer((out_f, G * WPG), "uint32"), qs: T.Buffer((out_f, G), "float16"), m_h: T.handle,
+               b_h: T.handle, out: T.Buffer((1, OUT), "float16"), s_h: T.handle):
         qm = T.match_buffer(m_h, (out_f, G), "float16")
         bias_buf = T.match_buffer(b_h, (out_f,), "float16")
+        dl = T.match_buffer(d_h, (1, in_f), "float16")
+        nw = T.match_buffer(nw_h, (in_f,), "float16")
+        s_out = T.match_buffer(s_h, (1, in_f), "float16")
         x32 = T.decl_buffer((in_f // 2,), "uint32", data=x.data)  # x as pairs of halves: 16-byte loads, permutes
         bx = T.launch_thread("blockIdx.x", nb)
         ty = T.launch_thread("threadIdx.y", W)
@@ -349,29 +451,31 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         xs = T.alloc_buffer((2,), "uint32", scope="local")  # fp16x2 sums of x / 32 (zero_point)
         xp = T.alloc_buffer((4,), "uint32", scope="local")
         hs = T.alloc_buffer((2 * R,), "uint32", scope="local")  # fp16x2 group accumulators (even, odd words)
-        red = T.alloc_buffer((1,), "float32", scope="local")
+        red = T.alloc_buffer((2,), "float32", scope="local")
+        fin = T.alloc_buffer((R,), "float32", scope="local")  # silu: the rows' sums
+        gq = T.alloc_buffer((2,), "float16", scope="local")
         dep = T.alloc_buffer((1,), "uint32", scope="local")
         part = T.alloc_buffer((W * R,), "float32", scope="shared")  # ksplit > 1: the warps' partial sums
         xsh = T.alloc_buffer((G * 16 if xsmem else 4,), "uint32", scope="shared")  # xsmem: x as [q][g][pairs]
         xf = T.alloc_buffer((4,), "uint32", scope="local")
         xt = T.alloc_buffer((4,), "uint32", scope="local")
-        row0 = T.meta_var((bx * TEAMS + ty // KS) * R)  # first row of this warp's team
+        xa = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: x / the norm weight
+        ya = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: delta
+        sv = T.alloc_buffer((XFILL * NORM_VEC,), "float16", scope="local")  # norm: x + delta of the thread's chunks
+        hv = T.alloc_buffer((NORM_VEC,), "float16", scope="local")
+        nacc = T.alloc_buffer((1,), "float32", scope="local")
+        nred = T.alloc_buffer((XFILL * W if norm else 1,), "float32", scope="shared")
+        row0 = T.meta_var((bx * TEAMS + ty // KS) * H)  # first output of this warp's team
         vl = T.meta_var((ty % KS) * 32 + tx)
         for r in T.unroll(R):
             acc[r] = T.float32(0)
         if xsmem:
             if full > 0:  # the first step's weights in flight while x is staged
                 load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
-            for i in T.unroll(XFILL):  # word j = 4g + q of x (x[8j .. 8j+7]) -> its 4 pairs at [q][g]
-                if i * W * 32 + ty * 32 + tx < G * 4:
-                    for v in T.vectorized(4):
-                        xf[v] = x32[(i * W * 32 + ty * 32 + tx) * 4 + v]
-                    xt[0] = T.bitwise_or(T.bitwise_and(xf[0], T.uint32(0xFFFF)), T.shift_left(xf[2], T.uint32(16)))
-                    xt[1] = T.bitwise_or(T.shift_right(xf[0], T.uint32(16)), T.bitwise_and(xf[2], T.uint32(0xFFFF0000)))
-                    xt[2] = T.bitwise_or(T.bitwise_and(xf[1], T.uint32(0xFFFF)), T.shift_left(xf[3], T.uint32(16)))
-                    xt[3] = T.bitwise_or(T.shift_right(xf[1], T.uint32(16)), T.bitwise_and(xf[3], T.uint32(0xFFFF0000)))
-                    for v in T.vectorized(4):
-                        xsh[(((i * W * 32 + ty * 32 + tx) % 4) * G + (i * W * 32 + ty * 32 + tx) // 4) * 4 + v] = xt[v]
+            if norm:
+                stage_norm(x, dl, nw, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx)
+            else:
+                stage_x(x32, xsh, xf, xt, ty, tx)
             T.tvm_storage_sync("shared")
             if full > 0:
                 compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, 0, False)
@@ -387,25 +491,39 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             for o in T.unroll(5):
                 red[0] = red[0] + T.tvm_warp_shuffle_xor(full_mask, red[0], 16 >> o, 32, 32)
             if KS == 1:
-                if tx == 0:
+                if silu:
+                    fin[r] = red[0]
+                elif tx == 0:
                     store(out, bias_buf, row0 + r, red[0])
             elif tx == 0:
                 part[ty * R + r] = red[0]
+        if KS == 1 and silu:
+            if tx == 0:
+                for r in T.unroll(H):
+                    store_silu(out, gq, row0 + r, fin[r], fin[r + H])
         if KS > 1:
             T.tvm_storage_sync("shared")
-            if ty % KS == 0 and tx < R:  # the team's first warp: lane r sums row r's ksplit partials
+            if ty % KS == 0 and tx < H:  # the team's first warp: lane r sums row r's ksplit partials
                 red[0] = part[ty * R + tx]
                 for k in T.unroll(1, KS):
                     red[0] = red[0] + part[(ty + k) * R + tx]
-                store(out, bias_buf, row0 + tx, red[0])
+                if silu:  # and its up row's
+                    red[1] = part[ty * R + tx + H]
+                    for k in T.unroll(1, KS):
+                        red[1] = red[1] + part[(ty + k) * R + tx + H]
+                    store_silu(out, gq, row0 + tx, red[0], red[1])
+                else:
+                    store(out, bias_buf, row0 + tx, red[0])
 
-    params = list(kernel.params)
-    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
+    px, pd, pn, pqw, pqs, pm, pb, pout, ps = kernel.params
+    keep = ([px] + ([pd, pn] if norm else []) + [pqw, pqs] + ([pm] if zero_point else []) + ([pb] if bias else [])
+            + [pout] + ([ps] if norm and residual else []))
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     grid = "" if (bits, offset, zero_point) == (4, QMAX, False) else f"_q{bits}o{offset}" + ("z" if zero_point else "")
+    fused = ("_norm" + ("" if residual else "_nores") if norm else "") + ("_silu" if silu else "")
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
-                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid})
+                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused})
 
 
 def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
@@ -436,3 +554,16 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     if out_f >= 16384:
         return 4, 2, 4, 1, True
     return 8, 2, 4, 2, False
+
+
+# The residual add + RMSNorm goes into the GEMV only up to this `in` under --opt cuda_fuse=auto: every block stages
+# the norm, so each reads x, delta and the norm weight from L2 (3 x 2 `in` bytes a block); at Llama-3-8B's 4096 the
+# 3,584 gate_up blocks then read 57 MB more than the plain GEMV and the step got slower (H200: 460 -> 428 tok/s),
+# while SmolLM2 (576) and Llama-3.2-1B (2048) got faster (docs/benchmarks/h200-fusion.md)
+FUSED_NORM_AUTO_MAX = 2048
+
+
+def fused_gemv_config(in_f: int, out_f: int, norm: bool) -> tuple[int, int, int, int, bool]:
+    """(warps, rows, unroll, ksplit, fold_shift) of a fused decode GEMV (int4_gemv_h2 with norm_eps / silu): the
+    unfused pick's (xs_gemv_config), so each output row sums the same products in the same order."""
+    return xs_gemv_config(in_f, out_f)

@@ -2,7 +2,7 @@
 what it picked.
 
 Models ask the registry for every hand-written or scheduled kernel (`KernelRegistry.linear`, `.embedding`,
-`.add_rms_norm`, `.silu_mul`, `.argmax`, and the KV cache's attention and RoPE through `.kv_cache_kernels`); they
+`.add_rms_norm`, `.silu_mul`, `.fused_gemv`, `.argmax`, and the KV cache's attention and RoPE through `.kv_cache_kernels`); they
 never look at the ambient target. Every returned PrimFunc is already scheduled for the registry's target (it
 carries `tirx.is_scheduled`), so the compile pipeline only schedules what TVM itself emits (dlight).
 
@@ -118,11 +118,11 @@ class KernelRegistry:
 
             if int4 and fp16 and self.sm >= 80 and o.cuda_gemm != "simt" and rows is None \
                     and cuda_gemm.tc_supports(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype):
-                if o.cuda_gemm in ("auto", "mma-pipelined") and cuda_gemm.tc2_supports(
+                if o.cuda_gemm in ("auto", "wgmma", "mma-pipelined") and cuda_gemm.tc2_supports(
                         in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype):
-                    cfg = cuda_gemm.tc2_choice(in_f, out_f)
+                    cfg = cuda_gemm.gemm_choice(in_f, out_f, self.sm, o.cuda_gemm)  # wgmma on sm_90
                     zp, off = scheme.zero_point, scheme.offset
-                    name = "int4_gemm_mma_pipelined" + ("_min" if zp else "" if off == 7 else f"_o{off}")
+                    name = cuda_gemm.gemm_kernel_name(cfg[0]) + ("_min" if zp else "" if off == 7 else f"_o{off}")
                     if o.cuda_gemm_small != "gemm":  # m <= 16 (batch_decode, short chunks): the batched GEMV
                         from . import cuda_gemv_batch as gb
 
@@ -200,6 +200,43 @@ class KernelRegistry:
             return self._once(("silu_mul", inter, dtype), "silu_mul", "silu_mul_cuda_vec16",
                               lambda: cuda_math.silu_mul_gpu(inter, dtype))
         return None
+
+    @property
+    def decode_fusion(self) -> str:
+        """Which decode fusions this build may make (--opt cuda_fuse): all | silu | off (off off CUDA); auto = all,
+        with the norm fusion limited per shape in `fused_gemv`."""
+        if self.kind != "cuda":
+            return "off"
+        return {"auto": "all"}.get(self.options.cuda_fuse, self.options.cuda_fuse)
+
+    def fused_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str, bias: bool,
+                   norm_eps: float | None, silu: bool):
+        """The one-token decode GEMV with the residual add + RMSNorm before it (`norm_eps`: arguments x, delta,
+        norm weight, the weights, [bias]; outputs y and x + delta) and/or silu(gate) * up after it (`silu`: the
+        gate_up linear, output [1, out_f / 2]), as the same values as the separate kernels; None where this build
+        keeps them apart (not CUDA, --opt cuda_fuse, a GEMV other than the 4-bit one with x in shared memory)."""
+        from . import cuda_gemv
+
+        fuse = self.decode_fusion
+        if fuse == "off" or (norm_eps is not None and fuse != "all") or (norm_eps is None and not silu):
+            return None
+        if norm_eps is not None and self.options.cuda_fuse == "auto" and in_f > cuda_gemv.FUSED_NORM_AUTO_MAX:
+            return None  # measured slower there (docs/benchmarks/h200-fusion.md): the separate add_rms_norm
+        xs = (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
+              and scheme.elems_per_word == 8 and scheme.group_size == 32 and not scheme.act_order
+              and scheme.padded_in(in_f) == in_f and dtype == scheme.scale_dtype == "float16"
+              and cuda_gemv.h2_supports(in_f, dtype, dtype, dtype))
+        if not xs or (norm_eps is not None and not cuda_gemv.fused_norm_supports(in_f)) or (silu and bias):
+            return None
+        *cfg, fold = cuda_gemv.fused_gemv_config(in_f, out_f, norm_eps is not None)
+        if silu and cfg[1] % 2:
+            return None
+        zp, off = scheme.zero_point, scheme.offset
+        name = ("int4_gemv_fp16x2_smem" + ("_min" if zp else "" if off == 7 else f"_o{off}")
+                + ("_norm" if norm_eps is not None else "") + ("_silu" if silu else ""))
+        return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
+                          lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
+                                                         xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu))
 
     @property
     def cpu_silu(self):

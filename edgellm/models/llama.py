@@ -10,7 +10,7 @@ from .._tvm import compiler
 from ..config import ModelConfig
 from ..kernels import KernelRegistry
 from ..kernels.kv_cache import paged_kv_cache
-from ..quant.nn import Embedding, Linear
+from ..quant.nn import Embedding, Linear, _weights
 from ..quant.schemes import PrecisionPlan, QuantScheme
 
 c = compiler()
@@ -25,8 +25,12 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.h * self.d, cfg.hidden_size, scheme, dtype, kernels)
 
     def forward(self, x, cache, layer_id: int):
-        b, s, _ = x.shape
-        qkv = self.qkv_proj(x).reshape(b, s, self.h + 2 * self.kv, self.d)  # [b, s, h+2kv, d]
+        return self.attend(self.qkv_proj(x), cache, layer_id)
+
+    def attend(self, qkv, cache, layer_id: int):
+        """qkv_proj's output [b, s, (h+2kv) d] -> o_proj(attention) [b, s, hidden]."""
+        b, s, _ = qkv.shape
+        qkv = qkv.reshape(b, s, self.h + 2 * self.kv, self.d)  # [b, s, h+2kv, d]
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.h, sm_scale=self.d**-0.5)  # [b, s, h, d]
         return self.o_proj(out.reshape(b, s, self.h * self.d))
 
@@ -68,10 +72,30 @@ class Backbone(nn.Module):
         b, s = ids.shape
         x = self.embed_tokens(ids.reshape(b * s)).reshape(b, s, -1)  # [b, s, hidden]
         h = self.layers[0].input_layernorm(x)
+        if isinstance(b, int) and isinstance(s, int) and b * s == 1 and self.kernels.decode_fusion != "off":
+            # one-token decode with the fused GEMVs (CUDA)
+            return self._decode(x, h, cache)
         for i, layer in enumerate(self.layers):
             x, mlp_out = layer(x, h, cache, i)
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             x, h = _add_rms_norm(x, mlp_out, norm, self.kernels)
+        return h
+
+    def _decode(self, x, h, cache):
+        """The layers of a one-token step, the residual add + RMSNorm handed to the next GEMV (qkv, gate_up) and
+        silu(gate) * up to gate_up's epilogue where the registry has the fused kernels (`fused_gemv`, CUDA); the
+        same function as `forward`'s loop, kernel for kernel where it has none."""
+        qkv = self.layers[0].self_attn.qkv_proj(h)
+        for i, layer in enumerate(self.layers):
+            mlp = layer.mlp
+            x, act = _norm_linear(x, layer.self_attn.attend(qkv, cache, i), layer.post_attention_layernorm,
+                                  mlp.gate_up_proj, self.kernels, silu_inter=mlp.inter)
+            mlp_out = mlp.down_proj(act)
+            if i + 1 < len(self.layers):
+                x, qkv = _norm_linear(x, mlp_out, self.layers[i + 1].input_layernorm,
+                                      self.layers[i + 1].self_attn.qkv_proj, self.kernels)
+            else:
+                x, h = _add_rms_norm(x, mlp_out, self.norm, self.kernels)
         return h
 
 
@@ -86,6 +110,32 @@ def _add_rms_norm(x, y, norm, kernels: KernelRegistry):
     x, h = nn.op.tensor_ir_op(func, "add_rms_norm", [x.reshape(b * s, hidden), y.reshape(b * s, hidden), norm.weight],
                               out)
     return x.reshape(b, s, hidden), h.reshape(b, s, hidden)
+
+
+def _norm_linear(x, y, norm, linear: Linear, kernels: KernelRegistry, silu_inter: int | None = None):
+    """(x + y, linear(norm(x + y))) for one token [1, 1, hidden], then silu(gate) * up of the result when
+    `silu_inter` (the gate_up linear): one fused GEMV where the registry has it (`fused_gemv`), else the separate
+    kernels (the silu epilogue alone where only that is fused)."""
+    b, s, hidden = x.shape
+    silu = silu_inter is not None
+    lin = (linear.in_features, linear.out_features, linear.scheme, x.dtype, linear.bias is not None)
+    weights = _weights(linear, linear.scheme) + ([linear.bias] if linear.bias is not None else [])
+    out_f = silu_inter if silu else linear.out_features
+    func = kernels.fused_gemv(*lin, norm_eps=norm.epsilon, silu=silu)
+    if func is not None:
+        out, x = nn.op.tensor_ir_op(func, "linear_gemv_norm", [x.reshape(1, hidden), y.reshape(1, hidden),
+                                                               norm.weight, *weights],
+                                    [nn.Tensor.placeholder((1, out_f), x.dtype),
+                                     nn.Tensor.placeholder((1, hidden), x.dtype)])
+        return x.reshape(b, s, hidden), out.reshape(b, s, out_f)
+    x, h = _add_rms_norm(x, y, norm, kernels)
+    func = kernels.fused_gemv(*lin, norm_eps=None, silu=True) if silu else None
+    if func is not None:
+        out = nn.op.tensor_ir_op(func, "linear_gemv_silu", [h.reshape(1, hidden), *weights],
+                                 nn.Tensor.placeholder((1, out_f), x.dtype))
+        return x, out.reshape(b, s, out_f)
+    out = linear(h)
+    return x, (_silu_mul(out, silu_inter, kernels) if silu else out)
 
 
 def _silu_mul(gate_up, inter: int, kernels: KernelRegistry):
