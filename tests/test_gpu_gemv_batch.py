@@ -95,12 +95,12 @@ def test_registry_dispatches_few_rows_to_the_batched_gemv():
     cuda = resolve("cuda-sm90").tvm()
     for row, grid, label in (("q4f16_1", "", ""), ("q4f16_0", "_o8", "_o8"), ("q4f16_2", "_min", "_z")):
         name, f = _pick(cuda, None, 4096, 6144, row)
-        assert name == f"int4_gemm_mma_pipelined{grid}+gemv_batch16"
+        assert name == f"int4_gemm_wgmma{grid}+gemv_batch16"  # sm_90: the wgmma GEMM above 16 rows
         assert str(f.attrs["edgellm.gemm"]).endswith(f"+gemv_batch_r16{label}_mma_k2")  # mma_ksplit(6144)
         assert _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemv-simt")[0] == (
-            f"int4_gemm_mma_pipelined{grid}+gemv_batch16_simt")
+            f"int4_gemm_wgmma{grid}+gemv_batch16_simt")
         name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
-        assert name == f"int4_gemm_mma_pipelined{grid}" and "gemv_batch" not in str(f.attrs["edgellm.gemm"])
+        assert name == f"int4_gemm_wgmma{grid}" and "gemv_batch" not in str(f.attrs["edgellm.gemm"])
         assert "gemv_batch" not in _pick(cuda, 1, 4096, 6144, row)[0]  # the decode GEMV: its own kernel
     assert _pick(cuda, None, 96, 64, "q4f16_1")[0] == "int4_gemm_mma_half2"  # `in` % 64: no tc2, no dispatch
     assert "gemv_batch" not in _pick(resolve("vulkan").tvm(), None, 4096, 6144, "q4f16_1")[0]
@@ -172,7 +172,7 @@ def test_tiny_model_compiles_with_the_option_on_and_off(checkpoints, tmp_path):
         assert m["kernels"]["options"]["cuda_gemm_small"] == value
         chosen[value] = set(m["kernels"]["chosen"]["linear"])
     # hidden 64 -> q/k/v/o and gate/up take the dispatch; down (in 160, not a multiple of 64) keeps its GEMM
-    assert "int4_gemm_mma_pipelined+gemv_batch16" in chosen["gemv"]
+    assert "int4_gemm_wgmma+gemv_batch16" in chosen["gemv"]  # sm_90
     assert not any("gemv_batch" in n for n in chosen["gemm"]) and "int4_gemm_mma_pipelined" in chosen["gemm"]
 
 

@@ -111,7 +111,7 @@ def test_registry_gives_each_grid_its_kernel():
         name, f = _pick(cuda, 1, 4096, 6144, row, cuda_gemv="fp16x2")
         assert name == "int4_gemv_fp16x2" + suffix and len(f.params) == nparams
         name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
-        assert name == "int4_gemm_mma_pipelined" + suffix and len(f.params) == nparams
+        assert name == "int4_gemm_wgmma" + suffix and len(f.params) == nparams  # sm_90: the wgmma GEMM
     assert str(_pick(cuda, 1, 4096, 6144, "q4f16_0")[1].attrs["edgellm.gemv"]).endswith("_q4o8")
     assert str(_pick(cuda, 1, 4096, 6144, "q4f16_2")[1].attrs["edgellm.gemv"]).endswith("_q4o8z")
     name, f = _pick(cuda, 1, 2048, 128256, "q8f16_1")

@@ -63,6 +63,37 @@ def check_arch(arch: str) -> None:
         )
 
 
+SM90A = ["-gencode", "arch=compute_90a,code=sm_90a"]
+
+
+def module_arch(code: str, arch: str | None) -> list[str] | None:
+    """nvcc's arch flags for a generated CUDA module: sm_90a for an sm_90 module that contains wgmma (Hopper's
+    architecture-specific instructions, rejected by a plain sm_90 build; such a cubin runs on sm_90 devices only,
+    which is what the cuda-sm90 preset targets); None (TVM's default from the target) otherwise."""
+    return SM90A if arch == "sm_90" and "wgmma.mma_async" in code else None
+
+
+def _hook_sm90a() -> None:
+    """Wrap TVM's tvm_callback_cuda_compile so that a module with wgmma is built for sm_90a (module_arch)."""
+    import tvm_ffi
+    from tvm.support import nvcc
+    from tvm.target import Target
+
+    if _state.get("sm90a_hook"):
+        return
+    default = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+
+    def compile_module(code):
+        target = Target.current(allow_none=True)
+        arch = module_arch(code, str(getattr(target, "arch", "")) if target is not None else None)
+        if arch is None:
+            return default(code)
+        return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_module, override=True)
+    _state["sm90a_hook"] = True
+
+
 def prepare_cuda_build() -> None:
     """Make TVM able to emit fatbins in this process (idempotent)."""
     if _state.get("ready"):
@@ -71,6 +102,8 @@ def prepare_cuda_build() -> None:
         raise RuntimeError("CUDA targets need nvcc on PATH (the CUDA toolkit) to build the fatbin ahead of time")
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     import tvm.support.nvcc  # noqa: F401  (registers tvm_callback_cuda_compile, TVM's nvcc hook)
+
+    _hook_sm90a()
 
     lib = cuda_runtime_lib()
     try:

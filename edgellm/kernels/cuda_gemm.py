@@ -1,4 +1,5 @@
-"""Prefill GEMM on tensor cores for packed INT4 weights (CUDA sm_80+), same signature as `te_linear.linear(None, ...)`.
+"""Prefill GEMM on tensor cores for packed INT4 weights (CUDA sm_80+; wgmma on sm_90), same signature as
+`te_linear.linear(None, ...)`.
 
 The decode GEMV is in kernels/cuda_gemv.py; this file holds the prefill kernel only.
 """
@@ -209,6 +210,64 @@ TC2_CONFIGS: dict[str, tuple[int, int, int, int, int, int, int]] = {
 
 _TC2_SRC = cuda_source("int4_gemm_mma_pipelined.cu")
 
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill GEMM, third generation, Hopper only (`int4_gemm_tc2` with a WGMMA_CONFIGS name): wgmma.mma_async, the
+# warpgroup tensor-core instruction of sm_90a (kernels/cuda/int4_gemm_wgmma.cu; compile/cuda.py builds a module that
+# contains it for sm_90a). Operands swapped, out^T = W x^T: the weights are wgmma's A, decoded from INT4 by the same
+# prmt/lop3 trick as tc2 straight into A's register fragment (they never touch shared memory); the activations are
+# B, a [rows x 64] fp16 tile per stage in shared memory with the 128-byte swizzle, filled by cp.async, read by the
+# tensor cores through a matrix descriptor. A block is NWG warpgroups of 64 features each sharing the activation
+# tile; the wgmma of stage k runs while stage k + 1 is decoded. H200, Llama-3-8B shapes at 512 rows
+# (bench/gpu_wgmma, docs/benchmarks/h200-wgmma.md): gate_up 483 -> 310 us, down 263 -> 187, qkv 139 -> 75, o 83 -> 59.
+# ---------------------------------------------------------------------------------------------------------------
+WGMMA_CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    # name: (warpgroups (64 features each), rows per block (the wgmma N: 64, 128 or 256), stages, blocks per SM
+    #        asked of ptxas)
+    "wg2_r128_s4b2": (2, 128, 4, 2),
+    "wg2_r128_s4": (2, 128, 4, 1),
+    "wg3_r128_s4": (3, 128, 4, 1),
+    "wg2_r64_s4b2": (2, 64, 4, 2),
+    "wg2_r256_s4": (2, 256, 4, 1),
+}
+
+_WG_SRC = _TC2_SRC + cuda_source("int4_gemm_wgmma.cu")  # the wgmma fragment uses tc2's decode and copy helpers
+
+
+def wgmma_smem_bytes(config: str, zero_point: bool = False) -> int:
+    """Dynamic shared memory of a wgmma config (EqwCfg::smem in the fragment): the stages, each rounded up to 1024
+    bytes (the swizzle's period), or the epilogue's [rows x (features + 8)] fp16 tile if larger, + 1024 to align."""
+    nwg, br, st, _ = WGMMA_CONFIGS[config]
+    bf = 64 * nwg
+    stage = -(-(br * TC2_BK * 2 + bf * TC2_BK // 2 + bf * 4 * (2 if zero_point else 1)) // 1024) * 1024
+    return max(st * stage, br * (bf + 8) * 2) + 1024
+
+
+def wgmma_choice(in_f: int, out_f: int) -> tuple[str, str]:
+    """(config for more than 256 rows, config up to 256 rows) from the H200 timings (bench/gpu_wgmma): wide outputs
+    (gate_up) two 128 x 128 blocks per SM; 6144-wide (qkv) 192 features x 128 rows (one wave at 512 rows); the rest
+    128 features x 64 rows, two blocks per SM (more blocks for o and down)."""
+    if out_f >= 12288:
+        return "wg2_r128_s4b2", "wg2_r128_s4b2"
+    return ("wg3_r128_s4" if out_f >= 6144 and out_f % 192 == 0 else "wg2_r64_s4b2"), "wg2_r64_s4b2"
+
+
+def gemm_choice(in_f: int, out_f: int, sm: int, mode: str = "auto") -> tuple[str, str | None]:
+    """(config, small-rows config) of the pipelined prefill GEMM for --opt cuda_gemm=`mode` on sm_`sm`: wgmma on
+    sm_90 (auto or wgmma), the tc2 mma.sync configs elsewhere (auto or mma-pipelined)."""
+    from .options import KernelOptionError
+
+    if mode == "wgmma" and sm != 90:
+        raise KernelOptionError(f"--opt cuda_gemm=wgmma needs an sm_90 target (Hopper's wgmma); this one is sm_{sm}: "
+                                "use cuda_gemm=auto or mma-pipelined")
+    if mode == "wgmma" or (mode == "auto" and sm == 90):
+        return wgmma_choice(in_f, out_f)
+    return tc2_choice(in_f, out_f)
+
+
+def gemm_kernel_name(config: str) -> str:
+    """The registry's name of the pipelined GEMM with tile `config` (before the grid suffix)."""
+    return "int4_gemm_wgmma" if config in WGMMA_CONFIGS else "int4_gemm_mma_pipelined"
+
 
 def tc2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bool:
     """fp16 activations/scales/output and `in` a whole number of 64-wide stages (two groups, so the scale pair of a
@@ -233,6 +292,10 @@ def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | No
     grid = "" if (off, zero_point) == (QMAX, False) else f", {off}, {'true' if zero_point else 'false'}"
 
     def tile(name: str):
+        if name in WGMMA_CONFIGS:
+            nwg, br, st, min_blocks = WGMMA_CONFIGS[name]
+            return (br, (out_f + 64 * nwg - 1) // (64 * nwg), 128 * nwg, wgmma_smem_bytes(name, zero_point),
+                    min_blocks, f"edgellm_q4gemm_wgmma<{nwg}, {br}, {st}, {'true' if bias else 'false'}{grid}>")
         wm, wn, mi, ni, st, min_blocks, mode = TC2_CONFIGS[name]
         return (wm * 16 * mi, (out_f + wn * 8 * ni - 1) // (wn * 8 * ni), 32 * wm * wn,
                 tc2_smem_bytes(name, zero_point), min_blocks,
@@ -241,6 +304,7 @@ def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | No
     BM, NB, NT, SMEM, MINB, CALL = tile(config)
     BMs, NBs, NTs, SMEMs, MINBs, CALLs = tile(small or config)
     two = small is not None
+    src = _WG_SRC if config in WGMMA_CONFIGS or (small or config) in WGMMA_CONFIGS else _TC2_SRC
 
     @T.macro
     def launch(x, qw, qs, mp, bp, out):
@@ -251,7 +315,7 @@ def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | No
             sms = T.alloc_buffer((SMEMs,), "uint8", scope="shared.dyn")
             with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINBs):
                 T.evaluate(T.cuda.func_call(CALLs, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
-                                            sms.data, source_code=_TC2_SRC))
+                                            sms.data, source_code=src))
         else:
             # row tiles fastest: the row tiles sharing a weight tile run together, each weight byte leaves DRAM once
             T.launch_thread("blockIdx.x", (M + BM - 1) // BM)
@@ -260,7 +324,7 @@ def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | No
             sm = T.alloc_buffer((SMEM,), "uint8", scope="shared.dyn")
             with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MINB):  # __launch_bounds__(NT, MINB)
                 T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
-                                            sm.data, source_code=_TC2_SRC))
+                                            sm.data, source_code=src))
 
     return launch, grid
 
@@ -269,8 +333,9 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
                   small_rows: int = 256, offset: int = QMAX, zero_point: bool = False):
     """Same function as `int4_gemm_tc` (x [m, in] fp16, q4f16_1 weights, optional bias, out [m, out] fp16, fp32
     accumulation), as a cp.async multi-stage pipeline with the weights decoded into mma B fragments (see above).
-    `config` names a tile shape in TC2_CONFIGS; with `small`, calls with m <= small_rows launch that config instead
-    (a smaller tile: more blocks for the 132 SMs when few rows come). Needs sm_80+ (cp.async, mma.sync m16n8k16).
+    `config` names a tile shape in TC2_CONFIGS (or WGMMA_CONFIGS: the wgmma kernel, sm_90 only); with `small`, calls
+    with m <= small_rows launch that config instead (a smaller tile: more blocks for the 132 SMs when few rows come).
+    Needs sm_80+ (cp.async, mma.sync m16n8k16).
     The row's grid: `offset` (the stored value of a zero weight: 7 for q4f16_1, 8 for the Q4_0 grid of q4f16_0)
     or `zero_point` (q * scale + min, the Q4_1 grid of q4f16_2: one more argument q_min after q_scale, staged
     beside the scales; the decode's multiply becomes an fma with 16 min)."""
@@ -280,8 +345,9 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
     if not tc2_supports(in_f, out_f, "float16", "float16", "float16"):
         raise ValueError(f"int4_gemm_tc2: unsupported shape {in_f} -> {out_f}: `in` must be a multiple of {TC2_BK}")
     for name in (config, small or config):
-        if name not in TC2_CONFIGS:
-            raise ValueError(f"int4_gemm_tc2: unknown config {name!r}; pick one of {sorted(TC2_CONFIGS)}")
+        if name not in TC2_CONFIGS and name not in WGMMA_CONFIGS:
+            raise ValueError(f"int4_gemm_tc2: unknown config {name!r}; pick one of "
+                             f"{sorted(TC2_CONFIGS) + sorted(WGMMA_CONFIGS)}")
     if not 0 <= offset < 16:
         raise ValueError(f"int4_gemm_tc2: offset must be in 0..15, got {offset}")
     W, G = in_f // PER_WORD, in_f // GROUP
@@ -303,5 +369,6 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
     keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     label = config + (f"/{small}@{small_rows}" if small else "") + grid.replace(", ", "_")
+    kind = "wgmma" if config in WGMMA_CONFIGS else "tc2_cp_async"
     return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
-                            "edgellm.gemm": f"tc2_cp_async_{label}"})
+                            "edgellm.gemm": f"{kind}_{label}"})

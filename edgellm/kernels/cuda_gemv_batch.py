@@ -131,7 +131,8 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
     grid = "" if (offset, zero_point) == (QMAX, False) else ("_z" if zero_point else f"_o{offset}")
     label = f"gemv_batch_r{rows_max}{grid}" + (f"_mma_k{ks}" if mma and rows_max >= 8 else "")
     if gemm is not None:  # named as the GEMM it contains (int4_gemm_tc2's label), then the small-rows kernel
-        label = f"tc2_cp_async_{gemm[0]}" + (f"/{gemm[1]}@256" if gemm[1] else "") + ggrid.replace(", ", "_") + (
+        kind = "wgmma" if gemm[0] in cuda_gemm.WGMMA_CONFIGS else "tc2_cp_async"
+        label = f"{kind}_{gemm[0]}" + (f"/{gemm[1]}@256" if gemm[1] else "") + ggrid.replace(", ", "_") + (
             f"+{label}")
     return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": label})
