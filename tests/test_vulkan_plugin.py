@@ -408,12 +408,14 @@ def _h2_model(x16: np.ndarray, qw: np.ndarray, qs16: np.ndarray) -> np.ndarray:
     return (t * (qs16.astype(np.float32) * 32)).sum(-1, dtype=np.float32)
 
 
-@pytest.mark.parametrize("in_f,out_f,bias,h2,vec4", [
-    (2048, 600, False, True, True),  # 64 groups: 2 steps of 32 lanes; 600 rows: the last block's rows clamped
-    (288, 70, True, True, False),    # 9 groups (lanes past them idle), bias, 1 row a warp; plain loads
-    (288, 70, True, False, True),    # the float32 twin (adapters without shader-f16): same layout
+@pytest.mark.parametrize("in_f,out_f,bias,h2,vec4,cfg", [
+    (2048, 600, False, True, True, (8, 2, 1)),  # 64 groups: 2 steps (the next step's loads double-buffered); 600
+                                                # rows: the last block's rows clamped
+    (4096, 40, False, True, True, (4, 1, 2)),   # 128 groups: 2 steps of 2 groups a lane
+    (288, 70, True, True, False, None),         # 9 groups (lanes past them idle), bias, 1 row a warp; plain loads
+    (288, 70, True, False, True, None),         # the float32 twin (adapters without shader-f16): same layout
 ])
-def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4):
+def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
     from edgellm._tvm import runtime
     from edgellm.kernels.webgpu_linear import int4_gemv_h2
     from edgellm.quant import get_scheme
@@ -431,9 +433,9 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
     b = rng.standard_normal(out_f).astype(dt)
     ref = x.astype(np.float64) @ dequantize(qw, qs16.astype(np.float32), in_f, scheme).T.astype(np.float64)
     ref = ref[0] + (b.astype(np.float64) if bias else 0)
-    func = int4_gemv_h2(in_f, out_f, bias, h2=h2, x_dtype=dt, out_dtype=dt)
+    func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ()), h2=h2, x_dtype=dt, out_dtype=dt)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"h2_{h2}_{vec4}")
+                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"h2_{in_f}_{h2}_{vec4}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
     tensors = [runtime.tensor(a, dev) for a in args]
@@ -470,3 +472,7 @@ def test_vec4_rewrite_of_wgsl_text(dev):
     assert str(rewrite(scalar)) == scalar
     assert str(rewrite(src.replace("w_vec4_ptr[v__3 + 2]", "w_vec4_ptr[v__3 + 5]", 1))) == \
         src.replace("w_vec4_ptr[v__3 + 2]", "w_vec4_ptr[v__3 + 5]", 1)  # not a vec4 load: left alone
+    half = src.replace("w_vec4_ptr : array<u32>", "w_vec4_ptr : array<f16>").replace("vec4<u32>(w_", "vec4<f16>(w_")
+    assert str(rewrite(half)) == want.replace("w_vec4_ptr : array<vec4<u32>>", "w_vec4_ptr : array<vec4<f16>>")
+    wide = src.replace("w_vec4_ptr : array<u32>", "w_vec4_ptr : array<vec2<u32>>")  # not a scalar array: alone
+    assert str(rewrite(wide)) == wide

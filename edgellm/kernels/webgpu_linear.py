@@ -196,12 +196,13 @@ VEC4_SUFFIX = "_vec4"  # the plugin's marker for a u32 buffer read only as align
 
 
 def h2_config(in_f: int, out_f: int) -> tuple[int, int, int]:
-    """(warps, rows, unroll) of int4_gemv_h2 for a shape. Untuned default: 4 warps of 2 rows, 2 groups a step
-    (4 16-byte loads in flight a lane); rows 1 where the grid would be under ~264 workgroups."""
-    warps, rows = 4, 2
-    if out_f // (warps * rows) < 264:
-        rows = 1
-    return warps, rows, 2
+    """(warps, rows, unroll) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone (bench/vulkan_kernels.py,
+    docs/benchmarks/vulkan-h200.md): 8 warps of 2 rows, one group a step, was the fastest of 8 configs at all four
+    shapes (gate_up 33.5 -> 30.2 us against 4x2x2, down 33.7 -> 24.8); 4 warps of 1 row where that grid would be
+    under ~264 workgroups (SmolLM2, 1B's narrow outputs)."""
+    if out_f // 16 >= 264:
+        return 8, 2, 1
+    return 4, 1, 1
 
 
 def h2_shared_bytes(in_f: int, out_f: int) -> int:
@@ -233,7 +234,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     words = in_f // 8
     blocks = (out_f + W * R - 1) // (W * R)
     steps = (G + 32 * U - 1) // (32 * U)
-    stage = (G * 16 + W * 32 - 1) // (W * 32)  # staging rounds: G * 16 pairs over the workgroup's threads
+    stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
     # the high half (lavapipe: the high lane was not subtracted)
     base, sub = T.uint32(H2_BASE), T.Broadcast(T.float16(32 + 7 / 32), 2)
@@ -241,6 +242,15 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
 
     def as_h2(v):  # u32 -> vec2<f16> (see H2_UNPACK)
         return T.Cast("float16x2", T.call_pure_extern("float32x2", "unpack2x16float", v))
+
+    @T.macro
+    def load(qw, qs, wdst, sdst, bx, ty, tx, it):  # step `it`'s weights and scales (lanes past G re-read group G-1)
+        for u in T.unroll(U):
+            for r in T.unroll(R):
+                g = T.meta_var(T.min((it * U + u) * 32 + tx, G - 1))
+                n = T.meta_var(T.min(bx * (W * R) + ty * R + r, out_f - 1))
+                wdst[u * R + r] = qw[n, T.Ramp(g * 4, 1, 4)]
+                sdst[u * R + r] = T.Cast(f32, qs[n, g])
 
     @T.macro
     def body(x, qw, qs, b, out):
@@ -252,27 +262,29 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         acc = T.alloc_buffer((R,), f32, scope="local")
         wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
         sc = T.alloc_buffer((U * R,), f32, scope="local")
+        wn = T.alloc_buffer((U * R,), "uint32x4", scope="local")  # the next step's, loaded before this one's math
+        sn = T.alloc_buffer((U * R,), f32, scope="local")
+        xa = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
         xv = T.alloc_buffer((4,), "uint32x4", scope="local")
         hh = T.alloc_buffer((2,), "float16x2", scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
-        for i in T.serial(stage):  # pair (q, g, s) = (x[32g + 8q + s], x[32g + 8q + s + 4]) at (q G + g) 4 + s
-            e = T.meta_var((i * W + ty) * 32 + tx)
-            if e < G * 16:
-                src = T.meta_var((e // 4) % G * 32 + e // (4 * G) * 8 + e % 4)
-                # pack2x16float, not bitcast<u32>(vec2<f16>): wgpu 0.32's naga mistypes the latter (docs/tvm-notes.md);
-                # exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
-                xs[e] = T.call_pure_extern(u32, "pack2x16float", T.Cast("float32x2", x[0, T.Ramp(src, 4, 2)]))
+        load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
+        for i in T.serial(stage):  # word q of group g: pairs (x[32g + 8q + s], x[32g + 8q + s + 4]) at (q G + g) 4 + s
+            e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of x
+            if e < G * 4:
+                xa[0] = x[0, T.Ramp(e * 8, 1, 4)]
+                xa[1] = x[0, T.Ramp(e * 8 + 4, 1, 4)]
+                for s4 in T.unroll(4):
+                    # pack2x16float, not bitcast<u32>(vec2<f16>): naga 0.32 has no size-changing bitcast
+                    # (docs/tvm-notes.md); exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
+                    xs[((e % 4) * G + e // 4) * 4 + s4] = T.call_pure_extern(u32, "pack2x16float", T.Cast(
+                        "float32x2", T.Shuffle([xa[0], xa[1]], [s4, 4 + s4])))
         T.tvm_storage_sync("shared")
         for r in T.unroll(R):
             acc[r] = T.float32(0)
         for it in T.serial(steps):
-            for u in T.unroll(U):
-                g = T.meta_var((it * U + u) * 32 + tx)
-                if g < G:
-                    for r in T.unroll(R):
-                        n = T.meta_var(T.min(bx * (W * R) + ty * R + r, out_f - 1))
-                        wv[u * R + r] = qw[n, T.Ramp(g * 4, 1, 4)]
-                        sc[u * R + r] = T.Cast(f32, qs[n, g])
+            if it + 1 < steps:
+                load(qw, qs, wn, sn, bx, ty, tx, it + 1)
             for u in T.unroll(U):
                 g = T.meta_var((it * U + u) * 32 + tx)
                 if g < G:
@@ -304,6 +316,10 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                                                                    T.uint32(15)) | T.uint32(0x4B000000))
                                             - T.float32(offset))
                             acc[r] = acc[r] + tt[0] * sc[u * R + r]
+            if it + 1 < steps:
+                for k in T.unroll(U * R):
+                    wv[k] = wn[k]
+                    sc[k] = sn[k]
         for r in T.unroll(R):
             red[(ty * R + r) * 32 + tx] = acc[r]
         T.tvm_storage_sync("shared")
@@ -321,15 +337,15 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
     if bias:
         @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+        def gemv(x_vec4: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
                  q_scale: T.Buffer((out_f, G), "float16"), b: T.Buffer((out_f,), out_dtype),
                  out: T.Buffer((1, out_f), out_dtype)):
             T.func_attr(attrs)
-            body(x, q_weight_vec4, q_scale, b, out)
+            body(x_vec4, q_weight_vec4, q_scale, b, out)
     else:
         @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+        def gemv(x_vec4: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
                  q_scale: T.Buffer((out_f, G), "float16"), out: T.Buffer((1, out_f), out_dtype)):
             T.func_attr(attrs)
-            body(x, q_weight_vec4, q_scale, None, out)
+            body(x_vec4, q_weight_vec4, q_scale, None, out)
     return gemv

@@ -88,27 +88,33 @@ bool Vec4LoadsOn() {  // read per module load (not cached) so a bench can A/B it
 
 }  // namespace
 
-// TVM 0.27 declares every storage buffer as `array<scalar>` and writes a 4-lane vector load of a u32 buffer as
-// `vec4<u32>(B[E + 0], B[E + 1], B[E + 2], B[E + 3])`: four 4-byte loads. A kernel that names a read-only u32
-// buffer `..._vec4` (its data pointer then prints as `..._vec4_ptr`) promises that it reads it only through such
-// loads with E a multiple of 4; for such a buffer this declares `array<vec4<u32>>` and turns each load into
-// `B[(E) / 4i]`, one 16-byte load. Nothing else changes; a marked buffer with any other access is left as it was
-// (correct, four loads). kernels/webgpu_linear.int4_gemv_h2 is the kernel that uses it; docs/tvm-notes.md.
+// TVM 0.27 declares every storage buffer as `array<scalar>` and writes a 4-lane vector load as
+// `vec4<T>(B[E + 0], B[E + 1], B[E + 2], B[E + 3])`: four scalar loads. A kernel that names a read-only buffer
+// `..._vec4` (its data pointer then prints as `..._vec4_ptr`; element u32, i32, f32 or f16) promises that it reads
+// it only through such loads with E a multiple of 4; for such a buffer this declares `array<vec4<T>>` and turns
+// each load into `B[(E) / 4i]`, one 16-byte (f16: 8-byte) load. Nothing else changes; a marked buffer with any other
+// access is left as it was (correct, four loads). kernels/webgpu_linear.int4_gemv_h2 uses it; docs/tvm-notes.md.
 std::string RewriteVec4Loads(const std::string& src) {
-  const std::string decl_head = "var<storage, read> ", decl_tail = "_vec4_ptr : array<u32>;";
+  const std::string decl_head = "var<storage, read> ", decl_mid = "_vec4_ptr : array<";
   std::string out = src;
   size_t search = 0;
   while (true) {
-    size_t tail = out.find(decl_tail, search);
-    if (tail == std::string::npos) break;
-    size_t head = out.rfind(decl_head, tail);
-    size_t line = out.rfind('\n', tail);
-    search = tail + decl_tail.size();
-    if (head == std::string::npos || (line != std::string::npos && head < line)) continue;
-    std::string name = out.substr(head + decl_head.size(), tail - head - decl_head.size()) + "_vec4_ptr";
+    size_t mid = out.find(decl_mid, search);
+    if (mid == std::string::npos) break;
+    size_t head = out.rfind(decl_head, mid);
+    size_t line = out.rfind('\n', mid);
+    size_t type_at = mid + decl_mid.size();
+    size_t type_end = out.find(">;", type_at);
+    search = type_at;
+    if (head == std::string::npos || (line != std::string::npos && head < line) || type_end == std::string::npos) {
+      continue;
+    }
+    std::string type = out.substr(type_at, type_end - type_at);
+    if (type != "u32" && type != "i32" && type != "f32" && type != "f16") continue;
+    std::string name = out.substr(head + decl_head.size(), mid - head - decl_head.size()) + "_vec4_ptr";
     // every use of `name[` must open one of the vector loads
-    const std::string open = "vec4<u32>(" + name + "[";
-    std::string body = out.substr(search);
+    const std::string open = "vec4<" + type + ">(" + name + "[";
+    std::string body = out.substr(type_end + 2);
     size_t uses = 0, loads = 0;
     for (size_t at = body.find(name + "["); at != std::string::npos; at = body.find(name + "[", at + 1)) ++uses;
     std::string rewritten;
@@ -119,22 +125,28 @@ std::string RewriteVec4Loads(const std::string& src) {
       if (at == std::string::npos) break;
       size_t e0 = at + open.size();
       size_t plus = body.find(" + 0]", e0);
-      if (plus == std::string::npos) { ok = false; break; }
+      if (plus == std::string::npos) {
+        ok = false;
+        break;
+      }
       std::string expr = body.substr(e0, plus - e0);
       std::string rest = " + 0], ";
       for (int k = 1; k < 4; ++k) {
         rest += name + "[" + expr + " + " + std::to_string(k) + "]" + (k < 3 ? ", " : ")");
       }
-      if (body.compare(plus, rest.size(), rest) != 0) { ok = false; break; }
+      if (body.compare(plus, rest.size(), rest) != 0) {
+        ok = false;
+        break;
+      }
       rewritten += body.substr(pos, at - pos) + name + "[(" + expr + ") / 4i]";
       pos = plus + rest.size();
       ++loads;
     }
     if (!ok || loads == 0 || loads * 4 != uses) continue;  // some other access: leave this buffer as it is
     rewritten += body.substr(pos);
-    const std::string decl_new = "_vec4_ptr : array<vec4<u32>>;";
-    out = out.substr(0, tail) + decl_new + rewritten;
-    search = tail + decl_new.size();
+    const std::string decl_new = "vec4<" + type + ">>;";
+    out = out.substr(0, type_at) + decl_new + rewritten;
+    search = type_at + decl_new.size();
   }
   return out;
 }
