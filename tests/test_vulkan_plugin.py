@@ -476,3 +476,44 @@ def test_vec4_rewrite_of_wgsl_text(dev):
     assert str(rewrite(half)) == want.replace("w_vec4_ptr : array<vec4<u32>>", "w_vec4_ptr : array<vec4<f16>>")
     wide = src.replace("w_vec4_ptr : array<u32>", "w_vec4_ptr : array<vec2<u32>>")  # not a scalar array: alone
     assert str(rewrite(wide)) == wide
+
+
+@pytest.mark.parametrize("in_f,out_f,fuse", [(1024, 4096, "norm"), (512, 384, "silu"), (544, 400, "norm+silu")])
+def test_h2_int4_gemv_fusions_match_numpy(dev, c, tmp_path, in_f, out_f, fuse):
+    """registry.fused_gemv's webgpu kernels: rms_norm(x + delta) staged by the GEMV (and x + delta written by
+    workgroup 0, exactly), silu(gate) * up in its epilogue; against numpy float64 of the separate steps."""
+    from edgellm._tvm import runtime
+    from edgellm.kernels.webgpu_linear import int4_gemv_h2
+    from edgellm.quant import get_scheme
+    from edgellm.quant.reference import dequantize, quantize
+
+    if not json.loads(str(_adapters()))[0].get("shader_f16"):
+        pytest.skip("adapter has no shader-f16")
+    norm, silu, eps = "norm" in fuse, "silu" in fuse, 1e-5
+    scheme = get_scheme("q4f16_1")
+    rng = np.random.default_rng(in_f)
+    qw, qs = quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), scheme)
+    qs16 = qs.astype(np.float16)
+    x, d = (rng.standard_normal((2, 1, in_f)) * 2).astype(np.float16)
+    w = (rng.random(in_f) + 0.5).astype(np.float16)
+    s = (x.astype(np.float32) + d.astype(np.float32)).astype(np.float16)
+    if norm:
+        s32 = s.astype(np.float32)
+        h = (s32 / np.sqrt((s32 * s32).mean() + eps) * w.astype(np.float32)).astype(np.float16)
+    else:
+        h = x
+    y = (h.astype(np.float64) @ dequantize(qw, qs16.astype(np.float32), in_f, scheme).T.astype(np.float64))[0]
+    if silu:
+        g, u = y[: out_f // 2], y[out_f // 2:]
+        y = g / (1 + np.exp(-g)) * u
+    func = int4_gemv_h2(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu)
+    mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"fuse_{in_f}")
+    args = ([x, d, w] if norm else [x]) + [qw, qs16, np.zeros((1, len(y)), np.float16)]
+    args += [np.zeros((1, in_f), np.float16)] if norm else []
+    tensors = [runtime.tensor(a, dev) for a in args]
+    mod["main"](*tensors)
+    out = tensors[len(args) - (2 if norm else 1)].numpy()[0].astype(np.float64)
+    assert np.abs(out - y).max() / np.abs(y).max() < 2e-3
+    if norm:
+        assert np.array_equal(tensors[-1].numpy(), s)

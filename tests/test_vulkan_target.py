@@ -195,7 +195,9 @@ def test_kernel_options_pick_the_generic_webgpu_kernels():
     from edgellm.targets import resolve
 
     scheme, target = get_scheme("q4f16_1"), resolve("vulkan").tvm()
-    for opts, gemv, gemm in ((KernelOptions(), "int4_gemv_coalesced_webgpu", "gemm_tiled_webgpu"),
+    for opts, gemv, gemm in ((KernelOptions(), "int4_gemv_h2_webgpu", "gemm_tiled_webgpu"),
+                             (KernelOptions(webgpu_gemv="coalesced"), "int4_gemv_coalesced_webgpu",
+                              "gemm_tiled_webgpu"),
                              (KernelOptions(webgpu_gemv="group"), "int4_gemv_group_webgpu", "gemm_tiled_webgpu"),
                              (KernelOptions(webgpu_gemv="simple", webgpu_gemm="simple"), "gemv_te_gpu",
                               "gemm_te_gpu")):
@@ -203,6 +205,21 @@ def test_kernel_options_pick_the_generic_webgpu_kernels():
         reg.linear(1, 128, 256, scheme, "float16", False)
         reg.linear(None, 128, 256, scheme, "float16", False)
         assert reg.chosen["linear_gemv"] == {gemv} and reg.chosen["linear"] == {gemm}
+    reg = KernelRegistry(target)
+    reg.linear(1, 128, 256, get_scheme("q4f32_1"), "float32", False)  # fp32 activations: the coalesced GEMV
+    assert reg.chosen["linear_gemv"] == {"int4_gemv_coalesced_webgpu"}
+    # the decode fusions (registry.fused_gemv, asked for by models/llama.py): auto fuses the norm up to hidden 2048
+    for opts, norm_small, norm_big, silu in ((KernelOptions(), True, False, True),
+                                             (KernelOptions(webgpu_fuse="all"), True, True, True),
+                                             (KernelOptions(webgpu_fuse="silu"), False, False, True),
+                                             (KernelOptions(webgpu_fuse="off"), False, False, False),
+                                             (KernelOptions(webgpu_gemv="coalesced"), False, False, False)):
+        reg = KernelRegistry(target, opts)
+        got = (reg.fused_gemv(2048, 512, scheme, "float16", False, 1e-5, False) is not None,
+               reg.fused_gemv(4096, 512, scheme, "float16", False, 1e-5, False) is not None,
+               reg.fused_gemv(2048, 1024, scheme, "float16", False, None, True) is not None)
+        assert got == (norm_small, norm_big, silu), opts
+        assert reg.fused_gemv(2048, 1024, get_scheme("q4f32_1"), "float32", False, None, True) is None
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------

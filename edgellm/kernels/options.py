@@ -50,6 +50,10 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
                     "buffers (dlight-like); auto = tiled where it applies"),
+    "webgpu_fuse": (("auto", "all", "silu", "off"),
+                    "WebGPU/Vulkan decode fusions into the fp16x2 INT4 decode GEMV (webgpu_gemv=h2): all = the "
+                    "residual add + RMSNorm staged by qkv / gate_up and silu * up in gate_up's epilogue; silu = the "
+                    "epilogue alone; off = separate kernels; auto = all up to hidden 2048, silu above"),
     "webgpu_gemv": (("auto", "h2", "coalesced", "group", "simple"),
                     "WebGPU/Vulkan INT4 decode GEMV: h2 = fp16 activations in vec2<f16> arithmetic, x staged in "
                     "workgroup memory, 16-byte weight loads (q4f16_1 grid; `in` x 2 bytes within workgroup memory); "
@@ -77,6 +81,7 @@ class KernelOptions:
     cuda_fuse: str = "auto"
     webgpu_gemm: str = "auto"
     webgpu_gemv: str = "auto"
+    webgpu_fuse: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):

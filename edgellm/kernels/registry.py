@@ -205,6 +205,8 @@ class KernelRegistry:
     def decode_fusion(self) -> str:
         """Which decode fusions this build may make (--opt cuda_fuse): all | silu | off (off off CUDA); auto = all,
         with the norm fusion limited per shape in `fused_gemv`."""
+        if self.kind == "webgpu":  # --opt webgpu_fuse; auto's per-shape limit is in fused_gemv too
+            return {"auto": "all"}.get(self.options.webgpu_fuse, self.options.webgpu_fuse)
         if self.kind != "cuda":
             return "off"
         return {"auto": "all"}.get(self.options.cuda_fuse, self.options.cuda_fuse)
@@ -220,6 +222,8 @@ class KernelRegistry:
         fuse = self.decode_fusion
         if fuse == "off" or (norm_eps is not None and fuse != "all") or (norm_eps is None and not silu):
             return None
+        if self.kind == "webgpu":
+            return self._webgpu_fused_gemv(in_f, out_f, scheme, dtype, bias, norm_eps, silu)
         if norm_eps is not None and self.options.cuda_fuse == "auto" and in_f > cuda_gemv.FUSED_NORM_AUTO_MAX:
             return None  # measured slower there (docs/benchmarks/h200-fusion.md): the separate add_rms_norm
         xs = (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
@@ -237,6 +241,22 @@ class KernelRegistry:
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu))
+
+    def _webgpu_fused_gemv(self, in_f, out_f, scheme, dtype, bias, norm_eps, silu):
+        """webgpu_linear.int4_gemv_h2 with the fusions, where the unfused GEMV would be it (q4f16_1's grid)."""
+        from . import webgpu_linear
+
+        if norm_eps is not None and self.options.webgpu_fuse == "auto" and in_f > 2048:
+            return None  # as CUDA's (docs/benchmarks/h200-fusion.md); A/B'd on Vulkan in vulkan-h200.md
+        grid7 = (scheme.quantized and scheme.bits == 4 and scheme.elems_per_word == 8 and scheme.group_size == 32
+                 and not scheme.zero_point and scheme.offset == 7 and not scheme.act_order)
+        if not grid7 or self.options.webgpu_gemv not in ("auto", "h2") or scheme.padded_in(in_f) != in_f \
+                or (silu and bias) or not webgpu_linear.h2_supports(in_f, out_f, dtype, scheme.scale_dtype, dtype,
+                                                                    self.target):
+            return None
+        name = "int4_gemv_h2_webgpu" + ("_norm" if norm_eps is not None else "") + ("_silu" if silu else "")
+        return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
+                          lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, norm_eps=norm_eps, silu=silu))
 
     @property
     def cpu_silu(self):

@@ -195,11 +195,13 @@ H2_BASE = 0x50005000  # fp16 32.0 in both halves
 VEC4_SUFFIX = "_vec4"  # the plugin's marker for a u32 buffer read only as aligned vec4<u32> (module.cc)
 
 
-def h2_config(in_f: int, out_f: int) -> tuple[int, int, int]:
+def h2_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, int]:
     """(warps, rows, unroll) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone (bench/vulkan_kernels.py,
     docs/benchmarks/vulkan-h200.md): 8 warps of 2 rows, one group a step, was the fastest of 8 configs at all four
     shapes (gate_up 33.5 -> 30.2 us against 4x2x2, down 33.7 -> 24.8); 4 warps of 1 row where that grid would be
     under ~264 workgroups (SmolLM2, 1B's narrow outputs)."""
+    if silu:  # a warp's rows pair gate row i with up row inter + i
+        return (8 if out_f // 2 // 8 >= 264 else 4), 2, 1
     if out_f // 16 >= 264:
         return 8, 2, 1
     return 4, 1, 1
@@ -218,21 +220,35 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
-                 unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16"):
+                 unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
+                 norm_eps: float | None = None, silu: bool = False):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
-    cuda_gemv.int4_gemv."""
+    cuda_gemv.int4_gemv.
+
+    The decode fusions of the registry's `fused_gemv` (the contract of cuda_gemv.int4_gemv_h2's): `norm_eps`: the
+    arguments are x, delta, norm weight, q_weight, q_scale, [bias], then the outputs out and x + delta; the staging
+    computes s = x + delta (rounded to fp16) and rms_norm(s) * w with add_rms_norm_gpu's arithmetic (the sum of
+    squares meets in a different order: the last bit of the norm's scale may differ), and workgroup 0 writes s.
+    `silu`: out_f is gate_up's (2 inter); warp rows r < rows/2 are gate rows i, the others up rows inter + i, and
+    the output is silu(gate) * up [1, inter] with silu_mul_gpu's arithmetic on the fp16-rounded sums."""
     from .._tvm import compiler
 
     T = compiler().T
     f32, u32 = "float32", "uint32"
     if in_f % 32:
         raise ValueError(f"int4_gemv_h2 needs `in` a multiple of 32, got {in_f}")
-    dw, dr, du = h2_config(in_f, out_f)
+    norm = norm_eps is not None
+    dw, dr, du = h2_config(in_f, out_f, silu)
     W, R, U = warps or dw, rows or dr, unroll or du
+    if silu and (R % 2 or out_f % 2 or bias):
+        raise ValueError(f"int4_gemv_h2 with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
     G = in_f // 32
     words = in_f // 8
-    blocks = (out_f + W * R - 1) // (W * R)
+    inter = out_f // 2
+    R2 = R // 2 if silu else R  # output rows a warp
+    n_out = inter if silu else out_f
+    blocks = (n_out + W * R2 - 1) // (W * R2)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
@@ -243,42 +259,89 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     def as_h2(v):  # u32 -> vec2<f16> (see H2_UNPACK)
         return T.Cast("float16x2", T.call_pure_extern("float32x2", "unpack2x16float", v))
 
+    def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
+        if silu:
+            return T.min((bx * W + ty) * R2 + r % R2, inter - 1) + (r // R2) * inter
+        return T.min((bx * W + ty) * R + r, out_f - 1)
+
     @T.macro
     def load(qw, qs, wdst, sdst, bx, ty, tx, it):  # step `it`'s weights and scales (lanes past G re-read group G-1)
         for u in T.unroll(U):
             for r in T.unroll(R):
                 g = T.meta_var(T.min((it * U + u) * 32 + tx, G - 1))
-                n = T.meta_var(T.min(bx * (W * R) + ty * R + r, out_f - 1))
+                n = T.meta_var(row(bx, ty, r))
                 wdst[u * R + r] = qw[n, T.Ramp(g * 4, 1, 4)]
                 sdst[u * R + r] = T.Cast(f32, qs[n, g])
 
+    def pair(a, b):  # two activations -> the u32 of their fp16 pair
+        # pack2x16float, not bitcast<u32>(vec2<f16>): naga 0.32 has no size-changing bitcast (docs/tvm-notes.md);
+        # exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
+        return T.call_pure_extern(u32, "pack2x16float", T.Cast("float32x2", T.Shuffle([a, b], [0, 1])))
+
     @T.macro
-    def body(x, qw, qs, b, out):
+    def body(x, dl, nw, qw, qs, b, out, xsum):
         bx = T.launch_thread("blockIdx.x", blocks)
         ty = T.launch_thread("threadIdx.y", W)
         tx = T.launch_thread("threadIdx.x", 32)
         xs = T.alloc_buffer((G * 16,), u32, scope="shared")
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
+        red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
         acc = T.alloc_buffer((R,), f32, scope="local")
         wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
         sc = T.alloc_buffer((U * R,), f32, scope="local")
         wn = T.alloc_buffer((U * R,), "uint32x4", scope="local")  # the next step's, loaded before this one's math
         sn = T.alloc_buffer((U * R,), f32, scope="local")
         xa = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
+        da = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
+        sv = T.alloc_buffer((stage * 8,), f32, scope="local")  # norm: s = x + delta of the thread's words
         xv = T.alloc_buffer((4,), "uint32x4", scope="local")
         hh = T.alloc_buffer((2,), "float16x2", scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
         load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
-        for i in T.serial(stage):  # word q of group g: pairs (x[32g + 8q + s], x[32g + 8q + s + 4]) at (q G + g) 4 + s
-            e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of x
-            if e < G * 4:
-                xa[0] = x[0, T.Ramp(e * 8, 1, 4)]
-                xa[1] = x[0, T.Ramp(e * 8 + 4, 1, 4)]
-                for s4 in T.unroll(4):
-                    # pack2x16float, not bitcast<u32>(vec2<f16>): naga 0.32 has no size-changing bitcast
-                    # (docs/tvm-notes.md); exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
-                    xs[((e % 4) * G + e // 4) * 4 + s4] = T.call_pure_extern(u32, "pack2x16float", T.Cast(
-                        "float32x2", T.Shuffle([xa[0], xa[1]], [s4, 4 + s4])))
+        if norm:
+            tt[0] = T.float32(0)
+            for i in T.unroll(stage):
+                e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of x
+                if e < G * 4:
+                    for h in T.unroll(2):
+                        xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
+                        da[h] = dl[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
+                        for k in T.unroll(4):
+                            sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(f32, T.Shuffle([xa[h]], [k]))
+                                                                       + T.Cast(f32, T.Shuffle([da[h]], [k]))))
+                            tt[0] = tt[0] + sv[i * 8 + h * 4 + k] * sv[i * 8 + h * 4 + k]
+                            if bx == 0:
+                                xsum[0, e * 8 + h * 4 + k] = T.Cast(x_dtype, sv[i * 8 + h * 4 + k])
+            red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                tt[0] = T.float32(0)
+                for k in T.unroll(32):
+                    tt[0] = tt[0] + red[ty * 32 + k]
+                red2[ty] = tt[0]
+            T.tvm_storage_sync("shared")
+            tt[0] = T.float32(0)
+            for k in T.unroll(W):
+                tt[0] = tt[0] + red2[k]
+            tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
+            for i in T.unroll(stage):
+                e = T.meta_var((i * W + ty) * 32 + tx)
+                if e < G * 4:
+                    for h in T.unroll(2):
+                        da[h] = nw[T.Ramp(e * 8 + 4 * h, 1, 4)]
+                    for s4 in T.unroll(4):  # add_rms_norm_gpu's (s * rsqrt) * w, rounded to fp16
+                        xs[((e % 4) * G + e // 4) * 4 + s4] = pair(
+                            T.Cast(x_dtype, sv[i * 8 + s4] * tt[0] * T.Cast(f32, T.Shuffle([da[0]], [s4]))),
+                            T.Cast(x_dtype, sv[i * 8 + 4 + s4] * tt[0] * T.Cast(f32, T.Shuffle([da[1]], [s4]))))
+        else:
+            for i in T.serial(stage):
+                e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of x
+                if e < G * 4:
+                    xa[0] = x[0, T.Ramp(e * 8, 1, 4)]
+                    xa[1] = x[0, T.Ramp(e * 8 + 4, 1, 4)]
+                    for s4 in T.unroll(4):  # word e = 4 g + q: pairs (x[8e + s], x[8e + s + 4]) at (q G + g) 4 + s
+                        xs[((e % 4) * G + e // 4) * 4 + s4] = pair(T.Shuffle([xa[0]], [s4]),
+                                                                   T.Shuffle([xa[1]], [s4]))
         T.tvm_storage_sync("shared")
         for r in T.unroll(R):
             acc[r] = T.float32(0)
@@ -323,29 +386,51 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         for r in T.unroll(R):
             red[(ty * R + r) * 32 + tx] = acc[r]
         T.tvm_storage_sync("shared")
-        if tx < R:
-            n = T.meta_var(bx * (W * R) + ty * R + tx)
-            if n < out_f:
+        if tx < R2:
+            i = T.meta_var((bx * W + ty) * R2 + tx)
+            if i < n_out:
                 tt[0] = T.float32(0)
                 for k in T.unroll(32):
                     tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
-                if bias:
-                    out[0, n] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[n]))
+                if silu:  # silu_mul_gpu's arithmetic on the fp16-rounded gate and up sums
+                    acc[0] = T.float32(0)
+                    for k in T.unroll(32):
+                        acc[0] = acc[0] + red[(ty * R + tx + R2) * 32 + k]
+                    tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
+                    out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
+                                       * T.Cast(f32, T.Cast(out_dtype, acc[0])))
+                elif bias:
+                    out[0, i] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[i]))
                 else:
-                    out[0, n] = T.Cast(out_dtype, tt[0])
+                    out[0, i] = T.Cast(out_dtype, tt[0])
 
     attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
-    if bias:
+    xd, od, sd = x_dtype, out_dtype, "float16"
+    if norm and bias:
         @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), "float16"), b: T.Buffer((out_f,), out_dtype),
-                 out: T.Buffer((1, out_f), out_dtype)):
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), delta_vec4: T.Buffer((1, in_f), xd),
+                 norm_w_vec4: T.Buffer((in_f,), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od),
+                 xsum: T.Buffer((1, in_f), xd)):
             T.func_attr(attrs)
-            body(x_vec4, q_weight_vec4, q_scale, b, out)
+            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, b, out, xsum)
+    elif norm:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), delta_vec4: T.Buffer((1, in_f), xd),
+                 norm_w_vec4: T.Buffer((in_f,), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od), xsum: T.Buffer((1, in_f), xd)):
+            T.func_attr(attrs)
+            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, None, out, xsum)
+    elif bias:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od)):
+            T.func_attr(attrs)
+            body(x_vec4, None, None, q_weight_vec4, q_scale, b, out, None)
     else:
         @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), x_dtype), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), "float16"), out: T.Buffer((1, out_f), out_dtype)):
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od)):
             T.func_attr(attrs)
-            body(x_vec4, q_weight_vec4, q_scale, None, out)
+            body(x_vec4, None, None, q_weight_vec4, q_scale, None, out, None)
     return gemv
