@@ -414,6 +414,8 @@ def _h2_model(x16: np.ndarray, qw: np.ndarray, qs16: np.ndarray) -> np.ndarray:
     (4096, 40, False, True, True, (4, 1, 2)),   # 128 groups: 2 steps of 2 groups a lane
     (288, 70, True, True, False, None),         # 9 groups (lanes past them idle), bias, 1 row a warp; plain loads
     (288, 70, True, False, True, None),         # the float32 twin (adapters without shader-f16): same layout
+    (2048, 300, False, True, True, (4, 2, 1, 8)),  # 8-bit rows (the head's q8f16_1): two vec4 loads a group
+    (288, 70, False, False, True, (4, 1, 1, 8)),   # 8-bit, float32 twin
 ])
 def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
     from edgellm._tvm import runtime
@@ -424,7 +426,8 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
     if h2 and not json.loads(str(_adapters()))[0].get("shader_f16"):
         pytest.skip("adapter has no shader-f16")
     monkeypatch.setenv("EDGELLM_WEBGPU_VEC4", "1" if vec4 else "0")
-    scheme = get_scheme("q4f16_1")
+    bits = cfg[3] if cfg and len(cfg) > 3 else 4
+    scheme = get_scheme("q4f16_1" if bits == 4 else "q8f16_1")
     rng = np.random.default_rng(in_f + out_f)
     qw, qs = quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), scheme)
     qs16 = qs.astype(np.float16)
@@ -433,9 +436,9 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
     b = rng.standard_normal(out_f).astype(dt)
     ref = x.astype(np.float64) @ dequantize(qw, qs16.astype(np.float32), in_f, scheme).T.astype(np.float64)
     ref = ref[0] + (b.astype(np.float64) if bias else 0)
-    func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ()), h2=h2, x_dtype=dt, out_dtype=dt)
+    func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ())[:3], h2=h2, x_dtype=dt, out_dtype=dt, bits=bits)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"h2_{in_f}_{h2}_{vec4}")
+                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"h2_{in_f}_{h2}_{vec4}_{bits}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
     tensors = [runtime.tensor(a, dev) for a in args]
@@ -443,7 +446,7 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
     got = tensors[-1].numpy()[0].astype(np.float64)
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() / scale < (1e-3 if h2 else 1e-5)  # h2: ~5e-4, half of it the fp16 output
-    if h2:  # the fp16 arithmetic step by step (lavapipe keeps f16 intermediates in f32, so not bit for bit)
+    if h2 and bits == 4:  # the fp16 arithmetic step by step (lavapipe keeps f16 intermediates in f32, so not bit for bit)
         model = _h2_model(x[0], qw, qs16) + (b.astype(np.float32) if bias else 0)
         assert np.abs(model - ref).max() / scale < 5e-4 and np.abs(got - model).max() / scale < 1e-3
 

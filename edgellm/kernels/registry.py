@@ -141,6 +141,12 @@ class KernelRegistry:
                 return sg.schedule_gpu_tiled_gemm(te(), t) or sg.schedule_gpu_linear(te(), t, gemv=False)
 
             return "gemm_simt", tiled
+        if gemv and self.kind == "webgpu" and plain and scheme.bits == 8 and scheme.elems_per_word == 4 and fp16 \
+                and not scheme.zero_point and scheme.offset == 128 and o.webgpu_gemv in ("auto", "h2"):
+            from . import webgpu_linear  # the 8-bit head / embedding rows (q8f16_1)
+
+            if webgpu_linear.h2_supports(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):
+                return "int8_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, bits=8)
         if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 

@@ -221,7 +221,7 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                  unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
-                 norm_eps: float | None = None, silu: bool = False):
+                 norm_eps: float | None = None, silu: bool = False, bits: int = 4):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
     cuda_gemv.int4_gemv.
@@ -231,7 +231,11 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     computes s = x + delta (rounded to fp16) and rms_norm(s) * w with add_rms_norm_gpu's arithmetic (the sum of
     squares meets in a different order: the last bit of the norm's scale may differ), and workgroup 0 writes s.
     `silu`: out_f is gate_up's (2 inter); warp rows r < rows/2 are gate rows i, the others up rows inter + i, and
-    the output is silu(gate) * up [1, inter] with silu_mul_gpu's arithmetic on the fp16-rounded sums."""
+    the output is silu(gate) * up [1, inter] with silu_mul_gpu's arithmetic on the fp16-rounded sums.
+
+    `bits=8`: the 8-bit rows (q8f16_1: byte - 128, 4 a word; the head): a group is two vec4<u32> loads, and
+    `((w >> 8s) & 0x00FF00FF) | 0x40004000` is `2 + byte/512` for bytes s and s+2 (fp16's ulp at 2 is 1/512), minus
+    `2 + 128/512`: (byte - 128) / 512 exactly; the pairs meet (x[4q+s], x[4q+s+2]) and the scale times 512."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -241,10 +245,13 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     norm = norm_eps is not None
     dw, dr, du = h2_config(in_f, out_f, silu)
     W, R, U = warps or dw, rows or dr, unroll or du
+    if bits not in (4, 8) or (bits == 8 and (norm or silu)):
+        raise ValueError(f"int4_gemv_h2: bits 4 (with any fusion) or 8 (none), got {bits}")
     if silu and (R % 2 or out_f % 2 or bias):
         raise ValueError(f"int4_gemv_h2 with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
     G = in_f // 32
-    words = in_f // 8
+    VW = bits // 4  # vec4<u32> loads per group and row
+    words = in_f * bits // 32
     inter = out_f // 2
     R2 = R // 2 if silu else R  # output rows a warp
     n_out = inter if silu else out_f
@@ -253,8 +260,20 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
     # the high half (lavapipe: the high lane was not subtracted)
-    base, sub = T.uint32(H2_BASE), T.Broadcast(T.float16(32 + 7 / 32), 2)
-    offset = float(2**23 + 7)
+    if bits == 4:
+        base, sub, mask, mult = T.uint32(H2_BASE), T.Broadcast(T.float16(32 + 7 / 32), 2), 0x000F000F, 32
+    else:
+        base, sub, mask, mult = T.uint32(0x40004000), T.Broadcast(T.float16(2 + 128 / 512), 2), 0x00FF00FF, 512
+    offset = float(2**23 + (7 if bits == 4 else 128))
+
+    def src(j):  # pair j of a staged chunk of 8 activations: ((half, lane) of the low one, of the high one)
+        return ((0, j), (1, j)) if bits == 4 else ((j // 2, j % 2), (j // 2, j % 2 + 2))
+
+    def weight(j, c):  # pair j of chunk c: (word of the group's vec4s: index, lane), shift
+        if bits == 4:
+            return 0, c, 4 * j
+        k = 2 * c + j // 2
+        return k // 4, k % 4, 8 * (j % 2)
 
     def as_h2(v):  # u32 -> vec2<f16> (see H2_UNPACK)
         return T.Cast("float16x2", T.call_pure_extern("float32x2", "unpack2x16float", v))
@@ -270,7 +289,8 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
             for r in T.unroll(R):
                 g = T.meta_var(T.min((it * U + u) * 32 + tx, G - 1))
                 n = T.meta_var(row(bx, ty, r))
-                wdst[u * R + r] = qw[n, T.Ramp(g * 4, 1, 4)]
+                for v in T.unroll(VW):
+                    wdst[(u * R + r) * VW + v] = qw[n, T.Ramp(g * 4 * VW + 4 * v, 1, 4)]
                 sdst[u * R + r] = T.Cast(f32, qs[n, g])
 
     def pair(a, b):  # two activations -> the u32 of their fp16 pair
@@ -287,9 +307,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
         red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
         acc = T.alloc_buffer((R,), f32, scope="local")
-        wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
+        wv = T.alloc_buffer((U * R * VW,), "uint32x4", scope="local")
         sc = T.alloc_buffer((U * R,), f32, scope="local")
-        wn = T.alloc_buffer((U * R,), "uint32x4", scope="local")  # the next step's, loaded before this one's math
+        wn = T.alloc_buffer((U * R * VW,), "uint32x4", scope="local")  # the next step's, loaded before this one's math
         sn = T.alloc_buffer((U * R,), f32, scope="local")
         xa = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
         da = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
@@ -339,9 +359,10 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                 if e < G * 4:
                     xa[0] = x[0, T.Ramp(e * 8, 1, 4)]
                     xa[1] = x[0, T.Ramp(e * 8 + 4, 1, 4)]
-                    for s4 in T.unroll(4):  # word e = 4 g + q: pairs (x[8e + s], x[8e + s + 4]) at (q G + g) 4 + s
-                        xs[((e % 4) * G + e // 4) * 4 + s4] = pair(T.Shuffle([xa[0]], [s4]),
-                                                                   T.Shuffle([xa[1]], [s4]))
+                    for s4 in T.unroll(4):  # chunk c = e % 4 of group g = e // 4: pair j at (c G + g) 4 + j
+                        lo, hi = T.meta_var(src(s4))  # 4-bit: (x[8e + j], x[8e + j + 4]); 8-bit: see src
+                        xs[((e % 4) * G + e // 4) * 4 + s4] = pair(T.Shuffle([xa[lo[0]]], [lo[1]]),
+                                                                   T.Shuffle([xa[hi[0]]], [hi[1]]))
         T.tvm_storage_sync("shared")
         for r in T.unroll(R):
             acc[r] = T.float32(0)
@@ -359,30 +380,33 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                             hh[1] = T.Broadcast(T.float16(0), 2)
                             for q in T.unroll(4):
                                 for s in T.unroll(4):
-                                    hh[q % 2] = T.call_pure_extern("float16x2", "fma", as_h2(T.bitwise_or(
-                                        T.bitwise_and(T.shift_right(T.Shuffle([wv[u * R + r]], [q]),
-                                                                    T.uint32(4 * s)), T.uint32(0x000F000F)), base))
-                                        - sub, as_h2(T.Shuffle([xv[q]], [s])), hh[q % 2])
+                                    v, lane, shift = T.meta_var(weight(s, q))
+                                    hh[(v * 4 + lane) % 2] = T.call_pure_extern("float16x2", "fma", as_h2(
+                                        T.bitwise_or(T.bitwise_and(T.shift_right(T.Shuffle(
+                                            [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift)),
+                                            T.uint32(mask)), base)) - sub, as_h2(T.Shuffle([xv[q]], [s])),
+                                        hh[(v * 4 + lane) % 2])
                             tt[0] = (T.Cast(f32, T.Shuffle([hh[0]], [0])) + T.Cast(f32, T.Shuffle([hh[0]], [1]))) + (
                                 T.Cast(f32, T.Shuffle([hh[1]], [0])) + T.Cast(f32, T.Shuffle([hh[1]], [1])))
-                            acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(32))
+                            acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(mult))
                         else:
                             tt[0] = T.float32(0)
                             for q in T.unroll(4):
                                 for s in T.unroll(4):
+                                    v, lane, shift = T.meta_var(weight(s, q))
                                     for hi in T.unroll(2):
                                         tt[0] = tt[0] + T.Shuffle([T.call_pure_extern(
                                             "float32x2", "unpack2x16float", T.Shuffle([xv[q]], [s]))], [hi]) * (
-                                            T.reinterpret(
-                                                f32, T.bitwise_and(T.shift_right(T.Shuffle([wv[u * R + r]], [q]),
-                                                                                 T.uint32(4 * s + 16 * hi)),
-                                                                   T.uint32(15)) | T.uint32(0x4B000000))
+                                            T.reinterpret(f32, T.bitwise_and(T.shift_right(T.Shuffle(
+                                                [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift + 16 * hi)),
+                                                T.uint32(mask & 0xFFFF)) | T.uint32(0x4B000000))
                                             - T.float32(offset))
                             acc[r] = acc[r] + tt[0] * sc[u * R + r]
             if it + 1 < steps:
                 for k in T.unroll(U * R):
-                    wv[k] = wn[k]
                     sc[k] = sn[k]
+                for k in T.unroll(U * R * VW):
+                    wv[k] = wn[k]
         for r in T.unroll(R):
             red[(ty * R + r) * 32 + tx] = acc[r]
         T.tvm_storage_sync("shared")
