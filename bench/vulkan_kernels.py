@@ -43,8 +43,8 @@ SG_VARIANTS = {"sg_default": {}, "sg_unrolled": {"unroll": True}, "sg_w8r2": {"w
 # (names suffixed "_novec4"), so the 16-byte loads are A/B'd in one process.
 H2 = {"h2_auto": {}, "h2_w8r2u2": {"warps": 8, "rows": 2, "unroll": 2}, "h2_w8r4u1": {"warps": 8, "rows": 4, "unroll": 1},
       "h2_w8r1u1": {"warps": 8, "rows": 1, "unroll": 1}, "h2_w4r2u1": {"warps": 4, "rows": 2, "unroll": 1},
-      "h2_w16r1u1": {"warps": 16, "rows": 1, "unroll": 1}, "h2_w4r4u1": {"warps": 4, "rows": 4, "unroll": 1},
-      "f32_auto": {"h2": False}}
+      "h2_w16r1u1": {"warps": 16, "rows": 1, "unroll": 1}, "f32_auto": {"h2": False}}
+H2_HEAD = {"h2_auto": {}, "h2_w8r1u1": {"warps": 8, "rows": 1, "unroll": 1}, "h2_w4r4u1": {"warps": 4, "rows": 4, "unroll": 1}}
 ROTATE_BYTES = 256 << 20  # weights rotated over at least this many bytes per kernel: timings not from L2 (50 MB)
 
 
@@ -89,11 +89,21 @@ def prepare(out: Path) -> None:
                 else:
                     funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
+        from edgellm.kernels import KernelOptions
+
+        reg = KernelRegistry(t, KernelOptions(webgpu_gemv="coalesced"))  # the 8-bit head before: generic schedule
+        funcs["head_q8_generic"] = reg.linear(1, HEAD[0], HEAD[1], get_scheme("q8f16_1"), "float16", False)
+        meta.append({"lib": lib, "name": "head_q8_generic", "in": HEAD[0], "out": HEAD[1], "variant": "generic",
+                     "bits": 8})
+        for v, kw in H2_HEAD.items():
+            name = f"head_q8_{v}"
+            funcs[name] = webgpu_linear.int4_gemv_h2(HEAD[0], HEAD[1], False, bits=8, **kw)
+            meta.append({"lib": lib, "name": name, "in": HEAD[0], "out": HEAD[1], "variant": v, "bits": 8})
         mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
         c.tvm.compile(mod, target=t).export_library(str(out / f"{lib}.so"))
         for m in list(meta):
             m["params"] = _params(funcs[m["name"]])
-            if m["variant"].startswith(("h2", "f32")) and m["variant"].endswith("_auto"):
+            if m["variant"] == "h2_auto" and m["bits"] == 4:
                 meta.append({**m, "lib": lib + "_novec4", "variant": m["variant"] + "_novec4"})
         (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
         print(f"{len(meta)} kernels in {out}")
