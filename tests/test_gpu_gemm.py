@@ -96,8 +96,8 @@ def test_tc2_gemm_builds(preset):
 
 def test_wgmma_choice():
     """auto picks the wgmma GEMM on sm_90 only (the configs of cuda_gemm.wgmma_choice: 6144-wide outputs in 192-feature
-    blocks, wide ones in 128 x 128, the rest in 128 x 64); other sm_80+ keep tc2; --opt cuda_gemm=wgmma off sm_90 is
-    refused in one line naming the fix."""
+    blocks, others from 3072 on in 128 x 128, narrower ones and up to 256 rows in 128 x 64); other sm_80+ keep tc2;
+    --opt cuda_gemm=wgmma off sm_90 is refused in one line naming the fix."""
     from edgellm.kernels import KernelOptionError
     from edgellm.kernels import cuda_gemm as gpu_gemm
     from edgellm.targets import resolve
@@ -105,8 +105,9 @@ def test_wgmma_choice():
     sm90, sm80 = resolve("cuda-sm90").tvm(), resolve("cuda-sm80").tvm()
     for in_f, out_f, big, small in ((4096, 28672, "wg2_r128_s4b2", "wg2_r128_s4b2"),
                                     (4096, 6144, "wg3_r128_s4", "wg2_r64_s4b2"),
-                                    (14336, 4096, "wg2_r64_s4b2", "wg2_r64_s4b2"),
-                                    (2048, 3000, "wg2_r64_s4b2", "wg2_r64_s4b2")):  # 3000: not whole 192-blocks
+                                    (14336, 4096, "wg2_r128_s4", "wg2_r64_s4b2"),
+                                    (2048, 3000, "wg2_r64_s4b2", "wg2_r64_s4b2"),
+                                    (2048, 9000, "wg2_r128_s4", "wg2_r64_s4b2")):  # 9000: not whole 192-blocks
         assert gpu_gemm.wgmma_choice(in_f, out_f) == (big, small)
         for opt in ("auto", "wgmma"):
             name, f = _pick(sm90, None, in_f, out_f, "q4f16_1", cuda_gemm=opt, cuda_gemm_small="gemm")

@@ -3,7 +3,9 @@
 // compiled from the fragments TVM pastes, in one binary. Build here (no GPU needed):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o harness harness.cu
 // Run there: ./harness [reps]   (prints a table; every output checked against a naive fp32 GPU reference with
-// the output poisoned by NaN first; three weight grids: q4f16_1 offset 7, Q4_0 offset 8, Q4_1 with minimums)
+// the output poisoned by NaN first; three weight grids: q4f16_1 offset 7, Q4_0 offset 8, Q4_1 with minimums).
+// Variant names: wg<warpgroups>_r<rows per block>_s<stages>[b2: two blocks per SM][_ld0: per-stage address
+// arithmetic, the kernel's LD 0]; tc2_<config> as in kernels/cuda_gemm.TC2_CONFIGS. Results: docs/benchmarks/h200-wgmma.md
 #include <cuda_fp16.h>
 #include <cstdio>
 #include <cstdlib>
@@ -26,10 +28,10 @@ __global__ void __launch_bounds__(32 * WM * WN, MINB) k_tc2(Args a) {
   extern __shared__ __align__(16) unsigned char sm[];
   edgellm_q4gemm<WM, WN, MI, NI, ST, BIAS, MODE, OFF, ZP>(a.x, a.qw, a.qs, a.qm, a.bias, a.out, a.m, a.in_f, a.out_f, sm);
 }
-template <int NWG, int BR, int ST, int MINB, int OFF, bool ZP, bool BIAS>
+template <int NWG, int BR, int ST, int MINB, int OFF, bool ZP, bool BIAS, int LD>
 __global__ void __launch_bounds__(128 * NWG, MINB) k_wg(Args a) {
   extern __shared__ __align__(16) unsigned char sm[];
-  edgellm_q4gemm_wgmma<NWG, BR, ST, BIAS, OFF, ZP>(a.x, a.qw, a.qs, a.qm, a.bias, a.out, a.m, a.in_f, a.out_f, sm);
+  edgellm_q4gemm_wgmma<NWG, BR, ST, BIAS, OFF, ZP, LD>(a.x, a.qw, a.qs, a.qm, a.bias, a.out, a.m, a.in_f, a.out_f, sm);
 }
 
 __global__ void k_ref(Args a, int off, bool zp, float* ref) {  // fp32, fp16-rounded weights; 128 features x 8 rows
@@ -100,10 +102,10 @@ void launch_tc2(const Args& a, cudaStream_t s) {
   dim3 grid((unsigned)((a.m + BM - 1) / BM), (a.out_f + BN - 1) / BN);
   k<<<grid, 32 * WM * WN, SMEM, s>>>(a);
 }
-template <int NWG, int BR, int ST, int MINB, int OFF, bool ZP, bool BIAS>
+template <int NWG, int BR, int ST, int MINB, int OFF, bool ZP, bool BIAS, int LD = 1>
 void launch_wg(const Args& a, cudaStream_t s) {
   constexpr int SMEM = EqwCfg<NWG, BR, ST>::smem(ZP);
-  auto k = k_wg<NWG, BR, ST, MINB, OFF, ZP, BIAS>;
+  auto k = k_wg<NWG, BR, ST, MINB, OFF, ZP, BIAS, LD>;
   static bool init = false;
   if (!init) { CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM)); init = true; }
   dim3 grid((unsigned)((a.m + BR - 1) / BR), (a.out_f + 64 * NWG - 1) / (64 * NWG));
@@ -118,17 +120,16 @@ std::vector<Variant> variants() {
     {"tc2_128x128b2", launch_tc2<2, 4, 4, 4, 4, 2, 1, OFF, ZP, BIAS>},
     {"tc2_64x128", launch_tc2<2, 4, 2, 4, 4, 2, 1, OFF, ZP, BIAS>},
     {"wg2_r256_s4", launch_wg<2, 256, 4, 1, OFF, ZP, BIAS>},
-    {"wg2_r256_s3", launch_wg<2, 256, 3, 1, OFF, ZP, BIAS>},
     {"wg2_r128_s4", launch_wg<2, 128, 4, 1, OFF, ZP, BIAS>},
-    {"wg2_r128_s5", launch_wg<2, 128, 5, 1, OFF, ZP, BIAS>},
     {"wg2_r128_s4b2", launch_wg<2, 128, 4, 2, OFF, ZP, BIAS>},
-    {"wg1_r256_s4", launch_wg<1, 256, 4, 1, OFF, ZP, BIAS>},
-    {"wg1_r128_s4b2", launch_wg<1, 128, 4, 2, OFF, ZP, BIAS>},
     {"wg3_r128_s4", launch_wg<3, 128, 4, 1, OFF, ZP, BIAS>},
     {"wg2_r64_s4b2", launch_wg<2, 64, 4, 2, OFF, ZP, BIAS>},
-    {"wg1_r256_s3b2", launch_wg<1, 256, 3, 2, OFF, ZP, BIAS>},
+    {"wg1_r128_s4b2", launch_wg<1, 128, 4, 2, OFF, ZP, BIAS>},
     {"wg2_r128_s3b2", launch_wg<2, 128, 3, 2, OFF, ZP, BIAS>},
-    {"wg1_r128_s6b2", launch_wg<1, 128, 6, 2, OFF, ZP, BIAS>},
+    {"wg2_r256_s4_ld0", launch_wg<2, 256, 4, 1, OFF, ZP, BIAS, 0>},
+    {"wg2_r128_s4b2_ld0", launch_wg<2, 128, 4, 2, OFF, ZP, BIAS, 0>},
+    {"wg3_r128_s4_ld0", launch_wg<3, 128, 4, 1, OFF, ZP, BIAS, 0>},
+    {"wg2_r64_s4b2_ld0", launch_wg<2, 64, 4, 2, OFF, ZP, BIAS, 0>},
   };
 }
 

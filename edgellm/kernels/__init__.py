@@ -6,7 +6,7 @@
   schedule_cpu.py        ... the CPU schedules (rfactor over `in`, parallel output tiles)
   schedule_gpu.py        ... the GPU schedules (warp GEMV, tiled GEMM, INT4 GEMV schedule)
   cuda_gemv.py           CUDA INT4 decode GEMV (fp16x2 kernel; TE kernel for the warp schedule)
-  cuda_gemm.py           CUDA INT4 prefill GEMM on tensor cores (mma.sync; cp.async pipeline in cuda/*.cu)
+  cuda_gemm.py           CUDA INT4 prefill GEMM on tensor cores (mma.sync, wgmma on sm_90; cp.async pipelines in cuda/*.cu)
   cuda_attention.py      CUDA ragged prefill attention (FlashAttention-2 on mma.sync, cuda/*.cu)
   cuda_math.py           CUDA add + RMSNorm, silu * mul, two-stage argmax
   kv_cache.py            TVM's PagedKVCache with the registry's attention / RoPE kernels swapped in

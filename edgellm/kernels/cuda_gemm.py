@@ -218,7 +218,8 @@ _TC2_SRC = cuda_source("int4_gemm_mma_pipelined.cu")
 # B, a [rows x 64] fp16 tile per stage in shared memory with the 128-byte swizzle, filled by cp.async, read by the
 # tensor cores through a matrix descriptor. A block is NWG warpgroups of 64 features each sharing the activation
 # tile; the wgmma of stage k runs while stage k + 1 is decoded. H200, Llama-3-8B shapes at 512 rows
-# (bench/gpu_wgmma, docs/benchmarks/h200-wgmma.md): gate_up 483 -> 310 us, down 263 -> 187, qkv 139 -> 75, o 83 -> 59.
+# (bench/gpu_wgmma, docs/benchmarks/h200-wgmma.md), tc2's pick -> wgmma's: gate_up 479 -> 283 us, down 265 -> 171,
+# qkv 139 -> 72, o 83 -> 55; 8B pp512 end to end 15,800 -> 24,871 tok/s (transformers fp16: 20,300).
 # ---------------------------------------------------------------------------------------------------------------
 WGMMA_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     # name: (warpgroups (64 features each), rows per block (the wgmma N: 64, 128 or 256), stages, blocks per SM
@@ -243,12 +244,15 @@ def wgmma_smem_bytes(config: str, zero_point: bool = False) -> int:
 
 
 def wgmma_choice(in_f: int, out_f: int) -> tuple[str, str]:
-    """(config for more than 256 rows, config up to 256 rows) from the H200 timings (bench/gpu_wgmma): wide outputs
-    (gate_up) two 128 x 128 blocks per SM; 6144-wide (qkv) 192 features x 128 rows (one wave at 512 rows); the rest
-    128 features x 64 rows, two blocks per SM (more blocks for o and down)."""
+    """(config for more than 256 rows, config up to 256 rows) from the H200 timings (bench/gpu_wgmma,
+    docs/benchmarks/h200-wgmma.md): wide outputs (gate_up) two 128 x 128 blocks per SM; 6144-wide (qkv) 192 features
+    x 128 rows (one wave at 512 rows); 3072..12287 one 128 x 128 block per SM; narrower outputs, and everything but
+    gate_up up to 256 rows, 128 features x 64 rows, two blocks per SM (twice the blocks)."""
     if out_f >= 12288:
         return "wg2_r128_s4b2", "wg2_r128_s4b2"
-    return ("wg3_r128_s4" if out_f >= 6144 and out_f % 192 == 0 else "wg2_r64_s4b2"), "wg2_r64_s4b2"
+    if out_f >= 6144 and out_f % 192 == 0:
+        return "wg3_r128_s4", "wg2_r64_s4b2"
+    return ("wg2_r128_s4" if out_f >= 3072 else "wg2_r64_s4b2"), "wg2_r64_s4b2"
 
 
 def gemm_choice(in_f: int, out_f: int, sm: int, mode: str = "auto") -> tuple[str, str | None]:

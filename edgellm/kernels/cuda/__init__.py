@@ -3,7 +3,8 @@
 Each file is one device function (and its helpers) that a TVMScript launch calls with `T.cuda.func_call(...,
 source_code=...)`; TVM pastes the text verbatim into the generated CUDA module, so a file must be a self-contained
 fragment guarded by its own #ifndef. `int4_gemm_mma_pipelined.cu`: the INT4 prefill GEMM on tensor cores with a
-cp.async multi-stage pipeline (kernels/cuda_gemm.py). `attention_prefill_ragged.cu`: FlashAttention-2 on
+cp.async multi-stage pipeline (kernels/cuda_gemm.py). `int4_gemm_wgmma.cu`: the same GEMM on Hopper's wgmma (sm_90a;
+weights decoded into wgmma's A registers, needs the first file's helpers). `attention_prefill_ragged.cu`: FlashAttention-2 on
 mma.sync for ragged prefill (kernels/cuda_attention.py).
 """
 

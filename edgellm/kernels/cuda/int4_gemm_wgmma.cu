@@ -68,7 +68,7 @@ struct EqwCfg {
   }
 };
 
-template <int NWG, int BR, int ST, bool BIAS, int OFF = 7, bool ZP = false>
+template <int NWG, int BR, int ST, bool BIAS, int OFF = 7, bool ZP = false, int LD = 1>
 __device__ __forceinline__ void edgellm_q4gemm_wgmma(const half* __restrict__ x, const unsigned* __restrict__ qw,
     const half* __restrict__ qs, const half* __restrict__ qm, const half* __restrict__ bias, half* __restrict__ out,
     long long m, int in_f, int out_f, unsigned char* smem_raw) {
@@ -85,7 +85,7 @@ __device__ __forceinline__ void edgellm_q4gemm_wgmma(const half* __restrict__ x,
   const unsigned sbase = (sraw + 1023u) & ~1023u;  // the 128-byte swizzle repeats every 1024 bytes
   unsigned char* smem = smem_raw + (sbase - sraw);
 
-  auto load = [&](int kt, int s) {
+  auto load_plain = [&](int kt, int s) {
     const unsigned xs = sbase + s * STAGE, ws = xs + XB, ss = ws + WB, ms = ss + SB;
 #pragma unroll
     for (int i = 0; i < (BR * 8 + NT - 1) / NT; ++i) {  // x: 8 chunks of 16 bytes per row, chunk c of row r at c ^ (r % 8)
@@ -108,6 +108,65 @@ __device__ __forceinline__ void edgellm_q4gemm_wgmma(const half* __restrict__ x,
       const int r = tid + i * NT, gn = col0 + r;
       if (r < BF) eq4_cp4(ss + r * 4, gn < out_f ? qs + (long long)gn * G + kt * 2 : qs, gn < out_f ? 4 : 0);
       if (ZP && r < BF) eq4_cp4(ms + r * 4, gn < out_f ? qm + (long long)gn * G + kt * 2 : qm, gn < out_f ? 4 : 0);
+    }
+  };
+
+  // LD 1: each thread's source pointers and destinations computed once (rows past m and features past out_f
+  // point at the tensor's start with size 0: zero fill); a stage adds kt * 64 elements (the loop's address
+  // arithmetic was about half of its instructions, and the kernel is issue-bound at two blocks per SM)
+  constexpr int NX = (BR * 8 + NT - 1) / NT, NW = (BF * 2 + NT - 1) / NT, NS = (BF + NT - 1) / NT;
+  const half* xp[NX];
+  unsigned xd[NX];
+  int xsz[NX];
+  const unsigned* wp[NW];
+  unsigned wd[NW];
+  int wsz[NW];
+  const half* sp[NS];
+  const half* mp[NS];
+  int ssz[NS];
+  if (LD == 1) {
+#pragma unroll
+    for (int i = 0; i < NX; ++i) {
+      const int c = tid + i * NT, r = c >> 3, ch = c & 7;
+      const long long gr = row0 + r;
+      xsz[i] = gr < m ? 16 : 0;
+      xp[i] = gr < m ? x + gr * in_f + ch * 8 : x;
+      xd[i] = (r * 8 + (ch ^ (r & 7))) * 16;
+    }
+#pragma unroll
+    for (int i = 0; i < NW; ++i) {
+      const int c = tid + i * NT, r = c >> 1, kg = c & 1, gn = col0 + r;
+      wsz[i] = gn < out_f ? 16 : 0;
+      wp[i] = gn < out_f ? qw + (long long)gn * W + kg * 4 : qw;
+      wd[i] = XB + (r * 2 + (kg ^ ((r >> 2) & 1))) * 16;
+    }
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int gn = col0 + tid + i * NT;
+      ssz[i] = gn < out_f ? 4 : 0;
+      sp[i] = gn < out_f ? qs + (long long)gn * G : qs;
+      mp[i] = gn < out_f ? qm + (long long)gn * G : qm;
+    }
+  }
+  auto load = [&](int kt, int s) {
+    if (LD != 1) {
+      load_plain(kt, s);
+      return;
+    }
+    const unsigned st = sbase + s * STAGE;
+#pragma unroll
+    for (int i = 0; i < NX; ++i)
+      if ((BR * 8) % NT == 0 || tid + i * NT < BR * 8) eq4_cp16(st + xd[i], xp[i] + (xsz[i] ? kt * BK : 0), xsz[i]);
+#pragma unroll
+    for (int i = 0; i < NW; ++i)
+      if ((BF * 2) % NT == 0 || tid + i * NT < BF * 2) eq4_cp16(st + wd[i], wp[i] + (wsz[i] ? kt * 8 : 0), wsz[i]);
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int r = tid + i * NT;
+      if (BF % NT == 0 || r < BF) {
+        eq4_cp4(st + XB + WB + r * 4, sp[i] + (ssz[i] ? kt * 2 : 0), ssz[i]);
+        if (ZP) eq4_cp4(st + XB + WB + SB + r * 4, mp[i] + (ssz[i] ? kt * 2 : 0), ssz[i]);
+      }
     }
   };
 
