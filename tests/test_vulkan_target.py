@@ -208,8 +208,8 @@ def test_kernel_options_pick_the_generic_webgpu_kernels():
     reg = KernelRegistry(target)
     reg.linear(1, 128, 256, get_scheme("q4f32_1"), "float32", False)  # fp32 activations: the coalesced GEMV
     assert reg.chosen["linear_gemv"] == {"int4_gemv_coalesced_webgpu"}
-    # the decode fusions (registry.fused_gemv, asked for by models/llama.py): auto fuses the norm up to hidden 2048
-    for opts, norm_small, norm_big, silu in ((KernelOptions(), True, False, True),
+    # the decode fusions (registry.fused_gemv, asked for by models/llama.py): auto = all
+    for opts, norm_small, norm_big, silu in ((KernelOptions(), True, True, True),
                                              (KernelOptions(webgpu_fuse="all"), True, True, True),
                                              (KernelOptions(webgpu_fuse="silu"), False, False, True),
                                              (KernelOptions(webgpu_fuse="off"), False, False, False),

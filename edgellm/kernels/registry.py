@@ -211,7 +211,7 @@ class KernelRegistry:
     def decode_fusion(self) -> str:
         """Which decode fusions this build may make (--opt cuda_fuse): all | silu | off (off off CUDA); auto = all,
         with the norm fusion limited per shape in `fused_gemv`."""
-        if self.kind == "webgpu":  # --opt webgpu_fuse; auto's per-shape limit is in fused_gemv too
+        if self.kind == "webgpu":  # --opt webgpu_fuse (auto = all: docs/benchmarks/vulkan-h200.md)
             return {"auto": "all"}.get(self.options.webgpu_fuse, self.options.webgpu_fuse)
         if self.kind != "cuda":
             return "off"
@@ -252,8 +252,6 @@ class KernelRegistry:
         """webgpu_linear.int4_gemv_h2 with the fusions, where the unfused GEMV would be it (q4f16_1's grid)."""
         from . import webgpu_linear
 
-        if norm_eps is not None and self.options.webgpu_fuse == "auto" and in_f > 2048:
-            return None  # as CUDA's (docs/benchmarks/h200-fusion.md); A/B'd on Vulkan in vulkan-h200.md
         grid7 = (scheme.quantized and scheme.bits == 4 and scheme.elems_per_word == 8 and scheme.group_size == 32
                  and not scheme.zero_point and scheme.offset == 7 and not scheme.act_order)
         if not grid7 or self.options.webgpu_gemv not in ("auto", "h2") or scheme.padded_in(in_f) != in_f \

@@ -195,21 +195,28 @@ H2_BASE = 0x50005000  # fp16 32.0 in both halves
 VEC4_SUFFIX = "_vec4"  # the plugin's marker for a u32 buffer read only as aligned vec4<u32> (module.cc)
 
 
-def h2_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, int]:
-    """(warps, rows, unroll) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone (bench/vulkan_kernels.py,
-    docs/benchmarks/vulkan-h200.md): 8 warps of 2 rows, one group a step, was the fastest of 8 configs at all four
-    shapes (gate_up 33.5 -> 30.2 us against 4x2x2, down 33.7 -> 24.8); 4 warps of 1 row where that grid would be
-    under ~264 workgroups (SmolLM2, 1B's narrow outputs)."""
+def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4) -> tuple[int, int, int]:
+    """(warps, rows, unroll) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone, weights rotated through
+    HBM (bench/vulkan_kernels.py, run 5 in docs/benchmarks/vulkan-h200.md): `in` 4096 (4 steps a lane): 16 warps of
+    one row (o 9.9 us, gate_up 29.9, qkv 11.7; 8 x 2 rows: 12.7 / 30.0 / 11.7); a longer `in` needs 4 loads in flight
+    a lane: down (14336) 23.2 us with 8 x 4 rows x 1 group, 23.9 with 8 x 2 x 2, but 76 with 8 x 2 x 1 and 122 with
+    4 x 2 x 1. Small grids (SmolLM2, under ~264 workgroups): 4 warps of one row. The 8-bit head (4096 -> 128256):
+    4 warps of 4 rows, 390 us (8 x 2: 414, 8 x 1: 436; the generic schedule it replaces: 1,000)."""
+    if bits == 8 and out_f // 16 >= 264:
+        return 4, 4, 1
     if silu:  # a warp's rows pair gate row i with up row inter + i
-        return (8 if out_f // 2 // 8 >= 264 else 4), 2, 1
-    if out_f // 16 >= 264:
-        return 8, 2, 1
+        return (8 if out_f // 2 // 8 >= 264 else 4), 2, (2 if in_f > 4096 else 1)
+    if in_f > 4096:
+        return (8, 4, 1) if out_f // 32 >= 128 else (8, 2, 2)
+    if out_f // 16 >= 256:
+        return 16, 1, 1
     return 4, 1, 1
 
 
 def h2_shared_bytes(in_f: int, out_f: int) -> int:
-    warps, rows, _ = h2_config(in_f, out_f)
-    return in_f * 2 + warps * rows * 32 * 4  # staged x + the lanes' partial sums
+    """Workgroup memory of int4_gemv_h2: the staged x and the lanes' partial sums (h2_config's configs have at most
+    32 rows a workgroup: 4 KiB)."""
+    return in_f * 2 + 32 * 32 * 4
 
 
 def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None) -> bool:
@@ -243,7 +250,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     if in_f % 32:
         raise ValueError(f"int4_gemv_h2 needs `in` a multiple of 32, got {in_f}")
     norm = norm_eps is not None
-    dw, dr, du = h2_config(in_f, out_f, silu)
+    dw, dr, du = h2_config(in_f, out_f, silu, bits)
     W, R, U = warps or dw, rows or dr, unroll or du
     if bits not in (4, 8) or (bits == 8 and (norm or silu)):
         raise ValueError(f"int4_gemv_h2: bits 4 (with any fusion) or 8 (none), got {bits}")
