@@ -199,8 +199,9 @@ def run(shapes=SHAPES, reps: int = 3) -> None:
     results["adapter"] = adapters()[0]
     results["plugin_ready_seconds"] = time.time() - t0
     print("adapter", json.dumps(results["adapter"]), flush=True)
-    check("tiny-q0f32", {}, 1e-4)
-    check("tiny-q4f16_1", {}, 2e-2)
+    if os.environ.get("CHECKS", "1") != "0":  # CHECKS=0: the shapes only (their random-weight check stays)
+        check("tiny-q0f32", {}, 1e-4)
+        check("tiny-q4f16_1", {}, 2e-2)
     out.write_text(json.dumps(results, indent=1))
     for name in shapes:
         bench(name, reps)
