@@ -208,7 +208,13 @@ def test_registry_fuses_only_cuda_4bit_smem():
     assert s.fused_gemv(2048, 3072, q4, "float16", False, norm_eps=1e-5, silu=False) is None
     assert str(s.fused_gemv(2048, 16384, q4, "float16", False, norm_eps=None, silu=True).attrs[
         "edgellm.gemv"]).endswith("_xs_fs_silu")
-    a = reg(cuda)  # auto: silu everywhere, the norm only up to FUSED_NORM_AUTO_MAX (measured slower at 4096)
-    assert a.fused_gemv(4096, 6144, q4, "float16", False, norm_eps=1e-5, silu=False) is None
-    assert a.fused_gemv(2048, 3072, q4, "float16", False, norm_eps=1e-5, silu=False) is not None
-    assert a.fused_gemv(4096, 28672, q4, "float16", False, norm_eps=None, silu=True) is not None
+    a = reg(cuda)  # auto: every fusion (gate_up's norm up to `in` 2048); the norm at 4096: 2x the warps (same sums)
+    w, r, u, k, _ = cuda_gemv.xs_gemv_config(4096, 6144)
+    f = a.fused_gemv(4096, 6144, q4, "float16", False, norm_eps=1e-5, silu=False)
+    assert str(f.attrs["edgellm.gemv"]).startswith(f"h2_w{2 * w}r{r}u{u}k{k}_xs")
+    w, r, u, k, _ = cuda_gemv.xs_gemv_config(4096, 28672)  # gate_up at 4096: the silu epilogue, not the norm
+    f = a.fused_gemv(4096, 28672, q4, "float16", False, norm_eps=None, silu=True)
+    assert str(f.attrs["edgellm.gemv"]).startswith(f"h2_w{w}r{r}u{u}k{k}_xs")
+    assert a.fused_gemv(4096, 28672, q4, "float16", False, norm_eps=1e-5, silu=True) is None
+    assert reg(cuda, cuda_fuse="all").fused_gemv(4096, 28672, q4, "float16", False, norm_eps=1e-5, silu=True)
+    assert a.fused_gemv(2048, 16384, q4, "float16", False, norm_eps=1e-5, silu=True) is not None

@@ -556,14 +556,21 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     return 8, 2, 4, 2, False
 
 
-# The residual add + RMSNorm goes into the GEMV only up to this `in` under --opt cuda_fuse=auto: every block stages
-# the norm, so each reads x, delta and the norm weight from L2 (3 x 2 `in` bytes a block); at Llama-3-8B's 4096 the
-# 3,584 gate_up blocks then read 57 MB more than the plain GEMV and the step got slower (H200: 460 -> 428 tok/s),
-# while SmolLM2 (576) and Llama-3.2-1B (2048) got faster (docs/benchmarks/h200-fusion.md)
-FUSED_NORM_AUTO_MAX = 2048
+# --opt cuda_fuse=auto puts the norm into gate_up (with the silu epilogue) only up to this `in`: at Llama-3-8B's
+# 4096 that kernel breaks even with add_rms_norm + gate_up (21.0 against 18.5 + 1.8 us and a boundary) and the step
+# was faster with the norm in qkv alone (H200 tg128 476.8 against 470.2 tok/s, unfused 460.4); at 576 and 2048 the
+# whole fusion gained 12-15% and 5-8% (docs/benchmarks/h200-fusion.md)
+FUSED_NORM_SILU_AUTO_MAX = 2048
 
 
 def fused_gemv_config(in_f: int, out_f: int, norm: bool) -> tuple[int, int, int, int, bool]:
     """(warps, rows, unroll, ksplit, fold_shift) of a fused decode GEMV (int4_gemv_h2 with norm_eps / silu): the
-    unfused pick's (xs_gemv_config), so each output row sums the same products in the same order."""
-    return xs_gemv_config(in_f, out_f)
+    unfused pick's (xs_gemv_config) rows, steps and ksplit, so each output row sums the same products in the same
+    order; with the norm at `in` >= 4096, twice its warps per block: every block stages the norm (x, delta and the
+    norm weight from L2), and fewer blocks read less. H200, weights from HBM (docs/benchmarks/h200-fusion.md), us:
+    8B gate_up + norm + silu 24.8 -> 20.8 with 8 warps (the unfused add_rms_norm + GEMV + silu_mul: 20.8), 8B qkv +
+    norm 7.85 -> 6.91 with 16 (unfused: 7.86); at `in` 2048 and 576 the unfused pick's warps were as fast."""
+    w, r, u, k, fold = xs_gemv_config(in_f, out_f)
+    if norm and in_f >= 4096:
+        w *= 2
+    return w, r, u, k, fold

@@ -209,8 +209,8 @@ class KernelRegistry:
 
     @property
     def decode_fusion(self) -> str:
-        """Which decode fusions this build may make (--opt cuda_fuse): all | silu | off (off off CUDA); auto = all,
-        with the norm fusion limited per shape in `fused_gemv`."""
+        """Which decode fusions this build makes (--opt cuda_fuse): all | silu | off (off off CUDA); auto = all, but
+        gate_up takes the norm only up to `in` cuda_gemv.FUSED_NORM_SILU_AUTO_MAX (`fused_gemv`)."""
         if self.kind == "webgpu":  # --opt webgpu_fuse (auto = all: docs/benchmarks/vulkan-h200.md)
             return {"auto": "all"}.get(self.options.webgpu_fuse, self.options.webgpu_fuse)
         if self.kind != "cuda":
@@ -230,14 +230,15 @@ class KernelRegistry:
             return None
         if self.kind == "webgpu":
             return self._webgpu_fused_gemv(in_f, out_f, scheme, dtype, bias, norm_eps, silu)
-        if norm_eps is not None and self.options.cuda_fuse == "auto" and in_f > cuda_gemv.FUSED_NORM_AUTO_MAX:
-            return None  # measured slower there (docs/benchmarks/h200-fusion.md): the separate add_rms_norm
         xs = (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
               and scheme.elems_per_word == 8 and scheme.group_size == 32 and not scheme.act_order
               and scheme.padded_in(in_f) == in_f and dtype == scheme.scale_dtype == "float16"
               and cuda_gemv.h2_supports(in_f, dtype, dtype, dtype))
         if not xs or (norm_eps is not None and not cuda_gemv.fused_norm_supports(in_f)) or (silu and bias):
             return None
+        if (norm_eps is not None and silu and self.options.cuda_fuse == "auto"
+                and in_f > cuda_gemv.FUSED_NORM_SILU_AUTO_MAX):
+            return None  # the model then takes add_rms_norm + the silu epilogue alone (measured faster there)
         *cfg, fold = cuda_gemv.fused_gemv_config(in_f, out_f, norm_eps is not None)
         if silu and cfg[1] % 2:
             return None
