@@ -179,20 +179,21 @@ def int4_gemv_coalesced(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, o
 #   |x| / 4, no overflow while |x| < 16384) go to float32 and meet the scale (times 32) in one FMA.
 # * x is staged once per workgroup in workgroup memory as fp16 pairs pre-permuted for the nibble order, laid out
 #   [word q of the group][group][4 pairs] so a lane reads its group's 4 vec4<u32> and the warp's reads are
-#   contiguous (no bank conflicts): in_f * 2 bytes (8 KiB at 4096, 28 KiB at 14336).
+#   contiguous (no bank conflicts): in_f * 2 bytes (8 KiB at 4096, 28 KiB at 14336). A thread stages one packed
+#   word's 8 activations from two 8-byte loads; the first step's weights are loaded before the staging and each
+#   next step's before this step's arithmetic (double-buffered in registers).
 # * the lanes' partial sums meet after one barrier: lane r of a warp adds row r's 32 values from workgroup memory
 #   (the tree of int4_gemv_coalesced took 11 barriers).
 # * u32 -> vec2<f16> is `vec2<f16>(unpack2x16float(w))`, not `bitcast<vec2<f16>>(w)`: wgpu 0.32's naga has no
 #   size-changing bitcast (gfx-rs/wgpu#8896; it types `bitcast<vec2<f16>>(u32)` as f32). The f16 -> f32 -> f16
-#   round trip is exact; a driver may fold it to nothing (H200: measured in docs/benchmarks/vulkan-h200.md).
-# The weight buffer's name ends in `_vec4`: every access to it is a 16-byte-aligned vec4<u32> load, which the
-# plugin turns into a load of an `array<vec4<u32>>` binding (runtime/webgpu/module.cc, docs/tvm-notes.md: TVM
-# declares every buffer as an array of its scalar type, so a vector load is four 4-byte loads).
+#   round trip is exact (H200: faster than the float32 twin at every 8B shape, gate_up 30.0 vs 39.9 us).
+# The weight and activation buffers' names end in `_vec4`: every access to them is an aligned 4-lane vector load,
+# which the plugin turns into one load of an `array<vec4<T>>` binding (runtime/webgpu/module.cc, docs/tvm-notes.md:
+# TVM declares every buffer as an array of its scalar type, so a vector load is four scalar loads; 2.7-3x slower).
 # `h2=False` is the same schedule with float32 arithmetic (the exponent trick of int4_gemv_coalesced); the
 # registry does not pick it, the tests run it to check the layout on adapters without shader-f16.
 # ---------------------------------------------------------------------------------------------------------------
 H2_BASE = 0x50005000  # fp16 32.0 in both halves
-VEC4_SUFFIX = "_vec4"  # the plugin's marker for a u32 buffer read only as aligned vec4<u32> (module.cc)
 
 
 def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4) -> tuple[int, int, int]:
@@ -282,7 +283,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         k = 2 * c + j // 2
         return k // 4, k % 4, 8 * (j % 2)
 
-    def as_h2(v):  # u32 -> vec2<f16> (see H2_UNPACK)
+    def as_h2(v):  # u32 -> vec2<f16> (unpack2x16float: see the comment above)
         return T.Cast("float16x2", T.call_pure_extern("float32x2", "unpack2x16float", v))
 
     def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
