@@ -5,13 +5,15 @@
 set -o pipefail
 B=$(cd "$1" && pwd); shift
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-printf '{"file_format_version":"1.0.0","ICD":{"library_path":"libEGL_nvidia.so.0","api_version":"1.3.0"}}' > /tmp/nv_icd.json
+ICD='{"file_format_version":"1.0.0","ICD":{"library_path":"libEGL_nvidia.so.0","api_version":"1.3.0"}}'
+printf '%s' "$ICD" > /tmp/nv_icd.json
 export VK_ICD_FILENAMES=/tmp/nv_icd.json XDG_RUNTIME_DIR=/tmp PYTHONPATH=$B/site:$B/src PYTHONUNBUFFERED=1
 cd "$B/src" || exit 1
 for stage in "$@"; do
   case $stage in
     kernels) REPS=${KREPS:-100} timeout ${KTIME:-150} python3 bench/vulkan_kernels.py run "$B/gemv" 2>&1 \
                | grep -v XDG_RUNTIME | tee "$OUT/kernels.log" ;;
-    models) VK_DEV=$B REPS=${REPS:-2} python3 bench/vulkan_gpu.py run 2>&1 | grep -v XDG_RUNTIME | tee "$OUT/models.log" ;;
+    models) VK_DEV=$B REPS=${REPS:-2} python3 bench/vulkan_gpu.py run 2>&1 | grep -v XDG_RUNTIME \
+              | tee "$OUT/models.log" ;;
   esac
 done

@@ -41,10 +41,13 @@ SG_VARIANTS = {"sg_default": {}, "sg_unrolled": {"unroll": True}, "sg_w8r2": {"w
 # the fp16x2 kernel (webgpu_linear.int4_gemv_h2): name -> keyword arguments; "h2_auto" is the registry's config.
 # The library is loaded twice: as built (the plugin's vec4 rewrite on) and as a copy with EDGELLM_WEBGPU_VEC4=0
 # (names suffixed "_novec4"), so the 16-byte loads are A/B'd in one process.
-H2 = {"h2_auto": {}, "h2_w8r2u2": {"warps": 8, "rows": 2, "unroll": 2}, "h2_w8r4u1": {"warps": 8, "rows": 4, "unroll": 1},
-      "h2_w8r1u1": {"warps": 8, "rows": 1, "unroll": 1}, "h2_w4r2u1": {"warps": 4, "rows": 2, "unroll": 1},
-      "h2_w16r1u1": {"warps": 16, "rows": 1, "unroll": 1}, "f32_auto": {"h2": False}}
-H2_HEAD = {"h2_auto": {}, "h2_w8r1u1": {"warps": 8, "rows": 1, "unroll": 1}, "h2_w4r4u1": {"warps": 4, "rows": 4, "unroll": 1}}
+def _cfg(w: int, r: int, u: int) -> dict:
+    return {"warps": w, "rows": r, "unroll": u}
+
+
+H2 = {"h2_auto": {}, "h2_w8r2u2": _cfg(8, 2, 2), "h2_w8r4u1": _cfg(8, 4, 1), "h2_w8r1u1": _cfg(8, 1, 1),
+      "h2_w4r2u1": _cfg(4, 2, 1), "h2_w16r1u1": _cfg(16, 1, 1), "f32_auto": {"h2": False}}
+H2_HEAD = {"h2_auto": {}, "h2_w8r1u1": _cfg(8, 1, 1), "h2_w4r4u1": _cfg(4, 4, 1)}
 ROTATE_BYTES = 160 << 20  # weights rotated over at least this many bytes per kernel: timings not from L2 (50 MB)
 
 

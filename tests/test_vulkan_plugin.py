@@ -438,7 +438,8 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
     ref = ref[0] + (b.astype(np.float64) if bias else 0)
     func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ())[:3], h2=h2, x_dtype=dt, out_dtype=dt, bits=bits)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"h2_{in_f}_{h2}_{vec4}_{bits}")
+                                        target=c.Target("webgpu", host="llvm")), tmp_path,
+                          f"h2_{in_f}_{h2}_{vec4}_{bits}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
     tensors = [runtime.tensor(a, dev) for a in args]
@@ -446,7 +447,7 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
     got = tensors[-1].numpy()[0].astype(np.float64)
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() / scale < (1e-3 if h2 else 1e-5)  # h2: ~5e-4, half of it the fp16 output
-    if h2 and bits == 4:  # the fp16 arithmetic step by step (lavapipe keeps f16 intermediates in f32, so not bit for bit)
+    if h2 and bits == 4:  # the fp16 arithmetic step by step (lavapipe keeps f16 intermediates in f32: not bit for bit)
         model = _h2_model(x[0], qw, qs16) + (b.astype(np.float32) if bias else 0)
         assert np.abs(model - ref).max() / scale < 5e-4 and np.abs(got - model).max() / scale < 1e-3
 
