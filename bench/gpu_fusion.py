@@ -1,7 +1,8 @@
 """The CUDA decode fusions (--opt cuda_fuse) A/B in one GPU call: checks, profiles and tg128, fused vs unfused.
 
   python bench/gpu_fusion.py prepare --out .device-dec      # here: nvcc builds every artifact (~50 MiB)
-  # (docs/benchmarks/h200-fusion.md's runs: 1 as above; 2 --no-tiny --sets A,B --kernels; 3 --sets Q --modes off,auto)
+  # (docs/benchmarks/h200-fusion.md's runs: 1 as above; 2 --no-tiny --sets A,B --kernels; 3 --sets Q --modes
+  # off,auto; 4 (then --sets R,RQ: the residual epilogue, now what `all` adds) --modes off,auto,all)
   # GPU machine, carry .device-dec:
   PYTHONPATH=.device-dec/site:. python3 bench/gpu_fusion.py run --dev .device-dec
 
@@ -101,7 +102,8 @@ def prepare_kernels(out: Path) -> None:
 
 # variants tried whole-model, each built with cuda_fuse=all and one thing replaced: A / B the fused GEMV configs
 # (cuda_gemv.fused_gemv_config: the unfused pick's arithmetic, same ksplit, in blocks of 16 warps or 8 warps of 4
-# rows; run 2), Q the norm into qkv only (gate_up keeps add_rms_norm and takes silu in its epilogue; run 3)
+# rows; run 2), Q the norm into qkv only (gate_up keeps add_rms_norm and takes silu in its epilogue; run 3; since
+# then also without the residual add in o / down, which only `all` makes)
 CONFIG_SETS = {"A": lambda w, r, u, k, f: (16, r, u, k, f), "B": lambda w, r, u, k, f: (8, 4, max(1, u // 2), k, f)}
 
 
@@ -125,6 +127,7 @@ def build_config_sets(out: Path, arch: str, shape: str, sets: list[str]) -> None
                                                                  silu)
 
     for name in sets:
+        fuse = "all"
         if name == "Q":
             KernelRegistry.fused_gemv = qkv_only
         else:
@@ -133,7 +136,7 @@ def build_config_sets(out: Path, arch: str, shape: str, sets: list[str]) -> None
             compile_model(CompileArgs(model=str(folder), output=out / "art" / f"{shape}-all{name}",
                                       target=f"cuda-{arch.replace('_', '')}", quant="q4f16_1",
                                       runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
-                                      kernel_options=KernelOptions(cuda_fuse="all")))
+                                      kernel_options=KernelOptions(cuda_fuse=fuse)))
         finally:
             cuda_gemv.fused_gemv_config, KernelRegistry.fused_gemv = original, fused
 
@@ -197,15 +200,18 @@ def check_tiny(dev: Path) -> None:
     long = [int(x) for x in np.random.default_rng(5).integers(3, 320, 150)]
     for kind in TINY:
         art = f"tiny64-{kind}-q4f16_1"
-        for mode in MODES:  # decode steps (the fused GEMVs) vs numpy and vs the prefill path
+        modes = [m for m in MODES if (dev / "art" / f"{art}-{m}").is_dir()]
+        for mode in modes:  # decode steps (the fused GEMVs) vs numpy and vs the prefill path
             gpu_run.check_q4_vs_numpy(f"{art}-{mode} vs numpy, decode 50 steps after 100 (cuda)", f"{art}-{mode}",
                                       long, 100)
-        off, on = Engine(dev / "art" / f"{art}-off"), Engine(dev / "art" / f"{art}-all")
-        a, b = _decode_logits(off, long[:100], long[100:]), _decode_logits(on, long[:100], long[100:])
-        ga, gb = _greedy(off, long[:20], 40), _greedy(on, long[:20], 40)
-        results["checks"][f"{art}: fused vs unfused decode logits (51 steps) and greedy 40"] = {
-            "max_abs_diff": float(np.abs(a - b).max()), "bit_equal": bool(np.array_equal(a, b)),
-            "greedy_equal": ga == gb, "ok": bool(np.abs(a - b).max() <= 1e-3 * np.abs(a).max()) and ga == gb}
+        off = Engine(dev / "art" / f"{art}-off")
+        a, ga = _decode_logits(off, long[:100], long[100:]), _greedy(off, long[:20], 40)
+        for mode in modes[1:]:
+            on = Engine(dev / "art" / f"{art}-{mode}")
+            b, gb = _decode_logits(on, long[:100], long[100:]), _greedy(on, long[:20], 40)
+            results["checks"][f"{art}-{mode}: fused vs unfused decode logits (51 steps) and greedy 40"] = {
+                "max_abs_diff": float(np.abs(a - b).max()), "bit_equal": bool(np.array_equal(a, b)),
+                "greedy_equal": ga == gb, "ok": bool(np.abs(a - b).max() <= 1e-3 * np.abs(a).max()) and ga == gb}
 
 
 def bench_shape(dev: Path, shape: str) -> None:
@@ -213,7 +219,8 @@ def bench_shape(dev: Path, shape: str) -> None:
     from edgellm.device_runners.bench import run_bench
     from edgellm.device_runners.engine import Engine
 
-    modes = [m for m in ("off", "auto", "all", "silu", "allA", "allB", "allQ") if (dev / "art" / f"{shape}-{m}").is_dir()]
+    modes = [m for m in ("off", "auto", "all", "silu", "allA", "allB", "allQ", "allR", "allRQ")
+             if (dev / "art" / f"{shape}-{m}").is_dir()]
     engines = {m: Engine(dev / "art" / f"{shape}-{m}", random_weights=0) for m in modes}
     prompt = [7, 8, 9]
     ref = _greedy(engines["off"], prompt, 32)

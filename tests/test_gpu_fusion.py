@@ -156,6 +156,11 @@ def test_fused_kernels_repeat_the_unfused_arithmetic():
              "qkv": cuda_gemv.int4_gemv_h2(2048, 3072, True, *cuda_gemv.xs_gemv_config(2048, 3072)[:4], xsmem=True,
                                            norm_eps=1e-5),
              "ks2": cuda_gemv.int4_gemv_h2(2048, 512, False, 8, 2, 4, 2, xsmem=True, silu=True),
+             "res": cuda_gemv.int4_gemv_h2(8192, 2048, False, *cuda_gemv.xs_gemv_config(8192, 2048)[:4], xsmem=True,
+                                           res_in=True),
+             "res1": cuda_gemv.int4_gemv_h2(576, 576, False, 4, 2, 1, 1, xsmem=True, res_in=True),
+             "noadd": cuda_gemv.int4_gemv_h2(2048, 16384, False, w, r, u, k, xsmem=True, fold_shift=fold,
+                                             norm_eps=1e-5, silu=True, norm_add=False),
              "arn": add_rms_norm_gpu(2048, 1e-5, "float16"), "sm": silu_mul_gpu(8192, "float16")}
     src = cuda_source(funcs)
     gu, qkv, arn, sm = (_body(src, n) for n in ("gu", "qkv", "arn", "sm"))
@@ -179,6 +184,13 @@ def test_fused_kernels_repeat_the_unfused_arithmetic():
     assert "if (((int)blockIdx.x) == 0) {" in gu and "*(uint4*)(s_out_ptr +" in gu
     assert gu.count("__syncthreads()") == 2 and qkv.count("__syncthreads()") == 3  # qkv: ksplit's barrier
     assert "s_out_ptr" in qkv and "expf" not in qkv
+    # the residual epilogue (o / down): x + the GEMV output rounded to fp16, add_rms_norm_gpu's add; x read up front
+    for name, stores in (("res", 1), ("res1", 2)):  # ksplit 2: lane r stores row r; ksplit 1: lane 0 both rows
+        body = _body(src, name)
+        adds = re.findall(r"\(\(half\)\(\(\(float\)xr_ptr\[\d\]\) \+ \(\(float\)gq_ptr\[0\]\)\)\)", body)
+        assert len(adds) == stores and body.index("xres_ptr[") < body.index("__syncthreads()")
+    noadd = _body(src, "noadd")  # its consumer: the norm of x itself, no delta, no residual written
+    assert "dl_ptr" not in noadd and "s_out_ptr" not in noadd and "rsqrtf" in noadd
 
 
 def test_registry_fuses_only_cuda_4bit_smem():
@@ -208,6 +220,7 @@ def test_registry_fuses_only_cuda_4bit_smem():
     assert s.fused_gemv(2048, 3072, q4, "float16", False, norm_eps=1e-5, silu=False) is None
     assert str(s.fused_gemv(2048, 16384, q4, "float16", False, norm_eps=None, silu=True).attrs[
         "edgellm.gemv"]).endswith("_xs_fs_silu")
+    assert reg(cuda).residual_gemv(4096, 4096, q4, "float16") is None  # the residual add in o / down: `all` only
     a = reg(cuda)  # auto: every fusion (gate_up's norm up to `in` 2048); the norm at 4096: 2x the warps (same sums)
     w, r, u, k, _ = cuda_gemv.xs_gemv_config(4096, 6144)
     f = a.fused_gemv(4096, 6144, q4, "float16", False, norm_eps=1e-5, silu=False)
@@ -218,3 +231,19 @@ def test_registry_fuses_only_cuda_4bit_smem():
     assert a.fused_gemv(4096, 28672, q4, "float16", False, norm_eps=1e-5, silu=True) is None
     assert reg(cuda, cuda_fuse="all").fused_gemv(4096, 28672, q4, "float16", False, norm_eps=1e-5, silu=True)
     assert a.fused_gemv(2048, 16384, q4, "float16", False, norm_eps=1e-5, silu=True) is not None
+
+
+def test_residual_epilogue_pick():
+    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.quant.schemes import get_scheme
+    from edgellm.targets import resolve
+
+    cuda, q4 = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
+    r = KernelRegistry(cuda, KernelOptions(cuda_fuse="all"))
+    f = r.residual_gemv(14336, 4096, q4, "float16")
+    assert [p.name for p in f.params] == ["x", "qw", "qs", "xres", "out"]
+    w, rows, u, k, fold = cuda_gemv.xs_gemv_config(14336, 4096)  # the plain pick's config: the same sums
+    assert str(f.attrs["edgellm.gemv"]) == f"h2_w{w}r{rows}u{u}k{k}_xs" + ("_fs" if fold else "") + "_res"
+    g = r.fused_gemv(4096, 6144, q4, "float16", True, norm_eps=1e-5, silu=False, add=False)
+    assert [p.name for p in g.params] == ["x", "nw", "qw", "qs", "bias_buf", "out"]
+    assert KernelRegistry(cuda, KernelOptions(cuda_fuse="silu")).residual_gemv(14336, 4096, q4, "float16") is None

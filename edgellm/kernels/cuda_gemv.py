@@ -141,7 +141,7 @@ def h2_supports(in_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bo
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 4,
                  ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False,
                  xsmem: bool = False, fold_shift: bool = False, norm_eps: float | None = None,
-                 residual: bool = True, silu: bool = False):
+                 residual: bool = True, silu: bool = False, norm_add: bool = True, res_in: bool = False):
     """Same function and arguments as `int4_gemv(in_f, out_f, "float16", "float16", "float16", bias)` (x, q_weight,
     q_scale, [bias], out), already scheduled for CUDA (fp16x2 arithmetic, see the comment above). `ksplit` > 1:
     the block's warps form `warps / ksplit` row teams of `ksplit` warps that share `rows` rows, each warp taking
@@ -169,9 +169,13 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     writes x + delta as a second output (the residual stream the later layers read).
     `silu` (gate_up, no bias): the team's `rows` rows are gate rows i.. and their up rows inter + i..; the output is
     silu(gate) * up [1, out_f / 2], rounded as the GEMV's fp16 output and then cuda_math.silu_mul_gpu round it (no
-    silu_mul kernel, and half the output bytes)."""
+    silu_mul kernel, and half the output bytes).
+    `res_in` (the producer side, no bias): one more argument, the residual x [1, out_f], after the weights; the
+    output is x + y rounded as add_rms_norm_gpu rounds it (y first rounded to fp16), the new residual stream.
+    `norm_add=False` (with norm_eps): the consumer of such a producer: arguments (s, norm weight, weights), the norm
+    of s staged without an add, no residual output."""
     return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
-                    zero_point, xsmem, fold_shift, norm_eps, residual, silu)
+                    zero_point, xsmem, fold_shift, norm_eps, residual and norm_add, silu, norm_add, res_in)
 
 
 NORM_VEC = 8  # fp16 values per 16-byte chunk of add_rms_norm_gpu (its default `lanes`), one staged word of x here
@@ -197,7 +201,8 @@ def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
 
 def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: int, ksplit: int, fence: bool,
              bits: int, offset: int, zero_point: bool, xsmem: bool = False, fold_shift: bool = False,
-             norm_eps: float | None = None, residual: bool = True, silu: bool = False):
+             norm_eps: float | None = None, residual: bool = True, silu: bool = False, norm_add: bool = True,
+             res_in: bool = False):
     from tvm.script import tirx as T
 
     c = compiler()
@@ -219,6 +224,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         raise ValueError("int4_gemv_h2: the norm / silu fusions need xsmem")
     if norm and not fused_norm_supports(in_f):
         raise ValueError(f"int4_gemv_h2: the norm prologue covers `in` up to {1024 * NORM_VEC}, got {in_f}")
+    if res_in and (bias or silu or norm):
+        raise ValueError("int4_gemv_h2: res_in takes no bias, silu or norm")
     if silu and (bias or rows % 2 or out_f % 2):
         raise ValueError(f"int4_gemv_h2: silu needs no bias, an even `rows` and `out` (got {rows}, {out_f})")
     G, W, R, U, KS = in_f // GROUP, warps, rows, unroll, ksplit
@@ -361,10 +368,13 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard)
 
     @T.macro
-    def store(out, bias_buf, row, value):
+    def store(out, bias_buf, gq, row, value, xres_row):
         if row < out_f:
             if bias:
                 out[0, row] = T.Cast("float16", value + T.Cast("float32", bias_buf[row]))
+            elif res_in:  # add_rms_norm_gpu's sum of the residual and the rounded GEMV output
+                gq[0] = T.Cast("float16", value)
+                out[0, row] = T.Cast("float16", T.Cast("float32", xres_row) + T.Cast("float32", gq[0]))
             else:
                 out[0, row] = T.Cast("float16", value)
 
@@ -399,10 +409,14 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             if i * W * 32 + ty * 32 + tx < G * 4:
                 for e in T.vectorized(NORM_VEC):
                     xa[e] = x[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
-                for e in T.vectorized(NORM_VEC):
-                    ya[e] = dl[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
+                if norm_add:
+                    for e in T.vectorized(NORM_VEC):
+                        ya[e] = dl[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
                 for e in T.unroll(NORM_VEC):
-                    sv[i * NORM_VEC + e] = T.Cast("float16", T.Cast("float32", xa[e]) + T.Cast("float32", ya[e]))
+                    if norm_add:
+                        sv[i * NORM_VEC + e] = T.Cast("float16", T.Cast("float32", xa[e]) + T.Cast("float32", ya[e]))
+                    else:
+                        sv[i * NORM_VEC + e] = xa[e]
                     nacc[0] = nacc[0] + T.Cast("float32", sv[i * NORM_VEC + e]) * T.Cast("float32",
                                                                                         sv[i * NORM_VEC + e])
             for k in T.unroll(5):
@@ -433,12 +447,13 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, in_f), "float16"), d_h: T.handle, nw_h: T.handle,
                qw: T.Buffer((out_f, G * WPG), "uint32"), qs: T.Buffer((out_f, G), "float16"), m_h: T.handle,
-               b_h: T.handle, out: T.Buffer((1, OUT), "float16"), s_h: T.handle):
+               b_h: T.handle, r_h: T.handle, out: T.Buffer((1, OUT), "float16"), s_h: T.handle):
         qm = T.match_buffer(m_h, (out_f, G), "float16")
         bias_buf = T.match_buffer(b_h, (out_f,), "float16")
         dl = T.match_buffer(d_h, (1, in_f), "float16")
         nw = T.match_buffer(nw_h, (in_f,), "float16")
         s_out = T.match_buffer(s_h, (1, in_f), "float16")
+        xres = T.match_buffer(r_h, (1, out_f), "float16")
         x32 = T.decl_buffer((in_f // 2,), "uint32", data=x.data)  # x as pairs of halves: 16-byte loads, permutes
         bx = T.launch_thread("blockIdx.x", nb)
         ty = T.launch_thread("threadIdx.y", W)
@@ -465,10 +480,17 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         hv = T.alloc_buffer((NORM_VEC,), "float16", scope="local")
         nacc = T.alloc_buffer((1,), "float32", scope="local")
         nred = T.alloc_buffer((XFILL * W if norm else 1,), "float32", scope="shared")
+        xr = T.alloc_buffer((R,), "float16", scope="local")  # res_in: the residual of the rows this lane stores
         row0 = T.meta_var((bx * TEAMS + ty // KS) * H)  # first output of this warp's team
         vl = T.meta_var((ty % KS) * 32 + tx)
         for r in T.unroll(R):
             acc[r] = T.float32(0)
+        if res_in:  # loaded first: a load at the store would add a memory round trip to the kernel's end
+            if KS == 1:
+                for r in T.unroll(R):
+                    xr[r] = xres[0, T.min(row0 + r, out_f - 1)]
+            else:
+                xr[0] = xres[0, T.min(row0 + T.min(tx, R - 1), out_f - 1)]
         if xsmem:
             if full > 0:  # the first step's weights in flight while x is staged
                 load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
@@ -494,7 +516,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                 if silu:
                     fin[r] = red[0]
                 elif tx == 0:
-                    store(out, bias_buf, row0 + r, red[0])
+                    store(out, bias_buf, gq, row0 + r, red[0], xr[r])
             elif tx == 0:
                 part[ty * R + r] = red[0]
         if KS == 1 and silu:
@@ -513,14 +535,16 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                         red[1] = red[1] + part[(ty + k) * R + tx + H]
                     store_silu(out, gq, row0 + tx, red[0], red[1])
                 else:
-                    store(out, bias_buf, row0 + tx, red[0])
+                    store(out, bias_buf, gq, row0 + tx, red[0], xr[0])
 
-    px, pd, pn, pqw, pqs, pm, pb, pout, ps = kernel.params
-    keep = ([px] + ([pd, pn] if norm else []) + [pqw, pqs] + ([pm] if zero_point else []) + ([pb] if bias else [])
-            + [pout] + ([ps] if norm and residual else []))
+    px, pd, pn, pqw, pqs, pm, pb, pr, pout, ps = kernel.params
+    keep = ([px] + ([pd] if norm and norm_add else []) + ([pn] if norm else []) + [pqw, pqs]
+            + ([pm] if zero_point else []) + ([pb] if bias else []) + ([pr] if res_in else []) + [pout]
+            + ([ps] if norm and residual else []))
     func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
     grid = "" if (bits, offset, zero_point) == (4, QMAX, False) else f"_q{bits}o{offset}" + ("z" if zero_point else "")
-    fused = ("_norm" + ("" if residual else "_nores") if norm else "") + ("_silu" if silu else "")
+    fused = (("_norm" + ("" if residual else "_nores") + ("" if norm_add else "_noadd") if norm else "")
+             + ("_silu" if silu else "") + ("_res" if res_in else ""))
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
                             + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused})

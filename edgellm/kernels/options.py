@@ -42,10 +42,11 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                 "into the cache object that splits the graph per layer); auto = tvm for now"),
     "cuda_fuse": (("auto", "all", "silu", "off"),
                   "CUDA decode fusions into the INT4 decode GEMV (x staged in shared memory; one-token decode only): "
-                  "all = the residual add + RMSNorm before qkv and gate_up staged by the GEMV itself, and "
+                  "all = the residual add + RMSNorm before qkv and gate_up staged by the GEMV itself, "
                   "silu(gate) * up computed in gate_up's epilogue (no add_rms_norm / silu_mul kernels between "
-                  "them; the same values); silu = the epilogue only; off = separate kernels; auto = the measured "
-                  "default (docs/benchmarks/h200-fusion.md)"),
+                  "them; the same values), and o / down adding their output to the residual; silu = the epilogue "
+                  "only; off = separate kernels; auto = the measured default: all but the residual add in o / "
+                  "down, and gate_up's norm only up to hidden 2048 (docs/benchmarks/h200-fusion.md)"),
     "webgpu_gemm": (("auto", "tiled", "simple"),
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "

@@ -218,15 +218,19 @@ class KernelRegistry:
         return {"auto": "all"}.get(self.options.cuda_fuse, self.options.cuda_fuse)
 
     def fused_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str, bias: bool,
-                   norm_eps: float | None, silu: bool):
+                   norm_eps: float | None, silu: bool, add: bool = True):
         """The one-token decode GEMV with the residual add + RMSNorm before it (`norm_eps`: arguments x, delta,
         norm weight, the weights, [bias]; outputs y and x + delta) and/or silu(gate) * up after it (`silu`: the
         gate_up linear, output [1, out_f / 2]), as the same values as the separate kernels; None where this build
-        keeps them apart (not CUDA, --opt cuda_fuse, a GEMV other than the 4-bit one with x in shared memory)."""
+        keeps them apart (not CUDA, --opt cuda_fuse, a GEMV other than the 4-bit one with x in shared memory).
+        `add=False`: the norm of x itself (x already holds the residual sum: `residual_gemv` wrote it); arguments x,
+        norm weight, the weights; one output."""
         from . import cuda_gemv
 
         fuse = self.decode_fusion
         if fuse == "off" or (norm_eps is not None and fuse != "all") or (norm_eps is None and not silu):
+            return None
+        if not add and (self.kind != "cuda" or norm_eps is None):
             return None
         if self.kind == "webgpu":
             return self._webgpu_fused_gemv(in_f, out_f, scheme, dtype, bias, norm_eps, silu)
@@ -244,10 +248,32 @@ class KernelRegistry:
             return None
         zp, off = scheme.zero_point, scheme.offset
         name = ("int4_gemv_fp16x2_smem" + ("_min" if zp else "" if off == 7 else f"_o{off}")
-                + ("_norm" if norm_eps is not None else "") + ("_silu" if silu else ""))
+                + ("_norm" if norm_eps is not None else "") + ("" if add else "_noadd") + ("_silu" if silu else ""))
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
-                                                         xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu))
+                                                         xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
+                                                         norm_add=add))
+
+    def residual_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str):
+        """The one-token decode GEMV that adds its output to the residual stream (o / down before a GEMV that takes
+        the norm with `fused_gemv(add=False)`): arguments y's input, the weights, x; output x + y, rounded as
+        add_rms_norm_gpu rounds it. Only with --opt cuda_fuse=all: measured within 1% of the default (H200 8B
+        tg128 483.4 against 475.3 / 482.8, docs/benchmarks/h200-fusion.md), None otherwise."""
+        from . import cuda_gemv
+
+        if self.kind != "cuda" or self.options.cuda_fuse != "all":
+            return None
+        if not (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
+                and scheme.elems_per_word == 8 and scheme.group_size == 32 and not scheme.act_order
+                and scheme.padded_in(in_f) == in_f and dtype == scheme.scale_dtype == "float16"
+                and cuda_gemv.h2_supports(in_f, dtype, dtype, dtype)):
+            return None
+        *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)  # the plain GEMV's: the same sums
+        zp, off = scheme.zero_point, scheme.offset
+        name = "int4_gemv_fp16x2_smem" + ("_min" if zp else "" if off == 7 else f"_o{off}") + "_res"
+        return self._once(("residual_gemv", name, in_f, out_f, scheme, dtype), "linear_gemv", name,
+                          lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, False, *cfg, offset=off, zero_point=zp,
+                                                         xsmem=True, fold_shift=fold, res_in=True))
 
     def _webgpu_fused_gemv(self, in_f, out_f, scheme, dtype, bias, norm_eps, silu):
         """webgpu_linear.int4_gemv_h2 with the fusions, where the unfused GEMV would be it (q4f16_1's grid)."""

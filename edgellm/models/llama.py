@@ -25,14 +25,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.h * self.d, cfg.hidden_size, scheme, dtype, kernels)
 
     def forward(self, x, cache, layer_id: int):
-        return self.attend(self.qkv_proj(x), cache, layer_id)
+        return self.o_proj(self.attention(self.qkv_proj(x), cache, layer_id))
 
-    def attend(self, qkv, cache, layer_id: int):
-        """qkv_proj's output [b, s, (h+2kv) d] -> o_proj(attention) [b, s, hidden]."""
+    def attention(self, qkv, cache, layer_id: int):
+        """qkv_proj's output [b, s, (h+2kv) d] -> the attention output [b, s, h d] (o_proj's input)."""
         b, s, _ = qkv.shape
         qkv = qkv.reshape(b, s, self.h + 2 * self.kv, self.d)  # [b, s, h+2kv, d]
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.h, sm_scale=self.d**-0.5)  # [b, s, h, d]
-        return self.o_proj(out.reshape(b, s, self.h * self.d))
+        return out.reshape(b, s, self.h * self.d)
 
 
 class MLP(nn.Module):
@@ -87,15 +87,15 @@ class Backbone(nn.Module):
         same function as `forward`'s loop, kernel for kernel where it has none."""
         qkv = self.layers[0].self_attn.qkv_proj(h)
         for i, layer in enumerate(self.layers):
-            mlp = layer.mlp
-            x, act = _norm_linear(x, layer.self_attn.attend(qkv, cache, i), layer.post_attention_layernorm,
-                                  mlp.gate_up_proj, self.kernels, silu_inter=mlp.inter)
-            mlp_out = mlp.down_proj(act)
+            mlp, attn = layer.mlp, layer.self_attn
+            x, act = _res_norm_linear(x, attn.attention(qkv, cache, i), attn.o_proj, layer.post_attention_layernorm,
+                                      mlp.gate_up_proj, self.kernels, silu_inter=mlp.inter)
             if i + 1 < len(self.layers):
-                x, qkv = _norm_linear(x, mlp_out, self.layers[i + 1].input_layernorm,
-                                      self.layers[i + 1].self_attn.qkv_proj, self.kernels)
+                nxt = self.layers[i + 1]
+                x, qkv = _res_norm_linear(x, act, mlp.down_proj, nxt.input_layernorm, nxt.self_attn.qkv_proj,
+                                          self.kernels)
             else:
-                x, h = _add_rms_norm(x, mlp_out, self.norm, self.kernels)
+                x, h = _add_rms_norm(x, mlp.down_proj(act), self.norm, self.kernels)
         return h
 
 
@@ -110,6 +110,29 @@ def _add_rms_norm(x, y, norm, kernels: KernelRegistry):
     x, h = nn.op.tensor_ir_op(func, "add_rms_norm", [x.reshape(b * s, hidden), y.reshape(b * s, hidden), norm.weight],
                               out)
     return x.reshape(b, s, hidden), h.reshape(b, s, hidden)
+
+
+def _res_norm_linear(x, a, producer: Linear, norm, linear: Linear, kernels: KernelRegistry,
+                     silu_inter: int | None = None):
+    """(x + producer(a), linear(norm(x + producer(a)))) for one token (then silu(gate) * up when `silu_inter`): the
+    producer (o / down) adds its output to the residual itself and `linear` normalizes without an add where the
+    registry has both kernels (`residual_gemv`, `fused_gemv(add=False)`), else `_norm_linear`."""
+    b, s, hidden = x.shape
+    silu = silu_inter is not None
+    lin = (linear.in_features, linear.out_features, linear.scheme, x.dtype, linear.bias is not None)
+    res = kernels.residual_gemv(producer.in_features, producer.out_features, producer.scheme, x.dtype)
+    func = (kernels.fused_gemv(*lin, norm_eps=norm.epsilon, silu=silu, add=False)
+            if res is not None and producer.bias is None and not producer.scheme.act_order else None)
+    if func is None:
+        return _norm_linear(x, producer(a), norm, linear, kernels, silu_inter)
+    x = nn.op.tensor_ir_op(res, "linear_gemv_res", [a.reshape(1, producer.in_features),
+                                                    *_weights(producer, producer.scheme), x.reshape(1, hidden)],
+                           nn.Tensor.placeholder((1, hidden), x.dtype))
+    weights = _weights(linear, linear.scheme) + ([linear.bias] if linear.bias is not None else [])
+    out_f = silu_inter if silu else linear.out_features
+    out = nn.op.tensor_ir_op(func, "linear_gemv_norm", [x, norm.weight, *weights],
+                             nn.Tensor.placeholder((1, out_f), x.dtype))
+    return x.reshape(b, s, hidden), out.reshape(b, s, out_f)
 
 
 def _norm_linear(x, y, norm, linear: Linear, kernels: KernelRegistry, silu_inter: int | None = None):
