@@ -3,6 +3,10 @@ test), h100-detail.json (checks, kernels, decode and prefill profiles) and h100.
 
 Usage: python bench/gpu_report.py GPU_JSON [--out docs/benchmarks] [--name h100] [--llamacpp DIR]
 
+--llamacpp-records JSON instead carries llama.cpp's records over from an earlier report of this script (for a run
+without the llama.cpp build, which costs ~4 minutes of device time); each gets `"lease": "earlier"` and keeps the
+copy bandwidth of its own run.
+
 --llamacpp DIR folds in llama.cpp's llama-bench JSON (llamacpp-<shape>.json, written by the kit of
 ../shared/gpu-anchor/run.sh in the same device call): one record per shape and test, engine "llama.cpp", scheme
 Q4_0, with bandwidth_fraction computed like edgellm's (weight bytes read per decode token x tok/s / the copy
@@ -24,7 +28,8 @@ HATCH = {"edgellm": None, "llama.cpp": ".."}  # every other engine (transformers
 
 def _legend(engine: str, recs: list[dict]) -> str:
     scheme = next(r["scheme"] or "" for r in recs if r["engine"] == engine)
-    return engine if scheme in engine else f"{engine} {scheme}"
+    earlier = any(r.get("lease") == "earlier" for r in recs if r["engine"] == engine)
+    return (engine if scheme in engine else f"{engine} {scheme}") + (" (earlier lease)" if earlier else "")
 
 
 def _style(engine: str) -> dict:
@@ -125,9 +130,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     ap.add_argument("--name", default="h100")
     ap.add_argument("--llamacpp", type=Path, help="folder of llama-bench JSON (llamacpp-<shape>.json) from the same run")
+    ap.add_argument("--llamacpp-records", type=Path, help="an earlier report's JSON: carry its llama.cpp records over")
     args = ap.parse_args()
     run = json.loads(args.gpu_json.read_text())
     recs = records(run)
+    if args.llamacpp_records:  # read before anything is written: it may be the file this run replaces
+        recs += [{**r, "lease": "earlier"} for r in json.loads(args.llamacpp_records.read_text())
+                 if r["engine"] == "llama.cpp"]
     if args.llamacpp:
         recs += llamacpp_records(args.llamacpp, run.get("copy_bw", 0), run.get("device"))
     (args.out / f"{args.name}.json").write_text(json.dumps(recs, indent=1) + "\n")
@@ -135,7 +144,8 @@ def main() -> None:
                                         "batched", "errors")}
     (args.out / f"{args.name}-detail.json").write_text(json.dumps(detail, indent=1) + "\n")
     bw = run.get("copy_bw", 0) / 1e9
-    plot(recs, args.out / f"{args.name}.png", f"{run.get('device')}, copy bandwidth {bw:.0f} GB/s, same run")
+    title = f"{run.get('device')}, copy bandwidth {bw:.0f} GB/s, same run"
+    plot(recs, args.out / f"{args.name}.png", title + (" (llama.cpp: earlier lease)" if args.llamacpp_records else ""))
     for r in recs:
         frac = r.get("bandwidth_fraction")
         print(f"| {r['model']} | {r['engine']} | {r['test']} | {r['avg_ts']:.1f} ± {r['stddev_ts']:.1f} | "
