@@ -5,7 +5,7 @@ bench/gpu_run.py."""
 from __future__ import annotations
 
 import pytest
-from edgellm.kernels import KernelOptions
+from edgellm.kernels import KernelOptions, KernelRegistry
 from test_gpu_kernels import (  # pytest puts tests/ on sys.path
     _pick,
     cuda_source,
@@ -118,6 +118,8 @@ def test_wgmma_choice():
     with pytest.raises(KernelOptionError) as exc:
         _pick(sm80, None, 4096, 6144, "q4f16_1", cuda_gemm="wgmma")
     assert "\n" not in str(exc.value) and "sm_80" in str(exc.value) and "mma-pipelined" in str(exc.value)
+    with pytest.raises(KernelOptionError, match="sm_80"):  # at the registry's construction: before a model is traced
+        KernelRegistry(sm80, KernelOptions(cuda_gemm="wgmma"))
     with pytest.raises(KernelOptionError, match="did you mean wgmma"):
         KernelOptions.parse(["cuda_gemm=wgmm"])
 

@@ -72,5 +72,12 @@ def test_compile_records_options_and_kernels(checkpoints, tmp_path):
     r = CliRunner().invoke(cli, ["compile", str(checkpoints["llama"]), "--opt", "cuda_gemv=fp16", "-o",
                                  str(tmp_path / "b")])
     assert r.exit_code == 1 and "did you mean fp16x2" in r.stderr and not (tmp_path / "b").exists()
+    # a kernel the target cannot run: refused in one line, nothing written
+    r = CliRunner().invoke(cli, ["compile", str(checkpoints["llama"]), "--target", "cuda-sm80", "--opt",
+                                 "cuda_gemm=wgmma", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 1 and not (tmp_path / "c").exists()
+    err = [line for line in r.stderr.splitlines() if "Error" in line or "Warning" in line or "Traceback" in line]
+    assert err == ["Error: --opt cuda_gemm=wgmma needs an sm_90 target (Hopper's wgmma); this one is sm_80: use "
+                   "cuda_gemm=auto or mma-pipelined"], r.stderr
     r = CliRunner().invoke(cli, ["compile", "--list-opts"])
     assert r.exit_code == 0 and "cuda_attention: auto | mma | tvm" in r.stdout

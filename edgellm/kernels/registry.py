@@ -29,6 +29,10 @@ class KernelRegistry:
         self.kind: str = target.kind.name  # llvm | cuda | metal | opencl | webgpu ...
         self.chosen: dict[str, set[str]] = defaultdict(set)
         self._built: dict[tuple, object] = {}
+        if self.kind == "cuda" and self.options.cuda_gemm == "wgmma":  # refused before any model is traced
+            from .cuda_gemm import gemm_choice
+
+            gemm_choice(4096, 4096, self.sm, "wgmma")
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def _once(self, key: tuple, op: str, name: str, build: Callable[[], object]):
