@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -225,14 +222,9 @@ def run(args) -> int:
 
     results["device"] = torch.cuda.get_device_name(0)
     out = Path(os.environ.get("OUT", ".")) / "attn.json"
-    for label, step in (("kernels", run_all), ("models", run_models)):
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception:  # noqa: BLE001 (report it and go on with the next step)
-            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
-        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+    from bench_steps import run_steps
+
+    run_steps((("kernels", run_all), ("models", run_models)), results, out)
     bad = [c for c in results["checks"] if not c["ok"]]
     for e in results["errors"]:
         print("ERROR:", e)

@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -327,14 +326,9 @@ def run(dev: Path, shapes: list[str]) -> int:
         steps.append(("kernel sweep", lambda: sweep(dev)))
     steps += [(shape, lambda s=shape: bench_shape(dev, s)) for shape in shapes]
     out = Path(os.environ.get("OUT", ".")) / "fusion.json"
-    for label, step in steps:
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception:
-            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
-        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+    from bench_steps import run_steps
+
+    run_steps(steps, results, out)
     print(json.dumps(results["checks"], indent=1, default=str))
     for label, p in results["profiles"].items():
         print(f"{label}: GPU busy {p['gpu_busy_us_per_token']:.0f} us of a {p['gpu_span_us_per_token']:.0f} us span, "

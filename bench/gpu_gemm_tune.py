@@ -15,10 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -137,34 +135,8 @@ def run_kernels() -> None:
         del w32
 
 
-def profile_prefill(eng, label: str, n: int = 512) -> None:
-    """CUPTI kernel table (torch.profiler) of one n-token prefill of a fresh sequence, after one warm-up."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    ids = [int(i) for i in np.random.default_rng(0).integers(10, 1000, n)]
-    with eng.sequence() as seq:
-        seq.prefill(ids)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        with eng.sequence() as seq:
-            seq.prefill(ids)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    kernels: dict = {}
-    for e in prof.events():
-        if "CUDA" in str(getattr(e, "device_type", "")):
-            d = kernels.setdefault(e.name, [0, 0.0])
-            d[0] += 1
-            d[1] += e.time_range.elapsed_us()
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    results["profile"][label] = {
-        "tokens": n, "wall_ms": wall * 1e3, "gpu_busy_ms": sum(v[1] for v in kernels.values()) / 1e3,
-        "kernels": [{"name": k[:160], "calls": v[0], "us": v[1]} for k, v in top[:40]]}
-
-
 def run_models() -> None:
+    import gpu_run
     import torch
 
     from edgellm.device_runners.bench import run_bench
@@ -181,7 +153,7 @@ def run_models() -> None:
                                          "samples_ts": r.samples_ts})
                 print(f"{path.name}: {r.test} {r.avg_ts:.0f} tok/s", flush=True)
         try:
-            profile_prefill(eng, path.name)
+            results["profile"][path.name] = gpu_run.prefill_kernel_table(eng, 512, top=40)
         except Exception:  # noqa: BLE001 (record it and go on)
             results["errors"].append(f"profile {path.name}: " + traceback.format_exc()[-2000:])
         del eng
@@ -194,17 +166,12 @@ def run(args) -> int:
     results["device"] = torch.cuda.get_device_name(0)
     out = Path(os.environ.get("OUT", ".")) / "gemm.json"
     steps = [("kernels", run_kernels)] + ([] if args.no_models else [("models", run_models)])
-    for label, step in steps:
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception:  # noqa: BLE001 (report it and go on with the next step)
-            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
-        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+    from bench_steps import run_steps
+
+    run_steps(steps, results, out)
     for label, p in results["profile"].items():
         print(f"{label}: prefill {p['tokens']} wall {p['wall_ms']:.1f} ms, GPU busy {p['gpu_busy_ms']:.1f} ms")
-        for k in p["kernels"][:20]:
+        for k in p["top_kernels"][:20]:
             print(f"   {k['us'] / 1e3:8.2f} ms {k['calls']:5d}x  {k['name'][:100]}")
     for e in results["errors"]:
         print("ERROR:", e)

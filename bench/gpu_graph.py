@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -189,14 +188,9 @@ def run(dev: Path, shapes: list[str], tvm_shapes: bool) -> int:
         for tag in ("owned", "tvm") if tvm_shapes else ("owned",):
             steps.append((f"{name} {tag}", lambda name=name, tag=tag: profile_and_bench(dev, name, tag,
                                                                                         results["copy_bw"])))
-    for label, step in steps:
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception:
-            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
-        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+    from bench_steps import run_steps
+
+    run_steps(steps, results, out)
     print(f"device: {results['device']}, copy bandwidth {results.get('copy_bw', 0) / 1e9:.0f} GB/s")
     for label, p in results["profiles"].items():
         print(f"{label}: {p['wall_ms_per_token_profiled']:.3f} ms/token, GPU busy {p['gpu_busy_us_per_token']:.0f} us "

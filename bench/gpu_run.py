@@ -265,13 +265,13 @@ def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) 
     }
 
 
-def profile_prefill(eng, label: str, n: int = 512) -> None:
+def prefill_kernel_table(eng, n: int = 512, top: int = 15, ids: list[int] | None = None) -> dict:
     """GPU time per kernel of one n-token prefill into an empty sequence (CUPTI through torch.profiler), after a
-    warm-up prefill."""
+    warm-up prefill: {tokens, wall_ms, gpu_busy_ms, top_kernels: [{name, calls, us, ms}] (the `top` longest)}."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    ids = [(7 * i) % 1000 + 1 for i in range(n)]
+    ids = ids or [(7 * i) % 1000 + 1 for i in range(n)]
     with eng.sequence() as seq:
         seq.prefill(ids)
     torch.cuda.synchronize()
@@ -287,10 +287,28 @@ def profile_prefill(eng, label: str, n: int = 512) -> None:
             d = kernels.setdefault(e.name, [0, 0.0])
             d[0] += 1
             d[1] += e.time_range.elapsed_us()
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
-    results.setdefault("prefill_profiles", {})[label] = {
-        "tokens": n, "wall_ms": wall * 1e3, "gpu_busy_ms": sum(v[1] for v in kernels.values()) / 1e3,
-        "top_kernels": [{"name": k[:120], "calls": v[0], "ms": v[1] / 1e3} for k, v in top]}
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"tokens": len(ids), "wall_ms": wall * 1e3, "gpu_busy_ms": sum(v[1] for v in kernels.values()) / 1e3,
+            "top_kernels": [{"name": k[:160], "calls": v[0], "us": v[1], "ms": v[1] / 1e3} for k, v in ranked]}
+
+
+def profile_prefill(eng, label: str, n: int = 512) -> None:
+    results.setdefault("prefill_profiles", {})[label] = prefill_kernel_table(eng, n)
+
+
+def hf_random_llama(config_dir: Path):
+    """transformers' Llama of the checkpoint folder's config.json, random init, fp16, on the GPU (cuBLAS + SDPA)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(str(config_dir))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.float16)
+        try:
+            return cfg, LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
 
 
 def read_bytes_per_token(eng) -> int:
@@ -375,17 +393,10 @@ def bench_hf(name: str, bw: float) -> None:
     """transformers fp16, random init on the GPU, same shapes: pp as one forward, tg as a greedy loop with the
     KV cache (argmax on the GPU), 1 warmup + 3 reps each."""
     import torch
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    from transformers import DynamicCache
 
     label = MODELS[name]
-    cfg = LlamaConfig.from_pretrained(str(DEV / "ckpt" / name))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.float16)
-        try:
-            m = LlamaForCausalLM(cfg).eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
+    cfg, m = hf_random_llama(DEV / "ckpt" / name)
     wbytes = sum(p.numel() * p.element_size() for p in m.parameters())  # a tied head is listed once
     read = wbytes - (0 if cfg.tie_word_embeddings else m.get_input_embeddings().weight.numel() * 2)
     vocab = cfg.vocab_size
@@ -445,14 +456,9 @@ def main() -> int:
         for name in models:
             steps.append((f"hf {name}", lambda name=name: bench_hf(name, results["copy_bw"])))
     out = Path(os.environ.get("OUT", ".")) / "gpu.json"
-    for label, step in steps:
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception:  # report and continue with the next step: device time is scarce
-            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
-        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+    from bench_steps import run_steps
+
+    run_steps(steps, results, out)
     print(json.dumps(results["checks"], indent=1, default=str))
     print(f"device: {results['device']}, copy bandwidth {results.get('copy_bw', 0) / 1e9:.0f} GB/s")
     for k in results["kernels"]:

@@ -16,7 +16,6 @@ Writes $OUT/e2e.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -46,30 +45,8 @@ def prepare(out: Path) -> None:
     gpu_prepare.check_bundle_size(out)
 
 
-def profile_prefill(eng, label: str, n: int = 512) -> None:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    ids = [int(i) for i in np.random.default_rng(0).integers(10, 300, n)]
-    with eng.sequence() as seq:
-        seq.prefill(ids)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        with eng.sequence() as seq:
-            seq.prefill(ids)
-        torch.cuda.synchronize()
-    kernels: dict = {}
-    for e in prof.events():
-        if "CUDA" in str(getattr(e, "device_type", "")):
-            d = kernels.setdefault(e.name, [0, 0.0])
-            d[0] += 1
-            d[1] += e.time_range.elapsed_us()
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    results["profiles"][label] = {"tokens": n, "gpu_busy_ms": sum(v[1] for v in kernels.values()) / 1e3,
-                                  "kernels": [{"name": k[:140], "calls": v[0], "us": v[1]} for k, v in top[:16]]}
-
-
 def run_models(dev: Path) -> None:
+    import gpu_run
     import torch
 
     from edgellm.device_runners.bench import run_bench
@@ -86,7 +63,7 @@ def run_models(dev: Path) -> None:
                                          "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts, "linear": chosen})
                 print(f"llama-3-8b cuda_gemm={mode}: {r.test} {r.avg_ts:,.0f} tok/s", flush=True)
         try:
-            profile_prefill(eng, mode)
+            results["profiles"][mode] = gpu_run.prefill_kernel_table(eng, 512, top=16)
         except Exception:  # noqa: BLE001 (record it and go on: device time is scarce)
             results["errors"].append(f"profile {mode}: " + traceback.format_exc()[-2000:])
         del eng
@@ -95,17 +72,10 @@ def run_models(dev: Path) -> None:
 
 def run_hf(dev: Path) -> None:
     """transformers fp16 (random init on the GPU, cuBLAS + SDPA) pp128 / pp512 of the same shape, as gpu_run."""
+    import gpu_run
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig.from_pretrained(str(dev / "ckpt" / "llama-3-8b"))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.float16)
-        try:
-            m = LlamaForCausalLM(cfg).eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
+    cfg, m = gpu_run.hf_random_llama(dev / "ckpt" / "llama-3-8b")
 
     def pp(n):
         ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
@@ -129,17 +99,12 @@ def run(dev: Path) -> int:
 
     results["device"] = torch.cuda.get_device_name(0)
     out = Path(os.environ.get("OUT", ".")) / "e2e.json"
-    for label, step in (("models", lambda: run_models(dev)), ("transformers", lambda: run_hf(dev))):
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception:  # noqa: BLE001
-            results["errors"].append(f"{label}: " + traceback.format_exc()[-3000:])
-        print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+    from bench_steps import run_steps
+
+    run_steps((("models", lambda: run_models(dev)), ("transformers", lambda: run_hf(dev))), results, out)
     for label, p in results["profiles"].items():
         print(f"prefill 512, cuda_gemm={label}: GPU busy {p['gpu_busy_ms']:.2f} ms")
-        for k in p["kernels"][:6]:
+        for k in p["top_kernels"][:6]:
             print(f"    {k['us'] / 1e3:7.2f} ms {k['calls']:4d}x  {k['name'][:100]}")
     for e in results["errors"]:
         print("ERROR", e[-600:])
