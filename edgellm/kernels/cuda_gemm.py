@@ -288,8 +288,9 @@ def tc2_smem_bytes(config: str, zero_point: bool = False) -> int:
 def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | None, small_rows: int, offset: int,
                  zero_point: bool, M):
     """(TVMScript macro launching the tc2 GEMM for `M` rows: the `small` config's tile when M <= small_rows, else
-    `config`'s; the grid's suffix of the kernel label). Shared by int4_gemm_tc2 and the GEMM branch of
-    cuda_gemv_batch.int4_linear_small_rows; the macro takes (x, qw, qs, min pointer, bias pointer, out)."""
+    `config`'s; the kernel's label, e.g. `wgmma_wg2_r128_s4/wg2_r64_s4b2@256_8_false`). Shared by int4_gemm_tc2 and
+    the GEMM branch of cuda_gemv_batch.int4_linear_small_rows; the macro takes (x, qw, qs, min pointer, bias
+    pointer, out)."""
     from tvm.script import tirx as T
 
     off = 0 if zero_point else offset
@@ -330,7 +331,34 @@ def tc2_launcher(in_f: int, out_f: int, bias: bool, config: str, small: str | No
                 T.evaluate(T.cuda.func_call(CALL, x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f,
                                             sm.data, source_code=src))
 
-    return launch, grid
+    kind = "wgmma" if config in WGMMA_CONFIGS else "tc2_cp_async"
+    label = f"{kind}_{config}" + (f"/{small}@{small_rows}" if small else "") + grid.replace(", ", "_")
+    return launch, label
+
+
+def q4_linear_func(in_f: int, out_f: int, bias: bool, zero_point: bool, M, body):
+    """The PrimFunc of a 4-bit fp16 linear over `M` rows whose TVMScript macro `body(x, qw, qs, min pointer, bias
+    pointer, out)` launches the kernels: arguments x [M, in], q_weight, q_scale, [q_min if zero_point], [bias if
+    bias], out [M, out] (an absent argument's pointer is another buffer's, never read). Shared by int4_gemm_tc2 and
+    cuda_gemv_batch.int4_linear_small_rows."""
+    from tvm.script import tirx as T
+
+    W, G = in_f // PER_WORD, in_f // GROUP
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
+               m_h: T.handle, b_h: T.handle, out_h: T.handle):
+        x = T.match_buffer(x_h, (M, in_f), "float16")
+        qm = T.match_buffer(m_h, (out_f, G), "float16")
+        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
+        out = T.match_buffer(out_h, (M, out_f), "float16")
+        bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
+        mp = T.meta_var(qm.data if zero_point else qs.data)  # without a zero point the pointer is never read
+        body(x, qw, qs, mp, bp, out)
+
+    params = list(kernel.params)
+    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
+    return compiler().tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
 
 
 def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", small: str | None = None,
@@ -343,8 +371,6 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
     The row's grid: `offset` (the stored value of a zero weight: 7 for q4f16_1, 8 for the Q4_0 grid of q4f16_0)
     or `zero_point` (q * scale + min, the Q4_1 grid of q4f16_2: one more argument q_min after q_scale, staged
     beside the scales; the decode's multiply becomes an fma with 16 min)."""
-    from tvm.script import tirx as T
-
     c = compiler()
     if not tc2_supports(in_f, out_f, "float16", "float16", "float16"):
         raise ValueError(f"int4_gemm_tc2: unsupported shape {in_f} -> {out_f}: `in` must be a multiple of {TC2_BK}")
@@ -354,25 +380,8 @@ def int4_gemm_tc2(in_f: int, out_f: int, bias: bool, config: str = "128x128", sm
                              f"{sorted(TC2_CONFIGS) + sorted(WGMMA_CONFIGS)}")
     if not 0 <= offset < 16:
         raise ValueError(f"int4_gemm_tc2: offset must be in 0..15, got {offset}")
-    W, G = in_f // PER_WORD, in_f // GROUP
     M = c.tirx.Var("m", "int64")
-    launch, grid = tc2_launcher(in_f, out_f, bias, config, small, small_rows, offset, zero_point, M)
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
-               m_h: T.handle, b_h: T.handle, out_h: T.handle):
-        x = T.match_buffer(x_h, (M, in_f), "float16")
-        qm = T.match_buffer(m_h, (out_f, G), "float16")
-        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
-        out = T.match_buffer(out_h, (M, out_f), "float16")
-        bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
-        mp = T.meta_var(qm.data if zero_point else qs.data)  # without a zero point the pointer is never read
-        launch(x, qw, qs, mp, bp, out)
-
-    params = list(kernel.params)
-    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
-    func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
-    label = config + (f"/{small}@{small_rows}" if small else "") + grid.replace(", ", "_")
-    kind = "wgmma" if config in WGMMA_CONFIGS else "tc2_cp_async"
+    launch, label = tc2_launcher(in_f, out_f, bias, config, small, small_rows, offset, zero_point, M)
+    func = q4_linear_func(in_f, out_f, bias, zero_point, M, launch)
     return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
-                            "edgellm.gemm": f"{kind}_{label}"})
+                            "edgellm.gemm": label})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from .cuda import cuda_source
-from .cuda_gemv import GROUP, PER_WORD, QMAX
+from .cuda_gemv import GROUP, QMAX
 
 BUCKETS = (2, 4, 8, 16)  # the row counts a batched GEMV is compiled for; m goes to the smallest that holds it
 ROWS_MAX = 16
@@ -74,7 +74,6 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
     if gemm is not None and not cuda_gemm.tc2_supports(in_f, out_f, "float16", "float16", "float16"):
         raise ValueError(f"int4_linear_small_rows: the GEMM above rows_max needs `in` a multiple of "
                          f"{cuda_gemm.TC2_BK}, got {in_f}")
-    W, G = in_f // PER_WORD, in_f // GROUP
     M = c.tirx.Var("m", "int64")
     off = 8 if zero_point else offset  # the Q4_1 grid: (q - 8) s + (min + 8 s)
     use = [b <= rows_max for b in BUCKETS]
@@ -89,9 +88,8 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
     smem = [smem_bytes(b) for b in BUCKETS]
     has_gemm = gemm is not None
     if has_gemm:  # the tensor-core GEMM above the buckets, launched as cuda_gemm.int4_gemm_tc2 launches it
-        tc2, ggrid = cuda_gemm.tc2_launcher(in_f, out_f, bias, gemm[0], gemm[1], 256, offset, zero_point, M)
+        tc2, glabel = cuda_gemm.tc2_launcher(in_f, out_f, bias, gemm[0], gemm[1], 256, offset, zero_point, M)
     else:  # a placeholder (the branch is not generated)
-        ggrid = ""
 
         @T.macro
         def tc2(x, qw, qs, mp, bp, out):
@@ -105,15 +103,8 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
         T.evaluate(T.cuda.func_call(calls[i], x.data, qw.data, qs.data, mp, bp, out.data, M, in_f, out_f, sm.data,
                                     source_code=_SRC))
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x_h: T.handle, qw: T.Buffer((out_f, W), "uint32"), qs: T.Buffer((out_f, G), "float16"),
-               m_h: T.handle, b_h: T.handle, out_h: T.handle):
-        x = T.match_buffer(x_h, (M, in_f), "float16")
-        qm = T.match_buffer(m_h, (out_f, G), "float16")
-        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
-        out = T.match_buffer(out_h, (M, out_f), "float16")
-        bp = T.meta_var(bias_buf.data if bias else out.data)  # without bias the pointer is never read
-        mp = T.meta_var(qm.data if zero_point else qs.data)  # without a zero point the pointer is never read
+    @T.macro
+    def dispatch(x, qw, qs, mp, bp, out):
         if M <= BUCKETS[0]:
             gemv(x, qw, qs, mp, bp, out, 0)
         elif use[1] and M <= BUCKETS[1]:
@@ -125,14 +116,10 @@ def int4_linear_small_rows(in_f: int, out_f: int, bias: bool, gemm: tuple[str, s
         elif has_gemm:
             tc2(x, qw, qs, mp, bp, out)
 
-    params = list(kernel.params)
-    keep = params[:3] + ([params[3]] if zero_point else []) + ([params[4]] if bias else []) + [params[5]]
-    func = c.tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
+    func = cuda_gemm.q4_linear_func(in_f, out_f, bias, zero_point, M, dispatch)
     grid = "" if (offset, zero_point) == (QMAX, False) else ("_z" if zero_point else f"_o{offset}")
     label = f"gemv_batch_r{rows_max}{grid}" + (f"_mma_k{ks}" if mma and rows_max >= 8 else "")
     if gemm is not None:  # named as the GEMM it contains (int4_gemm_tc2's label), then the small-rows kernel
-        kind = "wgmma" if gemm[0] in cuda_gemm.WGMMA_CONFIGS else "tc2_cp_async"
-        label = f"{kind}_{gemm[0]}" + (f"/{gemm[1]}@256" if gemm[1] else "") + ggrid.replace(", ", "_") + (
-            f"+{label}")
+        label = f"{glabel}+{label}"
     return func.with_attrs({"edgellm.kernel": "gemm", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemm": label})
