@@ -105,8 +105,7 @@ class KernelRegistry:
                 cfg = cuda_gemv.int8_gemv_config(in_f, out_f)
                 return "int8_gemv_fp16x2", lambda: cuda_gemv.int8_gemv_h2(in_f, out_f, bias, *cfg)
             if h2 and int4:
-                zp, off = scheme.zero_point, scheme.offset
-                grid = "_min" if zp else "" if off == 7 else f"_o{off}"
+                zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if o.cuda_gemv in ("auto", "fp16x2-smem"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
@@ -126,7 +125,7 @@ class KernelRegistry:
                         in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype):
                     cfg = cuda_gemm.gemm_choice(in_f, out_f, self.sm, o.cuda_gemm)  # wgmma on sm_90
                     zp, off = scheme.zero_point, scheme.offset
-                    name = cuda_gemm.gemm_kernel_name(cfg[0]) + ("_min" if zp else "" if off == 7 else f"_o{off}")
+                    name = cuda_gemm.gemm_kernel_name(cfg[0]) + _grid_suffix(scheme)
                     if o.cuda_gemm_small != "gemm":  # m <= 16 (batch_decode, short chunks): the batched GEMV
                         from . import cuda_gemv_batch as gb
 
@@ -238,11 +237,8 @@ class KernelRegistry:
             return None
         if self.kind == "webgpu":
             return self._webgpu_fused_gemv(in_f, out_f, scheme, dtype, bias, norm_eps, silu)
-        xs = (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
-              and scheme.elems_per_word == 8 and scheme.group_size == 32 and not scheme.act_order
-              and scheme.padded_in(in_f) == in_f and dtype == scheme.scale_dtype == "float16"
-              and cuda_gemv.h2_supports(in_f, dtype, dtype, dtype))
-        if not xs or (norm_eps is not None and not cuda_gemv.fused_norm_supports(in_f)) or (silu and bias):
+        stem = self._cuda_xs_gemv_stem(in_f, scheme, dtype)
+        if stem is None or (norm_eps is not None and not cuda_gemv.fused_norm_supports(in_f)) or (silu and bias):
             return None
         if (norm_eps is not None and silu and self.options.cuda_fuse == "auto"
                 and in_f > cuda_gemv.FUSED_NORM_SILU_AUTO_MAX):
@@ -251,8 +247,7 @@ class KernelRegistry:
         if silu and cfg[1] % 2:
             return None
         zp, off = scheme.zero_point, scheme.offset
-        name = ("int4_gemv_fp16x2_smem" + ("_min" if zp else "" if off == 7 else f"_o{off}")
-                + ("_norm" if norm_eps is not None else "") + ("" if add else "_noadd") + ("_silu" if silu else ""))
+        name = stem + ("_norm" if norm_eps is not None else "") + ("" if add else "_noadd") + ("_silu" if silu else "")
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
@@ -267,17 +262,28 @@ class KernelRegistry:
 
         if self.kind != "cuda" or self.options.cuda_fuse != "all":
             return None
+        stem = self._cuda_xs_gemv_stem(in_f, scheme, dtype)
+        if stem is None:
+            return None
+        *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)  # the plain GEMV's: the same sums
+        zp, off = scheme.zero_point, scheme.offset
+        name = stem + "_res"
+        return self._once(("residual_gemv", name, in_f, out_f, scheme, dtype), "linear_gemv", name,
+                          lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, False, *cfg, offset=off, zero_point=zp,
+                                                         xsmem=True, fold_shift=fold, res_in=True))
+
+    def _cuda_xs_gemv_stem(self, in_f: int, scheme: QuantScheme, dtype: str) -> str | None:
+        """The name of the decode GEMV with x staged in shared memory for this row (`_pick_linear`'s
+        int4_gemv_fp16x2_smem + the grid's suffix), where the fused and residual variants can stand in for it: 4-bit,
+        8 per word, group 32, no padding, fp16, no act-order gather; None elsewhere."""
+        from . import cuda_gemv
+
         if not (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
                 and scheme.elems_per_word == 8 and scheme.group_size == 32 and not scheme.act_order
                 and scheme.padded_in(in_f) == in_f and dtype == scheme.scale_dtype == "float16"
                 and cuda_gemv.h2_supports(in_f, dtype, dtype, dtype)):
             return None
-        *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)  # the plain GEMV's: the same sums
-        zp, off = scheme.zero_point, scheme.offset
-        name = "int4_gemv_fp16x2_smem" + ("_min" if zp else "" if off == 7 else f"_o{off}") + "_res"
-        return self._once(("residual_gemv", name, in_f, out_f, scheme, dtype), "linear_gemv", name,
-                          lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, False, *cfg, offset=off, zero_point=zp,
-                                                         xsmem=True, fold_shift=fold, res_in=True))
+        return "int4_gemv_fp16x2_smem" + _grid_suffix(scheme)
 
     def _webgpu_fused_gemv(self, in_f, out_f, scheme, dtype, bias, norm_eps, silu):
         """webgpu_linear.int4_gemv_h2 with the fusions, where the unfused GEMV would be it (q4f16_1's grid)."""
@@ -352,3 +358,9 @@ class KernelRegistry:
                 lambda: cpu_attn.split_rotary_cpu(rope["theta"], rope["scale"], head_dim, heads, kv_heads, dtype,
                                                   rope["scaling"], rope["rotary_dim"]))
         return ours
+
+
+def _grid_suffix(scheme: QuantScheme) -> str:
+    """The kernel-name suffix of a 4-bit row's grid: "" for q4*_1's (q - 7) * s, _o8 for the Q4_0 grid, _min for
+    q * s + min (the Q4_1 grid)."""
+    return "_min" if scheme.zero_point else "" if scheme.offset == 7 else f"_o{scheme.offset}"
