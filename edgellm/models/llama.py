@@ -118,21 +118,26 @@ def _res_norm_linear(x, a, producer: Linear, norm, linear: Linear, kernels: Kern
     producer (o / down) adds its output to the residual itself and `linear` normalizes without an add where the
     registry has both kernels (`residual_gemv`, `fused_gemv(add=False)`), else `_norm_linear`."""
     b, s, hidden = x.shape
-    silu = silu_inter is not None
-    lin = (linear.in_features, linear.out_features, linear.scheme, x.dtype, linear.bias is not None)
+    lin, weights, out_f = _gemv_operands(linear, x.dtype, silu_inter)
     res = kernels.residual_gemv(producer.in_features, producer.out_features, producer.scheme, x.dtype)
-    func = (kernels.fused_gemv(*lin, norm_eps=norm.epsilon, silu=silu, add=False)
+    func = (kernels.fused_gemv(*lin, norm_eps=norm.epsilon, silu=silu_inter is not None, add=False)
             if res is not None and producer.bias is None and not producer.scheme.act_order else None)
     if func is None:
         return _norm_linear(x, producer(a), norm, linear, kernels, silu_inter)
     x = nn.op.tensor_ir_op(res, "linear_gemv_res", [a.reshape(1, producer.in_features),
                                                     *_weights(producer, producer.scheme), x.reshape(1, hidden)],
                            nn.Tensor.placeholder((1, hidden), x.dtype))
-    weights = _weights(linear, linear.scheme) + ([linear.bias] if linear.bias is not None else [])
-    out_f = silu_inter if silu else linear.out_features
     out = nn.op.tensor_ir_op(func, "linear_gemv_norm", [x, norm.weight, *weights],
                              nn.Tensor.placeholder((1, out_f), x.dtype))
     return x.reshape(b, s, hidden), out.reshape(b, s, out_f)
+
+
+def _gemv_operands(linear: Linear, dtype: str, silu_inter: int | None):
+    """(the registry's key of `linear`: in, out, scheme, dtype, has bias; its weight tensors and bias in argument
+    order; the fused GEMV's output width: `silu_inter` with the silu epilogue, else `out`)."""
+    lin = (linear.in_features, linear.out_features, linear.scheme, dtype, linear.bias is not None)
+    weights = _weights(linear, linear.scheme) + ([linear.bias] if linear.bias is not None else [])
+    return lin, weights, silu_inter if silu_inter is not None else linear.out_features
 
 
 def _norm_linear(x, y, norm, linear: Linear, kernels: KernelRegistry, silu_inter: int | None = None):
@@ -141,9 +146,7 @@ def _norm_linear(x, y, norm, linear: Linear, kernels: KernelRegistry, silu_inter
     kernels (the silu epilogue alone where only that is fused)."""
     b, s, hidden = x.shape
     silu = silu_inter is not None
-    lin = (linear.in_features, linear.out_features, linear.scheme, x.dtype, linear.bias is not None)
-    weights = _weights(linear, linear.scheme) + ([linear.bias] if linear.bias is not None else [])
-    out_f = silu_inter if silu else linear.out_features
+    lin, weights, out_f = _gemv_operands(linear, x.dtype, silu_inter)
     func = kernels.fused_gemv(*lin, norm_eps=norm.epsilon, silu=silu)
     if func is not None:
         out, x = nn.op.tensor_ir_op(func, "linear_gemv_norm", [x.reshape(1, hidden), y.reshape(1, hidden),
