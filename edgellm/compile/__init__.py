@@ -332,7 +332,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             prepare_cuda_build()
         prefix = system_lib_prefix(tgt, cfg.arch, scheme.name, src.sha256)
         ex = build(mod, target, args.dump_ir, prefix,
-                   on_phase=lambda i, n, name: step("build", detail=name, done=i, total=n))
+                   on_phase=lambda i, n, name: step("build", detail=name, done=i, total=n), pdl=kernels.pdl)
         lib_name = _export(ex, tmp, tgt)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)

@@ -9,6 +9,7 @@ target's arch). On a machine with a real driver the stub is never built.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .._tvm import cuda_runtime_lib
+from ..kernels import cuda_pdl
 
 log = logging.getLogger("edgellm")
 
@@ -92,6 +94,43 @@ def _hook_sm90a() -> None:
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_module, override=True)
     _state["sm90a_hook"] = True
+
+
+def _hook_pdl() -> None:
+    """Register TVM's tvm_callback_cuda_postproc (the generated source, before nvcc; the module keeps the result as
+    its source): inside `pdl_build()`, every kernel gets its griddepcontrol prologue (kernels/cuda_pdl.py)."""
+    import tvm_ffi
+
+    if _state.get("pdl_hook"):
+        return
+    previous = tvm_ffi.get_global_func("tvm_callback_cuda_postproc", allow_missing=True)
+
+    def postproc(code, target=None):
+        if previous is not None:
+            code = previous(code, target)
+        if not _state.get("pdl"):
+            return code
+        code, _ = cuda_pdl.patch_source(code)
+        missing = cuda_pdl.unwaited_kernels(code)
+        if missing:  # patch_source covers every kernel; a miss would launch a kernel unsafely early
+            raise RuntimeError(f"PDL build: kernels without griddepcontrol.wait: {', '.join(missing)}")
+        return code
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_postproc", postproc, override=True)
+    _state["pdl_hook"] = True
+
+
+@contextlib.contextmanager
+def pdl_build(on: bool):
+    """Within it (on=True), the CUDA sources TVM generates get the PDL prologue; the build marks the launches."""
+    if on:
+        _hook_pdl()
+    saved = _state.get("pdl", False)
+    _state["pdl"] = on
+    try:
+        yield
+    finally:
+        _state["pdl"] = saved
 
 
 def prepare_cuda_build() -> None:

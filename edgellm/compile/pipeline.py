@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from .._tvm import compiler
+from ..kernels import cuda_pdl
+from .cuda import pdl_build
 
 log = logging.getLogger("edgellm")
 
@@ -199,13 +201,17 @@ def make_pipeline(target, dump_ir: Path | None = None, on_phase=None):
     return _pipeline
 
 
-def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | None = None, on_phase=None):
+def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | None = None, on_phase=None,
+          pdl: bool = False):
     """IRModule -> relax Executable for `target`.
 
     With `system_lib_prefix` the host objects register themselves at static-init time (a constructor calling
     TVMFFIEnvModRegisterSystemLibSymbol for `__tvm_ffi_<prefix><func>` and `<prefix>__tvm_ffi__library_bin`), so an
     app that links them statically loads the model with `ffi.SystemLib(prefix)`. TVM 0.27 fails on prefixes of
     7 bytes or fewer (small-string attribute), so callers pass longer ones.
+
+    `pdl` (CUDA sm_90+, the registry's `pdl`): every kernel launched with programmatic dependent launch and given
+    its griddepcontrol prologue (kernels/cuda_pdl.py).
     """
     c = compiler()
     if system_lib_prefix is not None:
@@ -229,6 +235,8 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
                 on_phase(len(phases(target)), len(phases(target)) + 1, "codegen")
             return mod
 
-        return c.relax.build(mod, target=target, relax_pipeline=c.tvm.transform.Sequential(
-            [plan, c.tvm.transform.module_pass(codegen_progress, opt_level=0, name="EdgellmCodegenProgress")]),
-            system_lib=system_lib_prefix is not None)
+        passes = [plan, *([cuda_pdl.mark_module_pass()] if pdl else []),
+                  c.tvm.transform.module_pass(codegen_progress, opt_level=0, name="EdgellmCodegenProgress")]
+        with pdl_build(pdl):
+            return c.relax.build(mod, target=target, relax_pipeline=c.tvm.transform.Sequential(passes),
+                                 system_lib=system_lib_prefix is not None)

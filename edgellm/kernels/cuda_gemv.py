@@ -141,7 +141,8 @@ def h2_supports(in_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bo
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 2, unroll: int = 4,
                  ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False,
                  xsmem: bool = False, fold_shift: bool = False, norm_eps: float | None = None,
-                 residual: bool = True, silu: bool = False, norm_add: bool = True, res_in: bool = False):
+                 residual: bool = True, silu: bool = False, norm_add: bool = True, res_in: bool = False,
+                 pdl: bool = False):
     """Same function and arguments as `int4_gemv(in_f, out_f, "float16", "float16", "float16", bias)` (x, q_weight,
     q_scale, [bias], out), already scheduled for CUDA (fp16x2 arithmetic, see the comment above). `ksplit` > 1:
     the block's warps form `warps / ksplit` row teams of `ksplit` warps that share `rows` rows, each warp taking
@@ -173,9 +174,14 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     `res_in` (the producer side, no bias): one more argument, the residual x [1, out_f], after the weights; the
     output is x + y rounded as add_rms_norm_gpu rounds it (y first rounded to fp16), the new residual stream.
     `norm_add=False` (with norm_eps): the consumer of such a producer: arguments (s, norm weight, weights), the norm
-    of s staged without an add, no residual output."""
+    of s staged without an add, no residual output.
+
+    `pdl` (xsmem only; programmatic dependent launch, kernels/cuda_pdl.py): the first step's weight loads are issued,
+    then the kernel waits for the previous one (`griddepcontrol.wait`) before it reads x (or the residual) and
+    before any store, and lets the next one launch; the weights are parameters no kernel of the step writes, so
+    the block's first HBM round trip overlaps the previous kernel's tail."""
     return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
-                    zero_point, xsmem, fold_shift, norm_eps, residual and norm_add, silu, norm_add, res_in)
+                    zero_point, xsmem, fold_shift, norm_eps, residual and norm_add, silu, norm_add, res_in, pdl)
 
 
 NORM_VEC = 8  # fp16 values per 16-byte chunk of add_rms_norm_gpu (its default `lanes`), one staged word of x here
@@ -202,8 +208,10 @@ def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
 def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: int, ksplit: int, fence: bool,
              bits: int, offset: int, zero_point: bool, xsmem: bool = False, fold_shift: bool = False,
              norm_eps: float | None = None, residual: bool = True, silu: bool = False, norm_add: bool = True,
-             res_in: bool = False):
+             res_in: bool = False, pdl: bool = False):
     from tvm.script import tirx as T
+
+    from .cuda_pdl import LAUNCH_DEPENDENTS, WAIT
 
     c = compiler()
     if not h2_supports(in_f, "float16", "float16", "float16"):
@@ -226,6 +234,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         raise ValueError(f"int4_gemv_h2: the norm prologue covers `in` up to {1024 * NORM_VEC}, got {in_f}")
     if res_in and (bias or silu or norm):
         raise ValueError("int4_gemv_h2: res_in takes no bias, silu or norm")
+    if pdl and not xsmem:
+        raise ValueError("int4_gemv_h2: pdl places its wait after the first weight loads, which needs xsmem")
     if silu and (bias or rows % 2 or out_f % 2):
         raise ValueError(f"int4_gemv_h2: silu needs no bias, an even `rows` and `out` (got {rows}, {out_f})")
     G, W, R, U, KS = in_f // GROUP, warps, rows, unroll, ksplit
@@ -368,6 +378,14 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard)
 
     @T.macro
+    def load_res(xres, xr, row0, tx):  # res_in: the residual of the rows this lane stores
+        if KS == 1:
+            for r in T.unroll(R):
+                xr[r] = xres[0, T.min(row0 + r, out_f - 1)]
+        else:
+            xr[0] = xres[0, T.min(row0 + T.min(tx, R - 1), out_f - 1)]
+
+    @T.macro
     def store(out, bias_buf, gq, row, value, xres_row):
         if row < out_f:
             if bias:
@@ -485,15 +503,16 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         vl = T.meta_var((ty % KS) * 32 + tx)
         for r in T.unroll(R):
             acc[r] = T.float32(0)
-        if res_in:  # loaded first: a load at the store would add a memory round trip to the kernel's end
-            if KS == 1:
-                for r in T.unroll(R):
-                    xr[r] = xres[0, T.min(row0 + r, out_f - 1)]
-            else:
-                xr[0] = xres[0, T.min(row0 + T.min(tx, R - 1), out_f - 1)]
+        if res_in and not pdl:  # loaded first: a load at the store would add a memory round trip to the kernel's end
+            load_res(xres, xr, row0, tx)
         if xsmem:
             if full > 0:  # the first step's weights in flight while x is staged
                 load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
+            if pdl:  # everything above reads weights only; x, the residual and every store come after the wait
+                T.evaluate(T.call_extern("void", WAIT))
+                T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
+                if res_in:
+                    load_res(xres, xr, row0, tx)
             if norm:
                 stage_norm(x, dl, nw, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx)
             else:
@@ -547,7 +566,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
              + ("_silu" if silu else "") + ("_res" if res_in else ""))
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
-                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused})
+                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused
+                            + ("_pdl" if pdl else "")})
 
 
 def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:

@@ -47,6 +47,11 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                   "them; the same values), and o / down adding their output to the residual; silu = the epilogue "
                   "only; off = separate kernels; auto = the measured default: all but the residual add in o / "
                   "down, and gate_up's norm only up to hidden 2048 (docs/benchmarks/h200-fusion.md)"),
+    "cuda_pdl": (("auto", "on", "off"),
+                 "CUDA programmatic dependent launch (Hopper): on = every kernel is launched while the previous one "
+                 "still runs and waits for it in griddepcontrol.wait (the decode GEMV loads its first weights "
+                 "before the wait), hiding the gap between dependent kernels (kernels/cuda_pdl.py; sm_90+ only); "
+                 "off = ordinary launches; auto = on for sm_90+"),
     "webgpu_gemm": (("auto", "tiled", "simple"),
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
@@ -80,6 +85,7 @@ class KernelOptions:
     cuda_attention: str = "auto"
     cuda_kv: str = "auto"
     cuda_fuse: str = "auto"
+    cuda_pdl: str = "auto"
     webgpu_gemm: str = "auto"
     webgpu_gemv: str = "auto"
     webgpu_fuse: str = "auto"

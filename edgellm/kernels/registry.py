@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from ..quant.schemes import QuantScheme
+from . import cuda_pdl
 from .options import KernelOptions
 
 
@@ -33,6 +34,9 @@ class KernelRegistry:
             from .cuda_gemm import gemm_choice
 
             gemm_choice(4096, 4096, self.sm, "wgmma")
+        if self.options.cuda_pdl == "on" and not (self.kind == "cuda" and cuda_pdl.supported(self.sm)):
+            raise ValueError(f"--opt cuda_pdl=on needs a CUDA target of sm_{cuda_pdl.MIN_SM} or newer (Hopper), "
+                             f"not {self._target_name()}; leave cuda_pdl at auto")
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def _once(self, key: tuple, op: str, name: str, build: Callable[[], object]):
@@ -50,6 +54,14 @@ class KernelRegistry:
         arch = str(self.target.attrs.get("arch", "")) if self.kind == "cuda" else ""
         digits = "".join(ch for ch in arch[3:] if ch.isdigit()) if arch.startswith("sm_") else ""
         return int(digits or 0)
+
+    @property
+    def pdl(self) -> bool:
+        """Whether this build launches its CUDA kernels with programmatic dependent launch (kernels/cuda_pdl.py)."""
+        return self.kind == "cuda" and cuda_pdl.supported(self.sm) and self.options.cuda_pdl != "off"
+
+    def _target_name(self) -> str:
+        return f"{self.kind} {self.target.attrs.get('arch', '')}".strip()
 
     def manifest_entry(self) -> dict:
         return {"options": self.options.as_dict(), "chosen": {op: sorted(v) for op, v in sorted(self.chosen.items())}}
@@ -109,7 +121,8 @@ class KernelRegistry:
                 if o.cuda_gemv in ("auto", "fp16x2-smem"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
-                        in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold)
+                        in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold,
+                        pdl=self.pdl)
                 cfg = sg.h2_gemv_config(in_f, out_f)
                 return f"int4_gemv_fp16x2{grid}", lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg,
                                                                                    offset=off, zero_point=zp)
@@ -251,7 +264,7 @@ class KernelRegistry:
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
-                                                         norm_add=add))
+                                                         norm_add=add, pdl=self.pdl))
 
     def residual_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str):
         """The one-token decode GEMV that adds its output to the residual stream (o / down before a GEMV that takes
@@ -270,7 +283,7 @@ class KernelRegistry:
         name = stem + "_res"
         return self._once(("residual_gemv", name, in_f, out_f, scheme, dtype), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, False, *cfg, offset=off, zero_point=zp,
-                                                         xsmem=True, fold_shift=fold, res_in=True))
+                                                         xsmem=True, fold_shift=fold, res_in=True, pdl=self.pdl))
 
     def _cuda_xs_gemv_stem(self, in_f: int, scheme: QuantScheme, dtype: str) -> str | None:
         """The name of the decode GEMV with x staged in shared memory for this row (`_pick_linear`'s

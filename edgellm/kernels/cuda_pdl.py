@@ -1,0 +1,165 @@
+"""Programmatic dependent launch (PDL, Hopper sm_90+) for every CUDA kernel of a build (`--opt cuda_pdl`).
+
+A decode step is a chain of a few hundred dependent kernels; between two of them the GPU idles ~1.2 us (the first
+kernel drains, its writes are flushed, the next grid is launched and its blocks are placed: docs/benchmarks/h200.md
+measured ~310 us of 2,040 per Llama-3-8B token). With PDL the next kernel is launched while the previous one still
+runs: its blocks become resident in the previous kernel's tail, do what does not depend on it, and wait in
+`griddepcontrol.wait` until it has completed and its memory is visible. Two parts, both needed:
+
+* the launch: TVM's CUDA runtime launches a kernel with cuLaunchKernelEx and
+  CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION when its launch parameters carry TVM's tag
+  `tirx.use_programtic_dependent_launch` (TVM's spelling). Setting the PrimFunc attribute `tirx.kernel_launch_params`
+  to [that tag] makes TVM append it to the thread tags it computes for each kernel of the function (checked with
+  TVM 0.27: the dynamic-shared-memory tag still comes last, as its runtime requires) (`mark_module`).
+* the kernel: every kernel launched that way must run `griddepcontrol.wait` before it reads anything an earlier
+  kernel writes and before it writes anything (a buffer the previous kernel still reads may be the one the memory
+  planner gave this kernel's output). `patch_source` puts the wait, then `griddepcontrol.launch_dependents` (the
+  next kernel may launch once every block of this one has passed it), at the top of every `__global__` function of
+  the generated CUDA source that has no wait of its own. Kernels that place their own wait (the decode GEMV issues
+  its first weight loads before it: weights are never written during a step) are left as they are.
+
+Why this is safe without a per-kernel dependency analysis: every kernel waits for its predecessor's completion
+before it touches memory and before it exits, so completions stay in stream order (kernel n finished implies n - 1
+finished); copies, graph launches and kernels of other libraries keep the ordinary full dependency. A kernel built
+with the wait but launched without the attribute (or after a non-kernel operation) finds no pending dependency and
+goes on at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+PDL_TAG = "tirx.use_programtic_dependent_launch"  # sic: TVM's spelling of the launch-parameter tag
+LAUNCH_PARAMS_ATTR = "tirx.kernel_launch_params"
+MIN_SM = 90  # griddepcontrol is PTX ISA 7.8, sm_90+
+
+# TVM's CUDA codegen prints an extern call as NAME(args): an immediately-invoked device lambda is a statement with
+# inline PTX in it (the trick kernels/cuda_gemv.py uses for fp16x2 arithmetic). "memory" keeps the compiler from
+# moving loads or stores across the wait.
+WAIT = '[]() { asm volatile("griddepcontrol.wait;" ::: "memory"); }'
+LAUNCH_DEPENDENTS = '[]() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }'
+PROLOGUE = ('\n  asm volatile("griddepcontrol.wait;" ::: "memory");  // edgellm: PDL (kernels/cuda_pdl.py)'
+            '\n  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");')
+
+
+def supported(sm: int) -> bool:
+    return sm >= MIN_SM
+
+
+def tir_wait_and_launch():
+    """The two statements (TIR) a kernel runs where its dependent part begins."""
+    from tvm.script import tirx as T
+
+    return T.evaluate(T.call_extern("void", WAIT)), T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
+
+
+def mark_function(func):
+    """`func` (a tirx PrimFunc) with the PDL tag in its kernel launch parameters (kept once)."""
+    attrs = dict(func.attrs) if func.attrs is not None else {}
+    tags = [str(t) for t in attrs.get(LAUNCH_PARAMS_ATTR, [])]
+    if PDL_TAG in tags:
+        return func
+    return func.with_attr(LAUNCH_PARAMS_ATTR, [*tags, PDL_TAG])
+
+
+def mark_module_pass():
+    """A module pass: every tirx PrimFunc of the module marked (`mark_function`); Relax functions are untouched."""
+    from .._tvm import compiler
+
+    c = compiler()
+
+    @c.tvm.transform.module_pass(opt_level=0, name="EdgellmMarkPDL")
+    def _pass(mod, _ctx):
+        updates = {gv: mark_function(f) for gv, f in mod.functions.items() if isinstance(f, c.tirx.PrimFunc)}
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
+
+
+def _skip_literal(code: str, i: int) -> int:
+    """Index after the string / char literal or comment starting at code[i] (i itself when there is none)."""
+    if code.startswith("//", i):
+        j = code.find("\n", i)
+        return len(code) if j < 0 else j + 1
+    if code.startswith("/*", i):
+        j = code.find("*/", i + 2)
+        return len(code) if j < 0 else j + 2
+    if code[i] in "\"'":
+        q, j = code[i], i + 1
+        while j < len(code) and code[j] != q:
+            j += 2 if code[j] == "\\" else 1
+        return j + 1
+    return i
+
+
+def _match(code: str, i: int, open_: str, close: str) -> int:
+    """Index of the bracket closing the one at code[i], skipping literals and comments."""
+    depth = 0
+    while i < len(code):
+        j = _skip_literal(code, i)
+        if j != i:
+            i = j
+            continue
+        if code[i] == open_:
+            depth += 1
+        elif code[i] == close:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unbalanced {open_!r} in generated CUDA source")
+
+
+_KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+
+
+_TOKEN = re.compile(r"\"|'|//|/\*|\b__global__\b")
+
+
+def kernel_bodies(code: str) -> list[tuple[str, int, int]]:
+    """(name, index of the body's '{', index of its '}') of every `__global__` function defined in `code`
+    (declarations without a body are skipped; string literals and comments are not code). Raises when a
+    `__global__` is not of the form TVM emits (`__global__ void [__launch_bounds__(n)] name(...)`), so no kernel
+    can be missed."""
+    out, i = [], 0
+    while True:
+        t = _TOKEN.search(code, i)
+        if t is None:
+            return out
+        if t.group() != "__global__":
+            i = _skip_literal(code, t.start())
+            continue
+        m = _KERNEL.match(code, t.start())
+        if m is None:
+            raise ValueError(f"unexpected kernel signature in generated CUDA source: {code[t.start():t.start() + 120]!r}")
+        end = _match(code, m.end() - 1, "(", ")")
+        k = end + 1
+        while k < len(code) and code[k].isspace():
+            k += 1
+        if k < len(code) and code[k] == "{":
+            close = _match(code, k, "{", "}")
+            out.append((m.group(1), k, close))
+            i = close
+        else:
+            i = k
+
+
+def patch_source(code: str) -> tuple[str, list[str]]:
+    """`code` with PROLOGUE at the top of every kernel that has no `griddepcontrol.wait`; and the names of the
+    kernels patched."""
+    patched, pieces, last = [], [], 0
+    for name, open_, close in kernel_bodies(code):
+        if "griddepcontrol.wait" in code[open_:close]:
+            continue
+        pieces += [code[last:open_ + 1], PROLOGUE]
+        last = open_ + 1
+        patched.append(name)
+    pieces.append(code[last:])
+    return "".join(pieces), patched
+
+
+def unwaited_kernels(code: str) -> list[str]:
+    """Kernels of `code` with no `griddepcontrol.wait` (empty for a PDL build: the build checks it)."""
+    return [name for name, open_, close in kernel_bodies(code) if "griddepcontrol.wait" not in code[open_:close]]

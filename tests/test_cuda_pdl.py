@@ -1,0 +1,163 @@
+"""Programmatic dependent launch (--opt cuda_pdl, kernels/cuda_pdl.py), without a GPU.
+
+* the source patch: every kernel TVM emits gets `griddepcontrol.wait` before its first statement unless it places
+  its own; declarations, `__launch_bounds__`, braces inside inline-asm strings are handled; an unknown signature
+  fails the build instead of leaving a kernel unpatched;
+* the launch mark: the PDL tag reaches TVM's launch parameters of every kernel of a CUDA build, and none of an
+  `off` build;
+* the decode GEMV's own placement: its first weight loads before the wait, every read of x / the residual and
+  every store after it;
+* which builds use it (sm_90+ CUDA; `on` elsewhere is one error line).
+On the GPU (bench/gpu_pdl.py): logits bit-equal to the `off` build, tok/s.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from edgellm.kernels import KernelOptions, KernelRegistry, cuda_gemv, cuda_pdl
+from edgellm.targets import resolve
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA builds need nvcc")
+
+SOURCE = '''
+extern "C" __global__ void __launch_bounds__(128) a_kernel(float* __restrict__ x);
+extern "C" __global__ void __launch_bounds__(128) a_kernel(float* __restrict__ x) {
+  asm volatile("{ .reg .pred p; }");  // a brace in a string: } {
+  if (threadIdx.x == 0) { x[0] = 1.f; }
+}
+/* __global__ in a comment is not a kernel: } */
+extern "C" __global__ void b_kernel(float* y) {
+  []() { asm volatile("griddepcontrol.wait;" ::: "memory"); }();
+  y[0] = 2.f;
+}
+extern "C" __global__ void __launch_bounds__(64) c_kernel(int n, float* z) { z[n] = 3.f; }
+'''
+
+
+def test_patch_source_waits_in_every_kernel_once():
+    bodies = cuda_pdl.kernel_bodies(SOURCE)
+    assert [b[0] for b in bodies] == ["a_kernel", "b_kernel", "c_kernel"]  # the declaration has no body
+    assert cuda_pdl.unwaited_kernels(SOURCE) == ["a_kernel", "c_kernel"]
+    code, patched = cuda_pdl.patch_source(SOURCE)
+    assert patched == ["a_kernel", "c_kernel"]
+    assert cuda_pdl.unwaited_kernels(code) == []
+    for name, open_, close in cuda_pdl.kernel_bodies(code):
+        body = code[open_ + 1:close]
+        assert body.count("griddepcontrol.wait") == 1, name
+        if name != "b_kernel":  # the prologue is the body's first statement, then launch_dependents
+            assert body.lstrip().startswith('asm volatile("griddepcontrol.wait;"'), name
+            assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents")
+    assert code.replace(cuda_pdl.PROLOGUE, "") == SOURCE  # nothing else changed
+    assert cuda_pdl.patch_source(code) == (code, [])  # idempotent
+
+
+def test_patch_source_refuses_an_unknown_signature():
+    with pytest.raises(ValueError, match="unexpected kernel signature"):
+        cuda_pdl.kernel_bodies('extern "C" __global__ int weird(float* x) { }')
+
+
+def test_mark_function_adds_the_tag_once():
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def f(a: T.Buffer((4,), "float32")):
+        a[0] = T.float32(1)
+
+    marked = cuda_pdl.mark_function(f)
+    assert [str(t) for t in marked.attrs[cuda_pdl.LAUNCH_PARAMS_ATTR]] == [cuda_pdl.PDL_TAG]
+    assert cuda_pdl.mark_function(marked).attrs[cuda_pdl.LAUNCH_PARAMS_ATTR] == marked.attrs[
+        cuda_pdl.LAUNCH_PARAMS_ATTR]
+    other = f.with_attr(cuda_pdl.LAUNCH_PARAMS_ATTR, ["tirx.use_cooperative_launch"])
+    assert [str(t) for t in cuda_pdl.mark_function(other).attrs[cuda_pdl.LAUNCH_PARAMS_ATTR]] == [
+        "tirx.use_cooperative_launch", cuda_pdl.PDL_TAG]
+
+
+@pytest.mark.parametrize("preset,opt,expected", [("cuda-sm90", "auto", True), ("cuda-sm90", "on", True),
+                                                 ("cuda-sm90", "off", False), ("jetson-orin", "auto", False),
+                                                 ("cuda-sm80", "auto", False), ("vulkan", "auto", False)])
+def test_registry_uses_pdl_on_hopper_only(preset, opt, expected):
+    assert KernelRegistry(resolve(preset).tvm(), KernelOptions(cuda_pdl=opt)).pdl is expected
+
+
+@pytest.mark.parametrize("preset", ["jetson-orin", "cuda-sm80", "host"])
+def test_pdl_on_refused_below_sm90(preset):
+    with pytest.raises(ValueError, match=r"--opt cuda_pdl=on needs a CUDA target of sm_90") as e:
+        KernelRegistry(resolve(preset).tvm(), KernelOptions(cuda_pdl="on"))
+    assert "\n" not in str(e.value)
+
+
+def _order(script: str, pattern: str) -> list[int]:
+    return [m.start() for m in re.finditer(pattern, script)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"norm_eps": 1e-5, "silu": True}, {"res_in": True},
+                                {"norm_eps": 1e-5, "norm_add": False}])
+def test_gemv_loads_weights_before_its_wait(kw):
+    """In statement order: the first step's weight (and scale) loads, the wait, then x / delta / residual reads
+    and stores. Without pdl the kernel has no griddepcontrol at all."""
+    out_f = 512 if kw.get("silu") else 256
+    func = cuda_gemv.int4_gemv_h2(1024, out_f, False, 4, 2, 1, 1, xsmem=True, pdl=True, **kw)  # one whole step
+    script = func.script()
+    wait = _order(script, r"griddepcontrol\.wait")
+    assert len(wait) == 1 and len(_order(script, r"griddepcontrol\.launch_dependents")) == 1
+    w = wait[0]
+    assert _order(script, r"\bqw\[")[0] < w  # the first step's weights are in flight before the wait
+    for reads in (r"\bx32\[", r"\bx\[", r"\bdl\[", r"\bxres\[", r"\bnw\["):
+        assert all(i > w for i in _order(script, reads)), reads
+    assert all(i > w for i in _order(script, r"\b(out|s_out)\[[^\]]*\] ="))
+    assert str(func.attrs["edgellm.gemv"]).endswith("_pdl")
+    plain = cuda_gemv.int4_gemv_h2(1024, out_f, False, 4, 2, 1, 1, xsmem=True, **kw).script()
+    assert "griddepcontrol" not in plain
+
+
+def test_gemv_pdl_needs_xsmem():
+    with pytest.raises(ValueError, match="pdl .* needs xsmem"):
+        cuda_gemv.int4_gemv_h2(1024, 256, False, pdl=True)
+
+
+def _walk(mod):
+    for m in mod.imports:
+        yield m
+        yield from _walk(m)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("pdl", ["auto", "off"])
+def test_cuda_build_marks_and_waits_in_every_kernel(checkpoints, tmp_path, monkeypatch, pdl):
+    from edgellm.artifact import Artifact
+    from edgellm.compile import CompileArgs, compile_model, pipeline
+    from edgellm.config import RuntimeOptions
+
+    kept = {}
+    build = pipeline.build
+
+    def keep(*args, **kwargs):
+        ex = build(*args, **kwargs)
+        kept["cuda"] = "".join(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
+        return ex
+
+    monkeypatch.setattr(pipeline, "build", keep)
+    out = tmp_path / "a"
+    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="cuda-sm90", quant="q4f16_1",
+                              runtime=RuntimeOptions(128, 32), kernel_options=KernelOptions(cuda_pdl=pdl)))
+    code = kept["cuda"]
+    kernels = cuda_pdl.kernel_bodies(code)
+    assert len(kernels) > 50  # GEMVs, GEMMs, norms, TVM's cache kernels, argmax
+    lib = (out / "lib" / "model.so").read_bytes()
+    tags = lib.count(cuda_pdl.PDL_TAG.encode())
+    manifest = Artifact.open(out).manifest
+    if pdl == "off":
+        assert "griddepcontrol" not in code and tags == 0
+        assert manifest["kernels"]["options"]["cuda_pdl"] == "off"
+        return
+    assert cuda_pdl.unwaited_kernels(code) == []
+    assert tags == len(kernels)  # each kernel's launch parameters carry the tag once
+    # the decode GEMVs place their own wait (after the first weight loads); TVM's and the other kernels get the
+    # prologue as their first statement
+    own = [n for n, o, c in kernels if cuda_pdl.PROLOGUE not in code[o:c + 1]]
+    assert own and all("gemv" in n for n in own)
+    assert manifest["kernels"]["options"]["cuda_pdl"] == "auto"
