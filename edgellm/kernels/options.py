@@ -60,9 +60,12 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                     "WebGPU/Vulkan decode fusions into the fp16x2 INT4 decode GEMV (webgpu_gemv=h2): all = the "
                     "residual add + RMSNorm staged by qkv / gate_up and silu * up in gate_up's epilogue; silu = the "
                     "epilogue alone; off = separate kernels; auto = all (H200, 8B: all 167 tok/s, silu 166)"),
-    "webgpu_gemv": (("auto", "h2", "coalesced", "group", "simple"),
+    "webgpu_gemv": (("auto", "h2", "dp4a", "coalesced", "group", "simple"),
                     "WebGPU/Vulkan INT4 decode GEMV: h2 = fp16 activations in vec2<f16> arithmetic, x staged in "
                     "workgroup memory, 16-byte weight loads (q4f16_1 grid; `in` x 2 bytes within workgroup memory); "
+                    "dp4a = integer dot products (WGSL dot4I8Packed): x quantized to int8 per group of 32 while it "
+                    "is staged (one scale per group), nibbles spread to bytes by masks, one float FMA per group "
+                    "(q4f16_1 / q4f32_1 grid; different arithmetic: ~0.5% of an output's size); "
                     "coalesced = lane l takes packed word l of each 32-word step "
                     "(a warp reads 128 contiguous weight bytes and 512 of activations per load); group = a lane owns "
                     "whole groups of 32 (4 packed words and 32 activations per step, one float32 dot per group); "

@@ -158,7 +158,7 @@ class KernelRegistry:
 
             return "gemm_simt", tiled
         if gemv and self.kind == "webgpu" and plain and scheme.bits == 8 and scheme.elems_per_word == 4 and fp16 \
-                and not scheme.zero_point and scheme.offset == 128 and o.webgpu_gemv in ("auto", "h2"):
+                and not scheme.zero_point and scheme.offset == 128 and o.webgpu_gemv in ("auto", "h2", "dp4a"):
             from . import webgpu_linear  # the 8-bit head / embedding rows (q8f16_1)
 
             if webgpu_linear.h2_supports(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):
@@ -166,10 +166,14 @@ class KernelRegistry:
         if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 
-            if o.webgpu_gemv in ("auto", "h2") and webgpu_linear.h2_supports(
+            if o.webgpu_gemv == "dp4a" and webgpu_linear.dp4a_supports(
+                    in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # int8 activations, dot4I8Packed
+                return "int4_gemv_dp4a_webgpu", lambda: webgpu_linear.int4_gemv_dp4a(
+                    in_f, out_f, bias, x_dtype=out_dtype, scale_dtype=scheme.scale_dtype, out_dtype=out_dtype)
+            if o.webgpu_gemv in ("auto", "h2", "dp4a") and webgpu_linear.h2_supports(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # docs/benchmarks/vulkan-h200.md
                 return "int4_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias)
-            if o.webgpu_gemv in ("auto", "coalesced", "h2"):  # H200, 8B shapes: 0.4 -> 1.0-1.6 TB/s
+            if o.webgpu_gemv in ("auto", "coalesced", "h2", "dp4a"):  # H200, 8B shapes: 0.4 -> 1.0-1.6 TB/s
                 return "int4_gemv_coalesced_webgpu", lambda: webgpu_linear.int4_gemv_coalesced(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias)
             if cuda_gemv.supports(in_f, 32, 4, 8):
@@ -299,18 +303,26 @@ class KernelRegistry:
         return "int4_gemv_fp16x2_smem" + _grid_suffix(scheme)
 
     def _webgpu_fused_gemv(self, in_f, out_f, scheme, dtype, bias, norm_eps, silu):
-        """webgpu_linear.int4_gemv_h2 with the fusions, where the unfused GEMV would be it (q4f16_1's grid)."""
+        """webgpu_linear.int4_gemv_h2 (or int4_gemv_dp4a with --opt webgpu_gemv=dp4a) with the fusions, where the
+        unfused GEMV would be it (q4f16_1's grid)."""
         from . import webgpu_linear
 
         grid7 = (scheme.quantized and scheme.bits == 4 and scheme.elems_per_word == 8 and scheme.group_size == 32
                  and not scheme.zero_point and scheme.offset == 7 and not scheme.act_order)
-        if not grid7 or self.options.webgpu_gemv not in ("auto", "h2") or scheme.padded_in(in_f) != in_f \
-                or (silu and bias) or not webgpu_linear.h2_supports(in_f, out_f, dtype, scheme.scale_dtype, dtype,
-                                                                    self.target):
+        kind = "dp4a" if self.options.webgpu_gemv == "dp4a" else "h2"
+        fits = webgpu_linear.dp4a_supports if kind == "dp4a" else webgpu_linear.h2_supports
+        if not grid7 or self.options.webgpu_gemv not in ("auto", "h2", "dp4a") or scheme.padded_in(in_f) != in_f \
+                or (silu and bias) or not fits(in_f, out_f, dtype, scheme.scale_dtype, dtype, self.target):
             return None
-        name = "int4_gemv_h2_webgpu" + ("_norm" if norm_eps is not None else "") + ("_silu" if silu else "")
-        return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
-                          lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, norm_eps=norm_eps, silu=silu))
+        name = f"int4_gemv_{kind}_webgpu" + ("_norm" if norm_eps is not None else "") + ("_silu" if silu else "")
+        if kind == "dp4a":
+            def make():
+                return webgpu_linear.int4_gemv_dp4a(in_f, out_f, bias, norm_eps=norm_eps, silu=silu, x_dtype=dtype,
+                                                    scale_dtype=scheme.scale_dtype, out_dtype=dtype)
+        else:
+            def make():
+                return webgpu_linear.int4_gemv_h2(in_f, out_f, bias, norm_eps=norm_eps, silu=silu)
+        return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name, make)
 
     @property
     def cpu_silu(self):

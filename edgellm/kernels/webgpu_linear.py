@@ -466,3 +466,249 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
             T.func_attr(attrs)
             body(x_vec4, None, None, q_weight_vec4, q_scale, None, out, None)
     return gemv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode GEMV with integer dot products (`--opt webgpu_gemv=dp4a`), the route of llama.cpp's GPU backends for
+# Q4_0 decode (MMVQ with q8_1 activations), written for WGSL's `dot4I8Packed`:
+#
+# * x is quantized while it is staged in workgroup memory: per group of 32 (one thread a group), d = max|x| / 127,
+#   q = round(x * (127 / max|x|)) (round half to even; all-zero groups give d = 0, q = 0), packed four a word with
+#   `pack4xI8` in the nibble order of the weights: staged word 2k holds elements 8k + 0, 2, 4, 6 of the group and
+#   word 2k + 1 elements 8k + 1, 3, 5, 7, because `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` spread the 8 nibbles
+#   of packed word k to those bytes (nibbles are 0..15: positive as int8). Beside the words: d and 7 * sum(q).
+# * per group and row: 4 packed words (one 16-byte load) -> 8 masked words -> 8 `dot4I8Packed` against the staged
+#   words (two 16-byte workgroup loads shared by the lane's rows): sum(nib * q) exact in i32 (|.| <= 15 * 127 * 32),
+#   minus 7 * sum(q) removes the offset, then one float FMA with (weight scale * d). About 1 instruction a weight
+#   where int4_gemv_h2 needs ~3 (shift, mask, or, the f16 <-> f32 round trip of naga's unpack2x16float, FMA).
+# * the schedule is int4_gemv_h2's: a lane owns a group a step, the next step's weights double-buffered in
+#   registers, one barrier before the rows' 32-value sums; the norm (staged) and silu (epilogue) fusions the same.
+# The arithmetic differs from the float kernels: each activation is rounded to 8 bits within its group
+# (|error| <= d / 2), so an output is off the float GEMV by at most sum over i of |w_i| d_g(i) / 2; tests check both
+# that bound and a numpy model of exactly this arithmetic (tests/test_webgpu_dp4a.py).
+# WGSL: `dot4I8Packed` and `pack4xI8` are the `packed_4x8_integer_dot_product` language extension, which wgpu 0.32's
+# naga accepts without an `enable` (checked on lavapipe); naga emits SPIR-V's OpSDot where the device has the
+# integer dot-product capability (Vulkan 1.3 core, VK_KHR_shader_integer_dot_product) and a polyfill of shifts,
+# sign extensions and multiply-adds otherwise.
+# ---------------------------------------------------------------------------------------------------------------
+def dp4a_shared_bytes(in_f: int, out_f: int) -> int:
+    """Workgroup memory of int4_gemv_dp4a: the staged int8 x (in_f bytes), d and 7 * sum(q) per group, the lanes'
+    partial sums (at most 32 rows a workgroup: 4 KiB)."""
+    return in_f + in_f // 32 * 8 + 32 * 32 * 4
+
+
+def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None) -> bool:
+    """Whole groups, float16 or float32 activations / scales / output, staged x within workgroup memory."""
+    limit = int(target.attrs.get("max_shared_memory_per_block", 16384)) if target is not None else 16384
+    floats = ("float16", "float32")
+    return in_f % 32 == 0 and x_dtype in floats and scale_dtype in floats and out_dtype in floats \
+        and dp4a_shared_bytes(in_f, out_f) <= limit
+
+
+def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
+                   unroll: int | None = None, x_dtype: str = "float16", scale_dtype: str = "float16",
+                   out_dtype: str = "float16", norm_eps: float | None = None, silu: bool = False):
+    """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, a scale per group of 32) with int8
+    activations and `dot4I8Packed` (see the comment above); arguments and fusions as int4_gemv_h2 (x, [delta,
+    norm weight], q_weight, q_scale, [bias], out, [x + delta])."""
+    from .._tvm import compiler
+
+    T = compiler().T
+    f32, u32, i32 = "float32", "uint32", "int32"
+    if in_f % 32:
+        raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
+    norm = norm_eps is not None
+    dw, dr, du = h2_config(in_f, out_f, silu)
+    W, R, U = warps or dw, rows or dr, unroll or du
+    if silu and (R % 2 or out_f % 2 or bias):
+        raise ValueError(f"int4_gemv_dp4a with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
+    G = in_f // 32
+    words = in_f // 8
+    inter = out_f // 2
+    R2 = R // 2 if silu else R
+    n_out = inter if silu else out_f
+    blocks = (n_out + W * R2 - 1) // (W * R2)
+    steps = (G + 32 * U - 1) // (32 * U)
+    stage = (G + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one group of 32 activations
+    lo_mask = T.uint32(0x0F0F0F0F)
+
+    def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
+        if silu:
+            return T.min((bx * W + ty) * R2 + r % R2, inter - 1) + (r // R2) * inter
+        return T.min((bx * W + ty) * R + r, out_f - 1)
+
+    @T.macro
+    def load(qw, qs, wdst, sdst, bx, ty, tx, it):  # step `it`'s weights and scales (lanes past G re-read group G-1)
+        for u in T.unroll(U):
+            for r in T.unroll(R):
+                g = T.meta_var(T.min((it * U + u) * 32 + tx, G - 1))
+                n = T.meta_var(row(bx, ty, r))
+                wdst[u * R + r] = qw[n, T.Ramp(g * 4, 1, 4)]
+                sdst[u * R + r] = T.Cast(f32, qs[n, g])
+
+    def i8x4(a, b, c, d):  # four rounded floats -> their int8s packed in a u32 (pack4xI8 keeps the low 8 bits)
+        return T.call_pure_extern(u32, "pack4xI8", T.Shuffle(
+            [T.Cast(i32, a), T.Cast(i32, b), T.Cast(i32, c), T.Cast(i32, d)], [0, 1, 2, 3]))
+
+    @T.macro
+    def quantize(hv, am, iz, xs, xd, xz, g):  # the group's 32 activations hv (fp-rounded, as f32) -> staged int8
+        am[0] = T.float32(0)
+        for k in T.unroll(32):
+            am[0] = T.max(am[0], T.fabs(hv[k]))
+        am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+        for k in T.unroll(32):
+            hv[k] = T.round(hv[k] * am[1])
+        for c in T.unroll(2):  # staged word 4c + j: packed word 2c + j // 2, its even (j even) or odd elements
+            xs[c * G + g] = T.Shuffle([i8x4(*[hv[8 * (2 * c + j // 2) + j % 2 + 2 * e] for e in range(4)])
+                                       for j in range(4)], [0, 1, 2, 3])
+        xd[g] = am[0] * T.float32(1 / 127)
+        iz[0] = T.int32(0)
+        for k in T.unroll(32):
+            iz[0] = iz[0] + T.Cast(i32, hv[k])
+        xz[g] = iz[0] * 7
+
+    @T.macro
+    def body(x, dl, nw, qw, qs, b, out, xsum):
+        bx = T.launch_thread("blockIdx.x", blocks)
+        ty = T.launch_thread("threadIdx.y", W)
+        tx = T.launch_thread("threadIdx.x", 32)
+        xs = T.alloc_buffer((G * 2,), "uint32x4", scope="shared")  # [half c][group]: 4 words, one 16-byte load
+        xd = T.alloc_buffer((G,), f32, scope="shared")
+        xz = T.alloc_buffer((G,), i32, scope="shared")
+        red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
+        red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
+        acc = T.alloc_buffer((R,), f32, scope="local")
+        wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
+        sc = T.alloc_buffer((U * R,), f32, scope="local")
+        wn = T.alloc_buffer((U * R,), "uint32x4", scope="local")
+        sn = T.alloc_buffer((U * R,), f32, scope="local")
+        xa = T.alloc_buffer((8,), x_dtype + "x4", scope="local")
+        da = T.alloc_buffer((8,), x_dtype + "x4", scope="local")
+        hv = T.alloc_buffer((32,), f32, scope="local")
+        sv = T.alloc_buffer((stage * 32,), f32, scope="local")  # norm: s = x + delta of the thread's groups
+        am = T.alloc_buffer((2,), f32, scope="local")
+        xv = T.alloc_buffer((2,), "uint32x4", scope="local")
+        isum = T.alloc_buffer((1,), i32, scope="local")
+        tt = T.alloc_buffer((1,), f32, scope="local")
+        load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
+        if norm:
+            tt[0] = T.float32(0)
+            for i in T.unroll(stage):
+                g = T.meta_var((i * W + ty) * 32 + tx)
+                if g < G:
+                    for h in T.unroll(8):
+                        xa[h] = x[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
+                        da[h] = dl[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
+                        for k in T.unroll(4):
+                            sv[i * 32 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(
+                                f32, T.Shuffle([xa[h]], [k])) + T.Cast(f32, T.Shuffle([da[h]], [k]))))
+                            tt[0] = tt[0] + sv[i * 32 + h * 4 + k] * sv[i * 32 + h * 4 + k]
+                            if bx == 0:
+                                xsum[0, g * 32 + h * 4 + k] = T.Cast(x_dtype, sv[i * 32 + h * 4 + k])
+            red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                tt[0] = T.float32(0)
+                for k in T.unroll(32):
+                    tt[0] = tt[0] + red[ty * 32 + k]
+                red2[ty] = tt[0]
+            T.tvm_storage_sync("shared")
+            tt[0] = T.float32(0)
+            for k in T.unroll(W):
+                tt[0] = tt[0] + red2[k]
+            tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
+            for i in T.unroll(stage):
+                g = T.meta_var((i * W + ty) * 32 + tx)
+                if g < G:
+                    for h in T.unroll(8):
+                        da[h] = nw[T.Ramp(g * 32 + 4 * h, 1, 4)]
+                        for k in T.unroll(4):  # add_rms_norm_gpu's (s * rsqrt) * w, rounded to the activation type
+                            hv[h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, sv[i * 32 + h * 4 + k] * tt[0]
+                                                               * T.Cast(f32, T.Shuffle([da[h]], [k]))))
+                    quantize(hv, am, isum, xs, xd, xz, g)
+        else:
+            for i in T.serial(stage):
+                g = T.meta_var((i * W + ty) * 32 + tx)  # a warp reads 32 groups: 2 KiB of contiguous fp16 x
+                if g < G:
+                    for h in T.unroll(8):
+                        xa[h] = x[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
+                        for k in T.unroll(4):
+                            hv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
+                    quantize(hv, am, isum, xs, xd, xz, g)
+        T.tvm_storage_sync("shared")
+        for r in T.unroll(R):
+            acc[r] = T.float32(0)
+        for it in T.serial(steps):
+            if it + 1 < steps:
+                load(qw, qs, wn, sn, bx, ty, tx, it + 1)
+            for u in T.unroll(U):
+                g = T.meta_var((it * U + u) * 32 + tx)
+                if g < G:
+                    for c in T.unroll(2):
+                        xv[c] = xs[c * G + g]
+                    tt[0] = xd[g]
+                    for r in T.unroll(R):
+                        isum[0] = T.int32(0) - xz[g]
+                        for k in T.unroll(4):
+                            wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                            isum[0] = isum[0] + T.call_pure_extern(
+                                i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask),
+                                T.Shuffle([xv[k // 2]], [(k % 2) * 2])) + T.call_pure_extern(
+                                i32, "dot4I8Packed", T.bitwise_and(T.shift_right(wk, T.uint32(4)), lo_mask),
+                                T.Shuffle([xv[k // 2]], [(k % 2) * 2 + 1]))
+                        acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
+            if it + 1 < steps:
+                for k in T.unroll(U * R):
+                    sc[k] = sn[k]
+                    wv[k] = wn[k]
+        for r in T.unroll(R):
+            red[(ty * R + r) * 32 + tx] = acc[r]
+        T.tvm_storage_sync("shared")
+        if tx < R2:
+            i = T.meta_var((bx * W + ty) * R2 + tx)
+            if i < n_out:
+                tt[0] = T.float32(0)
+                for k in T.unroll(32):
+                    tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
+                if silu:  # silu_mul_gpu's arithmetic on the output-rounded gate and up sums
+                    acc[0] = T.float32(0)
+                    for k in T.unroll(32):
+                        acc[0] = acc[0] + red[(ty * R + tx + R2) * 32 + k]
+                    tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
+                    out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
+                                       * T.Cast(f32, T.Cast(out_dtype, acc[0])))
+                elif bias:
+                    out[0, i] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[i]))
+                else:
+                    out[0, i] = T.Cast(out_dtype, tt[0])
+
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
+    xd_, od, sd = x_dtype, out_dtype, scale_dtype
+    if norm and bias:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd_), delta_vec4: T.Buffer((1, in_f), xd_),
+                 norm_w_vec4: T.Buffer((in_f,), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od),
+                 xsum: T.Buffer((1, in_f), xd_)):
+            T.func_attr(attrs)
+            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, b, out, xsum)
+    elif norm:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd_), delta_vec4: T.Buffer((1, in_f), xd_),
+                 norm_w_vec4: T.Buffer((in_f,), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od), xsum: T.Buffer((1, in_f), xd_)):
+            T.func_attr(attrs)
+            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, None, out, xsum)
+    elif bias:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od)):
+            T.func_attr(attrs)
+            body(x_vec4, None, None, q_weight_vec4, q_scale, b, out, None)
+    else:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od)):
+            T.func_attr(attrs)
+            body(x_vec4, None, None, q_weight_vec4, q_scale, None, out, None)
+    return gemv
