@@ -35,6 +35,10 @@ TARGETS = {"vulkan": "vulkan", "cuda": "cuda-sm90"}
 PROMPT = [1, 5, 7, 100, 42, 9, 33, 250, 17, 64, 3, 201, 88]
 # which A/Bs of the 8B shape to build and run: OPT (= OPT=simple, the generic schedule) or OPT=VALUE
 AB = [a if "=" in a else f"{a}=simple" for a in os.environ.get("AB", "webgpu_gemv=coalesced").split(",") if a]
+# more Vulkan paths, each a build of every model with kernel options, checked and timed beside the default:
+# VK_PATHS="dp4a:webgpu_gemv=dp4a" -> label "vulkan-dp4a" (options joined by "+")
+VK_PATHS = {f"vulkan-{p.split(':')[0]}": dict(o.split("=") for o in p.split(":", 1)[1].split("+"))
+            for p in os.environ.get("VK_PATHS", "").split(",") if p}
 
 
 def prepare(shapes=SHAPES) -> None:
@@ -52,7 +56,7 @@ def prepare(shapes=SHAPES) -> None:
     for label, preset in TARGETS.items():
         if only and label not in only.split(","):
             continue
-        for scheme in ("q0f32", "q4f16_1"):
+        for scheme in os.environ.get("TINY_SCHEMES", "q0f32,q4f16_1").split(","):  # a bundle near 64 MiB: fewer
             out = art / f"tiny-{scheme}-{label}"
             if not out.exists():
                 compile_model(CompileArgs(model=str(ckpt), output=out, target=preset, quant=scheme,
@@ -65,6 +69,19 @@ def prepare(shapes=SHAPES) -> None:
                                           quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True))
                 print(f"{name} {label}: {time.time() - t:.0f}s", flush=True)
     from edgellm.kernels import KernelOptions  # the A/Bs: the 8B shape with the generic GEMM / GEMV
+
+    for label, opts in VK_PATHS.items():  # the other Vulkan paths: the tiny q4 model and every shape
+        if only and label not in only.split(","):
+            continue
+        for name, src, rt, kw in [("tiny-q4f16_1", ckpt, RuntimeOptions(256, 128, 16, 2), {})] + [
+                (n, gpu_prepare.shape_folder(n), RuntimeOptions(1024, 512, 16, 1), {"shapes_only": True})
+                for n in shapes]:
+            out = art / f"{name}-{label}"
+            if not out.exists():
+                t = time.time()
+                compile_model(CompileArgs(model=str(src), output=out, target="vulkan", quant="q4f16_1", runtime=rt,
+                                          kernel_options=KernelOptions(**opts), **kw))
+                print(f"{name} {label}: {time.time() - t:.0f}s", flush=True)
 
     for opt, value in (a.split("=") for a in AB):
         out = art / f"llama-3-8b-vulkan-{opt}-{value}"
@@ -87,7 +104,7 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def check(name: str, kwargs: dict, tol: float, prompt=PROMPT) -> None:
+def check(name: str, kwargs: dict, tol: float, prompt=PROMPT, label: str = "vulkan") -> None:
     from edgellm.device_runners.engine import Engine
 
     try:
@@ -100,13 +117,13 @@ def check(name: str, kwargs: dict, tol: float, prompt=PROMPT) -> None:
         ref = _steps(cu, prompt, toks)
         del cu
         gc.collect()
-        vk = Engine(DEV / "art" / f"{name}-vulkan", verify=False, **kwargs)
+        vk = Engine(DEV / "art" / f"{name}-{label}", verify=False, **kwargs)
         got = _steps(vk, prompt, toks)
         top1 = float(np.mean(np.argmax(got, -1) == np.argmax(ref, -1)))
-        results["checks"][f"{name}: vulkan vs cuda, prefill {len(prompt)} + 16 decodes"] = {
-            "rel_err": _rel(got, ref), "tol": tol, "ok": _rel(got, ref) < tol, "top1_agreement": top1,
-            "finite": bool(np.isfinite(got).all())}
-        print(name, results["checks"][f"{name}: vulkan vs cuda, prefill {len(prompt)} + 16 decodes"], flush=True)
+        key = f"{name}: {label} vs cuda, prefill {len(prompt)} + 16 decodes"
+        results["checks"][key] = {"rel_err": _rel(got, ref), "tol": tol, "ok": _rel(got, ref) < tol,
+                                  "top1_agreement": top1, "finite": bool(np.isfinite(got).all())}
+        print(name, label, results["checks"][key], flush=True)
         del vk
         gc.collect()
     except Exception:
@@ -121,7 +138,7 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
     from edgellm.device_runners.engine import Engine
 
     prompt, logits, toks = list(range(1, 41)), {}, None
-    for label in ("cuda", "vulkan"):
+    for label in ("cuda", "vulkan", *VK_PATHS):
         try:
             t0 = time.perf_counter()
             eng = Engine(DEV / "art" / f"{name}-{label}", verify=False, random_weights=0)
@@ -132,7 +149,7 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
                     for _ in range(15):
                         toks.append(int(np.argmax(s.decode(toks[-1]))))
             logits[label] = _steps(eng, prompt, toks)
-            dev = eng.device_info.describe() if label == "vulkan" else _cuda_name()
+            dev = eng.device_info.describe() if label.startswith("vulkan") else _cuda_name()
             for n_prompt, n_gen in ((128, 128), (512, 0)):
                 for r in run_bench(eng, n_prompt, n_gen, reps=reps, warmup=1, device_name=dev):
                     results["bench"].append({
@@ -140,14 +157,15 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
                         "samples_ts": r.samples_ts, "scheme": r.scheme, "weight_bytes": r.weight_bytes, "device": dev,
                         "load_seconds": load, "git_sha": r.git_sha, "timestamp": r.timestamp})
                     print(f"{name:14s} {label:6s} {r.test:6s} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
-            if label == "vulkan":  # the plugin's counters per decode token, one profiled pass (GPU time per kernel)
+            if label.startswith("vulkan"):  # the plugin's counters per decode token, one profiled pass
                 from vulkan_host_cost import measure
 
-                results.setdefault("decode_profile", {})[name] = {"counters": measure(eng, 32, False),
+                pkey = name if label == "vulkan" else f"{name} {label}"
+                results.setdefault("decode_profile", {})[pkey] = {"counters": measure(eng, 32, False),
                                                                   "profile": measure(eng, 16, True)}
-                prof = results["decode_profile"][name]["profile"]
-                print(f"{name} vulkan decode: {prof['gpu_us_per_token']:.0f} us/token on the GPU (profiled), "
-                      f"{results['decode_profile'][name]['counters']['us_per_token']['wall']:.0f} us/token wall",
+                prof = results["decode_profile"][pkey]["profile"]
+                print(f"{name} {label} decode: {prof['gpu_us_per_token']:.0f} us/token on the GPU (profiled), "
+                      f"{results['decode_profile'][pkey]['counters']['us_per_token']['wall']:.0f} us/token wall",
                       flush=True)
                 for k, v in list(prof["kernels"].items())[:8]:
                     print(f"   {v['us_per_token']:8.1f} us/token {v['per_token']:5.1f}x {k}", flush=True)
@@ -156,9 +174,9 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
         except Exception:
             results["errors"].append(f"bench {name} {label}: " + traceback.format_exc()[-2000:])
             print(results["errors"][-1], flush=True)
-    if len(logits) == 2:
-        got, ref = logits["vulkan"], logits["cuda"]
-        key = f"{name} (random weights): vulkan vs cuda, prefill {len(prompt)} + 15 decodes"
+    for label in [k for k in logits if k != "cuda" and "cuda" in logits]:
+        got, ref = logits[label], logits["cuda"]
+        key = f"{name} (random weights): {label} vs cuda, prefill {len(prompt)} + 15 decodes"
         results["checks"][key] = {"rel_err": _rel(got, ref), "tol": tol, "ok": _rel(got, ref) < tol,
                                   "top1_agreement": float(np.mean(np.argmax(got, -1) == np.argmax(ref, -1))),
                                   "finite": bool(np.isfinite(got).all())}
@@ -200,8 +218,11 @@ def run(shapes=SHAPES, reps: int = 3) -> None:
     results["plugin_ready_seconds"] = time.time() - t0
     print("adapter", json.dumps(results["adapter"]), flush=True)
     if os.environ.get("CHECKS", "1") != "0":  # CHECKS=0: the shapes only (their random-weight check stays)
-        check("tiny-q0f32", {}, 1e-4)
+        if (DEV / "art" / "tiny-q0f32-vulkan").exists():
+            check("tiny-q0f32", {}, 1e-4)
         check("tiny-q4f16_1", {}, 2e-2)
+        for label in VK_PATHS:
+            check("tiny-q4f16_1", {}, 2e-2, label=label)
     out.write_text(json.dumps(results, indent=1))
     for name in shapes:
         bench(name, reps)

@@ -1,6 +1,7 @@
 """Decode GEMV variants for the webgpu target at Llama-3-8B shapes, timed one by one on a GPU through the plugin.
 
   python bench/vulkan_kernels.py prepare DIR   # here: DIR/gemv_webgpu.so (+ gemv_webgpu_sg.so with subgroups) and
+                                               # (DP4A=1: the integer-dot GEMV's configs beside h2, plain and fused)
                                                # DIR/gemv_webgpu.json (each kernel's shape, variant, parameters)
   python bench/vulkan_kernels.py run DIR       # there: per kernel, GPU time from timestamp queries (profile mode)
                                                # and wall time per launch over back-to-back launches; $OUT/gemv.json
@@ -48,6 +49,11 @@ def _cfg(w: int, r: int, u: int) -> dict:
 H2 = {"h2_auto": {}, "h2_w8r2u2": _cfg(8, 2, 2), "h2_w8r4u1": _cfg(8, 4, 1), "h2_w8r1u1": _cfg(8, 1, 1),
       "h2_w4r2u1": _cfg(4, 2, 1), "h2_w16r1u1": _cfg(16, 1, 1), "f32_auto": {"h2": False}}
 H2_HEAD = {"h2_auto": {}, "h2_w8r1u1": _cfg(8, 1, 1), "h2_w4r4u1": _cfg(4, 4, 1)}
+# the integer-dot kernel (webgpu_linear.int4_gemv_dp4a): name -> keyword arguments; "dp4a_auto" = h2_config's
+DP4A = {"dp4a_auto": {}, "dp4a_w8r2u2": _cfg(8, 2, 2), "dp4a_w8r4u1": _cfg(8, 4, 1), "dp4a_w16r1u1": _cfg(16, 1, 1),
+        "dp4a_w4r2u1": _cfg(4, 2, 1), "dp4a_w8r2u1": _cfg(8, 2, 1), "dp4a_w4r4u1": _cfg(4, 4, 1)}
+FUSED = {(4096, 6144): ("norm",), (4096, 28672): ("norm", "silu")}
+FUSED_CFGS = ("w8r4u1", "w4r4u1", "w8r2u2")  # dp4a configs also tried fused (even row counts: silu pairs rows)
 ROTATE_BYTES = 160 << 20  # weights rotated over at least this many bytes per kernel: timings not from L2 (50 MB)
 
 
@@ -81,6 +87,29 @@ def prepare(out: Path) -> None:
     c = compiler()
     out.mkdir(parents=True, exist_ok=True)
     meta = []
+    if os.environ.get("DP4A"):  # the integer-dot GEMV (int4_gemv_dp4a) against the fp16x2 one, plain and fused
+        lib, funcs = "gemv_webgpu_dp4a", {}
+        for in_f, out_f in SHAPES:
+            for v, kw in {"h2_auto": None, **DP4A}.items():
+                name = f"gemv_{in_f}_{out_f}_{v}"
+                funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False) if kw is None else \
+                    webgpu_linear.int4_gemv_dp4a(in_f, out_f, False, **kw)
+                meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
+        for (in_f, out_f), fuse in FUSED.items():  # the decode's fused calls: qkv with the norm, gate_up with both
+            for v, make, kw in [("h2", webgpu_linear.int4_gemv_h2, {}), ("dp4a", webgpu_linear.int4_gemv_dp4a, {})] + [
+                    (f"dp4a_{c}", webgpu_linear.int4_gemv_dp4a, DP4A[f"dp4a_{c}"]) for c in FUSED_CFGS]:
+                name = f"gemv_{in_f}_{out_f}_{v}_{'_'.join(fuse)}"
+                funcs[name] = make(in_f, out_f, False, norm_eps=1e-5 if "norm" in fuse else None, silu="silu" in fuse,
+                                   **kw)
+                meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": f"{v}_{'_'.join(fuse)}",
+                             "bits": 4, "fuse": "_".join(fuse)})
+        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+        c.tvm.compile(mod, target=_target(False)).export_library(str(out / f"{lib}.so"))
+        for m in meta:
+            m["params"] = _params(funcs[m["name"]])
+        (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
+        print(f"{len(meta)} kernels in {out}")
+        return
     if os.environ.get("H2_ONLY"):  # this session's question: the fp16x2 kernel against the coalesced one
         lib, t, funcs = "gemv_webgpu_h2", _target(False), {}
         for in_f, out_f in SHAPES:
@@ -183,9 +212,13 @@ def run(src: Path) -> None:
                 os.environ.pop("EDGELLM_WEBGPU_VEC4", None)
             f = libs[m["lib"]][m["name"]]
             args, nbytes, host = [], 0, []
+            names = [p[0] for p in m["params"]]
+            oi = names.index("out") if "out" in names else len(names) - 1  # fused kernels also write x + delta
+            weights = [i for i, p in enumerate(names) if p.startswith("q_")] if "fuse" in m \
+                else list(range(1, len(names) - 1))
             for i, (pname, shape, dtype) in enumerate(m["params"]):
                 key = (m["in"], m["out"], m["bits"], i, tuple(shape), dtype)
-                if i == len(m["params"]) - 1:
+                if i == oi or (i > oi and "fuse" in m):
                     arr = np.zeros(shape, dtype)
                 elif key in inputs:
                     arr = inputs[key]
@@ -195,7 +228,7 @@ def run(src: Path) -> None:
                     arr = inputs[key] = (rng.random(shape) * 0.02).astype(dtype)
                 else:
                     arr = inputs[key] = rng.standard_normal(shape).astype(dtype)
-                if 0 < i < len(m["params"]) - 1:
+                if i in weights:
                     nbytes += arr.nbytes
                 args.append(tvm.runtime.tensor(arr, dev))
                 host.append(arr)
@@ -205,8 +238,8 @@ def run(src: Path) -> None:
             skey = (m["in"], m["out"], m["bits"], tuple(tuple(p[1]) for p in m["params"]))
             if skey not in rotated:
                 rotated.clear()  # one shape's copies at a time
-                rotated[skey] = [[tvm.runtime.tensor(a, dev) for a in host[1:-1]] for _ in range(copies - 1)]
-            sets = [args] + [[args[0]] + w + [args[-1]] for w in rotated[skey]]
+                rotated[skey] = [[tvm.runtime.tensor(host[i], dev) for i in weights] for _ in range(copies - 1)]
+            sets = [args] + [[dict(zip(weights, w)).get(i, a) for i, a in enumerate(args)] for w in rotated[skey]]
             for _ in range(3):
                 f(*args)
             dev.sync()
@@ -230,8 +263,8 @@ def run(src: Path) -> None:
             s = json.loads(str(stats(0, 1)))
             set_profile(0, 0)
             gpu_us = sum(v[1] for v in s["kernels"].values()) / max(1, sum(v[0] for v in s["kernels"].values())) / 1e3
-            y = args[-1].numpy().astype(np.float32)
-            shape_key = (m["in"], m["out"], m["bits"])
+            y = args[oi].numpy().astype(np.float32)
+            shape_key = (m["in"], m["out"], m["bits"], m.get("fuse"))
             err = None
             if shape_key in ref:
                 err = float(np.abs(y - ref[shape_key]).max() / max(np.abs(ref[shape_key]).max(), 1e-30))
