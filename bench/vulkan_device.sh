@@ -7,8 +7,9 @@ B=$(cd "$1" && pwd); shift
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 ICD='{"file_format_version":"1.0.0","ICD":{"library_path":"libEGL_nvidia.so.0","api_version":"1.3.0"}}'
 printf '%s' "$ICD" > /tmp/nv_icd.json
-export VK_ICD_FILENAMES=/tmp/nv_icd.json XDG_RUNTIME_DIR=/tmp PYTHONPATH=$B/site:$B/src PYTHONUNBUFFERED=1
-if [ -d "$B/src" ]; then cd "$B/src"; fi  # the bundle's copy of the sources, else the working tree
+SRC=$B/src; [ -d "$SRC" ] || SRC=$(pwd)  # the bundle's copy of the sources, else the working tree
+export VK_ICD_FILENAMES=/tmp/nv_icd.json XDG_RUNTIME_DIR=/tmp PYTHONPATH=$B/site:$SRC PYTHONUNBUFFERED=1
+cd "$SRC" || exit 1
 for stage in "$@"; do
   case $stage in
     kernels) REPS=${KREPS:-100} timeout ${KTIME:-150} python3 bench/vulkan_kernels.py run "$B/gemv" 2>&1 \

@@ -150,7 +150,8 @@ def bench(name: str, reps: int, tol: float = 5e-2) -> None:
                         toks.append(int(np.argmax(s.decode(toks[-1]))))
             logits[label] = _steps(eng, prompt, toks)
             dev = eng.device_info.describe() if label.startswith("vulkan") else _cuda_name()
-            for n_prompt, n_gen in ((128, 128), (512, 0)):
+            tests = ((128, 128), (512, 0)) if label in ("cuda", "vulkan") else ((0, 128),)  # VK_PATHS: decode
+            for n_prompt, n_gen in tests:
                 for r in run_bench(eng, n_prompt, n_gen, reps=reps, warmup=1, device_name=dev):
                     results["bench"].append({
                         "model": name, "path": label, "test": r.test, "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts,

@@ -61,7 +61,7 @@ def _check(got, model, ref, deq, d, dtype):
     """got within the output's rounding of the model; the model within the activation-rounding bound of the float
     GEMV: |sum_i w_i (x_i - q_i d)| <= sum_i |w_i| d / 2 per row, plus that rounding."""
     ulp = np.spacing(np.abs(model).astype(dtype)).astype(np.float64)
-    assert (np.abs(got - model) <= ulp * 0.5 + 1e-6 * np.abs(model).max()).all()
+    assert (np.abs(got - model) <= ulp * 0.5 + 1e-5 * np.abs(model).max()).all()  # + float32 sums' order
     bound = (np.abs(deq).reshape(len(model), -1, 32) * (d[None, :, None].astype(np.float64) / 2)).sum((-1, -2))
     assert (np.abs(got - ref) <= bound + ulp).all()
     return float(np.abs(got - ref).max() / np.abs(ref).max())
@@ -70,6 +70,7 @@ def _check(got, model, ref, deq, d, dtype):
 @pytest.mark.parametrize("in_f,out_f,bias,dtype,cfg", [
     (2048, 600, False, "float16", (8, 2, 1)),  # 64 groups: 2 steps (double-buffered loads); clamped last rows
     (4096, 40, False, "float16", (4, 1, 2)),   # 2 groups a lane a step
+    (2048, 4096, False, "float16", None),      # dp4a_config's 8 warps x 2 rows x 2 groups (the 8B shapes')
     (288, 70, True, "float32", None),          # 9 groups (lanes past them idle), bias, fp32 activations and scales
 ])
 def test_dp4a_gemv_matches_its_model_and_the_float_bound(dev, tmp_path, in_f, out_f, bias, dtype, cfg):

@@ -472,15 +472,18 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
 # Decode GEMV with integer dot products (`--opt webgpu_gemv=dp4a`), the route of llama.cpp's GPU backends for
 # Q4_0 decode (MMVQ with q8_1 activations), written for WGSL's `dot4I8Packed`:
 #
-# * x is quantized while it is staged in workgroup memory: per group of 32 (one thread a group), d = max|x| / 127,
-#   q = round(x * (127 / max|x|)) (round half to even; all-zero groups give d = 0, q = 0), packed four a word with
-#   `pack4xI8` in the nibble order of the weights: staged word 2k holds elements 8k + 0, 2, 4, 6 of the group and
-#   word 2k + 1 elements 8k + 1, 3, 5, 7, because `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` spread the 8 nibbles
-#   of packed word k to those bytes (nibbles are 0..15: positive as int8). Beside the words: d and 7 * sum(q).
+# * x is quantized while it is staged in workgroup memory: per group of 32, d = max|x| / 127 and
+#   q = round(x * (127 / max|x|)) (round half to even; all-zero groups give d = 0, q = 0). A staging thread takes
+#   one packed word's 8 activations (4 threads a group, as int4_gemv_h2 stages), writes their max |x|, and after a
+#   barrier reads its group's 4 maxima, rounds its 8 values and packs them four a word with `pack4xI8` in the nibble
+#   order of the weights: (elements 0, 2, 4, 6 of the word, elements 1, 3, 5, 7), because `w & 0x0F0F0F0F` and
+#   `(w >> 4) & 0x0F0F0F0F` spread packed word k's 8 nibbles to those bytes (nibbles are 0..15: positive as int8).
+#   Beside the words: d per group and 7 * sum(q) per word (the first version, one thread a group, serialised 32
+#   values a thread: the 8B qkv with the norm took 20 us against h2's 14).
 # * per group and row: 4 packed words (one 16-byte load) -> 8 masked words -> 8 `dot4I8Packed` against the staged
-#   words (two 16-byte workgroup loads shared by the lane's rows): sum(nib * q) exact in i32 (|.| <= 15 * 127 * 32),
-#   minus 7 * sum(q) removes the offset, then one float FMA with (weight scale * d). About 1 instruction a weight
-#   where int4_gemv_h2 needs ~3 (shift, mask, or, the f16 <-> f32 round trip of naga's unpack2x16float, FMA).
+#   words (four 8-byte workgroup loads shared by the lane's rows): sum(nib * q) exact in i32 (|.| <= 15 * 127 *
+#   32), minus 7 * sum(q) removes the offset, then one float FMA with (weight scale * d). About 1 instruction a
+#   weight where int4_gemv_h2 needs ~3 (shift, mask, or, the f16 <-> f32 round trip of naga's unpack2x16float, FMA).
 # * the schedule is int4_gemv_h2's: a lane owns a group a step, the next step's weights double-buffered in
 #   registers, one barrier before the rows' 32-value sums; the norm (staged) and silu (epilogue) fusions the same.
 # The arithmetic differs from the float kernels: each activation is rounded to 8 bits within its group
@@ -491,10 +494,24 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
 # integer dot-product capability (Vulkan 1.3 core, VK_KHR_shader_integer_dot_product) and a polyfill of shifts,
 # sign extensions and multiply-adds otherwise.
 # ---------------------------------------------------------------------------------------------------------------
+def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, int]:
+    """(warps, rows, unroll) of int4_gemv_dp4a. H200, Llama-3-8B shapes alone, weights rotated through HBM
+    (bench/vulkan_kernels.py DP4A=1, run 8 in docs/benchmarks/vulkan-h200.md): 8 warps x 2 rows x 2 groups a step
+    was the fastest or within 2% of it at every shape (down 17.9 us against 21.3 with h2's 8 x 4 x 1, 41-86 with
+    one group a step and fewer rows); gate_up with silu 8 warps x 4 rows (2 gate + 2 up; 107 us fused in that
+    sweep against 153 with h2's 8 x 2). Grids under 256 workgroups (SmolLM2, the 1B's smaller linears) keep
+    h2_config's."""
+    if silu:
+        return (8, 4, 1) if out_f // 2 // 16 >= 256 else h2_config(in_f, out_f, silu)
+    if out_f // 16 >= 256 or (in_f > 4096 and out_f // 16 >= 128):
+        return 8, 2, 2
+    return h2_config(in_f, out_f, silu)
+
+
 def dp4a_shared_bytes(in_f: int, out_f: int) -> int:
-    """Workgroup memory of int4_gemv_dp4a: the staged int8 x (in_f bytes), d and 7 * sum(q) per group, the lanes'
-    partial sums (at most 32 rows a workgroup: 4 KiB)."""
-    return in_f + in_f // 32 * 8 + 32 * 32 * 4
+    """Workgroup memory of int4_gemv_dp4a: the staged int8 x (in_f bytes), per group d, four partial maxima and
+    four partial sums, the lanes' partial sums (at most 32 rows a workgroup: 4 KiB)."""
+    return in_f + in_f // 32 * 36 + 32 * 32 * 4
 
 
 def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None) -> bool:
@@ -518,7 +535,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     if in_f % 32:
         raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
     norm = norm_eps is not None
-    dw, dr, du = h2_config(in_f, out_f, silu)
+    dw, dr, du = dp4a_config(in_f, out_f, silu)
     W, R, U = warps or dw, rows or dr, unroll or du
     if silu and (R % 2 or out_f % 2 or bias):
         raise ValueError(f"int4_gemv_dp4a with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
@@ -529,7 +546,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     n_out = inter if silu else out_f
     blocks = (n_out + W * R2 - 1) // (W * R2)
     steps = (G + 32 * U - 1) // (32 * U)
-    stage = (G + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one group of 32 activations
+    stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     lo_mask = T.uint32(0x0F0F0F0F)
 
     def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
@@ -551,30 +568,43 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
             [T.Cast(i32, a), T.Cast(i32, b), T.Cast(i32, c), T.Cast(i32, d)], [0, 1, 2, 3]))
 
     @T.macro
-    def quantize(hv, am, iz, xs, xd, xz, g):  # the group's 32 activations hv (fp-rounded, as f32) -> staged int8
-        am[0] = T.float32(0)
-        for k in T.unroll(32):
-            am[0] = T.max(am[0], T.fabs(hv[k]))
-        am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
-        for k in T.unroll(32):
-            hv[k] = T.round(hv[k] * am[1])
-        for c in T.unroll(2):  # staged word 4c + j: packed word 2c + j // 2, its even (j even) or odd elements
-            xs[c * G + g] = T.Shuffle([i8x4(*[hv[8 * (2 * c + j // 2) + j % 2 + 2 * e] for e in range(4)])
-                                       for j in range(4)], [0, 1, 2, 3])
-        xd[g] = am[0] * T.float32(1 / 127)
-        iz[0] = T.int32(0)
-        for k in T.unroll(32):
-            iz[0] = iz[0] + T.Cast(i32, hv[k])
-        xz[g] = iz[0] * 7
+    def partial_max(sv, amx, tt, ty, tx):  # each staging thread's max |x| over its 8 activations
+        for i in T.unroll(stage):
+            e = T.meta_var((i * W + ty) * 32 + tx)
+            if e < G * 4:
+                tt[0] = T.float32(0)
+                for k in T.unroll(8):
+                    tt[0] = T.max(tt[0], T.fabs(sv[i * 8 + k]))
+                amx[e] = tt[0]
+
+    @T.macro
+    def quantize(sv, amx, tt, iz, xs, xd, xz, ty, tx):  # after a barrier: the group's max from its 4 threads
+        for i in T.unroll(stage):
+            e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: packed word q of group g
+            if e < G * 4:
+                tt[0] = T.max(T.max(amx[e // 4 * 4], amx[e // 4 * 4 + 1]), T.max(amx[e // 4 * 4 + 2],
+                                                                             amx[e // 4 * 4 + 3]))
+                if e % 4 == 0:
+                    xd[e // 4] = tt[0] * T.float32(1 / 127)
+                tt[0] = T.if_then_else(tt[0] > T.float32(0), T.float32(127) / tt[0], T.float32(0))
+                iz[0] = T.int32(0)
+                for k in T.unroll(8):
+                    sv[i * 8 + k] = T.round(sv[i * 8 + k] * tt[0])
+                    iz[0] = iz[0] + T.Cast(i32, sv[i * 8 + k])
+                # word q of the group's staged pairs: (elements 0, 2, 4, 6 of packed word q, elements 1, 3, 5, 7)
+                xs[(e % 4) * G + e // 4] = T.Shuffle([i8x4(*[sv[i * 8 + h + 2 * j] for j in range(4)])
+                                                      for h in range(2)], [0, 1])
+                xz[(e % 4) * G + e // 4] = iz[0] * 7
 
     @T.macro
     def body(x, dl, nw, qw, qs, b, out, xsum):
         bx = T.launch_thread("blockIdx.x", blocks)
         ty = T.launch_thread("threadIdx.y", W)
         tx = T.launch_thread("threadIdx.x", 32)
-        xs = T.alloc_buffer((G * 2,), "uint32x4", scope="shared")  # [half c][group]: 4 words, one 16-byte load
-        xd = T.alloc_buffer((G,), f32, scope="shared")
-        xz = T.alloc_buffer((G,), i32, scope="shared")
+        xs = T.alloc_buffer((G * 4,), "uint32x2", scope="shared")  # [word q][group]: the q-th 8 activations
+        xd = T.alloc_buffer((G,), f32, scope="shared")  # d per group
+        xz = T.alloc_buffer((G * 4,), i32, scope="shared")  # [word q][group]: 7 * sum of its 8 int8s
+        amx = T.alloc_buffer((G * 4,), f32, scope="shared")  # max |x| of each staging thread's 8 activations
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
         red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
         acc = T.alloc_buffer((R,), f32, scope="local")
@@ -582,29 +612,27 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         sc = T.alloc_buffer((U * R,), f32, scope="local")
         wn = T.alloc_buffer((U * R,), "uint32x4", scope="local")
         sn = T.alloc_buffer((U * R,), f32, scope="local")
-        xa = T.alloc_buffer((8,), x_dtype + "x4", scope="local")
-        da = T.alloc_buffer((8,), x_dtype + "x4", scope="local")
-        hv = T.alloc_buffer((32,), f32, scope="local")
-        sv = T.alloc_buffer((stage * 32,), f32, scope="local")  # norm: s = x + delta of the thread's groups
-        am = T.alloc_buffer((2,), f32, scope="local")
-        xv = T.alloc_buffer((2,), "uint32x4", scope="local")
+        xa = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
+        da = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
+        sv = T.alloc_buffer((stage * 8,), f32, scope="local")  # the thread's activations (norm: s, then the norm)
+        xv = T.alloc_buffer((4,), "uint32x2", scope="local")
         isum = T.alloc_buffer((1,), i32, scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
         load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
             tt[0] = T.float32(0)
             for i in T.unroll(stage):
-                g = T.meta_var((i * W + ty) * 32 + tx)
-                if g < G:
-                    for h in T.unroll(8):
-                        xa[h] = x[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
-                        da[h] = dl[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
+                e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of fp16 x
+                if e < G * 4:
+                    for h in T.unroll(2):
+                        xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
+                        da[h] = dl[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
                         for k in T.unroll(4):
-                            sv[i * 32 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(
-                                f32, T.Shuffle([xa[h]], [k])) + T.Cast(f32, T.Shuffle([da[h]], [k]))))
-                            tt[0] = tt[0] + sv[i * 32 + h * 4 + k] * sv[i * 32 + h * 4 + k]
+                            sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(f32, T.Shuffle([xa[h]], [k]))
+                                                                       + T.Cast(f32, T.Shuffle([da[h]], [k]))))
+                            tt[0] = tt[0] + sv[i * 8 + h * 4 + k] * sv[i * 8 + h * 4 + k]
                             if bx == 0:
-                                xsum[0, g * 32 + h * 4 + k] = T.Cast(x_dtype, sv[i * 32 + h * 4 + k])
+                                xsum[0, e * 8 + h * 4 + k] = T.Cast(x_dtype, sv[i * 8 + h * 4 + k])
             red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
             T.tvm_storage_sync("shared")
             if tx == 0:
@@ -618,23 +646,24 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                 tt[0] = tt[0] + red2[k]
             tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
             for i in T.unroll(stage):
-                g = T.meta_var((i * W + ty) * 32 + tx)
-                if g < G:
-                    for h in T.unroll(8):
-                        da[h] = nw[T.Ramp(g * 32 + 4 * h, 1, 4)]
+                e = T.meta_var((i * W + ty) * 32 + tx)
+                if e < G * 4:
+                    for h in T.unroll(2):
+                        da[h] = nw[T.Ramp(e * 8 + 4 * h, 1, 4)]
                         for k in T.unroll(4):  # add_rms_norm_gpu's (s * rsqrt) * w, rounded to the activation type
-                            hv[h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, sv[i * 32 + h * 4 + k] * tt[0]
-                                                               * T.Cast(f32, T.Shuffle([da[h]], [k]))))
-                    quantize(hv, am, isum, xs, xd, xz, g)
+                            sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, sv[i * 8 + h * 4 + k] * tt[0]
+                                                                       * T.Cast(f32, T.Shuffle([da[h]], [k]))))
         else:
-            for i in T.serial(stage):
-                g = T.meta_var((i * W + ty) * 32 + tx)  # a warp reads 32 groups: 2 KiB of contiguous fp16 x
-                if g < G:
-                    for h in T.unroll(8):
-                        xa[h] = x[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
+            for i in T.unroll(stage):
+                e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of fp16 x
+                if e < G * 4:
+                    for h in T.unroll(2):
+                        xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
                         for k in T.unroll(4):
-                            hv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
-                    quantize(hv, am, isum, xs, xd, xz, g)
+                            sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
+        partial_max(sv, amx, tt, ty, tx)
+        T.tvm_storage_sync("shared")
+        quantize(sv, amx, tt, isum, xs, xd, xz, ty, tx)
         T.tvm_storage_sync("shared")
         for r in T.unroll(R):
             acc[r] = T.float32(0)
@@ -644,18 +673,18 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
             for u in T.unroll(U):
                 g = T.meta_var((it * U + u) * 32 + tx)
                 if g < G:
-                    for c in T.unroll(2):
-                        xv[c] = xs[c * G + g]
+                    for q in T.unroll(4):
+                        xv[q] = xs[q * G + g]
                     tt[0] = xd[g]
+                    iz = T.meta_var((xz[g] + xz[G + g]) + (xz[2 * G + g] + xz[3 * G + g]))
                     for r in T.unroll(R):
-                        isum[0] = T.int32(0) - xz[g]
+                        isum[0] = T.int32(0) - iz
                         for k in T.unroll(4):
                             wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
                             isum[0] = isum[0] + T.call_pure_extern(
-                                i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask),
-                                T.Shuffle([xv[k // 2]], [(k % 2) * 2])) + T.call_pure_extern(
-                                i32, "dot4I8Packed", T.bitwise_and(T.shift_right(wk, T.uint32(4)), lo_mask),
-                                T.Shuffle([xv[k // 2]], [(k % 2) * 2 + 1]))
+                                i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), T.Shuffle([xv[k]], [0])) \
+                                + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
+                                    T.shift_right(wk, T.uint32(4)), lo_mask), T.Shuffle([xv[k]], [1]))
                         acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
             if it + 1 < steps:
                 for k in T.unroll(U * R):
