@@ -10,7 +10,8 @@
 set -eo pipefail
 cmd=$1
 B=${2:-.device-vkdp}
-export VK_PATHS=${VK_PATHS:-dp4a:webgpu_gemv=dp4a} AB=${AB:-}
+# device time (run 8): the sweep ~20 s, the models ~160 s for all three shapes (the 8B first, ~70 s), plus start-up
+export VK_PATHS=${VK_PATHS:-dp4a:webgpu_gemv=dp4a} AB=${AB:-} SHAPES=${SHAPES:-llama-3-8b,llama-3.2-1b,smollm2-135m}
 case $cmd in
   prepare)
     [ -d "$B/site" ] || { mkdir -p "$B"; cp -al .device-vk/site "$B/site" || {
