@@ -1,19 +1,23 @@
-"""Programmatic dependent launch (--opt cuda_pdl) A/B in one GPU call: checks, profiles, tg128 and pp512.
+"""Programmatic dependent launch (--opt cuda_pdl) and the owned cache's one-kernel decode attention, A/B in one GPU
+call: checks, profiles, tg128 and pp512.
 
-  python bench/gpu_pdl.py prepare --out .device-pdl     # here: nvcc builds every artifact (~55 MiB with the runtime)
+  python bench/gpu_pdl.py prepare --out .device-pdl     # here: nvcc builds every artifact (~50 MiB with the runtime)
   # GPU machine, carry .device-pdl:
   PYTHONPATH=.device-pdl/site:. python3 bench/gpu_pdl.py run --dev .device-pdl
 
-The bundle holds, per variant (VARIANTS: kernel options; the same code otherwise):
+The bundle holds, per variant (VARIANTS: kernel options; the same code otherwise; `owned-split` is the owned cache
+with owned_kv.DECODE_ATTN = split: kv_append + paged_attn + merge, as before decode_attn_func):
   tiny64-llama-q4f16_1-{variant}   the head_dim-64 tiny Llama with weights (norm weights drawn in [0.5, 1.5])
   {shape}-{variant}                SmolLM2-135M, Llama-3.2-1B, Llama-3-8B shapes, q4f16_1, shapes only
 Run (each step reports and goes on when another fails):
-  1. tiny model: each variant's prefill + 50 decode steps vs the numpy model on the dequantized weights, and its
-     logits vs the `off` build's (PDL changes no arithmetic: bit-equal expected for `on`), greedy 40 equal;
-  2. per shape, random weights (seed 0, the same in every build): decode logits vs `off` over 8 steps, greedy
-     32-token chains, a CUPTI profile of 24 decode steps (kernels per token, GPU busy, span), then tg128 (5 reps)
-     and pp512 (3 reps) of every variant, and `off` and `on` again (drift check).
-Writes $OUT/pdl.json.
+  1. tiny model: each variant's prefill + 50 decode steps vs the numpy model on the dequantized weights, its
+     logits vs the first variant's (bit-equal expected for the pairs in EXACT: PDL on / off, owned fused / split;
+     within 1e-3 of the largest logit otherwise), greedy 40 equal;
+  2. per shape, random weights (seed 0, the same in every build): decode logits vs the first variant over 8
+     steps, greedy 32-token chains, a CUPTI profile of 24 decode steps (kernels per token, GPU busy, span; with
+     PDL "busy" includes the time a launched kernel waits for its predecessor), then tg128 (5 reps) and pp512
+     (3 reps) of every variant, and the first two again (drift check).
+Writes $OUT/pdl.json (run 1 of docs/benchmarks/h200-pdl.md: PDL off / on / owned / all).
 """
 
 from __future__ import annotations
@@ -31,16 +35,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 SHAPE_NAMES = ("smollm2-135m", "llama-3.2-1b", "llama-3-8b")
-# variant -> kernel options; `off` first (the reference of every comparison)
+# variant -> kernel options; the first variant of a list is the reference of its comparisons
 VARIANTS = {
     "off": {"cuda_pdl": "off"},
     "on": {"cuda_pdl": "on"},
+    "on-wf": {"cuda_pdl": "on"},  # the prologue's wait before launch_dependents (cuda_pdl.TRIGGER_FIRST = False)
     "owned": {"cuda_pdl": "on", "cuda_kv": "owned"},  # edgellm's KV cache: one CUDA graph per decode step
+    "owned-split": {"cuda_pdl": "on", "cuda_kv": "owned"},  # same, decode attention in three kernels (before)
     "all": {"cuda_pdl": "on", "cuda_fuse": "all"},  # the residual add in o / down too: fewer kernels
 }
+MODE = {"owned-split": "split"}  # owned_kv.DECODE_ATTN of the build (else its default)
+TRIGGER = {"on-wf": False}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
+OWNED = ("owned", "owned-split")
+EXACT = {("off", "on"), ("off", "on-wf")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {"smollm2-135m": ("off", "on", "owned"), "llama-3.2-1b": ("off", "on", "owned"),
-                  "llama-3-8b": ("off", "on", "owned", "all")}
+                  "llama-3-8b": ("off", "on", "on-wf", "owned")}
 TINY_VARIANTS = ("off", "on", "owned")
+
+
+def _compile(args_kw: dict, variant: str) -> None:
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.kernels import KernelOptions, cuda_pdl, owned_kv
+
+    saved = owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST
+    owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
+    cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
+    try:
+        compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**VARIANTS[variant])))
+    finally:
+        owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
@@ -49,9 +72,7 @@ def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
 
     import gpu_prepare as gp
     import tiny_models
-    from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
-    from edgellm.kernels import KernelOptions
 
     gp.new_bundle(out)
     preset = f"cuda-{arch.replace('_', '')}"
@@ -66,18 +87,16 @@ def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
                     p.copy_(0.5 + torch.rand(p.shape, generator=g))
         model.save_pretrained(ckpt, safe_serialization=True)
         for v in TINY_VARIANTS:
-            compile_model(CompileArgs(model=str(ckpt), output=out / "art" / f"tiny64-llama-q4f16_1-{v}", target=preset,
-                                      quant="q4f16_1", runtime=RuntimeOptions(256, 256, 16, 4),
-                                      kernel_options=KernelOptions(**VARIANTS[v])))
+            _compile(dict(model=str(ckpt), output=out / "art" / f"tiny64-llama-q4f16_1-{v}", target=preset,
+                          quant="q4f16_1", runtime=RuntimeOptions(256, 256, 16, 4)), v)
         shutil.rmtree(ckpt)  # the artifacts carry the weights the numpy reference reads
     saved, gp.OUT = gp.OUT, out  # shape_folder writes under OUT/ckpt
     try:
         for shape in shapes:
             folder = gp.shape_folder(shape)
             for v in SHAPE_VARIANTS[shape]:
-                compile_model(CompileArgs(model=str(folder), output=out / "art" / f"{shape}-{v}", target=preset,
-                                          quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 1),
-                                          shapes_only=True, kernel_options=KernelOptions(**VARIANTS[v])))
+                _compile(dict(model=str(folder), output=out / "art" / f"{shape}-{v}", target=preset, quant="q4f16_1",
+                              runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True), v)
     finally:
         gp.OUT = saved
     gp.check_bundle_size(out)
@@ -115,13 +134,40 @@ def check_tiny(dev: Path) -> None:
     variants = [v for v in TINY_VARIANTS if (dev / "art" / f"{art}-{v}").is_dir()]
     for v in variants:
         gpu_run.check_q4_vs_numpy(f"{art}-{v} vs numpy, decode 50 steps after 100", f"{art}-{v}", long, 100)
-    off = Engine(dev / "art" / f"{art}-off")
-    a, ga = _decode_logits(off, long[:100], long[100:]), _greedy(off, long[:20], 40)
-    for v in variants[1:]:
+    ref, rest = variants[0], variants[1:]
+    e0 = Engine(dev / "art" / f"{art}-{ref}")
+    a, ga = _decode_logits(e0, long[:100], long[100:]), _greedy(e0, long[:20], 40)
+    got = {}
+    for v in rest:
         e = Engine(dev / "art" / f"{art}-{v}")
-        _compare(f"{art}-{v} vs off: decode logits (51 steps), greedy 40", a,
-                 _decode_logits(e, long[:100], long[100:]), ga, _greedy(e, long[:20], 40),
-                 exact=VARIANTS[v].keys() == {"cuda_pdl"})
+        got[v] = (_decode_logits(e, long[:100], long[100:]), _greedy(e, long[:20], 40))
+        _compare(f"{art}-{v} vs {ref}: decode logits (51 steps), greedy 40", a, got[v][0], ga, got[v][1],
+                 exact=(ref, v) in EXACT)
+    for v in ("owned",):
+        if v in got and "owned-split" in got:
+            _compare(f"{art}-{v} vs owned-split: decode logits (51 steps), greedy 40", got["owned-split"][0],
+                     got[v][0], got["owned-split"][1], got[v][1], exact=True)
+
+
+def timeline(trace: Path, steps: int = 24, top: int = 14) -> dict:
+    """From a CUPTI chrome trace of decode steps: per kernel name, the mean duration, and the mean gap from the end
+    of the kernel before it to its start (negative: it started before its predecessor ended, i.e. PDL let it
+    launch early and it waited inside). The steps' median time from the first kernel to the last kernel's end."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"]
+              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
+    events.sort(key=lambda e: e["ts"])
+    stats: dict = {}
+    prev_end = None
+    for e in events:
+        if e.get("cat") == "kernel":
+            d = stats.setdefault(e["name"][:60], {"n": 0, "dur": 0.0, "gap": 0.0})
+            d["n"] += 1
+            d["dur"] += e["dur"]
+            d["gap"] += (e["ts"] - prev_end) if prev_end is not None else 0.0
+        prev_end = e["ts"] + e["dur"]
+    rows = sorted(stats.items(), key=lambda kv: -kv[1]["dur"])[:top]
+    return {name: {"per_token": d["n"] / steps, "us_per_call": d["dur"] / d["n"], "gap_us": d["gap"] / d["n"],
+                   "us_per_token": d["dur"] / steps} for name, d in rows}
 
 
 def bench_shape(dev: Path, shape: str, bw: float) -> None:
@@ -132,18 +178,27 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
     variants = [v for v in SHAPE_VARIANTS[shape] if (dev / "art" / f"{shape}-{v}").is_dir()]
     engines = {v: Engine(dev / "art" / f"{shape}-{v}", random_weights=0) for v in variants}
     prompt = [7, 8, 9]
-    ref = _greedy(engines["off"], prompt, 32)
-    a = _decode_logits(engines["off"], prompt, ref[:8])
+    first = variants[0]
+    ref = _greedy(engines[first], prompt, 32)
+    a = _decode_logits(engines[first], prompt, ref[:8])
     gpu_run.results = results
+    logits = {first: a}
     for v, e in engines.items():
-        if v != "off":
-            _compare(f"{shape}-{v} vs off: decode logits (8 steps), greedy 32 (random weights)", a,
-                     _decode_logits(e, prompt, ref[:8]), ref, _greedy(e, prompt, 32),
-                     exact=VARIANTS[v].keys() == {"cuda_pdl"})
-        gpu_run.profile_decode(e, f"{shape}-{v}")
+        if v != first:
+            logits[v] = _decode_logits(e, prompt, ref[:8])
+            _compare(f"{shape}-{v} vs {first}: decode logits (8 steps), greedy 32 (random weights)", a, logits[v],
+                     ref, _greedy(e, prompt, 32), exact=(first, v) in EXACT)
+        trace = Path(os.environ.get("OUT", ".")) / "trace.json"
+        gpu_run.profile_decode(e, f"{shape}-{v}", trace=trace)
+        results.setdefault("timelines", {})[f"{shape}-{v}"] = timeline(trace)
+        trace.unlink()
+    for v in ("owned",):
+        if v in logits and "owned-split" in logits:
+            _compare(f"{shape}-{v} vs owned-split: decode logits (8 steps)", logits["owned-split"], logits[v],
+                     ref, ref, exact=True)
     name = gpu_run.torch_device_name()
-    read = gpu_run.read_bytes_per_token(engines["off"])
-    for v in variants + ["off", "on"]:
+    read = gpu_run.read_bytes_per_token(engines[first])
+    for v in variants + variants[:2]:  # and the first two again (drift)
         for r in run_bench(engines[v], 0, 128, reps=5, warmup=1, device_name=name):
             results["bench"].append({"shape": shape, "variant": v, "test": r.test, "avg_ts": r.avg_ts,
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
@@ -163,7 +218,8 @@ def run(dev: Path, shapes: list[str]) -> int:
     results["device"] = gpu_run.torch_device_name()
     results["copy_bandwidth_gbs"] = gpu_run.copy_bandwidth() / 1e9
     bw = results["copy_bandwidth_gbs"] * 1e9
-    steps = [("tiny checks", lambda: check_tiny(dev))] if (dev / "art" / "tiny64-llama-q4f16_1-off").is_dir() else []
+    tiny = any((dev / "art" / f"tiny64-llama-q4f16_1-{v}").is_dir() for v in TINY_VARIANTS)
+    steps = [("tiny checks", lambda: check_tiny(dev))] if tiny else []
     steps += [(shape, lambda s=shape: bench_shape(dev, s, bw)) for shape in shapes]
     run_steps(steps, results, Path(os.environ.get("OUT", ".")) / "pdl.json")
     print(json.dumps(results["checks"], indent=1, default=str))
@@ -172,6 +228,10 @@ def run(dev: Path, shapes: list[str]) -> int:
               f"{p['kernels_per_token']:.0f} kernels/token, wall {p['wall_ms_per_token_profiled']:.3f} ms")
         for k in p["top_kernels"][:8]:
             print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")
+    for label, rows in results.get("timelines", {}).items():
+        print(label)
+        for name, d in rows.items():
+            print(f"    {d['us_per_call']:7.2f} us/call, gap {d['gap_us']:6.2f} us, {d['per_token']:5.1f}x  {name}")
     for e in results["errors"]:
         print("ERROR:", e)
     return 1 if results["errors"] else 0

@@ -48,10 +48,12 @@ def test_patch_source_waits_in_every_kernel_once():
     for name, open_, close in cuda_pdl.kernel_bodies(code):
         body = code[open_ + 1:close]
         assert body.count("griddepcontrol.wait") == 1, name
-        if name != "b_kernel":  # the prologue is the body's first statement, then launch_dependents
-            assert body.lstrip().startswith('asm volatile("griddepcontrol.wait;"'), name
-            assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents")
-    assert code.replace(cuda_pdl.PROLOGUE, "") == SOURCE  # nothing else changed
+        if name != "b_kernel":  # the prologue opens the body: launch_dependents, then the wait
+            assert body.lstrip().startswith('asm volatile("griddepcontrol.launch_dependents;"'), name
+            assert body.index("griddepcontrol.launch_dependents") < body.index("griddepcontrol.wait")
+            assert body.index("griddepcontrol.wait") < body.index(";", body.index("griddepcontrol.wait") + 25) \
+                < body.index("x[0]" if name == "a_kernel" else "z[n]")  # before the kernel's own statements
+    assert code.replace(cuda_pdl.prologue(), "") == SOURCE  # nothing else changed
     assert cuda_pdl.patch_source(code) == (code, [])  # idempotent
 
 
@@ -95,22 +97,24 @@ def _order(script: str, pattern: str) -> list[int]:
 
 
 @pytest.mark.parametrize("kw", [{}, {"norm_eps": 1e-5, "silu": True}, {"res_in": True},
-                                {"norm_eps": 1e-5, "norm_add": False}])
+                                {"norm_eps": 1e-5, "norm_add": False}, {"ksplit": 2}])
 def test_gemv_loads_weights_before_its_wait(kw):
-    """In statement order: the first step's weight (and scale) loads, the wait, then x / delta / residual reads
-    and stores. Without pdl the kernel has no griddepcontrol at all."""
+    """In statement order: the first step's weight (and scale) loads, launch_dependents, the wait, then x / delta /
+    residual reads and stores. Without pdl the kernel has no griddepcontrol at all."""
     out_f = 512 if kw.get("silu") else 256
-    func = cuda_gemv.int4_gemv_h2(1024, out_f, False, 4, 2, 1, 1, xsmem=True, pdl=True, **kw)  # one whole step
+    kw = dict(kw)
+    ks = kw.pop("ksplit", 1)  # 2: no whole step (32 groups over 64 lanes), the lone guarded one loaded first
+    func = cuda_gemv.int4_gemv_h2(1024, out_f, False, 2 * ks, 2, 1, ks, xsmem=True, pdl=True, **kw)
     script = func.script()
     wait = _order(script, r"griddepcontrol\.wait")
     assert len(wait) == 1 and len(_order(script, r"griddepcontrol\.launch_dependents")) == 1
     w = wait[0]
     assert _order(script, r"\bqw\[")[0] < w  # the first step's weights are in flight before the wait
+    assert _order(script, r"griddepcontrol\.launch_dependents")[0] < w
     for reads in (r"\bx32\[", r"\bx\[", r"\bdl\[", r"\bxres\[", r"\bnw\["):
         assert all(i > w for i in _order(script, reads)), reads
     assert all(i > w for i in _order(script, r"\b(out|s_out)\[[^\]]*\] ="))
-    assert str(func.attrs["edgellm.gemv"]).endswith("_pdl")
-    plain = cuda_gemv.int4_gemv_h2(1024, out_f, False, 4, 2, 1, 1, xsmem=True, **kw).script()
+    plain = cuda_gemv.int4_gemv_h2(1024, out_f, False, 2 * ks, 2, 1, ks, xsmem=True, **kw).script()
     assert "griddepcontrol" not in plain
 
 
@@ -158,6 +162,6 @@ def test_cuda_build_marks_and_waits_in_every_kernel(checkpoints, tmp_path, monke
     assert tags == len(kernels)  # each kernel's launch parameters carry the tag once
     # the decode GEMVs place their own wait (after the first weight loads); TVM's and the other kernels get the
     # prologue as their first statement
-    own = [n for n, o, c in kernels if cuda_pdl.PROLOGUE not in code[o:c + 1]]
+    own = [n for n, o, c in kernels if cuda_pdl.PROLOGUE_MARK not in code[o:c + 1]]
     assert own and all("gemv" in n for n in own)
     assert manifest["kernels"]["options"]["cuda_pdl"] == "auto"

@@ -65,24 +65,25 @@ def test_supports_only_where_it_applies():
     assert not supports(c.Target({"kind": "metal"}, host=HOST), "float16", 64, 64, "mha", False)
 
 
-def _export(target, scheme: str, heads: int, kv: int, hidden: int) -> dict:
+def _export(target, scheme: str, heads: int, kv: int, hidden: int, **options) -> dict:
     from edgellm.config import ModelConfig
-    from edgellm.kernels import KernelRegistry
+    from edgellm.kernels import KernelOptions, KernelRegistry
     from edgellm.models.llama import LlamaForCausalLM
     from edgellm.quant.schemes import SCHEMES
 
     cfg = ModelConfig.from_hf({"model_type": "llama", "hidden_size": hidden, "intermediate_size": 128,
                                    "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv,
                                    "vocab_size": 256, "rms_norm_eps": 1e-5, "max_position_embeddings": 256})
-    model = LlamaForCausalLM(cfg, SCHEMES[scheme], KernelRegistry(target))
+    model = LlamaForCausalLM(cfg, SCHEMES[scheme], KernelRegistry(target, KernelOptions(**options)))
     with target:
         mod, _ = model.export_tvm(spec=model.export_spec())
     return {gv.name_hint: f for gv, f in mod.functions_items()}  # named by global symbol after export
 
 
 def test_cuda_cache_swaps_prefill_ragged_where_it_applies():
-    # fp16, head_dim 64, GQA 3: ours, under TVM's global symbol (the runtime calls it positionally)
-    fn = _export(_cuda("sm_90"), "q4f16_1", 6, 2, 384)
+    # fp16, head_dim 64, GQA 3: ours, under TVM's global symbol (the runtime calls it positionally); TVM's cache
+    # asked for (--opt cuda_kv=auto takes the owned cache at this hidden size on sm_90)
+    fn = _export(_cuda("sm_90"), "q4f16_1", 6, 2, 384, cuda_kv="tvm")
     assert "edgellm_attn_prefill_ragged" in fn["batch_prefill_ragged_kv"].script()
     assert "edgellm" not in fn["batch_decode_paged_kv"].script()  # decode and paged prefill stay TVM's
     # sm_75, fp32 activations, head_dim 16: TVM's kernel stays

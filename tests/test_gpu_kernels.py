@@ -350,8 +350,8 @@ def test_registry_picks_fp16x2_gemv_only_for_fp16():
         name, h2 = _pick(cuda, 1, in_f, out_f, "q4f16_1", bias=True)  # the default: x staged in shared memory
         w, r, u, k, fold = xs_gemv_config(in_f, out_f)
         assert name == "int4_gemv_fp16x2_smem"
-        # sm_90: programmatic dependent launch (--opt cuda_pdl=auto): the wait after the first weight loads
-        assert str(h2.attrs["edgellm.gemv"]) == f"h2_w{w}r{r}u{u}k{k}_xs" + ("_fs" if fold else "") + "_pdl"
+        assert str(h2.attrs["edgellm.gemv"]) == f"h2_w{w}r{r}u{u}k{k}_xs" + ("_fs" if fold else "")
+        assert "griddepcontrol.wait" in h2.script()  # sm_90: programmatic dependent launch (--opt cuda_pdl=auto)
         assert len(h2.params) == 5  # x, q_weight, q_scale, bias, out: the signature of the function it replaces
     name, h2 = _pick(cuda, 1, 4096, 6144, "q4f16_1", bias=True, cuda_gemv="fp16x2")  # the previous default
     assert name == "int4_gemv_fp16x2"

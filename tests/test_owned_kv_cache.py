@@ -144,8 +144,8 @@ def test_owned_option_refused_where_it_cannot_apply(checkpoints, tmp_path):
 @needs_nvcc
 def test_cuda_decode_is_one_graph(tmp_path):
     """A head_dim-64 tiny Llama with the owned cache: decode's body is one `run_or_capture` whose capture function
-    holds every kernel of the step (embedding, per layer norm / qkv / append / attention / merge / o / norm / MLP, the
-    head); outside it only the float32 cast of the logits runs. batch_decode and prefill take the same tensors."""
+    holds every kernel of the step (embedding, per layer norm / qkv / attention (with RoPE, append and merge) / o /
+    norm / MLP, the head); outside it only the float32 cast of the logits runs. batch_decode and prefill take the same tensors."""
     import json
     import sys
     from pathlib import Path
@@ -156,7 +156,7 @@ def test_cuda_decode_is_one_graph(tmp_path):
 
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
-    from edgellm.kernels import KernelOptions
+    from edgellm.kernels import KernelOptions, owned_kv
 
     tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
                                       "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -179,10 +179,17 @@ def test_cuda_decode_is_one_graph(tmp_path):
     assert outside == ["fused_reshape25_cast1"] or (len(outside) == 1 and "cast" in outside[0]), outside
     capture = funcs["decode_cuda_graph_capture"]
     inside = re.findall(r"cls\.(\w+)\(", capture)
-    assert sum("kv_append" in k for k in inside) == 2 and sum("paged_attn" in k for k in inside) == 4
-    # per layer: append, attention, merge, o, gate_up with the residual add + norm and silu (--opt cuda_fuse), down;
-    # layer 1's qkv with the norm; embedding, layer 0's norm and qkv, the final add_rms_norm and the head
-    assert any("embedding" in k for k in inside) and len(inside) == 2 * 6 + 1 + 5, inside
+    # decode attention per layer (owned_kv.DECODE_ATTN): "fused" (the default) RoPE + append + split-K attention in
+    # one kernel, then the merge; "split" kv_append + paged attention + merge (what prefill keeps)
+    fused = owned_kv.DECODE_ATTN == "fused"
+    assert sum("decode_attn" in k for k in inside) == (2 if fused else 0), inside
+    assert sum("kv_append" in k for k in inside) == (0 if fused else 2), inside
+    assert sum("paged_attn" in k for k in inside) == (2 if fused else 4), inside  # (partial and) merge
+    assert manifest["kernels"]["chosen"]["attention_decode"] == (["owned_decode_fused", "owned_merge"] if fused
+                                                                  else ["owned_decode", "owned_merge"])
+    # per layer: attention (2 or 3 kernels), o, gate_up with the residual add + norm and silu (--opt cuda_fuse),
+    # down; layer 1's qkv with the norm; embedding, layer 0's norm and qkv, the final add_rms_norm and the head
+    assert any("embedding" in k for k in inside) and len(inside) == 2 * ((2 if fused else 3) + 3) + 1 + 5, inside
     assert sum("linear_gemv_norm" in k for k in inside) == 3 and not any("silu_mul" in k for k in inside), inside
     for name in ("batch_decode", "prefill", "prefill_logits"):
         assert re.search(rf"def {name}\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: ", text), name
@@ -272,3 +279,23 @@ def test_engine_owned_path_feeds_positions_and_page_rows():
         eng.decode([a, c, d], [1, 1, 1])  # a fits its pages, c and d would each take one: none advances
     assert len(calls) == n and [eng._pool.length(s) for s in (a, c, d)] == [23, 48, 16]
     assert [eng.sequence_length(s) for s in (a, c, d)] == [23, 48, 16]
+
+
+@pytest.mark.parametrize("preset,opts,hidden,heads,expected", [
+    ("cuda-sm90", {}, 576, 9, True),  # the SmolLM2 shape: launch-bound decode
+    ("cuda-sm90", {}, 2048, 32, False),  # Llama-3.2-1B: TVM's cache was as fast and prefills faster
+    ("cuda-sm90", {"cuda_pdl": "off"}, 576, 9, False),  # measured with PDL only
+    ("cuda-sm80", {}, 576, 9, False),  # no PDL below sm_90
+    ("cuda-sm90", {}, 256, 16, False),  # head_dim 16: the owned kernels do not apply
+])
+def test_cuda_kv_auto_takes_the_owned_cache_for_small_models_on_hopper(preset, opts, hidden, heads, expected):
+    from types import SimpleNamespace
+
+    from edgellm.kernels import KernelOptions, KernelRegistry, owned_kv
+    from edgellm.targets import resolve
+
+    kernels = KernelRegistry(resolve(preset).tvm(), KernelOptions(**opts))
+    cfg = SimpleNamespace(hidden_size=hidden, head_dim=hidden // heads, num_attention_heads=heads,
+                          num_key_value_heads=heads // (3 if heads % 3 == 0 else 4), rope_theta=1e4, rope_scaling=None)
+    assert owned_kv.auto_owned(kernels, cfg, "float16") is expected
+    assert not owned_kv.auto_owned(kernels, cfg, "float32")

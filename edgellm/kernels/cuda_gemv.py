@@ -176,10 +176,11 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     `norm_add=False` (with norm_eps): the consumer of such a producer: arguments (s, norm weight, weights), the norm
     of s staged without an add, no residual output.
 
-    `pdl` (xsmem only; programmatic dependent launch, kernels/cuda_pdl.py): the first step's weight loads are issued,
-    then the kernel waits for the previous one (`griddepcontrol.wait`) before it reads x (or the residual) and
-    before any store, and lets the next one launch; the weights are parameters no kernel of the step writes, so
-    the block's first HBM round trip overlaps the previous kernel's tail."""
+    `pdl` (xsmem only; programmatic dependent launch, kernels/cuda_pdl.py): the first step's weight loads (the lone
+    guarded step's where there is no whole one) are issued, the next kernel is let launch, then the kernel waits for
+    the previous one (`griddepcontrol.wait`) before it reads x (or the residual) and before any store; the weights
+    are parameters no kernel of the step writes, so the block's first HBM round trip overlaps the previous
+    kernel's tail."""
     return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
                     zero_point, xsmem, fold_shift, norm_eps, residual and norm_add, silu, norm_add, res_in, pdl)
 
@@ -211,7 +212,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
              res_in: bool = False, pdl: bool = False):
     from tvm.script import tirx as T
 
-    from .cuda_pdl import LAUNCH_DEPENDENTS, WAIT
+    from .cuda_pdl import LAUNCH_DEPENDENTS, TRIGGER_FIRST, WAIT
 
     c = compiler()
     if not h2_supports(in_f, "float16", "float16", "float16"):
@@ -508,9 +509,14 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         if xsmem:
             if full > 0:  # the first step's weights in flight while x is staged
                 load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
+            elif pdl and tail:  # the lone guarded step too: before the wait it overlaps the previous kernel
+                load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, full, True)
             if pdl:  # everything above reads weights only; x, the residual and every store come after the wait
+                if TRIGGER_FIRST:
+                    T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
                 T.evaluate(T.call_extern("void", WAIT))
-                T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
+                if not TRIGGER_FIRST:
+                    T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
                 if res_in:
                     load_res(xres, xr, row0, tx)
             if norm:
@@ -525,7 +531,9 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         else:
             for it in range(full):
                 step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
-        if tail:  # (xsmem, no whole step: loading it before the staging measured 2-6% slower on 8B qkv / o)
+        if tail and xsmem and pdl and full == 0:  # loaded before the wait
+            compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
+        elif tail:  # (xsmem, no whole step, no PDL: loading it before the staging measured 2-6% slower, 8B qkv / o)
             step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
         for r in T.unroll(R):
             red[0] = acc[r]
@@ -566,8 +574,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
              + ("_silu" if silu else "") + ("_res" if res_in else ""))
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
-                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused
-                            + ("_pdl" if pdl else "")})
+                            + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused})
 
 
 def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:

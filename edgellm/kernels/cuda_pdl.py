@@ -15,8 +15,9 @@ runs: its blocks become resident in the previous kernel's tail, do what does not
   kernel writes and before it writes anything (a buffer the previous kernel still reads may be the one the memory
   planner gave this kernel's output). `patch_source` puts the wait, then `griddepcontrol.launch_dependents` (the
   next kernel may launch once every block of this one has passed it), at the top of every `__global__` function of
-  the generated CUDA source that has no wait of its own. Kernels that place their own wait (the decode GEMV issues
-  its first weight loads before it: weights are never written during a step) are left as they are.
+  the generated CUDA source that has no wait of its own (`launch_dependents` first: TRIGGER_FIRST). Kernels that
+  place their own wait (the decode GEMV issues its first weight loads before it: weights are never written during a
+  step) are left as they are.
 
 Why this is safe without a per-kernel dependency analysis: every kernel waits for its predecessor's completion
 before it touches memory and before it exits, so completions stay in stream order (kernel n finished implies n - 1
@@ -38,8 +39,20 @@ MIN_SM = 90  # griddepcontrol is PTX ISA 7.8, sm_90+
 # moving loads or stores across the wait.
 WAIT = '[]() { asm volatile("griddepcontrol.wait;" ::: "memory"); }'
 LAUNCH_DEPENDENTS = '[]() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }'
-PROLOGUE = ('\n  asm volatile("griddepcontrol.wait;" ::: "memory");  // edgellm: PDL (kernels/cuda_pdl.py)'
-            '\n  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");')
+# The next kernel may launch once every block of this one has passed `launch_dependents`: first, then `wait`,
+# lets the chain run two kernels ahead (the one after next launches while this one still waits), so a GEMV after a
+# small kernel has its weights in flight during the kernel before that. Safe either way: a launched kernel still
+# waits for its predecessor's completion, which implies every earlier one's, and it is launched only once all
+# blocks of its predecessor have started (no block of an earlier kernel can be starved of a slot).
+TRIGGER_FIRST = True
+_WAIT_ASM = '\n  asm volatile("griddepcontrol.wait;" ::: "memory");'
+_LAUNCH_ASM = '\n  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");'
+PROLOGUE_MARK = "  // edgellm: PDL (kernels/cuda_pdl.py)"
+
+
+def prologue() -> str:
+    first, second = (_LAUNCH_ASM, _WAIT_ASM) if TRIGGER_FIRST else (_WAIT_ASM, _LAUNCH_ASM)
+    return first + PROLOGUE_MARK + second
 
 
 def supported(sm: int) -> bool:
@@ -147,13 +160,13 @@ def kernel_bodies(code: str) -> list[tuple[str, int, int]]:
 
 
 def patch_source(code: str) -> tuple[str, list[str]]:
-    """`code` with PROLOGUE at the top of every kernel that has no `griddepcontrol.wait`; and the names of the
+    """`code` with prologue() at the top of every kernel that has no `griddepcontrol.wait`; and the names of the
     kernels patched."""
     patched, pieces, last = [], [], 0
     for name, open_, close in kernel_bodies(code):
         if "griddepcontrol.wait" in code[open_:close]:
             continue
-        pieces += [code[last:open_ + 1], PROLOGUE]
+        pieces += [code[last:open_ + 1], prologue()]
         last = open_ + 1
         patched.append(name)
     pieces.append(code[last:])

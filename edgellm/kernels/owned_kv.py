@@ -32,6 +32,11 @@ SPLITS_DECODE = 32  # blocks along the keys per (token, kv head) in decode: spli
 SPLITS_PREFILL = 1  # a prefill chunk over the cached history: its n x KV blocks are parallel enough
 THREADS = 128
 HEAD_DIMS = (64, 128)
+# the decode attention per layer: "fused" = decode_attn_func (RoPE, the append and split-K attention in one
+# kernel) + paged_attn_merge; "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results
+# bit for bit (H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md).
+DECODE_ATTN = "fused"
+DECODE_ATTN_MODES = ("fused", "split")
 _SRC = cuda_source("owned_kv.cu")
 
 
@@ -63,6 +68,19 @@ def supports(kernels, cfg, dtype: str) -> bool:
     if cfg.head_dim not in HEAD_DIMS or cfg.num_attention_heads % cfg.num_key_value_heads:
         return False
     return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) is not None
+
+
+# --opt cuda_kv=auto takes the owned cache up to this hidden size on Hopper with PDL: there a decode step is bound
+# by kernel launches and boundaries, and one graph of 190 kernels beat TVM's cache (30 graphs + 90 launches, 219
+# kernels) on the SmolLM2 shape by 6-14% in two H200 leases; at 2048 and 4096 (1B, 8B) TVM's cache was as fast or
+# faster (its decode attention is quicker), and prefill is 10-17% slower on the owned path everywhere
+# (docs/benchmarks/h200-pdl.md)
+AUTO_MAX_HIDDEN = 1024
+
+
+def auto_owned(kernels, cfg, dtype: str) -> bool:
+    """The rule of --opt cuda_kv=auto: the owned cache where it applies, PDL is on and the model is small."""
+    return kernels.pdl and cfg.hidden_size <= AUTO_MAX_HIDDEN and supports(kernels, cfg, dtype)
 
 
 def kv_append_func(heads: int, kv_heads: int, head_dim: int, layers: int):
@@ -132,6 +150,45 @@ def paged_attn_partial_func(heads: int, kv_heads: int, head_dim: int, layers: in
     return paged_attn_partial.with_attr("edgellm.kernel", f"owned_paged_attn_{'decode' if causal else 'history'}")
 
 
+def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
+    """A decode step's RoPE, KV append and split-K attention for one layer in one kernel (owned_kv.cu
+    edgellm_decode_attn). Inputs as kv_append's (qkv [n, H + 2 KV, D], inv_freq, page table, pos0, pages, layer),
+    one new token per row; outputs pages (in place: the new k / v in their slots) and the splits' (o_part, ml) as
+    paged_attn_partial's (causal), which paged_attn_merge_func's kernel merges."""
+    T = compiler().T
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+    G = H // KV
+    smem = G * D + G * 32 + 3 * G
+    scale_log2 = float(D ** -0.5 * 1.4426950408889634)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def decode_attn(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle, var_pages: T.handle,
+                    layer: T.int32, var_o: T.handle, var_ml: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
+        qkv = T.match_buffer(var_qkv, (n, H + 2 * KV, D), "float16")
+        freq = T.match_buffer(var_freq, (D // 2,), "float32")
+        pt = T.match_buffer(var_pt, (b, maxp), "int32")
+        pos0 = T.match_buffer(var_pos0, (b,), "int32")
+        pages = T.match_buffer(var_pages, (L, P, 2, KV, PAGE, D), "float16")
+        o = T.match_buffer(var_o, (n, H, splits, D), "float32")
+        ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", n * KV)
+            T.launch_thread("blockIdx.y", splits)
+            T.launch_thread("threadIdx.x", THREADS)
+            sm = T.alloc_buffer((smem,), "float32", scope="shared")
+            chunk = T.meta_var(T.Cast("int32", (maxp * PAGE + splits * 32 - 1) // (splits * 32) * 32))
+            T.evaluate(T.cuda.func_call(
+                f"edgellm_decode_attn<{D}, {G}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data,
+                ml.data, T.Cast("int32", maxp), P, layer, KV, chunk, splits, T.float32(scale_log2), sm.data,
+                source_code=_SRC))
+
+    return decode_attn.with_attr("edgellm.kernel", "owned_decode_attn")
+
+
 def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
     """Merge the splits (and, with `extra`, the chunk's own attention (o1, lse1)) -> out [n, H, D] fp16."""
     T = compiler().T
@@ -183,12 +240,17 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
     key = ("owned_kv", H, KV, D, L)
     build = {
         "append": ("kv_append", lambda: kv_append_func(H, KV, D, L)),
-        "decode": ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True)),
         "history": ("attention_prefill", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_PREFILL, False)),
-        "merge": ("attention_decode", lambda: paged_attn_merge_func(H, D, SPLITS_DECODE, False)),
         "merge_lse": ("attention_prefill", lambda: paged_attn_merge_func(H, D, SPLITS_PREFILL, True)),
         "ragged": ("attention_prefill", lambda: attention_chunk_cuda(KV, H, D)),
     }
+    if DECODE_ATTN not in DECODE_ATTN_MODES:
+        raise ValueError(f"owned_kv.DECODE_ATTN is {DECODE_ATTN!r}; use one of {', '.join(DECODE_ATTN_MODES)}")
+    if DECODE_ATTN == "split":
+        build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))
+    else:
+        build["decode_fused"] = ("attention_decode", lambda: decode_attn_func(H, KV, D, L, SPLITS_DECODE))
+    build["merge"] = ("attention_decode", lambda: paged_attn_merge_func(H, D, SPLITS_DECODE, False))
     return {name: kernels._once(key + (name,), op, f"owned_{name}", f) for name, (op, f) in build.items()}
 
 
@@ -215,6 +277,15 @@ class OwnedKVCache:
         n = b * s
         layer = self.tirx.IntImm("int32", layer_id)
         ph = nn.Tensor.placeholder
+        if self.decode and DECODE_ATTN == "fused":  # RoPE, the append and split-K attention in one kernel
+            pages, o_part, ml = nn.op.tensor_ir_inplace_op(
+                self.k["decode_fused"], "decode_attn",
+                [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer], [4, -1, -1],
+                [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
+                 ph((n, H, SPLITS_DECODE, 2), "float32")])
+            self.pages = pages
+            out = nn.op.tensor_ir_op(self.k["merge"], "paged_attn_merge", [o_part, ml], ph((n, H, D), self.dtype))
+            return out.reshape(b, s, H, D)
         pages, q, k, v = nn.op.tensor_ir_inplace_op(
             self.k["append"], "kv_append",
             [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer], [4, -1, -1, -1],

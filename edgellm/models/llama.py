@@ -216,7 +216,8 @@ class LlamaForCausalLM(nn.Module):
         from ..kernels import owned_kv
 
         opt = kernels.options.cuda_kv
-        self.owned = opt == "owned" and owned_kv.supports(kernels, cfg, self.dtype)
+        self.owned = (opt == "owned" and owned_kv.supports(kernels, cfg, self.dtype)) or (
+            opt == "auto" and owned_kv.auto_owned(kernels, cfg, self.dtype))
         if opt == "owned" and not self.owned:
             raise ValueError(f"--opt cuda_kv=owned needs CUDA sm_80+, fp16, head_dim 64 or 128 and no rope scaling but "
                              f"llama3/linear (target {kernels.kind}, dtype {self.dtype}, head_dim {cfg.head_dim}); "

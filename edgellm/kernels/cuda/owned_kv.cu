@@ -228,4 +228,162 @@ __device__ __forceinline__ void edgellm_paged_attn_merge_alone(
     const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out) {
   edgellm_paged_attn_merge<D, S>(o_part, ml, nullptr, nullptr, out, 0);
 }
+// A decode step's RoPE, KV append and split-K attention for one layer in one kernel (before: kv_append +
+// paged_attn_partial, two kernels and a boundary per layer); paged_attn_merge follows. Block (token i, kv head,
+// split); each row decodes one token at position pos = pos0[row]. Every block applies RoPE to its G query heads
+// (kv_append's arithmetic: q rounded to fp16); the block whose split holds `pos` (the last one with keys) also
+// writes the new token's rotated k and its v into the page slot, then syncs, so its own loop reads them from the
+// page; every other block reads only keys < pos, which no block of this kernel writes. Each block then computes its
+// split as paged_attn_partial does (a split past the last key writes (-inf, 0)): the merged output equals the
+// two-kernel path's bit for bit. smem: G * D + G * 32 + 3 * G floats.
+template <int D, int G>
+__device__ __forceinline__ void edgellm_decode_attn(
+    const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
+    int maxp, long long P, int layer, int KV, int chunk, int splits, float scale_log2, float* smem) {
+  constexpr int HALF = D / 2;
+  const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
+  const int H = G * KV, row = i, pos = pos0[row], kv_len = pos + 1;
+  const int active = (kv_len + chunk - 1) / chunk;
+  const int begin = split * chunk, end = min(kv_len, begin + chunk);
+  const long long e0 = ((long long)i * H + kvh * G) * splits + split;
+  if (split >= active) {  // no key here: an empty split for paged_attn_merge, as paged_attn_partial writes it
+    if (tid < G) {
+      ml[2 * (e0 + tid * splits)] = -INFINITY;
+      ml[2 * (e0 + tid * splits) + 1] = 0.f;
+    }
+    return;
+  }
+  float* sq = smem;            // [G][D] q * scale * log2(e)
+  float* ss = sq + G * D;      // [G][32] scores, then probabilities
+  float* sm = ss + G * 32;     // [G] running max
+  float* sl = sm + G;          // [G] running sum
+  float* sa = sl + G;          // [G] rescale of this tile
+  const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
+  for (int w = tid; w < G * HALF; w += 128) {  // RoPE on q (kv_append's arithmetic and rounding)
+    const int g = w / HALF, j = w % HALF;
+    float sn, cs;
+    sincosf((float)pos * inv_freq[j], &sn, &cs);
+    const half* x = xq + (kvh * G + g) * D;
+    const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
+    sq[g * D + j] = __half2float(__float2half(x0 * cs - x1 * sn)) * scale_log2;
+    sq[g * D + j + HALF] = __half2float(__float2half(x1 * cs + x0 * sn)) * scale_log2;
+  }
+  if (end == kv_len) {  // this split holds the new token: its k (rotated) and v into the page slot
+    half* base = pages + ((long long)layer * P + page_table[row * maxp + pos / 16]) * 2 * KV * 16 * D;
+    const half* xk = xq + (H + kvh) * D;
+    const half* xv = xq + (H + KV + kvh) * D;
+    half* dk = base + (kvh * 16 + pos % 16) * D;
+    half* dv = base + ((KV + kvh) * 16 + pos % 16) * D;
+    for (int j = tid; j < HALF; j += 128) {
+      float sn, cs;
+      sincosf((float)pos * inv_freq[j], &sn, &cs);
+      const float x0 = __half2float(xk[j]), x1 = __half2float(xk[j + HALF]);
+      dk[j] = __float2half(x0 * cs - x1 * sn);
+      dk[j + HALF] = __float2half(x1 * cs + x0 * sn);
+      dv[j] = xv[j];
+      dv[j + HALF] = xv[j + HALF];
+    }
+  }
+  if (tid < G) {
+    sm[tid] = -INFINITY;
+    sl[tid] = 0.f;
+  }
+  constexpr int ITEMS = (G * D / 2 + 127) / 128;
+  float2 acc[ITEMS];
+#pragma unroll
+  for (int t = 0; t < ITEMS; ++t) acc[t] = make_float2(0.f, 0.f);
+  const half* lbase = pages + (long long)layer * P * 2 * KV * 16 * D;
+  const int* pt = page_table + row * maxp;
+  const int warp = tid >> 5, lane = tid & 31;
+  __syncthreads();  // also makes the new k / v in the page visible to this block's loads
+  for (int t0 = begin; t0 < end; t0 += 32) {
+    {
+      const int kk = tid >> 2, qq = tid & 3, j = t0 + kk;
+      float dot[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) dot[g] = 0.f;
+      if (j < end) {
+        const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
+#pragma unroll
+        for (int c = 0; c < D / 32; ++c) {
+          const uint4 raw = reinterpret_cast<const uint4*>(kp)[c];
+          const half2* h2 = reinterpret_cast<const half2*>(&raw);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(h2[e]);
+            const int d = qq * (D / 4) + c * 8 + e * 2;
+#pragma unroll
+            for (int g = 0; g < G; ++g) dot[g] += f.x * sq[g * D + d] + f.y * sq[g * D + d + 1];
+          }
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 1);
+        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 2);
+      }
+      if (qq == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) ss[g * 32 + kk] = j < end ? dot[g] : -INFINITY;
+      }
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += 4) {
+      const float s = ss[g * 32 + lane];
+      float mx = s;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_old = sm[g], m_new = fmaxf(m_old, mx);
+      const float p = exp2f(s - m_new);
+      float sum = p;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      ss[g * 32 + lane] = p;
+      __syncwarp();
+      if (lane == 0) {
+        const float a = exp2f(m_old - m_new);
+        sa[g] = a;
+        sl[g] = sl[g] * a + sum;
+        sm[g] = m_new;
+      }
+    }
+    __syncthreads();
+    const int nk = min(32, end - t0);
+    const half* v0 = lbase + (((long long)pt[t0 >> 4] * 2 + 1) * KV + kvh) * 16 * D;
+    const half* v1 = nk > 16 ? lbase + (((long long)pt[(t0 >> 4) + 1] * 2 + 1) * KV + kvh) * 16 * D : v0;
+#pragma unroll
+    for (int t = 0; t < ITEMS; ++t) {
+      const int w = tid + t * 128;
+      if (w < G * D / 2) {
+        const int g = w / (D / 2), d = 2 * (w % (D / 2));
+        const float a = sa[g];
+        float2 o = make_float2(acc[t].x * a, acc[t].y * a);
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          const int kc = min(k, nk - 1);
+          const float2 vv = __half22float2(*reinterpret_cast<const half2*>((kc < 16 ? v0 : v1) + (kc & 15) * D + d));
+          const float p = ss[g * 32 + k];
+          o.x += p * vv.x;
+          o.y += p * vv.y;
+        }
+        acc[t] = o;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int t = 0; t < ITEMS; ++t) {
+    const int w = tid + t * 128;
+    if (w < G * D / 2) {
+      float* o = o_part + (e0 + (w / (D / 2)) * splits) * D + 2 * (w % (D / 2));
+      o[0] = acc[t].x;
+      o[1] = acc[t].y;
+    }
+  }
+  if (tid < G) {
+    ml[2 * (e0 + tid * splits)] = sm[tid];
+    ml[2 * (e0 + tid * splits) + 1] = sl[tid];
+  }
+}
 #endif
