@@ -1,9 +1,10 @@
 """Programmatic dependent launch (--opt cuda_pdl) and the owned cache's one-kernel decode attention, A/B in one GPU
-call: checks, profiles, tg128 and pp512.
+call: checks, profiles, tg128, pp128 and pp512.
 
   python bench/gpu_pdl.py prepare --out .device-pdl     # here: nvcc builds every artifact (~50 MiB with the runtime)
   # GPU machine, carry .device-pdl:
   PYTHONPATH=.device-pdl/site:. python3 bench/gpu_pdl.py run --dev .device-pdl
+  # docs/benchmarks/h200-pdl.md's runs 5 and 6: --no-tiny --shapes llama-3-8b(,llama-3.2-1b) --variants off,on
 
 The bundle holds, per variant (VARIANTS: kernel options; the same code otherwise; `owned-split` is the owned cache
 with owned_kv.DECODE_ATTN = split: kv_append + paged_attn + merge, as before decode_attn_func):
@@ -15,9 +16,9 @@ Run (each step reports and goes on when another fails):
      within 1e-3 of the largest logit otherwise), greedy 40 equal;
   2. per shape, random weights (seed 0, the same in every build): decode logits vs the first variant over 8
      steps, greedy 32-token chains, a CUPTI profile of 24 decode steps (kernels per token, GPU busy, span; with
-     PDL "busy" includes the time a launched kernel waits for its predecessor), then tg128 (5 reps) and pp512
-     (3 reps) of every variant, and the first two again (drift check).
-Writes $OUT/pdl.json (run 1 of docs/benchmarks/h200-pdl.md: PDL off / on / owned / all).
+     PDL "busy" includes the time a launched kernel waits for its predecessor), then tg128 (5 reps) of every variant
+     and the first two again (drift check), pp128 and pp512 (3 reps) of every variant.
+Writes $OUT/pdl.json (docs/benchmarks/h200-pdl-run*.json).
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ VARIANTS = {
     "off": {"cuda_pdl": "off"},
     "on": {"cuda_pdl": "on"},
     "on-wf": {"cuda_pdl": "on"},  # the prologue's wait before launch_dependents (cuda_pdl.TRIGGER_FIRST = False)
+    "on-gemm": {"cuda_pdl": "on"},  # the prefill GEMMs launched with PDL too (cuda_pdl.SKIP_GEMM = False)
     "owned": {"cuda_pdl": "on", "cuda_kv": "owned"},  # edgellm's KV cache: one CUDA graph per decode step
     "owned-split": {"cuda_pdl": "on", "cuda_kv": "owned"},  # same, decode attention in three kernels (before)
     "all": {"cuda_pdl": "on", "cuda_fuse": "all"},  # the residual add in o / down too: fewer kernels
 }
 MODE = {"owned-split": "split"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-wf": False}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
+SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 OWNED = ("owned", "owned-split")
-EXACT = {("off", "on"), ("off", "on-wf")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
+EXACT = {("off", "on"), ("off", "on-wf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {"smollm2-135m": ("off", "on", "owned"), "llama-3.2-1b": ("off", "on", "owned"),
                   "llama-3-8b": ("off", "on", "on-wf", "owned")}
 TINY_VARIANTS = ("off", "on", "owned")
@@ -57,13 +60,14 @@ def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.kernels import KernelOptions, cuda_pdl, owned_kv
 
-    saved = owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST
+    saved = owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
+    cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
     try:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**VARIANTS[variant])))
     finally:
-        owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST = saved
+        owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
@@ -204,8 +208,8 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
                                      "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
             print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
-    for v in variants:
-        for r in run_bench(engines[v], 512, 0, reps=3, warmup=1, device_name=name):
+    for v, n in [(v, n) for n in (128, 512) for v in variants]:
+        for r in run_bench(engines[v], n, 0, reps=3, warmup=1, device_name=name):
             results["bench"].append({"shape": shape, "variant": v, "test": r.test, "avg_ts": r.avg_ts,
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts})
             print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
@@ -245,8 +249,12 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--shapes", default=",".join(SHAPE_NAMES))
     ap.add_argument("--no-tiny", action="store_true", help="prepare: skip the tiny model")
+    ap.add_argument("--variants", default="", help="these variants for every shape (e.g. off,on), at prepare and run")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
+    if args.variants:  # prepare and run: the same list for every shape (run: where the bundle has them)
+        for shape in SHAPE_VARIANTS:
+            SHAPE_VARIANTS[shape] = tuple(args.variants.split(","))
     if args.what == "prepare":
         prepare(Path(args.out).resolve(), args.arch, shapes, not args.no_tiny)
         return 0

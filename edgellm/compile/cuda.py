@@ -110,8 +110,9 @@ def _hook_pdl() -> None:
             code = previous(code, target)
         if not _state.get("pdl"):
             return code
-        code, _ = cuda_pdl.patch_source(code)
-        missing = cuda_pdl.unwaited_kernels(code)
+        skipped = _state.get("pdl_skipped", set())
+        code, _ = cuda_pdl.patch_source(code, skipped)
+        missing = cuda_pdl.unwaited_kernels(code, skipped)
         if missing:  # patch_source covers every kernel; a miss would launch a kernel unsafely early
             raise RuntimeError(f"PDL build: kernels without griddepcontrol.wait: {', '.join(missing)}")
         return code
@@ -122,15 +123,18 @@ def _hook_pdl() -> None:
 
 @contextlib.contextmanager
 def pdl_build(on: bool):
-    """Within it (on=True), the CUDA sources TVM generates get the PDL prologue; the build marks the launches."""
+    """Within it (on=True), the CUDA sources TVM generates get the PDL prologue; the build marks the launches
+    (cuda_pdl.mark_module_pass(skipped) with the set this yields: the unmarked functions, whose kernels keep no
+    prologue)."""
     if on:
         _hook_pdl()
-    saved = _state.get("pdl", False)
-    _state["pdl"] = on
+    saved = _state.get("pdl", False), _state.get("pdl_skipped", set())
+    skipped: set = set()
+    _state["pdl"], _state["pdl_skipped"] = on, skipped
     try:
-        yield
+        yield skipped
     finally:
-        _state["pdl"] = saved
+        _state["pdl"], _state["pdl_skipped"] = saved
 
 
 def prepare_cuda_build() -> None:

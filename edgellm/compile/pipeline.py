@@ -235,8 +235,8 @@ def build(mod, target, dump_ir: Path | None = None, system_lib_prefix: str | Non
                 on_phase(len(phases(target)), len(phases(target)) + 1, "codegen")
             return mod
 
-        passes = [plan, *([cuda_pdl.mark_module_pass()] if pdl else []),
-                  c.tvm.transform.module_pass(codegen_progress, opt_level=0, name="EdgellmCodegenProgress")]
-        with pdl_build(pdl):
+        with pdl_build(pdl) as skipped:
+            passes = [plan, *([cuda_pdl.mark_module_pass(skipped)] if pdl else []),
+                      c.tvm.transform.module_pass(codegen_progress, opt_level=0, name="EdgellmCodegenProgress")]
             return c.relax.build(mod, target=target, relax_pipeline=c.tvm.transform.Sequential(passes),
                                  system_lib=system_lib_prefix is not None)
