@@ -1,7 +1,7 @@
 #pragma once
-// Host (g++ -std=c++20) emulation of what kernels/cuda/int4_gemv_batch.cu uses of CUDA, for a test without a GPU
-// (tests/test_gpu_gemv_batch.py): one std::thread per CUDA thread of a block, __syncthreads as a block barrier,
-// warp shuffles through a shared array between two warp barriers, fp16 as _Float16 with one rounding per
+// Host (g++ -std=c++20) emulation of what kernels/cuda/int4_gemv_batch.cu and owned_kv.cu use of CUDA, for tests
+// without a GPU (tests/test_gpu_gemv_batch.py, tests/test_owned_kv_cache.py): one std::thread per CUDA thread of a
+// block, __syncthreads as a block barrier, warp shuffles through a shared array between two warp barriers, fp16 as _Float16 with one rounding per
 // fp16x2 operation (the test replaces the kernel's two PTX helpers by emu_h2).
 #include <barrier>
 #include <cmath>
@@ -25,6 +25,8 @@ inline float __half2float(half h) { return h2f(h.b); }
 inline half __ushort_as_half(unsigned short s) { return half{s}; }
 inline half __float2half_rn(float f) { return half{d2h(f)}; }
 inline float2 __half22float2(half2 h) { return {h2f(h.x.b), h2f(h.y.b)}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline half __float2half(float f) { return __float2half_rn(f); }
 inline half2 __floats2half2_rn(float a, float b) { return {half{d2h(a)}, half{d2h(b)}}; }
 inline unsigned __byte_perm(unsigned a, unsigned b, unsigned s) {
   uint8_t by[8]; memcpy(by, &a, 4); memcpy(by + 4, &b, 4); unsigned r = 0;
@@ -39,12 +41,13 @@ inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a
   }
   return r;
 }
-struct Dim { unsigned x = 0; };
+struct Dim { unsigned x = 0, y = 0; };
 thread_local Dim threadIdx, blockIdx;
 inline std::barrier<>* g_bar;
 inline std::barrier<>* g_warp_bar[32];
 inline float g_shfl[1024];
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int t = threadIdx.x, w = t / 32;
   g_shfl[t] = v; g_warp_bar[w]->arrive_and_wait();

@@ -299,3 +299,119 @@ def test_cuda_kv_auto_takes_the_owned_cache_for_small_models_on_hopper(preset, o
                           num_key_value_heads=heads // (3 if heads % 3 == 0 else 4), rope_theta=1e4, rope_scaling=None)
     assert owned_kv.auto_owned(kernels, cfg, "float16") is expected
     assert not owned_kv.auto_owned(kernels, cfg, "float32")
+
+
+_OWNED_EMU_MAIN = r"""
+#include "cuda_host_emu.h"
+#include "owned_kv.cu"
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+constexpr int D = 64, G = 2, KV = 2, H = G * KV, L = 2, SPLITS = 32;
+// one launch: blocks (bx, by) one after another, `nt` threads each (std::thread), `sm` floats of shared memory
+void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& body) {
+  std::vector<float> smem(sm + 1);
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx) {
+      std::barrier<> bar(nt);
+      g_bar = &bar;
+      for (int w = 0; w < (nt + 31) / 32; ++w) g_warp_bar[w] = new std::barrier<>(std::min(32, nt - 32 * w));
+      std::vector<std::thread> th;
+      for (int t = 0; t < nt; ++t)
+        th.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; body(smem.data()); });
+      for (auto& t : th) t.join();
+      for (int w = 0; w < (nt + 31) / 32; ++w) delete g_warp_bar[w];
+    }
+}
+template <typename T> std::vector<T> read(FILE* f, size_t n) { std::vector<T> v(n); if (fread(v.data(), sizeof(T), n, f) != n) exit(2); return v; }
+template <typename T> void write(FILE* f, const std::vector<T>& v) { fwrite(v.data(), sizeof(T), v.size(), f); }
+int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv_append + partial, 1 decode_attn
+  const int n = atoi(argv[1]), maxp = atoi(argv[2]), layer = atoi(argv[4]), fused = atoi(argv[7]);
+  const long long P = atoll(argv[3]);
+  FILE* f = fopen(argv[5], "rb");
+  auto qkv = read<half>(f, (size_t)n * (H + 2 * KV) * D);
+  auto freq = read<float>(f, D / 2);
+  auto pt = read<int>(f, (size_t)n * maxp);
+  auto pos0 = read<int>(f, n);
+  auto pages = read<half>(f, (size_t)L * P * 2 * KV * 16 * D);
+  fclose(f);
+  const int chunk = (maxp * 16 + SPLITS * 32 - 1) / (SPLITS * 32) * 32, sm = G * D + G * 32 + 3 * G;
+  const float scale = 1.4426950408889634f / 8.f;  // D^-0.5 log2(e)
+  std::vector<float> o((size_t)n * H * SPLITS * D, NAN), ml((size_t)n * H * SPLITS * 2, NAN);
+  std::vector<half> out((size_t)n * H * D, half{0x7E00});
+  if (fused) {
+    launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn<D, G>(qkv.data(), freq.data(), pt.data(),
+        pos0.data(), pages.data(), o.data(), ml.data(), maxp, P, layer, KV, chunk, SPLITS, scale, s); });
+  } else {
+    std::vector<half> q((size_t)n * H * D), k((size_t)n * KV * D), v((size_t)n * KV * D);
+    launch(n, H + 2 * KV, D / 2, 0, [&](float*) { edgellm_kv_append<D>(qkv.data(), freq.data(), pt.data(), pos0.data(),
+        pages.data(), q.data(), k.data(), v.data(), 1, maxp, P, layer, H, KV); });
+    launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_paged_attn_partial<D, G>(q.data(), pages.data(), pt.data(),
+        pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, chunk, SPLITS, scale, s); });
+  }
+  launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data()); });
+  f = fopen(argv[6], "wb");
+  write(f, out);
+  write(f, pages);
+  fclose(f);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
+def test_decode_attention_kernels_on_the_host(tmp_path):
+    """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of two rows
+    (contexts 38 and 6: two splits and one) through decode_attn + merge (the default) and through kv_append +
+    paged_attn_partial + merge: the same output and the same pages bit for bit, the new k (rotated) and v in their
+    slots, nothing else written, and the output within fp16 tolerance of numpy attention with RoPE."""
+    import subprocess
+    from pathlib import Path
+
+    from edgellm.kernels.owned_kv import rope_inv_freq
+
+    D, G, KV, L, maxp, P, layer = 64, 2, 2, 2, 4, 7, 1
+    H = G * KV
+    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
+    assert "asm" not in src
+    (tmp_path / "owned_kv.cu").write_text(src)
+    shutil.copy(Path(__file__).parent / "cuda_host_emu.h", tmp_path)
+    (tmp_path / "main.cpp").write_text(_OWNED_EMU_MAIN)
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "main.cpp", "-o", "emu"], cwd=tmp_path, check=True)
+    rng = np.random.default_rng(11)
+    pos0 = np.array([37, 5], np.int32)
+    pt = np.array([[2, 0, 5, 6], [1, 6, 6, 6]], np.int32)  # page 6: scratch
+    qkv = rng.standard_normal((2, H + 2 * KV, D)).astype(np.float16)
+    freq = rope_inv_freq(D, 10000.0, None)
+    pages = rng.standard_normal((L, P, 2, KV, 16, D)).astype(np.float16)
+    (tmp_path / "in.bin").write_bytes(qkv.tobytes() + freq.tobytes() + pt.tobytes() + pos0.tobytes() + pages.tobytes())
+    outs = {}
+    for fused in (0, 1):
+        subprocess.run(["./emu", "2", str(maxp), str(P), str(layer), "in.bin", f"out{fused}.bin", str(fused)],
+                       cwd=tmp_path, check=True)
+        raw = (tmp_path / f"out{fused}.bin").read_bytes()
+        out = np.frombuffer(raw[:2 * H * D * 2], np.float16).reshape(2, H, D)
+        outs[fused] = (out, np.frombuffer(raw[2 * H * D * 2:], np.float16).reshape(pages.shape))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+    out, new_pages = outs[1]
+
+    def rope(x, p):  # rotate-half in float32, rounded to fp16 as the kernels round it
+        ang = np.float32(p) * freq
+        c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        x0, x1 = x[..., :D // 2].astype(np.float32), x[..., D // 2:].astype(np.float32)
+        return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
+
+    expect_pages = pages.copy()
+    for r in range(2):
+        p = int(pos0[r])
+        page, slot = pt[r, p // 16], p % 16
+        expect_pages[layer, page, 0, :, slot] = rope(qkv[r, H:H + KV], p)
+        expect_pages[layer, page, 1, :, slot] = qkv[r, H + KV:]
+        keys = np.stack([expect_pages[layer, pt[r, t // 16], 0, :, t % 16] for t in range(p + 1)], 1)  # [KV, T, D]
+        vals = np.stack([expect_pages[layer, pt[r, t // 16], 1, :, t % 16] for t in range(p + 1)], 1)
+        q = rope(qkv[r, :H], p).astype(np.float64)
+        for h in range(H):
+            score = keys[h // G].astype(np.float64) @ q[h] / np.sqrt(D)
+            w = np.exp(score - score.max())
+            ref = (w / w.sum()) @ vals[h // G].astype(np.float64)
+            np.testing.assert_allclose(out[r, h].astype(np.float64), ref, atol=2e-3, rtol=2e-3)
+    assert np.array_equal(new_pages, expect_pages)  # the two slots written, nothing else

@@ -52,30 +52,21 @@ __device__ __forceinline__ void edgellm_kv_append(
 // row's pages, kv_len = pos0[row] + (causal ? i % per_row + 1 : 0): unnormalized output o_part [n, H, splits, D]
 // and (max, sum) ml [n, H, splits, 2], scores in the log2 domain. 128 threads; tiles of 32 keys (two pages);
 // `chunk` is a multiple of 32. smem: G * D + G * 32 + 3 * G floats.
+// The split [begin, end) of one block (token i, kv head kvh) over its row's pages, q already in smem (sq: q * scale
+// * log2(e), [G][D]): 32-key tiles with an online softmax, then (o, m, l) of the split written at e0 (head g at
+// e0 + g * splits). paged_attn_partial and decode_attn share it, so their splits are the same arithmetic.
 template <int D, int G>
-__device__ __forceinline__ void edgellm_paged_attn_partial(
-    const half* __restrict__ q, const half* __restrict__ pages, const int* __restrict__ page_table,
-    const int* __restrict__ pos0, float* __restrict__ o_part, float* __restrict__ ml, int per_row, int causal,
-    int maxp, long long P, int layer, int KV, int chunk, int splits, float scale_log2, float* smem) {
+__device__ __forceinline__ void edgellm_attn_split(
+    const half* __restrict__ pages, const int* __restrict__ page_table, float* __restrict__ o_part,
+    float* __restrict__ ml, int row, int maxp, long long P, int layer, int KV, int kvh, int begin, int end,
+    long long e0, int splits, float* smem) {
   constexpr int ITEMS = (G * D / 2 + 127) / 128;  // (head, dim pair) items per thread in the output
-  const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
-  const int H = G * KV, row = i / per_row;
-  const int kv_len = pos0[row] + (causal ? i % per_row + 1 : 0);
-  const int begin = split * chunk, end = min(kv_len, begin + chunk);
-  const long long e0 = ((long long)i * H + kvh * G) * splits + split;  // (i, head kvh*G + g, split) = e0 + g*splits
-  if (begin >= end) {
-    if (tid < G) {
-      ml[2 * (e0 + tid * splits)] = -INFINITY;
-      ml[2 * (e0 + tid * splits) + 1] = 0.f;
-    }
-    return;
-  }
-  float* sq = smem;            // [G][D] q * scale * log2(e)
-  float* ss = sq + G * D;      // [G][32] scores, then probabilities
+  const int tid = threadIdx.x;
+  const float* sq = smem;
+  float* ss = smem + G * D;    // [G][32] scores, then probabilities
   float* sm = ss + G * 32;     // [G] running max
   float* sl = sm + G;          // [G] running sum
   float* sa = sl + G;          // [G] rescale of this tile
-  for (int w = tid; w < G * D; w += 128) sq[w] = __half2float(q[((long long)i * H + kvh * G) * D + w]) * scale_log2;
   if (tid < G) {
     sm[tid] = -INFINITY;
     sl[tid] = 0.f;
@@ -179,6 +170,30 @@ __device__ __forceinline__ void edgellm_paged_attn_partial(
   }
 }
 
+
+template <int D, int G>
+__device__ __forceinline__ void edgellm_paged_attn_partial(
+    const half* __restrict__ q, const half* __restrict__ pages, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, float* __restrict__ o_part, float* __restrict__ ml, int per_row, int causal,
+    int maxp, long long P, int layer, int KV, int chunk, int splits, float scale_log2, float* smem) {
+  const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
+  const int H = G * KV, row = i / per_row;
+  const int kv_len = pos0[row] + (causal ? i % per_row + 1 : 0);
+  const int begin = split * chunk, end = min(kv_len, begin + chunk);
+  const long long e0 = ((long long)i * H + kvh * G) * splits + split;  // (i, head kvh*G + g, split) = e0 + g*splits
+  if (begin >= end) {
+    if (tid < G) {
+      ml[2 * (e0 + tid * splits)] = -INFINITY;
+      ml[2 * (e0 + tid * splits) + 1] = 0.f;
+    }
+    return;
+  }
+  float* sq = smem;  // [G][D] q * scale * log2(e), then edgellm_attn_split's tiles
+  for (int w = tid; w < G * D; w += 128) sq[w] = __half2float(q[((long long)i * H + kvh * G) * D + w]) * scale_log2;
+  edgellm_attn_split<D, G>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0, splits,
+                           smem);
+}
+
 // Merge the S splits of (token, head) blockIdx.x (D threads): out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M);
 // with `extra` (o1, lse1: the chunk's attention among itself, log2 domain) merged in by its lse. A (token, head)
 // with no key at all and no extra writes zeros.
@@ -254,11 +269,7 @@ __device__ __forceinline__ void edgellm_decode_attn(
     }
     return;
   }
-  float* sq = smem;            // [G][D] q * scale * log2(e)
-  float* ss = sq + G * D;      // [G][32] scores, then probabilities
-  float* sm = ss + G * 32;     // [G] running max
-  float* sl = sm + G;          // [G] running sum
-  float* sa = sl + G;          // [G] rescale of this tile
+  float* sq = smem;  // [G][D] q * scale * log2(e), then edgellm_attn_split's tiles
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
   for (int w = tid; w < G * HALF; w += 128) {  // RoPE on q (kv_append's arithmetic and rounding)
     const int g = w / HALF, j = w % HALF;
@@ -285,105 +296,8 @@ __device__ __forceinline__ void edgellm_decode_attn(
       dv[j + HALF] = xv[j + HALF];
     }
   }
-  if (tid < G) {
-    sm[tid] = -INFINITY;
-    sl[tid] = 0.f;
-  }
-  constexpr int ITEMS = (G * D / 2 + 127) / 128;
-  float2 acc[ITEMS];
-#pragma unroll
-  for (int t = 0; t < ITEMS; ++t) acc[t] = make_float2(0.f, 0.f);
-  const half* lbase = pages + (long long)layer * P * 2 * KV * 16 * D;
-  const int* pt = page_table + row * maxp;
-  const int warp = tid >> 5, lane = tid & 31;
-  __syncthreads();  // also makes the new k / v in the page visible to this block's loads
-  for (int t0 = begin; t0 < end; t0 += 32) {
-    {
-      const int kk = tid >> 2, qq = tid & 3, j = t0 + kk;
-      float dot[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) dot[g] = 0.f;
-      if (j < end) {
-        const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
-#pragma unroll
-        for (int c = 0; c < D / 32; ++c) {
-          const uint4 raw = reinterpret_cast<const uint4*>(kp)[c];
-          const half2* h2 = reinterpret_cast<const half2*>(&raw);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 f = __half22float2(h2[e]);
-            const int d = qq * (D / 4) + c * 8 + e * 2;
-#pragma unroll
-            for (int g = 0; g < G; ++g) dot[g] += f.x * sq[g * D + d] + f.y * sq[g * D + d + 1];
-          }
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 1);
-        dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 2);
-      }
-      if (qq == 0) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) ss[g * 32 + kk] = j < end ? dot[g] : -INFINITY;
-      }
-    }
-    __syncthreads();
-    for (int g = warp; g < G; g += 4) {
-      const float s = ss[g * 32 + lane];
-      float mx = s;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_old = sm[g], m_new = fmaxf(m_old, mx);
-      const float p = exp2f(s - m_new);
-      float sum = p;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      ss[g * 32 + lane] = p;
-      __syncwarp();
-      if (lane == 0) {
-        const float a = exp2f(m_old - m_new);
-        sa[g] = a;
-        sl[g] = sl[g] * a + sum;
-        sm[g] = m_new;
-      }
-    }
-    __syncthreads();
-    const int nk = min(32, end - t0);
-    const half* v0 = lbase + (((long long)pt[t0 >> 4] * 2 + 1) * KV + kvh) * 16 * D;
-    const half* v1 = nk > 16 ? lbase + (((long long)pt[(t0 >> 4) + 1] * 2 + 1) * KV + kvh) * 16 * D : v0;
-#pragma unroll
-    for (int t = 0; t < ITEMS; ++t) {
-      const int w = tid + t * 128;
-      if (w < G * D / 2) {
-        const int g = w / (D / 2), d = 2 * (w % (D / 2));
-        const float a = sa[g];
-        float2 o = make_float2(acc[t].x * a, acc[t].y * a);
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          const int kc = min(k, nk - 1);
-          const float2 vv = __half22float2(*reinterpret_cast<const half2*>((kc < 16 ? v0 : v1) + (kc & 15) * D + d));
-          const float p = ss[g * 32 + k];
-          o.x += p * vv.x;
-          o.y += p * vv.y;
-        }
-        acc[t] = o;
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int t = 0; t < ITEMS; ++t) {
-    const int w = tid + t * 128;
-    if (w < G * D / 2) {
-      float* o = o_part + (e0 + (w / (D / 2)) * splits) * D + 2 * (w % (D / 2));
-      o[0] = acc[t].x;
-      o[1] = acc[t].y;
-    }
-  }
-  if (tid < G) {
-    ml[2 * (e0 + tid * splits)] = sm[tid];
-    ml[2 * (e0 + tid * splits) + 1] = sl[tid];
-  }
+  // edgellm_attn_split syncs the block before its first load: the new k / v are then visible to it
+  edgellm_attn_split<D, G>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0, splits,
+                           smem);
 }
 #endif
