@@ -196,6 +196,81 @@ def int4_gemv_coalesced(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, o
 H2_BASE = 0x50005000  # fp16 32.0 in both halves
 
 
+def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out_dtype: str):
+    """The end of the fp16x2 and integer-dot decode GEMVs (a TVMScript macro): each lane's `R` row sums to workgroup
+    memory, lane r < R2 of a warp adds row r's 32 values, then the output: silu(gate) * up with silu_mul_gpu's
+    arithmetic on the output-rounded gate and up sums (`silu`: rows R2.. are the up rows), + bias, or as it is."""
+    from .._tvm import compiler
+
+    T, f32 = compiler().T, "float32"
+
+    @T.macro
+    def store_rows(red, acc, tt, out, b, bx, ty, tx):
+        for r in T.unroll(R):
+            red[(ty * R + r) * 32 + tx] = acc[r]
+        T.tvm_storage_sync("shared")
+        if tx < R2:
+            i = T.meta_var((bx * W + ty) * R2 + tx)
+            if i < n_out:
+                tt[0] = T.float32(0)
+                for k in T.unroll(32):
+                    tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
+                if silu:
+                    acc[0] = T.float32(0)
+                    for k in T.unroll(32):
+                        acc[0] = acc[0] + red[(ty * R + tx + R2) * 32 + k]
+                    tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
+                    out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
+                                       * T.Cast(f32, T.Cast(out_dtype, acc[0])))
+                elif bias:
+                    out[0, i] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[i]))
+                else:
+                    out[0, i] = T.Cast(out_dtype, tt[0])
+
+    return store_rows
+
+
+def _gemv_func(body, in_f: int, out_f: int, words: int, G: int, n_out: int, x_dtype: str, scale_dtype: str,
+               out_dtype: str, norm: bool, bias: bool):
+    """The PrimFunc of a pre-scheduled WGSL decode GEMV around its TVMScript macro `body(x, delta, norm weight,
+    q_weight, q_scale, bias, out, x + delta)`: arguments x, [delta, norm weight], q_weight, q_scale, [bias], out,
+    [x + delta] (the registry's `fused_gemv` contract). Buffers named `*_vec4` are read in aligned 4-lane vectors
+    (the plugin's RewriteVec4Loads)."""
+    from .._tvm import compiler
+
+    T = compiler().T
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
+    xd, od, sd = x_dtype, out_dtype, scale_dtype
+    if norm and bias:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), delta_vec4: T.Buffer((1, in_f), xd),
+                 norm_w_vec4: T.Buffer((in_f,), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od),
+                 xsum: T.Buffer((1, in_f), xd)):
+            T.func_attr(attrs)
+            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, b, out, xsum)
+    elif norm:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), delta_vec4: T.Buffer((1, in_f), xd),
+                 norm_w_vec4: T.Buffer((in_f,), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od), xsum: T.Buffer((1, in_f), xd)):
+            T.func_attr(attrs)
+            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, None, out, xsum)
+    elif bias:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od)):
+            T.func_attr(attrs)
+            body(x_vec4, None, None, q_weight_vec4, q_scale, b, out, None)
+    else:
+        @T.prim_func(private=True, check_well_formed=False)
+        def gemv(x_vec4: T.Buffer((1, in_f), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
+                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od)):
+            T.func_attr(attrs)
+            body(x_vec4, None, None, q_weight_vec4, q_scale, None, out, None)
+    return gemv
+
+
 def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4) -> tuple[int, int, int]:
     """(warps, rows, unroll) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone, weights rotated through
     HBM (bench/vulkan_kernels.py, run 5 in docs/benchmarks/vulkan-h200.md): `in` 4096 (4 steps a lane): 16 warps of
@@ -263,6 +338,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     inter = out_f // 2
     R2 = R // 2 if silu else R  # output rows a warp
     n_out = inter if silu else out_f
+    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype)
     blocks = (n_out + W * R2 - 1) // (W * R2)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
@@ -415,57 +491,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                     sc[k] = sn[k]
                 for k in T.unroll(U * R * VW):
                     wv[k] = wn[k]
-        for r in T.unroll(R):
-            red[(ty * R + r) * 32 + tx] = acc[r]
-        T.tvm_storage_sync("shared")
-        if tx < R2:
-            i = T.meta_var((bx * W + ty) * R2 + tx)
-            if i < n_out:
-                tt[0] = T.float32(0)
-                for k in T.unroll(32):
-                    tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
-                if silu:  # silu_mul_gpu's arithmetic on the fp16-rounded gate and up sums
-                    acc[0] = T.float32(0)
-                    for k in T.unroll(32):
-                        acc[0] = acc[0] + red[(ty * R + tx + R2) * 32 + k]
-                    tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
-                    out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
-                                       * T.Cast(f32, T.Cast(out_dtype, acc[0])))
-                elif bias:
-                    out[0, i] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[i]))
-                else:
-                    out[0, i] = T.Cast(out_dtype, tt[0])
+        store_rows(red, acc, tt, out, b, bx, ty, tx)
 
-    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
-    xd, od, sd = x_dtype, out_dtype, "float16"
-    if norm and bias:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd), delta_vec4: T.Buffer((1, in_f), xd),
-                 norm_w_vec4: T.Buffer((in_f,), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od),
-                 xsum: T.Buffer((1, in_f), xd)):
-            T.func_attr(attrs)
-            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, b, out, xsum)
-    elif norm:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd), delta_vec4: T.Buffer((1, in_f), xd),
-                 norm_w_vec4: T.Buffer((in_f,), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od), xsum: T.Buffer((1, in_f), xd)):
-            T.func_attr(attrs)
-            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, None, out, xsum)
-    elif bias:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od)):
-            T.func_attr(attrs)
-            body(x_vec4, None, None, q_weight_vec4, q_scale, b, out, None)
-    else:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od)):
-            T.func_attr(attrs)
-            body(x_vec4, None, None, q_weight_vec4, q_scale, None, out, None)
-    return gemv
+    return _gemv_func(body, in_f, out_f, words, G, n_out, x_dtype, "float16", out_dtype, norm, bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,6 +572,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     inter = out_f // 2
     R2 = R // 2 if silu else R
     n_out = inter if silu else out_f
+    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype)
     blocks = (n_out + W * R2 - 1) // (W * R2)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
@@ -690,54 +719,6 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                 for k in T.unroll(U * R):
                     sc[k] = sn[k]
                     wv[k] = wn[k]
-        for r in T.unroll(R):
-            red[(ty * R + r) * 32 + tx] = acc[r]
-        T.tvm_storage_sync("shared")
-        if tx < R2:
-            i = T.meta_var((bx * W + ty) * R2 + tx)
-            if i < n_out:
-                tt[0] = T.float32(0)
-                for k in T.unroll(32):
-                    tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
-                if silu:  # silu_mul_gpu's arithmetic on the output-rounded gate and up sums
-                    acc[0] = T.float32(0)
-                    for k in T.unroll(32):
-                        acc[0] = acc[0] + red[(ty * R + tx + R2) * 32 + k]
-                    tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
-                    out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
-                                       * T.Cast(f32, T.Cast(out_dtype, acc[0])))
-                elif bias:
-                    out[0, i] = T.Cast(out_dtype, tt[0] + T.Cast(f32, b[i]))
-                else:
-                    out[0, i] = T.Cast(out_dtype, tt[0])
+        store_rows(red, acc, tt, out, b, bx, ty, tx)
 
-    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, "edgellm.kernel": "gemv"}
-    xd_, od, sd = x_dtype, out_dtype, scale_dtype
-    if norm and bias:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd_), delta_vec4: T.Buffer((1, in_f), xd_),
-                 norm_w_vec4: T.Buffer((in_f,), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od),
-                 xsum: T.Buffer((1, in_f), xd_)):
-            T.func_attr(attrs)
-            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, b, out, xsum)
-    elif norm:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd_), delta_vec4: T.Buffer((1, in_f), xd_),
-                 norm_w_vec4: T.Buffer((in_f,), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od), xsum: T.Buffer((1, in_f), xd_)):
-            T.func_attr(attrs)
-            body(x_vec4, delta_vec4, norm_w_vec4, q_weight_vec4, q_scale, None, out, xsum)
-    elif bias:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), b: T.Buffer((out_f,), od), out: T.Buffer((1, n_out), od)):
-            T.func_attr(attrs)
-            body(x_vec4, None, None, q_weight_vec4, q_scale, b, out, None)
-    else:
-        @T.prim_func(private=True, check_well_formed=False)
-        def gemv(x_vec4: T.Buffer((1, in_f), xd_), q_weight_vec4: T.Buffer((out_f, words), "uint32"),
-                 q_scale: T.Buffer((out_f, G), sd), out: T.Buffer((1, n_out), od)):
-            T.func_attr(attrs)
-            body(x_vec4, None, None, q_weight_vec4, q_scale, None, out, None)
-    return gemv
+    return _gemv_func(body, in_f, out_f, words, G, n_out, x_dtype, scale_dtype, out_dtype, norm, bias)
