@@ -22,3 +22,17 @@ def run_steps(steps: Iterable[tuple[str, Callable[[], object]]], results: dict, 
             results.setdefault("errors", []).append(f"{label}: " + traceback.format_exc()[-3000:])
         print(f"[{label}: {time.perf_counter() - t0:.1f}s]", flush=True)
         out.write_text(json.dumps(results, indent=1, default=str))
+
+
+def print_summary(results: dict, top: int = 8) -> int:
+    """Print the checks (JSON), each decode profile (GPU busy / span / kernels a token, its `top` kernels) and the
+    errors of a GPU script's `results`; the exit status: 1 when a step failed."""
+    print(json.dumps(results.get("checks", {}), indent=1, default=str))
+    for label, p in results.get("profiles", {}).items():
+        print(f"{label}: GPU busy {p['gpu_busy_us_per_token']:.0f} us of a {p['gpu_span_us_per_token']:.0f} us span, "
+              f"{p['kernels_per_token']:.0f} kernels/token, wall {p['wall_ms_per_token_profiled']:.3f} ms")
+        for k in p["top_kernels"][:top]:
+            print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")
+    for e in results.get("errors", []):
+        print("ERROR:", e)
+    return 1 if results.get("errors") else 0

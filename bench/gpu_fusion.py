@@ -24,7 +24,6 @@ Writes $OUT/fusion.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -326,18 +325,10 @@ def run(dev: Path, shapes: list[str]) -> int:
         steps.append(("kernel sweep", lambda: sweep(dev)))
     steps += [(shape, lambda s=shape: bench_shape(dev, s)) for shape in shapes]
     out = Path(os.environ.get("OUT", ".")) / "fusion.json"
-    from bench_steps import run_steps
+    from bench_steps import print_summary, run_steps
 
     run_steps(steps, results, out)
-    print(json.dumps(results["checks"], indent=1, default=str))
-    for label, p in results["profiles"].items():
-        print(f"{label}: GPU busy {p['gpu_busy_us_per_token']:.0f} us of a {p['gpu_span_us_per_token']:.0f} us span, "
-              f"{p['kernels_per_token']:.0f} kernels/token, wall {p['wall_ms_per_token_profiled']:.3f} ms")
-        for k in p["top_kernels"][:10]:
-            print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")
-    for e in results["errors"]:
-        print("ERROR:", e)
-    return 1 if results["errors"] else 0
+    return print_summary(results, top=10)
 
 
 def main() -> int:

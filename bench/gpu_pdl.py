@@ -217,7 +217,7 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
 
 def run(dev: Path, shapes: list[str]) -> int:
     import gpu_run
-    from bench_steps import run_steps
+    from bench_steps import print_summary, run_steps
 
     results["device"] = gpu_run.torch_device_name()
     results["copy_bandwidth_gbs"] = gpu_run.copy_bandwidth() / 1e9
@@ -226,19 +226,11 @@ def run(dev: Path, shapes: list[str]) -> int:
     steps = [("tiny checks", lambda: check_tiny(dev))] if tiny else []
     steps += [(shape, lambda s=shape: bench_shape(dev, s, bw)) for shape in shapes]
     run_steps(steps, results, Path(os.environ.get("OUT", ".")) / "pdl.json")
-    print(json.dumps(results["checks"], indent=1, default=str))
-    for label, p in results["profiles"].items():
-        print(f"{label}: GPU busy {p['gpu_busy_us_per_token']:.0f} us of a {p['gpu_span_us_per_token']:.0f} us span, "
-              f"{p['kernels_per_token']:.0f} kernels/token, wall {p['wall_ms_per_token_profiled']:.3f} ms")
-        for k in p["top_kernels"][:8]:
-            print(f"    {k['us_per_token']:8.1f} us {k['per_token']:5.1f}x  {k['name'][:90]}")
     for label, rows in results.get("timelines", {}).items():
         print(label)
         for name, d in rows.items():
             print(f"    {d['us_per_call']:7.2f} us/call, gap {d['gap_us']:6.2f} us, {d['per_token']:5.1f}x  {name}")
-    for e in results["errors"]:
-        print("ERROR:", e)
-    return 1 if results["errors"] else 0
+    return print_summary(results)
 
 
 def main() -> int:

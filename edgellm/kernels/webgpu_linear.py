@@ -230,6 +230,45 @@ def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out
     return store_rows
 
 
+def _norm_scale(stage: int, W: int, G: int, in_f: int, norm_eps: float | None, x_dtype: str):
+    """The first half of the decode GEMVs' norm prologue (a TVMScript macro): each thread's staged words of
+    s = x + delta (rounded to the activation type) into sv, workgroup 0 writes s (the residual stream) to xsum, the
+    sum of squares per warp then across warps, and tt[0] = rsqrt(mean + eps): add_rms_norm_gpu's arithmetic."""
+    from .._tvm import compiler
+
+    T, f32 = compiler().T, "float32"
+
+    @T.macro
+    def norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx):
+        tt[0] = T.float32(0)
+        for i in T.unroll(stage):
+            e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of fp16 x
+            if e < G * 4:
+                for h in T.unroll(2):
+                    xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
+                    da[h] = dl[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
+                    for k in T.unroll(4):
+                        sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(f32, T.Shuffle([xa[h]], [k]))
+                                                                   + T.Cast(f32, T.Shuffle([da[h]], [k]))))
+                        tt[0] = tt[0] + sv[i * 8 + h * 4 + k] * sv[i * 8 + h * 4 + k]
+                        if bx == 0:
+                            xsum[0, e * 8 + h * 4 + k] = T.Cast(x_dtype, sv[i * 8 + h * 4 + k])
+        red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
+        T.tvm_storage_sync("shared")
+        if tx == 0:
+            tt[0] = T.float32(0)
+            for k in T.unroll(32):
+                tt[0] = tt[0] + red[ty * 32 + k]
+            red2[ty] = tt[0]
+        T.tvm_storage_sync("shared")
+        tt[0] = T.float32(0)
+        for k in T.unroll(W):
+            tt[0] = tt[0] + red2[k]
+        tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
+
+    return norm_scale
+
+
 def _gemv_func(body, in_f: int, out_f: int, words: int, G: int, n_out: int, x_dtype: str, scale_dtype: str,
                out_dtype: str, norm: bool, bias: bool):
     """The PrimFunc of a pre-scheduled WGSL decode GEMV around its TVMScript macro `body(x, delta, norm weight,
@@ -342,6 +381,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     blocks = (n_out + W * R2 - 1) // (W * R2)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
+    norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
     # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
     # the high half (lavapipe: the high lane was not subtracted)
     if bits == 4:
@@ -403,31 +443,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         tt = T.alloc_buffer((1,), f32, scope="local")
         load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
-            tt[0] = T.float32(0)
-            for i in T.unroll(stage):
-                e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of x
-                if e < G * 4:
-                    for h in T.unroll(2):
-                        xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
-                        da[h] = dl[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
-                        for k in T.unroll(4):
-                            sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(f32, T.Shuffle([xa[h]], [k]))
-                                                                       + T.Cast(f32, T.Shuffle([da[h]], [k]))))
-                            tt[0] = tt[0] + sv[i * 8 + h * 4 + k] * sv[i * 8 + h * 4 + k]
-                            if bx == 0:
-                                xsum[0, e * 8 + h * 4 + k] = T.Cast(x_dtype, sv[i * 8 + h * 4 + k])
-            red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
-            T.tvm_storage_sync("shared")
-            if tx == 0:
-                tt[0] = T.float32(0)
-                for k in T.unroll(32):
-                    tt[0] = tt[0] + red[ty * 32 + k]
-                red2[ty] = tt[0]
-            T.tvm_storage_sync("shared")
-            tt[0] = T.float32(0)
-            for k in T.unroll(W):
-                tt[0] = tt[0] + red2[k]
-            tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
+            norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx)
             for i in T.unroll(stage):
                 e = T.meta_var((i * W + ty) * 32 + tx)
                 if e < G * 4:
@@ -576,6 +592,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     blocks = (n_out + W * R2 - 1) // (W * R2)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
+    norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
     lo_mask = T.uint32(0x0F0F0F0F)
 
     def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
@@ -649,31 +666,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         tt = T.alloc_buffer((1,), f32, scope="local")
         load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
-            tt[0] = T.float32(0)
-            for i in T.unroll(stage):
-                e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of fp16 x
-                if e < G * 4:
-                    for h in T.unroll(2):
-                        xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
-                        da[h] = dl[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
-                        for k in T.unroll(4):
-                            sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, T.Cast(f32, T.Shuffle([xa[h]], [k]))
-                                                                       + T.Cast(f32, T.Shuffle([da[h]], [k]))))
-                            tt[0] = tt[0] + sv[i * 8 + h * 4 + k] * sv[i * 8 + h * 4 + k]
-                            if bx == 0:
-                                xsum[0, e * 8 + h * 4 + k] = T.Cast(x_dtype, sv[i * 8 + h * 4 + k])
-            red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
-            T.tvm_storage_sync("shared")
-            if tx == 0:
-                tt[0] = T.float32(0)
-                for k in T.unroll(32):
-                    tt[0] = tt[0] + red[ty * 32 + k]
-                red2[ty] = tt[0]
-            T.tvm_storage_sync("shared")
-            tt[0] = T.float32(0)
-            for k in T.unroll(W):
-                tt[0] = tt[0] + red2[k]
-            tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
+            norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx)
             for i in T.unroll(stage):
                 e = T.meta_var((i * W + ty) * 32 + tx)
                 if e < G * 4:
