@@ -277,15 +277,34 @@ class OwnedKVCache:
         n = b * s
         layer = self.tirx.IntImm("int32", layer_id)
         ph = nn.Tensor.placeholder
+        cache_in = [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer]
         if self.decode and DECODE_ATTN == "fused":  # RoPE, the append and split-K attention in one kernel
-            pages, o_part, ml = nn.op.tensor_ir_inplace_op(
-                self.k["decode_fused"], "decode_attn",
-                [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer], [4, -1, -1],
+            self.pages, o_part, ml = nn.op.tensor_ir_inplace_op(
+                self.k["decode_fused"], "decode_attn", cache_in, [4, -1, -1],
                 [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
                  ph((n, H, SPLITS_DECODE, 2), "float32")])
-            self.pages = pages
+        else:
+            self.pages, q, k, v = nn.op.tensor_ir_inplace_op(
+                self.k["append"], "kv_append", cache_in, [4, -1, -1, -1],
+                [ph(self.pages.shape, self.dtype), ph((n, H, D), self.dtype), ph((n, KV, D), self.dtype),
+                 ph((n, KV, D), self.dtype)])
+            splits = SPLITS_DECODE if self.decode else SPLITS_PREFILL
+            o_part, ml = nn.op.tensor_ir_op(
+                self.k["decode" if self.decode else "history"], "paged_attn",
+                [q, self.pages, self.page_table, self.pos0, layer],
+                [ph((n, H, splits, D), "float32"), ph((n, H, splits, 2), "float32")])
+        if self.decode:
             out = nn.op.tensor_ir_op(self.k["merge"], "paged_attn_merge", [o_part, ml], ph((n, H, D), self.dtype))
-            return out.reshape(b, s, H, D)
+        else:
+            def indptr(x):
+                return compiler().te.compute((2,), lambda i: (i * x.shape[0]).astype("int32"), name="indptr")
+
+            ptr = nn.op.tensor_expr_op(indptr, "chunk_indptr", [q])
+            o1, lse1 = nn.op.tensor_ir_op(self.k["ragged"], "attn_chunk", [q, ptr, k, v],
+                                          [ph((n, H, D), self.dtype), ph((n, H), "float32")])
+            out = nn.op.tensor_ir_op(self.k["merge_lse"], "paged_attn_merge", [o_part, ml, o1, lse1],
+                                     ph((n, H, D), self.dtype))
+        return out.reshape(b, s, H, D)
         pages, q, k, v = nn.op.tensor_ir_inplace_op(
             self.k["append"], "kv_append",
             [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer], [4, -1, -1, -1],
