@@ -63,13 +63,6 @@ def supported(sm: int) -> bool:
     return sm >= MIN_SM
 
 
-def tir_wait_and_launch():
-    """The two statements (TIR) a kernel runs where its dependent part begins."""
-    from tvm.script import tirx as T
-
-    return T.evaluate(T.call_extern("void", WAIT)), T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
-
-
 def mark_function(func):
     """`func` (a tirx PrimFunc) with the PDL tag in its kernel launch parameters (kept once)."""
     attrs = dict(func.attrs) if func.attrs is not None else {}
@@ -196,7 +189,7 @@ def patch_source(code: str, skipped: set = frozenset()) -> tuple[str, list[str]]
 
 
 def unwaited_kernels(code: str, skipped: set = frozenset()) -> list[str]:
-    """Kernels of `code` with no `griddepcontrol.wait`, `skipped` ones aside (empty for a PDL build: the build
-    checks it)."""
+    """Kernels of `code` with no `griddepcontrol.wait`, `skipped` ones aside: empty after patch_source (the tests
+    check a whole build's source with it)."""
     return [name for name, open_, close in kernel_bodies(code)
             if "griddepcontrol.wait" not in code[open_:close] and not skipped_kernel(name, skipped)]
