@@ -58,3 +58,19 @@ def hf_smollm2(smollm2_path):
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def webgpu_dev():
+    """Device 0 of edgellm's WebGPU plugin (the first Vulkan adapter: lavapipe in CI); skips where there is none."""
+    from edgellm.runtime.webgpu_plugin import PluginError, load_plugin
+
+    try:
+        load_plugin()
+    except PluginError as e:
+        if e.reason == "vulkan":
+            pytest.skip(f"no Vulkan adapter: {e}")
+        raise
+    from edgellm._tvm import runtime
+
+    return runtime.device("webgpu", 0)

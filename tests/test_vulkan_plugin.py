@@ -17,22 +17,9 @@ import numpy as np
 import pytest
 
 from edgellm.runtime import webgpu_plugin
-from edgellm.runtime.webgpu_plugin import PluginError, load_plugin
+from edgellm.runtime.webgpu_plugin import PluginError
 
 pytestmark = pytest.mark.vulkan
-
-
-@pytest.fixture(scope="module")
-def dev():
-    try:
-        load_plugin()
-    except PluginError as e:
-        if e.reason == "vulkan":
-            pytest.skip(f"no Vulkan adapter: {e}")
-        raise
-    from edgellm._tvm import runtime
-
-    return runtime.device("webgpu", 0)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,7 @@ def test_missing_wgpu_is_one_line(monkeypatch):
     assert e.value.reason == "wgpu" and "\n" not in str(e.value) and "edgellm[vulkan]" in str(e.value)
 
 
-def test_no_vulkan_driver_is_one_line(dev):
+def test_no_vulkan_driver_is_one_line(webgpu_dev):
     """With the driver hidden (VK_ICD_FILENAMES to nowhere), a fresh process gets the `vulkan` reason."""
     code = ("from edgellm.runtime.webgpu_plugin import load_plugin, PluginError\n"
             "try:\n    load_plugin()\nexcept PluginError as e:\n    print('REASON', e.reason, e)\n")
@@ -99,41 +86,41 @@ def test_cache_key_follows_the_sources(monkeypatch, tmp_path):
 # -- device and memory ------------------------------------------------------------------------------------------
 
 
-def test_adapter_is_reported(dev):
+def test_adapter_is_reported(webgpu_dev):
     info = webgpu_plugin.adapters()[0]
-    assert dev.exist and info["backend"] == "vulkan"
-    assert dev.device_name == info["name"] and info["name"]
+    assert webgpu_dev.exist and info["backend"] == "vulkan"
+    assert webgpu_dev.device_name == info["name"] and info["name"]
     assert info["max_compute_workgroups_per_dimension"] >= 65535
 
 
 @pytest.mark.parametrize("dtype,shape", [("float32", (1000,)), ("float16", (3, 7)), ("int8", (13,)),
                                          ("uint8", (1,)), ("int32", (2, 3, 5)), ("int64", (9,))])
-def test_tensor_round_trip(dev, dtype, shape):
+def test_tensor_round_trip(webgpu_dev, dtype, shape):
     from edgellm._tvm import runtime
 
     x = (np.random.default_rng(0).standard_normal(shape) * 50).astype(dtype)
-    t = runtime.tensor(x, device=dev)
-    assert t.device == dev
+    t = runtime.tensor(x, device=webgpu_dev)
+    assert t.device == webgpu_dev
     np.testing.assert_array_equal(t.numpy(), x)
 
 
-def test_device_copies(dev):
+def test_device_copies(webgpu_dev):
     from edgellm._tvm import runtime
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((64, 33)).astype("float32")
-    a = runtime.tensor(x, device=dev)
-    b = runtime.empty(x.shape, "float32", dev)
+    a = runtime.tensor(x, device=webgpu_dev)
+    b = runtime.empty(x.shape, "float32", webgpu_dev)
     a.copyto(b)  # device to device, whole buffer
     np.testing.assert_array_equal(b.numpy(), x)
     b.copyfrom(x[::-1].copy())  # host to device into an existing buffer
     np.testing.assert_array_equal(b.numpy(), x[::-1])
 
     raw = rng.integers(0, 255, 101, dtype="uint8")
-    r = runtime.tensor(raw, device=dev)
+    r = runtime.tensor(raw, device=webgpu_dev)
     view = r._create_view((5,), "uint8", relative_byte_offset=3)  # unaligned offset and length
     np.testing.assert_array_equal(view.numpy(), raw[3:8])
-    dst = runtime.tensor(np.zeros(101, "uint8"), device=dev)
+    dst = runtime.tensor(np.zeros(101, "uint8"), device=webgpu_dev)
     dview = dst._create_view((5,), "uint8", relative_byte_offset=50)
     view.copyto(dview)  # device to device, unaligned on both sides
     expect = np.zeros(101, "uint8")
@@ -163,17 +150,17 @@ def scale_add_func(c):
 
 
 @pytest.mark.parametrize("n", [1000, 65537 * 64 + 5])  # the second needs more than 65535 workgroups in x
-def test_elementwise_with_scalars(dev, c, tmp_path, n):
+def test_elementwise_with_scalars(webgpu_dev, c, tmp_path, n):
     from edgellm._tvm import runtime
 
     lib = build_primfunc(c, scale_add_func(c), tmp_path=tmp_path)
     x = np.random.default_rng(2).standard_normal(n).astype("float32")
-    b = runtime.empty((n,), "float32", dev)
-    lib["main"](runtime.tensor(x, device=dev), b, n, 2.5)
+    b = runtime.empty((n,), "float32", webgpu_dev)
+    lib["main"](runtime.tensor(x, device=webgpu_dev), b, n, 2.5)
     np.testing.assert_allclose(b.numpy(), x * np.float32(2.5) + 1, rtol=1e-6, atol=1e-6)
 
 
-def test_grid_folding_runs_each_block_once(dev, c, tmp_path):
+def test_grid_folding_runs_each_block_once(webgpu_dev, c, tmp_path):
     """A grid past the per-dimension limit is folded into z; the padding block must not run."""
     from edgellm._tvm import runtime
 
@@ -191,13 +178,13 @@ def test_grid_folding_runs_each_block_once(dev, c, tmp_path):
                 A[bx + tx] = A[bx + tx] + 1  # no bounds check: an extra block would write A[n - 8]
 
     lib = build_primfunc(c, mark, tmp_path=tmp_path)
-    out = runtime.tensor(np.zeros(blocks + 8, "int32"), device=dev)
+    out = runtime.tensor(np.zeros(blocks + 8, "int32"), device=webgpu_dev)
     lib["main"](out, blocks + 8)
     got = out.numpy()
     assert (got[:blocks] == 1).all() and (got[blocks:] == 0).all()
 
 
-def test_dlight_reduction(dev, c, tmp_path):
+def test_dlight_reduction(webgpu_dev, c, tmp_path):
     from edgellm._tvm import runtime
 
     te, dl = c.te, c.dlight.gpu
@@ -208,12 +195,12 @@ def test_dlight_reduction(dev, c, tmp_path):
     lib = build_primfunc(c, te.create_prim_func([A, B]), [dl.Reduction(), dl.GeneralReduction(), dl.Fallback()],
                          tmp_path)
     x = np.random.default_rng(3).random((37, m), dtype="float32")
-    b = runtime.empty((37,), "float32", dev)
-    lib["main"](runtime.tensor(x, device=dev), b)
+    b = runtime.empty((37,), "float32", webgpu_dev)
+    lib["main"](runtime.tensor(x, device=webgpu_dev), b)
     np.testing.assert_allclose(b.numpy(), x.sum(1), rtol=1e-5)
 
 
-def test_dlight_matmul(dev, c, tmp_path):
+def test_dlight_matmul(webgpu_dev, c, tmp_path):
     from edgellm._tvm import runtime
 
     te, dl = c.te, c.dlight.gpu
@@ -226,12 +213,12 @@ def test_dlight_matmul(dev, c, tmp_path):
     assert "var<workgroup>" in lib.imports[0].inspect_source()  # the dlight schedule, not the fallback
     rng = np.random.default_rng(4)
     xa, xb = rng.standard_normal((M, K)).astype("float32"), rng.standard_normal((K, N)).astype("float32")
-    out = runtime.empty((M, N), "float32", dev)
-    lib["main"](runtime.tensor(xa, device=dev), runtime.tensor(xb, device=dev), out)
+    out = runtime.empty((M, N), "float32", webgpu_dev)
+    lib["main"](runtime.tensor(xa, device=webgpu_dev), runtime.tensor(xb, device=webgpu_dev), out)
     np.testing.assert_allclose(out.numpy(), xa @ xb, rtol=1e-4, atol=1e-4)
 
 
-def test_relax_vm_matmul_softmax(dev, c, tmp_path):
+def test_relax_vm_matmul_softmax(webgpu_dev, c, tmp_path):
     """A Relax module (dynamic rows) through gpu_generic's pipeline (dlight GPU rules), run by the Relax VM."""
     from edgellm._tvm import runtime
 
@@ -247,12 +234,12 @@ def test_relax_vm_matmul_softmax(dev, c, tmp_path):
         bb.emit_func_output(out)
     target = c.Target("webgpu", host="llvm")
     ex = c.tvm.compile(bb.get(), target=target, relax_pipeline=relax.get_default_pipeline(target))
-    vm = relax.VirtualMachine(export_and_load(ex, tmp_path, "softmax"), dev)
+    vm = relax.VirtualMachine(export_and_load(ex, tmp_path, "softmax"), webgpu_dev)
     rng = np.random.default_rng(5)
     wa = (rng.standard_normal((64, 48)) * 0.2).astype("float32")
     for rows in (1, 7, 33):
         xa = rng.standard_normal((rows, 64)).astype("float32")
-        got = vm["main"](runtime.tensor(xa, device=dev), runtime.tensor(wa, device=dev)).numpy()
+        got = vm["main"](runtime.tensor(xa, device=webgpu_dev), runtime.tensor(wa, device=webgpu_dev)).numpy()
         y = xa @ wa
         e = np.exp(y - y.max(-1, keepdims=True))
         np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
@@ -305,10 +292,10 @@ def causal_attention_np(q, k, v, start):
     return out
 
 
-def test_paged_kv_cache_two_sequences(dev, c, tmp_path):
+def test_paged_kv_cache_two_sequences(webgpu_dev, c, tmp_path):
     from edgellm._tvm import get_global_func, runtime
 
-    vm = c.relax.VirtualMachine(export_and_load(kv_cache_module(c), tmp_path, "kv"), dev)
+    vm = c.relax.VirtualMachine(export_and_load(kv_cache_module(c), tmp_path, "kv"), webgpu_dev)
     S = runtime.ShapeTuple
     cache = vm["create_tir_paged_kv_cache"](S([4]), S([512]), S([64]), S([16]), S([0]))
     add, begin, end = (get_global_func(f"vm.builtin.kv_state_{n}")
@@ -320,7 +307,7 @@ def test_paged_kv_cache_two_sequences(dev, c, tmp_path):
         begin(cache, S(seqs), S(lens))
         shape = (1, lens[0]) if len(seqs) == 1 else (len(seqs), 1)
         qkv = rng.standard_normal((*shape, H + 2 * KV, D)).astype("float32")
-        got = vm["forward"](runtime.tensor(qkv, device=dev), cache)[0].numpy()
+        got = vm["forward"](runtime.tensor(qkv, device=webgpu_dev), cache)[0].numpy()
         end(cache)
         for i, seq in enumerate(seqs):
             start = sum(len(x) for x in history[seq])
@@ -339,18 +326,18 @@ def test_paged_kv_cache_two_sequences(dev, c, tmp_path):
     forward([1], [1])
 
 
-def test_binding_over_the_limit_is_one_error_and_the_device_recovers(dev, c, tmp_path):
+def test_binding_over_the_limit_is_one_error_and_the_device_recovers(webgpu_dev, c, tmp_path):
     from edgellm._tvm import runtime
 
     limit = webgpu_plugin.adapters()[0]["max_storage_buffer_binding_size"]
     if limit >= 1 << 30:
         pytest.skip(f"binding limit {limit} bytes: a buffer over it is too big for a unit test")
     lib = build_primfunc(c, scale_add_func(c), tmp_path=tmp_path)
-    big = runtime.empty((limit // 4 + 1024,), "float32", dev)  # allocates (maxBufferSize is larger), cannot bind
-    small = runtime.tensor(np.arange(8, dtype="float32"), device=dev)
+    big = runtime.empty((limit // 4 + 1024,), "float32", webgpu_dev)  # allocates (maxBufferSize is larger), cannot bind
+    small = runtime.tensor(np.arange(8, dtype="float32"), device=webgpu_dev)
     with pytest.raises(Exception, match="over maxStorageBufferBindingSize"):
         lib["main"](big._create_view((8,), "float32"), small, 8, 2.0)  # a view binds its whole buffer
-    out = runtime.empty((8,), "float32", dev)
+    out = runtime.empty((8,), "float32", webgpu_dev)
     lib["main"](small, out, 8, 2.0)  # the queue is still usable
     np.testing.assert_array_equal(out.numpy(), np.arange(8, dtype="float32") * 2 + 1)
 
@@ -363,7 +350,7 @@ def test_binding_over_the_limit_is_one_error_and_the_device_recovers(dev, c, tmp
     (1024, 6144, False, "float16"),  # 4 rows a warp; fp16 activations, scales and output
     (4096, 4096, False, "float16"),  # 2 rows a warp, 16 steps
 ])
-def test_coalesced_int4_gemv_matches_numpy(dev, c, tmp_path, in_f, out_f, bias, dtype):
+def test_coalesced_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, in_f, out_f, bias, dtype):
     from edgellm.kernels.webgpu_linear import int4_gemv_coalesced
     from edgellm.quant import get_scheme
     from edgellm.quant.reference import dequantize, quantize
@@ -380,7 +367,7 @@ def test_coalesced_int4_gemv_matches_numpy(dev, c, tmp_path, in_f, out_f, bias, 
     from edgellm._tvm import runtime
 
     args = [x, qw, qs.astype(scheme.scale_dtype)] + ([b] if bias else []) + [np.zeros((1, out_f), dtype)]
-    tensors = [runtime.tensor(a, dev) for a in args]
+    tensors = [runtime.tensor(a, webgpu_dev) for a in args]
     mod["main"](*tensors)
     got = tensors[-1].numpy().astype(np.float32)
     assert np.abs(got - ref).max() / np.abs(ref).max() < (1e-5 if dtype == "float32" else 2e-3)
@@ -417,7 +404,7 @@ def _h2_model(x16: np.ndarray, qw: np.ndarray, qs16: np.ndarray) -> np.ndarray:
     (2048, 300, False, True, True, (4, 2, 1, 8)),  # 8-bit rows (the head's q8f16_1): two vec4 loads a group
     (288, 70, False, False, True, (4, 1, 1, 8)),   # 8-bit, float32 twin
 ])
-def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
+def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
     from edgellm._tvm import runtime
     from edgellm.kernels.webgpu_linear import int4_gemv_h2
     from edgellm.quant import get_scheme
@@ -442,7 +429,7 @@ def test_h2_int4_gemv_matches_numpy(dev, c, tmp_path, monkeypatch, in_f, out_f, 
                           f"h2_{in_f}_{h2}_{vec4}_{bits}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
-    tensors = [runtime.tensor(a, dev) for a in args]
+    tensors = [runtime.tensor(a, webgpu_dev) for a in args]
     mod["main"](*tensors)
     got = tensors[-1].numpy()[0].astype(np.float64)
     scale = np.abs(ref).max()
@@ -458,7 +445,7 @@ def _adapters():
     return get_global_func("edgellm.webgpu.adapters")()
 
 
-def test_vec4_rewrite_of_wgsl_text(dev):
+def test_vec4_rewrite_of_wgsl_text(webgpu_dev):
     """The plugin's one WGSL edit (module.cc RewriteVec4Loads): a `_vec4` u32 buffer read only through aligned
     vec4 loads becomes an array<vec4<u32>> with one load each; any other access leaves the source as it was."""
     from edgellm._tvm import get_global_func
@@ -483,7 +470,7 @@ def test_vec4_rewrite_of_wgsl_text(dev):
 
 
 @pytest.mark.parametrize("in_f,out_f,fuse", [(1024, 4096, "norm"), (512, 384, "silu"), (544, 400, "norm+silu")])
-def test_h2_int4_gemv_fusions_match_numpy(dev, c, tmp_path, in_f, out_f, fuse):
+def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, fuse):
     """registry.fused_gemv's webgpu kernels: rms_norm(x + delta) staged by the GEMV (and x + delta written by
     workgroup 0, exactly), silu(gate) * up in its epilogue; against numpy float64 of the separate steps."""
     from edgellm._tvm import runtime
@@ -515,7 +502,7 @@ def test_h2_int4_gemv_fusions_match_numpy(dev, c, tmp_path, in_f, out_f, fuse):
                                         target=c.Target("webgpu", host="llvm")), tmp_path, f"fuse_{in_f}")
     args = ([x, d, w] if norm else [x]) + [qw, qs16, np.zeros((1, len(y)), np.float16)]
     args += [np.zeros((1, in_f), np.float16)] if norm else []
-    tensors = [runtime.tensor(a, dev) for a in args]
+    tensors = [runtime.tensor(a, webgpu_dev) for a in args]
     mod["main"](*tensors)
     out = tensors[len(args) - (2 if norm else 1)].numpy()[0].astype(np.float64)
     assert np.abs(out - y).max() / np.abs(y).max() < 2e-3

@@ -9,21 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgellm.runtime.webgpu_plugin import PluginError, load_plugin
-
-
-@pytest.fixture(scope="module")
-def dev():
-    try:
-        load_plugin()
-    except PluginError as e:
-        if e.reason == "vulkan":
-            pytest.skip(f"no Vulkan adapter: {e}")
-        raise
-    from edgellm._tvm import runtime
-
-    return runtime.device("webgpu", 0)
-
 
 def dp4a_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray):
     """numpy model of int4_gemv_dp4a: per group of 32 activations d = max|x| / 127 and q = rint(x * (127 / max|x|))
@@ -44,7 +29,7 @@ def dp4a_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray):
     return (isum * (qs.astype(np.float32) * d[None]).astype(np.float64)).sum(-1), d
 
 
-def _run(c, dev, tmp_path, func, args, name):
+def _run(c, webgpu_dev, tmp_path, func, args, name):
     from edgellm._tvm import load_module, runtime
 
     path = tmp_path / f"{name}.so"
@@ -52,7 +37,7 @@ def _run(c, dev, tmp_path, func, args, name):
                   target=c.Target("webgpu", host="llvm")).export_library(str(path))
     mod = load_module(path)
     assert "dot4I8Packed" in mod.imports[0].inspect_source()
-    tensors = [runtime.tensor(a, dev) for a in args]
+    tensors = [runtime.tensor(a, webgpu_dev) for a in args]
     mod["main"](*tensors)
     return [t.numpy() for t in tensors]
 
@@ -73,7 +58,7 @@ def _check(got, model, ref, deq, d, dtype):
     (2048, 4096, False, "float16", None),      # dp4a_config's 8 warps x 2 rows x 2 groups (the 8B shapes')
     (288, 70, True, "float32", None),          # 9 groups (lanes past them idle), bias, fp32 activations and scales
 ])
-def test_dp4a_gemv_matches_its_model_and_the_float_bound(dev, tmp_path, in_f, out_f, bias, dtype, cfg):
+def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, in_f, out_f, bias, dtype, cfg):
     from edgellm._tvm import compiler
     from edgellm.kernels.webgpu_linear import int4_gemv_dp4a
     from edgellm.quant import get_scheme
@@ -90,7 +75,7 @@ def test_dp4a_gemv_matches_its_model_and_the_float_bound(dev, tmp_path, in_f, ou
     func = int4_gemv_dp4a(in_f, out_f, bias, *(cfg or ()), x_dtype=dtype, scale_dtype=scheme.scale_dtype,
                           out_dtype=dtype)
     args = [x, qw, qs] + ([b] if bias else []) + [np.zeros((1, out_f), dtype)]
-    got = _run(compiler(), dev, tmp_path, func, args, f"dp4a_{in_f}")[-1][0].astype(np.float64)
+    got = _run(compiler(), webgpu_dev, tmp_path, func, args, f"dp4a_{in_f}")[-1][0].astype(np.float64)
     model, d = dp4a_model(x[0], qw, qs)
     deq = dequantize(qw, qs.astype(np.float32), in_f, scheme).astype(np.float64)
     extra = b.astype(np.float64) if bias else 0
@@ -100,7 +85,7 @@ def test_dp4a_gemv_matches_its_model_and_the_float_bound(dev, tmp_path, in_f, ou
 
 
 @pytest.mark.parametrize("in_f,out_f,fuse", [(1024, 4096, "norm"), (512, 384, "silu"), (544, 400, "norm+silu")])
-def test_dp4a_gemv_fusions_match_the_model(dev, tmp_path, in_f, out_f, fuse):
+def test_dp4a_gemv_fusions_match_the_model(webgpu_dev, tmp_path, in_f, out_f, fuse):
     """rms_norm(x + delta) staged and quantized by the GEMV (x + delta written by workgroup 0, exactly), silu(gate)
     * up in its epilogue: the model applied to the fp16 norm output (the kernel's rsqrt may differ in the last bit,
     so a rounding step of the int8 activations may move: compared within the activation-rounding bound)."""
@@ -134,7 +119,7 @@ def test_dp4a_gemv_fusions_match_the_model(dev, tmp_path, in_f, out_f, fuse):
     func = int4_gemv_dp4a(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu)
     args = ([x, dl, w] if norm else [x]) + [qw, qs, np.zeros((1, len(y)), np.float16)]
     args += [np.zeros((1, in_f), np.float16)] if norm else []
-    outs = _run(compiler(), dev, tmp_path, func, args, f"dp4a_fuse_{in_f}")
+    outs = _run(compiler(), webgpu_dev, tmp_path, func, args, f"dp4a_fuse_{in_f}")
     got = outs[len(args) - (2 if norm else 1)][0].astype(np.float64)
     scale = np.abs(y).max()
     if norm:  # x + delta exactly; the output within one activation rounding step of the model
