@@ -74,3 +74,45 @@ def webgpu_dev():
     from edgellm._tvm import runtime
 
     return runtime.device("webgpu", 0)
+
+
+def _modules(mod):
+    for m in mod.imports:
+        yield m
+        yield from _modules(m)
+
+
+@pytest.fixture(scope="session")
+def cuda_tiny_build(tmp_path_factory, checkpoints):
+    """cuda_tiny_build(**kernel options) -> {"out": artifact folder, "vm": the executable's text, "cuda": its CUDA
+    source}: the tiny Llama compiled for cuda-sm90 in q4f16_1 (context 128, prefill chunk 32), once per options
+    in a session (needs nvcc)."""
+    cache: dict[tuple, dict] = {}
+
+    def get(**options) -> dict:
+        key = tuple(sorted(options.items()))
+        if key not in cache:
+            from edgellm.compile import CompileArgs, compile_model, pipeline
+            from edgellm.config import RuntimeOptions
+            from edgellm.kernels import KernelOptions
+
+            kept: dict = {"out": tmp_path_factory.mktemp("cuda-tiny") / "a"}
+            build = pipeline.build
+
+            def keep(*args, **kwargs):
+                ex = build(*args, **kwargs)
+                kept["vm"] = ex.as_text()
+                kept["cuda"] = "".join(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
+                return ex
+
+            pipeline.build = keep
+            try:
+                compile_model(CompileArgs(model=str(checkpoints["llama"]), output=kept["out"], target="cuda-sm90",
+                                          quant="q4f16_1", runtime=RuntimeOptions(128, 32),
+                                          kernel_options=KernelOptions(**options)))
+            finally:
+                pipeline.build = build
+            cache[key] = kept
+        return cache[key]
+
+    return get

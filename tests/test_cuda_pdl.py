@@ -131,32 +131,14 @@ def test_gemv_pdl_needs_xsmem():
         cuda_gemv.int4_gemv_h2(1024, 256, False, pdl=True)
 
 
-def _walk(mod):
-    for m in mod.imports:
-        yield m
-        yield from _walk(m)
-
-
 @needs_nvcc
 @pytest.mark.parametrize("pdl", ["auto", "off"])
-def test_cuda_build_marks_and_waits_in_every_kernel(checkpoints, tmp_path, monkeypatch, pdl):
+def test_cuda_build_marks_and_waits_in_every_kernel(cuda_tiny_build, pdl):
     from edgellm.artifact import Artifact
-    from edgellm.compile import CompileArgs, compile_model, pipeline
-    from edgellm.config import RuntimeOptions
 
-    kept = {}
-    build = pipeline.build
-
-    def keep(*args, **kwargs):
-        ex = build(*args, **kwargs)
-        kept["cuda"] = "".join(m.inspect_source() for m in _walk(ex.mod) if m.kind == "cuda")
-        return ex
-
-    monkeypatch.setattr(pipeline, "build", keep)
-    out = tmp_path / "a"
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="cuda-sm90", quant="q4f16_1",
-                              runtime=RuntimeOptions(128, 32), kernel_options=KernelOptions(cuda_pdl=pdl)))
-    code = kept["cuda"]
+    built = cuda_tiny_build(**({} if pdl == "auto" else {"cuda_pdl": pdl}))  # auto: the defaults' build
+    out = built["out"]
+    code = built["cuda"]
     kernels = cuda_pdl.kernel_bodies(code)
     assert len(kernels) > 50  # GEMVs, GEMMs, norms, TVM's cache kernels, argmax
     lib = (out / "lib" / "model.so").read_bytes()

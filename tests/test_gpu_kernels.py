@@ -124,22 +124,9 @@ def test_cuda_schedules_build(preset):
 
 
 @needs_nvcc
-def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
+def test_cuda_decode_replays_a_cuda_graph(cuda_tiny_build):
     """The CUDA backend's RewriteCUDAGraph captures decode's static-shape kernel runs between attention calls."""
-    from edgellm.compile import CompileArgs, compile_model, pipeline
-    from edgellm.config import RuntimeOptions
-
-    text = {}
-    build = pipeline.build
-
-    def keep_text(*args, **kwargs):
-        ex = build(*args, **kwargs)
-        text["vm"] = ex.as_text()
-        return ex
-
-    monkeypatch.setattr(pipeline, "build", keep_text)
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=tmp_path / "a", target="cuda-sm90",
-                              quant="q4f16_1", runtime=RuntimeOptions(128, 32)))
+    text = cuda_tiny_build()  # the defaults (tests/test_cuda_pdl.py checks the same build's kernels)
     decode = text["vm"].split("@decode:")[1].split("\n@")[0]
     layers = 2  # the tiny llama checkpoint
     assert decode.count("vm.builtin.cuda_graph.run_or_capture") == layers + 1
@@ -157,7 +144,7 @@ def test_cuda_decode_replays_a_cuda_graph(checkpoints, tmp_path, monkeypatch):
     assert "linear_gemv_norm" not in prefill
     from edgellm.artifact import Artifact
 
-    m = Artifact.open(tmp_path / "a").manifest
+    m = Artifact.open(text["out"]).manifest
     assert "argmax" in m["functions"]
     fused = {"int4_gemv_fp16x2_smem_norm_silu", "int4_gemv_fp16x2_smem_norm"}
     assert fused <= set(m["kernels"]["chosen"]["linear_gemv"]) and m["kernels"]["options"]["cuda_fuse"] == "auto"
