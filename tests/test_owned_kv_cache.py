@@ -335,19 +335,19 @@ int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv
   auto pos0 = read<int>(f, n);
   auto pages = read<half>(f, (size_t)L * P * 2 * KV * 16 * D);
   fclose(f);
-  const int chunk = (maxp * 16 + SPLITS * 32 - 1) / (SPLITS * 32) * 32, sm = G * D + G * 32 + 3 * G;
+  const int sm = G * D + G * 32 + 3 * G;
   const float scale = 1.4426950408889634f / 8.f;  // D^-0.5 log2(e)
   std::vector<float> o((size_t)n * H * SPLITS * D, NAN), ml((size_t)n * H * SPLITS * 2, NAN);
   std::vector<half> out((size_t)n * H * D, half{0x7E00});
   if (fused) {
     launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn<D, G>(qkv.data(), freq.data(), pt.data(),
-        pos0.data(), pages.data(), o.data(), ml.data(), maxp, P, layer, KV, chunk, SPLITS, scale, s); });
+        pos0.data(), pages.data(), o.data(), ml.data(), maxp, P, layer, KV, SPLITS, scale, s); });
   } else {
     std::vector<half> q((size_t)n * H * D), k((size_t)n * KV * D), v((size_t)n * KV * D);
     launch(n, H + 2 * KV, D / 2, 0, [&](float*) { edgellm_kv_append<D>(qkv.data(), freq.data(), pt.data(), pos0.data(),
         pages.data(), q.data(), k.data(), v.data(), 1, maxp, P, layer, H, KV); });
     launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_paged_attn_partial<D, G>(q.data(), pages.data(), pt.data(),
-        pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, chunk, SPLITS, scale, s); });
+        pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, SPLITS, scale, s); });
   }
   launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data()); });
   f = fopen(argv[6], "wb");
@@ -360,8 +360,9 @@ int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
 def test_decode_attention_kernels_on_the_host(tmp_path):
-    """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of two rows
-    (contexts 38 and 6: two splits and one) through decode_attn + merge (the default) and through kv_append +
+    """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of three rows
+    (contexts 38, 6 and 1101: two one-tile splits, one, and 18 splits of two tiles each, the split size following
+    the live context) through decode_attn + merge (the default) and through kv_append +
     paged_attn_partial + merge: the same output and the same pages bit for bit, the new k (rotated) and v in their
     slots, nothing else written, and the output within fp16 tolerance of numpy attention with RoPE."""
     import subprocess
@@ -369,7 +370,7 @@ def test_decode_attention_kernels_on_the_host(tmp_path):
 
     from edgellm.kernels.owned_kv import rope_inv_freq
 
-    D, G, KV, L, maxp, P, layer = 64, 2, 2, 2, 4, 7, 1
+    D, G, KV, L, maxp, P, layer = 64, 2, 2, 2, 70, 77, 1
     H = G * KV
     src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
     assert "asm" not in src
@@ -378,19 +379,20 @@ def test_decode_attention_kernels_on_the_host(tmp_path):
     (tmp_path / "main.cpp").write_text(_OWNED_EMU_MAIN)
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "main.cpp", "-o", "emu"], cwd=tmp_path, check=True)
     rng = np.random.default_rng(11)
-    pos0 = np.array([37, 5], np.int32)
-    pt = np.array([[2, 0, 5, 6], [1, 6, 6, 6]], np.int32)  # page 6: scratch
-    qkv = rng.standard_normal((2, H + 2 * KV, D)).astype(np.float16)
+    pos0 = np.array([37, 5, 1100], np.int32)
+    pt = np.full((3, maxp), 6, np.int32)  # page 6: scratch
+    pt[0, :3], pt[1, 0], pt[2] = [2, 0, 5], 1, np.arange(7, 7 + maxp)
+    qkv = rng.standard_normal((3, H + 2 * KV, D)).astype(np.float16)
     freq = rope_inv_freq(D, 10000.0, None)
     pages = rng.standard_normal((L, P, 2, KV, 16, D)).astype(np.float16)
     (tmp_path / "in.bin").write_bytes(qkv.tobytes() + freq.tobytes() + pt.tobytes() + pos0.tobytes() + pages.tobytes())
     outs = {}
     for fused in (0, 1):
-        subprocess.run(["./emu", "2", str(maxp), str(P), str(layer), "in.bin", f"out{fused}.bin", str(fused)],
+        subprocess.run(["./emu", "3", str(maxp), str(P), str(layer), "in.bin", f"out{fused}.bin", str(fused)],
                        cwd=tmp_path, check=True)
         raw = (tmp_path / f"out{fused}.bin").read_bytes()
-        out = np.frombuffer(raw[:2 * H * D * 2], np.float16).reshape(2, H, D)
-        outs[fused] = (out, np.frombuffer(raw[2 * H * D * 2:], np.float16).reshape(pages.shape))
+        out = np.frombuffer(raw[:3 * H * D * 2], np.float16).reshape(3, H, D)
+        outs[fused] = (out, np.frombuffer(raw[3 * H * D * 2:], np.float16).reshape(pages.shape))
     assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
     out, new_pages = outs[1]
 
@@ -401,7 +403,7 @@ def test_decode_attention_kernels_on_the_host(tmp_path):
         return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
 
     expect_pages = pages.copy()
-    for r in range(2):
+    for r in range(3):
         p = int(pos0[r])
         page, slot = pt[r, p // 16], p % 16
         expect_pages[layer, page, 0, :, slot] = rope(qkv[r, H:H + KV], p)

@@ -140,11 +140,9 @@ def paged_attn_partial_func(heads: int, kv_heads: int, head_dim: int, layers: in
             T.launch_thread("blockIdx.y", splits)
             T.launch_thread("threadIdx.x", THREADS)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
-            # keys per split: the context split in `splits` parts, rounded up to whole 32-key tiles
-            chunk = T.meta_var(T.Cast("int32", (maxp * PAGE + splits * 32 - 1) // (splits * 32) * 32))
             T.evaluate(T.cuda.func_call(
                 f"edgellm_paged_attn_partial<{D}, {G}>", q.data, pages.data, pt.data, pos0.data, o.data, ml.data,
-                T.Cast("int32", n // b), 1 if causal else 0, T.Cast("int32", maxp), P, layer, KV, chunk, splits,
+                T.Cast("int32", n // b), 1 if causal else 0, T.Cast("int32", maxp), P, layer, KV, splits,
                 T.float32(scale_log2), sm.data, source_code=_SRC))
 
     return paged_attn_partial.with_attr("edgellm.kernel", f"owned_paged_attn_{'decode' if causal else 'history'}")
@@ -180,10 +178,9 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
             T.launch_thread("blockIdx.y", splits)
             T.launch_thread("threadIdx.x", THREADS)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
-            chunk = T.meta_var(T.Cast("int32", (maxp * PAGE + splits * 32 - 1) // (splits * 32) * 32))
             T.evaluate(T.cuda.func_call(
                 f"edgellm_decode_attn<{D}, {G}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data,
-                ml.data, T.Cast("int32", maxp), P, layer, KV, chunk, splits, T.float32(scale_log2), sm.data,
+                ml.data, T.Cast("int32", maxp), P, layer, KV, splits, T.float32(scale_log2), sm.data,
                 source_code=_SRC))
 
     return decode_attn.with_attr("edgellm.kernel", "owned_decode_attn")
@@ -293,29 +290,6 @@ class OwnedKVCache:
                 self.k["decode" if self.decode else "history"], "paged_attn",
                 [q, self.pages, self.page_table, self.pos0, layer],
                 [ph((n, H, splits, D), "float32"), ph((n, H, splits, 2), "float32")])
-        if self.decode:
-            out = nn.op.tensor_ir_op(self.k["merge"], "paged_attn_merge", [o_part, ml], ph((n, H, D), self.dtype))
-        else:
-            def indptr(x):
-                return compiler().te.compute((2,), lambda i: (i * x.shape[0]).astype("int32"), name="indptr")
-
-            ptr = nn.op.tensor_expr_op(indptr, "chunk_indptr", [q])
-            o1, lse1 = nn.op.tensor_ir_op(self.k["ragged"], "attn_chunk", [q, ptr, k, v],
-                                          [ph((n, H, D), self.dtype), ph((n, H), "float32")])
-            out = nn.op.tensor_ir_op(self.k["merge_lse"], "paged_attn_merge", [o_part, ml, o1, lse1],
-                                     ph((n, H, D), self.dtype))
-        return out.reshape(b, s, H, D)
-        pages, q, k, v = nn.op.tensor_ir_inplace_op(
-            self.k["append"], "kv_append",
-            [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer], [4, -1, -1, -1],
-            [ph(self.pages.shape, self.dtype), ph((n, H, D), self.dtype), ph((n, KV, D), self.dtype),
-             ph((n, KV, D), self.dtype)])
-        self.pages = pages
-        splits = SPLITS_DECODE if self.decode else SPLITS_PREFILL
-        o_part, ml = nn.op.tensor_ir_op(
-            self.k["decode" if self.decode else "history"], "paged_attn",
-            [q, pages, self.page_table, self.pos0, layer],
-            [ph((n, H, splits, D), "float32"), ph((n, H, splits, 2), "float32")])
         if self.decode:
             out = nn.op.tensor_ir_op(self.k["merge"], "paged_attn_merge", [o_part, ml], ph((n, H, D), self.dtype))
         else:

@@ -48,10 +48,19 @@ __device__ __forceinline__ void edgellm_kv_append(
   }
 }
 
+// Keys per split: the live context kv_len cut in `splits` parts, rounded up to whole 32-key tiles (at least one
+// tile). It follows the context, not the page table's capacity: a decode step at context 130 runs 5 one-tile splits
+// per kv head (with the capacity's chunk, a 4096-token table gave 128-key splits, 2 blocks per kv head working 4
+// tiles each in series); a replayed CUDA graph reads pos0 on the device, so the split adapts without a re-capture.
+__device__ __forceinline__ int edgellm_split_chunk(int kv_len, int splits) {
+  const int tiles = (kv_len + splits * 32 - 1) / (splits * 32);
+  return (tiles > 0 ? tiles : 1) * 32;
+}
+
 // Attention of query token i (heads of kv head blockIdx.x % KV) over keys [split * chunk, min(kv_len, ...)) of its
 // row's pages, kv_len = pos0[row] + (causal ? i % per_row + 1 : 0): unnormalized output o_part [n, H, splits, D]
 // and (max, sum) ml [n, H, splits, 2], scores in the log2 domain. 128 threads; tiles of 32 keys (two pages);
-// `chunk` is a multiple of 32. smem: G * D + G * 32 + 3 * G floats.
+// each split covers edgellm_split_chunk(kv_len, splits) keys. smem: G * D + G * 32 + 3 * G floats.
 // The split [begin, end) of one block (token i, kv head kvh) over its row's pages, q already in smem (sq: q * scale
 // * log2(e), [G][D]): 32-key tiles with an online softmax, then (o, m, l) of the split written at e0 (head g at
 // e0 + g * splits). paged_attn_partial and decode_attn share it, so their splits are the same arithmetic.
@@ -175,10 +184,10 @@ template <int D, int G>
 __device__ __forceinline__ void edgellm_paged_attn_partial(
     const half* __restrict__ q, const half* __restrict__ pages, const int* __restrict__ page_table,
     const int* __restrict__ pos0, float* __restrict__ o_part, float* __restrict__ ml, int per_row, int causal,
-    int maxp, long long P, int layer, int KV, int chunk, int splits, float scale_log2, float* smem) {
+    int maxp, long long P, int layer, int KV, int splits, float scale_log2, float* smem) {
   const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
   const int H = G * KV, row = i / per_row;
-  const int kv_len = pos0[row] + (causal ? i % per_row + 1 : 0);
+  const int kv_len = pos0[row] + (causal ? i % per_row + 1 : 0), chunk = edgellm_split_chunk(kv_len, splits);
   const int begin = split * chunk, end = min(kv_len, begin + chunk);
   const long long e0 = ((long long)i * H + kvh * G) * splits + split;  // (i, head kvh*G + g, split) = e0 + g*splits
   if (begin >= end) {
@@ -255,10 +264,10 @@ template <int D, int G>
 __device__ __forceinline__ void edgellm_decode_attn(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
-    int maxp, long long P, int layer, int KV, int chunk, int splits, float scale_log2, float* smem) {
+    int maxp, long long P, int layer, int KV, int splits, float scale_log2, float* smem) {
   constexpr int HALF = D / 2;
   const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
-  const int H = G * KV, row = i, pos = pos0[row], kv_len = pos + 1;
+  const int H = G * KV, row = i, pos = pos0[row], kv_len = pos + 1, chunk = edgellm_split_chunk(kv_len, splits);
   const int active = (kv_len + chunk - 1) / chunk;
   const int begin = split * chunk, end = min(kv_len, begin + chunk);
   const long long e0 = ((long long)i * H + kvh * G) * splits + split;
