@@ -160,6 +160,45 @@ def test_elementwise_with_scalars(webgpu_dev, c, tmp_path, n):
     np.testing.assert_allclose(b.numpy(), x * np.float32(2.5) + 1, rtol=1e-6, atol=1e-6)
 
 
+def test_submit_batches_grow_after_a_wait(webgpu_dev, c, tmp_path):
+    """After the host waits for the queue the first submit comes after `flush_first` dispatches, then batches double
+    up to the flush interval (the GPU starts early in a decode step); spinning or blocking waits, same results."""
+    from edgellm import _tvm
+    from edgellm._tvm import runtime
+
+    g = _tvm.get_global_func
+    stats = g("edgellm.webgpu.stats")
+    lib = build_primfunc(c, scale_add_func(c), tmp_path=tmp_path)
+    x = np.arange(64, dtype="float32")
+    bufs = [runtime.tensor(x, device=webgpu_dev), runtime.empty((64,), "float32", webgpu_dev)]
+
+    def chain(n: int) -> tuple[np.ndarray, dict]:
+        stats(0, 1)
+        for i in range(n):  # y <- y * 0.5 + 1, ping-ponging between the two buffers
+            lib["main"](bufs[i % 2], bufs[1 - i % 2], 64, 0.5)
+        out = bufs[n % 2].numpy()
+        return out, json.loads(str(stats(0, 1)))
+
+    ref, before = x.copy(), json.loads(str(stats(0, 0)))
+    try:
+        g("edgellm.webgpu.set_flush_every")(0, 16)
+        g("edgellm.webgpu.set_flush_first")(0, 2)
+        for spin in (1, 0):
+            g("edgellm.webgpu.set_spin_wait")(0, spin)
+            for _ in range(2):  # the second chain starts small again: the read waited for the queue
+                out, s = chain(40)
+                for _ in range(40):
+                    ref = ref * np.float32(0.5) + np.float32(1)
+                np.testing.assert_array_equal(out, ref)
+                # batches of 2, 4, 8, 16 dispatches, then the last 10 with the read's copy
+                assert (s["dispatches"], s["submits"], s["reads"]) == (40, 5, 1)
+                assert s["flush_first"] == 2 and s["spin_wait"] == bool(spin)
+    finally:
+        g("edgellm.webgpu.set_flush_every")(0, before["flush_every"])
+        g("edgellm.webgpu.set_flush_first")(0, before["flush_first"])
+        g("edgellm.webgpu.set_spin_wait")(0, int(before["spin_wait"]))
+
+
 def test_grid_folding_runs_each_block_once(webgpu_dev, c, tmp_path):
     """A grid past the per-dimension limit is folded into z; the padding block must not run."""
     from edgellm._tvm import runtime

@@ -28,6 +28,10 @@ constexpr size_t kMaxBindGroups = 8192;  // cached bind groups before the cache 
 // Dispatches recorded before a submit, so the GPU runs while the host records the rest of a step (the VM issues a
 // decode step's few hundred dispatches and then reads): EDGELLM_WEBGPU_FLUSH overrides, 0 = only when needed.
 constexpr size_t kFlushEvery = 64;
+// The first batch after the host waited for the queue (the GPU is idle then, e.g. at the start of a decode step):
+// submitted after this many dispatches, each next batch twice the last up to kFlushEvery. EDGELLM_WEBGPU_FLUSH_FIRST
+// overrides (0 = every batch kFlushEvery).
+constexpr size_t kFlushFirst = 0;
 
 uint64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -269,6 +273,9 @@ Context::Context(int device_id) : device_id_(device_id) {
   ud.size = uniform_host_.size();
   uniform_ = wgpuDeviceCreateBuffer(device_, &ud);
   flush_every_ = std::min(EnvSize("EDGELLM_WEBGPU_FLUSH", kFlushEvery), kUniformSlots);
+  flush_first_ = EnvSize("EDGELLM_WEBGPU_FLUSH_FIRST", kFlushFirst);
+  spin_wait_ = EnvSize("EDGELLM_WEBGPU_SPIN", 0) != 0;
+  ResetBatch();
   if (EnvSize("EDGELLM_WEBGPU_PROFILE", 0)) SetProfile(true);
 }
 
@@ -299,6 +306,35 @@ void Context::SetProfile(bool on) {
 void Context::SetFlushEvery(size_t n) {
   std::lock_guard<std::mutex> lock(mu_);
   flush_every_ = std::min(n, kUniformSlots);
+  ResetBatch();
+}
+
+void Context::SetFlushFirst(size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  flush_first_ = n;
+  ResetBatch();
+}
+
+void Context::SetSpinWait(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  spin_wait_ = on;
+}
+
+void Context::WaitQueue(const bool* done) {
+  if (done == nullptr) {  // until every submitted command buffer has finished
+    if (spin_wait_) {
+      while (!wgpuDevicePoll(device_, false, nullptr) && errors_.empty()) {
+      }
+    } else {
+      wgpuDevicePoll(device_, true, nullptr);
+    }
+  } else {
+    while (!*done && errors_.empty()) {
+      wgpuDevicePoll(device_, !spin_wait_, nullptr);
+      wgpuInstanceProcessEvents(instance_);
+    }
+  }
+  ResetBatch();  // the GPU is idle now: start the next batch small
 }
 
 std::string Context::StatsJSON(bool reset) {
@@ -310,6 +346,7 @@ std::string Context::StatsJSON(bool reset) {
      << ", \"bind_group_hits\": " << s.bind_group_hits << ", \"reads\": " << s.reads << ", \"writes\": " << s.writes
      << ", \"device_copies\": " << s.device_copies << ", \"syncs\": " << s.syncs << ", \"record_ns\": " << s.record_ns
      << ", \"submit_ns\": " << s.submit_ns << ", \"wait_ns\": " << s.wait_ns << ", \"flush_every\": " << flush_every_
+     << ", \"flush_first\": " << flush_first_ << ", \"spin_wait\": " << (spin_wait_ ? "true" : "false")
      << ", \"profile\": " << (profile_ ? "true" : "false") << ", \"kernels\": {";
   bool first = true;
   for (const auto& kv : s.kernels) {
@@ -441,10 +478,7 @@ void Context::Flush() {
     MapRequest req;
     wgpuBufferMapAsync(query_read_, WGPUMapMode_Read, 0, 16 * timed,
                        ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &req));
-    while (!req.done && errors_.empty()) {
-      wgpuDevicePoll(device_, true, nullptr);
-      wgpuInstanceProcessEvents(instance_);
-    }
+    WaitQueue(&req.done);
     RaiseErrors("profile read");
     const uint64_t* t = static_cast<const uint64_t*>(wgpuBufferGetConstMappedRange(query_read_, 0, 16 * timed));
     double period = wgpuQueueGetTimestampPeriod(queue_);
@@ -463,7 +497,7 @@ void Context::Sync() {
   Flush();
   ++stats_.syncs;
   Timer timer(&stats_.wait_ns);
-  wgpuDevicePoll(device_, true, nullptr);
+  WaitQueue(nullptr);
   RaiseErrors("sync");
 }
 
@@ -518,11 +552,7 @@ void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) 
   MapRequest req;
   wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, RoundUp(nbytes, 4),
                      ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &req));
-  while (!req.done) {
-    wgpuDevicePoll(device_, true, nullptr);
-    wgpuInstanceProcessEvents(instance_);
-    if (!errors_.empty()) break;
-  }
+  WaitQueue(&req.done);
   RaiseErrors("device-to-host copy");
   if (req.status != WGPUMapAsyncStatus_Success) {
     TVM_FFI_THROW(RuntimeError) << "webgpu device-to-host copy failed on " << facts_.name << ": " << req.message;
@@ -561,7 +591,19 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
                        size_t n_buffers, const uint32_t* pod_words, size_t n_words, uint32_t gx, uint32_t gy,
                        uint32_t gz, const std::string* label) {
   std::lock_guard<std::mutex> lock(mu_);
-  Timer timer(&stats_.record_ns);
+  {
+    Timer timer(&stats_.record_ns);  // the submits below count in submit_ns only
+    Record(pipeline, layout, buffers, n_buffers, pod_words, n_words, gx, gy, gz, label);
+  }
+  if (flush_every_ && recorded_ >= batch_limit_) {
+    Flush();
+    batch_limit_ = std::min(2 * batch_limit_, flush_every_);
+  }
+}
+
+void Context::Record(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout, Buffer* const* buffers,
+                     size_t n_buffers, const uint32_t* pod_words, size_t n_words, uint32_t gx, uint32_t gy,
+                     uint32_t gz, const std::string* label) {
   size_t pod_bytes = RoundUp(n_words * 4, 16);
   if (pod_bytes > uniform_slot_) {
     TVM_FFI_THROW(RuntimeError) << "webgpu kernel has " << n_words << " scalar arguments, more than "
@@ -624,7 +666,6 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
     EndPass();
   }
   RaiseErrors("kernel launch");
-  if (flush_every_ && recorded_ >= flush_every_) Flush();
 }
 
 void Context::DropBindGroups(WGPUBuffer buffer) {

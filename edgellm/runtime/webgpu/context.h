@@ -15,6 +15,7 @@
 #include <wgpu.h>
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -91,6 +92,11 @@ class Context {
   void SetProfile(bool on);
   // Dispatches recorded before a submit (0: submit only when the host needs the queue).
   void SetFlushEvery(size_t n);
+  // After the host has waited for the queue (a read, Sync), the GPU is idle: the first submit then comes after
+  // `n` dispatches and each next batch is twice the last, up to the flush interval (0: every batch is that one).
+  void SetFlushFirst(size_t n);
+  // Wait for the queue by polling without blocking (a spinning host thread) instead of blocking in the driver.
+  void SetSpinWait(bool on);
 
   // Validation errors reported by wgpu since the last call (throws them as one RuntimeError).
   void RaiseErrors(const char* what);
@@ -102,9 +108,15 @@ class Context {
  private:
   explicit Context(int device_id);
   void Flush();  // submit the pending encoder (caller holds mu_)
+  void Record(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout, Buffer* const* buffers, size_t n_buffers,
+              const uint32_t* pod_words, size_t n_words, uint32_t gx, uint32_t gy, uint32_t gz,
+              const std::string* label);  // Dispatch's recording (caller holds mu_)
   WGPUCommandEncoder Encoder();  // the pending encoder, with no compute pass open
   WGPUComputePassEncoder Pass();  // the open compute pass of the pending encoder
   void EndPass();
+  // Polls until `done` is set (nullptr: until the queue is empty), blocking in the driver or spinning.
+  void WaitQueue(const bool* done);
+  void ResetBatch() { batch_limit_ = flush_first_ ? std::min(flush_first_, flush_every_) : flush_every_; }
   void DropBindGroups(WGPUBuffer buffer);
   void ClearBindGroups();
   void ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes);
@@ -130,6 +142,9 @@ class Context {
   std::vector<uintptr_t> key_;  // scratch key of the dispatch being recorded (no allocation per dispatch)
   size_t recorded_ = 0;  // dispatches in the pending encoder
   size_t flush_every_ = 0;  // submit after this many dispatches so the GPU starts while the host records (0: never)
+  size_t flush_first_ = 0;  // the first batch after a wait (0: flush_every_); batches double from there
+  size_t batch_limit_ = 0;  // dispatches of the batch being recorded before its submit
+  bool spin_wait_ = false;
   Stats stats_;
   bool profile_ = false;
   WGPUQuerySet queries_ = nullptr;

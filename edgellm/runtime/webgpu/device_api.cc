@@ -163,7 +163,10 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       })
       .def("edgellm.webgpu.set_profile", [](int device_id, int on) { Context::Get(device_id)->SetProfile(on != 0); })
       .def("edgellm.webgpu.set_flush_every",
-           [](int device_id, int n) { Context::Get(device_id)->SetFlushEvery(n < 0 ? 0 : static_cast<size_t>(n)); });
+           [](int device_id, int n) { Context::Get(device_id)->SetFlushEvery(n < 0 ? 0 : static_cast<size_t>(n)); })
+      .def("edgellm.webgpu.set_flush_first",
+           [](int device_id, int n) { Context::Get(device_id)->SetFlushFirst(n < 0 ? 0 : static_cast<size_t>(n)); })
+      .def("edgellm.webgpu.set_spin_wait", [](int device_id, int on) { Context::Get(device_id)->SetSpinWait(on != 0); });
 }
 
 }  // namespace webgpu

@@ -1,0 +1,203 @@
+"""When the plugin submits, and the dp4a GEMV's configs, in the decode of each shape beside CUDA (issue 15), one call.
+
+  python bench/vulkan_submit.py prepare [BUNDLE]   # here: BUNDLE/src = `git archive HEAD`, BUNDLE/art = the
+                                                   # SmolLM2 / 1B / 8B shapes q4f16_1 (shapes only) for cuda-sm90,
+                                                   # vulkan (h2) and vulkan dp4a (+ the 8B's dp4a built with
+                                                   # h2_config's warps/rows everywhere: "dp4a-h2cfg"), packed into
+                                                   # BUNDLE/art.tar.xz; BUNDLE/site from .device-vkdp/site
+  python bench/vulkan_submit.py run [BUNDLE]       # there (bench/vulkan_device.sh's environment): $OUT/submit.json
+
+Per shape (the 8B first), with the same random weights on every path: CUDA tg128; each Vulkan build's logits of a
+40-token prefill and 15 decodes against CUDA's; then tg128 under each submit policy (POLICIES: the flush interval,
+the first batch after a wait, spinning waits), each with the plugin's counters per token; one profiled pass per
+Vulkan build (GPU time per kernel).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
+SHAPES = ("llama-3-8b", "llama-3.2-1b", "smollm2-135m")
+# (label, flush_every, flush_first, spin): the first is the plugin's old behaviour
+POLICIES = [("f64", 64, 0, 0), ("f64-first4", 64, 4, 0), ("f64-first8", 64, 8, 0), ("f64-first16", 64, 16, 0),
+            ("f64-spin", 64, 0, 1), ("f64-first4-spin", 64, 4, 1), ("f128-first4-spin", 128, 4, 1),
+            ("f32-first4-spin", 32, 4, 1)]
+PROMPT = list(range(1, 41))
+
+
+def _h2cfg_dp4a():
+    """Context: webgpu_linear.dp4a_config replaced by h2_config (the first dp4a kernel's configs, run 8 call 2)."""
+    from contextlib import contextmanager
+
+    from edgellm.kernels import webgpu_linear as wl
+
+    @contextmanager
+    def ctx():
+        saved = wl.dp4a_config
+        wl.dp4a_config = lambda in_f, out_f, silu=False: wl.h2_config(in_f, out_f, silu)
+        try:
+            yield
+        finally:
+            wl.dp4a_config = saved
+
+    return ctx()
+
+
+def prepare(bundle: Path) -> None:
+    bundle = bundle.resolve()
+    if not (bundle / "site").exists():
+        bundle.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-al", str(REPO / ".device-vkdp/site"), str(bundle / "site")], check=True)
+    src = bundle / "src"
+    if not src.exists():
+        src.mkdir()
+        tar = subprocess.run(["git", "archive", "HEAD", "edgellm", "bench", "tests/tiny_models.py", "pyproject.toml"],
+                             cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+    # build from the archived tree (no one's uncommitted work)
+    subprocess.run([sys.executable, str(src / "bench/vulkan_submit.py"), "_build", str(bundle)], cwd=src,
+                   env={**os.environ, "PYTHONPATH": str(src)}, check=True)
+    subprocess.run(["tar", "-cJf", str(bundle / "art.tar.xz"), "-C", str(bundle), "art"], check=True)
+    print(subprocess.run(["du", "-sh", str(bundle / "art.tar.xz"), str(bundle / "site"), str(src)],
+                         capture_output=True, text=True).stdout)
+
+
+def _build(bundle: Path) -> None:
+    import gpu_prepare
+
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+    from edgellm.kernels import KernelOptions
+
+    gpu_prepare.OUT = bundle
+    art = bundle / "art"
+    art.mkdir(exist_ok=True)
+    for name in SHAPES:
+        for label, preset, opts in [("cuda", "cuda-sm90", {}), ("vulkan", "vulkan", {}),
+                                    ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"}),
+                                    ("vulkan-dp4a-h2cfg", "vulkan", {"webgpu_gemv": "dp4a"})]:
+            if label == "vulkan-dp4a-h2cfg" and name != "llama-3-8b":
+                continue
+            out = art / f"{name}-{label}"
+            if out.exists():
+                continue
+            t = time.time()
+            args = CompileArgs(model=str(gpu_prepare.shape_folder(name)), output=out, target=preset, quant="q4f16_1",
+                               runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
+                               kernel_options=KernelOptions(**opts))
+            if label.endswith("h2cfg"):
+                with _h2cfg_dp4a():
+                    compile_model(args)
+            else:
+                compile_model(args)
+            print(f"{name} {label}: {time.time() - t:.0f}s", flush=True)
+
+
+results: dict = {"adapter": None, "bench": [], "checks": {}, "counters": {}, "profiles": {}, "errors": []}
+
+
+def _steps(eng, toks):
+    with eng.sequence() as seq:
+        return np.stack([seq.prefill(PROMPT)] + [seq.decode(t) for t in toks])
+
+
+def _tg(eng, reps: int, dev: str):
+    from edgellm.device_runners.bench import run_bench
+
+    return run_bench(eng, 0, 128, reps=reps, warmup=1, device_name=dev)[0]
+
+
+def run(bundle: Path, shapes, reps: int) -> None:
+    from edgellm import _tvm
+    from edgellm.device_runners.engine import Engine
+    from edgellm.runtime.webgpu_plugin import adapters, load_plugin
+    from vulkan_host_cost import measure
+
+    out = Path(os.environ.get("OUT", ".")) / "submit.json"
+    t0 = time.time()
+    load_plugin()
+    results["adapter"] = adapters()[0]
+    g = _tvm.get_global_func
+    art = bundle / "art"
+    for name in shapes:
+        ref, toks = None, None
+        labels = sorted(p.name[len(name) + 1:] for p in art.glob(f"{name}-*"))
+        labels.remove("cuda")
+        for label in ["cuda"] + labels:
+            try:
+                eng = Engine(art / f"{name}-{label}", verify=False, random_weights=0)
+                if toks is None:
+                    with eng.sequence() as s:
+                        toks = [int(np.argmax(s.prefill(PROMPT)))]
+                        for _ in range(14):
+                            toks.append(int(np.argmax(s.decode(toks[-1]))))
+                logits = _steps(eng, toks)
+                if label == "cuda":
+                    ref = logits
+                    r = _tg(eng, reps, "cuda")
+                    results["bench"].append({"model": name, "path": "cuda", "policy": "", "tg128": r.avg_ts,
+                                             "samples": r.samples_ts, "git_sha": r.git_sha})
+                    print(f"{name:14s} cuda {r.avg_ts:8.1f} tok/s", flush=True)
+                else:
+                    rel = float(np.abs(logits - ref).max() / np.abs(ref).max())
+                    top1 = float(np.mean(np.argmax(logits, -1) == np.argmax(ref, -1)))
+                    results["checks"][f"{name} {label}"] = {"rel_err": rel, "top1": top1,
+                                                            "finite": bool(np.isfinite(logits).all())}
+                    print(f"{name} {label} vs cuda: rel {rel:.2e} top1 {top1}", flush=True)
+                    for pol, every, first, spin in POLICIES:
+                        if name != "llama-3-8b" and pol not in ("f64", "f64-first4", "f64-first4-spin",
+                                                                "f64-first8"):
+                            continue
+                        g("edgellm.webgpu.set_flush_every")(0, every)
+                        g("edgellm.webgpu.set_flush_first")(0, first)
+                        g("edgellm.webgpu.set_spin_wait")(0, spin)
+                        r = _tg(eng, reps, eng.device_info.describe())
+                        c = measure(eng, 32, False)
+                        results["bench"].append({"model": name, "path": label, "policy": pol, "tg128": r.avg_ts,
+                                                 "samples": r.samples_ts, "git_sha": r.git_sha})
+                        results["counters"][f"{name} {label} {pol}"] = c
+                        us = c["us_per_token"]
+                        print(f"{name:14s} {label:18s} {pol:17s} {r.avg_ts:8.1f} tok/s  wall {us['wall']:.0f} "
+                              f"wait {us['wait_ns']:.0f} rec {us['record_ns']:.0f} sub {us['submit_ns']:.0f} us/tok "
+                              f"submits {c['per_token']['submits']:.1f}", flush=True)
+                    g("edgellm.webgpu.set_flush_every")(0, 64)
+                    g("edgellm.webgpu.set_flush_first")(0, 4)
+                    g("edgellm.webgpu.set_spin_wait")(0, 0)
+                    if name == "llama-3-8b":
+                        p = measure(eng, 16, True)
+                        results["profiles"][f"{name} {label}"] = p
+                        print(f"  profiled {p['gpu_us_per_token']:.0f} us/token", flush=True)
+                        for k, v in list(p["kernels"].items())[:10]:
+                            print(f"   {v['us_per_token']:8.1f} us/token {v['per_token']:5.1f}x {k}", flush=True)
+                del eng
+                gc.collect()
+            except Exception:
+                results["errors"].append(f"{name} {label}: " + traceback.format_exc()[-2000:])
+                print(results["errors"][-1], flush=True)
+            out.write_text(json.dumps(results, indent=1))
+    results["seconds"] = time.time() - t0
+    out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "run"
+    b = Path(sys.argv[2] if len(sys.argv) > 2 else ".device-vk2")
+    shapes = tuple(os.environ["SHAPES"].split(",")) if os.environ.get("SHAPES") else SHAPES
+    if cmd == "prepare":
+        prepare(b)
+    elif cmd == "_build":
+        _build(b)
+    elif cmd == "run":
+        run(b.resolve(), shapes, int(os.environ.get("REPS", "2")))
