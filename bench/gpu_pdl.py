@@ -45,29 +45,33 @@ VARIANTS = {
     "owned": {"cuda_pdl": "on", "cuda_kv": "owned"},  # edgellm's KV cache: one CUDA graph per decode step
     "owned-split": {"cuda_pdl": "on", "cuda_kv": "owned"},  # same, decode attention in three kernels (before)
     "all": {"cuda_pdl": "on", "cuda_fuse": "all"},  # the residual add in o / down too: fewer kernels
+    # the owned cache with TVM's per-weight graph arguments (compile/pipeline.py WHOLE_PARAMS = False): the host
+    # unpacks every weight and builds the graph's argument tuple before each replay
+    "owned-unpacked": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
 MODE = {"owned-split": "split"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-wf": False}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
-OWNED = ("owned", "owned-split")
+WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
+OWNED = ("owned", "owned-split", "owned-unpacked")
 EXACT = {("off", "on"), ("off", "on-wf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
-SHAPE_VARIANTS = {"smollm2-135m": ("off", "on", "owned"), "llama-3.2-1b": ("off", "on", "owned"),
-                  "llama-3-8b": ("off", "on", "on-wf", "owned")}
+SHAPE_VARIANTS = {shape: ("on", "owned", "owned-unpacked") for shape in SHAPE_NAMES}
 TINY_VARIANTS = ("off", "on", "owned")
 
 
 def _compile(args_kw: dict, variant: str) -> None:
-    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.compile import CompileArgs, compile_model, pipeline
     from edgellm.kernels import KernelOptions, cuda_pdl, owned_kv
 
-    saved = owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM
+    saved = owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
+    pipeline.WHOLE_PARAMS = WHOLE.get(variant, saved[3])
     try:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**VARIANTS[variant])))
     finally:
-        owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM = saved
+        owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:

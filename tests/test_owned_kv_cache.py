@@ -145,7 +145,8 @@ def test_owned_option_refused_where_it_cannot_apply(checkpoints, tmp_path):
 def test_cuda_decode_is_one_graph(tmp_path):
     """A head_dim-64 tiny Llama with the owned cache: decode's body is one `run_or_capture` whose capture function
     holds every kernel of the step (embedding, per layer norm / qkv / attention (with RoPE, append and merge) / o /
-    norm / MLP, the head); outside it only the float32 cast of the logits runs. batch_decode and prefill take the same tensors."""
+    norm / MLP, the head); outside it only the float32 cast of the logits runs, and the graph gets the packed parameters
+    whole. batch_decode and prefill take the same tensors."""
     import json
     import sys
     from pathlib import Path
@@ -175,9 +176,14 @@ def test_cuda_decode_is_one_graph(tmp_path):
     funcs = dict(re.findall(r"\n    def (\w+)\((.*?)\n(?=    @|\Z)", text, re.S))
     decode = funcs["decode"]
     assert decode.count("vm.builtin.cuda_graph.run_or_capture") == 1
+    # the graph's arguments: the packed parameters whole (pipeline._whole_params_to_graphs), so a replay builds a
+    # short tuple and unpacks no weight; the capture function unpacks them, once
+    assert re.search(r"run_or_capture\", \(cls\.decode_cuda_graph_capture, \(packed_params, ", decode), decode
+    assert "packed_params[" not in decode
     outside = re.findall(r"cls\.(\w+)\(", decode)
     assert outside == ["fused_reshape25_cast1"] or (len(outside) == 1 and "cast" in outside[0]), outside
     capture = funcs["decode_cuda_graph_capture"]
+    assert capture.startswith("packed_params: R.Tuple(") and capture.count("= packed_params[") == 25
     inside = re.findall(r"cls\.(\w+)\(", capture)
     # decode attention per layer (owned_kv.DECODE_ATTN): "fused" (the default) RoPE + append + split-K attention in
     # one kernel, then the merge; "split" kv_append + paged attention + merge (what prefill keeps)

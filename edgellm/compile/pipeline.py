@@ -50,6 +50,105 @@ def _sink_param_unpacking():
     return _pass
 
 
+RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
+WHOLE_PARAMS = True  # _whole_params_to_graphs in the finalize phase (False: TVM's per-weight arguments, for A/B)
+
+
+def _whole_params_to_graphs():
+    """Module pass: a CUDA graph's capture function takes the packed parameter tuple whole instead of one argument
+    per weight.
+
+    RewriteCUDAGraph hands each captured region its inputs as one tuple, `run_or_capture(capture_fn, (ids, w0, w1,
+    ..., storages, cache...), index, shape)`, built by the VM at every call; the weights among them are unpacked
+    from the packed parameters one VM instruction each. Replay needs none of it (TVM's RunOrCapture launches the
+    cached graph and reads its arguments only at capture). With the whole step in one graph (the owned KV cache),
+    the host unpacked 291 weights and built a 300-element tuple before the first kernel of Llama-3-8B's decode
+    could launch: the GPU sat idle 130-430 us a token (CUPTI timelines, docs/benchmarks/h200-pdl.md). Rewritten, the
+    call passes `packed_params` itself and the capture function unpacks the weights it uses in a prologue (run once,
+    at capture); the caller's unpackings that nothing else uses are dropped. Runs after RewriteCUDAGraph."""
+    c = compiler()
+    rx = c.relax
+
+    def is_run_or_capture(value) -> bool:
+        return isinstance(value, rx.Call) and len(value.args) == 2 and isinstance(value.args[0], rx.ExternFunc) \
+            and value.args[0].global_symbol == RUN_OR_CAPTURE and isinstance(value.args[1], rx.Tuple)
+
+    def sites(mod):
+        found: dict = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, rx.Function) and isinstance(func.body, rx.SeqExpr):
+                for block in func.body.blocks:
+                    for b in block.bindings:
+                        if isinstance(b, rx.VarBinding) and is_run_or_capture(b.value):
+                            found.setdefault(b.value.args[1].fields[0], []).append(gv)
+        return found
+
+    def rewrite_capture(cap, moved: list[tuple[int, object, int]], wholes: list) -> object:
+        """cap's parameters at the moved positions become prologue bindings from the whole tuples' new params."""
+        new_whole = {w: rx.Var(w.name, w.ty) for w in wholes}
+        pos = {k for k, _, _ in moved}
+        prologue = [rx.VarBinding(cap.params[k], rx.TupleGetItem(new_whole[w], i)) for k, w, i in moved]
+        params = [new_whole[w] for w in wholes] + [p for k, p in enumerate(cap.params) if k not in pos]
+        body = rx.SeqExpr([rx.BindingBlock(prologue), *cap.body.blocks], cap.body.body)
+        return rx.Function(params, body, cap.ret_ty, cap.is_pure, cap.attrs, cap.span)
+
+    def rewrite_caller(func, mod, single: set):
+        params = set(func.params)
+        unpacked = {}  # var -> (param tuple, index)
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, rx.VarBinding) and isinstance(b.value, rx.TupleGetItem) \
+                        and b.value.tuple_value in params:
+                    unpacked[b.var] = (b.value.tuple_value, b.value.index)
+        new_caps, blocks, changed = {}, [], False
+        for block in func.body.blocks:
+            out = []
+            for b in block.bindings:
+                if isinstance(b, rx.VarBinding) and is_run_or_capture(b.value) \
+                        and b.value.args[1].fields[0] in single:
+                    cap_gv, args, *rest = b.value.args[1].fields
+                    moved = [(k, *unpacked[a]) for k, a in enumerate(args.fields) if a in unpacked]
+                    if moved and isinstance(args, rx.Tuple):
+                        wholes = list(dict.fromkeys(w for _, w, _ in moved))
+                        pos = {k for k, _, _ in moved}
+                        new_args = rx.Tuple(wholes + [a for k, a in enumerate(args.fields) if k not in pos])
+                        new_caps[cap_gv] = rewrite_capture(mod[cap_gv], moved, wholes)
+                        call = b.value
+                        b = rx.VarBinding(b.var, rx.Call(call.op, [call.args[0], rx.Tuple([cap_gv, new_args, *rest])],
+                                                         call.attrs, call.ty_args, call.span))
+                        changed = True
+                out.append(b)
+            blocks.append(out)
+        if not changed:
+            return None, {}
+        used = set(rx.analysis.free_vars(rx.SeqExpr([], func.body.body)))
+        for out in blocks:
+            for b in out:
+                if not (isinstance(b, rx.VarBinding) and b.var in unpacked):
+                    used.update(rx.analysis.free_vars(b.value))
+        kept = [type(block)([b for b in out if not (isinstance(b, rx.VarBinding) and b.var in unpacked
+                                                    and b.var not in used)])
+                for block, out in zip(func.body.blocks, blocks)]
+        new = rx.Function(func.params, rx.SeqExpr(kept, func.body.body), func.ret_ty, func.is_pure,
+                          func.attrs, func.span)
+        return new, new_caps
+
+    @c.tvm.transform.module_pass(opt_level=0, name="EdgellmWholeParamsToGraphs")
+    def _pass(mod, _ctx):
+        single = {cap for cap, callers in sites(mod).items() if len(callers) == 1}
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, rx.Function) or not isinstance(func.body, rx.SeqExpr):
+                continue
+            new, caps = rewrite_caller(func, mod, single)
+            if new is not None:
+                mod[gv] = new
+                for cap_gv, cap in caps.items():
+                    mod[cap_gv] = cap
+        return mod
+
+    return _pass
+
+
 def _collapse_reshapes():
     """Function pass: reshape(reshape(x, s1), s2) -> reshape(x, s2) and reshape(x, shape of x) -> x inside dataflow
     blocks, in one walk over the bindings. The result, after DeadCodeElimination, is exactly what TVM's
@@ -175,7 +274,7 @@ def phases(target) -> list[tuple[str, list]]:
         ("lower-dataflow", [rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(),
                             rt.CallTIRRewrite()]),
         ("finalize", [p for p in lib.finalize_passes(target) if p.info.name not in drop_finalize]
-                     + [_sink_param_unpacking()]),
+                     + ([_whole_params_to_graphs()] if WHOLE_PARAMS else []) + [_sink_param_unpacking()]),
     ]
 
 
