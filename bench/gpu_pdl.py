@@ -48,14 +48,19 @@ VARIANTS = {
     # the owned cache with TVM's per-weight graph arguments (compile/pipeline.py WHOLE_PARAMS = False): the host
     # unpacks every weight and builds the graph's argument tuple before each replay
     "owned-unpacked": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the owned cache's decode step as one CUDA graph (compile/pipeline.py GRAPH_PIECES = ()), and in pieces of 4,
+    # 16 and 64 kernels then the rest (the default: 8, 32, the rest)
+    "owned-1graph": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-4": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
 MODE = {"owned-split": "split"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-wf": False}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
-OWNED = ("owned", "owned-split", "owned-unpacked")
+PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
+OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4")
 EXACT = {("off", "on"), ("off", "on-wf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
-SHAPE_VARIANTS = {shape: ("on", "owned", "owned-unpacked") for shape in SHAPE_NAMES}
+SHAPE_VARIANTS = {shape: ("on", "owned", "owned-1graph", "owned-4") for shape in SHAPE_NAMES}
 TINY_VARIANTS = ("off", "on", "owned")
 
 
@@ -63,15 +68,18 @@ def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.compile import CompileArgs, compile_model, pipeline
     from edgellm.kernels import KernelOptions, cuda_pdl, owned_kv
 
-    saved = owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS
+    saved = (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
+             pipeline.GRAPH_PIECES)
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
     pipeline.WHOLE_PARAMS = WHOLE.get(variant, saved[3])
+    pipeline.GRAPH_PIECES = PIECES.get(variant, saved[4])
     try:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**VARIANTS[variant])))
     finally:
-        owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS = saved
+        (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
+         pipeline.GRAPH_PIECES) = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
@@ -174,8 +182,21 @@ def timeline(trace: Path, steps: int = 24, top: int = 14) -> dict:
             d["gap"] += (e["ts"] - prev_end) if prev_end is not None else 0.0
         prev_end = e["ts"] + e["dur"]
     rows = sorted(stats.items(), key=lambda kv: -kv[1]["dur"])[:top]
-    return {name: {"per_token": d["n"] / steps, "us_per_call": d["dur"] / d["n"], "gap_us": d["gap"] / d["n"],
-                   "us_per_token": d["dur"] / steps} for name, d in rows}
+    out = {name: {"per_token": d["n"] / steps, "us_per_call": d["dur"] / d["n"], "gap_us": d["gap"] / d["n"],
+                  "us_per_token": d["dur"] / steps} for name, d in rows}
+    # between steps: from the last kernel's end of one step to the first kernel of the next (host work: the token
+    # read back, the Engine's copies, the VM up to the first launch); a step starts with the trace's first kernel
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    if kernels:
+        first, idle, end = kernels[0]["name"], [], None
+        for e in kernels:
+            if e["name"] == first and end is not None:
+                idle.append(e["ts"] - end)
+            end = max(end or 0.0, e["ts"] + e["dur"])
+        if idle:
+            out["(between steps)"] = {"per_token": 1.0, "us_per_call": float(np.median(idle)), "gap_us": 0.0,
+                                      "us_per_token": float(np.median(idle))}
+    return out
 
 
 def bench_shape(dev: Path, shape: str, bw: float) -> None:

@@ -142,11 +142,13 @@ def test_owned_option_refused_where_it_cannot_apply(checkpoints, tmp_path):
 
 
 @needs_nvcc
-def test_cuda_decode_is_one_graph(tmp_path):
-    """A head_dim-64 tiny Llama with the owned cache: decode's body is one `run_or_capture` whose capture function
-    holds every kernel of the step (embedding, per layer norm / qkv / attention (with RoPE, append and merge) / o /
-    norm / MLP, the head); outside it only the float32 cast of the logits runs, and the graph gets the packed parameters
-    whole. batch_decode and prefill take the same tensors."""
+def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch):
+    """A head_dim-64 tiny Llama with the owned cache: every kernel of a decode step (embedding, per layer norm / qkv /
+    attention (with RoPE, append and merge) / o / norm / MLP, the head) is inside CUDA graphs; outside them only the
+    float32 cast of the logits runs. With the split lowered to this model's size (pieces of 2 and 4 kernels, then
+    the rest; a real model's first pieces are 8 and 32), the step is three graphs replayed in order, each given the
+    packed parameters whole (so a replay unpacks no weight) and the tensors an earlier piece wrote. batch_decode
+    and prefill take the same tensors."""
     import json
     import sys
     from pathlib import Path
@@ -155,10 +157,12 @@ def test_cuda_decode_is_one_graph(tmp_path):
     import tiny_models
     from tiny_models import make_checkpoint
 
-    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.compile import CompileArgs, compile_model, pipeline
     from edgellm.config import RuntimeOptions
     from edgellm.kernels import KernelOptions, owned_kv
 
+    monkeypatch.setattr(pipeline, "GRAPH_PIECES", (2, 4))
+    monkeypatch.setattr(pipeline, "SPLIT_MIN_KERNELS", 8)
     tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
                                       "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
                                       "tie_word_embeddings": False}
@@ -175,16 +179,23 @@ def test_cuda_decode_is_one_graph(tmp_path):
     text = (tmp_path / "ir" / "phase6_finalize.py").read_text()
     funcs = dict(re.findall(r"\n    def (\w+)\((.*?)\n(?=    @|\Z)", text, re.S))
     decode = funcs["decode"]
-    assert decode.count("vm.builtin.cuda_graph.run_or_capture") == 1
-    # the graph's arguments: the packed parameters whole (pipeline._whole_params_to_graphs), so a replay builds a
-    # short tuple and unpacks no weight; the capture function unpacks them, once
-    assert re.search(r"run_or_capture\", \(cls\.decode_cuda_graph_capture, \(packed_params, ", decode), decode
-    assert "packed_params[" not in decode
+    # the pieces in the order decode replays them, each with the packed parameters first
+    # (pipeline._whole_params_to_graphs) and its own entry index
+    calls = re.findall(r"run_or_capture\", \(cls\.(decode_cuda_graph_capture\w*), \((\w+), [^)]*\), (\d+), ", decode)
+    assert [c[0] for c in calls] == ["decode_cuda_graph_capture_part0", "decode_cuda_graph_capture_part1",
+                                     "decode_cuda_graph_capture"], calls
+    assert all(c[1] == "packed_params" for c in calls) and len({c[2] for c in calls}) == 3, calls
+    assert "packed_params[" not in decode and re.search(r"= graph_part0\[0\]\n", decode), decode
     outside = re.findall(r"cls\.(\w+)\(", decode)
     assert outside == ["fused_reshape25_cast1"] or (len(outside) == 1 and "cast" in outside[0]), outside
-    capture = funcs["decode_cuda_graph_capture"]
-    assert capture.startswith("packed_params: R.Tuple(") and capture.count("= packed_params[") == 25
-    inside = re.findall(r"cls\.(\w+)\(", capture)
+    pieces = [re.findall(r"cls\.(\w+)\(", funcs[c[0]]) for c in calls]
+    assert [len(p) for p in pieces[:2]] == [2, 4], pieces
+    # a piece receives what an earlier one wrote (part1's input `alloc..` is part0's output), never a weight
+    assert all(funcs[c[0]].startswith("packed_params: R.Tuple(") for c in calls)
+    assert funcs[calls[0][0]].count("= packed_params[") == 25  # the first piece checks every parameter
+    for c in calls[1:]:
+        assert 0 < funcs[c[0]].count("= packed_params[") < 25
+    inside = [k for p in pieces for k in p]
     # decode attention per layer (owned_kv.DECODE_ATTN): "fused" (the default) RoPE + append + split-K attention in
     # one kernel, then the merge; "split" kv_append + paged attention + merge (what prefill keeps)
     fused = owned_kv.DECODE_ATTN == "fused"

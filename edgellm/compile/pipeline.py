@@ -51,6 +51,14 @@ def _sink_param_unpacking():
 
 
 RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
+
+
+def _is_run_or_capture(rx, value) -> bool:
+    """`value` is RewriteCUDAGraph's call: call_builtin_with_ctx(run_or_capture, (capture_fn, args, index, ...))."""
+    return isinstance(value, rx.Call) and len(value.args) == 2 and isinstance(value.args[0], rx.ExternFunc) \
+        and value.args[0].global_symbol == RUN_OR_CAPTURE and isinstance(value.args[1], rx.Tuple)
+
+
 WHOLE_PARAMS = True  # _whole_params_to_graphs in the finalize phase (False: TVM's per-weight arguments, for A/B)
 
 
@@ -70,8 +78,7 @@ def _whole_params_to_graphs():
     rx = c.relax
 
     def is_run_or_capture(value) -> bool:
-        return isinstance(value, rx.Call) and len(value.args) == 2 and isinstance(value.args[0], rx.ExternFunc) \
-            and value.args[0].global_symbol == RUN_OR_CAPTURE and isinstance(value.args[1], rx.Tuple)
+        return _is_run_or_capture(rx, value)
 
     def sites(mod):
         found: dict = {}
@@ -144,6 +151,149 @@ def _whole_params_to_graphs():
                 mod[gv] = new
                 for cap_gv, cap in caps.items():
                     mod[cap_gv] = cap
+        return mod
+
+    return _pass
+
+
+# _split_graphs: the kernel counts of a large graph's leading pieces (the rest is the last piece); () = one graph
+GRAPH_PIECES = (8, 32)
+SPLIT_MIN_KERNELS = 64  # graphs with fewer kernels stay whole (TVM's cache path: ~4 kernels a graph)
+
+
+def _split_graphs(pieces: tuple[int, ...] = GRAPH_PIECES):
+    """Module pass: a captured CUDA graph of many kernels becomes a chain of graphs of growing size (`pieces`
+    kernels, then the rest), replayed one after the other.
+
+    cudaGraphLaunch costs host time in proportion to the graph's nodes (H200, CUPTI: ~0.8 us a kernel node, 157 us
+    for the owned cache's one-graph Llama-3-8B decode step of 234 kernels, 152 us for SmolLM2's 190) and the GPU
+    starts the graph only once the launch returns, so a one-graph step idled that long between steps. In pieces,
+    the GPU runs the first small graph while the host launches the next: only the first piece's launch is exposed.
+    Each piece is a capture function of its own (RunOrCapture, a new entry index); the tensors one piece writes
+    and a later one reads are returned by the first and passed to the second (static storage: the same addresses
+    at every replay). Runs after RewriteCUDAGraph and _whole_params_to_graphs."""
+    c = compiler()
+    rx = c.relax
+    tirx = c.tirx
+
+    def is_kernel(mod, value) -> bool:
+        return isinstance(value, rx.Call) and isinstance(value.op, c.tvm.ir.GlobalVar) \
+            and isinstance(mod[value.op], tirx.PrimFunc)
+
+    def cuts_for(mod, bindings) -> list[int]:
+        """Binding indices where each new piece starts: after the kernel that completes a piece's count."""
+        targets, acc = [], 0
+        for n in pieces:
+            acc += n
+            targets.append(acc)
+        cuts, count = [], 0
+        for i, b in enumerate(bindings):
+            if is_kernel(mod, b.value):
+                count += 1
+                if targets and count == targets[0]:
+                    cuts.append(i + 1)
+                    targets.pop(0)
+        return cuts if count >= SPLIT_MIN_KERNELS else []
+
+    def split_call(mod, b, next_index):
+        """The caller's bindings replacing one run_or_capture binding, and the new capture functions."""
+        call = b.value
+        cap_gv, args, index, *rest = call.args[1].fields
+        cap = mod[cap_gv]
+        if not all(isinstance(x, rx.VarBinding) for blk in cap.body.blocks for x in blk.bindings):
+            return None
+        bindings = [x for blk in cap.body.blocks for x in blk.bindings]
+        # the weights unpacked from a parameter tuple (_whole_params_to_graphs' prologue): each piece unpacks those
+        # it uses itself, so they are not passed from piece to piece (that would be caller instructions again)
+        params = set(cap.params)
+        unpack = {x.var: x for x in bindings if isinstance(x.value, rx.TupleGetItem) and x.value.tuple_value in params}
+        bindings = [x for x in bindings if x.var not in unpack]
+        cuts = cuts_for(mod, bindings)
+        if not cuts:
+            return None
+        bounds = [0, *cuts, len(bindings)]
+        parts = [bindings[a:z] for a, z in zip(bounds, bounds[1:])]
+        for k, part in enumerate(parts):
+            needed = set().union(*(rx.analysis.free_vars(x.value) for x in part))
+            if k == len(parts) - 1:
+                needed |= set(rx.analysis.free_vars(cap.body.body))
+            parts[k] = [x for v, x in unpack.items() if v in needed] + part
+        uses = [set().union(*(rx.analysis.free_vars(x.value) for x in part)) for part in parts]
+        ret = cap.body.body
+        outer = dict(zip(cap.params, args.fields))  # capture param -> the caller's argument
+        out_binds, new_funcs = [], {}
+        for k, part in enumerate(parts):
+            last = k == len(parts) - 1
+            defined = {x.var for x in part}
+            inputs = [v for v in dict.fromkeys(v for x in part for v in rx.analysis.free_vars(x.value))
+                      if v not in defined]
+            if last:
+                inputs += [v for v in rx.analysis.free_vars(ret) if v not in defined and v not in inputs]
+            later = set().union(*uses[k + 1:], set(rx.analysis.free_vars(ret)))
+            outputs = [x.var for x in part if x.var in later and x.var not in unpack]
+            body_ret = ret if last else rx.Tuple(outputs)
+            ret_ty = cap.ret_ty if last else rx.TupleType([v.ty for v in outputs])
+            name = cap_gv.name_hint if last else f"{cap_gv.name_hint}_part{k}"
+            func = rx.Function(inputs, rx.SeqExpr([rx.BindingBlock(part)], body_ret), ret_ty, cap.is_pure,
+                               cap.attrs, cap.span)
+            if "global_symbol" in (cap.attrs or {}):
+                func = func.with_attr("global_symbol", name)
+            func = rx.utils.copy_with_new_vars(func)
+            gv = cap_gv if last else c.tvm.ir.GlobalVar(name)
+            new_funcs[gv] = func
+            idx = index if last else c.tirx.IntImm("int64", next_index + k)
+            piece_call = rx.Call(call.op, [call.args[0], rx.Tuple([gv, rx.Tuple([outer[v] for v in inputs]), idx,
+                                                                    *rest])],
+                                 call.attrs, call.ty_args if last else [ret_ty], call.span)
+            if last:
+                out_binds.append(rx.VarBinding(b.var, piece_call))
+            else:
+                tv = rx.Var(f"graph_part{k}", ret_ty)
+                out_binds.append(rx.VarBinding(tv, piece_call))
+                for j, v in enumerate(outputs):
+                    nv = rx.Var(v.name, v.ty)
+                    out_binds.append(rx.VarBinding(nv, rx.TupleGetItem(tv, j)))
+                    outer[v] = nv
+        return out_binds, new_funcs, len(parts) - 1
+
+    @c.tvm.transform.module_pass(opt_level=0, name="EdgellmSplitGraphs")
+    def _pass(mod, _ctx):
+        if not pieces:
+            return mod
+        callers = {}
+        next_index = 0
+        for gv, func in mod.functions_items():
+            if isinstance(func, rx.Function) and isinstance(func.body, rx.SeqExpr):
+                for blk in func.body.blocks:
+                    for x in blk.bindings:
+                        if isinstance(x, rx.VarBinding) and _is_run_or_capture(rx, x.value):
+                            cap = x.value.args[1].fields[0]
+                            callers.setdefault(cap, []).append(gv)
+                            next_index = max(next_index, int(x.value.args[1].fields[2]) + 1)
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, rx.Function) or not isinstance(func.body, rx.SeqExpr):
+                continue
+            blocks, changed = [], False
+            for blk in func.body.blocks:
+                out = []
+                for x in blk.bindings:
+                    done = None
+                    if isinstance(x, rx.VarBinding) and _is_run_or_capture(rx, x.value) \
+                            and len(callers.get(x.value.args[1].fields[0], ())) == 1:
+                        done = split_call(mod, x, next_index)
+                    if done is None:
+                        out.append(x)
+                        continue
+                    binds, funcs, used = done
+                    out.extend(binds)
+                    for fgv, f in funcs.items():
+                        mod[fgv] = f
+                    next_index += used
+                    changed = True
+                blocks.append(type(blk)(out))
+            if changed:
+                mod[gv] = rx.Function(func.params, rx.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
+                                      func.attrs, func.span)
         return mod
 
     return _pass
@@ -274,7 +424,8 @@ def phases(target) -> list[tuple[str, list]]:
         ("lower-dataflow", [rt.RewriteDataflowReshape(), rt.ToNonDataflow(), rt.RemovePurityChecking(),
                             rt.CallTIRRewrite()]),
         ("finalize", [p for p in lib.finalize_passes(target) if p.info.name not in drop_finalize]
-                     + ([_whole_params_to_graphs()] if WHOLE_PARAMS else []) + [_sink_param_unpacking()]),
+                     + ([_whole_params_to_graphs()] if WHOLE_PARAMS else [])
+                     + [_split_graphs(GRAPH_PIECES), _sink_param_unpacking()]),
     ]
 
 
