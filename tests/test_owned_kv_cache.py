@@ -80,7 +80,7 @@ def test_fork_shares_full_pages_and_copies_the_partial_one():
 
 def test_pool_counts_pages_as_tvms_cache_does(compiled):
     """The same operations on TVM's PagedKVCache (a CPU artifact) and on PagePool: pages in use agree after each."""
-    from edgellm.device_runners.engine import Engine
+    from edgellm.device_runners.engine import Engine, _DeviceTokens
 
     eng = Engine(compiled("llama", "q0f32"), threads=1)
     pool = PagePool(total=eng.total_pages, max_pages=_pages(eng.context_window))
@@ -216,10 +216,11 @@ class _FakeTensor:
     """Stands in for a device tensor: keeps the host copy and counts the copies into it."""
 
     def __init__(self, array):
-        self.data, self.copies = np.array(array), 0
+        self.data, self.copies, self.from_device = np.array(array), 0, False
 
     def copyfrom(self, array):
-        self.data[...] = array
+        self.from_device = isinstance(array, _FakeTensor)  # a device-to-device copy
+        self.data[...] = array.data if self.from_device else array
         self.copies += 1
 
 
@@ -231,7 +232,7 @@ class _FakeTvm:
 
 def _owned_engine(calls: list, total: int = 6, max_pages: int = 4):
     """An Engine on the owned-cache path with a fake VM that records what each call would see on the device."""
-    from edgellm.device_runners.engine import Engine
+    from edgellm.device_runners.engine import Engine, _DeviceTokens
 
     eng = object.__new__(Engine)
     eng.owned_kv, eng._tvm, eng.dev, eng.kv, eng.params = True, _FakeTvm, None, "pages", "params"
@@ -239,6 +240,7 @@ def _owned_engine(calls: list, total: int = 6, max_pages: int = 4):
     eng.context_window, eng.chunk, eng.batch_min, eng.has_batch_decode = max_pages * PAGE, 16, 2, True
     eng._lengths, eng._next_seq, eng._shapes = {}, 0, {}
     eng.total_pages = total
+    eng._last_tokens = _DeviceTokens()
 
     class Out:
         def __init__(self, b):
@@ -250,7 +252,7 @@ def _owned_engine(calls: list, total: int = 6, max_pages: int = 4):
     def fn(name):
         def call(ids, pages, pt, pos, params):
             assert pages == "pages" and params == "params"
-            calls.append((name, ids.data.copy(), pt.data.copy(), pos.data.copy(), pt))
+            calls.append((name, ids.data.copy(), pt.data.copy(), pos.data.copy(), pt, ids.from_device))
             return Out(pos.data.shape[0])
         return call
 
@@ -267,7 +269,7 @@ def test_engine_owned_path_feeds_positions_and_page_rows():
     sc = eng._pool.scratch
     a = eng.add_sequence()
     eng.prefill(a, list(range(3, 23)))  # 20 tokens: chunks of 16 and 4
-    (n1, ids1, pt1, pos1, _), (n2, ids2, pt2, pos2, _) = calls
+    (n1, ids1, pt1, pos1, *_), (n2, ids2, pt2, pos2, *_) = calls
     assert (n1, n2) == ("prefill", "prefill") and ids1.tolist() == [list(range(3, 19))] and pos1.tolist() == [0]
     pa = eng._pool.pages(a)
     assert pt1.tolist() == [[pa[0], sc, sc, sc]] and pos2.tolist() == [16] and pt2.tolist() == [[pa[0], pa[1], sc, sc]]
@@ -276,14 +278,22 @@ def test_engine_owned_path_feeds_positions_and_page_rows():
         eng.decode([a], [t])
     assert [c[0] for c in calls] == ["decode", "decode"] and [c[1].tolist() for c in calls] == [[[7]], [[8]]]
     assert [c[3].tolist() for c in calls] == [[20], [21]] and calls[1][4].copies == 2  # rows unchanged: 1 copy
+    assert not any(c[5] for c in calls)  # ids from the host
+    # a greedy step's next id is the device argmax's output: copied into the fixed buffer on the device
+    eng._last_tokens.values, eng._last_tokens.tensor = (9,), _FakeTensor([[9]])
+    eng.decode([a], [9])
+    assert calls[-1][1].tolist() == [[9]] and calls[-1][5] and calls[-1][3].tolist() == [22]
+    eng.decode([a], [6])  # another id than the argmax's: from the host again
+    assert calls[-1][1].tolist() == [[6]] and not calls[-1][5]
+    calls[:] = calls[:2]
     b = eng.add_sequence()
     eng.prefill(b, [1] * 16)
     calls.clear()
     eng.decode([a, b], [4, 5])  # batch_decode: both rows; b crosses into its second page
-    name, ids, pt, pos, _ = calls[0]
-    assert name == "batch_decode" and ids.tolist() == [[4], [5]] and pos.tolist() == [22, 16]
+    name, ids, pt, pos, *_ = calls[0]
+    assert name == "batch_decode" and ids.tolist() == [[4], [5]] and pos.tolist() == [24, 16]
     assert pt.tolist() == [eng._pool.pages(a) + [sc] * 2, eng._pool.pages(b) + [sc] * 2]
-    assert eng.sequence_length(a) == 23 and eng.sequence_length(b) == 17 and eng.pages_in_use() == 4
+    assert eng.sequence_length(a) == 25 and eng.sequence_length(b) == 17 and eng.pages_in_use() == 4
     eng.remove_sequence(b)
     assert eng.pages_in_use() == 2
     c, d = eng.add_sequence(), eng.add_sequence()
@@ -294,8 +304,8 @@ def test_engine_owned_path_feeds_positions_and_page_rows():
         eng.prefill(d, [1])  # nothing runs, nothing changes
     with pytest.raises(CacheFullError, match="needs 2 more KV pages and 0 are free"):
         eng.decode([a, c, d], [1, 1, 1])  # a fits its pages, c and d would each take one: none advances
-    assert len(calls) == n and [eng._pool.length(s) for s in (a, c, d)] == [23, 48, 16]
-    assert [eng.sequence_length(s) for s in (a, c, d)] == [23, 48, 16]
+    assert len(calls) == n and [eng._pool.length(s) for s in (a, c, d)] == [25, 48, 16]
+    assert [eng.sequence_length(s) for s in (a, c, d)] == [25, 48, 16]
 
 
 @pytest.mark.parametrize("preset,opts,hidden,heads,expected", [

@@ -464,8 +464,11 @@ class Engine:
             d_pt.copyfrom(h_pt)
             aux[2] = h_pt.copy()
         if decode:
-            h_ids[:, 0] = ids
-            d_ids.copyfrom(h_ids)
+            if tuple(ids) == self._last_tokens.values:  # the device argmax's output: copied on the device
+                d_ids.copyfrom(self._last_tokens.tensor)
+            else:
+                h_ids[:, 0] = ids
+                d_ids.copyfrom(h_ids)
             arr = d_ids
         else:
             arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
