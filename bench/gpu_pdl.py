@@ -233,6 +233,8 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
                                      "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
             print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
+    for v in variants[:2]:  # where prefill goes on the two caches (TVM's and the owned one, on 1B and 8B)
+        results.setdefault("prefill_tables", {})[f"{shape}-{v}"] = gpu_run.prefill_kernel_table(engines[v], 512, 25)
     for v, n in [(v, n) for n in (128, 512) for v in variants]:
         for r in run_bench(engines[v], n, 0, reps=3, warmup=1, device_name=name):
             results["bench"].append({"shape": shape, "variant": v, "test": r.test, "avg_ts": r.avg_ts,
