@@ -2,14 +2,14 @@
 
   python bench/vulkan_submit.py prepare [BUNDLE]   # here: BUNDLE/src = `git archive HEAD`, BUNDLE/art = the
                                                    # SmolLM2 / 1B / 8B shapes q4f16_1 (shapes only) for cuda-sm90,
-                                                   # vulkan (h2) and vulkan dp4a (+ the 8B's dp4a built with
-                                                   # h2_config's warps/rows everywhere: "dp4a-h2cfg"), packed into
-                                                   # BUNDLE/art.tar.xz; BUNDLE/site from .device-vkdp/site
+                                                   # vulkan (h2) and vulkan dp4a (+ the 8B's dp4a VARIANTS named
+                                                   # in BUILDS), packed into BUNDLE/art.tar.xz; BUNDLE/site from
+                                                   # .device-vkdp/site
   python bench/vulkan_submit.py run [BUNDLE]       # there (bench/vulkan_device.sh's environment): $OUT/submit.json
 
 Per shape (the 8B first), with the same random weights on every path: CUDA tg128; each Vulkan build's logits of a
 40-token prefill and 15 decodes against CUDA's; then tg128 under each submit policy (POLICIES: the flush interval,
-the first batch after a wait, spinning waits), each with the plugin's counters per token; one profiled pass per
+the first batch after a wait, spinning waits; POLICY_SET=ab the first call's eight, else old / default / f128), each with the plugin's counters per token; one profiled pass per
 Vulkan build (GPU time per kernel).
 """
 
@@ -30,27 +30,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 SHAPES = ("llama-3-8b", "llama-3.2-1b", "smollm2-135m")
-# (label, flush_every, flush_first, spin): the first is the plugin's old behaviour
-POLICIES = [("f64", 64, 0, 0), ("f64-first4", 64, 4, 0), ("f64-first8", 64, 8, 0), ("f64-first16", 64, 16, 0),
-            ("f64-spin", 64, 0, 1), ("f64-first4-spin", 64, 4, 1), ("f128-first4-spin", 128, 4, 1),
-            ("f32-first4-spin", 32, 4, 1)]
+# (label, flush_every, flush_first, spin microseconds): POLICY_SET=ab (run 9's first call) or final
+POLICIES_AB = [("f64", 64, 0, 0), ("f64-first4", 64, 4, 0), ("f64-first8", 64, 8, 0), ("f64-first16", 64, 16, 0),
+            ("f64-spin", 64, 0, 5000), ("f64-first4-spin", 64, 4, 5000), ("f128-first4-spin", 128, 4, 5000),
+            ("f32-first4-spin", 32, 4, 5000)]
+POLICIES_FINAL = [("old", 64, 0, 0), ("default", 64, 4, 5000), ("f128", 128, 4, 5000)]
+POLICIES = POLICIES_AB if os.environ.get("POLICY_SET", "final") == "ab" else POLICIES_FINAL
+# Vulkan builds besides h2 and dp4a, the 8B only: label -> patch of webgpu_linear while compiling (BUILDS=a,b)
+VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
+            "vulkan-dp4a-st4": "int4_gemv_dp4a with stage_threads=4 everywhere (the run 8 kernel's staging)"}
 PROMPT = list(range(1, 41))
 
 
-def _h2cfg_dp4a():
-    """Context: webgpu_linear.dp4a_config replaced by h2_config (the first dp4a kernel's configs, run 8 call 2)."""
+def _patched(label: str):
+    """Context: webgpu_linear patched for the variant `label` (VARIANTS) while a build runs."""
     from contextlib import contextmanager
+    from functools import partial
 
     from edgellm.kernels import webgpu_linear as wl
 
+    name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)),
+                   "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4))}[label]
+
     @contextmanager
     def ctx():
-        saved = wl.dp4a_config
-        wl.dp4a_config = lambda in_f, out_f, silu=False: wl.h2_config(in_f, out_f, silu)
+        saved = getattr(wl, name)
+        setattr(wl, name, value)
         try:
             yield
         finally:
-            wl.dp4a_config = saved
+            setattr(wl, name, saved)
 
     return ctx()
 
@@ -84,11 +93,12 @@ def _build(bundle: Path) -> None:
     gpu_prepare.OUT = bundle
     art = bundle / "art"
     art.mkdir(exist_ok=True)
+    variants = [v for v in os.environ.get("BUILDS", "vulkan-dp4a-st4").split(",") if v]
     for name in SHAPES:
         for label, preset, opts in [("cuda", "cuda-sm90", {}), ("vulkan", "vulkan", {}),
-                                    ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"}),
-                                    ("vulkan-dp4a-h2cfg", "vulkan", {"webgpu_gemv": "dp4a"})]:
-            if label == "vulkan-dp4a-h2cfg" and name != "llama-3-8b":
+                                    ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"})] + [
+                                        (v, "vulkan", {"webgpu_gemv": "dp4a"}) for v in variants]:
+            if label in VARIANTS and name != "llama-3-8b":
                 continue
             out = art / f"{name}-{label}"
             if out.exists():
@@ -97,8 +107,8 @@ def _build(bundle: Path) -> None:
             args = CompileArgs(model=str(gpu_prepare.shape_folder(name)), output=out, target=preset, quant="q4f16_1",
                                runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
                                kernel_options=KernelOptions(**opts))
-            if label.endswith("h2cfg"):
-                with _h2cfg_dp4a():
+            if label in VARIANTS:
+                with _patched(label):
                     compile_model(args)
             else:
                 compile_model(args)
@@ -159,7 +169,9 @@ def run(bundle: Path, shapes, reps: int) -> None:
                 if label != "cuda":
                     for pol, every, first, spin in POLICIES:
                         if name != "llama-3-8b" and pol not in ("f64", "f64-first4", "f64-first4-spin",
-                                                                "f64-first8"):
+                                                                "f64-first8", "old", "default", "f128"):
+                            continue
+                        if label in VARIANTS and pol != "default":
                             continue
                         g("edgellm.webgpu.set_flush_every")(0, every)
                         g("edgellm.webgpu.set_flush_first")(0, first)
@@ -173,9 +185,9 @@ def run(bundle: Path, shapes, reps: int) -> None:
                         print(f"{name:14s} {label:18s} {pol:17s} {r.avg_ts:8.1f} tok/s  wall {us['wall']:.0f} "
                               f"wait {us['wait_ns']:.0f} rec {us['record_ns']:.0f} sub {us['submit_ns']:.0f} us/tok "
                               f"submits {c['per_token']['submits']:.1f}", flush=True)
-                    g("edgellm.webgpu.set_flush_every")(0, 64)
+                    g("edgellm.webgpu.set_flush_every")(0, 64)  # the plugin's defaults
                     g("edgellm.webgpu.set_flush_first")(0, 4)
-                    g("edgellm.webgpu.set_spin_wait")(0, 0)
+                    g("edgellm.webgpu.set_spin_wait")(0, 5000)
                     if name == "llama-3-8b":
                         p = measure(eng, 16, True)
                         results["profiles"][f"{name} {label}"] = p

@@ -183,7 +183,7 @@ def test_submit_batches_grow_after_a_wait(webgpu_dev, c, tmp_path):
     try:
         g("edgellm.webgpu.set_flush_every")(0, 16)
         g("edgellm.webgpu.set_flush_first")(0, 2)
-        for spin in (1, 0):
+        for spin in (5000, 0):
             g("edgellm.webgpu.set_spin_wait")(0, spin)
             for _ in range(2):  # the second chain starts small again: the read waited for the queue
                 out, s = chain(40)
@@ -192,11 +192,11 @@ def test_submit_batches_grow_after_a_wait(webgpu_dev, c, tmp_path):
                 np.testing.assert_array_equal(out, ref)
                 # batches of 2, 4, 8, 16 dispatches, then the last 10 with the read's copy
                 assert (s["dispatches"], s["submits"], s["reads"]) == (40, 5, 1)
-                assert s["flush_first"] == 2 and s["spin_wait"] == bool(spin)
+                assert s["flush_first"] == 2 and s["spin_us"] == spin
     finally:
         g("edgellm.webgpu.set_flush_every")(0, before["flush_every"])
         g("edgellm.webgpu.set_flush_first")(0, before["flush_first"])
-        g("edgellm.webgpu.set_spin_wait")(0, int(before["spin_wait"]))
+        g("edgellm.webgpu.set_spin_wait")(0, before["spin_us"])
 
 
 def test_grid_folding_runs_each_block_once(webgpu_dev, c, tmp_path):

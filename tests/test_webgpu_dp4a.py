@@ -52,13 +52,15 @@ def _check(got, model, ref, deq, d, dtype):
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("in_f,out_f,bias,dtype,cfg", [
-    (2048, 600, False, "float16", (8, 2, 1)),  # 64 groups: 2 steps (double-buffered loads); clamped last rows
-    (4096, 40, False, "float16", (4, 1, 2)),   # 2 groups a lane a step
-    (2048, 4096, False, "float16", None),      # dp4a_config's 8 warps x 2 rows x 2 groups (the 8B shapes')
-    (288, 70, True, "float32", None),          # 9 groups (lanes past them idle), bias, fp32 activations and scales
+@pytest.mark.parametrize("in_f,out_f,bias,dtype,cfg,st", [
+    (2048, 600, False, "float16", (8, 2, 1), None),  # 64 groups: 2 steps (double-buffered loads); clamped last rows
+    (4096, 40, False, "float16", (4, 1, 2), None),   # 2 groups a lane a step
+    (2048, 4096, False, "float16", (8, 2, 2), None),  # 8 warps x 2 rows x 2 groups
+    (288, 70, True, "float32", None, None),          # 9 groups (lanes past them idle), bias, fp32 activations, scales
+    (4160, 72, False, "float16", None, None),        # `in` over 4096: one staging thread a group (130 groups)
+    (2048, 600, True, "float32", (4, 2, 2), 1),      # one staging thread a group, asked for: bias, fp32
 ])
-def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, in_f, out_f, bias, dtype, cfg):
+def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, in_f, out_f, bias, dtype, cfg, st):
     from edgellm._tvm import compiler
     from edgellm.kernels.webgpu_linear import int4_gemv_dp4a
     from edgellm.quant import get_scheme
@@ -73,7 +75,9 @@ def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, i
     x[0, 64:96] *= 1000  # a group far larger than the rest
     b = rng.standard_normal(out_f).astype(dtype)
     func = int4_gemv_dp4a(in_f, out_f, bias, *(cfg or ()), x_dtype=dtype, scale_dtype=scheme.scale_dtype,
-                          out_dtype=dtype)
+                          out_dtype=dtype, stage_threads=st)
+    one_thread = st == 1 or in_f > 4096  # x staged as two 16-byte words and one sum a group, else four and four
+    assert f'xz = T.alloc_shared(({in_f // 32 * (1 if one_thread else 4)},), "int32")' in str(func.script())
     args = [x, qw, qs] + ([b] if bias else []) + [np.zeros((1, out_f), dtype)]
     got = _run(compiler(), webgpu_dev, tmp_path, func, args, f"dp4a_{in_f}")[-1][0].astype(np.float64)
     model, d = dp4a_model(x[0], qw, qs)

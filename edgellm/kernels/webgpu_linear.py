@@ -539,16 +539,10 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
 # sign extensions and multiply-adds otherwise.
 # ---------------------------------------------------------------------------------------------------------------
 def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, int]:
-    """(warps, rows, unroll) of int4_gemv_dp4a. H200, Llama-3-8B shapes alone, weights rotated through HBM
-    (bench/vulkan_kernels.py DP4A=1, run 8 in docs/benchmarks/vulkan-h200.md): 8 warps x 2 rows x 2 groups a step
-    was the fastest or within 2% of it at every shape (down 17.9 us against 21.3 with h2's 8 x 4 x 1, 41-86 with
-    one group a step and fewer rows); gate_up with silu 8 warps x 4 rows (2 gate + 2 up; 107 us fused in that
-    sweep against 153 with h2's 8 x 2). Grids under 256 workgroups (SmolLM2, the 1B's smaller linears) keep
-    h2_config's."""
-    if silu:
-        return (8, 4, 1) if out_f // 2 // 16 >= 256 else h2_config(in_f, out_f, silu)
-    if out_f // 16 >= 256 or (in_f > 4096 and out_f // 16 >= 128):
-        return 8, 2, 2
+    """(warps, rows, unroll) of int4_gemv_dp4a: h2_config's. H200, in the 8B decode (profiled, run 9 in
+    docs/benchmarks/vulkan-h200.md), h2_config's against the 8 warps x 2 rows x 2 groups (8 x 4 x 1 with silu) that
+    the kernels alone had picked (run 8): qkv with the norm 12.2 against 14.3 us a call, o 9.3 against 10.6,
+    gate_up with the norm and silu 30.3 against 31.4, down equal (25.7)."""
     return h2_config(in_f, out_f, silu)
 
 
@@ -568,10 +562,18 @@ def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dty
 
 def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                    unroll: int | None = None, x_dtype: str = "float16", scale_dtype: str = "float16",
-                   out_dtype: str = "float16", norm_eps: float | None = None, silu: bool = False):
+                   out_dtype: str = "float16", norm_eps: float | None = None, silu: bool = False,
+                   stage_threads: int | None = None):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, a scale per group of 32) with int8
     activations and `dot4I8Packed` (see the comment above); arguments and fusions as int4_gemv_h2 (x, [delta,
-    norm weight], q_weight, q_scale, [bias], out, [x + delta])."""
+    norm weight], q_weight, q_scale, [bias], out, [x + delta]).
+
+    stage_threads: threads that quantize one group of 32 activations while x is staged. 4 (each 8 activations,
+    the group's maximum met in workgroup memory, one more barrier; x staged as four 8-byte words and four partial
+    sums a group); 1 (one thread the whole group, x staged as two 16-byte words and one sum a group; no norm
+    fusion). Default: 1 for a plain GEMV with `in` over 4096, else 4 (H200, the 8B's down 14336 -> 4096: 19.1 us
+    a call in the decode with one thread against 25.7 with four; the norm-fused qkv 14.3 against 20.0 with four,
+    docs/benchmarks/vulkan-h200.md runs 8 and 9)."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -579,6 +581,9 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     if in_f % 32:
         raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
     norm = norm_eps is not None
+    group_staging = (stage_threads or (1 if not norm and in_f > 4096 else 4)) == 1
+    if stage_threads not in (None, 1, 4) or (group_staging and norm):
+        raise ValueError(f"int4_gemv_dp4a: stage_threads {stage_threads} (1 or 4; 1 without the norm fusion)")
     dw, dr, du = dp4a_config(in_f, out_f, silu)
     W, R, U = warps or dw, rows or dr, unroll or du
     if silu and (R % 2 or out_f % 2 or bias):
@@ -593,6 +598,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
+    stage1 = (G + W * 32 - 1) // (W * 32)  # group staging: a thread stages one group's 32 activations
     lo_mask = T.uint32(0x0F0F0F0F)
 
     def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
@@ -641,6 +647,83 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                 xs[(e % 4) * G + e // 4] = T.Shuffle([i8x4(*[sv[i * 8 + h + 2 * j] for j in range(4)])
                                                       for h in range(2)], [0, 1])
                 xz[(e % 4) * G + e // 4] = iz[0] * 7
+
+    @T.macro
+    def quantize_group(hv, am, iz, xs, xd, xz, g):  # one group's 32 activations hv (as f32) -> staged int8
+        am[0] = T.float32(0)
+        for k in T.unroll(32):
+            am[0] = T.max(am[0], T.fabs(hv[k]))
+        am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+        iz[0] = T.int32(0)
+        for k in T.unroll(32):
+            hv[k] = T.round(hv[k] * am[1])
+            iz[0] = iz[0] + T.Cast(i32, hv[k])
+        for c in T.unroll(2):  # staged word 4c + j: packed word 2c + j // 2, its even (j even) or odd elements
+            xs[c * G + g] = T.Shuffle([i8x4(*[hv[8 * (2 * c + j // 2) + j % 2 + 2 * e] for e in range(4)])
+                                       for j in range(4)], [0, 1, 2, 3])
+        xd[g] = am[0] * T.float32(1 / 127)
+        xz[g] = iz[0] * 7
+
+    @T.macro
+    def body_group(x, qw, qs, b, out):  # stage_threads 1 (no norm): x as [half][group] 16-byte words
+        bx = T.launch_thread("blockIdx.x", blocks)
+        ty = T.launch_thread("threadIdx.y", W)
+        tx = T.launch_thread("threadIdx.x", 32)
+        xs = T.alloc_buffer((G * 2,), "uint32x4", scope="shared")  # [half c][group]: 4 words, one 16-byte load
+        xd = T.alloc_buffer((G,), f32, scope="shared")
+        xz = T.alloc_buffer((G,), i32, scope="shared")  # 7 * sum of the group's int8s
+        red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
+        acc = T.alloc_buffer((R,), f32, scope="local")
+        wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
+        sc = T.alloc_buffer((U * R,), f32, scope="local")
+        wn = T.alloc_buffer((U * R,), "uint32x4", scope="local")
+        sn = T.alloc_buffer((U * R,), f32, scope="local")
+        xa = T.alloc_buffer((8,), x_dtype + "x4", scope="local")
+        hv = T.alloc_buffer((32,), f32, scope="local")
+        am = T.alloc_buffer((2,), f32, scope="local")
+        xv = T.alloc_buffer((2,), "uint32x4", scope="local")
+        isum = T.alloc_buffer((1,), i32, scope="local")
+        tt = T.alloc_buffer((1,), f32, scope="local")
+        load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
+        for i in T.serial(stage1):
+            g = T.meta_var((i * W + ty) * 32 + tx)  # a warp reads 32 groups: 2 KiB of contiguous x
+            if g < G:
+                for h in T.unroll(8):
+                    xa[h] = x[0, T.Ramp(g * 32 + 4 * h, 1, 4)]
+                    for k in T.unroll(4):
+                        hv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
+                quantize_group(hv, am, isum, xs, xd, xz, g)
+        T.tvm_storage_sync("shared")
+        for r in T.unroll(R):
+            acc[r] = T.float32(0)
+        for it in T.serial(steps):
+            if it + 1 < steps:
+                load(qw, qs, wn, sn, bx, ty, tx, it + 1)
+            for u in T.unroll(U):
+                g = T.meta_var((it * U + u) * 32 + tx)
+                if g < G:
+                    for c in T.unroll(2):
+                        xv[c] = xs[c * G + g]
+                    tt[0] = xd[g]
+                    for r in T.unroll(R):
+                        isum[0] = T.int32(0) - xz[g]
+                        for k in T.unroll(4):
+                            wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                            isum[0] = isum[0] + T.call_pure_extern(
+                                i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask),
+                                T.Shuffle([xv[k // 2]], [(k % 2) * 2])) + T.call_pure_extern(
+                                i32, "dot4I8Packed", T.bitwise_and(T.shift_right(wk, T.uint32(4)), lo_mask),
+                                T.Shuffle([xv[k // 2]], [(k % 2) * 2 + 1]))
+                        acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
+            if it + 1 < steps:
+                for k in T.unroll(U * R):
+                    sc[k] = sn[k]
+                    wv[k] = wn[k]
+        store_rows(red, acc, tt, out, b, bx, ty, tx)
+
+    @T.macro
+    def body_plain(x, dl, nw, qw, qs, b, out, xsum):
+        body_group(x, qw, qs, b, out)
 
     @T.macro
     def body(x, dl, nw, qw, qs, b, out, xsum):
@@ -714,4 +797,5 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                     wv[k] = wn[k]
         store_rows(red, acc, tt, out, b, bx, ty, tx)
 
-    return _gemv_func(body, in_f, out_f, words, G, n_out, x_dtype, scale_dtype, out_dtype, norm, bias)
+    return _gemv_func(body_plain if group_staging else body, in_f, out_f, words, G, n_out, x_dtype, scale_dtype,
+                      out_dtype, norm, bias)

@@ -31,7 +31,11 @@ constexpr size_t kFlushEvery = 64;
 // The first batch after the host waited for the queue (the GPU is idle then, e.g. at the start of a decode step):
 // submitted after this many dispatches, each next batch twice the last up to kFlushEvery. EDGELLM_WEBGPU_FLUSH_FIRST
 // overrides (0 = every batch kFlushEvery).
-constexpr size_t kFlushFirst = 0;
+constexpr size_t kFlushFirst = 4;
+// A wait for the queue polls without blocking for up to this long, then blocks in the driver
+// (EDGELLM_WEBGPU_SPIN=microseconds, 0 = block at once). H200, decode: blocking waits cost 7-25% of the tokens/s
+// (docs/benchmarks/vulkan-h200.md, run 9); 5 ms covers a decode step's wait, a long prefill blocks after it.
+constexpr uint64_t kSpinUs = 5000;
 
 uint64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -274,7 +278,7 @@ Context::Context(int device_id) : device_id_(device_id) {
   uniform_ = wgpuDeviceCreateBuffer(device_, &ud);
   flush_every_ = std::min(EnvSize("EDGELLM_WEBGPU_FLUSH", kFlushEvery), kUniformSlots);
   flush_first_ = EnvSize("EDGELLM_WEBGPU_FLUSH_FIRST", kFlushFirst);
-  spin_wait_ = EnvSize("EDGELLM_WEBGPU_SPIN", 0) != 0;
+  spin_ns_ = EnvSize("EDGELLM_WEBGPU_SPIN", kSpinUs) * 1000;
   ResetBatch();
   if (EnvSize("EDGELLM_WEBGPU_PROFILE", 0)) SetProfile(true);
 }
@@ -315,23 +319,21 @@ void Context::SetFlushFirst(size_t n) {
   ResetBatch();
 }
 
-void Context::SetSpinWait(bool on) {
+void Context::SetSpinWait(uint64_t us) {
   std::lock_guard<std::mutex> lock(mu_);
-  spin_wait_ = on;
+  spin_ns_ = us * 1000;
 }
 
 void Context::WaitQueue(const bool* done) {
-  if (done == nullptr) {  // until every submitted command buffer has finished
-    if (spin_wait_) {
-      while (!wgpuDevicePoll(device_, false, nullptr) && errors_.empty()) {
-      }
+  uint64_t t0 = NowNs();
+  while (errors_.empty()) {
+    bool block = spin_ns_ == 0 || NowNs() - t0 >= spin_ns_;
+    bool empty = wgpuDevicePoll(device_, block, nullptr);  // true: every submitted command buffer has finished
+    if (done == nullptr) {
+      if (empty || block) break;
     } else {
-      wgpuDevicePoll(device_, true, nullptr);
-    }
-  } else {
-    while (!*done && errors_.empty()) {
-      wgpuDevicePoll(device_, !spin_wait_, nullptr);
       wgpuInstanceProcessEvents(instance_);
+      if (*done) break;
     }
   }
   ResetBatch();  // the GPU is idle now: start the next batch small
@@ -346,7 +348,7 @@ std::string Context::StatsJSON(bool reset) {
      << ", \"bind_group_hits\": " << s.bind_group_hits << ", \"reads\": " << s.reads << ", \"writes\": " << s.writes
      << ", \"device_copies\": " << s.device_copies << ", \"syncs\": " << s.syncs << ", \"record_ns\": " << s.record_ns
      << ", \"submit_ns\": " << s.submit_ns << ", \"wait_ns\": " << s.wait_ns << ", \"flush_every\": " << flush_every_
-     << ", \"flush_first\": " << flush_first_ << ", \"spin_wait\": " << (spin_wait_ ? "true" : "false")
+     << ", \"flush_first\": " << flush_first_ << ", \"spin_us\": " << spin_ns_ / 1000
      << ", \"profile\": " << (profile_ ? "true" : "false") << ", \"kernels\": {";
   bool first = true;
   for (const auto& kv : s.kernels) {

@@ -95,8 +95,9 @@ class Context {
   // After the host has waited for the queue (a read, Sync), the GPU is idle: the first submit then comes after
   // `n` dispatches and each next batch is twice the last, up to the flush interval (0: every batch is that one).
   void SetFlushFirst(size_t n);
-  // Wait for the queue by polling without blocking (a spinning host thread) instead of blocking in the driver.
-  void SetSpinWait(bool on);
+  // Wait for the queue by polling without blocking (the host thread spins) for up to `us` microseconds, then
+  // blocking in the driver (0: block at once).
+  void SetSpinWait(uint64_t us);
 
   // Validation errors reported by wgpu since the last call (throws them as one RuntimeError).
   void RaiseErrors(const char* what);
@@ -144,7 +145,7 @@ class Context {
   size_t flush_every_ = 0;  // submit after this many dispatches so the GPU starts while the host records (0: never)
   size_t flush_first_ = 0;  // the first batch after a wait (0: flush_every_); batches double from there
   size_t batch_limit_ = 0;  // dispatches of the batch being recorded before its submit
-  bool spin_wait_ = false;
+  uint64_t spin_ns_ = 0;  // how long a wait polls without blocking before it blocks
   Stats stats_;
   bool profile_ = false;
   WGPUQuerySet queries_ = nullptr;

@@ -166,7 +166,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
            [](int device_id, int n) { Context::Get(device_id)->SetFlushEvery(n < 0 ? 0 : static_cast<size_t>(n)); })
       .def("edgellm.webgpu.set_flush_first",
            [](int device_id, int n) { Context::Get(device_id)->SetFlushFirst(n < 0 ? 0 : static_cast<size_t>(n)); })
-      .def("edgellm.webgpu.set_spin_wait", [](int device_id, int on) { Context::Get(device_id)->SetSpinWait(on != 0); });
+      .def("edgellm.webgpu.set_spin_wait",
+           [](int device_id, int us) { Context::Get(device_id)->SetSpinWait(us < 0 ? 0 : static_cast<uint64_t>(us)); });
 }
 
 }  // namespace webgpu
