@@ -310,7 +310,8 @@ class KernelRegistry:
         grid7 = (scheme.quantized and scheme.bits == 4 and scheme.elems_per_word == 8 and scheme.group_size == 32
                  and not scheme.zero_point and scheme.offset == 7 and not scheme.act_order)
         kind = "dp4a" if self.options.webgpu_gemv == "dp4a" else "h2"
-        fits = webgpu_linear.dp4a_supports if kind == "dp4a" else webgpu_linear.h2_supports
+        fits = ((lambda *a: webgpu_linear.dp4a_supports(*a, norm=norm_eps is not None)) if kind == "dp4a"
+                else webgpu_linear.h2_supports)  # the norm-fused dp4a kernel stages x with more workgroup memory
         if not grid7 or self.options.webgpu_gemv not in ("auto", "h2", "dp4a") or scheme.padded_in(in_f) != in_f \
                 or (silu and bias) or not fits(in_f, out_f, dtype, scheme.scale_dtype, dtype, self.target):
             return None
