@@ -58,7 +58,7 @@ def _check(got, model, ref, deq, d, dtype):
     (2048, 4096, False, "float16", (8, 2, 2), None),  # 8 warps x 2 rows x 2 groups
     (288, 70, True, "float32", None, None),          # 9 groups (lanes past them idle), bias, fp32 activations, scales
     (4160, 72, False, "float16", None, None),        # `in` over 4096: one staging thread a group (130 groups)
-    (2048, 600, True, "float32", (4, 2, 2), 1),      # one staging thread a group, asked for: bias, fp32
+    (2048, 600, True, "float32", (1, 2, 2), 1),      # one staging thread a group, asked: 2 rounds, bias, fp32
 ])
 def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, in_f, out_f, bias, dtype, cfg, st):
     from edgellm._tvm import compiler
@@ -151,6 +151,10 @@ def test_registry_picks_dp4a_only_when_asked():
         assert reg.chosen["linear_gemv"] == {gemv, "int8_gemv_h2_webgpu"}
         fused = reg.fused_gemv(4096, 1024, q4, "float16", False, 1e-5, True)
         assert fused is not None and reg.chosen["linear_gemv"] >= {gemv + "_norm_silu"}
+    reg = KernelRegistry(target, KernelOptions(webgpu_gemv="dp4a"))
+    reg.linear(1, 14336, 4096, q4, "float16", False)  # the 8B's down: one staging thread a group fits 32 KiB
+    assert reg.chosen["linear_gemv"] == {"int4_gemv_dp4a_webgpu"}
+    assert reg.fused_gemv(14336, 4096, q4, "float16", False, 1e-5, False) is None  # four a group (norm) do not
     reg = KernelRegistry(target, KernelOptions(webgpu_gemv="dp4a"))
     reg.linear(1, 128, 256, q4f32, "float32", False)  # fp32 activations too (no shader-f16 needed)
     assert reg.chosen["linear_gemv"] == {"int4_gemv_dp4a_webgpu"}

@@ -546,18 +546,27 @@ def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, in
     return h2_config(in_f, out_f, silu)
 
 
-def dp4a_shared_bytes(in_f: int, out_f: int) -> int:
-    """Workgroup memory of int4_gemv_dp4a: the staged int8 x (in_f bytes), per group d, four partial maxima and
-    four partial sums, the lanes' partial sums (at most 32 rows a workgroup: 4 KiB)."""
-    return in_f + in_f // 32 * 36 + 32 * 32 * 4
+def dp4a_group_staging(in_f: int, norm: bool) -> bool:
+    """int4_gemv_dp4a's default staging: one thread a group for a plain GEMV with `in` over 4096, else four."""
+    return not norm and in_f > 4096
 
 
-def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None) -> bool:
-    """Whole groups, float16 or float32 activations / scales / output, staged x within workgroup memory."""
+def dp4a_shared_bytes(in_f: int, out_f: int, norm: bool = False) -> int:
+    """Workgroup memory of int4_gemv_dp4a with its default staging: the staged int8 x (in_f bytes), per group d and
+    either one sum (one staging thread a group) or four partial maxima and four partial sums (four), the lanes'
+    partial sums (at most 32 rows a workgroup: 4 KiB). The 8B's down (14336) needs 22,016 bytes with one thread a
+    group, 34,560 with four: over the vulkan preset's 32 KiB (run 8's final kernel fell back to int4_gemv_h2 there)."""
+    return in_f + in_f // 32 * (8 if dp4a_group_staging(in_f, norm) else 36) + 32 * 32 * 4
+
+
+def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None,
+                  norm: bool = False) -> bool:
+    """Whole groups, float16 or float32 activations / scales / output, staged x within workgroup memory (`norm`:
+    the norm-fused kernel's)."""
     limit = int(target.attrs.get("max_shared_memory_per_block", 16384)) if target is not None else 16384
     floats = ("float16", "float32")
     return in_f % 32 == 0 and x_dtype in floats and scale_dtype in floats and out_dtype in floats \
-        and dp4a_shared_bytes(in_f, out_f) <= limit
+        and dp4a_shared_bytes(in_f, out_f, norm) <= limit
 
 
 def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
@@ -571,9 +580,9 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     stage_threads: threads that quantize one group of 32 activations while x is staged. 4 (each 8 activations,
     the group's maximum met in workgroup memory, one more barrier; x staged as four 8-byte words and four partial
     sums a group); 1 (one thread the whole group, x staged as two 16-byte words and one sum a group; no norm
-    fusion). Default: 1 for a plain GEMV with `in` over 4096, else 4 (H200, the 8B's down 14336 -> 4096: 19.1 us
-    a call in the decode with one thread against 25.7 with four; the norm-fused qkv 14.3 against 20.0 with four,
-    docs/benchmarks/vulkan-h200.md runs 8 and 9)."""
+    fusion). Default (dp4a_group_staging): 1 for a plain GEMV with `in` over 4096, where four do not fit 32 KiB at
+    the 8B's down (14336 -> 4096; run 8's first kernel, one thread a group: 19.1 us a call in the decode against
+    h2's 25.7); else 4 (the norm-fused qkv 14.3 us against 20.0 with one, H200 run 8)."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -581,7 +590,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     if in_f % 32:
         raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
     norm = norm_eps is not None
-    group_staging = (stage_threads or (1 if not norm and in_f > 4096 else 4)) == 1
+    group_staging = (stage_threads or (1 if dp4a_group_staging(in_f, norm) else 4)) == 1
     if stage_threads not in (None, 1, 4) or (group_staging and norm):
         raise ValueError(f"int4_gemv_dp4a: stage_threads {stage_threads} (1 or 4; 1 without the norm fusion)")
     dw, dr, du = dp4a_config(in_f, out_f, silu)
