@@ -371,12 +371,12 @@ int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv
         pos0.data(), pages.data(), o.data(), ml.data(), maxp, P, layer, KV, SPLITS, scale, s); });
   } else {
     std::vector<half> q((size_t)n * H * D), k((size_t)n * KV * D), v((size_t)n * KV * D);
-    launch(n, H + 2 * KV, D / 2, 0, [&](float*) { edgellm_kv_append<D>(qkv.data(), freq.data(), pt.data(), pos0.data(),
+    launch(n, (H + 2 * KV + 2) / 3, D / 2, 0, [&](float*) { edgellm_kv_append<D, 3>(qkv.data(), freq.data(), pt.data(), pos0.data(),
         pages.data(), q.data(), k.data(), v.data(), 1, maxp, P, layer, H, KV); });
     launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_paged_attn_partial<D, G>(q.data(), pages.data(), pt.data(),
         pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, SPLITS, scale, s); });
   }
-  launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data()); });
+  launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data(), n * H); });
   f = fopen(argv[6], "wb");
   write(f, out);
   write(f, pages);

@@ -32,6 +32,8 @@ SPLITS_DECODE = 32  # blocks along the keys per (token, kv head) in decode: spli
 SPLITS_PREFILL = 1  # a prefill chunk over the cached history: its n x KV blocks are parallel enough
 THREADS = 128
 HEAD_DIMS = (64, 128)
+APPEND_HEADS = 4  # kv_append: q / k / v heads per block, one after the other (fewer, longer blocks)
+MERGE_ROWS = 8  # the prefill merge: (token, head) entries per block
 # the decode attention per layer: "fused" = decode_attn_func (RoPE, the append and split-K attention in one
 # kernel) + paged_attn_merge; "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results
 # bit for bit (H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md).
@@ -104,10 +106,10 @@ def kv_append_func(heads: int, kv_heads: int, head_dim: int, layers: int):
             T.reads()
             T.writes()
             T.launch_thread("blockIdx.x", n)
-            T.launch_thread("blockIdx.y", H + 2 * KV)
+            T.launch_thread("blockIdx.y", (H + 2 * KV + APPEND_HEADS - 1) // APPEND_HEADS)
             T.launch_thread("threadIdx.x", D // 2)
             T.evaluate(T.cuda.func_call(
-                f"edgellm_kv_append<{D}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, q.data, k.data,
+                f"edgellm_kv_append<{D}, {APPEND_HEADS}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, q.data, k.data,
                 v.data, T.Cast("int32", n // b), T.Cast("int32", maxp), P, layer, H, KV, source_code=_SRC))
 
     return kv_append.with_attr("edgellm.kernel", "owned_kv_append")
@@ -205,10 +207,10 @@ def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
             with T.sblock("root"):
                 T.reads()
                 T.writes()
-                T.launch_thread("blockIdx.x", n * H)
+                T.launch_thread("blockIdx.x", (n * H + MERGE_ROWS - 1) // MERGE_ROWS)
                 T.launch_thread("threadIdx.x", D)
-                T.evaluate(T.cuda.func_call(f"edgellm_paged_attn_merge<{D}, {splits}>", o.data, ml.data, o1.data,
-                                            lse1.data, out.data, 1, source_code=_SRC))
+                T.evaluate(T.cuda.func_call(f"edgellm_paged_attn_merge<{D}, {splits}, {MERGE_ROWS}>", o.data,
+                                            ml.data, o1.data, lse1.data, out.data, 1, n * H, source_code=_SRC))
 
         return paged_attn_merge.with_attr("edgellm.kernel", "owned_paged_attn_merge_lse")
 
@@ -225,7 +227,7 @@ def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
             T.launch_thread("blockIdx.x", n * H)
             T.launch_thread("threadIdx.x", D)
             T.evaluate(T.cuda.func_call(f"edgellm_paged_attn_merge_alone<{D}, {splits}>", o.data, ml.data,
-                                        out.data, source_code=_SRC))
+                                        out.data, n * H, source_code=_SRC))
 
     return paged_attn_merge_alone.with_attr("edgellm.kernel", "owned_paged_attn_merge")
 

@@ -6,45 +6,49 @@
 
 // RoPE (rotate-half, float32 angles pos * inv_freq[j]) on the q and k heads of each new token, K and V written
 // into the token's page slot, and rotated q / k and v copied out for the attention of the chunk among itself.
-// One block per (token, head of q | k | v), D / 2 threads; token i belongs to row i / per_row at position
-// pos0[row] + i % per_row.
-template <int D>
+// Block (token i, heads HB * blockIdx.y ..) over the H + 2 KV heads of q | k | v, D / 2 threads, one head after the
+// other (a block per head was 24,576 blocks of 64 threads for a 512-token Llama-3-8B chunk: 30 us a layer, bound by
+// block launches); token i belongs to row i / per_row at position pos0[row] + i % per_row.
+template <int D, int HB>
 __device__ __forceinline__ void edgellm_kv_append(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, half* __restrict__ q_out, half* __restrict__ k_out,
     half* __restrict__ v_out, int per_row, int maxp, long long P, int layer, int H, int KV) {
   constexpr int HALF = D / 2;
-  const int i = blockIdx.x, h = blockIdx.y, j = threadIdx.x, row = i / per_row, pos = pos0[row] + i % per_row;
+  const int i = blockIdx.x, j = threadIdx.x, row = i / per_row, pos = pos0[row] + i % per_row;
   const int page = page_table[row * maxp + pos / 16], slot = pos % 16;
-  const half* x = qkv + ((long long)i * (H + 2 * KV) + h) * D;
   half* base = pages + ((long long)layer * P + page) * 2 * KV * 16 * D;
-  if (h >= H + KV) {  // v: copied as it is
-    const int kh = h - H - KV;
-    half* v = v_out + ((long long)i * KV + kh) * D;
-    half* dst = base + ((KV + kh) * 16 + slot) * D;
-    const half a = x[j], b = x[j + HALF];
-    v[j] = a;
-    v[j + HALF] = b;
-    dst[j] = a;
-    dst[j + HALF] = b;
-    return;
-  }
   float s, c;
   sincosf((float)pos * inv_freq[j], &s, &c);
-  const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
-  const half r0 = __float2half(x0 * c - x1 * s), r1 = __float2half(x1 * c + x0 * s);
-  if (h < H) {
-    half* q = q_out + ((long long)i * H + h) * D;
-    q[j] = r0;
-    q[j + HALF] = r1;
-  } else {
-    const int kh = h - H;
-    half* k = k_out + ((long long)i * KV + kh) * D;
-    k[j] = r0;
-    k[j + HALF] = r1;
-    half* dst = base + (kh * 16 + slot) * D;
-    dst[j] = r0;
-    dst[j + HALF] = r1;
+  const int h0 = (int)blockIdx.y * HB;
+  for (int h = h0; h < min(H + 2 * KV, h0 + HB); ++h) {
+    const half* x = qkv + ((long long)i * (H + 2 * KV) + h) * D;
+    if (h >= H + KV) {  // v: copied as it is
+      const int kh = h - H - KV;
+      half* v = v_out + ((long long)i * KV + kh) * D;
+      half* dst = base + ((KV + kh) * 16 + slot) * D;
+      const half a = x[j], b = x[j + HALF];
+      v[j] = a;
+      v[j + HALF] = b;
+      dst[j] = a;
+      dst[j + HALF] = b;
+      continue;
+    }
+    const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
+    const half r0 = __float2half(x0 * c - x1 * s), r1 = __float2half(x1 * c + x0 * s);
+    if (h < H) {
+      half* q = q_out + ((long long)i * H + h) * D;
+      q[j] = r0;
+      q[j + HALF] = r1;
+    } else {
+      const int kh = h - H;
+      half* k = k_out + ((long long)i * KV + kh) * D;
+      k[j] = r0;
+      k[j + HALF] = r1;
+      half* dst = base + (kh * 16 + slot) * D;
+      dst[j] = r0;
+      dst[j + HALF] = r1;
+    }
   }
 }
 
@@ -203,54 +207,60 @@ __device__ __forceinline__ void edgellm_paged_attn_partial(
                            smem);
 }
 
-// Merge the S splits of (token, head) blockIdx.x (D threads): out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M);
-// with `extra` (o1, lse1: the chunk's attention among itself, log2 domain) merged in by its lse. A (token, head)
-// with no key at all and no extra writes zeros.
-template <int D, int S>
+// Merge the S splits of (token, head) entries blockIdx.x * R .. + R - 1 of `total` (D threads, one entry after
+// the other: a block per entry was 16,384 blocks for a 512-token Llama-3-8B chunk, 39 us a layer, bound by block
+// launches): out = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M); with `extra` (o1, lse1: the chunk's attention
+// among itself, log2 domain) merged in by its lse. A (token, head) with no key at all and no extra writes zeros.
+template <int D, int S, int R>
 __device__ __forceinline__ void edgellm_paged_attn_merge(
     const float* __restrict__ o_part, const float* __restrict__ ml, const half* __restrict__ o1,
-    const float* __restrict__ lse1, half* __restrict__ out, int extra) {
-  const long long e = blockIdx.x, d = threadIdx.x;
-  const float2* mls = reinterpret_cast<const float2*>(ml) + e * S;
-  float m[S], l[S];
-  float M = -INFINITY;
+    const float* __restrict__ lse1, half* __restrict__ out, int extra, long long total) {
+  const long long d = threadIdx.x;
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    const float2 x = mls[s];
-    m[s] = x.x;
-    l[s] = x.y;
-  }
-#pragma unroll
-  for (int s = 0; s < S; ++s) M = l[s] > 0.f ? fmaxf(M, m[s]) : M;
-  // the splits with keys are a prefix (split s covers keys from s * chunk on); their loads are issued together,
-  // without a branch per split (that serialized them), re-reading the last one where s >= cnt with weight 0
-  int cnt = 0;
-#pragma unroll
-  for (int s = 0; s < S; ++s) cnt += l[s] > 0.f;
-  float L = 0.f, acc = 0.f;
-  if (cnt > 0) {
+  for (int r = 0; r < R; ++r) {
+    const long long e = (long long)blockIdx.x * R + r;
+    if (e >= total) return;
+    const float2* mls = reinterpret_cast<const float2*>(ml) + e * S;
+    float m[S], l[S];
+    float M = -INFINITY;
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      const float w = s < cnt ? exp2f(m[s] - M) : 0.f;
-      L += l[s] * w;
-      acc += o_part[(e * S + min(s, cnt - 1)) * D + d] * w;
+      const float2 x = mls[s];
+      m[s] = x.x;
+      l[s] = x.y;
     }
+#pragma unroll
+    for (int s = 0; s < S; ++s) M = l[s] > 0.f ? fmaxf(M, m[s]) : M;
+    // the splits with keys are a prefix (split s covers keys from s * chunk on); their loads are issued together,
+    // without a branch per split (that serialized them), re-reading the last one where s >= cnt with weight 0
+    int cnt = 0;
+#pragma unroll
+    for (int s = 0; s < S; ++s) cnt += l[s] > 0.f;
+    float L = 0.f, acc = 0.f;
+    if (cnt > 0) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const float w = s < cnt ? exp2f(m[s] - M) : 0.f;
+        L += l[s] * w;
+        acc += o_part[(e * S + min(s, cnt - 1)) * D + d] * w;
+      }
+    }
+    float res;
+    if (extra) {
+      const float l1 = lse1[e];
+      const float M2 = L > 0.f ? fmaxf(M, l1) : l1;
+      const float w1 = exp2f(l1 - M2), wp = L > 0.f ? exp2f(M - M2) : 0.f;
+      res = (acc * wp + __half2float(o1[e * D + d]) * w1) / (L * wp + w1);
+    } else {
+      res = L > 0.f ? acc / L : 0.f;
+    }
+    out[e * D + d] = __float2half(res);
   }
-  float r;
-  if (extra) {
-    const float l1 = lse1[e];
-    const float M2 = L > 0.f ? fmaxf(M, l1) : l1;
-    const float w1 = exp2f(l1 - M2), wp = L > 0.f ? exp2f(M - M2) : 0.f;
-    r = (acc * wp + __half2float(o1[e * D + d]) * w1) / (L * wp + w1);
-  } else {
-    r = L > 0.f ? acc / L : 0.f;
-  }
-  out[e * D + d] = __float2half(r);
 }
 template <int D, int S>
 __device__ __forceinline__ void edgellm_paged_attn_merge_alone(
-    const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out) {
-  edgellm_paged_attn_merge<D, S>(o_part, ml, nullptr, nullptr, out, 0);
+    const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out, long long total) {
+  edgellm_paged_attn_merge<D, S, 1>(o_part, ml, nullptr, nullptr, out, 0, total);
 }
 // A decode step's RoPE, KV append and split-K attention for one layer in one kernel (before: kv_append +
 // paged_attn_partial, two kernels and a boundary per layer); paged_attn_merge follows. Block (token i, kv head,
