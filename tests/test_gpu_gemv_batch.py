@@ -157,18 +157,21 @@ def test_dispatch_builds(preset):
 
 
 @needs_nvcc
-def test_tiny_model_compiles_with_the_option_on_and_off(checkpoints, tmp_path):
+def test_tiny_model_compiles_with_the_option_on_and_off(cuda_tiny_build, checkpoints, tmp_path):
+    """The option's default (gemv) is the session's shared cuda-sm90 build of the tiny Llama (tests/conftest.py);
+    the option off is compiled here for sm_80."""
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
     from edgellm.kernels import KernelOptions
 
+    assert KernelOptions().cuda_gemm_small == "gemv"
+    out = tmp_path / "gemm"
+    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="cuda-sm80", quant="q4f16_1",
+                              runtime=RuntimeOptions(context_window=128, prefill_chunk=64),
+                              kernel_options=KernelOptions(cuda_gemm_small="gemm")))
     chosen = {}
-    for value, preset in (("gemv", "cuda-sm90"), ("gemm", "cuda-sm80")):  # (both archs with the option on: above)
-        out = tmp_path / value
-        compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target=preset, quant="q4f16_1",
-                                  runtime=RuntimeOptions(context_window=128, prefill_chunk=64),
-                                  kernel_options=KernelOptions(cuda_gemm_small=value)))
-        m = json.loads((out / "manifest.json").read_text())
+    for value, art in (("gemv", cuda_tiny_build()["out"]), ("gemm", out)):  # (both archs with the option on: above)
+        m = json.loads((art / "manifest.json").read_text())
         assert m["kernels"]["options"]["cuda_gemm_small"] == value
         chosen[value] = set(m["kernels"]["chosen"]["linear"])
     # hidden 64 -> q/k/v/o and gate/up take the dispatch; down (in 160, not a multiple of 64) keeps its GEMM
