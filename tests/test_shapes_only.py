@@ -6,15 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgellm.artifact import ArtifactError
+from edgellm.artifact import Artifact, ArtifactError
 from edgellm.compile import CompileArgs, compile_model
 from edgellm.config import RuntimeOptions
 from edgellm.device_runners.engine import Engine
 
 
-def test_shapes_only_artifact_runs_only_with_random_weights(checkpoints, tmp_path):
-    full = compile_model(CompileArgs(model=str(checkpoints["llama"]), output=tmp_path / "full", quant="q4f32_1",
-                                     runtime=RuntimeOptions(64, 16)))
+def test_shapes_only_artifact_runs_only_with_random_weights(checkpoints, compiled, tmp_path):
+    full = Artifact.open(compiled("llama", "q4f32_1"))  # the session's full build of the same model and scheme
     res = compile_model(CompileArgs(model=str(checkpoints["llama"]), output=tmp_path / "shapes", quant="q4f32_1",
                                     runtime=RuntimeOptions(64, 16), shapes_only=True))
     assert not list((tmp_path / "shapes" / "params").glob("shard_*"))
