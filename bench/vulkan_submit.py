@@ -38,7 +38,9 @@ POLICIES_FINAL = [("old", 64, 0, 0), ("default", 64, 4, 5000), ("f128", 128, 4, 
 POLICIES = POLICIES_AB if os.environ.get("POLICY_SET", "final") == "ab" else POLICIES_FINAL
 # Vulkan builds besides h2 and dp4a, the 8B only: label -> patch of webgpu_linear while compiling (BUILDS=a,b)
 VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
-            "vulkan-dp4a-st4": "int4_gemv_dp4a with stage_threads=4 everywhere (the run 8 kernel's staging)"}
+            "vulkan-dp4a-st4": "int4_gemv_dp4a with stage_threads=4 everywhere (the run 8 kernel's staging)",
+            "vulkan-u4": "h2 with 4 groups a lane a step at in 4096 (all of a lane's weights loaded at once)",
+            "vulkan-dp4a-u4": "dp4a with 4 groups a lane a step at in 4096"}
 PROMPT = list(range(1, 41))
 
 
@@ -49,8 +51,15 @@ def _patched(label: str):
 
     from edgellm.kernels import webgpu_linear as wl
 
+    h2 = wl.h2_config
+
+    def u4(i, o, silu=False, bits=4):
+        w, r, u = h2(i, o, silu, bits)
+        return (w, r, 4) if i == 4096 and bits == 4 else (w, r, u)
+
     name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)),
-                   "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4))}[label]
+                   "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4)),
+                   "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4)}[label]
 
     @contextmanager
     def ctx():
@@ -97,7 +106,8 @@ def _build(bundle: Path) -> None:
     for name in SHAPES:
         for label, preset, opts in [("cuda", "cuda-sm90", {}), ("vulkan", "vulkan", {}),
                                     ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"})] + [
-                                        (v, "vulkan", {"webgpu_gemv": "dp4a"}) for v in variants]:
+                                        (v, "vulkan", {"webgpu_gemv": "dp4a"} if "dp4a" in v else {})
+                                        for v in variants]:
             if label in VARIANTS and name != "llama-3-8b":
                 continue
             out = art / f"{name}-{label}"
@@ -171,7 +181,7 @@ def run(bundle: Path, shapes, reps: int) -> None:
                         if name != "llama-3-8b" and pol not in ("f64", "f64-first4", "f64-first4-spin",
                                                                 "f64-first8", "old", "default", "f128"):
                             continue
-                        if label in VARIANTS and pol != "default":
+                        if (label in VARIANTS or os.environ.get("ONLY_DEFAULT")) and pol != "default":
                             continue
                         g("edgellm.webgpu.set_flush_every")(0, every)
                         g("edgellm.webgpu.set_flush_first")(0, first)
