@@ -38,6 +38,29 @@ def compiled(tmp_path_factory, checkpoints):
 
 
 @pytest.fixture(scope="session")
+def preset_build(checkpoints, tmp_path_factory):
+    """preset_build(preset) -> the tiny Qwen2 (q/k/v bias, `in` padded to whole groups) compiled for a target preset in
+    its default scheme (context 128, prefill chunk 32), once per session: the target matrix, the packaging tests, the
+    Pi-under-qemu tests and the emulated fleet device share these builds."""
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+    from edgellm.targets import PRESETS
+
+    root = tmp_path_factory.mktemp("preset")
+    cache: dict[str, Path] = {}
+
+    def build(preset: str) -> Path:
+        if preset not in cache:
+            out = root / preset
+            compile_model(CompileArgs(model=str(checkpoints["qwen2"]), output=out, target=preset,
+                                      quant=PRESETS[preset].default_quant, runtime=RuntimeOptions(128, 32)))
+            cache[preset] = out
+        return cache[preset]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     from edgellm.loaders import SourceError, default_model_path
 

@@ -240,15 +240,11 @@ def test_report_over_devices(fleet, art, tmp_path):
 
 
 
-def test_emulated_pi5_device(fleet, art, checkpoints, arm64_root, tmp_path):
-    """An aarch64 device server under qemu (key rpi5) benchmarks a tiny rpi5 artifact; its records say aarch64
-    and emulated, and an x86 artifact is refused before upload. The report labels the emulated speeds."""
-    from edgellm.compile import CompileArgs, compile_model
-    from edgellm.config import RuntimeOptions
-
-    pi_art = tmp_path / "llama-rpi5"
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=pi_art, quant="q0f32", target="rpi5",
-                              runtime=RuntimeOptions(context_window=256, prefill_chunk=128)))
+def test_emulated_pi5_device(fleet, art, preset_build, arm64_root, tmp_path):
+    """An aarch64 device server under qemu (key rpi5) benchmarks a tiny rpi5 artifact (the session's shared rpi5
+    build, tests/conftest.py preset_build); its records say aarch64 and emulated, and an x86 artifact is refused
+    before upload. The report labels the emulated speeds."""
+    pi_art = preset_build("rpi5")
     proc = start_server(fleet["tracker"], "rpi5", tmp_path / "cache", name="pi5-emu",
                         extra=("--emulate", "cortex-a76"))
     try:

@@ -29,23 +29,27 @@ from edgellm.package import (
 )
 from edgellm.package.objects import has_static_init, read_archive, section_names
 from edgellm.package.templates import header
-from edgellm.targets import resolve
+from edgellm.targets import PRESETS, resolve
 from edgellm.targets.binfmt import object_format
 
 
 @pytest.fixture(scope="module")
-def arts(tmp_path_factory, checkpoints):
-    """target name -> artifact compiled from the tiny llama (android, ios, ios simulator), built on first use."""
+def arts(tmp_path_factory, checkpoints, preset_build):
+    """target name -> artifact compiled from the tiny Qwen2 in q4f16_1 (android, ios: the session's preset builds,
+    tests/conftest.py preset_build; the ios simulator: built here on first use)."""
     root = tmp_path_factory.mktemp("pkg-art")
     cache: dict[str, Path] = {}
-    targets = {"android": "android", "ios": "ios", "ios-sim": SIMULATOR_TARGET}
 
     def get(name: str) -> Path:
         if name not in cache:
-            out = root / name
-            compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target=targets[name],
-                                      quant="q4f16_1", runtime=RuntimeOptions(128, 32)))
-            cache[name] = out
+            if name != "ios-sim":
+                assert PRESETS[name].default_quant == "q4f16_1"
+                cache[name] = preset_build(name)
+            else:
+                out = root / name
+                compile_model(CompileArgs(model=str(checkpoints["qwen2"]), output=out, target=SIMULATOR_TARGET,
+                                          quant="q4f16_1", runtime=RuntimeOptions(128, 32)))
+                cache[name] = out
         return cache[name]
 
     return get
@@ -79,7 +83,7 @@ def _slices(pkg: Path) -> dict[str, Path]:
 
 def test_compile_records_system_lib_prefix(arts, compiled):
     prefix = _prefix(arts("android"))
-    assert prefix.startswith("edgellm_llama_q4f16_1_") and prefix.endswith("_") and len(prefix) > 8
+    assert prefix.startswith("edgellm_qwen2_q4f16_1_") and prefix.endswith("_") and len(prefix) > 8
     assert _prefix(arts("ios")) == prefix == _prefix(arts("ios-sim"))  # same model + scheme -> same prefix
     assert Artifact.open(compiled("llama", "q4f32_1")).manifest["system_lib_prefix"] is None  # host: a .so
 

@@ -92,19 +92,9 @@ def test_raw_target_json(checkpoints, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def matrix(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("matrix")
-    cache = {}
-
-    def build(preset: str) -> Path:
-        if preset not in cache:
-            out = root / preset
-            compile_model(CompileArgs(model=str(checkpoints["qwen2"]), output=out, target=preset,
-                                      quant=PRESETS[preset].default_quant, runtime=RuntimeOptions(128, 32)))
-            cache[preset] = out
-        return cache[preset]
-
-    return build
+def matrix(preset_build):
+    """matrix(preset) -> the tiny Qwen2 built for the preset (tests/conftest.py preset_build, shared by the session)."""
+    return preset_build
 
 
 @pytest.mark.parametrize("preset", [pytest.param(p, marks=NEEDS_NVCC) if PRESETS[p].target["kind"] == "cuda" else p
@@ -133,11 +123,29 @@ def test_compile_matrix(preset, matrix):
         assert (b"kernel void" in devc) if p.target["kind"] == "metal" else (b"__kernel" in devc)
 
 
-def test_fp16_scheme_on_fp16_less_target_falls_back(matrix, checkpoints, tmp_path, caplog):
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=tmp_path / "r4", target="rpi4", quant="q4f16_1",
-                              runtime=RuntimeOptions(128, 32)))
-    assert Artifact.open(tmp_path / "r4").manifest["quant"]["scheme"] == "q4f32_1"
-    assert "fp16 off" in caplog.text and "q4f32_1" in caplog.text
+@pytest.fixture(scope="module")
+def rpi4_fp16_fallback(checkpoints, tmp_path_factory) -> tuple[Path, str]:
+    """(artifact, warnings logged by the compile): the tiny Qwen2 compiled for rpi4 with --quant q4f16_1 (context 128,
+    prefill chunk 32); the fallback test reads it and the Pi 4's q4f32_1 run under qemu runs it."""
+    import io
+    import logging
+
+    out = tmp_path_factory.mktemp("rpi4-fallback") / "r4"
+    log, handler = logging.getLogger("edgellm"), logging.StreamHandler(io.StringIO())
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        compile_model(CompileArgs(model=str(checkpoints["qwen2"]), output=out, target="rpi4", quant="q4f16_1",
+                                  runtime=RuntimeOptions(128, 32)))
+    finally:
+        log.removeHandler(handler)
+    return out, handler.stream.getvalue()
+
+
+def test_fp16_scheme_on_fp16_less_target_falls_back(rpi4_fp16_fallback):
+    art, logged = rpi4_fp16_fallback
+    assert Artifact.open(art).manifest["quant"]["scheme"] == "q4f32_1"
+    assert "fp16 off" in logged and "q4f32_1" in logged
 
 
 def test_cross_artifact_refused_on_host_with_fix(matrix):
@@ -154,16 +162,18 @@ def test_cross_artifact_refused_on_host_with_fix(matrix):
 
 # q4f32_2 on both boards: its kernels differ by ISA (sdot on the Pi 5's Cortex-A76, the portable integer path on
 # the Pi 4). q4f32_1's kernels are the same code on both (only -mcpu differs), so one board covers them (CI time).
+# The tiny Qwen2's builds are shared: q4f32_2 is the Pi presets' default (the matrix's builds) and rpi4's q4f32_1 is the
+# fp16 fallback's build above.
 @pytest.mark.parametrize("board,scheme", [("rpi4", "q4f32_1"), ("rpi4", "q4f32_2"), ("rpi5", "q4f32_2")])
-def test_pi_build_matches_host_under_qemu(board, scheme, arm64_root, checkpoints, compiled, tmp_path):
+def test_pi_build_matches_host_under_qemu(board, scheme, arm64_root, matrix, rpi4_fp16_fallback, compiled, tmp_path):
     """A Pi build under qemu generates the host build's tokens and scores within tolerance."""
     from edgellm.device_runners.emulate import run_remote
     from edgellm.device_runners.engine import Engine
 
-    art = tmp_path / board
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=art, target=board, quant=scheme,
-                              runtime=RuntimeOptions(256, 128)))
-    host = Engine(compiled("llama", scheme))
+    art = rpi4_fp16_fallback[0] if scheme == "q4f32_1" else matrix(board)
+    m = Artifact.open(art).manifest
+    assert m["target"]["preset"] == board and m["quant"]["scheme"] == scheme
+    host = Engine(compiled("qwen2", scheme))
     ids = [1, 5, 7, 100, 42, 9, 33]
     res = run_remote(art, {"op": "generate_ids", "ids": ids, "max_new_tokens": 8})
     assert res[-1]["tokens"] == list(host.generate_ids(ids, 8))
