@@ -581,8 +581,9 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     the group's maximum met in workgroup memory, one more barrier; x staged as four 8-byte words and four partial
     sums a group); 1 (one thread the whole group, x staged as two 16-byte words and one sum a group; no norm
     fusion). Default (dp4a_group_staging): 1 for a plain GEMV with `in` over 4096, where four do not fit 32 KiB at
-    the 8B's down (14336 -> 4096; run 8's first kernel, one thread a group: 19.1 us a call in the decode against
-    h2's 25.7); else 4 (the norm-fused qkv 14.3 us against 20.0 with one, H200 run 8)."""
+    the 8B's down (14336 -> 4096; H200 run 9: 22.3 us a call in the decode against h2's 25.7, and 23.8 with four
+    threads where the adapter's 48 KiB allowed them); else 4 (the norm-fused qkv 14.3 us against 20.0 with one,
+    H200 run 8)."""
     from .._tvm import compiler
 
     T = compiler().T
