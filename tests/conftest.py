@@ -71,6 +71,15 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def smollm2_source():
+    """edgellm's loader on the default GGUF (open_model(None): parsing its metadata costs ~2-3 s), once per session;
+    the tensors load lazily, read-only."""
+    from edgellm.loaders import open_model
+
+    return open_model(None)
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path):
     """transformers' fp32 model + tokenizer loaded from the same GGUF."""
     import torch

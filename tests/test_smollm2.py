@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from edgellm.device_runners.engine import Engine
-from edgellm.loaders import open_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +27,9 @@ TEXT = (
 )
 
 
-def test_gguf_tensors_equal_transformers_dequantization(hf_smollm2):
+def test_gguf_tensors_equal_transformers_dequantization(hf_smollm2, smollm2_source):
     model, _ = hf_smollm2
-    src = open_model(None)
+    src = smollm2_source
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     assert src.config.tie_word_embeddings and "lm_head.weight" not in src.tensors
     assert len(src.tensors) == 272
@@ -40,11 +39,11 @@ def test_gguf_tensors_equal_transformers_dequantization(hf_smollm2):
         np.testing.assert_array_equal(got, sd[name], err_msg=name)
 
 
-def test_gguf_tokenizer_equals_transformers(hf_smollm2):
+def test_gguf_tokenizer_equals_transformers(hf_smollm2, smollm2_source):
     from tokenizers import Tokenizer
 
     _, hf_tok = hf_smollm2
-    tok = Tokenizer.from_str(open_model(None).tokenizer_json)
+    tok = Tokenizer.from_str(smollm2_source.tokenizer_json)
     for text in ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n", TEXT,
                  "Unicode: café, naïve, 東京, emoji 🙂 and tabs\tand  spaces."]:
         assert tok.encode(text, add_special_tokens=False).ids == hf_tok.encode(text, add_special_tokens=False)
@@ -79,7 +78,7 @@ Q4_AGREEMENT_FLOOR = {"q4f32_1": 0.58, "q4f32_2": 0.96}
 
 
 @pytest.mark.parametrize("scheme", ["q4f32_1", "q4f32_2"])
-def test_q4_teacher_forced_top1_agreement(scheme, compiled, hf_smollm2, capsys):
+def test_q4_teacher_forced_top1_agreement(scheme, compiled, hf_smollm2, smollm2_source, capsys):
     import torch
 
     from edgellm.artifact import Artifact
@@ -104,7 +103,7 @@ def test_q4_teacher_forced_top1_agreement(scheme, compiled, hf_smollm2, capsys):
     # the GGUF's Q8_0 tied embedding / head is stored 8-bit (source-faithful) and repacks bit for bit
     assert art.manifest["quant"]["classes"]["embedding"]["scheme"].startswith("q8")
     np.testing.assert_array_equal(weights["model.embed_tokens.weight"],
-                                  open_model(None).tensors["model.embed_tokens.weight"].load())
+                                  smollm2_source.tensors["model.embed_tokens.weight"].load())
     oracle = forward(ModelConfig.from_dict(art.manifest["model"]["config"]), weights, ids[:n_oracle],
                      linear=int8_linear(art) if int8 else None)
     got_o = got[:n_oracle]

@@ -60,14 +60,12 @@ def test_chunks_fit_and_carry_bos():
     assert make_chunks(list(range(9)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a last piece of 1 token predicts nothing
 
 
-def test_builtin_text_is_about_2000_smollm2_tokens(smollm2_path):
+def test_builtin_text_is_about_2000_smollm2_tokens(smollm2_source):
     from tokenizers import Tokenizer
-
-    from edgellm.loaders import open_model
 
     text = builtin_text()
     assert not text.startswith("#") and text.startswith("It is a truth universally acknowledged")
-    n = len(Tokenizer.from_str(open_model(smollm2_path).tokenizer_json).encode(text, add_special_tokens=False).ids)
+    n = len(Tokenizer.from_str(smollm2_source.tokenizer_json).encode(text, add_special_tokens=False).ids)
     assert 1800 <= n <= 2300
     assert read_text(None) == ("built-in", text)
 
