@@ -48,10 +48,11 @@ def test_patch_source_waits_in_every_kernel_once():
     for name, open_, close in cuda_pdl.kernel_bodies(code):
         body = code[open_ + 1:close]
         assert body.count("griddepcontrol.wait") == 1, name
-        if name != "b_kernel":  # the prologue opens the body: launch_dependents, then the wait
-            assert body.lstrip().startswith('asm volatile("griddepcontrol.launch_dependents;"'), name
-            assert body.index("griddepcontrol.launch_dependents") < body.index("griddepcontrol.wait")
-            assert body.index("griddepcontrol.wait") < body.index(";", body.index("griddepcontrol.wait") + 25) \
+        if name != "b_kernel":  # the prologue opens the body: the wait, then launch_dependents (TRIGGER_FIRST off)
+            assert body.lstrip().startswith('asm volatile("griddepcontrol.wait;"'), name
+            assert body.index("griddepcontrol.wait") < body.index("griddepcontrol.launch_dependents")
+            assert body.index("griddepcontrol.launch_dependents") \
+                < body.index(";", body.index("griddepcontrol.launch_dependents") + 25) \
                 < body.index("x[0]" if name == "a_kernel" else "z[n]")  # before the kernel's own statements
     assert code.replace(cuda_pdl.prologue(), "") == SOURCE  # nothing else changed
     assert cuda_pdl.patch_source(code) == (code, [])  # idempotent
@@ -107,8 +108,8 @@ def _order(script: str, pattern: str) -> list[int]:
 @pytest.mark.parametrize("kw", [{}, {"norm_eps": 1e-5, "silu": True}, {"res_in": True},
                                 {"norm_eps": 1e-5, "norm_add": False}, {"ksplit": 2}])
 def test_gemv_loads_weights_before_its_wait(kw):
-    """In statement order: the first step's weight (and scale) loads, launch_dependents, the wait, then x / delta /
-    residual reads and stores. Without pdl the kernel has no griddepcontrol at all."""
+    """In statement order: the first step's weight (and scale) loads, the wait, launch_dependents (cuda_pdl's order,
+    TRIGGER_FIRST off), then x / delta / residual reads and stores. Without pdl the kernel has no griddepcontrol."""
     out_f = 512 if kw.get("silu") else 256
     kw = dict(kw)
     ks = kw.pop("ksplit", 1)  # 2: no whole step (32 groups over 64 lanes), the lone guarded one loaded first
@@ -118,7 +119,7 @@ def test_gemv_loads_weights_before_its_wait(kw):
     assert len(wait) == 1 and len(_order(script, r"griddepcontrol\.launch_dependents")) == 1
     w = wait[0]
     assert _order(script, r"\bqw\[")[0] < w  # the first step's weights are in flight before the wait
-    assert _order(script, r"griddepcontrol\.launch_dependents")[0] < w
+    assert (_order(script, r"griddepcontrol\.launch_dependents")[0] > w) is (not cuda_pdl.TRIGGER_FIRST)
     for reads in (r"\bx32\[", r"\bx\[", r"\bdl\[", r"\bxres\[", r"\bnw\["):
         assert all(i > w for i in _order(script, reads)), reads
     assert all(i > w for i in _order(script, r"\b(out|s_out)\[[^\]]*\] ="))

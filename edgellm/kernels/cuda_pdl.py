@@ -15,7 +15,7 @@ runs: its blocks become resident in the previous kernel's tail, do what does not
   kernel writes and before it writes anything (a buffer the previous kernel still reads may be the one the memory
   planner gave this kernel's output). `patch_source` puts the wait, then `griddepcontrol.launch_dependents` (the
   next kernel may launch once every block of this one has passed it), at the top of every `__global__` function of
-  the generated CUDA source that has no wait of its own (`launch_dependents` first: TRIGGER_FIRST). Kernels that
+  the generated CUDA source that has no wait of its own (the order: TRIGGER_FIRST). Kernels that
   place their own wait (the decode GEMV issues its first weight loads before it: weights are never written during a
   step) are left as they are.
 
@@ -39,12 +39,17 @@ MIN_SM = 90  # griddepcontrol is PTX ISA 7.8, sm_90+
 # moving loads or stores across the wait.
 WAIT = '[]() { asm volatile("griddepcontrol.wait;" ::: "memory"); }'
 LAUNCH_DEPENDENTS = '[]() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }'
-# The next kernel may launch once every block of this one has passed `launch_dependents`: first, then `wait`,
-# lets the chain run two kernels ahead (the one after next launches while this one still waits), so a GEMV after a
-# small kernel has its weights in flight during the kernel before that. Safe either way: a launched kernel still
-# waits for its predecessor's completion, which implies every earlier one's, and it is launched only once all
-# blocks of its predecessor have started (no block of an earlier kernel can be starved of a slot).
-TRIGGER_FIRST = True
+# The next kernel may launch once every block of this one has passed `launch_dependents`. `wait` first, then
+# `launch_dependents` (the default): a kernel lets its successor launch only once its own predecessor has
+# completed, so at most two kernels of the chain overlap. The other order (TRIGGER_FIRST = True: launch_dependents,
+# then wait) lets the chain run many kernels ahead, and it gave wrong logits on the H200: the owned cache's
+# Llama-3.2-1B decode went wrong at random steps in 4 of 12 passes over 8 steps (max logit difference 4-34 against
+# TVM's cache, where 0.031 is the normal gap) and SmolLM2's stopped once with an illegal address, while the same
+# builds with the wait first, without PDL, with the GEMV's wait at its start, or with the three-kernel decode
+# attention passed every pass (docs/benchmarks/h200-pdl.md, "The run-ahead race"). Every kernel waits before it
+# reads what an earlier kernel wrote, so the cause sits below what the CUDA source can see; run ahead is kept only
+# as an A/B knob. Cost of the safe order: 1-2% of 8B decode (run 4: 448.7 against 456.9 tok/s).
+TRIGGER_FIRST = False
 # The tensor-core prefill GEMMs (PrimFuncs with an `edgellm.gemm` label) keep ordinary launches and no prologue: with
 # PDL, Llama-3-8B pp128 fell from 12,824 to 10,221 tok/s on an H200 (pp512 +2%, decode unaffected by them).
 SKIP_GEMM = True
