@@ -72,17 +72,15 @@ def supports(kernels, cfg, dtype: str) -> bool:
     return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) is not None
 
 
-# --opt cuda_kv=auto takes the owned cache up to this hidden size on Hopper with PDL: there a decode step is bound
-# by kernel launches and boundaries, and one graph of 190 kernels beat TVM's cache (30 graphs + 90 launches, 219
-# kernels) on the SmolLM2 shape by 6-14% in two H200 leases; at 2048 and 4096 (1B, 8B) TVM's cache was as fast or
-# faster (its decode attention is quicker), and prefill is 10-17% slower on the owned path everywhere
-# (docs/benchmarks/h200-pdl.md)
-AUTO_MAX_HIDDEN = 1024
-
-
+# --opt cuda_kv=auto takes the owned cache wherever it applies on Hopper with PDL. H200, one call (bench/gpu_pdl.py,
+# docs/benchmarks/h200-pdl.md run 10), owned against TVM's cache: decode +5.5% (Llama-3-8B 504 vs 477 tok/s), +4%
+# (Llama-3.2-1B 1,654 vs 1,589), SmolLM2 +15-30% (1,414-1,597 vs 905-1,229); prefill -1.5% (8B), -4% (1B), -13%
+# (SmolLM2). A step is one chain of CUDA graphs with the weights passed whole (compile/pipeline.py), where TVM's
+# cache leaves and re-enters a graph at every layer's attention. (Until then it was taken up to hidden 1024 only:
+# the one-graph step waited ~160 us a token for its own launch.)
 def auto_owned(kernels, cfg, dtype: str) -> bool:
-    """The rule of --opt cuda_kv=auto: the owned cache where it applies, PDL is on and the model is small."""
-    return kernels.pdl and cfg.hidden_size <= AUTO_MAX_HIDDEN and supports(kernels, cfg, dtype)
+    """The rule of --opt cuda_kv=auto: the owned cache where it applies and PDL is on (Hopper)."""
+    return kernels.pdl and supports(kernels, cfg, dtype)
 
 
 def kv_append_func(heads: int, kv_heads: int, head_dim: int, layers: int):
