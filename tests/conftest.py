@@ -38,10 +38,11 @@ def compiled(tmp_path_factory, checkpoints):
 
 
 @pytest.fixture(scope="session")
-def preset_build(checkpoints, tmp_path_factory):
+def preset_build(checkpoints, compiled, tmp_path_factory):
     """preset_build(preset) -> the tiny Qwen2 (q/k/v bias, `in` padded to whole groups) compiled for a target preset in
-    its default scheme (context 128, prefill chunk 32), once per session: the target matrix, the packaging tests, the
-    Pi-under-qemu tests and the emulated fleet device share these builds."""
+    its default scheme (context 128, prefill chunk 32; host: the `compiled` fixture's build, context 256), once per
+    session: the target matrix, the packaging tests, the Pi-under-qemu tests and the emulated fleet device share these
+    builds."""
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
     from edgellm.targets import PRESETS
@@ -50,6 +51,8 @@ def preset_build(checkpoints, tmp_path_factory):
     cache: dict[str, Path] = {}
 
     def build(preset: str) -> Path:
+        if preset == "host":
+            return compiled("qwen2", PRESETS["host"].default_quant)
         if preset not in cache:
             out = root / preset
             compile_model(CompileArgs(model=str(checkpoints["qwen2"]), output=out, target=preset,

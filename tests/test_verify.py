@@ -156,14 +156,17 @@ def test_cli_exit_1_names_the_measure_value_and_bound(tiny):
     assert res.exit_code == 1 and "it is a percentage, 0 to 100" in res.stderr
 
 
-def test_missing_or_changed_source_is_one_clear_line(tmp_path, checkpoints):
-    from edgellm.compile import CompileArgs, compile_model
-    from edgellm.config import RuntimeOptions
+def test_missing_or_changed_source_is_one_clear_line(tmp_path, checkpoints, tiny):
+    from edgellm.artifact import MANIFEST, write_manifest
 
+    # the session's q0f32 build of the tiny Llama, as compiled from a copy of its checkpoint (same bytes, so the same
+    # sha256): the manifest's source path names the copy, which this test then changes and removes
     src = shutil.copytree(checkpoints["llama"], tmp_path / "llama-src")
-    art = tmp_path / "art"
-    compile_model(CompileArgs(model=str(src), output=art, quant="q0f32",
-                              runtime=RuntimeOptions(context_window=256, prefill_chunk=128)))
+    art = shutil.copytree(tiny["q0f32"], tmp_path / "art")
+    m = json.loads((art / MANIFEST).read_text())
+    assert m["model"]["source"] == str(checkpoints["llama"])
+    m["model"]["source"] = str(src)
+    write_manifest(art, m)
     assert verify(VerifyArgs(art, max_chunks=1)).total.agreement >= 0.99
     cfg = src / "config.json"
     cfg.write_text(cfg.read_text() + "\n")
