@@ -53,17 +53,15 @@ VARIANTS = {
     "owned-1graph": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-tf": {"cuda_pdl": "on", "cuda_kv": "owned"},  # with launch_dependents before the wait (the race)
-    "owned-nopf": {"cuda_pdl": "on", "cuda_kv": "owned"},  # decode attention's loads all after its wait
 }
 MODE = {"owned-split": "split"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-tf": True, "owned-tf": True}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
-OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-nopf")
-NOPF = ("owned-nopf",)  # owned_kv.PREFETCH False
+OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf")
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
-SHAPE_VARIANTS = {shape: ("on", "owned", "owned-nopf") for shape in SHAPE_NAMES}
+SHAPE_VARIANTS = {shape: ("on", "owned", "owned-tf") for shape in SHAPE_NAMES}
 PASSES = 8  # repeated decode passes of each owned build (the run-ahead race showed in 4 of 12)
 TINY_VARIANTS = ("off", "on", "owned")
 
@@ -73,8 +71,7 @@ def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.kernels import KernelOptions, cuda_pdl, owned_kv
 
     saved = (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-             pipeline.GRAPH_PIECES, owned_kv.PREFETCH)
-    owned_kv.PREFETCH = variant not in NOPF
+             pipeline.GRAPH_PIECES)
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
@@ -84,7 +81,7 @@ def _compile(args_kw: dict, variant: str) -> None:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**VARIANTS[variant])))
     finally:
         (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-         pipeline.GRAPH_PIECES, owned_kv.PREFETCH) = saved
+         pipeline.GRAPH_PIECES) = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:

@@ -38,9 +38,6 @@ MERGE_ROWS = 8  # the prefill merge: (token, head) entries per block
 # kernel) + paged_attn_merge; "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results
 # bit for bit (H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md).
 DECODE_ATTN = "fused"
-# fused: the block loads its first tile of keys and values before its grid-dependency wait (owned_kv.cu
-# edgellm_prefetch_tile); False keeps every load after it (A/B)
-PREFETCH = True
 DECODE_ATTN_MODES = ("fused", "split")
 _SRC = cuda_source("owned_kv.cu")
 
@@ -182,7 +179,7 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
             T.launch_thread("threadIdx.x", THREADS)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
             T.evaluate(T.cuda.func_call(
-                f"edgellm_decode_attn<{D}, {G}, {'true' if PREFETCH else 'false'}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data,
+                f"edgellm_decode_attn<{D}, {G}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data,
                 ml.data, T.Cast("int32", maxp), P, layer, KV, splits, T.float32(scale_log2), sm.data,
                 source_code=_SRC))
 

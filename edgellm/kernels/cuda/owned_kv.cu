@@ -357,7 +357,7 @@ __device__ __forceinline__ void edgellm_prefetch_tile(
 // (the prefetched copy of its slot is stale); every other block reads only keys < pos. Each block then computes its
 // split as paged_attn_partial does (a split past the last key writes (-inf, 0)): the merged output equals the
 // two-kernel path's bit for bit. smem: G * D + G * 32 + 3 * G floats.
-template <int D, int G, bool PF = true>
+template <int D, int G>
 __device__ __forceinline__ void edgellm_decode_attn(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
@@ -370,7 +370,7 @@ __device__ __forceinline__ void edgellm_decode_attn(
   const long long e0 = ((long long)i * H + kvh * G) * splits + split;
   uint4 kpre[D / 32];
   unsigned vpre[ITEMS * 32];
-  if (PF && split < active)  // (PF false: the loads after the wait, in edgellm_attn_split; for A/B)
+  if (split < active)
     edgellm_prefetch_tile<D, G>(pages, page_table, row, maxp, P, layer, KV, kvh, begin, end, kpre, vpre);
   edgellm_grid_wait();
   if (split >= active) {  // no key here: an empty split for paged_attn_merge, as paged_attn_partial writes it
@@ -408,7 +408,7 @@ __device__ __forceinline__ void edgellm_decode_attn(
     }
   }
   // edgellm_attn_split syncs the block before its first load: the new k / v are then visible to it
-  edgellm_attn_split<D, G, PF>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0,
+  edgellm_attn_split<D, G, true>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0,
                                  splits, smem, kpre, vpre, pos);
 }
 #endif
