@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -57,23 +56,6 @@ def test_patch_source_waits_in_every_kernel_once():
                 < body.index("x[0]" if name == "a_kernel" else "z[n]")  # before the kernel's own statements
     assert code.replace(cuda_pdl.prologue(), "") == SOURCE  # nothing else changed
     assert cuda_pdl.patch_source(code) == (code, [])  # idempotent
-
-
-def test_patch_source_leaves_kernels_that_wait_in_a_device_function_alone():
-    """A kernel calling a SELF_WAITING device function (owned_kv.cu's decode attention, which loads its first tile
-    before its own wait) gets no prologue; one calling another function does."""
-    src = ('extern "C" __global__ void __launch_bounds__(128) decode_attn_kernel(half* q) {\n'
-           '  edgellm_decode_attn<128, 4>(q, 0);\n}\n'
-           'extern "C" __global__ void __launch_bounds__(128) merge_kernel(half* q) {\n'
-           '  edgellm_paged_attn_merge_alone<128, 32>(q, 0);\n}\n')
-    code, patched = cuda_pdl.patch_source(src)
-    assert patched == ["merge_kernel"] and cuda_pdl.unwaited_kernels(code) == []
-    assert code.count("griddepcontrol.wait") == 1 and code.index("griddepcontrol.wait") > code.index("merge_kernel")
-    source = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
-    for name in cuda_pdl.SELF_WAITING:  # the device function does wait, then let the next kernel launch
-        body = source[source.index(f"void {name}("):]
-        assert "edgellm_grid_wait();" in body[:body.index("\n}\n")]
-    assert re.search(r'griddepcontrol\.wait;[^\n]*\n\s*asm volatile\("griddepcontrol\.launch_dependents', source)
 
 
 def test_patch_source_leaves_skipped_functions_alone():

@@ -179,23 +179,12 @@ def kernel_bodies(code: str) -> list[tuple[str, int, int]]:
             i = k
 
 
-# Device functions (edgellm's .cu sources) that run the grid-dependency wait themselves, after loads that no
-# kernel of the step writes (owned_kv.cu edgellm_decode_attn: its first tile of keys and values); a kernel that
-# calls one gets no prologue.
-SELF_WAITING = ("edgellm_decode_attn",)
-_SELF_WAITING = re.compile(r"\b(?:%s)\s*[<(]" % "|".join(SELF_WAITING))
-
-
-def _waits(body: str) -> bool:
-    return "griddepcontrol.wait" in body or _SELF_WAITING.search(body) is not None
-
-
 def patch_source(code: str, skipped: set = frozenset()) -> tuple[str, list[str]]:
-    """`code` with prologue() at the top of every kernel that has no `griddepcontrol.wait` (of its own or in a
-    SELF_WAITING device function it calls) and is not `skipped`; and the names of the kernels patched."""
+    """`code` with prologue() at the top of every kernel that has no `griddepcontrol.wait` and is not `skipped`;
+    and the names of the kernels patched."""
     patched, pieces, last = [], [], 0
     for name, open_, close in kernel_bodies(code):
-        if _waits(code[open_:close]) or skipped_kernel(name, skipped):
+        if "griddepcontrol.wait" in code[open_:close] or skipped_kernel(name, skipped):
             continue
         pieces += [code[last:open_ + 1], prologue()]
         last = open_ + 1
@@ -208,4 +197,4 @@ def unwaited_kernels(code: str, skipped: set = frozenset()) -> list[str]:
     """Kernels of `code` with no `griddepcontrol.wait`, `skipped` ones aside: empty after patch_source (the tests
     check a whole build's source with it)."""
     return [name for name, open_, close in kernel_bodies(code)
-            if not _waits(code[open_:close]) and not skipped_kernel(name, skipped)]
+            if "griddepcontrol.wait" not in code[open_:close] and not skipped_kernel(name, skipped)]

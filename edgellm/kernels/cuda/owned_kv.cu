@@ -52,17 +52,6 @@ __device__ __forceinline__ void edgellm_kv_append(
   }
 }
 
-// A load through L2 only (ld.global.cg), for data this kernel wrote itself: a copy of the same line loaded earlier
-// (the prefetch of the tile) may sit in L1 / the read-only cache. Plain load in the host emulation.
-template <typename T>
-__device__ __forceinline__ T edgellm_ld_l2(const T* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *p;
-#endif
-}
-
 // Keys per split: the live context kv_len cut in `splits` parts, rounded up to whole 32-key tiles (at least one
 // tile). It follows the context, not the page table's capacity: a decode step at context 130 runs 5 one-tile splits
 // per kv head (with the capacity's chunk, a 4096-token table gave 128-key splits, 2 blocks per kv head working 4
@@ -79,15 +68,11 @@ __device__ __forceinline__ int edgellm_split_chunk(int kv_len, int splits) {
 // The split [begin, end) of one block (token i, kv head kvh) over its row's pages, q already in smem (sq: q * scale
 // * log2(e), [G][D]): 32-key tiles with an online softmax, then (o, m, l) of the split written at e0 (head g at
 // e0 + g * splits). paged_attn_partial and decode_attn share it, so their splits are the same arithmetic.
-// With PRE (decode_attn), the first tile's keys and values come from kpre / vpre, loaded by the caller before
-// its grid-dependency wait (edgellm_prefetch_tile), except key `fresh` (the token this kernel appended), which is
-// read from the page after the block's sync.
-template <int D, int G, bool PRE = false>
+template <int D, int G>
 __device__ __forceinline__ void edgellm_attn_split(
     const half* __restrict__ pages, const int* __restrict__ page_table, float* __restrict__ o_part,
     float* __restrict__ ml, int row, int maxp, long long P, int layer, int KV, int kvh, int begin, int end,
-    long long e0, int splits, float* smem, const uint4* kpre = nullptr, const unsigned* vpre = nullptr,
-    int fresh = -1) {
+    long long e0, int splits, float* smem) {
   constexpr int ITEMS = (G * D / 2 + 127) / 128;  // (head, dim pair) items per thread in the output
   const int tid = threadIdx.x;
   const float* sq = smem;
@@ -113,22 +98,10 @@ __device__ __forceinline__ void edgellm_attn_split(
 #pragma unroll
       for (int g = 0; g < G; ++g) dot[g] = 0.f;
       if (j < end) {
-        uint4 raws[D / 32];
-        if (PRE && t0 == begin && j != fresh) {
-#pragma unroll
-          for (int c = 0; c < D / 32; ++c) raws[c] = kpre[c];
-        } else if (PRE && j == fresh) {  // written by this block (then synced): from L2
-          const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
-#pragma unroll
-          for (int c = 0; c < D / 32; ++c) raws[c] = edgellm_ld_l2(reinterpret_cast<const uint4*>(kp) + c);
-        } else {
-          const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
-#pragma unroll
-          for (int c = 0; c < D / 32; ++c) raws[c] = reinterpret_cast<const uint4*>(kp)[c];
-        }
+        const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
 #pragma unroll
         for (int c = 0; c < D / 32; ++c) {
-          const uint4 raw = raws[c];
+          const uint4 raw = reinterpret_cast<const uint4*>(kp)[c];
           const half2* h2 = reinterpret_cast<const half2*>(&raw);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -185,13 +158,7 @@ __device__ __forceinline__ void edgellm_attn_split(
           // no branch, so the 32 loads are all in flight at once (a guard per key serialized them: 11 us per 8B
           // layer); past the tile's last key read that key again (written, finite) with p = 0
           const int kc = min(k, nk - 1);
-          const half* vp = (kc < 16 ? v0 : v1) + (kc & 15) * D + d;
-          unsigned u;
-          if (PRE && t0 == begin)  // the prefetched value, but the key appended by this kernel
-            u = t0 + kc == fresh ? edgellm_ld_l2(reinterpret_cast<const unsigned*>(vp)) : vpre[t * 32 + k];
-          else
-            u = *reinterpret_cast<const unsigned*>(vp);
-          const float2 vv = __half22float2(*reinterpret_cast<const half2*>(&u));
+          const float2 vv = __half22float2(*reinterpret_cast<const half2*>((kc < 16 ? v0 : v1) + (kc & 15) * D + d));
           const float p = ss[g * 32 + k];
           o.x += p * vv.x;
           o.y += p * vv.y;
@@ -303,76 +270,17 @@ __device__ __forceinline__ void edgellm_paged_attn_merge_alone(
 // page; every other block reads only keys < pos, which no block of this kernel writes. Each block then computes its
 // split as paged_attn_partial does (a split past the last key writes (-inf, 0)): the merged output equals the
 // two-kernel path's bit for bit. smem: G * D + G * 32 + 3 * G floats.
-// The grid-dependency wait and the next kernel's launch (kernels/cuda_pdl.py's prologue, same order) for a kernel
-// that places them itself: cuda_pdl.SELF_WAITING names its device function, so the build does not add its own.
-// Outside Hopper (sm_80 builds of the owned cache, the host emulation of the tests) there is nothing to wait for.
-__device__ __forceinline__ void edgellm_grid_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// The first 32-key tile of [begin, end) into registers as edgellm_attn_split reads it: the thread's key quarter
-// (key begin + tid / 4) and its (head, dim pair) items' values over the tile's keys (the last key repeated past
-// the end, as there). Reads the page table and pages only.
-template <int D, int G>
-__device__ __forceinline__ void edgellm_prefetch_tile(
-    const half* __restrict__ pages, const int* __restrict__ page_table, int row, int maxp, long long P, int layer,
-    int KV, int kvh, int begin, int end, uint4* kpre, unsigned* vpre) {
-  constexpr int ITEMS = (G * D / 2 + 127) / 128;
-  const int tid = threadIdx.x, kk = tid >> 2, qq = tid & 3, j = begin + kk;
-  const half* lbase = pages + (long long)layer * P * 2 * KV * 16 * D;
-  const int* pt = page_table + row * maxp;
-  if (j < end) {
-    const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D + qq * (D / 4);
-#pragma unroll
-    for (int c = 0; c < D / 32; ++c) kpre[c] = reinterpret_cast<const uint4*>(kp)[c];
-  }
-  const int nk = min(32, end - begin);
-  const half* v0 = lbase + (((long long)pt[begin >> 4] * 2 + 1) * KV + kvh) * 16 * D;
-  const half* v1 = nk > 16 ? lbase + (((long long)pt[(begin >> 4) + 1] * 2 + 1) * KV + kvh) * 16 * D : v0;
-#pragma unroll
-  for (int t = 0; t < ITEMS; ++t) {
-    const int w = tid + t * 128;
-    if (w < G * D / 2) {
-      const int d = 2 * (w % (D / 2));
-#pragma unroll
-      for (int k = 0; k < 32; ++k) {
-        const int kc = min(k, nk - 1);
-        vpre[t * 32 + k] = *reinterpret_cast<const unsigned*>((kc < 16 ? v0 : v1) + (kc & 15) * D + d);
-      }
-    }
-  }
-}
-
-// A decode step's RoPE, KV append and split-K attention for one layer in one kernel (before: kv_append +
-// paged_attn_partial, two kernels and a boundary per layer); paged_attn_merge follows. Block (token i, kv head,
-// split); each row decodes one token at position pos = pos0[row]. Before its grid-dependency wait the block loads
-// its first tile's keys and values: nothing of this step writes them (the page table and positions come from the
-// host before the step, keys before `pos` from earlier steps), so those loads overlap the qkv GEMV before it (PDL);
-// only q, k and v of the new token come from that GEMV. Every block applies RoPE to its G query heads
-// (kv_append's arithmetic: q rounded to fp16); the block whose split holds `pos` (the last one with keys) also
-// writes the new token's rotated k and its v into the page slot, then syncs, and reads that key back from the page
-// (the prefetched copy of its slot is stale); every other block reads only keys < pos. Each block then computes its
-// split as paged_attn_partial does (a split past the last key writes (-inf, 0)): the merged output equals the
-// two-kernel path's bit for bit. smem: G * D + G * 32 + 3 * G floats.
 template <int D, int G>
 __device__ __forceinline__ void edgellm_decode_attn(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
     int maxp, long long P, int layer, int KV, int splits, float scale_log2, float* smem) {
-  constexpr int HALF = D / 2, ITEMS = (G * D / 2 + 127) / 128;
+  constexpr int HALF = D / 2;
   const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
   const int H = G * KV, row = i, pos = pos0[row], kv_len = pos + 1, chunk = edgellm_split_chunk(kv_len, splits);
   const int active = (kv_len + chunk - 1) / chunk;
   const int begin = split * chunk, end = min(kv_len, begin + chunk);
   const long long e0 = ((long long)i * H + kvh * G) * splits + split;
-  uint4 kpre[D / 32];
-  unsigned vpre[ITEMS * 32];
-  if (split < active)
-    edgellm_prefetch_tile<D, G>(pages, page_table, row, maxp, P, layer, KV, kvh, begin, end, kpre, vpre);
-  edgellm_grid_wait();
   if (split >= active) {  // no key here: an empty split for paged_attn_merge, as paged_attn_partial writes it
     if (tid < G) {
       ml[2 * (e0 + tid * splits)] = -INFINITY;
@@ -408,7 +316,7 @@ __device__ __forceinline__ void edgellm_decode_attn(
     }
   }
   // edgellm_attn_split syncs the block before its first load: the new k / v are then visible to it
-  edgellm_attn_split<D, G, true>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0,
-                                 splits, smem, kpre, vpre, pos);
+  edgellm_attn_split<D, G>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0, splits,
+                           smem);
 }
 #endif
