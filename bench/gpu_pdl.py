@@ -62,6 +62,7 @@ PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # p
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf")
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {shape: ("on", "owned", "owned-tf") for shape in SHAPE_NAMES}
+BATCH = 32  # the shapes' max_batch: batched decode at 1, 8 and 32 sequences (serve's case)
 PASSES = 8  # repeated decode passes of each owned build (the run-ahead race showed in 4 of 12)
 TINY_VARIANTS = ("off", "on", "owned")
 
@@ -114,7 +115,7 @@ def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
             folder = gp.shape_folder(shape)
             for v in SHAPE_VARIANTS[shape]:
                 _compile(dict(model=str(folder), output=out / "art" / f"{shape}-{v}", target=preset, quant="q4f16_1",
-                              runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True), v)
+                              runtime=RuntimeOptions(1024, 512, 16, BATCH), shapes_only=True), v)
     finally:
         gp.OUT = saved
     gp.check_bundle_size(out)
@@ -263,6 +264,10 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
             print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
     for v in variants[:2]:  # where prefill goes on the two caches (TVM's and the owned one, on 1B and 8B)
         results.setdefault("prefill_tables", {})[f"{shape}-{v}"] = gpu_run.prefill_kernel_table(engines[v], 512, 25)
+    for v in variants:  # aggregate tok/s with 1, 8 and 32 sequences decoding together
+        for r in gpu_run.bench_batched(engines[v], f"{shape}-{v}"):
+            results.setdefault("batched", []).append(r)
+            print(f"{shape:<14} {v:<6} batched x{r['sequences']:<3} {r['aggregate_ts']:9.1f} tok/s", flush=True)
     for v, n in [(v, n) for n in (128, 512) for v in variants]:
         for r in run_bench(engines[v], n, 0, reps=3, warmup=1, device_name=name):
             results["bench"].append({"shape": shape, "variant": v, "test": r.test, "avg_ts": r.avg_ts,

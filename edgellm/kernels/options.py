@@ -40,8 +40,7 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                 "CUDA KV cache: owned = edgellm's paged cache (kernels/owned_kv.py; page table and positions are "
                 "inputs, so a decode step is one CUDA graph, RoPE + append + attention one kernel a layer); tvm = "
                 "TVM's PagedKVCache (its attention is a call into the cache object that splits the graph per "
-                "layer); auto = owned for hidden sizes up to 1024 on sm_90 with cuda_pdl (launch-bound decode), "
-                "else tvm"),
+                "layer); auto = owned on sm_90 with cuda_pdl, else tvm"),
     "cuda_fuse": (("auto", "all", "silu", "off"),
                   "CUDA decode fusions into the INT4 decode GEMV (x staged in shared memory; one-token decode only): "
                   "all = the residual add + RMSNorm before qkv and gate_up staged by the GEMV itself, "
