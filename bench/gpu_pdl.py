@@ -6,18 +6,21 @@ call: checks, profiles, tg128, pp128 and pp512.
   PYTHONPATH=.device-pdl/site:. python3 bench/gpu_pdl.py run --dev .device-pdl
   # docs/benchmarks/h200-pdl.md's runs 5 and 6: --no-tiny --shapes llama-3-8b(,llama-3.2-1b) --variants off,on
 
-The bundle holds, per variant (VARIANTS: kernel options; the same code otherwise; `owned-split` is the owned cache
-with owned_kv.DECODE_ATTN = split: kv_append + paged_attn + merge, as before decode_attn_func):
+The bundle holds, per variant (VARIANTS: kernel options and the module knobs MODE / TRIGGER / SKIP_GEMM / WHOLE /
+PIECES set for that build; the same code otherwise):
   tiny64-llama-q4f16_1-{variant}   the head_dim-64 tiny Llama with weights (norm weights drawn in [0.5, 1.5])
   {shape}-{variant}                SmolLM2-135M, Llama-3.2-1B, Llama-3-8B shapes, q4f16_1, shapes only
 Run (each step reports and goes on when another fails):
   1. tiny model: each variant's prefill + 50 decode steps vs the numpy model on the dequantized weights, its
      logits vs the first variant's (bit-equal expected for the pairs in EXACT: PDL on / off, owned fused / split;
      within 1e-3 of the largest logit otherwise), greedy 40 equal;
-  2. per shape, random weights (seed 0, the same in every build): decode logits vs the first variant over 8
-     steps, greedy 32-token chains, a CUPTI profile of 24 decode steps (kernels per token, GPU busy, span; with
-     PDL "busy" includes the time a launched kernel waits for its predecessor), then tg128 (5 reps) of every variant
-     and the first two again (drift check), pp128 and pp512 (3 reps) of every variant.
+  2. per shape, random weights (seed 0, the same in every build; max_batch 32): decode logits vs the first variant
+     over 8 steps, greedy 32-token chains, the owned builds against each other bit for bit and each again for
+     PASSES more passes (the run-ahead race of h200-pdl.md showed there), a CUPTI profile and timeline of 24
+     decode steps (kernels per token, GPU busy, span, the idle between steps; with PDL "busy" includes the time a
+     launched kernel waits for its predecessor), the host time of a decode call, then tg128 (5 reps) of every
+     variant and the first two again (drift check), the prefill kernel table of the first two variants, batched
+     decode at 1 / 8 / 32 sequences, pp128 and pp512 (3 reps) of every variant.
 Writes $OUT/pdl.json (docs/benchmarks/h200-pdl-run*.json).
 """
 
