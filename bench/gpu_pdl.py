@@ -62,9 +62,10 @@ TRIGGER = {"on-tf": True, "owned-tf": True}  # cuda_pdl.TRIGGER_FIRST of the bui
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
-OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf")
+OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf")  # and owned-pA-B...
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
+QUICK = False  # run --quick: checks, profiles and tg128 only
 BATCH = 32  # the shapes' max_batch: batched decode at 1, 8 and 32 sequences (serve's case)
 PASSES = 8  # repeated decode passes of each owned build (the run-ahead race showed in 4 of 12)
 TINY_VARIANTS = ("off", "on", "owned")
@@ -81,8 +82,13 @@ def _compile(args_kw: dict, variant: str) -> None:
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
     pipeline.WHOLE_PARAMS = WHOLE.get(variant, saved[3])
     pipeline.GRAPH_PIECES = PIECES.get(variant, saved[4])
+    if variant.startswith("owned-p"):  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
+        pipeline.GRAPH_PIECES = tuple(int(k) for k in variant[len("owned-p"):].split("-"))
+    options = VARIANTS.get(variant, VARIANTS["owned"] if variant.startswith("owned-p") else None)
+    if options is None:
+        raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)} or owned-pA-B...")
     try:
-        compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**VARIANTS[variant])))
+        compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**options)))
     finally:
         (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
          pipeline.GRAPH_PIECES) = saved
@@ -247,7 +253,7 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
         gpu_run.profile_decode(e, f"{shape}-{v}", trace=trace)
         results.setdefault("timelines", {})[f"{shape}-{v}"] = timeline(trace)
         trace.unlink()
-    owned = [v for v in variants if v in OWNED]
+    owned = [v for v in variants if v in OWNED or v.startswith("owned-p")]
     for v in owned[1:]:  # the owned builds differ in graph pieces / kernel count only: the same bits
         _compare(f"{shape}-{v} vs {owned[0]}: decode logits (8 steps)", logits[owned[0]], logits[v], ref, ref,
                  exact=True)
@@ -265,6 +271,8 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
                                      "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
             print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
+    if QUICK:  # checks, profiles and tg128 only
+        return
     for v in variants[:2]:  # where prefill goes on the two caches (TVM's and the owned one, on 1B and 8B)
         results.setdefault("prefill_tables", {})[f"{shape}-{v}"] = gpu_run.prefill_kernel_table(engines[v], 512, 25)
     for v in variants:  # aggregate tok/s with 1, 8 and 32 sequences decoding together
@@ -305,7 +313,10 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(SHAPE_NAMES))
     ap.add_argument("--no-tiny", action="store_true", help="prepare: skip the tiny model")
     ap.add_argument("--variants", default="", help="these variants for every shape (e.g. off,on), at prepare and run")
+    ap.add_argument("--quick", action="store_true", help="run: checks, profiles and tg128 only")
     args = ap.parse_args()
+    global QUICK
+    QUICK = args.quick
     shapes = [s for s in args.shapes.split(",") if s]
     if args.variants:  # prepare and run: the same list for every shape (run: where the bundle has them)
         for shape in SHAPE_VARIANTS:
