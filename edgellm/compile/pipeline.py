@@ -59,6 +59,21 @@ def _is_run_or_capture(rx, value) -> bool:
         and value.args[0].global_symbol == RUN_OR_CAPTURE and isinstance(value.args[1], rx.Tuple)
 
 
+def _capture_calls(rx, mod) -> tuple[set, int]:
+    """The capture functions called from exactly one place (the ones a pass may rewrite with its caller), and the
+    next free RunOrCapture entry index."""
+    callers: dict = {}
+    next_index = 0
+    for gv, func in mod.functions_items():
+        if isinstance(func, rx.Function) and isinstance(func.body, rx.SeqExpr):
+            for block in func.body.blocks:
+                for b in block.bindings:
+                    if isinstance(b, rx.VarBinding) and _is_run_or_capture(rx, b.value):
+                        callers.setdefault(b.value.args[1].fields[0], []).append(gv)
+                        next_index = max(next_index, int(b.value.args[1].fields[2]) + 1)
+    return {cap for cap, where in callers.items() if len(where) == 1}, next_index
+
+
 WHOLE_PARAMS = True  # _whole_params_to_graphs in the finalize phase (False: TVM's per-weight arguments, for A/B)
 
 
@@ -77,19 +92,6 @@ def _whole_params_to_graphs():
     at capture); the caller's unpackings that nothing else uses are dropped. Runs after RewriteCUDAGraph."""
     c = compiler()
     rx = c.relax
-
-    def is_run_or_capture(value) -> bool:
-        return _is_run_or_capture(rx, value)
-
-    def sites(mod):
-        found: dict = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, rx.Function) and isinstance(func.body, rx.SeqExpr):
-                for block in func.body.blocks:
-                    for b in block.bindings:
-                        if isinstance(b, rx.VarBinding) and is_run_or_capture(b.value):
-                            found.setdefault(b.value.args[1].fields[0], []).append(gv)
-        return found
 
     def rewrite_capture(cap, moved: list[tuple[int, object, int]], wholes: list) -> object:
         """cap's parameters at the moved positions become prologue bindings from the whole tuples' new params."""
@@ -112,7 +114,7 @@ def _whole_params_to_graphs():
         for block in func.body.blocks:
             out = []
             for b in block.bindings:
-                if isinstance(b, rx.VarBinding) and is_run_or_capture(b.value) \
+                if isinstance(b, rx.VarBinding) and _is_run_or_capture(rx, b.value) \
                         and b.value.args[1].fields[0] in single:
                     cap_gv, args, *rest = b.value.args[1].fields
                     moved = [(k, *unpacked[a]) for k, a in enumerate(args.fields) if a in unpacked]
@@ -143,7 +145,7 @@ def _whole_params_to_graphs():
 
     @c.tvm.transform.module_pass(opt_level=0, name="EdgellmWholeParamsToGraphs")
     def _pass(mod, _ctx):
-        single = {cap for cap, callers in sites(mod).items() if len(callers) == 1}
+        single, _ = _capture_calls(rx, mod)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, rx.Function) or not isinstance(func.body, rx.SeqExpr):
                 continue
@@ -162,7 +164,7 @@ GRAPH_PIECES = (8, 32)
 SPLIT_MIN_KERNELS = 64  # graphs with fewer kernels stay whole (TVM's cache path: ~4 kernels a graph)
 
 
-def _split_graphs(pieces: tuple[int, ...] = GRAPH_PIECES):
+def _split_graphs(pieces: tuple[int, ...]):
     """Module pass: a captured CUDA graph of many kernels becomes a chain of graphs of growing size (`pieces`
     kernels, then the rest), replayed one after the other.
 
@@ -261,16 +263,7 @@ def _split_graphs(pieces: tuple[int, ...] = GRAPH_PIECES):
     def _pass(mod, _ctx):
         if not pieces:
             return mod
-        callers = {}
-        next_index = 0
-        for gv, func in mod.functions_items():
-            if isinstance(func, rx.Function) and isinstance(func.body, rx.SeqExpr):
-                for blk in func.body.blocks:
-                    for x in blk.bindings:
-                        if isinstance(x, rx.VarBinding) and _is_run_or_capture(rx, x.value):
-                            cap = x.value.args[1].fields[0]
-                            callers.setdefault(cap, []).append(gv)
-                            next_index = max(next_index, int(x.value.args[1].fields[2]) + 1)
+        single, next_index = _capture_calls(rx, mod)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, rx.Function) or not isinstance(func.body, rx.SeqExpr):
                 continue
@@ -280,7 +273,7 @@ def _split_graphs(pieces: tuple[int, ...] = GRAPH_PIECES):
                 for x in blk.bindings:
                     done = None
                     if isinstance(x, rx.VarBinding) and _is_run_or_capture(rx, x.value) \
-                            and len(callers.get(x.value.args[1].fields[0], ())) == 1:
+                            and x.value.args[1].fields[0] in single:
                         done = split_call(mod, x, next_index)
                     if done is None:
                         out.append(x)
