@@ -113,14 +113,19 @@ def kv_append_func(heads: int, kv_heads: int, head_dim: int, layers: int):
     return kv_append.with_attr("edgellm.kernel", "owned_kv_append")
 
 
+def _split_attn_consts(H: int, KV: int, D: int) -> tuple[int, int, float]:
+    """(q heads per kv head G, shared-memory floats, softmax scale in the log2 domain) of owned_kv.cu's split-K
+    attention (edgellm_attn_split: G * D + G * 32 + 3 * G floats), shared by paged_attn_partial and decode_attn."""
+    G = H // KV
+    return G, G * D + G * 32 + 3 * G, float(D ** -0.5 * 1.4426950408889634)
+
+
 def paged_attn_partial_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int, causal: bool):
     """Split-K attention of n query tokens over their rows' pages -> (o_part [n, H, splits, D], ml [n, H, splits,
     2]) float32. causal: a token sees positions <= its own (decode); else the history before pos0 (prefill)."""
     T = compiler().T
     H, KV, D, L = heads, kv_heads, head_dim, layers
-    G = H // KV
-    smem = G * D + G * 32 + 3 * G
-    scale_log2 = float(D ** -0.5 * 1.4426950408889634)
+    G, smem, scale_log2 = _split_attn_consts(H, KV, D)
 
     @T.prim_func(private=True, check_well_formed=False)
     def paged_attn_partial(var_q: T.handle, var_pages: T.handle, var_pt: T.handle, var_pos0: T.handle,
@@ -155,9 +160,7 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
     paged_attn_partial's (causal), which paged_attn_merge_func's kernel merges."""
     T = compiler().T
     H, KV, D, L = heads, kv_heads, head_dim, layers
-    G = H // KV
-    smem = G * D + G * 32 + 3 * G
-    scale_log2 = float(D ** -0.5 * 1.4426950408889634)
+    G, smem, scale_log2 = _split_attn_consts(H, KV, D)
 
     @T.prim_func(private=True, check_well_formed=False)
     def decode_attn(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle, var_pages: T.handle,
