@@ -10,6 +10,26 @@ os.environ.setdefault("TVM_NUM_THREADS", str(min(os.cpu_count() or 1, 2)))
 from tiny_models import make_checkpoint  # noqa: E402
 
 
+@pytest.fixture
+def host_emu(tmp_path):
+    """host_emu({file name: CUDA source}, main) -> tmp_path holding ./emu: the sources, tests/cuda_host_emu.h and
+    `main` (main.cpp) compiled with g++ -std=c++20, to run kernels/cuda/*.cu on the host (no "asm" in a source:
+    the emulation compiles none)."""
+    import shutil
+    import subprocess
+
+    def build(sources: dict[str, str], main: str) -> Path:
+        for name, src in sources.items():
+            assert "asm" not in src, name
+            (tmp_path / name).write_text(src)
+        shutil.copy(Path(__file__).parent / "cuda_host_emu.h", tmp_path)
+        (tmp_path / "main.cpp").write_text(main)
+        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "main.cpp", "-o", "emu"], cwd=tmp_path, check=True)
+        return tmp_path
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")

@@ -46,6 +46,18 @@ thread_local Dim threadIdx, blockIdx;
 inline std::barrier<>* g_bar;
 inline std::barrier<>* g_warp_bar[32];
 inline float g_shfl[1024];
+// One CUDA block (bx, by) of nt threads, each a std::thread running body(t), with its block and warp barriers.
+template <typename F>
+void emu_run_block(unsigned bx, unsigned by, int nt, F&& body) {
+  std::barrier<> bar(nt);
+  g_bar = &bar;
+  for (int w = 0; w < (nt + 31) / 32; ++w) g_warp_bar[w] = new std::barrier<>(std::min(32, nt - 32 * w));
+  std::vector<std::thread> th;
+  for (int t = 0; t < nt; ++t)
+    th.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; body(t); });
+  for (auto& t : th) t.join();
+  for (int w = 0; w < (nt + 31) / 32; ++w) delete g_warp_bar[w];
+}
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
 inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {

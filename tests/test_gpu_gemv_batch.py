@@ -189,18 +189,10 @@ void launch(const half* x, const unsigned* qw, const half* qs, const half* qm, c
             int in_f, int out_f) {
   constexpr int NW = 4, FB = MMA ? 16 / MMA : 4, NT = NW * 32;
   std::vector<unsigned char> smem(R * 4 * 32 * 16);
-  for (int bx = 0; bx < (out_f + NW * FB - 1) / (NW * FB); ++bx) {
-    std::barrier<> bar(NT);
-    g_bar = &bar;
-    for (int w = 0; w < NW; ++w) g_warp_bar[w] = new std::barrier<>(32);
-    std::vector<std::thread> th;
-    for (int t = 0; t < NT; ++t)
-      th.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx;
-        if constexpr (MMA > 0) edgellm_q4gemv_batch_mma<R, NW, (MMA > 0 ? MMA : 1), OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data());
-        else edgellm_q4gemv_batch<R, FB, NW, OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data()); });
-    for (auto& t : th) t.join();
-    for (int w = 0; w < NW; ++w) delete g_warp_bar[w];
-  }
+  for (int bx = 0; bx < (out_f + NW * FB - 1) / (NW * FB); ++bx)
+    emu_run_block(bx, 0, NT, [&](int) {
+      if constexpr (MMA > 0) edgellm_q4gemv_batch_mma<R, NW, (MMA > 0 ? MMA : 1), OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data());
+      else edgellm_q4gemv_batch<R, FB, NW, OFF, ZP, BIAS>(x, qw, qs, qm, b, o, m, in_f, out_f, smem.data()); });
 }
 int main(int argc, char** argv) {  // R OFF ZP BIAS m in out in.bin out.bin MMA
   int R = atoi(argv[1]), OFF = atoi(argv[2]), ZP = atoi(argv[3]), BIAS = atoi(argv[4]), MMA = atoi(argv[10]);
@@ -225,12 +217,11 @@ int main(int argc, char** argv) {  // R OFF ZP BIAS m in out in.bin out.bin MMA
 
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host emulation needs g++")
-def test_kernel_source_on_the_host(tmp_path):
+def test_kernel_source_on_the_host(tmp_path, host_emu):
     """The CUDA source itself (its two PTX helpers replaced by fp16 emulations), run on the host through
     tests/cuda_host_emu.h: every grid, bucket sizes with fewer rows than the bucket, a partial 1024-wide chunk of
     `in`, an `out` no block tiles evenly, bias; the NaN-poisoned output all written, each row within fp16 tolerance
     of float64 and close to the numpy model above."""
-    import shutil
     import subprocess
     from pathlib import Path
 
@@ -243,11 +234,7 @@ def test_kernel_source_on_the_host(tmp_path):
     src = re.sub(r"(unsigned eqb_hmul2\(unsigned a, unsigned b\) \{).*?\n\}", r"\1 return emu_h2(a, b, 0, 2); }", src,
                  flags=re.S)
     src = re.sub(r"(void eqb_mma\([^)]*\) \{).*?\n\}", r"\1 emu_mma(d, a0, a1, a2, a3, b0, b1); }", src, flags=re.S)
-    assert "asm" not in src
-    (tmp_path / "kernel_emu.h").write_text(src)
-    shutil.copy(Path(__file__).parent / "cuda_host_emu.h", tmp_path)
-    (tmp_path / "main.cpp").write_text(_EMU_MAIN)
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "main.cpp", "-o", "emu"], cwd=tmp_path, check=True)
+    host_emu({"kernel_emu.h": src}, _EMU_MAIN)
     rng = np.random.default_rng(3)
     cases = [(2, "q4f16_1", False, 1, 1088, 77), (4, "q4f16_1", True, 3, 1088, 77), (8, "q4f16_0", True, 5, 1088, 33),
              (16, "q4f16_1", False, 16, 1088, 20), (16, "q4f16_1", False, 9, 64, 17), (8, "q4f16_2", True, 8, 1088, 77),

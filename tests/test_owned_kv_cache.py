@@ -80,7 +80,7 @@ def test_fork_shares_full_pages_and_copies_the_partial_one():
 
 def test_pool_counts_pages_as_tvms_cache_does(compiled):
     """The same operations on TVM's PagedKVCache (a CPU artifact) and on PagePool: pages in use agree after each."""
-    from edgellm.device_runners.engine import Engine, _DeviceTokens
+    from edgellm.device_runners.engine import Engine
 
     eng = Engine(compiled("llama", "q0f32"), threads=1)
     pool = PagePool(total=eng.total_pages, max_pages=_pages(eng.context_window))
@@ -339,16 +339,7 @@ constexpr int D = 64, G = 2, KV = 2, H = G * KV, L = 2, SPLITS = 32;
 void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& body) {
   std::vector<float> smem(sm + 1);
   for (int by = 0; by < gy; ++by)
-    for (int bx = 0; bx < gx; ++bx) {
-      std::barrier<> bar(nt);
-      g_bar = &bar;
-      for (int w = 0; w < (nt + 31) / 32; ++w) g_warp_bar[w] = new std::barrier<>(std::min(32, nt - 32 * w));
-      std::vector<std::thread> th;
-      for (int t = 0; t < nt; ++t)
-        th.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; body(smem.data()); });
-      for (auto& t : th) t.join();
-      for (int w = 0; w < (nt + 31) / 32; ++w) delete g_warp_bar[w];
-    }
+    for (int bx = 0; bx < gx; ++bx) emu_run_block(bx, by, nt, [&](int) { body(smem.data()); });
 }
 template <typename T> std::vector<T> read(FILE* f, size_t n) { std::vector<T> v(n); if (fread(v.data(), sizeof(T), n, f) != n) exit(2); return v; }
 template <typename T> void write(FILE* f, const std::vector<T>& v) { fwrite(v.data(), sizeof(T), v.size(), f); }
@@ -386,7 +377,7 @@ int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
-def test_decode_attention_kernels_on_the_host(tmp_path):
+def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
     """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of three rows
     (contexts 38, 6 and 1101: two one-tile splits, one, and 18 splits of two tiles each, the split size following
     the live context) through decode_attn + merge (the default) and through kv_append +
@@ -400,11 +391,7 @@ def test_decode_attention_kernels_on_the_host(tmp_path):
     D, G, KV, L, maxp, P, layer = 64, 2, 2, 2, 70, 77, 1
     H = G * KV
     src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
-    assert "asm" not in src
-    (tmp_path / "owned_kv.cu").write_text(src)
-    shutil.copy(Path(__file__).parent / "cuda_host_emu.h", tmp_path)
-    (tmp_path / "main.cpp").write_text(_OWNED_EMU_MAIN)
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "main.cpp", "-o", "emu"], cwd=tmp_path, check=True)
+    host_emu({"owned_kv.cu": src}, _OWNED_EMU_MAIN)
     rng = np.random.default_rng(11)
     pos0 = np.array([37, 5, 1100], np.int32)
     pt = np.full((3, maxp), 6, np.int32)  # page 6: scratch
