@@ -48,7 +48,7 @@ LAUNCH_DEPENDENTS = '[]() { asm volatile("griddepcontrol.launch_dependents;" :::
 # builds with the wait first, without PDL, with the GEMV's wait at its start, or with the three-kernel decode
 # attention passed every pass (docs/benchmarks/h200-pdl.md, "The run-ahead race"). Every kernel waits before it
 # reads what an earlier kernel wrote, so the cause sits below what the CUDA source can see; run ahead is kept only
-# as an A/B knob. Cost of the safe order: 1-2% of 8B decode (run 4: 448.7 against 456.9 tok/s).
+# as an A/B knob. Cost of the safe order (run 10, owned cache): 2.5% of 8B decode (503 against 516 tok/s), 5% of 1B.
 TRIGGER_FIRST = False
 # The tensor-core prefill GEMMs (PrimFuncs with an `edgellm.gemm` label) keep ordinary launches and no prologue: with
 # PDL, Llama-3-8B pp128 fell from 12,824 to 10,221 tok/s on an H200 (pp512 +2%, decode unaffected by them).

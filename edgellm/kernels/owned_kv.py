@@ -107,8 +107,9 @@ def kv_append_func(heads: int, kv_heads: int, head_dim: int, layers: int):
             T.launch_thread("blockIdx.y", (H + 2 * KV + APPEND_HEADS - 1) // APPEND_HEADS)
             T.launch_thread("threadIdx.x", D // 2)
             T.evaluate(T.cuda.func_call(
-                f"edgellm_kv_append<{D}, {APPEND_HEADS}>", qkv.data, freq.data, pt.data, pos0.data, pages.data, q.data, k.data,
-                v.data, T.Cast("int32", n // b), T.Cast("int32", maxp), P, layer, H, KV, source_code=_SRC))
+                f"edgellm_kv_append<{D}, {APPEND_HEADS}>", qkv.data, freq.data, pt.data, pos0.data, pages.data,
+                q.data, k.data, v.data, T.Cast("int32", n // b), T.Cast("int32", maxp), P, layer, H, KV,
+                source_code=_SRC))
 
     return kv_append.with_attr("edgellm.kernel", "owned_kv_append")
 
