@@ -66,6 +66,12 @@ def tensor(array, dev):
     return runtime.tensor(array, dev)
 
 
+def view(t, shape: tuple[int, ...], dtype: str, byte_offset: int):
+    """A view of tensor `t`'s memory from `byte_offset` (for copies into part of it; kernels refuse a view's
+    byte_offset)."""
+    return t._create_view(shape, dtype, relative_byte_offset=byte_offset)
+
+
 def set_cpu_threads(n: int) -> int:
     """Size TVM's CPU thread pool to `n` threads sharing every core (no pinning), through the runtime's own
     configuration call; returns the pool's size. Any time, any import order (TVM_NUM_THREADS is read only once,

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..artifact import Artifact, ArtifactError, Manifest
 from .host import host_info
-from .kv_pages import GRAPH_BATCH_BOUND
+from .kv_pages import EXTRA_PAGES, GRAPH_BATCH_BOUND
 from .sampling import Sampler, SamplingParams
 from .text import StopMatcher, StreamDecoder, TextCodec
 
@@ -216,7 +216,7 @@ class Engine:
         self.total_pages = self.free_pages()  # nothing is cached yet
 
     def _init_owned_kv(self, m: Manifest) -> None:
-        """The owned cache's page tensor [L, pages + 1 scratch, 2, KV, 16, D] on the device and its host bookkeeping
+        """The owned cache's page tensor [L, pages + scratch + control, 2, KV, 16, D] on the device and its host bookkeeping
         (device_runners/kv_pages.py): max_batch sequences of a full context window, as TVM's cache is sized."""
         from .kv_pages import PagePool
 
@@ -225,8 +225,12 @@ class Engine:
         head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
         self._max_pages = -(-self.context_window // 16)
         self._pool = PagePool(self._max_pages * m.runtime.max_batch, self._max_pages)
-        shape = (int(cfg["num_hidden_layers"]), self._pool.total + 1, 2, int(cfg["num_key_value_heads"]), 16, head_dim)
+        kv_heads = int(cfg["num_key_value_heads"])
+        shape = (int(cfg["num_hidden_layers"]), self._pool.total + EXTRA_PAGES, 2, kv_heads, 16, head_dim)
         self.kv = self._tvm.runtime.empty(shape, "float16", self.dev)
+        # the control page (layer 0's last page) starts at zero: words the decode kernels count blocks with
+        words = 2 * kv_heads * 16 * head_dim // 2
+        self._tvm.view(self.kv, (words,), "int32", (shape[1] - 1) * words * 4).copyfrom(np.zeros(words, np.int32))
         # per batch size: device buffers for the ids [b, 1], positions [b] and page table [b, max_pages]. A captured
         # decode graph replays on the addresses it saw, so these same buffers go to every call. (Three buffers,
         # not views of one: TVM hands a view to kernels with a byte_offset, which they refuse.)

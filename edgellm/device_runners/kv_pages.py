@@ -18,6 +18,10 @@ PAGE = 16
 # batch_decode of the owned cache is planned for at most this many rows (compile/pipeline.static_decode_inputs):
 # its storage has a fixed size, so each batch size is captured as a CUDA graph; the Engine splits larger batches
 GRAPH_BATCH_BOUND = 64
+# The page tensor holds the pool's pages, then the scratch page, then one control page: int32 words the decode
+# kernels use across blocks (kernels/owned_kv.py, CONTROL_WORDS), zero when no kernel runs. The Engine zeroes it
+# when it allocates the tensor; every kernel that uses a word leaves it zero again.
+EXTRA_PAGES = 2  # scratch + control
 
 
 class CacheFullError(RuntimeError):
