@@ -129,6 +129,10 @@ class Sequence:
         """Append `token`; return the most likely next one (on the device where the artifact has `argmax`)."""
         return self.engine.decode_greedy([self.id], [token])[0]
 
+    def greedy_chain(self, token: int, n: int) -> Iterator[int]:
+        """Append `token`, then yield the next n greedy tokens (Engine.greedy_chain)."""
+        return self.engine.greedy_chain(self.id, token, n)
+
 
 class _DeviceTokens:
     """The last tokens the device argmax produced, kept on the device ([b, 1] int32): the next greedy step feeds
@@ -210,6 +214,10 @@ class Engine:
         self._argmax = self.vm["argmax"] if self.has_device_argmax else None
         self._fns: dict[str, object] = {}  # VM function handles, looked up once (a lookup per token is host time)
         self._last_tokens = _DeviceTokens()
+        # greedy_chain keeps one decode step queued ahead of the host where it can (owned CUDA cache + device
+        # argmax); False runs it step by step (an A/B knob for benchmarks)
+        self.decode_ahead = True
+        self._ahead = None  # (CudaAsync, pinned buffers, events), made on first use
         self._shapes: dict[tuple[tuple[int, ...], int], tuple] = {}  # ShapeTuples per (sequences, tokens each)
         if not self.owned_kv:
             self._free_pages_fn = g("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -338,6 +346,92 @@ class Engine:
             self._last_tokens.values, self._last_tokens.tensor = tuple(values), ids
             out.extend(values)
         return out
+
+    def greedy_chain(self, seq: int, token: int, n: int) -> Iterator[int]:
+        """Feed `token` to `seq`, then decode greedily: yield n tokens, each as soon as it is known; every token but
+        the last is fed in turn (n decode steps). `sequence_length(seq)` counts the tokens fed so far.
+
+        Where the artifact decodes on the owned CUDA cache with a device argmax, one step runs ahead of the host:
+        step k + 1 is queued, its input id copied on the device from step k's argmax, before step k's token is read
+        back, so the GPU does not idle while the host reads a token and launches the next step (~80 us a step on
+        an H200). Closing the iterator early waits for the queued step; that step's token is then in the cache
+        (one more than the caller took). Elsewhere each step is `decode_greedy`."""
+        if n <= 0:
+            return
+        length = self.sequence_length(seq)
+        if length + n > self.context_window:
+            raise PromptTooLongError(f"sequence {seq} holds {length} tokens; {n} decode steps would make "
+                                     f"{length + n} and the artifact's context window is {self.context_window}")
+        ahead = self._decode_ahead_state()
+        if ahead is None:
+            for _ in range(n):
+                token = self.decode_greedy([seq], [token])[0]
+                yield token
+            return
+        yield from self._chain_ahead(ahead, seq, token, n)
+
+    def _decode_ahead_state(self):
+        """(CudaAsync, pinned buffers) for greedy_chain's queued steps, or None where they do not apply."""
+        if not (self.decode_ahead and self.owned_kv and self._argmax is not None
+                and getattr(self, "device_info", None) is not None and self.device_info.kind == "cuda"):
+            return None
+        if self._ahead is None:
+            from ..runtime.cuda_async import CudaAsync
+
+            if not CudaAsync.available():
+                return None
+            cu = CudaAsync(self.device_info.index)
+            ring = {"pos": cu.pinned((2, 1), np.int32), "pt": cu.pinned((2, 1, self._max_pages), np.int32),
+                    "ids": cu.pinned((1, 1), np.int32), "out": cu.pinned((2, 1), np.int32),
+                    "events": [cu.event(), cu.event()]}
+            self._ahead = (cu, ring)
+        return self._ahead
+
+    def _chain_ahead(self, ahead, seq: int, token: int, n: int) -> Iterator[int]:
+        """greedy_chain with one step queued ahead (see there). Step k uses slot k % 2 of the pinned buffers: its
+        position and page row go to the device from there, its token comes back there, its event marks both done.
+        Slot k % 2 is written again at step k + 2, after step k's event was waited for in step k + 1."""
+        cu, ring = ahead
+        (_, _, _), (d_ids, d_pos, d_pt), _ = aux = self._aux_for(1)
+        f = self._fns.get("decode")
+        if f is None:
+            f = self._fns["decode"] = self.vm["decode"]
+        events = ring["events"]
+        cu.set_device()
+        waiting, last, prev_ids = None, None, None  # slot whose token is to be read; slot of the last step queued
+        try:
+            for k in range(n):
+                slot = k & 1
+                pos, pt = ring["pos"][slot], ring["pt"][slot]
+                pos[0] = self._pool.length(seq)
+                self._pool.append_many([seq], 1)  # all or none: a full cache raises before anything is queued
+                self._pool.row(seq, pt[0])
+                cu.to_device(d_pos, pos)
+                if aux[2] is None or not np.array_equal(aux[2], pt):  # page rows change once per 16 tokens
+                    cu.to_device(d_pt, pt)
+                    aux[2] = pt.copy()
+                if prev_ids is None:
+                    ring["ids"][0, 0] = token
+                    cu.to_device(d_ids, ring["ids"])
+                else:
+                    cu.on_device(d_ids, prev_ids, 4)
+                self._lengths[seq] += 1
+                prev_ids = self._argmax(f(d_ids, self.kv, d_pt, d_pos, self.params))
+                cu.to_host(ring["out"][slot], prev_ids)
+                cu.record(events[slot])
+                last = slot
+                if waiting is not None:
+                    cu.wait(events[waiting])
+                    tok = int(ring["out"][waiting][0])
+                    waiting = slot
+                    yield tok
+                else:
+                    waiting = slot
+            cu.wait(events[last])
+            yield int(ring["out"][last][0])
+        finally:
+            if last is not None:
+                cu.wait(events[last])  # nothing of this chain is left running on the pinned buffers
 
     def calibrate_batch_min(self, n: int, reps: int = 3) -> int:
         """Smallest batch for which one `batch_decode` call beats per-sequence `decode` calls, measured now on n
@@ -518,31 +612,43 @@ class Engine:
             t0 = time.perf_counter()
             logits = seq.prefill(ids)
             stats.prefill_seconds = time.perf_counter() - t0
-            decode_t = 0.0
             tok = sampler(logits, history)
-            while True:
-                if tok in self.eos_ids:
-                    stats.finish_reason = FinishReason.STOP
-                    return
-                history.append(tok)
-                stats.token_ids.append(tok)
-                stats.generated_tokens += 1
-                yield tok
-                if stats.generated_tokens >= max_new_tokens:
-                    stats.finish_reason = FinishReason.LENGTH
-                    return
-                if not self.fits(len(history)):
-                    stats.finish_reason = FinishReason.CONTEXT
-                    return
-                t1 = time.perf_counter()
-                if sampling.greedy:  # no logits on the host: the argmax runs on the device where it can
-                    tok = seq.decode_greedy(tok)
-                    decode_t += time.perf_counter() - t1
-                else:
-                    logits = seq.decode(tok)
-                    decode_t += time.perf_counter() - t1
-                    tok = sampler(logits, history)
-                stats.decode_seconds = decode_t
+            # greedy: the tokens after the first come from one chain of decode steps (one step queued ahead on the
+            # owned CUDA cache), as many steps as the checks below can ask for
+            steps = (self.greedy_chain(seq.id, tok, min(max_new_tokens - 1, self.context_window - len(ids) - 1))
+                     if sampling.greedy else None)
+            try:
+                yield from self._generate_loop(seq, tok, history, stats, max_new_tokens, sampler, steps)
+            finally:
+                if steps is not None:
+                    steps.close()
+
+    def _generate_loop(self, seq: Sequence, tok: int, history: list[int], stats: GenerationStats,
+                       max_new_tokens: int, sampler: Sampler, steps: Iterator[int] | None) -> Iterator[int]:
+        decode_t = 0.0
+        while True:
+            if tok in self.eos_ids:
+                stats.finish_reason = FinishReason.STOP
+                return
+            history.append(tok)
+            stats.token_ids.append(tok)
+            stats.generated_tokens += 1
+            yield tok
+            if stats.generated_tokens >= max_new_tokens:
+                stats.finish_reason = FinishReason.LENGTH
+                return
+            if not self.fits(len(history)):
+                stats.finish_reason = FinishReason.CONTEXT
+                return
+            t1 = time.perf_counter()
+            if steps is not None:  # greedy: no logits on the host, the argmax runs on the device where it can
+                tok = next(steps)
+                decode_t += time.perf_counter() - t1
+            else:
+                logits = seq.decode(tok)
+                decode_t += time.perf_counter() - t1
+                tok = sampler(logits, history)
+            stats.decode_seconds = decode_t
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                  chat: bool = True) -> Iterator[str]:
