@@ -250,7 +250,7 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
             _compare(f"{shape}-{v} vs {first}: decode logits (8 steps), greedy 32 (random weights)", a, logits[v],
                      ref, _greedy(e, prompt, 32), exact=(first, v) in EXACT)
         trace = Path(os.environ.get("OUT", ".")) / "trace.json"
-        gpu_run.profile_decode(e, f"{shape}-{v}", trace=trace)
+        gpu_run.profile_decode(e, f"{shape}-{v}", trace=trace, chain=True)
         results.setdefault("timelines", {})[f"{shape}-{v}"] = timeline(trace)
         trace.unlink()
     owned = [v for v in variants if v in OWNED or v.startswith("owned-p")]
@@ -261,16 +261,29 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
         again = [_decode_logits(engines[v], prompt, ref[:8]) for _ in range(PASSES)]
         worst = max(again, key=lambda x: float(np.abs(x - logits[v]).max()))
         _compare(f"{shape}-{v} again x{PASSES}: decode logits (8 steps)", logits[v], worst, ref, ref, exact=True)
+    for v in owned:  # greedy_chain with one step queued ahead (what tg and generate run) = the step-by-step chain
+        engines[v].decode_ahead = False
+        step = _greedy(engines[v], prompt, 32)
+        engines[v].decode_ahead = True
+        ahead = _greedy(engines[v], prompt, 32)
+        _compare(f"{shape}-{v} greedy 32: one step queued ahead vs step by step", np.zeros(1), np.zeros(1), ahead,
+                 step, exact=True)
     for v in variants:  # host time of one decode call (returns once its graphs are launched), unprofiled
         results.setdefault("host_call", {})[f"{shape}-{v}"] = host_call_us(engines[v])
     name = gpu_run.torch_device_name()
     read = gpu_run.read_bytes_per_token(engines[first])
-    for v in variants + variants[:2]:  # and the first two again (drift)
+    # tg128 of every variant, the first two again (drift); and each owned build step by step (decode_ahead off:
+    # the GPU waits for the host between steps), labelled VARIANT-step
+    runs = [(v, True) for v in variants + variants[:2]] + [(v, False) for v in owned]
+    for v, ahead in runs:
+        engines[v].decode_ahead = ahead
+        label = v if ahead else f"{v}-step"
         for r in run_bench(engines[v], 0, 128, reps=5, warmup=1, device_name=name):
-            results["bench"].append({"shape": shape, "variant": v, "test": r.test, "avg_ts": r.avg_ts,
+            results["bench"].append({"shape": shape, "variant": label, "test": r.test, "avg_ts": r.avg_ts,
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
                                      "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
-            print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
+            print(f"{shape:<14} {label:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
+        engines[v].decode_ahead = True
     if QUICK:  # checks, profiles and tg128 only
         return
     for v in variants[:2]:  # where prefill goes on the two caches (TVM's and the owned one, on 1B and 8B)

@@ -213,9 +213,10 @@ def torch_device_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) -> None:
+def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None, chain: bool = False) -> None:
     """Kernel-by-kernel GPU time of `steps` decode steps (CUPTI through torch.profiler), host time per token,
-    and the CUDA runtime calls per token (cudaGraphLaunch present = the captured graph replays)."""
+    and the CUDA runtime calls per token (cudaGraphLaunch present = the captured graph replays). chain: the steps
+    as one Engine.greedy_chain (one step queued ahead where the artifact allows), else one decode_greedy each."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -226,8 +227,12 @@ def profile_decode(eng, label: str, steps: int = 24, trace: Path | None = None) 
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            for _ in range(steps):  # the greedy step bench's tg runs: argmax on the device, 4 bytes back
-                tok = seq.decode_greedy(tok)
+            if chain:  # what bench's tg runs
+                for _ in seq.greedy_chain(tok, steps):
+                    pass
+            else:
+                for _ in range(steps):  # a greedy step: argmax on the device, 4 bytes back
+                    tok = seq.decode_greedy(tok)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
     if trace is not None:  # timeline: gaps between kernels, host launch cadence
