@@ -52,6 +52,17 @@ H2_HEAD = {"h2_auto": {}, "h2_w8r1u1": _cfg(8, 1, 1), "h2_w4r4u1": _cfg(4, 4, 1)
 # the integer-dot kernel (webgpu_linear.int4_gemv_dp4a): name -> keyword arguments; "dp4a_auto" = h2_config's
 DP4A = {"dp4a_auto": {}, "dp4a_w8r2u2": _cfg(8, 2, 2), "dp4a_w8r4u1": _cfg(8, 4, 1), "dp4a_w16r1u1": _cfg(16, 1, 1),
         "dp4a_w4r2u1": _cfg(4, 2, 1), "dp4a_w8r2u1": _cfg(8, 2, 1), "dp4a_w4r4u1": _cfg(4, 4, 1)}
+# H2KS=1: int4_gemv_h2 with ksplit (warps, rows, groups a step, ksplit) per 8B shape, plain and fused
+H2KS = {(4096, 6144): [(16, 1, 1, 1), (16, 1, 4, 1), (8, 2, 2, 2), (16, 2, 2, 2), (8, 1, 2, 2), (16, 1, 2, 2),
+                       (8, 2, 4, 1)],
+        (4096, 4096): [(16, 1, 1, 1), (16, 1, 4, 1), (8, 2, 2, 2), (8, 1, 2, 2), (16, 1, 2, 2), (16, 2, 1, 4),
+                       (8, 1, 1, 4)],
+        (4096, 28672): [(16, 1, 1, 1), (8, 2, 4, 1), (8, 4, 4, 1), (16, 2, 4, 1), (8, 2, 2, 2), (4, 2, 4, 1),
+                        (8, 4, 2, 1)],
+        (14336, 4096): [(8, 4, 1, 1), (8, 2, 2, 2), (8, 4, 1, 2), (8, 4, 2, 2), (16, 2, 2, 2), (16, 1, 4, 2),
+                        (8, 1, 2, 4), (16, 1, 2, 4), (16, 2, 1, 4), (8, 2, 1, 4)]}
+H2KS_FUSED = {(4096, 6144): [(16, 1, 1, 1), (16, 2, 2, 2), (16, 1, 4, 1), (16, 1, 2, 2), (8, 2, 2, 2)],
+              (4096, 28672): [(8, 2, 1, 1), (8, 2, 4, 1), (8, 4, 4, 1), (16, 2, 4, 1), (8, 2, 2, 2), (16, 4, 2, 1)]}
 FUSED = {(4096, 6144): ("norm",), (4096, 28672): ("norm", "silu")}
 FUSED_CFGS = ("w8r4u1", "w4r4u1", "w8r2u2")  # dp4a configs also tried fused (even row counts: silu pairs rows)
 ROTATE_BYTES = 160 << 20  # weights rotated over at least this many bytes per kernel: timings not from L2 (50 MB)
@@ -103,6 +114,32 @@ def prepare(out: Path) -> None:
                                    **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": f"{v}_{'_'.join(fuse)}",
                              "bits": 4, "fuse": "_".join(fuse)})
+        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+        c.tvm.compile(mod, target=_target(False)).export_library(str(out / f"{lib}.so"))
+        for m in meta:
+            m["params"] = _params(funcs[m["name"]])
+        (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
+        print(f"{len(meta)} kernels in {out}")
+        return
+    if os.environ.get("H2KS"):  # int4_gemv_h2's configs with ksplit, the default first
+        lib, funcs = "gemv_webgpu_ks", {}
+        for (in_f, out_f), cfgs in H2KS.items():
+            for cfg in [None] + cfgs:
+                v = "h2_auto" if cfg is None else "h2_w{}r{}u{}k{}".format(*cfg)
+                name = f"gemv_{in_f}_{out_f}_{v}"
+                kw = {} if cfg is None else dict(zip(("warps", "rows", "unroll", "ksplit"), cfg))
+                funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, **kw)
+                meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
+        for (in_f, out_f), cfgs in H2KS_FUSED.items():
+            fuse = FUSED[(in_f, out_f)]
+            for cfg in [None] + cfgs:
+                v = ("h2_auto" if cfg is None else "h2_w{}r{}u{}k{}".format(*cfg)) + "_" + "_".join(fuse)
+                name = f"gemv_{in_f}_{out_f}_{v}"
+                kw = {} if cfg is None else dict(zip(("warps", "rows", "unroll", "ksplit"), cfg))
+                funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, norm_eps=1e-5, silu="silu" in fuse,
+                                                         **kw)
+                meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4,
+                             "fuse": "_".join(fuse)})
         mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
         c.tvm.compile(mod, target=_target(False)).export_library(str(out / f"{lib}.so"))
         for m in meta:

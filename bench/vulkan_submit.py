@@ -40,7 +40,13 @@ POLICIES = POLICIES_AB if os.environ.get("POLICY_SET", "final") == "ab" else POL
 VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-st4": "int4_gemv_dp4a with stage_threads=4 everywhere (the run 8 kernel's staging)",
             "vulkan-u4": "h2 with 4 groups a lane a step at in 4096 (all of a lane's weights loaded at once)",
-            "vulkan-dp4a-u4": "dp4a with 4 groups a lane a step at in 4096"}
+            "vulkan-dp4a-u4": "dp4a with 4 groups a lane a step at in 4096",
+            "vulkan-ks": "h2 at cuda_gemv's xsmem configs: gate_up 8x2x4, down 8x2x2 ksplit 2, qkv (norm) 16x2x2 "
+                         "ksplit 2, o 8x2x2 ksplit 2 (warps x rows x groups a step)",
+            "vulkan-ks4": "h2, more rows or all loads at once: gate_up 8x4x4, down 8x4x1 ksplit 2, qkv and o 16x1x4"}
+# h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
+KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
+              "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
 PROMPT = list(range(1, 41))
 
 
@@ -53,13 +59,20 @@ def _patched(label: str):
 
     h2 = wl.h2_config
 
-    def u4(i, o, silu=False, bits=4):
-        w, r, u = h2(i, o, silu, bits)
-        return (w, r, 4) if i == 4096 and bits == 4 else (w, r, u)
+    def u4(i, o, silu=False, bits=4, norm=False):
+        w, r, u, k = h2(i, o, silu, bits, norm)
+        return (w, r, 4, k) if i == 4096 and bits == 4 else (w, r, u, k)
 
-    name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)),
+    def ks(i, o, silu=False, bits=4, norm=False):
+        if bits != 4 or i < 4096:
+            return h2(i, o, silu, bits, norm)
+        kind = "gate_up" if silu else "down" if i > 4096 else "qkv" if norm else "o"
+        return KS_CONFIGS[label][kind]
+
+    name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)[:3]),
                    "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4)),
-                   "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4)}[label]
+                   "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4),
+                   "vulkan-ks": ("h2_config", ks), "vulkan-ks4": ("h2_config", ks)}[label]
 
     @contextmanager
     def ctx():
@@ -103,7 +116,7 @@ def _build(bundle: Path) -> None:
     art = bundle / "art"
     art.mkdir(exist_ok=True)
     variants = [v for v in os.environ.get("BUILDS", "vulkan-dp4a-st4").split(",") if v]
-    for name in SHAPES:
+    for name in os.environ.get("SHAPES", ",".join(SHAPES)).split(","):
         for label, preset, opts in [("cuda", "cuda-sm90", {}), ("vulkan", "vulkan", {}),
                                     ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"})] + [
                                         (v, "vulkan", {"webgpu_gemv": "dp4a"} if "dp4a" in v else {})

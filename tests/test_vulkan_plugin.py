@@ -442,6 +442,9 @@ def _h2_model(x16: np.ndarray, qw: np.ndarray, qs16: np.ndarray) -> np.ndarray:
     (288, 70, True, False, True, None),         # the float32 twin (adapters without shader-f16): same layout
     (2048, 300, False, True, True, (4, 2, 1, 8)),  # 8-bit rows (the head's q8f16_1): two vec4 loads a group
     (288, 70, False, False, True, (4, 1, 1, 8)),   # 8-bit, float32 twin
+    (4096, 72, False, True, True, (4, 2, 1, 4, 2)),  # ksplit 2: teams of 2 warps, 2 steps, 4 rows a workgroup
+    (288, 70, True, True, True, (4, 1, 1, 4, 2)),    # ksplit 2 over 9 groups (the second warp's lanes past them)
+    (2048, 300, False, True, True, (8, 2, 2, 8, 4)),  # 8-bit rows, ksplit 4: one step of 2 groups a lane
 ])
 def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
     from edgellm._tvm import runtime
@@ -453,6 +456,7 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
         pytest.skip("adapter has no shader-f16")
     monkeypatch.setenv("EDGELLM_WEBGPU_VEC4", "1" if vec4 else "0")
     bits = cfg[3] if cfg and len(cfg) > 3 else 4
+    ks = cfg[4] if cfg and len(cfg) > 4 else None
     scheme = get_scheme("q4f16_1" if bits == 4 else "q8f16_1")
     rng = np.random.default_rng(in_f + out_f)
     qw, qs = quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), scheme)
@@ -462,10 +466,10 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
     b = rng.standard_normal(out_f).astype(dt)
     ref = x.astype(np.float64) @ dequantize(qw, qs16.astype(np.float32), in_f, scheme).T.astype(np.float64)
     ref = ref[0] + (b.astype(np.float64) if bias else 0)
-    func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ())[:3], h2=h2, x_dtype=dt, out_dtype=dt, bits=bits)
+    func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ())[:3], h2=h2, x_dtype=dt, out_dtype=dt, bits=bits, ksplit=ks)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                         target=c.Target("webgpu", host="llvm")), tmp_path,
-                          f"h2_{in_f}_{h2}_{vec4}_{bits}")
+                          f"h2_{in_f}_{h2}_{vec4}_{bits}_{ks}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
     tensors = [runtime.tensor(a, webgpu_dev) for a in args]
@@ -508,8 +512,9 @@ def test_vec4_rewrite_of_wgsl_text(webgpu_dev):
     assert str(rewrite(wide)) == wide
 
 
-@pytest.mark.parametrize("in_f,out_f,fuse", [(1024, 4096, "norm"), (512, 384, "silu"), (544, 400, "norm+silu")])
-def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, fuse):
+@pytest.mark.parametrize("in_f,out_f,fuse,ks", [(1024, 4096, "norm", None), (512, 384, "silu", None),
+                                                (544, 400, "norm+silu", None), (1024, 400, "norm+silu", 2)])
+def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, fuse, ks):
     """registry.fused_gemv's webgpu kernels: rms_norm(x + delta) staged by the GEMV (and x + delta written by
     workgroup 0, exactly), silu(gate) * up in its epilogue; against numpy float64 of the separate steps."""
     from edgellm._tvm import runtime
@@ -536,9 +541,9 @@ def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, 
     if silu:
         g, u = y[: out_f // 2], y[out_f // 2:]
         y = g / (1 + np.exp(-g)) * u
-    func = int4_gemv_h2(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu)
+    func = int4_gemv_h2(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu, ksplit=ks)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"fuse_{in_f}")
+                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"fuse_{in_f}_{ks}")
     args = ([x, d, w] if norm else [x]) + [qw, qs16, np.zeros((1, len(y)), np.float16)]
     args += [np.zeros((1, in_f), np.float16)] if norm else []
     tensors = [runtime.tensor(a, webgpu_dev) for a in args]

@@ -196,29 +196,40 @@ def int4_gemv_coalesced(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, o
 H2_BASE = 0x50005000  # fp16 32.0 in both halves
 
 
-def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out_dtype: str):
+def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out_dtype: str, KS: int = 1):
     """The end of the fp16x2 and integer-dot decode GEMVs (a TVMScript macro): each lane's `R` row sums to workgroup
-    memory, lane r < R2 of a warp adds row r's 32 values, then the output: silu(gate) * up with silu_mul_gpu's
-    arithmetic on the output-rounded gate and up sums (`silu`: rows R2.. are the up rows), + bias, or as it is."""
+    memory, lane r < R2 of a team's first warp adds row r's 32 KS values (`KS` warps a team share its rows, each
+    a slice of `in`), then the output: silu(gate) * up with silu_mul_gpu's arithmetic on the output-rounded gate and
+    up sums (`silu`: rows R2.. are the up rows), + bias, or as it is."""
     from .._tvm import compiler
 
-    T, f32 = compiler().T, "float32"
+    c = compiler()
+    T, f32 = c.T, "float32"
+    WT = W // KS  # row teams a workgroup
+
+    def leader(ty, tx):  # lanes that write an output: lane r < R2 of each team's first warp
+        return tx < R2 if KS == 1 else c.tirx.all(tx < R2, ty % KS == 0)
+
+    def index(bx, ty, tx):  # that lane's output row
+        return (bx * W + ty) * R2 + tx if KS == 1 else (bx * WT + ty // KS) * R2 + tx
 
     @T.macro
     def store_rows(red, acc, tt, out, b, bx, ty, tx):
         for r in T.unroll(R):
             red[(ty * R + r) * 32 + tx] = acc[r]
         T.tvm_storage_sync("shared")
-        if tx < R2:
-            i = T.meta_var((bx * W + ty) * R2 + tx)
+        if leader(ty, tx):
+            i = T.meta_var(index(bx, ty, tx))
             if i < n_out:
                 tt[0] = T.float32(0)
-                for k in T.unroll(32):
-                    tt[0] = tt[0] + red[(ty * R + tx) * 32 + k]
+                for kk in T.unroll(KS):  # the team's warps in order, each its 32 lanes in order
+                    for k in T.unroll(32):
+                        tt[0] = tt[0] + red[((ty + kk) * R + tx) * 32 + k]
                 if silu:
                     acc[0] = T.float32(0)
-                    for k in T.unroll(32):
-                        acc[0] = acc[0] + red[(ty * R + tx + R2) * 32 + k]
+                    for kk in T.unroll(KS):
+                        for k in T.unroll(32):
+                            acc[0] = acc[0] + red[((ty + kk) * R + tx + R2) * 32 + k]
                     tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
                     out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
                                        * T.Cast(f32, T.Cast(out_dtype, acc[0])))
@@ -310,22 +321,23 @@ def _gemv_func(body, in_f: int, out_f: int, words: int, G: int, n_out: int, x_dt
     return gemv
 
 
-def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4) -> tuple[int, int, int]:
-    """(warps, rows, unroll) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone, weights rotated through
+def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4,
+              norm: bool = False) -> tuple[int, int, int, int]:
+    """(warps, rows, unroll, ksplit) of int4_gemv_h2 for a shape. H200, Llama-3-8B shapes alone, weights rotated through
     HBM (bench/vulkan_kernels.py, run 5 in docs/benchmarks/vulkan-h200.md): `in` 4096 (4 steps a lane): 16 warps of
     one row (o 9.9 us, gate_up 29.9, qkv 11.7; 8 x 2 rows: 12.7 / 30.0 / 11.7); a longer `in` needs 4 loads in flight
     a lane: down (14336) 23.2 us with 8 x 4 rows x 1 group, 23.9 with 8 x 2 x 2, but 76 with 8 x 2 x 1 and 122 with
     4 x 2 x 1. Small grids (SmolLM2, under ~264 workgroups): 4 warps of one row. The 8-bit head (4096 -> 128256):
     4 warps of 4 rows, 390 us (8 x 2: 414, 8 x 1: 436; the generic schedule it replaces: 1,000)."""
     if bits == 8 and out_f // 16 >= 264:
-        return 4, 4, 1
+        return 4, 4, 1, 1
     if silu:  # a warp's rows pair gate row i with up row inter + i
-        return (8 if out_f // 2 // 8 >= 264 else 4), 2, (2 if in_f > 4096 else 1)
+        return (8 if out_f // 2 // 8 >= 264 else 4), 2, (2 if in_f > 4096 else 1), 1
     if in_f > 4096:
-        return (8, 4, 1) if out_f // 32 >= 128 else (8, 2, 2)
+        return (8, 4, 1, 1) if out_f // 32 >= 128 else (8, 2, 2, 1)
     if out_f // 16 >= 256:
-        return 16, 1, 1
-    return 4, 1, 1
+        return 16, 1, 1, 1
+    return 4, 1, 1, 1
 
 
 def h2_shared_bytes(in_f: int, out_f: int) -> int:
@@ -343,7 +355,7 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                  unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
-                 norm_eps: float | None = None, silu: bool = False, bits: int = 4):
+                 norm_eps: float | None = None, silu: bool = False, bits: int = 4, ksplit: int | None = None):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
     cuda_gemv.int4_gemv.
@@ -357,7 +369,12 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
 
     `bits=8`: the 8-bit rows (q8f16_1: byte - 128, 4 a word; the head): a group is two vec4<u32> loads, and
     `((w >> 8s) & 0x00FF00FF) | 0x40004000` is `2 + byte/512` for bytes s and s+2 (fp16's ulp at 2 is 1/512), minus
-    `2 + 128/512`: (byte - 128) / 512 exactly; the pairs meet (x[4q+s], x[4q+s+2]) and the scale times 512."""
+    `2 + 128/512`: (byte - 128) / 512 exactly; the pairs meet (x[4q+s], x[4q+s+2]) and the scale times 512.
+
+    `ksplit` (cuda_gemv.int4_gemv_h2's): the workgroup's warps form warps / ksplit row teams of `ksplit` warps that
+    share the team's `rows` rows, warp k of a team taking groups (it U + u) 32 ksplit + 32 k + lane: more loads in
+    flight a row and fewer serial steps (the 8B's down: 14 steps of one group a lane with 1); the team's first warp
+    adds its warps' partial sums in order."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -365,8 +382,12 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     if in_f % 32:
         raise ValueError(f"int4_gemv_h2 needs `in` a multiple of 32, got {in_f}")
     norm = norm_eps is not None
-    dw, dr, du = h2_config(in_f, out_f, silu, bits)
+    dw, dr, du, dk = h2_config(in_f, out_f, silu, bits, norm)
     W, R, U = warps or dw, rows or dr, unroll or du
+    KS = ksplit or (dk if warps is None else 1)
+    if W % KS:
+        raise ValueError(f"int4_gemv_h2: warps ({W}) must be a multiple of ksplit ({KS})")
+    WT = W // KS  # row teams a workgroup
     if bits not in (4, 8) or (bits == 8 and (norm or silu)):
         raise ValueError(f"int4_gemv_h2: bits 4 (with any fusion) or 8 (none), got {bits}")
     if silu and (R % 2 or out_f % 2 or bias):
@@ -377,9 +398,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     inter = out_f // 2
     R2 = R // 2 if silu else R  # output rows a warp
     n_out = inter if silu else out_f
-    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype)
-    blocks = (n_out + W * R2 - 1) // (W * R2)
-    steps = (G + 32 * U - 1) // (32 * U)
+    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, KS)
+    blocks = (n_out + WT * R2 - 1) // (WT * R2)
+    steps = (G + 32 * U * KS - 1) // (32 * U * KS)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
     # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
@@ -402,16 +423,22 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     def as_h2(v):  # u32 -> vec2<f16> (unpack2x16float: see the comment above)
         return T.Cast("float16x2", T.call_pure_extern("float32x2", "unpack2x16float", v))
 
+    def team(bx, ty):  # the workgroup's row team of warp ty, as a global index
+        return bx * W + ty if KS == 1 else bx * WT + ty // KS
+
+    def group(ty, tx, it, u):  # the group lane tx of warp ty takes at step `it`, unrolled step u
+        return (it * U + u) * 32 + tx if KS == 1 else ((it * U + u) * KS + ty % KS) * 32 + tx
+
     def row(bx, ty, r):  # weight row of warp row r (silu: gate rows, then the matching up rows)
         if silu:
-            return T.min((bx * W + ty) * R2 + r % R2, inter - 1) + (r // R2) * inter
-        return T.min((bx * W + ty) * R + r, out_f - 1)
+            return T.min(team(bx, ty) * R2 + r % R2, inter - 1) + (r // R2) * inter
+        return T.min(team(bx, ty) * R + r, out_f - 1)
 
     @T.macro
     def load(qw, qs, wdst, sdst, bx, ty, tx, it):  # step `it`'s weights and scales (lanes past G re-read group G-1)
         for u in T.unroll(U):
             for r in T.unroll(R):
-                g = T.meta_var(T.min((it * U + u) * 32 + tx, G - 1))
+                g = T.meta_var(T.min(group(ty, tx, it, u), G - 1))
                 n = T.meta_var(row(bx, ty, r))
                 for v in T.unroll(VW):
                     wdst[(u * R + r) * VW + v] = qw[n, T.Ramp(g * 4 * VW + 4 * v, 1, 4)]
@@ -470,7 +497,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
             if it + 1 < steps:
                 load(qw, qs, wn, sn, bx, ty, tx, it + 1)
             for u in T.unroll(U):
-                g = T.meta_var((it * U + u) * 32 + tx)
+                g = T.meta_var(group(ty, tx, it, u))
                 if g < G:
                     for q in T.unroll(4):
                         xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
@@ -543,7 +570,7 @@ def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, in
     docs/benchmarks/vulkan-h200.md), h2_config's against the 8 warps x 2 rows x 2 groups (8 x 4 x 1 with silu) that
     the kernels alone had picked (run 8): qkv with the norm 12.2 against 14.3 us a call, o 9.3 against 10.6,
     gate_up with the norm and silu 30.3 against 31.4, down equal (25.7)."""
-    return h2_config(in_f, out_f, silu)
+    return h2_config(in_f, out_f, silu)[:3]
 
 
 def dp4a_group_staging(in_f: int, norm: bool) -> bool:
