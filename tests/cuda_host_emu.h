@@ -59,6 +59,11 @@ void emu_run_block(unsigned bx, unsigned by, int nt, F&& body) {
   for (int w = 0; w < (nt + 31) / 32; ++w) delete g_warp_bar[w];
 }
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
+// Blocks run one after another here, so a block's atomics and fences order nothing across blocks; they are real
+// atomics and fences anyway (a block's threads are std::threads), and __ldcg (an L2 load on the GPU) a plain load.
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int t = threadIdx.x, w = t / 32;

@@ -334,20 +334,30 @@ _OWNED_EMU_MAIN = r"""
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <random>
 constexpr int D = 64, G = 2, KV = 2, H = G * KV, L = 2, SPLITS = 32;
-// one launch: blocks (bx, by) one after another, `nt` threads each (std::thread), `sm` floats of shared memory
-void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& body) {
+// one launch: blocks (bx, by) one after another (in order, or shuffled with `seed` > 0), `nt` threads each
+// (std::thread), `sm` floats of shared memory
+void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& body, unsigned seed = 0) {
   std::vector<float> smem(sm + 1);
+  std::vector<std::pair<int, int>> order;
   for (int by = 0; by < gy; ++by)
-    for (int bx = 0; bx < gx; ++bx) emu_run_block(bx, by, nt, [&](int) { body(smem.data()); });
+    for (int bx = 0; bx < gx; ++bx) order.emplace_back(bx, by);
+  if (seed) std::shuffle(order.begin(), order.end(), std::mt19937(seed));
+  for (auto [bx, by] : order) emu_run_block(bx, by, nt, [&](int) { body(smem.data()); });
 }
 template <typename T> std::vector<T> read(FILE* f, size_t n) { std::vector<T> v(n); if (fread(v.data(), sizeof(T), n, f) != n) exit(2); return v; }
 template <typename T> void write(FILE* f, const std::vector<T>& v) { fwrite(v.data(), sizeof(T), v.size(), f); }
-int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv_append + partial, 1 decode_attn
-  const int n = atoi(argv[1]), maxp = atoi(argv[2]), layer = atoi(argv[4]), fused = atoi(argv[7]);
+// n maxp P layer steps in.bin out.bin mode seed: `steps` decode steps of n rows (row r at pos0[r] + step) through
+// mode 0: kv_append + paged_attn_partial + merge, 1: decode_attn + merge, 2: decode_attn_merge (blocks shuffled
+// with seed + step when seed > 0). in: qkv [steps, n, H + 2 KV, D], inv_freq, page table, pos0, pages; out: per
+// step out [n, H, D] and the control page's int32 words, then the pages.
+int main(int argc, char** argv) {
+  const int n = atoi(argv[1]), maxp = atoi(argv[2]), layer = atoi(argv[4]), steps = atoi(argv[5]);
+  const int mode = atoi(argv[8]), seed = atoi(argv[9]);
   const long long P = atoll(argv[3]);
-  FILE* f = fopen(argv[5], "rb");
-  auto qkv = read<half>(f, (size_t)n * (H + 2 * KV) * D);
+  FILE* f = fopen(argv[6], "rb");
+  auto qkv_all = read<half>(f, (size_t)steps * n * (H + 2 * KV) * D);
   auto freq = read<float>(f, D / 2);
   auto pt = read<int>(f, (size_t)n * maxp);
   auto pos0 = read<int>(f, n);
@@ -355,40 +365,71 @@ int main(int argc, char** argv) {  // n maxp P layer in.bin out.bin; fused: 0 kv
   fclose(f);
   const int sm = G * D + G * 32 + 3 * G;
   const float scale = 1.4426950408889634f / 8.f;  // D^-0.5 log2(e)
-  std::vector<float> o((size_t)n * H * SPLITS * D, NAN), ml((size_t)n * H * SPLITS * 2, NAN);
-  std::vector<half> out((size_t)n * H * D, half{0x7E00});
-  if (fused) {
-    launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn<D, G>(qkv.data(), freq.data(), pt.data(),
-        pos0.data(), pages.data(), o.data(), ml.data(), maxp, P, layer, KV, SPLITS, scale, s); });
-  } else {
-    std::vector<half> q((size_t)n * H * D), k((size_t)n * KV * D), v((size_t)n * KV * D);
-    launch(n, (H + 2 * KV + 2) / 3, D / 2, 0, [&](float*) { edgellm_kv_append<D, 3>(qkv.data(), freq.data(), pt.data(), pos0.data(),
-        pages.data(), q.data(), k.data(), v.data(), 1, maxp, P, layer, H, KV); });
-    launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_paged_attn_partial<D, G>(q.data(), pages.data(), pt.data(),
-        pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, SPLITS, scale, s); });
+  f = fopen(argv[7], "wb");
+  for (int step = 0; step < steps; ++step) {
+    const half* qkv = qkv_all.data() + (size_t)step * n * (H + 2 * KV) * D;
+    // NaN scratch: a merge that read a split no block wrote this step would show
+    std::vector<float> o((size_t)n * H * SPLITS * D, NAN), ml((size_t)n * H * SPLITS * 2, NAN);
+    std::vector<half> out((size_t)n * H * D, half{0x7E00});
+    if (mode == 2) {
+      launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn_merge<D, G, SPLITS>(qkv, freq.data(), pt.data(),
+          pos0.data(), pages.data(), o.data(), ml.data(), out.data(), maxp, P, layer, KV, scale, s); },
+          seed > 0 ? seed + step : 0);
+    } else if (mode == 1) {
+      launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn<D, G>(qkv, freq.data(), pt.data(),
+          pos0.data(), pages.data(), o.data(), ml.data(), maxp, P, layer, KV, SPLITS, scale, s); });
+    } else {
+      std::vector<half> q((size_t)n * H * D), k((size_t)n * KV * D), v((size_t)n * KV * D);
+      launch(n, (H + 2 * KV + 2) / 3, D / 2, 0, [&](float*) { edgellm_kv_append<D, 3>(qkv, freq.data(), pt.data(), pos0.data(),
+          pages.data(), q.data(), k.data(), v.data(), 1, maxp, P, layer, H, KV); });
+      launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_paged_attn_partial<D, G>(q.data(), pages.data(), pt.data(),
+          pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, SPLITS, scale, s); });
+    }
+    if (mode != 2)
+      launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data(), n * H); });
+    write(f, out);
+    std::vector<int> control(KV * 16 * D);  // page P - 1 of layer 0
+    memcpy(control.data(), pages.data() + (P - 1) * 2 * KV * 16 * D, control.size() * 4);
+    write(f, control);
+    for (int r = 0; r < n; ++r) ++pos0[r];
   }
-  launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data(), n * H); });
-  f = fopen(argv[6], "wb");
-  write(f, out);
   write(f, pages);
   fclose(f);
 }
 """
 
 
+def _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, mode: int, seed: int = 0):
+    """Run _OWNED_EMU_MAIN's ./emu (built in tmp_path): per step (out [n, H, D], control words), then the pages."""
+    import subprocess
+
+    steps, H, D = qkv.shape[0], qkv.shape[2] - 2 * pages.shape[3], pages.shape[-1]
+    (tmp_path / "in.bin").write_bytes(qkv.tobytes() + freq.tobytes() + pt.tobytes() + pos0.tobytes() + pages.tobytes())
+    subprocess.run(["./emu", str(n), str(maxp), str(P), str(layer), str(steps), "in.bin", "out.bin", str(mode),
+                    str(seed)], cwd=tmp_path, check=True)
+    raw, at, per_step = (tmp_path / "out.bin").read_bytes(), 0, []
+    words = pages[0, 0].size // 2
+    for _ in range(steps):
+        out = np.frombuffer(raw[at:at + n * H * D * 2], np.float16).reshape(n, H, D)
+        at += n * H * D * 2
+        per_step.append((out, np.frombuffer(raw[at:at + words * 4], np.int32)))
+        at += words * 4
+    return per_step, np.frombuffer(raw[at:], np.float16).reshape(pages.shape)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
 def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
     """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of three rows
     (contexts 38, 6 and 1101: two one-tile splits, one, and 18 splits of two tiles each, the split size following
-    the live context) through decode_attn + merge (the default) and through kv_append +
-    paged_attn_partial + merge: the same output and the same pages bit for bit, the new k (rotated) and v in their
-    slots, nothing else written, and the output within fp16 tolerance of numpy attention with RoPE."""
-    import subprocess
+    the live context) through decode_attn_merge (the default: the merge in the last block), decode_attn + merge and
+    kv_append + paged_attn_partial + merge: the same output and the same pages bit for bit, the new k (rotated) and
+    v in their slots, nothing else written, the control page zero again, and the output within fp16 tolerance of
+    numpy attention with RoPE."""
     from pathlib import Path
 
     from edgellm.kernels.owned_kv import rope_inv_freq
 
-    D, G, KV, L, maxp, P, layer = 64, 2, 2, 2, 70, 77, 1
+    D, G, KV, L, maxp, P, layer = 64, 2, 2, 2, 70, 78, 1
     H = G * KV
     src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
     host_emu({"owned_kv.cu": src}, _OWNED_EMU_MAIN)
@@ -396,19 +437,19 @@ def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
     pos0 = np.array([37, 5, 1100], np.int32)
     pt = np.full((3, maxp), 6, np.int32)  # page 6: scratch
     pt[0, :3], pt[1, 0], pt[2] = [2, 0, 5], 1, np.arange(7, 7 + maxp)
-    qkv = rng.standard_normal((3, H + 2 * KV, D)).astype(np.float16)
+    qkv = rng.standard_normal((1, 3, H + 2 * KV, D)).astype(np.float16)
     freq = rope_inv_freq(D, 10000.0, None)
     pages = rng.standard_normal((L, P, 2, KV, 16, D)).astype(np.float16)
-    (tmp_path / "in.bin").write_bytes(qkv.tobytes() + freq.tobytes() + pt.tobytes() + pos0.tobytes() + pages.tobytes())
+    pages[0, P - 1] = 0  # the control page, as the Engine allocates it
     outs = {}
-    for fused in (0, 1):
-        subprocess.run(["./emu", "3", str(maxp), str(P), str(layer), "in.bin", f"out{fused}.bin", str(fused)],
-                       cwd=tmp_path, check=True)
-        raw = (tmp_path / f"out{fused}.bin").read_bytes()
-        out = np.frombuffer(raw[:3 * H * D * 2], np.float16).reshape(3, H, D)
-        outs[fused] = (out, np.frombuffer(raw[3 * H * D * 2:], np.float16).reshape(pages.shape))
-    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
-    out, new_pages = outs[1]
+    for mode in (0, 1, 2):
+        [(out, control)], new_pages = _emu_decode(tmp_path, 3, maxp, P, layer, qkv, freq, pt, pos0, pages, mode)
+        assert not control.any(), mode
+        outs[mode] = (out, new_pages)
+    for mode in (1, 2):
+        assert np.array_equal(outs[0][0], outs[mode][0]) and np.array_equal(outs[0][1], outs[mode][1]), mode
+    qkv = qkv[0]
+    out, new_pages = outs[2]
 
     def rope(x, p):  # rotate-half in float32, rounded to fp16 as the kernels round it
         ang = np.float32(p) * freq
@@ -431,3 +472,40 @@ def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
             ref = (w / w.sum()) @ vals[h // G].astype(np.float64)
             np.testing.assert_allclose(out[r, h].astype(np.float64), ref, atol=2e-3, rtol=2e-3)
     assert np.array_equal(new_pages, expect_pages)  # the two slots written, nothing else
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
+def test_decode_attn_merge_equals_the_two_kernel_path_over_steps(tmp_path, host_emu):
+    """decode_attn_merge (the merge in the last block per (token, kv head), counters in the control page) against
+    decode_attn + paged_attn_merge over three consecutive decode steps of four rows, bit for bit: contexts 47-49
+    (two active splits; the third step opens a new page), 31-33 (one active split, the merge without a count, then
+    two), 1101-1103 (18 splits of two tiles) and 2047-2049 (all 32 splits, then 22 of three tiles); the blocks in
+    launch order (the top active split merges) and shuffled (any split may be last). After every step every word of
+    the control page is zero again, and the scratch partials start as NaN, so a merge reading a split no block
+    wrote would show."""
+    from pathlib import Path
+
+    from edgellm.kernels.owned_kv import rope_inv_freq
+
+    D, G, KV, L, layer, steps = 64, 2, 2, 2, 0, 3
+    H = G * KV
+    pos0 = np.array([46, 30, 1100, 2046], np.int32)
+    maxp = -(-(int(pos0.max()) + steps) // 16)
+    P = 4 + 4 + 70 + maxp + 2  # the rows' pages, scratch, control
+    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
+    host_emu({"owned_kv.cu": src}, _OWNED_EMU_MAIN)
+    rng = np.random.default_rng(5)
+    pt = np.full((4, maxp), P - 2, np.int32)
+    perm = rng.permutation(P - 2).astype(np.int32)  # the rows' pages, scattered
+    pt[0, :4], pt[1, :4], pt[2, :70], pt[3] = perm[:4], perm[4:8], perm[8:78], perm[78:]
+    qkv = rng.standard_normal((steps, 4, H + 2 * KV, D)).astype(np.float16)
+    freq = rope_inv_freq(D, 10000.0, None)
+    pages = rng.standard_normal((L, P, 2, KV, 16, D)).astype(np.float16)
+    pages[0, P - 1] = 0  # the control page, as the Engine allocates it (layer 0: this test's layer writes there too)
+    ref_steps, ref_pages = _emu_decode(tmp_path, 4, maxp, P, layer, qkv, freq, pt, pos0, pages, 1)
+    for seed in (0, 7):
+        got_steps, got_pages = _emu_decode(tmp_path, 4, maxp, P, layer, qkv, freq, pt, pos0, pages, 2, seed)
+        for step, ((ref, _), (out, control)) in enumerate(zip(ref_steps, got_steps)):
+            assert not np.isnan(out).any() and np.array_equal(ref.view(np.uint16), out.view(np.uint16)), (seed, step)
+            assert not control.any(), (seed, step, np.flatnonzero(control))
+        assert np.array_equal(ref_pages.view(np.uint16), got_pages.view(np.uint16)), seed

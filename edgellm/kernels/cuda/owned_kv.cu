@@ -262,19 +262,119 @@ __device__ __forceinline__ void edgellm_paged_attn_merge_alone(
     const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out, long long total) {
   edgellm_paged_attn_merge<D, S, 1>(o_part, ml, nullptr, nullptr, out, 0, total);
 }
+// The merge of a decode step's splits inside decode_attn_merge (no merge kernel): the last block of (token i, kv
+// head kvh) to finish merges the `active` splits of its G heads and writes out [n, H, D] fp16. Counter: int32 word
+// i * KV + kvh of the control page (kernels/owned_kv.py, CONTROL_WORDS), zero whenever no kernel runs. Each active
+// block has written its partials; it fences, syncs, and thread 0 counts it in (atomicAdd); the block that sees
+// active - 1 blocks before it is the last: it resets the word to 0 (every other block of the pair has counted by
+// then, and the next kernel to use it runs after this one completes), fences, and reads every active split's
+// (o, m, l) from L2 (__ldcg: a line of the other blocks' partials in this SM's L1 could be stale). With one active
+// split there is no other block to wait for (no atomic). The arithmetic is edgellm_paged_attn_merge's, in its order,
+// so the output is decode_attn + paged_attn_merge_alone's bit for bit: M = max of the splits' m, w_s = 2^(m_s - M),
+// L = sum_s l_s w_s and acc = sum_s o_s w_s (s = 0, 1, ... in series), out = acc / L. The merge kernel also adds, for
+// each split past the active ones (l = 0, w = 0), 0 to L and o_{active-1} * 0 to acc: here the latter once (it can
+// only turn a -0 into +0, and a second time changes nothing). The weights are computed once per head (a warp per
+// head, a lane per split) into smem, not once per output element. e: the entry of head kvh * G (i * H + kvh * G);
+// smem: the split's (G * D + G * 32 + 3 * G floats, free once the split is written), here G * 65 + 1 floats.
+template <int D, int G, int S>
+__device__ __forceinline__ void edgellm_decode_merge(
+    const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out, int* counter, int active,
+    long long e, float* smem) {
+  static_assert(S <= 32, "the merge's weights take one lane per split");
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  float* sw = smem;            // [G][32] w_s, 0 past the active splits
+  float* sl = smem + G * 32;   // [G][32] l_s
+  float* sL = smem + G * 64;   // [G] L
+  int* merger = reinterpret_cast<int*>(smem + G * 65);  // whether this block merges
+  __threadfence();  // this block's partials, visible to the whole device before it is counted
+  __syncthreads();  // every thread of the block has written (and is done with smem)
+  if (tid == 0) {
+    int is_last = 1;
+    if (active > 1) {
+      is_last = atomicAdd(counter, 1) == active - 1;
+      if (is_last) *counter = 0;
+    }
+    __threadfence();  // the other blocks' partials are read after their counts were seen
+    *merger = is_last;
+  }
+  __syncthreads();
+  if (!*merger) return;
+  const float2* mls = reinterpret_cast<const float2*>(ml);
+  for (int g = warp; g < G; g += 4) {
+    const float2 x = __ldcg(mls + (e + g) * S + min(lane, active - 1));
+    float M = x.y > 0.f ? x.x : -INFINITY;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    if (lane < S) {
+      sw[g * 32 + lane] = lane < active ? exp2f(x.x - M) : 0.f;
+      sl[g * 32 + lane] = x.y;
+    }
+    __syncwarp();
+    if (lane == 0) {
+      float L = 0.f;
+      for (int s = 0; s < active; ++s) L += sl[g * 32 + s] * sw[g * 32 + s];
+      sL[g] = L;
+    }
+  }
+  __syncthreads();
+  // acc: C splits at a time, their loads issued together (a load in the same branch as its use waits for it), only
+  // for the active splits; the terms past them are the merge kernel's o_{active-1} * 0, applied once at the end
+  // (adding a zero a second time changes nothing). C * ITEMS <= 32 loads in flight per thread: with C = 8 for
+  // G * D = 1024 (G 8, D 128) ptxas (nvcc 13, sm_90a) gave the kernel 113 registers (48 without the merge), 64
+  // with C = 4.
+  constexpr int ITEMS = (G * D + 127) / 128, C = ITEMS >= 8 ? 4 : 8;
+  float acc[ITEMS], last[ITEMS];
+#pragma unroll
+  for (int t = 0; t < ITEMS; ++t) acc[t] = last[t] = 0.f;
+#pragma unroll
+  for (int s0 = 0; s0 < S; s0 += C) {
+    if (s0 >= active) break;
+    float v[C][ITEMS];
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int t = 0; t < ITEMS; ++t) {
+        const int w = tid + t * 128;
+        v[c][t] = 0.f;
+        if (s0 + c < active && w < G * D) v[c][t] = __ldcg(o_part + ((e + w / D) * S + s0 + c) * D + w % D);
+      }
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int t = 0; t < ITEMS; ++t) {
+        const int w = tid + t * 128;
+        if (s0 + c < active && w < G * D) {
+          acc[t] += v[c][t] * sw[(w / D) * 32 + s0 + c];
+          last[t] = v[c][t];
+        }
+      }
+  }
+#pragma unroll
+  for (int t = 0; t < ITEMS; ++t) {
+    const int w = tid + t * 128, g = w / D;
+    if (w < G * D) {
+      if (active < S) acc[t] += last[t] * sw[g * 32 + S - 1];  // w = 0 there
+      const float L = sL[g];
+      out[(e + g) * D + w % D] = __float2half(L > 0.f ? acc[t] / L : 0.f);
+    }
+  }
+}
+
 // A decode step's RoPE, KV append and split-K attention for one layer in one kernel (before: kv_append +
-// paged_attn_partial, two kernels and a boundary per layer); paged_attn_merge follows. Block (token i, kv head,
-// split); each row decodes one token at position pos = pos0[row]. Every block applies RoPE to its G query heads
-// (kv_append's arithmetic: q rounded to fp16); the block whose split holds `pos` (the last one with keys) also
-// writes the new token's rotated k and its v into the page slot, then syncs, so its own loop reads them from the
-// page; every other block reads only keys < pos, which no block of this kernel writes. Each block then computes its
-// split as paged_attn_partial does (a split past the last key writes (-inf, 0)): the merged output equals the
-// two-kernel path's bit for bit. smem: G * D + G * 32 + 3 * G floats.
-template <int D, int G>
-__device__ __forceinline__ void edgellm_decode_attn(
+// paged_attn_partial, two kernels and a boundary per layer). Block (token i, kv head, split); each row decodes one
+// token at position pos = pos0[row]. Every block applies RoPE to its G query heads (kv_append's arithmetic: q
+// rounded to fp16); the block whose split holds `pos` (the last one with keys) also writes the new token's rotated k
+// and its v into the page slot, then syncs, so its own loop reads them from the page; every other block reads only
+// keys < pos, which no block of this kernel writes. Each block then computes its split as paged_attn_partial does.
+// MERGE = 0 (edgellm_decode_attn): a split past the last key writes (-inf, 0) and paged_attn_merge follows; the
+// merged output equals the two-kernel path's bit for bit. MERGE = S (edgellm_decode_attn_merge, splits = S): a
+// split past the last key exits at once, and the last active block merges (edgellm_decode_merge) into `out`.
+// smem: G * D + G * 32 + 3 * G floats.
+template <int D, int G, int MERGE>
+__device__ __forceinline__ void edgellm_decode_attn_impl(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
-    int maxp, long long P, int layer, int KV, int splits, float scale_log2, float* smem) {
+    half* __restrict__ out, int maxp, long long P, int layer, int KV, int splits, float scale_log2, float* smem) {
   constexpr int HALF = D / 2;
   const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
   const int H = G * KV, row = i, pos = pos0[row], kv_len = pos + 1, chunk = edgellm_split_chunk(kv_len, splits);
@@ -282,7 +382,7 @@ __device__ __forceinline__ void edgellm_decode_attn(
   const int begin = split * chunk, end = min(kv_len, begin + chunk);
   const long long e0 = ((long long)i * H + kvh * G) * splits + split;
   if (split >= active) {  // no key here: an empty split for paged_attn_merge, as paged_attn_partial writes it
-    if (tid < G) {
+    if (MERGE == 0 && tid < G) {
       ml[2 * (e0 + tid * splits)] = -INFINITY;
       ml[2 * (e0 + tid * splits) + 1] = 0.f;
     }
@@ -318,5 +418,29 @@ __device__ __forceinline__ void edgellm_decode_attn(
   // edgellm_attn_split syncs the block before its first load: the new k / v are then visible to it
   edgellm_attn_split<D, G>(pages, page_table, o_part, ml, row, maxp, P, layer, KV, kvh, begin, end, e0, splits,
                            smem);
+  if (MERGE > 0) {
+    // the counters: int32 words of the control page, page P - 1 of layer 0
+    int* counter = reinterpret_cast<int*>(pages + (P - 1) * 2 * KV * 16 * D) + i * KV + kvh;
+    edgellm_decode_merge<D, G, (MERGE > 0 ? MERGE : 1)>(o_part, ml, out, counter, active, (long long)i * H + kvh * G,
+                                                         smem);
+  }
+}
+template <int D, int G>
+__device__ __forceinline__ void edgellm_decode_attn(
+    const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
+    int maxp, long long P, int layer, int KV, int splits, float scale_log2, float* smem) {
+  edgellm_decode_attn_impl<D, G, 0>(qkv, inv_freq, page_table, pos0, pages, o_part, ml, nullptr, maxp, P, layer, KV,
+                                    splits, scale_log2, smem);
+}
+// decode_attn with the merge in its last block per (token, kv head): out [n, H, D] fp16; o_part / ml are scratch.
+template <int D, int G, int S>
+__device__ __forceinline__ void edgellm_decode_attn_merge(
+    const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
+    half* __restrict__ out, int maxp, long long P, int layer, int KV, float scale_log2, float* smem) {
+  static_assert(S > 0, "S: the splits");
+  edgellm_decode_attn_impl<D, G, S>(qkv, inv_freq, page_table, pos0, pages, o_part, ml, out, maxp, P, layer, KV, S,
+                                    scale_log2, smem);
 }
 #endif
