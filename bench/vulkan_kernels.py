@@ -63,6 +63,14 @@ H2KS = {(4096, 6144): [(16, 1, 1, 1), (16, 1, 4, 1), (8, 2, 2, 2), (16, 2, 2, 2)
                         (8, 1, 2, 4), (16, 1, 2, 4), (16, 2, 1, 4), (8, 2, 1, 4)]}
 H2KS_FUSED = {(4096, 6144): [(16, 1, 1, 1), (16, 2, 2, 2), (16, 1, 4, 1), (16, 1, 2, 2), (8, 2, 2, 2)],
               (4096, 28672): [(8, 2, 1, 1), (8, 2, 4, 1), (8, 4, 4, 1), (16, 2, 4, 1), (8, 2, 2, 2), (16, 4, 2, 1)]}
+# H2KS=x32: the xf32 staging (float32 x and arithmetic) against h2 at the 8B's `in` 4096 shapes: (warps, rows,
+# unroll, ksplit, xf32)
+X32 = {(4096, 6144): [(16, 1, 1, 1, True), (16, 1, 4, 1, True), (8, 2, 2, 1, True)],
+       (4096, 4096): [(16, 1, 1, 1, True), (16, 1, 4, 1, True), (8, 2, 2, 1, True)],
+       (4096, 28672): [(16, 1, 1, 1, True), (16, 1, 4, 1, True), (8, 2, 4, 1, True), (16, 2, 1, 1, True)],
+       (14336, 4096): []}
+X32_FUSED = {(4096, 6144): [(16, 1, 1, 1, True), (16, 1, 4, 1, True)],
+             (4096, 28672): [(8, 2, 1, 1, True), (8, 2, 4, 1, True), (16, 2, 1, 1, True), (8, 4, 1, 1, True)]}
 FUSED = {(4096, 6144): ("norm",), (4096, 28672): ("norm", "silu")}
 FUSED_CFGS = ("w8r4u1", "w4r4u1", "w8r2u2")  # dp4a configs also tried fused (even row counts: silu pairs rows)
 ROTATE_BYTES = 160 << 20  # weights rotated over at least this many bytes per kernel: timings not from L2 (50 MB)
@@ -121,21 +129,28 @@ def prepare(out: Path) -> None:
         (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
         print(f"{len(meta)} kernels in {out}")
         return
-    if os.environ.get("H2KS"):  # int4_gemv_h2's configs with ksplit, the default first
+    if os.environ.get("H2KS"):  # int4_gemv_h2's configs with ksplit (H2KS=x32: with xf32), the default first
         lib, funcs = "gemv_webgpu_ks", {}
-        for (in_f, out_f), cfgs in H2KS.items():
+        x32 = os.environ["H2KS"] == "x32"
+        plain, fused = (X32, X32_FUSED) if x32 else (H2KS, H2KS_FUSED)
+        keys = ("warps", "rows", "unroll", "ksplit", "xf32")
+
+        def label(cfg):
+            return "h2_w{}r{}u{}k{}".format(*cfg) + ("_x32" if len(cfg) > 4 and cfg[4] else "")
+
+        for (in_f, out_f), cfgs in plain.items():
             for cfg in [None] + cfgs:
-                v = "h2_auto" if cfg is None else "h2_w{}r{}u{}k{}".format(*cfg)
+                v = "h2_auto" if cfg is None else label(cfg)
                 name = f"gemv_{in_f}_{out_f}_{v}"
-                kw = {} if cfg is None else dict(zip(("warps", "rows", "unroll", "ksplit"), cfg))
+                kw = {} if cfg is None else dict(zip(keys, cfg))
                 funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
-        for (in_f, out_f), cfgs in H2KS_FUSED.items():
+        for (in_f, out_f), cfgs in fused.items():
             fuse = FUSED[(in_f, out_f)]
             for cfg in [None] + cfgs:
-                v = ("h2_auto" if cfg is None else "h2_w{}r{}u{}k{}".format(*cfg)) + "_" + "_".join(fuse)
+                v = ("h2_auto" if cfg is None else label(cfg)) + "_" + "_".join(fuse)
                 name = f"gemv_{in_f}_{out_f}_{v}"
-                kw = {} if cfg is None else dict(zip(("warps", "rows", "unroll", "ksplit"), cfg))
+                kw = {} if cfg is None else dict(zip(keys, cfg))
                 funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, norm_eps=1e-5, silu="silu" in fuse,
                                                          **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4,

@@ -43,7 +43,10 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-u4": "dp4a with 4 groups a lane a step at in 4096",
             "vulkan-ks": "h2 at cuda_gemv's xsmem configs: gate_up 8x2x4, down 8x2x2 ksplit 2, qkv (norm) 16x2x2 "
                          "ksplit 2, o 8x2x2 ksplit 2 (warps x rows x groups a step)",
-            "vulkan-ks4": "h2, more rows or all loads at once: gate_up 8x4x4, down 8x4x1 ksplit 2, qkv and o 16x1x4"}
+            "vulkan-ks4": "h2, more rows or all loads at once: gate_up 8x4x4, down 8x4x1 ksplit 2, qkv and o 16x1x4",
+            "vulkan-x32": "h2 with x staged as float32 and float32 arithmetic (xf32) at in 4096 (not down)",
+            "vulkan-x32u4": "xf32 at in 4096, 4 groups a lane a step there",
+            "vulkan-x32r4": "xf32 at in 4096, gate_up 8 warps x 4 rows (2 gate, 2 up: half the workgroups)"}
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -63,25 +66,38 @@ def _patched(label: str):
         w, r, u, k = h2(i, o, silu, bits, norm)
         return (w, r, 4, k) if i == 4096 and bits == 4 else (w, r, u, k)
 
+    def r4(i, o, silu=False, bits=4, norm=False):
+        return (8, 4, 1, 1) if silu and i == 4096 and bits == 4 else h2(i, o, silu, bits, norm)
+
     def ks(i, o, silu=False, bits=4, norm=False):
         if bits != 4 or i < 4096:
             return h2(i, o, silu, bits, norm)
         kind = "gate_up" if silu else "down" if i > 4096 else "qkv" if norm else "o"
         return KS_CONFIGS[label][kind]
 
+    def x32(i, bits=4):
+        return i == 4096 and bits == 4
+
     name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)[:3]),
                    "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4)),
                    "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4),
-                   "vulkan-ks": ("h2_config", ks), "vulkan-ks4": ("h2_config", ks)}[label]
+                   "vulkan-ks": ("h2_config", ks), "vulkan-ks4": ("h2_config", ks),
+                   "vulkan-x32": ("h2_xf32", x32), "vulkan-x32u4": ("h2_xf32", x32),
+                   "vulkan-x32r4": ("h2_xf32", x32)}[label]
 
     @contextmanager
     def ctx():
-        saved = getattr(wl, name)
+        saved, saved_cfg = getattr(wl, name), wl.h2_config
         setattr(wl, name, value)
+        if label == "vulkan-x32u4":
+            wl.h2_config = u4
+        if label == "vulkan-x32r4":
+            wl.h2_config = r4
         try:
             yield
         finally:
             setattr(wl, name, saved)
+            wl.h2_config = saved_cfg
 
     return ctx()
 

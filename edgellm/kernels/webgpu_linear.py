@@ -340,6 +340,11 @@ def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4,
     return 4, 1, 1, 1
 
 
+def h2_xf32(in_f: int, bits: int = 4) -> bool:
+    """Whether int4_gemv_h2 stages x as float32 (its `xf32`) by default: not yet (measured on the H200 first)."""
+    return False
+
+
 def h2_shared_bytes(in_f: int, out_f: int) -> int:
     """Workgroup memory of int4_gemv_h2: the staged x and the lanes' partial sums (h2_config's configs have at most
     32 rows a workgroup: 4 KiB)."""
@@ -355,7 +360,8 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                  unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
-                 norm_eps: float | None = None, silu: bool = False, bits: int = 4, ksplit: int | None = None):
+                 norm_eps: float | None = None, silu: bool = False, bits: int = 4, ksplit: int | None = None,
+                 xf32: bool | None = None):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
     cuda_gemv.int4_gemv.
@@ -374,7 +380,15 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     `ksplit` (cuda_gemv.int4_gemv_h2's): the workgroup's warps form warps / ksplit row teams of `ksplit` warps that
     share the team's `rows` rows, warp k of a team taking groups (it U + u) 32 ksplit + 32 k + lane: more loads in
     flight a row and fewer serial steps (the 8B's down: 14 steps of one group a lane with 1); the team's first warp
-    adds its warps' partial sums in order."""
+    adds its warps' partial sums in order.
+
+    `xf32` (4-bit rows only): no fp16 arithmetic and no f16 <-> f32 conversion in the loop. x is staged as float32
+    ([word q][half][group][4]: a lane's 8 vec4<f32> reads are contiguous across the warp) with each word's sum of
+    its 8 values; a nibble becomes the float `1 + nib/16` by one shift and one and-or into the mantissa
+    (`(w shifted) & 0x00780000 | 0x3F800000`), one float32 FMA a weight, and the group's sum is
+    `sum(x (1 + nib/16)) - 1.4375 sum(x)` = `sum(x (nib - 7)) / 16`, times the scale x 16 (the cancellation costs
+    ~5 of float32's 24 bits, ~1e-6 relative: the fp16x2 sums round to 11). Needs in_f * 4 bytes of workgroup memory
+    (16 KiB at 4096; not the 8B's down)."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -390,6 +404,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     WT = W // KS  # row teams a workgroup
     if bits not in (4, 8) or (bits == 8 and (norm or silu)):
         raise ValueError(f"int4_gemv_h2: bits 4 (with any fusion) or 8 (none), got {bits}")
+    xf32 = h2_xf32(in_f, bits) and h2 if xf32 is None else xf32
+    if xf32 and (bits != 4 or not h2):
+        raise ValueError(f"int4_gemv_h2: xf32 needs 4-bit rows and h2=True (bits {bits}, h2 {h2})")
     if silu and (R % 2 or out_f % 2 or bias):
         raise ValueError(f"int4_gemv_h2 with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
     G = in_f // 32
@@ -449,23 +466,39 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         # exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
         return T.call_pure_extern(u32, "pack2x16float", T.Cast("float32x2", T.Shuffle([a, b], [0, 1])))
 
+    xs_len, xs_type = (G * 32, f32) if xf32 else (G * 16, u32)
+
+    def w32(w, e, left):  # nibble e of w as the float32 1 + nib/16 (at the mantissa's bits 19..22)
+        m = T.shift_left(w, T.Cast(u32, 19 - 4 * e)) if left else T.shift_right(w, T.Cast(u32, 4 * e - 19))
+        return T.reinterpret(f32, T.bitwise_or(T.bitwise_and(m, T.uint32(0x00780000)), T.uint32(0x3F800000)))
+
+    @T.macro
+    def stage32(sv, xs, xq, i, e):  # xf32: staged word e = 4 g + q's 8 values (sv[8 i ..]) and their sum
+        for h in T.unroll(2):
+            for k in T.unroll(4):
+                xs[(((e % 4) * 2 + h) * G + e // 4) * 4 + k] = sv[i * 8 + h * 4 + k]
+        xq[(e % 4) * G + e // 4] = ((sv[i * 8] + sv[i * 8 + 1]) + (sv[i * 8 + 2] + sv[i * 8 + 3])) + (
+            (sv[i * 8 + 4] + sv[i * 8 + 5]) + (sv[i * 8 + 6] + sv[i * 8 + 7]))
+
     @T.macro
     def body(x, dl, nw, qw, qs, b, out, xsum):
         bx = T.launch_thread("blockIdx.x", blocks)
         ty = T.launch_thread("threadIdx.y", W)
         tx = T.launch_thread("threadIdx.x", 32)
-        xs = T.alloc_buffer((G * 16,), u32, scope="shared")
+        xs = T.alloc_buffer((xs_len,), xs_type, scope="shared")
+        xq = T.alloc_buffer((G * 4,), f32, scope="shared")  # xf32: each staged word's sum of its 8 values
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
         red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
         acc = T.alloc_buffer((R,), f32, scope="local")
         wv = T.alloc_buffer((U * R * VW,), "uint32x4", scope="local")
         sc = T.alloc_buffer((U * R,), f32, scope="local")
         wn = T.alloc_buffer((U * R * VW,), "uint32x4", scope="local")  # the next step's, loaded before this one's math
-        sn = T.alloc_buffer((U * R,), f32, scope="local")
+        sn = T.alloc_buffer((U * R + 1,), f32, scope="local")  # [U R]: xf32's group sum of x
         xa = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
         da = T.alloc_buffer((2,), x_dtype + "x4", scope="local")
-        sv = T.alloc_buffer((stage * 8,), f32, scope="local")  # norm: s = x + delta of the thread's words
+        sv = T.alloc_buffer((max(stage, 1) * 8,), f32, scope="local")  # norm: s = x + delta of the thread's words
         xv = T.alloc_buffer((4,), "uint32x4", scope="local")
+        xf = T.alloc_buffer((8,), "float32x4", scope="local")  # xf32: the group's 32 activations
         hh = T.alloc_buffer((2,), "float16x2", scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
         load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
@@ -476,20 +509,33 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                 if e < G * 4:
                     for h in T.unroll(2):
                         da[h] = nw[T.Ramp(e * 8 + 4 * h, 1, 4)]
-                    for s4 in T.unroll(4):  # add_rms_norm_gpu's (s * rsqrt) * w, rounded to fp16
-                        xs[((e % 4) * G + e // 4) * 4 + s4] = pair(
-                            T.Cast(x_dtype, sv[i * 8 + s4] * tt[0] * T.Cast(f32, T.Shuffle([da[0]], [s4]))),
-                            T.Cast(x_dtype, sv[i * 8 + 4 + s4] * tt[0] * T.Cast(f32, T.Shuffle([da[1]], [s4]))))
+                    if xf32:
+                        for h in T.unroll(2):
+                            for k in T.unroll(4):
+                                sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Cast(x_dtype, sv[i * 8 + h * 4 + k] * tt[0]
+                                                                           * T.Cast(f32, T.Shuffle([da[h]], [k]))))
+                        stage32(sv, xs, xq, i, e)
+                    else:
+                        for s4 in T.unroll(4):  # add_rms_norm_gpu's (s * rsqrt) * w, rounded to fp16
+                            xs[((e % 4) * G + e // 4) * 4 + s4] = pair(
+                                T.Cast(x_dtype, sv[i * 8 + s4] * tt[0] * T.Cast(f32, T.Shuffle([da[0]], [s4]))),
+                                T.Cast(x_dtype, sv[i * 8 + 4 + s4] * tt[0] * T.Cast(f32, T.Shuffle([da[1]], [s4]))))
         else:
             for i in T.serial(stage):
                 e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: a warp reads 512 contiguous bytes of x
                 if e < G * 4:
                     xa[0] = x[0, T.Ramp(e * 8, 1, 4)]
                     xa[1] = x[0, T.Ramp(e * 8 + 4, 1, 4)]
-                    for s4 in T.unroll(4):  # chunk c = e % 4 of group g = e // 4: pair j at (c G + g) 4 + j
-                        lo, hi = T.meta_var(src(s4))  # 4-bit: (x[8e + j], x[8e + j + 4]); 8-bit: see src
-                        xs[((e % 4) * G + e // 4) * 4 + s4] = pair(T.Shuffle([xa[lo[0]]], [lo[1]]),
-                                                                   T.Shuffle([xa[hi[0]]], [hi[1]]))
+                    if xf32:
+                        for h in T.unroll(2):
+                            for k in T.unroll(4):
+                                sv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
+                        stage32(sv, xs, xq, 0, e)
+                    else:
+                        for s4 in T.unroll(4):  # chunk c = e % 4 of group g = e // 4: pair j at (c G + g) 4 + j
+                            lo, hi = T.meta_var(src(s4))  # 4-bit: (x[8e + j], x[8e + j + 4]); 8-bit: see src
+                            xs[((e % 4) * G + e // 4) * 4 + s4] = pair(T.Shuffle([xa[lo[0]]], [lo[1]]),
+                                                                       T.Shuffle([xa[hi[0]]], [hi[1]]))
         T.tvm_storage_sync("shared")
         for r in T.unroll(R):
             acc[r] = T.float32(0)
@@ -498,37 +544,54 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                 load(qw, qs, wn, sn, bx, ty, tx, it + 1)
             for u in T.unroll(U):
                 g = T.meta_var(group(ty, tx, it, u))
-                if g < G:
-                    for q in T.unroll(4):
-                        xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
-                    for r in T.unroll(R):
-                        if h2:
-                            hh[0] = T.Broadcast(T.float16(0), 2)
-                            hh[1] = T.Broadcast(T.float16(0), 2)
-                            for q in T.unroll(4):
-                                for s in T.unroll(4):
-                                    v, lane, shift = T.meta_var(weight(s, q))
-                                    hh[(v * 4 + lane) % 2] = T.call_pure_extern("float16x2", "fma", as_h2(
-                                        T.bitwise_or(T.bitwise_and(T.shift_right(T.Shuffle(
-                                            [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift)),
-                                            T.uint32(mask)), base)) - sub, as_h2(T.Shuffle([xv[q]], [s])),
-                                        hh[(v * 4 + lane) % 2])
-                            tt[0] = (T.Cast(f32, T.Shuffle([hh[0]], [0])) + T.Cast(f32, T.Shuffle([hh[0]], [1]))) + (
-                                T.Cast(f32, T.Shuffle([hh[1]], [0])) + T.Cast(f32, T.Shuffle([hh[1]], [1])))
-                            acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(mult))
-                        else:
+                if xf32:
+                    if g < G:
+                        for k in T.unroll(8):  # word q = k // 2, half k % 2
+                            xf[k] = xs[T.Ramp((k * G + g) * 4, 1, 4)]
+                        sn[U * R] = (xq[g] + xq[G + g]) + (xq[2 * G + g] + xq[3 * G + g])
+                        for r in T.unroll(R):
                             tt[0] = T.float32(0)
                             for q in T.unroll(4):
-                                for s in T.unroll(4):
-                                    v, lane, shift = T.meta_var(weight(s, q))
-                                    for hi in T.unroll(2):
-                                        tt[0] = tt[0] + T.Shuffle([T.call_pure_extern(
-                                            "float32x2", "unpack2x16float", T.Shuffle([xv[q]], [s]))], [hi]) * (
-                                            T.reinterpret(f32, T.bitwise_and(T.shift_right(T.Shuffle(
-                                                [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift + 16 * hi)),
-                                                T.uint32(mask & 0xFFFF)) | T.uint32(0x4B000000))
-                                            - T.float32(offset))
-                            acc[r] = acc[r] + tt[0] * sc[u * R + r]
+                                for e in T.unroll(5):  # nibbles 0..4: shifted left, 5..7: right
+                                    tt[0] = tt[0] + T.Shuffle([xf[q * 2 + e // 4]], [e % 4]) * w32(
+                                        T.Shuffle([wv[u * R + r]], [q]), e, True)
+                                for e3 in T.unroll(3):
+                                    tt[0] = tt[0] + T.Shuffle([xf[q * 2 + 1]], [e3 + 1]) * w32(
+                                        T.Shuffle([wv[u * R + r]], [q]), e3 + 5, False)
+                            acc[r] = acc[r] + (tt[0] - T.float32(1.4375) * sn[U * R]) * (sc[u * R + r] * T.float32(16))
+                else:
+                    if g < G:
+                        for q in T.unroll(4):
+                            xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
+                        for r in T.unroll(R):
+                            if h2:
+                                hh[0] = T.Broadcast(T.float16(0), 2)
+                                hh[1] = T.Broadcast(T.float16(0), 2)
+                                for q in T.unroll(4):
+                                    for s in T.unroll(4):
+                                        v, lane, shift = T.meta_var(weight(s, q))
+                                        hh[(v * 4 + lane) % 2] = T.call_pure_extern("float16x2", "fma", as_h2(
+                                            T.bitwise_or(T.bitwise_and(T.shift_right(T.Shuffle(
+                                                [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift)),
+                                                T.uint32(mask)), base)) - sub, as_h2(T.Shuffle([xv[q]], [s])),
+                                            hh[(v * 4 + lane) % 2])
+                                tt[0] = (T.Cast(f32, T.Shuffle([hh[0]], [0]))
+                                         + T.Cast(f32, T.Shuffle([hh[0]], [1]))) + (
+                                    T.Cast(f32, T.Shuffle([hh[1]], [0])) + T.Cast(f32, T.Shuffle([hh[1]], [1])))
+                                acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(mult))
+                            else:
+                                tt[0] = T.float32(0)
+                                for q in T.unroll(4):
+                                    for s in T.unroll(4):
+                                        v, lane, shift = T.meta_var(weight(s, q))
+                                        for hi in T.unroll(2):
+                                            tt[0] = tt[0] + T.Shuffle([T.call_pure_extern(
+                                                "float32x2", "unpack2x16float", T.Shuffle([xv[q]], [s]))], [hi]) * (
+                                                T.reinterpret(f32, T.bitwise_and(T.shift_right(T.Shuffle(
+                                                    [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift + 16 * hi)),
+                                                    T.uint32(mask & 0xFFFF)) | T.uint32(0x4B000000))
+                                                - T.float32(offset))
+                                acc[r] = acc[r] + tt[0] * sc[u * R + r]
             if it + 1 < steps:
                 for k in T.unroll(U * R):
                     sc[k] = sn[k]
