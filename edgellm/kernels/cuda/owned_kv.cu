@@ -299,6 +299,25 @@ __device__ __forceinline__ void edgellm_decode_merge(
   }
   __syncthreads();
   if (!*merger) return;
+  // acc: C splits at a time, their loads issued together (a load in the same branch as its use waits for it), only
+  // for the active splits, the first C before the weights (their loads overlap the (m, l) loads: at tg128 contexts,
+  // <= 8 active splits, one round trip to L2 in all); the terms past the active splits are the merge kernel's
+  // o_{active-1} * 0, applied once at the end (adding a zero a second time changes nothing). C * ITEMS <= 32 loads
+  // in flight per thread: ptxas (nvcc 13, sm_90a) gives the kernel 71 registers for G 4, D 128 and 72 for G 8, D 128
+  // (46 and 48 without the merge); C = 8 at G 8 took 117.
+  constexpr int ITEMS = (G * D + 127) / 128, C = ITEMS >= 8 ? 4 : 8;
+  float v[C][ITEMS];
+  auto load = [&](int s0) {
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int t = 0; t < ITEMS; ++t) {
+        const int w = tid + t * 128;
+        v[c][t] = 0.f;
+        if (s0 + c < active && w < G * D) v[c][t] = __ldcg(o_part + ((e + w / D) * S + s0 + c) * D + w % D);
+      }
+  };
+  load(0);
   const float2* mls = reinterpret_cast<const float2*>(ml);
   for (int g = warp; g < G; g += 4) {
     const float2 x = __ldcg(mls + (e + g) * S + min(lane, active - 1));
@@ -317,27 +336,13 @@ __device__ __forceinline__ void edgellm_decode_merge(
     }
   }
   __syncthreads();
-  // acc: C splits at a time, their loads issued together (a load in the same branch as its use waits for it), only
-  // for the active splits; the terms past them are the merge kernel's o_{active-1} * 0, applied once at the end
-  // (adding a zero a second time changes nothing). C * ITEMS <= 32 loads in flight per thread: with C = 8 for
-  // G * D = 1024 (G 8, D 128) ptxas (nvcc 13, sm_90a) gave the kernel 113 registers (48 without the merge), 64
-  // with C = 4.
-  constexpr int ITEMS = (G * D + 127) / 128, C = ITEMS >= 8 ? 4 : 8;
   float acc[ITEMS], last[ITEMS];
 #pragma unroll
   for (int t = 0; t < ITEMS; ++t) acc[t] = last[t] = 0.f;
 #pragma unroll
   for (int s0 = 0; s0 < S; s0 += C) {
     if (s0 >= active) break;
-    float v[C][ITEMS];
-#pragma unroll
-    for (int c = 0; c < C; ++c)
-#pragma unroll
-      for (int t = 0; t < ITEMS; ++t) {
-        const int w = tid + t * 128;
-        v[c][t] = 0.f;
-        if (s0 + c < active && w < G * D) v[c][t] = __ldcg(o_part + ((e + w / D) * S + s0 + c) * D + w % D);
-      }
+    if (s0 > 0) load(s0);
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
