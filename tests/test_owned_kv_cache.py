@@ -142,13 +142,15 @@ def test_owned_option_refused_where_it_cannot_apply(checkpoints, tmp_path):
 
 
 @needs_nvcc
-def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["fused_merge", "fused", "split"])
+def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch, mode):
     """A head_dim-64 tiny Llama with the owned cache: every kernel of a decode step (embedding, per layer norm / qkv /
     attention (with RoPE, append and merge) / o / norm / MLP, the head) is inside CUDA graphs; outside them only the
     float32 cast of the logits runs. With the split lowered to this model's size (pieces of 2 and 4 kernels, then
     the rest; a real model's first pieces are 8 and 32), the step is three graphs replayed in order, each given the
     packed parameters whole (so a replay unpacks no weight) and the tensors an earlier piece wrote. batch_decode
-    and prefill take the same tensors."""
+    and prefill take the same tensors. For the default decode attention (one kernel a layer, the merge in it) and
+    for the A/B modes "fused" (its kernel, then the merge kernel) and "split"."""
     import json
     import sys
     from pathlib import Path
@@ -161,6 +163,8 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     from edgellm.config import RuntimeOptions
     from edgellm.kernels import KernelOptions, owned_kv
 
+    assert owned_kv.DECODE_ATTN == "fused_merge" and mode in owned_kv.DECODE_ATTN_MODES
+    monkeypatch.setattr(owned_kv, "DECODE_ATTN", mode)
     monkeypatch.setattr(pipeline, "GRAPH_PIECES", (2, 4))
     monkeypatch.setattr(pipeline, "SPLIT_MIN_KERNELS", 8)
     tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
@@ -196,17 +200,20 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     for c in calls[1:]:
         assert 0 < funcs[c[0]].count("= packed_params[") < 25
     inside = [k for p in pieces for k in p]
-    # decode attention per layer (owned_kv.DECODE_ATTN): "fused" (the default) RoPE + append + split-K attention in
-    # one kernel, then the merge; "split" kv_append + paged attention + merge (what prefill keeps)
-    fused = owned_kv.DECODE_ATTN == "fused"
-    assert sum("decode_attn" in k for k in inside) == (2 if fused else 0), inside
-    assert sum("kv_append" in k for k in inside) == (0 if fused else 2), inside
-    assert sum("paged_attn" in k for k in inside) == (2 if fused else 4), inside  # (partial and) merge
-    assert manifest["kernels"]["chosen"]["attention_decode"] == (["owned_decode_fused", "owned_merge"] if fused
-                                                                  else ["owned_decode", "owned_merge"])
-    # per layer: attention (2 or 3 kernels), o, gate_up with the residual add + norm and silu (--opt cuda_fuse),
+    # decode attention per layer (owned_kv.DECODE_ATTN): "fused_merge" (the default) RoPE + append + split-K
+    # attention + the merge in one kernel; "fused" the same without the merge, then the merge kernel; "split"
+    # kv_append + paged attention + merge (what prefill keeps)
+    attn = {"fused_merge": 1, "fused": 2, "split": 3}[mode]
+    assert sum("decode_attn" in k for k in inside) == (0 if mode == "split" else 2), inside
+    assert sum("decode_attn_merge" in k for k in inside) == (2 if mode == "fused_merge" else 0), inside
+    assert sum("kv_append" in k for k in inside) == (2 if mode == "split" else 0), inside
+    assert sum("paged_attn" in k for k in inside) == 2 * (attn - 1), inside  # (partial and) merge
+    assert manifest["kernels"]["chosen"]["attention_decode"] == {
+        "fused_merge": ["owned_decode_fused_merge"], "fused": ["owned_decode_fused", "owned_merge"],
+        "split": ["owned_decode", "owned_merge"]}[mode]
+    # per layer: attention (1, 2 or 3 kernels), o, gate_up with the residual add + norm and silu (--opt cuda_fuse),
     # down; layer 1's qkv with the norm; embedding, layer 0's norm and qkv, the final add_rms_norm and the head
-    assert any("embedding" in k for k in inside) and len(inside) == 2 * ((2 if fused else 3) + 3) + 1 + 5, inside
+    assert any("embedding" in k for k in inside) and len(inside) == 2 * (attn + 3) + 1 + 5, inside
     assert sum("linear_gemv_norm" in k for k in inside) == 3 and not any("silu_mul" in k for k in inside), inside
     for name in ("batch_decode", "prefill", "prefill_logits"):
         assert re.search(rf"def {name}\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: ", text), name
@@ -509,3 +516,17 @@ def test_decode_attn_merge_equals_the_two_kernel_path_over_steps(tmp_path, host_
             assert not np.isnan(out).any() and np.array_equal(ref.view(np.uint16), out.view(np.uint16)), (seed, step)
             assert not control.any(), (seed, step, np.flatnonzero(control))
         assert np.array_equal(ref_pages.view(np.uint16), got_pages.view(np.uint16)), seed
+
+
+def test_decode_attn_merge_counters_fit_the_control_page():
+    """The control page ([2, KV, 16, D] fp16 of layer 0) holds a counter per (row, kv head) for the 64 rows a
+    batch_decode is planned for, at both head dims; more than 32 splits (a lane each in the merge) are refused."""
+    from edgellm.device_runners.kv_pages import GRAPH_BATCH_BOUND
+    from edgellm.kernels import owned_kv
+
+    for kv, d in ((1, 64), (8, 128)):
+        assert owned_kv.control_words(kv, d) == np.zeros((2, kv, 16, d), np.float16).nbytes // 4
+        assert GRAPH_BATCH_BOUND * kv <= owned_kv.control_words(kv, d)
+    assert owned_kv.decode_attn_merge_func(32, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
+    with pytest.raises(ValueError, match="at most 32 splits"):
+        owned_kv.decode_attn_merge_func(32, 8, 128, 2, 64)

@@ -3,7 +3,9 @@ functions take as inputs, so a decode step has no packed call into TVM's C++ cac
 captures all of it (embedding, every layer's RoPE, KV append, attention, norms, GEMVs, the head) as one CUDA graph.
 
 Tensors (the Engine owns them; device_runners/kv_pages.py keeps the page bookkeeping on the host):
-  pages       [L, P, 2, KV, 16, D] fp16: layer, page, K|V, kv head, slot, dim
+  pages       [L, P, 2, KV, 16, D] fp16: layer, page, K|V, kv head, slot, dim; page P - 2 is scratch, page P - 1
+              of layer 0 the control page (int32 words for the decode kernels, zero whenever no kernel runs:
+              control_words)
   page_table  [b, max_pages] int32: row r's i-th page; the token at position p is in slot p % 16 of page
               page_table[r, p // 16]
   pos0        [b] int32: the position of row r's first new token (= tokens already cached)
@@ -11,6 +13,8 @@ A forward of b rows with s new tokens each (decode: s = 1; prefill: b = 1) runs 
   kv_append      RoPE on q and k (rotate-half, float32 angles from a constant inv_freq table), K and V into the
                  rows' pages in place (call_tir_inplace on `pages`), rotated q / k and v out for the chunk;
   decode:        paged attention over [0, pos + 1) split over SPLITS_DECODE blocks per (token, kv head), merged;
+                 by default (DECODE_ATTN "fused_merge") RoPE, the append, the splits and the merge are one kernel:
+                 the last block of a (token, kv head) to finish, counted in the control page, merges its G heads;
   prefill:       the chunk among itself on tensor cores (cuda/attention_prefill_ragged.cu, causal) and the chunk
                  over the cached history [0, pos0) (paged, split over SPLITS_PREFILL), merged by lse (log2 domain).
 Page table, positions and ids are the only inputs that change between decode steps; the Engine keeps one buffer
@@ -34,12 +38,22 @@ THREADS = 128
 HEAD_DIMS = (64, 128)
 APPEND_HEADS = 4  # kv_append: q / k / v heads per block, one after the other (fewer, longer blocks)
 MERGE_ROWS = 8  # the prefill merge: (token, head) entries per block
-# the decode attention per layer: "fused" = decode_attn_func (RoPE, the append and split-K attention in one
-# kernel) + paged_attn_merge; "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results
-# bit for bit (H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md).
-DECODE_ATTN = "fused"
-DECODE_ATTN_MODES = ("fused", "split")
+# the decode attention per layer: "fused_merge" = decode_attn_merge_func (RoPE, the append, split-K attention and,
+# in the last block per (token, kv head), the merge: one kernel); "fused" = decode_attn_func + paged_attn_merge;
+# "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results bit for bit ("fused" and
+# "split" on the H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md; "fused_merge" against "fused" in the host
+# emulation, tests/test_owned_kv_cache.py). The merge kernel cost ~1.8-2.2 us a layer on the H200 (h200-pdl.md).
+DECODE_ATTN = "fused_merge"
+DECODE_ATTN_MODES = ("fused_merge", "fused", "split")
 _SRC = cuda_source("owned_kv.cu")
+
+
+def control_words(kv_heads: int, head_dim: int) -> int:
+    """CONTROL_WORDS: int32 words of the control page (device_runners/kv_pages.py EXTRA_PAGES), page P - 1 of layer
+    0 of `pages` ([2, KV, 16, D] fp16 = KV * 16 * D words). Every word is zero whenever no kernel runs (the Engine
+    zeroes the page at allocation; a kernel that uses a word leaves it zero). decode_attn_merge counts the finished
+    splits of (token i, kv head kvh) in word i * KV + kvh; its merging block resets it."""
+    return kv_heads * PAGE * head_dim
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray | None:
@@ -190,6 +204,53 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
     return decode_attn.with_attr("edgellm.kernel", "owned_decode_attn")
 
 
+def decode_attn_merge_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
+    """decode_attn_func with the merge in its last block per (token, kv head) (owned_kv.cu edgellm_decode_attn_merge:
+    a counter per (token, kv head) in the control page): one kernel a layer, no paged_attn_merge. Inputs as
+    decode_attn's; outputs pages (in place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out
+    [n, H, D] fp16, decode_attn + paged_attn_merge's output bit for bit."""
+    from ..device_runners.kv_pages import GRAPH_BATCH_BOUND
+
+    T = compiler().T
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+    G, smem, scale_log2 = _split_attn_consts(H, KV, D)
+    if splits > 32:
+        raise ValueError(f"decode_attn_merge merges at most 32 splits (a lane each), got {splits}; lower "
+                         "owned_kv.SPLITS_DECODE or take DECODE_ATTN 'fused'")
+    if GRAPH_BATCH_BOUND * KV > control_words(KV, D):
+        raise ValueError(f"decode_attn_merge needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads counters and the control "
+                         f"page has {control_words(KV, D)} words (head_dim {D}); take DECODE_ATTN 'fused'")
+    if G * 65 + 1 > smem:
+        raise ValueError(f"decode_attn_merge's merge needs {G * 65 + 1} shared floats, the split has {smem}")
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def decode_attn_merge(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle,
+                          var_pages: T.handle, layer: T.int32, var_o: T.handle, var_ml: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
+        qkv = T.match_buffer(var_qkv, (n, H + 2 * KV, D), "float16")
+        freq = T.match_buffer(var_freq, (D // 2,), "float32")
+        pt = T.match_buffer(var_pt, (b, maxp), "int32")
+        pos0 = T.match_buffer(var_pos0, (b,), "int32")
+        pages = T.match_buffer(var_pages, (L, P, 2, KV, PAGE, D), "float16")
+        o = T.match_buffer(var_o, (n, H, splits, D), "float32")
+        ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
+        out = T.match_buffer(var_out, (n, H, D), "float16")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", n * KV)
+            T.launch_thread("blockIdx.y", splits)
+            T.launch_thread("threadIdx.x", THREADS)
+            sm = T.alloc_buffer((smem,), "float32", scope="shared")
+            T.evaluate(T.cuda.func_call(
+                f"edgellm_decode_attn_merge<{D}, {G}, {splits}>", qkv.data, freq.data, pt.data, pos0.data,
+                pages.data, o.data, ml.data, out.data, T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2),
+                sm.data, source_code=_SRC))
+
+    return decode_attn_merge.with_attr("edgellm.kernel", "owned_decode_attn_merge")
+
+
 def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
     """Merge the splits (and, with `extra`, the chunk's own attention (o1, lse1)) -> out [n, H, D] fp16."""
     T = compiler().T
@@ -247,11 +308,14 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
     }
     if DECODE_ATTN not in DECODE_ATTN_MODES:
         raise ValueError(f"owned_kv.DECODE_ATTN is {DECODE_ATTN!r}; use one of {', '.join(DECODE_ATTN_MODES)}")
-    if DECODE_ATTN == "split":
-        build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))
+    if DECODE_ATTN == "fused_merge":
+        build["decode_fused_merge"] = ("attention_decode", lambda: decode_attn_merge_func(H, KV, D, L, SPLITS_DECODE))
     else:
-        build["decode_fused"] = ("attention_decode", lambda: decode_attn_func(H, KV, D, L, SPLITS_DECODE))
-    build["merge"] = ("attention_decode", lambda: paged_attn_merge_func(H, D, SPLITS_DECODE, False))
+        if DECODE_ATTN == "split":
+            build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))
+        else:
+            build["decode_fused"] = ("attention_decode", lambda: decode_attn_func(H, KV, D, L, SPLITS_DECODE))
+        build["merge"] = ("attention_decode", lambda: paged_attn_merge_func(H, D, SPLITS_DECODE, False))
     return {name: kernels._once(key + (name,), op, f"owned_{name}", f) for name, (op, f) in build.items()}
 
 
@@ -279,6 +343,12 @@ class OwnedKVCache:
         layer = self.tirx.IntImm("int32", layer_id)
         ph = nn.Tensor.placeholder
         cache_in = [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer]
+        if self.decode and DECODE_ATTN == "fused_merge":  # all of it, the merge too, in one kernel
+            self.pages, _, _, out = nn.op.tensor_ir_inplace_op(
+                self.k["decode_fused_merge"], "decode_attn_merge", cache_in, [4, -1, -1, -1],
+                [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
+                 ph((n, H, SPLITS_DECODE, 2), "float32"), ph((n, H, D), self.dtype)])
+            return out.reshape(b, s, H, D)
         if self.decode and DECODE_ATTN == "fused":  # RoPE, the append and split-K attention in one kernel
             self.pages, o_part, ml = nn.op.tensor_ir_inplace_op(
                 self.k["decode_fused"], "decode_attn", cache_in, [4, -1, -1],
