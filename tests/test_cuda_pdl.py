@@ -127,6 +127,23 @@ def test_gemv_loads_weights_before_its_wait(kw):
     assert "griddepcontrol" not in plain
 
 
+@pytest.mark.parametrize("kw,ranges", [({}, 2), ({"norm_eps": 1e-5, "silu": True}, 2), ({"zero_point": True}, 3)])
+def test_gemv_prefetches_its_rows_into_l2_before_its_wait(kw, ranges, monkeypatch):
+    """With PDL, one thread of each block asks L2 for the block's rows (weights, scales; mins; the up rows too with
+    silu) before the wait, for matrices up to PREFETCH_L2_MAX bytes; without PDL or above the limit, nothing."""
+    out_f = 512 if kw.get("silu") else 256
+    script = cuda_gemv.int4_gemv_h2(1024, out_f, False, 2, 2, 1, 1, xsmem=True, pdl=True, **kw).script()
+    pf, wait = _order(script, r"cp\.async\.bulk\.prefetch\.L2"), _order(script, r"griddepcontrol\.wait")
+    assert len(pf) == ranges and max(pf) < wait[0]  # weights, scales (, mins): silu loops over gate and up rows
+    assert bool(re.search(r"for part\w* in T.unroll\(2\)", script)) is bool(kw.get("silu"))
+    assert cuda_gemv.prefetches_l2(1024, out_f)
+    assert "prefetch" not in cuda_gemv.int4_gemv_h2(1024, out_f, False, 2, 2, 1, 1, xsmem=True, **kw).script()
+    monkeypatch.setattr(cuda_gemv, "PREFETCH_L2_MAX", 1024 * out_f // 2 - 1)  # one byte short of the weights
+    assert not cuda_gemv.prefetches_l2(1024, out_f)
+    assert "prefetch" not in cuda_gemv.int4_gemv_h2(1024, out_f, False, 2, 2, 1, 1, xsmem=True, pdl=True,
+                                                    **kw).script()
+
+
 def test_gemv_pdl_needs_xsmem():
     with pytest.raises(ValueError, match="pdl .* needs xsmem"):
         cuda_gemv.int4_gemv_h2(1024, 256, False, pdl=True)
