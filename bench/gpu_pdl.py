@@ -56,18 +56,21 @@ VARIANTS = {
     "owned-1graph": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-tf": {"cuda_pdl": "on", "cuda_kv": "owned"},  # with launch_dependents before the wait (the race)
+    # decode attention with the merge kernel after it (owned_kv.DECODE_ATTN = "fused"; the default merges in the
+    # last block of each (token, kv head): "fused_merge")
+    "owned-fused": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # the decode GEMVs' L2 prefetch before their wait (cuda_gemv.PREFETCH_L2_MAX): off, and up to 64 MB matrices
     "owned-nopf": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pf64": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
-MODE = {"owned-split": "split"}  # owned_kv.DECODE_ATTN of the build (else its default)
+MODE = {"owned-split": "split", "owned-fused": "fused"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-tf": True, "owned-tf": True}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
-OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-nopf",
-         "owned-pf64")  # and owned-pA-B...
+OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
+         "owned-nopf", "owned-pf64")  # and owned-pA-B...
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
 QUICK = False  # run --quick: checks, profiles and tg128 only
@@ -237,6 +240,17 @@ def host_call_us(eng, steps: int = 50) -> dict:
     return {"call_us": float(np.median(call)) * 1e6, "step_us": float(np.median(step)) * 1e6}
 
 
+def _control_page_check(shape: str, owned: list[str], engines: dict) -> None:
+    """The owned cache's control page (device_runners/kv_pages.py: the words the decode attention counts its
+    blocks with) must be all zero between steps."""
+    for v in owned:
+        kv = engines[v].kv
+        words = kv.shape[3] * 16 * kv.shape[5]
+        page = engines[v]._tvm.view(kv, (words,), "int32", (kv.shape[1] - 1) * words * 4).numpy()
+        results["checks"][f"{shape}-{v}: control page zero between steps"] = {
+            "nonzero_words": int(np.count_nonzero(page)), "ok": not page.any()}
+
+
 def bench_shape(dev: Path, shape: str, bw: float) -> None:
     import gpu_run
     from edgellm.device_runners.bench import run_bench
@@ -267,6 +281,12 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
         again = [_decode_logits(engines[v], prompt, ref[:8]) for _ in range(PASSES)]
         worst = max(again, key=lambda x: float(np.abs(x - logits[v]).max()))
         _compare(f"{shape}-{v} again x{PASSES}: decode logits (8 steps)", logits[v], worst, ref, ref, exact=True)
+    if owned:  # a context of ~1,000 tokens: all 32 decode splits hold keys
+        long = [int(x) for x in np.random.default_rng(3).integers(3, 1000, 1000)]
+        base = _decode_logits(engines[owned[0]], long, ref[:8])
+        for v in owned[1:]:
+            _compare(f"{shape}-{v} vs {owned[0]}: decode logits (8 steps) after 1,000 tokens", base,
+                     _decode_logits(engines[v], long, ref[:8]), ref, ref, exact=True)
     for v in owned:  # greedy_chain with one step queued ahead (what tg and generate run) = the step-by-step chain
         engines[v].decode_ahead = False
         step = _greedy(engines[v], prompt, 32)
@@ -290,6 +310,7 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
                                      "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
             print(f"{shape:<14} {label:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
         engines[v].decode_ahead = True
+    _control_page_check(shape, owned, engines)
     if QUICK:  # checks, profiles and tg128 only
         return
     for v in variants[:2]:  # where prefill goes on the two caches (TVM's and the owned one, on 1B and 8B)
@@ -303,6 +324,7 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
             results["bench"].append({"shape": shape, "variant": v, "test": r.test, "avg_ts": r.avg_ts,
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts})
             print(f"{shape:<14} {v:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
+    _control_page_check(shape, owned, engines)  # after batch_decode too
 
 
 def run(dev: Path, shapes: list[str]) -> int:
