@@ -328,7 +328,11 @@ def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4,
     one row (o 9.9 us, gate_up 29.9, qkv 11.7; 8 x 2 rows: 12.7 / 30.0 / 11.7); a longer `in` needs 4 loads in flight
     a lane: down (14336) 23.2 us with 8 x 4 rows x 1 group, 23.9 with 8 x 2 x 2, but 76 with 8 x 2 x 1 and 122 with
     4 x 2 x 1. Small grids (SmolLM2, under ~264 workgroups): 4 warps of one row. The 8-bit head (4096 -> 128256):
-    4 warps of 4 rows, 390 us (8 x 2: 414, 8 x 1: 436; the generic schedule it replaces: 1,000)."""
+    4 warps of 4 rows, 390 us (8 x 2: 414, 8 x 1: 436; the generic schedule it replaces: 1,000).
+    Run 10 (in the 8B decode, profiled, us a call): qkv (norm) and o with all 4 of a lane's groups loaded in one
+    step, 13.6 / 10.1 against 14.0 / 10.7 with 4 steps of one; gate_up with 4 rows (2 gate, 2 up) and 4 groups a step
+    lost (44.0 against 37.1), and so did `ksplit` 2 at down (8 x 2 x 2 groups: 29.6 against 25.8; 8 x 4 x 1: 26.7),
+    at o (8 x 2 x 2: 10.6) and at qkv (16 x 2 x 2: 14.7)."""
     if bits == 8 and out_f // 16 >= 264:
         return 4, 4, 1, 1
     if silu:  # a warp's rows pair gate row i with up row inter + i
@@ -336,12 +340,15 @@ def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4,
     if in_f > 4096:
         return (8, 4, 1, 1) if out_f // 32 >= 128 else (8, 2, 2, 1)
     if out_f // 16 >= 256:
-        return 16, 1, 1, 1
+        return 16, 1, (4 if in_f >= 4096 else 1), 1
     return 4, 1, 1, 1
 
 
 def h2_xf32(in_f: int, bits: int = 4) -> bool:
-    """Whether int4_gemv_h2 stages x as float32 (its `xf32`) by default: not yet (measured on the H200 first)."""
+    """Whether int4_gemv_h2 stages x as float32 (its `xf32`) by default: no. H200, run 10 (the 8B decode, profiled,
+    us a call): gate_up (norm, silu) 55.2 against h2's 36.9, qkv (norm) 18.3 against 13.9, o 12.0 against 10.6;
+    tg128 223.9 against 273.4 tok/s. Not understood; the first suspect is the dependent chain: one float32 FMA
+    chain of 32 a group and row, where h2 has two fp16x2 chains of 8."""
     return False
 
 
@@ -632,8 +639,10 @@ def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, in
     """(warps, rows, unroll) of int4_gemv_dp4a: h2_config's. H200, in the 8B decode (profiled, run 9 in
     docs/benchmarks/vulkan-h200.md), h2_config's against the 8 warps x 2 rows x 2 groups (8 x 4 x 1 with silu) that
     the kernels alone had picked (run 8): qkv with the norm 12.2 against 14.3 us a call, o 9.3 against 10.6,
-    gate_up with the norm and silu 30.3 against 31.4, down equal (25.7)."""
-    return h2_config(in_f, out_f, silu)[:3]
+    gate_up with the norm and silu 30.3 against 31.4, down equal (25.7). One group a lane a step at `in` <= 4096
+    (run 9's: h2_config's 4 groups a step there, run 10, were not measured with this kernel)."""
+    w, r, u, _ = h2_config(in_f, out_f, silu)
+    return w, r, (1 if in_f <= 4096 else u)
 
 
 def dp4a_group_staging(in_f: int, norm: bool) -> bool:
