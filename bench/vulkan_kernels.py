@@ -71,6 +71,11 @@ X32 = {(4096, 6144): [(16, 1, 1, 1, True), (16, 1, 4, 1, True), (8, 2, 2, 1, Tru
        (14336, 4096): []}
 X32_FUSED = {(4096, 6144): [(16, 1, 1, 1, True), (16, 1, 4, 1, True)],
              (4096, 28672): [(8, 2, 1, 1, True), (8, 2, 4, 1, True), (16, 2, 1, 1, True), (8, 4, 1, 1, True)]}
+# H2KS=chains: 4 accumulators a group and row (int4_gemv_h2's chains) for h2 and xf32, at the default configs:
+# (warps, rows, unroll, ksplit, xf32, chains), None = the config of h2_config
+CHAINS = {k: [(None, False, 4), (None, True, 1), (None, True, 4)] if k[0] == 4096 else [(None, False, 4)]
+          for k in SHAPES}
+CHAINS_FUSED = {k: [(None, False, 4), (None, True, 4)] for k in ((4096, 6144), (4096, 28672))}
 FUSED = {(4096, 6144): ("norm",), (4096, 28672): ("norm", "silu")}
 FUSED_CFGS = ("w8r4u1", "w4r4u1", "w8r2u2")  # dp4a configs also tried fused (even row counts: silu pairs rows)
 ROTATE_BYTES = 160 << 20  # weights rotated over at least this many bytes per kernel: timings not from L2 (50 MB)
@@ -129,20 +134,28 @@ def prepare(out: Path) -> None:
         (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
         print(f"{len(meta)} kernels in {out}")
         return
-    if os.environ.get("H2KS"):  # int4_gemv_h2's configs with ksplit (H2KS=x32: with xf32), the default first
+    if os.environ.get("H2KS"):  # int4_gemv_h2's configs with ksplit (H2KS=x32: with xf32; chains: 4 chains), the
+        # default first
         lib, funcs = "gemv_webgpu_ks", {}
-        x32 = os.environ["H2KS"] == "x32"
-        plain, fused = (X32, X32_FUSED) if x32 else (H2KS, H2KS_FUSED)
+        mode = os.environ["H2KS"]
+        plain, fused = {"x32": (X32, X32_FUSED), "chains": (CHAINS, CHAINS_FUSED)}.get(mode, (H2KS, H2KS_FUSED))
         keys = ("warps", "rows", "unroll", "ksplit", "xf32")
 
         def label(cfg):
+            if mode == "chains":
+                return ("x32" if cfg[1] else "h2") + f"_c{cfg[2]}"
             return "h2_w{}r{}u{}k{}".format(*cfg) + ("_x32" if len(cfg) > 4 and cfg[4] else "")
+
+        def kwargs(cfg):
+            if mode == "chains":
+                return {"xf32": cfg[1], "chains": cfg[2]}
+            return dict(zip(keys, cfg))
 
         for (in_f, out_f), cfgs in plain.items():
             for cfg in [None] + cfgs:
                 v = "h2_auto" if cfg is None else label(cfg)
                 name = f"gemv_{in_f}_{out_f}_{v}"
-                kw = {} if cfg is None else dict(zip(keys, cfg))
+                kw = {} if cfg is None else kwargs(cfg)
                 funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4})
         for (in_f, out_f), cfgs in fused.items():
@@ -150,7 +163,7 @@ def prepare(out: Path) -> None:
             for cfg in [None] + cfgs:
                 v = ("h2_auto" if cfg is None else label(cfg)) + "_" + "_".join(fuse)
                 name = f"gemv_{in_f}_{out_f}_{v}"
-                kw = {} if cfg is None else dict(zip(keys, cfg))
+                kw = {} if cfg is None else kwargs(cfg)
                 funcs[name] = webgpu_linear.int4_gemv_h2(in_f, out_f, False, norm_eps=1e-5, silu="silu" in fuse,
                                                          **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4,

@@ -46,7 +46,9 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-ks4": "h2, more rows or all loads at once: gate_up 8x4x4, down 8x4x1 ksplit 2, qkv and o 16x1x4",
             "vulkan-x32": "h2 with x staged as float32 and float32 arithmetic (xf32) at in 4096 (not down)",
             "vulkan-x32u4": "xf32 at in 4096, 4 groups a lane a step there",
-            "vulkan-x32r4": "xf32 at in 4096, gate_up 8 warps x 4 rows (2 gate, 2 up: half the workgroups)"}
+            "vulkan-x32r4": "xf32 at in 4096, gate_up 8 warps x 4 rows (2 gate, 2 up: half the workgroups)",
+            "vulkan-c4": "h2 with 4 accumulators a group and row (chains=4) everywhere (not yet run)",
+            "vulkan-x32c4": "xf32 with 4 chains at in 4096, h2 elsewhere (not yet run)"}
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -60,7 +62,7 @@ def _patched(label: str):
 
     from edgellm.kernels import webgpu_linear as wl
 
-    h2 = wl.h2_config
+    h2, gemv = wl.h2_config, wl.int4_gemv_h2
 
     def u4(i, o, silu=False, bits=4, norm=False):
         w, r, u, k = h2(i, o, silu, bits, norm)
@@ -78,12 +80,18 @@ def _patched(label: str):
     def x32(i, bits=4):
         return i == 4096 and bits == 4
 
+    def x32c4(i, *a, **k):  # xf32 with 4 chains where x32 picks it, int4_gemv_h2 as it is elsewhere
+        on = x32(i, k.get("bits", 4))
+        return gemv(i, *a, **k, xf32=on, chains=4 if on else None)
+
     name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)[:3]),
                    "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4)),
                    "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4),
                    "vulkan-ks": ("h2_config", ks), "vulkan-ks4": ("h2_config", ks),
                    "vulkan-x32": ("h2_xf32", x32), "vulkan-x32u4": ("h2_xf32", x32),
-                   "vulkan-x32r4": ("h2_xf32", x32)}[label]
+                   "vulkan-x32r4": ("h2_xf32", x32),
+                   "vulkan-c4": ("int4_gemv_h2", partial(wl.int4_gemv_h2, chains=4)),
+                   "vulkan-x32c4": ("int4_gemv_h2", x32c4)}[label]
 
     @contextmanager
     def ctx():

@@ -447,6 +447,9 @@ def _h2_model(x16: np.ndarray, qw: np.ndarray, qs16: np.ndarray) -> np.ndarray:
     (2048, 300, False, True, True, (8, 2, 2, 8, 4)),  # 8-bit rows, ksplit 4: one step of 2 groups a lane
     (4096, 72, False, "f32", True, (4, 2, 1, 4, 1)),  # xf32: float32 staging and arithmetic, 4 steps
     (288, 70, True, "f32", True, (4, 1, 2, 4, 2)),    # xf32 with bias and ksplit over 9 groups
+    (4096, 72, False, "f32", True, (4, 2, 1, 4, 1, 4)),  # xf32, 4 chains (one sum a word)
+    (2048, 600, False, True, True, (8, 2, 1, 4, 1, 4)),  # h2, 4 chains (one fp16x2 accumulator a word)
+    (2048, 300, False, True, True, (4, 2, 1, 8, 1, 4)),  # 8-bit rows, 4 chains
 ])
 def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
     from edgellm._tvm import runtime
@@ -460,6 +463,7 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
     monkeypatch.setenv("EDGELLM_WEBGPU_VEC4", "1" if vec4 else "0")
     bits = cfg[3] if cfg and len(cfg) > 3 else 4
     ks = cfg[4] if cfg and len(cfg) > 4 else None
+    chains = cfg[5] if cfg and len(cfg) > 5 else None
     scheme = get_scheme("q4f16_1" if bits == 4 else "q8f16_1")
     rng = np.random.default_rng(in_f + out_f)
     qw, qs = quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), scheme)
@@ -470,10 +474,10 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
     ref = x.astype(np.float64) @ dequantize(qw, qs16.astype(np.float32), in_f, scheme).T.astype(np.float64)
     ref = ref[0] + (b.astype(np.float64) if bias else 0)
     func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ())[:3], h2=h2, x_dtype=dt, out_dtype=dt, bits=bits, ksplit=ks,
-                        xf32=xf32)
+                        xf32=xf32, chains=chains)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                         target=c.Target("webgpu", host="llvm")), tmp_path,
-                          f"h2_{in_f}_{h2}_{vec4}_{bits}_{ks}_{xf32}")
+                          f"h2_{in_f}_{h2}_{vec4}_{bits}_{ks}_{xf32}_{chains}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
     tensors = [runtime.tensor(a, webgpu_dev) for a in args]
@@ -483,7 +487,8 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
     assert np.abs(got - ref).max() / scale < (1e-3 if h2 else 1e-5)  # h2: ~5e-4, half of it the fp16 output
     if xf32:  # float32 sums: only the fp16 output's rounding (2^-11 of the value) is left
         assert np.all(np.abs(got - ref) <= np.abs(ref) * 2.0**-11 + scale * 1e-5)
-    elif h2 and bits == 4:  # the fp16 arithmetic step by step (lavapipe keeps f16 intermediates in f32: not bit for bit)
+    elif h2 and bits == 4 and not chains:
+        # the fp16 arithmetic step by step (lavapipe keeps f16 intermediates in f32: not bit for bit)
         model = _h2_model(x[0], qw, qs16) + (b.astype(np.float32) if bias else 0)
         assert np.abs(model - ref).max() / scale < 5e-4 and np.abs(got - model).max() / scale < 1e-3
 

@@ -368,7 +368,7 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                  unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
                  norm_eps: float | None = None, silu: bool = False, bits: int = 4, ksplit: int | None = None,
-                 xf32: bool | None = None):
+                 xf32: bool | None = None, chains: int | None = None):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
     cuda_gemv.int4_gemv.
@@ -395,7 +395,11 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     (`(w shifted) & 0x00780000 | 0x3F800000`), one float32 FMA a weight, and the group's sum is
     `sum(x (1 + nib/16)) - 1.4375 sum(x)` = `sum(x (nib - 7)) / 16`, times the scale x 16 (the cancellation costs
     ~5 of float32's 24 bits, ~1e-6 relative: the fp16x2 sums round to 11). Needs in_f * 4 bytes of workgroup memory
-    (16 KiB at 4096; not the 8B's down)."""
+    (16 KiB at 4096; not the 8B's down).
+
+    `chains`: independent accumulators a group and row: h2 2 (even and odd words, 8 fp16x2 FMAs each) or 4 (one a
+    word, 4 each: each fp16 sum rounds over fewer products); xf32 1 (32 float32 FMAs in one chain) or 4 (one a word).
+    Not measured on a GPU with 4 (run 10's xf32 loss is the question it asks)."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -414,6 +418,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     xf32 = h2_xf32(in_f, bits) and h2 if xf32 is None else xf32
     if xf32 and (bits != 4 or not h2):
         raise ValueError(f"int4_gemv_h2: xf32 needs 4-bit rows and h2=True (bits {bits}, h2 {h2})")
+    CH = chains or (1 if xf32 else 2)
+    if CH not in ((1, 4) if xf32 else (2, 4)):
+        raise ValueError(f"int4_gemv_h2: chains {CH} (h2: 2 or 4; xf32: 1 or 4)")
     if silu and (R % 2 or out_f % 2 or bias):
         raise ValueError(f"int4_gemv_h2 with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
     G = in_f // 32
@@ -468,6 +475,15 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                     wdst[(u * R + r) * VW + v] = qw[n, T.Ramp(g * 4 * VW + 4 * v, 1, 4)]
                 sdst[u * R + r] = T.Cast(f32, qs[n, g])
 
+    def sum4(t4):  # xf32: the chains' sums
+        return t4[0] if CH == 1 else (t4[0] + t4[1]) + (t4[2] + t4[3])
+
+    def halves(hh):  # the fp16x2 accumulators' halves in float32, summed pairwise
+        h = [T.Cast(f32, T.Shuffle([hh[k]], [0])) + T.Cast(f32, T.Shuffle([hh[k]], [1])) for k in range(CH)]
+        while len(h) > 1:
+            h = [h[k] + h[k + 1] for k in range(0, len(h), 2)]
+        return h[0]
+
     def pair(a, b):  # two activations -> the u32 of their fp16 pair
         # pack2x16float, not bitcast<u32>(vec2<f16>): naga 0.32 has no size-changing bitcast (docs/tvm-notes.md);
         # exact for fp16 activations (the float32 twin's x is rounded to fp16 here)
@@ -506,7 +522,8 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         sv = T.alloc_buffer((max(stage, 1) * 8,), f32, scope="local")  # norm: s = x + delta of the thread's words
         xv = T.alloc_buffer((4,), "uint32x4", scope="local")
         xf = T.alloc_buffer((8,), "float32x4", scope="local")  # xf32: the group's 32 activations
-        hh = T.alloc_buffer((2,), "float16x2", scope="local")
+        hh = T.alloc_buffer((CH,), "float16x2", scope="local")
+        t4 = T.alloc_buffer((4,), f32, scope="local")  # xf32 with 4 chains: one sum a word
         tt = T.alloc_buffer((1,), f32, scope="local")
         load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
@@ -557,14 +574,17 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                             xf[k] = xs[T.Ramp((k * G + g) * 4, 1, 4)]
                         sn[U * R] = (xq[g] + xq[G + g]) + (xq[2 * G + g] + xq[3 * G + g])
                         for r in T.unroll(R):
+                            for k in T.unroll(4):
+                                t4[k] = T.float32(0)
                             tt[0] = T.float32(0)
                             for q in T.unroll(4):
                                 for e in T.unroll(5):  # nibbles 0..4: shifted left, 5..7: right
-                                    tt[0] = tt[0] + T.Shuffle([xf[q * 2 + e // 4]], [e % 4]) * w32(
+                                    t4[q % CH] = t4[q % CH] + T.Shuffle([xf[q * 2 + e // 4]], [e % 4]) * w32(
                                         T.Shuffle([wv[u * R + r]], [q]), e, True)
                                 for e3 in T.unroll(3):
-                                    tt[0] = tt[0] + T.Shuffle([xf[q * 2 + 1]], [e3 + 1]) * w32(
+                                    t4[q % CH] = t4[q % CH] + T.Shuffle([xf[q * 2 + 1]], [e3 + 1]) * w32(
                                         T.Shuffle([wv[u * R + r]], [q]), e3 + 5, False)
+                            tt[0] = sum4(t4)
                             acc[r] = acc[r] + (tt[0] - T.float32(1.4375) * sn[U * R]) * (sc[u * R + r] * T.float32(16))
                 else:
                     if g < G:
@@ -572,19 +592,17 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                             xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
                         for r in T.unroll(R):
                             if h2:
-                                hh[0] = T.Broadcast(T.float16(0), 2)
-                                hh[1] = T.Broadcast(T.float16(0), 2)
+                                for k in T.unroll(CH):
+                                    hh[k] = T.Broadcast(T.float16(0), 2)
                                 for q in T.unroll(4):
                                     for s in T.unroll(4):
                                         v, lane, shift = T.meta_var(weight(s, q))
-                                        hh[(v * 4 + lane) % 2] = T.call_pure_extern("float16x2", "fma", as_h2(
+                                        hh[(v * 4 + lane) % CH] = T.call_pure_extern("float16x2", "fma", as_h2(
                                             T.bitwise_or(T.bitwise_and(T.shift_right(T.Shuffle(
                                                 [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift)),
                                                 T.uint32(mask)), base)) - sub, as_h2(T.Shuffle([xv[q]], [s])),
-                                            hh[(v * 4 + lane) % 2])
-                                tt[0] = (T.Cast(f32, T.Shuffle([hh[0]], [0]))
-                                         + T.Cast(f32, T.Shuffle([hh[0]], [1]))) + (
-                                    T.Cast(f32, T.Shuffle([hh[1]], [0])) + T.Cast(f32, T.Shuffle([hh[1]], [1])))
+                                            hh[(v * 4 + lane) % CH])
+                                tt[0] = halves(hh)
                                 acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(mult))
                             else:
                                 tt[0] = T.float32(0)
