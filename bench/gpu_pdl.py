@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import sys
@@ -91,9 +92,10 @@ def _compile(args_kw: dict, variant: str) -> None:
     pipeline.WHOLE_PARAMS = WHOLE.get(variant, saved[3])
     pipeline.GRAPH_PIECES = PIECES.get(variant, saved[4])
     cuda_gemv.PREFETCH_L2_MAX = PREFETCH.get(variant, saved[5])
-    if variant.startswith("owned-p"):  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
-        pipeline.GRAPH_PIECES = tuple(int(k) for k in variant[len("owned-p"):].split("-"))
-    options = VARIANTS.get(variant, VARIANTS["owned"] if variant.startswith("owned-p") else None)
+    pieces = re.fullmatch(r"owned-p(\d+(?:-\d+)*)", variant)
+    if pieces:  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
+        pipeline.GRAPH_PIECES = tuple(int(k) for k in pieces.group(1).split("-"))
+    options = VARIANTS.get(variant, VARIANTS["owned"] if pieces else None)
     if options is None:
         raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)} or owned-pA-B...")
     try:
