@@ -47,8 +47,8 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-x32": "h2 with x staged as float32 and float32 arithmetic (xf32) at in 4096 (not down)",
             "vulkan-x32u4": "xf32 at in 4096, 4 groups a lane a step there",
             "vulkan-x32r4": "xf32 at in 4096, gate_up 8 warps x 4 rows (2 gate, 2 up: half the workgroups)",
-            "vulkan-c4": "h2 with 4 accumulators a group and row (chains=4) everywhere (not yet run)",
-            "vulkan-x32c4": "xf32 with 4 chains at in 4096, h2 elsewhere (not yet run)"}
+            "vulkan-c4": "h2 with 4 accumulators a group and row (chains=4) everywhere (run 11: 271.5 vs h2 272.2)",
+            "vulkan-x32c4": "xf32 with 4 chains at in 4096, h2 elsewhere (run 11: 224.0)"}
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}

@@ -347,8 +347,8 @@ def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4,
 def h2_xf32(in_f: int, bits: int = 4) -> bool:
     """Whether int4_gemv_h2 stages x as float32 (its `xf32`) by default: no. H200, run 10 (the 8B decode, profiled,
     us a call): gate_up (norm, silu) 55.2 against h2's 36.9, qkv (norm) 18.3 against 13.9, o 12.0 against 10.6;
-    tg128 223.9 against 273.4 tok/s. Not understood; the first suspect is the dependent chain: one float32 FMA
-    chain of 32 a group and row, where h2 has two fp16x2 chains of 8."""
+    tg128 223.9 against 273.4 tok/s. Not the dependent chain: run 11's 4 chains a group and row ran as one (gate_up
+    alone 39.3 against 38.8 us, in the decode 55.9). Left suspect: the 32 scalar workgroup loads a group."""
     return False
 
 
@@ -399,7 +399,8 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
 
     `chains`: independent accumulators a group and row: h2 2 (even and odd words, 8 fp16x2 FMAs each) or 4 (one a
     word, 4 each: each fp16 sum rounds over fewer products); xf32 1 (32 float32 FMAs in one chain) or 4 (one a word).
-    Not measured on a GPU with 4 (run 10's xf32 loss is the question it asks)."""
+    H200 run 11, 4 chains: h2 0.1-0.6 us a call slower at every GEMV of the 8B decode (tg128 271.5 against 272.2),
+    xf32 unchanged; so both defaults stay (None)."""
     from .._tvm import compiler
 
     T = compiler().T
