@@ -48,7 +48,10 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-x32u4": "xf32 at in 4096, 4 groups a lane a step there",
             "vulkan-x32r4": "xf32 at in 4096, gate_up 8 warps x 4 rows (2 gate, 2 up: half the workgroups)",
             "vulkan-c4": "h2 with 4 accumulators a group and row (chains=4) everywhere (run 11: 271.5 vs h2 272.2)",
-            "vulkan-x32c4": "xf32 with 4 chains at in 4096, h2 elsewhere (run 11: 224.0)"}
+            "vulkan-x32c4": "xf32 with 4 chains at in 4096, h2 elsewhere (run 11: 224.0)",
+            "vulkan-attn512": "TVM's decode attention built for 512 threads a workgroup (bdz 4: 16 positions a step, "
+                              "the preset's 256 gives 8)",
+            "vulkan-dp4a-attn512": "dp4a with vulkan-attn512's decode attention"}
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -62,6 +65,8 @@ def _patched(label: str):
 
     from edgellm.kernels import webgpu_linear as wl
 
+    if label.endswith("attn512"):
+        return _attn_threads(1024)
     h2, gemv = wl.h2_config, wl.int4_gemv_h2
 
     def u4(i, o, silu=False, bits=4, norm=False):
@@ -106,6 +111,35 @@ def _patched(label: str):
         finally:
             setattr(wl, name, saved)
             wl.h2_config = saved_cfg
+
+    return ctx()
+
+
+def _attn_threads(max_threads: int):
+    """Context: TVM's decode attention (kv_cache._attention_decode) built as if the target allowed `max_threads` a
+    workgroup (its own cap is 512); the other kernels see the preset's target. The Vulkan plugin asks the device for
+    the adapter's limits (the H200 and lavapipe: 1024 invocations)."""
+    import inspect
+    from contextlib import contextmanager
+
+    from edgellm._tvm import compiler
+
+    kv = compiler().llm_kv_cache
+    orig = kv._attention_decode
+
+    def patched(*args, **kwargs):
+        bound = inspect.signature(orig).bind(*args, **kwargs)
+        target = bound.arguments["target"]
+        bound.arguments["target"] = type(target)({**dict(target.export()), "max_num_threads": max_threads})
+        return orig(*bound.args, **bound.kwargs)
+
+    @contextmanager
+    def ctx():
+        kv._attention_decode = patched
+        try:
+            yield
+        finally:
+            kv._attention_decode = orig
 
     return ctx()
 
