@@ -57,21 +57,22 @@ VARIANTS = {
     "owned-1graph": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-tf": {"cuda_pdl": "on", "cuda_kv": "owned"},  # with launch_dependents before the wait (the race)
-    # decode attention with the merge kernel after it (owned_kv.DECODE_ATTN = "fused"; the default merges in the
-    # last block of each (token, kv head): "fused_merge")
+    # decode attention with the merge kernel after it (owned_kv.DECODE_ATTN = "fused"), and with the merge in the
+    # last block of each (token, kv head) ("fused_merge"); the default "auto" picks one per shape
     "owned-fused": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-merge": {"cuda_pdl": "on", "cuda_kv": "owned"},  # the merge in the kernel whatever the shape
     # the decode GEMVs' L2 prefetch before their wait (cuda_gemv.PREFETCH_L2_MAX): off, and up to 64 MB matrices
     "owned-nopf": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pf64": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
-MODE = {"owned-split": "split", "owned-fused": "fused"}  # owned_kv.DECODE_ATTN of the build (else its default)
+MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_merge"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-tf": True, "owned-tf": True}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
-         "owned-nopf", "owned-pf64")  # and owned-pA-B...
+         "owned-merge", "owned-nopf", "owned-pf64")  # and owned-pA-B...
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
 QUICK = False  # run --quick: checks, profiles and tg128 only

@@ -141,8 +141,20 @@ def test_owned_option_refused_where_it_cannot_apply(checkpoints, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_decode_attn_auto_merges_in_the_kernel_for_small_heads():
+    """DECODE_ATTN "auto": the merge in the attention kernel's last block where a kv head's output G * D is at most
+    256 values (SmolLM2, Llama-3.2-1B: faster on the H200), a merge kernel for Llama-3-8B's 4 x 128 (slower merged)."""
+    from edgellm.kernels import owned_kv
+
+    assert owned_kv.DECODE_ATTN == "auto"
+    assert owned_kv.decode_attn_mode(9, 3, 64) == "fused_merge"  # SmolLM2-135M
+    assert owned_kv.decode_attn_mode(32, 8, 64) == "fused_merge"  # Llama-3.2-1B
+    assert owned_kv.decode_attn_mode(32, 8, 128) == "fused"  # Llama-3-8B
+    assert owned_kv.decode_attn_mode(28, 4, 128) == "fused"  # Qwen2.5-7B: G 7
+
+
 @needs_nvcc
-@pytest.mark.parametrize("mode", ["fused_merge", "fused", "split"])
+@pytest.mark.parametrize("mode", ["auto", "fused", "split"])
 def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch, mode):
     """A head_dim-64 tiny Llama with the owned cache: every kernel of a decode step (embedding, per layer norm / qkv /
     attention (with RoPE, append and merge) / o / norm / MLP, the head) is inside CUDA graphs; outside them only the
@@ -163,8 +175,9 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     from edgellm.config import RuntimeOptions
     from edgellm.kernels import KernelOptions, owned_kv
 
-    assert owned_kv.DECODE_ATTN == "fused_merge" and mode in owned_kv.DECODE_ATTN_MODES
+    assert owned_kv.DECODE_ATTN == "auto" and mode in owned_kv.DECODE_ATTN_MODES
     monkeypatch.setattr(owned_kv, "DECODE_ATTN", mode)
+    mode = owned_kv.decode_attn_mode(2, 1, 64)  # this model's G * D is 128: "auto" merges in the kernel
     monkeypatch.setattr(pipeline, "GRAPH_PIECES", (2, 4))
     monkeypatch.setattr(pipeline, "SPLIT_MIN_KERNELS", 8)
     tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,

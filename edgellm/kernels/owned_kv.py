@@ -13,8 +13,9 @@ A forward of b rows with s new tokens each (decode: s = 1; prefill: b = 1) runs 
   kv_append      RoPE on q and k (rotate-half, float32 angles from a constant inv_freq table), K and V into the
                  rows' pages in place (call_tir_inplace on `pages`), rotated q / k and v out for the chunk;
   decode:        paged attention over [0, pos + 1) split over SPLITS_DECODE blocks per (token, kv head), merged;
-                 by default (DECODE_ATTN "fused_merge") RoPE, the append, the splits and the merge are one kernel:
-                 the last block of a (token, kv head) to finish, counted in the control page, merges its G heads;
+                 RoPE, the append and the splits are one kernel; where a kv head's G * D output is small
+                 (DECODE_ATTN "auto" -> "fused_merge") the merge is in it too: the last block of a (token, kv
+                 head) to finish, counted in the control page, merges its G heads; else a merge kernel follows;
   prefill:       the chunk among itself on tensor cores (cuda/attention_prefill_ragged.cu, causal) and the chunk
                  over the cached history [0, pos0) (paged, split over SPLITS_PREFILL), merged by lse (log2 domain).
 Page table, positions and ids are the only inputs that change between decode steps; the Engine keeps one buffer
@@ -43,8 +44,22 @@ MERGE_ROWS = 8  # the prefill merge: (token, head) entries per block
 # "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results bit for bit ("fused" and
 # "split" on the H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md; "fused_merge" against "fused" in the host
 # emulation, tests/test_owned_kv_cache.py). The merge kernel cost ~1.8-2.2 us a layer on the H200 (h200-pdl.md).
-DECODE_ATTN = "fused_merge"
-DECODE_ATTN_MODES = ("fused_merge", "fused", "split")
+# "auto" (the default) picks per shape (decode_attn_mode): "fused_merge" where a (token, kv head)'s output, G * D
+# values, is at most MERGE_IN_BLOCK_MAX, "fused" above. H200 tg128, same call (h200-pdl.md run 15): SmolLM2 (G * D
+# 192) 1,814 -> 2,336 tok/s with the merge in the last block, Llama-3.2-1B (256) 1,916 -> 1,930, Llama-3-8B (512)
+# 524.9 -> 518.8: one block merging 4 heads x 128 dims of 5 splits is slower than 32 merge blocks in parallel.
+DECODE_ATTN = "auto"
+DECODE_ATTN_MODES = ("auto", "fused_merge", "fused", "split")
+MERGE_IN_BLOCK_MAX = 256
+
+
+def decode_attn_mode(H: int, KV: int, D: int) -> str:
+    """The decode attention this shape is built with: DECODE_ATTN, with "auto" resolved (see there)."""
+    if DECODE_ATTN not in DECODE_ATTN_MODES:
+        raise ValueError(f"owned_kv.DECODE_ATTN is {DECODE_ATTN!r}; use one of {', '.join(DECODE_ATTN_MODES)}")
+    if DECODE_ATTN != "auto":
+        return DECODE_ATTN
+    return "fused_merge" if H // KV * D <= MERGE_IN_BLOCK_MAX else "fused"
 _SRC = cuda_source("owned_kv.cu")
 
 
@@ -306,12 +321,11 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
         "merge_lse": ("attention_prefill", lambda: paged_attn_merge_func(H, D, SPLITS_PREFILL, True)),
         "ragged": ("attention_prefill", lambda: attention_chunk_cuda(KV, H, D)),
     }
-    if DECODE_ATTN not in DECODE_ATTN_MODES:
-        raise ValueError(f"owned_kv.DECODE_ATTN is {DECODE_ATTN!r}; use one of {', '.join(DECODE_ATTN_MODES)}")
-    if DECODE_ATTN == "fused_merge":
+    mode = decode_attn_mode(H, KV, D)
+    if mode == "fused_merge":
         build["decode_fused_merge"] = ("attention_decode", lambda: decode_attn_merge_func(H, KV, D, L, SPLITS_DECODE))
     else:
-        if DECODE_ATTN == "split":
+        if mode == "split":
             build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))
         else:
             build["decode_fused"] = ("attention_decode", lambda: decode_attn_func(H, KV, D, L, SPLITS_DECODE))
@@ -343,13 +357,14 @@ class OwnedKVCache:
         layer = self.tirx.IntImm("int32", layer_id)
         ph = nn.Tensor.placeholder
         cache_in = [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer]
-        if self.decode and DECODE_ATTN == "fused_merge":  # all of it, the merge too, in one kernel
+        mode = decode_attn_mode(H, KV, D)
+        if self.decode and mode == "fused_merge":  # all of it, the merge too, in one kernel
             self.pages, _, _, out = nn.op.tensor_ir_inplace_op(
                 self.k["decode_fused_merge"], "decode_attn_merge", cache_in, [4, -1, -1, -1],
                 [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
                  ph((n, H, SPLITS_DECODE, 2), "float32"), ph((n, H, D), self.dtype)])
             return out.reshape(b, s, H, D)
-        if self.decode and DECODE_ATTN == "fused":  # RoPE, the append and split-K attention in one kernel
+        if self.decode and mode == "fused":  # RoPE, the append and split-K attention in one kernel
             self.pages, o_part, ml = nn.op.tensor_ir_inplace_op(
                 self.k["decode_fused"], "decode_attn", cache_in, [4, -1, -1],
                 [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
