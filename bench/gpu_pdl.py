@@ -64,15 +64,17 @@ VARIANTS = {
     # the decode GEMVs' L2 prefetch before their wait (cuda_gemv.PREFETCH_L2_MAX): off, and up to 64 MB matrices
     "owned-nopf": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pf64": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-pfpart": {"cuda_pdl": "on", "cuda_kv": "owned"},  # and the first 16 MB / rows bytes of larger ones
 }
 MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_merge"}  # owned_kv.DECODE_ATTN of the build (else its default)
 TRIGGER = {"on-tf": True, "owned-tf": True}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
+PARTIAL = {"owned-pfpart": True}  # cuda_gemv.PREFETCH_PARTIAL of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
-         "owned-merge", "owned-nopf", "owned-pf64")  # and owned-pA-B...
+         "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart")  # and owned-pA-B...
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {(a, b) for a in OWNED for b in OWNED}  # pairs expected bit-equal
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
 QUICK = False  # run --quick: checks, profiles and tg128 only
@@ -86,13 +88,14 @@ def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.kernels import KernelOptions, cuda_gemv, cuda_pdl, owned_kv
 
     saved = (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX)
+             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL)
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
     pipeline.WHOLE_PARAMS = WHOLE.get(variant, saved[3])
     pipeline.GRAPH_PIECES = PIECES.get(variant, saved[4])
     cuda_gemv.PREFETCH_L2_MAX = PREFETCH.get(variant, saved[5])
+    cuda_gemv.PREFETCH_PARTIAL = PARTIAL.get(variant, saved[6])
     pieces = re.fullmatch(r"owned-p(\d+(?:-\d+)*)", variant)
     if pieces:  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
         pipeline.GRAPH_PIECES = tuple(int(k) for k in pieces.group(1).split("-"))
@@ -103,7 +106,7 @@ def _compile(args_kw: dict, variant: str) -> None:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**options)))
     finally:
         (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX) = saved
+         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL) = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:

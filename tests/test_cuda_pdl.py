@@ -144,6 +144,23 @@ def test_gemv_prefetches_its_rows_into_l2_before_its_wait(kw, ranges, monkeypatc
                                                     **kw).script()
 
 
+def test_gemv_prefetches_row_starts_above_the_limit_with_partial(monkeypatch):
+    """PREFETCH_PARTIAL: a matrix over PREFETCH_L2_MAX gets the first PREFETCH_L2_MAX / rows bytes (16-byte units)
+    of each row prefetched, one row a thread, before the wait; off by default, and not below PREFETCH_MIN_ROW."""
+    monkeypatch.setattr(cuda_gemv, "PREFETCH_L2_MAX", 256 * 1024)  # 256 rows x 512 bytes (in 1024) = 128 KB
+    assert cuda_gemv.partial_prefetch_row_bytes(2048, 256) == 0  # 256 KB: whole, not partial
+    assert cuda_gemv.partial_prefetch_row_bytes(8192, 256) == 0  # PREFETCH_PARTIAL off
+    monkeypatch.setattr(cuda_gemv, "PREFETCH_PARTIAL", True)
+    assert cuda_gemv.partial_prefetch_row_bytes(2048, 256) == 0
+    assert cuda_gemv.partial_prefetch_row_bytes(8192, 256) == 1024  # 4 KB rows: the first quarter
+    assert cuda_gemv.partial_prefetch_row_bytes(8192, 4096) == 0  # 64 bytes a row: below PREFETCH_MIN_ROW
+    func = cuda_gemv.int4_gemv_h2(8192, 256, False, 4, 2, 2, 2, xsmem=True, pdl=True)
+    script = func.script()
+    pf, wait = _order(script, r"cp\.async\.bulk\.prefetch\.L2"), _order(script, r"griddepcontrol\.wait")
+    assert len(pf) == 1 and pf[0] < wait[0] and "T.uint32(1024)" in script
+    assert func.attrs["edgellm.gemv"].endswith("_pf1024")
+
+
 def test_gemv_pdl_needs_xsmem():
     with pytest.raises(ValueError, match="pdl .* needs xsmem"):
         cuda_gemv.int4_gemv_h2(1024, 256, False, pdl=True)

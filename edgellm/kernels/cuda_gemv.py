@@ -145,9 +145,23 @@ L2_PREFETCH = ('[](const void* p, unsigned n) { asm volatile("cp.async.bulk.pref
                '"r"(n) : "memory"); }')
 
 
+# Larger matrices: with PREFETCH_PARTIAL, the first PREFETCH_L2_MAX / rows bytes of each row (the kernel's first
+# steps walk every row of a block from its start, so those hit L2), whole 16-byte units, at least 256 a row.
+PREFETCH_PARTIAL = False
+PREFETCH_MIN_ROW = 256
+
+
 def prefetches_l2(in_f: int, out_f: int, bits: int = 4) -> bool:
     """Whether the PDL decode GEMV of this shape prefetches its rows into L2 before its wait (PREFETCH_L2_MAX)."""
     return 0 < out_f * in_f * bits // 8 <= PREFETCH_L2_MAX
+
+
+def partial_prefetch_row_bytes(in_f: int, out_f: int, bits: int = 4) -> int:
+    """Bytes of each weight row prefetched where the whole matrix is over PREFETCH_L2_MAX (PREFETCH_PARTIAL); 0: none."""
+    if not PREFETCH_PARTIAL or prefetches_l2(in_f, out_f, bits) or PREFETCH_L2_MAX <= 0:
+        return 0
+    per_row = PREFETCH_L2_MAX // out_f // 16 * 16
+    return per_row if per_row >= PREFETCH_MIN_ROW else 0
 
 
 def h2_supports(in_f: int, x_dtype: str, scale_dtype: str, out_dtype: str) -> bool:
@@ -274,6 +288,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     XFILL = (G * 4 + W * 32 - 1) // (W * 32)  # xsmem: staging rounds, one 16-byte word of x per thread each
     full_mask = T.uint32(0xFFFFFFFF)
     pf = pdl and prefetches_l2(in_f, out_f, bits)
+    pf_row = partial_prefetch_row_bytes(in_f, out_f, bits) if pdl else 0
     BLK = TEAMS * H  # outputs of a block: rows bx * BLK .. (and their up rows at + OUT with silu)
     WROW, SROW = G * WPG * 4, G * 2  # weight / scale bytes of a row
 
@@ -330,6 +345,13 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                 if zero_point:
                     T.evaluate(T.call_extern("void", L2_PREFETCH, T.address_of(qm_flat[s0 // 2]),
                                              T.Cast("uint32", s1 - s0)))
+
+    @T.macro
+    def prefetch_row_starts(qw, bx, tid):  # PREFETCH_PARTIAL: the first pf_row bytes of each of the block's rows
+        for part in T.unroll(2 if silu else 1):
+            if tid < T.min(BLK, OUT - bx * BLK):
+                T.evaluate(T.call_extern("void", L2_PREFETCH, T.address_of(qw[bx * BLK + part * OUT + tid, 0]),
+                                         T.uint32(pf_row)))
 
     @T.macro
     def compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, guard):
@@ -552,6 +574,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                 if pf:
                     if ty == 0 and tx == 0:
                         prefetch_rows(qw, qs_flat, qm_flat, bx)
+                if pf_row > 0:
+                    prefetch_row_starts(qw, bx, ty * 32 + tx)
                 if TRIGGER_FIRST:
                     T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
                 T.evaluate(T.call_extern("void", WAIT))
@@ -615,7 +639,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
                             + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused
-                            + ("_pf" if pf else "")})
+                            + ("_pf" if pf else "") + (f"_pf{pf_row}" if pf_row else "")})
 
 
 def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
