@@ -18,6 +18,7 @@ struct half { uint16_t b; };
 struct half2 { half x, y; };
 struct uint4 { unsigned x, y, z, w; };
 struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline float h2f(uint16_t b) { _Float16 h; memcpy(&h, &b, 2); return (float)h; }
 inline uint16_t d2h(double v) { _Float16 h = (_Float16)v; uint16_t b; memcpy(&b, &h, 2); return b; }

@@ -276,7 +276,8 @@ __device__ __forceinline__ void edgellm_paged_attn_merge_alone(
 // only turn a -0 into +0, and a second time changes nothing). The weights are computed once per head (a warp per
 // head, a lane per split) into smem, not once per output element. e: the entry of head kvh * G (i * H + kvh * G);
 // smem: the split's (G * D + G * 32 + 3 * G floats, free once the split is written), here G * 65 + 1 floats.
-template <int D, int G, int S>
+// NT: the block's threads (128 in decode_attn_merge, 32 * W in decode_attn_warps).
+template <int D, int G, int S, int NT = 128>
 __device__ __forceinline__ void edgellm_decode_merge(
     const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out, int* counter, int active,
     long long e, float* smem) {
@@ -305,21 +306,21 @@ __device__ __forceinline__ void edgellm_decode_merge(
   // o_{active-1} * 0, applied once at the end (adding a zero a second time changes nothing). C * ITEMS <= 32 loads
   // in flight per thread: ptxas (nvcc 13, sm_90a) gives the kernel 71 registers for G 4, D 128 and 72 for G 8, D 128
   // (46 and 48 without the merge); C = 8 at G 8 took 117.
-  constexpr int ITEMS = (G * D + 127) / 128, C = ITEMS >= 8 ? 4 : 8;
+  constexpr int ITEMS = (G * D + NT - 1) / NT, C = ITEMS >= 8 ? 4 : 8;
   float v[C][ITEMS];
   auto load = [&](int s0) {
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
       for (int t = 0; t < ITEMS; ++t) {
-        const int w = tid + t * 128;
+        const int w = tid + t * NT;
         v[c][t] = 0.f;
         if (s0 + c < active && w < G * D) v[c][t] = __ldcg(o_part + ((e + w / D) * S + s0 + c) * D + w % D);
       }
   };
   load(0);
   const float2* mls = reinterpret_cast<const float2*>(ml);
-  for (int g = warp; g < G; g += 4) {
+  for (int g = warp; g < G; g += NT / 32) {
     const float2 x = __ldcg(mls + (e + g) * S + min(lane, active - 1));
     float M = x.y > 0.f ? x.x : -INFINITY;
 #pragma unroll
@@ -347,7 +348,7 @@ __device__ __forceinline__ void edgellm_decode_merge(
     for (int c = 0; c < C; ++c)
 #pragma unroll
       for (int t = 0; t < ITEMS; ++t) {
-        const int w = tid + t * 128;
+        const int w = tid + t * NT;
         if (s0 + c < active && w < G * D) {
           acc[t] += v[c][t] * sw[(w / D) * 32 + s0 + c];
           last[t] = v[c][t];
@@ -356,7 +357,7 @@ __device__ __forceinline__ void edgellm_decode_merge(
   }
 #pragma unroll
   for (int t = 0; t < ITEMS; ++t) {
-    const int w = tid + t * 128, g = w / D;
+    const int w = tid + t * NT, g = w / D;
     if (w < G * D) {
       if (active < S) acc[t] += last[t] * sw[g * 32 + S - 1];  // w = 0 there
       const float L = sL[g];
@@ -447,5 +448,242 @@ __device__ __forceinline__ void edgellm_decode_attn_merge(
   static_assert(S > 0, "S: the splits");
   edgellm_decode_attn_impl<D, G, S>(qkv, inv_freq, page_table, pos0, pages, o_part, ml, out, maxp, P, layer, KV, S,
                                     scale_log2, smem);
+}
+// DECODE_ATTN "warps" (kernels/owned_kv.py decode_attn_warps_func): a decode step's RoPE, KV append and attention
+// with a shorter chain of dependent round trips than decode_attn_impl (there: q RoPE, sync, page table, K, scores,
+// sync, softmax, sync, V only then, accumulate; ~5.7-7 us a layer on the H200 at tg128 contexts, run 15).
+// Block (token i, kv head kvh, split) of W warps; each WARP owns 32-key tiles (lane = key for the scores, lane = D / 32
+// dims for the output) and, right after reading pos0 and the page table, issues all loads of its first tile, K rows
+// and V values alike (V does not depend on the scores), before the block's q RoPE and its one sync: keys < pos are
+// not written in this kernel, and the new token's k / v, written into the page slot by the block that owns pos,
+// are taken from shared memory after the sync instead of the page (its page read is stale and dropped). A warp's
+// online softmax uses shuffles only; the W warps' (m, l, o) merge in shared memory. Split size: W tiles a warp
+// round, per = ceil(kv_len / (S * W * 32)) rounds, chunk = per * W * 32 keys (the live context from pos0 on the
+// device: a replayed graph adapts), so up to W * 32 keys (256 at W 8: tg128 contexts) one block writes `out` at
+// once; longer contexts have up to S blocks, merged by the last one (edgellm_decode_merge, the control-page counter).
+// Not bit-equal to decode_attn_impl (another summation order). smem (floats): G * D (q) + D (new k, v as fp16) +
+// 2 * W * G ((m, l) per warp) + W * G * D (per warp: p [G][32], then o [G][D]) + 4 (alignment).
+template <int D, int G, int S, int W>
+__device__ __forceinline__ void edgellm_decode_attn_warps(
+    const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
+    const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
+    half* __restrict__ out, int maxp, long long P, int layer, int KV, float scale_log2, float* smem_raw) {
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+  static_assert(S >= 1 && S <= 32, "the merge's weights take one lane per split");
+  constexpr int NT = 32 * W, HALF = D / 2, DL = D / 32;  // DL: output dims per lane (2 or 4)
+  const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31, H = G * KV, row = i;
+  const int pos = pos0[row], kv_len = pos + 1;
+  const int per = (kv_len + S * W * 32 - 1) / (S * W * 32), chunk = per * W * 32;
+  const int active = (kv_len + chunk - 1) / chunk;
+  if (split >= active) return;  // no key here (the merge counts the active splits only)
+  const int begin = split * chunk, end = min(kv_len, begin + chunk);
+  const int nwarps = min(W, (end - begin + 31) / 32);  // warps with keys
+  float* smem = reinterpret_cast<float*>((reinterpret_cast<unsigned long long>(smem_raw) + 15) & ~15ull);
+  float* sq = smem;                                    // [G][D] q * scale * log2(e)
+  half* snew = reinterpret_cast<half*>(smem + G * D);  // [2][D] the new token's k (rotated, fp16) and v
+  float* sml = smem + G * D + D;                       // [W][G][2] each warp's (m, l)
+  float* sw = sml + 2 * W * G + warp * G * D;          // this warp's p [G][32], then its o [G][D]
+  const half* lbase = pages + (long long)layer * P * 2 * KV * 16 * D;
+  const int* pt = page_table + row * maxp;
+  // the warp's tile at t0 (a multiple of 32: pages t0 / 16 and t0 / 16 + 1): the lane's key row (past the last key,
+  // the last key again: its score is set to -inf) and, for each of the 32 keys, the lane's DL dims of V at constant
+  // offsets from the tile's two pages (the first page twice where the tile ends in it); a slot past the last key is
+  // read but never used (it may hold anything: the accumulation selects 0 there, as p * NaN would not be 0)
+  uint4 kr[D / 8];
+  unsigned vr[32][DL / 2];
+  auto load_k = [&](int t0) {
+    const int j = min(t0 + lane, end - 1);
+    const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) kr[c] = reinterpret_cast<const uint4*>(kp)[c];
+  };
+  auto load_v = [&](int t0) {
+    const half* v0 = lbase + (((long long)pt[t0 >> 4] * 2 + 1) * KV + kvh) * 16 * D + lane * DL;
+    const half* v1 = t0 + 16 < end ? lbase + (((long long)pt[(t0 >> 4) + 1] * 2 + 1) * KV + kvh) * 16 * D + lane * DL
+                                   : v0;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+      const unsigned* src = reinterpret_cast<const unsigned*>((k < 16 ? v0 : v1) + (k & 15) * D);
+#pragma unroll
+      for (int e = 0; e < DL / 2; ++e) vr[k][e] = src[e];
+    }
+  };
+  int t0 = begin + warp * 32;
+  if (warp < nwarps) {
+    load_k(t0);
+    load_v(t0);
+  }
+  // RoPE on q (kv_append's arithmetic and rounding), while the loads are in flight
+  const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
+  for (int w = tid; w < G * HALF; w += NT) {
+    const int g = w / HALF, j = w % HALF;
+    float sn, cs;
+    sincosf((float)pos * inv_freq[j], &sn, &cs);
+    const half* x = xq + (kvh * G + g) * D;
+    const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
+    sq[g * D + j] = __half2float(__float2half(x0 * cs - x1 * sn)) * scale_log2;
+    sq[g * D + j + HALF] = __half2float(__float2half(x1 * cs + x0 * sn)) * scale_log2;
+  }
+  const bool owner = end == kv_len;  // this split holds the new token: its k (rotated) and v into the page slot
+  if (owner) {
+    half* base = pages + ((long long)layer * P + pt[pos / 16]) * 2 * KV * 16 * D;
+    const half* xk = xq + (H + kvh) * D;
+    const half* xv = xq + (H + KV + kvh) * D;
+    half* dk = base + (kvh * 16 + pos % 16) * D;
+    half* dv = base + ((KV + kvh) * 16 + pos % 16) * D;
+    for (int j = tid; j < HALF; j += NT) {
+      float sn, cs;
+      sincosf((float)pos * inv_freq[j], &sn, &cs);
+      const float x0 = __half2float(xk[j]), x1 = __half2float(xk[j + HALF]);
+      const half r0 = __float2half(x0 * cs - x1 * sn), r1 = __float2half(x1 * cs + x0 * sn);
+      const half v0 = xv[j], v1 = xv[j + HALF];
+      dk[j] = r0;
+      dk[j + HALF] = r1;
+      dv[j] = v0;
+      dv[j + HALF] = v1;
+      snew[j] = r0;
+      snew[j + HALF] = r1;
+      snew[D + j] = v0;
+      snew[D + j + HALF] = v1;
+    }
+  }
+  __syncthreads();  // q in smem; the new k / v in smem (and in the page for the next steps)
+  float m_run[G], l_run[G], acc[G][DL];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m_run[g] = -INFINITY;
+    l_run[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < DL; ++e) acc[g][e] = 0.f;
+  }
+  // one tile of the warp: the new token patched in, scores, online softmax, p * V. The first tile's K and V loads
+  // were all issued before the sync; a further tile (contexts over S * W * 32 keys, 8,192 at S 32, W 8: bandwidth
+  // matters more than latency there) loads its V after the scores (late): with K and V of a later tile in flight
+  // together, ptxas (nvcc 13, sm_90a) spilled at head_dim 128 (255 registers, 44-248 bytes of spill stores)
+  auto tile = [&](bool late) {
+      if (owner && pos >= t0 && pos < t0 + 32) {  // the new token's k / v from smem, not its stale page read
+        if (min(t0 + lane, end - 1) == pos) {
+#pragma unroll
+          for (int c = 0; c < D / 8; ++c) kr[c] = reinterpret_cast<const uint4*>(snew)[c];
+        }
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          if (t0 + k == pos) {
+#pragma unroll
+            for (int e = 0; e < DL / 2; ++e) vr[k][e] = reinterpret_cast<const unsigned*>(snew + D + lane * DL)[e];
+          }
+        }
+      }
+      float s[G];  // scores of the lane's key, log2 domain
+#pragma unroll
+      for (int g = 0; g < G; ++g) s[g] = 0.f;
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) {
+        const half2* h2 = reinterpret_cast<const half2*>(&kr[c]);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float2 a = __half22float2(h2[2 * e]), b = __half22float2(h2[2 * e + 1]);
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float4 qv = reinterpret_cast<const float4*>(sq + g * D + c * 8)[e];
+            s[g] += a.x * qv.x + a.y * qv.y + b.x * qv.z + b.y * qv.w;
+          }
+        }
+      }
+      const bool valid = t0 + lane < end;
+      float alpha[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {  // the warp's online softmax (lane 0's key always exists: mx is finite)
+        const float sv = valid ? s[g] : -INFINITY;
+        float mx = sv;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_new = fmaxf(m_run[g], mx);
+        const float p = exp2f(sv - m_new);
+        float sum = p;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        alpha[g] = exp2f(m_run[g] - m_new);
+        l_run[g] = l_run[g] * alpha[g] + sum;
+        m_run[g] = m_new;
+        sw[g * 32 + lane] = p;
+      }
+      __syncwarp();
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < DL; ++e) acc[g][e] *= alpha[g];
+      if (late) load_v(t0);
+      const int nk = end - t0;  // keys of this tile (more than 32: the tile is full)
+#pragma unroll
+      for (int k4 = 0; k4 < 8; ++k4) {
+        float2 v[4][DL / 2];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int e = 0; e < DL / 2; ++e) {
+            const float2 f = __half22float2(*reinterpret_cast<const half2*>(&vr[4 * k4 + kk][e]));
+            v[kk][e] = 4 * k4 + kk < nk ? f : make_float2(0.f, 0.f);
+          }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 p4 = reinterpret_cast<const float4*>(sw + g * 32)[k4];
+          const float pk[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int e = 0; e < DL / 2; ++e) {
+              acc[g][2 * e] += pk[kk] * v[kk][e].x;
+              acc[g][2 * e + 1] += pk[kk] * v[kk][e].y;
+            }
+        }
+      }
+      __syncwarp();  // every lane has read p before the next tile (or o) overwrites it
+  };
+  if (warp < nwarps) {
+    tile(false);
+    for (t0 += W * 32; t0 < end; t0 += W * 32) {  // contexts over S * W * 32 keys: further rounds
+      load_k(t0);
+      tile(true);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int e = 0; e < DL; ++e) sw[g * D + lane * DL + e] = acc[g][e];
+      if (lane == 0) {
+        sml[(warp * G + g) * 2] = m_run[g];
+        sml[(warp * G + g) * 2 + 1] = l_run[g];
+      }
+    }
+  }
+  __syncthreads();
+  // the block's warps merged: out directly when this is the only split, else the split's (o, m, l) for the merge
+  const long long e = (long long)i * H + kvh * G;
+  for (int w = tid; w < G * D; w += NT) {
+    const int g = w / D, d = w % D;
+    float M = -INFINITY;
+    for (int u = 0; u < nwarps; ++u) M = fmaxf(M, sml[(u * G + g) * 2]);
+    float L = 0.f, o = 0.f;
+    for (int u = 0; u < nwarps; ++u) {
+      const float wt = exp2f(sml[(u * G + g) * 2] - M);
+      L += sml[(u * G + g) * 2 + 1] * wt;
+      o += smem[G * D + D + 2 * W * G + (u * G + g) * D + d] * wt;
+    }
+    if (active == 1) {
+      out[(e + g) * D + d] = __float2half(o / L);
+    } else {
+      o_part[((e + g) * S + split) * D + d] = o;
+      if (d == 0) {
+        ml[2 * ((e + g) * S + split)] = M;
+        ml[2 * ((e + g) * S + split) + 1] = L;
+      }
+    }
+  }
+  if (active > 1) {
+    // the counters: int32 words of the control page, page P - 1 of layer 0 (as decode_attn_merge's)
+    int* counter = reinterpret_cast<int*>(pages + (P - 1) * 2 * KV * 16 * D) + i * KV + kvh;
+    edgellm_decode_merge<D, G, S, NT>(o_part, ml, out, counter, active, e, smem);
+  }
 }
 #endif
