@@ -208,7 +208,7 @@ def test_registry_fuses_only_cuda_4bit_smem():
     assert reg(host, cuda_fuse="all").decode_fusion == "off"  # CPU keeps its kernels
     r = reg(cuda, cuda_fuse="all")
     f = r.fused_gemv(2048, 16384, q4, "float16", False, norm_eps=1e-5, silu=True)
-    assert str(f.attrs["edgellm.gemv"]).endswith("_norm_silu")
+    assert str(f.attrs["edgellm.gemv"]).removesuffix("_pf").endswith("_norm_silu")  # _pf: the L2 prefetch (PDL)
     assert [p.name for p in f.params] == ["x", "dl", "nw", "qw", "qs", "out", "s_out"]  # s_out: x + delta
     g = r.fused_gemv(2048, 3072, get_scheme("q4f16_2"), "float16", True, norm_eps=1e-5, silu=False)
     assert [p.name for p in g.params] == ["x", "dl", "nw", "qw", "qs", "qm", "bias_buf", "out", "s_out"]
@@ -219,7 +219,7 @@ def test_registry_fuses_only_cuda_4bit_smem():
     s = reg(cuda, cuda_fuse="silu")
     assert s.fused_gemv(2048, 3072, q4, "float16", False, norm_eps=1e-5, silu=False) is None
     assert str(s.fused_gemv(2048, 16384, q4, "float16", False, norm_eps=None, silu=True).attrs[
-        "edgellm.gemv"]).endswith("_xs_fs_silu")
+        "edgellm.gemv"]).removesuffix("_pf").endswith("_xs_fs_silu")
     assert reg(cuda).residual_gemv(4096, 4096, q4, "float16") is None  # the residual add in o / down: `all` only
     a = reg(cuda)  # auto: every fusion (gate_up's norm up to `in` 2048); the norm at 4096: 2x the warps (same sums)
     w, r, u, k, _ = cuda_gemv.xs_gemv_config(4096, 6144)

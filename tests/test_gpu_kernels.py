@@ -330,14 +330,15 @@ def test_registry_picks_fp16x2_gemv_only_for_fp16():
     from edgellm.kernels import schedule_gpu as gs
     from edgellm.targets import resolve
 
-    from edgellm.kernels.cuda_gemv import xs_gemv_config
+    from edgellm.kernels.cuda_gemv import prefetches_l2, xs_gemv_config
 
     cuda, metal = resolve("cuda-sm90").tvm(), resolve("metal").tvm()
     for in_f, out_f in ((4096, 6144), (4096, 28672), (14336, 4096), (4096, 128256), (576, 960)):
         name, h2 = _pick(cuda, 1, in_f, out_f, "q4f16_1", bias=True)  # the default: x staged in shared memory
         w, r, u, k, fold = xs_gemv_config(in_f, out_f)
         assert name == "int4_gemv_fp16x2_smem"
-        assert str(h2.attrs["edgellm.gemv"]) == f"h2_w{w}r{r}u{u}k{k}_xs" + ("_fs" if fold else "")
+        assert str(h2.attrs["edgellm.gemv"]) == f"h2_w{w}r{r}u{u}k{k}_xs" + ("_fs" if fold else "") + (
+            "_pf" if prefetches_l2(in_f, out_f) else "")  # PDL: its rows into L2 before the wait, up to 16 MB
         assert "griddepcontrol.wait" in h2.script()  # sm_90: programmatic dependent launch (--opt cuda_pdl=auto)
         assert len(h2.params) == 5  # x, q_weight, q_scale, bias, out: the signature of the function it replaces
     name, h2 = _pick(cuda, 1, 4096, 6144, "q4f16_1", bias=True, cuda_gemv="fp16x2")  # the previous default
