@@ -154,7 +154,7 @@ def test_decode_attn_auto_merges_in_the_kernel_for_small_heads():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("mode", ["auto", "fused", "split"])
+@pytest.mark.parametrize("mode", ["auto", "fused", "split", "warps"])
 def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch, mode):
     """A head_dim-64 tiny Llama with the owned cache: every kernel of a decode step (embedding, per layer norm / qkv /
     attention (with RoPE, append and merge) / o / norm / MLP, the head) is inside CUDA graphs; outside them only the
@@ -162,7 +162,8 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     the rest; a real model's first pieces are 8 and 32), the step is three graphs replayed in order, each given the
     packed parameters whole (so a replay unpacks no weight) and the tensors an earlier piece wrote. batch_decode
     and prefill take the same tensors. For the default decode attention (one kernel a layer, the merge in it) and
-    for the A/B modes "fused" (its kernel, then the merge kernel) and "split"."""
+    for the A/B modes "fused" (its kernel, then the merge kernel), "split" and "warps" (one kernel a layer, a warp
+    a tile)."""
     import json
     import sys
     from pathlib import Path
@@ -216,14 +217,15 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     # decode attention per layer (owned_kv.DECODE_ATTN): "fused_merge" (the default) RoPE + append + split-K
     # attention + the merge in one kernel; "fused" the same without the merge, then the merge kernel; "split"
     # kv_append + paged attention + merge (what prefill keeps)
-    attn = {"fused_merge": 1, "fused": 2, "split": 3}[mode]
+    attn = {"fused_merge": 1, "fused": 2, "split": 3, "warps": 1}[mode]
     assert sum("decode_attn" in k for k in inside) == (0 if mode == "split" else 2), inside
     assert sum("decode_attn_merge" in k for k in inside) == (2 if mode == "fused_merge" else 0), inside
+    assert sum("decode_attn_warps" in k for k in inside) == (2 if mode == "warps" else 0), inside
     assert sum("kv_append" in k for k in inside) == (2 if mode == "split" else 0), inside
     assert sum("paged_attn" in k for k in inside) == 2 * (attn - 1), inside  # (partial and) merge
     assert manifest["kernels"]["chosen"]["attention_decode"] == {
         "fused_merge": ["owned_decode_fused_merge"], "fused": ["owned_decode_fused", "owned_merge"],
-        "split": ["owned_decode", "owned_merge"]}[mode]
+        "split": ["owned_decode", "owned_merge"], "warps": ["owned_decode_warps"]}[mode]
     # per layer: attention (1, 2 or 3 kernels), o, gate_up with the residual add + norm and silu (--opt cuda_fuse),
     # down; layer 1's qkv with the norm; embedding, layer 0's norm and qkv, the final add_rms_norm and the head
     assert any("embedding" in k for k in inside) and len(inside) == 2 * (attn + 3) + 1 + 5, inside
@@ -355,7 +357,12 @@ _OWNED_EMU_MAIN = r"""
 #include <cstdlib>
 #include <functional>
 #include <random>
-constexpr int D = 64, G = 2, KV = 2, H = G * KV, L = 2, SPLITS = 32;
+#ifndef EMU_D  // the shape: D 64, G 2, KV 2 unless the test defines EMU_D / EMU_G / EMU_KV
+#define EMU_D 64
+#define EMU_G 2
+#define EMU_KV 2
+#endif
+constexpr int D = EMU_D, G = EMU_G, KV = EMU_KV, H = G * KV, L = 2, SPLITS = 32, W = 8;
 // one launch: blocks (bx, by) one after another (in order, or shuffled with `seed` > 0), `nt` threads each
 // (std::thread), `sm` floats of shared memory
 void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& body, unsigned seed = 0) {
@@ -369,8 +376,8 @@ void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& b
 template <typename T> std::vector<T> read(FILE* f, size_t n) { std::vector<T> v(n); if (fread(v.data(), sizeof(T), n, f) != n) exit(2); return v; }
 template <typename T> void write(FILE* f, const std::vector<T>& v) { fwrite(v.data(), sizeof(T), v.size(), f); }
 // n maxp P layer steps in.bin out.bin mode seed: `steps` decode steps of n rows (row r at pos0[r] + step) through
-// mode 0: kv_append + paged_attn_partial + merge, 1: decode_attn + merge, 2: decode_attn_merge (blocks shuffled
-// with seed + step when seed > 0). in: qkv [steps, n, H + 2 KV, D], inv_freq, page table, pos0, pages; out: per
+// mode 0: kv_append + paged_attn_partial + merge, 1: decode_attn + merge, 2: decode_attn_merge, 3:
+// decode_attn_warps with W warps (2 and 3: blocks shuffled with seed + step when seed > 0). in: qkv [steps, n, H + 2 KV, D], inv_freq, page table, pos0, pages; out: per
 // step out [n, H, D] and the control page's int32 words, then the pages.
 int main(int argc, char** argv) {
   const int n = atoi(argv[1]), maxp = atoi(argv[2]), layer = atoi(argv[4]), steps = atoi(argv[5]);
@@ -384,14 +391,19 @@ int main(int argc, char** argv) {
   auto pages = read<half>(f, (size_t)L * P * 2 * KV * 16 * D);
   fclose(f);
   const int sm = G * D + G * 32 + 3 * G;
-  const float scale = 1.4426950408889634f / 8.f;  // D^-0.5 log2(e)
+  const int smw = G * D + D + 2 * W * G + W * G * D + 4;  // decode_attn_warps
+  const float scale = 1.4426950408889634f / sqrtf((float)D);  // D^-0.5 log2(e)
   f = fopen(argv[7], "wb");
   for (int step = 0; step < steps; ++step) {
     const half* qkv = qkv_all.data() + (size_t)step * n * (H + 2 * KV) * D;
     // NaN scratch: a merge that read a split no block wrote this step would show
     std::vector<float> o((size_t)n * H * SPLITS * D, NAN), ml((size_t)n * H * SPLITS * 2, NAN);
     std::vector<half> out((size_t)n * H * D, half{0x7E00});
-    if (mode == 2) {
+    if (mode == 3) {
+      launch(n * KV, SPLITS, 32 * W, smw, [&](float* s) { edgellm_decode_attn_warps<D, G, SPLITS, W>(qkv, freq.data(),
+          pt.data(), pos0.data(), pages.data(), o.data(), ml.data(), out.data(), maxp, P, layer, KV, scale, s); },
+          seed > 0 ? seed + step : 0);
+    } else if (mode == 2) {
       launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn_merge<D, G, SPLITS>(qkv, freq.data(), pt.data(),
           pos0.data(), pages.data(), o.data(), ml.data(), out.data(), maxp, P, layer, KV, scale, s); },
           seed > 0 ? seed + step : 0);
@@ -405,7 +417,7 @@ int main(int argc, char** argv) {
       launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_paged_attn_partial<D, G>(q.data(), pages.data(), pt.data(),
           pos0.data(), o.data(), ml.data(), 1, 1, maxp, P, layer, KV, SPLITS, scale, s); });
     }
-    if (mode != 2)
+    if (mode < 2)
       launch(n * H, 1, D, 0, [&](float*) { edgellm_paged_attn_merge_alone<D, SPLITS>(o.data(), ml.data(), out.data(), n * H); });
     write(f, out);
     std::vector<int> control(KV * 16 * D);  // page P - 1 of layer 0
@@ -543,3 +555,98 @@ def test_decode_attn_merge_counters_fit_the_control_page():
     assert owned_kv.decode_attn_merge_func(32, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
     with pytest.raises(ValueError, match="at most 32 splits"):
         owned_kv.decode_attn_merge_func(32, 8, 128, 2, 64)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
+@pytest.mark.parametrize("D,G", [(64, 2), (64, 3), (128, 4)])
+def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
+    """DECODE_ATTN "warps" (owned_kv.cu edgellm_decode_attn_warps, 8 warps a block, a 32-key tile a warp) over three
+    consecutive decode steps of six rows, against float64 numpy RoPE + attention and against decode_attn_merge (not
+    bit-equal: another summation order; within an fp16 ulp): contexts 1-3, 31-33 (tile edges), 128-130 (tg128: one
+    block, out written at once), 255-257 (256 = one block's 8 tiles; 257 takes two splits and the merge), 1101-1103
+    (5 splits) and, at D 128, 8191-8193 (32 splits of one tile a warp, then 17 of two: a warp's second tile, its V
+    loaded after the scores); page boundaries crossed (16 -> 17, 32 -> 33, 256 -> 257, 8192 -> 8193). Shapes:
+    SmolLM2's G 3 / D 64, G 2 / D 64 and G 4 / D 128 (Llama-3-8B's). The pages bit-equal to decode_attn_merge's (the same RoPE and append), the control page
+    zero after every step, blocks in launch order and shuffled; the slots past each row's context hold NaN (what a
+    fresh page may hold), so a tile's read past its last key that leaked into the output would show."""
+    from pathlib import Path
+
+    from edgellm.kernels.owned_kv import rope_inv_freq
+
+    KV, L, layer, steps = 2, 2, 1, 3
+    H = G * KV
+    pos0 = np.array([0, 30, 127, 254, 1100] + ([8190] if D == 128 else []), np.int32)  # (8190: 45 s of emulation)
+    n = len(pos0)
+    need = [-(-(int(p) + steps) // 16) for p in pos0]
+    maxp = max(need)
+    P = sum(need) + 2  # the rows' pages, scratch, control
+    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "owned_kv.cu").read_text()
+    host_emu({"owned_kv.cu": src}, f"#define EMU_D {D}\n#define EMU_G {G}\n#define EMU_KV {KV}\n" + _OWNED_EMU_MAIN)
+    rng = np.random.default_rng(D + G)
+    pt = np.full((n, maxp), P - 2, np.int32)
+    perm, at = rng.permutation(P - 2).astype(np.int32), 0  # the rows' pages, scattered
+    for r in range(n):
+        pt[r, :need[r]] = perm[at:at + need[r]]
+        at += need[r]
+    qkv = rng.standard_normal((steps, n, H + 2 * KV, D)).astype(np.float16)
+    freq = rope_inv_freq(D, 10000.0, None)
+    pages = rng.standard_normal((L, P, 2, KV, 16, D)).astype(np.float16)
+    for r in range(n):  # past the context: NaN
+        for t in range(int(pos0[r]), need[r] * 16):
+            pages[layer, pt[r, t // 16], :, :, t % 16] = np.nan
+    pages[0, P - 1] = 0  # the control page, as the Engine allocates it
+    ref_steps, ref_pages = _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, 2)
+
+    def rope(x, p):  # rotate-half in float32, rounded to fp16 as the kernels round it
+        ang = np.float32(p) * freq
+        c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        x0, x1 = x[..., :D // 2].astype(np.float32), x[..., D // 2:].astype(np.float32)
+        return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
+
+    expect = pages.copy()
+    ref64 = []
+    for step in range(steps):
+        outs = np.zeros((n, H, D))
+        for r in range(n):
+            p = int(pos0[r]) + step
+            expect[layer, pt[r, p // 16], 0, :, p % 16] = rope(qkv[step, r, H:H + KV], p)
+            expect[layer, pt[r, p // 16], 1, :, p % 16] = qkv[step, r, H + KV:]
+            rows = [pt[r, t // 16] for t in range(p + 1)]
+            keys = expect[layer, rows, 0, :, np.arange(p + 1) % 16].transpose(1, 0, 2).astype(np.float64)  # [KV, T, D]
+            vals = expect[layer, rows, 1, :, np.arange(p + 1) % 16].transpose(1, 0, 2).astype(np.float64)
+            q = rope(qkv[step, r, :H], p).astype(np.float64)
+            for h in range(H):
+                score = keys[h // G] @ q[h] / np.sqrt(D)
+                w = np.exp(score - score.max())
+                outs[r, h] = (w / w.sum()) @ vals[h // G]
+        ref64.append(outs)
+    for seed in (0, 7):
+        got_steps, got_pages = _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, 3, seed)
+        for step, ((old, _), (out, control)) in enumerate(zip(ref_steps, got_steps)):
+            assert not np.isnan(out).any(), (seed, step)
+            np.testing.assert_allclose(out.astype(np.float64), ref64[step], atol=2e-3, rtol=2e-3)
+            # an fp16 ulp of |x| < 2 is at most 2^-10 (the old mode rounds the same float32 result otherwise summed)
+            np.testing.assert_allclose(out.astype(np.float64), old.astype(np.float64), atol=1e-3, rtol=0)
+            assert not control.any(), (seed, step, np.flatnonzero(control))
+        assert np.array_equal(ref_pages.view(np.uint16), got_pages.view(np.uint16)), seed
+        # and numpy's RoPE (float32 cos / sin at positions up to 8,192 may differ from sincosf by an ulp, so a
+        # rotated k by an fp16 ulp); the slots past the contexts still NaN
+        written = ~np.isnan(expect)
+        assert np.array_equal(np.isnan(got_pages), ~written), seed
+        np.testing.assert_allclose(got_pages[written].astype(np.float32), expect[written].astype(np.float32),
+                                   rtol=1e-3, atol=1e-4)
+
+
+def test_decode_attn_warps_limits():
+    """DECODE_ATTN "warps": "auto" keeps today's choice (the lead switches after measuring); at most 32 splits (a
+    lane each in the merge); its shared memory (per warp G x D partial outputs) within the 48 KB static limit at
+    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named."""
+    from edgellm.kernels import owned_kv
+
+    assert "warps" in owned_kv.DECODE_ATTN_MODES and owned_kv.decode_attn_mode(9, 3, 64) == "fused_merge"
+    assert owned_kv._warps_smem(8, 128) * 4 <= 48 * 1024
+    assert owned_kv.decode_attn_warps_func(64, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
+    with pytest.raises(ValueError, match="at most 32 splits"):
+        owned_kv.decode_attn_warps_func(32, 8, 128, 2, 64)
+    with pytest.raises(ValueError, match="static limit; lower owned_kv.DECODE_WARPS"):
+        owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)

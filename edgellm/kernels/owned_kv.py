@@ -16,6 +16,8 @@ A forward of b rows with s new tokens each (decode: s = 1; prefill: b = 1) runs 
                  RoPE, the append and the splits are one kernel; where a kv head's G * D output is small
                  (DECODE_ATTN "auto" -> "fused_merge") the merge is in it too: the last block of a (token, kv
                  head) to finish, counted in the control page, merges its G heads; else a merge kernel follows;
+                 "warps" (an A/B knob): a warp a 32-key tile, one block per (token, kv head) up to 256 keys,
+                 the last block merging above;
   prefill:       the chunk among itself on tensor cores (cuda/attention_prefill_ragged.cu, causal) and the chunk
                  over the cached history [0, pos0) (paged, split over SPLITS_PREFILL), merged by lse (log2 domain).
 Page table, positions and ids are the only inputs that change between decode steps; the Engine keeps one buffer
@@ -48,9 +50,22 @@ MERGE_ROWS = 8  # the prefill merge: (token, head) entries per block
 # values, is at most MERGE_IN_BLOCK_MAX, "fused" above. H200 tg128, same call (h200-pdl.md run 15): SmolLM2 (G * D
 # 192) 1,814 -> 2,336 tok/s with the merge in the last block, Llama-3.2-1B (256) 1,916 -> 1,930, Llama-3-8B (512)
 # 524.9 -> 518.8: one block merging 4 heads x 128 dims of 5 splits is slower than 32 merge blocks in parallel.
+# "warps" (A/B knob, not measured yet) = decode_attn_warps_func: the same inputs and outputs as "fused_merge", a
+# shorter chain of dependent round trips (owned_kv.cu edgellm_decode_attn_warps: DECODE_WARPS warps a block, a 32-key
+# tile a warp, K and V loaded at once, one block per (token, kv head) up to DECODE_WARPS * 32 keys); not bit-equal to
+# the other modes (another summation order: within an fp16 ulp in the host emulation).
 DECODE_ATTN = "auto"
-DECODE_ATTN_MODES = ("auto", "fused_merge", "fused", "split")
+DECODE_ATTN_MODES = ("auto", "fused_merge", "fused", "split", "warps")
 MERGE_IN_BLOCK_MAX = 256
+# "warps": warps a block. 8: a block covers 256 keys with one tile a warp, so every tg128 context (~130 keys) is one
+# block per (token, kv head) writing `out` itself (4 would split contexts of 129+ in two blocks and a merge), and
+# 32 splits of 8 tiles cover 8,192 keys before a warp takes a second tile. K (D / 8 uint4) and V (32 keys x D / 32
+# dims) of a tile are in registers at once: 64 / 128 of them at D 64 / 128. ptxas -v (nvcc 13, sm_90a, TVM's flags:
+# __launch_bounds__(256), --use_fast_math, --register-usage-level=10): G 4 / D 128 (Llama-3-8B) 255 registers and 28
+# bytes of spill stores (the generated module), G 3 / D 64 (SmolLM2) 128 + 32 bytes, G 4 / D 64 (Llama-3.2-1B) 143,
+# no spill; G 7 and G 8 at D 128: 255 + 40 and + 120 bytes.
+DECODE_WARPS = 8
+STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
 def decode_attn_mode(H: int, KV: int, D: int) -> str:
@@ -266,6 +281,63 @@ def decode_attn_merge_func(heads: int, kv_heads: int, head_dim: int, layers: int
     return decode_attn_merge.with_attr("edgellm.kernel", "owned_decode_attn_merge")
 
 
+def _warps_smem(G: int, D: int) -> int:
+    """Shared floats of edgellm_decode_attn_warps: q [G][D], the new k / v (2 x D fp16), (m, l) per warp and head,
+    per warp p [G][32] then o [G][D], and 4 to align the base to 16 bytes."""
+    return G * D + D + 2 * DECODE_WARPS * G + DECODE_WARPS * G * D + 4
+
+
+def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
+    """DECODE_ATTN "warps": decode_attn_merge_func's inputs and outputs (pages in place, scratch (o_part, ml), out
+    [n, H, D] fp16) through owned_kv.cu edgellm_decode_attn_warps: blocks of DECODE_WARPS warps, a 32-key tile a warp
+    with its K and V loads issued together before the block's one sync; up to DECODE_WARPS * 32 keys one block per
+    (token, kv head) writes out, longer contexts take up to `splits` blocks merged by the last one (the control
+    page's counters, as decode_attn_merge's). Within an fp16 ulp of the other modes, not bit-equal."""
+    from ..device_runners.kv_pages import GRAPH_BATCH_BOUND
+
+    T = compiler().T
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+    G, _, scale_log2 = _split_attn_consts(H, KV, D)
+    smem, threads = _warps_smem(G, D), 32 * DECODE_WARPS
+    if splits > 32:
+        raise ValueError(f"decode_attn_warps merges at most 32 splits (a lane each), got {splits}; lower "
+                         "owned_kv.SPLITS_DECODE or take DECODE_ATTN 'fused'")
+    if GRAPH_BATCH_BOUND * KV > control_words(KV, D):
+        raise ValueError(f"decode_attn_warps needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads counters and the control "
+                         f"page has {control_words(KV, D)} words (head_dim {D}); take DECODE_ATTN 'fused'")
+    if smem > STATIC_SMEM_FLOATS:
+        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
+                         f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
+                         f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def decode_attn_warps(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle,
+                          var_pages: T.handle, layer: T.int32, var_o: T.handle, var_ml: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
+        qkv = T.match_buffer(var_qkv, (n, H + 2 * KV, D), "float16")
+        freq = T.match_buffer(var_freq, (D // 2,), "float32")
+        pt = T.match_buffer(var_pt, (b, maxp), "int32")
+        pos0 = T.match_buffer(var_pos0, (b,), "int32")
+        pages = T.match_buffer(var_pages, (L, P, 2, KV, PAGE, D), "float16")
+        o = T.match_buffer(var_o, (n, H, splits, D), "float32")
+        ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
+        out = T.match_buffer(var_out, (n, H, D), "float16")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", n * KV)
+            T.launch_thread("blockIdx.y", splits)
+            T.launch_thread("threadIdx.x", threads)
+            sm = T.alloc_buffer((smem,), "float32", scope="shared")
+            T.evaluate(T.cuda.func_call(
+                f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}>", qkv.data, freq.data, pt.data,
+                pos0.data, pages.data, o.data, ml.data, out.data, T.Cast("int32", maxp), P, layer, KV,
+                T.float32(scale_log2), sm.data, source_code=_SRC))
+
+    return decode_attn_warps.with_attr("edgellm.kernel", "owned_decode_attn_warps")
+
+
 def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
     """Merge the splits (and, with `extra`, the chunk's own attention (o1, lse1)) -> out [n, H, D] fp16."""
     T = compiler().T
@@ -324,6 +396,8 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
     mode = decode_attn_mode(H, KV, D)
     if mode == "fused_merge":
         build["decode_fused_merge"] = ("attention_decode", lambda: decode_attn_merge_func(H, KV, D, L, SPLITS_DECODE))
+    elif mode == "warps":
+        build["decode_warps"] = ("attention_decode", lambda: decode_attn_warps_func(H, KV, D, L, SPLITS_DECODE))
     else:
         if mode == "split":
             build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))
@@ -358,9 +432,11 @@ class OwnedKVCache:
         ph = nn.Tensor.placeholder
         cache_in = [qkv.reshape(n, H + 2 * KV, D), self.freq, self.page_table, self.pos0, self.pages, layer]
         mode = decode_attn_mode(H, KV, D)
-        if self.decode and mode == "fused_merge":  # all of it, the merge too, in one kernel
+        if self.decode and mode in ("fused_merge", "warps"):  # all of it, the merge too, in one kernel
+            key, name = ("decode_warps", "decode_attn_warps") if mode == "warps" else ("decode_fused_merge",
+                                                                                     "decode_attn_merge")
             self.pages, _, _, out = nn.op.tensor_ir_inplace_op(
-                self.k["decode_fused_merge"], "decode_attn_merge", cache_in, [4, -1, -1, -1],
+                self.k[key], name, cache_in, [4, -1, -1, -1],
                 [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
                  ph((n, H, SPLITS_DECODE, 2), "float32"), ph((n, H, D), self.dtype)])
             return out.reshape(b, s, H, D)
