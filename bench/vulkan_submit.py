@@ -49,13 +49,15 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-x32r4": "xf32 at in 4096, gate_up 8 warps x 4 rows (2 gate, 2 up: half the workgroups)",
             "vulkan-c4": "h2 with 4 accumulators a group and row (chains=4) everywhere (run 11: 271.5 vs h2 272.2)",
             "vulkan-x32c4": "xf32 with 4 chains at in 4096, h2 elsewhere (run 11: 224.0)",
-            "vulkan-attn512": "TVM's decode attention built for 512 threads a workgroup (bdz 4: 16 positions a step, "
-                              "the preset's 256 gives 8; run 11: 11.7 against 12.8 us a layer)",
+            "vulkan-attn512": "TVM's own decode attention (a workgroup per KV head) built for 512 threads a "
+                              "workgroup (bdz 4: 16 positions a step, the preset's 256 gives 8; run 11: 11.7 against "
+                              "12.8 us a layer)",
             "vulkan-dp4a-attn512": "dp4a with vulkan-attn512's decode attention",
-            "vulkan-attnq": "TVM's decode attention with a workgroup per query head (bdy 1: 32 workgroups at the 8B "
-                            "instead of 8, 8 KV positions a step each; not yet run on a GPU)",
-            "vulkan-attnq512": "vulkan-attnq at 512 threads a workgroup (16 positions a step; not yet run on a GPU)",
-            "vulkan-dp4a-attnq": "dp4a with vulkan-attnq's decode attention (not yet run on a GPU)"}
+            "vulkan-attntvm": "TVM's own decode attention (bdy = the query group: batch x KV heads workgroups, 8 at "
+                              "the 8B), the default before run 12 (278.8 tok/s there against the default's 301.5)",
+            "vulkan-dp4a-attntvm": "dp4a with vulkan-attntvm's decode attention (run 12: 311.3 against 334.9)",
+            "vulkan-attnq512": "the default's decode attention (a workgroup per query head) at 512 threads a "
+                               "workgroup (16 positions a step; run 12: 293.2 against 301.5)"}
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -69,7 +71,7 @@ def _patched(label: str):
 
     from edgellm.kernels import webgpu_linear as wl
 
-    if "-attn" in label:  # TVM's decode attention rebuilt (`_attn_threads`); the GEMVs as the label's base
+    if "-attn" in label:  # the decode attention's variants (`_attn_threads`); the GEMVs as the label's base
         return _attn_threads(1024 if label.endswith("512") else None, 1 if "-attnq" in label else None)
     h2, gemv = wl.h2_config, wl.int4_gemv_h2
 
@@ -119,51 +121,39 @@ def _patched(label: str):
     return ctx()
 
 
-def _attn_threads(max_threads: int | None, bdy_max: int | None = None):
-    """Context: TVM's decode attention (kv_cache._attention_decode) built as if the target allowed `max_threads` a
-    workgroup (its own cap is 512; None: the preset's), and with `bdy_max` (None: TVM's) query heads of a KV group
-    a workgroup: TVM puts the whole group (4 at the 8B) in one workgroup, so the grid is batch x KV heads (8); with
-    1 it is batch x query heads (32) and the threads the group's heads took go to KV positions. The other kernels
-    see the preset's target. The Vulkan plugin asks the device for the adapter's limits (the H200 and lavapipe:
-    1024 invocations)."""
-    import importlib.util
+def _attn_threads(max_threads: int | None, bdy_max: int | None):
+    """Context: the decode attention with at most `bdy_max` query heads of a KV group a workgroup (the registry's
+    webgpu default, kernels/webgpu_attention.py, is 1: batch x query heads workgroups, 32 at the 8B; None: TVM's
+    own kernel, the whole group in one workgroup, batch x KV heads = 8), built as if the target allowed
+    `max_threads` a workgroup (None: the preset's 256; TVM's own cap is 512). The other kernels see the preset's
+    target. The Vulkan plugin asks the device for the adapter's limits (the H200 and lavapipe: 1024 invocations)."""
     import inspect
-    import tempfile
     from contextlib import contextmanager
 
     from edgellm._tvm import compiler
+    from edgellm.kernels import webgpu_attention as wa
 
-    kv = compiler().llm_kv_cache
-    orig = kv._attention_decode
-    build = orig
-    if bdy_max is not None:
-        # a copy of TVM's _decode_kernels.py with `bdy` capped, loaded as a module of TVM's llm package (its
-        # relative imports) from a real file (TVMScript parses the kernel's source)
-        src = Path(inspect.getsourcefile(orig)).read_text()
-        line = "    bdy = GROUP_SIZE\n"
-        if src.count(line) != 1:
-            raise RuntimeError("TVM's _attention_decode no longer sets `bdy = GROUP_SIZE`; update _attn_threads")
-        path = Path(tempfile.mkdtemp()) / "_decode_kernels_edgellm.py"
-        path.write_text(src.replace(line, f"    bdy = min(GROUP_SIZE, {int(bdy_max)})\n"))
-        spec = importlib.util.spec_from_file_location(orig.__module__ + "_edgellm", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        build = mod._attention_decode
+    # where the kernel is built: TVM's cache itself (bdy None: the registry swaps nothing), else the registry's swap
+    owner, name = (compiler().llm_kv_cache, "_attention_decode") if bdy_max is None else (wa, "attention_decode")
+    orig = getattr(owner, name)
 
-    def patched(*args, **kwargs):
+    def wide(*args, **kwargs):
         bound = inspect.signature(orig).bind(*args, **kwargs)
-        if max_threads is not None:
-            target = bound.arguments["target"]
-            bound.arguments["target"] = type(target)({**dict(target.export()), "max_num_threads": max_threads})
-        return build(*bound.args, **bound.kwargs)
+        target = bound.arguments["target"]
+        bound.arguments["target"] = type(target)({**dict(target.export()), "max_num_threads": max_threads})
+        return orig(*bound.args, **bound.kwargs)
 
     @contextmanager
     def ctx():
-        kv._attention_decode = patched
+        saved = wa.DECODE_BDY_MAX
+        wa.DECODE_BDY_MAX = bdy_max
+        if max_threads is not None:
+            setattr(owner, name, wide)
         try:
             yield
         finally:
-            kv._attention_decode = orig
+            wa.DECODE_BDY_MAX = saved
+            setattr(owner, name, orig)
 
     return ctx()
 

@@ -86,6 +86,8 @@ def test_manifest_records_target_and_activation_dtype(vk):
     assert m["target"]["tvm_target"]["kind"] == "webgpu" and m["target"]["tvm_host"]["kind"] == "llvm"
     assert m["quant"]["act_dtype"] == "float32"
     assert m["kernels"]["chosen"]["linear_gemv"]  # the registry picked (and recorded) webgpu kernels
+    # TVM's decode attention with a workgroup per query head (the tiny Llama's group is 2)
+    assert m["kernels"]["chosen"]["attention_decode"] == ["attention_decode_tvm_q1"]
 
 
 # ---- numerics on lavapipe ----------------------------------------------------------------------------------------
@@ -220,6 +222,64 @@ def test_kernel_options_pick_the_generic_webgpu_kernels():
                reg.fused_gemv(2048, 1024, scheme, "float16", False, None, True) is not None)
         assert got == (norm_small, norm_big, silu), opts
         assert reg.fused_gemv(2048, 1024, get_scheme("q4f32_1"), "float32", False, None, True) is None
+
+
+def test_decode_attention_has_a_workgroup_per_query_head(monkeypatch):
+    """The registry puts TVM's decode attention with bdy 1 in place of TVM's for webgpu: at the 8B's heads the grid
+    is batch x 32 query heads (TVM's: batch x 8 KV heads, 4 heads a workgroup); TVM's own kernel where capping
+    changes nothing (group 1), where it would not fit WebGPU's 64 threads in z (head_dim 8) and for the bench's A/B."""
+    import re
+
+    from edgellm._tvm import compiler
+    from edgellm.kernels import KernelRegistry
+    from edgellm.kernels import webgpu_attention as wa
+    from edgellm.targets import resolve
+
+    target = resolve("vulkan").tvm()
+    shape = dict(v_head_dim=128, dtype="float16", attn_kind="mha", rope_inline=False, rope=None, rope_scaling={})
+
+    def grid(func) -> dict[str, str]:  # thread axis -> extent
+        found = re.findall(r'thread_binding\((\w+), thread="(\w+\.\w)"', func.script())
+        return {axis: extent for extent, axis in found}
+
+    reg = KernelRegistry(target)
+    ours = reg.kv_cache_kernels(heads=32, kv_heads=8, head_dim=128, **shape)
+    assert set(ours) == {"tir_attention_decode", "tir_attention_decode_sliding_window"}
+    assert reg.chosen["attention_decode"] == {"attention_decode_tvm_q1"}
+    assert grid(ours["tir_attention_decode"]) == {"blockIdx.x": "B", "blockIdx.y": "32", "threadIdx.x": "32",
+                                                  "threadIdx.y": "1", "threadIdx.z": "8"}
+    tvm = compiler().llm_kv_cache._attention_decode(8, 32, 128, "float16", False, {}, target)
+    assert grid(tvm)["blockIdx.y"] == "8" and grid(tvm)["threadIdx.y"] == "4"
+    for heads, kv_heads, head_dim in ((8, 8, 128), (4, 2, 8)):
+        reg = KernelRegistry(target)
+        assert reg.kv_cache_kernels(heads=heads, kv_heads=kv_heads, head_dim=head_dim, **shape) == {}
+        assert reg.chosen["attention_decode"] == {"attention_decode_tvm"}
+    monkeypatch.setattr(wa, "DECODE_BDY_MAX", None)
+    reg = KernelRegistry(target)
+    assert reg.kv_cache_kernels(heads=32, kv_heads=8, head_dim=128, **shape) == {}
+    assert reg.chosen["attention_decode"] == {"attention_decode_tvm"}
+
+
+def test_decode_source_patch_replaces_exactly_one_line():
+    """patch_decode_source changes TVM's one `bdy = GROUP_SIZE` line and nothing else; a source without that line,
+    or with two, is refused in one line that names the TVM pin."""
+    import difflib
+    import inspect
+    from pathlib import Path
+
+    from edgellm._tvm import PINNED_TVM, compiler
+    from edgellm.kernels.webgpu_attention import patch_decode_source
+
+    src = Path(inspect.getsourcefile(compiler().llm_kv_cache._attention_decode)).read_text()
+    diff = [d for d in difflib.ndiff(src.splitlines(), patch_decode_source(src, 1).splitlines()) if d[0] in "+-"]
+    assert diff == ["-     bdy = GROUP_SIZE", "+     bdy = min(GROUP_SIZE, 1)"]
+    for bad in (src.replace("    bdy = GROUP_SIZE\n", "    bdy = GROUP_SIZE // 2\n"),
+                src + "    bdy = GROUP_SIZE\n"):
+        with pytest.raises(RuntimeError) as e:
+            patch_decode_source(bad, 1)
+        assert "\n" not in str(e.value) and f"apache-tvm=={PINNED_TVM}" in str(e.value)
+    with pytest.raises(ValueError, match="at least 1"):
+        patch_decode_source(src, 0)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """TVM's paged KV cache (TIRPagedKVCache) with the registry's attention and RoPE kernels put in place of TVM's.
 
 On CPU: edgellm's decode attention (split-KV), ragged prefill attention and per-token RoPE; on CUDA (sm_80+, fp16,
-head_dim 64/128, RoPE before the cache): the tensor-core ragged prefill attention. Elsewhere TVM's kernels as they are.
+head_dim 64/128, RoPE before the cache): the tensor-core ragged prefill attention; on webgpu: TVM's decode attention
+rebuilt with one query head a workgroup (kernels/webgpu_attention.py). Elsewhere TVM's kernels as they are.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ def paged_kv_cache(kernels: KernelRegistry, **kwargs):
     """
     c = compiler()
     cache = c.TIRPagedKVCache(**kwargs, target=kernels.target)
+    scaling = c.llm_kv_cache._prepare_yarn_rope_scaling(kwargs["rope_scaling"], kwargs["rope_theta"])  # as TVM's
     rope = None
     if kernels.kind == "llvm" and kwargs["rope_mode"] == c.RopeMode.NORMAL:
         rope = {"theta": kwargs["rope_theta"], "scale": kwargs["rope_scale"], "rotary_dim": kwargs["rotary_dim"],
-                "scaling": c.llm_kv_cache._prepare_yarn_rope_scaling(kwargs["rope_scaling"], kwargs["rope_theta"])}
+                "scaling": scaling}
     _swap(kernels.kv_cache_kernels(
         heads=kwargs["num_attention_heads"], kv_heads=kwargs["num_key_value_heads"], head_dim=kwargs["qk_head_dim"],
         v_head_dim=kwargs["v_head_dim"], dtype=kwargs["dtype"], attn_kind=kwargs["attn_kind"],
-        rope_inline=kwargs["rope_mode"] == c.RopeMode.INLINE, rope=rope))
+        rope_inline=kwargs["rope_mode"] == c.RopeMode.INLINE, rope=rope, rope_scaling=scaling))
     return cache
 
 
