@@ -80,8 +80,8 @@ PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # p
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps",)  # owned builds compared to the others within the tolerance (each to itself bit for bit)
-EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {
-    (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}  # pairs expected bit-equal
+EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
+    (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
 QUICK = False  # run --quick: checks, profiles and tg128 only
 BATCH = 32  # the shapes' max_batch: batched decode at 1, 8 and 32 sequences (serve's case)

@@ -377,8 +377,9 @@ template <typename T> std::vector<T> read(FILE* f, size_t n) { std::vector<T> v(
 template <typename T> void write(FILE* f, const std::vector<T>& v) { fwrite(v.data(), sizeof(T), v.size(), f); }
 // n maxp P layer steps in.bin out.bin mode seed: `steps` decode steps of n rows (row r at pos0[r] + step) through
 // mode 0: kv_append + paged_attn_partial + merge, 1: decode_attn + merge, 2: decode_attn_merge, 3:
-// decode_attn_warps with W warps (2 and 3: blocks shuffled with seed + step when seed > 0). in: qkv [steps, n, H + 2 KV, D], inv_freq, page table, pos0, pages; out: per
-// step out [n, H, D] and the control page's int32 words, then the pages.
+// decode_attn_warps with W warps (2 and 3: blocks shuffled with seed + step when seed > 0). in: qkv [steps, n,
+// H + 2 KV, D], inv_freq, page table, pos0, pages; out: per step out [n, H, D] and the control page's int32 words,
+// then the pages.
 int main(int argc, char** argv) {
   const int n = atoi(argv[1]), maxp = atoi(argv[2]), layer = atoi(argv[4]), steps = atoi(argv[5]);
   const int mode = atoi(argv[8]), seed = atoi(argv[9]);
@@ -561,14 +562,15 @@ def test_decode_attn_merge_counters_fit_the_control_page():
 @pytest.mark.parametrize("D,G", [(64, 2), (64, 3), (128, 4)])
 def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
     """DECODE_ATTN "warps" (owned_kv.cu edgellm_decode_attn_warps, 8 warps a block, a 32-key tile a warp) over three
-    consecutive decode steps of six rows, against float64 numpy RoPE + attention and against decode_attn_merge (not
+    consecutive decode steps of five rows (six at D 128), against float64 numpy RoPE + attention and against decode_attn_merge (not
     bit-equal: another summation order; within an fp16 ulp): contexts 1-3, 31-33 (tile edges), 128-130 (tg128: one
     block, out written at once), 255-257 (256 = one block's 8 tiles; 257 takes two splits and the merge), 1101-1103
     (5 splits) and, at D 128, 8191-8193 (32 splits of one tile a warp, then 17 of two: a warp's second tile, its V
     loaded after the scores); page boundaries crossed (16 -> 17, 32 -> 33, 256 -> 257, 8192 -> 8193). Shapes:
-    SmolLM2's G 3 / D 64, G 2 / D 64 and G 4 / D 128 (Llama-3-8B's). The pages bit-equal to decode_attn_merge's (the same RoPE and append), the control page
-    zero after every step, blocks in launch order and shuffled; the slots past each row's context hold NaN (what a
-    fresh page may hold), so a tile's read past its last key that leaked into the output would show."""
+    SmolLM2's G 3 / D 64, G 2 / D 64 and G 4 / D 128 (Llama-3-8B's). The pages bit-equal to decode_attn_merge's
+    (the same RoPE and append), the control page zero after every step, blocks in launch order and shuffled; the
+    slots past each row's context hold NaN (what a fresh page may hold), so a tile's read past its last key that
+    leaked into the output would show."""
     from pathlib import Path
 
     from edgellm.kernels.owned_kv import rope_inv_freq
