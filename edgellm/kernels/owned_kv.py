@@ -60,10 +60,11 @@ MERGE_IN_BLOCK_MAX = 256
 # "warps": warps a block. 8: a block covers 256 keys with one tile a warp, so every tg128 context (~130 keys) is one
 # block per (token, kv head) writing `out` itself (4 would split contexts of 129+ in two blocks and a merge), and
 # 32 splits of 8 tiles cover 8,192 keys before a warp takes a second tile. K (D / 8 uint4) and V (32 keys x D / 32
-# dims) of a tile are in registers at once: 64 / 128 of them at D 64 / 128. ptxas -v (nvcc 13, sm_90a, TVM's flags:
-# __launch_bounds__(256), --use_fast_math, --register-usage-level=10): G 4 / D 128 (Llama-3-8B) 255 registers and 28
-# bytes of spill stores (the generated module), G 3 / D 64 (SmolLM2) 128 + 32 bytes, G 4 / D 64 (Llama-3.2-1B) 143,
-# no spill; G 7 and G 8 at D 128: 255 + 40 and + 120 bytes.
+# dims) of a tile are in registers at once: 64 / 128 of them at D 64 / 128. ptxas -v on the generated module of a
+# tiny model of each G / D (nvcc 13, sm_90a, TVM's flags: __launch_bounds__(256), --use_fast_math,
+# --register-usage-level=10, the PDL prologue): G 4 / D 128 (Llama-3-8B) 183 registers, G 4 / D 64 (Llama-3.2-1B)
+# 143, no spill; G 3 / D 64 (SmolLM2) 128 and 32 bytes of spill stores (ptxas stops at 128 there). A bare
+# instantiation (another kv head count) spilled 40 / 44 / 148 bytes at G 4 / 7 / 8, D 128 (255 registers).
 DECODE_WARPS = 8
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 

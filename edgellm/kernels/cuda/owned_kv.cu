@@ -473,6 +473,12 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   constexpr int NT = 32 * W, HALF = D / 2, DL = D / 32;  // DL: output dims per lane (2 or 4)
   const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, H = G * KV, row = i;
+  const int* pt = page_table + row * maxp;
+  // the page table entries of the warp's first tile where a split is one tile a warp (per == 1: contexts up to
+  // S * W * 32 keys), loaded together with pos0, which they do not depend on: one dependent round trip less
+  // (pos0, then the pages, then K / V) before the K / V loads; entries past the row's pages are never used
+  const int t0s = split * W * 32 + warp * 32;
+  const int spec0 = pt[min(t0s >> 4, maxp - 1)], spec1 = pt[min((t0s >> 4) + 1, maxp - 1)];
   const int pos = pos0[row], kv_len = pos + 1;
   const int per = (kv_len + S * W * 32 - 1) / (S * W * 32), chunk = per * W * 32;
   const int active = (kv_len + chunk - 1) / chunk;
@@ -485,23 +491,25 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   float* sml = smem + G * D + D;                       // [W][G][2] each warp's (m, l)
   float* sw = sml + 2 * W * G + warp * G * D;          // this warp's p [G][32], then its o [G][D]
   const half* lbase = pages + (long long)layer * P * 2 * KV * 16 * D;
-  const int* pt = page_table + row * maxp;
-  // the warp's tile at t0 (a multiple of 32: pages t0 / 16 and t0 / 16 + 1): the lane's key row (past the last key,
-  // the last key again: its score is set to -inf) and, for each of the 32 keys, the lane's DL dims of V at constant
-  // offsets from the tile's two pages (the first page twice where the tile ends in it); a slot past the last key is
-  // read but never used (it may hold anything: the accumulation selects 0 there, as p * NaN would not be 0)
+  // the warp's tile at t0 (a multiple of 32: pages p0 = t0 / 16 and p1 = t0 / 16 + 1, p1 = p0 where the tile ends
+  // in p0): the lane's key row (key t0 + lane) and, for each of the 32 keys, the lane's DL dims of V, at constant
+  // offsets from the two pages. A slot past the last key is read but never used (it may hold anything, NaN too: its
+  // score is replaced by -inf, and the accumulation selects 0 for its V, as p * NaN would not be 0).
   uint4 kr[D / 8];
   unsigned vr[32][DL / 2];
-  auto load_k = [&](int t0) {
-    const int j = min(t0 + lane, end - 1);
-    const half* kp = lbase + (((long long)pt[j >> 4] * 2 * KV + kvh) * 16 + (j & 15)) * D;
+  int p0, p1;
+  auto tile_pages = [&](int t0) {
+    p0 = pt[t0 >> 4];
+    p1 = t0 + 16 < end ? pt[(t0 >> 4) + 1] : p0;
+  };
+  auto load_k = [&]() {
+    const half* kp = lbase + (((long long)(lane < 16 ? p0 : p1) * 2 * KV + kvh) * 16 + (lane & 15)) * D;
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) kr[c] = reinterpret_cast<const uint4*>(kp)[c];
   };
-  auto load_v = [&](int t0) {
-    const half* v0 = lbase + (((long long)pt[t0 >> 4] * 2 + 1) * KV + kvh) * 16 * D + lane * DL;
-    const half* v1 = t0 + 16 < end ? lbase + (((long long)pt[(t0 >> 4) + 1] * 2 + 1) * KV + kvh) * 16 * D + lane * DL
-                                   : v0;
+  auto load_v = [&]() {
+    const half* v0 = lbase + (((long long)p0 * 2 + 1) * KV + kvh) * 16 * D + lane * DL;
+    const half* v1 = lbase + (((long long)p1 * 2 + 1) * KV + kvh) * 16 * D + lane * DL;
 #pragma unroll
     for (int k = 0; k < 32; ++k) {
       const unsigned* src = reinterpret_cast<const unsigned*>((k < 16 ? v0 : v1) + (k & 15) * D);
@@ -511,8 +519,14 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   };
   int t0 = begin + warp * 32;
   if (warp < nwarps) {
-    load_k(t0);
-    load_v(t0);
+    if (per == 1) {  // t0 == t0s
+      p0 = spec0;
+      p1 = t0 + 16 < end ? spec1 : spec0;
+    } else {
+      tile_pages(t0);
+    }
+    load_k();
+    load_v();
   }
   // RoPE on q (kv_append's arithmetic and rounding), while the loads are in flight
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
@@ -560,10 +574,10 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   // one tile of the warp: the new token patched in, scores, online softmax, p * V. The first tile's K and V loads
   // were all issued before the sync; a further tile (contexts over S * W * 32 keys, 8,192 at S 32, W 8: bandwidth
   // matters more than latency there) loads its V after the scores (late): with K and V of a later tile in flight
-  // together, ptxas (nvcc 13, sm_90a) spilled at head_dim 128 (255 registers, 44-248 bytes of spill stores)
+  // together too, ptxas (nvcc 13, sm_90a, -O3) spilled 44-248 bytes at head_dim 128 (255 registers)
   auto tile = [&](bool late) {
       if (owner && pos >= t0 && pos < t0 + 32) {  // the new token's k / v from smem, not its stale page read
-        if (min(t0 + lane, end - 1) == pos) {
+        if (t0 + lane == pos) {
 #pragma unroll
           for (int c = 0; c < D / 8; ++c) kr[c] = reinterpret_cast<const uint4*>(snew)[c];
         }
@@ -614,7 +628,7 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
       for (int g = 0; g < G; ++g)
 #pragma unroll
         for (int e = 0; e < DL; ++e) acc[g][e] *= alpha[g];
-      if (late) load_v(t0);
+      if (late) load_v();
       const int nk = end - t0;  // keys of this tile (more than 32: the tile is full)
 #pragma unroll
       for (int k4 = 0; k4 < 8; ++k4) {
@@ -644,7 +658,8 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   if (warp < nwarps) {
     tile(false);
     for (t0 += W * 32; t0 < end; t0 += W * 32) {  // contexts over S * W * 32 keys: further rounds
-      load_k(t0);
+      tile_pages(t0);
+      load_k();
       tile(true);
     }
 #pragma unroll
