@@ -113,7 +113,7 @@ def test_registry_gives_each_grid_its_kernel():
         name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
         assert name == "int4_gemm_wgmma" + suffix and len(f.params) == nparams  # sm_90: the wgmma GEMM
     assert str(_pick(cuda, 1, 4096, 6144, "q4f16_0")[1].attrs["edgellm.gemv"]).removesuffix("_pf").endswith("_q4o8")
-    assert str(_pick(cuda, 1, 4096, 6144, "q4f16_2")[1].attrs["edgellm.gemv"]).removesuffix("_pf").endswith("_q4o8z")  # _pf: L2 prefetch (PDL)
+    assert str(_pick(cuda, 1, 4096, 6144, "q4f16_2")[1].attrs["edgellm.gemv"]).removesuffix("_pf").endswith("_q4o8z")
     name, f = _pick(cuda, 1, 2048, 128256, "q8f16_1")
     assert name == "int8_gemv_fp16x2" and str(f.attrs["edgellm.gemv"]) == "h2_w{}r{}u{}k{}_q8o128".format(
         *cuda_gemv.int8_gemv_config(2048, 128256))
