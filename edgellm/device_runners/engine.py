@@ -224,8 +224,9 @@ class Engine:
         self.total_pages = self.free_pages()  # nothing is cached yet
 
     def _init_owned_kv(self, m: Manifest) -> None:
-        """The owned cache's page tensor [L, pages + scratch + control, 2, KV, 16, D] on the device and its host bookkeeping
-        (device_runners/kv_pages.py): max_batch sequences of a full context window, as TVM's cache is sized."""
+        """The owned cache's page tensor [L, pages + scratch + control, 2, KV, 16, D] on the device and its host
+        bookkeeping (device_runners/kv_pages.py): max_batch sequences of a full context window, as TVM's cache is
+        sized."""
         from .kv_pages import PagePool
 
         cfg = m.config

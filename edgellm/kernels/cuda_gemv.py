@@ -157,7 +157,8 @@ def prefetches_l2(in_f: int, out_f: int, bits: int = 4) -> bool:
 
 
 def partial_prefetch_row_bytes(in_f: int, out_f: int, bits: int = 4) -> int:
-    """Bytes of each weight row prefetched where the whole matrix is over PREFETCH_L2_MAX (PREFETCH_PARTIAL); 0: none."""
+    """Bytes of each weight row prefetched where the whole matrix is over PREFETCH_L2_MAX (PREFETCH_PARTIAL);
+    0: none."""
     if not PREFETCH_PARTIAL or prefetches_l2(in_f, out_f, bits) or PREFETCH_L2_MAX <= 0:
         return 0
     per_row = PREFETCH_L2_MAX // out_f // 16 * 16
@@ -332,7 +333,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                         mn[u * R + r] = T.reinterpret("uint16", qm[rowc(row0, r), (it * U + u) * VL + vl])
 
     @T.macro
-    def prefetch_rows(qw, qs_flat, qm_flat, bx):  # the block's rows into L2 (PREFETCH_L2_MAX): one thread, before the wait
+    def prefetch_rows(qw, qs_flat, qm_flat, bx):  # the block's rows into L2: one thread, before the wait
         for part in T.unroll(2 if silu else 1):
             n = T.min(BLK, OUT - bx * BLK)
             r0 = bx * BLK + part * OUT
@@ -341,7 +342,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             s0 = T.bitwise_and(r0 * SROW, T.int32(-16))
             s1 = T.min(T.bitwise_and((r0 + n) * SROW + 15, T.int32(-16)), (out_f * SROW) // 16 * 16)
             if s1 > s0:
-                T.evaluate(T.call_extern("void", L2_PREFETCH, T.address_of(qs_flat[s0 // 2]), T.Cast("uint32", s1 - s0)))
+                T.evaluate(T.call_extern("void", L2_PREFETCH, T.address_of(qs_flat[s0 // 2]),
+                                         T.Cast("uint32", s1 - s0)))
                 if zero_point:
                     T.evaluate(T.call_extern("void", L2_PREFETCH, T.address_of(qm_flat[s0 // 2]),
                                              T.Cast("uint32", s1 - s0)))
