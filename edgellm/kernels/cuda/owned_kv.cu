@@ -453,8 +453,9 @@ __device__ __forceinline__ void edgellm_decode_attn_merge(
 // with a shorter chain of dependent round trips than decode_attn_impl (there: q RoPE, sync, page table, K, scores,
 // sync, softmax, sync, V only then, accumulate; ~5.7-7 us a layer on the H200 at tg128 contexts, run 15).
 // Block (token i, kv head kvh, split) of W warps; each WARP owns 32-key tiles (lane = key for the scores, lane = D / 32
-// dims for the output) and, right after reading pos0 and the page table, issues all loads of its first tile, K rows
-// and V values alike (V does not depend on the scores), before the block's q RoPE and its one sync: keys < pos are
+// dims for the output) and, right after reading pos0 and the page table (loaded together up to S * W * 32 keys),
+// issues all loads of its first tile, K rows and V values alike (V does not depend on the scores), before the
+// block's q RoPE and its one sync: keys < pos are
 // not written in this kernel, and the new token's k / v, written into the page slot by the block that owns pos,
 // are taken from shared memory after the sync instead of the page (its page read is stale and dropped). A warp's
 // online softmax uses shuffles only; the W warps' (m, l, o) merge in shared memory. Split size: W tiles a warp
@@ -576,84 +577,84 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   // matters more than latency there) loads its V after the scores (late): with K and V of a later tile in flight
   // together too, ptxas (nvcc 13, sm_90a, -O3) spilled 44-248 bytes at head_dim 128 (255 registers)
   auto tile = [&](bool late) {
-      if (owner && pos >= t0 && pos < t0 + 32) {  // the new token's k / v from smem, not its stale page read
-        if (t0 + lane == pos) {
+    if (owner && pos >= t0 && pos < t0 + 32) {  // the new token's k / v from smem, not its stale page read
+      if (t0 + lane == pos) {
 #pragma unroll
-          for (int c = 0; c < D / 8; ++c) kr[c] = reinterpret_cast<const uint4*>(snew)[c];
-        }
-#pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          if (t0 + k == pos) {
-#pragma unroll
-            for (int e = 0; e < DL / 2; ++e) vr[k][e] = reinterpret_cast<const unsigned*>(snew + D + lane * DL)[e];
-          }
-        }
+        for (int c = 0; c < D / 8; ++c) kr[c] = reinterpret_cast<const uint4*>(snew)[c];
       }
-      float s[G];  // scores of the lane's key, log2 domain
 #pragma unroll
-      for (int g = 0; g < G; ++g) s[g] = 0.f;
+      for (int k = 0; k < 32; ++k) {
+        if (t0 + k == pos) {
 #pragma unroll
-      for (int c = 0; c < D / 8; ++c) {
-        const half2* h2 = reinterpret_cast<const half2*>(&kr[c]);
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float2 a = __half22float2(h2[2 * e]), b = __half22float2(h2[2 * e + 1]);
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const float4 qv = reinterpret_cast<const float4*>(sq + g * D + c * 8)[e];
-            s[g] += a.x * qv.x + a.y * qv.y + b.x * qv.z + b.y * qv.w;
-          }
+          for (int e = 0; e < DL / 2; ++e) vr[k][e] = reinterpret_cast<const unsigned*>(snew + D + lane * DL)[e];
         }
       }
-      const bool valid = t0 + lane < end;
-      float alpha[G];
+    }
+    float s[G];  // scores of the lane's key, log2 domain
 #pragma unroll
-      for (int g = 0; g < G; ++g) {  // the warp's online softmax (lane 0's key always exists: mx is finite)
-        const float sv = valid ? s[g] : -INFINITY;
-        float mx = sv;
+    for (int g = 0; g < G; ++g) s[g] = 0.f;
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float m_new = fmaxf(m_run[g], mx);
-        const float p = exp2f(sv - m_new);
-        float sum = p;
+    for (int c = 0; c < D / 8; ++c) {
+      const half2* h2 = reinterpret_cast<const half2*>(&kr[c]);
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        alpha[g] = exp2f(m_run[g] - m_new);
-        l_run[g] = l_run[g] * alpha[g] + sum;
-        m_run[g] = m_new;
-        sw[g * 32 + lane] = p;
+      for (int e = 0; e < 2; ++e) {
+        const float2 a = __half22float2(h2[2 * e]), b = __half22float2(h2[2 * e + 1]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 qv = reinterpret_cast<const float4*>(sq + g * D + c * 8)[e];
+          s[g] += a.x * qv.x + a.y * qv.y + b.x * qv.z + b.y * qv.w;
+        }
       }
-      __syncwarp();
+    }
+    const bool valid = t0 + lane < end;
+    float alpha[G];
 #pragma unroll
-      for (int g = 0; g < G; ++g)
+    for (int g = 0; g < G; ++g) {  // the warp's online softmax (lane 0's key always exists: mx is finite)
+      const float sv = valid ? s[g] : -INFINITY;
+      float mx = sv;
 #pragma unroll
-        for (int e = 0; e < DL; ++e) acc[g][e] *= alpha[g];
-      if (late) load_v();
-      const int nk = end - t0;  // keys of this tile (more than 32: the tile is full)
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m_run[g], mx);
+      const float p = exp2f(sv - m_new);
+      float sum = p;
 #pragma unroll
-      for (int k4 = 0; k4 < 8; ++k4) {
-        float2 v[4][DL / 2];
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      alpha[g] = exp2f(m_run[g] - m_new);
+      l_run[g] = l_run[g] * alpha[g] + sum;
+      m_run[g] = m_new;
+      sw[g * 32 + lane] = p;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < DL; ++e) acc[g][e] *= alpha[g];
+    if (late) load_v();
+    const int nk = end - t0;  // keys of this tile (more than 32: the tile is full)
+#pragma unroll
+    for (int k4 = 0; k4 < 8; ++k4) {
+      float2 v[4][DL / 2];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int e = 0; e < DL / 2; ++e) {
+          const float2 f = __half22float2(*reinterpret_cast<const half2*>(&vr[4 * k4 + kk][e]));
+          v[kk][e] = 4 * k4 + kk < nk ? f : make_float2(0.f, 0.f);
+        }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float4 p4 = reinterpret_cast<const float4*>(sw + g * 32)[k4];
+        const float pk[4] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
           for (int e = 0; e < DL / 2; ++e) {
-            const float2 f = __half22float2(*reinterpret_cast<const half2*>(&vr[4 * k4 + kk][e]));
-            v[kk][e] = 4 * k4 + kk < nk ? f : make_float2(0.f, 0.f);
+            acc[g][2 * e] += pk[kk] * v[kk][e].x;
+            acc[g][2 * e + 1] += pk[kk] * v[kk][e].y;
           }
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float4 p4 = reinterpret_cast<const float4*>(sw + g * 32)[k4];
-          const float pk[4] = {p4.x, p4.y, p4.z, p4.w};
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-            for (int e = 0; e < DL / 2; ++e) {
-              acc[g][2 * e] += pk[kk] * v[kk][e].x;
-              acc[g][2 * e + 1] += pk[kk] * v[kk][e].y;
-            }
-        }
       }
-      __syncwarp();  // every lane has read p before the next tile (or o) overwrites it
+    }
+    __syncwarp();  // every lane has read p before the next tile (or o) overwrites it
   };
   if (warp < nwarps) {
     tile(false);
