@@ -86,7 +86,7 @@ SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
 QUICK = False  # run --quick: checks, profiles and tg128 only
 BATCH = 32  # the shapes' max_batch: batched decode at 1, 8 and 32 sequences (serve's case)
 PASSES = 8  # repeated decode passes of each owned build (the run-ahead race showed in 4 of 12)
-TINY_VARIANTS = ("off", "on", "owned")
+TINY_VARIANTS = ("off", "on", "owned", "owned-warps")  # owned-warps: its kernel against numpy on the GPU too
 
 
 def _compile(args_kw: dict, variant: str) -> None:
