@@ -141,16 +141,21 @@ def test_owned_option_refused_where_it_cannot_apply(checkpoints, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_decode_attn_auto_merges_in_the_kernel_for_small_heads():
-    """DECODE_ATTN "auto": the merge in the attention kernel's last block where a kv head's output G * D is at most
-    256 values (SmolLM2, Llama-3.2-1B: faster on the H200), a merge kernel for Llama-3-8B's 4 x 128 (slower merged)."""
+def test_decode_attn_auto_takes_the_warps_kernel_where_measured(monkeypatch):
+    """DECODE_ATTN "auto": the warps kernel up to 4 q heads per kv head (SmolLM2, Llama-3.2-1B, Llama-3-8B: the
+    fastest on the H200, run 16); beyond, the merge in the attention kernel's last block where a kv head's output
+    G * D is at most 256 values, else a merge kernel (run 15)."""
     from edgellm.kernels import owned_kv
 
     assert owned_kv.DECODE_ATTN == "auto"
-    assert owned_kv.decode_attn_mode(9, 3, 64) == "fused_merge"  # SmolLM2-135M
-    assert owned_kv.decode_attn_mode(32, 8, 64) == "fused_merge"  # Llama-3.2-1B
-    assert owned_kv.decode_attn_mode(32, 8, 128) == "fused"  # Llama-3-8B
-    assert owned_kv.decode_attn_mode(28, 4, 128) == "fused"  # Qwen2.5-7B: G 7
+    assert owned_kv.decode_attn_mode(9, 3, 64) == "warps"  # SmolLM2-135M
+    assert owned_kv.decode_attn_mode(32, 8, 64) == "warps"  # Llama-3.2-1B
+    assert owned_kv.decode_attn_mode(32, 8, 128) == "warps"  # Llama-3-8B
+    assert owned_kv.decode_attn_mode(28, 4, 128) == "fused"  # Qwen2.5-7B: G 7, not measured with warps
+    assert owned_kv.decode_attn_mode(14, 2, 64) == "fused"  # Qwen2.5-0.5B: G 7, 448 values
+    assert owned_kv.decode_attn_mode(12, 2, 16) == "fused_merge"  # G 6, 96 values
+    monkeypatch.setattr(owned_kv, "DECODE_ATTN", "fused")
+    assert owned_kv.decode_attn_mode(9, 3, 64) == "fused"  # a mode set by hand is kept
 
 
 @needs_nvcc
@@ -178,7 +183,7 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
 
     assert owned_kv.DECODE_ATTN == "auto" and mode in owned_kv.DECODE_ATTN_MODES
     monkeypatch.setattr(owned_kv, "DECODE_ATTN", mode)
-    mode = owned_kv.decode_attn_mode(2, 1, 64)  # this model's G * D is 128: "auto" merges in the kernel
+    mode = owned_kv.decode_attn_mode(2, 1, 64)  # this model's G is 2: "auto" takes the warps kernel
     monkeypatch.setattr(pipeline, "GRAPH_PIECES", (2, 4))
     monkeypatch.setattr(pipeline, "SPLIT_MIN_KERNELS", 8)
     tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
@@ -640,12 +645,11 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
 
 
 def test_decode_attn_warps_limits():
-    """DECODE_ATTN "warps": "auto" keeps today's choice (the lead switches after measuring); at most 32 splits (a
-    lane each in the merge); its shared memory (per warp G x D partial outputs) within the 48 KB static limit at
+    """DECODE_ATTN "warps" (what "auto" takes on the measured shapes): at most 32 splits (a lane each in the merge); its shared memory (per warp G x D partial outputs) within the 48 KB static limit at
     the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named."""
     from edgellm.kernels import owned_kv
 
-    assert "warps" in owned_kv.DECODE_ATTN_MODES and owned_kv.decode_attn_mode(9, 3, 64) == "fused_merge"
+    assert "warps" in owned_kv.DECODE_ATTN_MODES and owned_kv.decode_attn_mode(9, 3, 64) == "warps"
     assert owned_kv._warps_smem(8, 128) * 4 <= 48 * 1024
     assert owned_kv.decode_attn_warps_func(64, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
     with pytest.raises(ValueError, match="at most 32 splits"):

@@ -46,14 +46,17 @@ MERGE_ROWS = 8  # the prefill merge: (token, head) entries per block
 # "split" = kv_append + paged_attn + merge (the prefill path's kernels). The same results bit for bit ("fused" and
 # "split" on the H200, bench/gpu_pdl.py: docs/benchmarks/h200-pdl.md; "fused_merge" against "fused" in the host
 # emulation, tests/test_owned_kv_cache.py). The merge kernel cost ~1.8-2.2 us a layer on the H200 (h200-pdl.md).
-# "auto" (the default) picks per shape (decode_attn_mode): "fused_merge" where a (token, kv head)'s output, G * D
-# values, is at most MERGE_IN_BLOCK_MAX, "fused" above. H200 tg128, same call (h200-pdl.md run 15): SmolLM2 (G * D
-# 192) 1,814 -> 2,336 tok/s with the merge in the last block, Llama-3.2-1B (256) 1,916 -> 1,930, Llama-3-8B (512)
-# 524.9 -> 518.8: one block merging 4 heads x 128 dims of 5 splits is slower than 32 merge blocks in parallel.
-# "warps" (A/B knob, not measured yet) = decode_attn_warps_func: the same inputs and outputs as "fused_merge", a
-# shorter chain of dependent round trips (owned_kv.cu edgellm_decode_attn_warps: DECODE_WARPS warps a block, a 32-key
-# tile a warp, K and V loaded at once, one block per (token, kv head) up to DECODE_WARPS * 32 keys); not bit-equal to
-# the other modes (another summation order: within an fp16 ulp in the host emulation).
+# "warps" = decode_attn_warps_func: the same inputs and outputs as "fused_merge", a shorter chain of dependent round
+# trips (owned_kv.cu edgellm_decode_attn_warps: DECODE_WARPS warps a block, a 32-key tile a warp, K and V loaded at
+# once, one block per (token, kv head) up to DECODE_WARPS * 32 keys); not bit-equal to the other modes (another
+# summation order: within an fp16 ulp in the host emulation, 0.016-0.063 on logits of ~10-40 on the H200).
+# "auto" (the default, decode_attn_mode) takes "warps" up to WARPS_AUTO_MAX_G q heads per kv head (the shapes
+# measured; ptxas spilled 40-148 bytes at G 7-8, D 128, in a bare instantiation), else the run-15 rule: "fused_merge" where a (token, kv head)'s output, G * D values, is at most MERGE_IN_BLOCK_MAX, "fused"
+# above. H200 tg128, same call (h200-pdl.md run 16): "warps" against the run-15 rule SmolLM2 2,321 -> 2,774 tok/s,
+# Llama-3.2-1B 1,929 -> 2,109, Llama-3-8B 524.4 -> 550.9 (attention a layer 5.7 -> 3.9, 7.0 -> 4.7, 10.0 -> 8.2 us).
+# Run 15: SmolLM2 (G * D 192) 1,814 -> 2,336 tok/s with the merge in the last block, Llama-3.2-1B (256) 1,916 ->
+# 1,930, Llama-3-8B (512) 524.9 -> 518.8: one block merging 4 heads x 128 dims of 5 splits is slower than 32 merge
+# blocks in parallel.
 DECODE_ATTN = "auto"
 DECODE_ATTN_MODES = ("auto", "fused_merge", "fused", "split", "warps")
 MERGE_IN_BLOCK_MAX = 256
@@ -66,6 +69,7 @@ MERGE_IN_BLOCK_MAX = 256
 # 143, no spill; G 3 / D 64 (SmolLM2) 128 and 32 bytes of spill stores (ptxas stops at 128 there). A bare
 # instantiation (another kv head count) spilled 40 / 44 / 148 bytes at G 4 / 7 / 8, D 128 (255 registers).
 DECODE_WARPS = 8
+WARPS_AUTO_MAX_G = 4
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
@@ -75,6 +79,8 @@ def decode_attn_mode(H: int, KV: int, D: int) -> str:
         raise ValueError(f"owned_kv.DECODE_ATTN is {DECODE_ATTN!r}; use one of {', '.join(DECODE_ATTN_MODES)}")
     if DECODE_ATTN != "auto":
         return DECODE_ATTN
+    if H // KV <= WARPS_AUTO_MAX_G and _warps_smem(H // KV, D) <= STATIC_SMEM_FLOATS:
+        return "warps"
     return "fused_merge" if H // KV * D <= MERGE_IN_BLOCK_MAX else "fused"
 _SRC = cuda_source("owned_kv.cu")
 
