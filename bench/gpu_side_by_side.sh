@@ -5,7 +5,8 @@
 #
 # Here:   python bench/gpu_prepare.py --out .device && cp -r ../shared/gpu-anchor .device/gpu-anchor
 # There:  bash bench/gpu_side_by_side.sh .device          (results under $OUT: gpu.json, llamacpp/*.json)
-# Here:   python bench/gpu_report.py OUT/gpu.json --name h200 --llamacpp OUT/llamacpp
+# Here:   tar -xzf OUT/llamacpp.tgz -C OUT && python bench/gpu_report.py OUT/gpu.json --name h200 --llamacpp OUT/llamacpp
+# (llama.cpp's outputs come back as one archive: the device tool returns a limited number of files)
 set -u
 BUNDLE=${1:-.device}
 shift || true
@@ -15,4 +16,7 @@ OUT=$(cd "$OUT" && pwd)
 PYTHONPATH="$BUNDLE/site:." python3 bench/gpu_run.py --dev "$BUNDLE" "$@" 2>&1 | tail -60
 if [ -d "$BUNDLE/gpu-anchor" ]; then
   (cd "$BUNDLE/gpu-anchor" && OUT="$OUT/llamacpp" BUDGET_S=${ANCHOR_BUDGET_S:-330} bash run.sh 2>&1 | tail -25)
+fi
+if [ -d "$OUT/llamacpp" ]; then
+  tar -czf "$OUT/llamacpp.tgz" -C "$OUT" llamacpp && rm -rf "$OUT/llamacpp"
 fi
