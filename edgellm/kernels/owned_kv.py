@@ -241,85 +241,27 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
     return decode_attn.with_attr("edgellm.kernel", "owned_decode_attn")
 
 
-def decode_attn_merge_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
-    """decode_attn_func with the merge in its last block per (token, kv head) (owned_kv.cu edgellm_decode_attn_merge:
-    a counter per (token, kv head) in the control page): one kernel a layer, no paged_attn_merge. Inputs as
-    decode_attn's; outputs pages (in place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out
-    [n, H, D] fp16, decode_attn + paged_attn_merge's output bit for bit."""
+def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int, call: str, threads: int,
+                        smem: int):
+    """The PrimFunc of a decode attention that merges its splits itself (decode_attn_merge, decode_attn_warps):
+    inputs as decode_attn's (qkv [n, H + 2 KV, D], inv_freq, page table, pos0, pages, layer); outputs pages (in
+    place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out [n, H, D] fp16. Refuses more than
+    32 splits (the merge takes a lane each) and batches whose counters (GRAPH_BATCH_BOUND rows x KV) overflow the
+    control page."""
     from ..device_runners.kv_pages import GRAPH_BATCH_BOUND
 
     T = compiler().T
-    H, KV, D, L = heads, kv_heads, head_dim, layers
-    G, smem, scale_log2 = _split_attn_consts(H, KV, D)
+    _, _, scale_log2 = _split_attn_consts(H, KV, D)
     if splits > 32:
-        raise ValueError(f"decode_attn_merge merges at most 32 splits (a lane each), got {splits}; lower "
+        raise ValueError(f"{name} merges at most 32 splits (a lane each), got {splits}; lower "
                          "owned_kv.SPLITS_DECODE or take DECODE_ATTN 'fused'")
     if GRAPH_BATCH_BOUND * KV > control_words(KV, D):
-        raise ValueError(f"decode_attn_merge needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads counters and the control "
+        raise ValueError(f"{name} needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads counters and the control "
                          f"page has {control_words(KV, D)} words (head_dim {D}); take DECODE_ATTN 'fused'")
-    if G * 65 + 1 > smem:
-        raise ValueError(f"decode_attn_merge's merge needs {G * 65 + 1} shared floats, the split has {smem}")
 
     @T.prim_func(private=True, check_well_formed=False)
-    def decode_attn_merge(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle,
-                          var_pages: T.handle, layer: T.int32, var_o: T.handle, var_ml: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
-        qkv = T.match_buffer(var_qkv, (n, H + 2 * KV, D), "float16")
-        freq = T.match_buffer(var_freq, (D // 2,), "float32")
-        pt = T.match_buffer(var_pt, (b, maxp), "int32")
-        pos0 = T.match_buffer(var_pos0, (b,), "int32")
-        pages = T.match_buffer(var_pages, (L, P, 2, KV, PAGE, D), "float16")
-        o = T.match_buffer(var_o, (n, H, splits, D), "float32")
-        ml = T.match_buffer(var_ml, (n, H, splits, 2), "float32")
-        out = T.match_buffer(var_out, (n, H, D), "float16")
-        with T.sblock("root"):
-            T.reads()
-            T.writes()
-            T.launch_thread("blockIdx.x", n * KV)
-            T.launch_thread("blockIdx.y", splits)
-            T.launch_thread("threadIdx.x", THREADS)
-            sm = T.alloc_buffer((smem,), "float32", scope="shared")
-            T.evaluate(T.cuda.func_call(
-                f"edgellm_decode_attn_merge<{D}, {G}, {splits}>", qkv.data, freq.data, pt.data, pos0.data,
-                pages.data, o.data, ml.data, out.data, T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2),
-                sm.data, source_code=_SRC))
-
-    return decode_attn_merge.with_attr("edgellm.kernel", "owned_decode_attn_merge")
-
-
-def _warps_smem(G: int, D: int) -> int:
-    """Shared floats of edgellm_decode_attn_warps: q [G][D], the new k / v (2 x D fp16), (m, l) per warp and head,
-    per warp p [G][32] then o [G][D], and 4 to align the base to 16 bytes."""
-    return G * D + D + 2 * DECODE_WARPS * G + DECODE_WARPS * G * D + 4
-
-
-def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
-    """DECODE_ATTN "warps": decode_attn_merge_func's inputs and outputs (pages in place, scratch (o_part, ml), out
-    [n, H, D] fp16) through owned_kv.cu edgellm_decode_attn_warps: blocks of DECODE_WARPS warps, a 32-key tile a warp
-    with its K and V loads issued together before the block's one sync; up to DECODE_WARPS * 32 keys one block per
-    (token, kv head) writes out, longer contexts take up to `splits` blocks merged by the last one (the control
-    page's counters, as decode_attn_merge's). Within an fp16 ulp of the other modes, not bit-equal."""
-    from ..device_runners.kv_pages import GRAPH_BATCH_BOUND
-
-    T = compiler().T
-    H, KV, D, L = heads, kv_heads, head_dim, layers
-    G, _, scale_log2 = _split_attn_consts(H, KV, D)
-    smem, threads = _warps_smem(G, D), 32 * DECODE_WARPS
-    if splits > 32:
-        raise ValueError(f"decode_attn_warps merges at most 32 splits (a lane each), got {splits}; lower "
-                         "owned_kv.SPLITS_DECODE or take DECODE_ATTN 'fused'")
-    if GRAPH_BATCH_BOUND * KV > control_words(KV, D):
-        raise ValueError(f"decode_attn_warps needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads counters and the control "
-                         f"page has {control_words(KV, D)} words (head_dim {D}); take DECODE_ATTN 'fused'")
-    if smem > STATIC_SMEM_FLOATS:
-        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
-                         f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
-                         f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def decode_attn_warps(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle,
-                          var_pages: T.handle, layer: T.int32, var_o: T.handle, var_ml: T.handle, var_out: T.handle):
+    def merged(var_qkv: T.handle, var_freq: T.handle, var_pt: T.handle, var_pos0: T.handle, var_pages: T.handle,
+               layer: T.int32, var_o: T.handle, var_ml: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         n, b, maxp, P = T.int64(), T.int64(), T.int64(), T.int64()
         qkv = T.match_buffer(var_qkv, (n, H + 2 * KV, D), "float16")
@@ -338,11 +280,46 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
             T.launch_thread("threadIdx.x", threads)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
             T.evaluate(T.cuda.func_call(
-                f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}>", qkv.data, freq.data, pt.data,
-                pos0.data, pages.data, o.data, ml.data, out.data, T.Cast("int32", maxp), P, layer, KV,
-                T.float32(scale_log2), sm.data, source_code=_SRC))
+                call, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
+                T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
 
-    return decode_attn_warps.with_attr("edgellm.kernel", "owned_decode_attn_warps")
+    return merged.with_attr("edgellm.kernel", f"owned_{name}")
+
+
+def decode_attn_merge_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
+    """decode_attn_func with the merge in its last block per (token, kv head) (owned_kv.cu edgellm_decode_attn_merge:
+    a counter per (token, kv head) in the control page): one kernel a layer, no paged_attn_merge. Inputs and outputs
+    as _merged_decode_func's; out is decode_attn + paged_attn_merge's output bit for bit."""
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+    G, smem, _ = _split_attn_consts(H, KV, D)
+    if G * 65 + 1 > smem:
+        raise ValueError(f"decode_attn_merge's merge needs {G * 65 + 1} shared floats, the split has {smem}")
+    return _merged_decode_func("decode_attn_merge", H, KV, D, L, splits, f"edgellm_decode_attn_merge<{D}, {G}, "
+                               f"{splits}>", THREADS, smem)
+
+
+def _warps_smem(G: int, D: int) -> int:
+    """Shared floats of edgellm_decode_attn_warps: q [G][D], the new k / v (2 x D fp16), (m, l) per warp and head,
+    per warp p [G][32] then o [G][D], and 4 to align the base to 16 bytes."""
+    return G * D + D + 2 * DECODE_WARPS * G + DECODE_WARPS * G * D + 4
+
+
+def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
+    """DECODE_ATTN "warps": decode_attn_merge_func's inputs and outputs (pages in place, scratch (o_part, ml), out
+    [n, H, D] fp16) through owned_kv.cu edgellm_decode_attn_warps: blocks of DECODE_WARPS warps, a 32-key tile a warp
+    with its K and V loads issued together before the block's one sync; up to DECODE_WARPS * 32 keys one block per
+    (token, kv head) writes out, longer contexts take up to `splits` blocks merged by the last one (the control
+    page's counters, as decode_attn_merge's). Within an fp16 ulp of the other modes, not bit-equal."""
+    H, KV, D, L = heads, kv_heads, head_dim, layers
+    G = H // KV
+    smem = _warps_smem(G, D)
+    if smem > STATIC_SMEM_FLOATS:
+        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
+                         f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
+                         f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
+    return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits,
+                               f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}>", 32 * DECODE_WARPS,
+                               smem)
 
 
 def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
