@@ -262,6 +262,22 @@ __device__ __forceinline__ void edgellm_paged_attn_merge_alone(
     const float* __restrict__ o_part, const float* __restrict__ ml, half* __restrict__ out, long long total) {
   edgellm_paged_attn_merge<D, S, 1>(o_part, ml, nullptr, nullptr, out, 0, total);
 }
+// RoPE (rotate-half, float32 angle pos * inv_freq[j]) on the G query heads at xq (G x D fp16, one after the other),
+// rounded to fp16 as kv_append rounds them, times scale_log2 into sq [G][D]; NT threads of the block share it.
+template <int D, int G, int NT>
+__device__ __forceinline__ void edgellm_rope_q(const half* __restrict__ xq, const float* __restrict__ inv_freq,
+                                               int pos, float scale_log2, float* sq) {
+  constexpr int HALF = D / 2;
+  for (int w = threadIdx.x; w < G * HALF; w += NT) {
+    const int g = w / HALF, j = w % HALF;
+    float sn, cs;
+    sincosf((float)pos * inv_freq[j], &sn, &cs);
+    const half* x = xq + g * D;
+    const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
+    sq[g * D + j] = __half2float(__float2half(x0 * cs - x1 * sn)) * scale_log2;
+    sq[g * D + j + HALF] = __half2float(__float2half(x1 * cs + x0 * sn)) * scale_log2;
+  }
+}
 // The merge of a decode step's splits inside decode_attn_merge (no merge kernel): the last block of (token i, kv
 // head kvh) to finish merges the `active` splits of its G heads and writes out [n, H, D] fp16. Counter: int32 word
 // i * KV + kvh of the control page (kernels/owned_kv.py, CONTROL_WORDS), zero whenever no kernel runs. Each active
@@ -396,15 +412,7 @@ __device__ __forceinline__ void edgellm_decode_attn_impl(
   }
   float* sq = smem;  // [G][D] q * scale * log2(e), then edgellm_attn_split's tiles
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
-  for (int w = tid; w < G * HALF; w += 128) {  // RoPE on q (kv_append's arithmetic and rounding)
-    const int g = w / HALF, j = w % HALF;
-    float sn, cs;
-    sincosf((float)pos * inv_freq[j], &sn, &cs);
-    const half* x = xq + (kvh * G + g) * D;
-    const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
-    sq[g * D + j] = __half2float(__float2half(x0 * cs - x1 * sn)) * scale_log2;
-    sq[g * D + j + HALF] = __half2float(__float2half(x1 * cs + x0 * sn)) * scale_log2;
-  }
+  edgellm_rope_q<D, G, 128>(xq + kvh * G * D, inv_freq, pos, scale_log2, sq);  // kv_append's arithmetic
   if (end == kv_len) {  // this split holds the new token: its k (rotated) and v into the page slot
     half* base = pages + ((long long)layer * P + page_table[row * maxp + pos / 16]) * 2 * KV * 16 * D;
     const half* xk = xq + (H + kvh) * D;
@@ -531,15 +539,7 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   }
   // RoPE on q (kv_append's arithmetic and rounding), while the loads are in flight
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
-  for (int w = tid; w < G * HALF; w += NT) {
-    const int g = w / HALF, j = w % HALF;
-    float sn, cs;
-    sincosf((float)pos * inv_freq[j], &sn, &cs);
-    const half* x = xq + (kvh * G + g) * D;
-    const float x0 = __half2float(x[j]), x1 = __half2float(x[j + HALF]);
-    sq[g * D + j] = __half2float(__float2half(x0 * cs - x1 * sn)) * scale_log2;
-    sq[g * D + j + HALF] = __half2float(__float2half(x1 * cs + x0 * sn)) * scale_log2;
-  }
+  edgellm_rope_q<D, G, NT>(xq + kvh * G * D, inv_freq, pos, scale_log2, sq);
   const bool owner = end == kv_len;  // this split holds the new token: its k (rotated) and v into the page slot
   if (owner) {
     half* base = pages + ((long long)layer * P + pt[pos / 16]) * 2 * KV * 16 * D;
