@@ -455,6 +455,15 @@ def _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, mode: i
     return per_step, np.frombuffer(raw[at:], np.float16).reshape(pages.shape)
 
 
+def _rope_fp16(x, p: int, freq):
+    """Rotate-half RoPE of x [..., D] at position p in float32, rounded to fp16 as the kernels round it."""
+    D = x.shape[-1]
+    ang = np.float32(p) * freq
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    x0, x1 = x[..., :D // 2].astype(np.float32), x[..., D // 2:].astype(np.float32)
+    return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
 def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
     """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of three rows
@@ -489,11 +498,8 @@ def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
     qkv = qkv[0]
     out, new_pages = outs[2]
 
-    def rope(x, p):  # rotate-half in float32, rounded to fp16 as the kernels round it
-        ang = np.float32(p) * freq
-        c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-        x0, x1 = x[..., :D // 2].astype(np.float32), x[..., D // 2:].astype(np.float32)
-        return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
+    def rope(x, p):
+        return _rope_fp16(x, p, freq)
 
     expect_pages = pages.copy()
     for r in range(3):
@@ -604,11 +610,8 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
     pages[0, P - 1] = 0  # the control page, as the Engine allocates it
     ref_steps, ref_pages = _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, 2)
 
-    def rope(x, p):  # rotate-half in float32, rounded to fp16 as the kernels round it
-        ang = np.float32(p) * freq
-        c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-        x0, x1 = x[..., :D // 2].astype(np.float32), x[..., D // 2:].astype(np.float32)
-        return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
+    def rope(x, p):
+        return _rope_fp16(x, p, freq)
 
     expect = pages.copy()
     ref64 = []
