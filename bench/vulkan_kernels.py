@@ -102,13 +102,28 @@ def _params(func) -> list:
             for n, shape, dt in re.findall(r'(\w+): T\.Buffer\(\(([^)]*)\), "(\w+)"\)', head)]
 
 
-def prepare(out: Path) -> None:
+def _export(out: Path, lib: str, funcs: dict, target, meta: list) -> None:
+    """Compile `funcs` into out/LIB.so and give `meta`'s entries of that library their parameters."""
     from edgellm._tvm import compiler
+
+    c = compiler()
+    mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+    c.tvm.compile(mod, target=target).export_library(str(out / f"{lib}.so"))
+    for m in meta:
+        if m["lib"] == lib:
+            m["params"] = _params(funcs[m["name"]])
+
+
+def _write_meta(out: Path, meta: list) -> None:
+    (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
+    print(f"{len(meta)} kernels in {out}")
+
+
+def prepare(out: Path) -> None:
     from edgellm.kernels import webgpu_linear
     from edgellm.kernels.registry import KernelRegistry
     from edgellm.quant.schemes import get_scheme
 
-    c = compiler()
     out.mkdir(parents=True, exist_ok=True)
     meta = []
     if os.environ.get("DP4A"):  # the integer-dot GEMV (int4_gemv_dp4a) against the fp16x2 one, plain and fused
@@ -127,12 +142,8 @@ def prepare(out: Path) -> None:
                                    **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": f"{v}_{'_'.join(fuse)}",
                              "bits": 4, "fuse": "_".join(fuse)})
-        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-        c.tvm.compile(mod, target=_target(False)).export_library(str(out / f"{lib}.so"))
-        for m in meta:
-            m["params"] = _params(funcs[m["name"]])
-        (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
-        print(f"{len(meta)} kernels in {out}")
+        _export(out, lib, funcs, _target(False), meta)
+        _write_meta(out, meta)
         return
     if os.environ.get("H2KS"):  # int4_gemv_h2's configs with ksplit (H2KS=x32: with xf32; chains: 4 chains), the
         # default first
@@ -168,12 +179,8 @@ def prepare(out: Path) -> None:
                                                          **kw)
                 meta.append({"lib": lib, "name": name, "in": in_f, "out": out_f, "variant": v, "bits": 4,
                              "fuse": "_".join(fuse)})
-        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-        c.tvm.compile(mod, target=_target(False)).export_library(str(out / f"{lib}.so"))
-        for m in meta:
-            m["params"] = _params(funcs[m["name"]])
-        (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
-        print(f"{len(meta)} kernels in {out}")
+        _export(out, lib, funcs, _target(False), meta)
+        _write_meta(out, meta)
         return
     if os.environ.get("H2_ONLY"):  # this session's question: the fp16x2 kernel against the coalesced one
         lib, t, funcs = "gemv_webgpu_h2", _target(False), {}
@@ -196,14 +203,10 @@ def prepare(out: Path) -> None:
             name = f"head_q8_{v}"
             funcs[name] = webgpu_linear.int4_gemv_h2(HEAD[0], HEAD[1], False, bits=8, **kw)
             meta.append({"lib": lib, "name": name, "in": HEAD[0], "out": HEAD[1], "variant": v, "bits": 8})
-        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-        c.tvm.compile(mod, target=t).export_library(str(out / f"{lib}.so"))
-        for m in list(meta):
-            m["params"] = _params(funcs[m["name"]])
-            if m["variant"] == "h2_auto" and m["bits"] == 4:
-                meta.append({**m, "lib": lib + "_novec4", "variant": m["variant"] + "_novec4"})
-        (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
-        print(f"{len(meta)} kernels in {out}")
+        _export(out, lib, funcs, t, meta)
+        meta += [{**m, "lib": lib + "_novec4", "variant": m["variant"] + "_novec4"} for m in meta
+                 if m["variant"] == "h2_auto" and m["bits"] == 4]
+        _write_meta(out, meta)
         return
     for lib, variants, sg in (("gemv_webgpu", VARIANTS, False), ("gemv_webgpu_sg", SG_VARIANTS, True)):
         t = _target(sg)
@@ -231,14 +234,8 @@ def prepare(out: Path) -> None:
             funcs["head_q8_registry"] = f
             meta.append({"lib": lib, "name": "head_q8_registry", "in": HEAD[0], "out": HEAD[1],
                          "variant": sorted(reg.chosen["linear_gemv"])[0], "bits": 8})
-        mod = c.tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-        ex = c.tvm.compile(mod, target=t)
-        ex.export_library(str(out / f"{lib}.so"))
-        for m in meta:
-            if m["lib"] == lib:
-                m["params"] = _params(funcs[m["name"]])
-    (out / "gemv_webgpu.json").write_text(json.dumps(meta, indent=1))
-    print(f"{len(meta)} kernels in {out}")
+        _export(out, lib, funcs, t, meta)
+    _write_meta(out, meta)
 
 
 def run(src: Path) -> None:
