@@ -263,10 +263,10 @@ def host_call_us(eng, steps: int = 50) -> dict:
 def _control_page_check(shape: str, owned: list[str], engines: dict) -> None:
     """The owned cache's control page (device_runners/kv_pages.py: the words the decode attention counts its
     blocks with) must be all zero between steps."""
+    from edgellm.device_runners.kv_pages import control_page
+
     for v in owned:
-        kv = engines[v].kv
-        words = kv.shape[3] * 16 * kv.shape[5]
-        page = engines[v]._tvm.view(kv, (words,), "int32", (kv.shape[1] - 1) * words * 4).numpy()
+        page = control_page(engines[v]._tvm, engines[v].kv).numpy()
         results["checks"][f"{shape}-{v}: control page zero between steps"] = {
             "nonzero_words": int(np.count_nonzero(page)), "ok": not page.any()}
 

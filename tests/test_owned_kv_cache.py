@@ -464,6 +464,23 @@ def _rope_fp16(x, p: int, freq):
     return np.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], -1).astype(np.float16)
 
 
+def test_control_page_view_is_layer_0s_last_page():
+    """kv_pages.control_page: the int32 view the Engine zeroes (and bench/gpu_pdl.py reads) covers exactly page
+    P - 1 of layer 0 of the page tensor, where owned_kv.cu's counters live; nothing else changes."""
+    from edgellm import _tvm
+    from edgellm.device_runners.kv_pages import control_page, control_words
+
+    shape = (3, 5, 2, 2, 16, 64)  # L, P (3 pool pages, scratch, control), K|V, KV, slot, D
+    host = np.ones(shape, np.float16)
+    pages = _tvm.tensor(host, _tvm.device("cpu"))
+    control = control_page(_tvm, pages)
+    assert tuple(control.shape) == (control_words(2, 64),) and control.dtype == "int32"
+    control.copyfrom(np.zeros(control.shape, np.int32))
+    want = host.copy()
+    want[0, 4] = 0
+    assert np.array_equal(pages.numpy(), want)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
 def test_decode_attention_kernels_on_the_host(tmp_path, host_emu):
     """kernels/cuda/owned_kv.cu itself, run on the host through tests/cuda_host_emu.h: one decode step of three rows
@@ -558,12 +575,12 @@ def test_decode_attn_merge_equals_the_two_kernel_path_over_steps(tmp_path, host_
 def test_decode_attn_merge_counters_fit_the_control_page():
     """The control page ([2, KV, 16, D] fp16 of layer 0) holds a counter per (row, kv head) for the 64 rows a
     batch_decode is planned for, at both head dims; more than 32 splits (a lane each in the merge) are refused."""
-    from edgellm.device_runners.kv_pages import GRAPH_BATCH_BOUND
+    from edgellm.device_runners.kv_pages import GRAPH_BATCH_BOUND, control_words
     from edgellm.kernels import owned_kv
 
     for kv, d in ((1, 64), (8, 128)):
-        assert owned_kv.control_words(kv, d) == np.zeros((2, kv, 16, d), np.float16).nbytes // 4
-        assert GRAPH_BATCH_BOUND * kv <= owned_kv.control_words(kv, d)
+        assert control_words(kv, d) == np.zeros((2, kv, 16, d), np.float16).nbytes // 4
+        assert GRAPH_BATCH_BOUND * kv <= control_words(kv, d)
     assert owned_kv.decode_attn_merge_func(32, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
     with pytest.raises(ValueError, match="at most 32 splits"):
         owned_kv.decode_attn_merge_func(32, 8, 128, 2, 64)

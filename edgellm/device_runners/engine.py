@@ -227,7 +227,7 @@ class Engine:
         """The owned cache's page tensor [L, pages + scratch + control, 2, KV, 16, D] on the device and its host
         bookkeeping (device_runners/kv_pages.py): max_batch sequences of a full context window, as TVM's cache is
         sized."""
-        from .kv_pages import PagePool
+        from .kv_pages import PagePool, control_page
 
         cfg = m.config
         heads = int(cfg["num_attention_heads"])
@@ -237,9 +237,8 @@ class Engine:
         kv_heads = int(cfg["num_key_value_heads"])
         shape = (int(cfg["num_hidden_layers"]), self._pool.total + EXTRA_PAGES, 2, kv_heads, 16, head_dim)
         self.kv = self._tvm.runtime.empty(shape, "float16", self.dev)
-        # the control page (layer 0's last page) starts at zero: words the decode kernels count blocks with
-        words = 2 * kv_heads * 16 * head_dim // 2
-        self._tvm.view(self.kv, (words,), "int32", (shape[1] - 1) * words * 4).copyfrom(np.zeros(words, np.int32))
+        control = control_page(self._tvm, self.kv)  # starts at zero: words the decode kernels count blocks with
+        control.copyfrom(np.zeros(control.shape, np.int32))
         # per batch size: device buffers for the ids [b, 1], positions [b] and page table [b, max_pages]. A captured
         # decode graph replays on the addresses it saw, so these same buffers go to every call. (Three buffers,
         # not views of one: TVM hands a view to kernels with a byte_offset, which they refuse.)

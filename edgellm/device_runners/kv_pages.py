@@ -19,9 +19,24 @@ PAGE = 16
 # its storage has a fixed size, so each batch size is captured as a CUDA graph; the Engine splits larger batches
 GRAPH_BATCH_BOUND = 64
 # The page tensor holds the pool's pages, then the scratch page, then one control page: int32 words the decode
-# kernels use across blocks (kernels/owned_kv.py, CONTROL_WORDS), zero when no kernel runs. The Engine zeroes it
+# kernels use across blocks (control_words; kernels/owned_kv.py), zero when no kernel runs. The Engine zeroes it
 # when it allocates the tensor; every kernel that uses a word leaves it zero again.
 EXTRA_PAGES = 2  # scratch + control
+
+
+def control_words(kv_heads: int, head_dim: int) -> int:
+    """int32 words of the control page: page P - 1 of layer 0 of the page tensor [L, P, 2, KV, 16, D] fp16, whose
+    2 x KV x 16 x D halves are KV x 16 x D words. The decode attention of owned_kv.cu counts the finished splits of
+    (token i, kv head kvh) in word i * KV + kvh; its merging block resets it."""
+    return kv_heads * PAGE * head_dim
+
+
+def control_page(tvm, pages):
+    """The control page of the page tensor `pages` as an int32 tensor view (`tvm`: edgellm._tvm), for copies into
+    or out of it (the kernels take the whole tensor)."""
+    _, total, _, kv_heads, _, head_dim = pages.shape
+    words = control_words(kv_heads, head_dim)
+    return tvm.view(pages, (words,), "int32", (total - 1) * words * 4)  # layer 0, last page: words x 4 bytes a page
 
 
 class CacheFullError(RuntimeError):

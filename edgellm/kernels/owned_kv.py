@@ -5,7 +5,7 @@ captures all of it (embedding, every layer's RoPE, KV append, attention, norms, 
 Tensors (the Engine owns them; device_runners/kv_pages.py keeps the page bookkeeping on the host):
   pages       [L, P, 2, KV, 16, D] fp16: layer, page, K|V, kv head, slot, dim; page P - 2 is scratch, page P - 1
               of layer 0 the control page (int32 words for the decode kernels, zero whenever no kernel runs:
-              control_words)
+              device_runners/kv_pages.py control_words)
   page_table  [b, max_pages] int32: row r's i-th page; the token at position p is in slot p % 16 of page
               page_table[r, p // 16]
   pos0        [b] int32: the position of row r's first new token (= tokens already cached)
@@ -83,14 +83,6 @@ def decode_attn_mode(H: int, KV: int, D: int) -> str:
         return "warps"
     return "fused_merge" if H // KV * D <= MERGE_IN_BLOCK_MAX else "fused"
 _SRC = cuda_source("owned_kv.cu")
-
-
-def control_words(kv_heads: int, head_dim: int) -> int:
-    """CONTROL_WORDS: int32 words of the control page (device_runners/kv_pages.py EXTRA_PAGES), page P - 1 of layer
-    0 of `pages` ([2, KV, 16, D] fp16 = KV * 16 * D words). Every word is zero whenever no kernel runs (the Engine
-    zeroes the page at allocation; a kernel that uses a word leaves it zero). decode_attn_merge counts the finished
-    splits of (token i, kv head kvh) in word i * KV + kvh; its merging block resets it."""
-    return kv_heads * PAGE * head_dim
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray | None:
@@ -248,7 +240,7 @@ def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int,
     place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out [n, H, D] fp16. Refuses more than
     32 splits (the merge takes a lane each) and batches whose counters (GRAPH_BATCH_BOUND rows x KV) overflow the
     control page."""
-    from ..device_runners.kv_pages import GRAPH_BATCH_BOUND
+    from ..device_runners.kv_pages import GRAPH_BATCH_BOUND, control_words
 
     T = compiler().T
     _, _, scale_log2 = _split_attn_consts(H, KV, D)

@@ -280,9 +280,9 @@ __device__ __forceinline__ void edgellm_rope_q(const half* __restrict__ xq, cons
 }
 // The merge of a decode step's splits inside decode_attn_merge (no merge kernel): the last block of (token i, kv
 // head kvh) to finish merges the `active` splits of its G heads and writes out [n, H, D] fp16. Counter: int32 word
-// i * KV + kvh of the control page (kernels/owned_kv.py, CONTROL_WORDS), zero whenever no kernel runs. Each active
-// block has written its partials; it fences, syncs, and thread 0 counts it in (atomicAdd); the block that sees
-// active - 1 blocks before it is the last: it resets the word to 0 (every other block of the pair has counted by
+// i * KV + kvh of the control page (device_runners/kv_pages.py control_words), zero whenever no kernel runs.
+// Each active block has written its partials; it fences, syncs, and thread 0 counts it in (atomicAdd); the block
+// that sees active - 1 blocks before it is the last: it resets the word to 0 (every other block of the pair has counted by
 // then, and the next kernel to use it runs after this one completes), fences, and reads every active split's
 // (o, m, l) from L2 (__ldcg: a line of the other blocks' partials in this SM's L1 could be stale). With one active
 // split there is no other block to wait for (no atomic). The arithmetic is edgellm_paged_attn_merge's, in its order,
