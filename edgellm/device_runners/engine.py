@@ -372,8 +372,7 @@ class Engine:
 
     def _decode_ahead_state(self):
         """(CudaAsync, pinned buffers) for greedy_chain's queued steps, or None where they do not apply."""
-        if not (self.decode_ahead and self.owned_kv and self._argmax is not None
-                and getattr(self, "device_info", None) is not None and self.device_info.kind == "cuda"):
+        if not (self.decode_ahead and self.owned_kv and self._argmax is not None and self.device_info.kind == "cuda"):
             return None
         if self._ahead is None:
             from ..runtime.cuda_async import CudaAsync
@@ -393,12 +392,10 @@ class Engine:
         Slot k % 2 is written again at step k + 2, after step k's event was waited for in step k + 1."""
         cu, ring = ahead
         (_, _, _), (d_ids, d_pos, d_pt), _ = aux = self._aux_for(1)
-        f = self._fns.get("decode")
-        if f is None:
-            f = self._fns["decode"] = self.vm["decode"]
+        f = self._fn("decode")
         events = ring["events"]
         cu.set_device()
-        waiting, last, prev_ids = None, None, None  # slot whose token is to be read; slot of the last step queued
+        last, prev_ids = None, None  # slot of the last step queued; its argmax on the device
         try:
             for k in range(n):
                 slot = k & 1
@@ -420,13 +417,9 @@ class Engine:
                 cu.to_host(ring["out"][slot], prev_ids)
                 cu.record(events[slot])
                 last = slot
-                if waiting is not None:
-                    cu.wait(events[waiting])
-                    tok = int(ring["out"][waiting][0])
-                    waiting = slot
-                    yield tok
-                else:
-                    waiting = slot
+                if k > 0:  # step k - 1's token, while step k runs
+                    cu.wait(events[1 - slot])
+                    yield int(ring["out"][1 - slot][0])
             cu.wait(events[last])
             yield int(ring["out"][last][0])
         finally:
@@ -521,6 +514,13 @@ class Engine:
         buf.copyfrom(np.asarray(ids, dtype=np.int32).reshape(-1, 1))
         return buf
 
+    def _fn(self, name: str):
+        """The VM function `name`, looked up once (a lookup per token is host time)."""
+        f = self._fns.get(name)
+        if f is None:
+            f = self._fns[name] = self.vm[name]
+        return f
+
     def _forward(self, fn: str, seqs: list[int], ids: list[int]):
         """One forward of `fn` (prefill: ids are one chunk of seqs[0]; decode/batch_decode: one id per sequence);
         the output tensor stays on the device."""
@@ -536,10 +536,7 @@ class Engine:
         self._begin(self.kv, *shapes)
         try:
             self._sync_aux(self.kv)
-            f = self._fns.get(fn)
-            if f is None:
-                f = self._fns[fn] = self.vm[fn]
-            out = f(arr, self.kv, self.params)
+            out = self._fn(fn)(arr, self.kv, self.params)
         finally:
             self._end(self.kv)
         return out[0]
@@ -570,10 +567,7 @@ class Engine:
             arr = d_ids
         else:
             arr = self._tvm.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.dev)
-        f = self._fns.get(fn)
-        if f is None:
-            f = self._fns[fn] = self.vm[fn]
-        return f(arr, self.kv, d_pt, d_pos, self.params)
+        return self._fn(fn)(arr, self.kv, d_pt, d_pos, self.params)
 
     # ---- whole jobs ---------------------------------------------------------------------------------------------
     def warmup(self) -> None:
