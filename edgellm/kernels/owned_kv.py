@@ -12,12 +12,11 @@ Tensors (the Engine owns them; device_runners/kv_pages.py keeps the page bookkee
 A forward of b rows with s new tokens each (decode: s = 1; prefill: b = 1) runs per layer:
   kv_append      RoPE on q and k (rotate-half, float32 angles from a constant inv_freq table), K and V into the
                  rows' pages in place (call_tir_inplace on `pages`), rotated q / k and v out for the chunk;
-  decode:        paged attention over [0, pos + 1) split over SPLITS_DECODE blocks per (token, kv head), merged;
-                 RoPE, the append and the splits are one kernel; where a kv head's G * D output is small
-                 (DECODE_ATTN "auto" -> "fused_merge") the merge is in it too: the last block of a (token, kv
-                 head) to finish, counted in the control page, merges its G heads; else a merge kernel follows;
-                 "warps" (an A/B knob): a warp a 32-key tile, one block per (token, kv head) up to 256 keys,
-                 the last block merging above;
+  decode:        RoPE, the append and paged attention over [0, pos + 1) in one kernel (decode_attn_mode). Up to
+                 4 q heads per kv head ("warps", the default's pick): a warp a 32-key tile, one block per (token,
+                 kv head) up to 256 keys, above that up to SPLITS_DECODE blocks, the last to finish (counted in
+                 the control page) merging them. Beyond 4: split over SPLITS_DECODE blocks, merged in the kernel's
+                 last block where a kv head's G * D output is small ("fused_merge"), else by a merge kernel;
   prefill:       the chunk among itself on tensor cores (cuda/attention_prefill_ragged.cu, causal) and the chunk
                  over the cached history [0, pos0) (paged, split over SPLITS_PREFILL), merged by lse (log2 domain).
 Page table, positions and ids are the only inputs that change between decode steps; the Engine keeps one buffer
