@@ -101,6 +101,7 @@ def _engine(stream: Stream, monkeypatch, total: int = 8, max_pages: int = 4):
     eng.context_window, eng.chunk, eng.batch_min, eng.has_batch_decode = max_pages * PAGE, 16, 2, False
     eng._lengths, eng._next_seq, eng._shapes = {}, 0, {}
     eng.total_pages, eng._last_tokens = total, _DeviceTokens()
+    eng.vocab_size = VOCAB
     eng.device_info = SimpleNamespace(kind="cuda", index=0)
     eng.decode_ahead, eng._ahead, eng.eos_ids = True, None, set()
     logits = DevTensor(stream, np.zeros((1, 1, VOCAB), np.float32))

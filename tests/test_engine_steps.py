@@ -212,3 +212,25 @@ def test_scheduler_and_server_touch_no_private_engine_member():
             for p in [root / "device_runners" / "batch.py", *sorted((root / "serve").glob("*.py"))]
             for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
     assert hits == []
+
+
+@pytest.mark.parametrize("bad", [-1, "vocab", 2.0, True, "7"])
+def test_token_ids_outside_the_vocabulary_are_refused_before_anything_runs(engine, bad):
+    """prefill, decode, greedy_chain and score refuse an id outside [0, vocab_size) (or not an integer) in one line
+    naming it, before any kernel indexes the embedding with it; the sequence is left as it was."""
+    bad = engine.vocab_size if bad == "vocab" else bad
+    seq = engine.add_sequence()
+    try:
+        engine.prefill(seq, [1, 2])
+        calls = [lambda: engine.prefill(seq, [3, bad]), lambda: engine.decode([seq], [bad]),
+                 lambda: engine.decode_greedy([seq], [bad]), lambda: next(engine.greedy_chain(seq, bad, 3)),
+                 lambda: engine.score([1, bad])]
+        for call in calls:
+            with pytest.raises(ValueError, match=r"token id .* is not in this model's vocabulary \[0, \d+\)") as e:
+                call()
+            assert "\n" not in str(e.value)
+            assert engine.sequence_length(seq) == 2
+        assert len(list(engine.greedy_chain(seq, engine.vocab_size - 1, 3))) == 3  # the last id is fine
+    finally:
+        engine.remove_sequence(seq)
+

@@ -268,6 +268,7 @@ def _owned_engine(calls: list, total: int = 6, max_pages: int = 4):
     eng._lengths, eng._next_seq, eng._shapes = {}, 0, {}
     eng.total_pages = total
     eng._last_tokens = _DeviceTokens()
+    eng.vocab_size = 100
 
     class Out:
         def __init__(self, b):

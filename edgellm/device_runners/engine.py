@@ -269,6 +269,14 @@ class Engine:
                 + "; shorten the prompt or recompile with --context-window"
             )
 
+    def check_ids(self, ids) -> None:
+        """Raise ValueError naming the first id that is not an integer in [0, vocab_size): the kernels index the
+        embedding with it unchecked (on a GPU, a read outside the table)."""
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t!r} is not in this model's vocabulary [0, {self.vocab_size}); pass ids "
+                                 "the artifact's tokenizer produced")
+
     def max_new_tokens(self, n_prompt: int) -> int:
         """The most tokens a prompt of `n_prompt` tokens can generate before the context window is full (the last
         one generated is never fed, so it needs no place in the cache)."""
@@ -320,6 +328,7 @@ class Engine:
         decode passes one chunk at a time); logits after the last one, float32 [vocab]."""
         n = self.sequence_length(seq) + len(ids)
         self.check_prompt(n)
+        self.check_ids(ids)
         out = None
         for i in range(0, len(ids), self.chunk):
             out = self._forward("prefill", [seq], ids[i : i + self.chunk])
@@ -358,6 +367,7 @@ class Engine:
         (one more than the caller took). Elsewhere each step is `decode_greedy`."""
         if n <= 0:
             return
+        self.check_ids([token])
         length = self.sequence_length(seq)
         if length + n > self.context_window:
             raise PromptTooLongError(f"sequence {seq} holds {length} tokens; {n} decode steps would make "
@@ -475,6 +485,7 @@ class Engine:
         if len(seqs) != len(tokens) or not seqs:
             raise ValueError(f"decode needs one token per sequence, got {len(seqs)} sequences and {len(tokens)} "
                              "tokens")
+        self.check_ids(tokens)
         for s in seqs:
             n = self.sequence_length(s) + 1
             if not self.fits(n):
@@ -580,6 +591,7 @@ class Engine:
     def score(self, ids: list[int]) -> np.ndarray:
         """Logits [n, vocab] for every position of `ids` (teacher forcing), float32."""
         self.check_prompt(len(ids), room=0)
+        self.check_ids(ids)
         with self.sequence() as seq:
             outs = [self._forward("prefill_logits", [seq.id], ids[i : i + self.chunk]).numpy()
                     for i in range(0, len(ids), self.chunk)]
