@@ -13,6 +13,7 @@ import pytest
 from edgellm.device_runners.kv_pages import PAGE, PagePool
 
 VOCAB = 97
+MAPPED: dict[int, np.ndarray] = {}  # FakeCuda.mapped's buffers by device address
 
 
 class Stream:
@@ -59,6 +60,13 @@ class FakeCuda:
 
     def pinned(self, shape, dtype):
         return np.zeros(shape, dtype)
+
+    def mapped(self, shape, dtype):
+        """Host memory the fake's kernels write by address (MAPPED)."""
+        arr = np.zeros(shape, dtype)
+        address = 0x1000 + 0x100 * len(MAPPED)
+        MAPPED[address] = arr
+        return arr, address
 
     def event(self):
         return SimpleNamespace(op=None)
@@ -119,6 +127,20 @@ def _engine(stream: Stream, monkeypatch, total: int = 8, max_pages: int = 4):
         stream.ops.append(run)
         return logits
 
+    def decode_greedy(ids, pages, pt, pos, sink, params):
+        """The graph of models/llama.py decode_greedy: the token into ids and the host sink, the position + 1."""
+        assert pages == "pages" and params == "params" and ids.data.shape == (1, 1) and sink.data.dtype == np.int64
+        eng.calls += 1
+
+        def run():
+            p = int(pos.data[0])
+            t = next_token(int(ids.data[0, 0]), p, int(pt.data[0, p // PAGE]))
+            ids.data[0, 0] = t
+            pos.data[0] = p + 1
+            MAPPED[int(sink.data[0])][p & 1] = t
+        stream.ops.append(run)
+        return ids
+
     def prefill(ids, pages, pt, pos, params):
         return decode(DevTensor(stream, ids.data[:, -1:]), pages, pt, pos, params)
 
@@ -127,7 +149,8 @@ def _engine(stream: Stream, monkeypatch, total: int = 8, max_pages: int = 4):
         stream.ops.append(lambda: out.data.__setitem__(..., np.argmax(x.data.reshape(1, -1), axis=1).reshape(1, 1)))
         return out
 
-    eng.vm = {"decode": decode, "prefill": prefill}
+    eng.vm = {"decode": decode, "prefill": prefill, "decode_greedy": decode_greedy}
+    eng.has_decode_greedy, eng.decode_in_graph = True, True
     eng._argmax = argmax
     return eng
 
@@ -141,19 +164,30 @@ def _expected(eng, seq: int, pos: int, token: int, n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("ahead", [True, False])
-def test_chain_gives_the_rules_tokens_on_a_lazy_stream(monkeypatch, ahead):
-    """40 steps across page boundaries (rows copied as pages are added), queued ahead or step by step: the
-    tokens the rule gives, the cache holds the 40 fed tokens, and nothing is left queued."""
+@pytest.mark.parametrize("mode", ["in_graph", "copies", "steps"])
+def test_chain_gives_the_rules_tokens_on_a_lazy_stream(monkeypatch, mode):
+    """40 steps across page boundaries (rows copied as pages are added), queued ahead (the graph advancing its own
+    inputs, or copies between steps) or step by step: the tokens the rule gives, the cache holds the 40 fed tokens,
+    and nothing is left queued. Then a second chain on another sequence and one more on the first (the device
+    position and ids restarted from the host)."""
     stream = Stream()
     eng = _engine(stream, monkeypatch)
-    eng.decode_ahead = ahead
+    eng.decode_ahead, eng.decode_in_graph = mode != "steps", mode == "in_graph"
     a = eng.add_sequence()
     eng.prefill(a, [1, 2, 3])
     got = list(eng.greedy_chain(a, 11, 40))
-    assert (eng._ahead is not None) is ahead  # which path ran
+    assert (eng._ahead is not None) is (mode != "steps")  # which path ran
     assert got == _expected(eng, a, 3, 11, 40)
     assert eng.sequence_length(a) == 43 and not stream.ops
+    b = eng.add_sequence()
+    eng.prefill(b, [4])
+    assert list(eng.greedy_chain(b, 2, 21)) == _expected(eng, b, 1, 2, 21)
+    assert list(eng.greedy_chain(a, 5, 7)) == _expected(eng, a, 43, 5, 7) and not stream.ops
+    calls = eng.calls
+    if mode == "in_graph":  # every step is decode_greedy: neither decode nor the argmax function runs
+        eng.vm["decode"], eng._fns = None, {}
+        eng._argmax = lambda x: pytest.fail("argmax called")
+        assert list(eng.greedy_chain(a, 6, 3)) == _expected(eng, a, 50, 6, 3) and eng.calls == calls + 3
 
 
 def test_chain_ahead_closed_early_drains_and_counts_the_queued_step(monkeypatch):

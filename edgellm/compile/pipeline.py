@@ -360,8 +360,8 @@ def _collapse_reshapes():
 
 
 def static_decode_inputs(mod):
-    """With the owned KV cache (kernels/owned_kv.py) decode and batch_decode take the cache's tensors, the ids and
-    the page table as inputs. Marking every input static (`num_input` 0: RewriteCUDAGraph treats parameters from
+    """With the owned KV cache (kernels/owned_kv.py) decode, decode_greedy and batch_decode take the cache's
+    tensors, the ids and the page table as inputs. Marking every input static (`num_input` 0: RewriteCUDAGraph treats parameters from
     num_input on, normally the weights, as fixed) lets the rewrite capture the whole step as one CUDA graph; the
     Engine then passes the same buffers at every call (a graph replays on the addresses it was captured with) and
     copies the step's ids, positions and page table into them. batch_decode's batch size gets an upper bound
@@ -372,7 +372,7 @@ def static_decode_inputs(mod):
 
     rx = compiler().relax
     for gv, func in list(mod.functions_items()):
-        if gv.name_hint in ("decode", "batch_decode") and isinstance(func, rx.Function) \
+        if gv.name_hint in ("decode", "batch_decode", "decode_greedy") and isinstance(func, rx.Function) \
                 and any(p.name == "page_table" for p in func.params):
             func = func.with_attr("num_input", 0)
             if gv.name_hint == "batch_decode":

@@ -204,6 +204,10 @@ class Engine:
         self.last_stats = GenerationStats()
         self.has_batch_decode = "batch_decode" in functions
         self.has_device_argmax = "argmax" in functions
+        # the owned cache's greedy step with the argmax in its graph, advancing its own ids and position
+        # (models/llama.py decode_greedy); greedy_chain takes it unless decode_in_graph is False (an A/B knob)
+        self.has_decode_greedy = "decode_greedy" in functions
+        self.decode_in_graph = True
         # the rule `decode` follows when not told: one `batch_decode` call for this many sequences or more, below it
         # the static-shape `decode` per sequence (its GEMV kernels beat the dynamic batch GEMM at small b on CPU);
         # `calibrate_batch_min` measures the crossover
@@ -393,19 +397,35 @@ class Engine:
             ring = {"pos": cu.pinned((2, 1), np.int32), "pt": cu.pinned((2, 1, self._max_pages), np.int32),
                     "ids": cu.pinned((1, 1), np.int32), "out": cu.pinned((2, 1), np.int32),
                     "events": [cu.event(), cu.event()]}
+            if self.has_decode_greedy:  # decode_greedy's tokens land in mapped host memory, by position parity
+                ring["sink"], address = cu.mapped((2,), np.int32)
+                ring["d_sink"] = self._tvm.tensor(np.array([address], np.int64), self.dev)
             self._ahead = (cu, ring)
         return self._ahead
 
     def _chain_ahead(self, ahead, seq: int, token: int, n: int) -> Iterator[int]:
         """greedy_chain with one step queued ahead (see there). Step k uses slot k % 2 of the pinned buffers: its
-        position and page row go to the device from there, its token comes back there, its event marks both done.
-        Slot k % 2 is written again at step k + 2, after step k's event was waited for in step k + 1."""
+        page row (and, step by step, its position) goes to the device from there, its token comes back there, its
+        event marks both done. Slot k % 2 is written again at step k + 2, after step k's event was waited for in
+        step k + 1.
+
+        With `decode_greedy` (decode_in_graph) a step's graph ends with the argmax and feeds the next step itself:
+        the token into the ids buffer, the position one further, and the token into mapped host memory at slot
+        position % 2. Only step 0's id and position and a new page row (once per 16 tokens) are copied. Without it,
+        each step copies its position, copies step k - 1's argmax into the ids on the device, runs `decode` and
+        the argmax kernels, and copies the token back."""
         cu, ring = ahead
         (_, _, _), (d_ids, d_pos, d_pt), _ = aux = self._aux_for(1)
-        f = self._fn("decode")
+        in_graph = self.decode_in_graph and self.has_decode_greedy
+        f = self._fn("decode_greedy" if in_graph else "decode")
         events = ring["events"]
+        base = self._pool.length(seq)  # step k's position is base + k
+
+        def token_of(k: int) -> int:
+            return int(ring["sink"][(base + k) & 1] if in_graph else ring["out"][k & 1][0])
+
         cu.set_device()
-        last, prev_ids = None, None  # slot of the last step queued; its argmax on the device
+        last, prev_ids = None, None  # slot of the last step queued; its argmax on the device (step by step)
         try:
             for k in range(n):
                 slot = k & 1
@@ -413,25 +433,29 @@ class Engine:
                 pos[0] = self._pool.length(seq)
                 self._pool.append_many([seq], 1)  # all or none: a full cache raises before anything is queued
                 self._pool.row(seq, pt[0])
-                cu.to_device(d_pos, pos)
+                if k == 0 or not in_graph:
+                    cu.to_device(d_pos, pos)
                 if aux[2] is None or not np.array_equal(aux[2], pt):  # page rows change once per 16 tokens
                     cu.to_device(d_pt, pt)
                     aux[2] = pt.copy()
-                if prev_ids is None:
+                if k == 0:
                     ring["ids"][0, 0] = token
                     cu.to_device(d_ids, ring["ids"])
-                else:
+                elif not in_graph:
                     cu.on_device(d_ids, prev_ids, 4)
                 self._lengths[seq] += 1
-                prev_ids = self._argmax(f(d_ids, self.kv, d_pt, d_pos, self.params))
-                cu.to_host(ring["out"][slot], prev_ids)
+                if in_graph:
+                    f(d_ids, self.kv, d_pt, d_pos, ring["d_sink"], self.params)
+                else:
+                    prev_ids = self._argmax(f(d_ids, self.kv, d_pt, d_pos, self.params))
+                    cu.to_host(ring["out"][slot], prev_ids)
                 cu.record(events[slot])
                 last = slot
                 if k > 0:  # step k - 1's token, while step k runs
                     cu.wait(events[1 - slot])
-                    yield int(ring["out"][1 - slot][0])
+                    yield token_of(k - 1)
             cu.wait(events[last])
-            yield int(ring["out"][last][0])
+            yield token_of(n - 1)
         finally:
             if last is not None:
                 cu.wait(events[last])  # nothing of this chain is left running on the pinned buffers

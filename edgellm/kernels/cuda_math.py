@@ -6,6 +6,9 @@
   in an 8B prefill).
 * `argmax_partial_gpu` + `argmax_final_gpu`: greedy token ids on the device, so a greedy decode step copies 4
   bytes back instead of the logits (0.5 MB per token for a 128256-word vocabulary) and skips the host argmax.
+* `greedy_advance_gpu`: argmax_final's reduction ending the owned cache's `decode_greedy` step, which also feeds
+  the token to the next step on the device (ids, pos0 in place) and writes it to mapped host memory: no copies
+  between two steps of a greedy chain (device_runners/engine.py Engine.greedy_chain).
 
 One thread block per row. Numbers on a GPU: bench/gpu_run.py (the tiny models end to end vs numpy and
 transformers, argmax vs numpy).
@@ -191,10 +194,12 @@ def _argmax_tree(threads: int, none: int):
     return tree
 
 
-def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256):
-    """Stage 1 of the device argmax: logits [b, 1, vocab] float32 -> (value, index) of the first maximum of each
-    of `parts` contiguous slices per row ([b, parts] float32 and int32; index `vocab` for an empty slice). One
-    block per (slice, row): a single block per row (the first version) read 0.5 MB at one SM's pace, 29 us."""
+def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256, dtype: str = "float32"):
+    """Stage 1 of the device argmax: logits [b, 1, vocab] (`dtype`: float32, or float16 where the head's output is
+    read as it is, skipping its cast) -> (value, index) of the first maximum of each of `parts` contiguous slices
+    per row ([b, parts] float32 and int32; index `vocab` for an empty slice). fp16 values are compared as float32,
+    which they convert to exactly: the same ids as the float32 input cast from them. One block per (slice, row): a
+    single block per row (the first version) read 0.5 MB at one SM's pace, 29 us."""
     T = compiler().T
     chunk = (vocab + parts - 1) // parts
     per = (chunk + threads - 1) // threads
@@ -204,7 +209,7 @@ def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256
     def argmax_partial(var_logits: T.handle, var_pv: T.handle, var_pi: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         b = T.int64()
-        logits = T.match_buffer(var_logits, (b, 1, vocab), "float32")
+        logits = T.match_buffer(var_logits, (b, 1, vocab), dtype)
         pv = T.match_buffer(var_pv, (b, parts), "float32")
         pi = T.match_buffer(var_pi, (b, parts), "int32")
         with T.sblock("root"):
@@ -223,7 +228,7 @@ def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256
             idx[0] = T.int32(vocab)
             for j in T.unroll(per):  # ascending indices per thread: a strict > keeps the first of equal values
                 if j * threads + tx < chunk and bx * chunk + j * threads + tx < vocab:
-                    mine[0] = logits[by, 0, bx * chunk + j * threads + tx]
+                    mine[0] = T.Cast("float32", logits[by, 0, bx * chunk + j * threads + tx])
                     if mine[0] > best[0] or idx[0] == vocab:
                         best[0] = mine[0]
                         idx[0] = bx * chunk + j * threads + tx
@@ -266,3 +271,50 @@ def argmax_final_gpu(vocab: int, parts: int = ARGMAX_PARTS):
                 out[bx, 0] = si[0]
 
     return argmax_final
+
+
+# greedy_advance_gpu's write of the token into page-locked host memory: `addr` (a device pointer of a mapped host
+# buffer, runtime/cuda_async.py CudaAsync.mapped; 0: no write) + slot. The system fence makes the write visible to
+# the host before any later write of the kernel (the host reads it after an event recorded behind the kernel).
+SINK_WRITE = ("[](long long addr, int slot, int token) { if (addr != 0) { reinterpret_cast<volatile int*>(addr)[slot]"
+              " = token; __threadfence_system(); } }")
+
+
+def greedy_advance_gpu(vocab: int, parts: int = ARGMAX_PARTS):
+    """The last kernel of the owned cache's `decode_greedy` (models/llama.py): argmax_final_gpu's reduction of one
+    row's slice candidates, then the next step's inputs advanced on the device, so that consecutive greedy steps
+    need no copy between them: the token into ids [1, 1] (in place: the next step's input), pos0 [1] one further
+    (in place), and the token into host memory at sink[0] + 4 * (pos0 % 2) (a mapped page-locked
+    buffer whose device address is in `sink` [1] int64; 0: none) where the host reads it after an event (the slot
+    by position parity: a step's token stays there while the next step runs)."""
+    T = compiler().T
+    tree = _argmax_tree(parts, vocab)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def greedy_advance(var_pv: T.handle, var_pi: T.handle, var_ids: T.handle, var_pos0: T.handle,
+                       var_sink: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        pv = T.match_buffer(var_pv, (1, parts), "float32")
+        pi = T.match_buffer(var_pi, (1, parts), "int32")
+        ids = T.match_buffer(var_ids, (1, 1), "int32")
+        pos0 = T.match_buffer(var_pos0, (1,), "int32")
+        sink = T.match_buffer(var_sink, (1,), "int64")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            tx = T.launch_thread("threadIdx.x", parts)
+            best = T.alloc_buffer((1,), "float32", scope="local")
+            idx = T.alloc_buffer((1,), "int32", scope="local")
+            mine = T.alloc_buffer((1,), "float32", scope="local")
+            other = T.alloc_buffer((1,), "int32", scope="local")
+            sv = T.alloc_buffer((parts,), "float32", scope="shared")
+            si = T.alloc_buffer((parts,), "int32", scope="shared")
+            best[0] = pv[0, tx]
+            idx[0] = pi[0, tx]
+            tree(sv, si, best, idx, mine, other, tx)
+            if tx == 0:
+                ids[0, 0] = si[0]
+                T.evaluate(T.call_extern("void", SINK_WRITE, sink[0], T.bitwise_and(pos0[0], 1), si[0]))
+                pos0[0] = pos0[0] + 1
+
+    return greedy_advance

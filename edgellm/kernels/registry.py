@@ -349,6 +349,20 @@ class KernelRegistry:
                            lambda: cuda_math.argmax_final_gpu(vocab))
         return partial, final, parts
 
+    def greedy_step(self, vocab: int, dtype: str):
+        """(partial, advance, parts) ending the owned cache's `decode_greedy` (CUDA): the first argmax stage on the
+        head's `dtype` logits as they are (no cast kernel) and cuda_math.greedy_advance_gpu; None elsewhere."""
+        if self.kind != "cuda":
+            return None
+        from . import cuda_math
+
+        parts = cuda_math.ARGMAX_PARTS
+        partial = self._once(("argmax_partial", vocab, dtype), "argmax", "argmax_two_stage",
+                             lambda: cuda_math.argmax_partial_gpu(vocab, dtype=dtype))
+        advance = self._once(("greedy_advance", vocab), "greedy_step", "greedy_advance",
+                             lambda: cuda_math.greedy_advance_gpu(vocab))
+        return partial, advance, parts
+
     # ---- KV cache ----------------------------------------------------------------------------------------------
     def kv_cache_kernels(self, *, heads: int, kv_heads: int, head_dim: int, v_head_dim: int, dtype: str,
                          attn_kind: str, rope_inline: bool, rope: dict | None,

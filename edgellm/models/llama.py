@@ -223,8 +223,11 @@ class LlamaForCausalLM(nn.Module):
                              f"llama3/linear (target {kernels.kind}, dtype {self.dtype}, head_dim {cfg.head_dim}); "
                              "leave cuda_kv at auto")
 
+    def _head(self, x):
+        return self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)
+
     def _logits(self, x):
-        logits = self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)
+        logits = self._head(x)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
     # The entry points take either TVM's PagedKVCache (`cache`) or, with the owned cache (`self.owned`), its
@@ -258,6 +261,25 @@ class LlamaForCausalLM(nn.Module):
         """ids [b, 1] (one new token for each of b sequences) -> [b, 1, vocab]; batched serving."""
         kv = self._cache(cache, page_table, pos0, True)
         return self._out(self._logits(self.model(ids, kv)), cache)
+
+    def decode_greedy(self, ids, cache, page_table, pos0, sink):
+        """The owned cache's greedy decode step (CUDA): ids [1, 1] -> the most likely next token [1, 1] int32, and
+        the next step's inputs advanced on the device: the token into `ids` (returned) and pos0 one further, in place,
+        and the token into the mapped host buffer at `sink` [1] int64 (kernels/cuda_math.greedy_advance_gpu). A
+        greedy chain (device_runners/engine.py) replays this step's graph with no copy between steps."""
+        kv = self._cache(cache, page_table, pos0, True)
+        logits = self._head(self.model(ids, kv))  # [1, 1, vocab] in the activation dtype: no cast kernel
+        partial, advance, parts = self.kernels.greedy_step(self.cfg.vocab_size, logits.dtype)
+        ph = nn.Tensor.placeholder
+        pv, pi = nn.op.tensor_ir_op(partial, "argmax_partial", [logits],
+                                    [ph((1, parts), "float32"), ph((1, parts), "int32")])
+        token, _ = nn.op.tensor_ir_inplace_op(advance, "greedy_advance", [pv, pi, ids, kv.pos0, sink], [2, 3],
+                                              [ph((1, 1), "int32"), ph((1,), "int32")])
+        # `ids` handed back through the VM's identity builtin, which RewriteCUDAGraph leaves outside the graph:
+        # returned as it is (or as a view), the rewrite (TVM 0.27) captures it and leaves the function's return
+        # value undefined; a reshape is a copy kernel after the graph
+        return nn.wrap_nested(rx.op.call_pure_packed("vm.builtin.copy", token._expr,
+                                                     ty_args=[rx.TensorType((1, 1), "int32")]), name="token")
 
     def argmax(self, logits):
         """logits [b, 1, vocab] -> greedy token ids [b, 1] int32, on the device (CUDA builds export it: a greedy step
@@ -318,6 +340,9 @@ class LlamaForCausalLM(nn.Module):
                 "decode": {"ids": nn.spec.Tensor([1, 1], "int32"), **state(1), "$": fwd},
                 "batch_decode": {"ids": nn.spec.Tensor(["batch_size", 1], "int32"), **state("batch_size"), "$": fwd},
                 **argmax,
+                **({"decode_greedy": {"ids": nn.spec.Tensor([1, 1], "int32"), **state(1),
+                                      "sink": nn.spec.Tensor([1], "int64"), "$": fwd}}
+                   if self.kernels.greedy_step(self.cfg.vocab_size, self.dtype) is not None else {}),
             }
         cache = nn.spec.Object(object_type=c.PagedKVCache)
         return {

@@ -23,6 +23,7 @@ import numpy as np
 
 _H2D, _D2H, _D2D = 1, 2, 3  # cudaMemcpyKind
 _EVENT_DISABLE_TIMING = 2
+_HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped
 _STREAM = ctypes.c_void_p(0)  # the legacy default stream: TVM's unless one is set
 
 
@@ -57,6 +58,7 @@ class CudaAsync:
         lib.cudaMemcpyAsync.argtypes = [vp, vp, sz, ctypes.c_int, vp]
         lib.cudaHostAlloc.argtypes = [ctypes.POINTER(vp), sz, ctypes.c_uint]
         lib.cudaFreeHost.argtypes = [vp]
+        lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_uint]
         lib.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
         lib.cudaEventRecord.argtypes = [vp, vp]
         lib.cudaEventSynchronize.argtypes = [vp]
@@ -89,6 +91,21 @@ class CudaAsync:
         arr = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
         arr[...] = 0
         return arr
+
+    def mapped(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, int]:
+        """A zeroed numpy array in page-locked host memory that kernels can write (cudaHostAllocMapped), and the
+        device address they write it through (freed with this object). Read it after waiting for an event recorded
+        behind the writing kernel."""
+        dtype = np.dtype(dtype)
+        n = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        ptr, dptr = ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(self.lib.cudaHostAlloc(ctypes.byref(ptr), n, _HOST_ALLOC_MAPPED), f"cudaHostAlloc({n}, mapped)")
+        self._owned.append(("host", ptr.value))
+        self._check(self.lib.cudaHostGetDevicePointer(ctypes.byref(dptr), ptr, 0), "cudaHostGetDevicePointer")
+        buf = (ctypes.c_char * n).from_address(ptr.value)
+        arr = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        arr[...] = 0
+        return arr, int(dptr.value)
 
     def event(self):
         ev = ctypes.c_void_p()
