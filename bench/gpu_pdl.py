@@ -68,6 +68,9 @@ VARIANTS = {
     "owned-nopf": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pf64": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pfpart": {"cuda_pdl": "on", "cuda_kv": "owned"},  # and the first 16 MB / rows bytes of larger ones
+    # the warps decode attention's loads of pos0, the page table and its first tile before its PDL wait
+    # (owned_kv.WARPS_EARLY); the same arithmetic, bit-equal to "owned"
+    "owned-early": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
 MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_merge",
         "owned-warps": "warps"}  # owned_kv.DECODE_ATTN of the build (else its default)
@@ -76,9 +79,10 @@ SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its defa
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
 PARTIAL = {"owned-pfpart": True}  # cuda_gemv.PREFETCH_PARTIAL of the build (else its default)
+EARLY = {"owned-early": True}  # owned_kv.WARPS_EARLY of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
-         "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps")  # and owned-pA-B...
+         "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps",)  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
@@ -94,7 +98,7 @@ def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.kernels import KernelOptions, cuda_gemv, cuda_pdl, owned_kv
 
     saved = (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL)
+             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY)
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
@@ -102,6 +106,7 @@ def _compile(args_kw: dict, variant: str) -> None:
     pipeline.GRAPH_PIECES = PIECES.get(variant, saved[4])
     cuda_gemv.PREFETCH_L2_MAX = PREFETCH.get(variant, saved[5])
     cuda_gemv.PREFETCH_PARTIAL = PARTIAL.get(variant, saved[6])
+    owned_kv.WARPS_EARLY = EARLY.get(variant, saved[7])
     pieces = re.fullmatch(r"owned-p(\d+(?:-\d+)*)", variant)
     if pieces:  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
         pipeline.GRAPH_PIECES = tuple(int(k) for k in pieces.group(1).split("-"))
@@ -112,7 +117,7 @@ def _compile(args_kw: dict, variant: str) -> None:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**options)))
     finally:
         (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL) = saved
+         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY) = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:
@@ -307,29 +312,38 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
         for v in owned[1:]:
             _compare(f"{shape}-{v} vs {owned[0]}: decode logits (8 steps) after 1,000 tokens", base,
                      _decode_logits(engines[v], long, ref[:8]), ref, ref, exact=_exact(owned[0], v))
-    for v in owned:  # greedy_chain with one step queued ahead (what tg and generate run) = the step-by-step chain
-        engines[v].decode_ahead = False
-        step = _greedy(engines[v], prompt, 32)
-        engines[v].decode_ahead = True
-        ahead = _greedy(engines[v], prompt, 32)
-        _compare(f"{shape}-{v} greedy 32: one step queued ahead vs step by step", np.zeros(1), np.zeros(1), ahead,
-                 step, exact=True)
+    for v in owned:  # greedy_chain with one step queued ahead (what tg and generate run) = the step-by-step chain;
+        # queued ahead through decode_greedy (the argmax and the next step's inputs in its graph) and through decode
+        # + copies between steps; each twice, the second on a prompt 100 tokens longer (other page rows)
+        for p in (prompt, prompt + [int(x) for x in np.random.default_rng(5).integers(3, 1000, 100)]):
+            engines[v].decode_ahead = False
+            step = _greedy(engines[v], p, 32)
+            engines[v].decode_ahead = True
+            for in_graph in (True, False):
+                engines[v].decode_in_graph = in_graph
+                how = "in its graph" if in_graph and engines[v].has_decode_greedy else "copies between steps"
+                _compare(f"{shape}-{v} greedy 32 after {len(p)}: one step queued ahead ({how}) vs step by step",
+                         np.zeros(1), np.zeros(1), _greedy(engines[v], p, 32), step, exact=True)
+            engines[v].decode_in_graph = True
     for v in variants:  # host time of one decode call (returns once its graphs are launched), unprofiled
         results.setdefault("host_call", {})[f"{shape}-{v}"] = host_call_us(engines[v])
     name = gpu_run.torch_device_name()
     read = gpu_run.read_bytes_per_token(engines[first])
-    # tg128 of every variant, the first two again (drift); and each owned build step by step (decode_ahead off:
-    # the GPU waits for the host between steps), labelled VARIANT-step
-    runs = [(v, True) for v in variants + variants[:2]] + [(v, False) for v in owned]
-    for v, ahead in runs:
-        engines[v].decode_ahead = ahead
-        label = v if ahead else f"{v}-step"
+    # tg128 of every variant, the first two again (drift); each owned build queued ahead with decode + copies
+    # between steps (decode_in_graph off: VARIANT-copies) and step by step (decode_ahead off: the GPU waits for
+    # the host between steps, VARIANT-step)
+    runs = [(v, "ahead") for v in variants + variants[:2]] + [(v, "copies") for v in owned
+                                                              if engines[v].has_decode_greedy]
+    runs += [(v, "step") for v in owned]
+    for v, how in runs:
+        engines[v].decode_ahead, engines[v].decode_in_graph = how != "step", how == "ahead"
+        label = v if how == "ahead" else f"{v}-{how}"
         for r in run_bench(engines[v], 0, 128, reps=5, warmup=1, device_name=name):
             results["bench"].append({"shape": shape, "variant": label, "test": r.test, "avg_ts": r.avg_ts,
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
                                      "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
             print(f"{shape:<14} {label:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
-        engines[v].decode_ahead = True
+        engines[v].decode_ahead, engines[v].decode_in_graph = True, True
     _control_page_check(shape, owned, engines)
     if QUICK:  # checks, profiles and tg128 only
         return

@@ -65,6 +65,8 @@ inline void __syncthreads() { g_bar->arrive_and_wait(); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
+inline void cudaGridDependencySynchronize() {}  // PDL: one kernel at a time here
+inline void cudaTriggerProgrammaticLaunchCompletion() {}
 inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int t = threadIdx.x, w = t / 32;

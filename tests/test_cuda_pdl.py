@@ -194,3 +194,13 @@ def test_cuda_build_marks_and_waits_in_every_kernel(cuda_tiny_build, pdl):
     own = [n for n, o, c in kernels if cuda_pdl.PROLOGUE_MARK not in code[o:c + 1] and n not in bare]
     assert own and all("gemv" in n for n in own)
     assert manifest["kernels"]["options"]["cuda_pdl"] == "auto"
+
+
+def test_patch_source_counts_a_wait_in_a_device_function_it_marks():
+    """A kernel calling cuda_pdl.WAITS_INSIDE() waits in the device function it calls (owned_kv.cu's early warps
+    attention): no prologue; one that merely names it in a comment still gets one."""
+    src = ('extern "C" __global__ void d_kernel(float* x) {\n  edgellm_pdl_waits_inside();\n  f(x);\n}\n'
+           'extern "C" __global__ void e_kernel(float* x) {\n  /* edgellm_pdl_waits_inside */ f(x);\n}\n')
+    assert cuda_pdl.unwaited_kernels(src) == ["e_kernel"]
+    assert cuda_pdl.patch_source(src)[1] == ["e_kernel"]
+

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgellm.device_runners.kv_pages import PAGE, CacheFullError, PagePool
+from edgellm.kernels import owned_kv
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit)")
 
@@ -158,6 +160,22 @@ def test_decode_attn_auto_takes_the_warps_kernel_where_measured(monkeypatch):
     assert owned_kv.decode_attn_mode(9, 3, 64) == "fused"  # a mode set by hand is kept
 
 
+def _d64_checkpoint(tmp_path):
+    """A head_dim-64 tiny Llama (2 layers, 2 q heads on 1 kv head): the owned cache applies to it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models
+
+    tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
+                                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                      "tie_word_embeddings": False}
+    try:
+        return tiny_models.make_checkpoint(tmp_path / "ckpt", "llama_d64")
+    finally:
+        del tiny_models.SPECS["llama_d64"]
+
+
 @needs_nvcc
 @pytest.mark.parametrize("mode", ["auto", "fused", "split", "warps"])
 def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch, mode):
@@ -170,29 +188,17 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     for the A/B modes "fused" (its kernel, then the merge kernel), "split" and "warps" (one kernel a layer, a warp
     a tile)."""
     import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import tiny_models
-    from tiny_models import make_checkpoint
 
     from edgellm.compile import CompileArgs, compile_model, pipeline
     from edgellm.config import RuntimeOptions
-    from edgellm.kernels import KernelOptions, owned_kv
+    from edgellm.kernels import KernelOptions
 
     assert owned_kv.DECODE_ATTN == "auto" and mode in owned_kv.DECODE_ATTN_MODES
     monkeypatch.setattr(owned_kv, "DECODE_ATTN", mode)
     mode = owned_kv.decode_attn_mode(2, 1, 64)  # this model's G is 2: "auto" takes the warps kernel
     monkeypatch.setattr(pipeline, "GRAPH_PIECES", (2, 4))
     monkeypatch.setattr(pipeline, "SPLIT_MIN_KERNELS", 8)
-    tiny_models.SPECS["llama_d64"] = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
-                                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                      "tie_word_embeddings": False}
-    try:
-        ckpt = make_checkpoint(tmp_path / "ckpt", "llama_d64")
-    finally:
-        del tiny_models.SPECS["llama_d64"]
+    ckpt = _d64_checkpoint(tmp_path)
     compile_model(CompileArgs(model=str(ckpt), output=tmp_path / "art", target="cuda-sm90", quant="q4f16_1",
                               runtime=RuntimeOptions(256, 64, 16, 2), kernel_options=KernelOptions(cuda_kv="owned"),
                               dump_ir=tmp_path / "ir"))
@@ -237,6 +243,63 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     assert sum("linear_gemv_norm" in k for k in inside) == 3 and not any("silu_mul" in k for k in inside), inside
     for name in ("batch_decode", "prefill", "prefill_logits"):
         assert re.search(rf"def {name}\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: ", text), name
+    # decode_greedy: the same step with the argmax and the advance of ids / pos0 inside its last graph, no kernel
+    # outside the graphs (decode's cast and the argmax function's two kernels are not run), ids handed back
+    assert "decode_greedy" in manifest["functions"] and manifest["kernels"]["chosen"]["greedy_step"] == ["greedy_advance"]
+    greedy = funcs["decode_greedy"]
+    assert re.search(r"def decode_greedy\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: [^\n]*sink: ", text)
+    gcalls = re.findall(r"run_or_capture\", \(cls\.(decode_greedy_cuda_graph_capture\w*), ", greedy)
+    assert len(gcalls) == 3 and re.findall(r"cls\.(\w+)\(", greedy) == [], greedy
+    last = re.findall(r"cls\.(\w+)\(", funcs[gcalls[-1]])
+    assert last[-2].startswith("argmax_partial") and last[-1] == "greedy_advance" and not any("cast" in k for k in last)
+    assert re.search(r"= R\.call_packed\(\"vm\.builtin\.copy\", \w+, ty_args=\(R\.Tensor\(\(1, 1\), dtype=\"int32\"\),\)\)\n"
+                     r"        return \w+\n", greedy), greedy[-600:]
+
+@needs_nvcc
+def test_early_warps_attention_waits_after_its_loads(tmp_path, monkeypatch):
+    """owned_kv.WARPS_EARLY: the warps decode attention's kernel has no prologue; it instantiates the device function
+    with EARLY, whose wait and launch_dependents come after the loads of pos0, the page table and the first tile
+    and before anything reads qkv or writes."""
+    from edgellm.compile import CompileArgs, compile_model, pipeline
+    from edgellm.config import RuntimeOptions
+    from edgellm.kernels import KernelOptions, cuda_pdl
+
+    monkeypatch.setattr(owned_kv, "WARPS_EARLY", True)
+    sources, build = [], pipeline.build
+
+    def keep(*args, **kwargs):
+        ex = build(*args, **kwargs)
+        sources.extend(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
+        return ex
+
+    monkeypatch.setattr(pipeline, "build", keep)
+    compile_model(CompileArgs(model=str(_d64_checkpoint(tmp_path)), output=tmp_path / "art", target="cuda-sm90",
+                              quant="q4f16_1", runtime=RuntimeOptions(256, 64, 16, 2),
+                              kernel_options=KernelOptions(cuda_kv="owned")))
+    code = "".join(sources)
+    warps = [(n, o, c) for n, o, c in cuda_pdl.kernel_bodies(code) if "decode_attn_warps" in n]
+    unwaited = cuda_pdl.unwaited_kernels(code)  # the prefill GEMMs (cuda_pdl.SKIP_GEMM) alone
+    assert warps and unwaited and all(re.fullmatch(r"linear\d*_kernel(_\d+)?", n) for n in unwaited), unwaited
+    for name, o, c in warps:
+        body = code[o:c + 1]
+        assert cuda_pdl.PROLOGUE_MARK not in body and "griddepcontrol" not in body, name  # no prologue
+        assert re.search(r"edgellm_pdl_waits_inside\(\);.*edgellm_decode_attn_warps<\d+, \d+, \d+, \d+, true>", body,
+                         re.S), name
+    device = code[code.index("void edgellm_decode_attn_warps("):]
+    device = device[:device.index("\n}\n")]
+    early = device.index("if constexpr (EARLY)")
+    wait = device.index("cudaGridDependencySynchronize();", early)
+    assert device.index("load_v();\n  }") < early < wait \
+        < device.index("cudaTriggerProgrammaticLaunchCompletion();", early) < device.index("edgellm_rope_q<")
+    first_write = min(device.index(w) for w in ("dk[j] =", "snew[j] =", "out[", "o_part["))
+    assert wait < first_write
+
+
+def _modules(mod):
+    for m in mod.imports:
+        yield m
+        yield from _modules(m)
+
 
 
 class _FakeTensor:

@@ -69,6 +69,9 @@ MERGE_IN_BLOCK_MAX = 256
 # instantiation (another kv head count) spilled 40 / 44 / 148 bytes at G 4 / 7 / 8, D 128 (255 registers).
 DECODE_WARPS = 8
 WARPS_AUTO_MAX_G = 4
+# "warps" with PDL: the page table, pos0 and the first tile's K / V (all written by earlier steps) loaded before the
+# kernel's wait for the one before it (owned_kv.cu EARLY), so they overlap the qkv GEMV's tail. An A/B knob.
+WARPS_EARLY = False
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
@@ -233,7 +236,7 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
 
 
 def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int, call: str, threads: int,
-                        smem: int):
+                        smem: int, mark: str = "edgellm_noop"):
     """The PrimFunc of a decode attention that merges its splits itself (decode_attn_merge, decode_attn_warps):
     inputs as decode_attn's (qkv [n, H + 2 KV, D], inv_freq, page table, pos0, pages, layer); outputs pages (in
     place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out [n, H, D] fp16. Refuses more than
@@ -270,6 +273,7 @@ def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int,
             T.launch_thread("blockIdx.y", splits)
             T.launch_thread("threadIdx.x", threads)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
+            T.evaluate(T.call_extern("void", mark))
             T.evaluate(T.cuda.func_call(
                 call, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
                 T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
@@ -295,12 +299,15 @@ def _warps_smem(G: int, D: int) -> int:
     return G * D + D + 2 * DECODE_WARPS * G + DECODE_WARPS * G * D + 4
 
 
-def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int):
+def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int, early: bool = False):
     """DECODE_ATTN "warps": decode_attn_merge_func's inputs and outputs (pages in place, scratch (o_part, ml), out
     [n, H, D] fp16) through owned_kv.cu edgellm_decode_attn_warps: blocks of DECODE_WARPS warps, a 32-key tile a warp
     with its K and V loads issued together before the block's one sync; up to DECODE_WARPS * 32 keys one block per
     (token, kv head) writes out, longer contexts take up to `splits` blocks merged by the last one (the control
-    page's counters, as decode_attn_merge's). Within an fp16 ulp of the other modes, not bit-equal."""
+    page's counters, as decode_attn_merge's). Within an fp16 ulp of the other modes, not bit-equal. `early` (PDL
+    builds only): its loads of what earlier steps wrote go before its own wait (WARPS_EARLY)."""
+    from .cuda_pdl import WAITS_INSIDE
+
     H, KV, D, L = heads, kv_heads, head_dim, layers
     G = H // KV
     smem = _warps_smem(G, D)
@@ -309,8 +316,8 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
                          f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
                          f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
     return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits,
-                               f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}>", 32 * DECODE_WARPS,
-                               smem)
+                               f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}, {str(early).lower()}>",
+                               32 * DECODE_WARPS, smem, WAITS_INSIDE if early else "edgellm_noop")
 
 
 def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):
@@ -372,7 +379,9 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
     if mode == "fused_merge":
         build["decode_fused_merge"] = ("attention_decode", lambda: decode_attn_merge_func(H, KV, D, L, SPLITS_DECODE))
     elif mode == "warps":
-        build["decode_warps"] = ("attention_decode", lambda: decode_attn_warps_func(H, KV, D, L, SPLITS_DECODE))
+        early = WARPS_EARLY and kernels.pdl
+        build["decode_warps"] = ("attention_decode",
+                                 lambda: decode_attn_warps_func(H, KV, D, L, SPLITS_DECODE, early))
     else:
         if mode == "split":
             build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))

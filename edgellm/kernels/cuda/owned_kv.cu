@@ -472,7 +472,12 @@ __device__ __forceinline__ void edgellm_decode_attn_merge(
 // once; longer contexts have up to S blocks, merged by the last one (edgellm_decode_merge, the control-page counter).
 // Not bit-equal to decode_attn_impl (another summation order). smem (floats): G * D (q) + D (new k, v as fp16) +
 // 2 * W * G ((m, l) per warp) + W * G * D (per warp: p [G][32], then o [G][D]) + 4 (alignment).
-template <int D, int G, int S, int W>
+// A kernel whose TVMScript launch calls this (owned_kv.py, EARLY) places its own PDL wait (kernels/cuda_pdl.py
+// WAITS_INSIDE): the generated kernel gets no prologue.
+__device__ __forceinline__ void edgellm_pdl_waits_inside() {}
+__device__ __forceinline__ void edgellm_noop() {}
+
+template <int D, int G, int S, int W, bool EARLY = false>
 __device__ __forceinline__ void edgellm_decode_attn_warps(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
@@ -536,6 +541,13 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
     }
     load_k();
     load_v();
+  }
+  if constexpr (EARLY) {
+    // launched with PDL (owned_kv.WARPS_EARLY): everything above reads only what earlier steps wrote (pos0, the page
+    // table, K / V of positions before pos; the slot at pos is patched from smem below), so it is issued before the
+    // wait for the kernel before (the qkv GEMV) and overlaps its tail; nothing is written before the wait
+    cudaGridDependencySynchronize();           // griddepcontrol.wait (CUDA's sm_90 device runtime intrinsics)
+    cudaTriggerProgrammaticLaunchCompletion();  // griddepcontrol.launch_dependents
   }
   // RoPE on q (kv_append's arithmetic and rounding), while the loads are in flight
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
