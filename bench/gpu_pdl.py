@@ -69,8 +69,19 @@ VARIANTS = {
     "owned-pf64": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pfpart": {"cuda_pdl": "on", "cuda_kv": "owned"},  # and the first 16 MB / rows bytes of larger ones
     # the warps decode attention's loads of pos0, the page table and its first tile before its PDL wait
-    # (owned_kv.WARPS_EARLY); the same arithmetic, bit-equal to "owned"
+    # (owned_kv.WARPS_EARLY, the default from run 18); the same arithmetic, bit-equal to "owned"
     "owned-early": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-late": {"cuda_pdl": "on", "cuda_kv": "owned"},  # WARPS_EARLY off (the default before run 18)
+    # Llama-3.2-1B's gate_up with the norm: 2 and 4 times the warps a block (cuda_gemv.FUSED_GATE_UP_WIDEN), and
+    # unfused (add_rms_norm, then gate_up with the silu epilogue: FUSED_NORM_SILU_AUTO_MAX below 2048)
+    "owned-gw2": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-gw4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-gu": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the down GEMV's config (`in` >= 8192, cuda_gemv.LONG_IN_CONFIG (warps, rows, unroll, ksplit, fold); default
+    # (8, 2, 2, 2)): 4 groups a step, 4 rows a team, `in` over 4 warps of 16
+    "owned-dnu4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dnr4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dnk4": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
 MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_merge",
         "owned-warps": "warps"}  # owned_kv.DECODE_ATTN of the build (else its default)
@@ -79,11 +90,16 @@ SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its defa
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
 PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
 PARTIAL = {"owned-pfpart": True}  # cuda_gemv.PREFETCH_PARTIAL of the build (else its default)
-EARLY = {"owned-early": True}  # owned_kv.WARPS_EARLY of the build (else its default)
+EARLY = {"owned-early": True, "owned-late": False}  # owned_kv.WARPS_EARLY of the build (else its default)
+WIDEN = {"owned-gw2": 2, "owned-gw4": 4}  # cuda_gemv.FUSED_GATE_UP_WIDEN of the build (else its default)
+NORM_SILU_MAX = {"owned-gu": 1024}  # cuda_gemv.FUSED_NORM_SILU_AUTO_MAX of the build (else its default)
+LONG_IN = {"owned-dnu4": (8, 2, 4, 2, True), "owned-dnr4": (8, 4, 2, 2, True),
+           "owned-dnk4": (16, 2, 2, 4, True)}  # cuda_gemv.LONG_IN_CONFIG of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
-         "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early")  # and owned-pA-B...
-NOT_EXACT = ("owned-warps",)  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+         "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
+         "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4")  # and owned-pA-B...
+NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -98,7 +114,8 @@ def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.kernels import KernelOptions, cuda_gemv, cuda_pdl, owned_kv
 
     saved = (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY)
+             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY,
+             cuda_gemv.FUSED_GATE_UP_WIDEN, cuda_gemv.FUSED_NORM_SILU_AUTO_MAX, cuda_gemv.LONG_IN_CONFIG)
     owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
     cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
     cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
@@ -107,6 +124,9 @@ def _compile(args_kw: dict, variant: str) -> None:
     cuda_gemv.PREFETCH_L2_MAX = PREFETCH.get(variant, saved[5])
     cuda_gemv.PREFETCH_PARTIAL = PARTIAL.get(variant, saved[6])
     owned_kv.WARPS_EARLY = EARLY.get(variant, saved[7])
+    cuda_gemv.FUSED_GATE_UP_WIDEN = WIDEN.get(variant, saved[8])
+    cuda_gemv.FUSED_NORM_SILU_AUTO_MAX = NORM_SILU_MAX.get(variant, saved[9])
+    cuda_gemv.LONG_IN_CONFIG = LONG_IN.get(variant, saved[10])
     pieces = re.fullmatch(r"owned-p(\d+(?:-\d+)*)", variant)
     if pieces:  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
         pipeline.GRAPH_PIECES = tuple(int(k) for k in pieces.group(1).split("-"))
@@ -117,7 +137,8 @@ def _compile(args_kw: dict, variant: str) -> None:
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**options)))
     finally:
         (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY) = saved
+         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY,
+         cuda_gemv.FUSED_GATE_UP_WIDEN, cuda_gemv.FUSED_NORM_SILU_AUTO_MAX, cuda_gemv.LONG_IN_CONFIG) = saved
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:

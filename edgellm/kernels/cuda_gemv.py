@@ -654,6 +654,14 @@ def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     return w, r, max(1, u // 2), k
 
 
+# xs_gemv_config's pick for `in` >= 8192 (the down projections of Llama-3.2-1B and Llama-3-8B)
+LONG_IN_CONFIG = (8, 2, 2, 2, True)
+# fused_gemv_config: warps times this for the norm at 2048 <= `in` < 4096 and `out` >= 16384 (Llama-3.2-1B's
+# gate_up with the norm and silu: 2,048 blocks of 4 warps each stage the norm of x, 12 KB of L2 reads a block); 1
+# keeps the unfused pick's warps. An A/B knob (bench/gpu_pdl.py).
+FUSED_GATE_UP_WIDEN = 1
+
+
 def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     """(warps, rows, unroll, ksplit, fold_shift) of int4_gemv_h2(..., xsmem=True) for a shape: the registry's
     default 4-bit decode GEMV. H200, weights from HBM, docs/benchmarks/h200-gemv.md (us, before -> this pick): a long
@@ -666,7 +674,7 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     if groups < 64:
         return 4, 2, 1, 1, False
     if in_f >= 8192:
-        return 8, 2, 2, 2, True
+        return LONG_IN_CONFIG
     if out_f >= 65536:
         return 4, 4, 2, 1, True
     if out_f >= 16384:
@@ -691,4 +699,6 @@ def fused_gemv_config(in_f: int, out_f: int, norm: bool) -> tuple[int, int, int,
     w, r, u, k, fold = xs_gemv_config(in_f, out_f)
     if norm and in_f >= 4096:
         w *= 2
+    elif norm and in_f >= 2048 and out_f >= 16384:
+        w *= FUSED_GATE_UP_WIDEN
     return w, r, u, k, fold

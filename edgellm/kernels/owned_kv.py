@@ -70,8 +70,10 @@ MERGE_IN_BLOCK_MAX = 256
 DECODE_WARPS = 8
 WARPS_AUTO_MAX_G = 4
 # "warps" with PDL: the page table, pos0 and the first tile's K / V (all written by earlier steps) loaded before the
-# kernel's wait for the one before it (owned_kv.cu EARLY), so they overlap the qkv GEMV's tail. An A/B knob.
-WARPS_EARLY = False
+# kernel's wait for the one before it (owned_kv.cu EARLY), so they overlap the qkv GEMV's tail. H200 tg128, same
+# call (docs/benchmarks/h200-pdl.md run 18): SmolLM2 2,896 -> 3,170 tok/s, Llama-3.2-1B 2,168 -> 2,278, Llama-3-8B
+# 555 -> 581; attention a layer (kernel end to end) 3.9 -> 3.1, 5.0 -> 3.8, 8.1 -> 6.0 us. Bit-equal to False.
+WARPS_EARLY = True
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
