@@ -72,6 +72,8 @@ VARIANTS = {
     # (owned_kv.WARPS_EARLY, the default from run 18); the same arithmetic, bit-equal to "owned"
     "owned-early": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-late": {"cuda_pdl": "on", "cuda_kv": "owned"},  # WARPS_EARLY off (the default before run 18)
+    # decode_greedy in the pieces of decode (pipeline.GREEDY_GRAPH_PIECES = GRAPH_PIECES; one graph from run 20)
+    "owned-gp": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # Llama-3.2-1B's gate_up with the norm: 2 and 4 times the warps a block (cuda_gemv.FUSED_GATE_UP_WIDEN), and
     # unfused (add_rms_norm, then gate_up with the silu epilogue: FUSED_NORM_SILU_AUTO_MAX below 2048)
     "owned-gw2": {"cuda_pdl": "on", "cuda_kv": "owned"},
@@ -96,9 +98,10 @@ NORM_SILU_MAX = {"owned-gu": 1024}  # cuda_gemv.FUSED_NORM_SILU_AUTO_MAX of the 
 LONG_IN = {"owned-dnu4": (8, 2, 4, 2, True), "owned-dnr4": (8, 4, 2, 2, True),
            "owned-dnk4": (16, 2, 2, 4, True)}  # cuda_gemv.LONG_IN_CONFIG of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
+GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
-         "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4")  # and owned-pA-B...
+         "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
@@ -109,36 +112,38 @@ PASSES = 8  # repeated decode passes of each owned build (the run-ahead race sho
 TINY_VARIANTS = ("off", "on", "owned", "owned-warps")  # owned-warps: its kernel against numpy on the GPU too
 
 
+def _knobs() -> list[tuple[object, str, dict]]:
+    """(module, constant, {variant: the build's value}) of every module knob a variant sets (else its default)."""
+    from edgellm.compile import pipeline
+    from edgellm.kernels import cuda_gemv, cuda_pdl, owned_kv
+
+    return [(owned_kv, "DECODE_ATTN", MODE), (cuda_pdl, "TRIGGER_FIRST", TRIGGER), (cuda_pdl, "SKIP_GEMM", SKIP_GEMM),
+            (pipeline, "WHOLE_PARAMS", WHOLE), (pipeline, "GRAPH_PIECES", PIECES),
+            (cuda_gemv, "PREFETCH_L2_MAX", PREFETCH), (cuda_gemv, "PREFETCH_PARTIAL", PARTIAL),
+            (owned_kv, "WARPS_EARLY", EARLY), (cuda_gemv, "FUSED_GATE_UP_WIDEN", WIDEN),
+            (cuda_gemv, "FUSED_NORM_SILU_AUTO_MAX", NORM_SILU_MAX), (cuda_gemv, "LONG_IN_CONFIG", LONG_IN),
+            (pipeline, "GREEDY_GRAPH_PIECES", GREEDY_PIECES)]
+
+
 def _compile(args_kw: dict, variant: str) -> None:
     from edgellm.compile import CompileArgs, compile_model, pipeline
-    from edgellm.kernels import KernelOptions, cuda_gemv, cuda_pdl, owned_kv
+    from edgellm.kernels import KernelOptions
 
-    saved = (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-             pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY,
-             cuda_gemv.FUSED_GATE_UP_WIDEN, cuda_gemv.FUSED_NORM_SILU_AUTO_MAX, cuda_gemv.LONG_IN_CONFIG)
-    owned_kv.DECODE_ATTN = MODE.get(variant, saved[0])
-    cuda_pdl.TRIGGER_FIRST = TRIGGER.get(variant, saved[1])
-    cuda_pdl.SKIP_GEMM = SKIP_GEMM.get(variant, saved[2])
-    pipeline.WHOLE_PARAMS = WHOLE.get(variant, saved[3])
-    pipeline.GRAPH_PIECES = PIECES.get(variant, saved[4])
-    cuda_gemv.PREFETCH_L2_MAX = PREFETCH.get(variant, saved[5])
-    cuda_gemv.PREFETCH_PARTIAL = PARTIAL.get(variant, saved[6])
-    owned_kv.WARPS_EARLY = EARLY.get(variant, saved[7])
-    cuda_gemv.FUSED_GATE_UP_WIDEN = WIDEN.get(variant, saved[8])
-    cuda_gemv.FUSED_NORM_SILU_AUTO_MAX = NORM_SILU_MAX.get(variant, saved[9])
-    cuda_gemv.LONG_IN_CONFIG = LONG_IN.get(variant, saved[10])
+    knobs = _knobs()
+    saved = [getattr(m, name) for m, name, _ in knobs]
+    for (m, name, values), default in zip(knobs, saved):
+        setattr(m, name, values.get(variant, default))
     pieces = re.fullmatch(r"owned-p(\d+(?:-\d+)*)", variant)
     if pieces:  # owned-pA-B...: the owned cache with graph pieces of A, B, ... kernels
         pipeline.GRAPH_PIECES = tuple(int(k) for k in pieces.group(1).split("-"))
     options = VARIANTS.get(variant, VARIANTS["owned"] if pieces else None)
-    if options is None:
-        raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)} or owned-pA-B...")
     try:
+        if options is None:
+            raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)} or owned-pA-B...")
         compile_model(CompileArgs(**args_kw, kernel_options=KernelOptions(**options)))
     finally:
-        (owned_kv.DECODE_ATTN, cuda_pdl.TRIGGER_FIRST, cuda_pdl.SKIP_GEMM, pipeline.WHOLE_PARAMS,
-         pipeline.GRAPH_PIECES, cuda_gemv.PREFETCH_L2_MAX, cuda_gemv.PREFETCH_PARTIAL, owned_kv.WARPS_EARLY,
-         cuda_gemv.FUSED_GATE_UP_WIDEN, cuda_gemv.FUSED_NORM_SILU_AUTO_MAX, cuda_gemv.LONG_IN_CONFIG) = saved
+        for (m, name, _), value in zip(knobs, saved):
+            setattr(m, name, value)
 
 
 def prepare(out: Path, arch: str, shapes: list[str], tiny: bool = True) -> None:

@@ -243,13 +243,14 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     assert sum("linear_gemv_norm" in k for k in inside) == 3 and not any("silu_mul" in k for k in inside), inside
     for name in ("batch_decode", "prefill", "prefill_logits"):
         assert re.search(rf"def {name}\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: ", text), name
-    # decode_greedy: the same step with the argmax and the advance of ids / pos0 inside its last graph, no kernel
+    # decode_greedy: the same step with the argmax and the advance of ids / pos0 inside its graph, no kernel
     # outside the graphs (decode's cast and the argmax function's two kernels are not run), ids handed back
     assert "decode_greedy" in manifest["functions"] and manifest["kernels"]["chosen"]["greedy_step"] == ["greedy_advance"]
     greedy = funcs["decode_greedy"]
     assert re.search(r"def decode_greedy\(ids: [^\n]*cache: [^\n]*page_table: [^\n]*pos0: [^\n]*sink: ", text)
     gcalls = re.findall(r"run_or_capture\", \(cls\.(decode_greedy_cuda_graph_capture\w*), ", greedy)
-    assert len(gcalls) == 3 and re.findall(r"cls\.(\w+)\(", greedy) == [], greedy
+    # one graph (pipeline.GREEDY_GRAPH_PIECES: it runs queued ahead, where the launches' host time is hidden)
+    assert gcalls == ["decode_greedy_cuda_graph_capture"] and re.findall(r"cls\.(\w+)\(", greedy) == [], greedy
     last = re.findall(r"cls\.(\w+)\(", funcs[gcalls[-1]])
     assert last[-2].startswith("argmax_partial") and last[-1] == "greedy_advance" and not any("cast" in k for k in last)
     assert re.search(r"= R\.call_packed\(\"vm\.builtin\.copy\", \w+, ty_args=\(R\.Tensor\(\(1, 1\), dtype=\"int32\"\),\)\)\n"

@@ -161,10 +161,15 @@ def _whole_params_to_graphs():
 
 # _split_graphs: the kernel counts of a large graph's leading pieces (the rest is the last piece); () = one graph
 GRAPH_PIECES = (8, 32)
+# ... of the owned cache's decode_greedy, which runs only queued ahead (Engine.greedy_chain: the host launches step
+# k + 1 while step k runs, so a launch's host time is hidden and only the GPU's cost of a graph boundary is left):
+# whole. H200 tg128, same call (docs/benchmarks/h200-pdl.md run 20): one graph against (8, 32) SmolLM2 3,177 ->
+# 3,242 tok/s, Llama-3.2-1B 2,280 -> 2,333, Llama-3-8B 580 -> 583; step by step (decode) it lost 6% on SmolLM2.
+GREEDY_GRAPH_PIECES = ()
 SPLIT_MIN_KERNELS = 64  # graphs with fewer kernels stay whole (TVM's cache path: ~4 kernels a graph)
 
 
-def _split_graphs(pieces: tuple[int, ...]):
+def _split_graphs(pieces: tuple[int, ...], per_function: dict[str, tuple[int, ...]] | None = None):
     """Module pass: a captured CUDA graph of many kernels becomes a chain of graphs of growing size (`pieces`
     kernels, then the rest), replayed one after the other.
 
@@ -174,8 +179,10 @@ def _split_graphs(pieces: tuple[int, ...]):
     the GPU runs the first small graph while the host launches the next: only the first piece's launch is exposed.
     Each piece is a capture function of its own (RunOrCapture, a new entry index); the tensors one piece writes
     and a later one reads are returned by the first and passed to the second (static storage: the same addresses
-    at every replay). Runs after RewriteCUDAGraph and _whole_params_to_graphs."""
+    at every replay). Runs after RewriteCUDAGraph and _whole_params_to_graphs. `per_function`: other pieces for
+    the graphs of the functions it names."""
     c = compiler()
+    per_function = per_function or {}
     rx = c.relax
     tirx = c.tirx
 
@@ -183,7 +190,7 @@ def _split_graphs(pieces: tuple[int, ...]):
         return isinstance(value, rx.Call) and isinstance(value.op, c.tvm.ir.GlobalVar) \
             and isinstance(mod[value.op], tirx.PrimFunc)
 
-    def cuts_for(mod, bindings) -> list[int]:
+    def cuts_for(mod, bindings, pieces) -> list[int]:
         """Binding indices where each new piece starts: after the kernel that completes a piece's count."""
         targets, acc = [], 0
         for n in pieces:
@@ -198,7 +205,7 @@ def _split_graphs(pieces: tuple[int, ...]):
                     targets.pop(0)
         return cuts if count >= SPLIT_MIN_KERNELS else []
 
-    def split_call(mod, b, next_index):
+    def split_call(mod, b, next_index, pieces):
         """The caller's bindings replacing one run_or_capture binding, and the new capture functions."""
         call = b.value
         cap_gv, args, index, *rest = call.args[1].fields
@@ -211,7 +218,7 @@ def _split_graphs(pieces: tuple[int, ...]):
         params = set(cap.params)
         unpack = {x.var: x for x in bindings if isinstance(x.value, rx.TupleGetItem) and x.value.tuple_value in params}
         bindings = [x for x in bindings if x.var not in unpack]
-        cuts = cuts_for(mod, bindings)
+        cuts = cuts_for(mod, bindings, pieces)
         if not cuts:
             return None
         bounds = [0, *cuts, len(bindings)]
@@ -261,11 +268,14 @@ def _split_graphs(pieces: tuple[int, ...]):
 
     @c.tvm.transform.module_pass(opt_level=0, name="EdgellmSplitGraphs")
     def _pass(mod, _ctx):
-        if not pieces:
+        if not pieces and not any(per_function.values()):
             return mod
         single, next_index = _capture_calls(rx, mod)
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, rx.Function) or not isinstance(func.body, rx.SeqExpr):
+                continue
+            mine = per_function.get(gv.name_hint, pieces)
+            if not mine:
                 continue
             blocks, changed = [], False
             for blk in func.body.blocks:
@@ -274,7 +284,7 @@ def _split_graphs(pieces: tuple[int, ...]):
                     done = None
                     if isinstance(x, rx.VarBinding) and _is_run_or_capture(rx, x.value) \
                             and x.value.args[1].fields[0] in single:
-                        done = split_call(mod, x, next_index)
+                        done = split_call(mod, x, next_index, mine)
                     if done is None:
                         out.append(x)
                         continue
@@ -419,7 +429,8 @@ def phases(target) -> list[tuple[str, list]]:
                             rt.CallTIRRewrite()]),
         ("finalize", [p for p in lib.finalize_passes(target) if p.info.name not in drop_finalize]
                      + ([_whole_params_to_graphs()] if WHOLE_PARAMS else [])
-                     + [_split_graphs(GRAPH_PIECES), _sink_param_unpacking()]),
+                     + [_split_graphs(GRAPH_PIECES, {"decode_greedy": GREEDY_GRAPH_PIECES}),
+                        _sink_param_unpacking()]),
     ]
 
 
