@@ -67,6 +67,7 @@ VARIANTS = {
     # the decode GEMVs' L2 prefetch before their wait (cuda_gemv.PREFETCH_L2_MAX): off, and up to 64 MB matrices
     "owned-nopf": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-pf64": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-pf20": {"cuda_pdl": "on", "cuda_kv": "owned"},  # up to 20 MB: Llama-3.2-1B's gate_up (18.9 MB) too
     "owned-pfpart": {"cuda_pdl": "on", "cuda_kv": "owned"},  # and the first 16 MB / rows bytes of larger ones
     # the warps decode attention's loads of pos0, the page table and its first tile before its PDL wait
     # (owned_kv.WARPS_EARLY, the default from run 18); the same arithmetic, bit-equal to "owned"
@@ -90,7 +91,7 @@ MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_me
 TRIGGER = {"on-tf": True, "owned-tf": True}  # cuda_pdl.TRIGGER_FIRST of the build (else its default)
 SKIP_GEMM = {"on-gemm": False}  # cuda_pdl.SKIP_GEMM of the build (else its default)
 WHOLE = {"owned-unpacked": False}  # pipeline.WHOLE_PARAMS of the build (else its default)
-PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
+PREFETCH = {"owned-nopf": 0, "owned-pf64": 64 << 20, "owned-pf20": 20 << 20}  # cuda_gemv.PREFETCH_L2_MAX of the build (else its default)
 PARTIAL = {"owned-pfpart": True}  # cuda_gemv.PREFETCH_PARTIAL of the build (else its default)
 EARLY = {"owned-early": True, "owned-late": False}  # owned_kv.WARPS_EARLY of the build (else its default)
 WIDEN = {"owned-gw2": 2, "owned-gw4": 4}  # cuda_gemv.FUSED_GATE_UP_WIDEN of the build (else its default)
@@ -101,7 +102,8 @@ PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # p
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
-         "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp")  # and owned-pA-B...
+         "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
+         "owned-pf20")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
