@@ -257,3 +257,21 @@ def test_generate_greedy_runs_one_chain_and_stops_where_it_should(monkeypatch):
     eng.eos_ids = set()
     long = list(eng.generate_ids(prompt, 100, greedy))  # the window: 3 prompt tokens + 29 generated fit 32
     assert len(long) == 29 and long[:12] == full and eng.last_stats.finish_reason is FinishReason.CONTEXT
+
+
+def test_chain_copies_between_steps_where_mapped_memory_fails(monkeypatch):
+    """No mapped host memory (cudaHostAlloc / cudaHostGetDevicePointer refused): one warning, and the chains run
+    decode + copies between steps with the same tokens."""
+    from edgellm.runtime.cuda_async import CudaAsyncError
+
+    def refuse(self, shape, dtype):
+        raise CudaAsyncError("cudaHostGetDevicePointer failed: CUDA error 1 (invalid argument)")
+
+    stream = Stream()
+    eng = _engine(stream, monkeypatch)
+    monkeypatch.setattr(FakeCuda, "mapped", refuse)
+    eng.vm["decode_greedy"] = lambda *a: pytest.fail("decode_greedy called without its sink")
+    a = eng.add_sequence()
+    eng.prefill(a, [1, 2, 3])
+    assert list(eng.greedy_chain(a, 11, 20)) == _expected(eng, a, 3, 11, 20)
+    assert not eng.has_decode_greedy and "d_sink" not in eng._ahead[1] and not stream.ops

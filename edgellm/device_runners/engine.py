@@ -389,7 +389,7 @@ class Engine:
         if not (self.decode_ahead and self.owned_kv and self._argmax is not None and self.device_info.kind == "cuda"):
             return None
         if self._ahead is None:
-            from ..runtime.cuda_async import CudaAsync
+            from ..runtime.cuda_async import CudaAsync, CudaAsyncError
 
             if not CudaAsync.available():
                 return None
@@ -398,8 +398,13 @@ class Engine:
                     "ids": cu.pinned((1, 1), np.int32), "out": cu.pinned((2, 1), np.int32),
                     "events": [cu.event(), cu.event()]}
             if self.has_decode_greedy:  # decode_greedy's tokens land in mapped host memory, by position parity
-                ring["sink"], address = cu.mapped((2,), np.int32)
-                ring["d_sink"] = self._tvm.tensor(np.array([address], np.int64), self.dev)
+                try:
+                    ring["sink"], address = cu.mapped((2,), np.int32)
+                except CudaAsyncError as e:  # no mapped memory here: decode + copies between steps instead
+                    log.warning("decode_greedy needs mapped host memory (%s); greedy chains copy between steps", e)
+                    self.has_decode_greedy = False
+                else:
+                    ring["d_sink"] = self._tvm.tensor(np.array([address], np.int64), self.dev)
             self._ahead = (cu, ring)
         return self._ahead
 
