@@ -21,7 +21,9 @@ A forward of b rows with s new tokens each (decode: s = 1; prefill: b = 1) runs 
                  over the cached history [0, pos0) (paged, split over SPLITS_PREFILL), merged by lse (log2 domain).
 Page table, positions and ids are the only inputs that change between decode steps; the Engine keeps one buffer
 of each per batch size and copies into it before the replay (RewriteCUDAGraph's graphs replay on the addresses
-they were captured with: compile/pipeline.py marks every input of decode/batch_decode static).
+they were captured with: compile/pipeline.py marks every input of decode/decode_greedy/batch_decode static).
+`decode_greedy` (models/llama.py) advances its own ids and pos0 on the device, so a greedy chain copies only a new
+page row between steps.
 """
 
 from __future__ import annotations
