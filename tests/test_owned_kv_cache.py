@@ -199,9 +199,19 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "GRAPH_PIECES", (2, 4))
     monkeypatch.setattr(pipeline, "SPLIT_MIN_KERNELS", 8)
     ckpt = _d64_checkpoint(tmp_path)
+    sources, build = [], pipeline.build
+
+    def keep(*args, **kwargs):
+        ex = build(*args, **kwargs)
+        sources.extend(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
+        return ex
+
+    monkeypatch.setattr(pipeline, "build", keep)
     compile_model(CompileArgs(model=str(ckpt), output=tmp_path / "art", target="cuda-sm90", quant="q4f16_1",
                               runtime=RuntimeOptions(256, 64, 16, 2), kernel_options=KernelOptions(cuda_kv="owned"),
                               dump_ir=tmp_path / "ir"))
+    if mode == "warps":  # the default's kernel (WARPS_EARLY on): its loads before its own wait
+        _check_early_warps("".join(sources))
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert "create_tir_paged_kv_cache" not in manifest["functions"] and manifest["kernels"]["options"]["cuda_kv"] == "owned"
     assert "owned_append" in manifest["kernels"]["chosen"]["kv_append"]
@@ -256,28 +266,14 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     assert re.search(r"= R\.call_packed\(\"vm\.builtin\.copy\", \w+, ty_args=\(R\.Tensor\(\(1, 1\), dtype=\"int32\"\),\)\)\n"
                      r"        return \w+\n", greedy), greedy[-600:]
 
-@needs_nvcc
-def test_early_warps_attention_waits_after_its_loads(tmp_path, monkeypatch):
-    """owned_kv.WARPS_EARLY: the warps decode attention's kernel has no prologue; it instantiates the device function
-    with EARLY, whose wait and launch_dependents come after the loads of pos0, the page table and the first tile
-    and before anything reads qkv or writes."""
-    from edgellm.compile import CompileArgs, compile_model, pipeline
-    from edgellm.config import RuntimeOptions
-    from edgellm.kernels import KernelOptions, cuda_pdl
 
-    monkeypatch.setattr(owned_kv, "WARPS_EARLY", True)
-    sources, build = [], pipeline.build
+def _check_early_warps(code: str) -> None:
+    """owned_kv.WARPS_EARLY (the default): the warps decode attention's kernel has no PDL prologue; it instantiates
+    the device function with EARLY, whose wait and launch_dependents come after the loads of pos0, the page table and
+    the first tile and before anything reads qkv or writes."""
+    from edgellm.kernels import cuda_pdl
 
-    def keep(*args, **kwargs):
-        ex = build(*args, **kwargs)
-        sources.extend(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
-        return ex
-
-    monkeypatch.setattr(pipeline, "build", keep)
-    compile_model(CompileArgs(model=str(_d64_checkpoint(tmp_path)), output=tmp_path / "art", target="cuda-sm90",
-                              quant="q4f16_1", runtime=RuntimeOptions(256, 64, 16, 2),
-                              kernel_options=KernelOptions(cuda_kv="owned")))
-    code = "".join(sources)
+    assert owned_kv.WARPS_EARLY
     warps = [(n, o, c) for n, o, c in cuda_pdl.kernel_bodies(code) if "decode_attn_warps" in n]
     unwaited = cuda_pdl.unwaited_kernels(code)  # the prefill GEMMs (cuda_pdl.SKIP_GEMM) alone
     assert warps and unwaited and all(re.fullmatch(r"linear\d*_kernel(_\d+)?", n) for n in unwaited), unwaited
