@@ -75,6 +75,8 @@ VARIANTS = {
     "owned-late": {"cuda_pdl": "on", "cuda_kv": "owned"},  # WARPS_EARLY off (the default before run 18)
     # decode_greedy in the pieces of decode (pipeline.GREEDY_GRAPH_PIECES = GRAPH_PIECES; one graph from run 20)
     "owned-gp": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # o and down add their output to the residual stream, the next GEMV takes the norm of it (--opt cuda_fuse=all)
+    "owned-all": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_fuse": "all"},
     # Llama-3.2-1B's gate_up with the norm: 2 and 4 times the warps a block (cuda_gemv.FUSED_GATE_UP_WIDEN), and
     # unfused (add_rms_norm, then gate_up with the silu epilogue: FUSED_NORM_SILU_AUTO_MAX below 2048)
     "owned-gw2": {"cuda_pdl": "on", "cuda_kv": "owned"},
@@ -103,8 +105,8 @@ GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the bui
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
-         "owned-pf20")  # and owned-pA-B...
-NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+         "owned-pf20", "owned-all")  # and owned-pA-B...
+NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
