@@ -166,13 +166,16 @@ ARGMAX_PARTS = 64  # first-stage blocks of the device argmax: a 128256-word row 
 
 
 def _argmax_tree(threads: int, none: int):
-    """Macro: a block's (value, index) candidates in `best`/`idx` (one per thread) -> sv[0], si[0]: the larger
-    value, and of two equal ones the smaller index; index `none` marks a thread with no candidate."""
+    """Macro: a block's (value, index) candidates in `best`/`idx` (one per thread) -> sv[0], si[0] (shared, `threads`
+    each): the larger value, and of two equal ones the smaller index; index `none` marks a thread with no
+    candidate. Its own two registers of scratch are allocated inside."""
     T = compiler().T
     levels = _log2(threads)
 
     @T.macro
-    def tree(sv, si, best, idx, mine, other, tx):
+    def tree(sv, si, best, idx, tx):
+        mine = T.alloc_buffer((1,), "float32", scope="local")
+        other = T.alloc_buffer((1,), "int32", scope="local")
         sv[tx] = best[0]
         si[tx] = idx[0]
         T.tvm_storage_sync("shared")
@@ -221,7 +224,6 @@ def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256
             best = T.alloc_buffer((1,), "float32", scope="local")
             idx = T.alloc_buffer((1,), "int32", scope="local")
             mine = T.alloc_buffer((1,), "float32", scope="local")
-            other = T.alloc_buffer((1,), "int32", scope="local")
             sv = T.alloc_buffer((threads,), "float32", scope="shared")
             si = T.alloc_buffer((threads,), "int32", scope="shared")
             best[0] = T.float32(-3.4e38)
@@ -232,7 +234,7 @@ def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256
                     if mine[0] > best[0] or idx[0] == vocab:
                         best[0] = mine[0]
                         idx[0] = bx * chunk + j * threads + tx
-            tree(sv, si, best, idx, mine, other, tx)
+            tree(sv, si, best, idx, tx)
             if tx == 0:
                 pv[by, bx] = sv[0]
                 pi[by, bx] = si[0]
@@ -260,13 +262,11 @@ def argmax_final_gpu(vocab: int, parts: int = ARGMAX_PARTS):
             tx = T.launch_thread("threadIdx.x", parts)
             best = T.alloc_buffer((1,), "float32", scope="local")
             idx = T.alloc_buffer((1,), "int32", scope="local")
-            mine = T.alloc_buffer((1,), "float32", scope="local")
-            other = T.alloc_buffer((1,), "int32", scope="local")
             sv = T.alloc_buffer((parts,), "float32", scope="shared")
             si = T.alloc_buffer((parts,), "int32", scope="shared")
             best[0] = pv[bx, tx]
             idx[0] = pi[bx, tx]
-            tree(sv, si, best, idx, mine, other, tx)
+            tree(sv, si, best, idx, tx)
             if tx == 0:
                 out[bx, 0] = si[0]
 
@@ -305,13 +305,11 @@ def greedy_advance_gpu(vocab: int, parts: int = ARGMAX_PARTS):
             tx = T.launch_thread("threadIdx.x", parts)
             best = T.alloc_buffer((1,), "float32", scope="local")
             idx = T.alloc_buffer((1,), "int32", scope="local")
-            mine = T.alloc_buffer((1,), "float32", scope="local")
-            other = T.alloc_buffer((1,), "int32", scope="local")
             sv = T.alloc_buffer((parts,), "float32", scope="shared")
             si = T.alloc_buffer((parts,), "int32", scope="shared")
             best[0] = pv[0, tx]
             idx[0] = pi[0, tx]
-            tree(sv, si, best, idx, mine, other, tx)
+            tree(sv, si, best, idx, tx)
             if tx == 0:
                 ids[0, 0] = si[0]
                 T.evaluate(T.call_extern("void", SINK_WRITE, sink[0], T.bitwise_and(pos0[0], 1), si[0]))
