@@ -80,31 +80,30 @@ class CudaAsync:
     def set_device(self) -> None:
         self._check(self.lib.cudaSetDevice(self.index), f"cudaSetDevice({self.index})")
 
+    def _host_array(self, shape: tuple[int, ...], dtype, flags: int) -> tuple[np.ndarray, ctypes.c_void_p]:
+        """A zeroed numpy array in page-locked host memory (cudaHostAlloc with `flags`, freed with this object) and
+        its host pointer."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        n = max(count * dtype.itemsize, 1)
+        ptr = ctypes.c_void_p()
+        self._check(self.lib.cudaHostAlloc(ctypes.byref(ptr), n, flags), f"cudaHostAlloc({n}, flags {flags})")
+        self._owned.append(("host", ptr.value))
+        arr = np.frombuffer((ctypes.c_char * n).from_address(ptr.value), dtype=dtype, count=count).reshape(shape)
+        arr[...] = 0
+        return arr, ptr
+
     def pinned(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """A zeroed numpy array in page-locked host memory (freed with this object)."""
-        dtype = np.dtype(dtype)
-        n = int(np.prod(shape)) * dtype.itemsize
-        ptr = ctypes.c_void_p()
-        self._check(self.lib.cudaHostAlloc(ctypes.byref(ptr), max(n, 1), 0), f"cudaHostAlloc({n})")
-        self._owned.append(("host", ptr.value))
-        buf = (ctypes.c_char * max(n, 1)).from_address(ptr.value)
-        arr = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-        arr[...] = 0
-        return arr
+        return self._host_array(shape, dtype, 0)[0]
 
     def mapped(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, int]:
         """A zeroed numpy array in page-locked host memory that kernels can write (cudaHostAllocMapped), and the
         device address they write it through (freed with this object). Read it after waiting for an event recorded
         behind the writing kernel."""
-        dtype = np.dtype(dtype)
-        n = max(int(np.prod(shape)) * dtype.itemsize, 1)
-        ptr, dptr = ctypes.c_void_p(), ctypes.c_void_p()
-        self._check(self.lib.cudaHostAlloc(ctypes.byref(ptr), n, _HOST_ALLOC_MAPPED), f"cudaHostAlloc({n}, mapped)")
-        self._owned.append(("host", ptr.value))
+        arr, ptr = self._host_array(shape, dtype, _HOST_ALLOC_MAPPED)
+        dptr = ctypes.c_void_p()
         self._check(self.lib.cudaHostGetDevicePointer(ctypes.byref(dptr), ptr, 0), "cudaHostGetDevicePointer")
-        buf = (ctypes.c_char * n).from_address(ptr.value)
-        arr = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-        arr[...] = 0
         return arr, int(dptr.value)
 
     def event(self):
