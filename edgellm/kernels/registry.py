@@ -343,8 +343,8 @@ class KernelRegistry:
         from . import cuda_math
 
         parts = cuda_math.ARGMAX_PARTS
-        partial = self._once(("argmax_partial", vocab), "argmax", "argmax_two_stage",
-                             lambda: cuda_math.argmax_partial_gpu(vocab))
+        partial = self._once(("argmax_partial", vocab, "float32"), "argmax", "argmax_two_stage",
+                             lambda: cuda_math.argmax_partial_gpu(vocab))  # greedy_step's key for float32 logits
         final = self._once(("argmax_final", vocab), "argmax", "argmax_two_stage",
                            lambda: cuda_math.argmax_final_gpu(vocab))
         return partial, final, parts
