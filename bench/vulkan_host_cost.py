@@ -38,8 +38,9 @@ def stats(reset: bool = False) -> dict:
     return json.loads(str(_tvm.get_global_func("edgellm.webgpu.stats")(0, int(reset))))
 
 
-def measure(eng, tokens: int, profile: bool, flush: int | None = None) -> dict:
-    """Counters per greedy decode token of the open Engine `eng` (device 0), after 3 warm-up tokens."""
+def measure(eng, tokens: int, profile: bool, flush: int | None = None, chain: bool = False) -> dict:
+    """Counters per greedy decode token of the open Engine `eng` (device 0), after 3 warm-up tokens. chain: the
+    tokens as one Engine.greedy_chain (one step queued ahead), else one decode_greedy each."""
     from edgellm import _tvm
 
     g = _tvm.get_global_func
@@ -54,8 +55,12 @@ def measure(eng, tokens: int, profile: bool, flush: int | None = None) -> dict:
             g("edgellm.webgpu.set_profile")(0, 1)
         stats(reset=True)
         t0 = time.perf_counter()
-        for _ in range(tokens):
-            tok = seq.decode_greedy(tok)
+        if chain:
+            for tok in seq.greedy_chain(tok, tokens):
+                pass
+        else:
+            for _ in range(tokens):
+                tok = seq.decode_greedy(tok)
         wall = time.perf_counter() - t0
         s = stats(reset=True)
         if profile:
@@ -64,7 +69,7 @@ def measure(eng, tokens: int, profile: bool, flush: int | None = None) -> dict:
                                       "bind_group_hits", "reads", "writes", "device_copies", "syncs")}
     us = {k: s[k] / tokens / 1e3 for k in ("record_ns", "submit_ns", "wait_ns")}
     out = {"artifact": str(eng.art.root if hasattr(eng.art, "root") else ""), "device": eng.device_info.describe(),
-           "tokens": tokens, "device_argmax": eng.has_device_argmax, "flush_every": s["flush_every"],
+           "tokens": tokens, "chain": chain, "device_argmax": eng.has_device_argmax, "flush_every": s["flush_every"],
            "profile": profile, "per_token": per,
            "us_per_token": {**us, "wall": wall / tokens * 1e6,
                             "host_outside_wait": wall / tokens * 1e6 - us["wait_ns"]},

@@ -9,8 +9,9 @@
 
 Per shape (the 8B first), with the same random weights on every path: CUDA tg128; each Vulkan build's logits of a
 40-token prefill and 15 decodes against CUDA's; then tg128 under each submit policy (POLICIES: the flush interval,
-the first batch after a wait, spinning waits; POLICY_SET=ab the first call's eight, else old / default / f128), each with the plugin's counters per token; one profiled pass per
-Vulkan build (GPU time per kernel).
+the first batch after a wait, spinning waits; POLICY_SET=ab the first call's eight, POLICY_SET=ahead the greedy
+chain step by step against queued ahead, else old / default / f128), each with the plugin's counters per token;
+one profiled pass per Vulkan build (GPU time per kernel).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ POLICIES_AB = [("f64", 64, 0, 0), ("f64-first4", 64, 4, 0), ("f64-first8", 64, 8
             ("f64-spin", 64, 0, 5000), ("f64-first4-spin", 64, 4, 5000), ("f128-first4-spin", 128, 4, 5000),
             ("f32-first4-spin", 32, 4, 5000)]
 POLICIES_FINAL = [("old", 64, 0, 0), ("default", 64, 4, 5000), ("f128", 128, 4, 5000)]
-POLICIES = POLICIES_AB if os.environ.get("POLICY_SET", "final") == "ab" else POLICIES_FINAL
+# POLICY_SET=ahead: greedy_chain step by step (each token read before the next step is recorded, as before run 13)
+# against one step queued ahead (the default since run 13) at three flush intervals; a fifth field False = steps
+POLICIES_AHEAD = [("steps", 64, 4, 5000, False), ("default", 64, 4, 5000), ("ahead-f128", 128, 4, 5000),
+                  ("ahead-f0", 0, 0, 5000)]
+POLICIES = {"ab": POLICIES_AB, "ahead": POLICIES_AHEAD}.get(os.environ.get("POLICY_SET", "final"), POLICIES_FINAL)
 # Vulkan builds besides h2 and dp4a, the 8B only: label -> patch of webgpu_linear while compiling (BUILDS=a,b)
 VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-st4": "int4_gemv_dp4a with stage_threads=4 everywhere (the run 8 kernel's staging)",
@@ -262,17 +267,19 @@ def run(bundle: Path, shapes, reps: int) -> None:
                                                             "finite": bool(np.isfinite(logits).all())}
                     print(f"{name} {label} vs cuda: rel {rel:.2e} top1 {top1}", flush=True)
                 if label != "cuda":
-                    for pol, every, first, spin in POLICIES:
+                    for pol, every, first, spin, *ahead in POLICIES:
                         if name != "llama-3-8b" and pol not in ("f64", "f64-first4", "f64-first4-spin",
-                                                                "f64-first8", "old", "default", "f128"):
+                                                                "f64-first8", "old", "default", "f128", "steps"):
                             continue
                         if (label in VARIANTS or os.environ.get("ONLY_DEFAULT")) and pol != "default":
                             continue
                         g("edgellm.webgpu.set_flush_every")(0, every)
                         g("edgellm.webgpu.set_flush_first")(0, first)
                         g("edgellm.webgpu.set_spin_wait")(0, spin)
+                        eng.decode_ahead = ahead[0] if ahead else True
                         r = _tg(eng, reps, eng.device_info.describe())
-                        c = measure(eng, int(os.environ.get("MT", "32")), False)
+                        c = measure(eng, int(os.environ.get("MT", "32")), False, chain=eng.decode_ahead)
+                        eng.decode_ahead = True
                         results["bench"].append({"model": name, "path": label, "policy": pol, "tg128": r.avg_ts,
                                                  "samples": r.samples_ts, "git_sha": r.git_sha})
                         results["counters"][f"{name} {label} {pol}"] = c

@@ -34,8 +34,9 @@ def compiler_available() -> bool:
     return True
 
 
-def get_global_func(name: str):
-    return tvm_ffi.get_global_func(name)
+def get_global_func(name: str, allow_missing: bool = False):
+    """TVM's global function `name`; None where it is missing and allow_missing is set."""
+    return tvm_ffi.get_global_func(name, allow_missing=allow_missing)
 
 
 def cuda_runtime_lib() -> Path:

@@ -143,6 +143,50 @@ def test_plugin_counters_flush_and_profile(adapter, vk):
     assert "argmax_partial_kernel" in sp["kernels"] and "add_rms_norm_kernel" in sp["kernels"]
 
 
+def test_greedy_chain_reads_each_token_while_the_next_step_runs(adapter, vk):
+    """Engine.greedy_chain through Vulkan keeps one step queued ahead: step k + 1 is recorded and submitted on the
+    device ids step k's argmax wrote before step k's token is read (the plugin's async read), and the tokens equal
+    the step-by-step chain's over 40 steps (three KV pages). Closed early, the queued step drains into the cache."""
+    from edgellm import _tvm
+
+    eng = Engine(vk("llama", "q0f32"))
+    n = 40
+    with eng.sequence() as seq:
+        tok = int(seq.prefill(PROMPT).argmax())
+        eng.decode_ahead = False
+        ref = list(seq.greedy_chain(tok, n))
+    eng.decode_ahead = True
+    begin, end = eng._webgpu_reads()
+    calls = []
+
+    def rec_begin(t):
+        calls.append("b")
+        return begin(t)
+
+    def rec_end(d, ticket):
+        calls.append("e")
+        return end(d, ticket)
+
+    eng._reads = (rec_begin, rec_end)
+    with eng.sequence() as seq:
+        assert int(seq.prefill(PROMPT).argmax()) == tok
+        assert list(seq.greedy_chain(tok, n)) == ref
+        assert seq.length == len(PROMPT) + n
+    assert calls == ["b", "b"] + ["e", "b"] * (n - 2) + ["e", "e"]  # step k + 1 queued before token k is read
+    with eng.sequence() as seq:
+        seq.prefill(PROMPT)
+        chain = seq.greedy_chain(tok, 30)
+        assert [next(chain) for _ in range(5)] == ref[:5]
+        chain.close()  # steps 0..5 ran: the 6th (feeding ref[4]) was queued when ref[4] came back
+        assert seq.length == len(PROMPT) + 6
+        assert list(seq.greedy_chain(ref[5], 4)) == ref[6:10]
+    g = _tvm.get_global_func
+    with pytest.raises(ValueError, match="not outstanding"):
+        g("edgellm.webgpu.read_end")(0, 10**9)
+    with pytest.raises(ValueError, match="webgpu tensor"):
+        g("edgellm.webgpu.read_begin")(_tvm.tensor(np.zeros(4, np.int32), _tvm.runtime.cpu()))
+
+
 # llama3: rope scaling (the build needs tirx.disable_cse_tir) and a tied head; qwen2: q/k/v bias and `in` padded
 # to whole groups. q4f16_1 runs fp16 activations (lavapipe has shader-f16).
 @pytest.mark.parametrize("name,scheme,tol", [("llama3", "q4f32_1", 1e-4), ("qwen2", "q4f16_1", 2e-2)])

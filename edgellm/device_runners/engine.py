@@ -222,6 +222,7 @@ class Engine:
         # argmax); False runs it step by step (an A/B knob for benchmarks)
         self.decode_ahead = True
         self._ahead = None  # (CudaAsync, pinned buffers, events), made on first use
+        self._reads = None  # the WebGPU plugin's (read_begin, read_end), looked up on first use
         self._shapes: dict[tuple[tuple[int, ...], int], tuple] = {}  # ShapeTuples per (sequences, tokens each)
         if not self.owned_kv:
             self._free_pages_fn = g("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -364,11 +365,12 @@ class Engine:
         """Feed `token` to `seq`, then decode greedily: yield n tokens, each as soon as it is known; every token but
         the last is fed in turn (n decode steps). `sequence_length(seq)` counts the tokens fed so far.
 
-        Where the artifact decodes on the owned CUDA cache with a device argmax, one step runs ahead of the host:
-        step k + 1 is queued, its input id copied on the device from step k's argmax, before step k's token is read
-        back, so the GPU does not idle while the host reads a token and launches the next step (~80 us a step on
-        an H200). Closing the iterator early waits for the queued step; that step's token is then in the cache
-        (one more than the caller took). Elsewhere each step is `decode_greedy`."""
+        Where the artifact has a device argmax on the owned CUDA cache or on a Vulkan device, one step runs ahead
+        of the host: step k + 1 is queued, its input id on the device from step k's argmax, before step k's token
+        is read back, so the GPU does not idle while the host reads a token and launches the next step (~80 us a
+        step on an H200 through CUDA; through Vulkan the host's recording and submits of a whole step). Closing
+        the iterator early waits for the queued step; that step's token is then in the cache (one more than the
+        caller took). Elsewhere each step is `decode_greedy`."""
         if n <= 0:
             return
         self.check_ids([token])
@@ -376,6 +378,9 @@ class Engine:
         if length + n > self.context_window:
             raise PromptTooLongError(f"sequence {seq} holds {length} tokens; {n} decode steps would make "
                                      f"{length + n} and the artifact's context window is {self.context_window}")
+        if self.decode_ahead and self._webgpu_reads() is not None:
+            yield from self._chain_ahead_webgpu(seq, token, n)
+            return
         ahead = self._decode_ahead_state()
         if ahead is None:
             for _ in range(n):
@@ -407,6 +412,41 @@ class Engine:
                     ring["d_sink"] = self._tvm.tensor(np.array([address], np.int64), self.dev)
             self._ahead = (cu, ring)
         return self._ahead
+
+    def _webgpu_reads(self):
+        """(read_begin, read_end) of the WebGPU plugin's async device-to-host reads, for greedy_chain on TVM's cache
+        with a device argmax through Vulkan; None elsewhere (or a prebuilt plugin without them)."""
+        if self._argmax is None or self.owned_kv or self.device_info.kind != "webgpu":
+            return None
+        if self._reads is None:
+            g = self._tvm.get_global_func
+            begin, end = g("edgellm.webgpu.read_begin", True), g("edgellm.webgpu.read_end", True)
+            self._reads = (begin, end) if begin is not None and end is not None else ()
+        return self._reads or None
+
+    def _chain_ahead_webgpu(self, seq: int, token: int, n: int) -> Iterator[int]:
+        """greedy_chain with one step queued ahead on TVM's paged cache through the WebGPU plugin. Step k: the
+        cache's begin_forward (its page tables go to the device in queue order, behind step k - 1), `decode` on
+        the ids tensor step k - 1's argmax wrote, the argmax, and an async read of its token (the plugin submits
+        the step with the read and does not wait); then step k - 1's token is waited for, alone, while step k runs.
+        Every input of step k is on the device or copied in queue order, so the host never waits mid-chain for
+        anything but a token."""
+        read_begin, read_end = self._webgpu_reads()
+        dev_id = self.device_info.index
+        arr = self._ids_tensor("decode", [seq], [token])
+        pending = []  # tickets of steps queued and not yet read, oldest first
+        try:
+            for k in range(n):
+                ids = self._argmax(self._forward("decode", [seq], None, arr))
+                pending.append(read_begin(ids))
+                self._lengths[seq] += 1
+                arr = ids  # the next step's input: this step's token, on the device
+                if k > 0:  # step k - 1's token, while step k runs
+                    yield int(np.frombuffer(read_end(dev_id, pending.pop(0)), np.int32)[0])
+            yield int(np.frombuffer(read_end(dev_id, pending.pop(0)), np.int32)[0])
+        finally:
+            for ticket in pending:  # closed early: the queued step finishes before the iterator does
+                read_end(dev_id, ticket)
 
     def _chain_ahead(self, ahead, seq: int, token: int, n: int) -> Iterator[int]:
         """greedy_chain with one step queued ahead (see there). Step k uses slot k % 2 of the pinned buffers: its
@@ -561,12 +601,13 @@ class Engine:
             f = self._fns[name] = self.vm[name]
         return f
 
-    def _forward(self, fn: str, seqs: list[int], ids: list[int]):
-        """One forward of `fn` (prefill: ids are one chunk of seqs[0]; decode/batch_decode: one id per sequence);
-        the output tensor stays on the device."""
+    def _forward(self, fn: str, seqs: list[int], ids: list[int] | None, arr=None):
+        """One forward of `fn` (prefill: ids are one chunk of seqs[0]; decode/batch_decode: one id per sequence,
+        or `arr`, the ids already on the device); the output tensor stays on the device."""
         if self.owned_kv:
             return self._forward_owned(fn, seqs, ids)
-        arr = self._ids_tensor(fn, seqs, ids)
+        if arr is None:
+            arr = self._ids_tensor(fn, seqs, ids)
         per = len(ids) if fn.startswith("prefill") else 1
         key = (tuple(seqs), per)  # ShapeTuples made once (about 2 us each per call on a CPU of this machine's class)
         shapes = self._shapes.get(key)

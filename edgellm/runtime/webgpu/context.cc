@@ -324,11 +324,12 @@ void Context::SetSpinWait(uint64_t us) {
   spin_ns_ = us * 1000;
 }
 
-void Context::WaitQueue(const bool* done) {
+void Context::WaitQueue(const bool* done, const WGPUSubmissionIndex* index, bool idle_after) {
   uint64_t t0 = NowNs();
   while (errors_.empty()) {
     bool block = spin_ns_ == 0 || NowNs() - t0 >= spin_ns_;
-    bool empty = wgpuDevicePoll(device_, block, nullptr);  // true: every submitted command buffer has finished
+    // true: every submitted command buffer has finished (blocking with `index`: that submission has)
+    bool empty = wgpuDevicePoll(device_, block, block ? index : nullptr);
     if (done == nullptr) {
       if (empty || block) break;
     } else {
@@ -336,7 +337,7 @@ void Context::WaitQueue(const bool* done) {
       if (*done) break;
     }
   }
-  ResetBatch();  // the GPU is idle now: start the next batch small
+  if (idle_after) ResetBatch();  // the GPU is idle now: start the next batch small
 }
 
 std::string Context::StatsJSON(bool reset) {
@@ -472,7 +473,7 @@ void Context::Flush() {
   wgpuCommandEncoderRelease(pending_);
   pending_ = nullptr;
   recorded_ = 0;
-  wgpuQueueSubmit(queue_, 1, &cmd);
+  last_submit_ = wgpuQueueSubmitForIndex(queue_, 1, &cmd);
   wgpuCommandBufferRelease(cmd);
   ++stats_.submits;
   RaiseErrors("submit");
@@ -570,6 +571,83 @@ void Context::Read(Buffer* src, size_t offset, void* dst, size_t nbytes) {
   if (offset % 4 == 0 && nbytes % 4 == 0) return ReadAligned(src, offset, dst, nbytes);
   Words w = ReadWords(src, offset, nbytes);
   std::memcpy(dst, w.bytes.data() + (offset - w.begin), nbytes);
+}
+
+struct Context::AsyncRead {
+  WGPUBuffer staging;
+  uint64_t size;  // of `staging`
+  size_t nbytes;
+  WGPUSubmissionIndex submission;
+  MapRequest req;
+};
+
+uint64_t Context::ReadBegin(Buffer* src, size_t offset, size_t nbytes) {
+  if (offset % 4 || nbytes % 4 || nbytes == 0) {
+    TVM_FFI_THROW(ValueError) << "webgpu async read of " << nbytes << " bytes at " << offset
+                              << ": both must be non-zero multiples of 4 (read the covering words)";
+  }
+  CopyNeeded("read", src, offset, nbytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (reads_.size() >= kMaxAsyncReads) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu has " << reads_.size()
+                                << " async reads outstanding; end some (ReadEnd) before starting more";
+  }
+  auto* r = new AsyncRead{nullptr, 0, nbytes, 0, {}};
+  for (auto it = read_staging_free_.begin(); it != read_staging_free_.end(); ++it) {
+    if (it->second >= nbytes) {
+      r->staging = it->first;
+      r->size = it->second;
+      read_staging_free_.erase(it);
+      break;
+    }
+  }
+  if (r->staging == nullptr) {
+    r->size = RoundUp(std::max<size_t>(nbytes, 256), 256);
+    WGPUBufferDescriptor desc;
+    std::memset(&desc, 0, sizeof(desc));
+    desc.usage = WGPUBufferUsage_MapRead | WGPUBufferUsage_CopyDst;
+    desc.size = r->size;
+    r->staging = wgpuDeviceCreateBuffer(device_, &desc);
+  }
+  wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, offset, r->staging, 0, nbytes);
+  Flush();
+  r->submission = last_submit_;
+  ++stats_.reads;
+  wgpuBufferMapAsync(r->staging, WGPUMapMode_Read, 0, nbytes,
+                     ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &r->req));
+  uint64_t ticket = next_ticket_++;
+  reads_.emplace(ticket, r);
+  RaiseErrors("device-to-host copy");
+  return ticket;
+}
+
+std::vector<uint8_t> Context::ReadEnd(uint64_t ticket) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = reads_.find(ticket);
+  if (it == reads_.end()) {
+    TVM_FFI_THROW(ValueError) << "webgpu async read " << ticket << " is not outstanding (each ticket ends once)";
+  }
+  AsyncRead* r = it->second;
+  reads_.erase(it);
+  {
+    Timer timer(&stats_.wait_ns);
+    WaitQueue(&r->req.done, &r->submission, false);
+  }
+  std::vector<uint8_t> out;
+  bool ok = errors_.empty() && r->req.status == WGPUMapAsyncStatus_Success;
+  std::string message = r->req.message;
+  if (ok) {
+    const void* mapped = wgpuBufferGetConstMappedRange(r->staging, 0, r->nbytes);
+    out.assign(static_cast<const uint8_t*>(mapped), static_cast<const uint8_t*>(mapped) + r->nbytes);
+    wgpuBufferUnmap(r->staging);
+    read_staging_free_.emplace_back(r->staging, r->size);
+  } else {
+    wgpuBufferRelease(r->staging);  // its mapping may still be pending: never reuse it
+  }
+  delete r;
+  RaiseErrors("device-to-host copy");
+  if (!ok) TVM_FFI_THROW(RuntimeError) << "webgpu device-to-host copy failed on " << facts_.name << ": " << message;
+  return out;
 }
 
 void Context::Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offset, size_t nbytes) {

@@ -78,6 +78,14 @@ class Context {
   void Copy(Buffer* src, size_t src_offset, Buffer* dst, size_t dst_offset, size_t nbytes);
   // Submits pending work and waits for the queue to drain.
   void Sync();
+  // A device-to-host read that does not wait: ReadBegin records a copy of [offset, offset + nbytes) of `src`
+  // (4-byte aligned) into a staging buffer of its own, submits everything recorded so far and asks for the
+  // staging buffer's mapping; it returns a ticket at once, and the host goes on recording (later work queues
+  // behind the copy). ReadEnd(ticket) waits for that copy alone, not for work submitted after it, and returns the
+  // bytes. A greedy chain reads step k's token while step k + 1 runs. At most kMaxAsyncReads are outstanding.
+  uint64_t ReadBegin(Buffer* src, size_t offset, size_t nbytes);
+  std::vector<uint8_t> ReadEnd(uint64_t ticket);
+  static constexpr size_t kMaxAsyncReads = 64;
 
   // Records one dispatch: `buffers` at bindings 0..n-1, then a uniform of `pod_words` 32-bit words. `label`
   // (the kernel's name, alive as long as the module) names it in profiles.
@@ -115,8 +123,10 @@ class Context {
   WGPUCommandEncoder Encoder();  // the pending encoder, with no compute pass open
   WGPUComputePassEncoder Pass();  // the open compute pass of the pending encoder
   void EndPass();
-  // Polls until `done` is set (nullptr: until the queue is empty), blocking in the driver or spinning.
-  void WaitQueue(const bool* done);
+  // Polls until `done` is set (nullptr: until the queue is empty), blocking in the driver (until submission
+  // `index` where given, else the whole queue) or spinning. `idle_after`: the queue is idle once it returns, so
+  // the next batch starts small (false for an async read: later work is still queued behind it).
+  void WaitQueue(const bool* done, const WGPUSubmissionIndex* index = nullptr, bool idle_after = true);
   void ResetBatch() { batch_limit_ = flush_first_ ? std::min(flush_first_, flush_every_) : flush_every_; }
   void DropBindGroups(WGPUBuffer buffer);
   void ClearBindGroups();
@@ -159,6 +169,11 @@ class Context {
   size_t uniform_slot_ = 256;
   WGPUBuffer staging_ = nullptr;  // MapRead staging for device-to-host copies, grown on demand
   uint64_t staging_size_ = 0;
+  struct AsyncRead;  // one ReadBegin's staging buffer, size, submission and mapping request (context.cc)
+  std::unordered_map<uint64_t, AsyncRead*> reads_;  // outstanding, by ticket
+  std::vector<std::pair<WGPUBuffer, uint64_t>> read_staging_free_;  // staging buffers of finished reads, reused
+  uint64_t next_ticket_ = 1;
+  WGPUSubmissionIndex last_submit_ = 0;  // of the last Flush
   std::multimap<uint64_t, Buffer*> workspace_free_;
   std::string errors_;
   std::mutex mu_;

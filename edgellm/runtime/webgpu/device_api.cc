@@ -1,4 +1,5 @@
 // edgellm WebGPU runtime plugin: TVM's DeviceAPI for kDLWebGPU, registered as `device_api.webgpu`.
+#include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 #include <tvm/runtime/device_api.h>
@@ -166,6 +167,22 @@ TVM_FFI_STATIC_INIT_BLOCK() {
            [](int device_id, int n) { Context::Get(device_id)->SetFlushEvery(n < 0 ? 0 : static_cast<size_t>(n)); })
       .def("edgellm.webgpu.set_flush_first",
            [](int device_id, int n) { Context::Get(device_id)->SetFlushFirst(n < 0 ? 0 : static_cast<size_t>(n)); })
+      // async device-to-host read of a whole webgpu tensor (Context::ReadBegin): a ticket now, the bytes at end
+      .def("edgellm.webgpu.read_begin",
+           [](DLTensor* t) -> int64_t {
+             if (t->device.device_type != kDLWebGPU) {
+               TVM_FFI_THROW(ValueError) << "edgellm.webgpu.read_begin needs a webgpu tensor, got device type "
+                                         << t->device.device_type;
+             }
+             size_t n = tvm::ffi::GetDataSize(*t);
+             return static_cast<int64_t>(
+                 Context::Get(t->device.device_id)->ReadBegin(AsBuffer(t->data), t->byte_offset, n));
+           })
+      .def("edgellm.webgpu.read_end",
+           [](int device_id, int64_t ticket) -> tvm::ffi::Bytes {
+             std::vector<uint8_t> b = Context::Get(device_id)->ReadEnd(static_cast<uint64_t>(ticket));
+             return tvm::ffi::Bytes(reinterpret_cast<const char*>(b.data()), b.size());
+           })
       .def("edgellm.webgpu.set_spin_wait",
            [](int device_id, int us) { Context::Get(device_id)->SetSpinWait(us < 0 ? 0 : static_cast<uint64_t>(us)); });
 }
