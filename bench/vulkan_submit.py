@@ -38,8 +38,9 @@ POLICIES_AB = [("f64", 64, 0, 0), ("f64-first4", 64, 4, 0), ("f64-first8", 64, 8
 POLICIES_FINAL = [("old", 64, 0, 0), ("default", 64, 4, 5000), ("f128", 128, 4, 5000)]
 # POLICY_SET=ahead: greedy_chain step by step (each token read before the next step is recorded, as before run 13)
 # against one step queued ahead (the default since run 13) at three flush intervals; a fifth field False = steps
-POLICIES_AHEAD = [("steps", 64, 4, 5000, False), ("default", 64, 4, 5000), ("ahead-f128", 128, 4, 5000),
-                  ("ahead-f0", 0, 0, 5000)]
+# (run 13; a sixth field: the plugin's flush interval while queued ahead, set_flush_ahead: 0 = a step at its read,
+# the default since run 13)
+POLICIES_AHEAD = [("steps", 64, 4, 5000, False), ("default", 64, 4, 5000), ("ahead-f64", 64, 4, 5000, True, 64)]
 POLICIES = {"ab": POLICIES_AB, "ahead": POLICIES_AHEAD}.get(os.environ.get("POLICY_SET", "final"), POLICIES_FINAL)
 # Vulkan builds besides h2 and dp4a, the 8B only: label -> patch of webgpu_linear while compiling (BUILDS=a,b)
 VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
@@ -62,7 +63,13 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
                               "the 8B), the default before run 12 (278.8 tok/s there against the default's 301.5)",
             "vulkan-dp4a-attntvm": "dp4a with vulkan-attntvm's decode attention (run 12: 311.3 against 334.9)",
             "vulkan-attnq512": "the default's decode attention (a workgroup per query head) at 512 threads a "
-                               "workgroup (16 positions a step; run 12: 293.2 against 301.5)"}
+                               "workgroup (16 positions a step; run 12: 293.2 against 301.5)",
+            "vulkan-dn42": "h2 with down (in over 4096) at 8 warps x 4 rows x 2 groups a lane a step (8 loads in "
+                           "flight a lane; the default 8 x 4 x 1: one workgroup an SM at the 8B, 16 KiB in flight)",
+            "vulkan-dn44": "h2 with down at 8 warps x 4 rows x 4 groups a step (16 loads in flight a lane)",
+            "vulkan-dp4a-dn42": "dp4a with down at 8 x 4 x 2", "vulkan-dp4a-dn44": "dp4a with down at 8 x 4 x 4",
+            "vulkan-dp4a-gu2": "dp4a with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096 "
+                               "(the default takes one group a step there)"}
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -100,7 +107,20 @@ def _patched(label: str):
         on = x32(i, k.get("bits", 4))
         return gemv(i, *a, **k, xf32=on, chains=4 if on else None)
 
-    name, value = {"vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)[:3]),
+    def down(u):
+        def cfg(i, o, silu=False, bits=4, norm=False):
+            return (8, 4, u, 1) if i > 4096 and not silu and bits == 4 else h2(i, o, silu, bits, norm)
+        return cfg
+
+    dp4a_cfg = wl.dp4a_config
+
+    def gu2(i, o, silu=False):
+        return (8, 2, 2) if silu and i == 4096 else dp4a_cfg(i, o, silu)
+
+    name, value = {"vulkan-dn42": ("h2_config", down(2)), "vulkan-dn44": ("h2_config", down(4)),
+                   "vulkan-dp4a-dn42": ("h2_config", down(2)), "vulkan-dp4a-dn44": ("h2_config", down(4)),
+                   "vulkan-dp4a-gu2": ("dp4a_config", gu2),
+                   "vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)[:3]),
                    "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4)),
                    "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4),
                    "vulkan-ks": ("h2_config", ks), "vulkan-ks4": ("h2_config", ks),
@@ -267,7 +287,7 @@ def run(bundle: Path, shapes, reps: int) -> None:
                                                             "finite": bool(np.isfinite(logits).all())}
                     print(f"{name} {label} vs cuda: rel {rel:.2e} top1 {top1}", flush=True)
                 if label != "cuda":
-                    for pol, every, first, spin, *ahead in POLICIES:
+                    for pol, every, first, spin, *more in POLICIES:
                         if name != "llama-3-8b" and pol not in ("f64", "f64-first4", "f64-first4-spin",
                                                                 "f64-first8", "old", "default", "f128", "steps"):
                             continue
@@ -276,7 +296,8 @@ def run(bundle: Path, shapes, reps: int) -> None:
                         g("edgellm.webgpu.set_flush_every")(0, every)
                         g("edgellm.webgpu.set_flush_first")(0, first)
                         g("edgellm.webgpu.set_spin_wait")(0, spin)
-                        eng.decode_ahead = ahead[0] if ahead else True
+                        eng.decode_ahead = more[0] if more else True
+                        g("edgellm.webgpu.set_flush_ahead")(0, more[1] if len(more) > 1 else 0)
                         r = _tg(eng, reps, eng.device_info.describe())
                         c = measure(eng, int(os.environ.get("MT", "32")), False, chain=eng.decode_ahead)
                         eng.decode_ahead = True
@@ -290,6 +311,7 @@ def run(bundle: Path, shapes, reps: int) -> None:
                     g("edgellm.webgpu.set_flush_every")(0, 64)  # the plugin's defaults
                     g("edgellm.webgpu.set_flush_first")(0, 4)
                     g("edgellm.webgpu.set_spin_wait")(0, 5000)
+                    g("edgellm.webgpu.set_flush_ahead")(0, 0)
                     if name == "llama-3-8b":
                         p = measure(eng, 16, True)
                         results["profiles"][f"{name} {label}"] = p

@@ -181,6 +181,19 @@ def test_greedy_chain_reads_each_token_while_the_next_step_runs(adapter, vk):
         assert seq.length == len(PROMPT) + 6
         assert list(seq.greedy_chain(ref[5], 4)) == ref[6:10]
     g = _tvm.get_global_func
+    stats, flush = g("edgellm.webgpu.stats"), g("edgellm.webgpu.set_flush_every")
+    flush(0, 2)  # batches of 2 dispatches, except while queued ahead: a step is submitted whole at its read
+    try:
+        with eng.sequence() as seq:
+            seq.prefill(PROMPT)
+            stats(0, 1)
+            assert list(seq.greedy_chain(tok, 8)) == ref[:8]
+            s = json.loads(str(stats(0, 1)))
+    finally:
+        flush(0, 64)
+    per_step = s["dispatches"] // 8
+    # step 0 in batches of 2 (nothing queued ahead yet), steps 1-7 one submit each (at their reads)
+    assert s["reads"] == 8 and per_step > 10 and s["submits"] <= (per_step + 1) // 2 + 1 + 7, s
     with pytest.raises(ValueError, match="not outstanding"):
         g("edgellm.webgpu.read_end")(0, 10**9)
     with pytest.raises(ValueError, match="webgpu tensor"):

@@ -36,6 +36,12 @@ constexpr size_t kFlushFirst = 4;
 // (EDGELLM_WEBGPU_SPIN=microseconds, 0 = block at once). H200, decode: blocking waits cost 7-25% of the tokens/s
 // (docs/benchmarks/vulkan-h200.md, run 9); 5 ms covers a decode step's wait, a long prefill blocks after it.
 constexpr uint64_t kSpinUs = 5000;
+// While an async read is outstanding (a greedy chain: step k + 1 is recorded while step k runs), the GPU has queued
+// work, so a step is submitted whole at its read (ReadBegin) instead of in batches: EDGELLM_WEBGPU_FLUSH_AHEAD=N
+// submits every N dispatches then (0 = at the read only). H200, 8B decode queued ahead (run 13 in
+// docs/benchmarks/vulkan-h200.md): one submit a step 390.4 tok/s (dp4a) / 329.5 (h2) against 378.1 / 321.9 in
+// batches of 4, 8, ..., 64 (the submits' host time 417 against 911 us a token).
+constexpr size_t kFlushAhead = 0;
 
 uint64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -278,6 +284,7 @@ Context::Context(int device_id) : device_id_(device_id) {
   uniform_ = wgpuDeviceCreateBuffer(device_, &ud);
   flush_every_ = std::min(EnvSize("EDGELLM_WEBGPU_FLUSH", kFlushEvery), kUniformSlots);
   flush_first_ = EnvSize("EDGELLM_WEBGPU_FLUSH_FIRST", kFlushFirst);
+  flush_ahead_ = std::min(EnvSize("EDGELLM_WEBGPU_FLUSH_AHEAD", kFlushAhead), kUniformSlots);
   spin_ns_ = EnvSize("EDGELLM_WEBGPU_SPIN", kSpinUs) * 1000;
   ResetBatch();
   if (EnvSize("EDGELLM_WEBGPU_PROFILE", 0)) SetProfile(true);
@@ -311,6 +318,11 @@ void Context::SetFlushEvery(size_t n) {
   std::lock_guard<std::mutex> lock(mu_);
   flush_every_ = std::min(n, kUniformSlots);
   ResetBatch();
+}
+
+void Context::SetFlushAhead(size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  flush_ahead_ = std::min(n, kUniformSlots);
 }
 
 void Context::SetFlushFirst(size_t n) {
@@ -349,7 +361,7 @@ std::string Context::StatsJSON(bool reset) {
      << ", \"bind_group_hits\": " << s.bind_group_hits << ", \"reads\": " << s.reads << ", \"writes\": " << s.writes
      << ", \"device_copies\": " << s.device_copies << ", \"syncs\": " << s.syncs << ", \"record_ns\": " << s.record_ns
      << ", \"submit_ns\": " << s.submit_ns << ", \"wait_ns\": " << s.wait_ns << ", \"flush_every\": " << flush_every_
-     << ", \"flush_first\": " << flush_first_ << ", \"spin_us\": " << spin_ns_ / 1000
+     << ", \"flush_first\": " << flush_first_ << ", \"flush_ahead\": " << flush_ahead_ << ", \"spin_us\": " << spin_ns_ / 1000
      << ", \"profile\": " << (profile_ ? "true" : "false") << ", \"kernels\": {";
   bool first = true;
   for (const auto& kv : s.kernels) {
@@ -675,7 +687,9 @@ void Context::Dispatch(WGPUComputePipeline pipeline, WGPUBindGroupLayout layout,
     Timer timer(&stats_.record_ns);  // the submits below count in submit_ns only
     Record(pipeline, layout, buffers, n_buffers, pod_words, n_words, gx, gy, gz, label);
   }
-  if (flush_every_ && recorded_ >= batch_limit_) {
+  if (!reads_.empty()) {  // queued ahead: the GPU has work, submit at the read (or every flush_ahead_)
+    if (flush_ahead_ && recorded_ >= flush_ahead_) Flush();
+  } else if (flush_every_ && recorded_ >= batch_limit_) {
     Flush();
     batch_limit_ = std::min(2 * batch_limit_, flush_every_);
   }

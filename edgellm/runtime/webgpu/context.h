@@ -103,6 +103,8 @@ class Context {
   // After the host has waited for the queue (a read, Sync), the GPU is idle: the first submit then comes after
   // `n` dispatches and each next batch is twice the last, up to the flush interval (0: every batch is that one).
   void SetFlushFirst(size_t n);
+  // Dispatches recorded before a submit while an async read is outstanding (0: at the next read only).
+  void SetFlushAhead(size_t n);
   // Wait for the queue by polling without blocking (the host thread spins) for up to `us` microseconds, then
   // blocking in the driver (0: block at once).
   void SetSpinWait(uint64_t us);
@@ -154,6 +156,7 @@ class Context {
   size_t recorded_ = 0;  // dispatches in the pending encoder
   size_t flush_every_ = 0;  // submit after this many dispatches so the GPU starts while the host records (0: never)
   size_t flush_first_ = 0;  // the first batch after a wait (0: flush_every_); batches double from there
+  size_t flush_ahead_ = 0;  // the interval while async reads are outstanding (0: submit at the read)
   size_t batch_limit_ = 0;  // dispatches of the batch being recorded before its submit
   uint64_t spin_ns_ = 0;  // how long a wait polls without blocking before it blocks
   Stats stats_;

@@ -183,6 +183,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
              std::vector<uint8_t> b = Context::Get(device_id)->ReadEnd(static_cast<uint64_t>(ticket));
              return tvm::ffi::Bytes(reinterpret_cast<const char*>(b.data()), b.size());
            })
+      .def("edgellm.webgpu.set_flush_ahead",
+           [](int device_id, int n) { Context::Get(device_id)->SetFlushAhead(n < 0 ? 0 : static_cast<size_t>(n)); })
       .def("edgellm.webgpu.set_spin_wait",
            [](int device_id, int us) { Context::Get(device_id)->SetSpinWait(us < 0 ? 0 : static_cast<uint64_t>(us)); });
 }
