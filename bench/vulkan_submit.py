@@ -64,8 +64,16 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-attntvm": "dp4a with vulkan-attntvm's decode attention (run 12: 311.3 against 334.9)",
             "vulkan-attnq512": "the default's decode attention (a workgroup per query head) at 512 threads a "
                                "workgroup (16 positions a step; run 12: 293.2 against 301.5)",
+            "vulkan-dn41": "h2 with down (in over 4096) at 8 warps x 4 rows x 1 group a lane a step, the default "
+                           "before run 14 (one workgroup an SM at the 8B, 16 KiB in flight)",
+            "vulkan-dp4a-dn41": "dp4a with down at 8 x 4 x 1 (before run 14)",
             "vulkan-dn42": "h2 with down (in over 4096) at 8 warps x 4 rows x 2 groups a lane a step (8 loads in "
-                           "flight a lane; the default 8 x 4 x 1: one workgroup an SM at the 8B, 16 KiB in flight)",
+                           "flight a lane; the default since run 14)",
+            "vulkan-dp4a-qo2": "dp4a with qkv (norm) and o at 2 groups a lane a step (in 4096; the default takes 1)",
+            "vulkan-dp4a-qo4": "dp4a with qkv (norm) and o at 4 groups a lane a step",
+            "vulkan-dp4a-gr4": "dp4a with gate_up (norm, silu) at 8 warps x 4 rows (2 gate, 2 up) x 1 group a step",
+            "vulkan-dp4a-dn4w": "dp4a with down at 4 warps x 4 rows x 2 groups a step (256 workgroups at the 8B)",
+            "vulkan-gu2": "h2 with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096",
             "vulkan-dn44": "h2 with down at 8 warps x 4 rows x 4 groups a step (16 loads in flight a lane)",
             "vulkan-dp4a-dn42": "dp4a with down at 8 x 4 x 2", "vulkan-dp4a-dn44": "dp4a with down at 8 x 4 x 4",
             "vulkan-dp4a-gu2": "dp4a with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096 "
@@ -117,9 +125,29 @@ def _patched(label: str):
     def gu2(i, o, silu=False):
         return (8, 2, 2) if silu and i == 4096 else dp4a_cfg(i, o, silu)
 
+    def dp4a_patch(silu_cfg=None, other_u=None, down_cfg=None):
+        def cfg(i, o, silu=False):
+            if silu and i == 4096 and silu_cfg:
+                return silu_cfg
+            if not silu and i == 4096 and other_u:
+                return dp4a_cfg(i, o, silu)[:2] + (other_u,)
+            if not silu and i > 4096 and down_cfg:
+                return down_cfg
+            return dp4a_cfg(i, o, silu)
+        return cfg
+
+    def h2_gu2(i, o, silu=False, bits=4, norm=False):
+        return (8, 2, 2, 1) if silu and i == 4096 and bits == 4 else h2(i, o, silu, bits, norm)
+
     name, value = {"vulkan-dn42": ("h2_config", down(2)), "vulkan-dn44": ("h2_config", down(4)),
+                   "vulkan-dn41": ("h2_config", down(1)), "vulkan-dp4a-dn41": ("h2_config", down(1)),
                    "vulkan-dp4a-dn42": ("h2_config", down(2)), "vulkan-dp4a-dn44": ("h2_config", down(4)),
                    "vulkan-dp4a-gu2": ("dp4a_config", gu2),
+                   "vulkan-dp4a-qo2": ("dp4a_config", dp4a_patch(other_u=2)),
+                   "vulkan-dp4a-qo4": ("dp4a_config", dp4a_patch(other_u=4)),
+                   "vulkan-dp4a-gr4": ("dp4a_config", dp4a_patch(silu_cfg=(8, 4, 1))),
+                   "vulkan-dp4a-dn4w": ("dp4a_config", dp4a_patch(down_cfg=(4, 4, 2))),
+                   "vulkan-gu2": ("h2_config", h2_gu2),
                    "vulkan-dp4a-h2cfg": ("dp4a_config", lambda i, o, silu=False: wl.h2_config(i, o, silu)[:3]),
                    "vulkan-dp4a-st4": ("int4_gemv_dp4a", partial(wl.int4_gemv_dp4a, stage_threads=4)),
                    "vulkan-u4": ("h2_config", u4), "vulkan-dp4a-u4": ("h2_config", u4),

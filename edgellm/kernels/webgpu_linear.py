@@ -332,13 +332,17 @@ def h2_config(in_f: int, out_f: int, silu: bool = False, bits: int = 4,
     Run 10 (in the 8B decode, profiled, us a call): qkv (norm) and o with all 4 of a lane's groups loaded in one
     step, 13.6 / 10.1 against 14.0 / 10.7 with 4 steps of one; gate_up with 4 rows (2 gate, 2 up) and 4 groups a step
     lost (44.0 against 37.1), and so did `ksplit` 2 at down (8 x 2 x 2 groups: 29.6 against 25.8; 8 x 4 x 1: 26.7),
-    at o (8 x 2 x 2: 10.6) and at qkv (16 x 2 x 2: 14.7)."""
+    at o (8 x 2 x 2: 10.6) and at qkv (16 x 2 x 2: 14.7).
+    Run 14 (tg128 with the step queued ahead, where the GPU is the limit): down at 8 x 4 x 2 (8 loads in flight a
+    lane; 128 workgroups at the 8B, one an SM) 341.0 tok/s against 329.7 at 8 x 4 x 1 (h2), 400.9 against 390.8
+    (dp4a); 8 x 4 x 4 339.4 / 399.1. The profile (each dispatch alone) had down unchanged (26.3 / 26.2 us) or
+    slower (31.1 at 8 x 4 x 4): timed alone a kernel pays its ramp and tail, which the stream overlaps."""
     if bits == 8 and out_f // 16 >= 264:
         return 4, 4, 1, 1
     if silu:  # a warp's rows pair gate row i with up row inter + i
         return (8 if out_f // 2 // 8 >= 264 else 4), 2, (2 if in_f > 4096 else 1), 1
     if in_f > 4096:
-        return (8, 4, 1, 1) if out_f // 32 >= 128 else (8, 2, 2, 1)
+        return (8, 4, 2, 1) if out_f // 32 >= 128 else (8, 2, 2, 1)
     if out_f // 16 >= 256:
         return 16, 1, (4 if in_f >= 4096 else 1), 1
     return 4, 1, 1, 1
