@@ -74,6 +74,11 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-gr4": "dp4a with gate_up (norm, silu) at 8 warps x 4 rows (2 gate, 2 up) x 1 group a step",
             "vulkan-dp4a-dn4w": "dp4a with down at 4 warps x 4 rows x 2 groups a step (256 workgroups at the 8B)",
             "vulkan-gu2": "h2 with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096",
+            "vulkan-dp4a-gp2": "dp4a with gate_up computing 2 row blocks a workgroup on one staging (896 workgroups "
+                               "at the 8B instead of 1,792)",
+            "vulkan-dp4a-gp4": "dp4a with gate_up computing 4 row blocks a workgroup (448 workgroups)",
+            "vulkan-dp4a-qp2": "dp4a with qkv (norm) and o computing 2 row blocks a workgroup (192 / 128 "
+                               "workgroups at the 8B)",
             "vulkan-dn44": "h2 with down at 8 warps x 4 rows x 4 groups a step (16 loads in flight a lane)",
             "vulkan-dp4a-dn42": "dp4a with down at 8 x 4 x 2", "vulkan-dp4a-dn44": "dp4a with down at 8 x 4 x 4",
             "vulkan-dp4a-gu2": "dp4a with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096 "
@@ -139,7 +144,14 @@ def _patched(label: str):
     def h2_gu2(i, o, silu=False, bits=4, norm=False):
         return (8, 2, 2, 1) if silu and i == 4096 and bits == 4 else h2(i, o, silu, bits, norm)
 
-    name, value = {"vulkan-dn42": ("h2_config", down(2)), "vulkan-dn44": ("h2_config", down(4)),
+    def passes(silu_p, other_p):
+        def cfg(i, o, silu=False):
+            return silu_p if silu else other_p if i <= 4096 else 1
+        return cfg
+
+    name, value = {"vulkan-dp4a-gp2": ("dp4a_passes", passes(2, 1)), "vulkan-dp4a-gp4": ("dp4a_passes", passes(4, 1)),
+                   "vulkan-dp4a-qp2": ("dp4a_passes", passes(1, 2)),
+                   "vulkan-dn42": ("h2_config", down(2)), "vulkan-dn44": ("h2_config", down(4)),
                    "vulkan-dn41": ("h2_config", down(1)), "vulkan-dp4a-dn41": ("h2_config", down(1)),
                    "vulkan-dp4a-dn42": ("h2_config", down(2)), "vulkan-dp4a-dn44": ("h2_config", down(4)),
                    "vulkan-dp4a-gu2": ("dp4a_config", gu2),
@@ -292,6 +304,8 @@ def run(bundle: Path, shapes, reps: int) -> None:
     for name in shapes:
         ref, toks = None, None
         labels = sorted(p.name[len(name) + 1:] for p in art.glob(f"{name}-*"))
+        if "cuda" not in labels:  # a shape the prepare did not build (SHAPES there)
+            continue
         labels.remove("cuda")
         for label in ["cuda"] + labels:
             try:

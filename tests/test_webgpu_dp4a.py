@@ -52,15 +52,18 @@ def _check(got, model, ref, deq, d, dtype):
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("in_f,out_f,bias,dtype,cfg,st", [
-    (2048, 600, False, "float16", (8, 2, 1), None),  # 64 groups: 2 steps (double-buffered loads); clamped last rows
-    (4096, 40, False, "float16", (4, 1, 2), None),   # 2 groups a lane a step
-    (2048, 4096, False, "float16", (8, 2, 2), None),  # 8 warps x 2 rows x 2 groups
-    (288, 70, True, "float32", None, None),          # 9 groups (lanes past them idle), bias, fp32 activations, scales
-    (4160, 72, False, "float16", None, None),        # `in` over 4096: one staging thread a group (130 groups)
-    (2048, 600, True, "float32", (1, 2, 2), 1),      # one staging thread a group, asked: 2 rounds, bias, fp32
+@pytest.mark.parametrize("in_f,out_f,bias,dtype,cfg,st,passes", [
+    (2048, 600, False, "float16", (8, 2, 1), None, None),  # 64 groups: 2 steps (double-buffered loads); clamped rows
+    (4096, 40, False, "float16", (4, 1, 2), None, None),   # 2 groups a lane a step
+    (2048, 4096, False, "float16", (8, 2, 2), None, None),  # 8 warps x 2 rows x 2 groups
+    (288, 70, True, "float32", None, None, None),          # 9 groups (lanes past them idle), bias, fp32 activations
+    (4160, 72, False, "float16", None, None, None),        # `in` over 4096: one staging thread a group (130 groups)
+    (2048, 600, True, "float32", (1, 2, 2), 1, None),      # one staging thread a group, asked: 2 rounds, bias, fp32
+    (2048, 600, True, "float16", (8, 2, 1), None, 3),      # 3 row blocks a workgroup: 13 workgroups, the last short
+    (4160, 72, False, "float16", (2, 2, 1), None, 2),      # one staging thread a group, 2 row blocks a workgroup
 ])
-def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, in_f, out_f, bias, dtype, cfg, st):
+def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, in_f, out_f, bias, dtype, cfg, st,
+                                                         passes):
     from edgellm._tvm import compiler
     from edgellm.kernels.webgpu_linear import int4_gemv_dp4a
     from edgellm.quant import get_scheme
@@ -75,7 +78,7 @@ def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, i
     x[0, 64:96] *= 1000  # a group far larger than the rest
     b = rng.standard_normal(out_f).astype(dtype)
     func = int4_gemv_dp4a(in_f, out_f, bias, *(cfg or ()), x_dtype=dtype, scale_dtype=scheme.scale_dtype,
-                          out_dtype=dtype, stage_threads=st)
+                          out_dtype=dtype, stage_threads=st, passes=passes)
     one_thread = st == 1 or in_f > 4096  # x staged as two 16-byte words and one sum a group, else four and four
     assert f'xz = T.alloc_shared(({in_f // 32 * (1 if one_thread else 4)},), "int32")' in str(func.script())
     args = [x, qw, qs] + ([b] if bias else []) + [np.zeros((1, out_f), dtype)]
@@ -88,8 +91,9 @@ def test_dp4a_gemv_matches_its_model_and_the_float_bound(webgpu_dev, tmp_path, i
     assert rel < 2e-2  # measured 2-5e-3 (the bound above is the test; this catches a gross error the bound allows)
 
 
-@pytest.mark.parametrize("in_f,out_f,fuse", [(1024, 4096, "norm"), (512, 384, "silu"), (544, 400, "norm+silu")])
-def test_dp4a_gemv_fusions_match_the_model(webgpu_dev, tmp_path, in_f, out_f, fuse):
+@pytest.mark.parametrize("in_f,out_f,fuse,passes", [(1024, 4096, "norm", None), (512, 384, "silu", None),
+                                                   (544, 400, "norm+silu", None), (544, 400, "norm+silu", 3)])
+def test_dp4a_gemv_fusions_match_the_model(webgpu_dev, tmp_path, in_f, out_f, fuse, passes):
     """rms_norm(x + delta) staged and quantized by the GEMV (x + delta written by workgroup 0, exactly), silu(gate)
     * up in its epilogue: the model applied to the fp16 norm output (the kernel's rsqrt may differ in the last bit,
     so a rounding step of the int8 activations may move: compared within the activation-rounding bound)."""
@@ -120,7 +124,7 @@ def test_dp4a_gemv_fusions_match_the_model(webgpu_dev, tmp_path, in_f, out_f, fu
         y = g / (1 + np.exp(-g)) * u
         gr, ur = ref[: out_f // 2], ref[out_f // 2:]
         ref = gr / (1 + np.exp(-gr)) * ur
-    func = int4_gemv_dp4a(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu)
+    func = int4_gemv_dp4a(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu, passes=passes)
     args = ([x, dl, w] if norm else [x]) + [qw, qs, np.zeros((1, len(y)), np.float16)]
     args += [np.zeros((1, in_f), np.float16)] if norm else []
     outs = _run(compiler(), webgpu_dev, tmp_path, func, args, f"dp4a_fuse_{in_f}")

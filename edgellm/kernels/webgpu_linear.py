@@ -668,6 +668,12 @@ def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, in
     return w, r, (1 if in_f <= 4096 else u)
 
 
+def dp4a_passes(in_f: int, out_f: int, silu: bool = False) -> int:
+    """Row blocks a workgroup of int4_gemv_dp4a computes on the x it staged once: 1 (measured against 2 and 4 at
+    the 8B's gate_up, down, qkv and o in bench/vulkan_submit.py's -p2 / -p4 builds)."""
+    return 1
+
+
 def dp4a_group_staging(in_f: int, norm: bool) -> bool:
     """int4_gemv_dp4a's default staging: one thread a group for a plain GEMV with `in` over 4096, else four."""
     return not norm and in_f > 4096
@@ -694,7 +700,7 @@ def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dty
 def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                    unroll: int | None = None, x_dtype: str = "float16", scale_dtype: str = "float16",
                    out_dtype: str = "float16", norm_eps: float | None = None, silu: bool = False,
-                   stage_threads: int | None = None):
+                   stage_threads: int | None = None, passes: int | None = None):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, a scale per group of 32) with int8
     activations and `dot4I8Packed` (see the comment above); arguments and fusions as int4_gemv_h2 (x, [delta,
     norm weight], q_weight, q_scale, [bias], out, [x + delta]).
@@ -705,13 +711,19 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     fusion). Default (dp4a_group_staging): 1 for a plain GEMV with `in` over 4096, where four do not fit 32 KiB at
     the 8B's down (14336 -> 4096; H200 run 9: 22.3 us a call in the decode against h2's 25.7, and 23.8 with four
     threads where the adapter's 48 KiB allowed them); else 4 (the norm-fused qkv 14.3 us against 20.0 with one,
-    H200 run 8)."""
+    H200 run 8).
+
+    passes: row blocks a workgroup computes one after the other on the x it staged once (dp4a_passes by default):
+    fewer workgroups, each paying the staging (and the norm) once for `passes` blocks of rows."""
     from .._tvm import compiler
 
     T = compiler().T
     f32, u32, i32 = "float32", "uint32", "int32"
     if in_f % 32:
         raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
+    P = passes or dp4a_passes(in_f, out_f, silu)
+    if P < 1:
+        raise ValueError(f"int4_gemv_dp4a: passes {passes} (1 or more)")
     norm = norm_eps is not None
     group_staging = (stage_threads or (1 if dp4a_group_staging(in_f, norm) else 4)) == 1
     if stage_threads not in (None, 1, 4) or (group_staging and norm):
@@ -726,7 +738,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     R2 = R // 2 if silu else R
     n_out = inter if silu else out_f
     store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype)
-    blocks = (n_out + W * R2 - 1) // (W * R2)
+    blocks = (n_out + W * R2 * P - 1) // (W * R2 * P)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
@@ -816,7 +828,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         xv = T.alloc_buffer((2,), "uint32x4", scope="local")
         isum = T.alloc_buffer((1,), i32, scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
-        load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
+        load(qw, qs, wv, sc, bx * P, ty, tx, 0)  # the first weights in flight while x is staged
         for i in T.serial(stage1):
             g = T.meta_var((i * W + ty) * 32 + tx)  # a warp reads 32 groups: 2 KiB of contiguous x
             if g < G:
@@ -826,32 +838,37 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                         hv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
                 quantize_group(hv, am, isum, xs, xd, xz, g)
         T.tvm_storage_sync("shared")
-        for r in T.unroll(R):
-            acc[r] = T.float32(0)
-        for it in T.serial(steps):
-            if it + 1 < steps:
-                load(qw, qs, wn, sn, bx, ty, tx, it + 1)
-            for u in T.unroll(U):
-                g = T.meta_var((it * U + u) * 32 + tx)
-                if g < G:
-                    for c in T.unroll(2):
-                        xv[c] = xs[c * G + g]
-                    tt[0] = xd[g]
-                    for r in T.unroll(R):
-                        isum[0] = T.int32(0) - xz[g]
-                        for k in T.unroll(4):
-                            wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
-                            isum[0] = isum[0] + T.call_pure_extern(
-                                i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask),
-                                T.Shuffle([xv[k // 2]], [(k % 2) * 2])) + T.call_pure_extern(
-                                i32, "dot4I8Packed", T.bitwise_and(T.shift_right(wk, T.uint32(4)), lo_mask),
-                                T.Shuffle([xv[k // 2]], [(k % 2) * 2 + 1]))
-                        acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
-            if it + 1 < steps:
-                for k in T.unroll(U * R):
-                    sc[k] = sn[k]
-                    wv[k] = wn[k]
-        store_rows(red, acc, tt, out, b, bx, ty, tx)
+        for p in T.serial(P):  # row blocks bx * P + p, on the x staged above
+            if p > 0:
+                load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
+            for r in T.unroll(R):
+                acc[r] = T.float32(0)
+            for it in T.serial(steps):
+                if it + 1 < steps:
+                    load(qw, qs, wn, sn, bx * P + p, ty, tx, it + 1)
+                for u in T.unroll(U):
+                    g = T.meta_var((it * U + u) * 32 + tx)
+                    if g < G:
+                        for c in T.unroll(2):
+                            xv[c] = xs[c * G + g]
+                        tt[0] = xd[g]
+                        for r in T.unroll(R):
+                            isum[0] = T.int32(0) - xz[g]
+                            for k in T.unroll(4):
+                                wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                                isum[0] = isum[0] + T.call_pure_extern(
+                                    i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask),
+                                    T.Shuffle([xv[k // 2]], [(k % 2) * 2])) + T.call_pure_extern(
+                                    i32, "dot4I8Packed", T.bitwise_and(T.shift_right(wk, T.uint32(4)), lo_mask),
+                                    T.Shuffle([xv[k // 2]], [(k % 2) * 2 + 1]))
+                            acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
+                if it + 1 < steps:
+                    for k in T.unroll(U * R):
+                        sc[k] = sn[k]
+                        wv[k] = wn[k]
+            store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
+            if P > 1:
+                T.tvm_storage_sync("shared")  # `red` is written again by the next pass
 
     @T.macro
     def body_plain(x, dl, nw, qw, qs, b, out, xsum):
@@ -879,7 +896,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         xv = T.alloc_buffer((4,), "uint32x2", scope="local")
         isum = T.alloc_buffer((1,), i32, scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
-        load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
+        load(qw, qs, wv, sc, bx * P, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
             norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx)
             for i in T.unroll(stage):
@@ -902,32 +919,37 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         T.tvm_storage_sync("shared")
         quantize(sv, amx, tt, isum, xs, xd, xz, ty, tx)
         T.tvm_storage_sync("shared")
-        for r in T.unroll(R):
-            acc[r] = T.float32(0)
-        for it in T.serial(steps):
-            if it + 1 < steps:
-                load(qw, qs, wn, sn, bx, ty, tx, it + 1)
-            for u in T.unroll(U):
-                g = T.meta_var((it * U + u) * 32 + tx)
-                if g < G:
-                    for q in T.unroll(4):
-                        xv[q] = xs[q * G + g]
-                    tt[0] = xd[g]
-                    iz = T.meta_var((xz[g] + xz[G + g]) + (xz[2 * G + g] + xz[3 * G + g]))
-                    for r in T.unroll(R):
-                        isum[0] = T.int32(0) - iz
-                        for k in T.unroll(4):
-                            wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
-                            isum[0] = isum[0] + T.call_pure_extern(
-                                i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), T.Shuffle([xv[k]], [0])) \
-                                + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
-                                    T.shift_right(wk, T.uint32(4)), lo_mask), T.Shuffle([xv[k]], [1]))
-                        acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
-            if it + 1 < steps:
-                for k in T.unroll(U * R):
-                    sc[k] = sn[k]
-                    wv[k] = wn[k]
-        store_rows(red, acc, tt, out, b, bx, ty, tx)
+        for p in T.serial(P):  # row blocks bx * P + p, on the x staged above
+            if p > 0:
+                load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
+            for r in T.unroll(R):
+                acc[r] = T.float32(0)
+            for it in T.serial(steps):
+                if it + 1 < steps:
+                    load(qw, qs, wn, sn, bx * P + p, ty, tx, it + 1)
+                for u in T.unroll(U):
+                    g = T.meta_var((it * U + u) * 32 + tx)
+                    if g < G:
+                        for q in T.unroll(4):
+                            xv[q] = xs[q * G + g]
+                        tt[0] = xd[g]
+                        iz = T.meta_var((xz[g] + xz[G + g]) + (xz[2 * G + g] + xz[3 * G + g]))
+                        for r in T.unroll(R):
+                            isum[0] = T.int32(0) - iz
+                            for k in T.unroll(4):
+                                wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                                isum[0] = isum[0] + T.call_pure_extern(
+                                    i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), T.Shuffle([xv[k]], [0])) \
+                                    + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
+                                        T.shift_right(wk, T.uint32(4)), lo_mask), T.Shuffle([xv[k]], [1]))
+                            acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
+                if it + 1 < steps:
+                    for k in T.unroll(U * R):
+                        sc[k] = sn[k]
+                        wv[k] = wn[k]
+            store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
+            if P > 1:
+                T.tvm_storage_sync("shared")  # `red` is written again by the next pass
 
     return _gemv_func(body_plain if group_staging else body, in_f, out_f, words, G, n_out, x_dtype, scale_dtype,
                       out_dtype, norm, bias)
