@@ -42,7 +42,7 @@ POLICIES_FINAL = [("old", 64, 0, 0), ("default", 64, 4, 5000), ("f128", 128, 4, 
 # the default since run 13)
 POLICIES_AHEAD = [("steps", 64, 4, 5000, False), ("default", 64, 4, 5000), ("ahead-f64", 64, 4, 5000, True, 64)]
 POLICIES = {"ab": POLICIES_AB, "ahead": POLICIES_AHEAD}.get(os.environ.get("POLICY_SET", "final"), POLICIES_FINAL)
-# Vulkan builds besides h2 and dp4a, the 8B only: label -> patch of webgpu_linear while compiling (BUILDS=a,b)
+# Vulkan builds besides h2 and dp4a, the 8B only (ALL_SHAPES=a,b: those on every shape): label -> patch of webgpu_linear while compiling (BUILDS=a,b)
 VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-st4": "int4_gemv_dp4a with stage_threads=4 everywhere (the run 8 kernel's staging)",
             "vulkan-u4": "h2 with 4 groups a lane a step at in 4096 (all of a lane's weights loaded at once)",
@@ -76,7 +76,12 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-gu2": "h2 with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096",
             "vulkan-dp4a-gp2": "dp4a with gate_up computing 2 row blocks a workgroup on one staging (896 workgroups "
                                "at the 8B instead of 1,792)",
-            "vulkan-dp4a-gp4": "dp4a with gate_up computing 4 row blocks a workgroup (448 workgroups)",
+            "vulkan-dp4a-gp4": "dp4a with gate_up computing 4 row blocks a workgroup (448 workgroups; the default "
+                               "since run 16)",
+            "vulkan-dp4a-gp1": "dp4a with gate_up at one row block a workgroup (before run 16)",
+            "vulkan-dp4a-gp8": "dp4a with gate_up computing 8 row blocks a workgroup (224 workgroups at the 8B)",
+            "vulkan-gp2": "h2 with gate_up computing 2 row blocks a workgroup on one staging",
+            "vulkan-gp4": "h2 with gate_up computing 4 row blocks a workgroup",
             "vulkan-dp4a-qp2": "dp4a with qkv (norm) and o computing 2 row blocks a workgroup (192 / 128 "
                                "workgroups at the 8B)",
             "vulkan-dn44": "h2 with down at 8 warps x 4 rows x 4 groups a step (16 loads in flight a lane)",
@@ -145,12 +150,14 @@ def _patched(label: str):
         return (8, 2, 2, 1) if silu and i == 4096 and bits == 4 else h2(i, o, silu, bits, norm)
 
     def passes(silu_p, other_p):
-        def cfg(i, o, silu=False):
+        def cfg(i, o, silu, config, kernel):
             return silu_p if silu else other_p if i <= 4096 else 1
         return cfg
 
-    name, value = {"vulkan-dp4a-gp2": ("dp4a_passes", passes(2, 1)), "vulkan-dp4a-gp4": ("dp4a_passes", passes(4, 1)),
-                   "vulkan-dp4a-qp2": ("dp4a_passes", passes(1, 2)),
+    name, value = {"vulkan-dp4a-gp2": ("gemv_passes", passes(2, 1)), "vulkan-dp4a-gp4": ("gemv_passes", passes(4, 1)),
+                   "vulkan-dp4a-gp1": ("gemv_passes", passes(1, 1)), "vulkan-dp4a-gp8": ("gemv_passes", passes(8, 1)),
+                   "vulkan-gp2": ("gemv_passes", passes(2, 1)), "vulkan-gp4": ("gemv_passes", passes(4, 1)),
+                   "vulkan-dp4a-qp2": ("gemv_passes", passes(1, 2)),
                    "vulkan-dn42": ("h2_config", down(2)), "vulkan-dn44": ("h2_config", down(4)),
                    "vulkan-dn41": ("h2_config", down(1)), "vulkan-dp4a-dn41": ("h2_config", down(1)),
                    "vulkan-dp4a-dn42": ("h2_config", down(2)), "vulkan-dp4a-dn44": ("h2_config", down(4)),
@@ -258,7 +265,7 @@ def _build(bundle: Path) -> None:
                                     ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"})] + [
                                         (v, "vulkan", {"webgpu_gemv": "dp4a"} if "dp4a" in v else {})
                                         for v in variants]:
-            if label in VARIANTS and name != "llama-3-8b":
+            if label in VARIANTS and name != "llama-3-8b" and label not in os.environ.get("ALL_SHAPES", "").split(","):
                 continue
             out = art / f"{name}-{label}"
             if out.exists():

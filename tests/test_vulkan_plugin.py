@@ -450,6 +450,8 @@ def _h2_model(x16: np.ndarray, qw: np.ndarray, qs16: np.ndarray) -> np.ndarray:
     (4096, 72, False, "f32", True, (4, 2, 1, 4, 1, 4)),  # xf32, 4 chains (one sum a word)
     (2048, 600, False, True, True, (8, 2, 1, 4, 1, 4)),  # h2, 4 chains (one fp16x2 accumulator a word)
     (2048, 300, False, True, True, (4, 2, 1, 8, 1, 4)),  # 8-bit rows, 4 chains
+    (2048, 600, True, True, True, (8, 2, 1, 4, 1, None, 3)),  # 3 row blocks a workgroup on one staging, bias
+    (4096, 72, False, True, True, (4, 2, 1, 4, 2, None, 2)),  # 2 row blocks a workgroup, ksplit 2
 ])
 def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, out_f, bias, h2, vec4, cfg):
     from edgellm._tvm import runtime
@@ -464,6 +466,7 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
     bits = cfg[3] if cfg and len(cfg) > 3 else 4
     ks = cfg[4] if cfg and len(cfg) > 4 else None
     chains = cfg[5] if cfg and len(cfg) > 5 else None
+    passes = cfg[6] if cfg and len(cfg) > 6 else None
     scheme = get_scheme("q4f16_1" if bits == 4 else "q8f16_1")
     rng = np.random.default_rng(in_f + out_f)
     qw, qs = quantize(rng.standard_normal((out_f, in_f)).astype(np.float32), scheme)
@@ -474,10 +477,10 @@ def test_h2_int4_gemv_matches_numpy(webgpu_dev, c, tmp_path, monkeypatch, in_f, 
     ref = x.astype(np.float64) @ dequantize(qw, qs16.astype(np.float32), in_f, scheme).T.astype(np.float64)
     ref = ref[0] + (b.astype(np.float64) if bias else 0)
     func = int4_gemv_h2(in_f, out_f, bias, *(cfg or ())[:3], h2=h2, x_dtype=dt, out_dtype=dt, bits=bits, ksplit=ks,
-                        xf32=xf32, chains=chains)
+                        xf32=xf32, chains=chains, passes=passes)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                         target=c.Target("webgpu", host="llvm")), tmp_path,
-                          f"h2_{in_f}_{h2}_{vec4}_{bits}_{ks}_{xf32}_{chains}")
+                          f"h2_{in_f}_{h2}_{vec4}_{bits}_{ks}_{xf32}_{chains}_{passes}")
     assert ("array<vec4<u32>>" in mod.imports[0].inspect_source()) == vec4  # the plugin's rewrite applied or not
     args = [x, qw, qs16] + ([b] if bias else []) + [np.zeros((1, out_f), dt)]
     tensors = [runtime.tensor(a, webgpu_dev) for a in args]
@@ -523,9 +526,11 @@ def test_vec4_rewrite_of_wgsl_text(webgpu_dev):
     assert str(rewrite(wide)) == wide
 
 
-@pytest.mark.parametrize("in_f,out_f,fuse,ks", [(1024, 4096, "norm", None), (512, 384, "silu", None),
-                                                (544, 400, "norm+silu", None), (1024, 400, "norm+silu", 2)])
-def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, fuse, ks):
+@pytest.mark.parametrize("in_f,out_f,fuse,ks,passes", [(1024, 4096, "norm", None, None), (512, 384, "silu", None, None),
+                                                       (544, 400, "norm+silu", None, None),
+                                                       (1024, 400, "norm+silu", 2, None),
+                                                       (544, 400, "norm+silu", None, 3)])
+def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, fuse, ks, passes):
     """registry.fused_gemv's webgpu kernels: rms_norm(x + delta) staged by the GEMV (and x + delta written by
     workgroup 0, exactly), silu(gate) * up in its epilogue; against numpy float64 of the separate steps."""
     from edgellm._tvm import runtime
@@ -552,9 +557,10 @@ def test_h2_int4_gemv_fusions_match_numpy(webgpu_dev, c, tmp_path, in_f, out_f, 
     if silu:
         g, u = y[: out_f // 2], y[out_f // 2:]
         y = g / (1 + np.exp(-g)) * u
-    func = int4_gemv_h2(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu, ksplit=ks)
+    func = int4_gemv_h2(in_f, out_f, False, norm_eps=eps if norm else None, silu=silu, ksplit=ks, passes=passes)
     mod = export_and_load(c.tvm.compile(c.tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                        target=c.Target("webgpu", host="llvm")), tmp_path, f"fuse_{in_f}_{ks}")
+                                        target=c.Target("webgpu", host="llvm")), tmp_path,
+                          f"fuse_{in_f}_{ks}_{passes}")
     args = ([x, d, w] if norm else [x]) + [qw, qs16, np.zeros((1, len(y)), np.float16)]
     args += [np.zeros((1, in_f), np.float16)] if norm else []
     tensors = [runtime.tensor(a, webgpu_dev) for a in args]

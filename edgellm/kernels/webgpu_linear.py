@@ -372,7 +372,7 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                  unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
                  norm_eps: float | None = None, silu: bool = False, bits: int = 4, ksplit: int | None = None,
-                 xf32: bool | None = None, chains: int | None = None):
+                 xf32: bool | None = None, chains: int | None = None, passes: int | None = None):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
     cuda_gemv.int4_gemv.
@@ -418,6 +418,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     if W % KS:
         raise ValueError(f"int4_gemv_h2: warps ({W}) must be a multiple of ksplit ({KS})")
     WT = W // KS  # row teams a workgroup
+    P = passes or gemv_passes(in_f, out_f, silu, (W, R, U), "h2")
+    if P < 1:
+        raise ValueError(f"int4_gemv_h2: passes {passes} (1 or more)")
     if bits not in (4, 8) or (bits == 8 and (norm or silu)):
         raise ValueError(f"int4_gemv_h2: bits 4 (with any fusion) or 8 (none), got {bits}")
     xf32 = h2_xf32(in_f, bits) and h2 if xf32 is None else xf32
@@ -435,7 +438,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     R2 = R // 2 if silu else R  # output rows a warp
     n_out = inter if silu else out_f
     store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, KS)
-    blocks = (n_out + WT * R2 - 1) // (WT * R2)
+    blocks = (n_out + WT * R2 * P - 1) // (WT * R2 * P)
     steps = (G + 32 * U * KS - 1) // (32 * U * KS)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
     norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
@@ -530,7 +533,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
         hh = T.alloc_buffer((CH,), "float16x2", scope="local")
         t4 = T.alloc_buffer((4,), f32, scope="local")  # xf32 with 4 chains: one sum a word
         tt = T.alloc_buffer((1,), f32, scope="local")
-        load(qw, qs, wv, sc, bx, ty, tx, 0)  # the first weights in flight while x is staged
+        load(qw, qs, wv, sc, bx * P, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
             norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx)
             for i in T.unroll(stage):
@@ -566,68 +569,73 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                             xs[((e % 4) * G + e // 4) * 4 + s4] = pair(T.Shuffle([xa[lo[0]]], [lo[1]]),
                                                                        T.Shuffle([xa[hi[0]]], [hi[1]]))
         T.tvm_storage_sync("shared")
-        for r in T.unroll(R):
-            acc[r] = T.float32(0)
-        for it in T.serial(steps):
-            if it + 1 < steps:
-                load(qw, qs, wn, sn, bx, ty, tx, it + 1)
-            for u in T.unroll(U):
-                g = T.meta_var(group(ty, tx, it, u))
-                if xf32:
-                    if g < G:
-                        for k in T.unroll(8):  # word q = k // 2, half k % 2
-                            xf[k] = xs[T.Ramp((k * G + g) * 4, 1, 4)]
-                        sn[U * R] = (xq[g] + xq[G + g]) + (xq[2 * G + g] + xq[3 * G + g])
-                        for r in T.unroll(R):
-                            for k in T.unroll(4):
-                                t4[k] = T.float32(0)
-                            tt[0] = T.float32(0)
-                            for q in T.unroll(4):
-                                for e in T.unroll(5):  # nibbles 0..4: shifted left, 5..7: right
-                                    t4[q % CH] = t4[q % CH] + T.Shuffle([xf[q * 2 + e // 4]], [e % 4]) * w32(
-                                        T.Shuffle([wv[u * R + r]], [q]), e, True)
-                                for e3 in T.unroll(3):
-                                    t4[q % CH] = t4[q % CH] + T.Shuffle([xf[q * 2 + 1]], [e3 + 1]) * w32(
-                                        T.Shuffle([wv[u * R + r]], [q]), e3 + 5, False)
-                            tt[0] = sum4(t4)
-                            acc[r] = acc[r] + (tt[0] - T.float32(1.4375) * sn[U * R]) * (sc[u * R + r] * T.float32(16))
-                else:
-                    if g < G:
-                        for q in T.unroll(4):
-                            xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
-                        for r in T.unroll(R):
-                            if h2:
-                                for k in T.unroll(CH):
-                                    hh[k] = T.Broadcast(T.float16(0), 2)
-                                for q in T.unroll(4):
-                                    for s in T.unroll(4):
-                                        v, lane, shift = T.meta_var(weight(s, q))
-                                        hh[(v * 4 + lane) % CH] = T.call_pure_extern("float16x2", "fma", as_h2(
-                                            T.bitwise_or(T.bitwise_and(T.shift_right(T.Shuffle(
-                                                [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift)),
-                                                T.uint32(mask)), base)) - sub, as_h2(T.Shuffle([xv[q]], [s])),
-                                            hh[(v * 4 + lane) % CH])
-                                tt[0] = halves(hh)
-                                acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(mult))
-                            else:
+        for p in T.serial(P):  # row blocks bx * P + p, on the x staged above
+            if p > 0:
+                load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
+            for r in T.unroll(R):
+                acc[r] = T.float32(0)
+            for it in T.serial(steps):
+                if it + 1 < steps:
+                    load(qw, qs, wn, sn, bx * P + p, ty, tx, it + 1)
+                for u in T.unroll(U):
+                    g = T.meta_var(group(ty, tx, it, u))
+                    if xf32:
+                        if g < G:
+                            for k in T.unroll(8):  # word q = k // 2, half k % 2
+                                xf[k] = xs[T.Ramp((k * G + g) * 4, 1, 4)]
+                            sn[U * R] = (xq[g] + xq[G + g]) + (xq[2 * G + g] + xq[3 * G + g])
+                            for r in T.unroll(R):
+                                for k in T.unroll(4):
+                                    t4[k] = T.float32(0)
                                 tt[0] = T.float32(0)
                                 for q in T.unroll(4):
-                                    for s in T.unroll(4):
-                                        v, lane, shift = T.meta_var(weight(s, q))
-                                        for hi in T.unroll(2):
-                                            tt[0] = tt[0] + T.Shuffle([T.call_pure_extern(
-                                                "float32x2", "unpack2x16float", T.Shuffle([xv[q]], [s]))], [hi]) * (
-                                                T.reinterpret(f32, T.bitwise_and(T.shift_right(T.Shuffle(
-                                                    [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift + 16 * hi)),
-                                                    T.uint32(mask & 0xFFFF)) | T.uint32(0x4B000000))
-                                                - T.float32(offset))
-                                acc[r] = acc[r] + tt[0] * sc[u * R + r]
-            if it + 1 < steps:
-                for k in T.unroll(U * R):
-                    sc[k] = sn[k]
-                for k in T.unroll(U * R * VW):
-                    wv[k] = wn[k]
-        store_rows(red, acc, tt, out, b, bx, ty, tx)
+                                    for e in T.unroll(5):  # nibbles 0..4: shifted left, 5..7: right
+                                        t4[q % CH] = t4[q % CH] + T.Shuffle([xf[q * 2 + e // 4]], [e % 4]) * w32(
+                                            T.Shuffle([wv[u * R + r]], [q]), e, True)
+                                    for e3 in T.unroll(3):
+                                        t4[q % CH] = t4[q % CH] + T.Shuffle([xf[q * 2 + 1]], [e3 + 1]) * w32(
+                                            T.Shuffle([wv[u * R + r]], [q]), e3 + 5, False)
+                                tt[0] = sum4(t4)
+                                acc[r] = acc[r] + (tt[0] - T.float32(1.4375) * sn[U * R]) * (sc[u * R + r] * T.float32(16))
+                    else:
+                        if g < G:
+                            for q in T.unroll(4):
+                                xv[q] = xs[T.Ramp((q * G + g) * 4, 1, 4)]
+                            for r in T.unroll(R):
+                                if h2:
+                                    for k in T.unroll(CH):
+                                        hh[k] = T.Broadcast(T.float16(0), 2)
+                                    for q in T.unroll(4):
+                                        for s in T.unroll(4):
+                                            v, lane, shift = T.meta_var(weight(s, q))
+                                            hh[(v * 4 + lane) % CH] = T.call_pure_extern("float16x2", "fma", as_h2(
+                                                T.bitwise_or(T.bitwise_and(T.shift_right(T.Shuffle(
+                                                    [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift)),
+                                                    T.uint32(mask)), base)) - sub, as_h2(T.Shuffle([xv[q]], [s])),
+                                                hh[(v * 4 + lane) % CH])
+                                    tt[0] = halves(hh)
+                                    acc[r] = acc[r] + tt[0] * (sc[u * R + r] * T.float32(mult))
+                                else:
+                                    tt[0] = T.float32(0)
+                                    for q in T.unroll(4):
+                                        for s in T.unroll(4):
+                                            v, lane, shift = T.meta_var(weight(s, q))
+                                            for hi in T.unroll(2):
+                                                tt[0] = tt[0] + T.Shuffle([T.call_pure_extern(
+                                                    "float32x2", "unpack2x16float", T.Shuffle([xv[q]], [s]))], [hi]) * (
+                                                    T.reinterpret(f32, T.bitwise_and(T.shift_right(T.Shuffle(
+                                                        [wv[(u * R + r) * VW + v]], [lane]), T.Cast(u32, shift + 16 * hi)),
+                                                        T.uint32(mask & 0xFFFF)) | T.uint32(0x4B000000))
+                                                    - T.float32(offset))
+                                    acc[r] = acc[r] + tt[0] * sc[u * R + r]
+                if it + 1 < steps:
+                    for k in T.unroll(U * R):
+                        sc[k] = sn[k]
+                    for k in T.unroll(U * R * VW):
+                        wv[k] = wn[k]
+            store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
+            if P > 1:
+                T.tvm_storage_sync("shared")  # `red` is written again by the next pass
 
     return _gemv_func(body, in_f, out_f, words, G, n_out, x_dtype, "float16", out_dtype, norm, bias)
 
@@ -668,9 +676,19 @@ def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, in
     return w, r, (1 if in_f <= 4096 else u)
 
 
-def dp4a_passes(in_f: int, out_f: int, silu: bool = False) -> int:
-    """Row blocks a workgroup of int4_gemv_dp4a computes on the x it staged once: 1 (measured against 2 and 4 at
-    the 8B's gate_up, down, qkv and o in bench/vulkan_submit.py's -p2 / -p4 builds)."""
+def gemv_passes(in_f: int, out_f: int, silu: bool, config: tuple[int, int, int], kernel: str) -> int:
+    """Row blocks a workgroup of int4_gemv_dp4a / int4_gemv_h2 (`kernel`) computes one after the other on the x it
+    staged (and normed) once. gate_up (silu): 4 while that leaves at least 256 workgroups, else 2 while it leaves
+    256, else 1; the other GEMVs 1. H200, 8B tg128 with the step queued ahead (run 16 in
+    docs/benchmarks/vulkan-h200.md), dp4a: gate_up at 1 / 2 / 4 passes (1,792 / 896 / 448 workgroups) 400.6 /
+    402.3 / 410.1 tok/s; qkv and o at 2 passes 391.0."""
+    warps, rows, _ = config
+    if not silu or kernel != "dp4a":  # h2: not measured yet (bench/vulkan_submit.py vulkan-gp2 / -gp4)
+        return 1
+    blocks = -(-(out_f // 2) // (warps * rows // 2))
+    for p in (4, 2):
+        if blocks // p >= 256:
+            return p
     return 1
 
 
@@ -713,7 +731,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     threads where the adapter's 48 KiB allowed them); else 4 (the norm-fused qkv 14.3 us against 20.0 with one,
     H200 run 8).
 
-    passes: row blocks a workgroup computes one after the other on the x it staged once (dp4a_passes by default):
+    passes: row blocks a workgroup computes one after the other on the x it staged once (gemv_passes by default):
     fewer workgroups, each paying the staging (and the norm) once for `passes` blocks of rows."""
     from .._tvm import compiler
 
@@ -721,15 +739,16 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     f32, u32, i32 = "float32", "uint32", "int32"
     if in_f % 32:
         raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
-    P = passes or dp4a_passes(in_f, out_f, silu)
-    if P < 1:
-        raise ValueError(f"int4_gemv_dp4a: passes {passes} (1 or more)")
+
     norm = norm_eps is not None
     group_staging = (stage_threads or (1 if dp4a_group_staging(in_f, norm) else 4)) == 1
     if stage_threads not in (None, 1, 4) or (group_staging and norm):
         raise ValueError(f"int4_gemv_dp4a: stage_threads {stage_threads} (1 or 4; 1 without the norm fusion)")
     dw, dr, du = dp4a_config(in_f, out_f, silu)
     W, R, U = warps or dw, rows or dr, unroll or du
+    P = passes or gemv_passes(in_f, out_f, silu, (W, R, U), "dp4a")
+    if P < 1:
+        raise ValueError(f"int4_gemv_dp4a: passes {passes} (1 or more)")
     if silu and (R % 2 or out_f % 2 or bias):
         raise ValueError(f"int4_gemv_dp4a with silu needs an even row count and out, no bias (rows {R}, out {out_f})")
     G = in_f // 32
