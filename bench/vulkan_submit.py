@@ -80,6 +80,8 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
                                "since run 16)",
             "vulkan-dp4a-gp1": "dp4a with gate_up at one row block a workgroup (before run 16)",
             "vulkan-dp4a-gp8": "dp4a with gate_up computing 8 row blocks a workgroup (224 workgroups at the 8B)",
+            "vulkan-dp4a-gp3": "dp4a with gate_up computing 3 row blocks a workgroup (598 workgroups at the 8B)",
+            "vulkan-dp4a-gp6": "dp4a with gate_up computing 6 row blocks a workgroup (299 workgroups at the 8B)",
             "vulkan-gp2": "h2 with gate_up computing 2 row blocks a workgroup on one staging",
             "vulkan-gp4": "h2 with gate_up computing 4 row blocks a workgroup",
             "vulkan-dp4a-qp2": "dp4a with qkv (norm) and o computing 2 row blocks a workgroup (192 / 128 "
@@ -156,6 +158,7 @@ def _patched(label: str):
 
     name, value = {"vulkan-dp4a-gp2": ("gemv_passes", passes(2, 1)), "vulkan-dp4a-gp4": ("gemv_passes", passes(4, 1)),
                    "vulkan-dp4a-gp1": ("gemv_passes", passes(1, 1)), "vulkan-dp4a-gp8": ("gemv_passes", passes(8, 1)),
+                   "vulkan-dp4a-gp3": ("gemv_passes", passes(3, 1)), "vulkan-dp4a-gp6": ("gemv_passes", passes(6, 1)),
                    "vulkan-gp2": ("gemv_passes", passes(2, 1)), "vulkan-gp4": ("gemv_passes", passes(4, 1)),
                    "vulkan-dp4a-qp2": ("gemv_passes", passes(1, 2)),
                    "vulkan-dn42": ("h2_config", down(2)), "vulkan-dn44": ("h2_config", down(4)),
