@@ -249,15 +249,19 @@ def plot(path: str, png: str) -> None:
     for ax, test in zip(axes, tests):
         names = [n for n in SHAPES if any(r["model"] == n and r["test"] == test for r in data["bench"])]
         x = np.arange(len(names))
-        for i, label in enumerate(("cuda", "vulkan")):
+        # cuda, vulkan, then the VK_PATHS builds (e.g. vulkan-dp4a) where the run timed this test
+        labels = ["cuda", "vulkan"] + sorted({r["path"] for r in data["bench"] if r["test"] == test}
+                                              - {"cuda", "vulkan"})
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
             vals = [next((r["avg_ts"] for r in data["bench"] if r["model"] == n and r["path"] == label
                           and r["test"] == test), 0) for n in names]
-            bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=f"edgellm {label}")
+            bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals, width, label=f"edgellm {label}")
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(x, names, fontsize=8)
         ax.set_title(test)
         ax.set_ylabel("tokens/s")
-    axes[0].legend()
+    axes[-1].legend(fontsize=8)
     name = (data.get("adapter") or {}).get("name", "GPU")
     fig.suptitle(f"edgellm q4f16_1 on {name}: CUDA vs Vulkan (WGSL via wgpu-native), same run, random weights")
     fig.tight_layout()
