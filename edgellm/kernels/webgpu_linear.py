@@ -678,19 +678,18 @@ def dp4a_config(in_f: int, out_f: int, silu: bool = False) -> tuple[int, int, in
 
 def gemv_passes(in_f: int, out_f: int, silu: bool, config: tuple[int, int, int], kernel: str) -> int:
     """Row blocks a workgroup of int4_gemv_dp4a / int4_gemv_h2 (`kernel`) computes one after the other on the x it
-    staged (and normed) once; only gate_up (silu) takes more than 1. dp4a: 4 while that leaves at least 256
-    workgroups, else 2 while it leaves 256, else 1. h2: 2 where gate_up has 1,536 workgroups or more (the 8B
-    class), else 1. H200, 8B tg128 with the step queued ahead (runs 16, 17 and 19 in
-    docs/benchmarks/vulkan-h200.md): dp4a gate_up at 1 / 2 / 3 / 4 / 6 / 8 passes (1,792 ... 224 workgroups)
-    400.6-402.6 / 402.3 / 394.2 / 410.1-411.8 / 401.9 / 398.9 tok/s; qkv and o at 2 passes 391.0 (lost); h2
-    gate_up at 2 / 4 passes 342.8, 342.6 / 332.5 against 338.7-339.2 at 1. The 1B's dp4a at 4 against 1: 1,179
-    against 1,188 (its host-bound noise)."""
+    staged (and normed) once; only dp4a's gate_up (silu) takes more than 1: 4 while that leaves at least 256
+    workgroups, else 2 while it leaves 256, else 1. H200, 8B tg128 with the step queued ahead (runs 16, 17, 19
+    and 20 in docs/benchmarks/vulkan-h200.md): dp4a gate_up at 1 / 2 / 3 / 4 / 6 / 8 passes (1,792 ... 224
+    workgroups) 400.6-402.6 / 402.3 / 394.2 / 410.1-411.8 / 401.9 / 398.9 tok/s, 4 ahead of 1 whichever ran first
+    in the call; qkv and o at 2 passes 391.0 (lost). h2 (the `kernel` argument): gate_up at 2 passes 342.8 and
+    342.6 as a variant timed after the default build (338.7-339.2 at 1), but 338.6 as run 20's default build, so
+    the gain was the call's order, not the kernel: h2 stays at 1 (4 passes: 332.5). The 1B's dp4a at 4 against
+    1: 1,179 against 1,188 (its host-bound noise)."""
     warps, rows, _ = config
-    if not silu:
+    if not silu or kernel != "dp4a":
         return 1
     blocks = -(-(out_f // 2) // (warps * rows // 2))
-    if kernel == "h2":
-        return 2 if blocks >= 1536 else 1
     for p in (4, 2):
         if blocks // p >= 256:
             return p
