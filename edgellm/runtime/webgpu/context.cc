@@ -551,30 +551,7 @@ Context::Words Context::ReadWords(Buffer* buf, size_t offset, size_t nbytes) {
 }
 
 void Context::ReadAligned(Buffer* src, size_t offset, void* dst, size_t nbytes) {
-  if (staging_size_ < nbytes) {
-    if (staging_) wgpuBufferRelease(staging_);
-    staging_size_ = RoundUp(std::max<size_t>(nbytes, 1 << 16), 1 << 16);
-    WGPUBufferDescriptor desc;
-    std::memset(&desc, 0, sizeof(desc));
-    desc.usage = WGPUBufferUsage_MapRead | WGPUBufferUsage_CopyDst;
-    desc.size = staging_size_;
-    staging_ = wgpuDeviceCreateBuffer(device_, &desc);
-  }
-  wgpuCommandEncoderCopyBufferToBuffer(Encoder(), src->handle, offset, staging_, 0, nbytes);
-  Flush();
-  ++stats_.reads;
-  Timer timer(&stats_.wait_ns);
-  MapRequest req;
-  wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, RoundUp(nbytes, 4),
-                     ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &req));
-  WaitQueue(&req.done);
-  RaiseErrors("device-to-host copy");
-  if (req.status != WGPUMapAsyncStatus_Success) {
-    TVM_FFI_THROW(RuntimeError) << "webgpu device-to-host copy failed on " << facts_.name << ": " << req.message;
-  }
-  const void* mapped = wgpuBufferGetConstMappedRange(staging_, 0, RoundUp(nbytes, 4));
-  std::memcpy(dst, mapped, nbytes);
-  wgpuBufferUnmap(staging_);
+  FinishRead(StartRead(src, offset, nbytes), dst, true);  // the queue is empty after it: the GPU is idle
 }
 
 void Context::Read(Buffer* src, size_t offset, void* dst, size_t nbytes) {
@@ -593,27 +570,20 @@ struct Context::AsyncRead {
   MapRequest req;
 };
 
-uint64_t Context::ReadBegin(Buffer* src, size_t offset, size_t nbytes) {
-  if (offset % 4 || nbytes % 4 || nbytes == 0) {
-    TVM_FFI_THROW(ValueError) << "webgpu async read of " << nbytes << " bytes at " << offset
-                              << ": both must be non-zero multiples of 4 (read the covering words)";
-  }
-  CopyNeeded("read", src, offset, nbytes);
-  std::lock_guard<std::mutex> lock(mu_);
-  if (reads_.size() >= kMaxAsyncReads) {
-    TVM_FFI_THROW(RuntimeError) << "webgpu has " << reads_.size()
-                                << " async reads outstanding; end some (ReadEnd) before starting more";
-  }
-  auto* r = new AsyncRead{nullptr, 0, nbytes, 0, {}};
+std::unique_ptr<Context::AsyncRead> Context::StartRead(Buffer* src, size_t offset, size_t nbytes) {
+  auto r = std::make_unique<AsyncRead>(AsyncRead{nullptr, 0, nbytes, 0, {}});
+  // the smallest free staging buffer that holds it; when none does, the free ones are all too small: released
+  auto best = read_staging_free_.end();
   for (auto it = read_staging_free_.begin(); it != read_staging_free_.end(); ++it) {
-    if (it->second >= nbytes) {
-      r->staging = it->first;
-      r->size = it->second;
-      read_staging_free_.erase(it);
-      break;
-    }
+    if (it->second >= nbytes && (best == read_staging_free_.end() || it->second < best->second)) best = it;
   }
-  if (r->staging == nullptr) {
+  if (best != read_staging_free_.end()) {
+    r->staging = best->first;
+    r->size = best->second;
+    read_staging_free_.erase(best);
+  } else {
+    for (auto& f : read_staging_free_) wgpuBufferRelease(f.first);
+    read_staging_free_.clear();
     r->size = RoundUp(std::max<size_t>(nbytes, 256), 256);
     WGPUBufferDescriptor desc;
     std::memset(&desc, 0, sizeof(desc));
@@ -627,9 +597,42 @@ uint64_t Context::ReadBegin(Buffer* src, size_t offset, size_t nbytes) {
   ++stats_.reads;
   wgpuBufferMapAsync(r->staging, WGPUMapMode_Read, 0, nbytes,
                      ProcessEventsCallback<WGPUBufferMapCallbackInfo>(OnMapped, &r->req));
-  uint64_t ticket = next_ticket_++;
-  reads_.emplace(ticket, r);
+  return r;
+}
+
+void Context::FinishRead(std::unique_ptr<AsyncRead> r, void* dst, bool idle_after) {
+  {
+    Timer timer(&stats_.wait_ns);
+    WaitQueue(&r->req.done, &r->submission, idle_after);
+  }
+  bool ok = errors_.empty() && r->req.status == WGPUMapAsyncStatus_Success;
+  if (ok) {
+    std::memcpy(dst, wgpuBufferGetConstMappedRange(r->staging, 0, r->nbytes), r->nbytes);
+    wgpuBufferUnmap(r->staging);
+    read_staging_free_.emplace_back(r->staging, r->size);
+  } else {
+    wgpuBufferRelease(r->staging);  // its mapping may still be pending: never reuse it
+  }
   RaiseErrors("device-to-host copy");
+  if (!ok) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu device-to-host copy failed on " << facts_.name << ": " << r->req.message;
+  }
+}
+
+uint64_t Context::ReadBegin(Buffer* src, size_t offset, size_t nbytes) {
+  if (offset % 4 || nbytes % 4 || nbytes == 0) {
+    TVM_FFI_THROW(ValueError) << "webgpu async read of " << nbytes << " bytes at " << offset
+                              << ": both must be non-zero multiples of 4 (read the covering words)";
+  }
+  CopyNeeded("read", src, offset, nbytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (reads_.size() >= kMaxAsyncReads) {
+    TVM_FFI_THROW(RuntimeError) << "webgpu has " << reads_.size()
+                                << " async reads outstanding; end some (ReadEnd) before starting more";
+  }
+  std::unique_ptr<AsyncRead> r = StartRead(src, offset, nbytes);
+  uint64_t ticket = next_ticket_++;
+  reads_.emplace(ticket, r.release());
   return ticket;
 }
 
@@ -639,26 +642,10 @@ std::vector<uint8_t> Context::ReadEnd(uint64_t ticket) {
   if (it == reads_.end()) {
     TVM_FFI_THROW(ValueError) << "webgpu async read " << ticket << " is not outstanding (each ticket ends once)";
   }
-  AsyncRead* r = it->second;
+  std::unique_ptr<AsyncRead> r(it->second);
   reads_.erase(it);
-  {
-    Timer timer(&stats_.wait_ns);
-    WaitQueue(&r->req.done, &r->submission, false);
-  }
-  std::vector<uint8_t> out;
-  bool ok = errors_.empty() && r->req.status == WGPUMapAsyncStatus_Success;
-  std::string message = r->req.message;
-  if (ok) {
-    const void* mapped = wgpuBufferGetConstMappedRange(r->staging, 0, r->nbytes);
-    out.assign(static_cast<const uint8_t*>(mapped), static_cast<const uint8_t*>(mapped) + r->nbytes);
-    wgpuBufferUnmap(r->staging);
-    read_staging_free_.emplace_back(r->staging, r->size);
-  } else {
-    wgpuBufferRelease(r->staging);  // its mapping may still be pending: never reuse it
-  }
-  delete r;
-  RaiseErrors("device-to-host copy");
-  if (!ok) TVM_FFI_THROW(RuntimeError) << "webgpu device-to-host copy failed on " << facts_.name << ": " << message;
+  std::vector<uint8_t> out(r->nbytes);
+  FinishRead(std::move(r), out.data(), false);  // later work may still be queued behind it
   return out;
 }
 

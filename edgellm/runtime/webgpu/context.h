@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <string>
@@ -170,10 +171,13 @@ class Context {
   std::vector<uint8_t> uniform_host_;
   size_t uniform_used_ = 0;
   size_t uniform_slot_ = 256;
-  WGPUBuffer staging_ = nullptr;  // MapRead staging for device-to-host copies, grown on demand
-  uint64_t staging_size_ = 0;
-  struct AsyncRead;  // one ReadBegin's staging buffer, size, submission and mapping request (context.cc)
-  std::unordered_map<uint64_t, AsyncRead*> reads_;  // outstanding, by ticket
+  // Every device-to-host read, synchronous (Read) or not (ReadBegin / ReadEnd), is a StartRead (a copy into a
+  // MapRead staging buffer, submitted with everything before it, and its map request) and a FinishRead (the wait
+  // for that submission, the bytes, the staging buffer back to the pool); both with mu_ held.
+  struct AsyncRead;  // a read's staging buffer, size, submission and map request (context.cc)
+  std::unique_ptr<AsyncRead> StartRead(Buffer* src, size_t offset, size_t nbytes);  // offset, nbytes: 4-aligned
+  void FinishRead(std::unique_ptr<AsyncRead> r, void* dst, bool idle_after);
+  std::unordered_map<uint64_t, AsyncRead*> reads_;  // outstanding async reads, by ticket (owned)
   std::vector<std::pair<WGPUBuffer, uint64_t>> read_staging_free_;  // staging buffers of finished reads, reused
   uint64_t next_ticket_ = 1;
   WGPUSubmissionIndex last_submit_ = 0;  // of the last Flush
