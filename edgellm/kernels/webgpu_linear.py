@@ -831,6 +831,47 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         xd[g] = am[0] * T.float32(1 / 127)
         xz[g] = iz[0] * 7
 
+    # staged entries of x a group (NW) and 7 * sum(q) entries a group (NZ): one staging thread a group stores two
+    # 16-byte words (uint32x4) and one sum, four store four 8-byte words (uint32x2) and four sums
+    NW, NZ = (2, 1) if group_staging else (4, 4)
+
+    def x_half(xv, k, h):  # the staged int8s that weight word k's nibbles h (0: low, 1: high) meet
+        return T.Shuffle([xv[k // 2]], [(k % 2) * 2 + h]) if group_staging else T.Shuffle([xv[k]], [h])
+
+    @T.macro
+    def row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx):
+        for p in T.serial(P):  # row blocks bx * P + p, on the x staged before
+            if p > 0:
+                load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
+            for r in T.unroll(R):
+                acc[r] = T.float32(0)
+            for it in T.serial(steps):
+                if it + 1 < steps:
+                    load(qw, qs, wn, sn, bx * P + p, ty, tx, it + 1)
+                for u in T.unroll(U):
+                    g = T.meta_var((it * U + u) * 32 + tx)
+                    if g < G:
+                        for c in T.unroll(NW):
+                            xv[c] = xs[c * G + g]
+                        tt[0] = xd[g]
+                        iz = T.meta_var(xz[g] if NZ == 1 else (xz[g] + xz[G + g]) + (xz[2 * G + g] + xz[3 * G + g]))
+                        for r in T.unroll(R):
+                            isum[0] = T.int32(0) - iz
+                            for k in T.unroll(4):
+                                wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                                isum[0] = isum[0] + T.call_pure_extern(
+                                    i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), x_half(xv, k, 0)) \
+                                    + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
+                                        T.shift_right(wk, T.uint32(4)), lo_mask), x_half(xv, k, 1))
+                            acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
+                if it + 1 < steps:
+                    for k in T.unroll(U * R):
+                        sc[k] = sn[k]
+                        wv[k] = wn[k]
+            store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
+            if P > 1:
+                T.tvm_storage_sync("shared")  # `red` is written again by the next pass
+
     @T.macro
     def body_group(x, qw, qs, b, out):  # stage_threads 1 (no norm): x as [half][group] 16-byte words
         bx = T.launch_thread("blockIdx.x", blocks)
@@ -861,37 +902,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                         hv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
                 quantize_group(hv, am, isum, xs, xd, xz, g)
         T.tvm_storage_sync("shared")
-        for p in T.serial(P):  # row blocks bx * P + p, on the x staged above
-            if p > 0:
-                load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
-            for r in T.unroll(R):
-                acc[r] = T.float32(0)
-            for it in T.serial(steps):
-                if it + 1 < steps:
-                    load(qw, qs, wn, sn, bx * P + p, ty, tx, it + 1)
-                for u in T.unroll(U):
-                    g = T.meta_var((it * U + u) * 32 + tx)
-                    if g < G:
-                        for c in T.unroll(2):
-                            xv[c] = xs[c * G + g]
-                        tt[0] = xd[g]
-                        for r in T.unroll(R):
-                            isum[0] = T.int32(0) - xz[g]
-                            for k in T.unroll(4):
-                                wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
-                                isum[0] = isum[0] + T.call_pure_extern(
-                                    i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask),
-                                    T.Shuffle([xv[k // 2]], [(k % 2) * 2])) + T.call_pure_extern(
-                                    i32, "dot4I8Packed", T.bitwise_and(T.shift_right(wk, T.uint32(4)), lo_mask),
-                                    T.Shuffle([xv[k // 2]], [(k % 2) * 2 + 1]))
-                            acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
-                if it + 1 < steps:
-                    for k in T.unroll(U * R):
-                        sc[k] = sn[k]
-                        wv[k] = wn[k]
-            store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
-            if P > 1:
-                T.tvm_storage_sync("shared")  # `red` is written again by the next pass
+        row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx)
 
     @T.macro
     def body_plain(x, dl, nw, qw, qs, b, out, xsum):
@@ -942,37 +953,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         T.tvm_storage_sync("shared")
         quantize(sv, amx, tt, isum, xs, xd, xz, ty, tx)
         T.tvm_storage_sync("shared")
-        for p in T.serial(P):  # row blocks bx * P + p, on the x staged above
-            if p > 0:
-                load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
-            for r in T.unroll(R):
-                acc[r] = T.float32(0)
-            for it in T.serial(steps):
-                if it + 1 < steps:
-                    load(qw, qs, wn, sn, bx * P + p, ty, tx, it + 1)
-                for u in T.unroll(U):
-                    g = T.meta_var((it * U + u) * 32 + tx)
-                    if g < G:
-                        for q in T.unroll(4):
-                            xv[q] = xs[q * G + g]
-                        tt[0] = xd[g]
-                        iz = T.meta_var((xz[g] + xz[G + g]) + (xz[2 * G + g] + xz[3 * G + g]))
-                        for r in T.unroll(R):
-                            isum[0] = T.int32(0) - iz
-                            for k in T.unroll(4):
-                                wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
-                                isum[0] = isum[0] + T.call_pure_extern(
-                                    i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), T.Shuffle([xv[k]], [0])) \
-                                    + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
-                                        T.shift_right(wk, T.uint32(4)), lo_mask), T.Shuffle([xv[k]], [1]))
-                            acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
-                if it + 1 < steps:
-                    for k in T.unroll(U * R):
-                        sc[k] = sn[k]
-                        wv[k] = wn[k]
-            store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
-            if P > 1:
-                T.tvm_storage_sync("shared")  # `red` is written again by the next pass
+        row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx)
 
     return _gemv_func(body_plain if group_staging else body, in_f, out_f, words, G, n_out, x_dtype, scale_dtype,
                       out_dtype, norm, bias)
