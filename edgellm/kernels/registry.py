@@ -30,6 +30,7 @@ class KernelRegistry:
         self.kind: str = target.kind.name  # llvm | cuda | metal | opencl | webgpu ...
         self.chosen: dict[str, set[str]] = defaultdict(set)
         self._built: dict[tuple, object] = {}
+        self._sg_used = False  # a kernel was built with subgroup shuffles (the manifest then records their width)
         if self.kind == "cuda" and self.options.cuda_gemm == "wgmma":  # refused before any model is traced
             from .cuda_gemm import gemm_choice
 
@@ -63,8 +64,24 @@ class KernelRegistry:
     def _target_name(self) -> str:
         return f"{self.kind} {self.target.attrs.get('arch', '')}".strip()
 
+    @property
+    def webgpu_sg(self) -> int:
+        """Lanes the WebGPU decode GEMVs reduce over by subgroup shuffles (--opt webgpu_subgroups; 0: none)."""
+        v = self.options.webgpu_subgroups
+        return 0 if self.kind != "webgpu" or v == "off" else int(v)
+
+    def _sg(self) -> int:
+        """webgpu_sg, for a kernel being built with it (recorded: the artifact then needs such an adapter)."""
+        self._sg_used = self._sg_used or self.webgpu_sg > 0
+        return self.webgpu_sg
+
     def manifest_entry(self) -> dict:
-        return {"options": self.options.as_dict(), "chosen": {op: sorted(v) for op, v in sorted(self.chosen.items())}}
+        """Options and kernels picked; `subgroup_lanes` where a kernel uses subgroup shuffles over that many lanes
+        (runtime/devices.py refuses an adapter whose subgroups span fewer)."""
+        entry = {"options": self.options.as_dict(), "chosen": {op: sorted(v) for op, v in sorted(self.chosen.items())}}
+        if self._sg_used:
+            entry["subgroup_lanes"] = self.webgpu_sg
+        return entry
 
     # ---- linear and embedding ----------------------------------------------------------------------------------
     def linear(self, rows: int | None, in_f: int, out_f: int, scheme: QuantScheme, out_dtype: str, bias: bool):
@@ -162,17 +179,19 @@ class KernelRegistry:
             from . import webgpu_linear  # the 8-bit head / embedding rows (q8f16_1)
 
             if webgpu_linear.h2_supports(in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):
-                return "int8_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, bits=8)
+                return "int8_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, bits=8,
+                                                                                  sg=self._sg())
         if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 
             if o.webgpu_gemv == "dp4a" and webgpu_linear.dp4a_supports(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # int8 activations, dot4I8Packed
                 return "int4_gemv_dp4a_webgpu", lambda: webgpu_linear.int4_gemv_dp4a(
-                    in_f, out_f, bias, x_dtype=out_dtype, scale_dtype=scheme.scale_dtype, out_dtype=out_dtype)
+                    in_f, out_f, bias, x_dtype=out_dtype, scale_dtype=scheme.scale_dtype, out_dtype=out_dtype,
+                    sg=self._sg())
             if o.webgpu_gemv in ("auto", "h2", "dp4a") and webgpu_linear.h2_supports(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # docs/benchmarks/vulkan-h200.md
-                return "int4_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias)
+                return "int4_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, sg=self._sg())
             if o.webgpu_gemv in ("auto", "coalesced", "h2", "dp4a"):  # H200, 8B shapes: 0.4 -> 1.0-1.6 TB/s
                 return "int4_gemv_coalesced_webgpu", lambda: webgpu_linear.int4_gemv_coalesced(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, bias)
@@ -319,10 +338,10 @@ class KernelRegistry:
         if kind == "dp4a":
             def make():
                 return webgpu_linear.int4_gemv_dp4a(in_f, out_f, bias, norm_eps=norm_eps, silu=silu, x_dtype=dtype,
-                                                    scale_dtype=scheme.scale_dtype, out_dtype=dtype)
+                                                    scale_dtype=scheme.scale_dtype, out_dtype=dtype, sg=self._sg())
         else:
             def make():
-                return webgpu_linear.int4_gemv_h2(in_f, out_f, bias, norm_eps=norm_eps, silu=silu)
+                return webgpu_linear.int4_gemv_h2(in_f, out_f, bias, norm_eps=norm_eps, silu=silu, sg=self._sg())
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name, make)
 
     @property

@@ -196,16 +196,46 @@ def int4_gemv_coalesced(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, o
 H2_BASE = 0x50005000  # fp16 32.0 in both halves
 
 
-def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out_dtype: str, KS: int = 1):
-    """The end of the fp16x2 and integer-dot decode GEMVs (a TVMScript macro): each lane's `R` row sums to workgroup
-    memory, lane r < R2 of a team's first warp adds row r's 32 KS values (`KS` warps a team share its rows, each
-    a slice of `in`), then the output: silu(gate) * up with silu_mul_gpu's arithmetic on the output-rounded gate and
-    up sums (`silu`: rows R2.. are the up rows), + bias, or as it is."""
+SUBGROUP_LANES = (0, 4, 8, 16, 32)  # the `sg` values of the fp16x2 and integer-dot GEMVs (0: no subgroup operations)
+
+
+def _check_sg(sg: int, what: str) -> None:
+    if sg not in SUBGROUP_LANES:
+        raise ValueError(f"{what}: sg {sg} is not one of {SUBGROUP_LANES} (lanes a warp's xor shuffles may span)")
+
+
+def _xor_steps(sg: int) -> int:
+    """Shuffle steps of a butterfly over `sg` lanes (masks sg/2, ..., 1)."""
+    return sg.bit_length() - 1 if sg else 0
+
+
+def _shfl_xor(T, value, k, sg: int, dtype: str = "float32"):
+    """Step k of the butterfly over `sg` lanes: the value of the lane whose index differs in bit (sg/2) >> k
+    (WGSL's subgroupShuffleXor; right only where those lanes share a subgroup: edgellm.webgpu.subgroup_lanes)."""
+    return T.call_pure_extern(dtype, "subgroupShuffleXor", value,
+                              T.shift_right(T.uint32(sg // 2), T.Cast("uint32", k)))
+
+
+def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out_dtype: str, KS: int = 1,
+                sg: int = 0):
+    """The end of the fp16x2 and integer-dot decode GEMVs (a TVMScript macro): the row sums of a warp's 32 lanes,
+    lane r < R2 of a team's first warp adding row r's (`KS` warps a team share its rows, each a slice of `in`),
+    then the output: silu(gate) * up with silu_mul_gpu's arithmetic on the output-rounded gate and up sums
+    (`silu`: rows R2.. are the up rows), + bias, or as it is.
+
+    sg 0: each lane's `R` sums to workgroup memory, one barrier, the leader lane adds its row's 32 KS values in
+    order. sg > 0 (the adapter's subgroups span runs of `sg` consecutive lanes): a butterfly of xor shuffles sums
+    each run of sg lanes in registers first; at sg 32 with one warp a team every lane then holds its warp's row
+    sums and no workgroup memory or barrier is used, below that the runs' 32 / sg sums meet in workgroup memory."""
     from .._tvm import compiler
 
     c = compiler()
     T, f32 = c.T, "float32"
+    _check_sg(sg, "_store_rows")
     WT = W // KS  # row teams a workgroup
+    NS = 32 // sg if sg else 32  # sums a warp leaves per row in workgroup memory
+    direct = not _rows_in_shared(sg, KS)  # no workgroup memory: lane r takes row r's sum from its registers
+    steps = _xor_steps(sg)
 
     def leader(ty, tx):  # lanes that write an output: lane r < R2 of each team's first warp
         return tx < R2 if KS == 1 else c.tirx.all(tx < R2, ty % KS == 0)
@@ -213,23 +243,43 @@ def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out
     def index(bx, ty, tx):  # that lane's output row
         return (bx * W + ty) * R2 + tx if KS == 1 else (bx * WT + ty // KS) * R2 + tx
 
+    def pick(acc, tx, first):  # acc[first + tx] with tx < R2, without indexing registers by a lane id
+        v = acc[first]
+        for r in range(1, R2):
+            v = T.if_then_else(tx == r, acc[first + r], v)
+        return v
+
+    @T.macro
+    def row_sum(red, acc, dst, ty, tx, first):  # dst[0] = the sum of row first + tx over the team
+        if direct:  # reads acc[first..first + R2) only
+            dst[0] = pick(acc, tx, first)
+        else:
+            dst[0] = T.float32(0)
+            for kk in T.unroll(KS):  # the team's warps in order, each its NS sums in order
+                for k in T.unroll(NS):
+                    dst[0] = dst[0] + red[((ty + kk) * R + tx + first) * NS + k]
+
     @T.macro
     def store_rows(red, acc, tt, out, b, bx, ty, tx):
-        for r in T.unroll(R):
-            red[(ty * R + r) * 32 + tx] = acc[r]
-        T.tvm_storage_sync("shared")
+        if sg > 0:
+            for r in T.unroll(R):
+                for k in T.unroll(steps):
+                    acc[r] = acc[r] + _shfl_xor(T, acc[r], k, sg)
+        if not direct:
+            if sg > 0:
+                if tx % sg == 0:
+                    for r in T.unroll(R):
+                        red[(ty * R + r) * NS + tx // sg] = acc[r]
+            else:
+                for r in T.unroll(R):
+                    red[(ty * R + r) * 32 + tx] = acc[r]
+            T.tvm_storage_sync("shared")
         if leader(ty, tx):
             i = T.meta_var(index(bx, ty, tx))
             if i < n_out:
-                tt[0] = T.float32(0)
-                for kk in T.unroll(KS):  # the team's warps in order, each its 32 lanes in order
-                    for k in T.unroll(32):
-                        tt[0] = tt[0] + red[((ty + kk) * R + tx) * 32 + k]
+                row_sum(red, acc, tt, ty, tx, 0)
                 if silu:
-                    acc[0] = T.float32(0)
-                    for kk in T.unroll(KS):
-                        for k in T.unroll(32):
-                            acc[0] = acc[0] + red[((ty + kk) * R + tx + R2) * 32 + k]
+                    row_sum(red, acc, acc, ty, tx, R2)  # the up row's sum into acc[0] (gate's is in tt)
                     tt[0] = T.Cast(f32, T.Cast(out_dtype, tt[0]))
                     out[0, i] = T.Cast(out_dtype, tt[0] / (T.float32(1) + T.exp(-tt[0]))
                                        * T.Cast(f32, T.Cast(out_dtype, acc[0])))
@@ -241,13 +291,23 @@ def _store_rows(R: int, R2: int, W: int, n_out: int, silu: bool, bias: bool, out
     return store_rows
 
 
-def _norm_scale(stage: int, W: int, G: int, in_f: int, norm_eps: float | None, x_dtype: str):
+def _rows_in_shared(sg: int, KS: int = 1) -> bool:
+    """Whether _store_rows passes its sums through workgroup memory (a next pass must then wait on a barrier)."""
+    return not (sg == 32 and KS == 1)
+
+
+def _norm_scale(stage: int, W: int, G: int, in_f: int, norm_eps: float | None, x_dtype: str, sg: int = 0):
     """The first half of the decode GEMVs' norm prologue (a TVMScript macro): each thread's staged words of
     s = x + delta (rounded to the activation type) into sv, workgroup 0 writes s (the residual stream) to xsum, the
-    sum of squares per warp then across warps, and tt[0] = rsqrt(mean + eps): add_rms_norm_gpu's arithmetic."""
+    sum of squares per warp then across warps, and tt[0] = rsqrt(mean + eps): add_rms_norm_gpu's arithmetic.
+    sg > 0: each run of sg lanes sums its squares by xor shuffles, the runs' W x 32 / sg sums meet in workgroup
+    memory after one barrier (two without subgroups)."""
     from .._tvm import compiler
 
     T, f32 = compiler().T, "float32"
+    _check_sg(sg, "_norm_scale")
+    NS = 32 // sg if sg else 0
+    steps = _xor_steps(sg)
 
     @T.macro
     def norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx):
@@ -264,17 +324,27 @@ def _norm_scale(stage: int, W: int, G: int, in_f: int, norm_eps: float | None, x
                         tt[0] = tt[0] + sv[i * 8 + h * 4 + k] * sv[i * 8 + h * 4 + k]
                         if bx == 0:
                             xsum[0, e * 8 + h * 4 + k] = T.Cast(x_dtype, sv[i * 8 + h * 4 + k])
-        red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
-        T.tvm_storage_sync("shared")
-        if tx == 0:
+        if sg > 0:
+            for k in T.unroll(steps):
+                tt[0] = tt[0] + _shfl_xor(T, tt[0], k, sg)
+            if tx % sg == 0:
+                red[ty * NS + tx // sg] = tt[0]
+            T.tvm_storage_sync("shared")
             tt[0] = T.float32(0)
-            for k in T.unroll(32):
-                tt[0] = tt[0] + red[ty * 32 + k]
-            red2[ty] = tt[0]
-        T.tvm_storage_sync("shared")
-        tt[0] = T.float32(0)
-        for k in T.unroll(W):
-            tt[0] = tt[0] + red2[k]
+            for k in T.unroll(W * NS):
+                tt[0] = tt[0] + red[k]
+        else:
+            red[ty * 32 + tx] = tt[0]  # the sum of squares: per warp, then across warps
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                tt[0] = T.float32(0)
+                for k in T.unroll(32):
+                    tt[0] = tt[0] + red[ty * 32 + k]
+                red2[ty] = tt[0]
+            T.tvm_storage_sync("shared")
+            tt[0] = T.float32(0)
+            for k in T.unroll(W):
+                tt[0] = tt[0] + red2[k]
         tt[0] = T.rsqrt(tt[0] / T.float32(in_f) + T.float32(norm_eps))
 
     return norm_scale
@@ -372,7 +442,7 @@ def h2_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype
 def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                  unroll: int | None = None, h2: bool = True, x_dtype: str = "float16", out_dtype: str = "float16",
                  norm_eps: float | None = None, silu: bool = False, bits: int = 4, ksplit: int | None = None,
-                 xf32: bool | None = None, chains: int | None = None, passes: int | None = None):
+                 xf32: bool | None = None, chains: int | None = None, passes: int | None = None, sg: int = 0):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, an fp16 scale per group of 32),
     pre-scheduled TIR for WGSL (see the comment above); arguments x, q_weight, q_scale, [bias], out as
     cuda_gemv.int4_gemv.
@@ -404,7 +474,11 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     `chains`: independent accumulators a group and row: h2 2 (even and odd words, 8 fp16x2 FMAs each) or 4 (one a
     word, 4 each: each fp16 sum rounds over fewer products); xf32 1 (32 float32 FMAs in one chain) or 4 (one a word).
     H200 run 11, 4 chains: h2 0.1-0.6 us a call slower at every GEMV of the 8B decode (tg128 271.5 against 272.2),
-    xf32 unchanged; so both defaults stay (None)."""
+    xf32 unchanged; so both defaults stay (None).
+
+    `sg` (0, 4, 8, 16 or 32): lanes of a warp whose sums may meet by subgroup xor shuffles (_store_rows,
+    _norm_scale); 0 uses workgroup memory only. Right only on an adapter whose subgroups span runs of at least `sg`
+    consecutive lanes (the plugin's edgellm.webgpu.subgroup_lanes; `--opt webgpu_subgroups`)."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -437,11 +511,11 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
     inter = out_f // 2
     R2 = R // 2 if silu else R  # output rows a warp
     n_out = inter if silu else out_f
-    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, KS)
+    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, KS, sg)
     blocks = (n_out + WT * R2 * P - 1) // (WT * R2 * P)
     steps = (G + 32 * U * KS - 1) // (32 * U * KS)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
-    norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
+    norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype, sg)
     # the pair 32 + 7/32 as a vec2<f16> literal: naga's constant folding of unpack2x16float(0x50075007u) loses
     # the high half (lavapipe: the high lane was not subtracted)
     if bits == 4:
@@ -634,7 +708,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int | None = None, ro
                     for k in T.unroll(U * R * VW):
                         wv[k] = wn[k]
             store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
-            if P > 1:
+            if P > 1 and _rows_in_shared(sg, KS):
                 T.tvm_storage_sync("shared")  # `red` is written again by the next pass
 
     return _gemv_func(body, in_f, out_f, words, G, n_out, x_dtype, "float16", out_dtype, norm, bias)
@@ -722,7 +796,7 @@ def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dty
 def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                    unroll: int | None = None, x_dtype: str = "float16", scale_dtype: str = "float16",
                    out_dtype: str = "float16", norm_eps: float | None = None, silu: bool = False,
-                   stage_threads: int | None = None, passes: int | None = None):
+                   stage_threads: int | None = None, passes: int | None = None, sg: int = 0):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, a scale per group of 32) with int8
     activations and `dot4I8Packed` (see the comment above); arguments and fusions as int4_gemv_h2 (x, [delta,
     norm weight], q_weight, q_scale, [bias], out, [x + delta]).
@@ -736,7 +810,10 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     H200 run 8).
 
     passes: row blocks a workgroup computes one after the other on the x it staged once (gemv_passes by default):
-    fewer workgroups, each paying the staging (and the norm) once for `passes` blocks of rows."""
+    fewer workgroups, each paying the staging (and the norm) once for `passes` blocks of rows.
+
+    sg: as int4_gemv_h2's; with sg >= 4 the four staging threads of a group also meet its maximum by xor shuffles
+    (no workgroup memory for it, one barrier less)."""
     from .._tvm import compiler
 
     T = compiler().T
@@ -760,11 +837,12 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     inter = out_f // 2
     R2 = R // 2 if silu else R
     n_out = inter if silu else out_f
-    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype)
+    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, 1, sg)
+    KS = 1
     blocks = (n_out + W * R2 * P - 1) // (W * R2 * P)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations
-    norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype)
+    norm_scale = _norm_scale(stage, W, G, in_f, norm_eps, x_dtype, sg)
     stage1 = (G + W * 32 - 1) // (W * 32)  # group staging: a thread stages one group's 32 activations
     lo_mask = T.uint32(0x0F0F0F0F)
 
@@ -786,23 +864,36 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         return T.call_pure_extern(u32, "pack4xI8", T.Shuffle(
             [T.Cast(i32, a), T.Cast(i32, b), T.Cast(i32, c), T.Cast(i32, d)], [0, 1, 2, 3]))
 
-    @T.macro
-    def partial_max(sv, amx, tt, ty, tx):  # each staging thread's max |x| over its 8 activations
-        for i in T.unroll(stage):
-            e = T.meta_var((i * W + ty) * 32 + tx)
-            if e < G * 4:
-                tt[0] = T.float32(0)
-                for k in T.unroll(8):
-                    tt[0] = T.max(tt[0], T.fabs(sv[i * 8 + k]))
-                amx[e] = tt[0]
+    shfl_max = sg >= 4  # a group's 4 staging threads are 4 consecutive lanes: their maximum meets by shuffles
 
     @T.macro
-    def quantize(sv, amx, tt, iz, xs, xd, xz, ty, tx):  # after a barrier: the group's max from its 4 threads
+    def partial_max(sv, amx, gm, tt, ty, tx):  # each staging thread's max |x| over its 8 activations
+        for i in T.unroll(stage):
+            e = T.meta_var((i * W + ty) * 32 + tx)
+            if shfl_max:  # the group's max in every one of its 4 lanes (gm[i]); the shuffles outside the branch
+                gm[i] = T.float32(0)
+                if e < G * 4:
+                    for k in T.unroll(8):
+                        gm[i] = T.max(gm[i], T.fabs(sv[i * 8 + k]))
+                for k in T.unroll(2):
+                    gm[i] = T.max(gm[i], _shfl_xor(T, gm[i], k, 4))
+            else:
+                if e < G * 4:
+                    tt[0] = T.float32(0)
+                    for k in T.unroll(8):
+                        tt[0] = T.max(tt[0], T.fabs(sv[i * 8 + k]))
+                    amx[e] = tt[0]
+
+    @T.macro
+    def quantize(sv, amx, gm, tt, iz, xs, xd, xz, ty, tx):  # after a barrier: the group's max from its 4 threads
         for i in T.unroll(stage):
             e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: packed word q of group g
             if e < G * 4:
-                tt[0] = T.max(T.max(amx[e // 4 * 4], amx[e // 4 * 4 + 1]), T.max(amx[e // 4 * 4 + 2],
-                                                                             amx[e // 4 * 4 + 3]))
+                if shfl_max:
+                    tt[0] = gm[i]
+                else:
+                    tt[0] = T.max(T.max(amx[e // 4 * 4], amx[e // 4 * 4 + 1]), T.max(amx[e // 4 * 4 + 2],
+                                                                                 amx[e // 4 * 4 + 3]))
                 if e % 4 == 0:
                     xd[e // 4] = tt[0] * T.float32(1 / 127)
                 tt[0] = T.if_then_else(tt[0] > T.float32(0), T.float32(127) / tt[0], T.float32(0))
@@ -869,7 +960,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                         sc[k] = sn[k]
                         wv[k] = wn[k]
             store_rows(red, acc, tt, out, b, bx * P + p, ty, tx)
-            if P > 1:
+            if P > 1 and _rows_in_shared(sg, KS):
                 T.tvm_storage_sync("shared")  # `red` is written again by the next pass
 
     @T.macro
@@ -916,7 +1007,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         xs = T.alloc_buffer((G * 4,), "uint32x2", scope="shared")  # [word q][group]: the q-th 8 activations
         xd = T.alloc_buffer((G,), f32, scope="shared")  # d per group
         xz = T.alloc_buffer((G * 4,), i32, scope="shared")  # [word q][group]: 7 * sum of its 8 int8s
-        amx = T.alloc_buffer((G * 4,), f32, scope="shared")  # max |x| of each staging thread's 8 activations
+        amx = T.alloc_buffer((1 if shfl_max else G * 4,), f32, scope="shared")  # each staging thread's max |x|
+        gm = T.alloc_buffer((stage,), f32, scope="local")  # shfl_max: the group's max |x| a staging round
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
         red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
         acc = T.alloc_buffer((R,), f32, scope="local")
@@ -949,9 +1041,10 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                         xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
                         for k in T.unroll(4):
                             sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
-        partial_max(sv, amx, tt, ty, tx)
-        T.tvm_storage_sync("shared")
-        quantize(sv, amx, tt, isum, xs, xd, xz, ty, tx)
+        partial_max(sv, amx, gm, tt, ty, tx)
+        if not shfl_max:
+            T.tvm_storage_sync("shared")
+        quantize(sv, amx, gm, tt, isum, xs, xd, xz, ty, tx)
         T.tvm_storage_sync("shared")
         row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx)
 

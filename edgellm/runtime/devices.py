@@ -95,5 +95,18 @@ def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceI
         raise DeviceError(f"weight {big['name']} is {int(big['nbytes']) / 2**20:.0f} MiB, over Vulkan adapter "
                           f"{a['name']!r}'s storage-buffer binding limit of {limit / 2**20:.0f} MiB; use a GPU with a "
                           "larger limit or a smaller model")
+    details = {k: a[k] for k in ("adapter_type", "shader_f16", "subgroups") if k in a}
+    need = int((manifest.get("kernels") or {}).get("subgroup_lanes") or 0)
+    if need:  # kernels built with --opt webgpu_subgroups=N: runs of N lanes must share a subgroup
+        from .webgpu_plugin import subgroup_lanes
+
+        have = subgroup_lanes(index)
+        details["subgroup_lanes"] = have
+        if have < need:
+            fix = f"--opt webgpu_subgroups={have}" if have >= 4 else "--opt webgpu_subgroups=off"
+            raise DeviceError(f"artifact's decode GEMVs reduce over subgroups of {need} lanes (--opt webgpu_subgroups="
+                              f"{need}) and Vulkan adapter {a['name']!r} "
+                              + (f"keeps only {have} consecutive lanes in a subgroup" if have > 1 else
+                                 "has no usable subgroups") + f"; recompile with {fix}")
     return DeviceInfo("webgpu", index, a["name"], driver=a.get("driver", ""), backend=a.get("backend", ""),
-                      details={k: a[k] for k in ("adapter_type", "shader_f16", "subgroups") if k in a})
+                      details=details)

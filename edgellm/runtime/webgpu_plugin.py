@@ -189,3 +189,14 @@ def adapters() -> list[dict]:
     from edgellm import _tvm
 
     return json.loads(str(_tvm.get_global_func("edgellm.webgpu.adapters")()))
+
+
+def subgroup_lanes(index: int) -> int:
+    """Lanes N (1..32) such that kernels of adapter `index` may reduce over runs of N consecutive lanes by subgroup
+    xor shuffles: the plugin runs a probe once per device (opening it) and checks every lane's answer. 1 where the
+    adapter has no subgroups."""
+    if _loaded is None:
+        raise PluginError("build", "the WebGPU plugin is not loaded: call load_plugin() first")
+    from edgellm import _tvm
+
+    return int(_tvm.get_global_func("edgellm.webgpu.subgroup_lanes")(index))

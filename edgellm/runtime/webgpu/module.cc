@@ -406,10 +406,69 @@ ffi::Module Load(const ffi::Bytes& blob) {
   return ffi::Module(ffi::make_object<WebGPUModuleNode>(std::move(bytes), std::move(kernels)));
 }
 
+// The subgroup probe: in a (32, 4) workgroup laid out as TVM's kernels are (threadIdx.x the 32 lanes of a warp),
+// lane i asks subgroupShuffleXor(i, m) for m = 1, 2, 4, 8, 16 and sets bit m where the answer is i ^ m. Kernels
+// built with --opt webgpu_subgroups=N reduce a warp's lanes with xor shuffles of masks < N, which is right only
+// where every run of N consecutive lanes (local_invocation_index order) sits in one subgroup; WGSL does not
+// promise that layout, and adapters report no subgroup size through wgpu 0.32's Vulkan backend (lavapipe: 0, 0).
+const char* kSubgroupProbe = R"(
+@group(0) @binding(0) var<storage, read_write> out_ptr : array<u32>;
+struct PODArgs { packGridDimX: u32 }
+@group(0) @binding(1) var<uniform> podArgs : PODArgs;
+@compute @workgroup_size(32, 4, 1)
+fn edgellm_subgroup_probe(@builtin(local_invocation_id) threadIdx : vec3<u32>) {
+  let i = threadIdx.y * 32u + threadIdx.x;
+  var ok = 0u;
+  ok = ok | select(0u, 1u, subgroupShuffleXor(i, 1u) == (i ^ 1u));
+  ok = ok | select(0u, 2u, subgroupShuffleXor(i, 2u) == (i ^ 2u));
+  ok = ok | select(0u, 4u, subgroupShuffleXor(i, 4u) == (i ^ 4u));
+  ok = ok | select(0u, 8u, subgroupShuffleXor(i, 8u) == (i ^ 8u));
+  ok = ok | select(0u, 16u, subgroupShuffleXor(i, 16u) == (i ^ 16u));
+  out_ptr[i] = ok;
+}
+)";
+
+// Lanes N (1, 2, 4, ..., 32) such that xor shuffles of every mask below N are right in all 128 probe lanes; 1
+// where the adapter has no subgroups or the probe fails to compile. Run once per device, then cached.
+int SubgroupLanes(int device_id) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto hit = cache.find(device_id);
+  if (hit != cache.end()) return hit->second;
+  Context* ctx = Context::Get(device_id);
+  int lanes = 1;
+  if (ctx->facts().subgroups || ctx->facts().native_subgroups) {
+    static std::shared_ptr<Kernel> probe = std::make_shared<Kernel>(
+        "edgellm_subgroup_probe", std::vector<DLDataType>{DLDataType{kDLOpaqueHandle, 64, 1}},
+        std::vector<std::string>{"threadIdx.x", "threadIdx.y", "paramWriteAccess:[1]"}, kSubgroupProbe);
+    Buffer* buf = ctx->Alloc(128 * 4);
+    std::vector<uint32_t> got(128, 0);
+    int prev = CurrentDevice();
+    CurrentDevice() = device_id;
+    try {
+      ffi::AnyView packed[3] = {static_cast<void*>(buf), int64_t{32}, int64_t{4}};
+      probe->Launch(ffi::PackedArgs(packed, 3));
+      ctx->Read(buf, 0, got.data(), got.size() * 4);
+      uint32_t all = 31;
+      for (uint32_t v : got) all &= v;
+      while (lanes < 32 && (all & lanes)) lanes *= 2;
+    } catch (const std::exception&) {
+      lanes = 1;  // the driver refused the subgroup built-ins: no subgroups for our kernels
+    }
+    CurrentDevice() = prev;
+    ctx->Free(buf);
+  }
+  cache[device_id] = lanes;
+  return lanes;
+}
+
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
+  // lanes that kernels may reduce over with xor shuffles on this device (SubgroupLanes; opens the device)
+  refl::GlobalDef().def("edgellm.webgpu.subgroup_lanes", [](int device_id) -> int { return SubgroupLanes(device_id); });
   // 0.27 looks loaders up as ffi.Module.load_from_bytes.<kind>; runtime.module.loadbinary_<kind> is the older name
   refl::GlobalDef()
       .def("ffi.Module.load_from_bytes.webgpu", Load)
