@@ -91,7 +91,10 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
             "vulkan-dp4a-gu2": "dp4a with gate_up (norm, silu) at 8 warps x 2 rows x 2 groups a step at in 4096 "
                                "(the default takes one group a step there)"}
 # builds with --opt webgpu_subgroups=N (no patch): label -> N
-SG_VARIANTS = {"vulkan-sg32": 32, "vulkan-sg8": 8, "vulkan-dp4a-sg32": 32, "vulkan-dp4a-sg8": 8}
+# (since ee50ae9+1 the option at 32 also gives TVM's own kernels subgroups: the "-sg32" builds of run 21 predate
+# that, the "-sg32t" ones have it)
+SG_VARIANTS = {"vulkan-sg32": 32, "vulkan-sg8": 8, "vulkan-dp4a-sg32": 32, "vulkan-dp4a-sg8": 8,
+               "vulkan-sg32t": 32, "vulkan-dp4a-sg32t": 32}
 VARIANTS.update({label: f"{'dp4a' if 'dp4a' in label else 'h2'} with --opt webgpu_subgroups={n} (sums met by "
                         f"subgroup xor shuffles over {n} lanes)" for label, n in SG_VARIANTS.items()})
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes

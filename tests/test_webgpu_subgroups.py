@@ -129,6 +129,14 @@ def test_the_option_reaches_the_manifest_and_the_device_check(webgpu_dev, lanes)
     reg.linear(1, 2048, 600, get_scheme("q4f16_1"), "float16", False)
     assert reg.manifest_entry()["subgroup_lanes"] == 8
     assert "subgroup_lanes" not in KernelRegistry(target).manifest_entry()
+    from edgellm.targets import resolve
+
+    assert not resolve("vulkan").tvm(subgroup_lanes=8).attrs.get("supports_subgroups", False)  # TVM's are 32 only
+    sg32 = resolve("vulkan").tvm(subgroup_lanes=32)  # TVM's own reductions in shuffles too: recorded at once
+    assert bool(sg32.attrs["supports_subgroups"]) and int(sg32.attrs["thread_warp_size"]) == 32
+    assert KernelRegistry(sg32, KernelOptions.parse(["webgpu_subgroups=32"])).manifest_entry()["subgroup_lanes"] == 32
+    with pytest.raises(ValueError, match="subgroup warp is 32 lanes"):
+        KernelRegistry(sg32, KernelOptions.parse(["webgpu_subgroups=16"])).webgpu_sg
 
     manifest = {"target": {"device": "webgpu"}, "quant": {"act_dtype": "float32"}, "kernels": {"subgroup_lanes": 32}}
     if lanes < 32:
@@ -139,3 +147,38 @@ def test_the_option_reaches_the_manifest_and_the_device_check(webgpu_dev, lanes)
     manifest["kernels"]["subgroup_lanes"] = lanes
     info = open_device("vulkan:0", manifest)
     assert info.details["subgroup_lanes"] == lanes
+
+
+def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, checkpoints, tmp_path):
+    """`edgellm compile --target vulkan --opt webgpu_subgroups=N` end to end (N = the adapter's lanes): TVM's own
+    kernels and edgellm's GEMVs reduce by shuffles, the manifest records N, and over a prefill and 16 decode steps
+    the logits equal the build without subgroups within fp16 summation order, with the same greedy tokens."""
+    from edgellm.artifact import Artifact
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+    from edgellm.device_runners.engine import Engine
+    from edgellm.kernels import KernelOptions
+    from edgellm.runtime.webgpu_plugin import adapters
+
+    if not adapters()[0].get("shader_f16"):
+        pytest.skip("adapter has no shader-f16 (the h2 GEMVs are q4f16_1's)")
+    prompt = [1, 5, 7, 100, 42, 9, 33, 250, 17, 64, 3]
+    logits, tokens, arts = {}, {}, {}
+    for sg in ("off", str(min(lanes, 32))):
+        out = tmp_path / f"sg-{sg}"
+        compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="vulkan", quant="q4f16_1",
+                                  runtime=RuntimeOptions(context_window=256, prefill_chunk=128, max_batch=1),
+                                  kernel_options=KernelOptions.parse([f"webgpu_subgroups={sg}"])))
+        arts[sg] = Artifact.open(out)
+        eng = Engine(out)
+        tokens[sg] = list(eng.generate_ids(prompt, 16))
+        with eng.sequence() as seq:
+            logits[sg] = np.stack([seq.prefill(prompt)] + [seq.decode(t) for t in tokens[sg][:-1]])
+    on = str(min(lanes, 32))
+    assert "subgroup_lanes" not in arts["off"].manifest["kernels"]
+    assert arts[on].manifest["kernels"]["subgroup_lanes"] == int(on)
+    assert "int4_gemv_h2_webgpu_norm_silu" in arts[on].manifest["kernels"]["chosen"]["linear_gemv"]
+    ref, got = logits["off"], logits[on]
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 5e-3
+    assert tokens[on] == tokens["off"]

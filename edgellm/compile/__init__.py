@@ -303,7 +303,8 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     if not args.quant and scheme.name != tgt.default_quant:
         log.info("scheme %s: %s", scheme.name, choice["why"])
     plan = _plan(scheme, src, smap, model_cls, args.head)
-    target = tgt.tvm()
+    sg = args.kernel_options.webgpu_subgroups
+    target = tgt.tvm(subgroup_lanes=0 if sg == "off" else int(sg))
     kernels = KernelRegistry(target, args.kernel_options,
                              on_build=lambda name, n: step("export", detail=f"kernel {name}", done=n))
     step("export", detail=f"{cfg.num_hidden_layers} layers for {tgt.preset}")

@@ -30,7 +30,9 @@ class KernelRegistry:
         self.kind: str = target.kind.name  # llvm | cuda | metal | opencl | webgpu ...
         self.chosen: dict[str, set[str]] = defaultdict(set)
         self._built: dict[tuple, object] = {}
-        self._sg_used = False  # a kernel was built with subgroup shuffles (the manifest then records their width)
+        # a kernel was built with subgroup shuffles (the manifest then records their width); TVM's own kernels use
+        # them where the target has supports_subgroups (TargetPreset.tvm with subgroup_lanes)
+        self._sg_used = self.kind == "webgpu" and bool(target.attrs.get("supports_subgroups", False))
         if self.kind == "cuda" and self.options.cuda_gemm == "wgmma":  # refused before any model is traced
             from .cuda_gemm import gemm_choice
 
@@ -68,7 +70,13 @@ class KernelRegistry:
     def webgpu_sg(self) -> int:
         """Lanes the WebGPU decode GEMVs reduce over by subgroup shuffles (--opt webgpu_subgroups; 0: none)."""
         v = self.options.webgpu_subgroups
-        return 0 if self.kind != "webgpu" or v == "off" else int(v)
+        if self.kind != "webgpu" or v == "off":
+            return 0
+        warp = int(self.target.attrs.get("thread_warp_size", 1))
+        if self.target.attrs.get("supports_subgroups", False) and warp != int(v):
+            raise ValueError(f"--opt webgpu_subgroups={v} with a target whose subgroup warp is {warp} lanes: build "
+                             "the target with TargetPreset.tvm(subgroup_lanes=...) of the same width")
+        return int(v)
 
     def _sg(self) -> int:
         """webgpu_sg, for a kernel being built with it (recorded: the artifact then needs such an adapter)."""

@@ -154,11 +154,18 @@ class ResolvedTarget:
     features: dict[str, Any]
     default_quant: str = "q4f32_2"
 
-    def tvm(self):
+    def tvm(self, subgroup_lanes: int = 0):
+        """The TVM Target. `subgroup_lanes` 32 (webgpu; --opt webgpu_subgroups=32): TVM's own reductions (its
+        attention, dlight's rules) meet in subgroup shuffles over warps of 32 lanes (its WGSL codegen's
+        supports_subgroups, which sets thread_warp_size 32 whatever it is given, so narrower widths leave the
+        target as it is), right on adapters whose subgroups span 32 consecutive lanes."""
         from .._tvm import compiler
 
         Target = compiler().Target
-        return Target(self.target_json, Target(self.host_json)) if self.host_json else Target(self.target_json)
+        tj = self.target_json
+        if subgroup_lanes >= 32 and tj["kind"] == "webgpu":
+            tj = {**tj, "supports_subgroups": True, "thread_warp_size": 32}
+        return Target(tj, Target(self.host_json)) if self.host_json else Target(tj)
 
     @property
     def host_triple(self) -> str | None:
