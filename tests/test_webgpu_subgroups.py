@@ -178,6 +178,8 @@ def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, 
     assert "subgroup_lanes" not in arts["off"].manifest["kernels"]
     assert arts[on].manifest["kernels"]["subgroup_lanes"] == int(on)
     assert "int4_gemv_h2_webgpu_norm_silu" in arts[on].manifest["kernels"]["chosen"]["linear_gemv"]
+    # the target as built: TVM's own kernels take subgroups only at 32 lanes (its webgpu warp is fixed at 32)
+    assert arts[on].manifest["target"]["tvm_target"].get("supports_subgroups", False) == (on == "32")
     ref, got = logits["off"], logits[on]
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() / np.abs(ref).max() < 5e-3

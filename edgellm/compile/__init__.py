@@ -351,7 +351,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "quant": {**scheme.as_dict(), "padding": _padding(float_shapes, tensor_schemes),
                       "precision": plan.as_dict(), "per_tensor": {n: s.name for n, s in per_tensor.items()},
                       "classes": classes, "choice": choice},
-            "target": tgt.as_dict(),
+            "target": {**tgt.as_dict(), "tvm_target": tgt.tvm_json(0 if sg == "off" else int(sg))},
             "runtime": asdict(runtime),
             "tokenizer": tok,
             "lib": lib_name,

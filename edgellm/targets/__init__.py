@@ -162,10 +162,14 @@ class ResolvedTarget:
         from .._tvm import compiler
 
         Target = compiler().Target
-        tj = self.target_json
-        if subgroup_lanes >= 32 and tj["kind"] == "webgpu":
-            tj = {**tj, "supports_subgroups": True, "thread_warp_size": 32}
+        tj = self.tvm_json(subgroup_lanes)
         return Target(tj, Target(self.host_json)) if self.host_json else Target(tj)
+
+    def tvm_json(self, subgroup_lanes: int = 0) -> dict[str, Any]:
+        """The device target's JSON as `tvm(subgroup_lanes)` builds it (what the manifest records)."""
+        if subgroup_lanes >= 32 and self.target_json["kind"] == "webgpu":
+            return {**self.target_json, "supports_subgroups": True, "thread_warp_size": 32}
+        return self.target_json
 
     @property
     def host_triple(self) -> str | None:
