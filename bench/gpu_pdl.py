@@ -118,7 +118,8 @@ SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
 QUICK = False  # run --quick: checks, profiles and tg128 only
 BATCH = 32  # the shapes' max_batch: batched decode at 1, 8 and 32 sequences (serve's case)
 PASSES = 8  # repeated decode passes of each owned build (the run-ahead race showed in 4 of 12)
-TINY_VARIANTS = ("off", "on", "owned", "owned-warps")  # owned-warps: its kernel against numpy on the GPU too
+# owned-warps: its kernel against numpy on the GPU too; owned-hq4: the final norm staged by the 4-bit head's GEMV
+TINY_VARIANTS = ("off", "on", "owned", "owned-warps", "owned-hq4")
 
 
 def _knobs() -> list[tuple[object, str, dict]]:
@@ -231,7 +232,7 @@ def check_tiny(dev: Path) -> None:
     variants = [v for v in TINY_VARIANTS if (dev / "art" / f"{art}-{v}").is_dir()]
     for v in variants:
         gpu_run.check_q4_vs_numpy(f"{art}-{v} vs numpy, decode 50 steps after 100", f"{art}-{v}", long, 100)
-    ref, rest = variants[0], variants[1:]
+    ref, rest = variants[0], [v for v in variants[1:] if v not in HEAD]  # another head: numpy's check only
     e0 = Engine(dev / "art" / f"{art}-{ref}")
     a, ga = _decode_logits(e0, long[:100], long[100:]), _greedy(e0, long[:20], 40)
     got = {}

@@ -139,13 +139,13 @@ def _modules(mod):
 
 @pytest.fixture(scope="session")
 def cuda_tiny_build(tmp_path_factory, checkpoints):
-    """cuda_tiny_build(**kernel options) -> {"out": artifact folder, "vm": the executable's text, "cuda": its CUDA
-    source}: the tiny Llama compiled for cuda-sm90 in q4f16_1 (context 128, prefill chunk 32), once per options
-    in a session (needs nvcc)."""
+    """cuda_tiny_build(head=None, **kernel options) -> {"out": artifact folder, "vm": the executable's text, "cuda":
+    its CUDA source}: the tiny Llama compiled for cuda-sm90 in q4f16_1 (context 128, prefill chunk 32; `head`:
+    CompileArgs.head), once per options in a session (needs nvcc)."""
     cache: dict[tuple, dict] = {}
 
-    def get(**options) -> dict:
-        key = tuple(sorted(options.items()))
+    def get(head: str | None = None, **options) -> dict:
+        key = (head, *sorted(options.items()))
         if key not in cache:
             from edgellm.compile import CompileArgs, compile_model, pipeline
             from edgellm.config import RuntimeOptions
@@ -163,7 +163,7 @@ def cuda_tiny_build(tmp_path_factory, checkpoints):
             pipeline.build = keep
             try:
                 compile_model(CompileArgs(model=str(checkpoints["llama"]), output=kept["out"], target="cuda-sm90",
-                                          quant="q4f16_1", runtime=RuntimeOptions(128, 32),
+                                          quant="q4f16_1", runtime=RuntimeOptions(128, 32), head=head,
                                           kernel_options=KernelOptions(**options)))
             finally:
                 pipeline.build = build

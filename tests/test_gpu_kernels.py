@@ -132,13 +132,14 @@ def test_cuda_decode_replays_a_cuda_graph(cuda_tiny_build):
     assert decode.count("vm.builtin.cuda_graph.run_or_capture") == layers + 1
     assert decode.count("vm.builtin.attention_kv_cache_attention_with_fused_qkv") == layers  # outside the graphs
     # the residual add and the next norm go into the next GEMV (--opt cuda_fuse=auto at this hidden size: gate_up of
-    # each layer, qkv of layer 1), silu(gate) * up into gate_up's epilogue; the final norm before the 8-bit head is
-    # gpu_math.add_rms_norm_gpu, nothing else adds or norms; prefill keeps the separate kernels; the artifact
-    # exports the device argmax the Engine's greedy decode uses
+    # each layer, qkv of layer 1; layer 0's qkv stages its norm of the embedding, no add), silu(gate) * up into
+    # gate_up's epilogue; the final norm before the 8-bit head is gpu_math.add_rms_norm_gpu (the 8-bit GEMV has no
+    # norm prologue), nothing else adds or norms; prefill keeps the separate kernels; the artifact exports the
+    # device argmax the Engine's greedy decode uses
     decode_and_graphs = text["vm"].split("@decode:")[1].split("\n@prefill:")[0]
-    assert decode_and_graphs.count("call  linear_gemv_norm") == 2 * layers - 1
+    assert decode_and_graphs.count("call  linear_gemv_norm") == 2 * layers
     assert decode_and_graphs.count("call  add_rms_norm") == 1
-    assert decode_and_graphs.count("call  rms_norm") == 1  # layer 0's input norm has no residual to add
+    assert decode_and_graphs.count("call  rms_norm") == 0
     assert decode_and_graphs.count("call  silu_mul") == 0
     prefill = text["vm"].split("@prefill:")[1].split("\n@")[0]
     assert "linear_gemv_norm" not in prefill
@@ -146,8 +147,22 @@ def test_cuda_decode_replays_a_cuda_graph(cuda_tiny_build):
 
     m = Artifact.open(text["out"]).manifest
     assert "argmax" in m["functions"]
-    fused = {"int4_gemv_fp16x2_smem_norm_silu", "int4_gemv_fp16x2_smem_norm"}
+    fused = {"int4_gemv_fp16x2_smem_norm_silu", "int4_gemv_fp16x2_smem_norm", "int4_gemv_fp16x2_smem_norm_noadd"}
     assert fused <= set(m["kernels"]["chosen"]["linear_gemv"]) and m["kernels"]["options"]["cuda_fuse"] == "auto"
+
+
+@needs_nvcc
+def test_cuda_decode_stages_the_final_norm_in_a_4bit_head(cuda_tiny_build):
+    """With a 4-bit head (--head q4: the rows of a pure Q4_0 GGUF) the final residual add + norm go into the head's
+    GEMV in the one-token decode: no add_rms_norm or rms_norm kernel is left in decode; prefill keeps them (its head
+    reads the last token's norm). On the GPU: bench/gpu_pdl.py's tiny owned-hq4 against numpy."""
+    text = cuda_tiny_build(head="q4")
+    layers = 2
+    body = text["vm"].split("@decode:")[1].split("\n@prefill:")[0]
+    assert body.count("call  linear_gemv_norm") == 2 * layers + 1  # qkv x 2, gate_up x 2, the head
+    assert body.count("call  add_rms_norm") == 0 and body.count("call  rms_norm") == 0
+    prefill = text["vm"].split("@prefill:")[1].split("\n@")[0]
+    assert "linear_gemv_norm" not in prefill and "add_rms_norm" in prefill
 
 
 @needs_nvcc
