@@ -68,27 +68,27 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg, scheme, dtype, kernels) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
-    def forward(self, ids, cache, head: Linear | None = None):
-        """ids [b, s] -> the final norm's output [b, s, hidden], or with `head` the head's output (the logits in the
-        activation dtype): a one-token decode then hands the final norm to the head's GEMV where the registry
-        fuses it (`_decode`)."""
+    def forward(self, ids, cache):
+        """ids [b, s] -> the final norm's output [b, s, hidden]."""
         b, s = ids.shape
         x = self.embed_tokens(ids.reshape(b * s)).reshape(b, s, -1)  # [b, s, hidden]
         if isinstance(b, int) and isinstance(s, int) and b * s == 1 and self.kernels.decode_fusion != "off":
             # one-token decode with the fused GEMVs (CUDA)
-            return self._decode(x, cache, head)
+            return self._decode(x, cache)
         h = self.layers[0].input_layernorm(x)
         for i, layer in enumerate(self.layers):
             x, mlp_out = layer(x, h, cache, i)
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             x, h = _add_rms_norm(x, mlp_out, norm, self.kernels)
-        return h if head is None else head(h)
+        return h
 
-    def _decode(self, x, cache, head: Linear | None):
-        """The layers of a one-token step, the residual add + RMSNorm handed to the next GEMV (qkv, gate_up, and with
-        `head` the head) and silu(gate) * up to gate_up's epilogue where the registry has the fused kernels
-        (`fused_gemv`, CUDA); the first layer's norm (no add before it) staged by its qkv GEMV the same way. The same
-        function as `forward`'s loop, kernel for kernel where the registry has none."""
+    def _decode(self, x, cache):
+        """The layers of a one-token step, the residual add + RMSNorm handed to the next GEMV (qkv, gate_up) and
+        silu(gate) * up to gate_up's epilogue where the registry has the fused kernels (`fused_gemv`, CUDA); the
+        first layer's norm (no add before it) staged by its qkv GEMV the same way. The same function as `forward`'s
+        loop, kernel for kernel where the registry has none. The final norm stays a kernel of its own: staged by the
+        8B's 4-bit head GEMV it cost more than it saved (H200, docs/benchmarks/h200-pdl.md run 26: the head 72.7 ->
+        95.6 us, tg128 603.0 -> 601.6 tok/s)."""
         qkv = _first_norm_linear(x, self.layers[0].input_layernorm, self.layers[0].self_attn.qkv_proj, self.kernels)
         for i, layer in enumerate(self.layers):
             mlp, attn = layer.mlp, layer.self_attn
@@ -98,9 +98,6 @@ class Backbone(nn.Module):
                 nxt = self.layers[i + 1]
                 x, qkv = _res_norm_linear(x, act, mlp.down_proj, nxt.input_layernorm, nxt.self_attn.qkv_proj,
                                           self.kernels)
-            elif head is not None:
-                x, logits = _norm_linear(x, mlp.down_proj(act), self.norm, head, self.kernels)
-                return logits
             else:
                 x, h = _add_rms_norm(x, mlp.down_proj(act), self.norm, self.kernels)
         return h
@@ -247,17 +244,6 @@ class LlamaForCausalLM(nn.Module):
     def _head(self, x):
         return self.model.embed_tokens.as_linear(x) if self.lm_head is None else self.lm_head(x)
 
-    def _decode_head(self, ids, kv):
-        """ids [b, 1] -> the head's output [b, 1, vocab] in the activation dtype: an untied head goes into the
-        backbone, whose one-token decode may stage the final norm in the head's GEMV (Backbone._decode)."""
-        if self.lm_head is not None:
-            return self.model(ids, kv, head=self.lm_head)
-        return self._head(self.model(ids, kv))
-
-    def _decode_logits(self, ids, kv):
-        logits = self._decode_head(ids, kv)
-        return logits.astype("float32") if logits.dtype != "float32" else logits
-
     def _logits(self, x):
         logits = self._head(x)
         return logits.astype("float32") if logits.dtype != "float32" else logits
@@ -287,12 +273,12 @@ class LlamaForCausalLM(nn.Module):
     def decode(self, ids, cache, page_table=None, pos0=None):
         """ids [1, 1] -> [1, 1, vocab]: static shapes so the GEMV kernels apply."""
         kv = self._cache(cache, page_table, pos0, True)
-        return self._out(self._decode_logits(ids, kv), cache)
+        return self._out(self._logits(self.model(ids, kv)), cache)
 
     def batch_decode(self, ids, cache, page_table=None, pos0=None):
         """ids [b, 1] (one new token for each of b sequences) -> [b, 1, vocab]; batched serving."""
         kv = self._cache(cache, page_table, pos0, True)
-        return self._out(self._decode_logits(ids, kv), cache)
+        return self._out(self._logits(self.model(ids, kv)), cache)
 
     def decode_greedy(self, ids, cache, page_table, pos0, sink):
         """The owned cache's greedy decode step (CUDA): ids [1, 1] -> the most likely next token [1, 1] int32, and
@@ -300,7 +286,7 @@ class LlamaForCausalLM(nn.Module):
         and the token into the mapped host buffer at `sink` [1] int64 (kernels/cuda_math.greedy_advance_gpu). A
         greedy chain (device_runners/engine.py) replays this step's graph with no copy between steps."""
         kv = self._cache(cache, page_table, pos0, True)
-        logits = self._decode_head(ids, kv)  # [1, 1, vocab] in the activation dtype: no cast kernel
+        logits = self._head(self.model(ids, kv))  # [1, 1, vocab] in the activation dtype: no cast kernel
         partial, advance, parts = self.kernels.greedy_step(self.cfg.vocab_size, logits.dtype)
         ph = nn.Tensor.placeholder
         pv, pi = nn.op.tensor_ir_op(partial, "argmax_partial", [logits],
