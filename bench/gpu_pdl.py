@@ -365,7 +365,7 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
     for v in variants:  # host time of one decode call (returns once its graphs are launched), unprofiled
         results.setdefault("host_call", {})[f"{shape}-{v}"] = host_call_us(engines[v])
     name = gpu_run.torch_device_name()
-    read = gpu_run.read_bytes_per_token(engines[first])
+    read = {v: gpu_run.read_bytes_per_token(e) for v, e in engines.items()}  # per build: the head's rows differ
     # tg128 of every variant, the first two again (drift); each owned build queued ahead with decode + copies
     # between steps (decode_in_graph off: VARIANT-copies) and step by step (decode_ahead off: the GPU waits for
     # the host between steps, VARIANT-step)
@@ -378,7 +378,8 @@ def bench_shape(dev: Path, shape: str, bw: float) -> None:
         for r in run_bench(engines[v], 0, 128, reps=5, warmup=1, device_name=name):
             results["bench"].append({"shape": shape, "variant": label, "test": r.test, "avg_ts": r.avg_ts,
                                      "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
-                                     "bandwidth_fraction": read * r.avg_ts / bw, "copy_bandwidth_gbs": bw / 1e9})
+                                     "read_bytes_per_token": read[v], "bandwidth_fraction": read[v] * r.avg_ts / bw,
+                                     "copy_bandwidth_gbs": bw / 1e9})
             print(f"{shape:<14} {label:<6} {r.test} {r.avg_ts:9.1f} tok/s +- {r.stddev_ts:.1f}", flush=True)
         engines[v].decode_ahead, engines[v].decode_in_graph = True, True
     _control_page_check(shape, owned, engines)
