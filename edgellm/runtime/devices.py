@@ -104,7 +104,7 @@ def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceI
         details["subgroup_lanes"] = have
         if have < need:
             fix = f"--opt webgpu_subgroups={have}" if have >= 4 else "--opt webgpu_subgroups=off"
-            raise DeviceError(f"artifact's decode GEMVs reduce over subgroups of {need} lanes (--opt webgpu_subgroups="
+            raise DeviceError(f"artifact's kernels reduce over subgroups of {need} lanes (--opt webgpu_subgroups="
                               f"{need}) and Vulkan adapter {a['name']!r} "
                               + (f"keeps only {have} consecutive lanes in a subgroup" if have > 1 else
                                  "has no usable subgroups") + f"; recompile with {fix}")
