@@ -286,6 +286,29 @@ def targets(as_json):
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def adapters(as_json):
+    """List this machine's Vulkan adapters (--device vulkan:N for --target vulkan artifacts), with the widest
+    --opt webgpu_subgroups each one runs (its subgroups probed once: opens the device)."""
+    from .runtime.devices import vulkan_devices
+
+    rows = _guard(vulkan_devices)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("device", "name", "driver", "type", "shader-f16", "subgroup lanes", "--opt webgpu_subgroups",
+              caption="no Vulkan adapter found" if not rows else None)
+    for r in rows:
+        t.add_row(r["device"], r["name"], r["driver"], r["type"], "yes" if r["shader_f16"] else "no",
+                  str(r["subgroup_lanes"]), f"up to {r['webgpu_subgroups']}" if r["webgpu_subgroups"] != "off"
+                  else "off")
+    Console(width=200).print(t)
+
+
+@cli.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback should also set --api-key or --hmac-secret.")

@@ -184,3 +184,30 @@ def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, 
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() / np.abs(ref).max() < 5e-3
     assert tokens[on] == tokens["off"]
+
+
+def test_adapters_command_lists_the_widest_option_each_adapter_runs(webgpu_dev, lanes, monkeypatch):
+    """`edgellm adapters --json`: each Vulkan adapter as its --device spec, with the probe's lanes and the widest
+    --opt webgpu_subgroups value that runs there; without a driver one line naming the fix."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli
+    from edgellm.runtime import webgpu_plugin
+    from edgellm.runtime.devices import subgroup_option
+
+    assert [subgroup_option(n) for n in (1, 2, 4, 8, 16, 32, 64)] == ["off", "off", "4", "8", "16", "32", "32"]
+    res = CliRunner().invoke(cli, ["adapters", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert rows[0]["device"] == "vulkan:0" and rows[0]["subgroup_lanes"] == lanes
+    assert rows[0]["webgpu_subgroups"] == subgroup_option(lanes)
+    assert CliRunner().invoke(cli, ["adapters"]).exit_code == 0
+
+    def no_driver():
+        raise webgpu_plugin.PluginError("vulkan", "wgpu-native found no Vulkan device: install a Vulkan driver")
+
+    monkeypatch.setattr(webgpu_plugin, "load_plugin", no_driver)
+    res = CliRunner().invoke(cli, ["adapters"])
+    assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and "install a Vulkan driver" in res.output

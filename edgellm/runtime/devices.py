@@ -103,10 +103,35 @@ def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceI
         have = subgroup_lanes(index)
         details["subgroup_lanes"] = have
         if have < need:
-            fix = f"--opt webgpu_subgroups={have}" if have >= 4 else "--opt webgpu_subgroups=off"
+            fix = f"--opt webgpu_subgroups={subgroup_option(have)}"
             raise DeviceError(f"artifact's kernels reduce over subgroups of {need} lanes (--opt webgpu_subgroups="
                               f"{need}) and Vulkan adapter {a['name']!r} "
                               + (f"keeps only {have} consecutive lanes in a subgroup" if have > 1 else
                                  "has no usable subgroups") + f"; recompile with {fix}")
     return DeviceInfo("webgpu", index, a["name"], driver=a.get("driver", ""), backend=a.get("backend", ""),
                       details=details)
+
+
+def subgroup_option(lanes: int) -> str:
+    """The widest `--opt webgpu_subgroups` value an adapter whose subgroups span `lanes` consecutive lanes runs."""
+    return next((str(n) for n in (32, 16, 8, 4) if lanes >= n), "off")
+
+
+def vulkan_devices() -> list[dict]:
+    """The Vulkan adapters here, device 0 first: `device` (the --device spec), name, driver, adapter type,
+    shader-f16, the consecutive lanes a subgroup spans (the plugin's probe: opens each device) and the widest
+    `--opt webgpu_subgroups` that runs there. Raises DeviceError (one line) without a driver or a compiler."""
+    from .webgpu_plugin import PluginError, adapters, load_plugin, subgroup_lanes
+
+    try:
+        load_plugin()
+        found = adapters()
+    except PluginError as exc:
+        raise DeviceError(f"Vulkan: {exc}") from None
+    rows = []
+    for i, a in enumerate(found):
+        lanes = subgroup_lanes(i) if a.get("subgroups") else 1
+        rows.append({"device": f"vulkan:{i}", "name": a["name"], "driver": a.get("driver", ""),
+                     "type": a.get("adapter_type", ""), "shader_f16": bool(a.get("shader_f16")),
+                     "subgroup_lanes": lanes, "webgpu_subgroups": subgroup_option(lanes)})
+    return rows
