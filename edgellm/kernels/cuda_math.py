@@ -39,7 +39,7 @@ def add_rms_norm_gpu(hidden: int, eps: float, dtype: str, threads: int | None = 
     elements if `hidden` is not a multiple of that), read and written as vectors and kept in registers between the
     two passes; by default there are as many threads as chunks (32..max_threads). The sum of squares meets by
     `reduce`: "warp" (CUDA) = warp shuffles, then across warps through shared memory, one barrier; "tree" (WebGPU,
-    whose WGSL codegen has no subgroup operations) = a shared-memory tree in ping-pong halves, one barrier per
+    where subgroups span an adapter-dependent number of lanes) = a shared-memory tree in ping-pong halves, one barrier per
     level."""
     T = compiler().T
     f32 = "float32"

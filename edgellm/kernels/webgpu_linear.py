@@ -46,7 +46,7 @@ def int4_gemv(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: 
     per group of 32, the scale once per group, nibbles to floats by the exponent trick), scheduled for WGSL: lane l
     of a row team owns whole groups; per step it loads the group's 4 packed words as one `vec4<u32>` (16 bytes) and
     its 32 activations as 8 `vec4`s (WGSL vectors stop at 4 lanes), shared by the lane's `rows` rows; the lanes'
-    partial sums meet in a workgroup-memory tree (no subgroup operations: TVM's webgpu target has none)."""
+    partial sums meet in a workgroup-memory tree (no subgroup operations: see int4_gemv_h2's `sg`)."""
     from . import cuda_gemv
 
     func = cuda_gemv.int4_gemv(in_f, out_f, x_dtype, scale_dtype, out_dtype, bias)
@@ -837,8 +837,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     inter = out_f // 2
     R2 = R // 2 if silu else R
     n_out = inter if silu else out_f
-    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, 1, sg)
-    KS = 1
+    KS = 1  # one warp a row team (int4_gemv_h2's ksplit is not offered here)
+    store_rows = _store_rows(R, R2, W, n_out, silu, bias, out_dtype, KS, sg)
     blocks = (n_out + W * R2 * P - 1) // (W * R2 * P)
     steps = (G + 32 * U - 1) // (32 * U)
     stage = (G * 4 + W * 32 - 1) // (W * 32)  # staging rounds: a thread stages one packed word's 8 activations

@@ -1,5 +1,6 @@
-"""Norm kernels for the webgpu target (`--target vulkan`): kernels/cuda_math.py's, with the choices WGSL needs (TVM's
-WGSL codegen has no subgroup operations, so reductions meet in a workgroup-memory tree; vectors stop at 4 lanes).
+"""Norm kernels for the webgpu target (`--target vulkan`): kernels/cuda_math.py's, with the choices WGSL needs (reductions
+meet in a workgroup-memory tree: subgroup shuffles are right only on some adapters, and only the decode GEMVs take
+them, with --opt webgpu_subgroups; vectors stop at 4 lanes).
 The device argmax needs no twin: cuda_math's two-stage argmax is plain TIR (a workgroup-memory tree) and builds for
 webgpu as it is.
 """
