@@ -62,12 +62,14 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                     "residual add + RMSNorm staged by qkv / gate_up and silu * up in gate_up's epilogue; silu = the "
                     "epilogue alone; off = separate kernels; auto = all (H200, 8B: all 167 tok/s, silu 166)"),
     "webgpu_subgroups": (("off", "4", "8", "16", "32"),
-                         "WebGPU/Vulkan decode GEMVs (h2, dp4a): N = a warp's 32 lanes reduce their sums by subgroup "
-                         "xor shuffles over runs of N lanes (then N=32: no workgroup memory and no barrier at the "
-                         "end; the norm's sum of squares one barrier instead of two; dp4a's group maxima without "
-                         "one); the artifact then runs only on an adapter whose subgroups span at least N "
-                         "consecutive lanes (checked at load: NVIDIA, AMD and Apple GPUs 32, Intel 8-32, Mali 16, "
-                         "lavapipe 8 or 16); off = workgroup memory only, runs on every adapter"),
+                         "WebGPU/Vulkan subgroup reductions: N = the decode GEMVs (h2, dp4a) sum a warp's 32 lanes "
+                         "by subgroup xor shuffles over runs of N lanes (N=32: no workgroup memory and no barrier at "
+                         "their end; the norm's sum of squares one barrier instead of two; dp4a's group maxima "
+                         "without one), and at 32 TVM's own reductions (its decode attention) use subgroups too; "
+                         "the artifact then runs only on an adapter whose subgroups span at least N consecutive "
+                         "lanes (checked at load; `edgellm adapters` shows each adapter's: NVIDIA, AMD and Apple "
+                         "GPUs 32, Intel 8-32, Mali 16, lavapipe 8 or 16). H200, 8B decode at 32: h2 +8-9%, dp4a "
+                         "+2.4%. off = workgroup memory only, runs on every adapter"),
     "webgpu_gemv": (("auto", "h2", "dp4a", "coalesced", "group", "simple"),
                     "WebGPU/Vulkan INT4 decode GEMV: h2 = fp16 activations in vec2<f16> arithmetic, x staged in "
                     "workgroup memory, 16-byte weight loads (q4f16_1 grid; `in` x 2 bytes within workgroup memory); "
