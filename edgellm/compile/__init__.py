@@ -303,8 +303,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     if not args.quant and scheme.name != tgt.default_quant:
         log.info("scheme %s: %s", scheme.name, choice["why"])
     plan = _plan(scheme, src, smap, model_cls, args.head)
-    sg = args.kernel_options.webgpu_subgroups
-    target = tgt.tvm(subgroup_lanes=0 if sg == "off" else int(sg))
+    target = tgt.tvm(subgroup_lanes=args.kernel_options.subgroup_lanes)
     kernels = KernelRegistry(target, args.kernel_options,
                              on_build=lambda name, n: step("export", detail=f"kernel {name}", done=n))
     step("export", detail=f"{cfg.num_hidden_layers} layers for {tgt.preset}")
@@ -351,7 +350,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "quant": {**scheme.as_dict(), "padding": _padding(float_shapes, tensor_schemes),
                       "precision": plan.as_dict(), "per_tensor": {n: s.name for n, s in per_tensor.items()},
                       "classes": classes, "choice": choice},
-            "target": {**tgt.as_dict(), "tvm_target": tgt.tvm_json(0 if sg == "off" else int(sg))},
+            "target": {**tgt.as_dict(), "tvm_target": tgt.tvm_json(args.kernel_options.subgroup_lanes)},
             "runtime": asdict(runtime),
             "tokenizer": tok,
             "lib": lib_name,

@@ -134,6 +134,11 @@ class KernelOptions:
             values[name] = value
         return cls(**values)
 
+    @property
+    def subgroup_lanes(self) -> int:
+        """--opt webgpu_subgroups as lanes (0: off)."""
+        return 0 if self.webgpu_subgroups == "off" else int(self.webgpu_subgroups)
+
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
 

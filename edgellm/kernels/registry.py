@@ -69,14 +69,14 @@ class KernelRegistry:
     @property
     def webgpu_sg(self) -> int:
         """Lanes the WebGPU decode GEMVs reduce over by subgroup shuffles (--opt webgpu_subgroups; 0: none)."""
-        v = self.options.webgpu_subgroups
-        if self.kind != "webgpu" or v == "off":
+        v = self.options.subgroup_lanes
+        if self.kind != "webgpu" or not v:
             return 0
         warp = int(self.target.attrs.get("thread_warp_size", 1))
-        if self.target.attrs.get("supports_subgroups", False) and warp != int(v):
+        if self.target.attrs.get("supports_subgroups", False) and warp != v:
             raise ValueError(f"--opt webgpu_subgroups={v} with a target whose subgroup warp is {warp} lanes: build "
                              "the target with TargetPreset.tvm(subgroup_lanes=...) of the same width")
-        return int(v)
+        return v
 
     def _sg(self) -> int:
         """webgpu_sg, for a kernel being built with it (recorded: the artifact then needs such an adapter)."""

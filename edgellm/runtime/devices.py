@@ -62,14 +62,19 @@ def open_device(spec: str | None, manifest: dict, param_index: list[dict] | None
     return DeviceInfo(kind, index, kind)
 
 
-def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceInfo:
+def _vulkan_adapters(what: str) -> list[dict]:
+    """The WebGPU plugin loaded (built on first use) and its adapters; a DeviceError `what: reason` otherwise."""
     from .webgpu_plugin import PluginError, adapters, load_plugin
 
     try:
         load_plugin()
-        found = adapters()
+        return adapters()
     except PluginError as exc:
-        raise DeviceError(f"--device vulkan:{index}: {exc}") from None
+        raise DeviceError(f"{what}: {exc}") from None
+
+
+def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceInfo:
+    found = _vulkan_adapters(f"--device vulkan:{index}")
     if index >= len(found):
         names = "; ".join(f"vulkan:{i} {a['name']}" for i, a in enumerate(found))
         raise DeviceError(f"--device vulkan:{index}: there is no such Vulkan adapter here ({len(found)} found: {names})")
@@ -121,15 +126,10 @@ def vulkan_devices() -> list[dict]:
     """The Vulkan adapters here, device 0 first: `device` (the --device spec), name, driver, adapter type,
     shader-f16, the consecutive lanes a subgroup spans (the plugin's probe: opens each device) and the widest
     `--opt webgpu_subgroups` that runs there. Raises DeviceError (one line) without a driver or a compiler."""
-    from .webgpu_plugin import PluginError, adapters, load_plugin, subgroup_lanes
+    from .webgpu_plugin import subgroup_lanes
 
-    try:
-        load_plugin()
-        found = adapters()
-    except PluginError as exc:
-        raise DeviceError(f"Vulkan: {exc}") from None
     rows = []
-    for i, a in enumerate(found):
+    for i, a in enumerate(_vulkan_adapters("Vulkan")):
         lanes = subgroup_lanes(i) if a.get("subgroups") else 1
         rows.append({"device": f"vulkan:{i}", "name": a["name"], "driver": a.get("driver", ""),
                      "type": a.get("adapter_type", ""), "shader_f16": bool(a.get("shader_f16")),

@@ -182,21 +182,22 @@ def load_plugin() -> Path:
     return out
 
 
-def adapters() -> list[dict]:
-    """The Vulkan adapters the loaded plugin sees, device 0 first: name, driver, backend, features, limits."""
+def _plugin_func(name: str):
+    """The loaded plugin's global function `edgellm.webgpu.<name>`."""
     if _loaded is None:
         raise PluginError("build", "the WebGPU plugin is not loaded: call load_plugin() first")
     from edgellm import _tvm
 
-    return json.loads(str(_tvm.get_global_func("edgellm.webgpu.adapters")()))
+    return _tvm.get_global_func(f"edgellm.webgpu.{name}")
+
+
+def adapters() -> list[dict]:
+    """The Vulkan adapters the loaded plugin sees, device 0 first: name, driver, backend, features, limits."""
+    return json.loads(str(_plugin_func("adapters")()))
 
 
 def subgroup_lanes(index: int) -> int:
     """Lanes N (1..32) such that kernels of adapter `index` may reduce over runs of N consecutive lanes by subgroup
     xor shuffles: the plugin runs a probe once per device (opening it) and checks every lane's answer. 1 where the
     adapter has no subgroups."""
-    if _loaded is None:
-        raise PluginError("build", "the WebGPU plugin is not loaded: call load_plugin() first")
-    from edgellm import _tvm
-
-    return int(_tvm.get_global_func("edgellm.webgpu.subgroup_lanes")(index))
+    return int(_plugin_func("subgroup_lanes")(index))
