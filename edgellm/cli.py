@@ -405,8 +405,13 @@ def package(artifact, platform_, output, name, simulator_artifact, overwrite, as
 @click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
               help="Exit 1 when perplexity exceeds the reference's by more than PCT percent (e.g. 0.5).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("--path", "score_path", default="prefill", show_default=True, type=click.Choice(["prefill", "decode"]),
+              help="How the artifact computes each position: prefill (one forward a chunk) or decode (one decode "
+                   "step a token after a one-token prefill: the kernels that generate text).")
+@click.option("--device", default=None, metavar="KIND[:N]",
+              help="Device the artifact runs on, e.g. vulkan:1; default: the artifact's, index 0.")
 def verify(artifact, reference, reference_kind, text, chunk_tokens, max_chunks, fmt, min_agreement, max_ppl_increase,
-           threads):
+           threads, score_path, device):
     """Teacher-forced top-1 agreement, mean KL(reference || artifact) and perplexity of ARTIFACT against a
     reference, per chunk of a text and in total (docs/fidelity.md).
 
@@ -414,13 +419,14 @@ def verify(artifact, reference, reference_kind, text, chunk_tokens, max_chunks, 
     edgellm verify dist/smollm2-host
     edgellm verify dist/smollm2-host --reference dist/smollm2-q0f32 --format json
     edgellm verify dist/smollm2-host --text book.txt --min-agreement 95 --max-ppl-increase 1
+    edgellm verify dist/smollm2-vulkan --path decode --device vulkan:0
     """
     from .verify import VerifyArgs, verify as run_verify
 
     _positive(threads=(threads, 1))
     args = _guard(VerifyArgs, artifact=artifact, reference=reference, reference_kind=reference_kind, text=text,
                   chunk_tokens=chunk_tokens, max_chunks=max_chunks, threads=threads, min_agreement=min_agreement,
-                  max_ppl_increase=max_ppl_increase)
+                  max_ppl_increase=max_ppl_increase, path=score_path, device=device)
     result = _guard(run_verify, args)
     click.echo(json.dumps(result.to_json(), indent=2) if fmt == "json" else result.table())
     if result.failures:

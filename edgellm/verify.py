@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_TEXT = "built-in"
 REFERENCE_KINDS = ("auto", "transformers", "q0f32")
+PATHS = ("prefill", "decode")  # how the artifact computes each position's logits
 DEFAULT_CHUNK_TOKENS = 256
 
 
@@ -151,12 +152,15 @@ def score_chunks(ref_logits: Callable[[list[int]], np.ndarray], art_logits: Call
 
 # ---- scorers: ids -> logits [n, vocab] --------------------------------------------------------------------------
 class EngineScorer:
-    """An edgellm artifact. Every call into the Engine is here."""
+    """An edgellm artifact. Every call into the Engine is here. path: "prefill" scores a chunk in one forward
+    (`prefill_logits`); "decode" feeds it one decode step a token after a one-token prefill, the kernels that
+    generate text (`Engine.score_decode`)."""
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, device: str | None = None, mode: str = "prefill"):
         from .device_runners.engine import Engine
 
-        self.engine = Engine(path, threads=threads)
+        self.mode = mode
+        self.engine = Engine(path, device=device, threads=threads)
         self.manifest = self.engine.art.manifest
         self.context_window = self.engine.context_window
         self.vocab_size = self.engine.vocab_size
@@ -169,7 +173,12 @@ class EngineScorer:
         return ids[1:] if self.bos is not None and ids[:1] == [self.bos] else ids
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        return self.engine.score(ids)[:, : self.vocab_size]
+        score = self.engine.score_decode if self.mode == "decode" else self.engine.score
+        return score(ids)[:, : self.vocab_size]
+
+    @property
+    def device(self) -> str:
+        return self.engine.device_info.describe()
 
 
 class TransformersScorer:
@@ -228,12 +237,16 @@ class VerifyArgs:
     threads: int | None = None
     min_agreement: float | None = None  # percent: fail below it
     max_ppl_increase: float | None = None  # percent: fail above it
+    path: str = "prefill"  # the artifact's path: prefill (one forward a chunk) | decode (one decode step a token)
+    device: str | None = None  # the artifact's device (KIND[:N], e.g. vulkan:1); None: its target's, index 0
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)
         self.reference = Path(self.reference) if self.reference is not None else None
         if self.reference_kind not in REFERENCE_KINDS:
             raise VerifyError(f"reference kind {self.reference_kind!r} is unknown; use one of {', '.join(REFERENCE_KINDS)}")
+        if self.path not in PATHS:
+            raise VerifyError(f"path {self.path!r} is unknown; use one of {', '.join(PATHS)}")
         if self.chunk_tokens < 2:
             raise VerifyError(f"--chunk-tokens {self.chunk_tokens} is too small; a chunk needs at least 2 tokens")
         if self.max_chunks is not None and self.max_chunks < 1:
@@ -263,6 +276,8 @@ class VerifyResult:
     text: str  # BUILTIN_TEXT or the file
     text_tokens: int
     chunk_tokens: int
+    path: str  # the artifact's: prefill | decode
+    device: str  # where the artifact ran
     chunks: list[ChunkResult]
     total: Metrics
     bounds: dict = field(default_factory=dict)  # min_agreement / max_ppl_increase, percent, as given
@@ -276,7 +291,10 @@ class VerifyResult:
         return asdict(self) | {"passed": self.passed}
 
     def table(self) -> str:
+        how = ("one forward a chunk" if self.path == "prefill"
+               else "one decode step a token after a one-token prefill")
         head = (f"verify {self.artifact} ({self.scheme}, {self.target})\n"
+                f"artifact path: {self.path} ({how}) on {self.device}\n"
                 f"reference: {self.reference}\nsource: {self.source_check}\n"
                 f"text: {self.text} ({self.text_tokens} tokens, {len(self.chunks)} chunks of <= {self.chunk_tokens})\n")
         cols = f"{'chunk':>6} {'tokens':>7} {'top-1':>7} {'mean KL':>9} {'ppl':>9} {'ref ppl':>9} {'ppl +':>8}"
@@ -398,7 +416,7 @@ def verify(args: VerifyArgs, loaded_reference: TransformersScorer | None = None)
     text_name, text = read_text(args.text)
     if loaded_reference is not None and args.reference is not None:
         raise VerifyError("give either a reference path or a loaded reference model, not both")
-    art = EngineScorer(args.artifact, args.threads)
+    art = EngineScorer(args.artifact, args.threads, device=args.device, mode=args.path)
     with tempfile.TemporaryDirectory(prefix="edgellm-verify-") as tmp:
         ref_logits, desc, kind, note, ref = _reference(args, art, Path(tmp), loaded_reference)
         if ref.vocab_size != art.vocab_size:
@@ -417,6 +435,6 @@ def verify(args: VerifyArgs, loaded_reference: TransformersScorer | None = None)
     m = art.manifest
     return VerifyResult(artifact=str(args.artifact), scheme=m["quant"]["scheme"], target=m["target"]["preset"],
                         reference=desc, reference_kind=kind, source_check=note, text=text_name, text_tokens=len(ids),
-                        chunk_tokens=chunk, chunks=results, total=totals,
+                        chunk_tokens=chunk, path=args.path, device=art.device, chunks=results, total=totals,
                         bounds={"min_agreement": args.min_agreement, "max_ppl_increase": args.max_ppl_increase},
                         failures=_bounds(args, totals))

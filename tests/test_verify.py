@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,33 @@ def test_reference_artifact(tiny):
     r = verify(VerifyArgs(tiny["q4f32_2"], reference=tiny["q0f32"], max_chunks=1))
     assert r.reference_kind == "artifact" and "same source sha256" in r.source_check
     assert 0.5 <= r.total.agreement < 1.0 and r.total.mean_kl > 0
+
+
+def test_decode_path_scores_what_generation_computes(tiny):
+    """--path decode feeds one decode step a token: the same distributions as the prefill path within float noise
+    on q0f32, and its logits are the ones Sequence.decode gives step by step."""
+    from edgellm.device_runners.engine import Engine
+
+    pre = verify(VerifyArgs(tiny["q0f32"], max_chunks=1, chunk_tokens=64))
+    dec = verify(VerifyArgs(tiny["q0f32"], max_chunks=1, chunk_tokens=64, path="decode"))
+    assert dec.path == "decode" and pre.path == "prefill" and dec.device.startswith("cpu:0")
+    assert dec.total.positions == pre.total.positions == 63
+    assert dec.total.agreement >= 0.99 and dec.total.mean_kl < 1e-6
+    assert dec.total.perplexity == pytest.approx(pre.total.perplexity, rel=1e-4)
+    eng = Engine(tiny["q4f32_2"], threads=2)
+    ids = [5, 17, 3, 250, 9, 42, 7]
+    got = eng.score_decode(ids)
+    with eng.sequence() as seq:
+        want = [seq.prefill(ids[:1])] + [seq.decode(t) for t in ids[1:]]
+    assert got.shape == (len(ids), want[0].shape[-1])
+    np.testing.assert_array_equal(got, np.stack(want))
+    # the prefill path runs other kernels (the GEMM, the prefill attention): close, not bit-equal
+    assert np.abs(eng.score(ids) - got).max() < 0.05 * np.abs(got).max()
+
+
+def test_bad_path_is_one_line():
+    with pytest.raises(VerifyError, match="path 'sideways' is unknown; use one of prefill, decode"):
+        VerifyArgs(Path("x"), path="sideways")
 
 
 # ---- the command: table, JSON and the exit-1 bounds -------------------------------------------------------------

@@ -667,6 +667,17 @@ class Engine:
                     for i in range(0, len(ids), self.chunk)]
             return np.concatenate(outs, axis=1)[0]
 
+    def score_decode(self, ids: list[int]) -> np.ndarray:
+        """Logits [n, vocab] for every position of `ids` as generation computes them: position 0 from a one-token
+        prefill, position i from the decode step that feeds ids[i] (teacher forcing through the decode kernels:
+        the GEMVs, the decode attention, the head), float32."""
+        self.check_prompt(len(ids), room=0)
+        self.check_ids(ids)
+        with self.sequence() as seq:
+            rows = [seq.prefill(ids[:1])]
+            rows += [seq.decode(t) for t in ids[1:]]
+            return np.stack(rows)
+
     # ---- text API ---------------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
         if isinstance(prompt, list):
