@@ -90,8 +90,12 @@ VARIANTS = {
     # the owned cache with a 4-bit head (--head q4: the head's rows in q4f16_1 like the layers, as llama.cpp's pure
     # Q4_0 GGUFs of the side-by-side have it) instead of the default 8-bit one: half the head's bytes
     "owned-hq4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the device argmax's blocks meeting by the shared-memory tree (before: 17 + 13 barriers a token) instead of
+    # warp shuffles (--opt cuda_argmax, default warp); the same logits and tokens
+    "owned-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
+    "owned-hq4-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
 }
-HEAD = {"owned-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
+HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
 MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_merge",
         "owned-warps": "warps"}  # owned_kv.DECODE_ATTN of the build (else its default)
@@ -110,7 +114,7 @@ GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the bui
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
-         "owned-pf20", "owned-all", "owned-hq4")  # and owned-pA-B...
+         "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
@@ -234,6 +238,7 @@ def check_tiny(dev: Path) -> None:
         gpu_run.check_q4_vs_numpy(f"{art}-{v} vs numpy, decode 50 steps after 100", f"{art}-{v}", long, 100)
     ref, rest = variants[0], [v for v in variants[1:] if v not in HEAD]  # another head: numpy's check only
     e0 = Engine(dev / "art" / f"{art}-{ref}")
+    gpu_run.check_argmax(e0)  # the registry's device argmax (warp shuffles on CUDA) vs numpy: ties, ends, -inf
     a, ga = _decode_logits(e0, long[:100], long[100:]), _greedy(e0, long[:20], 40)
     got = {}
     for v in rest:

@@ -166,9 +166,9 @@ ARGMAX_PARTS = 64  # first-stage blocks of the device argmax: a 128256-word row 
 
 
 def _argmax_tree(threads: int, none: int):
-    """Macro: a block's (value, index) candidates in `best`/`idx` (one per thread) -> sv[0], si[0] (shared, `threads`
-    each): the larger value, and of two equal ones the smaller index; index `none` marks a thread with no
-    candidate. Its own two registers of scratch are allocated inside."""
+    """Macro: a block's (value, index) candidates in `best`/`idx` (one per thread; sv, si: shared, `threads` each)
+    -> the winner in thread 0's best[0], idx[0]: the larger value, and of two equal ones the smaller index; index
+    `none` marks a thread with no candidate. Its own two registers of scratch are allocated inside."""
     T = compiler().T
     levels = _log2(threads)
 
@@ -193,20 +193,68 @@ def _argmax_tree(threads: int, none: int):
             sv[tx] = T.Select(take, best[0], mine[0])
             si[tx] = T.Select(take, other[0], idx[0])
             T.tvm_storage_sync("shared")
+        best[0] = sv[0]
+        idx[0] = si[0]
 
     return tree
 
 
-def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256, dtype: str = "float32"):
+def _argmax_warp(threads: int, none: int):
+    """Macro: _argmax_tree's contract (the winner in thread 0's best[0], idx[0]) by warp shuffles: each
+    warp's 32 candidates meet in 5 xor steps (every lane ends with the warp's best), the warps' bests in shared
+    memory, one barrier, then thread 0 takes the warps' in order. One barrier where the tree has 2 a level."""
+    T = compiler().T
+    if threads % 32 or threads < 32:
+        raise ValueError(f"the warp argmax needs a multiple of the warp size (32) threads, got {threads}")
+    warps = threads // 32
+
+    @T.macro
+    def better(take, ov, oi, best, idx):  # the other candidate (ov, oi) over (best, idx): _argmax_tree's rule
+        take[0] = T.And(oi[0] < none, T.Or(idx[0] == none, T.Or(ov[0] > best[0], T.And(ov[0] == best[0],
+                                                                                       oi[0] < idx[0]))))
+        best[0] = T.Select(take[0], ov[0], best[0])
+        idx[0] = T.Select(take[0], oi[0], idx[0])
+
+    @T.macro
+    def tree(sv, si, best, idx, tx):
+        ov = T.alloc_buffer((1,), "float32", scope="local")
+        oi = T.alloc_buffer((1,), "int32", scope="local")
+        take = T.alloc_buffer((1,), "bool", scope="local")
+        for k in T.unroll(5):
+            ov[0] = T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), best[0], T.shift_left(1, k), 32, 32)
+            oi[0] = T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), idx[0], T.shift_left(1, k), 32, 32)
+            better(take, ov, oi, best, idx)
+        if tx % 32 == 0:
+            sv[tx // 32] = best[0]
+            si[tx // 32] = idx[0]
+        T.tvm_storage_sync("shared")
+        if tx == 0:
+            for w in T.serial(1, warps):  # warp w's slice lies after warp w - 1's: ties keep the earlier index
+                ov[0] = sv[w]
+                oi[0] = si[w]
+                better(take, ov, oi, best, idx)
+
+    return tree
+
+
+def _argmax_reduce(threads: int, none: int, reduce: str):
+    if reduce not in ("tree", "warp"):
+        raise ValueError(f"argmax reduce {reduce!r}: tree (workgroup memory; WebGPU) or warp (shuffles; CUDA)")
+    return _argmax_warp(threads, none) if reduce == "warp" else _argmax_tree(threads, none)
+
+
+def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256, dtype: str = "float32",
+                       reduce: str = "tree"):
     """Stage 1 of the device argmax: logits [b, 1, vocab] (`dtype`: float32, or float16 where the head's output is
     read as it is, skipping its cast) -> (value, index) of the first maximum of each of `parts` contiguous slices
     per row ([b, parts] float32 and int32; index `vocab` for an empty slice). fp16 values are compared as float32,
     which they convert to exactly: the same ids as the float32 input cast from them. One block per (slice, row): a
-    single block per row (the first version) read 0.5 MB at one SM's pace, 29 us."""
+    single block per row (the first version) read 0.5 MB at one SM's pace, 29 us. `reduce`: how a block's
+    candidates meet, "tree" (workgroup memory, two barriers a level) or "warp" (shuffles, one barrier; CUDA)."""
     T = compiler().T
     chunk = (vocab + parts - 1) // parts
     per = (chunk + threads - 1) // threads
-    tree = _argmax_tree(threads, vocab)
+    tree = _argmax_reduce(threads, vocab, reduce)
 
     @T.prim_func(private=True, check_well_formed=False)
     def argmax_partial(var_logits: T.handle, var_pv: T.handle, var_pi: T.handle):
@@ -236,17 +284,17 @@ def argmax_partial_gpu(vocab: int, parts: int = ARGMAX_PARTS, threads: int = 256
                         idx[0] = bx * chunk + j * threads + tx
             tree(sv, si, best, idx, tx)
             if tx == 0:
-                pv[by, bx] = sv[0]
-                pi[by, bx] = si[0]
+                pv[by, bx] = best[0]
+                pi[by, bx] = idx[0]
 
     return argmax_partial
 
 
-def argmax_final_gpu(vocab: int, parts: int = ARGMAX_PARTS):
+def argmax_final_gpu(vocab: int, parts: int = ARGMAX_PARTS, reduce: str = "tree"):
     """Stage 2: the slices' candidates [b, parts] -> token ids [b, 1] int32 (numpy's argmax: the first index of
     the largest value; -inf logits are fine, NaN compares false everywhere where numpy would return it)."""
     T = compiler().T
-    tree = _argmax_tree(parts, vocab)
+    tree = _argmax_reduce(parts, vocab, reduce)
 
     @T.prim_func(private=True, check_well_formed=False)
     def argmax_final(var_pv: T.handle, var_pi: T.handle, var_out: T.handle):
@@ -268,7 +316,7 @@ def argmax_final_gpu(vocab: int, parts: int = ARGMAX_PARTS):
             idx[0] = pi[bx, tx]
             tree(sv, si, best, idx, tx)
             if tx == 0:
-                out[bx, 0] = si[0]
+                out[bx, 0] = idx[0]
 
     return argmax_final
 
@@ -280,15 +328,15 @@ SINK_WRITE = ("[](long long addr, int slot, int token) { if (addr != 0) { reinte
               " = token; __threadfence_system(); } }")
 
 
-def greedy_advance_gpu(vocab: int, parts: int = ARGMAX_PARTS):
+def greedy_advance_gpu(vocab: int, parts: int = ARGMAX_PARTS, reduce: str = "warp"):
     """The last kernel of the owned cache's `decode_greedy` (models/llama.py): argmax_final_gpu's reduction of one
     row's slice candidates, then the next step's inputs advanced on the device, so that consecutive greedy steps
     need no copy between them: the token into ids [1, 1] (in place: the next step's input), pos0 [1] one further
     (in place), and the token into host memory at sink[0] + 4 * (pos0 % 2) (a mapped page-locked
     buffer whose device address is in `sink` [1] int64; 0: none) where the host reads it after an event (the slot
-    by position parity: a step's token stays there while the next step runs)."""
+    by position parity: a step's token stays there while the next step runs). CUDA only: `reduce` warp by default."""
     T = compiler().T
-    tree = _argmax_tree(parts, vocab)
+    tree = _argmax_reduce(parts, vocab, reduce)
 
     @T.prim_func(private=True, check_well_formed=False)
     def greedy_advance(var_pv: T.handle, var_pi: T.handle, var_ids: T.handle, var_pos0: T.handle,
@@ -311,8 +359,8 @@ def greedy_advance_gpu(vocab: int, parts: int = ARGMAX_PARTS):
             idx[0] = pi[0, tx]
             tree(sv, si, best, idx, tx)
             if tx == 0:
-                ids[0, 0] = si[0]
-                T.evaluate(T.call_extern("void", SINK_WRITE, sink[0], T.bitwise_and(pos0[0], 1), si[0]))
+                ids[0, 0] = idx[0]
+                T.evaluate(T.call_extern("void", SINK_WRITE, sink[0], T.bitwise_and(pos0[0], 1), idx[0]))
                 pos0[0] = pos0[0] + 1
 
     return greedy_advance

@@ -53,6 +53,9 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                  "still runs and waits for it in griddepcontrol.wait (the decode GEMV loads its first weights "
                  "before the wait), hiding the gap between dependent kernels (kernels/cuda_pdl.py; sm_90+ only); "
                  "off = ordinary launches; auto = on for sm_90+"),
+    "cuda_argmax": (("warp", "tree"),
+                    "CUDA device argmax (greedy decode): warp = each block's candidates meet by warp shuffles, one "
+                    "barrier; tree = the shared-memory tree WebGPU uses (two barriers a level: 17 + 13 a token)"),
     "webgpu_gemm": (("auto", "tiled", "simple"),
                     "WebGPU/Vulkan prefill GEMM: tiled = workgroup-memory tiles, the INT4 weight tile decoded once per "
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
@@ -70,6 +73,10 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                          "lanes (checked at load; `edgellm adapters` shows each adapter's: NVIDIA, AMD and Apple "
                          "GPUs 32, Intel 8-32, Mali 16, lavapipe 8 or 16). H200, 8B decode at 32: h2 +8-9%, dp4a "
                          "+2.4%. off = workgroup memory only, runs on every adapter"),
+    "webgpu_dp4a_act": (("8", "32"),
+                        "activations one int8 scale covers in the dp4a GEMV (webgpu_gemv=dp4a): 8 = a scale per "
+                        "packed word, as the CPU int8 kernels (SmolLM2, file weights: 97.9% top-1 of fp32 "
+                        "activations' answers); 32 = a scale per group, as llama.cpp's Q8_1 (96.4%)"),
     "webgpu_gemv": (("auto", "h2", "dp4a", "coalesced", "group", "simple"),
                     "WebGPU/Vulkan INT4 decode GEMV: h2 = fp16 activations in vec2<f16> arithmetic, x staged in "
                     "workgroup memory, 16-byte weight loads (q4f16_1 grid; `in` x 2 bytes within workgroup memory); "
@@ -101,10 +108,12 @@ class KernelOptions:
     cuda_kv: str = "auto"
     cuda_fuse: str = "auto"
     cuda_pdl: str = "auto"
+    cuda_argmax: str = "warp"
     webgpu_gemm: str = "auto"
     webgpu_gemv: str = "auto"
     webgpu_fuse: str = "auto"
     webgpu_subgroups: str = "off"
+    webgpu_dp4a_act: str = "8"
 
     def __post_init__(self) -> None:
         for f in fields(self):

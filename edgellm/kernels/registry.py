@@ -83,6 +83,10 @@ class KernelRegistry:
         self._sg_used = self._sg_used or self.webgpu_sg > 0
         return self.webgpu_sg
 
+    def _dp4a_act(self) -> int:
+        """--opt webgpu_dp4a_act: activations an int8 scale of the dp4a GEMV covers."""
+        return int(self.options.webgpu_dp4a_act)
+
     def manifest_entry(self) -> dict:
         """Options and kernels picked; `subgroup_lanes` where a kernel uses subgroup shuffles over that many lanes
         (runtime/devices.py refuses an adapter whose subgroups span fewer)."""
@@ -193,10 +197,11 @@ class KernelRegistry:
             from . import cuda_gemv, webgpu_linear
 
             if o.webgpu_gemv == "dp4a" and webgpu_linear.dp4a_supports(
-                    in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # int8 activations, dot4I8Packed
+                    in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t,
+                    act_group=self._dp4a_act()):  # int8 activations, dot4I8Packed
                 return "int4_gemv_dp4a_webgpu", lambda: webgpu_linear.int4_gemv_dp4a(
                     in_f, out_f, bias, x_dtype=out_dtype, scale_dtype=scheme.scale_dtype, out_dtype=out_dtype,
-                    sg=self._sg())
+                    sg=self._sg(), act_group=self._dp4a_act())
             if o.webgpu_gemv in ("auto", "h2", "dp4a") and webgpu_linear.h2_supports(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t):  # docs/benchmarks/vulkan-h200.md
                 return "int4_gemv_h2_webgpu", lambda: webgpu_linear.int4_gemv_h2(in_f, out_f, bias, sg=self._sg())
@@ -337,7 +342,8 @@ class KernelRegistry:
         grid7 = (scheme.quantized and scheme.bits == 4 and scheme.elems_per_word == 8 and scheme.group_size == 32
                  and not scheme.zero_point and scheme.offset == 7 and not scheme.act_order)
         kind = "dp4a" if self.options.webgpu_gemv == "dp4a" else "h2"
-        fits = ((lambda *a: webgpu_linear.dp4a_supports(*a, norm=norm_eps is not None)) if kind == "dp4a"
+        fits = ((lambda *a: webgpu_linear.dp4a_supports(*a, norm=norm_eps is not None, act_group=self._dp4a_act()))
+                if kind == "dp4a"
                 else webgpu_linear.h2_supports)  # the norm-fused dp4a kernel stages x with more workgroup memory
         if not grid7 or self.options.webgpu_gemv not in ("auto", "h2", "dp4a") or scheme.padded_in(in_f) != in_f \
                 or (silu and bias) or not fits(in_f, out_f, dtype, scheme.scale_dtype, dtype, self.target):
@@ -346,7 +352,8 @@ class KernelRegistry:
         if kind == "dp4a":
             def make():
                 return webgpu_linear.int4_gemv_dp4a(in_f, out_f, bias, norm_eps=norm_eps, silu=silu, x_dtype=dtype,
-                                                    scale_dtype=scheme.scale_dtype, out_dtype=dtype, sg=self._sg())
+                                                    scale_dtype=scheme.scale_dtype, out_dtype=dtype, sg=self._sg(),
+                                                    act_group=self._dp4a_act())
         else:
             def make():
                 return webgpu_linear.int4_gemv_h2(in_f, out_f, bias, norm_eps=norm_eps, silu=silu, sg=self._sg())
@@ -364,17 +371,23 @@ class KernelRegistry:
 
     def argmax(self, vocab: int):
         """(partial, final, parts) of the two-stage device argmax, or None where the target has none (CPU: the
-        logits come back to the host anyway). The kernels are plain TIR (workgroup-memory trees): webgpu too."""
+        logits come back to the host anyway). The kernels are plain TIR: warp shuffles on CUDA, workgroup-memory
+        trees on webgpu."""
         if self.kind not in ("cuda", "webgpu"):
             return None
         from . import cuda_math
 
-        parts = cuda_math.ARGMAX_PARTS
+        parts, reduce = cuda_math.ARGMAX_PARTS, self._argmax_reduce()
         partial = self._once(("argmax_partial", vocab, "float32"), "argmax", "argmax_two_stage",
-                             lambda: cuda_math.argmax_partial_gpu(vocab))  # greedy_step's key for float32 logits
+                             lambda: cuda_math.argmax_partial_gpu(vocab, reduce=reduce))  # greedy_step's key too
         final = self._once(("argmax_final", vocab), "argmax", "argmax_two_stage",
-                           lambda: cuda_math.argmax_final_gpu(vocab))
+                           lambda: cuda_math.argmax_final_gpu(vocab, reduce=reduce))
         return partial, final, parts
+
+    def _argmax_reduce(self) -> str:
+        """How the device argmax's blocks meet their candidates: CUDA warp shuffles (one barrier; the tree took two
+        a level, 17 + 13 a token), else the workgroup-memory tree. `--opt cuda_argmax=tree` keeps the tree."""
+        return "warp" if self.kind == "cuda" and self.options.cuda_argmax == "warp" else "tree"
 
     def greedy_step(self, vocab: int, dtype: str):
         """(partial, advance, parts) ending the owned cache's `decode_greedy` (CUDA): the first argmax stage on the
@@ -385,9 +398,9 @@ class KernelRegistry:
 
         parts = cuda_math.ARGMAX_PARTS
         partial = self._once(("argmax_partial", vocab, dtype), "argmax", "argmax_two_stage",
-                             lambda: cuda_math.argmax_partial_gpu(vocab, dtype=dtype))
+                             lambda: cuda_math.argmax_partial_gpu(vocab, dtype=dtype, reduce=self._argmax_reduce()))
         advance = self._once(("greedy_advance", vocab), "greedy_step", "greedy_advance",
-                             lambda: cuda_math.greedy_advance_gpu(vocab))
+                             lambda: cuda_math.greedy_advance_gpu(vocab, reduce=self._argmax_reduce()))
         return partial, advance, parts
 
     # ---- KV cache ----------------------------------------------------------------------------------------------
