@@ -95,8 +95,13 @@ VARIANTS = {"vulkan-dp4a-h2cfg": "dp4a_config = h2_config (run 9 call 1)",
 # that, the "-sg32t" ones have it)
 SG_VARIANTS = {"vulkan-sg32": 32, "vulkan-sg8": 8, "vulkan-dp4a-sg32": 32, "vulkan-dp4a-sg8": 8,
                "vulkan-sg32t": 32, "vulkan-dp4a-sg32t": 32}
+# dp4a builds with a d per group of 32 activations (--opt webgpu_dp4a_act=32, the default before 8): label -> N
+ACT_VARIANTS = {"vulkan-dp4a-a32": 32, "vulkan-dp4a-sg32t-a32": 32}
+SG_VARIANTS["vulkan-dp4a-sg32t-a32"] = 32
 VARIANTS.update({label: f"{'dp4a' if 'dp4a' in label else 'h2'} with --opt webgpu_subgroups={n} (sums met by "
                         f"subgroup xor shuffles over {n} lanes)" for label, n in SG_VARIANTS.items()})
+VARIANTS.update({label: f"{VARIANTS.get(label, 'dp4a')} and --opt webgpu_dp4a_act={n} (a d per {n} activations)"
+                 for label, n in ACT_VARIANTS.items()})
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -275,7 +280,9 @@ def _build(bundle: Path) -> None:
                                     ("vulkan-dp4a", "vulkan", {"webgpu_gemv": "dp4a"})] + [
                                         (v, "vulkan", {**({"webgpu_gemv": "dp4a"} if "dp4a" in v else {}),
                                                        **({"webgpu_subgroups": str(SG_VARIANTS[v])}
-                                                          if v in SG_VARIANTS else {})})
+                                                          if v in SG_VARIANTS else {}),
+                                                       **({"webgpu_dp4a_act": str(ACT_VARIANTS[v])}
+                                                          if v in ACT_VARIANTS else {})})
                                         for v in variants]:
             if label in VARIANTS and name != "llama-3-8b" and label not in os.environ.get("ALL_SHAPES", "").split(","):
                 continue
@@ -286,7 +293,7 @@ def _build(bundle: Path) -> None:
             args = CompileArgs(model=str(gpu_prepare.shape_folder(name)), output=out, target=preset, quant="q4f16_1",
                                runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
                                kernel_options=KernelOptions(**opts))
-            if label in VARIANTS and label not in SG_VARIANTS:
+            if label in VARIANTS and label not in SG_VARIANTS and label not in ACT_VARIANTS:
                 with _patched(label):
                     compile_model(args)
             else:

@@ -69,7 +69,8 @@ CASES = [
     ("h2", dict(in_f=544, out_f=400, bias=False, norm_eps=1e-5, silu=True, passes=3)),  # silu, 3 row blocks
     ("h2", dict(in_f=4096, out_f=72, bias=False, warps=4, rows=2, unroll=1, ksplit=2, passes=2)),  # warp teams
     ("h2", dict(in_f=2048, out_f=300, bias=False, bits=8)),                    # the 8-bit head rows
-    ("dp4a", dict(in_f=2048, out_f=600, bias=False, warps=8, rows=2, unroll=1)),  # group max by shuffles
+    ("dp4a", dict(in_f=2048, out_f=600, bias=False, warps=8, rows=2, unroll=1)),  # a d per word
+    ("dp4a", dict(in_f=2048, out_f=600, bias=False, warps=8, rows=2, unroll=1, act_group=32)),  # group max by shuffles
     ("dp4a", dict(in_f=544, out_f=400, bias=False, norm_eps=1e-5, silu=True, passes=3)),
     ("dp4a", dict(in_f=4160, out_f=72, bias=True)),                            # one staging thread a group
 ]

@@ -775,28 +775,36 @@ def dp4a_group_staging(in_f: int, norm: bool) -> bool:
     return not norm and in_f > 4096
 
 
-def dp4a_shared_bytes(in_f: int, out_f: int, norm: bool = False) -> int:
-    """Workgroup memory of int4_gemv_dp4a with its default staging: the staged int8 x (in_f bytes), per group d and
-    either one sum (one staging thread a group) or four partial maxima and four partial sums (four), the lanes'
-    partial sums (at most 32 rows a workgroup: 4 KiB). The 8B's down (14336) needs 22,016 bytes with one thread a
-    group, 34,560 with four: over the vulkan preset's 32 KiB (run 8's final kernel fell back to int4_gemv_h2 there)."""
+DP4A_ACT_GROUPS = (8, 32)  # activations a d of int4_gemv_dp4a covers: 8 (a packed word's) or 32 (a group's)
+
+
+def dp4a_shared_bytes(in_f: int, out_f: int, norm: bool = False, act_group: int = 8) -> int:
+    """Workgroup memory of int4_gemv_dp4a with its default staging: the staged int8 x (in_f bytes), per group its
+    d and 7 * sum(q) (four of each with a d per packed word, act_group 8; with a d per group, one d and either one
+    sum (one staging thread a group) or four partial maxima and four partial sums (four)), the lanes' partial sums
+    (at most 32 rows a workgroup: 4 KiB). The 8B's down (14336) with a d per group needs 22,016 bytes with one
+    thread a group, 34,560 with four: over the vulkan preset's 32 KiB (run 8's final kernel fell back to
+    int4_gemv_h2 there); with a d per word 32,768 with one thread a group, exactly the preset's 32 KiB, and the
+    norm-fused kernel (four threads a group) does not fit there."""
+    if act_group == 8:  # four staging threads a group also keep one float of `amx`; the norm its warps' sums
+        return in_f + in_f // 32 * 32 + 32 * 32 * 4 + (0 if dp4a_group_staging(in_f, norm) else 4) + (128 if norm else 0)
     return in_f + in_f // 32 * (8 if dp4a_group_staging(in_f, norm) else 36) + 32 * 32 * 4
 
 
 def dp4a_supports(in_f: int, out_f: int, x_dtype: str, scale_dtype: str, out_dtype: str, target=None,
-                  norm: bool = False) -> bool:
+                  norm: bool = False, act_group: int = 8) -> bool:
     """Whole groups, float16 or float32 activations / scales / output, staged x within workgroup memory (`norm`:
     the norm-fused kernel's)."""
     limit = int(target.attrs.get("max_shared_memory_per_block", 16384)) if target is not None else 16384
     floats = ("float16", "float32")
     return in_f % 32 == 0 and x_dtype in floats and scale_dtype in floats and out_dtype in floats \
-        and dp4a_shared_bytes(in_f, out_f, norm) <= limit
+        and dp4a_shared_bytes(in_f, out_f, norm, act_group) <= limit
 
 
 def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, rows: int | None = None,
                    unroll: int | None = None, x_dtype: str = "float16", scale_dtype: str = "float16",
                    out_dtype: str = "float16", norm_eps: float | None = None, silu: bool = False,
-                   stage_threads: int | None = None, passes: int | None = None, sg: int = 0):
+                   stage_threads: int | None = None, passes: int | None = None, sg: int = 0, act_group: int = 8):
     """Decode GEMV for packed INT4 weights on the q4f16_1 grid (nibble - 7, a scale per group of 32) with int8
     activations and `dot4I8Packed` (see the comment above); arguments and fusions as int4_gemv_h2 (x, [delta,
     norm weight], q_weight, q_scale, [bias], out, [x + delta]).
@@ -813,13 +821,22 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
     fewer workgroups, each paying the staging (and the norm) once for `passes` blocks of rows.
 
     sg: as int4_gemv_h2's; with sg >= 4 the four staging threads of a group also meet its maximum by xor shuffles
-    (no workgroup memory for it, one barrier less)."""
+    (no workgroup memory for it, one barrier less).
+
+    act_group: activations one int8 scale d covers. 8 (default): a d per packed word, as the CPU int8 kernels'
+    act_group 8 (docs/fidelity.md: on SmolLM2 with the file's weights, per 8 keeps 97.9% top-1 of the fp32
+    activations' answers, per 32 96.4%); a staging thread's own maximum, so four staging threads need not meet; per
+    group and row four integer sums, each times its d, then one FMA with the scale. 32: a d per group of 32
+    (llama.cpp's Q8_1 activations), one integer sum and one FMA per group and row."""
     from .._tvm import compiler
 
     T = compiler().T
     f32, u32, i32 = "float32", "uint32", "int32"
     if in_f % 32:
         raise ValueError(f"int4_gemv_dp4a needs `in` a multiple of 32, got {in_f}")
+    if act_group not in DP4A_ACT_GROUPS:
+        raise ValueError(f"int4_gemv_dp4a: act_group {act_group} (one of {DP4A_ACT_GROUPS})")
+    per_word = act_group == 8
 
     norm = norm_eps is not None
     group_staging = (stage_threads or (1 if dp4a_group_staging(in_f, norm) else 4)) == 1
@@ -864,7 +881,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         return T.call_pure_extern(u32, "pack4xI8", T.Shuffle(
             [T.Cast(i32, a), T.Cast(i32, b), T.Cast(i32, c), T.Cast(i32, d)], [0, 1, 2, 3]))
 
-    shfl_max = sg >= 4  # a group's 4 staging threads are 4 consecutive lanes: their maximum meets by shuffles
+    shfl_max = sg >= 4 and not per_word  # a group's 4 staging threads (consecutive lanes) meet its max by shuffles
 
     @T.macro
     def partial_max(sv, amx, gm, tt, ty, tx):  # each staging thread's max |x| over its 8 activations
@@ -889,13 +906,19 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         for i in T.unroll(stage):
             e = T.meta_var((i * W + ty) * 32 + tx)  # = 4 g + q: packed word q of group g
             if e < G * 4:
-                if shfl_max:
-                    tt[0] = gm[i]
+                if per_word:  # the thread's own 8 activations: its word's d
+                    tt[0] = T.float32(0)
+                    for k in T.unroll(8):
+                        tt[0] = T.max(tt[0], T.fabs(sv[i * 8 + k]))
+                    xd[(e % 4) * G + e // 4] = tt[0] * T.float32(1 / 127)
                 else:
-                    tt[0] = T.max(T.max(amx[e // 4 * 4], amx[e // 4 * 4 + 1]), T.max(amx[e // 4 * 4 + 2],
-                                                                                 amx[e // 4 * 4 + 3]))
-                if e % 4 == 0:
-                    xd[e // 4] = tt[0] * T.float32(1 / 127)
+                    if shfl_max:
+                        tt[0] = gm[i]
+                    else:
+                        tt[0] = T.max(T.max(amx[e // 4 * 4], amx[e // 4 * 4 + 1]), T.max(amx[e // 4 * 4 + 2],
+                                                                                     amx[e // 4 * 4 + 3]))
+                    if e % 4 == 0:
+                        xd[e // 4] = tt[0] * T.float32(1 / 127)
                 tt[0] = T.if_then_else(tt[0] > T.float32(0), T.float32(127) / tt[0], T.float32(0))
                 iz[0] = T.int32(0)
                 for k in T.unroll(8):
@@ -908,29 +931,45 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
 
     @T.macro
     def quantize_group(hv, am, iz, xs, xd, xz, g):  # one group's 32 activations hv (as f32) -> staged int8
-        am[0] = T.float32(0)
-        for k in T.unroll(32):
-            am[0] = T.max(am[0], T.fabs(hv[k]))
-        am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
-        iz[0] = T.int32(0)
-        for k in T.unroll(32):
-            hv[k] = T.round(hv[k] * am[1])
-            iz[0] = iz[0] + T.Cast(i32, hv[k])
+        if per_word:  # packed word w's 8 activations: its own d, 7 * sum(q) at [w][group]
+            for w in T.unroll(4):
+                am[0] = T.float32(0)
+                for k in T.unroll(8):
+                    am[0] = T.max(am[0], T.fabs(hv[8 * w + k]))
+                am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+                iz[0] = T.int32(0)
+                for k in T.unroll(8):
+                    hv[8 * w + k] = T.round(hv[8 * w + k] * am[1])
+                    iz[0] = iz[0] + T.Cast(i32, hv[8 * w + k])
+                xd[w * G + g] = am[0] * T.float32(1 / 127)
+                xz[w * G + g] = iz[0] * 7
+        else:
+            am[0] = T.float32(0)
+            for k in T.unroll(32):
+                am[0] = T.max(am[0], T.fabs(hv[k]))
+            am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+            iz[0] = T.int32(0)
+            for k in T.unroll(32):
+                hv[k] = T.round(hv[k] * am[1])
+                iz[0] = iz[0] + T.Cast(i32, hv[k])
+            xd[g] = am[0] * T.float32(1 / 127)
+            xz[g] = iz[0] * 7
         for c in T.unroll(2):  # staged word 4c + j: packed word 2c + j // 2, its even (j even) or odd elements
             xs[c * G + g] = T.Shuffle([i8x4(*[hv[8 * (2 * c + j // 2) + j % 2 + 2 * e] for e in range(4)])
                                        for j in range(4)], [0, 1, 2, 3])
-        xd[g] = am[0] * T.float32(1 / 127)
-        xz[g] = iz[0] * 7
 
     # staged entries of x a group (NW) and 7 * sum(q) entries a group (NZ): one staging thread a group stores two
     # 16-byte words (uint32x4) and one sum, four store four 8-byte words (uint32x2) and four sums
     NW, NZ = (2, 1) if group_staging else (4, 4)
+    ND = 4 if per_word else 1  # d entries a group
+    if per_word:
+        NZ = 4  # 7 * sum(q) a word
 
     def x_half(xv, k, h):  # the staged int8s that weight word k's nibbles h (0: low, 1: high) meet
         return T.Shuffle([xv[k // 2]], [(k % 2) * 2 + h]) if group_staging else T.Shuffle([xv[k]], [h])
 
     @T.macro
-    def row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx):
+    def row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx, dv, zv):
         for p in T.serial(P):  # row blocks bx * P + p, on the x staged before
             if p > 0:
                 load(qw, qs, wv, sc, bx * P + p, ty, tx, 0)
@@ -944,17 +983,33 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                     if g < G:
                         for c in T.unroll(NW):
                             xv[c] = xs[c * G + g]
-                        tt[0] = xd[g]
-                        iz = T.meta_var(xz[g] if NZ == 1 else (xz[g] + xz[G + g]) + (xz[2 * G + g] + xz[3 * G + g]))
-                        for r in T.unroll(R):
-                            isum[0] = T.int32(0) - iz
+                        if per_word:  # four words, each its integer sum times its d, then the scale
                             for k in T.unroll(4):
-                                wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
-                                isum[0] = isum[0] + T.call_pure_extern(
-                                    i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), x_half(xv, k, 0)) \
-                                    + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
-                                        T.shift_right(wk, T.uint32(4)), lo_mask), x_half(xv, k, 1))
-                            acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
+                                dv[k] = xd[k * G + g]
+                                zv[k] = xz[k * G + g]
+                            for r in T.unroll(R):
+                                tt[0] = T.float32(0)
+                                for k in T.unroll(4):
+                                    wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                                    isum[0] = T.call_pure_extern(
+                                        i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), x_half(xv, k, 0)) \
+                                        + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
+                                            T.shift_right(wk, T.uint32(4)), lo_mask), x_half(xv, k, 1)) - zv[k]
+                                    tt[0] = tt[0] + T.Cast(f32, isum[0]) * dv[k]
+                                acc[r] = acc[r] + tt[0] * sc[u * R + r]
+                        else:  # one integer sum a group, one FMA with (scale x d)
+                            tt[0] = xd[g]
+                            iz = T.meta_var(xz[g] if NZ == 1 else (xz[g] + xz[G + g]) + (xz[2 * G + g]
+                                                                                         + xz[3 * G + g]))
+                            for r in T.unroll(R):
+                                isum[0] = T.int32(0) - iz
+                                for k in T.unroll(4):
+                                    wk = T.meta_var(T.Shuffle([wv[u * R + r]], [k]))
+                                    isum[0] = isum[0] + T.call_pure_extern(
+                                        i32, "dot4I8Packed", T.bitwise_and(wk, lo_mask), x_half(xv, k, 0)) \
+                                        + T.call_pure_extern(i32, "dot4I8Packed", T.bitwise_and(
+                                            T.shift_right(wk, T.uint32(4)), lo_mask), x_half(xv, k, 1))
+                                acc[r] = acc[r] + T.Cast(f32, isum[0]) * (sc[u * R + r] * tt[0])
                 if it + 1 < steps:
                     for k in T.unroll(U * R):
                         sc[k] = sn[k]
@@ -969,8 +1024,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         ty = T.launch_thread("threadIdx.y", W)
         tx = T.launch_thread("threadIdx.x", 32)
         xs = T.alloc_buffer((G * 2,), "uint32x4", scope="shared")  # [half c][group]: 4 words, one 16-byte load
-        xd = T.alloc_buffer((G,), f32, scope="shared")
-        xz = T.alloc_buffer((G,), i32, scope="shared")  # 7 * sum of the group's int8s
+        xd = T.alloc_buffer((G * ND,), f32, scope="shared")  # per_word: [word][group]
+        xz = T.alloc_buffer((G * ND,), i32, scope="shared")  # 7 * sum of the group's (per_word: word's) int8s
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
         acc = T.alloc_buffer((R,), f32, scope="local")
         wv = T.alloc_buffer((U * R,), "uint32x4", scope="local")
@@ -983,6 +1038,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         xv = T.alloc_buffer((2,), "uint32x4", scope="local")
         isum = T.alloc_buffer((1,), i32, scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
+        dv = T.alloc_buffer((4,), f32, scope="local")  # per_word: a group's four d
+        zv = T.alloc_buffer((4,), i32, scope="local")  # per_word: its four 7 * sum(q)
         load(qw, qs, wv, sc, bx * P, ty, tx, 0)  # the first weights in flight while x is staged
         for i in T.serial(stage1):
             g = T.meta_var((i * W + ty) * 32 + tx)  # a warp reads 32 groups: 2 KiB of contiguous x
@@ -993,7 +1050,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                         hv[h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
                 quantize_group(hv, am, isum, xs, xd, xz, g)
         T.tvm_storage_sync("shared")
-        row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx)
+        row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx, dv, zv)
 
     @T.macro
     def body_plain(x, dl, nw, qw, qs, b, out, xsum):
@@ -1005,9 +1062,9 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         ty = T.launch_thread("threadIdx.y", W)
         tx = T.launch_thread("threadIdx.x", 32)
         xs = T.alloc_buffer((G * 4,), "uint32x2", scope="shared")  # [word q][group]: the q-th 8 activations
-        xd = T.alloc_buffer((G,), f32, scope="shared")  # d per group
+        xd = T.alloc_buffer((G * ND,), f32, scope="shared")  # d per group (per_word: [word q][group])
         xz = T.alloc_buffer((G * 4,), i32, scope="shared")  # [word q][group]: 7 * sum of its 8 int8s
-        amx = T.alloc_buffer((1 if shfl_max else G * 4,), f32, scope="shared")  # each staging thread's max |x|
+        amx = T.alloc_buffer((1 if shfl_max or per_word else G * 4,), f32, scope="shared")  # staging threads' max
         gm = T.alloc_buffer((stage,), f32, scope="local")  # shfl_max: the group's max |x| a staging round
         red = T.alloc_buffer((W * R * 32,), f32, scope="shared")
         red2 = T.alloc_buffer((W,), f32, scope="shared")  # norm: the warps' sums of squares
@@ -1022,6 +1079,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
         xv = T.alloc_buffer((4,), "uint32x2", scope="local")
         isum = T.alloc_buffer((1,), i32, scope="local")
         tt = T.alloc_buffer((1,), f32, scope="local")
+        dv = T.alloc_buffer((4,), f32, scope="local")  # per_word: a group's four d
+        zv = T.alloc_buffer((4,), i32, scope="local")  # per_word: its four 7 * sum(q)
         load(qw, qs, wv, sc, bx * P, ty, tx, 0)  # the first weights in flight while x is staged
         if norm:
             norm_scale(x, dl, xsum, xa, da, sv, tt, red, red2, bx, ty, tx)
@@ -1041,12 +1100,13 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
                         xa[h] = x[0, T.Ramp(e * 8 + 4 * h, 1, 4)]
                         for k in T.unroll(4):
                             sv[i * 8 + h * 4 + k] = T.Cast(f32, T.Shuffle([xa[h]], [k]))
-        partial_max(sv, amx, gm, tt, ty, tx)
-        if not shfl_max:
-            T.tvm_storage_sync("shared")
+        if not per_word:  # the group's maximum: its four staging threads meet
+            partial_max(sv, amx, gm, tt, ty, tx)
+            if not shfl_max:
+                T.tvm_storage_sync("shared")
         quantize(sv, amx, gm, tt, isum, xs, xd, xz, ty, tx)
         T.tvm_storage_sync("shared")
-        row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx)
+        row_passes(qw, qs, wv, sc, wn, sn, acc, xv, xs, xd, xz, isum, tt, red, out, b, bx, ty, tx, dv, zv)
 
     return _gemv_func(body_plain if group_staging else body, in_f, out_f, words, G, n_out, x_dtype, scale_dtype,
                       out_dtype, norm, bias)
