@@ -102,6 +102,12 @@ VARIANTS.update({label: f"{'dp4a' if 'dp4a' in label else 'h2'} with --opt webgp
                         f"subgroup xor shuffles over {n} lanes)" for label, n in SG_VARIANTS.items()})
 VARIANTS.update({label: f"{VARIANTS.get(label, 'dp4a')} and --opt webgpu_dp4a_act={n} (a d per {n} activations)"
                  for label, n in ACT_VARIANTS.items()})
+# builds by kernel options alone: label -> --opt values (the defaults changed to dp4a and subgroups=auto after run 24)
+OPT_VARIANTS = {"vulkan-h2off": {"webgpu_gemv": "h2", "webgpu_subgroups": "off"},  # the default before
+                "vulkan-sgoff": {"webgpu_subgroups": "off"},  # dp4a without the 32-lane twin
+                "vulkan-h2": {"webgpu_gemv": "h2"}}  # h2 with the twin
+VARIANTS.update({label: "--opt " + " --opt ".join(f"{k}={v}" for k, v in o.items())
+                 for label, o in OPT_VARIANTS.items()})
 # h2_config patches of the ksplit builds: (silu, norm, in > 4096) -> (warps, rows, unroll, ksplit) at the 8B shapes
 KS_CONFIGS = {"vulkan-ks": {"gate_up": (8, 2, 4, 1), "down": (8, 2, 2, 2), "qkv": (16, 2, 2, 2), "o": (8, 2, 2, 2)},
               "vulkan-ks4": {"gate_up": (8, 4, 4, 1), "down": (8, 4, 1, 2), "qkv": (16, 1, 4, 1), "o": (16, 1, 4, 1)}}
@@ -282,7 +288,8 @@ def _build(bundle: Path) -> None:
                                                        **({"webgpu_subgroups": str(SG_VARIANTS[v])}
                                                           if v in SG_VARIANTS else {}),
                                                        **({"webgpu_dp4a_act": str(ACT_VARIANTS[v])}
-                                                          if v in ACT_VARIANTS else {})})
+                                                          if v in ACT_VARIANTS else {}),
+                                                       **OPT_VARIANTS.get(v, {})})
                                         for v in variants]:
             if label in VARIANTS and name != "llama-3-8b" and label not in os.environ.get("ALL_SHAPES", "").split(","):
                 continue
@@ -293,7 +300,8 @@ def _build(bundle: Path) -> None:
             args = CompileArgs(model=str(gpu_prepare.shape_folder(name)), output=out, target=preset, quant="q4f16_1",
                                runtime=RuntimeOptions(1024, 512, 16, 1), shapes_only=True,
                                kernel_options=KernelOptions(**opts))
-            if label in VARIANTS and label not in SG_VARIANTS and label not in ACT_VARIANTS:
+            if label in VARIANTS and label not in SG_VARIANTS and label not in ACT_VARIANTS \
+                    and label not in OPT_VARIANTS:
                 with _patched(label):
                     compile_model(args)
             else:
@@ -374,12 +382,13 @@ def run(bundle: Path, shapes, reps: int) -> None:
                         c = measure(eng, int(os.environ.get("MT", "32")), False, chain=eng.decode_ahead)
                         eng.decode_ahead = True
                         results["bench"].append({"model": name, "path": label, "policy": pol, "tg128": r.avg_ts,
-                                                 "samples": r.samples_ts, "git_sha": r.git_sha})
+                                                 "samples": r.samples_ts, "git_sha": r.git_sha,
+                                                 "lib": getattr(eng, "lib", None)})
                         results["counters"][f"{name} {label} {pol}"] = c
                         us = c["us_per_token"]
                         print(f"{name:14s} {label:18s} {pol:17s} {r.avg_ts:8.1f} tok/s  wall {us['wall']:.0f} "
                               f"wait {us['wait_ns']:.0f} rec {us['record_ns']:.0f} sub {us['submit_ns']:.0f} us/tok "
-                              f"submits {c['per_token']['submits']:.1f}", flush=True)
+                              f"submits {c['per_token']['submits']:.1f} {getattr(eng, 'lib', '')}", flush=True)
                     g("edgellm.webgpu.set_flush_every")(0, 64)  # the plugin's defaults
                     g("edgellm.webgpu.set_flush_first")(0, 4)
                     g("edgellm.webgpu.set_spin_wait")(0, 5000)

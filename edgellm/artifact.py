@@ -366,7 +366,10 @@ class Artifact:
             confined(self.root, rel, "file")
         lib = self.manifest.get("lib")
         confined(self.root, lib, "lib")
-        for rel in (lib, "params/index.json", "tokenizer/tokenizer.json"):
+        twins = [v["lib"] for v in self.lib_variants]
+        for rel in twins:
+            confined(self.root, rel, "lib")
+        for rel in (lib, *twins, "params/index.json", "tokenizer/tokenizer.json"):
             if rel not in files:
                 raise ArtifactError(f"{rel} is not in the manifest's file table, so it cannot be checked; refusing "
                                     "a tampered artifact")
@@ -399,6 +402,27 @@ class Artifact:
     @property
     def lib_path(self) -> Path:
         return self.path(self.manifest["lib"])
+
+    @property
+    def lib_variants(self) -> list[dict]:
+        """Twin libraries of `lib` (--opt webgpu_subgroups=auto): [{lib, subgroup_lanes, tvm_target, kernels}],
+        checked for shape here (their paths by _check_layout)."""
+        out = self.manifest.get("lib_variants") or []
+        if not isinstance(out, list) or not all(
+                isinstance(v, dict) and isinstance(v.get("lib"), str) and isinstance(v.get("subgroup_lanes"), int)
+                and not isinstance(v.get("subgroup_lanes"), bool) and v["subgroup_lanes"] > 0 for v in out):
+            raise ArtifactError("manifest field lib_variants is malformed (each entry needs lib and a positive "
+                                "subgroup_lanes); recompile the artifact")
+        return out
+
+    def lib_for_subgroups(self, lanes: int) -> tuple[str, int]:
+        """(library, its subgroup lanes) to load on an adapter whose subgroups span `lanes` consecutive lanes: the
+        widest twin that runs there, else `lib` (its own kernels' lanes, 0 when it has none)."""
+        fits = [v for v in self.lib_variants if v["subgroup_lanes"] <= lanes]
+        if fits:
+            best = max(fits, key=lambda v: v["subgroup_lanes"])
+            return best["lib"], best["subgroup_lanes"]
+        return self.manifest["lib"], int((self.manifest.get("kernels") or {}).get("subgroup_lanes") or 0)
 
     def param_index(self) -> list[dict]:
         try:

@@ -156,14 +156,15 @@ def test_dp4a_gemv_fusions_match_the_model(webgpu_dev, tmp_path, in_f, out_f, fu
     assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-2
 
 
-def test_registry_picks_dp4a_only_when_asked():
+def test_registry_picks_dp4a_by_default_and_h2_when_asked():
     from edgellm.kernels import KernelOptions, KernelRegistry
     from edgellm.quant import get_scheme
     from edgellm.targets import resolve
 
     target = resolve("vulkan").tvm()
     q4, q4f32, q8 = get_scheme("q4f16_1"), get_scheme("q4f32_1"), get_scheme("q8f16_1")
-    for opts, gemv in ((KernelOptions(), "int4_gemv_h2_webgpu"),
+    for opts, gemv in ((KernelOptions(webgpu_gemv="h2"), "int4_gemv_h2_webgpu"),
+                       (KernelOptions(), "int4_gemv_dp4a_webgpu"),
                        (KernelOptions(webgpu_gemv="dp4a"), "int4_gemv_dp4a_webgpu")):
         reg = KernelRegistry(target, opts)
         reg.linear(1, 4096, 512, q4, "float16", False)

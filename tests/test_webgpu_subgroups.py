@@ -150,10 +150,12 @@ def test_the_option_reaches_the_manifest_and_the_device_check(webgpu_dev, lanes)
     assert info.details["subgroup_lanes"] == lanes
 
 
-def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, checkpoints, tmp_path):
-    """`edgellm compile --target vulkan --opt webgpu_subgroups=N` end to end (N = the adapter's lanes): TVM's own
-    kernels and edgellm's GEMVs reduce by shuffles, the manifest records N, and over a prefill and 16 decode steps
-    the logits equal the build without subgroups within fp16 summation order, with the same greedy tokens."""
+@pytest.mark.parametrize("gemv", ["dp4a", "h2"])
+def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, checkpoints, tmp_path, gemv):
+    """`edgellm compile --target vulkan --opt webgpu_subgroups=N` end to end (N = the adapter's lanes), with each
+    decode GEMV (dp4a: the default): TVM's own kernels and edgellm's GEMVs reduce by shuffles, the manifest records
+    N, and over a prefill and 16 decode steps the logits equal the build without subgroups within fp16 summation
+    order, with the same greedy tokens."""
     from edgellm.artifact import Artifact
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
@@ -169,7 +171,8 @@ def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, 
         out = tmp_path / f"sg-{sg}"
         compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="vulkan", quant="q4f16_1",
                                   runtime=RuntimeOptions(context_window=256, prefill_chunk=128, max_batch=1),
-                                  kernel_options=KernelOptions.parse([f"webgpu_subgroups={sg}"])))
+                                  kernel_options=KernelOptions.parse([f"webgpu_subgroups={sg}",
+                                                                      f"webgpu_gemv={gemv}"])))
         arts[sg] = Artifact.open(out)
         eng = Engine(out)
         tokens[sg] = list(eng.generate_ids(prompt, 16))
@@ -178,7 +181,7 @@ def test_tiny_llama_with_subgroups_matches_the_build_without(webgpu_dev, lanes, 
     on = str(min(lanes, 32))
     assert "subgroup_lanes" not in arts["off"].manifest["kernels"]
     assert arts[on].manifest["kernels"]["subgroup_lanes"] == int(on)
-    assert "int4_gemv_h2_webgpu_norm_silu" in arts[on].manifest["kernels"]["chosen"]["linear_gemv"]
+    assert f"int4_gemv_{gemv}_webgpu_norm_silu" in arts[on].manifest["kernels"]["chosen"]["linear_gemv"]
     # the target as built: TVM's own kernels take subgroups only at 32 lanes (its webgpu warp is fixed at 32)
     assert arts[on].manifest["target"]["tvm_target"].get("supports_subgroups", False) == (on == "32")
     ref, got = logits["off"], logits[on]
@@ -212,3 +215,59 @@ def test_adapters_command_lists_the_widest_option_each_adapter_runs(webgpu_dev, 
     monkeypatch.setattr(webgpu_plugin, "load_plugin", no_driver)
     res = CliRunner().invoke(cli, ["adapters"])
     assert res.exit_code == 1 and res.output.strip().count("\n") == 0 and "install a Vulkan driver" in res.output
+
+
+def test_auto_builds_a_32_lane_twin_and_loads_what_the_adapter_runs(webgpu_dev, lanes, checkpoints, tmp_path,
+                                                                    monkeypatch):
+    """The default `--opt webgpu_subgroups=auto`: lib/model.so without subgroups and lib/model-sg32.so with them,
+    both in the file table (hash-checked); the runner loads the twin only where the adapter's probed subgroups
+    span 32 lanes (this lavapipe: the portable one, with the logits of an `off` build), and the describe line says
+    which. A twin path leaving the artifact, a malformed entry or an altered twin is refused."""
+    import json
+
+    from edgellm.artifact import Artifact, ArtifactError, write_manifest
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+    from edgellm.device_runners.engine import Engine
+    from edgellm.kernels import KernelOptions
+    from edgellm.runtime import webgpu_plugin
+
+    rt = RuntimeOptions(context_window=256, prefill_chunk=128, max_batch=1)
+    out, off = tmp_path / "auto", tmp_path / "off"
+    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="vulkan", quant="q4f32_1",
+                              runtime=rt))
+    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=off, target="vulkan", quant="q4f32_1",
+                              runtime=rt, kernel_options=KernelOptions(webgpu_subgroups="off")))
+    art = Artifact.open(out)
+    (twin,) = art.manifest["lib_variants"]
+    assert twin["lib"] == "lib/model-sg32.so" and twin["subgroup_lanes"] == 32
+    assert twin["kernels"]["subgroup_lanes"] == 32 and twin["tvm_target"]["supports_subgroups"]
+    assert "lib/model-sg32.so" in art.manifest["files"] and "subgroup_lanes" not in art.manifest["kernels"]
+    assert Artifact.open(off).manifest["lib_variants"] == []
+    prompt = [1, 5, 7, 100, 42, 9]
+    eng = Engine(out)
+    assert eng.lib == ("lib/model-sg32.so" if lanes >= 32 else "lib/model.so")
+    with eng.sequence() as s, Engine(off).sequence() as r:
+        np.testing.assert_array_equal(np.stack([s.prefill(prompt), s.decode(3), s.decode(4)]),
+                                      np.stack([r.prefill(prompt), r.decode(3), r.decode(4)]))
+    del eng
+    # an adapter whose subgroups span 32 lanes gets the twin (not run here: lavapipe's span fewer)
+    monkeypatch.setattr(webgpu_plugin, "subgroup_lanes", lambda index: 32)
+    eng = Engine(out)
+    assert eng.lib == "lib/model-sg32.so" and "kernels with subgroups of 32 lanes" in eng.device_info.describe()
+    del eng
+    manifest = json.loads((out / "manifest.json").read_text())
+    for bad, match in (([{"lib": "../../elsewhere.so", "subgroup_lanes": 32}], "not a normalized path"),
+                       ([{"lib": "lib/model-sg32.so", "subgroup_lanes": "32"}], "lib_variants is malformed"),
+                       ([{"lib": "lib/other.so", "subgroup_lanes": 32}], "not in the manifest's file table")):
+        write_manifest(out, {**manifest, "lib_variants": bad})
+        with pytest.raises(ArtifactError, match=match):
+            Artifact.open(out)
+    write_manifest(out, manifest)
+    with open(out / "lib" / "model-sg32.so", "r+b") as f:  # an altered twin fails the hash check
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match="model-sg32.so fails its sha256 check"):
+        Artifact.open(out, verify=True)

@@ -229,10 +229,12 @@ def _tar_keep_names(output, files):
         compiler().tvm.support.tar.tar(output, renamed)
 
 
-def _export(ex, root: Path, tgt: ResolvedTarget) -> str:
-    """Write lib/model.so (linked by the target's toolchain) or lib/model.tar (objects for static linking)."""
-    (root / "lib").mkdir()
+def _export(ex, root: Path, tgt: ResolvedTarget, stem: str = "model") -> str:
+    """Write lib/<stem>.so (linked by the target's toolchain) or lib/<stem>.tar (objects for static linking)."""
+    (root / "lib").mkdir(exist_ok=True)
     if tgt.export == "tar":
+        if stem != "model":
+            raise ValueError("only a .so artifact carries twin libraries")
         ex.export_library(str(root / "lib" / "model.tar"), fcompile=_tar_keep_names)
         return "lib/model.tar"
     fcompile = None
@@ -240,8 +242,33 @@ def _export(ex, root: Path, tgt: ResolvedTarget) -> str:
         from .._tvm import compiler
 
         fcompile = compiler().tvm.support.cc.cross_compiler(tgt.toolchain)
-    ex.export_library(str(root / "lib" / "model.so"), fcompile=fcompile)
-    return "lib/model.so"
+    ex.export_library(str(root / "lib" / f"{stem}.so"), fcompile=fcompile)
+    return f"lib/{stem}.so"
+
+
+def _subgroup_twins(args: CompileArgs, tgt: ResolvedTarget, export, root: Path, prefix: str, params: dict,
+                    step) -> list[dict]:
+    """--opt webgpu_subgroups=auto on a WebGPU target: the model built again with subgroup reductions at each twin
+    width, as lib/model-sg<N>.so beside the portable library; the manifest's `lib_variants` entries. `export`
+    re-exports the model for a registry (same parameters in the same order, checked)."""
+    from .pipeline import build
+
+    if tgt.kind != "webgpu":
+        return []
+    out = []
+    for lanes in args.kernel_options.subgroup_twins:
+        opts = args.kernel_options.with_subgroups(lanes)
+        target = tgt.tvm(subgroup_lanes=lanes)
+        kernels = KernelRegistry(target, opts)
+        step("build", detail=f"twin with subgroups of {lanes} lanes")
+        with target:
+            mod, twin_params = export(kernels)
+        if {n: (tuple(int(x) for x in p.shape), str(p.dtype)) for n, p in twin_params} != params:
+            raise RuntimeError(f"the {lanes}-lane twin exports other parameters than the main build; report this")
+        ex = build(mod, target, None, prefix, pdl=kernels.pdl)
+        out.append({"lib": _export(ex, root, tgt, stem=f"model-sg{lanes}"), "subgroup_lanes": lanes,
+                    "tvm_target": tgt.tvm_json(lanes), "kernels": kernels.manifest_entry()})
+    return out
 
 
 def _check_tokenizer(src: ModelSource) -> None:
@@ -307,10 +334,13 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     kernels = KernelRegistry(target, args.kernel_options,
                              on_build=lambda name, n: step("export", detail=f"kernel {name}", done=n))
     step("export", detail=f"{cfg.num_hidden_layers} layers for {tgt.preset}")
-    with target:
-        model = model_cls(cfg, scheme, kernels, plan)
+    def export(registry):
+        model = model_cls(cfg, scheme, registry, plan)
         spec = model.export_spec()
-        mod, named_params = model.export_tvm(spec=spec)
+        return (*model.export_tvm(spec=spec), model, spec)
+
+    with target:
+        mod, named_params, model, spec = export(kernels)
     params = {name: (tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in named_params}
     tensor_schemes: dict = {}
     float_shapes = _float_shapes(model, tensor_schemes)
@@ -334,6 +364,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         ex = build(mod, target, args.dump_ir, prefix,
                    on_phase=lambda i, n, name: step("build", detail=name, done=i, total=n), pdl=kernels.pdl)
         lib_name = _export(ex, tmp, tgt)
+        twins = _subgroup_twins(args, tgt, lambda reg: export(reg)[:2], tmp, prefix, params, step)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)
         n_params = _count_params(params, float_shapes)
@@ -354,6 +385,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
             "runtime": asdict(runtime),
             "tokenizer": tok,
             "lib": lib_name,
+            "lib_variants": twins,  # twins of `lib` picked at load (runtime/devices.py): subgroup widths
             "system_lib_prefix": prefix,
             "functions": list(spec),
             "kernels": kernels.manifest_entry(),

@@ -168,7 +168,12 @@ class Engine:
         if dev_kind == "cpu":
             self.threads = _tvm.set_cpu_threads(threads or host_info().physical_cores)
         self.dev = _tvm.device(dev_kind, self.device_info.index)
-        self.vm = _tvm.vm(_tvm.load_module(self.art.lib_path), self.dev)
+        # a twin library where the adapter runs it (--opt webgpu_subgroups=auto), else the artifact's own
+        lib, lanes = self.art.lib_for_subgroups(int(self.device_info.details.get("subgroup_lanes") or 0))
+        if lanes:
+            self.device_info.details["kernel_subgroup_lanes"] = lanes
+        self.lib = lib  # the library loaded, relative to the artifact
+        self.vm = _tvm.vm(_tvm.load_module(self.art.path(lib)), self.dev)
         source = self.art.iter_params() if random_weights is None else self.art.random_params(random_weights)
         self.params = _tvm.array([_tvm.tensor(np.ascontiguousarray(a), self.dev) for _, a in source])
         self.runtime = m.runtime  # RuntimeShape: context_window, prefill_chunk, page_size, max_batch

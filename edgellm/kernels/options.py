@@ -8,7 +8,7 @@ summary shows them and the manifest records them, together with the kernels the 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 # name -> (values, help). The first value is the default.
 CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -61,10 +61,10 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                     "block (`in` a multiple of 32, `out` of 64); simple = one output per thread from storage "
                     "buffers (dlight-like); auto = tiled where it applies"),
     "webgpu_fuse": (("auto", "all", "silu", "off"),
-                    "WebGPU/Vulkan decode fusions into the fp16x2 INT4 decode GEMV (webgpu_gemv=h2): all = the "
+                    "WebGPU/Vulkan decode fusions into the INT4 decode GEMV (dp4a or h2): all = the "
                     "residual add + RMSNorm staged by qkv / gate_up and silu * up in gate_up's epilogue; silu = the "
                     "epilogue alone; off = separate kernels; auto = all (H200, 8B: all 167 tok/s, silu 166)"),
-    "webgpu_subgroups": (("off", "4", "8", "16", "32"),
+    "webgpu_subgroups": (("auto", "off", "4", "8", "16", "32"),
                          "WebGPU/Vulkan subgroup reductions: N = the decode GEMVs (h2, dp4a) sum a warp's 32 lanes "
                          "by subgroup xor shuffles over runs of N lanes (N=32: no workgroup memory and no barrier at "
                          "their end; the norm's sum of squares one barrier instead of two; dp4a's group maxima "
@@ -72,25 +72,28 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                          "the artifact then runs only on an adapter whose subgroups span at least N consecutive "
                          "lanes (checked at load; `edgellm adapters` shows each adapter's: NVIDIA, AMD and Apple "
                          "GPUs 32, Intel 8-32, Mali 16, lavapipe 8 or 16). H200, 8B decode at 32: h2 +8-9%, dp4a "
-                         "+2.4%. off = workgroup memory only, runs on every adapter"),
+                         "+2-4%. off = workgroup memory only, runs on every adapter; auto = both: the library "
+                         "without subgroups and a twin built at 32 (lib/model-sg32.so), the runner loading the twin "
+                         "where the adapter's probed subgroups span 32 lanes (twice the build time)"),
     "webgpu_dp4a_act": (("8", "32"),
-                        "activations one int8 scale covers in the dp4a GEMV (webgpu_gemv=dp4a): 8 = a scale per "
+                        "activations one int8 scale covers in the dp4a GEMV (webgpu_gemv auto or dp4a): 8 = a scale per "
                         "packed word, as the CPU int8 kernels (SmolLM2, file weights: 97.9% top-1 of fp32 "
                         "activations' answers); 32 = a scale per group, as llama.cpp's Q8_1 (96.4%)"),
     "webgpu_gemv": (("auto", "h2", "dp4a", "coalesced", "group", "simple"),
-                    "WebGPU/Vulkan INT4 decode GEMV: h2 = fp16 activations in vec2<f16> arithmetic, x staged in "
-                    "workgroup memory, 16-byte weight loads (q4f16_1 grid; `in` x 2 bytes within workgroup memory); "
-                    "dp4a = integer dot products (WGSL dot4I8Packed): x quantized to int8 per group of 32 while it "
-                    "is staged (one scale per group), nibbles spread to bytes by masks, one float FMA per group "
-                    "(q4f16_1 / q4f32_1 grid; different arithmetic: outputs move ~0.5% of their size; H200 run 9: 8B "
-                    "decode +16-18% over h2, 1B even, SmolLM2 +13%; not auto: int8 activations move real-model "
-                    "logits 4-5x more than h2); "
-                    "coalesced = lane l takes packed word l of each 32-word step "
-                    "(a warp reads 128 contiguous weight bytes and 512 of activations per load); group = a lane owns "
-                    "whole groups of 32 (4 packed words and 32 activations per step, one float32 dot per group); "
-                    "simple = the generic GPU schedule; auto = h2 where it applies, else coalesced (4-bit, group 32, "
-                    "no padding)"),
+                    "WebGPU/Vulkan INT4 decode GEMV: dp4a = integer dot products (WGSL dot4I8Packed): x quantized "
+                    "to int8 while it is staged (a scale per webgpu_dp4a_act activations), nibbles spread to bytes "
+                    "by masks, fp16 or fp32 activations (q4f16_1 / q4f32_1 grid; H200, 8B decode: 405-409 tok/s "
+                    "against h2's 337-340; SmolLM2 from fp32 through the decode path: top-1 and KL against fp32 as "
+                    "h2's, docs/vulkan.md); h2 = fp16 activations in vec2<f16> arithmetic, x staged in workgroup "
+                    "memory, 16-byte weight loads (fp16 only); coalesced = lane l takes packed word l of each "
+                    "32-word step (a warp reads 128 contiguous weight bytes and 512 of activations per load); "
+                    "group = a lane owns whole groups of 32 (4 packed words and 32 activations per step, one float32 "
+                    "dot per group); simple = the generic GPU schedule; auto = dp4a where it applies, else h2, else "
+                    "coalesced (4-bit, group 32, no padding)"),
 }
+
+
+SUBGROUP_TWINS = (32,)  # --opt webgpu_subgroups=auto: the twin libraries' lanes (NVIDIA, AMD, Apple GPUs)
 
 
 class KernelOptionError(ValueError):
@@ -112,7 +115,7 @@ class KernelOptions:
     webgpu_gemm: str = "auto"
     webgpu_gemv: str = "auto"
     webgpu_fuse: str = "auto"
-    webgpu_subgroups: str = "off"
+    webgpu_subgroups: str = "auto"
     webgpu_dp4a_act: str = "8"
 
     def __post_init__(self) -> None:
@@ -145,8 +148,17 @@ class KernelOptions:
 
     @property
     def subgroup_lanes(self) -> int:
-        """--opt webgpu_subgroups as lanes (0: off)."""
-        return 0 if self.webgpu_subgroups == "off" else int(self.webgpu_subgroups)
+        """--opt webgpu_subgroups as lanes of the main library (0: off, and auto's portable library)."""
+        return 0 if self.webgpu_subgroups in ("off", "auto") else int(self.webgpu_subgroups)
+
+    @property
+    def subgroup_twins(self) -> tuple[int, ...]:
+        """Lanes of the twin libraries a WebGPU build adds (auto: one at 32), each picked at load where it runs."""
+        return SUBGROUP_TWINS if self.webgpu_subgroups == "auto" else ()
+
+    def with_subgroups(self, lanes: int) -> KernelOptions:
+        """These options with --opt webgpu_subgroups=lanes (a twin's build)."""
+        return replace(self, webgpu_subgroups=str(lanes))
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)

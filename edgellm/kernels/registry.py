@@ -196,9 +196,9 @@ class KernelRegistry:
         if gemv and self.kind == "webgpu" and grid7 and o.webgpu_gemv != "simple":  # other grids: the TE GEMV
             from . import cuda_gemv, webgpu_linear
 
-            if o.webgpu_gemv == "dp4a" and webgpu_linear.dp4a_supports(
+            if o.webgpu_gemv in ("auto", "dp4a") and webgpu_linear.dp4a_supports(
                     in_f, out_f, out_dtype, scheme.scale_dtype, out_dtype, t,
-                    act_group=self._dp4a_act()):  # int8 activations, dot4I8Packed
+                    act_group=self._dp4a_act()):  # int8 activations, dot4I8Packed (docs/vulkan.md: why auto)
                 return "int4_gemv_dp4a_webgpu", lambda: webgpu_linear.int4_gemv_dp4a(
                     in_f, out_f, bias, x_dtype=out_dtype, scale_dtype=scheme.scale_dtype, out_dtype=out_dtype,
                     sg=self._sg(), act_group=self._dp4a_act())
@@ -335,18 +335,23 @@ class KernelRegistry:
         return "int4_gemv_fp16x2_smem" + _grid_suffix(scheme)
 
     def _webgpu_fused_gemv(self, in_f, out_f, scheme, dtype, bias, norm_eps, silu):
-        """webgpu_linear.int4_gemv_h2 (or int4_gemv_dp4a with --opt webgpu_gemv=dp4a) with the fusions, where the
-        unfused GEMV would be it (q4f16_1's grid)."""
+        """webgpu_linear.int4_gemv_dp4a (auto, dp4a) or int4_gemv_h2 (h2, or auto where dp4a does not fit) with the
+        fusions, where the unfused GEMV would be it (q4f16_1's grid)."""
         from . import webgpu_linear
 
         grid7 = (scheme.quantized and scheme.bits == 4 and scheme.elems_per_word == 8 and scheme.group_size == 32
                  and not scheme.zero_point and scheme.offset == 7 and not scheme.act_order)
-        kind = "dp4a" if self.options.webgpu_gemv == "dp4a" else "h2"
-        fits = ((lambda *a: webgpu_linear.dp4a_supports(*a, norm=norm_eps is not None, act_group=self._dp4a_act()))
-                if kind == "dp4a"
-                else webgpu_linear.h2_supports)  # the norm-fused dp4a kernel stages x with more workgroup memory
         if not grid7 or self.options.webgpu_gemv not in ("auto", "h2", "dp4a") or scheme.padded_in(in_f) != in_f \
-                or (silu and bias) or not fits(in_f, out_f, dtype, scheme.scale_dtype, dtype, self.target):
+                or (silu and bias):
+            return None
+        shape = (in_f, out_f, dtype, scheme.scale_dtype, dtype, self.target)
+        dp4a = self.options.webgpu_gemv in ("auto", "dp4a") and webgpu_linear.dp4a_supports(
+            *shape, norm=norm_eps is not None, act_group=self._dp4a_act())  # the norm-fused one stages more
+        if dp4a:
+            kind = "dp4a"
+        elif self.options.webgpu_gemv != "dp4a" and webgpu_linear.h2_supports(*shape):
+            kind = "h2"
+        else:
             return None
         name = f"int4_gemv_{kind}_webgpu" + ("_norm" if norm_eps is not None else "") + ("_silu" if silu else "")
         if kind == "dp4a":

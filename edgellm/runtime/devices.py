@@ -27,8 +27,10 @@ class DeviceInfo:
     details: dict = field(default_factory=dict)
 
     def describe(self) -> str:
+        lanes = self.details.get("kernel_subgroup_lanes")
         extra = ", ".join(x for x in (self.backend and f"{self.backend} backend",
-                                      self.driver and f"driver {self.driver}") if x)
+                                      self.driver and f"driver {self.driver}",
+                                      lanes and f"kernels with subgroups of {lanes} lanes") if x)
         user = "vulkan" if self.kind == "webgpu" else self.kind
         return f"{user}:{self.index} {self.name}" + (f" ({extra})" if extra else "")
 
@@ -102,7 +104,9 @@ def _open_webgpu(index: int, manifest: dict, param_index: list[dict]) -> DeviceI
                           "larger limit or a smaller model")
     details = {k: a[k] for k in ("adapter_type", "shader_f16", "subgroups") if k in a}
     need = int((manifest.get("kernels") or {}).get("subgroup_lanes") or 0)
-    if need:  # kernels built with --opt webgpu_subgroups=N: runs of N lanes must share a subgroup
+    if need or (manifest.get("lib_variants") and a.get("subgroups")):
+        # kernels built with --opt webgpu_subgroups=N: runs of N lanes must share a subgroup; twins (auto): the
+        # widest that runs here is loaded (Artifact.lib_for_subgroups)
         from .webgpu_plugin import subgroup_lanes
 
         have = subgroup_lanes(index)
