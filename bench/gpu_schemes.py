@@ -334,6 +334,9 @@ def fill_params(art: Path, gguf_path: Path, recipe: dict) -> None:
     write_manifest(art, man)
 
 
+PATHS = [p for p in os.environ.get("VERIFY_PATHS", "prefill,decode").split(",") if p]  # edgellm verify --path
+
+
 def run_fidelity(dev_dir: Path, part_a: Path, part_b: Path) -> None:
     from edgellm.verify import TransformersScorer, VerifyArgs, verify
 
@@ -358,12 +361,13 @@ def run_fidelity(dev_dir: Path, part_a: Path, part_b: Path) -> None:
         t0 = time.time()
         fill_params(art, gguf_path, recipe)
         print(f"smol-{tag}: weights packed from the GGUF in {time.time() - t0:.1f} s", flush=True)
-        r = verify(VerifyArgs(artifact=art), loaded_reference=ref)
         man = json.loads((art / "manifest.json").read_text())
-        rec = {"artifact": f"smol-{tag}", "scheme": r.scheme, "precision": man["quant"]["precision"],
-               "choice": man["quant"]["choice"], "kernels": man["kernels"]["chosen"], **r.to_json()}
-        res["fidelity"].append(rec)
-        print(r.table(), flush=True)
+        for path in PATHS:  # the prefill path (GEMMs), then the decode path (GEMVs, the owned cache's attention)
+            r = verify(VerifyArgs(artifact=art, path=path), loaded_reference=ref)
+            rec = {"artifact": f"smol-{tag}", "scheme": r.scheme, "precision": man["quant"]["precision"],
+                   "choice": man["quant"]["choice"], "kernels": man["kernels"]["chosen"], **r.to_json()}
+            res["fidelity"].append(rec)
+            print(r.table(), flush=True)
         bench_smol(art, tag)
 
 
