@@ -19,6 +19,7 @@ from edgellm.cli import cli
 from edgellm.compile import CompileArgs, compile_model
 from edgellm.config import ModelConfig, RuntimeOptions
 from edgellm.device_runners.engine import Engine
+from edgellm.kernels import KernelOptions
 from edgellm.models.reference import float_weights, forward
 from edgellm.runtime import webgpu_plugin
 from edgellm.runtime.devices import DeviceError
@@ -43,7 +44,9 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def vk(checkpoints, tmp_path_factory):
-    """vk(model, scheme) -> a --target vulkan artifact (max_batch 2), built once per module."""
+    """vk(model, scheme) -> a --target vulkan artifact (max_batch 2), built once per module, without the 32-lane twin
+    (--opt webgpu_subgroups=off: the default's main library is this build, tests/test_webgpu_subgroups.py checks
+    that; the twin would only double the build here)."""
     root = tmp_path_factory.mktemp("vulkan")
     cache = {}
 
@@ -52,7 +55,8 @@ def vk(checkpoints, tmp_path_factory):
             out = root / f"{name}-{scheme}"
             src = None if name == "smollm2" else str(checkpoints[name])
             rt = RuntimeOptions(context_window=1024 if name == "smollm2" else 256, prefill_chunk=128, max_batch=2)
-            compile_model(CompileArgs(model=src, output=out, target="vulkan", quant=scheme, runtime=rt))
+            compile_model(CompileArgs(model=src, output=out, target="vulkan", quant=scheme, runtime=rt,
+                                      kernel_options=KernelOptions(webgpu_subgroups="off")))
             cache[(name, scheme)] = out
         return cache[(name, scheme)]
 
