@@ -234,8 +234,9 @@ def test_auto_builds_a_32_lane_twin_and_loads_what_the_adapter_runs(webgpu_dev, 
 
     rt = RuntimeOptions(context_window=256, prefill_chunk=128, max_batch=1)
     out, off = tmp_path / "auto", tmp_path / "off"
-    compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="vulkan", quant="q4f32_1",
-                              runtime=rt))
+    result = compile_model(CompileArgs(model=str(checkpoints["llama"]), output=out, target="vulkan", quant="q4f32_1",
+                                       runtime=rt))
+    assert "twin: lib/model-sg32.so (subgroups of 32 lanes" in result.summary()
     compile_model(CompileArgs(model=str(checkpoints["llama"]), output=off, target="vulkan", quant="q4f32_1",
                               runtime=rt, kernel_options=KernelOptions(webgpu_subgroups="off")))
     art = Artifact.open(out)

@@ -62,15 +62,18 @@ class CompileResult:
     digest: str = ""  # the artifact's root digest (sha256 of manifest.json)
     tensor_classes: dict = field(default_factory=dict)  # manifest quant.classes: scheme, params, bytes per class
     scheme_choice: dict = field(default_factory=dict)  # manifest quant.choice: the layers' row and why
+    lib_variants: list = field(default_factory=list)  # manifest lib_variants: twin libraries picked at load
 
     def summary(self) -> str:
         picked = "; ".join(f"{op}: {', '.join(names)}" for op, names in self.kernels.get("chosen", {}).items())
         choice = self.scheme_choice
         why = f"\nscheme: {choice['scheme']} ({choice['why']})" if choice else ""
+        twins = "".join(f"\ntwin: {v['lib']} (subgroups of {v['subgroup_lanes']} lanes, loaded where the adapter's "
+                        "span that many)" for v in self.lib_variants)
         return (f"artifact {self.artifact}: {self.params / 1e6:.1f}M params, {self.weight_bytes / 2**20:.1f} MiB weights "
                 f"({self.bits_per_weight:.2f} bits/weight), build {self.build_seconds:.1f}s, total {self.total_seconds:.1f}s, "
                 f"{self.artifact_bytes / 2**20:.1f} MiB on disk{why}\nprecision: {describe_classes(self.tensor_classes)}"
-                f"\nkernels: {picked}\nroot digest {self.digest}")
+                f"\nkernels: {picked}{twins}\nroot digest {self.digest}")
 
 
 def describe_classes(classes: dict) -> str:
@@ -397,7 +400,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
     art_bytes = sum(p.stat().st_size for p in Path(args.output).rglob("*") if p.is_file())
     return CompileResult(Path(args.output), n_params, weight_bytes, weight_bytes * 8 / max(n_params, 1),
                          build_seconds, time.perf_counter() - t_start, art_bytes, manifest["kernels"], digest, classes,
-                         choice)
+                         choice, twins)
 
 
 def _counted(items, tick):
