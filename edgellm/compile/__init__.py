@@ -236,10 +236,8 @@ def _export(ex, root: Path, tgt: ResolvedTarget, stem: str = "model") -> str:
     """Write lib/<stem>.so (linked by the target's toolchain) or lib/<stem>.tar (objects for static linking)."""
     (root / "lib").mkdir(exist_ok=True)
     if tgt.export == "tar":
-        if stem != "model":
-            raise ValueError("only a .so artifact carries twin libraries")
-        ex.export_library(str(root / "lib" / "model.tar"), fcompile=_tar_keep_names)
-        return "lib/model.tar"
+        ex.export_library(str(root / "lib" / f"{stem}.tar"), fcompile=_tar_keep_names)
+        return f"lib/{stem}.tar"
     fcompile = None
     if tgt.toolchain:
         from .._tvm import compiler
@@ -253,7 +251,7 @@ def _subgroup_twins(args: CompileArgs, tgt: ResolvedTarget, export, root: Path, 
                     step) -> list[dict]:
     """--opt webgpu_subgroups=auto on a WebGPU target: the model built again with subgroup reductions at each twin
     width, as lib/model-sg<N>.so beside the portable library; the manifest's `lib_variants` entries. `export`
-    re-exports the model for a registry (same parameters in the same order, checked)."""
+    re-exports the model for a registry: (mod, named params, ...), the parameters checked equal to `params`."""
     from .pipeline import build
 
     if tgt.kind != "webgpu":
@@ -265,7 +263,7 @@ def _subgroup_twins(args: CompileArgs, tgt: ResolvedTarget, export, root: Path, 
         kernels = KernelRegistry(target, opts)
         step("build", detail=f"twin with subgroups of {lanes} lanes")
         with target:
-            mod, twin_params = export(kernels)
+            mod, twin_params, *_ = export(kernels)
         if {n: (tuple(int(x) for x in p.shape), str(p.dtype)) for n, p in twin_params} != params:
             raise RuntimeError(f"the {lanes}-lane twin exports other parameters than the main build; report this")
         ex = build(mod, target, None, prefix, pdl=kernels.pdl)
@@ -367,7 +365,7 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
         ex = build(mod, target, args.dump_ir, prefix,
                    on_phase=lambda i, n, name: step("build", detail=name, done=i, total=n), pdl=kernels.pdl)
         lib_name = _export(ex, tmp, tgt)
-        twins = _subgroup_twins(args, tgt, lambda reg: export(reg)[:2], tmp, prefix, params, step)
+        twins = _subgroup_twins(args, tgt, export, tmp, prefix, params, step)
         build_seconds = time.perf_counter() - t_build
         tok = _tokenizer_files(src, tmp)
         n_params = _count_params(params, float_shapes)

@@ -931,29 +931,17 @@ def int4_gemv_dp4a(in_f: int, out_f: int, bias: bool, warps: int | None = None, 
 
     @T.macro
     def quantize_group(hv, am, iz, xs, xd, xz, g):  # one group's 32 activations hv (as f32) -> staged int8
-        if per_word:  # packed word w's 8 activations: its own d, 7 * sum(q) at [w][group]
-            for w in T.unroll(4):
-                am[0] = T.float32(0)
-                for k in T.unroll(8):
-                    am[0] = T.max(am[0], T.fabs(hv[8 * w + k]))
-                am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
-                iz[0] = T.int32(0)
-                for k in T.unroll(8):
-                    hv[8 * w + k] = T.round(hv[8 * w + k] * am[1])
-                    iz[0] = iz[0] + T.Cast(i32, hv[8 * w + k])
-                xd[w * G + g] = am[0] * T.float32(1 / 127)
-                xz[w * G + g] = iz[0] * 7
-        else:
+        for w in T.unroll(32 // act_group):  # each act group (per_word: packed word w): its d, 7 * sum(q) at [w][g]
             am[0] = T.float32(0)
-            for k in T.unroll(32):
-                am[0] = T.max(am[0], T.fabs(hv[k]))
+            for k in T.unroll(act_group):
+                am[0] = T.max(am[0], T.fabs(hv[act_group * w + k]))
             am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
             iz[0] = T.int32(0)
-            for k in T.unroll(32):
-                hv[k] = T.round(hv[k] * am[1])
-                iz[0] = iz[0] + T.Cast(i32, hv[k])
-            xd[g] = am[0] * T.float32(1 / 127)
-            xz[g] = iz[0] * 7
+            for k in T.unroll(act_group):
+                hv[act_group * w + k] = T.round(hv[act_group * w + k] * am[1])
+                iz[0] = iz[0] + T.Cast(i32, hv[act_group * w + k])
+            xd[w * G + g] = am[0] * T.float32(1 / 127)
+            xz[w * G + g] = iz[0] * 7
         for c in T.unroll(2):  # staged word 4c + j: packed word 2c + j // 2, its even (j even) or odd elements
             xs[c * G + g] = T.Shuffle([i8x4(*[hv[8 * (2 * c + j // 2) + j % 2 + 2 * e] for e in range(4)])
                                        for j in range(4)], [0, 1, 2, 3])
