@@ -90,6 +90,11 @@ VARIANTS = {
     # the owned cache with a 4-bit head (--head q4: the head's rows in q4f16_1 like the layers, as llama.cpp's pure
     # Q4_0 GGUFs of the side-by-side have it) instead of the default 8-bit one: half the head's bytes
     "owned-hq4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the silu GEMV (gate_up) with 4 rows a team: a warp takes two outputs (cuda_gemv.SILU_CONFIG), and down in
+    # blocks of 16 warps (half the blocks staging x); bit-equal to "owned"
+    "owned-sr4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-sr4w8": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dnw16": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # the device argmax's blocks meeting by the shared-memory tree (before: 17 + 13 barriers a token) instead of
     # warp shuffles (--opt cuda_argmax, default warp); the same logits and tokens
     "owned-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
@@ -108,13 +113,16 @@ EARLY = {"owned-early": True, "owned-late": False}  # owned_kv.WARPS_EARLY of th
 WIDEN = {"owned-gw2": 2, "owned-gw4": 4}  # cuda_gemv.FUSED_GATE_UP_WIDEN of the build (else its default)
 NORM_SILU_MAX = {"owned-gu": 1024}  # cuda_gemv.FUSED_NORM_SILU_AUTO_MAX of the build (else its default)
 LONG_IN = {"owned-dnu4": (8, 2, 4, 2, True), "owned-dnr4": (8, 4, 2, 2, True),
-           "owned-dnk4": (16, 2, 2, 4, True)}  # cuda_gemv.LONG_IN_CONFIG of the build (else its default)
+           "owned-dnk4": (16, 2, 2, 4, True), "owned-dnw16": (16, 2, 2, 2, True)}  # cuda_gemv.LONG_IN_CONFIG of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
+SILU = {"owned-sr4": {2048: (4, 4, 2, 1, True), 4096: (4, 4, 2, 1, True)},
+        "owned-sr4w8": {2048: (8, 4, 2, 1, True), 4096: (4, 4, 4, 1, True)}}  # cuda_gemv.SILU_CONFIG (else {})
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
-         "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree")  # and owned-pA-B...
+         "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
+         "owned-dnw16")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
@@ -136,7 +144,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv, "PREFETCH_L2_MAX", PREFETCH), (cuda_gemv, "PREFETCH_PARTIAL", PARTIAL),
             (owned_kv, "WARPS_EARLY", EARLY), (cuda_gemv, "FUSED_GATE_UP_WIDEN", WIDEN),
             (cuda_gemv, "FUSED_NORM_SILU_AUTO_MAX", NORM_SILU_MAX), (cuda_gemv, "LONG_IN_CONFIG", LONG_IN),
-            (pipeline, "GREEDY_GRAPH_PIECES", GREEDY_PIECES)]
+            (pipeline, "GREEDY_GRAPH_PIECES", GREEDY_PIECES), (cuda_gemv, "SILU_CONFIG", SILU)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:

@@ -688,14 +688,21 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
 # whole fusion gained 12-15% and 5-8% (docs/benchmarks/h200-fusion.md)
 FUSED_NORM_SILU_AUTO_MAX = 2048
 
+# fused_gemv_config's pick for the silu GEMV (gate_up, with or without the norm) by `in`, in place of the rule below
+# (an A/B knob of bench/gpu_pdl.py): `rows` 4 gives each warp two outputs (gate and up rows of each), half the warps
+# for the same matrix. Each output row still sums the same products in the same order (rows are independent).
+SILU_CONFIG: dict[int, tuple[int, int, int, int, bool]] = {}
 
-def fused_gemv_config(in_f: int, out_f: int, norm: bool) -> tuple[int, int, int, int, bool]:
+
+def fused_gemv_config(in_f: int, out_f: int, norm: bool, silu: bool = False) -> tuple[int, int, int, int, bool]:
     """(warps, rows, unroll, ksplit, fold_shift) of a fused decode GEMV (int4_gemv_h2 with norm_eps / silu): the
     unfused pick's (xs_gemv_config) rows, steps and ksplit, so each output row sums the same products in the same
     order; with the norm at `in` >= 4096, twice its warps per block: every block stages the norm (x, delta and the
     norm weight from L2), and fewer blocks read less. H200, weights from HBM (docs/benchmarks/h200-fusion.md), us:
     8B gate_up + norm + silu 24.8 -> 20.8 with 8 warps (the unfused add_rms_norm + GEMV + silu_mul: 20.8), 8B qkv +
     norm 7.85 -> 6.91 with 16 (unfused: 7.86); at `in` 2048 and 576 the unfused pick's warps were as fast."""
+    if silu and in_f in SILU_CONFIG:
+        return SILU_CONFIG[in_f]
     w, r, u, k, fold = xs_gemv_config(in_f, out_f)
     if norm and in_f >= 4096:
         w *= 2

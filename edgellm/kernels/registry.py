@@ -292,7 +292,7 @@ class KernelRegistry:
         if (norm_eps is not None and silu and self.options.cuda_fuse == "auto"
                 and in_f > cuda_gemv.FUSED_NORM_SILU_AUTO_MAX):
             return None  # the model then takes add_rms_norm + the silu epilogue alone (measured faster there)
-        *cfg, fold = cuda_gemv.fused_gemv_config(in_f, out_f, norm_eps is not None)
+        *cfg, fold = cuda_gemv.fused_gemv_config(in_f, out_f, norm_eps is not None, silu)
         if silu and cfg[1] % 2:
             return None
         zp, off = scheme.zero_point, scheme.offset
