@@ -95,12 +95,17 @@ VARIANTS = {
     "owned-sr4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-sr4w8": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-dnw16": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # down in blocks of 32 warps; down in 16 and the 8B's gate_up in blocks of 8 / 16 warps (fewer blocks staging x)
+    "owned-dnw32": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dnw16-su8": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dnw16-su16": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dnw16-hq4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # the device argmax's blocks meeting by the shared-memory tree (before: 17 + 13 barriers a token) instead of
     # warp shuffles (--opt cuda_argmax, default warp); the same logits and tokens
     "owned-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
     "owned-hq4-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
 }
-HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
+HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4", "owned-dnw16-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
 MODE = {"owned-split": "split", "owned-fused": "fused", "owned-merge": "fused_merge",
         "owned-warps": "warps"}  # owned_kv.DECODE_ATTN of the build (else its default)
@@ -113,16 +118,19 @@ EARLY = {"owned-early": True, "owned-late": False}  # owned_kv.WARPS_EARLY of th
 WIDEN = {"owned-gw2": 2, "owned-gw4": 4}  # cuda_gemv.FUSED_GATE_UP_WIDEN of the build (else its default)
 NORM_SILU_MAX = {"owned-gu": 1024}  # cuda_gemv.FUSED_NORM_SILU_AUTO_MAX of the build (else its default)
 LONG_IN = {"owned-dnu4": (8, 2, 4, 2, True), "owned-dnr4": (8, 4, 2, 2, True),
-           "owned-dnk4": (16, 2, 2, 4, True), "owned-dnw16": (16, 2, 2, 2, True)}  # cuda_gemv.LONG_IN_CONFIG of the build (else its default)
+           "owned-dnk4": (16, 2, 2, 4, True), "owned-dnw16": (16, 2, 2, 2, True),
+           "owned-dnw32": (32, 2, 2, 2, True), "owned-dnw16-su8": (16, 2, 2, 2, True),
+           "owned-dnw16-su16": (16, 2, 2, 2, True), "owned-dnw16-hq4": (16, 2, 2, 2, True)}  # cuda_gemv.LONG_IN_CONFIG of the build (else its default)
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
 SILU = {"owned-sr4": {2048: (4, 4, 2, 1, True), 4096: (4, 4, 2, 1, True)},
-        "owned-sr4w8": {2048: (8, 4, 2, 1, True), 4096: (4, 4, 4, 1, True)}}  # cuda_gemv.SILU_CONFIG (else {})
+        "owned-sr4w8": {2048: (8, 4, 2, 1, True), 4096: (4, 4, 4, 1, True)},
+        "owned-dnw16-su8": {4096: (8, 2, 4, 1, True)}, "owned-dnw16-su16": {4096: (16, 2, 4, 1, True)}}  # cuda_gemv.SILU_CONFIG (else {})
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
          "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
-         "owned-dnw16")  # and owned-pA-B...
+         "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
