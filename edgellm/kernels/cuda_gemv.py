@@ -654,8 +654,11 @@ def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     return w, r, max(1, u // 2), k
 
 
-# xs_gemv_config's pick for `in` >= 8192 (the down projections of Llama-3.2-1B and Llama-3-8B)
-LONG_IN_CONFIG = (8, 2, 2, 2, True)
+# xs_gemv_config's pick for `in` >= 8192 (the down projections of Llama-3.2-1B and Llama-3-8B): blocks of 16 warps
+# (8 teams of 2), so half as many blocks stage the whole x (28 KB at the 8B's 14,336) as with 8 warps; the same sums.
+# H200 tg128, two calls (docs/benchmarks/h200-pdl.md, runs 29-30): 8B 584.2 -> 594.5 and 586.3 -> 593.1, 1B
+# 2,346 -> 2,373; down kernel end to end 12.9 -> 12.2 us (8B), 4.75 -> 4.31 (1B). 32 warps: 8B equal, 1B -4%.
+LONG_IN_CONFIG = (16, 2, 2, 2, True)
 # fused_gemv_config: warps times this for the norm at 2048 <= `in` < 4096 and `out` >= 16384 (Llama-3.2-1B's
 # gate_up with the norm and silu: 2,048 blocks of 4 warps each stage the norm of x, 12 KB of L2 reads a block); 1
 # keeps the unfused pick's warps. An A/B knob (bench/gpu_pdl.py).
@@ -666,7 +669,7 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     """(warps, rows, unroll, ksplit, fold_shift) of int4_gemv_h2(..., xsmem=True) for a shape: the registry's
     default 4-bit decode GEMV. H200, weights from HBM, docs/benchmarks/h200-gemv.md (us, before -> this pick): a long
     `in` (down: 8B 13.7 -> 11.5, 1B 6.8 -> 5.1) with 2 rows a team, `in` split over 2 warps, 2 groups a step and the
-    folded shifts; many rows (gate_up: 8B 20.9 -> 18.2, 1B 8.0 -> 7.1) 2 rows a warp, a whole `in` of 4096 in one
+    folded shifts (blocks of 16 warps since run 30: LONG_IN_CONFIG); many rows (gate_up: 8B 20.9 -> 18.2, 1B 8.0 -> 7.1) 2 rows a warp, a whole `in` of 4096 in one
     4-group step; the head (128,256 rows) the previous 4 rows x 2 groups with the folded shifts (its timings swing
     by 10% between identical runs); the short ones (qkv, o) 2 rows a
     team of 2 warps with everything in one step. Fewer than 64 groups (SmolLM2): the previous rule's 4x2x1x1."""
@@ -692,6 +695,8 @@ FUSED_NORM_SILU_AUTO_MAX = 2048
 # (an A/B knob of bench/gpu_pdl.py): `rows` 4 gives each warp two outputs (gate and up rows of each), half the warps
 # for the same matrix. Each output row still sums the same products in the same order (rows are independent).
 SILU_CONFIG: dict[int, tuple[int, int, int, int, bool]] = {}
+# the same for the norm GEMV without silu (qkv with the residual add + norm), by `in`
+NORM_CONFIG: dict[int, tuple[int, int, int, int, bool]] = {}
 
 
 def fused_gemv_config(in_f: int, out_f: int, norm: bool, silu: bool = False) -> tuple[int, int, int, int, bool]:
@@ -703,6 +708,8 @@ def fused_gemv_config(in_f: int, out_f: int, norm: bool, silu: bool = False) -> 
     norm 7.85 -> 6.91 with 16 (unfused: 7.86); at `in` 2048 and 576 the unfused pick's warps were as fast."""
     if silu and in_f in SILU_CONFIG:
         return SILU_CONFIG[in_f]
+    if norm and not silu and in_f in NORM_CONFIG:
+        return NORM_CONFIG[in_f]
     w, r, u, k, fold = xs_gemv_config(in_f, out_f)
     if norm and in_f >= 4096:
         w *= 2
