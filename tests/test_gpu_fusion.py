@@ -169,7 +169,7 @@ def test_fused_kernels_repeat_the_unfused_arithmetic():
     assert add and "sv_ptr[0] = ((half)(((float)xa_ptr[0]) + ((float)ya_ptr[0])));" in gu
     rsq = re.search(r"rsqrtf\(.*\);", arn).group(0)
     assert _norm_names(rsq) in [_norm_names(m) for m in re.findall(r"rsqrtf\(.*\);", gu)]
-    norm_out = "(((float)sv_ptr[0]) * nacc_ptr[0]) * ((float)xa_ptr[0])"
+    norm_out = "(((float)sv_ptr[0]) * nacc_ptr[0]) * ((float)nv_ptr[0])"  # nv: the norm weight, in registers
     assert norm_out in gu and norm_out in qkv
     assert "(v_ptr[0] * acc_ptr[0]) * ((float)xv_ptr[0])" in arn  # the same product order there
     assert [int(m) for m in re.findall(r"__shfl_xor_sync\(\(uint\)4294967295, nacc_ptr\[0\], (\d+), 32\)", gu)] \
@@ -191,6 +191,13 @@ def test_fused_kernels_repeat_the_unfused_arithmetic():
         assert len(adds) == stores and body.index("xres_ptr[") < body.index("__syncthreads()")
     noadd = _body(src, "noadd")  # its consumer: the norm of x itself, no delta, no residual written
     assert "dl_ptr" not in noadd and "s_out_ptr" not in noadd and "rsqrtf" in noadd
+    # the norm weight, a parameter, loaded before x and delta: the staging is one L2 round trip, not two (with PDL
+    # before the wait, with the first step's weights)
+    for body in (gu, qkv):
+        assert body.index("*(uint4*)(nw_ptr +") < min(body.index("*(uint4*)(x_ptr +"), body.index("*(uint4*)(dl_ptr +"))
+    pdl = _body(cuda_source({"qkv_pdl": cuda_gemv.int4_gemv_h2(4096, 6144, True, 16, 2, 4, 2, xsmem=True,
+                                                               norm_eps=1e-5, pdl=True)}), "qkv_pdl")
+    assert pdl.index("*(uint4*)(nw_ptr +") < pdl.index("griddepcontrol.wait") < pdl.index("*(uint4*)(x_ptr +")
 
 
 def test_registry_fuses_only_cuda_4bit_smem():

@@ -218,6 +218,11 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
 
 
 NORM_VEC = 8  # fp16 values per 16-byte chunk of add_rms_norm_gpu (its default `lanes`), one staged word of x here
+# Where the fused norm's weight is loaded: "early", into registers before the PDL wait (with the weights' first
+# step; without PDL before the sum of squares), a parameter nothing of the step writes, so the staging after the wait
+# is one L2 round trip (x and delta); "late", after the sum of squares and its barrier (the kernels before run 32): a
+# second round trip. The same values. An A/B knob (bench/gpu_pdl.py).
+NORM_WEIGHT = "early"
 
 
 def fused_norm_supports(hidden: int) -> bool:
@@ -258,6 +263,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         raise ValueError("int4_gemv_h2: xsmem covers the 4-bit rows only")
     if fold_shift and not xsmem:
         raise ValueError("int4_gemv_h2: fold_shift needs xsmem")
+    if NORM_WEIGHT not in ("early", "late"):
+        raise ValueError(f"cuda_gemv.NORM_WEIGHT must be early or late, got {NORM_WEIGHT!r}")
     if bits == 4 and not 0 <= offset < 16:
         raise ValueError(f"int4_gemv_h2: offset must be in 0..15, got {offset}")
     norm = norm_eps is not None
@@ -478,7 +485,14 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                     xsh[(((i * W * 32 + ty * 32 + tx) % 4) * G + (i * W * 32 + ty * 32 + tx) // 4) * 4 + v] = xt[v]
 
     @T.macro
-    def stage_norm(x, dl, nw, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx):
+    def load_nw(nw, nv, ty, tx):  # the norm weight of the thread's chunks: a parameter, loaded before the PDL wait
+        for i in T.unroll(XFILL):
+            if i * W * 32 + ty * 32 + tx < G * 4:
+                for e in T.vectorized(NORM_VEC):
+                    nv[i * NORM_VEC + e] = nw[(i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
+
+    @T.macro
+    def stage_norm(x, dl, nw, nv, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx):
         xsh16 = T.decl_buffer((G * 32,), "float16", data=xsh.data, scope="shared")  # the pairs as 8 halves
         # pass 1: s = x + delta rounded to fp16, per 16-byte chunk its 8 squares in order, the warp's butterfly
         # (add_rms_norm_gpu's order: chunk t = i W 32 + 32 w + lane is that kernel's thread t)
@@ -507,13 +521,13 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
             nacc[0] = nacc[0] + nred[k]
         nacc[0] = T.rsqrt(nacc[0] / T.float32(in_f) + T.float32(norm_eps))
         # pass 2: the normalized row, staged as the (x[s], x[s+4]) pairs; block 0 writes the residual x + delta
+        if NORM_WEIGHT == "late":
+            load_nw(nw, nv, ty, tx)
         for i in T.unroll(XFILL):
             if i * W * 32 + ty * 32 + tx < G * 4:
-                for e in T.vectorized(NORM_VEC):
-                    xa[e] = nw[(i * W * 32 + ty * 32 + tx) * NORM_VEC + e]
                 for e in T.unroll(NORM_VEC):
                     hv[(e % 4) * 2 + e // 4] = T.Cast("float16", T.Cast("float32", sv[i * NORM_VEC + e]) * nacc[0]
-                                                      * T.Cast("float32", xa[e]))
+                                                      * T.Cast("float32", nv[i * NORM_VEC + e]))
                 for e in T.vectorized(NORM_VEC):
                     xsh16[(((i * W * 32 + ty * 32 + tx) % 4) * G + (i * W * 32 + ty * 32 + tx) // 4) * NORM_VEC
                           + e] = hv[e]
@@ -554,9 +568,10 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         xsh = T.alloc_buffer((G * 16 if xsmem else 4,), "uint32", scope="shared")  # xsmem: x as [q][g][pairs]
         xf = T.alloc_buffer((4,), "uint32", scope="local")
         xt = T.alloc_buffer((4,), "uint32", scope="local")
-        xa = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: x / the norm weight
+        xa = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: x
         ya = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: delta
         sv = T.alloc_buffer((XFILL * NORM_VEC,), "float16", scope="local")  # norm: x + delta of the thread's chunks
+        nv = T.alloc_buffer((XFILL * NORM_VEC if norm else 1,), "float16", scope="local")  # norm: its weight
         hv = T.alloc_buffer((NORM_VEC,), "float16", scope="local")
         nacc = T.alloc_buffer((1,), "float32", scope="local")
         nred = T.alloc_buffer((XFILL * W if norm else 1,), "float32", scope="shared")
@@ -578,6 +593,8 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                         prefetch_rows(qw, qs_flat, qm_flat, bx)
                 if pf_row > 0:
                     prefetch_row_starts(qw, bx, ty * 32 + tx)
+                if norm and NORM_WEIGHT == "early":
+                    load_nw(nw, nv, ty, tx)
                 if TRIGGER_FIRST:
                     T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
                 T.evaluate(T.call_extern("void", WAIT))
@@ -586,7 +603,9 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                 if res_in:
                     load_res(xres, xr, row0, tx)
             if norm:
-                stage_norm(x, dl, nw, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx)
+                if not pdl and NORM_WEIGHT == "early":
+                    load_nw(nw, nv, ty, tx)
+                stage_norm(x, dl, nw, nv, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx)
             else:
                 stage_x(x32, xsh, xf, xt, ty, tx)
             T.tvm_storage_sync("shared")
