@@ -1,13 +1,13 @@
 #pragma once
 // Host (g++ -std=c++20) emulation of what kernels/cuda/int4_gemv_batch.cu and owned_kv.cu use of CUDA, for tests
-// without a GPU (tests/test_gpu_gemv_batch.py, tests/test_owned_kv_cache.py): one std::thread per CUDA thread of a
+// without a GPU (tests/test_gpu_gemv_batch.py, tests/test_owned_kv_cache.py): one fiber per CUDA thread of a
 // block, __syncthreads as a block barrier, warp shuffles through a shared array between two warp barriers, fp16 as _Float16 with one rounding per
 // fp16x2 operation (the test replaces the kernel's two PTX helpers by emu_h2).
-#include <barrier>
+#include <type_traits>
+#include <ucontext.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 #include <algorithm>
 #define __device__
@@ -43,35 +43,72 @@ inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a
   return r;
 }
 struct Dim { unsigned x = 0, y = 0; };
-thread_local Dim threadIdx, blockIdx;
-inline std::barrier<>* g_bar;
-inline std::barrier<>* g_warp_bar[32];
+inline Dim threadIdx, blockIdx;
+// A block's threads are fibers (ucontext) of one OS thread, run in thread order until each finishes or waits at a
+// barrier; a barrier opens once every live thread of its block (or warp) waits there. Deterministic, and no OS
+// thread per CUDA thread: on 2 cores, 256 std::threads meeting at a barrier spent most of a test in the kernel.
+struct EmuFiber { ucontext_t ctx; char* stack = nullptr; int wait = 0; bool done = false; };  // wait: 1 block, 2 warp
+inline ucontext_t g_sched;
+inline EmuFiber g_fib[1024];
+inline int g_cur, g_nt;
+inline void (*g_tramp_body)(void*, int);
+inline void* g_tramp_arg;
+constexpr size_t EMU_STACK = 256 * 1024;
+inline void emu_tramp() { g_tramp_body(g_tramp_arg, g_cur); g_fib[g_cur].done = true; }
+inline void emu_wait(int kind) { g_fib[g_cur].wait = kind; swapcontext(&g_fib[g_cur].ctx, &g_sched); }
 inline float g_shfl[1024];
-// One CUDA block (bx, by) of nt threads, each a std::thread running body(t), with its block and warp barriers.
+// One CUDA block (bx, by) of nt threads running body(t).
 template <typename F>
 void emu_run_block(unsigned bx, unsigned by, int nt, F&& body) {
-  std::barrier<> bar(nt);
-  g_bar = &bar;
-  for (int w = 0; w < (nt + 31) / 32; ++w) g_warp_bar[w] = new std::barrier<>(std::min(32, nt - 32 * w));
-  std::vector<std::thread> th;
-  for (int t = 0; t < nt; ++t)
-    th.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; body(t); });
-  for (auto& t : th) t.join();
-  for (int w = 0; w < (nt + 31) / 32; ++w) delete g_warp_bar[w];
+  if (nt < 1 || nt > 1024) abort();
+  g_nt = nt;
+  blockIdx.x = bx; blockIdx.y = by;
+  g_tramp_body = [](void* f, int t) { (*static_cast<std::remove_reference_t<F>*>(f))(t); };
+  g_tramp_arg = &body;
+  for (int t = 0; t < nt; ++t) {
+    EmuFiber& f = g_fib[t];
+    if (!f.stack) f.stack = new char[EMU_STACK];
+    f.wait = 0; f.done = false;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = EMU_STACK; f.ctx.uc_link = &g_sched;
+    makecontext(&f.ctx, emu_tramp, 0);
+  }
+  for (;;) {
+    for (int t = 0; t < nt; ++t)
+      if (!g_fib[t].done && g_fib[t].wait == 0) { g_cur = t; threadIdx.x = t; swapcontext(&g_sched, &g_fib[t].ctx); }
+    bool live = false, block_open = true, opened = false;
+    for (int t = 0; t < nt; ++t)
+      if (!g_fib[t].done) { live = true; block_open &= g_fib[t].wait == 1; }
+    if (!live) return;
+    if (block_open) {
+      for (int t = 0; t < nt; ++t) g_fib[t].wait = 0;
+      continue;
+    }
+    for (int w = 0; w < (nt + 31) / 32; ++w) {
+      bool any = false, open = true;
+      for (int t = 32 * w; t < std::min(nt, 32 * w + 32); ++t)
+        if (!g_fib[t].done) { any = true; open &= g_fib[t].wait == 2; }
+      if (any && open) {
+        for (int t = 32 * w; t < std::min(nt, 32 * w + 32); ++t) g_fib[t].wait = 0;
+        opened = true;
+      }
+    }
+    if (!opened) abort();  // threads waiting at different barriers: a deadlock on the GPU too
+  }
 }
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline void __syncthreads() { emu_wait(1); }
 // Blocks run one after another here, so a block's atomics and fences order nothing across blocks; they are real
-// atomics and fences anyway (a block's threads are std::threads), and __ldcg (an L2 load on the GPU) a plain load.
+// atomics and fences anyway, and __ldcg (an L2 load on the GPU) a plain load.
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline void cudaGridDependencySynchronize() {}  // PDL: one kernel at a time here
 inline void cudaTriggerProgrammaticLaunchCompletion() {}
-inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp() { emu_wait(2); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int t = threadIdx.x, w = t / 32;
-  g_shfl[t] = v; g_warp_bar[w]->arrive_and_wait();
-  float r = g_shfl[w * 32 + ((t % 32) ^ o)]; g_warp_bar[w]->arrive_and_wait();
+  g_shfl[t] = v; emu_wait(2);
+  float r = g_shfl[w * 32 + ((t % 32) ^ o)]; emu_wait(2);
   return r;
 }
 // mma.sync.m16n8k16 row.col f32.f16.f16.f32, warp-collective: the lanes' fragments through shared arrays (PTX ISA
@@ -82,7 +119,7 @@ inline void emu_mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3
   const int t = threadIdx.x, w = t / 32, l = t % 32, g = l / 4, q = l % 4;
   g_mma_a[t][0] = a0; g_mma_a[t][1] = a1; g_mma_a[t][2] = a2; g_mma_a[t][3] = a3;
   g_mma_b[t][0] = b0; g_mma_b[t][1] = b1;
-  g_warp_bar[w]->arrive_and_wait();
+  emu_wait(2);
   auto A = [&](int row, int k) {  // element (row, k) of A from the lane that holds it
     const int lane = 4 * (row % 8) + (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
     return h2f((g_mma_a[w * 32 + lane][reg] >> (16 * (k % 2))) & 0xFFFF);
@@ -98,6 +135,6 @@ inline void emu_mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3
     for (int k = 0; k < 16; ++k) sum += (double)A(row, k) * B(k, col);
     r[i] = (float)((double)d[i] + sum);
   }
-  g_warp_bar[w]->arrive_and_wait();
+  emu_wait(2);
   for (int i = 0; i < 4; ++i) d[i] = r[i];
 }

@@ -432,7 +432,7 @@ _OWNED_EMU_MAIN = r"""
 #endif
 constexpr int D = EMU_D, G = EMU_G, KV = EMU_KV, H = G * KV, L = 2, SPLITS = 32, W = 8;
 // one launch: blocks (bx, by) one after another (in order, or shuffled with `seed` > 0), `nt` threads each
-// (std::thread), `sm` floats of shared memory
+// (fibers, tests/cuda_host_emu.h), `sm` floats of shared memory
 void launch(int gx, int gy, int nt, int sm, const std::function<void(float*)>& body, unsigned seed = 0) {
   std::vector<float> smem(sm + 1);
   std::vector<std::pair<int, int>> order;
