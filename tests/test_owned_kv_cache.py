@@ -445,7 +445,8 @@ template <typename T> std::vector<T> read(FILE* f, size_t n) { std::vector<T> v(
 template <typename T> void write(FILE* f, const std::vector<T>& v) { fwrite(v.data(), sizeof(T), v.size(), f); }
 // n maxp P layer steps in.bin out.bin mode seed: `steps` decode steps of n rows (row r at pos0[r] + step) through
 // mode 0: kv_append + paged_attn_partial + merge, 1: decode_attn + merge, 2: decode_attn_merge, 3:
-// decode_attn_warps with W warps (2 and 3: blocks shuffled with seed + step when seed > 0). in: qkv [steps, n,
+// decode_attn_warps with W warps, 4: the same with a block per q head (2-4: blocks shuffled with seed + step when
+// seed > 0). in: qkv [steps, n,
 // H + 2 KV, D], inv_freq, page table, pos0, pages; out: per step out [n, H, D] and the control page's int32 words,
 // then the pages.
 int main(int argc, char** argv) {
@@ -472,6 +473,10 @@ int main(int argc, char** argv) {
       launch(n * KV, SPLITS, 32 * W, smw, [&](float* s) { edgellm_decode_attn_warps<D, G, SPLITS, W>(qkv, freq.data(),
           pt.data(), pos0.data(), pages.data(), o.data(), ml.data(), out.data(), maxp, P, layer, KV, scale, s); },
           seed > 0 ? seed + step : 0);
+    } else if (mode == 4) {  // decode_attn_warps with the G heads of a kv head over G blocks of one head each
+      launch(n * KV * G, SPLITS, 32 * W, smw, [&](float* s) { edgellm_decode_attn_warps<D, 1, SPLITS, W, false, G>(qkv,
+          freq.data(), pt.data(), pos0.data(), pages.data(), o.data(), ml.data(), out.data(), maxp, P, layer, KV, scale,
+          s); }, seed > 0 ? seed + step : 0);
     } else if (mode == 2) {
       launch(n * KV, SPLITS, 128, sm, [&](float* s) { edgellm_decode_attn_merge<D, G, SPLITS>(qkv, freq.data(), pt.data(),
           pos0.data(), pages.data(), o.data(), ml.data(), out.data(), maxp, P, layer, KV, scale, s); },
@@ -633,6 +638,12 @@ def test_decode_attn_merge_equals_the_two_kernel_path_over_steps(tmp_path, host_
             assert not np.isnan(out).any() and np.array_equal(ref.view(np.uint16), out.view(np.uint16)), (seed, step)
             assert not control.any(), (seed, step, np.flatnonzero(control))
         assert np.array_equal(ref_pages.view(np.uint16), got_pages.view(np.uint16)), seed
+        if seed == 7:  # a block per q head (owned_kv.WARPS_HEAD_GROUPS): the same outputs and pages bit for bit
+            one_steps, one_pages = _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, 4, seed)
+            for step, ((out, control), (one, one_control)) in enumerate(zip(got_steps, one_steps)):
+                assert np.array_equal(out.view(np.uint16), one.view(np.uint16)), step
+                assert not one_control.any(), step
+            assert np.array_equal(got_pages.view(np.uint16), one_pages.view(np.uint16))
 
 
 def test_decode_attn_merge_counters_fit_the_control_page():
@@ -661,7 +672,8 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
     SmolLM2's G 3 / D 64, G 2 / D 64 and G 4 / D 128 (Llama-3-8B's). The pages bit-equal to decode_attn_merge's
     (the same RoPE and append), the control page zero after every step, blocks in launch order and shuffled; the
     slots past each row's context hold NaN (what a fresh page may hold), so a tile's read past its last key that
-    leaked into the output would show."""
+    leaked into the output would show. A block per q head (owned_kv.WARPS_HEAD_GROUPS) gives the same outputs and
+    pages bit for bit, its counters (one per head group) zero after every step."""
     from pathlib import Path
 
     from edgellm.kernels.owned_kv import rope_inv_freq
@@ -719,6 +731,12 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
             np.testing.assert_allclose(out.astype(np.float64), old.astype(np.float64), atol=1e-3, rtol=0)
             assert not control.any(), (seed, step, np.flatnonzero(control))
         assert np.array_equal(ref_pages.view(np.uint16), got_pages.view(np.uint16)), seed
+        if seed == 7:  # a block per q head (owned_kv.WARPS_HEAD_GROUPS): the same outputs and pages bit for bit
+            one_steps, one_pages = _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, 4, seed)
+            for step, ((out, control), (one, one_control)) in enumerate(zip(got_steps, one_steps)):
+                assert np.array_equal(out.view(np.uint16), one.view(np.uint16)), step
+                assert not one_control.any(), step
+            assert np.array_equal(got_pages.view(np.uint16), one_pages.view(np.uint16))
         # and numpy's RoPE (float32 cos / sin at positions up to 8,192 may differ from sincosf by an ulp, so a
         # rotated k by an fp16 ulp); the slots past the contexts still NaN
         written = ~np.isnan(expect)

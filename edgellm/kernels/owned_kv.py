@@ -76,6 +76,10 @@ WARPS_AUTO_MAX_G = 4
 # call (docs/benchmarks/h200-pdl.md run 18): SmolLM2 2,896 -> 3,170 tok/s, Llama-3.2-1B 2,168 -> 2,278, Llama-3-8B
 # 555 -> 581; attention a layer (kernel end to end) 3.9 -> 3.1, 5.0 -> 3.8, 8.1 -> 6.0 us. Bit-equal to False.
 WARPS_EARLY = True
+# "warps": blocks per (token, kv head), each taking G / this of its q heads (the largest divisor of G up to it): the
+# chain of a block's arithmetic (scores, p x V: G heads a lane) shortens, the kv head's K / V is read by each block.
+# The same values bit for bit (each head's arithmetic does not change). An A/B knob (bench/gpu_pdl.py).
+WARPS_HEAD_GROUPS = 1
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
@@ -240,7 +244,7 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
 
 
 def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int, call: str, threads: int,
-                        smem: int, mark: str = "edgellm_noop"):
+                        smem: int, mark: str = "edgellm_noop", groups: int = 1):
     """The PrimFunc of a decode attention that merges its splits itself (decode_attn_merge, decode_attn_warps):
     inputs as decode_attn's (qkv [n, H + 2 KV, D], inv_freq, page table, pos0, pages, layer); outputs pages (in
     place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out [n, H, D] fp16. Refuses more than
@@ -253,8 +257,8 @@ def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int,
     if splits > 32:
         raise ValueError(f"{name} merges at most 32 splits (a lane each), got {splits}; lower "
                          "owned_kv.SPLITS_DECODE or take DECODE_ATTN 'fused'")
-    if GRAPH_BATCH_BOUND * KV > control_words(KV, D):
-        raise ValueError(f"{name} needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads counters and the control "
+    if GRAPH_BATCH_BOUND * KV * groups > control_words(KV, D):
+        raise ValueError(f"{name} needs {GRAPH_BATCH_BOUND} rows x {KV} kv heads x {groups} counters and the control "
                          f"page has {control_words(KV, D)} words (head_dim {D}); take DECODE_ATTN 'fused'")
 
     @T.prim_func(private=True, check_well_formed=False)
@@ -273,7 +277,7 @@ def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int,
         with T.sblock("root"):
             T.reads()
             T.writes()
-            T.launch_thread("blockIdx.x", n * KV)
+            T.launch_thread("blockIdx.x", n * KV * groups)
             T.launch_thread("blockIdx.y", splits)
             T.launch_thread("threadIdx.x", threads)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
@@ -314,14 +318,25 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
 
     H, KV, D, L = heads, kv_heads, head_dim, layers
     G = H // KV
-    smem = _warps_smem(G, D)
+    ng = warps_head_groups(G)
+    smem = _warps_smem(G // ng, D)
     if smem > STATIC_SMEM_FLOATS:
         raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
                          f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
                          f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
     return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits,
-                               f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}, {str(early).lower()}>",
-                               32 * DECODE_WARPS, smem, WAITS_INSIDE if early else "edgellm_noop")
+                               f"edgellm_decode_attn_warps<{D}, {G // ng}, {splits}, {DECODE_WARPS}, {str(early).lower()}"
+                               + (f", {ng}>" if ng > 1 else ">"), 32 * DECODE_WARPS, smem,
+                               WAITS_INSIDE if early else "edgellm_noop", ng)
+
+
+def warps_head_groups(G: int) -> int:
+    """The blocks per (token, kv head) of the "warps" decode attention: the largest divisor of G up to
+    WARPS_HEAD_GROUPS."""
+    ng = max(1, min(int(WARPS_HEAD_GROUPS), G))
+    while G % ng:
+        ng -= 1
+    return ng
 
 
 def paged_attn_merge_func(heads: int, head_dim: int, splits: int, extra: bool):

@@ -477,7 +477,11 @@ __device__ __forceinline__ void edgellm_decode_attn_merge(
 __device__ __forceinline__ void edgellm_pdl_waits_inside() {}
 __device__ __forceinline__ void edgellm_noop() {}
 
-template <int D, int G, int S, int W, bool EARLY = false>
+// NG > 1: the G * NG q heads of a kv head split over NG blocks of G heads each (blockIdx.x = (token * KV + kv head) *
+// NG + the block's group): each block reads the kv head's K / V (from L2 after the first) and does 1 / NG of the
+// arithmetic; the group-0 block writes the new token's k / v into its page, the others take it from their own smem.
+// Each head's arithmetic is the same at any NG (bit-equal), the counters are per (token, kv head, group).
+template <int D, int G, int S, int W, bool EARLY = false, int NG = 1>
 __device__ __forceinline__ void edgellm_decode_attn_warps(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
@@ -485,8 +489,9 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(S >= 1 && S <= 32, "the merge's weights take one lane per split");
   constexpr int NT = 32 * W, HALF = D / 2, DL = D / 32;  // DL: output dims per lane (2 or 4)
-  const int i = blockIdx.x / KV, kvh = blockIdx.x % KV, split = blockIdx.y, tid = threadIdx.x;
-  const int warp = tid >> 5, lane = tid & 31, H = G * KV, row = i;
+  const int i = blockIdx.x / (KV * NG), kvh = (blockIdx.x / NG) % KV, grp = blockIdx.x % NG;
+  const int split = blockIdx.y, tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31, H = G * NG * KV, row = i, hq = (kvh * NG + grp) * G;  // hq: first q head
   const int* pt = page_table + row * maxp;
   // the page table entries of the warp's first tile where a split is one tile a warp (per == 1: contexts up to
   // S * W * 32 keys), loaded together with pos0, which they do not depend on: one dependent round trip less
@@ -551,7 +556,7 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   }
   // RoPE on q (kv_append's arithmetic and rounding), while the loads are in flight
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
-  edgellm_rope_q<D, G, NT>(xq + kvh * G * D, inv_freq, pos, scale_log2, sq);
+  edgellm_rope_q<D, G, NT>(xq + hq * D, inv_freq, pos, scale_log2, sq);
   const bool owner = end == kv_len;  // this split holds the new token: its k (rotated) and v into the page slot
   if (owner) {
     half* base = pages + ((long long)layer * P + pt[pos / 16]) * 2 * KV * 16 * D;
@@ -565,10 +570,12 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
       const float x0 = __half2float(xk[j]), x1 = __half2float(xk[j + HALF]);
       const half r0 = __float2half(x0 * cs - x1 * sn), r1 = __float2half(x1 * cs + x0 * sn);
       const half v0 = xv[j], v1 = xv[j + HALF];
-      dk[j] = r0;
-      dk[j + HALF] = r1;
-      dv[j] = v0;
-      dv[j + HALF] = v1;
+      if (NG == 1 || grp == 0) {
+        dk[j] = r0;
+        dk[j + HALF] = r1;
+        dv[j] = v0;
+        dv[j + HALF] = v1;
+      }
       snew[j] = r0;
       snew[j + HALF] = r1;
       snew[D + j] = v0;
@@ -687,7 +694,7 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   }
   __syncthreads();
   // the block's warps merged: out directly when this is the only split, else the split's (o, m, l) for the merge
-  const long long e = (long long)i * H + kvh * G;
+  const long long e = (long long)i * H + hq;
   for (int w = tid; w < G * D; w += NT) {
     const int g = w / D, d = w % D;
     float M = -INFINITY;
@@ -710,7 +717,7 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   }
   if (active > 1) {
     // the counters: int32 words of the control page, page P - 1 of layer 0 (as decode_attn_merge's)
-    int* counter = reinterpret_cast<int*>(pages + (P - 1) * 2 * KV * 16 * D) + i * KV + kvh;
+    int* counter = reinterpret_cast<int*>(pages + (P - 1) * 2 * KV * 16 * D) + (i * KV + kvh) * NG + grp;
     edgellm_decode_merge<D, G, S, NT>(o_part, ml, out, counter, active, e, smem);
   }
 }
