@@ -106,10 +106,11 @@ VARIANTS = {
     "owned-qk1": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # the fused norm's weight loaded after the sum of squares (cuda_gemv.NORM_WEIGHT late: before run 32)
     "owned-nwlate": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # the warps decode attention in 2 / up to 4 blocks per (token, kv head), each with its share of the q heads
-    # (owned_kv.WARPS_HEAD_GROUPS); bit-equal to "owned"
+    # the warps decode attention in 2 / up to 4 / 1 blocks per (token, kv head), each with its share of the q heads
+    # (owned_kv.WARPS_HEAD_GROUPS; auto from run 34); bit-equal to "owned"
     "owned-hg2": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-hg4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-hg1": {"cuda_pdl": "on", "cuda_kv": "owned"},  # one block per (token, kv head): before run 34
     # the device argmax's blocks meeting by the shared-memory tree (before: 17 + 13 barriers a token) instead of
     # warp shuffles (--opt cuda_argmax, default warp); the same logits and tokens
     "owned-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
@@ -138,14 +139,14 @@ SILU = {"owned-sr4": {2048: (4, 4, 2, 1, True), 4096: (4, 4, 2, 1, True)},
 NORM = {"owned-qr4": {4096: (16, 4, 2, 2, False), 2048: (16, 2, 4, 2, False)},
         "owned-qk1": {4096: (16, 2, 4, 1, False), 2048: (8, 2, 2, 1, False)}}  # cuda_gemv.NORM_CONFIG (else {})
 NORM_W = {"owned-nwlate": "late"}
-HEAD_GROUPS = {"owned-hg2": 2, "owned-hg4": 4}  # owned_kv.WARPS_HEAD_GROUPS of the build (else its default)  # cuda_gemv.NORM_WEIGHT of the build (else its default)
+HEAD_GROUPS = {"owned-hg2": 2, "owned-hg4": 4, "owned-hg1": 1}  # owned_kv.WARPS_HEAD_GROUPS of the build (else its default)  # cuda_gemv.NORM_WEIGHT of the build (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
          "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
-         "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4")  # and owned-pA-B...
+         "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}

@@ -108,8 +108,8 @@ def _order(script: str, pattern: str) -> list[int]:
 @pytest.mark.parametrize("kw", [{}, {"norm_eps": 1e-5, "silu": True}, {"res_in": True},
                                 {"norm_eps": 1e-5, "norm_add": False}, {"ksplit": 2}])
 def test_gemv_loads_weights_before_its_wait(kw):
-    """In statement order: the first step's weight (and scale) loads, the wait, launch_dependents (cuda_pdl's order,
-    TRIGGER_FIRST off), then x / delta / residual reads and stores. Without pdl the kernel has no griddepcontrol."""
+    """In statement order: the first step's weight (and scale) loads and the norm weight, the wait, launch_dependents
+    (cuda_pdl's order, TRIGGER_FIRST off), then x / delta / residual reads and stores. Without pdl the kernel has no griddepcontrol."""
     out_f = 512 if kw.get("silu") else 256
     kw = dict(kw)
     ks = kw.pop("ksplit", 1)  # 2: no whole step (32 groups over 64 lanes), the lone guarded one loaded first
@@ -120,8 +120,11 @@ def test_gemv_loads_weights_before_its_wait(kw):
     w = wait[0]
     assert _order(script, r"\bqw\[")[0] < w  # the first step's weights are in flight before the wait
     assert (_order(script, r"griddepcontrol\.launch_dependents")[0] > w) is (not cuda_pdl.TRIGGER_FIRST)
-    for reads in (r"\bx32\[", r"\bx\[", r"\bdl\[", r"\bxres\[", r"\bnw\["):
+    for reads in (r"\bx32\[", r"\bx\[", r"\bdl\[", r"\bxres\["):
         assert all(i > w for i in _order(script, reads)), reads
+    # the norm weight, a parameter like the weights, in flight before the wait too (cuda_gemv.NORM_WEIGHT early)
+    nw = _order(script, r"\bnw\[")
+    assert all(i < w for i in nw) and bool(nw) is ("norm_eps" in kw)
     assert all(i > w for i in _order(script, r"\b(out|s_out)\[[^\]]*\] ="))
     plain = cuda_gemv.int4_gemv_h2(1024, out_f, False, 2 * ks, 2, 1, ks, xsmem=True, **kw).script()
     assert "griddepcontrol" not in plain

@@ -282,7 +282,7 @@ def _check_early_warps(code: str) -> None:
     for name, o, c in warps:
         body = code[o:c + 1]
         assert cuda_pdl.PROLOGUE_MARK not in body and "griddepcontrol" not in body, name  # no prologue
-        assert re.search(r"edgellm_pdl_waits_inside\(\);.*edgellm_decode_attn_warps<\d+, \d+, \d+, \d+, true>", body,
+        assert re.search(r"edgellm_pdl_waits_inside\(\);.*edgellm_decode_attn_warps<\d+, \d+, \d+, \d+, true(, \d+)?>", body,
                          re.S), name
     device = code[code.index("void edgellm_decode_attn_warps("):]
     device = device[:device.index("\n}\n")]
@@ -638,12 +638,6 @@ def test_decode_attn_merge_equals_the_two_kernel_path_over_steps(tmp_path, host_
             assert not np.isnan(out).any() and np.array_equal(ref.view(np.uint16), out.view(np.uint16)), (seed, step)
             assert not control.any(), (seed, step, np.flatnonzero(control))
         assert np.array_equal(ref_pages.view(np.uint16), got_pages.view(np.uint16)), seed
-        if seed == 7:  # a block per q head (owned_kv.WARPS_HEAD_GROUPS): the same outputs and pages bit for bit
-            one_steps, one_pages = _emu_decode(tmp_path, n, maxp, P, layer, qkv, freq, pt, pos0, pages, 4, seed)
-            for step, ((out, control), (one, one_control)) in enumerate(zip(got_steps, one_steps)):
-                assert np.array_equal(out.view(np.uint16), one.view(np.uint16)), step
-                assert not one_control.any(), step
-            assert np.array_equal(got_pages.view(np.uint16), one_pages.view(np.uint16))
 
 
 def test_decode_attn_merge_counters_fit_the_control_page():
@@ -745,9 +739,10 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
                                    rtol=1e-3, atol=1e-4)
 
 
-def test_decode_attn_warps_limits():
+def test_decode_attn_warps_limits(monkeypatch):
     """DECODE_ATTN "warps" (what "auto" takes on the measured shapes): at most 32 splits (a lane each in the merge); its shared memory (per warp G x D partial outputs) within the 48 KB static limit at
-    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named."""
+    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named where a block takes every q head of its kv head (auto
+    splits G 16 over 8 blocks of 2)."""
     from edgellm.kernels import owned_kv
 
     assert "warps" in owned_kv.DECODE_ATTN_MODES and owned_kv.decode_attn_mode(9, 3, 64) == "warps"
@@ -755,5 +750,7 @@ def test_decode_attn_warps_limits():
     assert owned_kv.decode_attn_warps_func(64, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
     with pytest.raises(ValueError, match="at most 32 splits"):
         owned_kv.decode_attn_warps_func(32, 8, 128, 2, 64)
+    assert owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32) is not None  # G 16 in 8 blocks of 2 heads (auto)
+    monkeypatch.setattr(owned_kv, "WARPS_HEAD_GROUPS", 1)  # a block per kv head: G 16's smem is over the limit
     with pytest.raises(ValueError, match="static limit; lower owned_kv.DECODE_WARPS"):
         owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)

@@ -78,8 +78,11 @@ WARPS_AUTO_MAX_G = 4
 WARPS_EARLY = True
 # "warps": blocks per (token, kv head), each taking G / this of its q heads (the largest divisor of G up to it): the
 # chain of a block's arithmetic (scores, p x V: G heads a lane) shortens, the kv head's K / V is read by each block.
-# The same values bit for bit (each head's arithmetic does not change). An A/B knob (bench/gpu_pdl.py).
-WARPS_HEAD_GROUPS = 1
+# The same values bit for bit (each head's arithmetic does not change). "auto": D / 64 q heads a block (head_dim 64:
+# a block per q head; 128: two). H200 tg128, same call (docs/benchmarks/h200-pdl.md run 33), tok/s at 1 / 2 / up to
+# 4 groups: Llama-3-8B (G 4, D 128) 598.8 / 620.2 / 607.3, Llama-3.2-1B (G 4, D 64) 2,364 / 2,410 / 2,433,
+# SmolLM2 (G 3, D 64) 3,334 / - / 3,411 (3 groups); attention a layer 6.1 -> 4.6 us (8B), 3.6 -> 3.0 (1B).
+WARPS_HEAD_GROUPS: int | str = "auto"
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
@@ -318,7 +321,7 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
 
     H, KV, D, L = heads, kv_heads, head_dim, layers
     G = H // KV
-    ng = warps_head_groups(G)
+    ng = warps_head_groups(G, D)
     smem = _warps_smem(G // ng, D)
     if smem > STATIC_SMEM_FLOATS:
         raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
@@ -330,10 +333,11 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
                                WAITS_INSIDE if early else "edgellm_noop", ng)
 
 
-def warps_head_groups(G: int) -> int:
+def warps_head_groups(G: int, D: int) -> int:
     """The blocks per (token, kv head) of the "warps" decode attention: the largest divisor of G up to
-    WARPS_HEAD_GROUPS."""
-    ng = max(1, min(int(WARPS_HEAD_GROUPS), G))
+    WARPS_HEAD_GROUPS ("auto": G / (D / 64))."""
+    want = max(1, G // max(1, D // 64)) if WARPS_HEAD_GROUPS == "auto" else int(WARPS_HEAD_GROUPS)
+    ng = max(1, min(want, G))
     while G % ng:
         ng -= 1
     return ng
