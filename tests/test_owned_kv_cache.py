@@ -741,8 +741,8 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
 
 def test_decode_attn_warps_limits(monkeypatch):
     """DECODE_ATTN "warps" (what "auto" takes on the measured shapes): at most 32 splits (a lane each in the merge); its shared memory (per warp G x D partial outputs) within the 48 KB static limit at
-    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named where a block takes every q head of its kv head (auto
-    splits G 16 over 8 blocks of 2)."""
+    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named, with or without
+    head groups (a batch over WARPS_GROUP_MAX_BLOCKS blocks takes the ungrouped call)."""
     from edgellm.kernels import owned_kv
 
     assert "warps" in owned_kv.DECODE_ATTN_MODES and owned_kv.decode_attn_mode(9, 3, 64) == "warps"
@@ -750,7 +750,8 @@ def test_decode_attn_warps_limits(monkeypatch):
     assert owned_kv.decode_attn_warps_func(64, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
     with pytest.raises(ValueError, match="at most 32 splits"):
         owned_kv.decode_attn_warps_func(32, 8, 128, 2, 64)
-    assert owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32) is not None  # G 16 in 8 blocks of 2 heads (auto)
-    monkeypatch.setattr(owned_kv, "WARPS_HEAD_GROUPS", 1)  # a block per kv head: G 16's smem is over the limit
+    with pytest.raises(ValueError, match="static limit; lower owned_kv.DECODE_WARPS"):  # auto: 8 groups of 2 heads,
+        owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)  # but a batch over 4 rows takes all 16 heads a block
+    monkeypatch.setattr(owned_kv, "WARPS_HEAD_GROUPS", 1)
     with pytest.raises(ValueError, match="static limit; lower owned_kv.DECODE_WARPS"):
         owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)

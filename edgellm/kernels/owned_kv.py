@@ -83,6 +83,10 @@ WARPS_EARLY = True
 # 4 groups: Llama-3-8B (G 4, D 128) 598.8 / 620.2 / 607.3, Llama-3.2-1B (G 4, D 64) 2,364 / 2,410 / 2,433,
 # SmolLM2 (G 3, D 64) 3,334 / - / 3,411 (3 groups); attention a layer 6.1 -> 4.6 us (8B), 3.6 -> 3.0 (1B).
 WARPS_HEAD_GROUPS: int | str = "auto"
+# ... for a launch of at most this many blocks (n tokens x KV x groups); larger batches take one block per (token,
+# kv head): run 34, batched decode at 8 and 32 sequences, the groups lost 3-14% (8B x8 at 128 blocks 1,170 against
+# 1,203 tok/s, 1B x32 at 1,024 blocks 7,288 against 8,304); at 1 they gained. 64: between those points, unmeasured.
+WARPS_GROUP_MAX_BLOCKS = 64
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
@@ -247,15 +251,17 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
 
 
 def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int, call: str, threads: int,
-                        smem: int, mark: str = "edgellm_noop", groups: int = 1):
+                        smem: int, mark: str = "edgellm_noop", grouped: tuple[str, int] | None = None):
     """The PrimFunc of a decode attention that merges its splits itself (decode_attn_merge, decode_attn_warps):
     inputs as decode_attn's (qkv [n, H + 2 KV, D], inv_freq, page table, pos0, pages, layer); outputs pages (in
     place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out [n, H, D] fp16. Refuses more than
     32 splits (the merge takes a lane each) and batches whose counters (GRAPH_BATCH_BOUND rows x KV) overflow the
-    control page."""
+    control page. `grouped` (call, groups): where n x KV x groups blocks are at most WARPS_GROUP_MAX_BLOCKS, the
+    launch takes `groups` blocks per (token, kv head) and that call instead (decode_attn_warps_func)."""
     from ..device_runners.kv_pages import GRAPH_BATCH_BOUND, control_words
 
     T = compiler().T
+    gcall, groups = grouped or (call, 1)
     _, _, scale_log2 = _split_attn_consts(H, KV, D)
     if splits > 32:
         raise ValueError(f"{name} merges at most 32 splits (a lane each), got {splits}; lower "
@@ -280,14 +286,20 @@ def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int,
         with T.sblock("root"):
             T.reads()
             T.writes()
-            T.launch_thread("blockIdx.x", n * KV * groups)
+            T.launch_thread("blockIdx.x", T.Select(n * (KV * groups) <= WARPS_GROUP_MAX_BLOCKS, n * (KV * groups),
+                                                   n * KV))
             T.launch_thread("blockIdx.y", splits)
             T.launch_thread("threadIdx.x", threads)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
             T.evaluate(T.call_extern("void", mark))
-            T.evaluate(T.cuda.func_call(
-                call, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
-                T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
+            if n * (KV * groups) <= WARPS_GROUP_MAX_BLOCKS:
+                T.evaluate(T.cuda.func_call(
+                    gcall, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
+                    T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
+            else:
+                T.evaluate(T.cuda.func_call(
+                    call, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
+                    T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
 
     return merged.with_attr("edgellm.kernel", f"owned_{name}")
 
@@ -322,15 +334,21 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
     H, KV, D, L = heads, kv_heads, head_dim, layers
     G = H // KV
     ng = warps_head_groups(G, D)
-    smem = _warps_smem(G // ng, D)
+    smem = _warps_smem(G, D)  # the ungrouped call's, the larger
+    if smem > STATIC_SMEM_FLOATS and ng > 1:  # a batch too large for the groups would take the ungrouped call
+        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head "
+                         f"for batches over {WARPS_GROUP_MAX_BLOCKS // (KV * ng)} rows, over the "
+                         f"{STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS ({DECODE_WARPS}) "
+                         "or take DECODE_ATTN 'fused'")
     if smem > STATIC_SMEM_FLOATS:
         raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
                          f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
                          f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
     return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits,
-                               f"edgellm_decode_attn_warps<{D}, {G // ng}, {splits}, {DECODE_WARPS}, {str(early).lower()}"
-                               + (f", {ng}>" if ng > 1 else ">"), 32 * DECODE_WARPS, smem,
-                               WAITS_INSIDE if early else "edgellm_noop", ng)
+                               f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}, {str(early).lower()}>",
+                               32 * DECODE_WARPS, smem, WAITS_INSIDE if early else "edgellm_noop",
+                               (f"edgellm_decode_attn_warps<{D}, {G // ng}, {splits}, {DECODE_WARPS}, "
+                                f"{str(early).lower()}, {ng}>", ng) if ng > 1 else None)
 
 
 def warps_head_groups(G: int, D: int) -> int:
