@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edgellm.device_runners.kv_pages import PAGE, CacheFullError, PagePool
-from edgellm.kernels import owned_kv
+from edgellm.kernels import cuda_pdl, owned_kv
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit)")
 
@@ -246,7 +246,16 @@ def test_cuda_decode_step_is_captured_in_a_chain_of_graphs(tmp_path, monkeypatch
     assert sum("paged_attn" in k for k in inside) == 2 * (attn - 1), inside  # (partial and) merge
     assert manifest["kernels"]["chosen"]["attention_decode"] == {
         "fused_merge": ["owned_decode_fused_merge"], "fused": ["owned_decode_fused", "owned_merge"],
-        "split": ["owned_decode", "owned_merge"], "warps": ["owned_decode_warps"]}[mode]
+        "split": ["owned_decode", "owned_merge"], "warps": ["owned_decode_warps", "owned_decode_warps_grouped"]}[mode]
+    if mode == "warps":  # G 2, head_dim 64: decode takes a block per q head (WARPS_HEAD_GROUPS), batch_decode one per kv head
+        code = "".join(sources)
+        bodies = {n.removesuffix("_kernel"): code[o:c + 1] for n, o, c in cuda_pdl.kernel_bodies(code)
+                  if "decode_attn_warps" in n}
+        grouped = {n for n, b in bodies.items() if re.search(r"edgellm_decode_attn_warps<64, 1, \d+, \d+, true, 2>", b)}
+        plain = {n for n, b in bodies.items() if re.search(r"edgellm_decode_attn_warps<64, 2, \d+, \d+, true>", b)}
+        assert grouped and plain and {k for k in inside if "decode_attn_warps" in k} <= grouped, (bodies.keys(), inside)
+        assert any(re.search(rf"\b{n}\b", text) for n in plain) and not any(
+            re.search(rf"\b{n}\b", funcs["decode"]) for n in plain)
     # per layer: attention (1, 2 or 3 kernels), o, gate_up with the residual add + norm and silu (--opt cuda_fuse),
     # down; layer 1's qkv with the norm; embedding, layer 0's qkv staging its norm, the final add_rms_norm and the
     # (8-bit) head
@@ -273,7 +282,6 @@ def _check_early_warps(code: str) -> None:
     """owned_kv.WARPS_EARLY (the default): the warps decode attention's kernel has no PDL prologue; it instantiates
     the device function with EARLY, whose wait and launch_dependents come after the loads of pos0, the page table and
     the first tile and before anything reads qkv or writes."""
-    from edgellm.kernels import cuda_pdl
 
     assert owned_kv.WARPS_EARLY
     warps = [(n, o, c) for n, o, c in cuda_pdl.kernel_bodies(code) if "decode_attn_warps" in n]
@@ -739,10 +747,10 @@ def test_decode_attn_warps_against_numpy_over_steps(tmp_path, host_emu, D, G):
                                    rtol=1e-3, atol=1e-4)
 
 
-def test_decode_attn_warps_limits(monkeypatch):
+def test_decode_attn_warps_limits():
     """DECODE_ATTN "warps" (what "auto" takes on the measured shapes): at most 32 splits (a lane each in the merge); its shared memory (per warp G x D partial outputs) within the 48 KB static limit at
-    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named, with or without
-    head groups (a batch over WARPS_GROUP_MAX_BLOCKS blocks takes the ungrouped call)."""
+    the shapes it serves (G 8 / D 128: 37.9 KB), refused above (G 16 / D 128) with the way out named; head groups
+    (WARPS_HEAD_GROUPS) divide the q heads and shrink a block's share."""
     from edgellm.kernels import owned_kv
 
     assert "warps" in owned_kv.DECODE_ATTN_MODES and owned_kv.decode_attn_mode(9, 3, 64) == "warps"
@@ -750,8 +758,8 @@ def test_decode_attn_warps_limits(monkeypatch):
     assert owned_kv.decode_attn_warps_func(64, 8, 128, 2, owned_kv.SPLITS_DECODE) is not None
     with pytest.raises(ValueError, match="at most 32 splits"):
         owned_kv.decode_attn_warps_func(32, 8, 128, 2, 64)
-    with pytest.raises(ValueError, match="static limit; lower owned_kv.DECODE_WARPS"):  # auto: 8 groups of 2 heads,
-        owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)  # but a batch over 4 rows takes all 16 heads a block
-    monkeypatch.setattr(owned_kv, "WARPS_HEAD_GROUPS", 1)
     with pytest.raises(ValueError, match="static limit; lower owned_kv.DECODE_WARPS"):
-        owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)
+        owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32)  # batch_decode's kernel: all 16 heads a block
+    assert owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32, groups=8) is not None  # 2 heads a block fit
+    with pytest.raises(ValueError, match="groups must divide the 16 q heads"):
+        owned_kv.decode_attn_warps_func(128, 8, 128, 2, 32, groups=3)

@@ -83,10 +83,11 @@ WARPS_EARLY = True
 # 4 groups: Llama-3-8B (G 4, D 128) 598.8 / 620.2 / 607.3, Llama-3.2-1B (G 4, D 64) 2,364 / 2,410 / 2,433,
 # SmolLM2 (G 3, D 64) 3,334 / - / 3,411 (3 groups); attention a layer 6.1 -> 4.6 us (8B), 3.6 -> 3.0 (1B).
 WARPS_HEAD_GROUPS: int | str = "auto"
-# ... for a launch of at most this many blocks (n tokens x KV x groups); larger batches take one block per (token,
-# kv head): run 34, batched decode at 8 and 32 sequences, the groups lost 3-14% (8B x8 at 128 blocks 1,170 against
-# 1,203 tok/s, 1B x32 at 1,024 blocks 7,288 against 8,304); at 1 they gained. 64: between those points, unmeasured.
-WARPS_GROUP_MAX_BLOCKS = 64
+# The groups serve the one-sequence decode (decode, decode_greedy: n = 1 fixed when the graph is built); batch_decode
+# (n sequences, dynamic) keeps one block per (token, kv head): in run 34 the groups lost 3-14% of batched decode at 8
+# and 32 sequences (8B x8 1,170 against 1,203 tok/s; 1B x32 7,288 against 8,304) and gained at 1. One kernel holding
+# both calls, chosen by n at run time, made the attention 2-3.5x slower (run 35: its two inlined bodies), so the two
+# are separate kernels.
 STATIC_SMEM_FLOATS = 48 * 1024 // 4  # a kernel's static shared memory limit
 
 
@@ -251,17 +252,15 @@ def decode_attn_func(heads: int, kv_heads: int, head_dim: int, layers: int, spli
 
 
 def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int, call: str, threads: int,
-                        smem: int, mark: str = "edgellm_noop", grouped: tuple[str, int] | None = None):
+                        smem: int, mark: str = "edgellm_noop", groups: int = 1):
     """The PrimFunc of a decode attention that merges its splits itself (decode_attn_merge, decode_attn_warps):
     inputs as decode_attn's (qkv [n, H + 2 KV, D], inv_freq, page table, pos0, pages, layer); outputs pages (in
     place), the splits' (o_part, ml) (scratch: only the kernel reads them) and out [n, H, D] fp16. Refuses more than
     32 splits (the merge takes a lane each) and batches whose counters (GRAPH_BATCH_BOUND rows x KV) overflow the
-    control page. `grouped` (call, groups): where n x KV x groups blocks are at most WARPS_GROUP_MAX_BLOCKS, the
-    launch takes `groups` blocks per (token, kv head) and that call instead (decode_attn_warps_func)."""
+    control page. `groups`: blocks per (token, kv head) (decode_attn_warps_func)."""
     from ..device_runners.kv_pages import GRAPH_BATCH_BOUND, control_words
 
     T = compiler().T
-    gcall, groups = grouped or (call, 1)
     _, _, scale_log2 = _split_attn_consts(H, KV, D)
     if splits > 32:
         raise ValueError(f"{name} merges at most 32 splits (a lane each), got {splits}; lower "
@@ -286,20 +285,14 @@ def _merged_decode_func(name: str, H: int, KV: int, D: int, L: int, splits: int,
         with T.sblock("root"):
             T.reads()
             T.writes()
-            T.launch_thread("blockIdx.x", T.Select(n * (KV * groups) <= WARPS_GROUP_MAX_BLOCKS, n * (KV * groups),
-                                                   n * KV))
+            T.launch_thread("blockIdx.x", n * KV * groups)
             T.launch_thread("blockIdx.y", splits)
             T.launch_thread("threadIdx.x", threads)
             sm = T.alloc_buffer((smem,), "float32", scope="shared")
             T.evaluate(T.call_extern("void", mark))
-            if n * (KV * groups) <= WARPS_GROUP_MAX_BLOCKS:
-                T.evaluate(T.cuda.func_call(
-                    gcall, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
-                    T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
-            else:
-                T.evaluate(T.cuda.func_call(
-                    call, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
-                    T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
+            T.evaluate(T.cuda.func_call(
+                call, qkv.data, freq.data, pt.data, pos0.data, pages.data, o.data, ml.data, out.data,
+                T.Cast("int32", maxp), P, layer, KV, T.float32(scale_log2), sm.data, source_code=_SRC))
 
     return merged.with_attr("edgellm.kernel", f"owned_{name}")
 
@@ -322,33 +315,31 @@ def _warps_smem(G: int, D: int) -> int:
     return G * D + D + 2 * DECODE_WARPS * G + DECODE_WARPS * G * D + 4
 
 
-def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int, early: bool = False):
+def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int, splits: int, early: bool = False,
+                           groups: int = 1):
     """DECODE_ATTN "warps": decode_attn_merge_func's inputs and outputs (pages in place, scratch (o_part, ml), out
     [n, H, D] fp16) through owned_kv.cu edgellm_decode_attn_warps: blocks of DECODE_WARPS warps, a 32-key tile a warp
     with its K and V loads issued together before the block's one sync; up to DECODE_WARPS * 32 keys one block per
     (token, kv head) writes out, longer contexts take up to `splits` blocks merged by the last one (the control
     page's counters, as decode_attn_merge's). Within an fp16 ulp of the other modes, not bit-equal. `early` (PDL
-    builds only): its loads of what earlier steps wrote go before its own wait (WARPS_EARLY)."""
+    builds only): its loads of what earlier steps wrote go before its own wait (WARPS_EARLY). `groups` (a divisor of
+    the q heads per kv head): blocks per (token, kv head), each with its share of the heads (WARPS_HEAD_GROUPS)."""
     from .cuda_pdl import WAITS_INSIDE
 
     H, KV, D, L = heads, kv_heads, head_dim, layers
     G = H // KV
-    ng = warps_head_groups(G, D)
-    smem = _warps_smem(G, D)  # the ungrouped call's, the larger
-    if smem > STATIC_SMEM_FLOATS and ng > 1:  # a batch too large for the groups would take the ungrouped call
-        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head "
-                         f"for batches over {WARPS_GROUP_MAX_BLOCKS // (KV * ng)} rows, over the "
-                         f"{STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS ({DECODE_WARPS}) "
-                         "or take DECODE_ATTN 'fused'")
+    if groups < 1 or G % groups:
+        raise ValueError(f"decode_attn_warps: groups must divide the {G} q heads per kv head, got {groups}")
+    smem = _warps_smem(G // groups, D)
     if smem > STATIC_SMEM_FLOATS:
-        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G} q heads per kv head, over "
-                         f"the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
+        raise ValueError(f"decode_attn_warps needs {smem * 4} bytes of shared memory at {G // groups} q heads a block, "
+                         f"over the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
                          f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
-    return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits,
-                               f"edgellm_decode_attn_warps<{D}, {G}, {splits}, {DECODE_WARPS}, {str(early).lower()}>",
-                               32 * DECODE_WARPS, smem, WAITS_INSIDE if early else "edgellm_noop",
-                               (f"edgellm_decode_attn_warps<{D}, {G // ng}, {splits}, {DECODE_WARPS}, "
-                                f"{str(early).lower()}, {ng}>", ng) if ng > 1 else None)
+    early_arg = str(early).lower()
+    call = f"edgellm_decode_attn_warps<{D}, {G // groups}, {splits}, {DECODE_WARPS}, {early_arg}" + (
+        f", {groups}>" if groups > 1 else ">")
+    return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits, call, 32 * DECODE_WARPS, smem,
+                               WAITS_INSIDE if early else "edgellm_noop", groups)
 
 
 def warps_head_groups(G: int, D: int) -> int:
@@ -423,6 +414,10 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
         early = WARPS_EARLY and kernels.pdl
         build["decode_warps"] = ("attention_decode",
                                  lambda: decode_attn_warps_func(H, KV, D, L, SPLITS_DECODE, early))
+        ng = warps_head_groups(H // KV, D)
+        if ng > 1:
+            build["decode_warps_grouped"] = ("attention_decode",
+                                             lambda: decode_attn_warps_func(H, KV, D, L, SPLITS_DECODE, early, ng))
     else:
         if mode == "split":
             build["decode"] = ("attention_decode", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_DECODE, True))
@@ -460,6 +455,8 @@ class OwnedKVCache:
         if self.decode and mode in ("fused_merge", "warps"):  # all of it, the merge too, in one kernel
             key, name = ("decode_warps", "decode_attn_warps") if mode == "warps" else ("decode_fused_merge",
                                                                                      "decode_attn_merge")
+            if key == "decode_warps" and isinstance(n, int) and n == 1 and "decode_warps_grouped" in self.k:
+                key = "decode_warps_grouped"  # one sequence: the kv head's q heads over several blocks
             self.pages, _, _, out = nn.op.tensor_ir_inplace_op(
                 self.k[key], name, cache_in, [4, -1, -1, -1],
                 [ph(self.pages.shape, self.dtype), ph((n, H, SPLITS_DECODE, D), "float32"),
