@@ -688,8 +688,8 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     """(warps, rows, unroll, ksplit, fold_shift) of int4_gemv_h2(..., xsmem=True) for a shape: the registry's
     default 4-bit decode GEMV. H200, weights from HBM, docs/benchmarks/h200-gemv.md (us, before -> this pick): a long
     `in` (down: 8B 13.7 -> 11.5, 1B 6.8 -> 5.1) with 2 rows a team, `in` split over 2 warps, 2 groups a step and the
-    folded shifts (blocks of 16 warps since run 30: LONG_IN_CONFIG); many rows (gate_up: 8B 20.9 -> 18.2, 1B 8.0 -> 7.1) 2 rows a warp, a whole `in` of 4096 in one
-    4-group step; the head (128,256 rows) the previous 4 rows x 2 groups with the folded shifts (its timings swing
+    folded shifts (blocks of 16 warps since run 30: LONG_IN_CONFIG); many rows (gate_up: 8B 20.9 -> 18.2, 1B 8.0 ->
+    7.1) 2 rows a warp, a whole `in` of 4096 in one 4-group step; the head (128,256 rows) the previous 4 rows x 2 groups with the folded shifts (its timings swing
     by 10% between identical runs); the short ones (qkv, o) 2 rows a
     team of 2 warps with everything in one step. Fewer than 64 groups (SmolLM2): the previous rule's 4x2x1x1."""
     groups = in_f // GROUP
