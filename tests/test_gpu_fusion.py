@@ -254,3 +254,66 @@ def test_residual_epilogue_pick():
     g = r.fused_gemv(4096, 6144, q4, "float16", True, norm_eps=1e-5, silu=False, add=False)
     assert [p.name for p in g.params] == ["x", "nw", "qw", "qs", "bias_buf", "out"]
     assert KernelRegistry(cuda, KernelOptions(cuda_fuse="silu")).residual_gemv(14336, 4096, q4, "float16") is None
+
+
+def _launch_extent(func) -> int:
+    return int(re.search(r'T\.launch_thread\("blockIdx\.x", (\d+)\)', func.script()).group(1))
+
+
+def _tile_statements(body: str) -> list[str]:
+    """The kernel's statements with the second register set named as the first and row offsets blanked: what a
+    tile computes, whatever its rows."""
+    return [re.sub(r"\d+", "N", line.strip().replace("wv2_ptr", "wv_ptr").replace("sc2_ptr", "sc_ptr"))
+            for line in body.splitlines() if re.match(r"\s*(hs_ptr\[\d\] = \[\]|acc_ptr\[\d\] = \(acc_ptr)", line)]
+
+
+@needs_nvcc
+def test_tiles_stage_once_and_load_the_next_tile_ahead():
+    """tiles=3 (1B gate_up with its norm, 2 groups a lane): a third of the blocks, each staging the norm once (the
+    same barriers as one tile) and running a tile's arithmetic three times; tile t + 1's weights are loaded (the
+    second register set) before tile t's arithmetic; every tile stores its outputs. The same kernel at tiles=1 is
+    unchanged."""
+    from test_gpu_kernels import cuda_source
+
+    kw = dict(xsmem=True, fold_shift=True, norm_eps=1e-5, silu=True, norm_add=False, pdl=True)
+    one = cuda_gemv.int4_gemv_h2(2048, 16384, False, 4, 2, 2, 1, **kw)
+    three = cuda_gemv.int4_gemv_h2(2048, 16384, False, 4, 2, 2, 1, tiles=3, **kw)
+    assert _launch_extent(one) == 2048 and _launch_extent(three) == (2048 + 2) // 3
+    assert str(three.attrs["edgellm.gemv"]).endswith("_t3") and "_t" not in str(one.attrs["edgellm.gemv"])[-3:]
+    assert cuda_gemv.int4_gemv_h2(2048, 16384, False, 4, 2, 2, 1, tiles=1, **kw).script() == one.script()
+    src = cuda_source({"one": one, "three": three})
+    a, b = _body(src, "one"), _body(src, "three")
+    assert a.count("__syncthreads()") == b.count("__syncthreads()") == 2  # the norm staged once
+    assert a.count("rsqrtf(") == b.count("rsqrtf(") == 1
+    sa, sb = _tile_statements(a), _tile_statements(b)
+    assert sa and sb == sa * 3  # the same arithmetic, once a tile
+    fma = [m.start() for m in re.finditer(r"fma\.rn\.f16x2", b)]
+    first_fma, per_tile = fma[0], len(fma) // 3
+    loads2 = [m.start() for m in re.finditer(r"\*\(uint4\*\)\(wv2_ptr \+ \d+\) =", b)]
+    loads1 = [m.start() for m in re.finditer(r"\*\(uint4\*\)\(wv_ptr \+ \d+\) =", b)]
+    wait = b.index("griddepcontrol.wait")
+    assert loads1 and all(p < wait for p in loads1[:len(loads2)])  # tile 0's weights before the PDL wait
+    assert loads2 and wait < min(loads2) and max(loads2) < first_fma  # tile 1's before tile 0's arithmetic
+    assert all(fma[per_tile - 1] < p < fma[per_tile] for p in loads1[len(loads2):])  # tile 2's during tile 1
+    assert len(re.findall(r"out_ptr\[.*\] = ", b)) == 3 * len(re.findall(r"out_ptr\[.*\] = ", a))
+    for bad in (dict(ksplit=2, warps=8), dict(unroll=4)):  # split `in`, or `in` not one step of the lanes
+        args = dict(warps=4, rows=2, unroll=2, ksplit=1) | bad
+        with pytest.raises(ValueError, match="tiles 2 > 1 needs"):
+            cuda_gemv.int4_gemv_h2(2048, 16384, False, **args, tiles=2, **kw)
+    with pytest.raises(ValueError, match="tiles 2 > 1 needs xsmem"):
+        cuda_gemv.int4_gemv_h2(2048, 512, False, 4, 2, 2, 1, tiles=2)
+
+
+def test_registry_takes_tiles_from_the_table(monkeypatch):
+    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.quant.schemes import get_scheme
+
+    from edgellm.targets import resolve
+
+    q4 = get_scheme("q4f16_1")
+    monkeypatch.setattr(cuda_gemv, "TILES", {(4096, 28672): 4})
+    r = KernelRegistry(resolve("cuda-sm90").tvm(), KernelOptions())
+    f = r.fused_gemv(4096, 28672, q4, "float16", False, norm_eps=None, silu=True)
+    assert str(f.attrs["edgellm.gemv"]).endswith("_t4") and _launch_extent(f) == 14336 // 4 // 4
+    g = r.fused_gemv(4096, 6144, q4, "float16", False, norm_eps=1e-5, silu=False)  # not in the table
+    assert "_t" not in str(g.attrs["edgellm.gemv"]).split("_")[-1]
