@@ -30,29 +30,51 @@ def host_emu(tmp_path):
     return build
 
 
+def _run_root(tmp_path_factory) -> Path:
+    """The test run's temporary root, shared by its pytest-xdist workers (each worker's own base temp is a child
+    of it); without xdist, the session's base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, key: str, build) -> Path:
+    """The folder `key` under the run's root, made by `build(folder)` by the first worker to ask for it; a worker
+    asking while it is being made waits for it (a file lock), one asking later finds it. `build` writes into a
+    temporary folder renamed into place on success, so a failed build leaves nothing and the next asker retries:
+    the session fixtures' builds (checkpoints, artifacts) are made once per run, not once per worker."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = _run_root(tmp_path_factory) / "shared"
+    root.mkdir(exist_ok=True)
+    out = root / key
+    with FileLock(str(root / f"{key}.lock")):
+        if not out.exists():
+            tmp = root / f"{key}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            tmp.rename(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    return {name: make_checkpoint(root / name, name) for name in ("llama", "llama3", "qwen2")}
+    return {name: built_once(tmp_path_factory, f"ckpt-{name}", lambda out, n=name: make_checkpoint(out, n))
+            for name in ("llama", "llama3", "qwen2")}
 
 
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory, checkpoints):
-    """compiled(model_name, scheme) -> artifact path, built once per session."""
+    """compiled(model_name, scheme) -> artifact path, built once per test run (built_once)."""
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
 
-    root = tmp_path_factory.mktemp("art")
-    cache: dict[tuple[str, str], Path] = {}
-
     def get(name: str, scheme: str) -> Path:
-        if (name, scheme) not in cache:
-            out = root / f"{name}-{scheme}"
-            src = None if name == "smollm2" else str(checkpoints[name])
-            rt = RuntimeOptions(context_window=1024 if name == "smollm2" else 256, prefill_chunk=128)
-            compile_model(CompileArgs(model=src, output=out, quant=scheme, runtime=rt))
-            cache[(name, scheme)] = out
-        return cache[(name, scheme)]
+        src = None if name == "smollm2" else str(checkpoints[name])
+        rt = RuntimeOptions(context_window=1024 if name == "smollm2" else 256, prefill_chunk=128)
+        return built_once(tmp_path_factory, f"art-{name}-{scheme}",
+                          lambda out: compile_model(CompileArgs(model=src, output=out, quant=scheme, runtime=rt)))
 
     return get
 
@@ -61,24 +83,18 @@ def compiled(tmp_path_factory, checkpoints):
 def preset_build(checkpoints, compiled, tmp_path_factory):
     """preset_build(preset) -> the tiny Qwen2 (q/k/v bias, `in` padded to whole groups) compiled for a target preset in
     its default scheme (context 128, prefill chunk 32; host: the `compiled` fixture's build, context 256), once per
-    session: the target matrix, the packaging tests, the Pi-under-qemu tests and the emulated fleet device share these
+    test run: the target matrix, the packaging tests, the Pi-under-qemu tests and the emulated fleet device share these
     builds."""
     from edgellm.compile import CompileArgs, compile_model
     from edgellm.config import RuntimeOptions
     from edgellm.targets import PRESETS
 
-    root = tmp_path_factory.mktemp("preset")
-    cache: dict[str, Path] = {}
-
     def build(preset: str) -> Path:
         if preset == "host":
             return compiled("qwen2", PRESETS["host"].default_quant)
-        if preset not in cache:
-            out = root / preset
-            compile_model(CompileArgs(model=str(checkpoints["qwen2"]), output=out, target=preset,
-                                      quant=PRESETS[preset].default_quant, runtime=RuntimeOptions(128, 32)))
-            cache[preset] = out
-        return cache[preset]
+        return built_once(tmp_path_factory, f"preset-{preset}", lambda out: compile_model(CompileArgs(
+            model=str(checkpoints["qwen2"]), output=out, target=preset, quant=PRESETS[preset].default_quant,
+            runtime=RuntimeOptions(128, 32))))
 
     return build
 
@@ -141,33 +157,34 @@ def _modules(mod):
 def cuda_tiny_build(tmp_path_factory, checkpoints):
     """cuda_tiny_build(head=None, **kernel options) -> {"out": artifact folder, "vm": the executable's text, "cuda":
     its CUDA source}: the tiny Llama compiled for cuda-sm90 in q4f16_1 (context 128, prefill chunk 32; `head`:
-    CompileArgs.head), once per options in a session (needs nvcc)."""
-    cache: dict[tuple, dict] = {}
+    CompileArgs.head), once per options in a test run (built_once; needs nvcc)."""
 
     def get(head: str | None = None, **options) -> dict:
-        key = (head, *sorted(options.items()))
-        if key not in cache:
-            from edgellm.compile import CompileArgs, compile_model, pipeline
-            from edgellm.config import RuntimeOptions
-            from edgellm.kernels import KernelOptions
+        from edgellm.compile import CompileArgs, compile_model, pipeline
+        from edgellm.config import RuntimeOptions
+        from edgellm.kernels import KernelOptions
 
-            kept: dict = {"out": tmp_path_factory.mktemp("cuda-tiny") / "a"}
+        def make(folder: Path) -> None:
             build = pipeline.build
 
             def keep(*args, **kwargs):
                 ex = build(*args, **kwargs)
-                kept["vm"] = ex.as_text()
-                kept["cuda"] = "".join(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
+                folder.mkdir(parents=True)
+                (folder / "vm.txt").write_text(ex.as_text())
+                (folder / "cuda.txt").write_text("".join(m.inspect_source() for m in _modules(ex.mod)
+                                                         if m.kind == "cuda"))
                 return ex
 
             pipeline.build = keep
             try:
-                compile_model(CompileArgs(model=str(checkpoints["llama"]), output=kept["out"], target="cuda-sm90",
+                compile_model(CompileArgs(model=str(checkpoints["llama"]), output=folder / "a", target="cuda-sm90",
                                           quant="q4f16_1", runtime=RuntimeOptions(128, 32), head=head,
                                           kernel_options=KernelOptions(**options)))
             finally:
                 pipeline.build = build
-            cache[key] = kept
-        return cache[key]
+
+        key = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+        folder = built_once(tmp_path_factory, f"cuda-tiny-head={head}-{key}", make)
+        return {"out": folder / "a", "vm": (folder / "vm.txt").read_text(), "cuda": (folder / "cuda.txt").read_text()}
 
     return get
