@@ -111,12 +111,6 @@ VARIANTS = {
     "owned-hg2": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-hg4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-hg1": {"cuda_pdl": "on", "cuda_kv": "owned"},  # one block per (token, kv head): before run 34
-    # gate_up in tiles (cuda_gemv.TILES): a block takes several blocks' rows, staging x / the norm once, the next
-    # tile's weights loaded during this one's arithmetic. t: one wave of blocks at full occupancy (1B 2 tiles of 2
-    # groups a lane: 1,024 blocks of 64 registers; 8B 4: 896 of 72), t2: ~4 blocks an SM (1B 4, 8B 7); bit-equal
-    # to "owned"
-    "owned-t": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-t2": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # the device argmax's blocks meeting by the shared-memory tree (before: 17 + 13 barriers a token) instead of
     # warp shuffles (--opt cuda_argmax, default warp); the same logits and tokens
     "owned-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
@@ -141,13 +135,10 @@ LONG_IN = {"owned-dnu4": (8, 2, 4, 2, True), "owned-dnr4": (8, 4, 2, 2, True),
 PIECES = {"owned-unpacked": (), "owned-1graph": (), "owned-4": (4, 16, 64)}  # pipeline.GRAPH_PIECES (else default)
 SILU = {"owned-sr4": {2048: (4, 4, 2, 1, True), 4096: (4, 4, 2, 1, True)},
         "owned-sr4w8": {2048: (8, 4, 2, 1, True), 4096: (4, 4, 4, 1, True)},
-        "owned-dnw16-su8": {4096: (8, 2, 4, 1, True)}, "owned-dnw16-su16": {4096: (16, 2, 4, 1, True)},
-        "owned-t": {2048: (4, 2, 2, 1, True)}, "owned-t2": {2048: (4, 2, 2, 1, True)}}  # cuda_gemv.SILU_CONFIG (else {})
+        "owned-dnw16-su8": {4096: (8, 2, 4, 1, True)}, "owned-dnw16-su16": {4096: (16, 2, 4, 1, True)}}  # cuda_gemv.SILU_CONFIG (else {})
 NORM = {"owned-qr4": {4096: (16, 4, 2, 2, False), 2048: (16, 2, 4, 2, False)},
         "owned-qk1": {4096: (16, 2, 4, 1, False), 2048: (8, 2, 2, 1, False)}}  # cuda_gemv.NORM_CONFIG (else {})
 NORM_W = {"owned-nwlate": "late"}
-TILES = {"owned-t": {(2048, 16384): 2, (4096, 28672): 4},
-         "owned-t2": {(2048, 16384): 4, (4096, 28672): 7}}  # cuda_gemv.TILES of the build (else {})
 HEAD_GROUPS = {"owned-hg2": 2, "owned-hg4": 4, "owned-hg1": 1}  # owned_kv.WARPS_HEAD_GROUPS of the build (else its default)  # cuda_gemv.NORM_WEIGHT of the build (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
@@ -155,8 +146,7 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
          "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
-         "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-t",
-         "owned-t2")  # and owned-pA-B...
+         "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
@@ -180,7 +170,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv, "FUSED_NORM_SILU_AUTO_MAX", NORM_SILU_MAX), (cuda_gemv, "LONG_IN_CONFIG", LONG_IN),
             (pipeline, "GREEDY_GRAPH_PIECES", GREEDY_PIECES), (cuda_gemv, "SILU_CONFIG", SILU),
             (cuda_gemv, "NORM_CONFIG", NORM), (cuda_gemv, "NORM_WEIGHT", NORM_W),
-            (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv, "TILES", TILES)]
+            (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:

@@ -174,7 +174,7 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
                  ksplit: int = 1, fence: bool = True, offset: int = QMAX, zero_point: bool = False,
                  xsmem: bool = False, fold_shift: bool = False, norm_eps: float | None = None,
                  residual: bool = True, silu: bool = False, norm_add: bool = True, res_in: bool = False,
-                 pdl: bool = False, tiles: int = 1):
+                 pdl: bool = False):
     """Same function and arguments as `int4_gemv(in_f, out_f, "float16", "float16", "float16", bias)` (x, q_weight,
     q_scale, [bias], out), already scheduled for CUDA (fp16x2 arithmetic, see the comment above). `ksplit` > 1:
     the block's warps form `warps / ksplit` row teams of `ksplit` warps that share `rows` rows, each warp taking
@@ -212,15 +212,9 @@ def int4_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
     guarded step's where there is no whole one) are issued, the next kernel is let launch, then the kernel waits for
     the previous one (`griddepcontrol.wait`) before it reads x (or the residual) and before any store; the weights
     are parameters no kernel of the step writes, so the block's first HBM round trip overlaps the previous
-    kernel's tail.
-
-    `tiles` > 1 (xsmem, ksplit 1, `in` exactly one step of the lanes: G = 32 x unroll): each block takes `tiles`
-    blocks' rows (tile t: rows of block bx + t x grid), staging x (or the norm) once for all of them, and loads
-    tile t + 1's weights into a second set of registers before tile t's arithmetic. The same sums per row: a grid of
-    one wave where the plain one needs several, each of its blocks staging x again."""
+    kernel's tail."""
     return _gemv_h2(in_f, out_f, bias, warps, rows, unroll, ksplit, fence, 4, 8 if zero_point else offset,
-                    zero_point, xsmem, fold_shift, norm_eps, residual and norm_add, silu, norm_add, res_in, pdl,
-                    tiles)
+                    zero_point, xsmem, fold_shift, norm_eps, residual and norm_add, silu, norm_add, res_in, pdl)
 
 
 NORM_VEC = 8  # fp16 values per 16-byte chunk of add_rms_norm_gpu (its default `lanes`), one staged word of x here
@@ -252,7 +246,7 @@ def int8_gemv_h2(in_f: int, out_f: int, bias: bool, warps: int = 4, rows: int = 
 def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: int, ksplit: int, fence: bool,
              bits: int, offset: int, zero_point: bool, xsmem: bool = False, fold_shift: bool = False,
              norm_eps: float | None = None, residual: bool = True, silu: bool = False, norm_add: bool = True,
-             res_in: bool = False, pdl: bool = False, tiles: int = 1):
+             res_in: bool = False, pdl: bool = False):
     from tvm.script import tirx as T
 
     from .cuda_pdl import LAUNCH_DEPENDENTS, TRIGGER_FIRST, WAIT
@@ -284,10 +278,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
         raise ValueError("int4_gemv_h2: pdl places its wait after the first weight loads, which needs xsmem")
     if silu and (bias or rows % 2 or out_f % 2):
         raise ValueError(f"int4_gemv_h2: silu needs no bias, an even `rows` and `out` (got {rows}, {out_f})")
-    G, W, R, U, KS, TL = in_f // GROUP, warps, rows, unroll, ksplit, tiles
-    if TL < 1 or (TL > 1 and (not xsmem or KS != 1 or G != 32 * U)):
-        raise ValueError(f"int4_gemv_h2: tiles {TL} > 1 needs xsmem, ksplit 1 and `in` one step of the lanes (groups "
-                         f"= 32 x unroll), got ksplit {KS}, {G} groups, unroll {U}")
+    G, W, R, U, KS = in_f // GROUP, warps, rows, unroll, ksplit
     WPG = GROUP * bits // 32  # uint32 words per group and row: 4 (4-bit), 8 (8-bit)
     if bits == 4:
         fma_sub, base, shift = (H2_FMA_SUB if offset == QMAX else h2_fma_sub(0x50005000 + offset * 0x10001),
@@ -301,7 +292,6 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     H = R // 2 if silu else R  # output values per team: silu pairs rows (i, inter + i)
     OUT = out_f // 2 if silu else out_f
     nb = (OUT + TEAMS * H - 1) // (TEAMS * H)
-    NBG = (nb + TL - 1) // TL  # the grid: block bx takes the rows of blocks bx, bx + NBG, ... (tiles)
     NVW = (in_f // NORM_VEC + 31) // 32  # norm: warps of 32 chunks whose sums of squares meet in order
     XFILL = (G * 4 + W * 32 - 1) // (W * 32)  # xsmem: staging rounds, one 16-byte word of x per thread each
     full_mask = T.uint32(0xFFFFFFFF)
@@ -315,9 +305,6 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
 
     def half_hi(u):
         return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", T.shift_right(u, T.uint32(16)))))
-
-    def tile_row0(bx, ty, t):  # first output of the warp's team in tile t (the block's rows: tile 0)
-        return ((bx + t * NBG) * TEAMS + ty // KS) * H
 
     def rowc(p0, r):  # weight row of slot r of the team whose first output is p0 (clamped: loads stay in bounds)
         if silu:
@@ -549,8 +536,90 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                         for e in T.vectorized(NORM_VEC):
                             s_out[0, (i * W * 32 + ty * 32 + tx) * NORM_VEC + e] = sv[i * NORM_VEC + e]
 
-    @T.macro
-    def finish(out, bias_buf, gq, part, acc, red, fin, xr, row0, ty, tx):  # the rows' sums -> their outputs
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x: T.Buffer((1, in_f), "float16"), d_h: T.handle, nw_h: T.handle,
+               qw: T.Buffer((out_f, G * WPG), "uint32"), qs: T.Buffer((out_f, G), "float16"), m_h: T.handle,
+               b_h: T.handle, r_h: T.handle, out: T.Buffer((1, OUT), "float16"), s_h: T.handle):
+        qm = T.match_buffer(m_h, (out_f, G), "float16")
+        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
+        dl = T.match_buffer(d_h, (1, in_f), "float16")
+        nw = T.match_buffer(nw_h, (in_f,), "float16")
+        s_out = T.match_buffer(s_h, (1, in_f), "float16")
+        xres = T.match_buffer(r_h, (1, out_f), "float16")
+        x32 = T.decl_buffer((in_f // 2,), "uint32", data=x.data)  # x as pairs of halves: 16-byte loads, permutes
+        qs_flat = T.decl_buffer((out_f * G,), "float16", data=qs.data)  # scales / mins by byte range (prefetch)
+        qm_flat = T.decl_buffer((out_f * G,), "float16", data=qm.data) if zero_point else qs_flat
+        bx = T.launch_thread("blockIdx.x", nb)
+        ty = T.launch_thread("threadIdx.y", W)
+        tx = T.launch_thread("threadIdx.x", 32)
+        acc = T.alloc_buffer((R,), "float32", scope="local")
+        wv = T.alloc_buffer((U * R * WPG,), "uint32", scope="local")
+        xv = T.alloc_buffer((U * 16,), "uint32", scope="local")
+        sc = T.alloc_buffer((U * R,), "uint16", scope="local")  # fp16 scale bits
+        mn = T.alloc_buffer((U * R,), "uint16", scope="local")  # fp16 min bits (zero_point)
+        xs = T.alloc_buffer((2,), "uint32", scope="local")  # fp16x2 sums of x / 32 (zero_point)
+        xp = T.alloc_buffer((4,), "uint32", scope="local")
+        hs = T.alloc_buffer((2 * R,), "uint32", scope="local")  # fp16x2 group accumulators (even, odd words)
+        red = T.alloc_buffer((2,), "float32", scope="local")
+        fin = T.alloc_buffer((R,), "float32", scope="local")  # silu: the rows' sums
+        gq = T.alloc_buffer((2,), "float16", scope="local")
+        dep = T.alloc_buffer((1,), "uint32", scope="local")
+        part = T.alloc_buffer((W * R,), "float32", scope="shared")  # ksplit > 1: the warps' partial sums
+        xsh = T.alloc_buffer((G * 16 if xsmem else 4,), "uint32", scope="shared")  # xsmem: x as [q][g][pairs]
+        xf = T.alloc_buffer((4,), "uint32", scope="local")
+        xt = T.alloc_buffer((4,), "uint32", scope="local")
+        xa = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: x
+        ya = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: delta
+        sv = T.alloc_buffer((XFILL * NORM_VEC,), "float16", scope="local")  # norm: x + delta of the thread's chunks
+        nv = T.alloc_buffer((XFILL * NORM_VEC if norm else 1,), "float16", scope="local")  # norm: its weight
+        hv = T.alloc_buffer((NORM_VEC,), "float16", scope="local")
+        nacc = T.alloc_buffer((1,), "float32", scope="local")
+        nred = T.alloc_buffer((XFILL * W if norm else 1,), "float32", scope="shared")
+        xr = T.alloc_buffer((R,), "float16", scope="local")  # res_in: the residual of the rows this lane stores
+        row0 = T.meta_var((bx * TEAMS + ty // KS) * H)  # first output of this warp's team
+        vl = T.meta_var((ty % KS) * 32 + tx)
+        for r in T.unroll(R):
+            acc[r] = T.float32(0)
+        if res_in and not pdl:  # loaded first: a load at the store would add a memory round trip to the kernel's end
+            load_res(xres, xr, row0, tx)
+        if xsmem:
+            if full > 0:  # the first step's weights in flight while x is staged
+                load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
+            elif pdl and tail:  # the lone guarded step too: before the wait it overlaps the previous kernel
+                load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, full, True)
+            if pdl:  # everything above reads weights only; x, the residual and every store come after the wait
+                if pf:
+                    if ty == 0 and tx == 0:
+                        prefetch_rows(qw, qs_flat, qm_flat, bx)
+                if pf_row > 0:
+                    prefetch_row_starts(qw, bx, ty * 32 + tx)
+                if norm and NORM_WEIGHT == "early":
+                    load_nw(nw, nv, ty, tx)
+                if TRIGGER_FIRST:
+                    T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
+                T.evaluate(T.call_extern("void", WAIT))
+                if not TRIGGER_FIRST:
+                    T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
+                if res_in:
+                    load_res(xres, xr, row0, tx)
+            if norm:
+                if not pdl and NORM_WEIGHT == "early":
+                    load_nw(nw, nv, ty, tx)
+                stage_norm(x, dl, nw, nv, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx)
+            else:
+                stage_x(x32, xsh, xf, xt, ty, tx)
+            T.tvm_storage_sync("shared")
+            if full > 0:
+                compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, 0, False)
+            for it in range(1, full):
+                step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
+        else:
+            for it in range(full):
+                step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
+        if tail and xsmem and pdl and full == 0:  # loaded before the wait
+            compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
+        elif tail:  # (xsmem, no whole step, no PDL: loading it before the staging measured 2-6% slower, 8B qkv / o)
+            step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
         for r in T.unroll(R):
             red[0] = acc[r]
             for o in T.unroll(5):
@@ -580,114 +649,6 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
                 else:
                     store(out, bias_buf, gq, row0 + tx, red[0], xr[0])
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((1, in_f), "float16"), d_h: T.handle, nw_h: T.handle,
-               qw: T.Buffer((out_f, G * WPG), "uint32"), qs: T.Buffer((out_f, G), "float16"), m_h: T.handle,
-               b_h: T.handle, r_h: T.handle, out: T.Buffer((1, OUT), "float16"), s_h: T.handle):
-        qm = T.match_buffer(m_h, (out_f, G), "float16")
-        bias_buf = T.match_buffer(b_h, (out_f,), "float16")
-        dl = T.match_buffer(d_h, (1, in_f), "float16")
-        nw = T.match_buffer(nw_h, (in_f,), "float16")
-        s_out = T.match_buffer(s_h, (1, in_f), "float16")
-        xres = T.match_buffer(r_h, (1, out_f), "float16")
-        x32 = T.decl_buffer((in_f // 2,), "uint32", data=x.data)  # x as pairs of halves: 16-byte loads, permutes
-        qs_flat = T.decl_buffer((out_f * G,), "float16", data=qs.data)  # scales / mins by byte range (prefetch)
-        qm_flat = T.decl_buffer((out_f * G,), "float16", data=qm.data) if zero_point else qs_flat
-        bx = T.launch_thread("blockIdx.x", NBG)
-        ty = T.launch_thread("threadIdx.y", W)
-        tx = T.launch_thread("threadIdx.x", 32)
-        acc = T.alloc_buffer((R,), "float32", scope="local")
-        wv = T.alloc_buffer((U * R * WPG,), "uint32", scope="local")
-        xv = T.alloc_buffer((U * 16,), "uint32", scope="local")
-        sc = T.alloc_buffer((U * R,), "uint16", scope="local")  # fp16 scale bits
-        mn = T.alloc_buffer((U * R,), "uint16", scope="local")  # fp16 min bits (zero_point)
-        xs = T.alloc_buffer((2,), "uint32", scope="local")  # fp16x2 sums of x / 32 (zero_point)
-        xp = T.alloc_buffer((4,), "uint32", scope="local")
-        hs = T.alloc_buffer((2 * R,), "uint32", scope="local")  # fp16x2 group accumulators (even, odd words)
-        red = T.alloc_buffer((2,), "float32", scope="local")
-        fin = T.alloc_buffer((R,), "float32", scope="local")  # silu: the rows' sums
-        gq = T.alloc_buffer((2,), "float16", scope="local")
-        dep = T.alloc_buffer((1,), "uint32", scope="local")
-        part = T.alloc_buffer((W * R,), "float32", scope="shared")  # ksplit > 1: the warps' partial sums
-        xsh = T.alloc_buffer((G * 16 if xsmem else 4,), "uint32", scope="shared")  # xsmem: x as [q][g][pairs]
-        xf = T.alloc_buffer((4,), "uint32", scope="local")
-        xt = T.alloc_buffer((4,), "uint32", scope="local")
-        xa = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: x
-        ya = T.alloc_buffer((NORM_VEC,), "float16", scope="local")  # norm: delta
-        sv = T.alloc_buffer((XFILL * NORM_VEC,), "float16", scope="local")  # norm: x + delta of the thread's chunks
-        nv = T.alloc_buffer((XFILL * NORM_VEC if norm else 1,), "float16", scope="local")  # norm: its weight
-        hv = T.alloc_buffer((NORM_VEC,), "float16", scope="local")
-        nacc = T.alloc_buffer((1,), "float32", scope="local")
-        nred = T.alloc_buffer((XFILL * W if norm else 1,), "float32", scope="shared")
-        xr = T.alloc_buffer((R,), "float16", scope="local")  # res_in: the residual of the rows this lane stores
-        row0 = T.meta_var((bx * TEAMS + ty // KS) * H)  # first output of this warp's team (of tile 0)
-        wv2 = T.alloc_buffer((U * R * WPG if TL > 1 else 1,), "uint32", scope="local")  # tiles: the next tile's
-        sc2 = T.alloc_buffer((U * R if TL > 1 else 1,), "uint16", scope="local")
-        mn2 = T.alloc_buffer((U * R if TL > 1 and zero_point else 1,), "uint16", scope="local")
-        vl = T.meta_var((ty % KS) * 32 + tx)
-        for r in T.unroll(R):
-            acc[r] = T.float32(0)
-        if res_in and not pdl:  # loaded first: a load at the store would add a memory round trip to the kernel's end
-            load_res(xres, xr, row0, tx)
-        if xsmem:
-            if full > 0:  # the first step's weights in flight while x is staged
-                load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, 0, False)
-            elif pdl and tail:  # the lone guarded step too: before the wait it overlaps the previous kernel
-                load(x32, qw, qs, qm, wv, xv, sc, mn, row0, vl, full, True)
-            if pdl:  # everything above reads weights only; x, the residual and every store come after the wait
-                for t in T.unroll(TL):
-                    if bx + t * NBG < nb:
-                        if pf:
-                            if ty == 0 and tx == 0:
-                                prefetch_rows(qw, qs_flat, qm_flat, bx + t * NBG)
-                        if pf_row > 0:
-                            prefetch_row_starts(qw, bx + t * NBG, ty * 32 + tx)
-                if norm and NORM_WEIGHT == "early":
-                    load_nw(nw, nv, ty, tx)
-                if TRIGGER_FIRST:
-                    T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
-                T.evaluate(T.call_extern("void", WAIT))
-                if not TRIGGER_FIRST:
-                    T.evaluate(T.call_extern("void", LAUNCH_DEPENDENTS))
-                if res_in:
-                    load_res(xres, xr, row0, tx)
-            if norm:
-                if not pdl and NORM_WEIGHT == "early":
-                    load_nw(nw, nv, ty, tx)
-                stage_norm(x, dl, nw, nv, s_out, xsh, xa, ya, sv, hv, nacc, nred, bx, ty, tx)
-            else:
-                stage_x(x32, xsh, xf, xt, ty, tx)
-            T.tvm_storage_sync("shared")
-            if TL > 1:  # one whole step a tile; tile t + 1's weights in flight during tile t's arithmetic
-                for t in T.unroll(TL):
-                    if t + 1 < TL:
-                        if t % 2 == 0:
-                            load(x32, qw, qs, qm, wv2, xv, sc2, mn2, tile_row0(bx, ty, t + 1), vl, 0, False)
-                        else:
-                            load(x32, qw, qs, qm, wv, xv, sc, mn, tile_row0(bx, ty, t + 1), vl, 0, False)
-                    if res_in and t > 0:
-                        load_res(xres, xr, tile_row0(bx, ty, t), tx)
-                    if t % 2 == 0:
-                        compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, tile_row0(bx, ty, t), vl, 0, False)
-                    else:
-                        compute(xsh, acc, wv2, xv, sc2, mn2, xp, hs, xs, dep, tile_row0(bx, ty, t), vl, 0, False)
-                    if t + 1 < TL:
-                        finish(out, bias_buf, gq, part, acc, red, fin, xr, tile_row0(bx, ty, t), ty, tx)
-                        for r in T.unroll(R):
-                            acc[r] = T.float32(0)
-            elif full > 0:
-                compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, 0, False)
-            for it in range(1, full):
-                step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
-        else:
-            for it in range(full):
-                step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, it, False)
-        if tail and xsmem and pdl and full == 0:  # loaded before the wait
-            compute(xsh, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
-        elif tail:  # (xsmem, no whole step, no PDL: loading it before the staging measured 2-6% slower, 8B qkv / o)
-            step(x32, xsh, qw, qs, qm, acc, wv, xv, sc, mn, xp, hs, xs, dep, row0, vl, full, True)
-        finish(out, bias_buf, gq, part, acc, red, fin, xr, tile_row0(bx, ty, TL - 1), ty, tx)
-
     px, pd, pn, pqw, pqs, pm, pb, pr, pout, ps = kernel.params
     keep = ([px] + ([pd] if norm and norm_add else []) + ([pn] if norm else []) + [pqw, pqs]
             + ([pm] if zero_point else []) + ([pb] if bias else []) + ([pr] if res_in else []) + [pout]
@@ -699,8 +660,7 @@ def _gemv_h2(in_f: int, out_f: int, bias: bool, warps: int, rows: int, unroll: i
     return func.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
                             "edgellm.gemv": f"h2_w{W}r{R}u{U}k{KS}" + ("" if fence else "_nofence")
                             + ("_xs" if xsmem else "") + ("_fs" if fold_shift else "") + grid + fused
-                            + ("_pf" if pf else "") + (f"_pf{pf_row}" if pf_row else "")
-                            + (f"_t{TL}" if TL > 1 else "")})
+                            + ("_pf" if pf else "") + (f"_pf{pf_row}" if pf_row else "")})
 
 
 def int8_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
@@ -742,16 +702,6 @@ def xs_gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int, bool]:
     if out_f >= 16384:
         return 4, 2, 4, 1, True
     return 8, 2, 4, 2, False
-
-
-# int4_gemv_h2's `tiles` by (in, out), for the plain and the fused decode GEMVs of that shape (an A/B knob of
-# bench/gpu_pdl.py; else 1): a block takes that many blocks' rows, x staged once
-TILES: dict[tuple[int, int], int] = {}
-
-
-def gemv_tiles(in_f: int, out_f: int) -> int:
-    """int4_gemv_h2's `tiles` for a decode GEMV of this shape (TILES; 1 where it has none)."""
-    return TILES.get((in_f, out_f), 1)
 
 
 # --opt cuda_fuse=auto puts the norm into gate_up (with the silu epilogue) only up to this `in`: at Llama-3-8B's

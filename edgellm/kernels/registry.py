@@ -151,7 +151,7 @@ class KernelRegistry:
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
                         in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold,
-                        pdl=self.pdl, tiles=cuda_gemv.gemv_tiles(in_f, out_f))
+                        pdl=self.pdl)
                 cfg = sg.h2_gemv_config(in_f, out_f)
                 return f"int4_gemv_fp16x2{grid}", lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg,
                                                                                    offset=off, zero_point=zp)
@@ -300,8 +300,7 @@ class KernelRegistry:
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
-                                                         norm_add=add, pdl=self.pdl,
-                                                         tiles=cuda_gemv.gemv_tiles(in_f, out_f)))
+                                                         norm_add=add, pdl=self.pdl))
 
     def residual_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str):
         """The one-token decode GEMV that adds its output to the residual stream (o / down before a GEMV that takes
@@ -320,8 +319,7 @@ class KernelRegistry:
         name = stem + "_res"
         return self._once(("residual_gemv", name, in_f, out_f, scheme, dtype), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, False, *cfg, offset=off, zero_point=zp,
-                                                         xsmem=True, fold_shift=fold, res_in=True, pdl=self.pdl,
-                                                         tiles=cuda_gemv.gemv_tiles(in_f, out_f)))
+                                                         xsmem=True, fold_shift=fold, res_in=True, pdl=self.pdl))
 
     def _cuda_xs_gemv_stem(self, in_f: int, scheme: QuantScheme, dtype: str) -> str | None:
         """The name of the decode GEMV with x staged in shared memory for this row (`_pick_linear`'s
