@@ -169,7 +169,7 @@ def cuda_tiny_build(tmp_path_factory, checkpoints):
 
             def keep(*args, **kwargs):
                 ex = build(*args, **kwargs)
-                folder.mkdir(parents=True)
+                folder.mkdir(parents=True, exist_ok=True)  # compile_model made it (the artifact's parent)
                 (folder / "vm.txt").write_text(ex.as_text())
                 (folder / "cuda.txt").write_text("".join(m.inspect_source() for m in _modules(ex.mod)
                                                          if m.kind == "cuda"))
