@@ -175,15 +175,40 @@ def test_pi_build_matches_host_under_qemu(board, scheme, arm64_root, matrix, rpi
     assert m["target"]["preset"] == board and m["quant"]["scheme"] == scheme
     host = Engine(compiled("qwen2", scheme))
     ids = [1, 5, 7, 100, 42, 9, 33]
-    res = run_remote(art, {"op": "generate_ids", "ids": ids, "max_new_tokens": 8})
-    assert res[-1]["tokens"] == list(host.generate_ids(ids, 8))
-    out = tmp_path / "logits.npy"
-    run_remote(art, {"op": "score", "ids": ids, "out": str(out)})
+    out = tmp_path / "logits.npy"  # both requests in one emulated process (its start alone is ~10 s of qemu)
+    res = run_remote(art, [{"op": "generate_ids", "ids": ids, "max_new_tokens": 8},
+                           {"op": "score", "ids": ids, "out": str(out)}])
+    assert res[0]["tokens"] == list(host.generate_ids(ids, 8)) and res[1] == {"saved": str(out)}
     got, ref = np.load(out), host.score(ids)
     # int8 activations: the two ISAs sum floats in a different order, which can flip an int8 rounding (see
     # docs/quantization.md); the integer paths themselves are exact
     tol = 5e-2 if scheme == "q4f32_2" else 1e-4
     assert np.abs(got - ref).max() < tol * np.abs(ref).max()
+
+
+def test_remote_runs_a_list_of_requests_on_one_engine(compiled, tmp_path, capsys, monkeypatch):
+    """The device-side entry point (what qemu runs): a JSON list runs each request in order with the artifact loaded
+    once; a request without a known op is refused before anything loads."""
+    import json
+
+    from edgellm.device_runners import engine, remote
+    from edgellm.device_runners.engine import Engine
+
+    art, ids, out = compiled("qwen2", "q4f32_1"), [1, 5, 7, 100], tmp_path / "l.npy"
+    host = Engine(art)
+    loads = []
+    monkeypatch.setattr(engine.Engine, "__init__", lambda self, *a, _init=engine.Engine.__init__, **k: (
+        loads.append(a), _init(self, *a, **k))[1])
+    assert remote.main([str(art), json.dumps([{"op": "generate_ids", "ids": ids, "max_new_tokens": 4},
+                                              {"op": "score", "ids": ids, "out": str(out)}])]) == 0
+    lines = [json.loads(x.removeprefix(remote.PREFIX)) for x in capsys.readouterr().out.splitlines()]
+    assert lines == [{"tokens": list(host.generate_ids(ids, 4)), "finish_reason": "length"}, {"saved": str(out)}]
+    np.testing.assert_array_equal(np.load(out), host.score(ids))
+    assert len(loads) == 1
+    for bad in ([{"op": "score", "ids": ids, "out": str(out)}, {"op": "nope"}], {"ids": ids}, [3]):
+        with pytest.raises(SystemExit, match="unknown request .* one of generate_ids, score, run"):
+            remote.main([str(art), json.dumps(bad)])
+    assert len(loads) == 1
 
 
 def test_cli_run_emulate(arm64_root, matrix):

@@ -73,14 +73,17 @@ def python_command(root: Path, cpu: str, args: list[str], path: list[Path] = (),
     return ["qemu-aarch64-static", "-L", str(root), str(root / "usr" / "bin" / "python3"), *args], env
 
 
-def _command(artifact: Path, request: dict, root: Path, src: Path) -> tuple[list[str], dict]:
+def _command(artifact: Path, request: dict | list[dict], root: Path, src: Path) -> tuple[list[str], dict]:
     _art, cpu = check_emulatable(artifact)
+    first = request[0] if isinstance(request, list) and request else request
+    threads = first.get("threads") if isinstance(first, dict) else None
     return python_command(root, cpu, ["-m", "edgellm.device_runners.remote", str(Path(artifact).resolve()),
-                                      json.dumps(request)], [src], request.get("threads") or 2)
+                                      json.dumps(request)], [src], threads or 2)
 
 
-def stream_remote(artifact: str | Path, request: dict, timeout: float = 1800) -> Iterator[dict]:
-    """Run one request on the emulated device; yield each `edgellm:` JSON line as it arrives."""
+def stream_remote(artifact: str | Path, request: dict | list[dict], timeout: float = 1800) -> Iterator[dict]:
+    """Run one request (or a list of them, in order, in one emulated process: the artifact loads once) on the
+    emulated device; yield each `edgellm:` JSON line as it arrives."""
     check_emulatable(artifact)  # the artifact's architecture first: an x86 build is refused as such
     root = arm64_root()
     with tempfile.TemporaryDirectory(prefix="edgellm-src-") as tmp:
@@ -101,5 +104,5 @@ def stream_remote(artifact: str | Path, request: dict, timeout: float = 1800) ->
             raise EmulationError(f"emulated run failed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
 
 
-def run_remote(artifact: str | Path, request: dict, timeout: float = 1800) -> list[dict]:
+def run_remote(artifact: str | Path, request: dict | list[dict], timeout: float = 1800) -> list[dict]:
     return list(stream_remote(artifact, request, timeout))

@@ -5,6 +5,8 @@ Runs on the device (or under qemu) with the TVM runtime only. Every output line 
 Requests: {"op": "generate_ids", "ids": [...], "max_new_tokens": n}
           {"op": "score", "ids": [...], "out": "path.npy"}               (logits [n, vocab] saved as .npy)
           {"op": "run", "prompt": "...", "chat": true, "max_new_tokens": n, "sampling": {...}}  (streams pieces)
+REQUEST_JSON may be a list of requests: each runs in order on one engine (the artifact loaded once; under qemu the
+runtime's start alone is ~10 s), with the first one's "threads".
 """
 
 from __future__ import annotations
@@ -26,8 +28,21 @@ def main(argv: list[str]) -> int:
     from .engine import Engine
     from .sampling import SamplingParams
 
-    artifact, req = argv[0], json.loads(argv[1])
-    eng = Engine(artifact, threads=req.get("threads"))
+    artifact, reqs = argv[0], json.loads(argv[1])
+    reqs = reqs if isinstance(reqs, list) else [reqs]
+    for req in reqs:  # before the engine loads: a bad request costs nothing
+        if not isinstance(req, dict) or req.get("op") not in OPS:
+            raise SystemExit(f"unknown request {req!r}: each needs an op, one of {', '.join(OPS)}")
+    eng = Engine(artifact, threads=reqs[0].get("threads") if reqs else None)
+    for req in reqs:
+        _serve(eng, req, SamplingParams)
+    return 0
+
+
+OPS = ("generate_ids", "score", "run")
+
+
+def _serve(eng, req: dict, SamplingParams) -> None:
     op = req["op"]
     if op == "generate_ids":
         toks = list(eng.generate_ids(req["ids"], int(req["max_new_tokens"])))
@@ -43,9 +58,6 @@ def main(argv: list[str]) -> int:
         emit({"stats": {"prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                         "prefill_tps": s.prefill_tps, "decode_tps": s.decode_tps, "finish_reason": s.finish_reason,
                         "token_ids": s.token_ids}})
-    else:
-        raise SystemExit(f"unknown op {op!r}")
-    return 0
 
 
 if __name__ == "__main__":
