@@ -23,7 +23,7 @@ KEEP = ("model", "test", "engine", "scheme", "avg_ts", "stddev_ts", "samples_ts"
         "achieved_gbs",
         "bandwidth_fraction", "copy_bandwidth_gbs", "device")
 TESTS = ("pp128", "pp512", "tg128")
-HATCH = {"edgellm": None, "llama.cpp": ".."}  # every other engine (transformers): "//"
+HATCH = {"edgellm": None, "edgellm --head q4": "xx", "llama.cpp": ".."}  # every other engine (transformers): "//"
 
 
 def _legend(engine: str, recs: list[dict]) -> str:

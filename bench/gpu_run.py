@@ -323,6 +323,25 @@ def read_bytes_per_token(eng) -> int:
                if tied or not e["name"].startswith("model.embed_tokens."))
 
 
+def bench_head_q4(name: str, bw: float) -> None:
+    """pp128 / tg128 of the shape's `--head q4` build (gpu_prepare.py: NAME-q4f16_1-hq4), engine "edgellm --head q4":
+    the embedding / head in q4f16_1 like the layers, the bytes a token of llama.cpp's pure Q4_0 GGUFs."""
+    from edgellm.device_runners.bench import run_bench
+    from edgellm.device_runners.engine import Engine
+
+    eng = Engine(DEV / "art" / f"{name}-q4f16_1-hq4", random_weights=0)
+    dev, read = torch_device_name(), read_bytes_per_token(eng)
+    for r in run_bench(eng, 128, 128, reps=3, warmup=1, device_name=dev):
+        tg = r.test.startswith("tg")
+        results["bench"].append({
+            "model": MODELS[name], "test": r.test, "engine": "edgellm --head q4", "scheme": r.scheme,
+            "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes, "read_bytes_per_token": read,
+            "achieved_gbs": read * r.avg_ts / 1e9 if tg else None, "bandwidth_fraction": (read * r.avg_ts / bw) if tg
+            else None, "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
+    del eng
+    gc.collect()
+
+
 def bench_model(name: str, bw: float) -> None:
     from edgellm.device_runners.bench import run_bench
     from edgellm.device_runners.engine import Engine
@@ -457,6 +476,8 @@ def main() -> int:
     models = [m for m in args.models.split(",") if m]
     for name in models:
         steps.append((f"edgellm {name}", lambda name=name: bench_model(name, results["copy_bw"])))
+        if (DEV / "art" / f"{name}-q4f16_1-hq4").is_dir():
+            steps.append((f"edgellm {name} --head q4", lambda name=name: bench_head_q4(name, results["copy_bw"])))
     if not args.skip_hf:
         for name in models:
             steps.append((f"hf {name}", lambda name=name: bench_hf(name, results["copy_bw"])))
