@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TVM_NUM_THREADS", str(min(os.cpu_count() or 1, 2)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a worker per core (scripts/test.sh): TVM's pool keeps its 2 threads (the parallel kernels stay exercised) but
+    # sleeps instead of spinning while the other worker needs the core (also in the qemu processes, which inherit
+    # it), and torch / OpenMP take one thread
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tiny_models import make_checkpoint  # noqa: E402
 
