@@ -70,6 +70,9 @@ def python_command(root: Path, cpu: str, args: list[str], path: list[Path] = (),
     env = {**os.environ, "QEMU_CPU": cpu, "TVM_NUM_THREADS": str(threads),
            "PYTHONPATH": ":".join([str(root / "opt" / "edgellm-site"), *map(str, path)])}
     env.pop("PYTHONHOME", None)
+    # the arm64 root is edgellm's own folder: let its python keep the bytecode it compiles (under qemu a start that
+    # imports the runtime took 14 s compiling TVM's modules, 8 s loading them once written)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return ["qemu-aarch64-static", "-L", str(root), str(root / "usr" / "bin" / "python3"), *args], env
 
 
