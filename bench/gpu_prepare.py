@@ -109,7 +109,7 @@ def shape_folder(name: str) -> Path:
     return folder
 
 
-def build_artifacts(arch: str, shapes: list[str], head_q4: bool = True) -> None:
+def build_artifacts(arch: str, shapes: list[str], head_q4: tuple[str, ...] = ()) -> None:
     import tiny_models
     from tiny_models import make_checkpoint
 
@@ -130,10 +130,10 @@ def build_artifacts(arch: str, shapes: list[str], head_q4: bool = True) -> None:
                                   quant=scheme, runtime=RuntimeOptions(256, 256, 16, 4)))
     # shapes only: the runner generates random weights there (explicit benchmark mode); max_batch 32 for
     # gpu_run.bench_batched (1, 8 and 32 sequences in flight)
-    # and each again with `--head q4` (-hq4: the embedding / head in q4f16_1 like the layers, the bytes of llama.cpp's
-    # pure Q4_0 GGUFs of the side-by-side; the default keeps them 8-bit), for tg128 at the same bytes a token
+    # and those in `head_q4` again with `--head q4` (-hq4: the embedding / head in q4f16_1 like the layers, the bytes a
+    # token of llama.cpp's pure Q4_0 GGUFs of the side-by-side; the default keeps them 8-bit), tg128 at equal bytes
     for name in shapes:
-        for head, suffix in ((None, ""), ("q4", "-hq4"))[:2 if head_q4 else 1]:
+        for head, suffix in ((None, ""), ("q4", "-hq4"))[:2 if name in head_q4 else 1]:
             compile_model(CompileArgs(model=str(shape_folder(name)), output=OUT / "art" / f"{name}-q4f16_1{suffix}",
                                       target=preset, quant="q4f16_1", runtime=RuntimeOptions(1024, 512, 16, 32),
                                       shapes_only=True, head=head))
@@ -208,14 +208,16 @@ def main() -> None:
     ap.add_argument("--python", default="3.12")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="model shapes to build (comma-separated)")
     ap.add_argument("--no-kernels", action="store_true", help="skip kernels.so (then run gpu_run.py --skip-checks)")
-    ap.add_argument("--no-head-q4", action="store_true", help="skip the shapes' --head q4 builds (NAME-q4f16_1-hq4)")
+    ap.add_argument("--head-q4", default="", help="shapes also built with --head q4 (NAME-q4f16_1-hq4; comma-separated): "
+                    "with the llama.cpp kit the bundle fits the 64 MiB a call carries for the 1B and 8B with "
+                    "--no-kernels")
     ap.add_argument("--out", default=str(REPO / ".device"), help="bundle folder (default .device/; ignored names: .device-*/); "
                     "on the GPU machine pass the same name to gpu_run.py --dev")
     args = ap.parse_args()
     global OUT
     OUT = Path(args.out).resolve()
     new_bundle(OUT, args.python)
-    build_artifacts(args.arch, [x for x in args.shapes.split(",") if x], not args.no_head_q4)
+    build_artifacts(args.arch, [x for x in args.shapes.split(",") if x], tuple(x for x in args.head_q4.split(",") if x))
     if not args.no_kernels:
         build_gemv_kernels(args.arch)
     check_bundle_size(OUT)

@@ -4,6 +4,7 @@
 # BUNDLE/gpu-anchor), one after the other so neither times the other's CPU load (llama.cpp's build runs last).
 #
 # Here:   python bench/gpu_prepare.py --out .device && cp -r ../shared/gpu-anchor .device/gpu-anchor
+#         (or with --head-q4 llama-3.2-1b,llama-3-8b --no-kernels: those shapes' --head q4 builds timed too)
 # There:  bash bench/gpu_side_by_side.sh .device          (results under $OUT: gpu.json, llamacpp/*.json)
 # Here:   tar -xzf OUT/llamacpp.tgz -C OUT && python bench/gpu_report.py OUT/gpu.json --name h200 --llamacpp OUT/llamacpp
 # (llama.cpp's outputs come back as one archive: the device tool returns a limited number of files)
