@@ -323,27 +323,35 @@ def read_bytes_per_token(eng) -> int:
                if tied or not e["name"].startswith("model.embed_tokens."))
 
 
+def bench_records(eng, label: str, engine: str, bw: float, runs) -> None:
+    """llama-bench-style records of `eng` (run_bench at each (n_prompt, n_gen) of `runs`, 3 reps after a warm-up)
+    into results["bench"], tg records with the weight bytes a token, GB/s and the fraction of `bw` (bytes/s)."""
+    from edgellm.device_runners.bench import run_bench
+
+    dev, read = torch_device_name(), read_bytes_per_token(eng)
+    for n_prompt, n_gen in runs:
+        for r in run_bench(eng, n_prompt, n_gen, reps=3, warmup=1, device_name=dev):
+            tg = r.test.startswith("tg")
+            results["bench"].append({
+                "model": label, "test": r.test, "engine": engine, "scheme": r.scheme, "avg_ts": r.avg_ts,
+                "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes, "read_bytes_per_token": read,
+                "achieved_gbs": read * r.avg_ts / 1e9 if tg else None,
+                "bandwidth_fraction": (read * r.avg_ts / bw) if tg else None,
+                "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
+
+
 def bench_head_q4(name: str, bw: float) -> None:
     """pp128 / tg128 of the shape's `--head q4` build (gpu_prepare.py: NAME-q4f16_1-hq4), engine "edgellm --head q4":
     the embedding / head in q4f16_1 like the layers, the bytes a token of llama.cpp's pure Q4_0 GGUFs."""
-    from edgellm.device_runners.bench import run_bench
     from edgellm.device_runners.engine import Engine
 
     eng = Engine(DEV / "art" / f"{name}-q4f16_1-hq4", random_weights=0)
-    dev, read = torch_device_name(), read_bytes_per_token(eng)
-    for r in run_bench(eng, 128, 128, reps=3, warmup=1, device_name=dev):
-        tg = r.test.startswith("tg")
-        results["bench"].append({
-            "model": MODELS[name], "test": r.test, "engine": "edgellm --head q4", "scheme": r.scheme,
-            "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes, "read_bytes_per_token": read,
-            "achieved_gbs": read * r.avg_ts / 1e9 if tg else None, "bandwidth_fraction": (read * r.avg_ts / bw) if tg
-            else None, "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
+    bench_records(eng, MODELS[name], "edgellm --head q4", bw, ((128, 128),))
     del eng
     gc.collect()
 
 
 def bench_model(name: str, bw: float) -> None:
-    from edgellm.device_runners.bench import run_bench
     from edgellm.device_runners.engine import Engine
 
     label = MODELS[name]
@@ -366,17 +374,7 @@ def bench_model(name: str, bw: float) -> None:
             chain_b.append(tb)
     results["checks"][f"{label}: greedy on the device == argmax of the logits on the host (8 steps)"] = {
         "ok": chain_a == chain_b, "device": chain_a, "host": chain_b}
-    dev = torch_device_name()
-    read = read_bytes_per_token(eng)
-    for n_prompt, n_gen in ((128, 128), (512, 0)):
-        for r in run_bench(eng, n_prompt, n_gen, reps=3, warmup=1, device_name=dev):
-            tg = r.test.startswith("tg")
-            results["bench"].append({
-                "model": label, "test": r.test, "engine": "edgellm", "scheme": r.scheme, "avg_ts": r.avg_ts,
-                "stddev_ts": r.stddev_ts, "weight_bytes": r.weight_bytes, "read_bytes_per_token": read,
-                "achieved_gbs": read * r.avg_ts / 1e9 if tg else None,
-                "bandwidth_fraction": (read * r.avg_ts / bw) if tg else None,
-                "copy_bandwidth_gbs": bw / 1e9, "device": dev, "samples_ts": r.samples_ts})
+    bench_records(eng, label, "edgellm", bw, ((128, 128), (512, 0)))
     if eng.runtime.max_batch > 1:
         try:
             results.setdefault("batched", []).extend(bench_batched(eng, label))
