@@ -17,12 +17,6 @@ from pi_emulation import arm64_root  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
-def matrix(preset_build):
-    """matrix(preset) -> the tiny Qwen2 built for the preset (tests/conftest.py preset_build, shared by the run)."""
-    return preset_build
-
-
-@pytest.fixture(scope="module")
 def rpi4_fp16_fallback(checkpoints, tmp_path_factory) -> tuple[Path, str]:
     """(artifact, warnings logged by the compile): the tiny Qwen2 compiled for rpi4 with --quant q4f16_1 (context 128,
     prefill chunk 32); the fallback test reads it and the Pi 4's q4f32_1 run under qemu runs it."""
@@ -107,6 +101,8 @@ def test_remote_runs_a_list_of_requests_on_one_engine(compiled, tmp_path, capsys
     for bad in ([{"op": "score", "ids": ids, "out": str(out)}, {"op": "nope"}], {"ids": ids}, [3]):
         with pytest.raises(SystemExit, match="unknown request .* one of generate_ids, score, run"):
             remote.main([str(art), json.dumps(bad)])
+    with pytest.raises(SystemExit, match="no request"):
+        remote.main([str(art), "[]"])
     assert len(loads) == 1
 
 

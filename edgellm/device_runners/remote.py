@@ -6,7 +6,7 @@ Requests: {"op": "generate_ids", "ids": [...], "max_new_tokens": n}
           {"op": "score", "ids": [...], "out": "path.npy"}               (logits [n, vocab] saved as .npy)
           {"op": "run", "prompt": "...", "chat": true, "max_new_tokens": n, "sampling": {...}}  (streams pieces)
 REQUEST_JSON may be a list of requests: each runs in order on one engine (the artifact loaded once; under qemu the
-runtime's start alone is ~10 s), with the first one's "threads".
+runtime's start alone is ~8 s), with the first one's "threads"; the first that fails ends the process (exit 1).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 PREFIX = "edgellm:"
+OPS = ("generate_ids", "score", "run")
 
 
 def emit(obj: dict) -> None:
@@ -26,23 +27,23 @@ def emit(obj: dict) -> None:
 
 def main(argv: list[str]) -> int:
     from .engine import Engine
-    from .sampling import SamplingParams
 
     artifact, reqs = argv[0], json.loads(argv[1])
     reqs = reqs if isinstance(reqs, list) else [reqs]
+    if not reqs:
+        raise SystemExit("no request: give one, or a non-empty list of them")
     for req in reqs:  # before the engine loads: a bad request costs nothing
         if not isinstance(req, dict) or req.get("op") not in OPS:
             raise SystemExit(f"unknown request {req!r}: each needs an op, one of {', '.join(OPS)}")
-    eng = Engine(artifact, threads=reqs[0].get("threads") if reqs else None)
+    eng = Engine(artifact, threads=reqs[0].get("threads"))
     for req in reqs:
-        _serve(eng, req, SamplingParams)
+        _serve(eng, req)
     return 0
 
 
-OPS = ("generate_ids", "score", "run")
+def _serve(eng, req: dict) -> None:
+    from .sampling import SamplingParams
 
-
-def _serve(eng, req: dict, SamplingParams) -> None:
     op = req["op"]
     if op == "generate_ids":
         toks = list(eng.generate_ids(req["ids"], int(req["max_new_tokens"])))
