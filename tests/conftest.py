@@ -106,6 +106,13 @@ def preset_build(checkpoints, compiled, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def matrix(preset_build):
+    """matrix(preset) -> the tiny Qwen2 built for the preset (preset_build): the target matrix's builds, which
+    tests/test_targets.py checks and tests/test_targets_emulated.py runs under qemu."""
+    return preset_build
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     from edgellm.loaders import SourceError, default_model_path
 

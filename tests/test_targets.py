@@ -88,12 +88,6 @@ def test_raw_target_json(checkpoints, tmp_path):
     assert m["target"]["preset"] == "custom" and m["target"]["tvm_target"]["mcpu"] == "x86-64-v2"
 
 
-@pytest.fixture(scope="module")
-def matrix(preset_build):
-    """matrix(preset) -> the tiny Qwen2 built for the preset (tests/conftest.py preset_build, shared by the run)."""
-    return preset_build
-
-
 @pytest.mark.parametrize("preset", [pytest.param(p, marks=NEEDS_NVCC) if PRESETS[p].target["kind"] == "cuda" else p
                                     for p in BUILDABLE])
 def test_compile_matrix(preset, matrix):
