@@ -120,9 +120,6 @@ VARIANTS = {
     "owned-as2": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-as3": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-as0": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # ... with 1 of the 2 steps before the PDL wait (ASYNC_EARLY), and 3 steps of 1 group (ASYNC_UNROLL)
-    "owned-as2e1": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-as3u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
 }
 HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4", "owned-dnw16-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
@@ -148,9 +145,7 @@ NORM = {"owned-qr4": {4096: (16, 4, 2, 2, False), 2048: (16, 2, 4, 2, False)},
         "owned-qk1": {4096: (16, 2, 4, 1, False), 2048: (8, 2, 2, 1, False)}}  # cuda_gemv.NORM_CONFIG (else {})
 NORM_W = {"owned-nwlate": "late"}
 HEAD_GROUPS = {"owned-hg2": 2, "owned-hg4": 4, "owned-hg1": 1}  # owned_kv.WARPS_HEAD_GROUPS of the build (else its default)  # cuda_gemv.NORM_WEIGHT of the build (else its default)
-ASYNC = {"owned-as2": 2, "owned-as3": 3, "owned-as0": 0, "owned-as2e1": 2, "owned-as3u1": 3}  # cuda_gemv_async.ASYNC_STAGES of the build (else its default)
-ASYNC_EARLY = {"owned-as2e1": 1}  # cuda_gemv_async.ASYNC_EARLY (else its default)
-ASYNC_UNROLL = {"owned-as3u1": 1}  # cuda_gemv_async.ASYNC_UNROLL (else its default)
+ASYNC = {"owned-as2": 2, "owned-as3": 3, "owned-as0": 0}  # cuda_gemv_async.ASYNC_STAGES of the build (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -158,7 +153,7 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-as2", "owned-as3",
-         "owned-as0", "owned-as2e1", "owned-as3u1")  # and owned-pA-B...
+         "owned-as0")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
@@ -182,8 +177,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv, "FUSED_NORM_SILU_AUTO_MAX", NORM_SILU_MAX), (cuda_gemv, "LONG_IN_CONFIG", LONG_IN),
             (pipeline, "GREEDY_GRAPH_PIECES", GREEDY_PIECES), (cuda_gemv, "SILU_CONFIG", SILU),
             (cuda_gemv, "NORM_CONFIG", NORM), (cuda_gemv, "NORM_WEIGHT", NORM_W),
-            (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_async, "ASYNC_STAGES", ASYNC),
-            (cuda_gemv_async, "ASYNC_EARLY", ASYNC_EARLY), (cuda_gemv_async, "ASYNC_UNROLL", ASYNC_UNROLL)]
+            (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_async, "ASYNC_STAGES", ASYNC)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:

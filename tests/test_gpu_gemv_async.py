@@ -93,13 +93,13 @@ _EMU_MAIN = r"""
 #include "kernel_emu.h"
 #include <cstdio>
 #include <cstdlib>
-template <int W, int R, int U, int KS, int S, int G, int OUTF, int OFF, bool FOLD, int PRE>
+template <int W, int R, int U, int KS, int S, int G, int OUTF, int OFF, bool FOLD>
 void launch(const half* x, const unsigned* qw, const half* qs, half* o) {
   constexpr int TEAMS = W / KS, NT = W * 32;
   std::vector<unsigned char> smem(4 * G * 16 + S * U * R * NT * 20 + W * R * 4 + 16);
   for (int bx = 0; bx < (OUTF + TEAMS * R - 1) / (TEAMS * R); ++bx)
     emu_run_block(bx, 0, NT, [&](int) {
-      edgellm_q4gemv_async<W, R, U, KS, S, G, OUTF, OFF, FOLD, false, true, PRE>(x, qw, qs, o, smem.data()); });
+      edgellm_q4gemv_async<W, R, U, KS, S, G, OUTF, OFF, FOLD, false, true>(x, qw, qs, o, smem.data()); });
 }
 int main(int argc, char** argv) {  // case in.bin out.bin
   int c = atoi(argv[1]);
@@ -117,15 +117,13 @@ int main(int argc, char** argv) {  // case in.bin out.bin
 }
 """
 
-# (warps, rows, unroll, ksplit, stages, G, out, row, fold, steps before the wait): steps a lane = ceil(G / (32 ksplit
-# unroll))
+# (warps, rows, unroll, ksplit, stages, G, out, row, fold): steps a lane = ceil(G / (32 ksplit unroll))
 CASES = [
-    (4, 2, 1, 1, 2, 70, 19, "q4f16_1", False, 2),  # 3 steps, the last 6 groups guarded; 19 rows: a partial block
-    (4, 2, 2, 2, 3, 200, 16, "q4f16_1", True, 3),  # 2 steps (a tail), 3 stages (more than the steps)
-    (8, 1, 2, 4, 2, 300, 9, "q4f16_0", True, 1),  # K split over 4 warps, the Q4_0 grid (offset 8); 1 step early
-    (2, 4, 1, 1, 1, 64, 8, "q4f16_1", True, 1),  # 1 stage: no overlap, still the same values
-    (16, 2, 2, 2, 2, 448, 33, "q4f16_1", True, 2),  # Llama-3-8B's down pick and `in`
-    (4, 2, 1, 1, 3, 140, 11, "q4f16_1", True, 2),  # 5 steps through 3 stages, 2 before the wait
+    (4, 2, 1, 1, 2, 70, 19, "q4f16_1", False),  # 3 steps, the last 6 groups guarded; 19 rows: a partial block
+    (4, 2, 2, 2, 3, 200, 16, "q4f16_1", True),  # 2 steps (a tail), 3 stages (more than the steps)
+    (8, 1, 2, 4, 2, 300, 9, "q4f16_0", True),  # K split over 4 warps, the Q4_0 grid (offset 8)
+    (2, 4, 1, 1, 1, 64, 8, "q4f16_1", True),  # 1 stage: no overlap, still the same values
+    (16, 2, 2, 2, 2, 448, 33, "q4f16_1", True),  # Llama-3-8B's down pick and `in`
 ]
 
 
@@ -148,11 +146,11 @@ def test_kernel_source_on_the_host_equals_the_model(tmp_path, host_emu):
         src, n = re.subn(rf"({head}).*?\n?\}}\n", rf"\1 {body} }}\n", src, count=1, flags=re.S)
         assert n == 1, head
     cases = "\n  ".join(f"if (c == {i}) launch<{w}, {r}, {u}, {k}, {st}, {g}, {n}, {get_scheme(row).offset}, "
-                        f"{str(fold).lower()}, {pre}>(x.data(), qw.data(), qs.data(), o.data());"
-                        for i, (w, r, u, k, st, g, n, row, fold, pre) in enumerate(CASES))
+                        f"{str(fold).lower()}>(x.data(), qw.data(), qs.data(), o.data());"
+                        for i, (w, r, u, k, st, g, n, row, fold) in enumerate(CASES))
     host_emu({"kernel_emu.h": src}, _EMU_MAIN.replace("CASES", cases))
     rng = np.random.default_rng(11)
-    for i, (w, r, u, k, st, g, n, row, fold, _) in enumerate(CASES):
+    for i, (w, r, u, k, st, g, n, row, fold) in enumerate(CASES):
         s, qw, qs, x, expect = _case(rng, g * 32, n, row)
         (tmp_path / "in.bin").write_bytes(x.tobytes() + qw.tobytes() + qs.tobytes())
         subprocess.run(["./emu", str(i), "in.bin", "out.bin", str(g), str(n)], cwd=tmp_path, check=True)
@@ -172,7 +170,6 @@ def test_registry_takes_it_for_long_in_only_when_on(monkeypatch):
     monkeypatch.setattr(ga, "ASYNC_STAGES", 2)
     name, f = _pick(cuda, 1, 14336, 4096, "q4f16_1")  # Llama-3-8B down: 4 steps a lane
     assert name == "int4_gemv_async" and str(f.attrs["edgellm.gemv"]) == "async_w16r2u2k2s2_fs"
-    monkeypatch.setattr(ga, "ASYNC_MIN_OUT", 2048)
     assert _pick(cuda, 1, 8192, 2048, "q4f16_0")[0] == "int4_gemv_async_o8"  # 1B down, the Q4_0 grid; 2 steps
     assert str(_pick(cuda, 1, 8192, 2048, "q4f16_1")[1].attrs["edgellm.gemv"]).endswith("_pf")  # 9.4 MB: prefetched
     for in_f, out_f, row in ((4096, 14336, "q4f16_1"), (4096, 4096, "q4f16_1"), (14336, 4096, "q4f16_2")):
@@ -212,9 +209,9 @@ def test_builds_with_and_without_pdl():
         with resolve(preset).tvm(), tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}))
         src = lib.mod.imports[0].inspect_source()
-        p = str(pdl).lower()  # the 1B's 9.4 MB: its rows prefetched into L2 where there is PDL; all steps early
-        assert f"edgellm_q4gemv_async<16, 2, 2, 2, 2, 448, 4096, 7, true, false, {p}, 2>" in src
-        assert f"edgellm_q4gemv_async<16, 2, 2, 2, 3, 256, 2048, 7, true, {p}, {p}, 3>" in src
+        assert "edgellm_q4gemv_async<16, 2, 2, 2, 2, 448, 4096, 7, true, false, " + str(pdl).lower() + ">" in src
+        p = str(pdl).lower()  # the 1B's 9.4 MB: its rows prefetched into L2 where there is PDL
+        assert f"edgellm_q4gemv_async<16, 2, 2, 2, 3, 256, 2048, 7, true, {p}, {p}>" in src
         assert re.search(r"__launch_bounds__\(512, 2\) down_kernel", src)  # two blocks an SM: 110 KB each
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # its wait is inside: patch_source adds no prologue

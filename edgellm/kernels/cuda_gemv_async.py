@@ -18,11 +18,6 @@ from .cuda import cuda_source
 from .cuda_gemv import GROUP, QMAX, prefetches_l2
 
 ASYNC_STAGES = 0
-ASYNC_EARLY = 0  # ring steps issued before the PDL wait (1 .. stages); 0: all of them
-ASYNC_UNROLL = 0  # groups a step in place of the register kernel's pick (the same sums in the same order); 0: its
-# where the registry takes it: `in` and `out` at least these (H200, bench/gpu_pdl.py: Llama-3.2-1B's down, 128 blocks
-# of 98 KB, packs two blocks on half the SMs and loses; SmolLM2's 1,536 loses)
-ASYNC_MIN_IN, ASYNC_MIN_OUT = 8192, 4096
 SMEM_MAX = 227 * 1024  # an sm_80 / sm_90 block's dynamic shared memory at most (opt-in)
 SMEM_SM = 228 * 1024  # an SM's, of which 1 KB a resident block is reserved
 _SRC = cuda_source("int4_gemv_async.cu")
@@ -52,10 +47,8 @@ def applies(in_f: int, out_f: int, cfg: tuple[int, int, int, int], sm: int, bias
     and its shared memory within a block's."""
     s = ASYNC_STAGES if stages is None else stages
     w, r, u, k = cfg
-    u = ASYNC_UNROLL or u
     g = in_f // GROUP
     return (s > 0 and sm >= 80 and not bias and not zero_point and in_f % GROUP == 0 and g % 2 == 0
-            and in_f >= ASYNC_MIN_IN and out_f >= ASYNC_MIN_OUT
             and steps(in_f, w, r, u, k) >= 2 and smem_bytes(in_f, w, r, u, s) <= SMEM_MAX)
 
 
@@ -69,8 +62,6 @@ def int4_gemv_async(in_f: int, out_f: int, warps: int, rows: int, unroll: int, k
     from .cuda_pdl import WAITS_INSIDE
 
     s = ASYNC_STAGES if stages is None else stages
-    unroll = ASYNC_UNROLL or unroll
-    pre = min(ASYNC_EARLY, s) or s
     if s < 1:
         raise ValueError(f"int4_gemv_async: stages must be >= 1, got {s}")
     if in_f % GROUP or (in_f // GROUP) % 2:
@@ -86,12 +77,11 @@ def int4_gemv_async(in_f: int, out_f: int, warps: int, rows: int, unroll: int, k
     G, W = in_f // GROUP, warps
     teams = W // ksplit
     nb = (out_f + teams * rows - 1) // (teams * rows)
-    # blocks an SM may hold, but never fewer than 64 registers a thread (a tighter bound spills)
-    minb = max(1, min(blocks_per_sm(in_f, W, rows, unroll, s), 65536 // (W * 32 * 64)))
+    minb = max(1, blocks_per_sm(in_f, W, rows, unroll, s))
     pf = pdl and prefetches_l2(in_f, out_f)
     b = {True: "true", False: "false"}
     call = (f"edgellm_q4gemv_async<{W}, {rows}, {unroll}, {ksplit}, {s}, {G}, {out_f}, {offset}, {b[fold]}, {b[pf]}, "
-            f"{b[pdl]}, {pre}>")
+            f"{b[pdl]}>")
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
 
     @T.prim_func(private=True, check_well_formed=False)
@@ -110,6 +100,5 @@ def int4_gemv_async(in_f: int, out_f: int, warps: int, rows: int, unroll: int, k
     grid = "" if offset == QMAX else f"_o{offset}"
     return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
                               "tir.noalias": True,
-                              "edgellm.gemv": f"async_w{W}r{rows}u{unroll}k{ksplit}s{s}"
-                              + (f"e{pre}" if pre < s else "") + ("_fs" if fold else "")
+                              "edgellm.gemv": f"async_w{W}r{rows}u{unroll}k{ksplit}s{s}" + ("_fs" if fold else "")
                               + grid + ("_pf" if pf else "")})

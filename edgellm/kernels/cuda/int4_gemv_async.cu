@@ -16,9 +16,8 @@
 // lane v = 32 (warp % KS) + lane takes groups v, v + 32 KS, ... in steps of U groups (the last step guarded). Per step
 // and lane: U x R 16-byte weight chunks and U x R scales (the 4-byte aligned pair holding the group's scale), into
 // slot it % S of the thread's own ring (a thread reads back only what it copied: cp.async.wait_group is the only
-// synchronization the ring needs). Before the PDL wait: the first PRE steps' copies (weights are parameters nothing of
-// the step writes) and, with PF, the block's rows asked into L2; after it, the ring's other S - PRE steps and x staged
-// as the (x[8j+s], x[8j+s+4]) pairs.
+// synchronization the ring needs). Before the PDL wait: the first S steps' copies (weights are parameters nothing of the
+// step writes) and, with PF, the block's rows asked into L2; after it, x staged as the (x[8j+s], x[8j+s+4]) pairs.
 //
 // smem: [4][G] uint4 (x pairs), [S][U R][NT] uint4 (weights), [S][U R][NT] uint32 (scale pairs), [W][R] float.
 #include <cuda_fp16.h>
@@ -61,12 +60,11 @@ __device__ __forceinline__ void eqa_prefetch_l2(const void* p, unsigned n) {  //
 __device__ __forceinline__ float eqa_lo(unsigned u) { return __half2float(__ushort_as_half((unsigned short)(u & 0xFFFFu))); }
 __device__ __forceinline__ float eqa_hi(unsigned u) { return __half2float(__ushort_as_half((unsigned short)(u >> 16))); }
 
-template <int W, int R, int U, int KS, int S, int G, int OUTF, int OFF, bool FOLD, bool PF, bool PDL, int PRE = S>
+template <int W, int R, int U, int KS, int S, int G, int OUTF, int OFF, bool FOLD, bool PF, bool PDL>
 __device__ __forceinline__ void edgellm_q4gemv_async(const half* __restrict__ x, const unsigned* __restrict__ qw,
                                                      const half* __restrict__ qs, half* __restrict__ out,
                                                      unsigned char* smem) {
   static_assert(W % KS == 0 && S >= 1 && G % 2 == 0, "warps a multiple of ksplit; G even (4-byte scale pairs)");
-  static_assert(PRE >= 1 && PRE <= S, "the steps issued before the wait: 1 .. S");
   constexpr int NT = W * 32, TEAMS = W / KS, VL = 32 * KS, BLK = TEAMS * R, C = U * R;
   constexpr int NS = (G + VL * U - 1) / (VL * U);  // steps a lane
   constexpr unsigned BASE = 0x50005000u, CEN = 0x50005000u + OFF * 0x10001u;
@@ -98,7 +96,7 @@ __device__ __forceinline__ void edgellm_q4gemv_async(const half* __restrict__ x,
     eqa_commit();
   };
 #pragma unroll
-  for (int it = 0; it < PRE; ++it) issue(it);
+  for (int it = 0; it < S; ++it) issue(it);
   if constexpr (PF) {  // the block's rows (weights, then scales widened to 16-byte bounds) into L2, before the wait
     if (tid == 0) {
       const int r0 = blockIdx.x * BLK, n = min(BLK, OUTF - r0);
@@ -112,8 +110,6 @@ __device__ __forceinline__ void edgellm_q4gemv_async(const half* __restrict__ x,
     cudaGridDependencySynchronize();
     cudaTriggerProgrammaticLaunchCompletion();
   }
-#pragma unroll
-  for (int it = PRE; it < S; ++it) issue(it);  // the rest of the ring after the wait (PRE < S)
   for (int j = tid; j < 4 * G; j += NT) {  // word j = 4g + q of x (x[8j .. 8j+7]) -> its 4 pairs at xs[q][g]
     const uint4 v = reinterpret_cast<const uint4*>(x)[j];
     uint4 p;  // (x0, x4) (x1, x5) (x2, x6) (x3, x7) from (x0, x1) (x2, x3) (x4, x5) (x6, x7)
