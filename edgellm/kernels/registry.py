@@ -149,11 +149,6 @@ class KernelRegistry:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if o.cuda_gemv in ("auto", "fp16x2-smem"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
-                    from . import cuda_gemv_async as ga
-
-                    if ga.applies(in_f, out_f, tuple(cfg), self.sm, bias, zp):  # long `in`: the weights by cp.async
-                        return f"int4_gemv_async{grid}", lambda: ga.int4_gemv_async(in_f, out_f, *cfg, fold,
-                                                                                    offset=off, pdl=self.pdl)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
                         in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold,
                         pdl=self.pdl)
