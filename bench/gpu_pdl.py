@@ -115,6 +115,9 @@ VARIANTS = {
     # warp shuffles (--opt cuda_argmax, default warp); the same logits and tokens
     "owned-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
     "owned-hq4-argtree": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_argmax": "tree"},
+    # the plain decode GEMVs (o, down) and gate_up + silu with int8 activations and dp4a (--opt cuda_gemv=dp4a; a
+    # scale per 8 activations, as the Vulkan default): not bit-equal, within the tolerance
+    "owned-dp4a": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
 }
 HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4", "owned-dnw16-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
@@ -146,8 +149,8 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-gw2", "owned-gw4", "owned-gu", "owned-dnu4", "owned-dnr4", "owned-dnk4", "owned-gp",
          "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
-         "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1")  # and owned-pA-B...
-NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+         "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a")  # and owned-pA-B...
+NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}

@@ -105,6 +105,19 @@ template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline void cudaGridDependencySynchronize() {}  // PDL: one kernel at a time here
 inline void cudaTriggerProgrammaticLaunchCompletion() {}
 inline void __syncwarp() { emu_wait(2); }
+// int8 dot products and the float helpers kernels/cuda/int4_gemv_dp4a.cu uses (IEEE float32 on the host as on the GPU)
+struct uint2 { unsigned x, y; };
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline int __dp4a(int a, int b, int c) {  // four signed byte products added to c
+  for (int i = 0; i < 4; ++i) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+  return c;
+}
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline int __float2int_rn(float f) { return (int)std::nearbyint(f); }  // the default mode: half to even
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline float __expf(float f) { return std::exp(f); }
+template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int t = threadIdx.x, w = t / 32;
   g_shfl[t] = v; emu_wait(2);

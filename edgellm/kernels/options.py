@@ -15,11 +15,14 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "cpu_dot": (("auto", "vnni", "pmadd", "sdot", "portable"),
                 "CPU int8 linear (q4f32_2): the integer dot-product instructions; auto = the widest the target has "
                 "(AVX-512 VNNI, then AVX-512BW/AVX2/SSSE3 pmadd, then NEON sdot, then portable shifts and multiplies)"),
-    "cuda_gemv": (("auto", "fp16x2-smem", "fp16x2", "te"),
+    "cuda_gemv": (("auto", "fp16x2-smem", "fp16x2", "te", "dp4a"),
                   "CUDA INT4 decode GEMV: fp16x2-smem = the hand-written kernel in fp16x2 arithmetic (fp16 "
                   "activations) with x staged once per block in shared memory; fp16x2 = the same arithmetic with "
                   "every warp team reading x from L2 (the previous default); te = the tensor-expression kernel with "
-                  "edgellm's warp schedule; auto = fp16x2-smem for 4-bit rows, fp16x2 for 8-bit ones"),
+                  "edgellm's warp schedule; dp4a = x quantized to int8 while it is staged (a scale per 8 "
+                  "activations, as the Vulkan default) and integer dot products, for the plain GEMVs and gate_up "
+                  "with its silu (the norm-fused ones stay fp16x2-smem); auto = fp16x2-smem for 4-bit rows, fp16x2 "
+                  "for 8-bit ones"),
     "cuda_gemm": (("auto", "wgmma", "mma-pipelined", "mma", "simt"),
                   "CUDA INT4 prefill GEMM: wgmma = Hopper's warpgroup tensor-core instruction (sm_90 only, built "
                   "for sm_90a; `in` a multiple of 64); mma-pipelined = mma.sync tensor cores with a cp.async "

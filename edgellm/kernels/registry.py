@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from ..quant.schemes import QuantScheme
-from . import cuda_pdl
+from . import cuda_gemv_dp4a, cuda_pdl
 from .options import KernelOptions
 
 
@@ -140,14 +140,18 @@ class KernelRegistry:
         if gemv and self.kind == "cuda" and plain:
             from . import cuda_gemv
 
-            h2 = o.cuda_gemv in ("auto", "fp16x2", "fp16x2-smem") and fp16 and cuda_gemv.h2_supports(
+            h2 = o.cuda_gemv in ("auto", "fp16x2", "fp16x2-smem", "dp4a") and fp16 and cuda_gemv.h2_supports(
                 in_f, out_dtype, scheme.scale_dtype, out_dtype)
             if h2 and scheme.bits == 8:  # the 8-bit embedding / head rows (q8f16_1, the Q8_0 grid)
                 cfg = cuda_gemv.int8_gemv_config(in_f, out_f)
                 return "int8_gemv_fp16x2", lambda: cuda_gemv.int8_gemv_h2(in_f, out_f, bias, *cfg)
             if h2 and int4:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
-                if o.cuda_gemv in ("auto", "fp16x2-smem"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
+                if o.cuda_gemv == "dp4a" and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
+                    *cfg, _ = cuda_gemv.xs_gemv_config(in_f, out_f)
+                    return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
+                                                                                         pdl=self.pdl)
+                if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
                         in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold,
@@ -296,6 +300,12 @@ class KernelRegistry:
         if silu and cfg[1] % 2:
             return None
         zp, off = scheme.zero_point, scheme.offset
+        if (norm_eps is None and self.options.cuda_gemv == "dp4a"
+                and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp, silu=True)):  # gate_up + silu, int8 x
+            name = "int4_gemv_dp4a" + _grid_suffix(scheme) + "_silu"
+            return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, None), "linear_gemv", name,
+                              lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off, silu=True,
+                                                                    pdl=self.pdl))
         name = stem + ("_norm" if norm_eps is not None else "") + ("" if add else "_noadd") + ("_silu" if silu else "")
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
@@ -327,7 +337,7 @@ class KernelRegistry:
         8 per word, group 32, no padding, fp16, no act-order gather; None elsewhere."""
         from . import cuda_gemv
 
-        if not (self.options.cuda_gemv in ("auto", "fp16x2-smem") and scheme.quantized and scheme.bits == 4
+        if not (self.options.cuda_gemv in ("auto", "fp16x2-smem", "dp4a") and scheme.quantized and scheme.bits == 4
                 and scheme.elems_per_word == 8 and scheme.group_size == 32 and not scheme.act_order
                 and scheme.padded_in(in_f) == in_f and dtype == scheme.scale_dtype == "float16"
                 and cuda_gemv.h2_supports(in_f, dtype, dtype, dtype)):

@@ -1,0 +1,204 @@
+#ifndef EDGELLM_Q4GEMV_DP4A
+#define EDGELLM_Q4GEMV_DP4A
+// One-token INT4 decode GEMV with integer dot products (kernels/cuda_gemv_dp4a.py, `--opt cuda_gemv=dp4a`): the
+// arithmetic of the WebGPU/Vulkan default (webgpu_linear.int4_gemv_dp4a, act_group 8) and of llama.cpp's MMVQ,
+// on CUDA's dp4a:
+//
+// * x is quantized while the block stages it in shared memory: per packed word of 8 activations d = max|x| / 127 and
+//   q = rint(x * (127 / max|x|)) (round half to even; an all-zero word gives d = 0, q = 0), packed four a word in the
+//   weights' nibble order (elements 0, 2, 4, 6 | 1, 3, 5, 7: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` spread a
+//   weight word's nibbles to those bytes), with OFF * sum(q) beside it.
+// * per row and weight word: two dp4a (sum(nib * q), exact in int32) started from -OFF * sum(q), the offset removed;
+//   times the word's d in float32; the group's four in order, then one FMA with the weight scale. About 7
+//   instructions a packed word where cuda_gemv.int4_gemv_h2 needs 13: at memory speed that arithmetic is what
+//   limits the fp16x2 kernel (H200: its INT4 GEMVs stream at <= 3.7 TB/s alone, the 8-bit head at 4.4).
+//
+// Work split: cuda_gemv.int4_gemv_h2's. A block is W warps; KS consecutive warps form a team owning R rows (with
+// SILU the team's R / 2 gate rows i.. and their up rows NOUT + i..); lane v = 32 (warp % KS) + lane takes groups v,
+// v + 32 KS, ... in steps of U groups (the last step guarded); a step's U x R weight loads (16 bytes) and scales are
+// all issued before its arithmetic (a zero that depends on every load seeds the sums: ptxas otherwise sinks the
+// loads to their first use). With PDL: the first step's loads and, with PF, the block's rows asked into L2, before
+// the wait for the kernel before; x and every store after it. The rows' sums: the warp butterfly, then the team's
+// warps in order. SILU: silu(gate) * up from the two rows' fp16-rounded sums (cuda_math.silu_mul_gpu's arithmetic).
+//
+// smem: [4 G] uint2 (q), [4 G] float (d), [4 G] int (OFF * sum q), [W][R] float.
+#include <cuda_fp16.h>
+
+#ifndef EDGELLM_PDL_MARKS
+#define EDGELLM_PDL_MARKS
+__device__ __forceinline__ void edgellm_pdl_waits_inside() {}
+__device__ __forceinline__ void edgellm_noop() {}
+#endif
+
+__device__ __forceinline__ int eqd_dot(unsigned a, unsigned b, int c) { return __dp4a((int)a, (int)b, c); }  // signed bytes
+// 0, after every value folded into v has arrived (v >> s with s >= 32 is 0 in PTX; s is unknown to the compiler)
+__device__ __forceinline__ unsigned eqd_zero_after(unsigned v, unsigned s) {
+  unsigned r;
+  asm("shr.b32 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(s));
+  return r;
+}
+__device__ __forceinline__ void eqd_prefetch_l2(const void* p, unsigned n) {  // [p, p + n) into L2 (sm_90)
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+}
+__device__ __forceinline__ unsigned eqd_pack(int a, int b, int c, int d) {  // four int8 into bytes 0..3
+  return (unsigned)(a & 0xFF) | ((unsigned)(b & 0xFF) << 8) | ((unsigned)(c & 0xFF) << 16) | ((unsigned)d << 24);
+}
+
+template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL>
+__device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, const unsigned* __restrict__ qw,
+                                                    const half* __restrict__ qs, half* __restrict__ out,
+                                                    unsigned char* smem) {
+  static_assert(W % KS == 0 && (!SILU || R % 2 == 0), "warps a multiple of ksplit; silu: an even row count");
+  constexpr int NT = W * 32, TEAMS = W / KS, VL = 32 * KS, H = SILU ? R / 2 : R, BLK = TEAMS * H, C = U * R;
+  constexpr int NS = (G + VL * U - 1) / (VL * U);  // steps a lane
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int p0 = (blockIdx.x * TEAMS + warp / KS) * H;  // first output of this warp's team
+  const int vl = (warp % KS) * 32 + lane;
+  uint2* xq = reinterpret_cast<uint2*>(smem);
+  float* xd = reinterpret_cast<float*>(xq + 4 * G);
+  int* xc = reinterpret_cast<int*>(xd + 4 * G);
+  float* part = reinterpret_cast<float*>(xc + 4 * G);
+  auto row_of = [&](int r) -> long long {  // weight row of slot r (clamped: the loads stay in bounds)
+    if constexpr (SILU) return min(p0 + r % H, NOUT - 1) + (long long)(r / H) * NOUT;
+    return min(p0 + r, NOUT - 1);
+  };
+  uint4 wv[C];
+  float sc[C];
+  auto load = [&](int it) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int g = (it * U + u) * VL + vl;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (g < G) {
+          const long long row = row_of(r);
+          wv[u * R + r] = __ldg(reinterpret_cast<const uint4*>(qw + (row * G + g) * 4));
+          sc[u * R + r] = __half2float(qs[row * G + g]);
+        } else {
+          wv[u * R + r] = make_uint4(0u, 0u, 0u, 0u);
+          sc[u * R + r] = 0.f;
+        }
+      }
+    }
+  };
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  auto compute = [&](int it) {
+    unsigned all = 0u;  // every load of the step folded in: the sums start only once they have all arrived
+#pragma unroll
+    for (int c = 0; c < C; ++c) all ^= wv[c].x ^ __float_as_uint(sc[c]);
+    const int dep = (int)eqd_zero_after(all, (unsigned)vl | 32u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int g = (it * U + u) * VL + vl;
+      if (g < G) {
+        float t[R];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // weight word k of the group: activations 8k .. 8k + 7
+          const uint2 q = xq[g * 4 + k];
+          const float d = xd[g * 4 + k];
+          const int c0 = dep - xc[g * 4 + k];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const uint4 wc = wv[u * R + r];
+            const unsigned w = k == 0 ? wc.x : k == 1 ? wc.y : k == 2 ? wc.z : wc.w;
+            const int s = eqd_dot((w >> 4) & 0x0F0F0F0Fu, q.y, eqd_dot(w & 0x0F0F0F0Fu, q.x, c0));
+            t[r] = k == 0 ? (float)s * d : fmaf((float)s, d, t[r]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(t[r], sc[u * R + r], acc[r]);
+      }
+    }
+  };
+  if (NS > 0) load(0);  // weights and scales only: parameters nothing of the step writes
+  if constexpr (PF) {  // the block's rows (weights, then scales widened to 16-byte bounds) into L2, before the wait
+    if (tid == 0) {
+#pragma unroll
+      for (int part_ = 0; part_ < (SILU ? 2 : 1); ++part_) {
+        const int r0 = blockIdx.x * BLK + part_ * NOUT, n = min(BLK, NOUT - (int)(blockIdx.x * BLK));
+        eqd_prefetch_l2(qw + (long long)r0 * G * 4, (unsigned)(n * G * 16));
+        const long long s0 = ((long long)r0 * G * 2) & ~15ll;
+        const long long s1 = min(((long long)(r0 + n) * G * 2 + 15) & ~15ll,
+                                 (long long)(SILU ? 2 : 1) * NOUT * G * 2 / 16 * 16);
+        if (s1 > s0) eqd_prefetch_l2(reinterpret_cast<const unsigned char*>(qs) + s0, (unsigned)(s1 - s0));
+      }
+    }
+  }
+  if constexpr (PDL) {  // x and every store come after the kernel before has completed
+    cudaGridDependencySynchronize();
+    cudaTriggerProgrammaticLaunchCompletion();
+  }
+  for (int j = tid; j < 4 * G; j += NT) {  // word j of x: its 8 activations quantized with one d
+    const uint4 v = reinterpret_cast<const uint4*>(x)[j];
+    const unsigned hv[4] = {v.x, v.y, v.z, v.w};
+    float f[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      f[2 * e] = __half2float(__ushort_as_half((unsigned short)(hv[e] & 0xFFFFu)));
+      f[2 * e + 1] = __half2float(__ushort_as_half((unsigned short)(hv[e] >> 16)));
+    }
+    float am = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(f[e]));
+    const float inv = am > 0.f ? __fdiv_rn(127.f, am) : 0.f;
+    int q[8], sum = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      q[e] = __float2int_rn(__fmul_rn(f[e], inv));
+      sum += q[e];
+    }
+    xq[j] = make_uint2(eqd_pack(q[0], q[2], q[4], q[6]), eqd_pack(q[1], q[3], q[5], q[7]));
+    xd[j] = __fmul_rn(am, 1.f / 127.f);
+    xc[j] = OFF * sum;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int it = 0; it < NS; ++it) {
+    if (it > 0) load(it);
+    compute(it);
+  }
+  float fin[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float red = acc[r];
+#pragma unroll
+    for (int o = 0; o < 5; ++o) red = red + __shfl_xor_sync(0xFFFFFFFFu, red, 16 >> o);
+    fin[r] = red;
+    if (KS > 1 && lane == 0) part[warp * R + r] = red;
+  }
+  auto store = [&](int i, float v, float up) {  // output i of the team (v: its row's sum; SILU: gate, and up)
+    if (p0 + i >= NOUT) return;
+    if constexpr (SILU) {
+      const float g16 = __half2float(__float2half_rn(v)), u16 = __half2float(__float2half_rn(up));
+      out[p0 + i] = __float2half_rn(g16 / (1.f + __expf(-g16)) * u16);
+    } else {
+      out[p0 + i] = __float2half_rn(v);
+    }
+  };
+  if constexpr (KS == 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        float up = 0.f;
+        if constexpr (SILU) up = fin[i + H];
+        store(i, fin[i], up);
+      }
+    }
+  } else {
+    __syncthreads();
+    if (warp % KS == 0 && lane < H) {  // the team's first warp: lane i sums output i's KS partials in warp order
+      float v = part[warp * R + lane], up = 0.f;
+#pragma unroll
+      for (int k = 1; k < KS; ++k) v = v + part[(warp + k) * R + lane];
+      if constexpr (SILU) {
+        up = part[warp * R + lane + H];
+#pragma unroll
+        for (int k = 1; k < KS; ++k) up = up + part[(warp + k) * R + lane + H];
+      }
+      store(lane, v, up);
+    }
+  }
+}
+#endif

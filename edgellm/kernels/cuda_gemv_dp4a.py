@@ -1,0 +1,81 @@
+"""The one-token INT4 decode GEMV with int8 activations and integer dot products on CUDA (`--opt cuda_gemv=dp4a`).
+
+kernels/cuda/int4_gemv_dp4a.cu: x quantized to int8 while the block stages it (a scale d per packed word of 8
+activations, as the WebGPU/Vulkan default, webgpu_linear.int4_gemv_dp4a with act_group 8, and the CPU int8 rows),
+two dp4a per weight word, one float FMA per group and row with the weight scale. About half the instructions of
+cuda_gemv.int4_gemv_h2 per weight byte. The values differ from the fp16x2 kernel's by the activations' rounding
+(|error| <= sum |w| d / 2 per output; docs/fidelity.md measured the same arithmetic on Vulkan: SmolLM2 top-1 97.8%
+of the fp16 activations' answers, KL 6e-4, 65.5% / 65.7% against fp32).
+
+Where the registry takes it with the option (`applies`): the plain decode GEMV (no bias) and gate_up with its silu
+epilogue, on the 4-bit symmetric grids (q4f16_1, q4f16_0), sm_61+; the GEMVs that stage the residual add + RMSNorm
+keep int4_gemv_h2. Work split and configs: int4_gemv_h2's picks for the shape (cuda_gemv.xs_gemv_config /
+fused_gemv_config).
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from .cuda import cuda_source
+from .cuda_gemv import GROUP, QMAX, prefetches_l2
+
+_SRC = cuda_source("int4_gemv_dp4a.cu")
+MIN_SM = 61  # dp4a
+
+
+def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:
+    """Plain (or silu-fused) 4-bit symmetric rows with no bias, `in` a whole number of groups, sm_61+."""
+    return (sm >= MIN_SM and not bias and not zero_point and in_f % GROUP == 0 and in_f > 0
+            and (not silu or out_f % 2 == 0))
+
+
+def smem_bytes(in_f: int, warps: int, rows: int) -> int:
+    """The staged x: per packed word 8 bytes of int8, its d and OFF * sum(q); the K-split partials."""
+    return in_f // 8 * 16 + warps * rows * 4
+
+
+def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, offset: int = QMAX,
+                   silu: bool = False, pdl: bool = False):
+    """y[1, out] = x[1, in] W^T (silu: silu(gate) * up [1, out / 2], gate rows first), arguments (x, q_weight,
+    q_scale, out) as int4_gemv_h2's without bias, already scheduled. `pdl` (sm_90): the first step's weight loads
+    (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before."""
+    from tvm.script import tirx as T
+
+    from .cuda_pdl import WAITS_INSIDE
+
+    if in_f % GROUP or in_f <= 0:
+        raise ValueError(f"int4_gemv_dp4a needs `in` a positive multiple of {GROUP}, got {in_f}")
+    if warps % ksplit or min(warps, rows, unroll, ksplit) < 1:
+        raise ValueError(f"int4_gemv_dp4a: warps {warps} must be a positive multiple of ksplit {ksplit}")
+    if silu and (rows % 2 or out_f % 2):
+        raise ValueError(f"int4_gemv_dp4a: silu needs an even `rows` and `out` (got {rows}, {out_f})")
+    if not 0 <= offset < 16:
+        raise ValueError(f"int4_gemv_dp4a: offset must be in 0..15, got {offset}")
+    G, W = in_f // GROUP, warps
+    nout = out_f // 2 if silu else out_f
+    per_block = W // ksplit * (rows // 2 if silu else rows)
+    nb = (nout + per_block - 1) // per_block
+    pf = pdl and prefetches_l2(in_f, out_f)
+    b = {True: "true", False: "false"}
+    call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
+            f"{b[pdl]}>")
+    mark = WAITS_INSIDE if pdl else "edgellm_noop"
+    smem = smem_bytes(in_f, W, rows)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x: T.Buffer((1, in_f), "float16"), qw: T.Buffer((out_f, G * 4), "uint32"),
+               qs: T.Buffer((out_f, G), "float16"), out: T.Buffer((1, nout), "float16")):
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", nb)
+            T.launch_thread("threadIdx.x", W * 32)
+            sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
+            T.evaluate(T.call_extern("void", mark))
+            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, source_code=_SRC))
+
+    grid = "" if offset == QMAX else f"_o{offset}"
+    return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
+                              "tir.noalias": True,
+                              "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
+                              + ("_pf" if pf else "")})
