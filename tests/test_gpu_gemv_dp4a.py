@@ -187,3 +187,14 @@ def test_builds_with_and_without_pdl():
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # its wait is inside: patch_source adds no prologue
             assert cuda_pdl.patch_source(src)[1] == []
+
+
+def test_the_pdl_marks_are_defined_once_per_module():
+    """int4_gemv_dp4a.cu and owned_kv.cu both define the PDL marks a launch calls; a module holding both (the owned
+    cache's decode with this GEMV) compiles only if each definition sits under the same guard."""
+    root = Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda"
+    for name in ("int4_gemv_dp4a.cu", "owned_kv.cu"):
+        src = (root / name).read_text()
+        guard = src.index("#ifndef EDGELLM_PDL_MARKS")
+        assert guard < src.index("void edgellm_pdl_waits_inside()") < src.index("#endif", guard), name
+        assert guard < src.index("void edgellm_noop()") < src.index("#endif", guard), name

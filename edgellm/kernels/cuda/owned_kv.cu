@@ -474,8 +474,11 @@ __device__ __forceinline__ void edgellm_decode_attn_merge(
 // 2 * W * G ((m, l) per warp) + W * G * D (per warp: p [G][32], then o [G][D]) + 4 (alignment).
 // A kernel whose TVMScript launch calls this (owned_kv.py, EARLY) places its own PDL wait (kernels/cuda_pdl.py
 // WAITS_INSIDE): the generated kernel gets no prologue.
+#ifndef EDGELLM_PDL_MARKS  // also defined by int4_gemv_dp4a.cu: the two share a CUDA module
+#define EDGELLM_PDL_MARKS
 __device__ __forceinline__ void edgellm_pdl_waits_inside() {}
 __device__ __forceinline__ void edgellm_noop() {}
+#endif
 
 // NG > 1: the G * NG q heads of a kv head split over NG blocks of G heads each (blockIdx.x = (token * KV + kv head) *
 // NG + the block's group): each block reads the kv head's K / V (from L2 after the first) and does 1 / NG of the
