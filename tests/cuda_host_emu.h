@@ -114,6 +114,9 @@ inline int __dp4a(int a, int b, int c) {  // four signed byte products added to 
 }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 inline int __float2int_rn(float f) { return (int)std::nearbyint(f); }  // the default mode: half to even
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline float __expf(float f) { return std::exp(f); }

@@ -2,7 +2,7 @@
 
 * the CUDA source itself, run on the host through tests/cuda_host_emu.h, against a numpy model of its arithmetic (a
   scale d per 8 activations, q = rint(x * 127 / max|x|), exact integer sums minus offset * sum(q), one float product
-  per d and scale: test_webgpu_dp4a's model with the grid's offset), and within the bound the activations' rounding
+  per d and scale: test_webgpu_dp4a's model with the grid's offset, the reciprocal rounded before its product), and within the bound the activations' rounding
   allows of the float GEMV: steps with a guarded tail, K split over warps, the silu epilogue, the Q4_0 grid, an
   `out` no block tiles evenly, outlier activations;
 * the registry takes it only with the option, for the plain GEMV and gate_up + silu; the norm-fused GEMVs, the 8-bit
@@ -26,15 +26,15 @@ from edgellm.quant.schemes import get_scheme
 
 
 def dp4a_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy model of int4_gemv_dp4a.cu: per packed word of 8 activations d = max|x| / 127 and q = rint(x * (127 /
-    max|x|)) in float32; per row and word the exact integer sum(nib * q) - offset * sum(q) times d, times the group's
+    """numpy model of int4_gemv_dp4a.cu: per packed word of 8 activations d = max|x| / 127 and q = rint(x * (127 * (1 /
+    max|x|))) in float32; per row and word the exact integer sum(nib * q) - offset * sum(q) times d, times the group's
     scale; the float sums in float64 (the kernel's float32 order differs: the comparison allows the fp16 output's
     rounding). Returns (out [out_f] float64, d [in / 8])."""
     out_f, words = qw.shape
     hv = x.astype(np.float32).reshape(words, 8)
     am = np.abs(hv).max(-1)
     with np.errstate(divide="ignore"):
-        inv = np.where(am > 0, np.float32(127) / am, np.float32(0)).astype(np.float32)
+        inv = np.where(am > 0, np.float32(127) * (np.float32(1) / am), np.float32(0)).astype(np.float32)
     q = np.rint(hv * inv[:, None]).astype(np.int64)
     d = (am * np.float32(1 / 127)).astype(np.float32)
     nib = ((qw[:, :, None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).astype(np.int64)

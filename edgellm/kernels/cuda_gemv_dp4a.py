@@ -21,6 +21,10 @@ from .cuda_gemv import GROUP, QMAX, prefetches_l2
 
 _SRC = cuda_source("int4_gemv_dp4a.cu")
 MIN_SM = 61  # dp4a
+# (warps, rows, unroll, ksplit) of the silu GEMV (gate_up) by `in`, in place of int4_gemv_h2's pick: every block
+# quantizes the whole x while it stages it, so fewer, wider blocks quantize it fewer times (an A/B knob of
+# bench/gpu_pdl.py)
+SILU_CONFIG: dict[int, tuple[int, int, int, int]] = {}
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:

@@ -303,9 +303,10 @@ class KernelRegistry:
         if (norm_eps is None and self.options.cuda_gemv == "dp4a"
                 and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp, silu=True)):  # gate_up + silu, int8 x
             name = "int4_gemv_dp4a" + _grid_suffix(scheme) + "_silu"
-            return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, None), "linear_gemv", name,
-                              lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off, silu=True,
-                                                                    pdl=self.pdl))
+            dcfg = cuda_gemv_dp4a.SILU_CONFIG.get(in_f, tuple(cfg))
+            return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, None, dcfg), "linear_gemv",
+                              name, lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *dcfg, offset=off, silu=True,
+                                                                          pdl=self.pdl))
         name = stem + ("_norm" if norm_eps is not None else "") + ("" if add else "_noadd") + ("_silu" if silu else "")
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,

@@ -5,7 +5,7 @@
 // on CUDA's dp4a:
 //
 // * x is quantized while the block stages it in shared memory: per packed word of 8 activations d = max|x| / 127 and
-//   q = rint(x * (127 / max|x|)) (round half to even; an all-zero word gives d = 0, q = 0), packed four a word in the
+//   q = rint(x * (127 * (1 / max|x|))) (round half to even; an all-zero word gives d = 0, q = 0), packed four a word in the
 //   weights' nibble order (elements 0, 2, 4, 6 | 1, 3, 5, 7: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` spread a
 //   weight word's nibbles to those bytes), with OFF * sum(q) beside it.
 // * per row and weight word: two dp4a (sum(nib * q), exact in int32) started from -OFF * sum(q), the offset removed;
@@ -142,11 +142,14 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
     float am = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(f[e]));
-    const float inv = am > 0.f ? __fdiv_rn(127.f, am) : 0.f;
+    // 127 / max|x| as 127 times the correctly rounded reciprocal (two roundings: cheaper than a division); q by the
+    // float add of 1.5 * 2^23, which rounds |v| <= 127 half to even into the low mantissa bits (the product rounded
+    // first: no FMA)
+    const float inv = am > 0.f ? __fmul_rn(127.f, __frcp_rn(am)) : 0.f;
     int q[8], sum = 0;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      q[e] = __float2int_rn(__fmul_rn(f[e], inv));
+      q[e] = __float_as_int(__fadd_rn(__fmul_rn(f[e], inv), 12582912.f)) - 0x4B400000;
       sum += q[e];
     }
     xq[j] = make_uint2(eqd_pack(q[0], q[2], q[4], q[6]), eqd_pack(q[1], q[3], q[5], q[7]));
