@@ -25,6 +25,7 @@ MIN_SM = 61  # dp4a
 # quantizes the whole x while it stages it, so fewer, wider blocks quantize it fewer times (an A/B knob of
 # bench/gpu_pdl.py)
 SILU_CONFIG: dict[int, tuple[int, int, int, int]] = {}
+PROBE_NO_QUANT = False  # a timing probe: the kernels stage zeros instead of quantizing x (wrong values; bench only)
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:
@@ -61,6 +62,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     nb = (nout + per_block - 1) // per_block
     pf = pdl and prefetches_l2(in_f, out_f)
     b = {True: "true", False: "false"}
+    src = ("\n#define EDGELLM_DP4A_NO_QUANT" if PROBE_NO_QUANT else "") + _SRC
     call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
             f"{b[pdl]}>")
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
@@ -76,10 +78,10 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
             T.launch_thread("threadIdx.x", W * 32)
             sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
             T.evaluate(T.call_extern("void", mark))
-            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, source_code=_SRC))
+            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, source_code=src))
 
     grid = "" if offset == QMAX else f"_o{offset}"
     return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
                               "tir.noalias": True,
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
-                              + ("_pf" if pf else "")})
+                              + ("_pf" if pf else "") + ("_noq" if PROBE_NO_QUANT else "")})

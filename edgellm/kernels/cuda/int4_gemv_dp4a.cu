@@ -130,6 +130,14 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
     cudaGridDependencySynchronize();
     cudaTriggerProgrammaticLaunchCompletion();
   }
+#ifdef EDGELLM_DP4A_NO_QUANT  // a timing probe (bench/gpu_pdl.py owned-dp4a-noq): the staging without x (wrong values)
+  for (int j = tid; j < 4 * G; j += NT) {
+    xq[j] = make_uint2(0u, 0u);
+    xd[j] = 0.f;
+    xc[j] = 0;
+  }
+  if (false)
+#endif
   for (int j = tid; j < 4 * G; j += NT) {  // word j of x: its 8 activations quantized with one d
     const uint4 v = reinterpret_cast<const uint4*>(x)[j];
     const unsigned hv[4] = {v.x, v.y, v.z, v.w};
