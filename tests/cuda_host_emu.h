@@ -117,6 +117,9 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned short __half_as_ushort(half h) { return h.b; }
+inline float rsqrtf(float f) { return 1.0f / std::sqrt(f); }
 inline int __float2int_rn(float f) { return (int)std::nearbyint(f); }  // the default mode: half to even
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline float __expf(float f) { return std::exp(f); }

@@ -25,6 +25,9 @@ MIN_SM = 61  # dp4a
 # quantizes the whole x while it stages it, so fewer, wider blocks quantize it fewer times (an A/B knob of
 # bench/gpu_pdl.py)
 SILU_CONFIG: dict[int, tuple[int, int, int, int]] = {}
+# (warps, rows, unroll, ksplit) of gate_up + silu in the quantized MLP chain (registry.dp4a_mlp): 8 outputs a block,
+# one packed word of its quantized output
+QOUT_SILU_CONFIG = (8, 2, 4, 1)
 PROBE_NO_QUANT = False  # a timing probe: the kernels stage zeros instead of quantizing x (wrong values; bench only)
 
 
@@ -40,10 +43,13 @@ def smem_bytes(in_f: int, warps: int, rows: int) -> int:
 
 
 def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, offset: int = QMAX,
-                   silu: bool = False, pdl: bool = False):
+                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False):
     """y[1, out] = x[1, in] W^T (silu: silu(gate) * up [1, out / 2], gate rows first), arguments (x, q_weight,
     q_scale, out) as int4_gemv_h2's without bias, already scheduled. `pdl` (sm_90): the first step's weight loads
-    (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before."""
+    (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before.
+    `preq`: x arrives quantized, uint32 [in / 8, 4] (add_rms_norm_q8's or a `qout` GEMV's output: per packed word of 8
+    activations its int8 pairs, d and sum(q)); `qout`: the output leaves quantized the same way, uint32 [out' / 8, 4]
+    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8)."""
     from tvm.script import tirx as T
 
     from .cuda_pdl import WAITS_INSIDE
@@ -59,18 +65,22 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     G, W = in_f // GROUP, warps
     nout = out_f // 2 if silu else out_f
     per_block = W // ksplit * (rows // 2 if silu else rows)
+    if qout and (per_block % 8 or nout % per_block):
+        raise ValueError(f"int4_gemv_dp4a: qout needs a block's {per_block} outputs a multiple of 8 dividing {nout}")
     nb = (nout + per_block - 1) // per_block
     pf = pdl and prefetches_l2(in_f, out_f)
     b = {True: "true", False: "false"}
     src = ("\n#define EDGELLM_DP4A_NO_QUANT" if PROBE_NO_QUANT else "") + _SRC
     call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
-            f"{b[pdl]}>")
+            f"{b[pdl]}, {b[preq]}, {b[qout]}>")
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
-    smem = smem_bytes(in_f, W, rows)
+    smem = smem_bytes(in_f, W, rows) + (per_block * 4 if qout else 0)
+    x_shape, x_dtype = ((in_f // 8, 4), "uint32") if preq else ((1, in_f), "float16")
+    o_shape, o_dtype = ((nout // 8, 4), "uint32") if qout else ((1, nout), "float16")
 
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((1, in_f), "float16"), qw: T.Buffer((out_f, G * 4), "uint32"),
-               qs: T.Buffer((out_f, G), "float16"), out: T.Buffer((1, nout), "float16")):
+    def kernel(x: T.Buffer(x_shape, x_dtype), qw: T.Buffer((out_f, G * 4), "uint32"),
+               qs: T.Buffer((out_f, G), "float16"), out: T.Buffer(o_shape, o_dtype)):
         with T.sblock("root"):
             T.reads()
             T.writes()
@@ -84,4 +94,31 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
                               "tir.noalias": True,
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
-                              + ("_pf" if pf else "") + ("_noq" if PROBE_NO_QUANT else "")})
+                              + ("_pf" if pf else "") + ("_noq" if PROBE_NO_QUANT else "") + ("_preq" if preq else "")
+                              + ("_qout" if qout else "")})
+
+
+def add_rms_norm_q8(hidden: int, eps: float):
+    """(x + y, rms_norm(x + y) * w quantized for a `preq` GEMV) for one token: arguments x [1, hidden], y [1, hidden],
+    w [hidden] (fp16); outputs x + y [1, hidden] fp16 and uint32 [hidden / 8, 4]. One block of hidden / 8 threads
+    (hidden a multiple of 256, at most 8192); launched like every kernel of the chain (cuda_pdl adds its wait)."""
+    from tvm.script import tirx as T
+
+    if hidden % 256 or hidden > 8192:
+        raise ValueError(f"add_rms_norm_q8 needs `hidden` a multiple of 256 up to 8192, got {hidden}")
+    nt = hidden // 8
+    call = f"edgellm_add_rms_norm_q8<{hidden}>"
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x: T.Buffer((1, hidden), "float16"), y: T.Buffer((1, hidden), "float16"), w: T.Buffer((hidden,), "float16"),
+               xo: T.Buffer((1, hidden), "float16"), hq: T.Buffer((hidden // 8, 4), "uint32")):
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", 1)
+            T.launch_thread("threadIdx.x", nt)
+            red = T.alloc_buffer((32,), "float32", scope="shared")
+            T.evaluate(T.cuda.func_call(call, x.data, y.data, w.data, xo.data, hq.data, T.float32(eps), red.data,
+                                        source_code=_SRC))
+
+    return kernel.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True})

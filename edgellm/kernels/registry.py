@@ -313,6 +313,35 @@ class KernelRegistry:
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
                                                          norm_add=add, pdl=self.pdl))
 
+    def dp4a_mlp(self, hidden: int, inter: int, scheme: QuantScheme, dtype: str, eps: float):
+        """The one-token MLP with int8 activations from the norm to down (--opt cuda_gemv=dp4a, CUDA): (add_rms_norm_q8:
+        x + delta and the normed x quantized a packed word at a time; gate_up + silu taking it and leaving its output
+        quantized the same way; down taking that), so no GEMV quantizes its input in every block; None elsewhere
+        (other options, --opt cuda_fuse=all, a gate_up that stages the norm itself, shapes it does not cover)."""
+        from . import cuda_gemv
+
+        o = self.options
+        if (self.kind != "cuda" or o.cuda_gemv != "dp4a" or o.cuda_fuse != "auto"
+                or hidden <= cuda_gemv.FUSED_NORM_SILU_AUTO_MAX or hidden % 256 or hidden > 8192 or inter % 8
+                or self._cuda_xs_gemv_stem(hidden, scheme, dtype) is None or scheme.zero_point
+                or not cuda_gemv_dp4a.applies(hidden, 2 * inter, self.sm, False, False, silu=True)
+                or not cuda_gemv_dp4a.applies(inter, hidden, self.sm, False, False)):
+            return None
+        gu_cfg = cuda_gemv_dp4a.QOUT_SILU_CONFIG
+        if (gu_cfg[0] // gu_cfg[3]) * (gu_cfg[1] // 2) % 8 or inter % ((gu_cfg[0] // gu_cfg[3]) * (gu_cfg[1] // 2)):
+            return None
+        *dn_cfg, _ = cuda_gemv.xs_gemv_config(inter, hidden)
+        off, grid = scheme.offset, _grid_suffix(scheme)
+        norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
+                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
+        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg), "linear_gemv",
+                             f"int4_gemv_dp4a{grid}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
+                                 hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True))
+        down = self._once(("dp4a_preq", inter, hidden, scheme), "linear_gemv", f"int4_gemv_dp4a{grid}_preq",
+                          lambda: cuda_gemv_dp4a.int4_gemv_dp4a(inter, hidden, *dn_cfg, offset=off, pdl=self.pdl,
+                                                                preq=True))
+        return norm, gate_up, down
+
     def residual_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str):
         """The one-token decode GEMV that adds its output to the residual stream (o / down before a GEMV that takes
         the norm with `fused_gemv(add=False)`): arguments y's input, the weights, x; output x + y, rounded as

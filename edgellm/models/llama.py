@@ -92,6 +92,17 @@ class Backbone(nn.Module):
         qkv = _first_norm_linear(x, self.layers[0].input_layernorm, self.layers[0].self_attn.qkv_proj, self.kernels)
         for i, layer in enumerate(self.layers):
             mlp, attn = layer.mlp, layer.self_attn
+            norm = layer.post_attention_layernorm
+            chain = self.kernels.dp4a_mlp(mlp.gate_up_proj.in_features, mlp.inter, mlp.gate_up_proj.scheme, x.dtype,
+                                          norm.epsilon)
+            if chain is not None and mlp.down_proj.scheme == mlp.gate_up_proj.scheme:
+                x, y = _mlp_int8(x, attn.o_proj(attn.attention(qkv, cache, i)), norm, mlp, chain)
+                if i + 1 < len(self.layers):
+                    nxt = self.layers[i + 1]
+                    x, qkv = _norm_linear(x, y, nxt.input_layernorm, nxt.self_attn.qkv_proj, self.kernels)
+                else:
+                    x, h = _add_rms_norm(x, y, self.norm, self.kernels)
+                continue
             x, act = _res_norm_linear(x, attn.attention(qkv, cache, i), attn.o_proj, layer.post_attention_layernorm,
                                       mlp.gate_up_proj, self.kernels, silu_inter=mlp.inter)
             if i + 1 < len(self.layers):
@@ -101,6 +112,22 @@ class Backbone(nn.Module):
             else:
                 x, h = _add_rms_norm(x, mlp.down_proj(act), self.norm, self.kernels)
         return h
+
+
+def _mlp_int8(x, o, norm, mlp, chain):
+    """(x + o, down(silu(gate) * up of norm(x + o))) for one token with the registry's int8-activation chain
+    (`dp4a_mlp`): the norm kernel quantizes its output, gate_up + silu takes it and quantizes its own, down takes
+    that (uint32 [n / 8, 4]: per packed word of 8 activations the int8 pairs, d and sum(q))."""
+    b, s, hidden = x.shape
+    norm_q8, gate_up, down = chain
+    ph = nn.Tensor.placeholder
+    x, hq = nn.op.tensor_ir_op(norm_q8, "add_rms_norm_q8", [x.reshape(1, hidden), o.reshape(1, hidden), norm.weight],
+                               [ph((1, hidden), x.dtype), ph((hidden // 8, 4), "uint32")])
+    aq = nn.op.tensor_ir_op(gate_up, "linear_gemv_silu_q8", [hq, *_weights(mlp.gate_up_proj, mlp.gate_up_proj.scheme)],
+                            ph((mlp.inter // 8, 4), "uint32"))
+    y = nn.op.tensor_ir_op(down, "linear_gemv_q8", [aq, *_weights(mlp.down_proj, mlp.down_proj.scheme)],
+                           ph((1, hidden), x.dtype))
+    return x.reshape(b, s, hidden), y.reshape(b, s, hidden)
 
 
 def _first_norm_linear(x, norm, linear: Linear, kernels: KernelRegistry):

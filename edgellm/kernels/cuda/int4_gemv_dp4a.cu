@@ -43,13 +43,38 @@ __device__ __forceinline__ void eqd_prefetch_l2(const void* p, unsigned n) {  //
 __device__ __forceinline__ unsigned eqd_pack(int a, int b, int c, int d) {  // four int8 into bytes 0..3
   return (unsigned)(a & 0xFF) | ((unsigned)(b & 0xFF) << 8) | ((unsigned)(c & 0xFF) << 16) | ((unsigned)d << 24);
 }
+// One packed word of 8 activations (floats of fp16 values) quantized: (q of elements 0, 2, 4, 6 | 1, 3, 5, 7, d, sum q).
+// 127 / max|x| as 127 times the correctly rounded reciprocal (two roundings: cheaper than a division); q by the float
+// add of 1.5 * 2^23, which rounds |v| <= 127 half to even into the low mantissa bits (the product rounded first: no
+// FMA). An all-zero word: d = 0, q = 0.
+__device__ __forceinline__ uint4 eqd_quant8(const float* f) {
+  float am = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(f[e]));
+  const float inv = am > 0.f ? __fmul_rn(127.f, __frcp_rn(am)) : 0.f;
+  int q[8], sum = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    q[e] = __float_as_int(__fadd_rn(__fmul_rn(f[e], inv), 12582912.f)) - 0x4B400000;
+    sum += q[e];
+  }
+  return make_uint4(eqd_pack(q[0], q[2], q[4], q[6]), eqd_pack(q[1], q[3], q[5], q[7]),
+                    __float_as_uint(__fmul_rn(am, 1.f / 127.f)), (unsigned)sum);
+}
 
-template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL>
-__device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, const unsigned* __restrict__ qw,
-                                                    const half* __restrict__ qs, half* __restrict__ out,
+// PREQ: x arrives quantized ([4 G] uint4 of eqd_quant8, from edgellm_add_rms_norm_q8 or a QOUT GEMV), staged as it is.
+// QOUT: the outputs leave quantized ([NOUT / 8] uint4 of eqd_quant8 on the fp16-rounded values) for a PREQ GEMV: a
+// block's BLK outputs are whole packed words (BLK % 8 == 0, NOUT % BLK == 0).
+template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL, bool PREQ = false,
+          bool QOUT = false>
+__device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin, const unsigned* __restrict__ qw,
+                                                    const half* __restrict__ qs, void* __restrict__ outp,
                                                     unsigned char* smem) {
   static_assert(W % KS == 0 && (!SILU || R % 2 == 0), "warps a multiple of ksplit; silu: an even row count");
   constexpr int NT = W * 32, TEAMS = W / KS, VL = 32 * KS, H = SILU ? R / 2 : R, BLK = TEAMS * H, C = U * R;
+  static_assert(!QOUT || (BLK % 8 == 0 && NOUT % BLK == 0), "QOUT: a block's outputs are whole packed words");
+  const half* __restrict__ x = reinterpret_cast<const half*>(xin);
+  half* __restrict__ out = reinterpret_cast<half*>(outp);
   constexpr int NS = (G + VL * U - 1) / (VL * U);  // steps a lane
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int p0 = (blockIdx.x * TEAMS + warp / KS) * H;  // first output of this warp's team
@@ -58,6 +83,7 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
   float* xd = reinterpret_cast<float*>(xq + 4 * G);
   int* xc = reinterpret_cast<int*>(xd + 4 * G);
   float* part = reinterpret_cast<float*>(xc + 4 * G);
+  float* qo = part + W * R;  // QOUT: the block's outputs, fp16-rounded
   auto row_of = [&](int r) -> long long {  // weight row of slot r (clamped: the loads stay in bounds)
     if constexpr (SILU) return min(p0 + r % H, NOUT - 1) + (long long)(r / H) * NOUT;
     return min(p0 + r, NOUT - 1);
@@ -138,6 +164,14 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
   }
   if (false)
 #endif
+  if constexpr (PREQ) {
+    for (int j = tid; j < 4 * G; j += NT) {
+      const uint4 v = reinterpret_cast<const uint4*>(xin)[j];
+      xq[j] = make_uint2(v.x, v.y);
+      xd[j] = __uint_as_float(v.z);
+      xc[j] = OFF * (int)v.w;
+    }
+  } else
   for (int j = tid; j < 4 * G; j += NT) {  // word j of x: its 8 activations quantized with one d
     const uint4 v = reinterpret_cast<const uint4*>(x)[j];
     const unsigned hv[4] = {v.x, v.y, v.z, v.w};
@@ -147,22 +181,10 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
       f[2 * e] = __half2float(__ushort_as_half((unsigned short)(hv[e] & 0xFFFFu)));
       f[2 * e + 1] = __half2float(__ushort_as_half((unsigned short)(hv[e] >> 16)));
     }
-    float am = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) am = fmaxf(am, fabsf(f[e]));
-    // 127 / max|x| as 127 times the correctly rounded reciprocal (two roundings: cheaper than a division); q by the
-    // float add of 1.5 * 2^23, which rounds |v| <= 127 half to even into the low mantissa bits (the product rounded
-    // first: no FMA)
-    const float inv = am > 0.f ? __fmul_rn(127.f, __frcp_rn(am)) : 0.f;
-    int q[8], sum = 0;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      q[e] = __float_as_int(__fadd_rn(__fmul_rn(f[e], inv), 12582912.f)) - 0x4B400000;
-      sum += q[e];
-    }
-    xq[j] = make_uint2(eqd_pack(q[0], q[2], q[4], q[6]), eqd_pack(q[1], q[3], q[5], q[7]));
-    xd[j] = __fmul_rn(am, 1.f / 127.f);
-    xc[j] = OFF * sum;
+    const uint4 qv = eqd_quant8(f);
+    xq[j] = make_uint2(qv.x, qv.y);
+    xd[j] = __uint_as_float(qv.z);
+    xc[j] = OFF * (int)qv.w;
   }
   __syncthreads();
 #pragma unroll
@@ -181,12 +203,15 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
   }
   auto store = [&](int i, float v, float up) {  // output i of the team (v: its row's sum; SILU: gate, and up)
     if (p0 + i >= NOUT) return;
+    half y;
     if constexpr (SILU) {
       const float g16 = __half2float(__float2half_rn(v)), u16 = __half2float(__float2half_rn(up));
-      out[p0 + i] = __float2half_rn(g16 / (1.f + __expf(-g16)) * u16);
+      y = __float2half_rn(g16 / (1.f + __expf(-g16)) * u16);
     } else {
-      out[p0 + i] = __float2half_rn(v);
+      y = __float2half_rn(v);
     }
+    if constexpr (QOUT) qo[p0 + i - blockIdx.x * BLK] = __half2float(y);
+    else out[p0 + i] = y;
   };
   if constexpr (KS == 1) {
     if (lane == 0) {
@@ -211,5 +236,56 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const half* __restrict__ x, 
       store(lane, v, up);
     }
   }
+  if constexpr (QOUT) {  // the block's outputs as BLK / 8 quantized words
+    __syncthreads();
+    if (tid < BLK / 8) reinterpret_cast<uint4*>(outp)[blockIdx.x * (BLK / 8) + tid] = eqd_quant8(qo + 8 * tid);
+  }
+}
+
+// (x + y, and rms_norm(x + y) * w quantized a packed word at a time by eqd_quant8) for one token: add_rms_norm_gpu's
+// arithmetic (x + y rounded to fp16; the sum of squares in fp32; the normed value (s * r) * w rounded to fp16), the
+// sum of squares per thread's 8 in order, the warp butterfly, the warps in order. One block of HIDDEN / 8 threads.
+template <int HIDDEN>
+__device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
+                                                        const half* __restrict__ w, half* __restrict__ xo,
+                                                        uint4* __restrict__ hq, float eps, float* red) {
+  constexpr int NT = HIDDEN / 8, NW = (NT + 31) / 32;
+  static_assert(HIDDEN % 8 == 0 && NT <= 1024, "HIDDEN / 8 threads");
+  const int t = threadIdx.x;
+  const uint4 xv = reinterpret_cast<const uint4*>(x)[t], yv = reinterpret_cast<const uint4*>(y)[t];
+  const uint4 wv = reinterpret_cast<const uint4*>(w)[t];
+  const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+  float s[8], ss = 0.f;
+  unsigned so[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const half a0 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] & 0xFFFFu)))
+                                     + __half2float(__ushort_as_half((unsigned short)(ys[e] & 0xFFFFu))));
+    const half a1 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] >> 16)))
+                                     + __half2float(__ushort_as_half((unsigned short)(ys[e] >> 16))));
+    s[2 * e] = __half2float(a0);
+    s[2 * e + 1] = __half2float(a1);
+    so[e] = (unsigned)__half_as_ushort(a0) | ((unsigned)__half_as_ushort(a1) << 16);
+  }
+  reinterpret_cast<uint4*>(xo)[t] = make_uint4(so[0], so[1], so[2], so[3]);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) ss = ss + s[e] * s[e];
+#pragma unroll
+  for (int o = 0; o < 5; ++o) ss = ss + __shfl_xor_sync(0xFFFFFFFFu, ss, 1 << o);
+  if ((t & 31) == 0) red[t >> 5] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int k = 0; k < NW; ++k) tot = tot + red[k];
+  const float r = rsqrtf(tot / (float)HIDDEN + eps);
+  float h[8];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    h[2 * e] = __half2float(__float2half_rn(s[2 * e] * r
+                                            * __half2float(__ushort_as_half((unsigned short)(ws[e] & 0xFFFFu)))));
+    h[2 * e + 1] = __half2float(__float2half_rn(s[2 * e + 1] * r
+                                                * __half2float(__ushort_as_half((unsigned short)(ws[e] >> 16)))));
+  }
+  hq[t] = eqd_quant8(h);
 }
 #endif
