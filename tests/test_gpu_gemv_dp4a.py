@@ -177,16 +177,22 @@ def test_builds_with_and_without_pdl():
     prepare_cuda_build()
     for preset, pdl in (("cuda-sm90", True), ("cuda-sm80", False)):
         funcs = {"down": gd.int4_gemv_dp4a(14336, 4096, 16, 2, 2, 2, pdl=pdl),
-                 "gu": gd.int4_gemv_dp4a(4096, 28672, 4, 2, 4, 1, silu=True, pdl=pdl)}
+                 "gu": gd.int4_gemv_dp4a(4096, 28672, 4, 2, 4, 1, silu=True, pdl=pdl),
+                 "guq": gd.int4_gemv_dp4a(4096, 28672, 8, 2, 4, 1, silu=True, pdl=pdl, preq=True, qout=True),
+                 "downq": gd.int4_gemv_dp4a(14336, 4096, 16, 2, 2, 2, pdl=pdl, preq=True),
+                 "norm": gd.add_rms_norm_q8(4096, 1e-5)}
         with resolve(preset).tvm(), tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}))
         src = lib.mod.imports[0].inspect_source()
         p = str(pdl).lower()
-        assert f"edgellm_q4gemv_dp4a<16, 2, 2, 2, 448, 4096, 7, false, false, {p}>" in src
-        assert f"edgellm_q4gemv_dp4a<4, 2, 4, 1, 128, 14336, 7, true, false, {p}>" in src
+        assert f"edgellm_q4gemv_dp4a<16, 2, 2, 2, 448, 4096, 7, false, false, {p}, false, false>" in src
+        assert f"edgellm_q4gemv_dp4a<4, 2, 4, 1, 128, 14336, 7, true, false, {p}, false, false>" in src
+        assert f"edgellm_q4gemv_dp4a<8, 2, 4, 1, 128, 14336, 7, true, false, {p}, true, true>" in src
+        assert f"edgellm_q4gemv_dp4a<16, 2, 2, 2, 448, 4096, 7, false, false, {p}, true, false>" in src
+        assert "edgellm_add_rms_norm_q8<4096>" in src
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
-        if pdl:  # its wait is inside: patch_source adds no prologue
-            assert cuda_pdl.patch_source(src)[1] == []
+        if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
+            assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
 
 
 def test_the_pdl_marks_are_defined_once_per_module():
@@ -198,3 +204,123 @@ def test_the_pdl_marks_are_defined_once_per_module():
         guard = src.index("#ifndef EDGELLM_PDL_MARKS")
         assert guard < src.index("void edgellm_pdl_waits_inside()") < src.index("#endif", guard), name
         assert guard < src.index("void edgellm_noop()") < src.index("#endif", guard), name
+
+
+
+def _quant8(v: np.ndarray):
+    """eqd_quant8 in numpy: per word of 8 (float32 of fp16 values) q = rint(v * (127 * (1 / max|v|))), d = max / 127."""
+    hv = v.astype(np.float32).reshape(-1, 8)
+    am = np.abs(hv).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(am > 0, np.float32(127) * (np.float32(1) / am), np.float32(0)).astype(np.float32)
+    q = np.rint(hv * inv[:, None]).astype(np.int64)
+    return q, (am * np.float32(1 / 127)).astype(np.float32)
+
+
+_CHAIN_MAIN = r"""
+#include "cuda_host_emu.h"
+#include "kernel_emu.h"
+#include <cstdio>
+#include <cstdlib>
+constexpr int HID = 256, INTER = 96, G1 = HID / 32, G2 = INTER / 32;
+int main(int argc, char** argv) {  // in.bin out.bin eps
+  FILE* f = fopen(argv[1], "rb");
+  std::vector<half> x(HID), y(HID), w(HID), qs1(2 * INTER * G1), qs2(HID * G2), xo(HID), out(HID, half{0x7E00});
+  std::vector<unsigned> qw1(2 * INTER * G1 * 4), qw2(HID * G2 * 4);
+  std::vector<uint4> hq(HID / 8), aq(INTER / 8);
+  size_t got = fread(x.data(), 2, HID, f) + fread(y.data(), 2, HID, f) + fread(w.data(), 2, HID, f)
+      + fread(qw1.data(), 4, qw1.size(), f) + fread(qs1.data(), 2, qs1.size(), f)
+      + fread(qw2.data(), 4, qw2.size(), f) + fread(qs2.data(), 2, qs2.size(), f);
+  fclose(f);
+  if (got != 3 * HID + qw1.size() + qs1.size() + qw2.size() + qs2.size()) return 2;
+  float eps = atof(argv[3]);
+  std::vector<float> red(32);
+  emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
+  std::vector<unsigned char> sm(1 << 16);
+  for (int bx = 0; bx < INTER / 8; ++bx)  // gate_up + silu: 8 warps x 1 output, the block's 8 outputs one word
+    emu_run_block(bx, 0, 256, [&](int) { edgellm_q4gemv_dp4a<8, 2, 4, 1, G1, INTER, 7, true, false, true, true, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
+  for (int bx = 0; bx < HID / 8; ++bx)  // down: 4 warps, K split over 2, 2 rows a team
+    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 1, 1, G2, HID, 7, false, false, true, true, false>(aq.data(), qw2.data(), qs2.data(), out.data(), sm.data()); });
+  f = fopen(argv[2], "wb");
+  fwrite(xo.data(), 2, HID, f);
+  fwrite(hq.data(), 16, hq.size(), f);
+  fwrite(aq.data(), 16, aq.size(), f);
+  fwrite(out.data(), 2, HID, f);
+  fclose(f);
+}
+"""
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host emulation needs g++")
+def test_quantized_mlp_chain_on_the_host(tmp_path, host_emu):
+    """add_rms_norm_q8 -> gate_up + silu (PREQ, QOUT) -> down (PREQ), the CUDA source on the host: the residual and
+    the normed x's quantization exactly as numpy computes them, gate_up's quantized output equal to eqd_quant8 of
+    the silu of the model's sums (fp16-rounded) but where a rounding tie flips, and down within the rounding of
+    the model and of the float MLP on the same weights."""
+    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "int4_gemv_dp4a.cu").read_text()
+    src = src.replace("#include <cuda_fp16.h>", "")
+    for head, body in {r"unsigned eqd_zero_after\(unsigned v, unsigned s\) \{": "return 0u * v * s;",
+                       r"void eqd_prefetch_l2\(const void\* p, unsigned n\) \{": ""}.items():
+        src, n = re.subn(rf"({head}).*?\n\}}\n", rf"\1 {body} }}\n", src, count=1, flags=re.S)
+        assert n == 1, head
+    host_emu({"kernel_emu.h": src}, _CHAIN_MAIN)
+    rng = np.random.default_rng(17)
+    hid, inter, eps = 256, 96, 1e-5
+    s = get_scheme("q4f16_1")
+    x = (rng.standard_normal(hid) * 3).astype(np.float16)
+    y = rng.standard_normal(hid).astype(np.float16)
+    w = (1 + 0.1 * rng.standard_normal(hid)).astype(np.float16)
+    qw1, qs1 = [a for a in ref.quantize(rng.standard_normal((2 * inter, hid)).astype(np.float32) * 0.05, s)[:2]]
+    qw2, qs2 = [a for a in ref.quantize(rng.standard_normal((hid, inter)).astype(np.float32) * 0.05, s)[:2]]
+    (tmp_path / "in.bin").write_bytes(b"".join(a.tobytes() for a in (
+        x, y, w, qw1.astype(np.uint32), qs1.astype(np.float16), qw2.astype(np.uint32), qs2.astype(np.float16))))
+    subprocess.run(["./emu", "in.bin", "out.bin", str(eps)], cwd=tmp_path, check=True)
+    raw = (tmp_path / "out.bin").read_bytes()
+    xo = np.frombuffer(raw[:2 * hid], np.float16)
+    hq = np.frombuffer(raw[2 * hid:2 * hid + 2 * hid], np.uint32).reshape(-1, 4)
+    aq = np.frombuffer(raw[4 * hid:4 * hid + 2 * inter], np.uint32).reshape(-1, 4)
+    out = np.frombuffer(raw[4 * hid + 2 * inter:], np.float16).astype(np.float64)
+    sres = (x.astype(np.float32) + y.astype(np.float32)).astype(np.float16)
+    assert np.array_equal(xo, sres)  # the residual x + y
+    sf = sres.astype(np.float32)
+    r = np.float32(1) / np.sqrt(np.float32((sf * sf).sum(dtype=np.float32) / hid + np.float32(eps)))
+    h = (sf * r * w.astype(np.float32)).astype(np.float16)
+    q, d = _quant8(h.astype(np.float32))
+
+    def unpack(words):  # uint32 [n, 4] -> q [n, 8] in element order, d, sum
+        b = words[:, :2].copy().view(np.int8).reshape(-1, 2, 4)  # (elements 0, 2, 4, 6 | 1, 3, 5, 7)
+        qq = np.empty((len(words), 8), np.int64)
+        qq[:, 0::2], qq[:, 1::2] = b[:, 0], b[:, 1]
+        return qq, words[:, 2].copy().view(np.float32), words[:, 3].astype(np.int32)
+
+    hq_q, hq_d, hq_s = unpack(hq)
+    assert (np.abs(hq_d - d) <= np.spacing(d)).all()  # rsqrt's last bit may differ from numpy's
+    assert (np.abs(hq_q - q) <= 1).all() and (hq_q != q).mean() < 0.02 and np.array_equal(hq_s, hq_q.sum(1))
+    gate_up, _ = dp4a_model(h, qw1.astype(np.uint32), qs1.astype(np.float16), 7)
+    act = _silu(gate_up[:inter], gate_up[inter:])
+    aq_q, aq_d, aq_s = unpack(aq)
+    want_q, want_d = _quant8(act.astype(np.float16).astype(np.float32))
+    assert np.allclose(aq_d, want_d, rtol=4e-3) and (np.abs(aq_q - want_q) <= 1).all()
+    assert np.array_equal(aq_s, aq_q.sum(1))
+    deq = (aq_q * aq_d[:, None].astype(np.float64)).reshape(-1)  # the activations down sees
+    model = ref.dequantize(qw2, qs2, inter, s).astype(np.float64) @ deq
+    assert np.allclose(out, model, rtol=2e-3, atol=2e-3 * np.abs(model).max())
+    exact_act = _silu(*np.split(ref.dequantize(qw1, qs1, hid, s).astype(np.float64) @ h.astype(np.float64), 2))
+    exact = ref.dequantize(qw2, qs2, inter, s).astype(np.float64) @ exact_act
+    assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.03
+
+
+def test_chain_only_where_gate_up_does_not_stage_the_norm():
+    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.targets import resolve
+
+    cuda, s = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
+    chain = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(4096, 14336, s, "float16", 1e-5)
+    assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
+        "norm", "dp4a_w8r2u4k1_silu_preq_qout", "dp4a_w16r2u2k2_preq"]  # Llama-3-8B
+    assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
+    assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is None  # the option off
+    assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a", cuda_fuse="all")).dp4a_mlp(
+        4096, 14336, s, "float16", 1e-5) is None
+    assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(
+        4096, 14336, get_scheme("q4f16_2"), "float16", 1e-5) is None  # the Q4_1 grid

@@ -248,7 +248,7 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
 template <int HIDDEN>
 __device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
                                                         const half* __restrict__ w, half* __restrict__ xo,
-                                                        uint4* __restrict__ hq, float eps, float* red) {
+                                                        unsigned* __restrict__ hqp, float eps, float* red) {
   constexpr int NT = HIDDEN / 8, NW = (NT + 31) / 32;
   static_assert(HIDDEN % 8 == 0 && NT <= 1024, "HIDDEN / 8 threads");
   const int t = threadIdx.x;
@@ -286,6 +286,6 @@ __device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__
     h[2 * e + 1] = __half2float(__float2half_rn(s[2 * e + 1] * r
                                                 * __half2float(__ushort_as_half((unsigned short)(ws[e] >> 16)))));
   }
-  hq[t] = eqd_quant8(h);
+  reinterpret_cast<uint4*>(hqp)[t] = eqd_quant8(h);
 }
 #endif
