@@ -28,6 +28,9 @@ SILU_CONFIG: dict[int, tuple[int, int, int, int]] = {}
 # (warps, rows, unroll, ksplit) of gate_up + silu in the quantized MLP chain (registry.dp4a_mlp): 8 outputs a block,
 # one packed word of its quantized output
 QOUT_SILU_CONFIG = (8, 2, 4, 1)
+# the chain where `hidden` is at least this: above cuda_gemv.FUSED_NORM_SILU_AUTO_MAX gate_up does not stage the norm
+# itself (0: that rule); an A/B knob of bench/gpu_pdl.py
+CHAIN_MIN_HIDDEN = 0
 PROBE_NO_QUANT = False  # a timing probe: the kernels stage zeros instead of quantizing x (wrong values; bench only)
 
 

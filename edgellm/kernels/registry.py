@@ -321,8 +321,9 @@ class KernelRegistry:
         from . import cuda_gemv
 
         o = self.options
+        min_hidden = cuda_gemv_dp4a.CHAIN_MIN_HIDDEN or cuda_gemv.FUSED_NORM_SILU_AUTO_MAX + 1
         if (self.kind != "cuda" or o.cuda_gemv != "dp4a" or o.cuda_fuse != "auto"
-                or hidden <= cuda_gemv.FUSED_NORM_SILU_AUTO_MAX or hidden % 256 or hidden > 8192 or inter % 8
+                or hidden < min_hidden or hidden % 256 or hidden > 8192 or inter % 8
                 or self._cuda_xs_gemv_stem(hidden, scheme, dtype) is None or scheme.zero_point
                 or not cuda_gemv_dp4a.applies(hidden, 2 * inter, self.sm, False, False, silu=True)
                 or not cuda_gemv_dp4a.applies(inter, hidden, self.sm, False, False)):
