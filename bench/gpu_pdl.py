@@ -121,13 +121,12 @@ VARIANTS = {
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    # a timing probe: the dp4a kernels stage zeros instead of quantizing x (cuda_gemv_dp4a.PROBE_NO_QUANT; its
-    # values are wrong, its checks fail): what the per-block quantization costs
-    "owned-dp4a-noq": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     # the quantized MLP chain also where gate_up stages the norm (the 1B: cuda_gemv_dp4a.CHAIN_MIN_HIDDEN), and its
-    # gate_up in blocks of 4 warps of 4 rows (QOUT_SILU_CONFIG (4, 4, 2, 1): still 8 outputs a block)
+    # gate_up in blocks of 8 warps of 2 rows (QOUT_SILU_CONFIG (8, 2, 4, 1), the first version; the default since
+    # run 44: 4 warps of 4 rows, still 8 outputs a block)
     "owned-dp4a-chain": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-q4r4": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
+    "owned-dp4a-q8r2": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
 }
 HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4", "owned-dnw16-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
@@ -155,9 +154,8 @@ NORM_W = {"owned-nwlate": "late"}
 HEAD_GROUPS = {"owned-hg2": 2, "owned-hg4": 4, "owned-hg1": 1}  # owned_kv.WARPS_HEAD_GROUPS of the build (else its default)  # cuda_gemv.NORM_WEIGHT of the build (else its default)
 DP4A_SILU = {"owned-dp4a-w8": {4096: (8, 2, 4, 1), 2048: (8, 2, 4, 1)},
              "owned-dp4a-w16": {4096: (16, 2, 4, 1), 2048: (16, 2, 4, 1)}}  # cuda_gemv_dp4a.SILU_CONFIG (else {})
-DP4A_NOQ = {"owned-dp4a-noq": True}  # cuda_gemv_dp4a.PROBE_NO_QUANT (else False)
 DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else its default)
-DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
+DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -165,9 +163,10 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-pf20", "owned-all", "owned-hq4", "owned-argtree", "owned-hq4-argtree", "owned-sr4", "owned-sr4w8",
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
-         "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-noq", "owned-dp4a-chain", "owned-dp4a-q4r4")  # and owned-pA-B...
+         "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
+         "owned-dp4a-q8r2")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
-             "owned-dp4a-w16", "owned-dp4a-noq", "owned-dp4a-chain", "owned-dp4a-q4r4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -191,7 +190,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (pipeline, "GREEDY_GRAPH_PIECES", GREEDY_PIECES), (cuda_gemv, "SILU_CONFIG", SILU),
             (cuda_gemv, "NORM_CONFIG", NORM), (cuda_gemv, "NORM_WEIGHT", NORM_W),
             (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_dp4a, "SILU_CONFIG", DP4A_SILU),
-            (cuda_gemv_dp4a, "PROBE_NO_QUANT", DP4A_NOQ), (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
+            (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
             (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT)]
 
 

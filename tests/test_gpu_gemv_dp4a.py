@@ -2,9 +2,11 @@
 
 * the CUDA source itself, run on the host through tests/cuda_host_emu.h, against a numpy model of its arithmetic (a
   scale d per 8 activations, q = rint(x * 127 / max|x|), exact integer sums minus offset * sum(q), one float product
-  per d and scale: test_webgpu_dp4a's model with the grid's offset, the reciprocal rounded before its product), and within the bound the activations' rounding
-  allows of the float GEMV: steps with a guarded tail, K split over warps, the silu epilogue, the Q4_0 grid, an
-  `out` no block tiles evenly, outlier activations;
+  per d and scale: test_webgpu_dp4a's model with the grid's offset, the reciprocal rounded before its product), and
+  within the bound the activations' rounding allows of the float GEMV: steps with a guarded tail, K split over
+  warps, the silu epilogue, the Q4_0 grid, an `out` no block tiles evenly, outlier activations;
+* the quantized MLP chain (add_rms_norm_q8 -> gate_up + silu with quantized input and output -> down) on the host
+  against numpy, and the registry's chain only where gate_up does not stage the norm;
 * the registry takes it only with the option, for the plain GEMV and gate_up + silu; the norm-fused GEMVs, the 8-bit
   head, the Q4_1 grid and bias keep their kernels;
 * it builds for sm_90 with PDL (its own wait) and for sm_80 without.
@@ -237,8 +239,8 @@ int main(int argc, char** argv) {  // in.bin out.bin eps
   std::vector<float> red(32);
   emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
   std::vector<unsigned char> sm(1 << 16);
-  for (int bx = 0; bx < INTER / 8; ++bx)  // gate_up + silu: 8 warps x 1 output, the block's 8 outputs one word
-    emu_run_block(bx, 0, 256, [&](int) { edgellm_q4gemv_dp4a<8, 2, 4, 1, G1, INTER, 7, true, false, true, true, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
+  for (int bx = 0; bx < INTER / 8; ++bx)  // gate_up + silu, QOUT_SILU_CONFIG: 4 warps x 2 outputs, one word a block
+    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
   for (int bx = 0; bx < HID / 8; ++bx)  // down: 4 warps, K split over 2, 2 rows a team
     emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 1, 1, G2, HID, 7, false, false, true, true, false>(aq.data(), qw2.data(), qs2.data(), out.data(), sm.data()); });
   f = fopen(argv[2], "wb");
@@ -317,7 +319,7 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
     cuda, s = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
     chain = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(4096, 14336, s, "float16", 1e-5)
     assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
-        "norm", "dp4a_w8r2u4k1_silu_preq_qout", "dp4a_w16r2u2k2_preq"]  # Llama-3-8B
+        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u2k2_preq"]  # Llama-3-8B
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is None  # the option off
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a", cuda_fuse="all")).dp4a_mlp(

@@ -26,12 +26,12 @@ MIN_SM = 61  # dp4a
 # bench/gpu_pdl.py)
 SILU_CONFIG: dict[int, tuple[int, int, int, int]] = {}
 # (warps, rows, unroll, ksplit) of gate_up + silu in the quantized MLP chain (registry.dp4a_mlp): 8 outputs a block,
-# one packed word of its quantized output
-QOUT_SILU_CONFIG = (8, 2, 4, 1)
+# one packed word of its quantized output. 4 warps of 4 rows (two outputs a warp); H200, Llama-3-8B tg128
+# (docs/benchmarks/h200-pdl.md run 44): 631.3 tok/s against 614.7 with 8 warps of 2 rows (gate_up 18.4 -> 19.7 us)
+QOUT_SILU_CONFIG = (4, 4, 2, 1)
 # the chain where `hidden` is at least this: above cuda_gemv.FUSED_NORM_SILU_AUTO_MAX gate_up does not stage the norm
 # itself (0: that rule); an A/B knob of bench/gpu_pdl.py
 CHAIN_MIN_HIDDEN = 0
-PROBE_NO_QUANT = False  # a timing probe: the kernels stage zeros instead of quantizing x (wrong values; bench only)
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:
@@ -73,7 +73,6 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     nb = (nout + per_block - 1) // per_block
     pf = pdl and prefetches_l2(in_f, out_f)
     b = {True: "true", False: "false"}
-    src = ("\n#define EDGELLM_DP4A_NO_QUANT" if PROBE_NO_QUANT else "") + _SRC
     call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
             f"{b[pdl]}, {b[preq]}, {b[qout]}>")
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
@@ -91,13 +90,13 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
             T.launch_thread("threadIdx.x", W * 32)
             sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
             T.evaluate(T.call_extern("void", mark))
-            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, source_code=src))
+            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, source_code=_SRC))
 
     grid = "" if offset == QMAX else f"_o{offset}"
     return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
                               "tir.noalias": True,
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
-                              + ("_pf" if pf else "") + ("_noq" if PROBE_NO_QUANT else "") + ("_preq" if preq else "")
+                              + ("_pf" if pf else "") + ("_preq" if preq else "")
                               + ("_qout" if qout else "")})
 
 
@@ -113,8 +112,8 @@ def add_rms_norm_q8(hidden: int, eps: float):
     call = f"edgellm_add_rms_norm_q8<{hidden}>"
 
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((1, hidden), "float16"), y: T.Buffer((1, hidden), "float16"), w: T.Buffer((hidden,), "float16"),
-               xo: T.Buffer((1, hidden), "float16"), hq: T.Buffer((hidden // 8, 4), "uint32")):
+    def kernel(x: T.Buffer((1, hidden), "float16"), y: T.Buffer((1, hidden), "float16"),
+               w: T.Buffer((hidden,), "float16"), xo: T.Buffer((1, hidden), "float16"), hq: T.Buffer((hidden // 8, 4), "uint32")):
         with T.sblock("root"):
             T.reads()
             T.writes()

@@ -151,7 +151,7 @@ class KernelRegistry:
                     *cfg, _ = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
                                                                                          pdl=self.pdl)
-                if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x staged in shared memory (docs/benchmarks/h200-gemv.md)
+                if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
                         in_f, out_f, bias, *cfg, offset=off, zero_point=zp, xsmem=True, fold_shift=fold,

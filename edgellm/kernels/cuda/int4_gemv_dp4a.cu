@@ -5,13 +5,14 @@
 // on CUDA's dp4a:
 //
 // * x is quantized while the block stages it in shared memory: per packed word of 8 activations d = max|x| / 127 and
-//   q = rint(x * (127 * (1 / max|x|))) (round half to even; an all-zero word gives d = 0, q = 0), packed four a word in the
-//   weights' nibble order (elements 0, 2, 4, 6 | 1, 3, 5, 7: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` spread a
-//   weight word's nibbles to those bytes), with OFF * sum(q) beside it.
+//   q = rint(x * (127 * (1 / max|x|))) (round half to even; an all-zero word gives d = 0, q = 0), packed four a word
+//   in the weights' nibble order (elements 0, 2, 4, 6 | 1, 3, 5, 7: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F`
+//   spread a weight word's nibbles to those bytes), with OFF * sum(q) beside it. PREQ: x arrives so quantized.
 // * per row and weight word: two dp4a (sum(nib * q), exact in int32) started from -OFF * sum(q), the offset removed;
 //   times the word's d in float32; the group's four in order, then one FMA with the weight scale. About 7
-//   instructions a packed word where cuda_gemv.int4_gemv_h2 needs 13: at memory speed that arithmetic is what
-//   limits the fp16x2 kernel (H200: its INT4 GEMVs stream at <= 3.7 TB/s alone, the 8-bit head at 4.4).
+//   instructions a packed word where cuda_gemv.int4_gemv_h2 needs 13. Measured on the H200 (docs/benchmarks/
+//   h200-pdl.md runs 40-44): the o projections 18-23% faster; gate_up and down only where x is quantized once
+//   (the PREQ / QOUT chain), not by every block while it stages x.
 //
 // Work split: cuda_gemv.int4_gemv_h2's. A block is W warps; KS consecutive warps form a team owning R rows (with
 // SILU the team's R / 2 gate rows i.. and their up rows NOUT + i..); lane v = 32 (warp % KS) + lane takes groups v,
@@ -21,7 +22,7 @@
 // the wait for the kernel before; x and every store after it. The rows' sums: the warp butterfly, then the team's
 // warps in order. SILU: silu(gate) * up from the two rows' fp16-rounded sums (cuda_math.silu_mul_gpu's arithmetic).
 //
-// smem: [4 G] uint2 (q), [4 G] float (d), [4 G] int (OFF * sum q), [W][R] float.
+// smem: [4 G] uint2 (q), [4 G] float (d), [4 G] int (OFF * sum q), [W][R] float, QOUT: [BLK] float.
 #include <cuda_fp16.h>
 
 #ifndef EDGELLM_PDL_MARKS
@@ -30,7 +31,9 @@ __device__ __forceinline__ void edgellm_pdl_waits_inside() {}
 __device__ __forceinline__ void edgellm_noop() {}
 #endif
 
-__device__ __forceinline__ int eqd_dot(unsigned a, unsigned b, int c) { return __dp4a((int)a, (int)b, c); }  // signed bytes
+__device__ __forceinline__ int eqd_dot(unsigned a, unsigned b, int c) {  // four signed byte products added to c
+  return __dp4a((int)a, (int)b, c);
+}
 // 0, after every value folded into v has arrived (v >> s with s >= 32 is 0 in PTX; s is unknown to the compiler)
 __device__ __forceinline__ unsigned eqd_zero_after(unsigned v, unsigned s) {
   unsigned r;
@@ -156,14 +159,6 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
     cudaGridDependencySynchronize();
     cudaTriggerProgrammaticLaunchCompletion();
   }
-#ifdef EDGELLM_DP4A_NO_QUANT  // a timing probe (bench/gpu_pdl.py owned-dp4a-noq): the staging without x (wrong values)
-  for (int j = tid; j < 4 * G; j += NT) {
-    xq[j] = make_uint2(0u, 0u);
-    xd[j] = 0.f;
-    xc[j] = 0;
-  }
-  if (false)
-#endif
   if constexpr (PREQ) {
     for (int j = tid; j < 4 * G; j += NT) {
       const uint4 v = reinterpret_cast<const uint4*>(xin)[j];
