@@ -326,3 +326,32 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
         4096, 14336, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(
         4096, 14336, get_scheme("q4f16_2"), "float16", 1e-5) is None  # the Q4_1 grid
+
+
+@needs_nvcc
+def test_a_model_compiles_with_the_chain(tmp_path, monkeypatch):
+    """A Llama with hidden 256 compiled for cuda-sm90 with --opt cuda_gemv=dp4a and the chain allowed at that size:
+    the decode step takes the quantized MLP (the Relax wiring of models/llama.py _mlp_int8 builds), o the plain
+    dp4a GEMV, qkv its norm-fused fp16x2 one; the manifest records the option."""
+    import json
+
+    import tiny_models
+
+    from edgellm.compile import CompileArgs, compile_model
+    from edgellm.config import RuntimeOptions
+    from edgellm.kernels import KernelOptions
+    from edgellm.kernels import cuda_gemv_dp4a as gd
+
+    monkeypatch.setitem(tiny_models.SPECS, "llama_h256", dict(
+        model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False))
+    monkeypatch.setattr(gd, "CHAIN_MIN_HIDDEN", 256)
+    ckpt = tiny_models.make_checkpoint(tmp_path / "ckpt", "llama_h256")
+    compile_model(CompileArgs(model=str(ckpt), output=tmp_path / "a", target="cuda-sm90", quant="q4f16_1",
+                              runtime=RuntimeOptions(128, 32), kernel_options=KernelOptions(cuda_gemv="dp4a")))
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["kernels"]["options"]["cuda_gemv"] == "dp4a"
+    chosen = m["kernels"]["chosen"]
+    assert "add_rms_norm_q8" in chosen["add_rms_norm"]
+    assert {"int4_gemv_dp4a", "int4_gemv_dp4a_silu_qout", "int4_gemv_dp4a_preq",
+            "int4_gemv_fp16x2_smem_norm"} <= set(chosen["linear_gemv"])
