@@ -132,28 +132,33 @@ def test_kernel_source_on_the_host(tmp_path, host_emu):
             assert np.abs(wrong - model).max() > 10 * (ulp.max() + 1e-5 * np.abs(model).max())
 
 
-def test_registry_takes_it_only_with_the_option():
-    from edgellm.kernels import KernelOptions, KernelRegistry
+def test_registry_takes_it_only_with_the_option(monkeypatch):
+    from edgellm.kernels import KernelOptions, KernelRegistry, cuda_gemv
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
 
     cuda = resolve("cuda-sm90").tvm()
     name, f = _pick(cuda, 1, 14336, 4096, "q4f16_1", cuda_gemv="dp4a")
     assert name == "int4_gemv_dp4a" and str(f.attrs["edgellm.gemv"]) == "dp4a_w16r2u2k2"
-    assert _pick(cuda, 1, 4096, 4096, "q4f16_0", cuda_gemv="dp4a")[0] == "int4_gemv_dp4a_o8"
-    assert _pick(cuda, 1, 14336, 4096, "q4f16_1")[0] == "int4_gemv_fp16x2_smem"  # auto: unchanged
-    assert _pick(cuda, 1, 14336, 4096, "q4f16_2", cuda_gemv="dp4a")[0] != "int4_gemv_dp4a"  # the Q4_1 grid
-    assert _pick(cuda, 1, 4096, 6144, "q4f16_1", bias=True, cuda_gemv="dp4a")[0] == "int4_gemv_fp16x2_smem"
-    assert _pick(cuda, 1, 4096, 128256, "q8f16_1", cuda_gemv="dp4a")[0] == "int8_gemv_fp16x2"  # the 8-bit head
-    assert "dp4a" not in _pick(cuda, None, 4096, 4096, "q4f16_1", cuda_gemv="dp4a")[0]  # prefill: the GEMM
+
+    def pick(rows, in_f, out_f, row, bias=False, **options):  # the name alone: no kernel built
+        s = get_scheme(row)
+        return KernelRegistry(cuda, KernelOptions(**options))._pick_linear(rows, in_f, out_f, s, s.act_dtype, bias)[0]
+
+    assert pick(1, 4096, 4096, "q4f16_0", cuda_gemv="dp4a") == "int4_gemv_dp4a_o8"
+    assert pick(1, 14336, 4096, "q4f16_1") == "int4_gemv_fp16x2_smem"  # auto: unchanged
+    assert pick(1, 14336, 4096, "q4f16_2", cuda_gemv="dp4a") == "int4_gemv_fp16x2_smem_min"  # the Q4_1 grid
+    assert pick(1, 4096, 6144, "q4f16_1", bias=True, cuda_gemv="dp4a") == "int4_gemv_fp16x2_smem"
+    assert pick(1, 4096, 128256, "q8f16_1", cuda_gemv="dp4a") == "int8_gemv_fp16x2"  # the 8-bit head
+    assert "dp4a" not in pick(None, 4096, 4096, "q4f16_1", cuda_gemv="dp4a")  # prefill: the GEMM
+    # the fused GEMVs: int4_gemv_h2 stubbed (its TVMScript takes seconds to build), the labels of what is asked
+    monkeypatch.setattr(cuda_gemv, "int4_gemv_h2", lambda *a, **k: {"h2": (a, k)})
     reg = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a"))
     s = get_scheme("q4f16_1")
     silu = reg.fused_gemv(4096, 28672, s, "float16", False, None, True)
     assert str(silu.attrs["edgellm.gemv"]) == "dp4a_w4r2u4k1_silu"
-    norm = reg.fused_gemv(4096, 6144, s, "float16", False, 1e-5, False)  # qkv with the norm: fp16x2
-    assert str(norm.attrs["edgellm.gemv"]).startswith("h2_")
-    assert "dp4a" not in str(KernelRegistry(cuda).fused_gemv(4096, 28672, s, "float16", False, None, True).attrs[
-        "edgellm.gemv"])
+    assert "h2" in reg.fused_gemv(4096, 6144, s, "float16", False, 1e-5, False)  # qkv with the norm: fp16x2
+    assert "h2" in KernelRegistry(cuda).fused_gemv(4096, 28672, s, "float16", False, None, True)  # the option off
 
 
 def test_arguments_are_checked():
