@@ -333,30 +333,39 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
         4096, 14336, get_scheme("q4f16_2"), "float16", 1e-5) is None  # the Q4_1 grid
 
 
-@needs_nvcc
-def test_a_model_compiles_with_the_chain(tmp_path, monkeypatch):
-    """A Llama with hidden 256 compiled for cuda-sm90 with --opt cuda_gemv=dp4a and the chain allowed at that size:
-    the decode step takes the quantized MLP (the Relax wiring of models/llama.py _mlp_int8 builds), o the plain
-    dp4a GEMV, qkv its norm-fused fp16x2 one; the manifest records the option."""
-    import json
+def test_the_model_wires_the_chain():
+    """models/llama.py _mlp_int8 with the registry's chain for a Llama-3-8B MLP (hidden 4096, inter 14336), exported
+    to Relax (shapes and dtypes checked there): the norm kernel that quantizes, gate_up + silu with quantized input
+    and output, down taking it, in that order; the decode loop's use of it ran on the H200 (runs 43-44)."""
+    from tvm.relax.frontend import nn
 
-    import tiny_models
+    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.models.llama import _mlp_int8
+    from edgellm.quant.nn import Linear
+    from edgellm.targets import resolve
 
-    from edgellm.compile import CompileArgs, compile_model
-    from edgellm.config import RuntimeOptions
-    from edgellm.kernels import KernelOptions
-    from edgellm.kernels import cuda_gemv_dp4a as gd
+    hidden, inter, s = 4096, 14336, get_scheme("q4f16_1")
+    target = resolve("cuda-sm90").tvm()
+    reg = KernelRegistry(target, KernelOptions(cuda_gemv="dp4a"))
 
-    monkeypatch.setitem(tiny_models.SPECS, "llama_h256", dict(
-        model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False))
-    monkeypatch.setattr(gd, "CHAIN_MIN_HIDDEN", 256)
-    ckpt = tiny_models.make_checkpoint(tmp_path / "ckpt", "llama_h256")
-    compile_model(CompileArgs(model=str(ckpt), output=tmp_path / "a", target="cuda-sm90", quant="q4f16_1",
-                              runtime=RuntimeOptions(128, 32), kernel_options=KernelOptions(cuda_gemv="dp4a")))
-    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["kernels"]["options"]["cuda_gemv"] == "dp4a"
-    chosen = m["kernels"]["chosen"]
-    assert "add_rms_norm_q8" in chosen["add_rms_norm"]
-    assert {"int4_gemv_dp4a", "int4_gemv_dp4a_silu_qout", "int4_gemv_dp4a_preq",
-            "int4_gemv_fp16x2_smem_norm"} <= set(chosen["linear_gemv"])
+    class MLP(nn.Module):
+        def __init__(self):
+            self.inter = inter
+            self.gate_up_proj = Linear(hidden, 2 * inter, s, "float16", reg)
+            self.down_proj = Linear(inter, hidden, s, "float16", reg)
+            self.norm = nn.RMSNorm(hidden, -1, 1e-5, bias=False, dtype="float16")
+
+        def forward(self, x, o):
+            return _mlp_int8(x, o, self.norm, self, reg.dp4a_mlp(hidden, inter, s, "float16", 1e-5))
+
+    spec = {"forward": {"x": nn.spec.Tensor([1, 1, hidden], "float16"),
+                        "o": nn.spec.Tensor([1, 1, hidden], "float16")}}
+    with target:
+        mod, _ = MLP().export_tvm(spec=spec)
+    text = mod["forward"].script()
+    calls = [text.index(f"R.call_tir({n}, ") for n in ("add_rms_norm_q8", "linear_gemv_silu_q8", "linear_gemv_q8")]
+    assert calls == sorted(calls)
+    assert "R.call_tir(linear_gemv_silu_q8, (add_rms_norm_q8_1, " in text  # gate_up takes the quantized norm
+    assert 'R.Tensor((512, 4), dtype="uint32")' in text and 'out_ty=R.Tensor((1792, 4), dtype="uint32")' in text
+    assert 'R.call_tir(linear_gemv_q8, (lv1, ' in text  # down takes gate_up's quantized output
+    assert set(reg.chosen["linear_gemv"]) == {"int4_gemv_dp4a_silu_qout", "int4_gemv_dp4a_preq"}
