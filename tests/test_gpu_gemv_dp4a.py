@@ -27,18 +27,35 @@ from edgellm.quant import reference as ref
 from edgellm.quant.schemes import get_scheme
 
 
+def _quant8(v: np.ndarray):
+    """eqd_quant8 in numpy: per word of 8 (float32 of fp16 values) q = rint(v * (127 * (1 / max|v|))), d = max / 127."""
+    hv = v.astype(np.float32).reshape(-1, 8)
+    am = np.abs(hv).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(am > 0, np.float32(127) * (np.float32(1) / am), np.float32(0)).astype(np.float32)
+    q = np.rint(hv * inv[:, None]).astype(np.int64)
+    return q, (am * np.float32(1 / 127)).astype(np.float32)
+
+
+def _host_source() -> str:
+    """kernels/cuda/int4_gemv_dp4a.cu for tests/cuda_host_emu.h: its two PTX helpers replaced (the load fence's zero
+    is a plain 0, the L2 prefetch nothing)."""
+    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "int4_gemv_dp4a.cu").read_text()
+    src = src.replace("#include <cuda_fp16.h>", "")
+    for head, body in {r"unsigned eqd_zero_after\(unsigned v, unsigned s\) \{": "return 0u * v * s;",
+                       r"void eqd_prefetch_l2\(const void\* p, unsigned n\) \{": ""}.items():
+        src, n = re.subn(rf"({head}).*?\n\}}\n", rf"\1 {body} }}\n", src, count=1, flags=re.S)
+        assert n == 1, head
+    return src
+
+
 def dp4a_model(x: np.ndarray, qw: np.ndarray, qs: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """numpy model of int4_gemv_dp4a.cu: per packed word of 8 activations d = max|x| / 127 and q = rint(x * (127 * (1 /
     max|x|))) in float32; per row and word the exact integer sum(nib * q) - offset * sum(q) times d, times the group's
     scale; the float sums in float64 (the kernel's float32 order differs: the comparison allows the fp16 output's
     rounding). Returns (out [out_f] float64, d [in / 8])."""
     out_f, words = qw.shape
-    hv = x.astype(np.float32).reshape(words, 8)
-    am = np.abs(hv).max(-1)
-    with np.errstate(divide="ignore"):
-        inv = np.where(am > 0, np.float32(127) * (np.float32(1) / am), np.float32(0)).astype(np.float32)
-    q = np.rint(hv * inv[:, None]).astype(np.int64)
-    d = (am * np.float32(1 / 127)).astype(np.float32)
+    q, d = _quant8(x)
     nib = ((qw[:, :, None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15).astype(np.int64)
     isum = (nib * q[None]).sum(-1) - offset * q.sum(-1)[None]
     scale = np.repeat(qs.astype(np.float64), 4, axis=1)  # each word's group scale
@@ -90,12 +107,7 @@ CASES = [
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host emulation needs g++")
 def test_kernel_source_on_the_host(tmp_path, host_emu):
-    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "int4_gemv_dp4a.cu").read_text()
-    src = src.replace("#include <cuda_fp16.h>", "")
-    for head, body in {r"unsigned eqd_zero_after\(unsigned v, unsigned s\) \{": "return 0u * v * s;",
-                       r"void eqd_prefetch_l2\(const void\* p, unsigned n\) \{": ""}.items():
-        src, n = re.subn(rf"({head}).*?\n\}}\n", rf"\1 {body} }}\n", src, count=1, flags=re.S)
-        assert n == 1, head
+    src = _host_source()
     cases = "\n  ".join(f"if (c == {i}) launch<{w}, {r}, {u}, {k}, {g}, {n}, {get_scheme(row).offset}, "
                         f"{str(silu).lower()}>(x.data(), qw.data(), qs.data(), o.data());"
                         for i, (w, r, u, k, g, n, row, silu) in enumerate(CASES))
@@ -214,16 +226,6 @@ def test_the_pdl_marks_are_defined_once_per_module():
 
 
 
-def _quant8(v: np.ndarray):
-    """eqd_quant8 in numpy: per word of 8 (float32 of fp16 values) q = rint(v * (127 * (1 / max|v|))), d = max / 127."""
-    hv = v.astype(np.float32).reshape(-1, 8)
-    am = np.abs(hv).max(-1)
-    with np.errstate(divide="ignore"):
-        inv = np.where(am > 0, np.float32(127) * (np.float32(1) / am), np.float32(0)).astype(np.float32)
-    q = np.rint(hv * inv[:, None]).astype(np.int64)
-    return q, (am * np.float32(1 / 127)).astype(np.float32)
-
-
 _CHAIN_MAIN = r"""
 #include "cuda_host_emu.h"
 #include "kernel_emu.h"
@@ -264,12 +266,7 @@ def test_quantized_mlp_chain_on_the_host(tmp_path, host_emu):
     the normed x's quantization exactly as numpy computes them, gate_up's quantized output equal to eqd_quant8 of
     the silu of the model's sums (fp16-rounded) but where a rounding tie flips, and down within the rounding of
     the model and of the float MLP on the same weights."""
-    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "int4_gemv_dp4a.cu").read_text()
-    src = src.replace("#include <cuda_fp16.h>", "")
-    for head, body in {r"unsigned eqd_zero_after\(unsigned v, unsigned s\) \{": "return 0u * v * s;",
-                       r"void eqd_prefetch_l2\(const void\* p, unsigned n\) \{": ""}.items():
-        src, n = re.subn(rf"({head}).*?\n\}}\n", rf"\1 {body} }}\n", src, count=1, flags=re.S)
-        assert n == 1, head
+    src = _host_source()
     host_emu({"kernel_emu.h": src}, _CHAIN_MAIN)
     rng = np.random.default_rng(17)
     hid, inter, eps = 256, 96, 1e-5
