@@ -40,6 +40,18 @@ def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: 
             and (not silu or out_f % 2 == 0))
 
 
+def outputs_per_block(warps: int, rows: int, ksplit: int, silu: bool = False) -> int:
+    """Outputs a block writes: its warps / ksplit teams, each `rows` rows (silu: rows / 2 gate-up pairs)."""
+    return warps // ksplit * (rows // 2 if silu else rows)
+
+
+def qout_fits(out: int, warps: int, rows: int, ksplit: int, silu: bool = False) -> bool:
+    """Whether a `qout` GEMV of this config can write its `out` outputs (after silu) as whole packed words: a block's
+    outputs a multiple of 8 dividing `out`."""
+    per_block = outputs_per_block(warps, rows, ksplit, silu)
+    return per_block % 8 == 0 and out % per_block == 0
+
+
 def smem_bytes(in_f: int, warps: int, rows: int) -> int:
     """The staged x: per packed word 8 bytes of int8, its d and OFF * sum(q); the K-split partials."""
     return in_f // 8 * 16 + warps * rows * 4
@@ -67,8 +79,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
         raise ValueError(f"int4_gemv_dp4a: offset must be in 0..15, got {offset}")
     G, W = in_f // GROUP, warps
     nout = out_f // 2 if silu else out_f
-    per_block = W // ksplit * (rows // 2 if silu else rows)
-    if qout and (per_block % 8 or nout % per_block):
+    per_block = outputs_per_block(W, rows, ksplit, silu)
+    if qout and not qout_fits(nout, W, rows, ksplit, silu):
         raise ValueError(f"int4_gemv_dp4a: qout needs a block's {per_block} outputs a multiple of 8 dividing {nout}")
     nb = (nout + per_block - 1) // per_block
     pf = pdl and prefetches_l2(in_f, out_f)
@@ -100,13 +112,18 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
                               + ("_qout" if qout else "")})
 
 
+def norm_q8_supports(hidden: int) -> bool:
+    """add_rms_norm_q8's one block of hidden / 8 threads in whole warps: hidden a multiple of 256, at most 8192."""
+    return hidden > 0 and hidden % 256 == 0 and hidden <= 8192
+
+
 def add_rms_norm_q8(hidden: int, eps: float):
     """(x + y, rms_norm(x + y) * w quantized for a `preq` GEMV) for one token: arguments x [1, hidden], y [1, hidden],
     w [hidden] (fp16); outputs x + y [1, hidden] fp16 and uint32 [hidden / 8, 4]. One block of hidden / 8 threads
     (hidden a multiple of 256, at most 8192); launched like every kernel of the chain (cuda_pdl adds its wait)."""
     from tvm.script import tirx as T
 
-    if hidden % 256 or hidden > 8192:
+    if not norm_q8_supports(hidden):
         raise ValueError(f"add_rms_norm_q8 needs `hidden` a multiple of 256 up to 8192, got {hidden}")
     nt = hidden // 8
     call = f"edgellm_add_rms_norm_q8<{hidden}>"

@@ -323,13 +323,14 @@ class KernelRegistry:
         o = self.options
         min_hidden = cuda_gemv_dp4a.CHAIN_MIN_HIDDEN or cuda_gemv.FUSED_NORM_SILU_AUTO_MAX + 1
         if (self.kind != "cuda" or o.cuda_gemv != "dp4a" or o.cuda_fuse != "auto"
-                or hidden < min_hidden or hidden % 256 or hidden > 8192 or inter % 8
-                or self._cuda_xs_gemv_stem(hidden, scheme, dtype) is None or scheme.zero_point
-                or not cuda_gemv_dp4a.applies(hidden, 2 * inter, self.sm, False, False, silu=True)
-                or not cuda_gemv_dp4a.applies(inter, hidden, self.sm, False, False)):
+                or hidden < min_hidden or not cuda_gemv_dp4a.norm_q8_supports(hidden)
+                or self._cuda_xs_gemv_stem(hidden, scheme, dtype) is None
+                or not cuda_gemv_dp4a.applies(hidden, 2 * inter, self.sm, False, scheme.zero_point, silu=True)
+                or not cuda_gemv_dp4a.applies(inter, hidden, self.sm, False, scheme.zero_point)):
             return None
         gu_cfg = cuda_gemv_dp4a.QOUT_SILU_CONFIG
-        if (gu_cfg[0] // gu_cfg[3]) * (gu_cfg[1] // 2) % 8 or inter % ((gu_cfg[0] // gu_cfg[3]) * (gu_cfg[1] // 2)):
+        w, r, _, k = gu_cfg
+        if not cuda_gemv_dp4a.qout_fits(inter, w, r, k, silu=True):
             return None
         *dn_cfg, _ = cuda_gemv.xs_gemv_config(inter, hidden)
         off, grid = scheme.offset, _grid_suffix(scheme)

@@ -103,8 +103,8 @@ class Backbone(nn.Module):
                 else:
                     x, h = _add_rms_norm(x, y, self.norm, self.kernels)
                 continue
-            x, act = _res_norm_linear(x, attn.attention(qkv, cache, i), attn.o_proj, layer.post_attention_layernorm,
-                                      mlp.gate_up_proj, self.kernels, silu_inter=mlp.inter)
+            x, act = _res_norm_linear(x, attn.attention(qkv, cache, i), attn.o_proj, norm, mlp.gate_up_proj,
+                                      self.kernels, silu_inter=mlp.inter)
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1]
                 x, qkv = _res_norm_linear(x, act, mlp.down_proj, nxt.input_layernorm, nxt.self_attn.qkv_proj,
