@@ -127,17 +127,6 @@ VARIANTS = {
     "owned-dp4a-chain": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-q4r4": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-q8r2": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    # the chain on to the next layer's qkv (cuda_gemv_dp4a.QKV_CHAIN: add_rms_norm_q8, then qkv taking its output)
-    "owned-dp4a-qkv": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    # down (the `preq` GEMV of `in` 8192 / 14336) in other work splits (cuda_gemv_dp4a.PREQ_CONFIG): 16 warps without
-    # the K split, 4 groups a step; 8 warps of 2 teams with every group of a lane in one step (all its loads before
-    # the wait)
-    "owned-dp4a-dnk1": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    "owned-dp4a-dn1s": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    # the chains' norms in the last block of the GEMV before them (cuda_gemv_dp4a.TAIL): o's (otail); o's and down's
-    # with the qkv chain (tail)
-    "owned-dp4a-otail": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    "owned-dp4a-tail": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
 }
 HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4", "owned-dnw16-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
@@ -167,10 +156,6 @@ DP4A_SILU = {"owned-dp4a-w8": {4096: (8, 2, 4, 1), 2048: (8, 2, 4, 1)},
              "owned-dp4a-w16": {4096: (16, 2, 4, 1), 2048: (16, 2, 4, 1)}}  # cuda_gemv_dp4a.SILU_CONFIG (else {})
 DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else its default)
 DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
-DP4A_QKV = {"owned-dp4a-qkv": True, "owned-dp4a-tail": True}  # cuda_gemv_dp4a.QKV_CHAIN (else its default)
-DP4A_PREQ = {"owned-dp4a-dnk1": {14336: (16, 2, 4, 1), 8192: (16, 2, 4, 1)},
-             "owned-dp4a-dn1s": {14336: (8, 2, 7, 2), 8192: (8, 2, 4, 2)}}  # cuda_gemv_dp4a.PREQ_CONFIG (else {})
-DP4A_TAIL = {"owned-dp4a-otail": True, "owned-dp4a-tail": True}  # cuda_gemv_dp4a.TAIL (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -179,11 +164,9 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
-         "owned-dp4a-q8r2", "owned-dp4a-qkv", "owned-dp4a-dnk1", "owned-dp4a-dn1s", "owned-dp4a-otail",
-         "owned-dp4a-tail")  # and owned-pA-B...
+         "owned-dp4a-q8r2")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
-             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-dp4a-qkv",
-             "owned-dp4a-dnk1", "owned-dp4a-dn1s", "owned-dp4a-otail", "owned-dp4a-tail")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -208,8 +191,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv, "NORM_CONFIG", NORM), (cuda_gemv, "NORM_WEIGHT", NORM_W),
             (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_dp4a, "SILU_CONFIG", DP4A_SILU),
             (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
-            (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT), (cuda_gemv_dp4a, "QKV_CHAIN", DP4A_QKV),
-            (cuda_gemv_dp4a, "PREQ_CONFIG", DP4A_PREQ), (cuda_gemv_dp4a, "TAIL", DP4A_TAIL)]
+            (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:
@@ -515,17 +497,15 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--shapes", default=",".join(SHAPE_NAMES))
     ap.add_argument("--no-tiny", action="store_true", help="prepare: skip the tiny model")
-    ap.add_argument("--variants", default="", help="these variants for every shape (e.g. off,on; SHAPE:VARIANT for one shape), at prepare and run")
+    ap.add_argument("--variants", default="", help="these variants for every shape (e.g. off,on), at prepare and run")
     ap.add_argument("--quick", action="store_true", help="run: checks, profiles and tg128 only")
     args = ap.parse_args()
     global QUICK
     QUICK = args.quick
     shapes = [s for s in args.shapes.split(",") if s]
     if args.variants:  # prepare and run: the same list for every shape (run: where the bundle has them)
-        items = [v for v in args.variants.split(",") if v]
         for shape in SHAPE_VARIANTS:
-            SHAPE_VARIANTS[shape] = tuple(v.split(":", 1)[-1] for v in items
-                                          if ":" not in v or v.split(":", 1)[0] == shape)
+            SHAPE_VARIANTS[shape] = tuple(args.variants.split(","))
     if args.what == "prepare":
         prepare(Path(args.out).resolve(), args.arch, shapes, not args.no_tiny)
         return 0

@@ -43,7 +43,7 @@ inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a
   return r;
 }
 struct Dim { unsigned x = 0, y = 0; };
-inline Dim threadIdx, blockIdx, gridDim;  // gridDim: set by the test's launch loop
+inline Dim threadIdx, blockIdx;
 // A block's threads are fibers (ucontext) of one OS thread, run in thread order until each finishes or waits at a
 // barrier; a barrier opens once every live thread of its block (or warp) waits there. Deterministic, and no OS
 // thread per CUDA thread: on 2 cores, 256 std::threads meeting at a barrier spent most of a test in the kernel.

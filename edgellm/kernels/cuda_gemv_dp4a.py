@@ -32,16 +32,6 @@ QOUT_SILU_CONFIG = (4, 4, 2, 1)
 # the chain where `hidden` is at least this: above cuda_gemv.FUSED_NORM_SILU_AUTO_MAX gate_up does not stage the norm
 # itself (0: that rule); an A/B knob of bench/gpu_pdl.py
 CHAIN_MIN_HIDDEN = 0
-# where the MLP chain applies, the next layer's qkv too: add_rms_norm_q8 after down, qkv taking its output
-# (registry.dp4a_norm_gemv) in place of the GEMV that adds and normalizes x itself; an A/B knob of bench/gpu_pdl.py
-QKV_CHAIN = False
-# (warps, rows, unroll, ksplit) of the `preq` GEMVs (down, the chain's qkv) by `in`, in place of int4_gemv_h2's pick
-# (cuda_gemv.xs_gemv_config); an A/B knob of bench/gpu_pdl.py
-PREQ_CONFIG: dict[int, tuple[int, int, int, int]] = {}
-# with the owned KV cache, the chains' norms in the last block of the GEMV before them (int4_gemv_dp4a_tail: o before
-# the MLP's, down before the next layer's qkv with QKV_CHAIN) instead of kernels of their own; an A/B knob of
-# bench/gpu_pdl.py
-TAIL = False
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:
@@ -120,74 +110,6 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
                               + ("_pf" if pf else "") + ("_preq" if preq else "")
                               + ("_qout" if qout else "")})
-
-
-def tail_supports(hidden: int, warps: int) -> bool:
-    """Whether a GEMV of `warps` warps can take the residual add + norm of `hidden` outputs in its last block
-    (int4_gemv_dp4a_tail): hidden a multiple of 256 up to 8192 whose words split evenly over the block's threads."""
-    return norm_q8_supports(hidden) and (hidden // 8) % (warps * 32) == 0
-
-
-def int4_gemv_dp4a_tail(in_f: int, hidden: int, warps: int, rows: int, unroll: int, ksplit: int, eps: float,
-                        kv: tuple[int, int, int], counter_word: int, offset: int = QMAX, pdl: bool = False,
-                        preq: bool = False):
-    """The plain dp4a GEMV (out = `hidden`) with add_rms_norm_q8 in its grid's last block (cuda int4_gemv_dp4a.cu
-    edgellm_q4gemv_dp4a_tail): arguments x (fp16 [1, in], or `preq`'s uint32 [in / 8, 4]), q_weight, q_scale, the
-    residual [1, hidden], the norm weight [hidden], the owned KV cache's pages [L, P, 2, KV, 16, D] (`kv` = (L, KV,
-    D); int32 word `counter_word` of its control page counts the finished blocks and is zero again after the
-    kernel); outputs the GEMV's y [1, hidden] (scratch), x + y [1, hidden] and the normed x quantized [hidden / 8,
-    4]: add_rms_norm_q8's outputs bit for bit."""
-    from tvm.script import tirx as T
-
-    from .cuda_pdl import WAITS_INSIDE
-
-    if in_f % GROUP or in_f <= 0 or warps % ksplit or min(warps, rows, unroll, ksplit) < 1:
-        raise ValueError(f"int4_gemv_dp4a_tail: `in` {in_f} a positive multiple of {GROUP}, warps {warps} a multiple "
-                         f"of ksplit {ksplit}")
-    if not tail_supports(hidden, warps):
-        raise ValueError(f"int4_gemv_dp4a_tail: hidden {hidden} must be a multiple of 256 up to 8192 with its words "
-                         f"a multiple of the block's {warps * 32} threads")
-    L, KV, D = kv
-    G, W = in_f // GROUP, warps
-    per_block = outputs_per_block(W, rows, ksplit)
-    nb = (hidden + per_block - 1) // per_block
-    pf = pdl and prefetches_l2(in_f, hidden)
-    b = {True: "true", False: "false"}
-    call = (f"edgellm_q4gemv_dp4a_tail<{W}, {rows}, {unroll}, {ksplit}, {G}, {hidden}, {offset}, {b[pf]}, {b[pdl]}, "
-            f"{b[preq]}>")
-    mark = WAITS_INSIDE if pdl else "edgellm_noop"
-    smem = max(smem_bytes(in_f, W, rows), 16 + hidden // 256 * 4)
-    x_shape, x_dtype = ((in_f // 8, 4), "uint32") if preq else ((1, in_f), "float16")
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(var_x: T.handle, var_qw: T.handle, var_qs: T.handle, var_res: T.handle, var_nw: T.handle,
-               var_pages: T.handle, var_y: T.handle, var_xo: T.handle, var_hq: T.handle):
-        P = T.int64()
-        x = T.match_buffer(var_x, x_shape, x_dtype)
-        qw = T.match_buffer(var_qw, (hidden, G * 4), "uint32")
-        qs = T.match_buffer(var_qs, (hidden, G), "float16")
-        res = T.match_buffer(var_res, (1, hidden), "float16")
-        nw = T.match_buffer(var_nw, (hidden,), "float16")
-        pages = T.match_buffer(var_pages, (L, P, 2, KV, 16, D), "float16")
-        y = T.match_buffer(var_y, (1, hidden), "float16")
-        xo = T.match_buffer(var_xo, (1, hidden), "float16")
-        hq = T.match_buffer(var_hq, (hidden // 8, 4), "uint32")
-        with T.sblock("root"):
-            T.reads()
-            T.writes()
-            T.launch_thread("blockIdx.x", nb)
-            T.launch_thread("threadIdx.x", W * 32)
-            sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
-            T.evaluate(T.call_extern("void", mark))
-            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, y.data, sm.data, res.data, nw.data, xo.data,
-                                        hq.data, T.address_of(pages[0, P - 1, 0, 0, 0, 0]), T.int64(counter_word),
-                                        T.float32(eps), source_code=_SRC))
-
-    grid = "" if offset == QMAX else f"_o{offset}"
-    return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
-                              "tir.noalias": True,
-                              "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_pf" if pf else "")
-                              + ("_preq" if preq else "") + "_tail"})
 
 
 def norm_q8_supports(hidden: int) -> bool:

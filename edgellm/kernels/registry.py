@@ -313,63 +313,18 @@ class KernelRegistry:
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
                                                          norm_add=add, pdl=self.pdl))
 
-    def _dp4a_chain_applies(self, hidden: int, scheme: QuantScheme, dtype: str) -> bool:
-        """Whether the int8-activation chains (`dp4a_mlp`, `dp4a_norm_gemv`) apply at this hidden size: --opt
-        cuda_gemv=dp4a with cuda_fuse=auto on CUDA, a hidden over the size where gate_up stages the norm itself
-        (cuda_gemv_dp4a.CHAIN_MIN_HIDDEN where set) that add_rms_norm_q8 covers, and the 4-bit rows the fp16x2 GEMVs
-        take (their stand-ins elsewhere)."""
-        from . import cuda_gemv
-
-        o = self.options
-        min_hidden = cuda_gemv_dp4a.CHAIN_MIN_HIDDEN or cuda_gemv.FUSED_NORM_SILU_AUTO_MAX + 1
-        return (self.kind == "cuda" and o.cuda_gemv == "dp4a" and o.cuda_fuse == "auto" and hidden >= min_hidden
-                and cuda_gemv_dp4a.norm_q8_supports(hidden)
-                and self._cuda_xs_gemv_stem(hidden, scheme, dtype) is not None)
-
-    def _norm_q8(self, hidden: int, eps: float):
-        return self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
-                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
-
-    def _dp4a_preq(self, in_f: int, out_f: int, scheme: QuantScheme):
-        """The plain dp4a GEMV taking x quantized (`preq`), int4_gemv_h2's work split for the shape."""
-        from . import cuda_gemv
-
-        cfg = cuda_gemv_dp4a.PREQ_CONFIG.get(in_f) or tuple(cuda_gemv.xs_gemv_config(in_f, out_f)[:4])
-        name = f"int4_gemv_dp4a{_grid_suffix(scheme)}_preq"
-        return self._once(("dp4a_preq", in_f, out_f, scheme, cfg), "linear_gemv", name,
-                          lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=scheme.offset, pdl=self.pdl,
-                                                                preq=True))
-
-    def dp4a_tail(self, in_f: int, hidden: int, scheme: QuantScheme, dtype: str, eps: float, kv: tuple[int, int, int],
-                  word: int, preq: bool):
-        """The GEMV before a chain's norm (o, or `preq` down) with that norm in its last block
-        (cuda_gemv_dp4a.int4_gemv_dp4a_tail; int32 word `word` from the end of the owned cache's control page, whose
-        layout `kv` = (layers, kv heads, head_dim) gives) where cuda_gemv_dp4a.TAIL is on and the chain applies; None
-        elsewhere (then the GEMV and add_rms_norm_q8)."""
-        from ..device_runners.kv_pages import GRAPH_BATCH_BOUND, control_words
-        from . import cuda_gemv
-
-        if (not cuda_gemv_dp4a.TAIL or not self._dp4a_chain_applies(hidden, scheme, dtype)
-                or not cuda_gemv_dp4a.applies(in_f, hidden, self.sm, False, scheme.zero_point)):
-            return None
-        cfg = ((cuda_gemv_dp4a.PREQ_CONFIG.get(in_f) if preq else None)
-               or tuple(cuda_gemv.xs_gemv_config(in_f, hidden)[:4]))
-        if not cuda_gemv_dp4a.tail_supports(hidden, cfg[0]):
-            return None
-        counter = control_words(kv[1], kv[2]) - 1 - word
-        if counter < GRAPH_BATCH_BOUND * kv[1] * 16:  # clear of the decode attention's counters (16 blocks a kv head)
-            return None
-        name = f"int4_gemv_dp4a{_grid_suffix(scheme)}" + ("_preq" if preq else "") + "_tail"
-        return self._once(("dp4a_tail", in_f, hidden, scheme, cfg, eps, kv, counter, preq), "linear_gemv", name,
-                          lambda: cuda_gemv_dp4a.int4_gemv_dp4a_tail(in_f, hidden, *cfg, eps, kv, counter,
-                                                                     offset=scheme.offset, pdl=self.pdl, preq=preq))
-
     def dp4a_mlp(self, hidden: int, inter: int, scheme: QuantScheme, dtype: str, eps: float):
         """The one-token MLP with int8 activations from the norm to down (--opt cuda_gemv=dp4a, CUDA): (add_rms_norm_q8:
         x + delta and the normed x quantized a packed word at a time; gate_up + silu taking it and leaving its output
         quantized the same way; down taking that), so no GEMV quantizes its input in every block; None elsewhere
         (other options, --opt cuda_fuse=all, a gate_up that stages the norm itself, shapes it does not cover)."""
-        if (not self._dp4a_chain_applies(hidden, scheme, dtype)
+        from . import cuda_gemv
+
+        o = self.options
+        min_hidden = cuda_gemv_dp4a.CHAIN_MIN_HIDDEN or cuda_gemv.FUSED_NORM_SILU_AUTO_MAX + 1
+        if (self.kind != "cuda" or o.cuda_gemv != "dp4a" or o.cuda_fuse != "auto"
+                or hidden < min_hidden or not cuda_gemv_dp4a.norm_q8_supports(hidden)
+                or self._cuda_xs_gemv_stem(hidden, scheme, dtype) is None
                 or not cuda_gemv_dp4a.applies(hidden, 2 * inter, self.sm, False, scheme.zero_point, silu=True)
                 or not cuda_gemv_dp4a.applies(inter, hidden, self.sm, False, scheme.zero_point)):
             return None
@@ -377,20 +332,17 @@ class KernelRegistry:
         w, r, _, k = gu_cfg
         if not cuda_gemv_dp4a.qout_fits(inter, w, r, k, silu=True):
             return None
+        *dn_cfg, _ = cuda_gemv.xs_gemv_config(inter, hidden)
+        off, grid = scheme.offset, _grid_suffix(scheme)
+        norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
+                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
         gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg), "linear_gemv",
-                             f"int4_gemv_dp4a{_grid_suffix(scheme)}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
-                                 hidden, 2 * inter, *gu_cfg, offset=scheme.offset, silu=True, pdl=self.pdl, preq=True,
-                                 qout=True))
-        return self._norm_q8(hidden, eps), gate_up, self._dp4a_preq(inter, hidden, scheme)
-
-    def dp4a_norm_gemv(self, hidden: int, out_f: int, scheme: QuantScheme, dtype: str, eps: float, bias: bool):
-        """(add_rms_norm_q8, the plain dp4a GEMV taking its output) for a one-token linear after the residual add and
-        norm (the next layer's qkv after the MLP chain's down) where `dp4a_mlp`'s chain applies and
-        cuda_gemv_dp4a.QKV_CHAIN is on; None elsewhere (then the GEMV that adds and normalizes x itself)."""
-        if (not cuda_gemv_dp4a.QKV_CHAIN or not self._dp4a_chain_applies(hidden, scheme, dtype)
-                or not cuda_gemv_dp4a.applies(hidden, out_f, self.sm, bias, scheme.zero_point)):
-            return None
-        return self._norm_q8(hidden, eps), self._dp4a_preq(hidden, out_f, scheme)
+                             f"int4_gemv_dp4a{grid}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
+                                 hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True))
+        down = self._once(("dp4a_preq", inter, hidden, scheme), "linear_gemv", f"int4_gemv_dp4a{grid}_preq",
+                          lambda: cuda_gemv_dp4a.int4_gemv_dp4a(inter, hidden, *dn_cfg, offset=off, pdl=self.pdl,
+                                                                preq=True))
+        return norm, gate_up, down
 
     def residual_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str):
         """The one-token decode GEMV that adds its output to the residual stream (o / down before a GEMV that takes

@@ -96,12 +96,10 @@ class Backbone(nn.Module):
             chain = self.kernels.dp4a_mlp(mlp.gate_up_proj.in_features, mlp.inter, mlp.gate_up_proj.scheme, x.dtype,
                                           norm.epsilon)
             if chain is not None and mlp.down_proj.scheme == mlp.gate_up_proj.scheme:
-                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-                x, y, qkv = self._mlp_int8_tail(x, attn.attention(qkv, cache, i), layer, nxt, chain, cache)
-                if y is None:
-                    continue
-                if nxt is not None:
-                    x, qkv = _norm_linear_int8(x, y, nxt.input_layernorm, nxt.self_attn.qkv_proj, self.kernels)
+                x, y = _mlp_int8(x, attn.o_proj(attn.attention(qkv, cache, i)), norm, mlp, chain)
+                if i + 1 < len(self.layers):
+                    nxt = self.layers[i + 1]
+                    x, qkv = _norm_linear(x, y, nxt.input_layernorm, nxt.self_attn.qkv_proj, self.kernels)
                 else:
                     x, h = _add_rms_norm(x, y, self.norm, self.kernels)
                 continue
@@ -114,51 +112,6 @@ class Backbone(nn.Module):
             else:
                 x, h = _add_rms_norm(x, mlp.down_proj(act), self.norm, self.kernels)
         return h
-
-
-    def _mlp_int8_tail(self, x, a, layer, nxt, chain, cache):
-        """The int8 MLP chain from the attention output `a`: (x, down's output, None), or, where down takes the next
-        layer's norm in its last block (registry.dp4a_tail, QKV_CHAIN), (x, None, the next layer's qkv). o takes the
-        MLP's norm in its last block where the registry has that kernel (the owned KV cache's control page holds the
-        blocks' counter), else o and add_rms_norm_q8 (`_mlp_int8`)."""
-        mlp, attn, norm, k = layer.mlp, layer.self_attn, layer.post_attention_layernorm, self.kernels
-        pages = getattr(cache, "pages", None)
-        kv = (pages.shape[0], pages.shape[3], pages.shape[5]) if pages is not None else None
-        o_tail = (k.dp4a_tail(attn.o_proj.in_features, attn.o_proj.out_features, attn.o_proj.scheme, x.dtype,
-                              norm.epsilon, kv, 0, preq=False)
-                  if kv is not None and attn.o_proj.bias is None and not attn.o_proj.scheme.act_order else None)
-        if o_tail is None:
-            x, y = _mlp_int8(x, attn.o_proj(a), norm, mlp, chain)
-            return x, y, None
-        b, s, hidden = x.shape
-        ph = nn.Tensor.placeholder
-        _, gate_up, down = chain
-        _, x, hq = nn.op.tensor_ir_op(o_tail, "linear_gemv_tail", [a.reshape(1, attn.o_proj.in_features),
-                                                                  *_weights(attn.o_proj, attn.o_proj.scheme),
-                                                                  x.reshape(1, hidden), norm.weight, pages],
-                                      [ph((1, hidden), x.dtype), ph((1, hidden), x.dtype),
-                                       ph((hidden // 8, 4), "uint32")])
-        aq = nn.op.tensor_ir_op(gate_up, "linear_gemv_silu_q8",
-                                [hq, *_weights(mlp.gate_up_proj, mlp.gate_up_proj.scheme)],
-                                ph((mlp.inter // 8, 4), "uint32"))
-        qkv_lin = nxt.self_attn.qkv_proj if nxt is not None else None
-        pair = (k.dp4a_norm_gemv(hidden, qkv_lin.out_features, qkv_lin.scheme, x.dtype, nxt.input_layernorm.epsilon,
-                                 qkv_lin.bias is not None)
-                if qkv_lin is not None and not qkv_lin.scheme.act_order else None)
-        dn_tail = (k.dp4a_tail(mlp.inter, hidden, mlp.down_proj.scheme, x.dtype, nxt.input_layernorm.epsilon, kv, 1,
-                               preq=True) if pair is not None else None)
-        if dn_tail is None:
-            y = nn.op.tensor_ir_op(down, "linear_gemv_q8", [aq, *_weights(mlp.down_proj, mlp.down_proj.scheme)],
-                                   ph((1, hidden), x.dtype))
-            return x.reshape(b, s, hidden), y.reshape(b, s, hidden), None
-        _, x, hq = nn.op.tensor_ir_op(dn_tail, "linear_gemv_q8_tail",
-                                      [aq, *_weights(mlp.down_proj, mlp.down_proj.scheme), x,
-                                       nxt.input_layernorm.weight, pages],
-                                      [ph((1, hidden), x.dtype), ph((1, hidden), x.dtype),
-                                       ph((hidden // 8, 4), "uint32")])
-        out = nn.op.tensor_ir_op(pair[1], "linear_gemv_q8", [hq, *_weights(qkv_lin, qkv_lin.scheme)],
-                                 ph((1, qkv_lin.out_features), x.dtype))
-        return x.reshape(b, s, hidden), None, out.reshape(b, s, qkv_lin.out_features)
 
 
 def _mlp_int8(x, o, norm, mlp, chain):
@@ -175,23 +128,6 @@ def _mlp_int8(x, o, norm, mlp, chain):
     y = nn.op.tensor_ir_op(down, "linear_gemv_q8", [aq, *_weights(mlp.down_proj, mlp.down_proj.scheme)],
                            ph((1, hidden), x.dtype))
     return x.reshape(b, s, hidden), y.reshape(b, s, hidden)
-
-
-def _norm_linear_int8(x, y, norm, linear: Linear, kernels: KernelRegistry):
-    """(x + y, linear(norm(x + y))) for one token after the int8 MLP chain: add_rms_norm_q8 and the GEMV taking its
-    quantized output where the registry has the pair (`dp4a_norm_gemv`), else `_norm_linear`."""
-    b, s, hidden = x.shape
-    pair = (kernels.dp4a_norm_gemv(hidden, linear.out_features, linear.scheme, x.dtype, norm.epsilon,
-                                   linear.bias is not None) if not linear.scheme.act_order else None)
-    if pair is None:
-        return _norm_linear(x, y, norm, linear, kernels)
-    norm_q8, gemv = pair
-    ph = nn.Tensor.placeholder
-    x, hq = nn.op.tensor_ir_op(norm_q8, "add_rms_norm_q8", [x.reshape(1, hidden), y.reshape(1, hidden), norm.weight],
-                               [ph((1, hidden), x.dtype), ph((hidden // 8, 4), "uint32")])
-    out = nn.op.tensor_ir_op(gemv, "linear_gemv_q8", [hq, *_weights(linear, linear.scheme)],
-                             ph((1, linear.out_features), x.dtype))
-    return x.reshape(b, s, hidden), out.reshape(b, s, linear.out_features)
 
 
 def _first_norm_linear(x, norm, linear: Linear, kernels: KernelRegistry):

@@ -239,96 +239,48 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
 
 // (x + y, and rms_norm(x + y) * w quantized a packed word at a time by eqd_quant8) for one token: add_rms_norm_gpu's
 // arithmetic (x + y rounded to fp16; the sum of squares in fp32; the normed value (s * r) * w rounded to fp16), the
-// sum of squares per packed word's 8 in order, the butterfly over 32 consecutive words, those sums in order. NT
-// threads (a multiple of 32 dividing HIDDEN / 8): thread t takes words t, t + NT, ...; word j is lane j % 32 of the
-// butterfly j / 32 at any NT, so every NT gives the same bits. y is read from L2 (__ldcg: in a GEMV's tail it was
-// written by the grid's other blocks). red: HIDDEN / 256 floats of shared memory.
-template <int HIDDEN, int NT>
-__device__ __forceinline__ void eqd_add_rms_norm_q8_block(const half* __restrict__ x, const half* __restrict__ y,
-                                                          const half* __restrict__ w, half* __restrict__ xo,
-                                                          unsigned* __restrict__ hqp, float eps, float* red) {
-  constexpr int WORDS = HIDDEN / 8, K = WORDS / NT, NW = WORDS / 32;
-  static_assert(HIDDEN % 256 == 0 && NT % 32 == 0 && WORDS % NT == 0, "whole warps over whole butterflies");
+// sum of squares per thread's 8 in order, the warp butterfly, the warps in order. One block of HIDDEN / 8 threads.
+template <int HIDDEN>
+__device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
+                                                        const half* __restrict__ w, half* __restrict__ xo,
+                                                        unsigned* __restrict__ hqp, float eps, float* red) {
+  constexpr int NT = HIDDEN / 8, NW = (NT + 31) / 32;
+  static_assert(HIDDEN % 8 == 0 && NT <= 1024, "HIDDEN / 8 threads");
   const int t = threadIdx.x;
-  float s[K][8];
-  unsigned ws[K][4];
+  const uint4 xv = reinterpret_cast<const uint4*>(x)[t], yv = reinterpret_cast<const uint4*>(y)[t];
+  const uint4 wv = reinterpret_cast<const uint4*>(w)[t];
+  const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+  float s[8], ss = 0.f;
+  unsigned so[4];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int j = t + k * NT;
-    const uint4 xv = reinterpret_cast<const uint4*>(x)[j], yv = __ldcg(reinterpret_cast<const uint4*>(y) + j);
-    const uint4 wv = reinterpret_cast<const uint4*>(w)[j];
-    const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w};
-    ws[k][0] = wv.x; ws[k][1] = wv.y; ws[k][2] = wv.z; ws[k][3] = wv.w;
-    unsigned so[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const half a0 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] & 0xFFFFu)))
-                                       + __half2float(__ushort_as_half((unsigned short)(ys[e] & 0xFFFFu))));
-      const half a1 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] >> 16)))
-                                       + __half2float(__ushort_as_half((unsigned short)(ys[e] >> 16))));
-      s[k][2 * e] = __half2float(a0);
-      s[k][2 * e + 1] = __half2float(a1);
-      so[e] = (unsigned)__half_as_ushort(a0) | ((unsigned)__half_as_ushort(a1) << 16);
-    }
-    reinterpret_cast<uint4*>(xo)[j] = make_uint4(so[0], so[1], so[2], so[3]);
-    float ss = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) ss = ss + s[k][e] * s[k][e];
-#pragma unroll
-    for (int o = 0; o < 5; ++o) ss = ss + __shfl_xor_sync(0xFFFFFFFFu, ss, 1 << o);
-    if ((t & 31) == 0) red[j >> 5] = ss;
+  for (int e = 0; e < 4; ++e) {
+    const half a0 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] & 0xFFFFu)))
+                                     + __half2float(__ushort_as_half((unsigned short)(ys[e] & 0xFFFFu))));
+    const half a1 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] >> 16)))
+                                     + __half2float(__ushort_as_half((unsigned short)(ys[e] >> 16))));
+    s[2 * e] = __half2float(a0);
+    s[2 * e + 1] = __half2float(a1);
+    so[e] = (unsigned)__half_as_ushort(a0) | ((unsigned)__half_as_ushort(a1) << 16);
   }
+  reinterpret_cast<uint4*>(xo)[t] = make_uint4(so[0], so[1], so[2], so[3]);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) ss = ss + s[e] * s[e];
+#pragma unroll
+  for (int o = 0; o < 5; ++o) ss = ss + __shfl_xor_sync(0xFFFFFFFFu, ss, 1 << o);
+  if ((t & 31) == 0) red[t >> 5] = ss;
   __syncthreads();
   float tot = 0.f;
 #pragma unroll
   for (int k = 0; k < NW; ++k) tot = tot + red[k];
   const float r = rsqrtf(tot / (float)HIDDEN + eps);
+  float h[8];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    float h[8];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      h[2 * e] = __half2float(__float2half_rn(s[k][2 * e] * r
-                                              * __half2float(__ushort_as_half((unsigned short)(ws[k][e] & 0xFFFFu)))));
-      h[2 * e + 1] = __half2float(__float2half_rn(s[k][2 * e + 1] * r
-                                                  * __half2float(__ushort_as_half((unsigned short)(ws[k][e] >> 16)))));
-    }
-    reinterpret_cast<uint4*>(hqp)[t + k * NT] = eqd_quant8(h);
+  for (int e = 0; e < 4; ++e) {
+    h[2 * e] = __half2float(__float2half_rn(s[2 * e] * r
+                                            * __half2float(__ushort_as_half((unsigned short)(ws[e] & 0xFFFFu)))));
+    h[2 * e + 1] = __half2float(__float2half_rn(s[2 * e + 1] * r
+                                                * __half2float(__ushort_as_half((unsigned short)(ws[e] >> 16)))));
   }
-}
-
-// The norm kernel of the chain: one block of HIDDEN / 8 threads.
-template <int HIDDEN>
-__device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
-                                                        const half* __restrict__ w, half* __restrict__ xo,
-                                                        unsigned* __restrict__ hqp, float eps, float* red) {
-  static_assert(HIDDEN / 8 <= 1024, "HIDDEN / 8 threads");
-  eqd_add_rms_norm_q8_block<HIDDEN, HIDDEN / 8>(x, y, w, xo, hqp, eps, red);
-}
-
-// TAIL: a plain GEMV whose output y [NOUT] is added to the residual and normalized by the grid's last block (its
-// output y is scratch): each block writes its outputs, fences, and counts itself on `counter` (an int32 of the owned
-// KV cache's control page, zero between kernels); the block that counts last takes x + y, rms_norm(x + y) * w and its
-// quantized words (edgellm_add_rms_norm_q8's bits) and resets the counter. No kernel of its own between the GEMV and
-// the next one (PDL: that one's wait covers this grid's tail).
-template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool PF, bool PDL, bool PREQ>
-__device__ __forceinline__ void edgellm_q4gemv_dp4a_tail(const void* __restrict__ xin, const unsigned* __restrict__ qw,
-                                                         const half* __restrict__ qs, half* __restrict__ y,
-                                                         unsigned char* smem, const half* __restrict__ res,
-                                                         const half* __restrict__ nw, half* __restrict__ xo,
-                                                         unsigned* __restrict__ hq, void* ctrl, long long counter_word,
-                                                         float eps) {
-  edgellm_q4gemv_dp4a<W, R, U, KS, G, NOUT, OFF, false, PF, PDL, PREQ, false>(xin, qw, qs, y, smem);
-  int* counter = reinterpret_cast<int*>(ctrl) + counter_word;
-  int* last = reinterpret_cast<int*>(smem);
-  float* red = reinterpret_cast<float*>(smem) + 4;
-  __threadfence();  // this block's outputs visible to the block that counts last
-  __syncthreads();
-  if (threadIdx.x == 0) *last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-  __syncthreads();
-  if (!*last) return;
-  __threadfence();
-  eqd_add_rms_norm_q8_block<NOUT, W * 32>(res, y, nw, xo, hq, eps, red);
-  if (threadIdx.x == 0) *counter = 0;
+  reinterpret_cast<uint4*>(hqp)[t] = eqd_quant8(h);
 }
 #endif
