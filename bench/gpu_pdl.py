@@ -497,15 +497,17 @@ def main() -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--shapes", default=",".join(SHAPE_NAMES))
     ap.add_argument("--no-tiny", action="store_true", help="prepare: skip the tiny model")
-    ap.add_argument("--variants", default="", help="these variants for every shape (e.g. off,on), at prepare and run")
+    ap.add_argument("--variants", default="", help="these variants for every shape (e.g. off,on; SHAPE:VARIANT for one shape), at prepare and run")
     ap.add_argument("--quick", action="store_true", help="run: checks, profiles and tg128 only")
     args = ap.parse_args()
     global QUICK
     QUICK = args.quick
     shapes = [s for s in args.shapes.split(",") if s]
     if args.variants:  # prepare and run: the same list for every shape (run: where the bundle has them)
+        items = [v for v in args.variants.split(",") if v]
         for shape in SHAPE_VARIANTS:
-            SHAPE_VARIANTS[shape] = tuple(args.variants.split(","))
+            SHAPE_VARIANTS[shape] = tuple(v.split(":", 1)[-1] for v in items
+                                          if ":" not in v or v.split(":", 1)[0] == shape)
     if args.what == "prepare":
         prepare(Path(args.out).resolve(), args.arch, shapes, not args.no_tiny)
         return 0
