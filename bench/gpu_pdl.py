@@ -127,10 +127,6 @@ VARIANTS = {
     "owned-dp4a-chain": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-q4r4": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-q8r2": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    # the o GEMV asks the L2 for the first 8 / 16 / 24 MB of gate_up before its wait (cuda_gemv_dp4a.NEXT_PREFETCH)
-    "owned-dp4a-nx8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    "owned-dp4a-nx16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
-    "owned-dp4a-nx24": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
 }
 HEAD = {"owned-hq4": "q4", "owned-hq4-argtree": "q4", "owned-dnw16-hq4": "q4"}  # CompileArgs.head of the build (else the default); its logits differ from the others'
 
@@ -160,8 +156,6 @@ DP4A_SILU = {"owned-dp4a-w8": {4096: (8, 2, 4, 1), 2048: (8, 2, 4, 1)},
              "owned-dp4a-w16": {4096: (16, 2, 4, 1), 2048: (16, 2, 4, 1)}}  # cuda_gemv_dp4a.SILU_CONFIG (else {})
 DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else its default)
 DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
-DP4A_NEXT = {"owned-dp4a-nx8": 8 << 20, "owned-dp4a-nx16": 16 << 20,
-             "owned-dp4a-nx24": 24 << 20}  # cuda_gemv_dp4a.NEXT_PREFETCH (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -170,10 +164,9 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
-         "owned-dp4a-q8r2", "owned-dp4a-nx8", "owned-dp4a-nx16", "owned-dp4a-nx24")  # and owned-pA-B...
+         "owned-dp4a-q8r2")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
-             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-dp4a-nx8",
-             "owned-dp4a-nx16", "owned-dp4a-nx24")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -198,7 +191,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv, "NORM_CONFIG", NORM), (cuda_gemv, "NORM_WEIGHT", NORM_W),
             (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_dp4a, "SILU_CONFIG", DP4A_SILU),
             (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
-            (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT), (cuda_gemv_dp4a, "NEXT_PREFETCH", DP4A_NEXT)]
+            (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:

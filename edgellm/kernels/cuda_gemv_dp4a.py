@@ -32,10 +32,6 @@ QOUT_SILU_CONFIG = (4, 4, 2, 1)
 # the chain where `hidden` is at least this: above cuda_gemv.FUSED_NORM_SILU_AUTO_MAX gate_up does not stage the norm
 # itself (0: that rule); an A/B knob of bench/gpu_pdl.py
 CHAIN_MIN_HIDDEN = 0
-# bytes of the MLP's gate_up (weights and scales, half from its gate rows and half from its up rows) that the o GEMV
-# asks into L2 before its wait (int4_gemv_dp4a_next, registry.dp4a_o_next): they stream from HBM under the attention
-# and the norm; 0: off. An A/B knob of bench/gpu_pdl.py
-NEXT_PREFETCH = 0
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:
@@ -114,62 +110,6 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
                               + ("_pf" if pf else "") + ("_preq" if preq else "")
                               + ("_qout" if qout else "")})
-
-
-def next_prefetch_bytes(next_out: int, next_in: int, total: int) -> tuple[int, int]:
-    """(weight bytes, scale bytes) int4_gemv_dp4a_next prefetches of each half of a q4 matrix [next_out, next_in]
-    (group 32: 16 bytes of weights and 2 of scale a group), for `total` bytes over both halves: the same first rows
-    of weights and scales, whole 16-byte units, at most the half."""
-    groups = next_in // GROUP
-    half_rows = next_out // 2
-    rows = min(half_rows, max(0, total // 2 // (groups * 18)))
-    return rows * groups * 16, rows * groups * 2 // 16 * 16
-
-
-def int4_gemv_dp4a_next(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, next_out: int,
-                        next_in: int, total: int, offset: int = QMAX, pdl: bool = False):
-    """The plain dp4a GEMV (int4_gemv_dp4a's arguments) that also takes the next matrix's q_weight [next_out,
-    next_in / 8] and q_scale [next_out, next_in / 32] (the MLP's gate_up: gate rows, then up rows) and asks the L2 for
-    the first rows of each half, `total` bytes in all (next_prefetch_bytes), split over its blocks, before its wait.
-    Its outputs are int4_gemv_dp4a's bit for bit."""
-    from tvm.script import tirx as T
-
-    from .cuda_pdl import WAITS_INSIDE
-
-    if in_f % GROUP or in_f <= 0 or next_in % GROUP or next_out % 2 or warps % ksplit:
-        raise ValueError(f"int4_gemv_dp4a_next: `in` {in_f} and next `in` {next_in} multiples of {GROUP}, an even "
-                         f"next `out` ({next_out}), warps {warps} a multiple of ksplit {ksplit}")
-    G, W, G2 = in_f // GROUP, warps, next_in // GROUP
-    wb, sb = next_prefetch_bytes(next_out, next_in, total)
-    per_block = outputs_per_block(W, rows, ksplit)
-    nb = (out_f + per_block - 1) // per_block
-    pf = pdl and prefetches_l2(in_f, out_f)
-    b = {True: "true", False: "false"}
-    call = f"edgellm_q4gemv_dp4a_next<{W}, {rows}, {unroll}, {ksplit}, {G}, {out_f}, {offset}, {b[pf]}, {b[pdl]}>"
-    mark = WAITS_INSIDE if pdl else "edgellm_noop"
-    smem = smem_bytes(in_f, W, rows)
-    half = next_out // 2
-
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((1, in_f), "float16"), qw: T.Buffer((out_f, G * 4), "uint32"),
-               qs: T.Buffer((out_f, G), "float16"), nw: T.Buffer((next_out, G2 * 4), "uint32"),
-               ns: T.Buffer((next_out, G2), "float16"), out: T.Buffer((1, out_f), "float16")):
-        with T.sblock("root"):
-            T.reads()
-            T.writes()
-            T.launch_thread("blockIdx.x", nb)
-            T.launch_thread("threadIdx.x", W * 32)
-            sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
-            T.evaluate(T.call_extern("void", mark))
-            T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, nw.data, ns.data,
-                                        T.int64(half * G2 * 16), T.int64(half * G2 * 2), T.int64(wb), T.int64(sb),
-                                        source_code=_SRC))
-
-    grid = "" if offset == QMAX else f"_o{offset}"
-    return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
-                              "tir.noalias": True,
-                              "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_pf" if pf else "")
-                              + f"_next{wb + sb}"})
 
 
 def norm_q8_supports(hidden: int) -> bool:

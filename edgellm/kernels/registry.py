@@ -313,27 +313,6 @@ class KernelRegistry:
                                                          xsmem=True, fold_shift=fold, norm_eps=norm_eps, silu=silu,
                                                          norm_add=add, pdl=self.pdl))
 
-    def dp4a_o_next(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str, next_out: int, next_in: int,
-                    next_scheme: QuantScheme):
-        """The one-token o GEMV (--opt cuda_gemv=dp4a, sm_90 with PDL) that asks the L2 for the first
-        cuda_gemv_dp4a.NEXT_PREFETCH bytes of the MLP's gate_up [next_out, next_in] before its wait
-        (int4_gemv_dp4a_next); None elsewhere (knob 0, other rows), where o is the registry's plain GEMV."""
-        from . import cuda_gemv
-
-        groups = next_in // 32
-        if (cuda_gemv_dp4a.NEXT_PREFETCH <= 0 or not self.pdl or self.options.cuda_gemv != "dp4a"
-                or self._cuda_xs_gemv_stem(in_f, scheme, dtype) is None
-                or self._cuda_xs_gemv_stem(next_in, next_scheme, dtype) is None
-                or not cuda_gemv_dp4a.applies(in_f, out_f, self.sm, False, scheme.zero_point)
-                or next_scheme.zero_point or next_out % 2 or next_out // 2 * groups * 2 % 16):
-            return None
-        *cfg, _ = cuda_gemv.xs_gemv_config(in_f, out_f)
-        total = cuda_gemv_dp4a.NEXT_PREFETCH
-        name = f"int4_gemv_dp4a{_grid_suffix(scheme)}_next"
-        return self._once(("dp4a_next", in_f, out_f, scheme, next_out, next_in, total), "linear_gemv", name,
-                          lambda: cuda_gemv_dp4a.int4_gemv_dp4a_next(in_f, out_f, *cfg, next_out, next_in, total,
-                                                                     offset=scheme.offset, pdl=self.pdl))
-
     def dp4a_mlp(self, hidden: int, inter: int, scheme: QuantScheme, dtype: str, eps: float):
         """The one-token MLP with int8 activations from the norm to down (--opt cuda_gemv=dp4a, CUDA): (add_rms_norm_q8:
         x + delta and the normed x quantized a packed word at a time; gate_up + silu taking it and leaving its output

@@ -96,20 +96,15 @@ class Backbone(nn.Module):
             chain = self.kernels.dp4a_mlp(mlp.gate_up_proj.in_features, mlp.inter, mlp.gate_up_proj.scheme, x.dtype,
                                           norm.epsilon)
             if chain is not None and mlp.down_proj.scheme == mlp.gate_up_proj.scheme:
-                x, y = _mlp_int8(x, _o_proj(attn.attention(qkv, cache, i), attn, mlp, self.kernels), norm, mlp, chain)
+                x, y = _mlp_int8(x, attn.o_proj(attn.attention(qkv, cache, i)), norm, mlp, chain)
                 if i + 1 < len(self.layers):
                     nxt = self.layers[i + 1]
                     x, qkv = _norm_linear(x, y, nxt.input_layernorm, nxt.self_attn.qkv_proj, self.kernels)
                 else:
                     x, h = _add_rms_norm(x, y, self.norm, self.kernels)
                 continue
-            a = attn.attention(qkv, cache, i)
-            if _o_next(attn, mlp, self.kernels, x.dtype) is not None:
-                x, act = _norm_linear(x, _o_proj(a, attn, mlp, self.kernels), norm, mlp.gate_up_proj, self.kernels,
-                                      silu_inter=mlp.inter)
-            else:
-                x, act = _res_norm_linear(x, a, attn.o_proj, norm, mlp.gate_up_proj, self.kernels,
-                                          silu_inter=mlp.inter)
+            x, act = _res_norm_linear(x, attn.attention(qkv, cache, i), attn.o_proj, norm, mlp.gate_up_proj,
+                                      self.kernels, silu_inter=mlp.inter)
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1]
                 x, qkv = _res_norm_linear(x, act, mlp.down_proj, nxt.input_layernorm, nxt.self_attn.qkv_proj,
@@ -117,29 +112,6 @@ class Backbone(nn.Module):
             else:
                 x, h = _add_rms_norm(x, mlp.down_proj(act), self.norm, self.kernels)
         return h
-
-
-def _o_next(attn, mlp, kernels: KernelRegistry, dtype: str):
-    """The registry's o GEMV that prefetches gate_up's first rows into L2 (`dp4a_o_next`), or None."""
-    o, g = attn.o_proj, mlp.gate_up_proj
-    if o.bias is not None or g.bias is not None or o.scheme.act_order or g.scheme.act_order:
-        return None
-    return kernels.dp4a_o_next(o.in_features, o.out_features, o.scheme, dtype, g.out_features, g.in_features,
-                               g.scheme)
-
-
-def _o_proj(a, attn, mlp, kernels: KernelRegistry):
-    """o_proj(a) for one token: through `_o_next`'s kernel where the registry has it (its outputs are the plain
-    GEMV's), else the linear."""
-    func = _o_next(attn, mlp, kernels, a.dtype)
-    if func is None:
-        return attn.o_proj(a)
-    o, g = attn.o_proj, mlp.gate_up_proj
-    b, s, _ = a.shape
-    out = nn.op.tensor_ir_op(func, "linear_gemv_next", [a.reshape(1, o.in_features), *_weights(o, o.scheme),
-                                                        *_weights(g, g.scheme)],
-                             nn.Tensor.placeholder((1, o.out_features), a.dtype))
-    return out.reshape(b, s, o.out_features)
 
 
 def _mlp_int8(x, o, norm, mlp, chain):

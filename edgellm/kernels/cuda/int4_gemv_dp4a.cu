@@ -237,36 +237,6 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
   }
 }
 
-// NEXT: the plain GEMV that also asks the L2 for the first rows of the matrix after the next kernel (o before the
-// MLP's norm: gate_up's gate and up rows), before its wait: that matrix then streams from HBM while the attention and
-// the norm leave it idle, and its first blocks' loads hit L2. The two halves of the next matrix (rows [0, half) and
-// [half, 2 half)): their first `wb` bytes of weights and `sb` bytes of scales each (multiples of 16), split over the
-// grid's blocks in 16-byte units. Prefetches write no register and nothing of the step: the GEMV's values are
-// unchanged.
-template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool PF, bool PDL>
-__device__ __forceinline__ void edgellm_q4gemv_dp4a_next(const void* __restrict__ xin, const unsigned* __restrict__ qw,
-                                                         const half* __restrict__ qs, void* __restrict__ outp,
-                                                         unsigned char* smem, const void* nw, const void* ns,
-                                                         long long half_w, long long half_s, long long wb,
-                                                         long long sb) {
-  if (threadIdx.x == 0) {
-    const long long nb = gridDim.x, b = blockIdx.x;
-#pragma unroll
-    for (int part = 0; part < 2; ++part) {
-      const unsigned char* base[2] = {reinterpret_cast<const unsigned char*>(nw) + part * half_w,
-                                      reinterpret_cast<const unsigned char*>(ns) + part * half_s};
-      const long long len[2] = {wb, sb};
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        const long long units = len[m] / 16, per = (units + nb - 1) / nb;
-        const long long u0 = min(units, b * per), u1 = min(units, u0 + per);
-        if (u1 > u0) eqd_prefetch_l2(base[m] + u0 * 16, (unsigned)((u1 - u0) * 16));
-      }
-    }
-  }
-  edgellm_q4gemv_dp4a<W, R, U, KS, G, NOUT, OFF, false, PF, PDL>(xin, qw, qs, outp, smem);
-}
-
 // (x + y, and rms_norm(x + y) * w quantized a packed word at a time by eqd_quant8) for one token: add_rms_norm_gpu's
 // arithmetic (x + y rounded to fp16; the sum of squares in fp32; the normed value (s * r) * w rounded to fp16), the
 // sum of squares per thread's 8 in order, the warp butterfly, the warps in order. One block of HIDDEN / 8 threads.
