@@ -234,24 +234,22 @@ def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min:
     kp = q_weight.shape[1] * scheme.elems_per_word
     x = np.pad(x.astype(np.float32), ((0, 0), (0, kp - x.shape[1])))
     xq, xd = quantize_activations(x, ag)
-    groups = kp // ag
-    q = unpack(q_weight, scheme).astype(np.float32)
-    if scheme.bits == 8:
-        q = q - scheme.offset
-    q = q.reshape(out_f, groups, ag).transpose(1, 2, 0)  # [groups, ag, out]
-    xqg = xq.astype(np.float32).reshape(x.shape[0], groups, ag).transpose(1, 0, 2)  # [groups, m, ag]
-    scale = np.repeat(q_scale.astype(np.float32), g // ag, axis=1)  # per activation group
-    qmin = None
-    if scheme.bits == 4:
-        qmin = q_min.astype(np.float32) if scheme.zero_point else -float(scheme.offset) * q_scale.astype(np.float32)
-        qmin = np.repeat(qmin, g // ag, axis=1)
-    xsum = xqg.sum(axis=2).T * xd  # [m, groups]: d * sum(xq), the dequantized activations' sum
-    out = np.empty((x.shape[0], out_f), np.float32)
-    for o in range(0, out_f, 4096):  # blocks of output rows bound the [groups, m, rows] integer dot products
+    m = x.shape[0]
+    # in float64 as one product of the dequantized activations (d_a * xq) and weights (scale * q + min): every
+    # product is exact there and the sum rounds at 2**-53, so this is the formula's value to float32 rounding (the
+    # kernels' float32 sums differ from it by their own order); one BLAS call, not a dot product per group
+    xdeq = (xq.astype(np.float64).reshape(m, kp // ag, ag) * xd.astype(np.float64)[:, :, None]).reshape(m, kp)
+    out = np.empty((m, out_f), np.float32)
+    for o in range(0, out_f, 4096):  # blocks of output rows bound the float64 weights
         sl = slice(o, o + 4096)
-        # integer dot products per activation group, in float32 through BLAS: every partial sum is an integer below
-        # 32 * 128 * 127 < 2**24, so the result is exact
-        idot = np.matmul(xqg, q[:, :, sl]).transpose(1, 2, 0)  # [m, rows, groups]
-        res = (idot * scale[None, sl] * xd[:, None, :]).sum(axis=2)
-        out[:, sl] = res if qmin is None else res + xsum @ qmin[sl].T
+        q = unpack(q_weight[sl], scheme).astype(np.float64)
+        if scheme.bits == 8:
+            q = q - scheme.offset
+        rows = q.shape[0]
+        q = q.reshape(rows, kp // g, g)
+        scale = q_scale[sl].astype(np.float64)[:, :, None]
+        w = q * scale
+        if scheme.bits == 4:
+            w += q_min[sl].astype(np.float64)[:, :, None] if scheme.zero_point else -float(scheme.offset) * scale
+        out[:, sl] = xdeq @ w.reshape(rows, kp).T
     return out
