@@ -109,3 +109,70 @@ def test_sdot_build_equals_portable_build_bit_for_bit(pi_run):
     _, tok4, pi4 = pi_run("rpi4", "q4f32_2")
     assert tok5 == tok4
     np.testing.assert_array_equal(pi5, pi4)
+
+
+def test_remote_runs_a_list_of_requests_on_one_engine(compiled, tmp_path, capsys, monkeypatch):
+    """The device-side entry point (what qemu runs): a JSON list runs each request in order with the artifact loaded
+    once; a request without a known op is refused before anything loads."""
+    import json
+
+    from edgellm.device_runners import engine, remote
+    from edgellm.device_runners.engine import Engine
+
+    art, ids, out = compiled("qwen2", "q4f32_1"), [1, 5, 7, 100], tmp_path / "l.npy"
+    host = Engine(art)
+    loads = []
+    monkeypatch.setattr(engine.Engine, "__init__", lambda self, *a, _init=engine.Engine.__init__, **k: (
+        loads.append(a), _init(self, *a, **k))[1])
+    assert remote.main([str(art), json.dumps([{"op": "generate_ids", "ids": ids, "max_new_tokens": 4},
+                                              {"op": "score", "ids": ids, "out": str(out)}])]) == 0
+    lines = [json.loads(x.removeprefix(remote.PREFIX)) for x in capsys.readouterr().out.splitlines()]
+    assert lines == [{"tokens": list(host.generate_ids(ids, 4)), "finish_reason": "length"}, {"saved": str(out)}]
+    np.testing.assert_array_equal(np.load(out), host.score(ids))
+    assert len(loads) == 1
+    for bad in ([{"op": "score", "ids": ids, "out": str(out)}, {"op": "nope"}], {"ids": ids}, [3]):
+        with pytest.raises(SystemExit, match="unknown request .* one of generate_ids, score, run"):
+            remote.main([str(art), json.dumps(bad)])
+    with pytest.raises(SystemExit, match="no request"):
+        remote.main([str(art), "[]"])
+    assert len(loads) == 1
+
+
+def test_emulated_python_keeps_its_bytecode(monkeypatch):
+    """The arm64 python under qemu writes the .pyc of what it imports into edgellm's arm64 root, whatever the caller's
+    PYTHONDONTWRITEBYTECODE (compiling TVM's modules under qemu was 6 s of every emulated start)."""
+    from edgellm.device_runners.emulate import python_command
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    cmd, env = python_command(Path("/arm64"), "cortex-a76", ["-c", "pass"], [Path("/src")], threads=3)
+    assert cmd[:4] == ["qemu-aarch64-static", "-L", "/arm64", "/arm64/usr/bin/python3"]
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["QEMU_CPU"] == "cortex-a76" and env["TVM_NUM_THREADS"] == "3"
+    assert env["PYTHONPATH"] == "/arm64/opt/edgellm-site:/src"
+
+
+def test_cli_run_emulate(arm64_root, matrix):
+    r = CliRunner().invoke(cli, ["run", str(matrix("rpi5")), "hello world", "--no-chat", "-n", "4", "--emulate"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "decode: 4 tokens" in r.stderr and "emulated" in r.stderr
+
+
+def test_cli_emulate_without_arm64_root_names_the_script(matrix, monkeypatch, tmp_path):
+    """No arm64 root (or no qemu): one line naming scripts/arm64-rootfs.sh, exit 1, no traceback."""
+    monkeypatch.setenv("EDGELLM_ARM64_ROOT", str(tmp_path / "no-root"))
+    r = CliRunner().invoke(cli, ["run", str(matrix("rpi5")), "hi", "--no-chat", "-n", "1", "--emulate"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "scripts/arm64-rootfs.sh" in r.stderr
+    assert str(tmp_path / "no-root") in r.stderr or "qemu-aarch64-static" in r.stderr
+
+
+def test_cli_emulate_refuses_an_x86_artifact_for_its_architecture(matrix, monkeypatch, tmp_path):
+    """--emulate on a host (x86-64) build names the architecture and the fix, before looking for the arm64 root."""
+    monkeypatch.setenv("EDGELLM_ARM64_ROOT", str(tmp_path / "no-root"))
+    r = CliRunner().invoke(cli, ["run", str(matrix("host")), "hi", "--no-chat", "-n", "1", "--emulate"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "x86_64" in r.stderr and "aarch64" in r.stderr and "without --emulate" in r.stderr
+    assert "root filesystem" not in r.stderr
+
+
+# The real SmolLM2 on the Pi 5 core under qemu: tests/test_pi_fidelity.py
