@@ -118,6 +118,9 @@ VARIANTS = {
     # the plain decode GEMVs (o, down) and gate_up + silu with int8 activations and dp4a (--opt cuda_gemv=dp4a; a
     # scale per 8 activations, as the Vulkan default): not bit-equal, within the tolerance
     "owned-dp4a": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
+    # fp16 activations in every GEMV (--opt cuda_gemv=fp16x2-smem; auto's pick before run 47, where auto took dp4a for
+    # `in` >= 2048)
+    "owned-fp16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "fp16x2-smem"},
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -164,9 +167,9 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
-         "owned-dp4a-q8r2")  # and owned-pA-B...
+         "owned-dp4a-q8r2", "owned-fp16")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
-             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -278,8 +281,10 @@ INT8_ACT_REL = 5e-3
 
 
 def _rel(*variants: str) -> float:
-    """The tolerance of a comparison between these builds, relative to the largest logit."""
-    return INT8_ACT_REL if any(VARIANTS.get(v, {}).get("cuda_gemv") == "dp4a" for v in variants) else 1e-3
+    """The tolerance of a comparison between these builds, relative to the largest logit: INT8_ACT_REL where they
+    differ in --opt cuda_gemv (auto takes int8 activations for `in` >= 2048, fp16x2-smem none) or one is dp4a."""
+    gemv = {VARIANTS.get(v, {}).get("cuda_gemv", "auto") for v in variants}
+    return INT8_ACT_REL if len(gemv) > 1 or "dp4a" in gemv else 1e-3
 
 
 def _compare(label: str, a: np.ndarray, b: np.ndarray, ga: list[int], gb: list[int], exact: bool,

@@ -7,8 +7,9 @@
   warps, the silu epilogue, the Q4_0 grid, an `out` no block tiles evenly, outlier activations;
 * the quantized MLP chain (add_rms_norm_q8 -> gate_up + silu with quantized input and output -> down) on the host
   against numpy, and the registry's chain only where gate_up does not stage the norm;
-* the registry takes it only with the option, for the plain GEMV and gate_up + silu; the norm-fused GEMVs, the 8-bit
-  head, the Q4_1 grid and bias keep their kernels;
+* the registry takes it with the option, for the plain GEMV and gate_up + silu, and by default (auto) for the plain
+  GEMVs of `in` >= 2048 and the MLP chain; the norm-fused GEMVs, the 8-bit head, the Q4_1 grid and bias keep their
+  kernels;
 * it builds for sm_90 with PDL (its own wait) and for sm_80 without.
 On the H200: bench/gpu_pdl.py's owned-dp4a variant (tok/s, and against the fp16x2 build within the tolerance).
 """
@@ -144,7 +145,7 @@ def test_kernel_source_on_the_host(tmp_path, host_emu):
             assert np.abs(wrong - model).max() > 10 * (ulp.max() + 1e-5 * np.abs(model).max())
 
 
-def test_registry_takes_it_only_with_the_option(monkeypatch):
+def test_registry_takes_it_with_the_option_and_by_default_for_long_rows(monkeypatch):
     from edgellm.kernels import KernelOptions, KernelRegistry, cuda_gemv
     from edgellm.quant.schemes import get_scheme
     from edgellm.targets import resolve
@@ -158,7 +159,11 @@ def test_registry_takes_it_only_with_the_option(monkeypatch):
         return KernelRegistry(cuda, KernelOptions(**options))._pick_linear(rows, in_f, out_f, s, s.act_dtype, bias)[0]
 
     assert pick(1, 4096, 4096, "q4f16_0", cuda_gemv="dp4a") == "int4_gemv_dp4a_o8"
-    assert pick(1, 14336, 4096, "q4f16_1") == "int4_gemv_fp16x2_smem"  # auto: unchanged
+    # auto: dp4a from `in` AUTO_MIN_IN (2048) on (the 1B's o and down, the 8B's), fp16x2 below (SmolLM2's 576, 1536)
+    assert pick(1, 14336, 4096, "q4f16_1") == "int4_gemv_dp4a"
+    assert pick(1, 2048, 2048, "q4f16_1") == "int4_gemv_dp4a"
+    assert pick(1, 1536, 576, "q4f16_1") == "int4_gemv_fp16x2_smem"
+    assert pick(1, 14336, 4096, "q4f16_1", cuda_gemv="fp16x2-smem") == "int4_gemv_fp16x2_smem"
     assert pick(1, 14336, 4096, "q4f16_2", cuda_gemv="dp4a") == "int4_gemv_fp16x2_smem_min"  # the Q4_1 grid
     assert pick(1, 4096, 6144, "q4f16_1", bias=True, cuda_gemv="dp4a") == "int4_gemv_fp16x2_smem"
     assert pick(1, 4096, 128256, "q8f16_1", cuda_gemv="dp4a") == "int8_gemv_fp16x2"  # the 8-bit head
@@ -170,7 +175,8 @@ def test_registry_takes_it_only_with_the_option(monkeypatch):
     silu = reg.fused_gemv(4096, 28672, s, "float16", False, None, True)
     assert str(silu.attrs["edgellm.gemv"]) == "dp4a_w4r2u4k1_silu"
     assert "h2" in reg.fused_gemv(4096, 6144, s, "float16", False, 1e-5, False)  # qkv with the norm: fp16x2
-    assert "h2" in KernelRegistry(cuda).fused_gemv(4096, 28672, s, "float16", False, None, True)  # the option off
+    # gate_up + silu quantizing x in every block: only with the option (auto takes the chain, dp4a_mlp, instead)
+    assert "h2" in KernelRegistry(cuda).fused_gemv(4096, 28672, s, "float16", False, None, True)
 
 
 def test_arguments_are_checked():
@@ -323,7 +329,9 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
     assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
         "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u2k2_preq"]  # Llama-3-8B
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
-    assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is None  # the option off
+    assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is not None  # auto: `in` >= AUTO_MIN_IN
+    assert KernelRegistry(cuda, KernelOptions(cuda_gemv="fp16x2-smem")).dp4a_mlp(
+        4096, 14336, s, "float16", 1e-5) is None  # the option off
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a", cuda_fuse="all")).dp4a_mlp(
         4096, 14336, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(

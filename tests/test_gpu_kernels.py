@@ -113,7 +113,8 @@ def test_cuda_schedules_build(preset):
         _, s = _pick(target, *shape)
         assert s is not None and s.attrs["tirx.is_scheduled"]
         scheduled[name] = s.with_attr("global_symbol", name)
-    assert str(scheduled["gemv_a"].attrs["edgellm.gemv"]).startswith("h2_")  # fp16: the fp16x2 GEMV
+    assert str(scheduled["gemv_a"].attrs["edgellm.gemv"]).startswith("dp4a_")  # fp16, `in` 4096: int8 activations
+    assert str(scheduled["gemv_b"].attrs["edgellm.gemv"]).startswith("h2_")  # fp16, `in` 576: the fp16x2 GEMV
     assert "group_dot" in scheduled["gemv_c"].script()  # fp32 activations: the TE INT4 GEMV and its schedule
     assert str(scheduled["gemm_a"].attrs["edgellm.gemm"]).startswith(  # fp16 INT4: tensor cores (wgmma on sm_90)
         "wgmma" if preset == "cuda-sm90" else "tc2_cp_async")

@@ -106,13 +106,17 @@ def test_registry_gives_each_grid_its_kernel():
 
     cuda, metal, android = resolve("cuda-sm90").tvm(), resolve("metal").tvm(), resolve("android").tvm()
     for row, suffix, nparams in (("q4f16_1", "", 4), ("q4f16_0", "_o8", 4), ("q4f16_2", "_min", 5)):
-        name, f = _pick(cuda, 1, 4096, 6144, row)
+        name, f = _pick(cuda, 1, 4096, 6144, row)  # auto: int8 activations for the symmetric grids at this `in`
+        assert name == ("int4_gemv_fp16x2_smem" if row == "q4f16_2" else "int4_gemv_dp4a") + suffix
+        assert len(f.params) == nparams
+        name, f = _pick(cuda, 1, 4096, 6144, row, cuda_gemv="fp16x2-smem")
         assert name == "int4_gemv_fp16x2_smem" + suffix and len(f.params) == nparams
         name, f = _pick(cuda, 1, 4096, 6144, row, cuda_gemv="fp16x2")
         assert name == "int4_gemv_fp16x2" + suffix and len(f.params) == nparams
         name, f = _pick(cuda, None, 4096, 6144, row, cuda_gemm_small="gemm")
         assert name == "int4_gemm_wgmma" + suffix and len(f.params) == nparams  # sm_90: the wgmma GEMM
-    assert str(_pick(cuda, 1, 4096, 6144, "q4f16_0")[1].attrs["edgellm.gemv"]).removesuffix("_pf").endswith("_q4o8")
+    assert str(_pick(cuda, 1, 4096, 6144, "q4f16_0", cuda_gemv="fp16x2-smem")[1].attrs["edgellm.gemv"]).removesuffix(
+        "_pf").endswith("_q4o8")
     assert str(_pick(cuda, 1, 4096, 6144, "q4f16_2")[1].attrs["edgellm.gemv"]).removesuffix("_pf").endswith("_q4o8z")
     name, f = _pick(cuda, 1, 2048, 128256, "q8f16_1")
     assert name == "int8_gemv_fp16x2" and str(f.attrs["edgellm.gemv"]) == "h2_w{}r{}u{}k{}_q8o128".format(

@@ -32,6 +32,12 @@ QOUT_SILU_CONFIG = (4, 4, 2, 1)
 # the chain where `hidden` is at least this: above cuda_gemv.FUSED_NORM_SILU_AUTO_MAX gate_up does not stage the norm
 # itself (0: that rule); an A/B knob of bench/gpu_pdl.py
 CHAIN_MIN_HIDDEN = 0
+# --opt cuda_gemv=auto takes these kernels for the plain decode GEMVs (and the MLP chain) whose `in` is at least this.
+# H200, tg128 against fp16 activations (docs/benchmarks/h200-pdl.md runs 40-47): Llama-3.2-1B (o and down, `in` 2048
+# and 8192) +2.4-2.7%, Llama-3-8B (o, and the chain for its MLP) +2-3%; SmolLM2-135M (`in` 576 and 1536) lost 4.6%
+# with every GEMV on dp4a, so it keeps fp16x2. gate_up + silu quantizing x in every block (without the chain) only
+# with --opt cuda_gemv=dp4a: it lost on the 8B (18.5 -> 21-24 us)
+AUTO_MIN_IN = 2048
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:

@@ -21,8 +21,9 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
                   "every warp team reading x from L2 (the previous default); te = the tensor-expression kernel with "
                   "edgellm's warp schedule; dp4a = x quantized to int8 while it is staged (a scale per 8 "
                   "activations, as the Vulkan default) and integer dot products, for the plain GEMVs and gate_up "
-                  "with its silu (the norm-fused ones stay fp16x2-smem); auto = fp16x2-smem for 4-bit rows, fp16x2 "
-                  "for 8-bit ones"),
+                  "with its silu (the norm-fused ones stay fp16x2-smem); auto = dp4a for the plain 4-bit GEMVs "
+                  "with `in` >= 2048 (and the 8B-sized MLP's int8 chain), fp16x2-smem for the other 4-bit rows, "
+                  "fp16x2 for 8-bit ones"),
     "cuda_gemm": (("auto", "wgmma", "mma-pipelined", "mma", "simt"),
                   "CUDA INT4 prefill GEMM: wgmma = Hopper's warpgroup tensor-core instruction (sm_90 only, built "
                   "for sm_90a; `in` a multiple of 64); mma-pipelined = mma.sync tensor cores with a cp.async "

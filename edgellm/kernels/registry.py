@@ -147,7 +147,7 @@ class KernelRegistry:
                 return "int8_gemv_fp16x2", lambda: cuda_gemv.int8_gemv_h2(in_f, out_f, bias, *cfg)
             if h2 and int4:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
-                if o.cuda_gemv == "dp4a" and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
+                if self._cuda_dp4a(in_f) and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
                     *cfg, _ = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
                                                                                          pdl=self.pdl)
@@ -322,7 +322,7 @@ class KernelRegistry:
 
         o = self.options
         min_hidden = cuda_gemv_dp4a.CHAIN_MIN_HIDDEN or cuda_gemv.FUSED_NORM_SILU_AUTO_MAX + 1
-        if (self.kind != "cuda" or o.cuda_gemv != "dp4a" or o.cuda_fuse != "auto"
+        if (self.kind != "cuda" or not self._cuda_dp4a(hidden) or o.cuda_fuse != "auto"
                 or hidden < min_hidden or not cuda_gemv_dp4a.norm_q8_supports(hidden)
                 or self._cuda_xs_gemv_stem(hidden, scheme, dtype) is None
                 or not cuda_gemv_dp4a.applies(hidden, 2 * inter, self.sm, False, scheme.zero_point, silu=True)
@@ -362,6 +362,12 @@ class KernelRegistry:
         return self._once(("residual_gemv", name, in_f, out_f, scheme, dtype), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, False, *cfg, offset=off, zero_point=zp,
                                                          xsmem=True, fold_shift=fold, res_in=True, pdl=self.pdl))
+
+    def _cuda_dp4a(self, in_f: int) -> bool:
+        """Whether a CUDA decode GEMV of this `in` takes int8 activations (cuda_gemv_dp4a): --opt cuda_gemv=dp4a, or
+        auto where `in` >= cuda_gemv_dp4a.AUTO_MIN_IN."""
+        g = self.options.cuda_gemv
+        return g == "dp4a" or (g == "auto" and in_f >= cuda_gemv_dp4a.AUTO_MIN_IN)
 
     def _cuda_xs_gemv_stem(self, in_f: int, scheme: QuantScheme, dtype: str) -> str | None:
         """The name of the decode GEMV with x staged in shared memory for this row (`_pick_linear`'s
