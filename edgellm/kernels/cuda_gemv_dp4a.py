@@ -1,4 +1,5 @@
-"""The one-token INT4 decode GEMV with int8 activations and integer dot products on CUDA (`--opt cuda_gemv=dp4a`).
+"""The one-token INT4 decode GEMV with int8 activations and integer dot products on CUDA (`--opt cuda_gemv=auto`
+for `in` >= AUTO_MIN_IN, every GEMV it covers with `--opt cuda_gemv=dp4a`).
 
 kernels/cuda/int4_gemv_dp4a.cu: x quantized to int8 while the block stages it (a scale d per packed word of 8
 activations, as the WebGPU/Vulkan default, webgpu_linear.int4_gemv_dp4a with act_group 8, and the CPU int8 rows),
@@ -7,7 +8,7 @@ cuda_gemv.int4_gemv_h2 per weight byte. The values differ from the fp16x2 kernel
 (|error| <= sum |w| d / 2 per output; docs/fidelity.md measured the same arithmetic on Vulkan: SmolLM2 top-1 97.8%
 of the fp16 activations' answers, KL 6e-4, 65.5% / 65.7% against fp32).
 
-Where the registry takes it with the option (`applies`): the plain decode GEMV (no bias) and gate_up with its silu
+Where the registry takes it (`applies`): the plain decode GEMV (no bias) and, with the option, gate_up with its silu
 epilogue, on the 4-bit symmetric grids (q4f16_1, q4f16_0), sm_61+; the GEMVs that stage the residual add + RMSNorm
 keep int4_gemv_h2. Work split and configs: int4_gemv_h2's picks for the shape (cuda_gemv.xs_gemv_config /
 fused_gemv_config).
@@ -38,6 +39,9 @@ CHAIN_MIN_HIDDEN = 0
 # with every GEMV on dp4a, so it keeps fp16x2. gate_up + silu quantizing x in every block (without the chain) only
 # with --opt cuda_gemv=dp4a: it lost on the 8B (18.5 -> 21-24 us)
 AUTO_MIN_IN = 2048
+# (warps, rows, unroll, ksplit) of the plain dp4a GEMV by (in, out), in place of int4_gemv_h2's pick
+# (cuda_gemv.xs_gemv_config); an A/B knob of bench/gpu_pdl.py
+PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:

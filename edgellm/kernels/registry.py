@@ -148,7 +148,8 @@ class KernelRegistry:
             if h2 and int4:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if self._cuda_dp4a(in_f) and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
-                    *cfg, _ = cuda_gemv.xs_gemv_config(in_f, out_f)
+                    cfg = (cuda_gemv_dp4a.PLAIN_CONFIG.get((in_f, out_f))
+                           or tuple(cuda_gemv.xs_gemv_config(in_f, out_f)[:4]))
                     return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
                                                                                          pdl=self.pdl)
                 if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x in shared memory (docs/benchmarks/h200-gemv.md)
