@@ -121,6 +121,15 @@ VARIANTS = {
     # fp16 activations in every GEMV (--opt cuda_gemv=fp16x2-smem; auto's pick before run 47, where auto took dp4a for
     # `in` >= 2048)
     "owned-fp16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "fp16x2-smem"},
+    # the plain dp4a GEMVs in other work splits (cuda_gemv_dp4a.PLAIN_CONFIG): the 1B's down (8192 -> 2048) with a
+    # lane's groups in one step (all its loads before the wait) in 128 blocks of 16 warps (u4w16) or 256 of 8 (u4),
+    # in 256 blocks of 16 warps of 4-warp teams (k4); the 1B's o (2048 -> 2048) in 256 blocks of 4 warps (o4) or 128
+    # blocks of 4 warps of 4 rows (o4r4)
+    "owned-u4w16": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-u4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-k4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-o4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-o4r4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -159,6 +168,9 @@ DP4A_SILU = {"owned-dp4a-w8": {4096: (8, 2, 4, 1), 2048: (8, 2, 4, 1)},
              "owned-dp4a-w16": {4096: (16, 2, 4, 1), 2048: (16, 2, 4, 1)}}  # cuda_gemv_dp4a.SILU_CONFIG (else {})
 DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else its default)
 DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
+DP4A_PLAIN = {"owned-u4w16": {(8192, 2048): (16, 2, 4, 2)}, "owned-u4": {(8192, 2048): (8, 2, 4, 2)},
+              "owned-k4": {(8192, 2048): (16, 2, 2, 4)}, "owned-o4": {(2048, 2048): (4, 2, 2, 1)},
+              "owned-o4r4": {(2048, 2048): (4, 4, 2, 1)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -167,9 +179,11 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-dnw16", "owned-dnw32", "owned-dnw16-su8", "owned-dnw16-su16", "owned-dnw16-hq4",
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
-         "owned-dp4a-q8r2", "owned-fp16")  # and owned-pA-B...
+         "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16", "owned-u4", "owned-k4", "owned-o4",
+         "owned-o4r4")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
-             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16",
+             "owned-u4", "owned-k4", "owned-o4", "owned-o4r4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -194,7 +208,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv, "NORM_CONFIG", NORM), (cuda_gemv, "NORM_WEIGHT", NORM_W),
             (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_dp4a, "SILU_CONFIG", DP4A_SILU),
             (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
-            (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT)]
+            (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT), (cuda_gemv_dp4a, "PLAIN_CONFIG", DP4A_PLAIN)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:
