@@ -39,9 +39,27 @@ CHAIN_MIN_HIDDEN = 0
 # with every GEMV on dp4a, so it keeps fp16x2. gate_up + silu quantizing x in every block (without the chain) only
 # with --opt cuda_gemv=dp4a: it lost on the 8B (18.5 -> 21-24 us)
 AUTO_MIN_IN = 2048
-# (warps, rows, unroll, ksplit) of the plain dp4a GEMV by (in, out), in place of int4_gemv_h2's pick
-# (cuda_gemv.xs_gemv_config); an A/B knob of bench/gpu_pdl.py
+# (warps, rows, unroll, ksplit) of the plain dp4a GEMV by (in, out), in place of gemv_config's; an A/B knob of
+# bench/gpu_pdl.py
 PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+# groups a step of the long-`in` GEMVs (down; `in` >= 8192), up to a lane's whole share of the row: H200 (h200-pdl.md
+# run 48), the 1B's down (`in` 8192, 4 groups a lane) in one step, so every weight load of a block before its PDL
+# wait: 4.13 -> 2.64 us a layer, tg128 2,489.7 / 2,493.8 -> 2,530.9 / 2,528.7 (gate_up before it slowed 8.49 ->
+# 9.14 us: down's early loads take part of the bandwidth). 2: int4_gemv_h2's pick
+LONG_IN_UNROLL = 4
+
+
+def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
+    """(warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs: int4_gemv_h2's work split for the shape
+    (cuda_gemv.xs_gemv_config; the same sums a lane), the long `in` (>= 8192) with up to LONG_IN_UNROLL groups a
+    step."""
+    from .cuda_gemv import xs_gemv_config
+
+    w, r, u, k, _ = xs_gemv_config(in_f, out_f)
+    if in_f >= 8192:
+        per_lane = -(-(in_f // GROUP) // (32 * k))
+        u = max(u, min(LONG_IN_UNROLL, per_lane))
+    return w, r, u, k
 
 
 def applies(in_f: int, out_f: int, sm: int, bias: bool, zero_point: bool, silu: bool = False) -> bool:
