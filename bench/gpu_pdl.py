@@ -130,10 +130,14 @@ VARIANTS = {
     "owned-k4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-o4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-o4r4": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # the long-`in` dp4a GEMVs (down) with 2 groups a step, as before run 49 (cuda_gemv_dp4a.LONG_IN_UNROLL); the 8B's
+    # the long-`in` dp4a GEMVs (down) with 2 groups a step, as before run 48 (cuda_gemv_dp4a.LONG_IN_UNROLL); the 8B's
     # gate_up + silu (the chain's) with its 4 groups a lane in one step (QOUT_SILU_CONFIG (4, 4, 4, 1))
     "owned-lu2": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-gu4": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the 8B's down (the chain's, 14,336 -> 4096) with 4-warp teams, a lane's 4 groups in one step: blocks of 8 / 16
+    # warps (cuda_gemv_dp4a.PLAIN_CONFIG)
+    "owned-dk4w8": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-dk4w16": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -174,7 +178,8 @@ DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else 
 DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1), "owned-gu4": (4, 4, 4, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
 DP4A_PLAIN = {"owned-u4w16": {(8192, 2048): (16, 2, 4, 2)}, "owned-u4": {(8192, 2048): (8, 2, 4, 2)},
               "owned-k4": {(8192, 2048): (16, 2, 2, 4)}, "owned-o4": {(2048, 2048): (4, 2, 2, 1)},
-              "owned-o4r4": {(2048, 2048): (4, 4, 2, 1)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
+              "owned-o4r4": {(2048, 2048): (4, 4, 2, 1)}, "owned-dk4w8": {(14336, 4096): (8, 2, 4, 4)},
+              "owned-dk4w16": {(14336, 4096): (16, 2, 4, 4)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
 DP4A_LONG_UNROLL = {"owned-lu2": 2}  # cuda_gemv_dp4a.LONG_IN_UNROLL (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
@@ -185,10 +190,10 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
          "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16", "owned-u4", "owned-k4", "owned-o4",
-         "owned-o4r4", "owned-lu2", "owned-gu4")  # and owned-pA-B...
+         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
              "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16",
-             "owned-u4", "owned-k4", "owned-o4", "owned-o4r4")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-u4", "owned-k4", "owned-o4", "owned-o4r4", "owned-dk4w8", "owned-dk4w16")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}

@@ -152,7 +152,7 @@ def test_registry_takes_it_with_the_option_and_by_default_for_long_rows(monkeypa
 
     cuda = resolve("cuda-sm90").tvm()
     name, f = _pick(cuda, 1, 14336, 4096, "q4f16_1", cuda_gemv="dp4a")
-    assert name == "int4_gemv_dp4a" and str(f.attrs["edgellm.gemv"]) == "dp4a_w16r2u4k2"  # LONG_IN_UNROLL
+    assert name == "int4_gemv_dp4a" and str(f.attrs["edgellm.gemv"]) == "dp4a_w16r2u2k2"
 
     def pick(rows, in_f, out_f, row, bias=False, **options):  # the name alone: no kernel built
         s = get_scheme(row)
@@ -179,14 +179,14 @@ def test_registry_takes_it_with_the_option_and_by_default_for_long_rows(monkeypa
     assert "h2" in KernelRegistry(cuda).fused_gemv(4096, 28672, s, "float16", False, None, True)
 
 
-def test_long_rows_take_up_to_four_groups_a_step(monkeypatch):
-    """gemv_config: int4_gemv_h2's work split, the long `in` (down) with a lane's groups in one step up to
-    LONG_IN_UNROLL (the 1B's 8192: 4 groups a lane, all in one step; the 8B's 14,336: 7 a lane, 4 a step)."""
+def test_long_rows_take_a_lanes_groups_in_one_step_where_they_are_few(monkeypatch):
+    """gemv_config: int4_gemv_h2's work split, the long `in` (down) with a lane's groups in one step where they are
+    at most LONG_IN_UNROLL (the 1B's 8192: 4 groups a lane, one step; the 8B's 14,336: 7 a lane, 2 a step)."""
     from edgellm.kernels import cuda_gemv_dp4a as gd
     from edgellm.kernels.cuda_gemv import xs_gemv_config
 
     assert gd.gemv_config(8192, 2048) == (16, 2, 4, 2)
-    assert gd.gemv_config(14336, 4096) == (16, 2, 4, 2)
+    assert gd.gemv_config(14336, 4096) == tuple(xs_gemv_config(14336, 4096)[:4]) == (16, 2, 2, 2)
     assert gd.gemv_config(4096, 4096) == tuple(xs_gemv_config(4096, 4096)[:4])  # shorter rows: h2's pick
     monkeypatch.setattr(gd, "LONG_IN_UNROLL", 2)
     assert gd.gemv_config(8192, 2048) == tuple(xs_gemv_config(8192, 2048)[:4]) == (16, 2, 2, 2)
@@ -340,7 +340,7 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
     cuda, s = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
     chain = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(4096, 14336, s, "float16", 1e-5)
     assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
-        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u4k2_preq"]  # Llama-3-8B
+        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u2k2_preq"]  # Llama-3-8B
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is not None  # auto: `in` >= AUTO_MIN_IN
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="fp16x2-smem")).dp4a_mlp(

@@ -39,26 +39,27 @@ CHAIN_MIN_HIDDEN = 0
 # with every GEMV on dp4a, so it keeps fp16x2. gate_up + silu quantizing x in every block (without the chain) only
 # with --opt cuda_gemv=dp4a: it lost on the 8B (18.5 -> 21-24 us)
 AUTO_MIN_IN = 2048
-# (warps, rows, unroll, ksplit) of the plain dp4a GEMV by (in, out), in place of gemv_config's; an A/B knob of
-# bench/gpu_pdl.py
+# (warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs by (in, out), in place of gemv_config's; an A/B
+# knob of bench/gpu_pdl.py
 PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-# groups a step of the long-`in` GEMVs (down; `in` >= 8192), up to a lane's whole share of the row: H200 (h200-pdl.md
-# run 48), the 1B's down (`in` 8192, 4 groups a lane) in one step, so every weight load of a block before its PDL
-# wait: 4.13 -> 2.64 us a layer, tg128 2,489.7 / 2,493.8 -> 2,530.9 / 2,528.7 (gate_up before it slowed 8.49 ->
-# 9.14 us: down's early loads take part of the bandwidth). 2: int4_gemv_h2's pick
+# the long-`in` GEMVs (down; `in` >= 8192) take a lane's whole share of the row in one step where it is at most this
+# many groups, so every weight load of a block goes before its PDL wait. H200 (h200-pdl.md runs 48-49): the 1B's
+# down (`in` 8192, 4 groups a lane) 4.13 -> 2.64 us a layer, tg128 2,487.0-2,493.8 -> 2,520.1-2,530.9 (gate_up before
+# it slowed 8.49 -> 9.14 us: down's early loads take part of the bandwidth). The 8B's (14,336: 7 a lane) keeps
+# int4_gemv_h2's 2 a step: 4 a step lost 6% (634.9 -> 596.0), 7 in one step (8 warps) 7%
 LONG_IN_UNROLL = 4
 
 
 def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     """(warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs: int4_gemv_h2's work split for the shape
-    (cuda_gemv.xs_gemv_config; the same sums a lane), the long `in` (>= 8192) with up to LONG_IN_UNROLL groups a
-    step."""
+    (cuda_gemv.xs_gemv_config), the long `in` (>= 8192) in one step where a lane's groups are at most LONG_IN_UNROLL.
+    A lane sums its groups in the same order at any unroll: the same values."""
     from .cuda_gemv import xs_gemv_config
 
     w, r, u, k, _ = xs_gemv_config(in_f, out_f)
-    if in_f >= 8192:
-        per_lane = -(-(in_f // GROUP) // (32 * k))
-        u = max(u, min(LONG_IN_UNROLL, per_lane))
+    per_lane = -(-(in_f // GROUP) // (32 * k))
+    if in_f >= 8192 and u < per_lane <= LONG_IN_UNROLL:
+        u = per_lane
     return w, r, u, k
 
 

@@ -332,14 +332,14 @@ class KernelRegistry:
         w, r, _, k = gu_cfg
         if not cuda_gemv_dp4a.qout_fits(inter, w, r, k, silu=True):
             return None
-        dn_cfg = cuda_gemv_dp4a.gemv_config(inter, hidden)
+        dn_cfg = cuda_gemv_dp4a.PLAIN_CONFIG.get((inter, hidden)) or cuda_gemv_dp4a.gemv_config(inter, hidden)
         off, grid = scheme.offset, _grid_suffix(scheme)
         norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
                           lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
         gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg), "linear_gemv",
                              f"int4_gemv_dp4a{grid}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
                                  hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True))
-        down = self._once(("dp4a_preq", inter, hidden, scheme), "linear_gemv", f"int4_gemv_dp4a{grid}_preq",
+        down = self._once(("dp4a_preq", inter, hidden, scheme, dn_cfg), "linear_gemv", f"int4_gemv_dp4a{grid}_preq",
                           lambda: cuda_gemv_dp4a.int4_gemv_dp4a(inter, hidden, *dn_cfg, offset=off, pdl=self.pdl,
                                                                 preq=True))
         return norm, gate_up, down
