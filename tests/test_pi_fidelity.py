@@ -1,6 +1,8 @@
-"""The real SmolLM2 built for the Raspberry Pi 5 (Cortex-A76, sdot), run under qemu-aarch64, against the host build of
-the same scheme on the README's prompt. (The Pi 4's portable integer path gives the Pi 5's logits bit for bit:
-tests/test_targets_emulated.py.)
+"""The real SmolLM2 built for the Raspberry Pi 5 (Cortex-A76, sdot) in the Pi presets' default scheme, run under
+qemu-aarch64, against the host build of the same scheme on the README's prompt. (The Pi 4's portable integer path
+gives the Pi 5's logits bit for bit, and a q4f32_1 Pi build gives the host's to fp32 summation order, 1e-4 of the
+largest logit: tests/test_targets_emulated.py on the tiny model. The q4f32_1 check ran on this model too, at 1.9e-6,
+until CI time asked for one emulated SmolLM2 build less.)
 
 What decides the bounds (measured; docs/tvm-notes.md "Pi builds under qemu" has the whole investigation):
 - q4f32_1 (fp32 activations): every kernel is continuous in its inputs, so the Pi and host builds differ only by
@@ -60,14 +62,6 @@ def scored(arm64_root, compiled, tmp_path_factory):  # noqa: F811
 def _compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     assert got.shape == ref.shape and np.isfinite(got).all()
     return float(np.abs(got - ref).max() / np.abs(ref).max()), float((got.argmax(-1) == ref.argmax(-1)).mean())
-
-
-def test_pi5_q4f32_1_equals_host_to_float_order(scored):
-    """Without int8 activations the emulated Pi 5 build is the host build up to fp32 summation order: RoPE,
-    attention, rms_norm, SiLU and the float GEMV kernels, their NEON code and qemu's float emulation included."""
-    got, ref = scored("rpi5", "q4f32_1")
-    diff, top1 = _compare(got, ref)
-    assert diff < 1e-4 and top1 == 1.0, (diff, top1)
 
 
 def test_pi5_q4f32_2_within_int8_noise_of_host(scored):
