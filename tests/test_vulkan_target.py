@@ -362,8 +362,7 @@ def _numpy_greedy_answer(path, question: str, n: int) -> str:
 
     art = Artifact.open(path)
     m = art.info
-    codec = TextCodec(None, add_bos=m.add_bos_token, bos_id=m.bos_token_id,
-                      files=(art.path("tokenizer/tokenizer.json"), art.listed("tokenizer/tokenizer_config.json")))
+    codec = TextCodec.of_artifact(art)
     cfg, w = ModelConfig.from_dict(art.manifest["model"]["config"]), float_weights(art)
     ids = codec.encode(codec.apply_chat_template([{"role": "user", "content": question}]), add_bos=False)
     new: list[int] = []

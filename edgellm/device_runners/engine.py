@@ -179,9 +179,7 @@ class Engine:
         self.runtime = m.runtime  # RuntimeShape: context_window, prefill_chunk, page_size, max_batch
         self.context_window = m.runtime.context_window
         self.chunk = m.runtime.prefill_chunk
-        self.codec = TextCodec(None, add_bos=m.add_bos_token, bos_id=m.bos_token_id,
-                               files=(self.art.path("tokenizer/tokenizer.json"),
-                                      self.art.listed("tokenizer/tokenizer_config.json")))
+        self.codec = TextCodec.of_artifact(self.art)
         self.eos_ids = set(m.eos_token_ids)
         self.vocab_size = _token_limit(m, self.art.param_index())
         g = _tvm.get_global_func

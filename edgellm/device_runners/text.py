@@ -65,6 +65,13 @@ class TextCodec:
         self.cfg = json.loads(cfg_path.read_text()) if cfg_path is not None and cfg_path.exists() else {}
         self.add_bos, self.bos_id = add_bos, bos_id
 
+    @classmethod
+    def of_artifact(cls, art) -> "TextCodec":
+        """The codec of an opened artifact (artifact.Artifact): its checked tokenizer files and the manifest's bos."""
+        m = art.info
+        return cls(None, add_bos=m.add_bos_token, bos_id=m.bos_token_id,
+                   files=(art.path("tokenizer/tokenizer.json"), art.listed("tokenizer/tokenizer_config.json")))
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:

@@ -51,11 +51,13 @@ LONG_IN_UNROLL = 4
 
 
 def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
-    """(warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs: int4_gemv_h2's work split for the shape
-    (cuda_gemv.xs_gemv_config), the long `in` (>= 8192) in one step where a lane's groups are at most LONG_IN_UNROLL.
-    A lane sums its groups in the same order at any unroll: the same values."""
+    """(warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs: PLAIN_CONFIG's where it names the shape, else
+    int4_gemv_h2's work split for it (cuda_gemv.xs_gemv_config), the long `in` (>= 8192) in one step where a lane's
+    groups are at most LONG_IN_UNROLL. A lane sums its groups in the same order at any unroll: the same values."""
     from .cuda_gemv import xs_gemv_config
 
+    if (in_f, out_f) in PLAIN_CONFIG:
+        return PLAIN_CONFIG[(in_f, out_f)]
     w, r, u, k, _ = xs_gemv_config(in_f, out_f)
     per_lane = -(-(in_f // GROUP) // (32 * k))
     if in_f >= 8192 and u < per_lane <= LONG_IN_UNROLL:

@@ -148,7 +148,7 @@ class KernelRegistry:
             if h2 and int4:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if self._cuda_dp4a(in_f) and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
-                    cfg = cuda_gemv_dp4a.PLAIN_CONFIG.get((in_f, out_f)) or cuda_gemv_dp4a.gemv_config(in_f, out_f)
+                    cfg = cuda_gemv_dp4a.gemv_config(in_f, out_f)
                     return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
                                                                                          pdl=self.pdl)
                 if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x in shared memory (docs/benchmarks/h200-gemv.md)
@@ -332,7 +332,7 @@ class KernelRegistry:
         w, r, _, k = gu_cfg
         if not cuda_gemv_dp4a.qout_fits(inter, w, r, k, silu=True):
             return None
-        dn_cfg = cuda_gemv_dp4a.PLAIN_CONFIG.get((inter, hidden)) or cuda_gemv_dp4a.gemv_config(inter, hidden)
+        dn_cfg = cuda_gemv_dp4a.gemv_config(inter, hidden)
         off, grid = scheme.offset, _grid_suffix(scheme)
         norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
                           lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))

@@ -192,16 +192,16 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 def dequantize(q_weight: np.ndarray, q_scale: np.ndarray, in_features: int, scheme: QuantScheme,
-               q_min: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of `quantize`: -> float32 [out, in_features] (padding dropped)."""
+               q_min: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
+    """Inverse of `quantize`: -> `dtype` (float32) [out, in_features] (padding dropped)."""
     g = scheme.group_size
-    scale = np.repeat(q_scale.astype(np.float32), g, axis=1)
+    scale = np.repeat(q_scale.astype(dtype), g, axis=1)
     if scheme.zero_point:
         if q_min is None:
             raise ValueError(f"scheme {scheme.name} is asymmetric: dequantize needs q_min")
-        q = unpack_nibbles(q_weight).astype(np.float32)
-        return (q * scale + np.repeat(q_min.astype(np.float32), g, axis=1))[:, :in_features]
-    q = unpack(q_weight, scheme).astype(np.float32) - scheme.offset
+        q = unpack_nibbles(q_weight).astype(dtype)
+        return (q * scale + np.repeat(q_min.astype(dtype), g, axis=1))[:, :in_features]
+    q = unpack(q_weight, scheme).astype(dtype) - scheme.offset
     return (q * scale)[:, :in_features]
 
 
@@ -229,27 +229,19 @@ def linear_int8(x: np.ndarray, q_weight: np.ndarray, q_scale: np.ndarray, q_min:
     The minimum meets the sum of the quantized activations, as llama.cpp's Q4_1 x Q8_1 does (min * s with
     s = d * sum(xq)): the result is then exactly the dot product of the dequantized weights with the dequantized
     activations, and the rounding errors of x cancel instead of being multiplied by the all-positive (w - min)."""
-    g, ag = scheme.group_size, scheme.act_group_size
+    ag = scheme.act_group_size
     out_f = q_weight.shape[0]
     kp = q_weight.shape[1] * scheme.elems_per_word
     x = np.pad(x.astype(np.float32), ((0, 0), (0, kp - x.shape[1])))
     xq, xd = quantize_activations(x, ag)
     m = x.shape[0]
-    # in float64 as one product of the dequantized activations (d_a * xq) and weights (scale * q + min): every
-    # product is exact there and the sum rounds at 2**-53, so this is the formula's value to float32 rounding (the
-    # kernels' float32 sums differ from it by their own order); one BLAS call, not a dot product per group
+    # in float64 as one product of the dequantized activations (d_a * xq) and weights (`dequantize`: scale * q + min):
+    # every product is exact there and the sum rounds at 2**-53, so this is the formula's value to float32 rounding
+    # (the kernels' float32 sums differ from it by their own order); one BLAS call, not a dot product per group
     xdeq = (xq.astype(np.float64).reshape(m, kp // ag, ag) * xd.astype(np.float64)[:, :, None]).reshape(m, kp)
     out = np.empty((m, out_f), np.float32)
     for o in range(0, out_f, 4096):  # blocks of output rows bound the float64 weights
         sl = slice(o, o + 4096)
-        q = unpack(q_weight[sl], scheme).astype(np.float64)
-        if scheme.bits == 8:
-            q = q - scheme.offset
-        rows = q.shape[0]
-        q = q.reshape(rows, kp // g, g)
-        scale = q_scale[sl].astype(np.float64)[:, :, None]
-        w = q * scale
-        if scheme.bits == 4:
-            w += q_min[sl].astype(np.float64)[:, :, None] if scheme.zero_point else -float(scheme.offset) * scale
-        out[:, sl] = xdeq @ w.reshape(rows, kp).T
+        w = dequantize(q_weight[sl], q_scale[sl], kp, scheme, None if q_min is None else q_min[sl], np.float64)
+        out[:, sl] = xdeq @ w.T
     return out
