@@ -387,3 +387,92 @@ def test_the_model_wires_the_chain():
     assert 'R.Tensor((512, 4), dtype="uint32")' in text and 'out_ty=R.Tensor((1792, 4), dtype="uint32")' in text
     assert 'R.call_tir(linear_gemv_q8, (lv1, ' in text  # down takes gate_up's quantized output
     assert set(reg.chosen["linear_gemv"]) == {"int4_gemv_dp4a_silu_qout", "int4_gemv_dp4a_preq"}
+
+
+_ONE_KERNEL_MAIN = r"""
+#include "cuda_host_emu.h"
+#include "kernel_emu.h"
+#include "mlp_emu.h"
+#include <cstdio>
+#include <cstdlib>
+constexpr int HID = 2048, INTER = 4224, G1 = HID / 32, G2 = INTER / 32, OFF = 7;
+template <int W, int DU>
+void one_kernel(int grid, const half* x, const half* y, const half* w, const unsigned* qw1, const half* qs1,
+                const unsigned* qw2, const half* qs2, half* xo, half* out, uint4* ws, float eps) {
+  std::vector<unsigned char> sm(G2 * 4 * 16 + (4 * W + 32) * 4 + 8);
+  gridDim.x = grid;
+  for (int bx = 0; bx < grid; ++bx)  // one block after another: the first takes every unit, the others none
+    emu_run_block(bx, 0, 32 * W, [&](int) { edgellm_mlp_q8<W, HID, INTER, OFF, true, DU>(x, y, w, qw1, qs1, qw2, qs2, xo, out, ws, eps, sm.data()); });
+}
+int main(int argc, char** argv) {  // in.bin out.bin eps
+  FILE* f = fopen(argv[1], "rb");
+  std::vector<half> x(HID), y(HID), w(HID), qs1(2 * INTER * G1), qs2(HID * G2);
+  std::vector<unsigned> qw1(2 * INTER * G1 * 4), qw2(HID * G2 * 4);
+  size_t got = fread(x.data(), 2, HID, f) + fread(y.data(), 2, HID, f) + fread(w.data(), 2, HID, f)
+      + fread(qw1.data(), 4, qw1.size(), f) + fread(qs1.data(), 2, qs1.size(), f)
+      + fread(qw2.data(), 4, qw2.size(), f) + fread(qs2.data(), 2, qs2.size(), f);
+  fclose(f);
+  if (got != 3 * HID + qw1.size() + qs1.size() + qw2.size() + qs2.size()) return 2;
+  float eps = atof(argv[3]);
+  f = fopen(argv[2], "wb");
+  {  // the chain: add_rms_norm_q8, gate_up + silu in QOUT_SILU_CONFIG, down in teams of 2 warps of 2 rows
+    std::vector<half> xo(HID), out(HID, half{0x7E00});
+    std::vector<uint4> ws(HID / 8 + INTER / 8);
+    std::vector<float> red(32);
+    emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(ws.data()), eps, red.data()); });
+    std::vector<unsigned char> sm(1 << 16);
+    for (int bx = 0; bx < INTER / 8; ++bx)
+      emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, OFF, true, false, true, true, true>(ws.data(), qw1.data(), qs1.data(), ws.data() + HID / 8, sm.data()); });
+    for (int bx = 0; bx < HID / 4; ++bx)
+      emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 2, 2, 2, G2, HID, OFF, false, false, true, true, false>(ws.data() + HID / 8, qw2.data(), qs2.data(), out.data(), sm.data()); });
+    fwrite(xo.data(), 2, HID, f); fwrite(ws.data(), 16, ws.size(), f); fwrite(out.data(), 2, HID, f);
+  }
+  for (int pass = 0; pass < 3; ++pass) {  // one kernel: 4 warps (3 blocks, twice: the counters reset), 8 warps 4 groups a step
+    std::vector<half> xo(HID, half{0x7E00}), out(HID, half{0x7E00});
+    std::vector<uint4> ws(HID / 8 + INTER / 8);
+    if (pass < 2) one_kernel<4, 2>(3, x.data(), y.data(), w.data(), qw1.data(), qs1.data(), qw2.data(), qs2.data(), xo.data(), out.data(), ws.data(), eps);
+    else one_kernel<8, 4>(2, x.data(), y.data(), w.data(), qw1.data(), qs1.data(), qw2.data(), qs2.data(), xo.data(), out.data(), ws.data(), eps);
+    fwrite(xo.data(), 2, HID, f); fwrite(ws.data(), 16, ws.size(), f); fwrite(out.data(), 2, HID, f);
+    for (unsigned c : edgellm_mlp_sync) if (c != 0) return 3;  // the last block out reset every counter
+  }
+  fclose(f);
+}
+"""
+
+
+def _mlp_host_source() -> str:
+    """kernels/cuda/int4_mlp_q8.cu for tests/cuda_host_emu.h: its acquire load a plain load (blocks run in turn)."""
+    src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "int4_mlp_q8.cu").read_text()
+    src = src.replace("#include <cuda_fp16.h>", "")
+    src, n = re.subn(r"(unsigned emq_ld_acquire\(const unsigned\* p\) \{).*?\n\}\n", r"\1 return *p; }\n", src,
+                     count=1, flags=re.S)
+    assert n == 1
+    return src
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host emulation needs g++")
+def test_one_kernel_mlp_equals_the_chain_on_the_host(tmp_path, host_emu):
+    """mlp_q8 (the norm, gate_up + silu and down as one kernel taking units from a counter) on the host: the
+    residual, both quantized activations and down's output bit for bit those of the three-kernel chain in the same
+    work splits (two steps a lane in gate_up, two in down with a guarded tail), with 4 warps a block and with 8
+    taking down's groups 4 a step, and again on a second launch (the kernel's counters back at zero)."""
+    host_emu({"kernel_emu.h": _host_source(), "mlp_emu.h": _mlp_host_source()}, _ONE_KERNEL_MAIN)
+    rng = np.random.default_rng(23)
+    hid, inter, eps = 2048, 4224, 1e-5
+    s = get_scheme("q4f16_1")
+    x = (rng.standard_normal(hid) * 3).astype(np.float16)
+    y = rng.standard_normal(hid).astype(np.float16)
+    w = (1 + 0.1 * rng.standard_normal(hid)).astype(np.float16)
+    qw1, qs1 = ref.quantize(rng.standard_normal((2 * inter, hid)).astype(np.float32) * 0.05, s)[:2]
+    qw2, qs2 = ref.quantize(rng.standard_normal((hid, inter)).astype(np.float32) * 0.05, s)[:2]
+    (tmp_path / "in.bin").write_bytes(b"".join(a.tobytes() for a in (
+        x, y, w, qw1.astype(np.uint32), qs1.astype(np.float16), qw2.astype(np.uint32), qs2.astype(np.float16))))
+    subprocess.run(["./emu", "in.bin", "out.bin", str(eps)], cwd=tmp_path, check=True)
+    raw = (tmp_path / "out.bin").read_bytes()
+    size = 2 * hid + 16 * (hid + inter) // 8 + 2 * hid
+    assert len(raw) == 4 * size
+    chain, *one = (raw[i * size:(i + 1) * size] for i in range(4))
+    out = np.frombuffer(chain[-2 * hid:], np.float16)
+    assert np.isfinite(out).all() and np.abs(out.astype(np.float64)).max() > 0.1  # the chain wrote real values
+    for i, got in enumerate(one):
+        assert got == chain, i

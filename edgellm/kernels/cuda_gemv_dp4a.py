@@ -172,3 +172,77 @@ def add_rms_norm_q8(hidden: int, eps: float):
                                         source_code=_SRC))
 
     return kernel.with_attrs({"op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True})
+
+
+_MLP_SRC = cuda_source("int4_mlp_q8.cu")
+# mlp_q8: warps a block (gate_up units of 2 x warps outputs, down units of `warps` rows) and blocks in the grid. The
+# blocks take units from a counter, so any grid is correct; one that fits on the GPU at once keeps every block busy
+# (H200: 132 SMs)
+MLP_Q8_WARPS = 8
+MLP_Q8_BLOCKS = 264
+# mlp_q8: down's groups a step (1, 2 or 4; a lane sums its groups in the same order at any of them: the same values)
+MLP_Q8_DOWN_UNROLL = 2
+# the registry's dp4a_mlp returns the one-kernel MLP (mlp_q8) in place of the three-kernel chain; an A/B knob of
+# bench/gpu_pdl.py until measured
+MLP_Q8 = False
+
+
+def mlp_q8_supports(hidden: int, inter: int, warps: int) -> bool:
+    """mlp_q8's shapes: the norm's hidden / 8 words over whole block passes, whole gate_up and down units."""
+    nt = 32 * warps
+    return (warps >= 2 and warps % 2 == 0 and norm_q8_supports(hidden) and hidden // 8 % nt == 0
+            and inter % GROUP == 0 and inter % (2 * warps) == 0 and (2 * warps) % 8 == 0 and hidden % warps == 0)
+
+
+def mlp_q8_smem_bytes(hidden: int, inter: int, warps: int) -> int:
+    """The staged x (or silu(gate) * up) of the longer `in`, the partials, the block's gate_up outputs, the norm's
+    warp sums and two tickets."""
+    return max(hidden, inter) // 8 * 16 + (2 * warps + 2 * warps + 32) * 4 + 8
+
+
+def mlp_q8(hidden: int, inter: int, eps: float, offset: int = QMAX, warps: int | None = None,
+           blocks: int | None = None, pdl: bool = False, down_unroll: int | None = None):
+    """The one-token MLP of the int8 chain as one kernel (kernels/cuda/int4_mlp_q8.cu): arguments x, y [1, hidden]
+    (the residual and the o projection's output), the norm weight [hidden], gate_up's q_weight / q_scale [2 inter,
+    ...] (gate rows first) and down's [hidden, ...]; outputs x + y [1, hidden], down(silu(gate) * up) [1, hidden] and
+    the kernel's workspace uint32 [(hidden + inter) / 8, 4]. The values of add_rms_norm_q8 + the `silu qout` GEMV +
+    the `preq` GEMV in QOUT_SILU_CONFIG's and LONG_IN_CONFIG's work splits."""
+    from tvm.script import tirx as T
+
+    from .cuda_pdl import WAITS_INSIDE
+
+    warps = MLP_Q8_WARPS if warps is None else warps
+    blocks = MLP_Q8_BLOCKS if blocks is None else blocks
+    du = MLP_Q8_DOWN_UNROLL if down_unroll is None else down_unroll
+    if du not in (1, 2, 4):
+        raise ValueError(f"mlp_q8: down's groups a step must be 1, 2 or 4, got {du}")
+    if not mlp_q8_supports(hidden, inter, warps) or blocks < 1:
+        raise ValueError(f"mlp_q8 does not cover hidden {hidden}, inter {inter} with {warps} warps, {blocks} blocks")
+    if not 0 <= offset < 16:
+        raise ValueError(f"mlp_q8: offset must be in 0..15, got {offset}")
+    g1, g2 = hidden // GROUP, inter // GROUP
+    b = {True: "true", False: "false"}
+    call = f"edgellm_mlp_q8<{warps}, {hidden}, {inter}, {offset}, {b[pdl]}, {du}>"
+    mark = WAITS_INSIDE if pdl else "edgellm_noop"
+    smem = mlp_q8_smem_bytes(hidden, inter, warps)
+    src = _SRC + _MLP_SRC
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(x: T.Buffer((1, hidden), "float16"), y: T.Buffer((1, hidden), "float16"),
+               nw: T.Buffer((hidden,), "float16"), gw: T.Buffer((2 * inter, g1 * 4), "uint32"),
+               gs: T.Buffer((2 * inter, g1), "float16"), dw: T.Buffer((hidden, g2 * 4), "uint32"),
+               ds: T.Buffer((hidden, g2), "float16"), xo: T.Buffer((1, hidden), "float16"),
+               out: T.Buffer((1, hidden), "float16"), ws: T.Buffer(((hidden + inter) // 8, 4), "uint32")):
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            T.launch_thread("blockIdx.x", blocks)
+            T.launch_thread("threadIdx.x", warps * 32)
+            sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
+            T.evaluate(T.call_extern("void", mark))
+            T.evaluate(T.cuda.func_call(call, x.data, y.data, nw.data, gw.data, gs.data, dw.data, ds.data, xo.data,
+                                        out.data, ws.data, T.float32(eps), sm.data, source_code=src))
+
+    grid = "" if offset == QMAX else f"_o{offset}"
+    return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
+                              "tir.noalias": True, "edgellm.gemv": f"mlp_q8_w{warps}b{blocks}u{du}" + grid})
