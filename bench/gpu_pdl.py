@@ -138,14 +138,6 @@ VARIANTS = {
     # warps (cuda_gemv_dp4a.PLAIN_CONFIG)
     "owned-dk4w8": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-dk4w16": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # the 8B's int8 MLP chain as one kernel (cuda_gemv_dp4a.mlp_q8; warps and blocks: MLP_Q8 below)
-    "owned-mq8": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-mq8w4": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-mq8w16": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-mq8w4b660": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-mq8u4": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-mq8w4u4": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-mq8w16u4": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -189,11 +181,6 @@ DP4A_PLAIN = {"owned-u4w16": {(8192, 2048): (16, 2, 4, 2)}, "owned-u4": {(8192, 
               "owned-o4r4": {(2048, 2048): (4, 4, 2, 1)}, "owned-dk4w8": {(14336, 4096): (8, 2, 4, 4)},
               "owned-dk4w16": {(14336, 4096): (16, 2, 4, 4)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
 DP4A_LONG_UNROLL = {"owned-lu2": 2}  # cuda_gemv_dp4a.LONG_IN_UNROLL (else its default)
-# the int8 MLP chain as one kernel (cuda_gemv_dp4a.MLP_Q8, mlp_q8) in (warps, blocks): MLP_Q8_WARPS, MLP_Q8_BLOCKS
-# and down's groups a step (MLP_Q8_DOWN_UNROLL)
-MLP_Q8 = {"owned-mq8": (8, 264, 2), "owned-mq8w4": (4, 528, 2), "owned-mq8w16": (16, 132, 2),
-          "owned-mq8w4b660": (4, 660, 2), "owned-mq8u4": (8, 264, 4), "owned-mq8w4u4": (4, 528, 4),
-          "owned-mq8w16u4": (16, 132, 4)}
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -203,7 +190,7 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
          "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16", "owned-u4", "owned-k4", "owned-o4",
-         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16", *MLP_Q8)  # and owned-pA-B...
+         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16")  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
              "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16",
              "owned-u4", "owned-k4", "owned-o4", "owned-o4r4", "owned-dk4w8", "owned-dk4w16")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
@@ -232,11 +219,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_dp4a, "SILU_CONFIG", DP4A_SILU),
             (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
             (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT), (cuda_gemv_dp4a, "PLAIN_CONFIG", DP4A_PLAIN),
-            (cuda_gemv_dp4a, "LONG_IN_UNROLL", DP4A_LONG_UNROLL),
-            (cuda_gemv_dp4a, "MLP_Q8", {v: True for v in MLP_Q8}),
-            (cuda_gemv_dp4a, "MLP_Q8_WARPS", {v: c[0] for v, c in MLP_Q8.items()}),
-            (cuda_gemv_dp4a, "MLP_Q8_BLOCKS", {v: c[1] for v, c in MLP_Q8.items()}),
-            (cuda_gemv_dp4a, "MLP_Q8_DOWN_UNROLL", {v: c[2] for v, c in MLP_Q8.items()})]
+            (cuda_gemv_dp4a, "LONG_IN_UNROLL", DP4A_LONG_UNROLL)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:

@@ -43,7 +43,7 @@ inline unsigned emu_h2(unsigned a, unsigned b, unsigned c, int op) {  // op 0: a
   return r;
 }
 struct Dim { unsigned x = 0, y = 0; };
-inline Dim threadIdx, blockIdx, blockDim, gridDim;  // gridDim: set by the caller
+inline Dim threadIdx, blockIdx;
 // A block's threads are fibers (ucontext) of one OS thread, run in thread order until each finishes or waits at a
 // barrier; a barrier opens once every live thread of its block (or warp) waits there. Deterministic, and no OS
 // thread per CUDA thread: on 2 cores, 256 std::threads meeting at a barrier spent most of a test in the kernel.
@@ -62,7 +62,7 @@ template <typename F>
 void emu_run_block(unsigned bx, unsigned by, int nt, F&& body) {
   if (nt < 1 || nt > 1024) abort();
   g_nt = nt;
-  blockIdx.x = bx; blockIdx.y = by; blockDim.x = nt;
+  blockIdx.x = bx; blockIdx.y = by;
   g_tramp_body = [](void* f, int t) { (*static_cast<std::remove_reference_t<F>*>(f))(t); };
   g_tramp_arg = &body;
   for (int t = 0; t < nt; ++t) {
@@ -100,8 +100,6 @@ inline void __syncthreads() { emu_wait(1); }
 // Blocks run one after another here, so a block's atomics and fences order nothing across blocks; they are real
 // atomics and fences anyway, and __ldcg (an L2 load on the GPU) a plain load.
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline void __nanosleep(unsigned) {}
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline void cudaGridDependencySynchronize() {}  // PDL: one kernel at a time here

@@ -316,9 +316,8 @@ class KernelRegistry:
     def dp4a_mlp(self, hidden: int, inter: int, scheme: QuantScheme, dtype: str, eps: float):
         """The one-token MLP with int8 activations from the norm to down (--opt cuda_gemv=dp4a, CUDA): (add_rms_norm_q8:
         x + delta and the normed x quantized a packed word at a time; gate_up + silu taking it and leaving its output
-        quantized the same way; down taking that), so no GEMV quantizes its input in every block; with
-        cuda_gemv_dp4a.MLP_Q8 the three as one kernel, a 1-tuple (mlp_q8); None elsewhere (other options,
-        --opt cuda_fuse=all, a gate_up that stages the norm itself, shapes it does not cover)."""
+        quantized the same way; down taking that), so no GEMV quantizes its input in every block; None elsewhere
+        (other options, --opt cuda_fuse=all, a gate_up that stages the norm itself, shapes it does not cover)."""
         from . import cuda_gemv
 
         o = self.options
@@ -335,12 +334,6 @@ class KernelRegistry:
             return None
         dn_cfg = cuda_gemv_dp4a.gemv_config(inter, hidden)
         off, grid = scheme.offset, _grid_suffix(scheme)
-        if (cuda_gemv_dp4a.MLP_Q8 and gu_cfg == (4, 4, 2, 1) and dn_cfg == (16, 2, 2, 2)
-                and cuda_gemv_dp4a.mlp_q8_supports(hidden, inter, cuda_gemv_dp4a.MLP_Q8_WARPS)):
-            # the chain's kernels in one (the same sums: its work splits are these)
-            w, nb, du = cuda_gemv_dp4a.MLP_Q8_WARPS, cuda_gemv_dp4a.MLP_Q8_BLOCKS, cuda_gemv_dp4a.MLP_Q8_DOWN_UNROLL
-            return (self._once(("mlp_q8", hidden, inter, eps, scheme, w, nb, du), "linear_gemv", f"mlp_q8{grid}",
-                               lambda: cuda_gemv_dp4a.mlp_q8(hidden, inter, eps, offset=off, pdl=self.pdl)),)
         norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
                           lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
         gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg), "linear_gemv",

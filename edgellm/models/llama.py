@@ -119,15 +119,8 @@ def _mlp_int8(x, o, norm, mlp, chain):
     (`dp4a_mlp`): the norm kernel quantizes its output, gate_up + silu takes it and quantizes its own, down takes
     that (uint32 [n / 8, 4]: per packed word of 8 activations the int8 pairs, d and sum(q))."""
     b, s, hidden = x.shape
-    ph = nn.Tensor.placeholder
-    if len(chain) == 1:  # one kernel (cuda_gemv_dp4a.mlp_q8): x + o, the MLP's output, its workspace
-        x, y, _ = nn.op.tensor_ir_op(
-            chain[0], "mlp_q8", [x.reshape(1, hidden), o.reshape(1, hidden), norm.weight,
-                                 *_weights(mlp.gate_up_proj, mlp.gate_up_proj.scheme),
-                                 *_weights(mlp.down_proj, mlp.down_proj.scheme)],
-            [ph((1, hidden), x.dtype), ph((1, hidden), x.dtype), ph(((hidden + mlp.inter) // 8, 4), "uint32")])
-        return x.reshape(b, s, hidden), y.reshape(b, s, hidden)
     norm_q8, gate_up, down = chain
+    ph = nn.Tensor.placeholder
     x, hq = nn.op.tensor_ir_op(norm_q8, "add_rms_norm_q8", [x.reshape(1, hidden), o.reshape(1, hidden), norm.weight],
                                [ph((1, hidden), x.dtype), ph((hidden // 8, 4), "uint32")])
     aq = nn.op.tensor_ir_op(gate_up, "linear_gemv_silu_q8", [hq, *_weights(mlp.gate_up_proj, mlp.gate_up_proj.scheme)],
