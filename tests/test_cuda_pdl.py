@@ -174,7 +174,8 @@ def test_gemv_pdl_needs_xsmem():
 def test_cuda_build_marks_and_waits_in_every_kernel(cuda_tiny_build, pdl):
     from edgellm.artifact import Artifact
 
-    built = cuda_tiny_build(**({} if pdl == "auto" else {"cuda_pdl": pdl}))  # auto: the defaults' build
+    # auto: the defaults' build; off: test_gpu_kernels.py's 4-bit head build, made without PDL (one build less)
+    built = cuda_tiny_build() if pdl == "auto" else cuda_tiny_build(head="q4", cuda_pdl=pdl)
     out = built["out"]
     code = built["cuda"]
     kernels = cuda_pdl.kernel_bodies(code)

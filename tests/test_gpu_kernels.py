@@ -158,7 +158,7 @@ def test_cuda_decode_with_a_4bit_head(cuda_tiny_build):
     head's GEMV: layer 0's qkv stages its norm, the final add + norm stays add_rms_norm_gpu (staged by the 8B's head
     GEMV instead it cost 23 us a token: docs/benchmarks/h200-pdl.md run 26); prefill keeps its kernels. On the GPU:
     bench/gpu_pdl.py's tiny owned-hq4 against numpy."""
-    text = cuda_tiny_build(head="q4")
+    text = cuda_tiny_build(head="q4", cuda_pdl="off")  # the decode's calls are the same with PDL (test_cuda_pdl.py)
     layers = 2
     body = text["vm"].split("@decode:")[1].split("\n@prefill:")[0]
     assert body.count("call  linear_gemv_norm") == 2 * layers  # qkv x 2, gate_up x 2

@@ -18,8 +18,11 @@ from edgellm.targets.binfmt import describe_library
 
 REQUIRED = ["host", "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90", "jetson-orin", "jetson-xavier", "rpi4", "rpi5",
             "metal", "ios", "android", "vulkan"]
-# jetson-xavier (sm_72) needs CUDA <= 12; this machine's nvcc 13.0 dropped sm_72 (see test_xavier_...)
-BUILDABLE = [p for p in REQUIRED if p not in ("vulkan", "jetson-xavier")] + ["vulkan-arm64"]
+# jetson-xavier (sm_72) needs CUDA <= 12; this machine's nvcc 13.0 dropped sm_72 (see test_xavier_...). cuda-sm86 and
+# cuda-sm89 are cuda-sm80's build for another nvcc -arch (test_sm86_and_sm89_build_what_sm80_builds): their tiny
+# builds left the matrix for CI time
+SAME_AS_SM80 = ("cuda-sm86", "cuda-sm89")
+BUILDABLE = [p for p in REQUIRED if p not in ("vulkan", "jetson-xavier", *SAME_AS_SM80)] + ["vulkan-arm64"]
 EXPECT = {  # preset -> (library, object format, machine, fatbin arch)
     "host": ("so", "elf", "x86_64", None),
     "cuda-sm80": ("so", "elf", "x86_64", "sm_80"), "cuda-sm86": ("so", "elf", "x86_64", "sm_86"),
@@ -112,6 +115,32 @@ def test_compile_matrix(preset, matrix):
 
         devc = tar_members(art.lib_path)["devc.o"]
         assert (b"kernel void" in devc) if p.target["kind"] == "metal" else (b"__kernel" in devc)
+
+
+@NEEDS_NVCC
+def test_sm86_and_sm89_build_what_sm80_builds():
+    """cuda-sm86 / cuda-sm89 differ from cuda-sm80 only in the arch nvcc builds (the matrix builds sm80 and sm90): no
+    kernel choice of the registry changes between sm_80 and sm_89 (dp4a from sm_61, cp.async from sm_80, PDL and
+    wgmma from sm_90), checked on every decode and prefill shape class, and this nvcc builds both arches."""
+    from edgellm.compile import cuda
+    from edgellm.kernels import KernelOptions, KernelRegistry
+    from edgellm.quant import get_scheme
+
+    shapes = [(1, 576, 1536), (1, 4096, 6144), (1, 14336, 4096), (1, 4096, 128256), (None, 4096, 6144),
+              (None, 96, 64), (1, 4096, 64)]
+    rows = ("q4f16_1", "q4f16_0", "q4f16_2", "q8f16_1", "q4f32_1", "q4f32_3")
+
+    def picks(preset: str, **options) -> list[str]:
+        reg = KernelRegistry(resolve(preset).tvm(), KernelOptions(**options))
+        assert not reg.pdl
+        return [reg._pick_linear(r, i, o, get_scheme(s), get_scheme(s).act_dtype, False)[0]
+                for r, i, o in shapes for s in rows]
+
+    base = picks("cuda-sm80")
+    assert "int4_gemv_dp4a" in base and "int4_gemm_mma_half2" in base  # what sm_80 adds over older GPUs
+    for preset in SAME_AS_SM80:
+        assert PRESETS[preset].target["arch"] in cuda.nvcc_archs()
+        assert picks(preset) == base and picks(preset, cuda_gemv="fp16x2") == picks("cuda-sm80", cuda_gemv="fp16x2")
 
 
 # Pi builds run under qemu, the fp16 fallback, the remote entry point: tests/test_targets_emulated.py (a file of its own,
