@@ -44,7 +44,12 @@ def _host_source() -> str:
     src = (Path(__file__).parents[1] / "edgellm" / "kernels" / "cuda" / "int4_gemv_dp4a.cu").read_text()
     src = src.replace("#include <cuda_fp16.h>", "")
     for head, body in {r"unsigned eqd_zero_after\(unsigned v, unsigned s\) \{": "return 0u * v * s;",
-                       r"void eqd_prefetch_l2\(const void\* p, unsigned n\) \{": ""}.items():
+                       r"void eqd_prefetch_l2\(const void\* p, unsigned n\) \{": "",
+                       # cp.async: the copy at once (the thread's own slots: nothing else reads them), n = 0 zeros
+                       r"void eqd_cp16\(void\* dst, const void\* src, unsigned n\) \{":
+                           "if (n) memcpy(dst, src, 16); else memset(dst, 0, 16);",
+                       r"void eqd_commit\(\) \{": "",
+                       r"void eqd_wait_groups\(int n\) \{": "(void)n;"}.items():
         src, n = re.subn(rf"({head}).*?\n\}}\n", rf"\1 {body} }}\n", src, count=1, flags=re.S)
         assert n == 1, head
     return src
@@ -152,7 +157,7 @@ def test_registry_takes_it_with_the_option_and_by_default_for_long_rows(monkeypa
 
     cuda = resolve("cuda-sm90").tvm()
     name, f = _pick(cuda, 1, 14336, 4096, "q4f16_1", cuda_gemv="dp4a")
-    assert name == "int4_gemv_dp4a" and str(f.attrs["edgellm.gemv"]) == "dp4a_w16r2u2k2"
+    assert name == "int4_gemv_dp4a" and str(f.attrs["edgellm.gemv"]) == "dp4a_w16r2u1k2_cp3"  # the ring (sm_90)
 
     def pick(rows, in_f, out_f, row, bias=False, **options):  # the name alone: no kernel built
         s = get_scheme(row)
@@ -192,6 +197,27 @@ def test_long_rows_take_a_lanes_groups_in_one_step_where_they_are_few(monkeypatc
     assert gd.gemv_config(8192, 2048) == tuple(xs_gemv_config(8192, 2048)[:4]) == (16, 2, 2, 2)
 
 
+def test_the_ring_where_rows_are_long_and_take_several_steps(monkeypatch):
+    """ring_plan: the cp.async ring, 3 steps of one group deep, for the long-`in` GEMVs of more than one step a lane
+    on sm_90 (the 8B's down: 4 steps of 2 groups in registers) where two blocks fit an SM; not for one step (the
+    1B's down), a short `in` (gate_up, o) or sm_80 (164 KB an SM); ASYNC_DEPTH overrides by shape in the split
+    asked, capped at its steps."""
+    from edgellm.kernels import cuda_gemv_dp4a as gd
+
+    assert gd.ring_plan(14336, 4096, 90) == ((16, 2, 1, 2), 3) and gd.gemv_config(14336, 4096) == (16, 2, 2, 2)
+    assert gd.steps_per_lane(14336, 2, 2) == 4 and gd.steps_per_lane(14336, 1, 2) == 7
+    assert gd.ring_plan(8192, 2048, 90) == (gd.gemv_config(8192, 2048), 0)  # one step: every load before the wait
+    assert gd.ring_plan(4096, 28672, 90, gd.QOUT_SILU_CONFIG) == (gd.QOUT_SILU_CONFIG, 0)
+    assert gd.ring_plan(4096, 4096, 90)[1] == 0
+    assert gd.ring_plan(14336, 4096, 80) == ((16, 2, 2, 2), 0)
+    assert gd.smem_bytes(14336, 16, 2, 1, 3, 32) <= gd.ASYNC_MAX_SMEM < gd.smem_bytes(14336, 16, 2, 2, 3, 32)
+    monkeypatch.setattr(gd, "ASYNC_DEPTH", {(14336, 4096): 4, (4096, 28672): 3})
+    assert gd.ring_plan(14336, 4096, 90) == ((16, 2, 2, 2), 4) and gd.ring_plan(14336, 4096, 80)[1] == 4
+    assert gd.ring_plan(4096, 28672, 90, gd.QOUT_SILU_CONFIG)[1] == 2  # capped at its 2 steps
+    with pytest.raises(ValueError, match="depth 3"):
+        gd.int4_gemv_dp4a(4096, 28672, *gd.QOUT_SILU_CONFIG, silu=True, depth=3)
+
+
 def test_arguments_are_checked():
     from edgellm.kernels import cuda_gemv_dp4a as gd
 
@@ -217,7 +243,8 @@ def test_builds_with_and_without_pdl():
         funcs = {"down": gd.int4_gemv_dp4a(14336, 4096, 16, 2, 2, 2, pdl=pdl),
                  "gu": gd.int4_gemv_dp4a(4096, 28672, 4, 2, 4, 1, silu=True, pdl=pdl),
                  "guq": gd.int4_gemv_dp4a(4096, 28672, 8, 2, 4, 1, silu=True, pdl=pdl, preq=True, qout=True),
-                 "downq": gd.int4_gemv_dp4a(14336, 4096, 16, 2, 2, 2, pdl=pdl, preq=True),
+                 "downq": gd.int4_gemv_dp4a(14336, 4096, *gd.ring_plan(14336, 4096, 90 if pdl else 80)[0], pdl=pdl,
+                                            preq=True, depth=gd.ring_plan(14336, 4096, 90 if pdl else 80)[1]),
                  "norm": gd.add_rms_norm_q8(4096, 1e-5)}
         with resolve(preset).tvm(), tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}))
@@ -226,7 +253,9 @@ def test_builds_with_and_without_pdl():
         assert f"edgellm_q4gemv_dp4a<16, 2, 2, 2, 448, 4096, 7, false, false, {p}, false, false>" in src
         assert f"edgellm_q4gemv_dp4a<4, 2, 4, 1, 128, 14336, 7, true, false, {p}, false, false>" in src
         assert f"edgellm_q4gemv_dp4a<8, 2, 4, 1, 128, 14336, 7, true, false, {p}, true, true>" in src
-        assert f"edgellm_q4gemv_dp4a<16, 2, 2, 2, 448, 4096, 7, false, false, {p}, true, false>" in src
+        down = ("1, 2, 448, 4096, 7, false, false, true, true, false, 3" if pdl
+                else "2, 2, 448, 4096, 7, false, false, false, true, false")
+        assert f"edgellm_q4gemv_dp4a<16, 2, {down}>" in src  # sm_90: down through the cp.async ring
         assert "edgellm_add_rms_norm_q8<4096>" in src
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
@@ -340,7 +369,7 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
     cuda, s = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
     chain = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(4096, 14336, s, "float16", 1e-5)
     assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
-        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u2k2_preq"]  # Llama-3-8B
+        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u1k2_preq_cp3"]  # Llama-3-8B; down: the cp.async ring
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is not None  # auto: `in` >= AUTO_MIN_IN
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="fp16x2-smem")).dp4a_mlp(
@@ -387,3 +416,96 @@ def test_the_model_wires_the_chain():
     assert 'R.Tensor((512, 4), dtype="uint32")' in text and 'out_ty=R.Tensor((1792, 4), dtype="uint32")' in text
     assert 'R.call_tir(linear_gemv_q8, (lv1, ' in text  # down takes gate_up's quantized output
     assert set(reg.chosen["linear_gemv"]) == {"int4_gemv_dp4a_silu_qout", "int4_gemv_dp4a_preq"}
+
+
+_RING_MAIN = r"""
+#include "cuda_host_emu.h"
+#include "kernel_emu.h"
+#include <cstdio>
+#include <cstdlib>
+template <int W, int R, int U, int KS, int G, int NOUT, bool SILU, bool Q, int D>
+void launch(const void* x, const unsigned* qw, const half* qs, void* o) {
+  constexpr int TEAMS = W / KS, H = SILU ? R / 2 : R, BLK = TEAMS * H;
+  std::vector<unsigned char> smem(G * 4 * 16 + W * R * 4 + BLK * 4 + 16 + D * U * R * W * 32 * 16 + 16);
+  unsigned char* sm = smem.data() + (16 - reinterpret_cast<size_t>(smem.data()) % 16) % 16;
+  for (int bx = 0; bx < (NOUT + BLK - 1) / BLK; ++bx)
+    emu_run_block(bx, 0, W * 32, [&](int) {
+      edgellm_q4gemv_dp4a<W, R, U, KS, G, NOUT, 7, SILU, false, true, Q, Q, D>(x, qw, qs, o, sm); });
+}
+int main(int argc, char** argv) {  // case in.bin out.bin G rows nout
+  int c = atoi(argv[1]), G = atoi(argv[4]), ROWS = atoi(argv[5]), NOUT = atoi(argv[6]);
+  FILE* f = fopen(argv[2], "rb");
+  std::vector<uint4> xq(G * 4);
+  std::vector<half> x(G * 32), qs((size_t)ROWS * G);
+  std::vector<unsigned> qw((size_t)ROWS * G * 4);
+  size_t got = fread(x.data(), 2, x.size(), f) + fread(xq.data(), 16, xq.size(), f) + fread(qw.data(), 4, qw.size(), f)
+      + fread(qs.data(), 2, qs.size(), f);
+  fclose(f);
+  if (got != x.size() + xq.size() + qw.size() + qs.size()) return 2;
+  std::vector<uint4> out(NOUT);  // fp16 outputs or quantized words (QOUT)
+  CASES
+  f = fopen(argv[3], "wb");
+  fwrite(out.data(), 16, out.size(), f);
+  fclose(f);
+}
+"""
+
+def _pack8(v: np.ndarray) -> np.ndarray:
+    """eqd_quant8's words for float32 values v: uint32 [n / 8, 4] (int8 of elements 0, 2, 4, 6 | 1, 3, 5, 7, d,
+    sum q)."""
+    q, d = _quant8(v)
+    words = np.zeros((len(d), 4), np.uint32)
+    b = q.astype(np.int8).view(np.uint8).reshape(-1, 8)
+    words[:, 0] = b[:, 0::2].copy().view(np.uint32).reshape(-1)
+    words[:, 1] = b[:, 1::2].copy().view(np.uint32).reshape(-1)
+    words[:, 2] = d.view(np.uint32)
+    words[:, 3] = q.sum(1).astype(np.int32).view(np.uint32)
+    return words
+
+
+# (warps, rows, unroll, ksplit, G, outputs, silu + preq/qout): each at D = 0 and at the ring depths
+RING_CASES = [
+    (16, 2, 2, 2, 448, 33, False),  # Llama-3-8B's down split: 4 steps a lane, the last one's groups partly guarded
+    (4, 4, 2, 1, 130, 16, True),  # the chain's gate_up + silu (preq in, qout out): 3 steps, ring after the outputs
+    (8, 2, 1, 2, 100, 9, False),  # one group a step: 4 steps, a partial block
+]
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host emulation needs g++")
+def test_cp_async_ring_gives_the_register_path_values(tmp_path, host_emu):
+    """int4_gemv_dp4a with its weights through the cp.async ring (D steps ahead, 1..4; the copies emulated at once)
+    gives the register path's outputs bit for bit: the same slots read back in the same order, guarded groups as
+    zeros, the ring after a qout block's outputs."""
+    from edgellm.kernels.cuda_gemv_dp4a import steps_per_lane
+
+    runs = []
+    for i, (w, r, u, k, g, n, silu) in enumerate(RING_CASES):
+        ns = steps_per_lane(g * 32, u, k)
+        for d in range(0, min(4, ns) + 1):
+            runs.append((i, d))
+    q = {True: "true", False: "false"}
+    cases = "\n  ".join(
+        f"if (c == {j}) launch<{w}, {r}, {u}, {k}, {g}, {n}, {q[silu]}, {q[silu]}, {d}>("
+        f"{'xq.data()' if silu else 'x.data()'}, qw.data(), qs.data(), out.data());"
+        for j, (i, d) in enumerate(runs) for (w, r, u, k, g, n, silu) in [RING_CASES[i]])
+    host_emu({"kernel_emu.h": _host_source()}, _RING_MAIN.replace("CASES", cases))
+    rng = np.random.default_rng(29)
+    s = get_scheme("q4f16_1")
+    outs: dict[int, list] = {}
+    for j, (i, d) in enumerate(runs):
+        w, r, u, k, g, n, silu = RING_CASES[i]
+        rows = 2 * n if silu else n
+        rng = np.random.default_rng(100 + i)  # the same inputs for every depth of a case
+        qw, qs = ref.quantize(rng.standard_normal((rows, g * 32)).astype(np.float32) * 0.05, s)[:2]
+        x = rng.standard_normal(g * 32).astype(np.float16)
+        xq = _pack8(x.astype(np.float32))  # preq's input: x quantized as add_rms_norm_q8 leaves it
+        (tmp_path / "in.bin").write_bytes(x.tobytes() + xq.tobytes() + qw.astype(np.uint32).tobytes()
+                                          + qs.astype(np.float16).tobytes())
+        subprocess.run(["./emu", str(j), "in.bin", "out.bin", str(g), str(rows), str(n)], cwd=tmp_path, check=True)
+        outs.setdefault(i, []).append((d, (tmp_path / "out.bin").read_bytes()))
+    for i, got in outs.items():
+        (d0, base), *rest = got
+        assert d0 == 0 and len(rest) >= 2, i
+        assert any(base[2 * t:2 * t + 2] != b"\0\0" for t in range(4)), i  # the register path wrote outputs
+        for d, out in rest:
+            assert out == base, (i, d)

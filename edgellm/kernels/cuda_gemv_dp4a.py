@@ -11,7 +11,8 @@ of the fp16 activations' answers, KL 6e-4, 65.5% / 65.7% against fp32).
 Where the registry takes it (`applies`): the plain decode GEMV (no bias) and, with the option, gate_up with its silu
 epilogue, on the 4-bit symmetric grids (q4f16_1, q4f16_0), sm_61+; the GEMVs that stage the residual add + RMSNorm
 keep int4_gemv_h2. Work split and configs: int4_gemv_h2's picks for the shape (cuda_gemv.xs_gemv_config /
-fused_gemv_config).
+fused_gemv_config); on sm_90 the long rows of several steps a lane (Llama-3-8B's down) through a cp.async ring in
+shared memory (`ring_plan`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 # many groups, so every weight load of a block goes before its PDL wait. H200 (h200-pdl.md runs 48-49): the 1B's
 # down (`in` 8192, 4 groups a lane) 4.13 -> 2.64 us a layer, tg128 2,487.0-2,493.8 -> 2,520.1-2,530.9 (gate_up before
 # it slowed 8.49 -> 9.14 us: down's early loads take part of the bandwidth). The 8B's (14,336: 7 a lane) keeps
-# int4_gemv_h2's 2 a step: 4 a step lost 6% (634.9 -> 596.0), 7 in one step (8 warps) 7%
+# int4_gemv_h2's 2 a step in registers: 4 a step lost 6% (634.9 -> 596.0), 7 in one step (8 warps) 7%; on sm_90 it
+# takes the cp.async ring instead (ring_plan below)
 LONG_IN_UNROLL = 4
 
 
@@ -83,13 +85,58 @@ def qout_fits(out: int, warps: int, rows: int, ksplit: int, silu: bool = False) 
     return per_block % 8 == 0 and out % per_block == 0
 
 
-def smem_bytes(in_f: int, warps: int, rows: int) -> int:
-    """The staged x: per packed word 8 bytes of int8, its d and OFF * sum(q); the K-split partials."""
-    return in_f // 8 * 16 + warps * rows * 4
+def smem_bytes(in_f: int, warps: int, rows: int, unroll: int = 1, depth: int = 0, qout_floats: int = 0) -> int:
+    """The staged x: per packed word 8 bytes of int8, its d and OFF * sum(q); the K-split partials; a `qout`
+    GEMV's outputs; with `depth` the cp.async ring of weights (depth steps of unroll x rows 16-byte words a
+    thread, 16-byte aligned)."""
+    base = in_f // 8 * 16 + warps * rows * 4 + qout_floats * 4
+    return base if depth == 0 else base + 15 + depth * unroll * rows * warps * 32 * 16
+
+
+# The cp.async ring (int4_gemv_dp4a's D, sm_80+): a thread's weights D steps ahead in shared memory instead of one
+# step in registers, the first D steps issued before the PDL wait. The plain and `preq` GEMVs with a long `in` (>=
+# ASYNC_MIN_IN) that take more than one step a lane take it on sm_90+, ASYNC_DEFAULT steps of ASYNC_UNROLL groups
+# deep, where the block's shared memory stays under ASYNC_MAX_SMEM (two blocks an SM of sm_90's 227 KB). H200,
+# Llama-3-8B (docs/benchmarks/h200-pdl.md runs 53-54), down (`in` 14,336, blocks of 16 warps, teams of 2) end to end
+# a layer and tg128: registers, 4 steps of 2 groups 11.5-11.7 us, 633.9-634.9 tok/s; ring 2 deep of 2 groups 7.96-
+# 8.05 us, 651.1-659.0; 3 deep of 1 group 7.86 us, **668.7**; 4 deep of 1 group 655.3; 3 or 4 deep of 2 groups (one
+# block an SM) 623.9 / 611.8; blocks of 8 warps 612.5. gate_up before down slows by 1.4-2.3 us (down's weights
+# stream under its tail): the pair 29.6 -> 27.2 us. gate_up itself (`in` 4096, 2 steps) lost with a ring 2 deep
+# (586.8: 5 blocks an SM instead of 7).
+ASYNC_MIN_IN = 8192
+ASYNC_DEFAULT = 3
+ASYNC_UNROLL = 1
+ASYNC_MAX_SMEM = 112 << 10
+# by (in, out) of the GEMV (gate_up + silu: out = 2 x inter), in place of the rule above, in the split it is asked
+# with (0: the registers); an A/B knob of bench/gpu_pdl.py
+ASYNC_DEPTH: dict[tuple[int, int], int] = {}
+
+
+def ring_plan(in_f: int, out_f: int, sm: int,
+              cfg: tuple[int, int, int, int] | None = None) -> tuple[tuple[int, int, int, int], int]:
+    """(work split, ring depth) of a dp4a GEMV: `cfg` (default gemv_config's) and ASYNC_DEPTH's depth where it names
+    the shape (sm_80+); else, for the rule above, the split with ASYNC_UNROLL groups a step and ASYNC_DEFAULT deep;
+    else `cfg` and 0. Depths are capped at the steps a lane and 4. A lane sums its groups in the same order at any
+    unroll and depth: the same values."""
+    cfg = cfg or gemv_config(in_f, out_f)
+    w, r, u, k = cfg
+    if (in_f, out_f) in ASYNC_DEPTH:
+        return cfg, (min(ASYNC_DEPTH[(in_f, out_f)], steps_per_lane(in_f, u, k), 4) if sm >= 80 else 0)
+    if sm < 90 or in_f < ASYNC_MIN_IN or steps_per_lane(in_f, u, k) < 2 or (in_f, out_f) in PLAIN_CONFIG:
+        return cfg, 0
+    d = min(ASYNC_DEFAULT, steps_per_lane(in_f, ASYNC_UNROLL, k), 4)
+    if d < 1 or smem_bytes(in_f, w, r, ASYNC_UNROLL, d, w * r) > ASYNC_MAX_SMEM:
+        return cfg, 0
+    return (w, r, ASYNC_UNROLL, k), d
+
+
+def steps_per_lane(in_f: int, unroll: int, ksplit: int) -> int:
+    """int4_gemv_dp4a's steps a lane: its groups (`in` / 32 over 32 x ksplit lanes) `unroll` at a time."""
+    return -(-(in_f // GROUP) // (32 * ksplit * unroll))
 
 
 def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, offset: int = QMAX,
-                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False):
+                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False, depth: int = 0):
     """y[1, out] = x[1, in] W^T (silu: silu(gate) * up [1, out / 2], gate rows first), arguments (x, q_weight,
     q_scale, out) as int4_gemv_h2's without bias, already scheduled. `pdl` (sm_90): the first step's weight loads
     (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before.
@@ -116,10 +163,12 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     nb = (nout + per_block - 1) // per_block
     pf = pdl and prefetches_l2(in_f, out_f)
     b = {True: "true", False: "false"}
+    if not 0 <= depth <= min(4, steps_per_lane(in_f, unroll, ksplit)):
+        raise ValueError(f"int4_gemv_dp4a: depth {depth} must be 0..4 and at most the steps a lane")
     call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
-            f"{b[pdl]}, {b[preq]}, {b[qout]}>")
+            f"{b[pdl]}, {b[preq]}, {b[qout]}" + (f", {depth}>" if depth else ">"))
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
-    smem = smem_bytes(in_f, W, rows) + (per_block * 4 if qout else 0)
+    smem = smem_bytes(in_f, W, rows, unroll, depth, per_block if qout else 0)
     x_shape, x_dtype = ((in_f // 8, 4), "uint32") if preq else ((1, in_f), "float16")
     o_shape, o_dtype = ((nout // 8, 4), "uint32") if qout else ((1, nout), "float16")
 
@@ -140,7 +189,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
                               "tir.noalias": True,
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
                               + ("_pf" if pf else "") + ("_preq" if preq else "")
-                              + ("_qout" if qout else "")})
+                              + ("_qout" if qout else "") + (f"_cp{depth}" if depth else "")})
 
 
 def norm_q8_supports(hidden: int) -> bool:

@@ -148,9 +148,9 @@ class KernelRegistry:
             if h2 and int4:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if self._cuda_dp4a(in_f) and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
-                    cfg = cuda_gemv_dp4a.gemv_config(in_f, out_f)
+                    cfg, d = cuda_gemv_dp4a.ring_plan(in_f, out_f, self.sm)
                     return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
-                                                                                         pdl=self.pdl)
+                                                                                         pdl=self.pdl, depth=d)
                 if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
@@ -332,16 +332,19 @@ class KernelRegistry:
         w, r, _, k = gu_cfg
         if not cuda_gemv_dp4a.qout_fits(inter, w, r, k, silu=True):
             return None
-        dn_cfg = cuda_gemv_dp4a.gemv_config(inter, hidden)
+        dn_cfg, dn_d = cuda_gemv_dp4a.ring_plan(inter, hidden, self.sm)
         off, grid = scheme.offset, _grid_suffix(scheme)
         norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
                           lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
-        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg), "linear_gemv",
+        gu_d = cuda_gemv_dp4a.ring_plan(hidden, 2 * inter, self.sm, gu_cfg)[1]
+        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg, gu_d), "linear_gemv",
                              f"int4_gemv_dp4a{grid}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
-                                 hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True))
-        down = self._once(("dp4a_preq", inter, hidden, scheme, dn_cfg), "linear_gemv", f"int4_gemv_dp4a{grid}_preq",
+                                 hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True,
+                                 depth=gu_d))
+        down = self._once(("dp4a_preq", inter, hidden, scheme, dn_cfg, dn_d), "linear_gemv",
+                          f"int4_gemv_dp4a{grid}_preq",
                           lambda: cuda_gemv_dp4a.int4_gemv_dp4a(inter, hidden, *dn_cfg, offset=off, pdl=self.pdl,
-                                                                preq=True))
+                                                                preq=True, depth=dn_d))
         return norm, gate_up, down
 
     def residual_gemv(self, in_f: int, out_f: int, scheme: QuantScheme, dtype: str):

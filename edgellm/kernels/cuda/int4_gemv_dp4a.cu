@@ -22,7 +22,13 @@
 // the wait for the kernel before; x and every store after it. The rows' sums: the warp butterfly, then the team's
 // warps in order. SILU: silu(gate) * up from the two rows' fp16-rounded sums (cuda_math.silu_mul_gpu's arithmetic).
 //
-// smem: [4 G] uint2 (q), [4 G] float (d), [4 G] int (OFF * sum q), [W][R] float, QOUT: [BLK] float.
+// D > 0 (the long-`in` GEMVs on sm_90: cuda_gemv_dp4a.ring_plan): the weights travel by cp.async into a ring of D
+// steps in shared memory, each thread its own 16-byte slots, so no barrier; the first D steps are issued before the
+// PDL wait, then step it + D as step it is done. Registers hold one step whatever D is, so the block count an SM
+// stays (Llama-3-8B's down: 3 steps of one group deep, 76 KB a block, two blocks an SM; 11.6 -> 7.8 us a layer).
+//
+// smem: [4 G] uint2 (q), [4 G] float (d), [4 G] int (OFF * sum q), [W][R] float, QOUT: [BLK] float, D: [D][C][NT]
+// uint4 (16-byte aligned).
 #include <cuda_fp16.h>
 
 #ifndef EDGELLM_PDL_MARKS
@@ -42,6 +48,21 @@ __device__ __forceinline__ unsigned eqd_zero_after(unsigned v, unsigned s) {
 }
 __device__ __forceinline__ void eqd_prefetch_l2(const void* p, unsigned n) {  // [p, p + n) into L2 (sm_90)
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+}
+// 16 bytes global -> shared without registers (sm_80; L2 only); n = 0 fills zeros (a guarded group)
+__device__ __forceinline__ void eqd_cp16(void* dst, const void* src, unsigned n) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void eqd_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+// until at most n (0..3, known once the step loop is unrolled) of this thread's cp.async groups are in flight
+__device__ __forceinline__ void eqd_wait_groups(int n) {
+  if (n >= 3) asm volatile("cp.async.wait_group 3;" ::: "memory");
+  else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
+  else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+  else asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 __device__ __forceinline__ unsigned eqd_pack(int a, int b, int c, int d) {  // four int8 into bytes 0..3
   return (unsigned)(a & 0xFF) | ((unsigned)(b & 0xFF) << 8) | ((unsigned)(c & 0xFF) << 16) | ((unsigned)d << 24);
@@ -68,12 +89,16 @@ __device__ __forceinline__ uint4 eqd_quant8(const float* f) {
 // PREQ: x arrives quantized ([4 G] uint4 of eqd_quant8, from edgellm_add_rms_norm_q8 or a QOUT GEMV), staged as it is.
 // QOUT: the outputs leave quantized ([NOUT / 8] uint4 of eqd_quant8 on the fp16-rounded values) for a PREQ GEMV: a
 // block's BLK outputs are whole packed words (BLK % 8 == 0, NOUT % BLK == 0).
+// D > 0 (sm_80): the weights go to shared memory by cp.async, D steps ahead in a ring of D steps (each thread its
+// own 16-byte slots: no barrier), the first D steps issued before the PDL wait; the scales of every step in
+// registers, also before it. The same products in the same order as D = 0.
 template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL, bool PREQ = false,
-          bool QOUT = false>
+          bool QOUT = false, int D = 0>
 __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin, const unsigned* __restrict__ qw,
                                                     const half* __restrict__ qs, void* __restrict__ outp,
                                                     unsigned char* smem) {
   static_assert(W % KS == 0 && (!SILU || R % 2 == 0), "warps a multiple of ksplit; silu: an even row count");
+  static_assert(D >= 0 && D <= 4, "the cp.async ring: at most 4 steps ahead");
   constexpr int NT = W * 32, TEAMS = W / KS, VL = 32 * KS, H = SILU ? R / 2 : R, BLK = TEAMS * H, C = U * R;
   static_assert(!QOUT || (BLK % 8 == 0 && NOUT % BLK == 0), "QOUT: a block's outputs are whole packed words");
   const half* __restrict__ x = reinterpret_cast<const half*>(xin);
@@ -87,19 +112,27 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
   int* xc = reinterpret_cast<int*>(xd + 4 * G);
   float* part = reinterpret_cast<float*>(xc + 4 * G);
   float* qo = part + W * R;  // QOUT: the block's outputs, fp16-rounded
+  // D > 0: the weight ring [D][C][NT] uint4 after the QOUT outputs, 16-byte aligned
+  uint4* ring = reinterpret_cast<uint4*>((reinterpret_cast<size_t>(qo + (QOUT ? BLK : 0)) + 15) & ~(size_t)15);
   auto row_of = [&](int r) -> long long {  // weight row of slot r (clamped: the loads stay in bounds)
     if constexpr (SILU) return min(p0 + r % H, NOUT - 1) + (long long)(r / H) * NOUT;
     return min(p0 + r, NOUT - 1);
   };
   uint4 wv[C];
   float sc[C];
+  constexpr int NSA = D > 0 ? NS : 1;
+  float sca[NSA][C];  // D > 0: every step's scales
   auto load = [&](int it) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int g = (it * U + u) * VL + vl;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (g < G) {
+        if constexpr (D > 0) {  // weights into the ring's slot of step it; the step's group is committed below
+          const long long row = row_of(r);
+          const int gg = g < G ? g : G - 1;  // in bounds; a guarded group copies 0 bytes (zeros)
+          eqd_cp16(ring + ((it % D) * C + u * R + r) * NT + tid, qw + (row * G + gg) * 4, g < G ? 16u : 0u);
+        } else if (g < G) {
           const long long row = row_of(r);
           wv[u * R + r] = __ldg(reinterpret_cast<const uint4*>(qw + (row * G + g) * 4));
           sc[u * R + r] = __half2float(qs[row * G + g]);
@@ -108,6 +141,24 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
           sc[u * R + r] = 0.f;
         }
       }
+    }
+    if constexpr (D > 0) eqd_commit();
+  };
+  auto load_scales = [&]() {  // D > 0: every step's scales into registers
+#pragma unroll
+    for (int it = 0; it < NSA; ++it)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int g = (it * U + u) * VL + vl;
+#pragma unroll
+        for (int r = 0; r < R; ++r) sca[it][u * R + r] = g < G ? __half2float(qs[row_of(r) * G + g]) : 0.f;
+      }
+  };
+  auto fetch = [&](int it) {  // D > 0: step it's weights from the ring (this thread's own slots) and its scales
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      wv[c] = ring[((it % D) * C + c) * NT + tid];
+      sc[c] = sca[it][c];
     }
   };
   float acc[R];
@@ -141,7 +192,13 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
       }
     }
   };
-  if (NS > 0) load(0);  // weights and scales only: parameters nothing of the step writes
+  if constexpr (D > 0) {  // the first D steps' weights and every scale: parameters nothing of the step writes
+#pragma unroll
+    for (int it = 0; it < (D < NS ? D : NS); ++it) load(it);
+    load_scales();
+  } else if (NS > 0) {
+    load(0);  // weights and scales only: parameters nothing of the step writes
+  }
   if constexpr (PF) {  // the block's rows (weights, then scales widened to 16-byte bounds) into L2, before the wait
     if (tid == 0) {
 #pragma unroll
@@ -184,8 +241,16 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
   __syncthreads();
 #pragma unroll
   for (int it = 0; it < NS; ++it) {
-    if (it > 0) load(it);
-    compute(it);
+    if constexpr (D > 0) {
+      // committed so far: steps 0 .. min(NS, it + D) - 1, one group each; steps 0 .. it must have landed
+      eqd_wait_groups((it + D < NS ? it + D : NS) - it - 1);
+      fetch(it);
+      compute(it);
+      if (it + D < NS) load(it + D);  // into the slot step it just left
+    } else {
+      if (it > 0) load(it);
+      compute(it);
+    }
   }
   float fin[R];
 #pragma unroll
