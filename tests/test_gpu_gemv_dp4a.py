@@ -260,6 +260,22 @@ def test_builds_with_and_without_pdl():
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
             assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
+            _two_ring_blocks_fit_an_sm(src, gd.smem_bytes(14336, 16, 2, 1, 3, 32))
+
+
+def _two_ring_blocks_fit_an_sm(src: str, smem: int) -> None:
+    """The ring pays only while two of down's 512-thread blocks share an SM (h200-pdl.md runs 53-55: one block an
+    SM lost 6-9%): ptxas's registers for the kernel at most 64 a thread, its shared memory at most half of sm_90's
+    227 KB."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cu").write_text(src)
+        r = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-O3", "-Xptxas", "-v", "k.cu", "-o", "k.cubin"],
+                           cwd=tmp, capture_output=True, text=True, check=True)
+    regs = re.search(r"Function properties for downq_kernel.*?Used (\d+) registers", r.stderr, re.S)
+    assert regs and int(regs.group(1)) <= 65536 // (2 * 512), r.stderr[-2000:]
+    assert smem <= 227 * 1024 // 2
 
 
 def test_the_pdl_marks_are_defined_once_per_module():
