@@ -8,7 +8,10 @@ with only libtvm_runtime can use them.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 PINNED_TVM = "0.27.0.post1"
@@ -23,6 +26,48 @@ ShapeTuple = runtime.ShapeTuple
 
 def tvm_version() -> str:
     return tvm.__version__
+
+
+_QUICK = threading.Lock()
+_quick_depth = 0
+_REAL_GETMODULE = inspect.getmodule
+
+
+@contextmanager
+def quick_script_parsing():
+    """Faster TVMScript parsing inside the block (kernel builds, the model's export).
+
+    TVM's `@T.prim_func` walks the caller's whole stack with `inspect.stack()` for every kernel it parses. For each
+    frame CPython's `inspect.getmodule` then scans all of `sys.modules` when the frame's file belongs to no loaded
+    module. Such files: python -m's `<frozen runpy>`, a console script like `edgellm`. In a process holding a few
+    thousand modules (pytest with torch, a server) that scan repeats for every frame of every kernel. Measured on a
+    tiny Llama's `--target vulkan` compile under pytest: 16.8-18.8 s, against 12.4-13.3 s with the scan done once.
+    Within the block, a file name that named no module for a frame or code object answers the same at once.
+    Reentrant and thread-safe; outside the block `inspect` is as it was."""
+    global _quick_depth
+    with _QUICK:
+        if _quick_depth == 0:
+            misses: set[str] = set()
+
+            def getmodule(obj, _filename=None):
+                if _filename is None or hasattr(obj, "__module__"):  # functions, classes: their own fast path
+                    return _REAL_GETMODULE(obj, _filename)
+                if _filename in misses:
+                    return None
+                module = _REAL_GETMODULE(obj, _filename)
+                if module is None:
+                    misses.add(_filename)
+                return module
+
+            inspect.getmodule = getmodule
+        _quick_depth += 1
+    try:
+        yield
+    finally:
+        with _QUICK:
+            _quick_depth -= 1
+            if _quick_depth == 0:
+                inspect.getmodule = _REAL_GETMODULE
 
 
 def compiler_available() -> bool:

@@ -51,6 +51,33 @@ def test_cpu_dot_forces_a_family_or_refuses_it():
         pick(a72, cpu_dot="vnni")
 
 
+def test_quick_script_parsing_answers_as_inspect_does_and_restores_it():
+    """_tvm.quick_script_parsing (kernel builds and the export run in it): inside, inspect.getmodule gives what it
+    gives outside for frames (a file of no module: once scanned, then remembered), functions and modules; it nests;
+    after the outermost block inspect is as it was. And a kernel parsed inside is the kernel parsed outside."""
+    import inspect
+    import sys
+
+    from edgellm._tvm import quick_script_parsing
+    from edgellm.kernels.cuda_math import silu_mul_gpu
+
+    real = inspect.getmodule
+    frames = [f.frame for f in inspect.stack(0)]
+    want = [real(f, inspect.getabsfile(f)) for f in frames]
+    assert len(frames) > 10 and any(m is not None for m in want)  # pytest's frames: modules, and (python -m) runpy's
+    with quick_script_parsing():
+        assert inspect.getmodule is not real
+        with quick_script_parsing():
+            for _ in range(2):  # the second pass answers from what the first remembered
+                assert [inspect.getmodule(f, inspect.getabsfile(f)) for f in frames] == want
+        assert inspect.getmodule is not real  # still inside the outer block
+        assert inspect.getmodule(test_kernels_are_built_once_per_shape) is sys.modules[__name__]
+        assert inspect.getmodule(json, "x.py") is json
+        inside = silu_mul_gpu(64, "float16").script()
+    assert inspect.getmodule is real
+    assert inside == silu_mul_gpu(64, "float16").script()
+
+
 def test_kernels_are_built_once_per_shape():
     reg = KernelRegistry(_target("znver4"))
     scheme = get_scheme("q4f32_1")

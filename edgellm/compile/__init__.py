@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .._tvm import compiler, tvm_version
+from .._tvm import compiler, quick_script_parsing, tvm_version
 from ..artifact import FORMAT_VERSION, Artifact, atomic_dir, check_output, file_table, write_manifest, write_params
 from ..config import RuntimeOptions
 from ..kernels import KernelOptions, KernelRegistry
@@ -336,9 +336,10 @@ def compile_model(args: CompileArgs, progress=None) -> CompileResult:
                              on_build=lambda name, n: step("export", detail=f"kernel {name}", done=n))
     step("export", detail=f"{cfg.num_hidden_layers} layers for {tgt.preset}")
     def export(registry):
-        model = model_cls(cfg, scheme, registry, plan)
-        spec = model.export_spec()
-        return (*model.export_tvm(spec=spec), model, spec)
+        with quick_script_parsing():  # TVM's own kernels (the KV cache's) are parsed in the export too
+            model = model_cls(cfg, scheme, registry, plan)
+            spec = model.export_spec()
+            return (*model.export_tvm(spec=spec), model, spec)
 
     with target:
         mod, named_params, model, spec = export(kernels)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+from .._tvm import quick_script_parsing
 from ..quant.schemes import QuantScheme
 from . import cuda_gemv_dp4a, cuda_pdl
 from .options import KernelOptions
@@ -46,7 +47,8 @@ class KernelRegistry:
         """Build (or reuse) the kernel `name` for `key`; record that `op` uses it."""
         self.chosen[op].add(name)
         if key not in self._built:
-            self._built[key] = build()
+            with quick_script_parsing():
+                self._built[key] = build()
             if self._on_build is not None:
                 self._on_build(name, len(self._built))
         return self._built[key]
