@@ -30,7 +30,7 @@ def tvm_version() -> str:
 
 _QUICK = threading.Lock()
 _quick_depth = 0
-_REAL_GETMODULE = inspect.getmodule
+_outer_getmodule = inspect.getmodule  # what the outermost block found (and puts back)
 
 
 @contextmanager
@@ -44,17 +44,18 @@ def quick_script_parsing():
     tiny Llama's `--target vulkan` compile under pytest: 16.8-18.8 s, against 12.4-13.3 s with the scan done once.
     Within the block, a file name that named no module for a frame or code object answers the same at once.
     Reentrant and thread-safe; outside the block `inspect` is as it was."""
-    global _quick_depth
+    global _quick_depth, _outer_getmodule
     with _QUICK:
         if _quick_depth == 0:
+            real = _outer_getmodule = inspect.getmodule
             misses: set[str] = set()
 
             def getmodule(obj, _filename=None):
                 if _filename is None or hasattr(obj, "__module__"):  # functions, classes: their own fast path
-                    return _REAL_GETMODULE(obj, _filename)
+                    return real(obj, _filename)
                 if _filename in misses:
                     return None
-                module = _REAL_GETMODULE(obj, _filename)
+                module = real(obj, _filename)
                 if module is None:
                     misses.add(_filename)
                 return module
@@ -67,7 +68,7 @@ def quick_script_parsing():
         with _QUICK:
             _quick_depth -= 1
             if _quick_depth == 0:
-                inspect.getmodule = _REAL_GETMODULE
+                inspect.getmodule = _outer_getmodule
 
 
 def compiler_available() -> bool:
