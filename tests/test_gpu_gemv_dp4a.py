@@ -208,6 +208,7 @@ def test_the_ring_where_rows_are_long_and_take_several_steps(monkeypatch):
     assert gd.steps_per_lane(14336, 2, 2) == 4 and gd.steps_per_lane(14336, 1, 2) == 7
     assert gd.ring_plan(8192, 2048, 90) == (gd.gemv_config(8192, 2048), 0)  # one step: every load before the wait
     assert gd.ring_plan(4096, 28672, 90, gd.QOUT_SILU_CONFIG) == (gd.QOUT_SILU_CONFIG, 0)
+    assert gd.ring_plan(8192, 57344, 90, gd.QOUT_SILU_CONFIG) == (gd.QOUT_SILU_CONFIG, 0)  # a fixed split: no rule
     assert gd.ring_plan(4096, 4096, 90)[1] == 0
     assert gd.ring_plan(14336, 4096, 80) == ((16, 2, 2, 2), 0)
     assert gd.smem_bytes(14336, 16, 2, 1, 3, 32) <= gd.ASYNC_MAX_SMEM < gd.smem_bytes(14336, 16, 2, 2, 3, 32)
@@ -260,7 +261,8 @@ def test_builds_with_and_without_pdl():
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
             assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
-            _two_ring_blocks_fit_an_sm(src, gd.smem_bytes(14336, 16, 2, 1, 3, 32))
+            (w, r, u, _), d = gd.ring_plan(14336, 4096, 90)
+            _two_ring_blocks_fit_an_sm(src, gd.smem_bytes(14336, w, r, u, d, w * r))
 
 
 def _two_ring_blocks_fit_an_sm(src: str, smem: int) -> None:
@@ -505,7 +507,6 @@ def test_cp_async_ring_gives_the_register_path_values(tmp_path, host_emu):
         f"{'xq.data()' if silu else 'x.data()'}, qw.data(), qs.data(), out.data());"
         for j, (i, d) in enumerate(runs) for (w, r, u, k, g, n, silu) in [RING_CASES[i]])
     host_emu({"kernel_emu.h": _host_source()}, _RING_MAIN.replace("CASES", cases))
-    rng = np.random.default_rng(29)
     s = get_scheme("q4f16_1")
     outs: dict[int, list] = {}
     for j, (i, d) in enumerate(runs):

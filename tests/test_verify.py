@@ -219,8 +219,9 @@ def test_default_smollm2_artifact_agrees_95_percent_on_builtin_text(compiled, hf
 
     scheme = resolve("host").default_quant
     model, _ = hf_smollm2
-    # the built-in text's first four chunks of 256 (~1,000 positions; the whole ~2,000 took ~70 s of CI's 20 minutes):
-    # test_smollm2.py's teacher-forced check scores the same artifact against transformers on another text
+    # the built-in text's first four chunks of 256 (~1,000 positions; the other half added ~20 s to CI, beside the
+    # SmolLM2 compile this test shares): test_smollm2.py's teacher-forced check scores the same artifact against
+    # transformers on another text
     r = verify(VerifyArgs(compiled("smollm2", scheme), max_chunks=4),
                loaded_reference=TransformersScorer(smollm2_path, model=model))
     print(r.table())

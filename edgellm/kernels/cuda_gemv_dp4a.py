@@ -61,7 +61,7 @@ def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     if (in_f, out_f) in PLAIN_CONFIG:
         return PLAIN_CONFIG[(in_f, out_f)]
     w, r, u, k, _ = xs_gemv_config(in_f, out_f)
-    per_lane = -(-(in_f // GROUP) // (32 * k))
+    per_lane = steps_per_lane(in_f, 1, k)  # a lane's groups
     if in_f >= 8192 and u < per_lane <= LONG_IN_UNROLL:
         u = per_lane
     return w, r, u, k
@@ -116,13 +116,16 @@ def ring_plan(in_f: int, out_f: int, sm: int,
               cfg: tuple[int, int, int, int] | None = None) -> tuple[tuple[int, int, int, int], int]:
     """(work split, ring depth) of a dp4a GEMV: `cfg` (default gemv_config's) and ASYNC_DEPTH's depth where it names
     the shape (sm_80+); else, for the rule above, the split with ASYNC_UNROLL groups a step and ASYNC_DEFAULT deep;
-    else `cfg` and 0. Depths are capped at the steps a lane and 4. A lane sums its groups in the same order at any
-    unroll and depth: the same values."""
+    else `cfg` and 0. A split the caller fixes (`cfg` given: gate_up + silu's QOUT_SILU_CONFIG, whose ring lost)
+    takes a ring from ASYNC_DEPTH only. Depths are capped at the steps a lane and 4. A lane sums its groups in the
+    same order at any unroll and depth: the same values."""
+    fixed = cfg is not None
     cfg = cfg or gemv_config(in_f, out_f)
     w, r, u, k = cfg
     if (in_f, out_f) in ASYNC_DEPTH:
         return cfg, (min(ASYNC_DEPTH[(in_f, out_f)], steps_per_lane(in_f, u, k), 4) if sm >= 80 else 0)
-    if sm < 90 or in_f < ASYNC_MIN_IN or steps_per_lane(in_f, u, k) < 2 or (in_f, out_f) in PLAIN_CONFIG:
+    if (fixed or sm < 90 or in_f < ASYNC_MIN_IN or steps_per_lane(in_f, u, k) < 2
+            or (in_f, out_f) in PLAIN_CONFIG):
         return cfg, 0
     d = min(ASYNC_DEFAULT, steps_per_lane(in_f, ASYNC_UNROLL, k), 4)
     if d < 1 or smem_bytes(in_f, w, r, ASYNC_UNROLL, d, w * r) > ASYNC_MAX_SMEM:
