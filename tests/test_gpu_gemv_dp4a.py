@@ -247,6 +247,10 @@ def test_builds_with_and_without_pdl():
                  "downq": gd.int4_gemv_dp4a(14336, 4096, *gd.ring_plan(14336, 4096, 90 if pdl else 80)[0], pdl=pdl,
                                             preq=True, depth=gd.ring_plan(14336, 4096, 90 if pdl else 80)[1]),
                  "norm": gd.add_rms_norm_q8(4096, 1e-5)}
+        if pdl:  # the chain's default on sm_90: the norm runs ahead, gate_up after it reads x from L2
+            funcs["norm_ra"] = gd.add_rms_norm_q8(4096, 1e-5, run_ahead=True)
+            funcs["guq_xl2"] = gd.int4_gemv_dp4a(4096, 28672, 4, 4, 2, 1, silu=True, pdl=True, preq=True, qout=True,
+                                                 x_l2=True)
         with resolve(preset).tvm(), tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}))
         src = lib.mod.imports[0].inspect_source()
@@ -259,7 +263,9 @@ def test_builds_with_and_without_pdl():
         assert f"edgellm_q4gemv_dp4a<16, 2, {down}>" in src  # sm_90: down through the cp.async ring
         assert "edgellm_add_rms_norm_q8<4096>" in src
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
-        if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
+        if pdl:  # the GEMVs and the run-ahead norm wait inside; only the plain norm gets patch_source's prologue
+            assert "edgellm_add_rms_norm_q8<4096, true>" in src
+            assert "edgellm_q4gemv_dp4a<4, 4, 2, 1, 128, 14336, 7, true, false, true, true, true, 0, false, true>" in src
             assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
             (w, r, u, _), d = gd.ring_plan(14336, 4096, 90)
             _two_ring_blocks_fit_an_sm(src, gd.smem_bytes(14336, w, r, u, d, w * r))
@@ -310,10 +316,10 @@ int main(int argc, char** argv) {  // in.bin out.bin eps
   if (got != 3 * HID + qw1.size() + qs1.size() + qw2.size() + qs2.size()) return 2;
   float eps = atof(argv[3]);
   std::vector<float> red(32);
-  emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
+  emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID, true>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
   std::vector<unsigned char> sm(1 << 16);
   for (int bx = 0; bx < INTER / 8; ++bx)  // gate_up + silu, QOUT_SILU_CONFIG: 4 warps x 2 outputs, one word a block
-    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
+    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true, 0, false, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
   for (int bx = 0; bx < HID / 8; ++bx)  // down: 4 warps, K split over 2, 2 rows a team
     emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 1, 1, G2, HID, 7, false, false, true, true, false>(aq.data(), qw2.data(), qs2.data(), out.data(), sm.data()); });
   f = fopen(argv[2], "wb");
@@ -386,8 +392,14 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
 
     cuda, s = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
     chain = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(4096, 14336, s, "float16", 1e-5)
+    # Llama-3-8B; down: the cp.async ring; the norm runs ahead (NORM_Q8_RUN_AHEAD), so gate_up reads x from L2
     assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
-        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u1k2_preq_cp3"]  # Llama-3-8B; down: the cp.async ring
+        "norm", "dp4a_w4r4u2k1_silu_preq_qout_xl2", "dp4a_w16r2u1k2_preq_cp3"]
+    assert "edgellm_add_rms_norm_q8<4096, true>" in chain[0].script()
+    sm80 = KernelRegistry(resolve("cuda-sm80").tvm(), KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(
+        4096, 14336, s, "float16", 1e-5)  # no PDL: nothing runs ahead
+    assert str(sm80[1].attrs["edgellm.gemv"]) == "dp4a_w4r4u2k1_silu_preq_qout"
+    assert "edgellm_add_rms_norm_q8<4096>" in sm80[0].script()
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is not None  # auto: `in` >= AUTO_MIN_IN
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="fp16x2-smem")).dp4a_mlp(

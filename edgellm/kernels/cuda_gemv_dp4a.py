@@ -50,6 +50,15 @@ PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 # int4_gemv_h2's 2 a step in registers: 4 a step lost 6% (634.9 -> 596.0), 7 in one step (8 warps) 7%; on sm_90 it
 # takes the cp.async ring instead (ring_plan below)
 LONG_IN_UNROLL = 4
+# add_rms_norm_q8 (the one-block norm before gate_up in the chain) lets gate_up launch as it starts (its
+# launch_dependents before its wait), so gate_up's blocks issue their first weights under o's tail as well as under
+# the norm; every other kernel waits first (cuda_pdl.TRIGGER_FIRST). gate_up, launched two kernels ahead, then reads
+# its x from L2 (int4_gemv_dp4a(x_l2=True); the .cu's X_L2 says why). H200, Llama-3-8B tg128
+# (docs/benchmarks/h200-pdl.md runs 56-58): +0.6-1.0%, bit-equal
+NORM_Q8_RUN_AHEAD = True
+# the plain dp4a GEMVs (by (in, out)) that let the kernel after them launch as they start (launch_dependents before
+# their wait); an A/B knob of bench/gpu_pdl.py (o before the chain's norm: gate_up two kernels ahead of it)
+RUN_AHEAD: set[tuple[int, int]] = set()
 
 
 def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
@@ -139,13 +148,16 @@ def steps_per_lane(in_f: int, unroll: int, ksplit: int) -> int:
 
 
 def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, offset: int = QMAX,
-                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False, depth: int = 0):
+                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False, depth: int = 0,
+                   run_ahead: bool = False, x_l2: bool = False):
     """y[1, out] = x[1, in] W^T (silu: silu(gate) * up [1, out / 2], gate rows first), arguments (x, q_weight,
     q_scale, out) as int4_gemv_h2's without bias, already scheduled. `pdl` (sm_90): the first step's weight loads
     (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before.
     `preq`: x arrives quantized, uint32 [in / 8, 4] (add_rms_norm_q8's or a `qout` GEMV's output: per packed word of 8
     activations its int8 pairs, d and sum(q)); `qout`: the output leaves quantized the same way, uint32 [out' / 8, 4]
-    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8)."""
+    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8). `run_ahead` (with `pdl`): the
+    kernel after it may launch as it starts (RUN_AHEAD); `x_l2` (with `preq`): x read from L2, not L1, as a GEMV
+    launched two kernels ahead must (after a run-ahead kernel; int4_gemv_dp4a.cu X_L2 says why)."""
     from tvm.script import tirx as T
 
     from .cuda_pdl import WAITS_INSIDE
@@ -168,8 +180,11 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     b = {True: "true", False: "false"}
     if not 0 <= depth <= min(4, steps_per_lane(in_f, unroll, ksplit)):
         raise ValueError(f"int4_gemv_dp4a: depth {depth} must be 0..4 and at most the steps a lane")
-    call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
-            f"{b[pdl]}, {b[preq]}, {b[qout]}" + (f", {depth}>" if depth else ">"))
+    targs = [W, rows, unroll, ksplit, G, nout, offset, b[silu], b[pf], b[pdl], b[preq], b[qout], depth,
+             b[run_ahead and pdl], b[x_l2 and preq]]
+    while targs[-1] in ("false", 0) and len(targs) > 12:  # the template's defaults left out
+        targs.pop()
+    call = f"edgellm_q4gemv_dp4a<{', '.join(map(str, targs))}>"
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
     smem = smem_bytes(in_f, W, rows, unroll, depth, per_block if qout else 0)
     x_shape, x_dtype = ((in_f // 8, 4), "uint32") if preq else ((1, in_f), "float16")
@@ -192,7 +207,8 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
                               "tir.noalias": True,
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
                               + ("_pf" if pf else "") + ("_preq" if preq else "")
-                              + ("_qout" if qout else "") + (f"_cp{depth}" if depth else "")})
+                              + ("_qout" if qout else "") + (f"_cp{depth}" if depth else "")
+                              + ("_ra" if run_ahead and pdl else "") + ("_xl2" if x_l2 and preq else "")})
 
 
 def norm_q8_supports(hidden: int) -> bool:
@@ -200,16 +216,20 @@ def norm_q8_supports(hidden: int) -> bool:
     return hidden > 0 and hidden % 256 == 0 and hidden <= 8192
 
 
-def add_rms_norm_q8(hidden: int, eps: float):
+def add_rms_norm_q8(hidden: int, eps: float, run_ahead: bool = False):
     """(x + y, rms_norm(x + y) * w quantized for a `preq` GEMV) for one token: arguments x [1, hidden], y [1, hidden],
     w [hidden] (fp16); outputs x + y [1, hidden] fp16 and uint32 [hidden / 8, 4]. One block of hidden / 8 threads
-    (hidden a multiple of 256, at most 8192); launched like every kernel of the chain (cuda_pdl adds its wait)."""
+    (hidden a multiple of 256, at most 8192); launched like every kernel of the chain (cuda_pdl adds its wait).
+    `run_ahead` (PDL builds, sm_90): it places its own wait, after launch_dependents (NORM_Q8_RUN_AHEAD)."""
     from tvm.script import tirx as T
+
+    from .cuda_pdl import WAITS_INSIDE
 
     if not norm_q8_supports(hidden):
         raise ValueError(f"add_rms_norm_q8 needs `hidden` a multiple of 256 up to 8192, got {hidden}")
     nt = hidden // 8
-    call = f"edgellm_add_rms_norm_q8<{hidden}>"
+    call = f"edgellm_add_rms_norm_q8<{hidden}" + (", true>" if run_ahead else ">")
+    mark = WAITS_INSIDE if run_ahead else "edgellm_noop"
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, hidden), "float16"), y: T.Buffer((1, hidden), "float16"),
@@ -220,6 +240,7 @@ def add_rms_norm_q8(hidden: int, eps: float):
             T.launch_thread("blockIdx.x", 1)
             T.launch_thread("threadIdx.x", nt)
             red = T.alloc_buffer((32,), "float32", scope="shared")
+            T.evaluate(T.call_extern("void", mark))
             T.evaluate(T.cuda.func_call(call, x.data, y.data, w.data, xo.data, hq.data, T.float32(eps), red.data,
                                         source_code=_SRC))
 

@@ -151,8 +151,9 @@ class KernelRegistry:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if self._cuda_dp4a(in_f) and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
                     cfg, d = cuda_gemv_dp4a.ring_plan(in_f, out_f, self.sm)
-                    return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
-                                                                                         pdl=self.pdl, depth=d)
+                    ra = self.pdl and (in_f, out_f) in cuda_gemv_dp4a.RUN_AHEAD
+                    return f"int4_gemv_dp4a{grid}" + ("_ra" if ra else ""), lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
+                        in_f, out_f, *cfg, offset=off, pdl=self.pdl, depth=d, run_ahead=ra)
                 if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(
@@ -336,13 +337,14 @@ class KernelRegistry:
             return None
         dn_cfg, dn_d = cuda_gemv_dp4a.ring_plan(inter, hidden, self.sm)
         off, grid = scheme.offset, _grid_suffix(scheme)
-        norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
-                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
+        ahead = self.pdl and cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD
+        norm = self._once(("add_rms_norm_q8", hidden, eps, ahead), "add_rms_norm", "add_rms_norm_q8",
+                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps, run_ahead=ahead))
         gu_d = cuda_gemv_dp4a.ring_plan(hidden, 2 * inter, self.sm, gu_cfg)[1]
-        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg, gu_d), "linear_gemv",
+        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg, gu_d, ahead), "linear_gemv",
                              f"int4_gemv_dp4a{grid}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
                                  hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True,
-                                 depth=gu_d))
+                                 depth=gu_d, x_l2=ahead))
         down = self._once(("dp4a_preq", inter, hidden, scheme, dn_cfg, dn_d), "linear_gemv",
                           f"int4_gemv_dp4a{grid}_preq",
                           lambda: cuda_gemv_dp4a.int4_gemv_dp4a(inter, hidden, *dn_cfg, offset=off, pdl=self.pdl,

@@ -92,8 +92,14 @@ __device__ __forceinline__ uint4 eqd_quant8(const float* f) {
 // D > 0 (sm_80): the weights go to shared memory by cp.async, D steps ahead in a ring of D steps (each thread its
 // own 16-byte slots: no barrier), the first D steps issued before the PDL wait; the scales of every step in
 // registers, also before it. The same products in the same order as D = 0.
+// RUN_AHEAD: launch_dependents before the PDL wait (the kernel after this one launches as this one starts).
+// X_L2 (PREQ): x read from L2 (__ldcg), not through L1. For a GEMV launched two kernels ahead (after a RUN_AHEAD
+// kernel: gate_up after the run-ahead norm) whose blocks share an SM with the kernel before that one: L1 is not
+// coherent, and that kernel's reads of storage the memory planner later gives x (its own input, dead by then: the
+// same 8 KB) would be stale lines here. Measured on the H200 before this flag existed: gate_up after a run-ahead
+// norm read such lines (logits off by up to 0.9, different from pass to pass), bit-equal with __ldcg.
 template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL, bool PREQ = false,
-          bool QOUT = false, int D = 0>
+          bool QOUT = false, int D = 0, bool RUN_AHEAD = false, bool X_L2 = false>
 __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin, const unsigned* __restrict__ qw,
                                                     const half* __restrict__ qs, void* __restrict__ outp,
                                                     unsigned char* smem) {
@@ -213,12 +219,13 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
     }
   }
   if constexpr (PDL) {  // x and every store come after the kernel before has completed
+    if constexpr (RUN_AHEAD) cudaTriggerProgrammaticLaunchCompletion();  // cuda_gemv_dp4a.RUN_AHEAD
     cudaGridDependencySynchronize();
-    cudaTriggerProgrammaticLaunchCompletion();
+    if constexpr (!RUN_AHEAD) cudaTriggerProgrammaticLaunchCompletion();
   }
   if constexpr (PREQ) {
     for (int j = tid; j < 4 * G; j += NT) {
-      const uint4 v = reinterpret_cast<const uint4*>(xin)[j];
+      const uint4 v = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(xin) + j) : reinterpret_cast<const uint4*>(xin)[j];
       xq[j] = make_uint2(v.x, v.y);
       xd[j] = __uint_as_float(v.z);
       xc[j] = OFF * (int)v.w;
@@ -305,14 +312,23 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
 // (x + y, and rms_norm(x + y) * w quantized a packed word at a time by eqd_quant8) for one token: add_rms_norm_gpu's
 // arithmetic (x + y rounded to fp16; the sum of squares in fp32; the normed value (s * r) * w rounded to fp16), the
 // sum of squares per thread's 8 in order, the warp butterfly, the warps in order. One block of HIDDEN / 8 threads.
-template <int HIDDEN>
+// RUN_AHEAD (PDL builds, cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD): launch_dependents before the wait, so the GEMV after it
+// (gate_up) is launched as soon as this one block starts, and its first weight loads overlap the kernel before (o)
+// as well; this kernel itself reads and writes nothing before its wait.
+template <int HIDDEN, bool RUN_AHEAD = false>
 __device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
                                                         const half* __restrict__ w, half* __restrict__ xo,
                                                         unsigned* __restrict__ hqp, float eps, float* red) {
   constexpr int NT = HIDDEN / 8, NW = (NT + 31) / 32;
   static_assert(HIDDEN % 8 == 0 && NT <= 1024, "HIDDEN / 8 threads");
+  if constexpr (RUN_AHEAD) {
+    cudaTriggerProgrammaticLaunchCompletion();
+    cudaGridDependencySynchronize();
+  }
   const int t = threadIdx.x;
-  const uint4 xv = reinterpret_cast<const uint4*>(x)[t], yv = reinterpret_cast<const uint4*>(y)[t];
+  // x and y from L2 (__ldcg): with a run-ahead kernel before it this block may share its SM's L1 with an older
+  // kernel's reads of the storage the memory planner gave x or y (see the PREQ staging above)
+  const uint4 xv = __ldcg(reinterpret_cast<const uint4*>(x) + t), yv = __ldcg(reinterpret_cast<const uint4*>(y) + t);
   const uint4 wv = reinterpret_cast<const uint4*>(w)[t];
   const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
   float s[8], ss = 0.f;
