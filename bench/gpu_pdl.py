@@ -155,17 +155,9 @@ VARIANTS = {
     "owned-cpgu2u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-cpgu3u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-cpdn2u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # run ahead by one kernel more at one place: the norm before gate_up (cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD: gate_up's
-    # first weights under o's tail), the decode attention (owned_kv.WARPS_RUN_AHEAD: o's weights under qkv's tail),
-    # both
-    "owned-nra": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-ara": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-ara-nra": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # ... the norm and o (cuda_gemv_dp4a.RUN_AHEAD: gate_up launched during the attention); the norm with gate_up's 4
-    # groups a lane in one step / through a ring 2 deep of one group (more of its weights before its wait)
-    "owned-ora-nra": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-nra-gu4": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-nra-cpgu2u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the chain's norm waiting first like every other kernel (cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD off: the default
+    # before run 58), so gate_up launches only once o has completed
+    "owned-nraoff": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -204,8 +196,7 @@ DP4A_SILU = {"owned-dp4a-w8": {4096: (8, 2, 4, 1), 2048: (8, 2, 4, 1)},
              "owned-dp4a-w16": {4096: (16, 2, 4, 1), 2048: (16, 2, 4, 1)}}  # cuda_gemv_dp4a.SILU_CONFIG (else {})
 DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else its default)
 DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1), "owned-gu4": (4, 4, 4, 1),
-             "owned-gu1": (4, 4, 1, 1), "owned-cpgu2u1": (4, 4, 1, 1), "owned-cpgu3u1": (4, 4, 1, 1),
-             "owned-nra-gu4": (4, 4, 4, 1), "owned-nra-cpgu2u1": (4, 4, 1, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
+             "owned-gu1": (4, 4, 1, 1), "owned-cpgu2u1": (4, 4, 1, 1), "owned-cpgu3u1": (4, 4, 1, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
 DP4A_PLAIN = {"owned-u4w16": {(8192, 2048): (16, 2, 4, 2)}, "owned-u4": {(8192, 2048): (8, 2, 4, 2)},
               "owned-k4": {(8192, 2048): (16, 2, 2, 4)}, "owned-o4": {(2048, 2048): (4, 2, 2, 1)},
               "owned-o4r4": {(2048, 2048): (4, 4, 2, 1)}, "owned-dk4w8": {(14336, 4096): (8, 2, 4, 4)},
@@ -218,11 +209,8 @@ GU8B, DN8B = (4096, 28672), (14336, 4096)
 ASYNC = {"owned-cp2": {GU8B: 2, DN8B: 2}, "owned-cpdn2": {DN8B: 2}, "owned-cpdn3": {DN8B: 3},
          "owned-cpdn4": {DN8B: 4}, "owned-cpgu2": {GU8B: 2}, "owned-cpoff": {DN8B: 0}, "owned-cpdn4u1": {DN8B: 4},
          "owned-cpdn3u1": {DN8B: 3}, "owned-cpdn2w8": {DN8B: 2}, "owned-cpgu2u1": {GU8B: 2},
-         "owned-cpgu3u1": {GU8B: 3}, "owned-cpdn2u1": {DN8B: 2}, "owned-gu1": {}, "owned-nra-cpgu2u1": {GU8B: 2}}  # cuda_gemv_dp4a.ASYNC_DEPTH (else {})
-NORM_AHEAD = {"owned-nra": True, "owned-ara-nra": True, "owned-ora-nra": True, "owned-nra-gu4": True,
-              "owned-nra-cpgu2u1": True}  # cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD (else its default)
-GEMV_AHEAD = {"owned-ora-nra": {(4096, 4096), (2048, 2048)}}  # cuda_gemv_dp4a.RUN_AHEAD (else its default)
-ATTN_AHEAD = {"owned-ara": True, "owned-ara-nra": True}  # owned_kv.WARPS_RUN_AHEAD (else its default)
+         "owned-cpgu3u1": {GU8B: 3}, "owned-cpdn2u1": {DN8B: 2}, "owned-gu1": {}}  # cuda_gemv_dp4a.ASYNC_DEPTH (else {})
+NORM_AHEAD = {"owned-nraoff": False}  # cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -232,8 +220,7 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
          "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16", "owned-u4", "owned-k4", "owned-o4",
-         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16", "owned-nra", "owned-ara",
-         "owned-ara-nra", "owned-ora-nra", "owned-nra-gu4", *ASYNC)  # and owned-pA-B...
+         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16", "owned-nraoff", *ASYNC)  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
              "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16",
              "owned-u4", "owned-k4", "owned-o4", "owned-o4r4", "owned-dk4w8", "owned-dk4w16")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
@@ -263,8 +250,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
             (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT), (cuda_gemv_dp4a, "PLAIN_CONFIG", DP4A_PLAIN),
             (cuda_gemv_dp4a, "LONG_IN_UNROLL", DP4A_LONG_UNROLL), (cuda_gemv_dp4a, "ASYNC_DEPTH", ASYNC),
-            (cuda_gemv_dp4a, "NORM_Q8_RUN_AHEAD", NORM_AHEAD), (owned_kv, "WARPS_RUN_AHEAD", ATTN_AHEAD),
-            (cuda_gemv_dp4a, "RUN_AHEAD", GEMV_AHEAD)]
+            (cuda_gemv_dp4a, "NORM_Q8_RUN_AHEAD", NORM_AHEAD)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:

@@ -265,7 +265,7 @@ def test_builds_with_and_without_pdl():
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # the GEMVs and the run-ahead norm wait inside; only the plain norm gets patch_source's prologue
             assert "edgellm_add_rms_norm_q8<4096, true>" in src
-            assert "edgellm_q4gemv_dp4a<4, 4, 2, 1, 128, 14336, 7, true, false, true, true, true, 0, false, true>" in src
+            assert "edgellm_q4gemv_dp4a<4, 4, 2, 1, 128, 14336, 7, true, false, true, true, true, 0, true>" in src
             assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
             (w, r, u, _), d = gd.ring_plan(14336, 4096, 90)
             _two_ring_blocks_fit_an_sm(src, gd.smem_bytes(14336, w, r, u, d, w * r))
@@ -319,7 +319,7 @@ int main(int argc, char** argv) {  // in.bin out.bin eps
   emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID, true>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
   std::vector<unsigned char> sm(1 << 16);
   for (int bx = 0; bx < INTER / 8; ++bx)  // gate_up + silu, QOUT_SILU_CONFIG: 4 warps x 2 outputs, one word a block
-    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true, 0, false, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
+    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true, 0, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
   for (int bx = 0; bx < HID / 8; ++bx)  // down: 4 warps, K split over 2, 2 rows a team
     emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 1, 1, G2, HID, 7, false, false, true, true, false>(aq.data(), qw2.data(), qs2.data(), out.data(), sm.data()); });
   f = fopen(argv[2], "wb");

@@ -56,9 +56,6 @@ LONG_IN_UNROLL = 4
 # its x from L2 (int4_gemv_dp4a(x_l2=True); the .cu's X_L2 says why). H200, Llama-3-8B tg128
 # (docs/benchmarks/h200-pdl.md runs 56-58): +0.6-1.0%, bit-equal
 NORM_Q8_RUN_AHEAD = True
-# the plain dp4a GEMVs (by (in, out)) that let the kernel after them launch as they start (launch_dependents before
-# their wait); an A/B knob of bench/gpu_pdl.py (o before the chain's norm: gate_up two kernels ahead of it)
-RUN_AHEAD: set[tuple[int, int]] = set()
 
 
 def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
@@ -149,15 +146,14 @@ def steps_per_lane(in_f: int, unroll: int, ksplit: int) -> int:
 
 def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, offset: int = QMAX,
                    silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False, depth: int = 0,
-                   run_ahead: bool = False, x_l2: bool = False):
+                   x_l2: bool = False):
     """y[1, out] = x[1, in] W^T (silu: silu(gate) * up [1, out / 2], gate rows first), arguments (x, q_weight,
     q_scale, out) as int4_gemv_h2's without bias, already scheduled. `pdl` (sm_90): the first step's weight loads
     (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before.
     `preq`: x arrives quantized, uint32 [in / 8, 4] (add_rms_norm_q8's or a `qout` GEMV's output: per packed word of 8
     activations its int8 pairs, d and sum(q)); `qout`: the output leaves quantized the same way, uint32 [out' / 8, 4]
-    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8). `run_ahead` (with `pdl`): the
-    kernel after it may launch as it starts (RUN_AHEAD); `x_l2` (with `preq`): x read from L2, not L1, as a GEMV
-    launched two kernels ahead must (after a run-ahead kernel; int4_gemv_dp4a.cu X_L2 says why)."""
+    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8). `x_l2` (with `preq`): x read
+    from L2, not L1, as a GEMV launched two kernels ahead must (after the run-ahead norm; the .cu's X_L2 says why)."""
     from tvm.script import tirx as T
 
     from .cuda_pdl import WAITS_INSIDE
@@ -181,7 +177,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     if not 0 <= depth <= min(4, steps_per_lane(in_f, unroll, ksplit)):
         raise ValueError(f"int4_gemv_dp4a: depth {depth} must be 0..4 and at most the steps a lane")
     targs = [W, rows, unroll, ksplit, G, nout, offset, b[silu], b[pf], b[pdl], b[preq], b[qout], depth,
-             b[run_ahead and pdl], b[x_l2 and preq]]
+             b[x_l2 and preq]]
     while targs[-1] in ("false", 0) and len(targs) > 12:  # the template's defaults left out
         targs.pop()
     call = f"edgellm_q4gemv_dp4a<{', '.join(map(str, targs))}>"
@@ -208,7 +204,7 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
                               "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
                               + ("_pf" if pf else "") + ("_preq" if preq else "")
                               + ("_qout" if qout else "") + (f"_cp{depth}" if depth else "")
-                              + ("_ra" if run_ahead and pdl else "") + ("_xl2" if x_l2 and preq else "")})
+                              + ("_xl2" if x_l2 and preq else "")})
 
 
 def norm_q8_supports(hidden: int) -> bool:

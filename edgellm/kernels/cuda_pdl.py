@@ -47,8 +47,12 @@ LAUNCH_DEPENDENTS = '[]() { asm volatile("griddepcontrol.launch_dependents;" :::
 # TVM's cache, where 0.031 is the normal gap) and SmolLM2's stopped once with an illegal address, while the same
 # builds with the wait first, without PDL, with the GEMV's wait at its start, or with the three-kernel decode
 # attention passed every pass (docs/benchmarks/h200-pdl.md, "The run-ahead race"). Every kernel waits before it
-# reads what an earlier kernel wrote, so the cause sits below what the CUDA source can see; run ahead is kept only
-# as an A/B knob. Cost of the safe order (run 10, owned cache): 2.5% of 8B decode (503 against 516 tok/s), 5% of 1B.
+# reads what an earlier kernel wrote; what it does not see is L1, which is not coherent: a kernel launched two or
+# more ahead has blocks on SMs where an older kernel still runs and reads, through L1, storage the memory planner
+# later gives to this kernel's input (run 56 showed it on one such pair, and reading that input from L2 made it
+# bit-equal). A kernel that runs ahead must have every reader launched two ahead of a writer read it by __ldcg
+# (cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD does, for the one pair it opens); TVM's generated kernels do not, so run
+# ahead everywhere stays an A/B knob. Cost of the safe order (run 10, owned cache): 2.5% of 8B decode (503 against 516 tok/s), 5% of 1B.
 TRIGGER_FIRST = False
 # The tensor-core prefill GEMMs (PrimFuncs with an `edgellm.gemm` label) keep ordinary launches and no prologue: with
 # PDL, Llama-3-8B pp128 fell from 12,824 to 10,221 tok/s on an H200 (pp512 +2%, decode unaffected by them).

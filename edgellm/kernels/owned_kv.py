@@ -76,9 +76,6 @@ WARPS_AUTO_MAX_G = 4
 # call (docs/benchmarks/h200-pdl.md run 18): SmolLM2 2,896 -> 3,170 tok/s, Llama-3.2-1B 2,168 -> 2,278, Llama-3-8B
 # 555 -> 581; attention a layer (kernel end to end) 3.9 -> 3.1, 5.0 -> 3.8, 8.1 -> 6.0 us. Bit-equal to False.
 WARPS_EARLY = True
-# "warps" with WARPS_EARLY: launch_dependents before the early loads (owned_kv.cu RUN_AHEAD), so the GEMV after it (o)
-# launches as its blocks start and loads its weights under the qkv GEMV's tail; an A/B knob of bench/gpu_pdl.py
-WARPS_RUN_AHEAD = False
 # "warps": blocks per (token, kv head), each taking G / this of its q heads (the largest divisor of G up to it): the
 # chain of a block's arithmetic (scores, p x V: G heads a lane) shortens, the kv head's K / V is read by each block.
 # The same values bit for bit (each head's arithmetic does not change). "auto": D / 64 q heads a block (head_dim 64:
@@ -339,9 +336,8 @@ def decode_attn_warps_func(heads: int, kv_heads: int, head_dim: int, layers: int
                          f"over the {STATIC_SMEM_FLOATS * 4}-byte static limit; lower owned_kv.DECODE_WARPS "
                          f"({DECODE_WARPS}) or take DECODE_ATTN 'fused'")
     early_arg = str(early).lower()
-    ahead = early and WARPS_RUN_AHEAD
     call = f"edgellm_decode_attn_warps<{D}, {G // groups}, {splits}, {DECODE_WARPS}, {early_arg}" + (
-        f", {groups}, true>" if ahead else f", {groups}>" if groups > 1 else ">")
+        f", {groups}>" if groups > 1 else ">")
     return _merged_decode_func("decode_attn_warps", H, KV, D, L, splits, call, 32 * DECODE_WARPS, smem,
                                WAITS_INSIDE if early else "edgellm_noop", groups)
 
@@ -404,7 +400,7 @@ def owned_kv_kernels(kernels, H: int, KV: int, D: int, L: int) -> dict[str, obje
     """The cache's kernels for one shape, built once per registry (recorded in `kernels.chosen`)."""
     from .cuda_attention import attention_chunk_cuda
 
-    key = ("owned_kv", H, KV, D, L, WARPS_RUN_AHEAD)
+    key = ("owned_kv", H, KV, D, L)
     build = {
         "append": ("kv_append", lambda: kv_append_func(H, KV, D, L)),
         "history": ("attention_prefill", lambda: paged_attn_partial_func(H, KV, D, L, SPLITS_PREFILL, False)),

@@ -151,9 +151,8 @@ class KernelRegistry:
                 zp, off, grid = scheme.zero_point, scheme.offset, _grid_suffix(scheme)
                 if self._cuda_dp4a(in_f) and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp):
                     cfg, d = cuda_gemv_dp4a.ring_plan(in_f, out_f, self.sm)
-                    ra = self.pdl and (in_f, out_f) in cuda_gemv_dp4a.RUN_AHEAD
-                    return f"int4_gemv_dp4a{grid}" + ("_ra" if ra else ""), lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
-                        in_f, out_f, *cfg, offset=off, pdl=self.pdl, depth=d, run_ahead=ra)
+                    return f"int4_gemv_dp4a{grid}", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *cfg, offset=off,
+                                                                                         pdl=self.pdl, depth=d)
                 if o.cuda_gemv in ("auto", "fp16x2-smem", "dp4a"):  # x in shared memory (docs/benchmarks/h200-gemv.md)
                     *cfg, fold = cuda_gemv.xs_gemv_config(in_f, out_f)
                     return f"int4_gemv_fp16x2_smem{grid}", lambda: cuda_gemv.int4_gemv_h2(

@@ -92,14 +92,14 @@ __device__ __forceinline__ uint4 eqd_quant8(const float* f) {
 // D > 0 (sm_80): the weights go to shared memory by cp.async, D steps ahead in a ring of D steps (each thread its
 // own 16-byte slots: no barrier), the first D steps issued before the PDL wait; the scales of every step in
 // registers, also before it. The same products in the same order as D = 0.
-// RUN_AHEAD: launch_dependents before the PDL wait (the kernel after this one launches as this one starts).
-// X_L2 (PREQ): x read from L2 (__ldcg), not through L1. For a GEMV launched two kernels ahead (after a RUN_AHEAD
-// kernel: gate_up after the run-ahead norm) whose blocks share an SM with the kernel before that one: L1 is not
-// coherent, and that kernel's reads of storage the memory planner later gives x (its own input, dead by then: the
-// same 8 KB) would be stale lines here. Measured on the H200 before this flag existed: gate_up after a run-ahead
-// norm read such lines (logits off by up to 0.9, different from pass to pass), bit-equal with __ldcg.
+// X_L2 (PREQ): x read from L2 (__ldcg), not through L1. For a GEMV launched two kernels ahead (gate_up after the
+// run-ahead norm, edgellm_add_rms_norm_q8's RUN_AHEAD), whose blocks share an SM with the kernel before that one (o)
+// while it runs: L1 is not coherent, and o's reads of storage the memory planner may give x too (o's input, the
+// attention's output, is 8 KB like x) would be stale lines here. On the H200, gate_up after a run-ahead norm
+// without this read wrong values (logits off by up to 0.9, different from pass to pass; h200-pdl.md run 56); with
+// __ldcg every pass is bit-equal to the build without run-ahead.
 template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL, bool PREQ = false,
-          bool QOUT = false, int D = 0, bool RUN_AHEAD = false, bool X_L2 = false>
+          bool QOUT = false, int D = 0, bool X_L2 = false>
 __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin, const unsigned* __restrict__ qw,
                                                     const half* __restrict__ qs, void* __restrict__ outp,
                                                     unsigned char* smem) {
@@ -219,9 +219,8 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
     }
   }
   if constexpr (PDL) {  // x and every store come after the kernel before has completed
-    if constexpr (RUN_AHEAD) cudaTriggerProgrammaticLaunchCompletion();  // cuda_gemv_dp4a.RUN_AHEAD
     cudaGridDependencySynchronize();
-    if constexpr (!RUN_AHEAD) cudaTriggerProgrammaticLaunchCompletion();
+    cudaTriggerProgrammaticLaunchCompletion();
   }
   if constexpr (PREQ) {
     for (int j = tid; j < 4 * G; j += NT) {

@@ -484,9 +484,7 @@ __device__ __forceinline__ void edgellm_noop() {}
 // NG + the block's group): each block reads the kv head's K / V (from L2 after the first) and does 1 / NG of the
 // arithmetic; the group-0 block writes the new token's k / v into its page, the others take it from their own smem.
 // Each head's arithmetic is the same at any NG (bit-equal), the counters are per (token, kv head, group).
-// RUN_AHEAD (with EARLY; owned_kv.WARPS_RUN_AHEAD): launch_dependents first, so the kernel after it (o) is launched as
-// this one's blocks start and its weight loads overlap the qkv GEMV's tail instead of this kernel's own loads.
-template <int D, int G, int S, int W, bool EARLY = false, int NG = 1, bool RUN_AHEAD = false>
+template <int D, int G, int S, int W, bool EARLY = false, int NG = 1>
 __device__ __forceinline__ void edgellm_decode_attn_warps(
     const half* __restrict__ qkv, const float* __restrict__ inv_freq, const int* __restrict__ page_table,
     const int* __restrict__ pos0, half* __restrict__ pages, float* __restrict__ o_part, float* __restrict__ ml,
@@ -494,8 +492,6 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static_assert(S >= 1 && S <= 32, "the merge's weights take one lane per split");
   constexpr int NT = 32 * W, HALF = D / 2, DL = D / 32;  // DL: output dims per lane (2 or 4)
-  static_assert(!RUN_AHEAD || EARLY, "RUN_AHEAD places the trigger before the early loads' wait");
-  if constexpr (RUN_AHEAD) cudaTriggerProgrammaticLaunchCompletion();
   const int i = blockIdx.x / (KV * NG), kvh = (blockIdx.x / NG) % KV, grp = blockIdx.x % NG;
   const int split = blockIdx.y, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, H = G * NG * KV, row = i, hq = (kvh * NG + grp) * G;  // hq: first q head
@@ -559,7 +555,7 @@ __device__ __forceinline__ void edgellm_decode_attn_warps(
     // table, K / V of positions before pos; the slot at pos is patched from smem below), so it is issued before the
     // wait for the kernel before (the qkv GEMV) and overlaps its tail; nothing is written before the wait
     cudaGridDependencySynchronize();           // griddepcontrol.wait (CUDA's sm_90 device runtime intrinsics)
-    if constexpr (!RUN_AHEAD) cudaTriggerProgrammaticLaunchCompletion();  // griddepcontrol.launch_dependents
+    cudaTriggerProgrammaticLaunchCompletion();  // griddepcontrol.launch_dependents
   }
   // RoPE on q (kv_append's arithmetic and rounding), while the loads are in flight
   const half* xq = qkv + (long long)i * (H + 2 * KV) * D;
