@@ -98,11 +98,17 @@ __device__ __forceinline__ uint4 eqd_quant8(const float* f) {
 // attention's output, is 8 KB like x) would be stale lines here. On the H200, gate_up after a run-ahead norm
 // without this read wrong values (logits off by up to 0.9, different from pass to pass; h200-pdl.md run 56); with
 // __ldcg every pass is bit-equal to the build without run-ahead.
+// NORM (qkv after down: cuda_gemv_dp4a.NORM_GEMV): xin is the residual x, and the block stages rms_norm(x + delta) *
+// nw quantized, in edgellm_add_rms_norm_q8's arithmetic and order (each thread a packed word of 8 a round; the warp
+// butterfly; the warps' sums in the order of that kernel's warps), so the values are that kernel's followed by a PREQ
+// GEMV's; block 0 also writes x + delta (the residual stream) to xres. The norm weight is loaded before the PDL wait.
 template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL, bool PREQ = false,
-          bool QOUT = false, int D = 0, bool X_L2 = false>
+          bool QOUT = false, int D = 0, bool X_L2 = false, bool NORM = false>
 __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin, const unsigned* __restrict__ qw,
                                                     const half* __restrict__ qs, void* __restrict__ outp,
-                                                    unsigned char* smem) {
+                                                    unsigned char* smem, const half* __restrict__ delta = nullptr,
+                                                    const half* __restrict__ nw = nullptr,
+                                                    half* __restrict__ xres = nullptr, float eps = 0.f) {
   static_assert(W % KS == 0 && (!SILU || R % 2 == 0), "warps a multiple of ksplit; silu: an even row count");
   static_assert(D >= 0 && D <= 4, "the cp.async ring: at most 4 steps ahead");
   constexpr int NT = W * 32, TEAMS = W / KS, VL = 32 * KS, H = SILU ? R / 2 : R, BLK = TEAMS * H, C = U * R;
@@ -117,7 +123,10 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
   float* xd = reinterpret_cast<float*>(xq + 4 * G);
   int* xc = reinterpret_cast<int*>(xd + 4 * G);
   float* part = reinterpret_cast<float*>(xc + 4 * G);
-  float* qo = part + W * R;  // QOUT: the block's outputs, fp16-rounded
+  constexpr int NRED = NORM ? (4 * G + 31) / 32 : 0, NRND = NORM ? (4 * G + NT - 1) / NT : 1;
+  static_assert(!NORM || (!PREQ && (4 * G) % NT == 0 && NT % 32 == 0), "NORM: the block's threads tile x's words");
+  float* red = part + W * R;  // NORM: the sums of squares of x's warps-of-32 words
+  float* qo = red + NRED;     // QOUT: the block's outputs, fp16-rounded
   // D > 0: the weight ring [D][C][NT] uint4 after the QOUT outputs, 16-byte aligned
   uint4* ring = reinterpret_cast<uint4*>((reinterpret_cast<size_t>(qo + (QOUT ? BLK : 0)) + 15) & ~(size_t)15);
   auto row_of = [&](int r) -> long long {  // weight row of slot r (clamped: the loads stay in bounds)
@@ -198,6 +207,11 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
       }
     }
   };
+  uint4 nwv[NRND];
+  if constexpr (NORM) {  // the norm weight: a parameter nothing of the step writes
+#pragma unroll
+    for (int rd = 0; rd < NRND; ++rd) nwv[rd] = reinterpret_cast<const uint4*>(nw)[rd * NT + tid];
+  }
   if constexpr (D > 0) {  // the first D steps' weights and every scale: parameters nothing of the step writes
 #pragma unroll
     for (int it = 0; it < (D < NS ? D : NS); ++it) load(it);
@@ -222,7 +236,55 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
     cudaGridDependencySynchronize();
     cudaTriggerProgrammaticLaunchCompletion();
   }
-  if constexpr (PREQ) {
+  if constexpr (NORM) {
+    float sv[NRND][8];
+#pragma unroll
+    for (int rd = 0; rd < NRND; ++rd) {  // round rd: word rd * NT + tid, as thread rd * NT + tid of the norm kernel
+      const int j = rd * NT + tid;
+      const uint4 xv = reinterpret_cast<const uint4*>(xin)[j], yv = reinterpret_cast<const uint4*>(delta)[j];
+      const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w};
+      unsigned so[4];
+      float ss = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const half a0 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] & 0xFFFFu)))
+                                         + __half2float(__ushort_as_half((unsigned short)(ys[e] & 0xFFFFu))));
+        const half a1 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] >> 16)))
+                                         + __half2float(__ushort_as_half((unsigned short)(ys[e] >> 16))));
+        sv[rd][2 * e] = __half2float(a0);
+        sv[rd][2 * e + 1] = __half2float(a1);
+        so[e] = (unsigned)__half_as_ushort(a0) | ((unsigned)__half_as_ushort(a1) << 16);
+      }
+      if (blockIdx.x == 0) reinterpret_cast<uint4*>(xres)[j] = make_uint4(so[0], so[1], so[2], so[3]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss = ss + sv[rd][e] * sv[rd][e];
+#pragma unroll
+      for (int o = 0; o < 5; ++o) ss = ss + __shfl_xor_sync(0xFFFFFFFFu, ss, 1 << o);
+      if (lane == 0) red[rd * W + warp] = ss;
+    }
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int k = 0; k < NRED; ++k) tot = tot + red[k];
+    const float rs = rsqrtf(tot / (float)(32 * G) + eps);
+#pragma unroll
+    for (int rd = 0; rd < NRND; ++rd) {
+      const unsigned ws[4] = {nwv[rd].x, nwv[rd].y, nwv[rd].z, nwv[rd].w};
+      float h[8];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        h[2 * e] = __half2float(__float2half_rn(sv[rd][2 * e] * rs
+                                                * __half2float(__ushort_as_half((unsigned short)(ws[e] & 0xFFFFu)))));
+        h[2 * e + 1] = __half2float(__float2half_rn(sv[rd][2 * e + 1] * rs
+                                                    * __half2float(__ushort_as_half((unsigned short)(ws[e] >> 16)))));
+      }
+      const int j = rd * NT + tid;
+      const uint4 qv = eqd_quant8(h);
+      xq[j] = make_uint2(qv.x, qv.y);
+      xd[j] = __uint_as_float(qv.z);
+      xc[j] = OFF * (int)qv.w;
+    }
+  } else if constexpr (PREQ) {
     for (int j = tid; j < 4 * G; j += NT) {
       const uint4 v = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(xin) + j) : reinterpret_cast<const uint4*>(xin)[j];
       xq[j] = make_uint2(v.x, v.y);
@@ -314,7 +376,7 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
 // RUN_AHEAD (PDL builds, cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD): launch_dependents before the wait, so the GEMV after it
 // (gate_up) is launched as soon as this one block starts, and its first weight loads overlap the kernel before (o)
 // as well; this kernel itself reads and writes nothing before its wait.
-template <int HIDDEN, bool RUN_AHEAD = false>
+template <int HIDDEN, bool RUN_AHEAD = false, bool X_L2 = true>
 __device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
                                                         const half* __restrict__ w, half* __restrict__ xo,
                                                         unsigned* __restrict__ hqp, float eps, float* red) {
@@ -325,9 +387,9 @@ __device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__
     cudaGridDependencySynchronize();
   }
   const int t = threadIdx.x;
-  // x and y from L2 (__ldcg): with a run-ahead kernel before it this block may share its SM's L1 with an older
-  // kernel's reads of the storage the memory planner gave x or y (see the PREQ staging above)
-  const uint4 xv = __ldcg(reinterpret_cast<const uint4*>(x) + t), yv = __ldcg(reinterpret_cast<const uint4*>(y) + t);
+  // X_L2: x and y from L2 (__ldcg) (cuda_gemv_dp4a.NORM_Q8_X_L2, an A/B knob)
+  const uint4 xv = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(x) + t) : reinterpret_cast<const uint4*>(x)[t];
+  const uint4 yv = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(y) + t) : reinterpret_cast<const uint4*>(y)[t];
   const uint4 wv = reinterpret_cast<const uint4*>(w)[t];
   const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
   float s[8], ss = 0.f;
