@@ -155,15 +155,12 @@ VARIANTS = {
     "owned-cpgu2u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-cpgu3u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
     "owned-cpdn2u1": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # the chain's norm waiting first like every other kernel (cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD off: the default
-    # before run 58), so gate_up launches only once o has completed
-    "owned-nraoff": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # qkv after the chain's down as a dp4a GEMV staging the add + norm and quantizing it in every block
-    # (cuda_gemv_dp4a.NORM_GEMV) instead of int4_gemv_h2's fp16 fused norm: not bit-equal to it
-    "owned-qkvn": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    # the chain's norm reading x and y through L1 (cuda_gemv_dp4a.NORM_Q8_X_L2 off), without run-ahead: the default
-    # before run 56 exactly
-    "owned-base": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    # the 8B's gate_up + silu (the chain's) in 4 warps of 8 rows a step of one group (QOUT_SILU_CONFIG (4, 8, 1, 1):
+    # 896 blocks, one wave); the 8B's o with `in` on one warp, its 4 groups a lane in one step (PLAIN_CONFIG (4, 2,
+    # 4, 1): no K-split partials through shared memory); both
+    "owned-gu8r1": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-o41": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-gu8r1-o41": {"cuda_pdl": "on", "cuda_kv": "owned"},
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -202,23 +199,22 @@ DP4A_SILU = {"owned-dp4a-w8": {4096: (8, 2, 4, 1), 2048: (8, 2, 4, 1)},
              "owned-dp4a-w16": {4096: (16, 2, 4, 1), 2048: (16, 2, 4, 1)}}  # cuda_gemv_dp4a.SILU_CONFIG (else {})
 DP4A_CHAIN = {"owned-dp4a-chain": 256}  # cuda_gemv_dp4a.CHAIN_MIN_HIDDEN (else its default)
 DP4A_QOUT = {"owned-dp4a-q4r4": (4, 4, 2, 1), "owned-dp4a-q8r2": (8, 2, 4, 1), "owned-gu4": (4, 4, 4, 1),
-             "owned-gu1": (4, 4, 1, 1), "owned-cpgu2u1": (4, 4, 1, 1), "owned-cpgu3u1": (4, 4, 1, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
+             "owned-gu1": (4, 4, 1, 1), "owned-cpgu2u1": (4, 4, 1, 1), "owned-cpgu3u1": (4, 4, 1, 1),
+             "owned-gu8r1": (4, 8, 1, 1), "owned-gu8r1-o41": (4, 8, 1, 1)}  # cuda_gemv_dp4a.QOUT_SILU_CONFIG (else its default)
 DP4A_PLAIN = {"owned-u4w16": {(8192, 2048): (16, 2, 4, 2)}, "owned-u4": {(8192, 2048): (8, 2, 4, 2)},
               "owned-k4": {(8192, 2048): (16, 2, 2, 4)}, "owned-o4": {(2048, 2048): (4, 2, 2, 1)},
               "owned-o4r4": {(2048, 2048): (4, 4, 2, 1)}, "owned-dk4w8": {(14336, 4096): (8, 2, 4, 4)},
               "owned-dk4w16": {(14336, 4096): (16, 2, 4, 4)}, "owned-cpdn4u1": {(14336, 4096): (16, 2, 1, 2)},
               "owned-cpdn3u1": {(14336, 4096): (16, 2, 1, 2)},
               "owned-cpdn2w8": {(14336, 4096): (8, 2, 2, 2)},
-              "owned-cpdn2u1": {(14336, 4096): (16, 2, 1, 2)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
+              "owned-cpdn2u1": {(14336, 4096): (16, 2, 1, 2)}, "owned-o41": {(4096, 4096): (4, 2, 4, 1)},
+              "owned-gu8r1-o41": {(4096, 4096): (4, 2, 4, 1)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
 DP4A_LONG_UNROLL = {"owned-lu2": 2}  # cuda_gemv_dp4a.LONG_IN_UNROLL (else its default)
 GU8B, DN8B = (4096, 28672), (14336, 4096)
 ASYNC = {"owned-cp2": {GU8B: 2, DN8B: 2}, "owned-cpdn2": {DN8B: 2}, "owned-cpdn3": {DN8B: 3},
          "owned-cpdn4": {DN8B: 4}, "owned-cpgu2": {GU8B: 2}, "owned-cpoff": {DN8B: 0}, "owned-cpdn4u1": {DN8B: 4},
          "owned-cpdn3u1": {DN8B: 3}, "owned-cpdn2w8": {DN8B: 2}, "owned-cpgu2u1": {GU8B: 2},
          "owned-cpgu3u1": {GU8B: 3}, "owned-cpdn2u1": {DN8B: 2}, "owned-gu1": {}}  # cuda_gemv_dp4a.ASYNC_DEPTH (else {})
-NORM_AHEAD = {"owned-nraoff": False, "owned-base": False}  # cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD (else its default)
-NORM_X_L2 = {"owned-base": False}  # cuda_gemv_dp4a.NORM_Q8_X_L2 (else its default)
-NORM_GEMV = {"owned-qkvn": True}  # cuda_gemv_dp4a.NORM_GEMV (else its default)
 GREEDY_PIECES = {"owned-gp": (8, 32)}  # pipeline.GREEDY_GRAPH_PIECES of the build (else its default)
 OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "owned-tf", "owned-fused",
          "owned-merge", "owned-nopf", "owned-pf64", "owned-pfpart", "owned-warps", "owned-early", "owned-late",
@@ -228,10 +224,11 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-qr4", "owned-qk1", "owned-nwlate", "owned-hg2", "owned-hg4", "owned-hg1", "owned-dp4a",
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
          "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16", "owned-u4", "owned-k4", "owned-o4",
-         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16", "owned-nraoff", "owned-qkvn", "owned-base", *ASYNC)  # and owned-pA-B...
+         "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16", "owned-gu8r1", "owned-o41",
+         "owned-gu8r1-o41", *ASYNC)  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
              "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16",
-             "owned-u4", "owned-k4", "owned-o4", "owned-o4r4", "owned-dk4w8", "owned-dk4w16", "owned-qkvn")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
+             "owned-u4", "owned-k4", "owned-o4", "owned-o4r4", "owned-dk4w8", "owned-dk4w16", "owned-o41", "owned-gu8r1-o41")  # owned builds compared to the others within the tolerance (each to itself bit for bit)
 EXACT = {("off", "on"), ("off", "on-tf"), ("off", "on-gemm")} | {  # pairs expected bit-equal
     (a, b) for a in OWNED for b in OWNED if a == b or (a not in NOT_EXACT and b not in NOT_EXACT)}
 SHAPE_VARIANTS = {shape: ("on", "owned") for shape in SHAPE_NAMES}
@@ -257,9 +254,7 @@ def _knobs() -> list[tuple[object, str, dict]]:
             (owned_kv, "WARPS_HEAD_GROUPS", HEAD_GROUPS), (cuda_gemv_dp4a, "SILU_CONFIG", DP4A_SILU),
             (cuda_gemv_dp4a, "CHAIN_MIN_HIDDEN", DP4A_CHAIN),
             (cuda_gemv_dp4a, "QOUT_SILU_CONFIG", DP4A_QOUT), (cuda_gemv_dp4a, "PLAIN_CONFIG", DP4A_PLAIN),
-            (cuda_gemv_dp4a, "LONG_IN_UNROLL", DP4A_LONG_UNROLL), (cuda_gemv_dp4a, "ASYNC_DEPTH", ASYNC),
-            (cuda_gemv_dp4a, "NORM_Q8_RUN_AHEAD", NORM_AHEAD), (cuda_gemv_dp4a, "NORM_GEMV", NORM_GEMV),
-            (cuda_gemv_dp4a, "NORM_Q8_X_L2", NORM_X_L2)]
+            (cuda_gemv_dp4a, "LONG_IN_UNROLL", DP4A_LONG_UNROLL), (cuda_gemv_dp4a, "ASYNC_DEPTH", ASYNC)]
 
 
 def _compile(args_kw: dict, variant: str) -> None:
@@ -349,8 +344,7 @@ def _rel(*variants: str) -> float:
     """The tolerance of a comparison between these builds, relative to the largest logit: INT8_ACT_REL where they
     differ in --opt cuda_gemv (auto takes int8 activations for `in` >= 2048, fp16x2-smem none) or one is dp4a."""
     gemv = {VARIANTS.get(v, {}).get("cuda_gemv", "auto") for v in variants}
-    more_int8 = any(NORM_GEMV.get(v) for v in variants)  # qkv on int8 activations too
-    return INT8_ACT_REL if len(gemv) > 1 or "dp4a" in gemv or more_int8 else 1e-3
+    return INT8_ACT_REL if len(gemv) > 1 or "dp4a" in gemv else 1e-3
 
 
 def _compare(label: str, a: np.ndarray, b: np.ndarray, ga: list[int], gb: list[int], exact: bool,

@@ -247,11 +247,6 @@ def test_builds_with_and_without_pdl():
                  "downq": gd.int4_gemv_dp4a(14336, 4096, *gd.ring_plan(14336, 4096, 90 if pdl else 80)[0], pdl=pdl,
                                             preq=True, depth=gd.ring_plan(14336, 4096, 90 if pdl else 80)[1]),
                  "norm": gd.add_rms_norm_q8(4096, 1e-5)}
-        if pdl:  # the chain's default on sm_90: the norm runs ahead, gate_up after it reads x from L2
-            funcs["norm_ra"] = gd.add_rms_norm_q8(4096, 1e-5, run_ahead=True)
-            funcs["guq_xl2"] = gd.int4_gemv_dp4a(4096, 28672, 4, 4, 2, 1, silu=True, pdl=True, preq=True, qout=True,
-                                                 x_l2=True)
-            funcs["qkvn"] = gd.int4_gemv_dp4a(4096, 6144, 16, 2, 4, 2, pdl=True, norm_eps=1e-5)  # NORM_GEMV
         with resolve(preset).tvm(), tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}))
         src = lib.mod.imports[0].inspect_source()
@@ -264,10 +259,7 @@ def test_builds_with_and_without_pdl():
         assert f"edgellm_q4gemv_dp4a<16, 2, {down}>" in src  # sm_90: down through the cp.async ring
         assert "edgellm_add_rms_norm_q8<4096>" in src
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
-        if pdl:  # the GEMVs and the run-ahead norm wait inside; only the plain norm gets patch_source's prologue
-            assert "edgellm_add_rms_norm_q8<4096, true>" in src
-            assert "edgellm_q4gemv_dp4a<4, 4, 2, 1, 128, 14336, 7, true, false, true, true, true, 0, true>" in src
-            assert "edgellm_q4gemv_dp4a<16, 2, 4, 2, 128, 6144, 7, false, true, true, false, false, 0, false, true>" in src
+        if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
             assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
             (w, r, u, _), d = gd.ring_plan(14336, 4096, 90)
             _two_ring_blocks_fit_an_sm(src, gd.smem_bytes(14336, w, r, u, d, w * r))
@@ -318,10 +310,10 @@ int main(int argc, char** argv) {  // in.bin out.bin eps
   if (got != 3 * HID + qw1.size() + qs1.size() + qw2.size() + qs2.size()) return 2;
   float eps = atof(argv[3]);
   std::vector<float> red(32);
-  emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID, true>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
+  emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
   std::vector<unsigned char> sm(1 << 16);
   for (int bx = 0; bx < INTER / 8; ++bx)  // gate_up + silu, QOUT_SILU_CONFIG: 4 warps x 2 outputs, one word a block
-    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true, 0, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
+    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 2, 1, G1, INTER, 7, true, false, true, true, true>(hq.data(), qw1.data(), qs1.data(), aq.data(), sm.data()); });
   for (int bx = 0; bx < HID / 8; ++bx)  // down: 4 warps, K split over 2, 2 rows a team
     emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 4, 1, 1, G2, HID, 7, false, false, true, true, false>(aq.data(), qw2.data(), qs2.data(), out.data(), sm.data()); });
   f = fopen(argv[2], "wb");
@@ -394,14 +386,8 @@ def test_chain_only_where_gate_up_does_not_stage_the_norm():
 
     cuda, s = resolve("cuda-sm90").tvm(), get_scheme("q4f16_1")
     chain = KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(4096, 14336, s, "float16", 1e-5)
-    # Llama-3-8B; down: the cp.async ring; the norm runs ahead (NORM_Q8_RUN_AHEAD), so gate_up reads x from L2
     assert [str(f.attrs.get("edgellm.gemv", "norm")) for f in chain] == [
-        "norm", "dp4a_w4r4u2k1_silu_preq_qout_xl2", "dp4a_w16r2u1k2_preq_cp3"]
-    assert "edgellm_add_rms_norm_q8<4096, true>" in chain[0].script()
-    sm80 = KernelRegistry(resolve("cuda-sm80").tvm(), KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(
-        4096, 14336, s, "float16", 1e-5)  # no PDL: nothing runs ahead
-    assert str(sm80[1].attrs["edgellm.gemv"]) == "dp4a_w4r4u2k1_silu_preq_qout"
-    assert "edgellm_add_rms_norm_q8<4096>" in sm80[0].script()
+        "norm", "dp4a_w4r4u2k1_silu_preq_qout", "dp4a_w16r2u1k2_preq_cp3"]  # Llama-3-8B; down: the cp.async ring
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="dp4a")).dp4a_mlp(2048, 8192, s, "float16", 1e-5) is None
     assert KernelRegistry(cuda).dp4a_mlp(4096, 14336, s, "float16", 1e-5) is not None  # auto: `in` >= AUTO_MIN_IN
     assert KernelRegistry(cuda, KernelOptions(cuda_gemv="fp16x2-smem")).dp4a_mlp(
@@ -540,80 +526,3 @@ def test_cp_async_ring_gives_the_register_path_values(tmp_path, host_emu):
         assert any(base[2 * t:2 * t + 2] != b"\0\0" for t in range(4)), i  # the register path wrote outputs
         for d, out in rest:
             assert out == base, (i, d)
-
-
-_NORM_MAIN = r"""
-#include "cuda_host_emu.h"
-#include "kernel_emu.h"
-#include <cstdio>
-#include <cstdlib>
-constexpr int HID = 2048, OUT = 40, G = HID / 32;
-int main(int argc, char** argv) {  // in.bin out.bin eps
-  FILE* f = fopen(argv[1], "rb");
-  std::vector<half> x(HID), y(HID), w(HID), qs(OUT * G), xo(HID), xr(HID), a(OUT, half{0x7E00}), b(OUT, half{0x7E00});
-  std::vector<unsigned> qw(OUT * G * 4);
-  std::vector<uint4> hq(HID / 8);
-  size_t got = fread(x.data(), 2, HID, f) + fread(y.data(), 2, HID, f) + fread(w.data(), 2, HID, f)
-      + fread(qw.data(), 4, qw.size(), f) + fread(qs.data(), 2, qs.size(), f);
-  fclose(f);
-  if (got != 3 * HID + qw.size() + qs.size()) return 2;
-  float eps = atof(argv[3]);
-  std::vector<float> red(32);
-  std::vector<unsigned char> sm(1 << 16);
-  // the chain: the norm kernel, then the PREQ GEMV (4 warps, K split over 2, 2 rows a team: 4 outputs a block)
-  emu_run_block(0, 0, HID / 8, [&](int) { edgellm_add_rms_norm_q8<HID>(x.data(), y.data(), w.data(), xo.data(), reinterpret_cast<unsigned*>(hq.data()), eps, red.data()); });
-  for (int bx = 0; bx < OUT / 4; ++bx)
-    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 2, 2, 2, G, OUT, 7, false, false, true, true, false>(hq.data(), qw.data(), qs.data(), a.data(), sm.data()); });
-  // the same split staging the norm itself (NORM: 128 threads, 2 rounds of HID / 8 words)
-  for (int bx = 0; bx < OUT / 4; ++bx)
-    emu_run_block(bx, 0, 128, [&](int) { edgellm_q4gemv_dp4a<4, 2, 2, 2, G, OUT, 7, false, false, true, false, false, 0, false, true>(x.data(), qw.data(), qs.data(), b.data(), sm.data(), y.data(), w.data(), xr.data(), eps); });
-  f = fopen(argv[2], "wb");
-  fwrite(xo.data(), 2, HID, f);
-  fwrite(xr.data(), 2, HID, f);
-  fwrite(a.data(), 2, OUT, f);
-  fwrite(b.data(), 2, OUT, f);
-  fclose(f);
-}
-"""
-
-
-@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the host emulation needs g++")
-def test_staged_norm_gives_the_chains_values(tmp_path, host_emu):
-    """NORM (NORM_GEMV: qkv staging the residual add + RMSNorm and quantizing it in every block): the residual and
-    the outputs bit for bit those of add_rms_norm_q8 followed by the PREQ GEMV in the same split, over two staging
-    rounds (each thread a word a round, as the norm kernel's threads)."""
-    host_emu({"kernel_emu.h": _host_source()}, _NORM_MAIN)
-    rng = np.random.default_rng(23)
-    hid, out, eps = 2048, 40, 1e-5
-    x = (rng.standard_normal(hid) * 3).astype(np.float16)
-    y = rng.standard_normal(hid).astype(np.float16)
-    w = (1 + 0.1 * rng.standard_normal(hid)).astype(np.float16)
-    qw, qs = ref.quantize(rng.standard_normal((out, hid)).astype(np.float32) * 0.05, get_scheme("q4f16_1"))[:2]
-    (tmp_path / "in.bin").write_bytes(b"".join(a.tobytes() for a in (x, y, w, qw.astype(np.uint32),
-                                                                     qs.astype(np.float16))))
-    subprocess.run(["./emu", "in.bin", "out.bin", str(eps)], cwd=tmp_path, check=True)
-    raw = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float16)
-    xo, xr, a, b = raw[:hid], raw[hid:2 * hid], raw[2 * hid:2 * hid + out], raw[2 * hid + out:]
-    assert np.array_equal(xo, (x.astype(np.float32) + y.astype(np.float32)).astype(np.float16))
-    assert np.array_equal(xr.view(np.uint16), xo.view(np.uint16))
-    assert np.isfinite(a).all() and np.abs(a).max() > 0.1
-    assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
-
-
-def test_registry_stages_the_norm_in_a_dp4a_qkv_with_the_knob(monkeypatch):
-    """NORM_GEMV (an A/B knob, off by default): the 8B's qkv after down becomes the dp4a GEMV staging the norm, in
-    fused_gemv_config's split; the 1B's (`in` 2048, no chain) and the default keep int4_gemv_h2's fused norm."""
-    from edgellm.kernels import KernelRegistry
-    from edgellm.kernels import cuda_gemv_dp4a as gd
-    from edgellm.targets import resolve
-
-    s, cuda = get_scheme("q4f16_1"), resolve("cuda-sm90").tvm()
-    def label(in_f: int, out_f: int) -> str:
-        return str(KernelRegistry(cuda).fused_gemv(in_f, out_f, s, "float16", False, 1e-5, False).attrs["edgellm.gemv"])
-
-    assert label(4096, 6144) == "h2_w16r2u4k2_xs_norm_pf"
-    monkeypatch.setattr(gd, "NORM_GEMV", True)
-    assert label(4096, 6144) == "dp4a_w16r2u4k2_pf_norm"
-    f = KernelRegistry(cuda).fused_gemv(4096, 6144, s, "float16", False, 1e-5, False)
-    assert len(f.params) == 7  # x, delta, norm weight, q_weight, q_scale -> out, x + delta
-    assert label(2048, 3072).startswith("h2_")

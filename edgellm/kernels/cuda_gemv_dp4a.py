@@ -50,18 +50,6 @@ PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 # int4_gemv_h2's 2 a step in registers: 4 a step lost 6% (634.9 -> 596.0), 7 in one step (8 warps) 7%; on sm_90 it
 # takes the cp.async ring instead (ring_plan below)
 LONG_IN_UNROLL = 4
-# add_rms_norm_q8 (the one-block norm before gate_up in the chain) lets gate_up launch as it starts (its
-# launch_dependents before its wait), so gate_up's blocks issue their first weights under o's tail as well as under
-# the norm; every other kernel waits first (cuda_pdl.TRIGGER_FIRST). gate_up, launched two kernels ahead, then reads
-# its x from L2 (int4_gemv_dp4a(x_l2=True); the .cu's X_L2 says why). H200, Llama-3-8B tg128
-# (docs/benchmarks/h200-pdl.md runs 56-58): +0.6-1.0%, bit-equal
-NORM_Q8_RUN_AHEAD = True
-# the GEMV after down (qkv, with the residual add + RMSNorm staged) as a dp4a GEMV whose blocks quantize the norm
-# themselves (int4_gemv_dp4a(norm_eps=...)) where the layer's MLP takes the chain, instead of int4_gemv_h2's fp16
-# fused norm; an A/B knob of bench/gpu_pdl.py (off: not measured yet)
-NORM_GEMV = False
-# add_rms_norm_q8 reads x and y by __ldcg (from L2); an A/B knob of bench/gpu_pdl.py
-NORM_Q8_X_L2 = True
 
 
 def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
@@ -97,12 +85,11 @@ def qout_fits(out: int, warps: int, rows: int, ksplit: int, silu: bool = False) 
     return per_block % 8 == 0 and out % per_block == 0
 
 
-def smem_bytes(in_f: int, warps: int, rows: int, unroll: int = 1, depth: int = 0, qout_floats: int = 0,
-               norm: bool = False) -> int:
-    """The staged x: per packed word 8 bytes of int8, its d and OFF * sum(q); the K-split partials; with `norm` the
-    sums of squares of x's warps of 32 words; a `qout` GEMV's outputs; with `depth` the cp.async ring of weights
-    (depth steps of unroll x rows 16-byte words a thread, 16-byte aligned)."""
-    base = in_f // 8 * 16 + warps * rows * 4 + qout_floats * 4 + (-(-in_f // 256) * 4 if norm else 0)
+def smem_bytes(in_f: int, warps: int, rows: int, unroll: int = 1, depth: int = 0, qout_floats: int = 0) -> int:
+    """The staged x: per packed word 8 bytes of int8, its d and OFF * sum(q); the K-split partials; a `qout`
+    GEMV's outputs; with `depth` the cp.async ring of weights (depth steps of unroll x rows 16-byte words a
+    thread, 16-byte aligned)."""
+    base = in_f // 8 * 16 + warps * rows * 4 + qout_floats * 4
     return base if depth == 0 else base + 15 + depth * unroll * rows * warps * 32 * 16
 
 
@@ -152,18 +139,13 @@ def steps_per_lane(in_f: int, unroll: int, ksplit: int) -> int:
 
 
 def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ksplit: int, offset: int = QMAX,
-                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False, depth: int = 0,
-                   x_l2: bool = False, norm_eps: float | None = None):
+                   silu: bool = False, pdl: bool = False, preq: bool = False, qout: bool = False, depth: int = 0):
     """y[1, out] = x[1, in] W^T (silu: silu(gate) * up [1, out / 2], gate rows first), arguments (x, q_weight,
     q_scale, out) as int4_gemv_h2's without bias, already scheduled. `pdl` (sm_90): the first step's weight loads
     (and the L2 prefetch of the block's rows where cuda_gemv.prefetches_l2) before the wait for the kernel before.
     `preq`: x arrives quantized, uint32 [in / 8, 4] (add_rms_norm_q8's or a `qout` GEMV's output: per packed word of 8
     activations its int8 pairs, d and sum(q)); `qout`: the output leaves quantized the same way, uint32 [out' / 8, 4]
-    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8). `x_l2` (with `preq`): x read
-    from L2, not L1, as a GEMV launched two kernels ahead must (after the run-ahead norm; the .cu's X_L2 says why).
-    `norm_eps` (NORM_GEMV: qkv after down): the residual add and RMSNorm staged by every block, as int4_gemv_h2's
-    fused norm takes them: arguments (x, delta, norm weight, q_weight, q_scale), outputs (out, x + delta); the values
-    are add_rms_norm_q8's followed by the `preq` GEMV's (`in` / 8 a multiple of the block's threads)."""
+    (a block's outputs whole words: warps / ksplit x outputs a team a multiple of 8)."""
     from tvm.script import tirx as T
 
     from .cuda_pdl import WAITS_INSIDE
@@ -186,40 +168,12 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
     b = {True: "true", False: "false"}
     if not 0 <= depth <= min(4, steps_per_lane(in_f, unroll, ksplit)):
         raise ValueError(f"int4_gemv_dp4a: depth {depth} must be 0..4 and at most the steps a lane")
-    norm = norm_eps is not None
-    if norm and (preq or silu or qout or (in_f // 8) % (W * 32)):
-        raise ValueError(f"int4_gemv_dp4a: the staged norm takes fp16 x, no silu / qout, and `in` / 8 ({in_f // 8}) "
-                         f"a multiple of the block's {W * 32} threads")
-    targs = [W, rows, unroll, ksplit, G, nout, offset, b[silu], b[pf], b[pdl], b[preq], b[qout], depth,
-             b[x_l2 and preq], b[norm]]
-    while targs[-1] in ("false", 0) and len(targs) > 12:  # the template's defaults left out
-        targs.pop()
-    call = f"edgellm_q4gemv_dp4a<{', '.join(map(str, targs))}>"
+    call = (f"edgellm_q4gemv_dp4a<{W}, {rows}, {unroll}, {ksplit}, {G}, {nout}, {offset}, {b[silu]}, {b[pf]}, "
+            f"{b[pdl]}, {b[preq]}, {b[qout]}" + (f", {depth}>" if depth else ">"))
     mark = WAITS_INSIDE if pdl else "edgellm_noop"
-    smem = smem_bytes(in_f, W, rows, unroll, depth, per_block if qout else 0, norm)
+    smem = smem_bytes(in_f, W, rows, unroll, depth, per_block if qout else 0)
     x_shape, x_dtype = ((in_f // 8, 4), "uint32") if preq else ((1, in_f), "float16")
     o_shape, o_dtype = ((nout // 8, 4), "uint32") if qout else ((1, nout), "float16")
-    attrs = {"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True, "tir.noalias": True,
-             "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + ("" if offset == QMAX else f"_o{offset}")
-             + ("_silu" if silu else "") + ("_pf" if pf else "") + ("_preq" if preq else "") + ("_qout" if qout else "")
-             + (f"_cp{depth}" if depth else "") + ("_xl2" if x_l2 and preq else "") + ("_norm" if norm else "")}
-    if norm:
-        @T.prim_func(private=True, check_well_formed=False)
-        def kernel_norm(x: T.Buffer((1, in_f), "float16"), dx: T.Buffer((1, in_f), "float16"),
-                        nw: T.Buffer((in_f,), "float16"), qw: T.Buffer((out_f, G * 4), "uint32"),
-                        qs: T.Buffer((out_f, G), "float16"), out: T.Buffer((1, nout), "float16"),
-                        xres: T.Buffer((1, in_f), "float16")):
-            with T.sblock("root"):
-                T.reads()
-                T.writes()
-                T.launch_thread("blockIdx.x", nb)
-                T.launch_thread("threadIdx.x", W * 32)
-                sm = T.alloc_buffer((smem,), "uint8", scope="shared.dyn")
-                T.evaluate(T.call_extern("void", mark))
-                T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, dx.data, nw.data,
-                                            xres.data, T.float32(norm_eps), source_code=_SRC))
-
-        return kernel_norm.with_attrs(attrs)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer(x_shape, x_dtype), qw: T.Buffer((out_f, G * 4), "uint32"),
@@ -233,7 +187,12 @@ def int4_gemv_dp4a(in_f: int, out_f: int, warps: int, rows: int, unroll: int, ks
             T.evaluate(T.call_extern("void", mark))
             T.evaluate(T.cuda.func_call(call, x.data, qw.data, qs.data, out.data, sm.data, source_code=_SRC))
 
-    return kernel.with_attrs(attrs)
+    grid = "" if offset == QMAX else f"_o{offset}"
+    return kernel.with_attrs({"edgellm.kernel": "gemv", "op_pattern": 8, "tirx.is_scheduled": True,
+                              "tir.noalias": True,
+                              "edgellm.gemv": f"dp4a_w{W}r{rows}u{unroll}k{ksplit}" + grid + ("_silu" if silu else "")
+                              + ("_pf" if pf else "") + ("_preq" if preq else "")
+                              + ("_qout" if qout else "") + (f"_cp{depth}" if depth else "")})
 
 
 def norm_q8_supports(hidden: int) -> bool:
@@ -241,21 +200,16 @@ def norm_q8_supports(hidden: int) -> bool:
     return hidden > 0 and hidden % 256 == 0 and hidden <= 8192
 
 
-def add_rms_norm_q8(hidden: int, eps: float, run_ahead: bool = False, x_l2: bool = True):
+def add_rms_norm_q8(hidden: int, eps: float):
     """(x + y, rms_norm(x + y) * w quantized for a `preq` GEMV) for one token: arguments x [1, hidden], y [1, hidden],
     w [hidden] (fp16); outputs x + y [1, hidden] fp16 and uint32 [hidden / 8, 4]. One block of hidden / 8 threads
-    (hidden a multiple of 256, at most 8192); launched like every kernel of the chain (cuda_pdl adds its wait).
-    `run_ahead` (PDL builds, sm_90): it places its own wait, after launch_dependents (NORM_Q8_RUN_AHEAD)."""
+    (hidden a multiple of 256, at most 8192); launched like every kernel of the chain (cuda_pdl adds its wait)."""
     from tvm.script import tirx as T
-
-    from .cuda_pdl import WAITS_INSIDE
 
     if not norm_q8_supports(hidden):
         raise ValueError(f"add_rms_norm_q8 needs `hidden` a multiple of 256 up to 8192, got {hidden}")
     nt = hidden // 8
-    call = f"edgellm_add_rms_norm_q8<{hidden}" + (f", {str(run_ahead).lower()}, false>" if not x_l2
-                                                  else ", true>" if run_ahead else ">")
-    mark = WAITS_INSIDE if run_ahead else "edgellm_noop"
+    call = f"edgellm_add_rms_norm_q8<{hidden}>"
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(x: T.Buffer((1, hidden), "float16"), y: T.Buffer((1, hidden), "float16"),
@@ -266,7 +220,6 @@ def add_rms_norm_q8(hidden: int, eps: float, run_ahead: bool = False, x_l2: bool
             T.launch_thread("blockIdx.x", 1)
             T.launch_thread("threadIdx.x", nt)
             red = T.alloc_buffer((32,), "float32", scope="shared")
-            T.evaluate(T.call_extern("void", mark))
             T.evaluate(T.cuda.func_call(call, x.data, y.data, w.data, xo.data, hq.data, T.float32(eps), red.data,
                                         source_code=_SRC))
 

@@ -309,13 +309,6 @@ class KernelRegistry:
             return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, None, dcfg), "linear_gemv",
                               name, lambda: cuda_gemv_dp4a.int4_gemv_dp4a(in_f, out_f, *dcfg, offset=off, silu=True,
                                                                           pdl=self.pdl))
-        if (norm_eps is not None and add and not silu and cuda_gemv_dp4a.NORM_GEMV and self._cuda_dp4a(in_f)
-                and in_f > cuda_gemv.FUSED_NORM_SILU_AUTO_MAX and (in_f // 8) % (cfg[0] * 32) == 0
-                and cuda_gemv_dp4a.applies(in_f, out_f, self.sm, bias, zp)):  # qkv after the chain's down
-            name = "int4_gemv_dp4a" + _grid_suffix(scheme) + "_norm"
-            return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps, tuple(cfg)),
-                              "linear_gemv", name, lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
-                                  in_f, out_f, *cfg, offset=off, pdl=self.pdl, norm_eps=norm_eps))
         name = stem + ("_norm" if norm_eps is not None else "") + ("" if add else "_noadd") + ("_silu" if silu else "")
         return self._once(("fused_gemv", name, in_f, out_f, scheme, dtype, bias, norm_eps), "linear_gemv", name,
                           lambda: cuda_gemv.int4_gemv_h2(in_f, out_f, bias, *cfg, offset=off, zero_point=zp,
@@ -343,15 +336,13 @@ class KernelRegistry:
             return None
         dn_cfg, dn_d = cuda_gemv_dp4a.ring_plan(inter, hidden, self.sm)
         off, grid = scheme.offset, _grid_suffix(scheme)
-        ahead = self.pdl and cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD
-        xl2 = cuda_gemv_dp4a.NORM_Q8_X_L2
-        norm = self._once(("add_rms_norm_q8", hidden, eps, ahead, xl2), "add_rms_norm", "add_rms_norm_q8",
-                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps, run_ahead=ahead, x_l2=xl2))
+        norm = self._once(("add_rms_norm_q8", hidden, eps), "add_rms_norm", "add_rms_norm_q8",
+                          lambda: cuda_gemv_dp4a.add_rms_norm_q8(hidden, eps))
         gu_d = cuda_gemv_dp4a.ring_plan(hidden, 2 * inter, self.sm, gu_cfg)[1]
-        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg, gu_d, ahead), "linear_gemv",
+        gate_up = self._once(("dp4a_qout", hidden, 2 * inter, scheme, gu_cfg, gu_d), "linear_gemv",
                              f"int4_gemv_dp4a{grid}_silu_qout", lambda: cuda_gemv_dp4a.int4_gemv_dp4a(
                                  hidden, 2 * inter, *gu_cfg, offset=off, silu=True, pdl=self.pdl, preq=True, qout=True,
-                                 depth=gu_d, x_l2=ahead))
+                                 depth=gu_d))
         down = self._once(("dp4a_preq", inter, hidden, scheme, dn_cfg, dn_d), "linear_gemv",
                           f"int4_gemv_dp4a{grid}_preq",
                           lambda: cuda_gemv_dp4a.int4_gemv_dp4a(inter, hidden, *dn_cfg, offset=off, pdl=self.pdl,

@@ -92,23 +92,11 @@ __device__ __forceinline__ uint4 eqd_quant8(const float* f) {
 // D > 0 (sm_80): the weights go to shared memory by cp.async, D steps ahead in a ring of D steps (each thread its
 // own 16-byte slots: no barrier), the first D steps issued before the PDL wait; the scales of every step in
 // registers, also before it. The same products in the same order as D = 0.
-// X_L2 (PREQ): x read from L2 (__ldcg), not through L1. For a GEMV launched two kernels ahead (gate_up after the
-// run-ahead norm, edgellm_add_rms_norm_q8's RUN_AHEAD), whose blocks share an SM with the kernel before that one (o)
-// while it runs: L1 is not coherent, and o's reads of storage the memory planner may give x too (o's input, the
-// attention's output, is 8 KB like x) would be stale lines here. On the H200, gate_up after a run-ahead norm
-// without this read wrong values (logits off by up to 0.9, different from pass to pass; h200-pdl.md run 56); with
-// __ldcg every pass is bit-equal to the build without run-ahead.
-// NORM (qkv after down: cuda_gemv_dp4a.NORM_GEMV): xin is the residual x, and the block stages rms_norm(x + delta) *
-// nw quantized, in edgellm_add_rms_norm_q8's arithmetic and order (each thread a packed word of 8 a round; the warp
-// butterfly; the warps' sums in the order of that kernel's warps), so the values are that kernel's followed by a PREQ
-// GEMV's; block 0 also writes x + delta (the residual stream) to xres. The norm weight is loaded before the PDL wait.
 template <int W, int R, int U, int KS, int G, int NOUT, int OFF, bool SILU, bool PF, bool PDL, bool PREQ = false,
-          bool QOUT = false, int D = 0, bool X_L2 = false, bool NORM = false>
+          bool QOUT = false, int D = 0>
 __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin, const unsigned* __restrict__ qw,
                                                     const half* __restrict__ qs, void* __restrict__ outp,
-                                                    unsigned char* smem, const half* __restrict__ delta = nullptr,
-                                                    const half* __restrict__ nw = nullptr,
-                                                    half* __restrict__ xres = nullptr, float eps = 0.f) {
+                                                    unsigned char* smem) {
   static_assert(W % KS == 0 && (!SILU || R % 2 == 0), "warps a multiple of ksplit; silu: an even row count");
   static_assert(D >= 0 && D <= 4, "the cp.async ring: at most 4 steps ahead");
   constexpr int NT = W * 32, TEAMS = W / KS, VL = 32 * KS, H = SILU ? R / 2 : R, BLK = TEAMS * H, C = U * R;
@@ -123,10 +111,7 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
   float* xd = reinterpret_cast<float*>(xq + 4 * G);
   int* xc = reinterpret_cast<int*>(xd + 4 * G);
   float* part = reinterpret_cast<float*>(xc + 4 * G);
-  constexpr int NRED = NORM ? (4 * G + 31) / 32 : 0, NRND = NORM ? (4 * G + NT - 1) / NT : 1;
-  static_assert(!NORM || (!PREQ && (4 * G) % NT == 0 && NT % 32 == 0), "NORM: the block's threads tile x's words");
-  float* red = part + W * R;  // NORM: the sums of squares of x's warps-of-32 words
-  float* qo = red + NRED;     // QOUT: the block's outputs, fp16-rounded
+  float* qo = part + W * R;  // QOUT: the block's outputs, fp16-rounded
   // D > 0: the weight ring [D][C][NT] uint4 after the QOUT outputs, 16-byte aligned
   uint4* ring = reinterpret_cast<uint4*>((reinterpret_cast<size_t>(qo + (QOUT ? BLK : 0)) + 15) & ~(size_t)15);
   auto row_of = [&](int r) -> long long {  // weight row of slot r (clamped: the loads stay in bounds)
@@ -207,11 +192,6 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
       }
     }
   };
-  uint4 nwv[NRND];
-  if constexpr (NORM) {  // the norm weight: a parameter nothing of the step writes
-#pragma unroll
-    for (int rd = 0; rd < NRND; ++rd) nwv[rd] = reinterpret_cast<const uint4*>(nw)[rd * NT + tid];
-  }
   if constexpr (D > 0) {  // the first D steps' weights and every scale: parameters nothing of the step writes
 #pragma unroll
     for (int it = 0; it < (D < NS ? D : NS); ++it) load(it);
@@ -236,57 +216,9 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
     cudaGridDependencySynchronize();
     cudaTriggerProgrammaticLaunchCompletion();
   }
-  if constexpr (NORM) {
-    float sv[NRND][8];
-#pragma unroll
-    for (int rd = 0; rd < NRND; ++rd) {  // round rd: word rd * NT + tid, as thread rd * NT + tid of the norm kernel
-      const int j = rd * NT + tid;
-      const uint4 xv = reinterpret_cast<const uint4*>(xin)[j], yv = reinterpret_cast<const uint4*>(delta)[j];
-      const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w};
-      unsigned so[4];
-      float ss = 0.f;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const half a0 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] & 0xFFFFu)))
-                                         + __half2float(__ushort_as_half((unsigned short)(ys[e] & 0xFFFFu))));
-        const half a1 = __float2half_rn(__half2float(__ushort_as_half((unsigned short)(xs[e] >> 16)))
-                                         + __half2float(__ushort_as_half((unsigned short)(ys[e] >> 16))));
-        sv[rd][2 * e] = __half2float(a0);
-        sv[rd][2 * e + 1] = __half2float(a1);
-        so[e] = (unsigned)__half_as_ushort(a0) | ((unsigned)__half_as_ushort(a1) << 16);
-      }
-      if (blockIdx.x == 0) reinterpret_cast<uint4*>(xres)[j] = make_uint4(so[0], so[1], so[2], so[3]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) ss = ss + sv[rd][e] * sv[rd][e];
-#pragma unroll
-      for (int o = 0; o < 5; ++o) ss = ss + __shfl_xor_sync(0xFFFFFFFFu, ss, 1 << o);
-      if (lane == 0) red[rd * W + warp] = ss;
-    }
-    __syncthreads();
-    float tot = 0.f;
-#pragma unroll
-    for (int k = 0; k < NRED; ++k) tot = tot + red[k];
-    const float rs = rsqrtf(tot / (float)(32 * G) + eps);
-#pragma unroll
-    for (int rd = 0; rd < NRND; ++rd) {
-      const unsigned ws[4] = {nwv[rd].x, nwv[rd].y, nwv[rd].z, nwv[rd].w};
-      float h[8];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        h[2 * e] = __half2float(__float2half_rn(sv[rd][2 * e] * rs
-                                                * __half2float(__ushort_as_half((unsigned short)(ws[e] & 0xFFFFu)))));
-        h[2 * e + 1] = __half2float(__float2half_rn(sv[rd][2 * e + 1] * rs
-                                                    * __half2float(__ushort_as_half((unsigned short)(ws[e] >> 16)))));
-      }
-      const int j = rd * NT + tid;
-      const uint4 qv = eqd_quant8(h);
-      xq[j] = make_uint2(qv.x, qv.y);
-      xd[j] = __uint_as_float(qv.z);
-      xc[j] = OFF * (int)qv.w;
-    }
-  } else if constexpr (PREQ) {
+  if constexpr (PREQ) {
     for (int j = tid; j < 4 * G; j += NT) {
-      const uint4 v = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(xin) + j) : reinterpret_cast<const uint4*>(xin)[j];
+      const uint4 v = reinterpret_cast<const uint4*>(xin)[j];
       xq[j] = make_uint2(v.x, v.y);
       xd[j] = __uint_as_float(v.z);
       xc[j] = OFF * (int)v.w;
@@ -373,23 +305,14 @@ __device__ __forceinline__ void edgellm_q4gemv_dp4a(const void* __restrict__ xin
 // (x + y, and rms_norm(x + y) * w quantized a packed word at a time by eqd_quant8) for one token: add_rms_norm_gpu's
 // arithmetic (x + y rounded to fp16; the sum of squares in fp32; the normed value (s * r) * w rounded to fp16), the
 // sum of squares per thread's 8 in order, the warp butterfly, the warps in order. One block of HIDDEN / 8 threads.
-// RUN_AHEAD (PDL builds, cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD): launch_dependents before the wait, so the GEMV after it
-// (gate_up) is launched as soon as this one block starts, and its first weight loads overlap the kernel before (o)
-// as well; this kernel itself reads and writes nothing before its wait.
-template <int HIDDEN, bool RUN_AHEAD = false, bool X_L2 = true>
+template <int HIDDEN>
 __device__ __forceinline__ void edgellm_add_rms_norm_q8(const half* __restrict__ x, const half* __restrict__ y,
                                                         const half* __restrict__ w, half* __restrict__ xo,
                                                         unsigned* __restrict__ hqp, float eps, float* red) {
   constexpr int NT = HIDDEN / 8, NW = (NT + 31) / 32;
   static_assert(HIDDEN % 8 == 0 && NT <= 1024, "HIDDEN / 8 threads");
-  if constexpr (RUN_AHEAD) {
-    cudaTriggerProgrammaticLaunchCompletion();
-    cudaGridDependencySynchronize();
-  }
   const int t = threadIdx.x;
-  // X_L2: x and y from L2 (__ldcg) (cuda_gemv_dp4a.NORM_Q8_X_L2, an A/B knob)
-  const uint4 xv = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(x) + t) : reinterpret_cast<const uint4*>(x)[t];
-  const uint4 yv = X_L2 ? __ldcg(reinterpret_cast<const uint4*>(y) + t) : reinterpret_cast<const uint4*>(y)[t];
+  const uint4 xv = reinterpret_cast<const uint4*>(x)[t], yv = reinterpret_cast<const uint4*>(y)[t];
   const uint4 wv = reinterpret_cast<const uint4*>(w)[t];
   const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
   float s[8], ss = 0.f;
