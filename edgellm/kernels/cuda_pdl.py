@@ -49,10 +49,10 @@ LAUNCH_DEPENDENTS = '[]() { asm volatile("griddepcontrol.launch_dependents;" :::
 # attention passed every pass (docs/benchmarks/h200-pdl.md, "The run-ahead race"). Every kernel waits before it
 # reads what an earlier kernel wrote; what it does not see is L1, which is not coherent: a kernel launched two or
 # more ahead has blocks on SMs where an older kernel still runs and reads, through L1, storage the memory planner
-# later gives to this kernel's input (run 56 showed it on one such pair, and reading that input from L2 made it
-# bit-equal). A kernel that runs ahead must have every reader launched two ahead of a writer read it by __ldcg
-# (cuda_gemv_dp4a.NORM_Q8_RUN_AHEAD does, for the one pair it opens); TVM's generated kernels do not, so run
-# ahead everywhere stays an A/B knob. Cost of the safe order (run 10, owned cache): 2.5% of 8B decode (503 against 516 tok/s), 5% of 1B.
+# later gives to this kernel's input. h200-pdl.md runs 56-59 showed it on one pair (gate_up after a run-ahead norm:
+# wrong values from pass to pass; reading its input by __ldcg, L2 only, made every pass bit-equal, and slower than
+# waiting first). Run ahead needs every such read from L2; TVM's generated kernels read through L1, so it stays an
+# A/B knob. Cost of the safe order (run 10, owned cache): 2.5% of 8B decode (503 against 516 tok/s), 5% of 1B.
 TRIGGER_FIRST = False
 # The tensor-core prefill GEMMs (PrimFuncs with an `edgellm.gemm` label) keep ordinary launches and no prologue: with
 # PDL, Llama-3-8B pp128 fell from 12,824 to 10,221 tok/s on an H200 (pp512 +2%, decode unaffected by them).
