@@ -164,7 +164,8 @@ VARIANTS = {
     # gate_up (8, 8, 1, 1): 448 blocks of 8 warps, half as many staging x; o (16, 2, 4, 2): 256 blocks of 16 warps,
     # half as many quantizing x
     "owned-gu8w8": {"cuda_pdl": "on", "cuda_kv": "owned"},
-    "owned-o16": {"cuda_pdl": "on", "cuda_kv": "owned"},
+    "owned-o16": {"cuda_pdl": "on", "cuda_kv": "owned"},  # the default on sm_90 since run 60 (WIDE_MIN_BLOCKS)
+    "owned-o8": {"cuda_pdl": "on", "cuda_kv": "owned"},  # o in blocks of 8 warps: the default before run 60
     # ... with gate_up + silu in blocks of 8 / 16 warps (cuda_gemv_dp4a.SILU_CONFIG): fewer blocks quantizing x
     "owned-dp4a-w8": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
     "owned-dp4a-w16": {"cuda_pdl": "on", "cuda_kv": "owned", "cuda_gemv": "dp4a"},
@@ -212,7 +213,8 @@ DP4A_PLAIN = {"owned-u4w16": {(8192, 2048): (16, 2, 4, 2)}, "owned-u4": {(8192, 
               "owned-cpdn3u1": {(14336, 4096): (16, 2, 1, 2)},
               "owned-cpdn2w8": {(14336, 4096): (8, 2, 2, 2)},
               "owned-cpdn2u1": {(14336, 4096): (16, 2, 1, 2)}, "owned-o41": {(4096, 4096): (4, 2, 4, 1)},
-              "owned-gu8r1-o41": {(4096, 4096): (4, 2, 4, 1)}, "owned-o16": {(4096, 4096): (16, 2, 4, 2)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
+              "owned-gu8r1-o41": {(4096, 4096): (4, 2, 4, 1)}, "owned-o16": {(4096, 4096): (16, 2, 4, 2)},
+              "owned-o8": {(4096, 4096): (8, 2, 4, 2)}}  # cuda_gemv_dp4a.PLAIN_CONFIG (else {})
 DP4A_LONG_UNROLL = {"owned-lu2": 2}  # cuda_gemv_dp4a.LONG_IN_UNROLL (else its default)
 GU8B, DN8B = (4096, 28672), (14336, 4096)
 ASYNC = {"owned-cp2": {GU8B: 2, DN8B: 2}, "owned-cpdn2": {DN8B: 2}, "owned-cpdn3": {DN8B: 3},
@@ -229,7 +231,7 @@ OWNED = ("owned", "owned-split", "owned-unpacked", "owned-1graph", "owned-4", "o
          "owned-dp4a-w8", "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4",
          "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16", "owned-u4", "owned-k4", "owned-o4",
          "owned-o4r4", "owned-lu2", "owned-gu4", "owned-dk4w8", "owned-dk4w16", "owned-gu8r1", "owned-o41",
-         "owned-gu8r1-o41", "owned-gu8w8", "owned-o16", *ASYNC)  # and owned-pA-B...
+         "owned-gu8r1-o41", "owned-gu8w8", "owned-o16", "owned-o8", *ASYNC)  # and owned-pA-B...
 NOT_EXACT = ("owned-warps", "owned-dnr4", "owned-dnk4", "owned-all", "owned-qk1", "owned-dp4a", "owned-dp4a-w8",
              "owned-dp4a-w16", "owned-dp4a-chain", "owned-dp4a-q4r4", "owned-dp4a-q8r2", "owned-fp16", "owned-u4w16",
              "owned-u4", "owned-k4", "owned-o4", "owned-o4r4", "owned-dk4w8", "owned-dk4w16", "owned-o41", "owned-gu8r1-o41")  # owned builds compared to the others within the tolerance (each to itself bit for bit)

@@ -191,6 +191,10 @@ def test_long_rows_take_a_lanes_groups_in_one_step_where_they_are_few(monkeypatc
     from edgellm.kernels.cuda_gemv import xs_gemv_config
 
     assert gd.gemv_config(8192, 2048) == (16, 2, 4, 2)
+    # sm_90: the 8B's o in 256 blocks of 16 warps (WIDE_MIN_BLOCKS); the 1B's (128 blocks so) keeps 8; sm_80 keeps 8
+    assert gd.gemv_config(4096, 4096, 90) == (16, 2, 4, 2) and gd.gemv_config(4096, 4096, 80) == (8, 2, 4, 2)
+    assert gd.gemv_config(2048, 2048, 90) == (8, 2, 4, 2)
+    assert gd.ring_plan(4096, 4096, 90) == ((16, 2, 4, 2), 0)
     assert gd.gemv_config(14336, 4096) == tuple(xs_gemv_config(14336, 4096)[:4]) == (16, 2, 2, 2)
     assert gd.gemv_config(4096, 4096) == tuple(xs_gemv_config(4096, 4096)[:4])  # shorter rows: h2's pick
     monkeypatch.setattr(gd, "LONG_IN_UNROLL", 2)

@@ -50,12 +50,20 @@ PLAIN_CONFIG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 # int4_gemv_h2's 2 a step in registers: 4 a step lost 6% (634.9 -> 596.0), 7 in one step (8 warps) 7%; on sm_90 it
 # takes the cp.async ring instead (ring_plan below)
 LONG_IN_UNROLL = 4
+# On sm_90 the short GEMVs (int4_gemv_h2's pick of 8 warps: o) take blocks of 16 warps where that still leaves at
+# least this many blocks: half as many blocks quantize the whole x after their wait. H200, Llama-3-8B's o (4096 ->
+# 4096: 256 blocks instead of 512; docs/benchmarks/h200-pdl.md run 60): 3.20 -> 2.95 us a layer end to end, tg128
+# 672.5 / 673.0 -> 681.1 tok/s, bit-equal (the same teams of 2 warps). The 1B's o (2048 -> 2048) would leave 128
+# blocks, not measured: it keeps 8 warps
+WIDE_MIN_BLOCKS = 256
 
 
-def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
-    """(warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs: PLAIN_CONFIG's where it names the shape, else
-    int4_gemv_h2's work split for it (cuda_gemv.xs_gemv_config), the long `in` (>= 8192) in one step where a lane's
-    groups are at most LONG_IN_UNROLL. A lane sums its groups in the same order at any unroll: the same values."""
+def gemv_config(in_f: int, out_f: int, sm: int = 0) -> tuple[int, int, int, int]:
+    """(warps, rows, unroll, ksplit) of the plain and `preq` dp4a GEMVs on sm_`sm`: PLAIN_CONFIG's where it names the
+    shape, else int4_gemv_h2's work split for it (cuda_gemv.xs_gemv_config), the long `in` (>= 8192) in one step
+    where a lane's groups are at most LONG_IN_UNROLL, on sm_90 the short ones in blocks of 16 warps where
+    WIDE_MIN_BLOCKS allow. A lane sums its groups in the same order at any unroll and in any number of teams: the
+    same values."""
     from .cuda_gemv import xs_gemv_config
 
     if (in_f, out_f) in PLAIN_CONFIG:
@@ -64,6 +72,8 @@ def gemv_config(in_f: int, out_f: int) -> tuple[int, int, int, int]:
     per_lane = steps_per_lane(in_f, 1, k)  # a lane's groups
     if in_f >= 8192 and u < per_lane <= LONG_IN_UNROLL:
         u = per_lane
+    if sm >= 90 and w == 8 and -(-out_f // outputs_per_block(16, r, k)) >= WIDE_MIN_BLOCKS:
+        w = 16
     return w, r, u, k
 
 
@@ -120,7 +130,7 @@ def ring_plan(in_f: int, out_f: int, sm: int,
     takes a ring from ASYNC_DEPTH only. Depths are capped at the steps a lane and 4. A lane sums its groups in the
     same order at any unroll and depth: the same values."""
     fixed = cfg is not None
-    cfg = cfg or gemv_config(in_f, out_f)
+    cfg = cfg or gemv_config(in_f, out_f, sm)
     w, r, u, k = cfg
     if (in_f, out_f) in ASYNC_DEPTH:
         return cfg, (min(ASYNC_DEPTH[(in_f, out_f)], steps_per_lane(in_f, u, k), 4) if sm >= 80 else 0)
