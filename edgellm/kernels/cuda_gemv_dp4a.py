@@ -11,8 +11,9 @@ of the fp16 activations' answers, KL 6e-4, 65.5% / 65.7% against fp32).
 Where the registry takes it (`applies`): the plain decode GEMV (no bias) and, with the option, gate_up with its silu
 epilogue, on the 4-bit symmetric grids (q4f16_1, q4f16_0), sm_61+; the GEMVs that stage the residual add + RMSNorm
 keep int4_gemv_h2. Work split and configs: int4_gemv_h2's picks for the shape (cuda_gemv.xs_gemv_config /
-fused_gemv_config); on sm_90 the long rows of several steps a lane (Llama-3-8B's down) through a cp.async ring in
-shared memory (`ring_plan`).
+fused_gemv_config); on sm_90 the short rows in blocks of 16 warps where 256 blocks remain (Llama-3-8B's o:
+`gemv_config`), and the long rows of several steps a lane (Llama-3-8B's down) through a cp.async ring in shared
+memory (`ring_plan`).
 """
 
 from __future__ import annotations
