@@ -245,11 +245,11 @@ def test_builds_with_and_without_pdl():
 
     prepare_cuda_build()
     for preset, pdl in (("cuda-sm90", True), ("cuda-sm80", False)):
+        dn_cfg, dn_depth = gd.ring_plan(14336, 4096, 90 if pdl else 80)
         funcs = {"down": gd.int4_gemv_dp4a(14336, 4096, 16, 2, 2, 2, pdl=pdl),
                  "gu": gd.int4_gemv_dp4a(4096, 28672, 4, 2, 4, 1, silu=True, pdl=pdl),
                  "guq": gd.int4_gemv_dp4a(4096, 28672, 8, 2, 4, 1, silu=True, pdl=pdl, preq=True, qout=True),
-                 "downq": gd.int4_gemv_dp4a(14336, 4096, *gd.ring_plan(14336, 4096, 90 if pdl else 80)[0], pdl=pdl,
-                                            preq=True, depth=gd.ring_plan(14336, 4096, 90 if pdl else 80)[1]),
+                 "downq": gd.int4_gemv_dp4a(14336, 4096, *dn_cfg, pdl=pdl, preq=True, depth=dn_depth),
                  "norm": gd.add_rms_norm_q8(4096, 1e-5)}
         if pdl:  # sm_90's o (the short GEMVs' 16-warp blocks, WIDE_MIN_BLOCKS)
             funcs["o16"] = gd.int4_gemv_dp4a(4096, 4096, *gd.gemv_config(4096, 4096, 90), pdl=True)
@@ -267,12 +267,12 @@ def test_builds_with_and_without_pdl():
         assert ("edgellm_pdl_waits_inside();" in src) == pdl
         if pdl:  # the GEMVs wait inside; only the norm kernel gets patch_source's prologue
             assert cuda_pdl.patch_source(src)[1] == ["norm_kernel"]
-            (w, r, u, _), d = gd.ring_plan(14336, 4096, 90)
+            w, r, u, _ = dn_cfg
             regs = _ptxas_registers(src)
             # the ring pays only while two of down's 512-thread blocks share an SM (h200-pdl.md runs 53-55: one block
             # an SM lost 6-9%); the 8B's o keeps its 256 blocks of 16 warps in one wave of 2 an SM (run 60)
             assert regs["downq_kernel"] <= 65536 // (2 * 512) and regs["o16_kernel"] <= 65536 // (2 * 512), regs
-            assert gd.smem_bytes(14336, w, r, u, d, w * r) <= 227 * 1024 // 2
+            assert gd.smem_bytes(14336, w, r, u, dn_depth, w * r) <= 227 * 1024 // 2
 
 
 def _ptxas_registers(src: str) -> dict[str, int]:
